@@ -1,0 +1,16 @@
+"""lossd: a thin client for the lossd loss-evaluation and training service.
+
+Imports without TensorFlow: gRPC, protobuf and numpy only.
+
+>>> import lossd
+>>> with lossd.Client("localhost:50051") as client:
+...     r = client.evaluate("huber", y_true, y_pred, params={"delta": 2.0}, gradient=True)
+"""
+
+from lossd._client import Client
+from lossd._errors import LossdError
+from lossd._requests import EvaluateResult, LossInfo, LossParameter
+
+__version__ = "0.1.0"
+
+__all__ = ["Client", "LossdError", "EvaluateResult", "LossInfo", "LossParameter", "__version__"]

@@ -1,0 +1,153 @@
+"""The synchronous lossd client."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, Iterator, Mapping, Optional
+
+import grpc
+import numpy as np
+
+from lossd import _requests
+from lossd._errors import LossdError, from_rpc_error
+from lossd._requests import EvaluateResult, LossInfo, LossLike
+from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
+
+DEFAULT_ADDRESS = "localhost:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+DEFAULT_CHUNK_BYTES = 16 << 20
+
+
+def _translate_errors(method):
+    """Every gRPC failure leaves the client as one LossdError (one place, not one per method)."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+    return wrapper
+
+
+class Client:
+    """A connection to a lossd server.
+
+    Args:
+        address: ``host:port`` of the server.
+        timeout: Default deadline in seconds for each call (None: no deadline).
+        max_message_bytes: Largest message sent or received; larger tensors
+            are sent in chunks automatically. Match the server's
+            ``max_message_bytes``.
+        chunk_bytes: Size of each chunk when chunking.
+        credentials: ``grpc.ChannelCredentials`` for TLS; None for plaintext.
+        metadata: Extra call metadata, e.g. ``[("x-request-id", "abc")]``.
+
+    Example:
+
+    >>> with lossd.Client("localhost:50051") as client:
+    ...     r = client.evaluate("huber", y_true, y_pred, params={"delta": 2.0}, gradient=True)
+    ...     r.loss, r.gradient.shape
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: Optional[float] = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 credentials: Optional[grpc.ChannelCredentials] = None,
+                 metadata: Optional[Iterable[tuple[str, str]]] = None):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self.address = address
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self.chunk_bytes = min(chunk_bytes, max_message_bytes // 2)
+        self.metadata = list(metadata or ())
+        self._channel = (grpc.secure_channel(address, credentials, options) if credentials
+                         else grpc.insecure_channel(address, options))
+        self._losses = loss_service_pb2_grpc.LossServiceStub(self._channel)
+
+    def _call_args(self, timeout: Optional[float]) -> dict:
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata or None}
+
+    @_translate_errors
+    def losses(self, *, timeout: Optional[float] = None) -> list[LossInfo]:
+        """Every loss the server can evaluate, with parameters (name, type, default, doc)."""
+        response = self._losses.ListLosses(loss_service_pb2.ListLossesRequest(), **self._call_args(timeout))
+        return [_requests.loss_info(d) for d in response.losses]
+
+    @_translate_errors
+    def evaluate(self, loss: LossLike, y_true, y_pred, *, params: Optional[Mapping[str, Any]] = None,
+                 sample_weight=None, reduction: str = "sum_over_batch_size", gradient: bool = False,
+                 tensors: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None) -> EvaluateResult:
+        """Evaluates a loss, as ``keras.losses.get(loss)(y_true, y_pred, sample_weight)`` would.
+
+        Args:
+            loss: A registered name (``"huber"``, ``"mse"``), a dict
+                ``{"name": ..., "params": {...}}``, ``{"expression": ..., "params": {...}}``
+                or a composite ``{"terms": [{"name": ..., "weight": ..., "inputs": [...]}, ...]}``.
+            y_true: Targets; integer labels are cast as Keras casts them.
+            y_pred: Predictions (float16/32/64); the loss is computed in their dtype.
+            params: Loss parameters under Keras's names (merged into ``loss``'s).
+            sample_weight: Optional weights broadcastable to the per-sample losses.
+            reduction: ``none``, ``sum``, ``sum_over_batch_size`` (default),
+                ``mean`` or ``mean_with_sample_weight``.
+            gradient: Also return d(loss)/d(y_pred).
+            tensors: Extra named tensors for composite terms and expressions.
+            timeout: Deadline in seconds for this call.
+
+        Returns:
+            An EvaluateResult; ``loss`` is 0-d when reduced.
+
+        Raises:
+            LossdError: with ``.code``, ``.reason`` and ``.message``.
+        """
+        spec = _requests.loss_spec(loss, params)
+        arrays = _requests.prepare(y_true, y_pred, sample_weight, tensors)
+        if _requests.needs_chunks(arrays, self.max_message_bytes):
+            return self._evaluate_chunked(spec, arrays, reduction, gradient, timeout)
+        request = _requests.evaluate_request(spec, arrays, reduction, gradient)
+        return _requests.parse_response(self._losses.Evaluate(request, **self._call_args(timeout)))
+
+    def _evaluate_chunked(self, spec, arrays, reduction, gradient, timeout) -> EvaluateResult:
+        requests = _requests.chunked_requests(spec, arrays, reduction, gradient, self.chunk_bytes)
+        assembler = _requests.ChunkAssembler(arrays["y_pred"], gradient)
+        for message in self._losses.EvaluateChunked(requests, **self._call_args(timeout)):
+            assembler.add(message)
+        if assembler.result is None:
+            raise LossdError(grpc.StatusCode.INTERNAL, "the server ended the stream without a summary")
+        return assembler.result
+
+    def evaluate_many(self, requests: Iterable[Mapping[str, Any]], *, timeout: Optional[float] = None
+                      ) -> Iterator[EvaluateResult | LossdError]:
+        """Evaluates many requests on one stream (higher throughput than one call each).
+
+        Each request is a dict of ``evaluate``'s arguments (``loss``, ``y_true``,
+        ``y_pred``, ``params``, ...). Yields, in order, an EvaluateResult or the
+        LossdError of a request that failed; the stream goes on after a failure.
+        """
+        def messages():
+            for i, kwargs in enumerate(requests):
+                kwargs = dict(kwargs)
+                spec = _requests.loss_spec(kwargs.pop("loss"), kwargs.pop("params", None))
+                arrays = _requests.prepare(kwargs.pop("y_true"), kwargs.pop("y_pred"),
+                                           kwargs.pop("sample_weight", None), kwargs.pop("tensors", None))
+                request = _requests.evaluate_request(spec, arrays, kwargs.pop("reduction", "sum_over_batch_size"),
+                                                     kwargs.pop("gradient", False))
+                yield loss_service_pb2.EvaluateStreamRequest(request=request, request_id=str(i))
+
+        try:
+            for item in self._losses.EvaluateStream(messages(), **self._call_args(timeout)):
+                try:
+                    yield _requests.parse_stream_item(item)
+                except LossdError as error:
+                    yield error
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

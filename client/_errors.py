@@ -1,0 +1,78 @@
+"""The client's one exception type, translated from gRPC errors in one place."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+class LossdError(Exception):
+    """A failed lossd call.
+
+    Attributes:
+        code: The ``grpc.StatusCode`` (INVALID_ARGUMENT, NOT_FOUND, ...).
+        reason: The server's ``ErrorInfo`` reason, such as ``UNKNOWN_LOSS`` or
+            ``SHAPE_MISMATCH``; empty when the call failed before reaching
+            lossd (e.g. UNAVAILABLE, DEADLINE_EXCEEDED), or ``CLIENT`` for
+            input the client refused before sending.
+        message: What was expected and what was received.
+        metadata: The ``ErrorInfo`` metadata (e.g. ``{"loss": "huberr"}``).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "",
+                 metadata: Optional[Mapping[str, str]] = None):
+        super().__init__(f"{code.name}{f' {reason}' if reason else ''}: {message}")
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata = dict(metadata or {})
+
+
+def client_error(message: str, reason: str = "CLIENT") -> LossdError:
+    """An INVALID_ARGUMENT raised locally, before anything is sent."""
+    return LossdError(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
+
+
+def from_rpc_error(error: grpc.RpcError) -> LossdError:
+    """Translates a ``grpc.RpcError`` (sync or aio) into a LossdError."""
+    code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
+    message = error.details() if callable(getattr(error, "details", None)) else str(error)
+    reason, metadata = "", {}
+    status = _rich_status(error)
+    if status is not None:
+        message = status.message
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+    return LossdError(code, message or "", reason, metadata)
+
+
+def status_error(status) -> LossdError:
+    """A LossdError from a ``google.rpc.Status`` message (per-item stream errors)."""
+    reason, metadata = "", {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    return LossdError(code, status.message, reason, metadata)
+
+
+def _rich_status(error):
+    try:
+        return rpc_status.from_call(error)
+    except (ValueError, AttributeError, TypeError):
+        # from_call needs trailing metadata; aio errors expose it differently.
+        trailing = error.trailing_metadata() if callable(getattr(error, "trailing_metadata", None)) else None
+        for key, value in trailing or ():
+            if key == "grpc-status-details-bin":
+                from google.rpc import status_pb2
+
+                return status_pb2.Status.FromString(value)
+        return None

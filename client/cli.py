@@ -1,0 +1,188 @@
+"""The ``lossd`` command line.
+
+``lossd serve`` needs the server extra (``pip install "lossd[server]"``);
+every other command only talks to a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+import lossd
+
+ADDRESS_ENV = "LOSSD_ADDRESS"
+
+
+def _address_default() -> str:
+    return os.environ.get(ADDRESS_ENV, "localhost:50051")
+
+
+def _parse_value(text: str) -> Any:
+    """``k=v`` values: JSON where it parses (2.0, true, null, [1,2]), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _params(pairs: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --param expects KEY=VALUE. Received: {pair!r}")
+        out[key] = _parse_value(value)
+    return out
+
+
+# -- serve ------------------------------------------------------------------
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per server setting, generated from the Settings class so the
+    flags, the LOSSD_* variables and the README table cannot drift apart."""
+    try:
+        from lossd_server.config import Settings
+    except ImportError:
+        return
+    for name, field in Settings.model_fields.items():
+        doc = (field.description or "").strip()
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                            help=f"{doc} [env LOSSD_{name.upper()}; default {field.default}]")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from lossd_server import logs
+        from lossd_server.app import serve
+        from lossd_server.config import Settings
+    except ImportError as exc:
+        print(f"error: `lossd serve` needs the server: pip install \"lossd[server]\" ({exc})", file=sys.stderr)
+        return 2
+    import pydantic
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    for key, value in list(overrides.items()):
+        if key == "metrics_port" and value.lower() in ("", "none", "off"):
+            overrides[key] = None
+    try:
+        settings = Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    return serve(settings)
+
+
+# -- client commands --------------------------------------------------------
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    with lossd.Client(args.address, timeout=args.timeout) as client:
+        losses = client.losses()
+    if args.json:
+        print(json.dumps([{"name": l.name, "aliases": l.aliases, "doc": l.doc, "source": l.source,
+                           "parameters": [vars(p) for p in l.parameters]} for l in losses], indent=2))
+        return 0
+    width = max(len(l.name) for l in losses)
+    for info in losses:
+        params = ", ".join(f"{p.name}={json.dumps(p.default)}" for p in info.parameters)
+        aliases = f" (aliases: {', '.join(a for a in info.aliases if a.islower())})" \
+            if any(a.islower() for a in info.aliases) else ""
+        print(f"{info.name:<{width}}  {params or '-'}{aliases}")
+        print(f"{'':<{width}}  {info.doc}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    y_true = np.load(args.y_true)
+    y_pred = np.load(args.y_pred)
+    sample_weight = np.load(args.sample_weight) if args.sample_weight else None
+    loss: Any = {"expression": args.loss[len("expr:"):]} if args.loss.startswith("expr:") else args.loss
+    with lossd.Client(args.address, timeout=args.timeout) as client:
+        result = client.evaluate(loss, y_true, y_pred, params=_params(args.param), sample_weight=sample_weight,
+                                 reduction=args.reduction, gradient=bool(args.gradient_out))
+    if args.gradient_out:
+        np.save(args.gradient_out, result.gradient)
+    if result.loss.ndim == 0:
+        print(f"{result.loss.item():.8g}")
+    else:
+        print(np.array2string(result.loss, threshold=20))
+    for label, value in result.terms.items():
+        print(f"  {label}: {np.asarray(value).item() if np.asarray(value).ndim == 0 else value}")
+    if result.non_finite:
+        print("warning: inputs or result hold NaN or Inf", file=sys.stderr)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server reports SERVING (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout or 5.0)
+        except grpc.RpcError as error:
+            print(f"unhealthy: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lossd", description="Evaluate Keras losses and train models over gRPC.")
+    parser.add_argument("--version", action="version", version=f"lossd {lossd.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server (settings also from LOSSD_* variables)")
+    _add_settings_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    def client_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--address", default=_address_default(), help=f"server host:port [env {ADDRESS_ENV}]")
+        p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        return p
+
+    p = client_parser("losses", "list the losses the server evaluates")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_losses)
+
+    p = client_parser("eval", "evaluate a loss on .npy files")
+    p.add_argument("loss", help="a loss name (huber, mse, ...) or expr:EXPRESSION")
+    p.add_argument("--y-true", required=True, help=".npy file of targets")
+    p.add_argument("--y-pred", required=True, help=".npy file of predictions")
+    p.add_argument("--sample-weight", help=".npy file of sample weights")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="loss parameter (repeatable)")
+    p.add_argument("--reduction", default="sum_over_batch_size",
+                   choices=["none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight"])
+    p.add_argument("--gradient-out", metavar="FILE.npy", help="also compute the gradient and save it here")
+    p.set_defaults(func=cmd_eval)
+
+    p = client_parser("health", "check the server's gRPC health (exit 0 when SERVING)")
+    p.add_argument("--service", default="", help="service name ('' for the whole server)")
+    p.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except lossd.LossdError as error:
+        print(f"error: {error.code.name} {error.reason}: {error.message}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Generates the Python gRPC stubs for proto/lossd/v1 into a folder.
+
+Usage: python proto/generate.py OUT_DIR   (``make proto`` writes client/v1).
+
+The stubs are committed so that ``pip install lossd`` needs no protoc; the
+test suite regenerates them into a temporary folder and fails when the
+committed copy differs.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import sys
+import tempfile
+
+PROTO_ROOT = pathlib.Path(__file__).resolve().parent
+PACKAGE = pathlib.Path("lossd/v1")
+
+INIT = '''"""Generated gRPC stubs for the ``lossd.v1`` API. Do not edit: run ``make proto``."""
+'''
+
+
+def _include_dirs() -> list[str]:
+    import google.rpc  # googleapis-common-protos ships status.proto beside its modules
+    import grpc_tools
+
+    rpc_root = pathlib.Path(google.rpc.__path__[0]).parent.parent
+    return [str(PROTO_ROOT), str(pathlib.Path(grpc_tools.__file__).parent / "_proto"), str(rpc_root)]
+
+
+def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Writes the stubs (and ``__init__.py``) into ``out_dir``; returns the files."""
+    from grpc_tools import protoc
+
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE).glob("*.proto"))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["protoc", *(f"-I{d}" for d in _include_dirs())]
+        args += [f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos]
+        if protoc.main(args) != 0:
+            raise SystemExit("protoc failed")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for old in out_dir.glob("*_pb2*.py*"):
+            old.unlink()
+        written = []
+        for src in sorted((pathlib.Path(tmp) / PACKAGE).iterdir()):
+            dest = out_dir / src.name
+            shutil.copyfile(src, dest)
+            written.append(dest)
+    init = out_dir / "__init__.py"
+    init.write_text(INIT)
+    return [init, *written]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    for path in generate(pathlib.Path(sys.argv[1])):
+        print(path)

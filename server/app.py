@@ -1,0 +1,144 @@
+"""Builds the gRPC server (``create_server``) and runs it until a signal
+(``serve``): health and reflection always on, metrics on their own port,
+graceful drain on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+import lossd_server
+from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
+from lossd_server import backend
+from lossd_server.config import Settings
+from lossd_server.evaluator import Evaluator
+from lossd_server.interceptors import ObservabilityInterceptor
+from lossd_server.losses import LossRegistry, default_registry
+from lossd_server.metrics import Metrics, start_metrics_server
+from lossd_server.servicers import LossServicer
+
+log = logging.getLogger(__name__)
+
+# Losses measured faster under XLA on this project's reference machine (see
+# bench/RESULTS.md); the others run as plain tf.function graphs.
+XLA_LOSSES = ("huber", "log_cosh")
+
+SERVICE_NAMES = [
+    loss_service_pb2.DESCRIPTOR.services_by_name["LossService"].full_name,
+]
+
+
+@dataclasses.dataclass
+class Server:
+    """A built server: call ``start()``, later ``stop(grace)``."""
+
+    grpc_server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    evaluator: Evaluator
+    metrics: Optional[Metrics]
+    metrics_port: Optional[int]
+    settings: Settings
+    _metrics_http: object = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        for name in [*SERVICE_NAMES, ""]:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: Optional[float] = None) -> None:
+        """Drains: health turns NOT_SERVING, new calls are refused, in-flight
+        calls get ``grace`` seconds to finish."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace).wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http = None
+
+
+def create_server(settings: Optional[Settings] = None, *, registry: Optional[LossRegistry] = None,
+                  metrics_registry: Optional[CollectorRegistry] = None) -> Server:
+    """Builds (but does not start) a server from settings.
+
+    Tests pass ``port=0`` and a fresh ``metrics_registry``; the bound ports
+    are on the returned object.
+    """
+    settings = settings or Settings()
+    registry = registry or default_registry()
+    device = backend.select_device(settings.device)
+
+    metrics = None
+    metrics_http, metrics_port = None, None
+    if settings.metrics_port is not None:
+        metrics = Metrics(metrics_registry if metrics_registry is not None else CollectorRegistry(),
+                          loss_names=registry.names(), version=lossd_server.__version__)
+        versions = backend.versions()
+        metrics.set_build_info(lossd_server.__version__, versions["tensorflow"], versions["keras"])
+        metrics.set_device_info([(device.device_type, device.physical)])
+        metrics.set_gpu_memory_source(backend.gpu_memory)
+
+    evaluator = Evaluator(registry, device, cache_size=settings.cache_size, metrics=metrics,
+                          jit_compile=settings.jit_compile, xla_losses=XLA_LOSSES)
+
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # One port per server: without this a second server could bind the same port.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+                         interceptors=[ObservabilityInterceptor(metrics)], options=options)
+    loss_service_pb2_grpc.add_LossServiceServicer_to_server(
+        LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
+    if metrics is not None:
+        for method in loss_service_pb2.DESCRIPTOR.services_by_name["LossService"].methods:
+            kind = {(False, False): "unary", (True, True): "bidi_stream"}.get(
+                (method.client_streaming, method.server_streaming), "bidi_stream")
+            metrics.init_rpc_method(kind, SERVICE_NAMES[0], method.name)
+        metrics_http, metrics_port = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
+    return Server(server, port, health_servicer, evaluator, metrics, metrics_port, settings, metrics_http)
+
+
+def serve(settings: Settings) -> int:
+    """Runs the server until SIGTERM or SIGINT, then drains; returns the exit code."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    server = create_server(settings)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("received %s: draining (grace %.1f s)", signal.Signals(signum).name, settings.grace_seconds)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    server.start()
+    log.info("lossd %s listening on %s:%d (gRPC); metrics %s; evaluating on %s (%s); data dir %s",
+             lossd_server.__version__, settings.host, server.port,
+             f"on http://{settings.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "off",
+             server.evaluator.device.name, server.evaluator.device.physical, settings.data_dir)
+    stop.wait()
+    server.stop()
+    log.info("stopped")
+    return 0

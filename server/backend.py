@@ -1,0 +1,140 @@
+"""Everything TensorFlow-specific lives here: device choice, compilation
+(``tf.function`` with shape-polymorphic signatures, optional XLA) and
+gradients. The loss code itself goes through ``keras.losses``/``keras.ops``,
+so the core could run on another Keras backend by replacing this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Mapping, Optional, Sequence
+
+# TensorFlow's C++ start-up chatter is noise in a server log; errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """Where evaluation runs: a TensorFlow device name and its type."""
+
+    name: str         # "/GPU:0" or "/CPU:0"
+    device_type: str  # "GPU" or "CPU"
+    physical: str     # e.g. "/physical_device:GPU:0"
+
+
+def select_device(prefer: str = "auto") -> Device:
+    """Picks the best device: the first GPU when there is one (``prefer="auto"``).
+
+    Turns on memory growth for every GPU, so the server does not take all
+    GPU memory at start and training processes can share the card.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised: growth can only be set before first use
+            pass
+    if prefer == "cpu" or not gpus:
+        if prefer == "gpu":
+            raise RuntimeError("LOSSD_DEVICE=gpu but TensorFlow sees no GPU")
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        return Device("/CPU:0", "CPU", cpu.name)
+    return Device("/GPU:0", "GPU", gpus[0].name)
+
+
+def gpu_memory() -> dict[str, tuple[int, int]]:
+    """Bytes in use and peak per GPU, where TensorFlow reports them."""
+    out = {}
+    for i, gpu in enumerate(tf.config.list_physical_devices("GPU")):
+        try:
+            info = tf.config.experimental.get_memory_info(f"GPU:{i}")
+        except (ValueError, RuntimeError):
+            continue
+        out[gpu.name] = (int(info["current"]), int(info["peak"]))
+    return out
+
+
+def versions() -> dict[str, str]:
+    import keras
+
+    return {"tensorflow": tf.__version__, "keras": keras.__version__}
+
+
+def signature_shape(shape: Sequence[int]) -> tuple[Optional[int], ...]:
+    """The shape a compiled function is traced for: batch-like axes left
+    unknown so a new batch size reuses the trace; the last axis of a rank >= 2
+    tensor (classes, features) kept, because Keras's losses read it statically
+    (e.g. to align a trailing axis of size 1)."""
+    if len(shape) >= 2:
+        return (None,) * (len(shape) - 1) + (int(shape[-1]),)
+    return (None,) * len(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A compiled function's argument: name, dtype name and traced shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[Optional[int], ...]
+
+
+# A loss program: takes the named tensors (and optionally sample_weight),
+# returns (total, term values). Built from keras.losses objects by the core.
+Program = Callable[[Mapping[str, tf.Tensor], Optional[tf.Tensor]], tuple[tf.Tensor, list]]
+
+
+class Compiled:
+    """A loss program compiled once for one input signature.
+
+    Calling it runs one TensorFlow graph that returns the total, each term's
+    value, the gradient with respect to ``y_pred`` (when asked for) and
+    whether any input or output was NaN or Inf.
+    """
+
+    def __init__(self, program: Program, specs: Sequence[InputSpec], *, has_sample_weight: bool,
+                 gradient: bool, device: Device, jit_compile: bool = False,
+                 on_trace: Optional[Callable[[], None]] = None):
+        self.specs = tuple(specs)
+        self.names = [s.name for s in specs]
+        self.has_sample_weight = has_sample_weight
+        self.gradient = gradient
+        self.device = device
+        signature = [tf.TensorSpec(s.shape, tf.dtypes.as_dtype(s.dtype), name=s.name) for s in specs]
+        names = self.names
+        on_trace = on_trace or (lambda: None)
+
+        def run(*args):
+            on_trace()  # Python side effect: runs once per trace, never per call
+            tensors = dict(zip(names, args))
+            sample_weight = tensors.pop("sample_weight", None) if has_sample_weight else None
+            y_pred = tensors.get("y_pred")
+            if gradient and y_pred is not None:
+                with tf.GradientTape() as tape:
+                    tape.watch(y_pred)
+                    total, terms = program(tensors, sample_weight)
+                grad = tape.gradient(total, y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            else:
+                total, terms = program(tensors, sample_weight)
+                grad = tf.zeros((0,), dtype=total.dtype)
+            checks = [total, *terms, *(a for a in args if a.dtype.is_floating)]
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in checks])
+            return total, terms, grad, tf.logical_not(finite)
+
+        self._fn = tf.function(run, input_signature=signature, jit_compile=jit_compile,
+                               reduce_retracing=True)
+
+    def __call__(self, arrays: Sequence[np.ndarray]):
+        """Runs on numpy arrays (in ``specs`` order); returns numpy results."""
+        with tf.device(self.device.name):
+            total, terms, grad, non_finite = self._fn(*arrays)
+        return (total.numpy(), [t.numpy() for t in terms],
+                grad.numpy() if self.gradient else None, bool(non_finite.numpy()))

@@ -1,0 +1,63 @@
+"""Server settings: one typed class, every field also a ``LOSSD_*`` environment
+variable and a ``lossd serve --flag`` (the command line is generated from
+these fields, so the three cannot drift apart)."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Literal, Optional
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    """lossd server settings. Precedence: command line, environment, defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="LOSSD_", extra="forbid", use_attribute_docstrings=True)
+
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds (``0.0.0.0`` to accept remote clients)."""
+
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (the server logs which)."""
+
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus ``/metrics`` endpoint."""
+
+    metrics_port: Optional[int] = Field(9464, ge=0, le=65535)
+    """Port of the Prometheus ``/metrics`` endpoint; unset (empty) turns it off."""
+
+    data_dir: pathlib.Path = pathlib.Path("lossd-data")
+    """Directory for jobs, datasets, registered losses and trained models."""
+
+    max_message_bytes: int = Field(256 * MiB, ge=MiB)
+    """Largest gRPC message, sent or received. The default carries two
+    16M-element float32 tensors; larger tensors travel through EvaluateChunked."""
+
+    max_tensor_elements: int = Field(1_000_000_000, ge=1)
+    """Most elements one tensor may claim; larger shapes are refused before
+    anything is allocated."""
+
+    workers: int = Field(8, ge=1)
+    """Threads serving RPCs. TensorFlow releases the GIL while it computes."""
+
+    cache_size: int = Field(256, ge=1)
+    """Most compiled loss programs kept (least recently used go first)."""
+
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where losses are evaluated: ``auto`` takes the first GPU when there is one."""
+
+    jit_compile: Literal["auto", "on", "off"] = "auto"
+    """XLA for compiled losses: ``auto`` uses it for the losses measured faster with it."""
+
+    grace_seconds: float = Field(10.0, ge=0)
+    """On SIGTERM/SIGINT, how long in-flight calls may take to finish."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level; DEBUG logs one line per request."""
+
+    log_format: Literal["text", "json"] = "text"
+    """``json`` writes one JSON object per line, for log collectors."""

@@ -1,0 +1,133 @@
+"""One server interceptor for what every RPC needs: a request id in a context
+variable, Prometheus RPC metrics (failures counted and timed too), and one
+log line per request (DEBUG) or per failure (WARNING)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+import grpc
+
+from lossd_server.requestid import METADATA_KEY, clean_request_id, reset_request_id, set_request_id
+
+log = logging.getLogger("lossd_server.access")
+
+_TYPES = {
+    (False, False): "unary",
+    (False, True): "server_stream",
+    (True, False): "client_stream",
+    (True, True): "bidi_stream",
+}
+
+
+class ObservabilityInterceptor(grpc.ServerInterceptor):
+    """Request ids, RPC metrics and access logs for the synchronous server."""
+
+    def __init__(self, metrics=None):
+        self.metrics = metrics
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        full = handler_call_details.method  # "/lossd.v1.LossService/Evaluate"
+        service, _, method = full.lstrip("/").partition("/")
+        grpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
+        request_id = clean_request_id(dict(handler_call_details.invocation_metadata or ()).get(METADATA_KEY))
+        if handler.request_streaming and handler.response_streaming:
+            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        elif handler.request_streaming:
+            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        elif handler.response_streaming:
+            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        else:
+            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        observe = _Observer(self.metrics, grpc_type, service, method, request_id)
+        wrapped = observe.stream(behavior) if handler.response_streaming else observe.unary(behavior)
+        return factory(wrapped, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+
+class _Observer:
+    def __init__(self, metrics, grpc_type: str, service: str, method: str, request_id: str):
+        self.metrics = metrics
+        self.labels = (grpc_type, service, method)
+        self.request_id = request_id
+
+    def _start(self):
+        if self.metrics is not None:
+            grpc_type, service, method = self.labels
+            self.metrics.grpc_server_started_total.labels(*self.labels).inc()
+            self.metrics.lossd_grpc_in_flight_requests.labels(service, method).inc()
+        return time.perf_counter()
+
+    def _finish(self, context, start: float, exc: Optional[BaseException]) -> None:
+        seconds = time.perf_counter() - start
+        code = _code_of(context, exc)
+        grpc_type, service, method = self.labels
+        if self.metrics is not None:
+            self.metrics.lossd_grpc_in_flight_requests.labels(service, method).dec()
+            self.metrics.observe_rpc(grpc_type, service, method, code, seconds)
+        if code == "OK":
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s/%s %s %.2f ms", service, method, code, seconds * 1e3)
+        else:
+            log.warning("%s/%s %s %.2f ms: %s", service, method, code, seconds * 1e3,
+                        _details_of(context) or exc)
+
+    def unary(self, behavior):
+        def wrapper(request, context):
+            token = set_request_id(self.request_id)
+            start = self._start()
+            exc = None
+            try:
+                return behavior(request, context)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                self._finish(context, start, exc)
+                reset_request_id(token)
+        return wrapper
+
+    def stream(self, behavior):
+        def wrapper(request, context):
+            # gRPC resumes a response generator from its own threads: set the
+            # id again after every yield rather than resetting a token.
+            set_request_id(self.request_id)
+            start = self._start()
+            exc = None
+            try:
+                for response in behavior(request, context):
+                    if self.metrics is not None:
+                        self.metrics.grpc_server_msg_sent_total.labels(*self.labels).inc()
+                    yield response
+                    set_request_id(self.request_id)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                self._finish(context, start, exc)
+        return wrapper
+
+
+def _code_of(context, exc: Optional[BaseException]) -> str:
+    code = None
+    try:
+        code = context.code()
+    except AttributeError:  # older grpcio without ServicerContext.code()
+        pass
+    if code is not None:
+        return code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if exc is None or isinstance(exc, GeneratorExit):
+        return "OK" if exc is None else "CANCELLED"
+    return "UNKNOWN"
+
+
+def _details_of(context) -> str:
+    try:
+        return context.details() or ""
+    except AttributeError:
+        return ""

@@ -1,0 +1,511 @@
+"""The loss registry: every loss lossd can evaluate, with its parameters.
+
+The Keras part of the table is an allowlist of Keras classes grouped by
+family, as in ``keras.losses``. Parameters, defaults and docs are read from
+the classes themselves (``inspect.signature`` and the ``Args:`` section of
+the docstring), so they cannot drift from the installed Keras. Each entry
+builds a real ``keras.losses.Loss`` instance; lossd never reimplements a loss.
+
+Parameter values are validated here (type, range, unknown names) and input
+shapes are checked against what the loss expects, so that bad input is
+refused with a clear message before it reaches TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import re
+import threading
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from lossd_server.errors import InvalidArgument
+
+REDUCTIONS = ("none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+# Keras constructor arguments that lossd sets itself, never the client.
+_RESERVED = {"self", "reduction", "name", "dtype"}
+
+PARAM_TYPES = ("float", "int", "bool", "int_or_null", "axis", "string")
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """A constructor parameter of a loss, under its Keras name."""
+
+    name: str
+    type: str
+    default: Any
+    doc: str = ""
+    minimum: Optional[float] = None
+    exclusive_minimum: bool = False
+    maximum: Optional[float] = None
+
+
+# Shape conventions: how y_true relates to y_pred, and the shape of the
+# per-sample values the loss returns (what sample_weight must broadcast to).
+SHAPES_SAME = "same"        # y_true has y_pred's shape (Keras's trailing-1 rule allowed)
+SHAPES_SPARSE = "sparse"    # y_true holds class indices: y_pred's shape without the class axis
+SHAPES_LABELS = "labels"    # y_true is (batch,) labels, y_pred (batch, features): circle
+SHAPES_CTC = "ctc"          # y_true (batch, max_label_length), y_pred (batch, time, classes)
+SHAPES_ANY = "any"          # expression and plugin losses: checked when they run
+
+
+@dataclasses.dataclass(frozen=True)
+class LossEntry:
+    """One registered loss.
+
+    Attributes:
+        name: Canonical snake_case name.
+        aliases: Other names that resolve to it.
+        doc: One-line description.
+        parameters: Constructor parameters, in order.
+        build: ``build(params, reduction, dtype) -> keras.losses.Loss``.
+        source: ``keras``, ``builtin``, ``plugin`` or ``expression``.
+        inputs: Names of the tensors the loss reads, in the order it takes them.
+        shapes: The shape convention (``SHAPES_*``).
+        batch_separable: Whether each sample's value depends on that sample
+            alone (a function of the params); chunked evaluation needs it.
+        expression: Source text, for expression losses.
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    doc: str
+    parameters: tuple[Parameter, ...]
+    build: Callable[[Mapping[str, Any], str, str], Any]
+    source: str = "keras"
+    inputs: tuple[str, ...] = ("y_true", "y_pred")
+    shapes: str = SHAPES_SAME
+    batch_separable: Callable[[Mapping[str, Any]], bool] = lambda params: True
+    expression: str = ""
+
+    def describe(self) -> dict:
+        """A JSON-friendly description, as ListLosses returns it."""
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "doc": self.doc,
+            "source": self.source,
+            "inputs": list(self.inputs),
+            "expression": self.expression,
+            "parameters": [
+                {"name": p.name, "type": p.type, "default": p.default, "doc": p.doc}
+                for p in self.parameters
+            ],
+        }
+
+
+# ---------------------------------------------------------------------------
+# Reading parameters and docs off the Keras classes.
+
+_ARG_LINE = re.compile(r"^(\s*)(\w+):\s*(.*)$")
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    match = re.match(r"(.+?\.)(\s|$)", text)
+    return (match.group(1) if match else text).strip()
+
+
+def _docstring_args(doc: str) -> dict[str, str]:
+    """Parses the Google-style ``Args:`` section into ``{name: first sentence}``."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    args: dict[str, list[str]] = {}
+    inside, indent, current = False, None, None
+    for line in lines:
+        if line.strip() == "Args:":
+            inside, indent, current = True, None, None
+            continue
+        if not inside:
+            continue
+        if line.strip() and not line.startswith(" "):
+            break  # the next section ("Example:", "Returns:") ends Args
+        match = _ARG_LINE.match(line)
+        if match and (indent is None or len(match.group(1)) == indent):
+            indent = len(match.group(1))
+            current = match.group(2)
+            args[current] = [match.group(3)]
+        elif current and line.strip():
+            args[current].append(line.strip())
+    return {name: _first_sentence(" ".join(parts)) for name, parts in args.items()}
+
+
+def _param_type(name: str, default: Any) -> str:
+    if name == "axis":
+        return "axis"
+    if isinstance(default, bool):
+        return "bool"
+    if isinstance(default, float):
+        return "float"
+    if isinstance(default, int):
+        return "int"
+    if isinstance(default, str):
+        return "string"
+    if default is None:
+        return "int_or_null"
+    raise TypeError(f"cannot infer the type of parameter {name}={default!r}")
+
+
+# Ranges Keras documents but does not always check; checking them here turns
+# a NaN or a TensorFlow error minutes later into a clear INVALID_ARGUMENT now.
+# Keyed by (loss name or "*", parameter): (minimum, exclusive, maximum).
+_RANGES: dict[tuple[str, str], tuple[Optional[float], bool, Optional[float]]] = {
+    ("huber", "delta"): (0.0, True, None),
+    ("*", "label_smoothing"): (0.0, False, 1.0),
+    ("binary_focal_crossentropy", "gamma"): (0.0, False, None),
+    ("categorical_focal_crossentropy", "gamma"): (0.0, False, None),
+    ("binary_focal_crossentropy", "alpha"): (0.0, False, 1.0),
+    ("categorical_focal_crossentropy", "alpha"): (0.0, False, 1.0),
+    ("categorical_generalized_cross_entropy", "q"): (0.0, True, 1.0),
+    ("tversky", "alpha"): (0.0, False, None),
+    ("tversky", "beta"): (0.0, False, None),
+    ("circle", "gamma"): (0.0, True, None),
+}
+
+
+def keras_parameters(name: str, cls: type) -> tuple[Parameter, ...]:
+    """The parameters of a Keras loss class, read from its signature and docstring."""
+    docs = _docstring_args(cls.__doc__ or "")
+    params = []
+    for p in inspect.signature(cls.__init__).parameters.values():
+        if p.name in _RESERVED or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        default = None if p.default is inspect.Parameter.empty else p.default
+        lo, excl, hi = _RANGES.get((name, p.name)) or _RANGES.get(("*", p.name)) or (None, False, None)
+        params.append(Parameter(p.name, _param_type(p.name, default), default,
+                                docs.get(p.name, ""), lo, excl, hi))
+    return tuple(params)
+
+
+def _keras_entry(name: str, cls: type, aliases: Sequence[str] = (), *, shapes: str = SHAPES_SAME,
+                 batch_separable: Callable[[Mapping[str, Any]], bool] = lambda params: True) -> LossEntry:
+    def build(params: Mapping[str, Any], reduction: str, dtype: str):
+        return cls(**params, reduction=reduction, dtype=dtype)
+
+    all_aliases = tuple(dict.fromkeys([cls.__name__, *aliases]))
+    return LossEntry(name=name, aliases=all_aliases, doc=_first_sentence(cls.__doc__ or name),
+                     parameters=keras_parameters(name, cls), build=build, shapes=shapes,
+                     batch_separable=batch_separable)
+
+
+def _axis_excludes_batch(params: Mapping[str, Any]) -> bool:
+    axis = params.get("axis")
+    if axis is None:
+        return False  # the whole batch is reduced together
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    return all(a != 0 for a in axes)
+
+
+def keras_entries() -> list[LossEntry]:
+    """The Keras losses lossd exposes, grouped by family as in ``keras.losses``."""
+    from keras import losses as kl
+
+    return [
+        # Probabilistic
+        _keras_entry("binary_crossentropy", kl.BinaryCrossentropy, ["bce"]),
+        _keras_entry("binary_focal_crossentropy", kl.BinaryFocalCrossentropy, ["bfce"]),
+        _keras_entry("categorical_crossentropy", kl.CategoricalCrossentropy, ["cce"]),
+        _keras_entry("categorical_focal_crossentropy", kl.CategoricalFocalCrossentropy, ["cfce"]),
+        _keras_entry("sparse_categorical_crossentropy", kl.SparseCategoricalCrossentropy,
+                     ["scce"], shapes=SHAPES_SPARSE),
+        _keras_entry("categorical_generalized_cross_entropy", kl.CategoricalGeneralizedCrossEntropy,
+                     ["gce"], shapes=SHAPES_SPARSE),
+        _keras_entry("kl_divergence", kl.KLDivergence, ["kld", "kullback_leibler_divergence"]),
+        _keras_entry("poisson", kl.Poisson),
+        # Regression
+        _keras_entry("mean_squared_error", kl.MeanSquaredError, ["mse"]),
+        _keras_entry("mean_absolute_error", kl.MeanAbsoluteError, ["mae"]),
+        _keras_entry("mean_absolute_percentage_error", kl.MeanAbsolutePercentageError, ["mape"]),
+        _keras_entry("mean_squared_logarithmic_error", kl.MeanSquaredLogarithmicError, ["msle"]),
+        _keras_entry("cosine_similarity", kl.CosineSimilarity,
+                     batch_separable=_axis_excludes_batch),
+        _keras_entry("huber", kl.Huber, ["huber_loss"]),
+        _keras_entry("log_cosh", kl.LogCosh, ["logcosh"]),
+        # Hinge
+        _keras_entry("hinge", kl.Hinge),
+        _keras_entry("squared_hinge", kl.SquaredHinge),
+        _keras_entry("categorical_hinge", kl.CategoricalHinge),
+        # Image segmentation
+        _keras_entry("dice", kl.Dice, batch_separable=_axis_excludes_batch),
+        _keras_entry("tversky", kl.Tversky, batch_separable=_axis_excludes_batch),
+        # Similarity: each sample's value depends on the whole batch.
+        _keras_entry("circle", kl.Circle, shapes=SHAPES_LABELS, batch_separable=lambda params: False),
+        # Sequence
+        _keras_entry("ctc", kl.CTC, shapes=SHAPES_CTC),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Validation of parameters and inputs.
+
+def _type_error(loss: str, param: Parameter, value: Any) -> InvalidArgument:
+    expected = {
+        "float": "a number", "int": "an integer", "bool": "true or false",
+        "int_or_null": "an integer or null", "axis": "an integer, a list of integers or null",
+        "string": "a string",
+    }[param.type]
+    return InvalidArgument(
+        f"Invalid value for parameter `{param.name}` of loss `{loss}`. Expected {expected}. "
+        f"Received: {param.name}={json.dumps(value) if _jsonable(value) else repr(value)}.",
+        reason="BAD_PARAMETER", metadata={"loss": loss, "parameter": param.name})
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _as_int(value: Any) -> Optional[int]:
+    # google.protobuf.Struct carries every number as a double.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def coerce_parameter(loss: str, param: Parameter, value: Any) -> Any:
+    """Checks one parameter value's type and range; returns it in its Python type."""
+    if param.type == "bool":
+        if not isinstance(value, bool):
+            raise _type_error(loss, param, value)
+        return value
+    if param.type == "string":
+        if not isinstance(value, str):
+            raise _type_error(loss, param, value)
+        return value
+    if param.type in ("int", "int_or_null"):
+        if value is None and param.type == "int_or_null":
+            return None
+        as_int = _as_int(value)
+        if as_int is None:
+            raise _type_error(loss, param, value)
+        value = as_int
+    elif param.type == "axis":
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)):
+            axes = [_as_int(v) for v in value]
+            if not axes or any(a is None for a in axes):
+                raise _type_error(loss, param, value)
+            return axes
+        as_int = _as_int(value)
+        if as_int is None:
+            raise _type_error(loss, param, value)
+        return as_int
+    elif param.type == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _type_error(loss, param, value)
+        value = float(value)
+    _check_range(loss, param, value)
+    return value
+
+
+def _check_range(loss: str, param: Parameter, value: float) -> None:
+    lo, hi = param.minimum, param.maximum
+    ok = True
+    if lo is not None:
+        ok = value > lo if param.exclusive_minimum else value >= lo
+    if hi is not None:
+        ok = ok and value <= hi
+    if ok:
+        return
+    low = "" if lo is None else (f"> {lo:g}" if param.exclusive_minimum else f">= {lo:g}")
+    high = "" if hi is None else f"<= {hi:g}"
+    expected = " and ".join(part for part in (low, high) if part)
+    raise InvalidArgument(
+        f"Invalid value for parameter `{param.name}` of loss `{loss}`. Expected a value {expected}. "
+        f"Received: {param.name}={value:g}.", reason="PARAMETER_OUT_OF_RANGE",
+        metadata={"loss": loss, "parameter": param.name})
+
+
+def resolve_parameters(entry: LossEntry, params: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """Validates client parameters against an entry; returns all of them, defaults filled in."""
+    params = dict(params or {})
+    known = {p.name: p for p in entry.parameters}
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InvalidArgument(
+            f"Unknown parameter `{unknown[0]}` for loss `{entry.name}`. Expected one of "
+            f"[{', '.join(known) or 'no parameters'}]. Received: {', '.join(unknown)}.",
+            reason="UNKNOWN_PARAMETER", metadata={"loss": entry.name, "parameter": unknown[0]})
+    resolved = {}
+    for name, param in known.items():
+        resolved[name] = coerce_parameter(entry.name, param, params[name]) if name in params else param.default
+    return resolved
+
+
+def _shape_error(entry: LossEntry, what: str, true_shape, pred_shape) -> InvalidArgument:
+    return InvalidArgument(
+        f"Shape mismatch for loss `{entry.name}`: expected {what}. "
+        f"Received: y_true.shape={list(true_shape)}, y_pred.shape={list(pred_shape)}.",
+        reason="SHAPE_MISMATCH", metadata={"loss": entry.name})
+
+
+def _squeeze_trailing_one(a: tuple, b: tuple) -> tuple[tuple, tuple]:
+    # Keras's squeeze_or_expand_to_same_rank: ranks that differ by one with a
+    # trailing 1 are aligned before the loss runs.
+    if len(a) == len(b) + 1 and a[-1:] == (1,):
+        return a[:-1], b
+    if len(b) == len(a) + 1 and b[-1:] == (1,):
+        return a, b[:-1]
+    return a, b
+
+
+def values_shape(entry: LossEntry, params: Mapping[str, Any], true_shape: tuple,
+                 pred_shape: tuple) -> Optional[tuple]:
+    """Checks y_true's shape against y_pred's; returns the per-sample values' shape.
+
+    Returns None where the shape is only known once the loss runs.
+    """
+    true_shape, pred_shape = tuple(true_shape), tuple(pred_shape)
+    if entry.shapes == SHAPES_ANY:
+        return None
+    if entry.shapes == SHAPES_SAME:
+        a, b = _squeeze_trailing_one(true_shape, pred_shape)
+        if a != b:
+            raise _shape_error(entry, "the same shape (a trailing dimension of 1 may differ)",
+                               true_shape, pred_shape)
+        if len(pred_shape) == 0:
+            raise _shape_error(entry, "y_pred of rank >= 1", true_shape, pred_shape)
+        axis = params.get("axis", -1) if any(p.name == "axis" for p in entry.parameters) else -1
+        if axis is None:
+            return ()
+        axes = [a % len(pred_shape) for a in (axis if isinstance(axis, list) else [axis])]
+        if any(not 0 <= a < len(pred_shape) for a in axes):
+            raise InvalidArgument(
+                f"Invalid `axis` for loss `{entry.name}`: expected axes within rank {len(pred_shape)}. "
+                f"Received: axis={axis}.", reason="BAD_PARAMETER")
+        return tuple(d for i, d in enumerate(pred_shape) if i not in axes)
+    if entry.shapes == SHAPES_SPARSE:
+        if len(pred_shape) < 1 or true_shape not in (pred_shape[:-1], pred_shape[:-1] + (1,)):
+            raise _shape_error(entry, f"y_true of shape {list(pred_shape[:-1])} holding class "
+                               "indices (y_pred's shape without its last axis)", true_shape, pred_shape)
+        return pred_shape[:-1]
+    if entry.shapes == SHAPES_LABELS:
+        if len(pred_shape) != 2 or true_shape != pred_shape[:1]:
+            raise _shape_error(entry, "y_true of shape [batch] (labels) and y_pred of shape "
+                               "[batch, features]", true_shape, pred_shape)
+        return pred_shape[:1]
+    if entry.shapes == SHAPES_CTC:
+        if len(true_shape) != 2 or len(pred_shape) != 3 or true_shape[0] != pred_shape[0]:
+            raise _shape_error(entry, "y_true of shape [batch, max_label_length] and y_pred of "
+                               "shape [batch, time, classes]", true_shape, pred_shape)
+        return pred_shape[:1]
+    raise AssertionError(entry.shapes)
+
+
+def check_labels(entry: LossEntry, params: Mapping[str, Any], y_true: np.ndarray,
+                 y_pred_shape: tuple) -> None:
+    """Refuses class indices outside ``[0, classes)``, which TensorFlow would
+    reject with an opaque error on CPU and silently zero on GPU."""
+    if entry.shapes not in (SHAPES_SPARSE, SHAPES_CTC) or y_true.size == 0:
+        return
+    classes = y_pred_shape[-1]
+    labels = y_true
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise InvalidArgument(
+                f"Labels for loss `{entry.name}` must be integer class indices. "
+                f"Received: non-integer values in y_true ({labels.dtype}).", reason="LABEL_OUT_OF_RANGE")
+    ignore = params.get("ignore_class")
+    if ignore is not None:
+        labels = labels[labels != ignore]
+        if labels.size == 0:
+            return
+    lo, hi = labels.min(), labels.max()
+    if lo < 0 or hi >= classes:
+        bad = lo if lo < 0 else hi
+        raise InvalidArgument(
+            f"Label out of range for loss `{entry.name}`: expected class indices in [0, {classes}) "
+            f"(y_pred has {classes} classes{'' if ignore is None else f', ignore_class={ignore}'}). "
+            f"Received: {bad:g}.", reason="LABEL_OUT_OF_RANGE", metadata={"loss": entry.name})
+
+
+# ---------------------------------------------------------------------------
+# The registry.
+
+class UnknownLoss(InvalidArgument):
+    default_reason = "UNKNOWN_LOSS"
+
+
+class LossRegistry:
+    """Name -> LossEntry, with aliases; thread-safe for registration at run time."""
+
+    def __init__(self, entries: Iterable[LossEntry] = ()):
+        self._lock = threading.Lock()
+        self._entries: dict[str, LossEntry] = {}
+        self._lookup: dict[str, str] = {}
+        for entry in entries:
+            self.register(entry)
+
+    def register(self, entry: LossEntry, *, replace: bool = False) -> None:
+        """Adds an entry; a name or alias already taken by another entry is refused."""
+        with self._lock:
+            names = [entry.name, *entry.aliases]
+            for n in names:
+                owner = self._lookup.get(n)
+                if owner is not None and not (replace and owner == entry.name):
+                    raise ValueError(f"loss name {n!r} is already registered (by {owner!r})")
+            if replace and entry.name in self._entries:
+                self._remove_locked(entry.name)
+            self._entries[entry.name] = entry
+            for n in names:
+                self._lookup[n] = entry.name
+
+    def unregister(self, name: str) -> LossEntry:
+        with self._lock:
+            canonical = self._lookup.get(name)
+            if canonical is None:
+                raise self._unknown(name)
+            return self._remove_locked(canonical)
+
+    def _remove_locked(self, canonical: str) -> LossEntry:
+        entry = self._entries.pop(canonical)
+        for n in [entry.name, *entry.aliases]:
+            self._lookup.pop(n, None)
+        return entry
+
+    def get(self, name: str) -> LossEntry:
+        """The entry for a name or alias; raises UnknownLoss (with suggestions) otherwise."""
+        canonical = self._lookup.get(name)
+        if canonical is None:
+            raise self._unknown(name)
+        return self._entries[canonical]
+
+    def canonical(self, name: str) -> Optional[str]:
+        """The canonical name for a name or alias, or None: never raises."""
+        return self._lookup.get(name) if isinstance(name, str) else None
+
+    def _unknown(self, name: str) -> UnknownLoss:
+        close = difflib.get_close_matches(name, list(self._lookup), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        return UnknownLoss(
+            f"Unknown loss {shown!r}. Expected a registered loss name or alias (see ListLosses).{hint}",
+            metadata={"loss": shown})
+
+    def entries(self) -> list[LossEntry]:
+        return sorted(self._entries.values(), key=lambda e: e.name)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._lookup
+
+
+def default_registry() -> LossRegistry:
+    """A registry of the Keras losses lossd exposes."""
+    return LossRegistry(keras_entries())

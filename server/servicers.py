@@ -1,0 +1,243 @@
+"""gRPC servicers: thin adapters that decode requests, call the core and
+encode results. Validation and numerics live in the core modules."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import re
+import threading
+from typing import Any, Iterator, Mapping, Optional
+
+import numpy as np
+from google.protobuf import json_format
+
+from lossd import _tensors
+from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
+from lossd_server.errors import InvalidArgument, LossdError
+from lossd_server.evaluator import ChunkedSession, Evaluator, Plan
+from lossd_server.status import handle_errors, to_status
+
+log = logging.getLogger(__name__)
+
+REDUCTION_NAMES = {
+    loss_pb2.REDUCTION_UNSPECIFIED: "sum_over_batch_size",
+    loss_pb2.REDUCTION_NONE: "none",
+    loss_pb2.REDUCTION_SUM: "sum",
+    loss_pb2.REDUCTION_SUM_OVER_BATCH_SIZE: "sum_over_batch_size",
+    loss_pb2.REDUCTION_MEAN: "mean",
+    loss_pb2.REDUCTION_MEAN_WITH_SAMPLE_WEIGHT: "mean_with_sample_weight",
+}
+
+_SOURCES = {
+    "keras": loss_service_pb2.LossDescription.SOURCE_KERAS,
+    "builtin": loss_service_pb2.LossDescription.SOURCE_BUILTIN,
+    "plugin": loss_service_pb2.LossDescription.SOURCE_PLUGIN,
+    "expression": loss_service_pb2.LossDescription.SOURCE_EXPRESSION,
+}
+
+_TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_RESERVED_TENSORS = {"y_true", "y_pred", "sample_weight"}
+
+
+def reduction_name(value: int, where: str = "reduction") -> Optional[str]:
+    """The Keras name of a Reduction enum value; refuses unknown numbers."""
+    name = REDUCTION_NAMES.get(value)
+    if name is None:
+        raise InvalidArgument(
+            f"Invalid {where}. Expected a Reduction value 0-5. Received: {value}.", reason="BAD_REDUCTION")
+    return name
+
+
+def spec_to_dict(spec: loss_pb2.LossSpec) -> dict[str, Any]:
+    """LossSpec message -> the plain dict the core's ``Evaluator.plan`` takes."""
+    out: dict[str, Any] = {"name": spec.name, "expression": spec.expression,
+                           "params": json_format.MessageToDict(spec.params) if spec.HasField("params") else {}}
+    if spec.terms:
+        out["terms"] = [{
+            "label": t.label,
+            "loss": spec_to_dict(t.loss),
+            "weight": t.weight if t.HasField("weight") else None,
+            "reduction": None if t.reduction == loss_pb2.REDUCTION_UNSPECIFIED
+            else reduction_name(t.reduction, f"terms[{i}].reduction"),
+            "inputs": list(t.inputs),
+        } for i, t in enumerate(spec.terms)]
+    return out
+
+
+def describe(entry) -> loss_service_pb2.LossDescription:
+    return loss_service_pb2.LossDescription(
+        name=entry.name, aliases=entry.aliases, doc=entry.doc, source=_SOURCES[entry.source],
+        inputs=entry.inputs, expression=entry.expression,
+        parameters=[loss_service_pb2.LossParameter(name=p.name, type=p.type, default_json=json.dumps(p.default),
+                                                   doc=p.doc) for p in entry.parameters])
+
+
+class _PlanCache:
+    """Serialized LossSpec -> Plan, so a repeated spec skips parsing and
+    validation (a few tens of microseconds per request)."""
+
+    def __init__(self, evaluator: Evaluator, size: int = 1024):
+        self.evaluator = evaluator
+        self.size = size
+        self._plans: collections.OrderedDict[bytes, Plan] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, spec: loss_pb2.LossSpec) -> Plan:
+        key = spec.SerializeToString(deterministic=True)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = self.evaluator.plan(spec_to_dict(spec))
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self.size:
+                self._plans.popitem(last=False)
+        return plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+
+class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
+    """Implements ``lossd.v1.LossService`` over an Evaluator."""
+
+    def __init__(self, evaluator: Evaluator, *, max_elements: int, metrics=None):
+        self.evaluator = evaluator
+        self.registry = evaluator.registry
+        self.max_elements = max_elements
+        self.metrics = metrics
+        self.plans = _PlanCache(evaluator)
+
+    # -- helpers -------------------------------------------------------------
+
+    def _metric_name(self, spec: loss_pb2.LossSpec) -> str:
+        if spec.terms:
+            return "composite"
+        if spec.expression:
+            return "expression"
+        return self.registry.canonical(spec.name) or "other"
+
+    def _decode(self, tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
+        return _tensors.to_numpy(tensor, field=field, max_elements=self.max_elements)
+
+    def _evaluate(self, request: loss_service_pb2.EvaluateRequest) -> loss_service_pb2.EvaluateResponse:
+        if self.metrics is None:
+            return self._evaluate_unmetered(request, None)
+        with self.metrics.time_evaluation(self._metric_name(request.loss)) as record:
+            try:
+                return self._evaluate_unmetered(request, record)
+            except (LossdError, _tensors.TensorError):
+                record.outcome = "invalid_argument"
+                raise
+
+    def _evaluate_unmetered(self, request, record) -> loss_service_pb2.EvaluateResponse:
+        if not request.HasField("loss"):
+            raise InvalidArgument("loss is required. Expected a LossSpec with a name, an expression or "
+                                  "terms. Received: none.", reason="BAD_LOSS_SPEC")
+        for field in ("y_true", "y_pred"):
+            if not request.HasField(field):
+                raise InvalidArgument(f"{field} is required. Expected a Tensor. Received: none.",
+                                      reason="BAD_TENSOR")
+        plan = self.plans.get(request.loss)
+        reduction = reduction_name(request.reduction)
+        tensors = {"y_true": self._decode(request.y_true, "y_true"),
+                   "y_pred": self._decode(request.y_pred, "y_pred")}
+        for name, tensor in request.tensors.items():
+            if not _TENSOR_NAME.match(name) or name in _RESERVED_TENSORS:
+                raise InvalidArgument(
+                    f"Invalid tensor name {name[:64]!r}. Expected an identifier other than "
+                    f"{sorted(_RESERVED_TENSORS)}.", reason="BAD_TENSOR")
+            tensors[name] = self._decode(tensor, f"tensors[{name}]")
+        sample_weight = (self._decode(request.sample_weight, "sample_weight")
+                         if request.HasField("sample_weight") else None)
+        if record is not None:
+            record.elements = int(tensors["y_pred"].size)
+            record.nbytes = sum(a.nbytes for a in tensors.values()) + (
+                sample_weight.nbytes if sample_weight is not None else 0)
+        result = self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight,
+                                         reduction=reduction, gradient=request.gradient)
+        response = loss_service_pb2.EvaluateResponse(loss=_tensors.from_numpy(result.loss),
+                                                     non_finite=result.non_finite)
+        if result.gradient is not None:
+            response.gradient.CopyFrom(_tensors.from_numpy(result.gradient))
+        for label, value, weight in result.terms:
+            response.terms.add(label=label, value=_tensors.from_numpy(value), weight=weight)
+        return response
+
+    # -- RPCs ----------------------------------------------------------------
+
+    @handle_errors
+    def ListLosses(self, request, context):
+        return loss_service_pb2.ListLossesResponse(losses=[describe(e) for e in self.registry.entries()])
+
+    @handle_errors
+    def Evaluate(self, request, context):
+        return self._evaluate(request)
+
+    def EvaluateStream(self, request_iterator, context) -> Iterator[loss_service_pb2.EvaluateStreamResponse]:
+        # Per-request failures travel in the response; the stream goes on.
+        for item in request_iterator:
+            out = loss_service_pb2.EvaluateStreamResponse(request_id=item.request_id)
+            try:
+                out.response.CopyFrom(self._evaluate(item.request))
+            except Exception as exc:  # noqa: BLE001 - to_status logs unexpected ones
+                out.error.CopyFrom(to_status(exc))
+            yield out
+
+    @handle_errors
+    def EvaluateChunked(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise InvalidArgument("EvaluateChunked starts with a header. Expected a ChunkedHeader first. "
+                                  f"Received: {first.WhichOneof('kind') if first else 'nothing'}.",
+                                  reason="BAD_CHUNK")
+        header = first.header
+        plan = self.plans.get(header.loss)
+        infos: dict[str, tuple[str, tuple]] = {}
+        dtypes: dict[str, np.dtype] = {}
+        for name in ("y_true", "y_pred", "sample_weight"):
+            if not header.HasField(name):
+                continue
+            info = getattr(header, name)
+            dt = _tensors.numpy_dtype(info.dtype, field=name)
+            shape = tuple(info.shape)
+            _tensors.check_shape(shape, field=name, max_elements=self.max_elements)
+            dtypes[name] = dt
+            infos[name] = (dt.name, shape)
+        session = ChunkedSession(self.evaluator, plan, infos, reduction=reduction_name(header.reduction),
+                                 gradient=header.gradient)
+        metric = self._metric_name(header.loss)
+        for message in request_iterator:
+            if message.WhichOneof("kind") != "chunk":
+                raise InvalidArgument("Only chunks may follow the header. Received a second header.",
+                                      reason="BAD_CHUNK")
+            chunk = message.chunk
+            arrays = {}
+            for name, dt in dtypes.items():
+                row_shape = session.row_shape(name)
+                arrays[name] = _tensors.to_numpy(
+                    tensor_pb2.Tensor(dtype=_tensors.dtype_enum(dt), shape=(chunk.rows, *row_shape),
+                                      content=getattr(chunk, name)),
+                    field=f"chunk {name}", max_elements=self.max_elements)
+            with (self.metrics.time_evaluation(metric) if self.metrics else contextlib.nullcontext()) as record:
+                values, grad = session.feed(chunk.start, arrays)
+                if record is not None:
+                    record.elements = int(arrays["y_pred"].size)
+                    record.nbytes = sum(a.nbytes for a in arrays.values())
+            result = loss_service_pb2.ChunkResult(start=chunk.start)
+            if values is not None:
+                result.loss.CopyFrom(_tensors.from_numpy(values))
+            if grad is not None:
+                result.gradient.CopyFrom(_tensors.from_numpy(grad))
+            yield loss_service_pb2.EvaluateChunkedResponse(chunk=result)
+        loss, scale, non_finite = session.finish()
+        summary = loss_service_pb2.ChunkedSummary(gradient_scale=scale, non_finite=non_finite)
+        if loss is not None:
+            summary.loss.CopyFrom(_tensors.from_numpy(loss))
+        yield loss_service_pb2.EvaluateChunkedResponse(summary=summary)

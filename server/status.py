@@ -1,0 +1,93 @@
+"""Errors to gRPC statuses, in one table: every failure leaves the server as a
+``google.rpc.Status`` with an ``ErrorInfo`` (reason, domain, metadata)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Optional
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from lossd._tensors import TensorError
+from lossd_server.errors import DOMAIN, InvalidArgument, LossdError
+from lossd_server.requestid import current_request_id
+
+log = logging.getLogger(__name__)
+
+CODES: dict[str, grpc.StatusCode] = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "already_exists": grpc.StatusCode.ALREADY_EXISTS,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def to_status(exc: BaseException) -> status_pb2.Status:
+    """The rich status for an exception; unexpected ones become a generic INTERNAL
+    (their text may hold internals, so it is logged, never sent)."""
+    if isinstance(exc, TensorError):
+        exc = InvalidArgument(str(exc), reason=exc.reason)
+    if isinstance(exc, LossdError):
+        code = CODES[exc.kind]
+        info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata)
+        message = exc.message
+    else:
+        rid = current_request_id()
+        log.error("unexpected error [request_id=%s]", rid, exc_info=exc)
+        code = grpc.StatusCode.INTERNAL
+        info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN, metadata={"request_id": rid})
+        message = f"Internal error; the server logged it with request id {rid}."
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return status_pb2.Status(code=code.value[0], message=message, details=[detail])
+
+
+def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """Ends the call with the status for ``exc`` (raises, as context.abort does)."""
+    status = to_status(exc)
+    if status.code != code_pb2.INTERNAL:
+        log.warning("request failed [request_id=%s]: %s", current_request_id(), status.message)
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+def handle_errors(method):
+    """Decorates a servicer method so domain errors become rich statuses.
+
+    Works for unary responses and for generators (streamed responses).
+    """
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def stream(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - every failure gets a status
+                if _is_abort(exc):
+                    raise
+                abort(context, exc)
+        return stream
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            if _is_abort(exc):
+                raise
+            abort(context, exc)
+    return unary
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort raises a private grpc exception after setting the status.
+    return type(exc).__name__ == "_AbortionError" or isinstance(exc, grpc.RpcError)
+
+
+def code_name(status: Optional[status_pb2.Status]) -> str:
+    return code_pb2.Code.Name(status.code) if status is not None else "OK"

@@ -1,0 +1,38 @@
+"""Shared fixtures: a real lossd server on a free loopback port, in process."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A running server (port 0 on 127.0.0.1, fresh metrics registry), stopped at the end."""
+    from prometheus_client import CollectorRegistry
+
+    from lossd_server.app import create_server
+    from lossd_server.config import Settings
+
+    settings = Settings(host="127.0.0.1", port=0, metrics_port=0,
+                        data_dir=tmp_path_factory.mktemp("lossd-data"), grace_seconds=1.0)
+    srv = create_server(settings, metrics_registry=CollectorRegistry())
+    srv.start()
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture(scope="session")
+def address(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture()
+def client(address):
+    import lossd
+
+    with lossd.Client(address, timeout=60) as c:
+        yield c

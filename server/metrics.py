@@ -1,0 +1,458 @@
+"""Every Prometheus metric lossd exports, defined in one place.
+
+Metrics live on a ``CollectorRegistry`` passed in, never on the global one, so
+each test builds a fresh registry. Names follow the Prometheus naming practice
+(base units, ``_total`` counters, ``_seconds``/``_bytes`` suffixes) and the
+``lossd_`` prefix; RPC-level metrics reuse the names of go-grpc-prometheus and
+py-grpc-prometheus so existing dashboards and alerts work unchanged.
+
+The ``loss`` label is bounded: only names registered at construction (plus
+``"composite"``) become label values, anything else is counted as ``"other"``.
+Job ids, request ids and users never become labels.
+
+This module imports neither gRPC nor TensorFlow: the transport passes status
+code names as strings and the backend passes device and version strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Callable, Iterable, Iterator, Mapping
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
+
+# Label values of the ``loss`` label that are not loss names.
+OTHER_LOSS = "other"
+COMPOSITE_LOSS = "composite"
+
+EVALUATION_OUTCOMES = ("ok", "invalid_argument", "error")
+CACHE_RESULTS = ("hit", "miss")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+TRAINING_SPLITS = ("train", "validation")
+GPU_MEMORY_KINDS = ("in_use", "peak")
+
+# ``grpc_type`` values, as go-grpc-prometheus spells them.
+GRPC_TYPES = ("unary", "client_stream", "server_stream", "bidi_stream")
+
+# The canonical gRPC status code names (grpc/grpc doc/statuscodes.md). Anything
+# else reaching observe_rpc is a bug in the caller; it is counted as UNKNOWN
+# rather than raising inside an interceptor's ``finally``.
+GRPC_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+    "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)
+
+# From 100 µs (a cached unary call on loopback) to 60 s (a long upload).
+RPC_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+# Finer at the low end: a compiled loss on a small tensor takes tens of µs,
+# one on 1e7 elements a few ms, a first call that traces up to seconds.
+EVALUATION_BUCKETS = (
+    0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02,
+    0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+)
+# From 1 s (a job that fails at once) to 24 h.
+JOB_DURATION_BUCKETS = (
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+    7200.0, 14400.0, 28800.0, 43200.0, 86400.0,
+)
+
+_RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+GpuMemorySource = Callable[[], Mapping[str, tuple[int, int]]]
+
+
+class _GpuMemoryCollector(Collector):
+    """Reads GPU memory at scrape time from a callback, so no thread polls it."""
+
+    name = "lossd_gpu_memory_bytes"
+    documentation = ("Memory held by TensorFlow on each GPU, in bytes: "
+                     "kind=\"in_use\" now, kind=\"peak\" the most since start.")
+
+    def __init__(self) -> None:
+        self.source: GpuMemorySource | None = None
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.name, self.documentation,
+                                 labels=("device", "kind"))
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        # Without describe() the registry would call collect() on register,
+        # i.e. call the source before the backend is ready.
+        return [self._family()]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = self._family()
+        source = self.source
+        if source is not None:
+            try:
+                readings = dict(source())
+            except Exception:  # a failing probe must not break the whole scrape
+                logger.warning("GPU memory source failed; exporting no samples",
+                               exc_info=True)
+                readings = {}
+            for device, (in_use, peak) in sorted(readings.items()):
+                family.add_metric((device, "in_use"), float(in_use))
+                family.add_metric((device, "peak"), float(peak))
+        yield family
+
+
+@dataclasses.dataclass
+class EvaluationRecord:
+    """What a caller fills in while ``Metrics.time_evaluation`` times it."""
+
+    outcome: str = "ok"
+    elements: int = 0
+    nbytes: int = 0
+
+
+@dataclasses.dataclass
+class RpcRecord:
+    """What a caller fills in while ``Metrics.time_rpc`` times it."""
+
+    code: str = "OK"
+
+
+class Metrics:
+    """All of lossd's metrics, registered on one registry.
+
+    Args:
+        registry: Where to register; tests pass a fresh ``CollectorRegistry``.
+        loss_names: Canonical names of the registered losses. They are the only
+            values (besides ``"composite"`` and ``"other"``) the ``loss`` label
+            takes. Resolve aliases such as ``"mse"`` before calling.
+        version: The lossd version, exported by ``lossd_build_info``.
+        process_metrics: Also export ``process_*`` and ``python_*`` metrics.
+    """
+
+    def __init__(self, registry: CollectorRegistry, *, loss_names: Iterable[str],
+                 version: str, process_metrics: bool = True):
+        self.registry = registry
+        self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, OTHER_LOSS}
+        r = registry
+
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+
+        # RPC level.
+        self.grpc_server_started_total = Counter(
+            "grpc_server_started_total",
+            "RPCs started on the server.",
+            _RPC_LABELS, registry=r)
+        self.grpc_server_handled_total = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, whatever their status code.",
+            _RPC_LABELS + ("grpc_code",), registry=r)
+        self.grpc_server_handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its status being sent, in seconds.",
+            _RPC_LABELS, buckets=RPC_BUCKETS, registry=r)
+        self.grpc_server_msg_received_total = Counter(
+            "grpc_server_msg_received_total",
+            "Request messages received on the server, counted per stream message.",
+            _RPC_LABELS, registry=r)
+        self.grpc_server_msg_sent_total = Counter(
+            "grpc_server_msg_sent_total",
+            "Response messages sent by the server, counted per stream message.",
+            _RPC_LABELS, registry=r)
+        self.lossd_grpc_in_flight_requests = Gauge(
+            "lossd_grpc_in_flight_requests",
+            "RPCs started and not yet finished.",
+            ("grpc_service", "grpc_method"), registry=r)
+
+        # Loss evaluation.
+        self.lossd_loss_evaluations_total = Counter(
+            "lossd_loss_evaluations_total",
+            "Loss evaluations, by loss and by outcome (ok, invalid_argument, error).",
+            ("loss", "outcome"), registry=r)
+        self.lossd_loss_evaluation_duration_seconds = Histogram(
+            "lossd_loss_evaluation_duration_seconds",
+            "Time spent evaluating a loss, failures included, in seconds.",
+            ("loss",), buckets=EVALUATION_BUCKETS, registry=r)
+        self.lossd_loss_evaluated_elements_total = Counter(
+            "lossd_loss_evaluated_elements_total",
+            "Elements of y_pred passed to loss evaluations.",
+            ("loss",), registry=r)
+        self.lossd_loss_evaluated_bytes_total = Counter(
+            "lossd_loss_evaluated_bytes_total",
+            "Bytes of all request tensors passed to loss evaluations.",
+            ("loss",), registry=r)
+        self.lossd_loss_compilations_total = Counter(
+            "lossd_loss_compilations_total",
+            "Traces of a compiled loss function (tf.function retracing included).",
+            ("loss",), registry=r)
+        self.lossd_loss_cache_lookups_total = Counter(
+            "lossd_loss_cache_lookups_total",
+            "Lookups in the cache of compiled losses, by result (hit or miss).",
+            ("result",), registry=r)
+        self.lossd_loss_cache_entries = Gauge(
+            "lossd_loss_cache_entries",
+            "Compiled loss functions held in the cache.",
+            registry=r)
+
+        # Training.
+        self.lossd_training_jobs = Gauge(
+            "lossd_training_jobs",
+            "Training jobs known to the server, by state.",
+            ("state",), registry=r)
+        self.lossd_training_job_duration_seconds = Histogram(
+            "lossd_training_job_duration_seconds",
+            "Wall-clock time of finished training jobs, by final state, in seconds.",
+            ("state",), buckets=JOB_DURATION_BUCKETS, registry=r)
+        self.lossd_training_epochs_total = Counter(
+            "lossd_training_epochs_total",
+            "Training epochs completed, over all jobs.",
+            registry=r)
+        self.lossd_training_examples_total = Counter(
+            "lossd_training_examples_total",
+            "Training examples processed, over all jobs.",
+            registry=r)
+        self.lossd_training_examples_per_second = Gauge(
+            "lossd_training_examples_per_second",
+            "Training throughput summed over running jobs, in examples per second.",
+            registry=r)
+        self.lossd_training_loss = Gauge(
+            "lossd_training_loss",
+            "Loss of the last epoch reported by the most recent running job, by split.",
+            ("split",), registry=r)
+
+        # Device and build.
+        self.lossd_device_info = Gauge(
+            "lossd_device_info",
+            "Devices TensorFlow can place work on; the value is always 1.",
+            ("device_type", "device"), registry=r)
+        self._gpu_memory = _GpuMemoryCollector()
+        r.register(self._gpu_memory)
+        self.lossd_build_info = Gauge(
+            "lossd_build_info",
+            "Versions lossd was built with; the value is always 1.",
+            ("version", "tensorflow_version", "keras_version"), registry=r)
+
+        self._preinitialise()
+        self.set_build_info(version)
+
+    def _preinitialise(self) -> None:
+        # Known label values get a zero sample now, so rate() and increase()
+        # see the first event. Histograms per loss are left out on purpose:
+        # ~20 buckets times every loss is too many idle series. The training
+        # loss is left out too: a 0 would read as a perfect loss.
+        for loss in sorted(self._loss_labels):
+            for outcome in EVALUATION_OUTCOMES:
+                self.lossd_loss_evaluations_total.labels(loss, outcome)
+        for result in CACHE_RESULTS:
+            self.lossd_loss_cache_lookups_total.labels(result)
+        for state in JOB_STATES:
+            self.lossd_training_jobs.labels(state).set(0)
+        for state in FINAL_JOB_STATES:
+            self.lossd_training_job_duration_seconds.labels(state)
+
+    # Loss evaluation.
+
+    def loss_label(self, name: str) -> str:
+        """Returns ``name`` if it is a registered loss, else ``"other"``."""
+        return name if name in self._loss_labels else OTHER_LOSS
+
+    def observe_evaluation(self, loss_name: str, outcome: str, seconds: float,
+                           elements: int, nbytes: int) -> None:
+        """Records one loss evaluation, successful or not.
+
+        Args:
+            loss_name: The loss evaluated; unknown names count as ``"other"``.
+            outcome: One of ``"ok"``, ``"invalid_argument"``, ``"error"``.
+            seconds: How long it took, failures included.
+            elements: Elements of ``y_pred`` (0 when refused before decoding).
+            nbytes: Bytes of all request tensors.
+        """
+        if outcome not in EVALUATION_OUTCOMES:
+            raise ValueError(
+                f"Invalid value for argument `outcome`. Expected one of "
+                f"{EVALUATION_OUTCOMES}. Received: outcome={outcome!r}")
+        loss = self.loss_label(loss_name)
+        self.lossd_loss_evaluations_total.labels(loss, outcome).inc()
+        self.lossd_loss_evaluation_duration_seconds.labels(loss).observe(seconds)
+        self.lossd_loss_evaluated_elements_total.labels(loss).inc(elements)
+        self.lossd_loss_evaluated_bytes_total.labels(loss).inc(nbytes)
+
+    @contextlib.contextmanager
+    def time_evaluation(self, loss_name: str) -> Iterator[EvaluationRecord]:
+        """Times the body and records it with ``observe_evaluation``.
+
+        The body fills in ``elements``/``nbytes`` and, before raising a client
+        error, sets ``outcome = "invalid_argument"``. Any other exception is
+        recorded as ``"error"``. The clock starts when the body starts and
+        stops when it ends, whether it returns or raises.
+        """
+        record = EvaluationRecord()
+        start = time.perf_counter()
+        try:
+            yield record
+        except BaseException:
+            if record.outcome == "ok":
+                record.outcome = "error"
+            raise
+        finally:
+            self.observe_evaluation(loss_name, record.outcome,
+                                    time.perf_counter() - start,
+                                    record.elements, record.nbytes)
+
+    def observe_compilation(self, loss_name: str) -> None:
+        """Counts one trace of a compiled loss."""
+        self.lossd_loss_compilations_total.labels(self.loss_label(loss_name)).inc()
+
+    def observe_cache_lookup(self, hit: bool) -> None:
+        """Counts one lookup in the compiled-loss cache."""
+        self.lossd_loss_cache_lookups_total.labels("hit" if hit else "miss").inc()
+
+    # RPC level.
+
+    def observe_rpc(self, grpc_type: str, service: str, method: str,
+                    code_name: str, seconds: float) -> None:
+        """Records a finished RPC: ``grpc_server_handled_total`` and its duration.
+
+        ``code_name`` is a status code name such as ``"OK"`` or
+        ``"INVALID_ARGUMENT"``; a ``grpc.StatusCode`` is accepted too.
+        """
+        code = getattr(code_name, "name", code_name)
+        if code not in GRPC_CODES:
+            logger.warning("Unexpected gRPC code %r counted as UNKNOWN", code)
+            code = "UNKNOWN"
+        self.grpc_server_handled_total.labels(grpc_type, service, method, code).inc()
+        self.grpc_server_handling_seconds.labels(
+            grpc_type, service, method).observe(seconds)
+
+    @contextlib.contextmanager
+    def time_rpc(self, grpc_type: str, service: str,
+                 method: str) -> Iterator[RpcRecord]:
+        """Counts an RPC as started and in flight, and observes it when done.
+
+        The body sets ``code`` to the status it sends. If it raises without
+        setting one, the RPC is recorded as ``UNKNOWN``, which is what gRPC
+        sends for an unhandled exception.
+        """
+        self.grpc_server_started_total.labels(grpc_type, service, method).inc()
+        in_flight = self.lossd_grpc_in_flight_requests.labels(service, method)
+        in_flight.inc()
+        record = RpcRecord()
+        start = time.perf_counter()
+        try:
+            yield record
+        except BaseException:
+            if record.code == "OK":
+                record.code = "UNKNOWN"
+            raise
+        finally:
+            in_flight.dec()
+            self.observe_rpc(grpc_type, service, method, record.code,
+                             time.perf_counter() - start)
+
+    def init_rpc_method(self, grpc_type: str, service: str, method: str) -> None:
+        """Creates the zero samples of one RPC method, as go-grpc-prometheus's
+        ``InitializeMetrics`` does, so its first call shows up in ``rate()``."""
+        labels = (grpc_type, service, method)
+        self.grpc_server_started_total.labels(*labels)
+        self.grpc_server_handled_total.labels(*labels, "OK")
+        self.grpc_server_handling_seconds.labels(*labels)
+        self.grpc_server_msg_received_total.labels(*labels)
+        self.grpc_server_msg_sent_total.labels(*labels)
+        self.lossd_grpc_in_flight_requests.labels(service, method)
+
+    # Training.
+
+    def set_training_jobs(self, counts: Mapping[str, int]) -> None:
+        """Sets the number of jobs in every state; states not given are 0."""
+        unknown = set(counts) - set(JOB_STATES)
+        if unknown:
+            raise ValueError(f"Invalid job states. Expected some of {JOB_STATES}. "
+                             f"Received: {sorted(unknown)}")
+        for state in JOB_STATES:
+            self.lossd_training_jobs.labels(state).set(counts.get(state, 0))
+
+    def observe_job_finished(self, state: str, seconds: float) -> None:
+        """Records the wall-clock time of a job that reached a final state."""
+        if state not in FINAL_JOB_STATES:
+            raise ValueError(
+                f"Invalid value for argument `state`. Expected one of "
+                f"{FINAL_JOB_STATES}. Received: state={state!r}")
+        self.lossd_training_job_duration_seconds.labels(state).observe(seconds)
+
+    # Device and build.
+
+    def set_device_info(self, devices: Iterable[tuple[str, str]]) -> None:
+        """Replaces the device list with ``(device_type, device)`` pairs,
+        e.g. ``("GPU", "/physical_device:GPU:0")``."""
+        self.lossd_device_info.clear()
+        for device_type, device in devices:
+            self.lossd_device_info.labels(device_type.upper(), device).set(1)
+
+    def set_build_info(self, version: str, tensorflow_version: str = "",
+                       keras_version: str = "") -> None:
+        """Replaces the single ``lossd_build_info`` sample."""
+        self.lossd_build_info.clear()
+        self.lossd_build_info.labels(version, tensorflow_version, keras_version).set(1)
+
+    def set_gpu_memory_source(self, fn: GpuMemorySource | None) -> None:
+        """Sets the callback read at every scrape: device -> (in_use, peak) bytes.
+
+        ``None`` removes it. A callback that raises yields no samples (and a
+        logged warning) instead of failing the scrape.
+        """
+        self._gpu_memory.source = fn
+
+    # Introspection.
+
+    def exported_names(self) -> set[str]:
+        """Every sample name this registry can export.
+
+        Derived from the metric families, so a labelled metric that has no
+        child yet still counts: counters as ``name_total``, histograms as
+        ``name_bucket``/``name_sum``/``name_count``, gauges as ``name``. Sample
+        names present right now (such as ``_created``) are added as well.
+        """
+        suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+            "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+            "summary": ("", "_sum", "_count"),
+            "info": ("_info",),
+        }
+        names: set[str] = set()
+        for family in self.registry.collect():
+            for suffix in suffixes.get(family.type, ("",)):
+                names.add(family.name + suffix)
+            names.update(sample.name for sample in family.samples)
+        return names
+
+
+def start_metrics_server(metrics: Metrics, host: str,
+                         port: int) -> tuple[WSGIServer, int]:
+    """Serves ``metrics.registry`` over HTTP on a daemon thread.
+
+    ``port`` 0 picks a free port. Returns ``(server, bound_port)``; call
+    ``server.shutdown()`` and then ``server.server_close()`` to stop it.
+    """
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server, server.server_port

@@ -170,8 +170,14 @@ _RANGES: dict[tuple[str, str], tuple[Optional[float], bool, Optional[float]]] = 
 
 
 def keras_parameters(name: str, cls: type) -> tuple[Parameter, ...]:
-    """The parameters of a Keras loss class, read from its signature and docstring."""
-    docs = _docstring_args(cls.__doc__ or "")
+    """The parameters of a Keras loss class, read from its signature and docstring
+    (falling back to the docstring of Keras's function of the same name, which
+    documents some arguments the class leaves out, such as ``ignore_class``)."""
+    import keras
+
+    function = getattr(keras.losses, name, None)
+    docs = _docstring_args(getattr(function, "__doc__", "") or "")
+    docs.update({k: v for k, v in _docstring_args(cls.__doc__ or "").items() if v})
     params = []
     for p in inspect.signature(cls.__init__).parameters.values():
         if p.name in _RESERVED or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
@@ -353,13 +359,15 @@ def _shape_error(entry: LossEntry, what: str, true_shape, pred_shape) -> Invalid
         reason="SHAPE_MISMATCH", metadata={"loss": entry.name})
 
 
-def _squeeze_trailing_one(a: tuple, b: tuple) -> tuple[tuple, tuple]:
-    # Keras's squeeze_or_expand_to_same_rank: ranks that differ by one with a
-    # trailing 1 are aligned before the loss runs.
+def align_ranks(true_shape: tuple, pred_shape: tuple) -> tuple[tuple, tuple]:
+    """Keras's ``squeeze_or_expand_to_same_rank`` on shapes: ranks that differ
+    by one with a trailing 1 are aligned (a rank-1 partner is expanded,
+    otherwise the trailing 1 is squeezed) before the loss runs."""
+    a, b = tuple(true_shape), tuple(pred_shape)
     if len(a) == len(b) + 1 and a[-1:] == (1,):
-        return a[:-1], b
+        return (a, b + (1,)) if len(b) == 1 else (a[:-1], b)
     if len(b) == len(a) + 1 and b[-1:] == (1,):
-        return a, b[:-1]
+        return (a + (1,), b) if len(a) == 1 else (a, b[:-1])
     return a, b
 
 
@@ -373,12 +381,13 @@ def values_shape(entry: LossEntry, params: Mapping[str, Any], true_shape: tuple,
     if entry.shapes == SHAPES_ANY:
         return None
     if entry.shapes == SHAPES_SAME:
-        a, b = _squeeze_trailing_one(true_shape, pred_shape)
+        a, b = align_ranks(true_shape, pred_shape)
         if a != b:
             raise _shape_error(entry, "the same shape (a trailing dimension of 1 may differ)",
                                true_shape, pred_shape)
         if len(pred_shape) == 0:
             raise _shape_error(entry, "y_pred of rank >= 1", true_shape, pred_shape)
+        pred_shape = b
         axis = params.get("axis", -1) if any(p.name == "axis" for p in entry.parameters) else -1
         if axis is None:
             return ()
@@ -501,6 +510,17 @@ class LossRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def custom_objects(self) -> dict[str, Any]:
+        """Class name -> loss class, for ``keras.losses.deserialize`` and
+        ``keras.models.load_model``. Keras's own lookup table misses some
+        exported losses (CategoricalGeneralizedCrossEntropy in Keras 3.15)."""
+        out = {}
+        for entry in self._entries.values():
+            if entry.source == "keras":
+                cls = type(entry.build({p.name: p.default for p in entry.parameters}, "none", "float32"))
+                out[cls.__name__] = cls
+        return out
 
     def __contains__(self, name: str) -> bool:
         return name in self._lookup

@@ -74,6 +74,33 @@ class Client:
         return [_requests.loss_info(d) for d in response.losses]
 
     @_translate_errors
+    def register_loss(self, name: str, expression: str, *, params: Optional[Mapping[str, float]] = None,
+                      inputs: Optional[Iterable[str]] = None, doc: str = "", replace: bool = False,
+                      timeout: Optional[float] = None) -> LossInfo:
+        """Registers a named expression loss on the server (kept across restarts).
+
+        Args:
+            name: A lowercase identifier, not a built-in loss's name.
+            expression: The loss in lossd's expression language, e.g.
+                ``"mean(where(abs(y_true - y_pred) <= delta, ...), axis=-1)"``.
+            params: Parameter names with their default values.
+            inputs: The tensors it reads, in order (default ``["y_true", "y_pred"]``).
+            doc: A one-line description.
+            replace: Overwrite a registered loss of the same name.
+        """
+        request = loss_service_pb2.RegisterLossRequest(name=name, expression=expression, inputs=list(inputs or ()),
+                                                       doc=doc, replace=replace)
+        struct = _requests._struct(params)
+        if struct is not None:
+            request.params.CopyFrom(struct)
+        return _requests.loss_info(self._losses.RegisterLoss(request, **self._call_args(timeout)))
+
+    @_translate_errors
+    def delete_loss(self, name: str, *, timeout: Optional[float] = None) -> None:
+        """Deletes a registered expression loss."""
+        self._losses.DeleteLoss(loss_service_pb2.DeleteLossRequest(name=name), **self._call_args(timeout))
+
+    @_translate_errors
     def evaluate(self, loss: LossLike, y_true, y_pred, *, params: Optional[Mapping[str, Any]] = None,
                  sample_weight=None, reduction: str = "sum_over_batch_size", gradient: bool = False,
                  tensors: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None) -> EvaluateResult:

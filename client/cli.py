@@ -81,6 +81,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # -- client commands --------------------------------------------------------
 
+def cmd_losses_register(args: argparse.Namespace) -> int:
+    with lossd.Client(args.address, timeout=args.timeout) as client:
+        info = client.register_loss(args.name, args.expression, params=_params(args.param),
+                                    inputs=args.input, doc=args.doc, replace=args.replace)
+    print(f"registered {info.name}({', '.join(info.inputs)}): {info.expression}")
+    return 0
+
+
+def cmd_losses_delete(args: argparse.Namespace) -> int:
+    with lossd.Client(args.address, timeout=args.timeout) as client:
+        client.delete_loss(args.name)
+    print(f"deleted {args.name}")
+    return 0
+
+
 def cmd_losses(args: argparse.Namespace) -> int:
     with lossd.Client(args.address, timeout=args.timeout) as client:
         losses = client.losses()
@@ -151,9 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
         return p
 
-    p = client_parser("losses", "list the losses the server evaluates")
+    p = client_parser("losses", "list the losses the server evaluates (or register/delete one)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_losses)
+    losses_sub = p.add_subparsers(dest="losses_command")
+    r = losses_sub.add_parser("register", help="register a named expression loss")
+    r.add_argument("name", help="a lowercase identifier")
+    r.add_argument("expression", help="the loss in lossd's expression language")
+    r.add_argument("--param", action="append", metavar="KEY=DEFAULT", help="parameter and default (repeatable)")
+    r.add_argument("--input", action="append", metavar="TENSOR", help="input tensor, in order (default y_true y_pred)")
+    r.add_argument("--doc", default="", help="one-line description")
+    r.add_argument("--replace", action="store_true", help="overwrite a registered loss of the same name")
+    r.set_defaults(func=cmd_losses_register)
+    d = losses_sub.add_parser("delete", help="delete a registered expression loss")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_losses_delete)
 
     p = client_parser("eval", "evaluate a loss on .npy files")
     p.add_argument("loss", help="a loss name (huber, mse, ...) or expr:EXPRESSION")

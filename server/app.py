@@ -22,7 +22,9 @@ from lossd_server import backend
 from lossd_server.config import Settings
 from lossd_server.evaluator import Evaluator
 from lossd_server.interceptors import ObservabilityInterceptor
-from lossd_server.losses import LossRegistry, default_registry
+from lossd_server import custom
+from lossd_server.custom import full_registry
+from lossd_server.losses import LossRegistry
 from lossd_server.metrics import Metrics, start_metrics_server
 from lossd_server.servicers import LossServicer
 
@@ -75,10 +77,19 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     """Builds (but does not start) a server from settings.
 
     Tests pass ``port=0`` and a fresh ``metrics_registry``; the bound ports
-    are on the returned object.
+    are on the returned object. Without ``registry`` the server loads Keras's
+    losses, lossd's built-in terms, the installed plugins and the losses
+    registered in the data directory (and lets clients register more).
     """
     settings = settings or Settings()
-    registry = registry or default_registry()
+    store = None
+    if registry is None:
+        registry = full_registry(plugins=True)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = custom.ExpressionStore(settings.data_dir, registry)
+        loaded = store.load()
+        if loaded:
+            log.info("loaded %d registered losses: %s", len(loaded), ", ".join(loaded))
     device = backend.select_device(settings.device)
 
     metrics = None
@@ -92,7 +103,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         metrics.set_gpu_memory_source(backend.gpu_memory)
 
     evaluator = Evaluator(registry, device, cache_size=settings.cache_size, metrics=metrics,
-                          jit_compile=settings.jit_compile, xla_losses=XLA_LOSSES)
+                          jit_compile=settings.jit_compile, xla_losses=XLA_LOSSES,
+                          expression_compiler=custom.inline_entry)
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -103,7 +115,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
                          interceptors=[ObservabilityInterceptor(metrics)], options=options)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
-        LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics), server)
+        LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

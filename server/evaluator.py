@@ -99,9 +99,14 @@ class Evaluator:
 
     # -- plans ---------------------------------------------------------------
 
-    def plan(self, spec: Mapping[str, Any]) -> Plan:
+    def plan(self, spec: Mapping[str, Any], tensor_names: Sequence[str] = DEFAULT_INPUTS) -> Plan:
         """Validates a loss spec (``{"name", "params"}``, ``{"expression", "params"}``
-        or ``{"terms": [...]}``) into a Plan; raises InvalidArgument."""
+        or ``{"terms": [...]}``) into a Plan; raises InvalidArgument.
+
+        ``tensor_names`` are the tensors the request carries: the names an
+        inline expression may read.
+        """
+        tensor_names = tuple(tensor_names)
         terms_spec = spec.get("terms") or []
         if terms_spec:
             if spec.get("name") or spec.get("expression"):
@@ -111,7 +116,7 @@ class Evaluator:
                     reason="BAD_LOSS_SPEC")
             terms = []
             for i, t in enumerate(terms_spec):
-                terms.append(self._term(t, i))
+                terms.append(self._term(t, i, tensor_names))
             labels = [t.label for t in terms]
             dupes = sorted({x for x in labels if labels.count(x) > 1})
             if dupes:
@@ -119,12 +124,12 @@ class Evaluator:
                     f"Composite term labels must be unique. Received duplicate label {dupes[0]!r}; "
                     "set `label` on each term.", reason="BAD_LOSS_SPEC")
             return self._finish_plan(tuple(terms), composite=True)
-        entry, params = self._resolve(spec, where="loss")
+        entry, params = self._resolve(spec, "loss", tensor_names)
         term = Term(entry.name, entry, params, 1.0, None, entry.inputs if entry.source != "keras"
                     else DEFAULT_INPUTS)
         return self._finish_plan((term,), composite=False)
 
-    def _resolve(self, spec: Mapping[str, Any], where: str) -> tuple[LossEntry, dict]:
+    def _resolve(self, spec: Mapping[str, Any], where: str, tensor_names: Sequence[str]) -> tuple[LossEntry, dict]:
         name, expression = spec.get("name") or "", spec.get("expression") or ""
         if spec.get("terms"):
             raise InvalidArgument(f"{where}: a composite cannot be nested inside a term.",
@@ -138,15 +143,15 @@ class Evaluator:
             if self.expression_compiler is None:
                 raise InvalidArgument("Expression losses are not enabled on this server.",
                                       reason="EXPRESSIONS_DISABLED")
-            entry = self.expression_compiler(expression, spec.get("params") or {})
             params = dict(spec.get("params") or {})
+            entry = self.expression_compiler(expression, params, tensor_names)
             return entry, resolve_parameters(entry, params)
         entry = self.registry.get(name)
         return entry, resolve_parameters(entry, spec.get("params"))
 
-    def _term(self, t: Mapping[str, Any], index: int) -> Term:
+    def _term(self, t: Mapping[str, Any], index: int, tensor_names: Sequence[str]) -> Term:
         where = f"terms[{index}]"
-        entry, params = self._resolve(t.get("loss") or {}, where)
+        entry, params = self._resolve(t.get("loss") or {}, where, tensor_names)
         inputs = tuple(t.get("inputs") or ())
         if not inputs:
             inputs = DEFAULT_INPUTS if entry.source == "keras" else entry.inputs
@@ -410,6 +415,11 @@ class ChunkedSession:
                     f"EvaluateChunked slices every tensor along its first axis, so all must share it. "
                     f"Expected {name}.shape[0] == {self.rows}. Received: {name}.shape={list(shape)}.",
                     reason="SHAPE_MISMATCH")
+        if term.entry.shapes == SHAPES_ANY and len(pred_shape) < 2:
+            raise InvalidArgument(
+                f"Loss `{term.entry.name or 'expression'}` reduces the last axis, which for a rank-1 y_pred "
+                "is the batch axis, so it cannot be evaluated in slices. Send y_pred with shape [rows, n].",
+                reason="NOT_BATCH_SEPARABLE")
         self.values_shape = values_shape(term.entry, term.params, self.infos["y_true"][1], pred_shape)
         if "sample_weight" in self.infos and self.values_shape is not None:
             check_sample_weight(self.infos["sample_weight"][1], self.values_shape, term.entry.name)

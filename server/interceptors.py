@@ -128,6 +128,7 @@ def _code_of(context, exc: Optional[BaseException]) -> str:
 
 def _details_of(context) -> str:
     try:
-        return context.details() or ""
+        details = context.details() or ""
     except AttributeError:
         return ""
+    return details.decode("utf-8", "replace") if isinstance(details, bytes) else details

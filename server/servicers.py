@@ -16,7 +16,7 @@ from google.protobuf import json_format
 
 from lossd import _tensors
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
-from lossd_server.errors import InvalidArgument, LossdError
+from lossd_server.errors import FailedPrecondition, InvalidArgument, LossdError
 from lossd_server.evaluator import ChunkedSession, Evaluator, Plan
 from lossd_server.status import handle_errors, to_status
 
@@ -82,17 +82,17 @@ class _PlanCache:
     def __init__(self, evaluator: Evaluator, size: int = 1024):
         self.evaluator = evaluator
         self.size = size
-        self._plans: collections.OrderedDict[bytes, Plan] = collections.OrderedDict()
+        self._plans: collections.OrderedDict[tuple, Plan] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, spec: loss_pb2.LossSpec) -> Plan:
-        key = spec.SerializeToString(deterministic=True)
+    def get(self, spec: loss_pb2.LossSpec, tensor_names: tuple[str, ...] = ("y_true", "y_pred")) -> Plan:
+        key = (spec.SerializeToString(deterministic=True), tensor_names)
         with self._lock:
             plan = self._plans.get(key)
             if plan is not None:
                 self._plans.move_to_end(key)
                 return plan
-        plan = self.evaluator.plan(spec_to_dict(spec))
+        plan = self.evaluator.plan(spec_to_dict(spec), tensor_names)
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > self.size:
@@ -107,11 +107,12 @@ class _PlanCache:
 class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
     """Implements ``lossd.v1.LossService`` over an Evaluator."""
 
-    def __init__(self, evaluator: Evaluator, *, max_elements: int, metrics=None):
+    def __init__(self, evaluator: Evaluator, *, max_elements: int, metrics=None, store=None):
         self.evaluator = evaluator
         self.registry = evaluator.registry
         self.max_elements = max_elements
         self.metrics = metrics
+        self.store = store  # custom.ExpressionStore, or None where registration is off
         self.plans = _PlanCache(evaluator)
 
     # -- helpers -------------------------------------------------------------
@@ -144,7 +145,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             if not request.HasField(field):
                 raise InvalidArgument(f"{field} is required. Expected a Tensor. Received: none.",
                                       reason="BAD_TENSOR")
-        plan = self.plans.get(request.loss)
+        plan = self.plans.get(request.loss, ("y_true", "y_pred", *sorted(request.tensors)))
         reduction = reduction_name(request.reduction)
         tensors = {"y_true": self._decode(request.y_true, "y_true"),
                    "y_pred": self._decode(request.y_pred, "y_pred")}
@@ -175,6 +176,26 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
     @handle_errors
     def ListLosses(self, request, context):
         return loss_service_pb2.ListLossesResponse(losses=[describe(e) for e in self.registry.entries()])
+
+    @handle_errors
+    def RegisterLoss(self, request, context):
+        if self.store is None:
+            raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
+        params = json_format.MessageToDict(request.params) if request.HasField("params") else {}
+        entry = self.store.register(request.name, request.expression, params=params, inputs=list(request.inputs),
+                                    doc=request.doc, replace=request.replace)
+        self.plans.clear()  # plans that named the old definition must not be reused
+        log.info("registered loss %r: %s", entry.name, entry.expression)
+        return describe(entry)
+
+    @handle_errors
+    def DeleteLoss(self, request, context):
+        if self.store is None:
+            raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
+        self.store.delete(request.name)
+        self.plans.clear()
+        log.info("deleted loss %r", request.name)
+        return loss_service_pb2.DeleteLossResponse()
 
     @handle_errors
     def Evaluate(self, request, context):

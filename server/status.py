@@ -51,10 +51,8 @@ def to_status(exc: BaseException) -> status_pb2.Status:
 
 def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     """Ends the call with the status for ``exc`` (raises, as context.abort does)."""
-    status = to_status(exc)
-    if status.code != code_pb2.INTERNAL:
-        log.warning("request failed [request_id=%s]: %s", current_request_id(), status.message)
-    context.abort_with_status(rpc_status.to_status(status))
+    # The access log (interceptors.py) logs the failure once, with its request id.
+    context.abort_with_status(rpc_status.to_status(to_status(exc)))
 
 
 def handle_errors(method):

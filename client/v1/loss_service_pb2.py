@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from lossd.v1 import loss_pb2 as lossd_dot_v1_dot_loss__pb2
 from lossd.v1 import tensor_pb2 as lossd_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blossd/v1/loss_service.proto\x12\x08lossd.v1\x1a\x17google/rpc/status.proto\x1a\x13lossd/v1/loss.proto\x1a\x15lossd/v1/tensor.proto\"\x13\n\x11ListLossesRequest\"?\n\x12ListLossesResponse\x12)\n\x06losses\x18\x01 \x03(\x0b\x32\x19.lossd.v1.LossDescription\"\xb2\x02\n\x0fLossDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x03(\x0b\x32\x17.lossd.v1.LossParameter\x12\x30\n\x06source\x18\x05 \x01(\x0e\x32 .lossd.v1.LossDescription.Source\x12\x0e\n\x06inputs\x18\x06 \x03(\t\x12\x12\n\nexpression\x18\x07 \x01(\t\"p\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSOURCE_KERAS\x10\x01\x12\x12\n\x0eSOURCE_BUILTIN\x10\x02\x12\x11\n\rSOURCE_PLUGIN\x10\x03\x12\x15\n\x11SOURCE_EXPRESSION\x10\x04\"N\n\rLossParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_json\x18\x03 \x01(\t\x12\x0b\n\x03\x64oc\x18\x04 \x01(\t\"\xd5\x02\n\x0f\x45valuateRequest\x12 \n\x04loss\x18\x01 \x01(\x0b\x32\x12.lossd.v1.LossSpec\x12 \n\x06y_true\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06y_pred\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\'\n\rsample_weight\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12&\n\treduction\x18\x05 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12\x10\n\x08gradient\x18\x06 \x01(\x08\x12\x37\n\x07tensors\x18\x07 \x03(\x0b\x32&.lossd.v1.EvaluateRequest.TensorsEntry\x1a@\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor:\x02\x38\x01\"\x8e\x01\n\x10\x45valuateResponse\x12\x1e\n\x04loss\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\"\n\x08gradient\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\"\n\x05terms\x18\x03 \x03(\x0b\x32\x13.lossd.v1.TermValue\x12\x12\n\nnon_finite\x18\x04 \x01(\x08\"K\n\tTermValue\x12\r\n\x05label\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"W\n\x15\x45valuateStreamRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.lossd.v1.EvaluateRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"}\n\x16\x45valuateStreamResponse\x12,\n\x08response\x18\x01 \x01(\x0b\x32\x1a.lossd.v1.EvaluateResponse\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"s\n\x16\x45valuateChunkedRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.lossd.v1.ChunkedHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.lossd.v1.TensorChunkH\x00\x42\x06\n\x04kind\"\xe4\x01\n\rChunkedHeader\x12 \n\x04loss\x18\x01 \x01(\x0b\x32\x12.lossd.v1.LossSpec\x12$\n\x06y_true\x18\x02 \x01(\x0b\x32\x14.lossd.v1.TensorInfo\x12$\n\x06y_pred\x18\x03 \x01(\x0b\x32\x14.lossd.v1.TensorInfo\x12+\n\rsample_weight\x18\x04 \x01(\x0b\x32\x14.lossd.v1.TensorInfo\x12&\n\treduction\x18\x05 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12\x10\n\x08gradient\x18\x06 \x01(\x08\"a\n\x0bTensorChunk\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x0e\n\x06y_true\x18\x03 \x01(\x0c\x12\x0e\n\x06y_pred\x18\x04 \x01(\x0c\x12\x15\n\rsample_weight\x18\x05 \x01(\x0c\"v\n\x17\x45valuateChunkedResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x15.lossd.v1.ChunkResultH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.lossd.v1.ChunkedSummaryH\x00\x42\x06\n\x04kind\"`\n\x0b\x43hunkResult\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x1e\n\x04loss\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\"\n\x08gradient\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\"\\\n\x0e\x43hunkedSummary\x12\x1e\n\x04loss\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x16\n\x0egradient_scale\x18\x02 \x01(\x01\x12\x12\n\nnon_finite\x18\x03 \x01(\x08\x32\xce\x02\n\x0bLossService\x12G\n\nListLosses\x12\x1b.lossd.v1.ListLossesRequest\x1a\x1c.lossd.v1.ListLossesResponse\x12\x41\n\x08\x45valuate\x12\x19.lossd.v1.EvaluateRequest\x1a\x1a.lossd.v1.EvaluateResponse\x12W\n\x0e\x45valuateStream\x12\x1f.lossd.v1.EvaluateStreamRequest\x1a .lossd.v1.EvaluateStreamResponse(\x01\x30\x01\x12Z\n\x0f\x45valuateChunked\x12 .lossd.v1.EvaluateChunkedRequest\x1a!.lossd.v1.EvaluateChunkedResponse(\x01\x30\x01\x42\x10\n\x0c\x64\x65v.lossd.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1blossd/v1/loss_service.proto\x12\x08lossd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a\x13lossd/v1/loss.proto\x1a\x15lossd/v1/tensor.proto\"\x13\n\x11ListLossesRequest\"?\n\x12ListLossesResponse\x12)\n\x06losses\x18\x01 \x03(\x0b\x32\x19.lossd.v1.LossDescription\"\xb2\x02\n\x0fLossDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61liases\x18\x02 \x03(\t\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x03(\x0b\x32\x17.lossd.v1.LossParameter\x12\x30\n\x06source\x18\x05 \x01(\x0e\x32 .lossd.v1.LossDescription.Source\x12\x0e\n\x06inputs\x18\x06 \x03(\t\x12\x12\n\nexpression\x18\x07 \x01(\t\"p\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSOURCE_KERAS\x10\x01\x12\x12\n\x0eSOURCE_BUILTIN\x10\x02\x12\x11\n\rSOURCE_PLUGIN\x10\x03\x12\x15\n\x11SOURCE_EXPRESSION\x10\x04\"N\n\rLossParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_json\x18\x03 \x01(\t\x12\x0b\n\x03\x64oc\x18\x04 \x01(\t\"\x8e\x01\n\x13RegisterLossRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nexpression\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06inputs\x18\x04 \x03(\t\x12\x0b\n\x03\x64oc\x18\x05 \x01(\t\x12\x0f\n\x07replace\x18\x06 \x01(\x08\"!\n\x11\x44\x65leteLossRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteLossResponse\"\xd5\x02\n\x0f\x45valuateRequest\x12 \n\x04loss\x18\x01 \x01(\x0b\x32\x12.lossd.v1.LossSpec\x12 \n\x06y_true\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06y_pred\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\'\n\rsample_weight\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12&\n\treduction\x18\x05 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12\x10\n\x08gradient\x18\x06 \x01(\x08\x12\x37\n\x07tensors\x18\x07 \x03(\x0b\x32&.lossd.v1.EvaluateRequest.TensorsEntry\x1a@\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor:\x02\x38\x01\"\x8e\x01\n\x10\x45valuateResponse\x12\x1e\n\x04loss\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\"\n\x08gradient\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\"\n\x05terms\x18\x03 \x03(\x0b\x32\x13.lossd.v1.TermValue\x12\x12\n\nnon_finite\x18\x04 \x01(\x08\"K\n\tTermValue\x12\r\n\x05label\x18\x01 \x01(\t\x12\x1f\n\x05value\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"W\n\x15\x45valuateStreamRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.lossd.v1.EvaluateRequest\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"}\n\x16\x45valuateStreamResponse\x12,\n\x08response\x18\x01 \x01(\x0b\x32\x1a.lossd.v1.EvaluateResponse\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"s\n\x16\x45valuateChunkedRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.lossd.v1.ChunkedHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.lossd.v1.TensorChunkH\x00\x42\x06\n\x04kind\"\xe4\x01\n\rChunkedHeader\x12 \n\x04loss\x18\x01 \x01(\x0b\x32\x12.lossd.v1.LossSpec\x12$\n\x06y_true\x18\x02 \x01(\x0b\x32\x14.lossd.v1.TensorInfo\x12$\n\x06y_pred\x18\x03 \x01(\x0b\x32\x14.lossd.v1.TensorInfo\x12+\n\rsample_weight\x18\x04 \x01(\x0b\x32\x14.lossd.v1.TensorInfo\x12&\n\treduction\x18\x05 \x01(\x0e\x32\x13.lossd.v1.Reduction\x12\x10\n\x08gradient\x18\x06 \x01(\x08\"a\n\x0bTensorChunk\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x0e\n\x06y_true\x18\x03 \x01(\x0c\x12\x0e\n\x06y_pred\x18\x04 \x01(\x0c\x12\x15\n\rsample_weight\x18\x05 \x01(\x0c\"v\n\x17\x45valuateChunkedResponse\x12&\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x15.lossd.v1.ChunkResultH\x00\x12+\n\x07summary\x18\x02 \x01(\x0b\x32\x18.lossd.v1.ChunkedSummaryH\x00\x42\x06\n\x04kind\"`\n\x0b\x43hunkResult\x12\r\n\x05start\x18\x01 \x01(\x03\x12\x1e\n\x04loss\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\"\n\x08gradient\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\"\\\n\x0e\x43hunkedSummary\x12\x1e\n\x04loss\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x16\n\x0egradient_scale\x18\x02 \x01(\x01\x12\x12\n\nnon_finite\x18\x03 \x01(\x08\x32\xe1\x03\n\x0bLossService\x12G\n\nListLosses\x12\x1b.lossd.v1.ListLossesRequest\x1a\x1c.lossd.v1.ListLossesResponse\x12\x41\n\x08\x45valuate\x12\x19.lossd.v1.EvaluateRequest\x1a\x1a.lossd.v1.EvaluateResponse\x12W\n\x0e\x45valuateStream\x12\x1f.lossd.v1.EvaluateStreamRequest\x1a .lossd.v1.EvaluateStreamResponse(\x01\x30\x01\x12Z\n\x0f\x45valuateChunked\x12 .lossd.v1.EvaluateChunkedRequest\x1a!.lossd.v1.EvaluateChunkedResponse(\x01\x30\x01\x12H\n\x0cRegisterLoss\x12\x1d.lossd.v1.RegisterLossRequest\x1a\x19.lossd.v1.LossDescription\x12G\n\nDeleteLoss\x12\x1b.lossd.v1.DeleteLossRequest\x1a\x1c.lossd.v1.DeleteLossResponseB\x10\n\x0c\x64\x65v.lossd.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,40 +38,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\014dev.lossd.v1P\001'
   _globals['_EVALUATEREQUEST_TENSORSENTRY']._loaded_options = None
   _globals['_EVALUATEREQUEST_TENSORSENTRY']._serialized_options = b'8\001'
-  _globals['_LISTLOSSESREQUEST']._serialized_start=110
-  _globals['_LISTLOSSESREQUEST']._serialized_end=129
-  _globals['_LISTLOSSESRESPONSE']._serialized_start=131
-  _globals['_LISTLOSSESRESPONSE']._serialized_end=194
-  _globals['_LOSSDESCRIPTION']._serialized_start=197
-  _globals['_LOSSDESCRIPTION']._serialized_end=503
-  _globals['_LOSSDESCRIPTION_SOURCE']._serialized_start=391
-  _globals['_LOSSDESCRIPTION_SOURCE']._serialized_end=503
-  _globals['_LOSSPARAMETER']._serialized_start=505
-  _globals['_LOSSPARAMETER']._serialized_end=583
-  _globals['_EVALUATEREQUEST']._serialized_start=586
-  _globals['_EVALUATEREQUEST']._serialized_end=927
-  _globals['_EVALUATEREQUEST_TENSORSENTRY']._serialized_start=863
-  _globals['_EVALUATEREQUEST_TENSORSENTRY']._serialized_end=927
-  _globals['_EVALUATERESPONSE']._serialized_start=930
-  _globals['_EVALUATERESPONSE']._serialized_end=1072
-  _globals['_TERMVALUE']._serialized_start=1074
-  _globals['_TERMVALUE']._serialized_end=1149
-  _globals['_EVALUATESTREAMREQUEST']._serialized_start=1151
-  _globals['_EVALUATESTREAMREQUEST']._serialized_end=1238
-  _globals['_EVALUATESTREAMRESPONSE']._serialized_start=1240
-  _globals['_EVALUATESTREAMRESPONSE']._serialized_end=1365
-  _globals['_EVALUATECHUNKEDREQUEST']._serialized_start=1367
-  _globals['_EVALUATECHUNKEDREQUEST']._serialized_end=1482
-  _globals['_CHUNKEDHEADER']._serialized_start=1485
-  _globals['_CHUNKEDHEADER']._serialized_end=1713
-  _globals['_TENSORCHUNK']._serialized_start=1715
-  _globals['_TENSORCHUNK']._serialized_end=1812
-  _globals['_EVALUATECHUNKEDRESPONSE']._serialized_start=1814
-  _globals['_EVALUATECHUNKEDRESPONSE']._serialized_end=1932
-  _globals['_CHUNKRESULT']._serialized_start=1934
-  _globals['_CHUNKRESULT']._serialized_end=2030
-  _globals['_CHUNKEDSUMMARY']._serialized_start=2032
-  _globals['_CHUNKEDSUMMARY']._serialized_end=2124
-  _globals['_LOSSSERVICE']._serialized_start=2127
-  _globals['_LOSSSERVICE']._serialized_end=2461
+  _globals['_LISTLOSSESREQUEST']._serialized_start=140
+  _globals['_LISTLOSSESREQUEST']._serialized_end=159
+  _globals['_LISTLOSSESRESPONSE']._serialized_start=161
+  _globals['_LISTLOSSESRESPONSE']._serialized_end=224
+  _globals['_LOSSDESCRIPTION']._serialized_start=227
+  _globals['_LOSSDESCRIPTION']._serialized_end=533
+  _globals['_LOSSDESCRIPTION_SOURCE']._serialized_start=421
+  _globals['_LOSSDESCRIPTION_SOURCE']._serialized_end=533
+  _globals['_LOSSPARAMETER']._serialized_start=535
+  _globals['_LOSSPARAMETER']._serialized_end=613
+  _globals['_REGISTERLOSSREQUEST']._serialized_start=616
+  _globals['_REGISTERLOSSREQUEST']._serialized_end=758
+  _globals['_DELETELOSSREQUEST']._serialized_start=760
+  _globals['_DELETELOSSREQUEST']._serialized_end=793
+  _globals['_DELETELOSSRESPONSE']._serialized_start=795
+  _globals['_DELETELOSSRESPONSE']._serialized_end=815
+  _globals['_EVALUATEREQUEST']._serialized_start=818
+  _globals['_EVALUATEREQUEST']._serialized_end=1159
+  _globals['_EVALUATEREQUEST_TENSORSENTRY']._serialized_start=1095
+  _globals['_EVALUATEREQUEST_TENSORSENTRY']._serialized_end=1159
+  _globals['_EVALUATERESPONSE']._serialized_start=1162
+  _globals['_EVALUATERESPONSE']._serialized_end=1304
+  _globals['_TERMVALUE']._serialized_start=1306
+  _globals['_TERMVALUE']._serialized_end=1381
+  _globals['_EVALUATESTREAMREQUEST']._serialized_start=1383
+  _globals['_EVALUATESTREAMREQUEST']._serialized_end=1470
+  _globals['_EVALUATESTREAMRESPONSE']._serialized_start=1472
+  _globals['_EVALUATESTREAMRESPONSE']._serialized_end=1597
+  _globals['_EVALUATECHUNKEDREQUEST']._serialized_start=1599
+  _globals['_EVALUATECHUNKEDREQUEST']._serialized_end=1714
+  _globals['_CHUNKEDHEADER']._serialized_start=1717
+  _globals['_CHUNKEDHEADER']._serialized_end=1945
+  _globals['_TENSORCHUNK']._serialized_start=1947
+  _globals['_TENSORCHUNK']._serialized_end=2044
+  _globals['_EVALUATECHUNKEDRESPONSE']._serialized_start=2046
+  _globals['_EVALUATECHUNKEDRESPONSE']._serialized_end=2164
+  _globals['_CHUNKRESULT']._serialized_start=2166
+  _globals['_CHUNKRESULT']._serialized_end=2262
+  _globals['_CHUNKEDSUMMARY']._serialized_start=2264
+  _globals['_CHUNKEDSUMMARY']._serialized_end=2356
+  _globals['_LOSSSERVICE']._serialized_start=2359
+  _globals['_LOSSSERVICE']._serialized_end=2840
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.rpc import status_pb2 as _status_pb2
 from lossd.v1 import loss_pb2 as _loss_pb2
 from lossd.v1 import tensor_pb2 as _tensor_pb2
@@ -61,6 +62,32 @@ class LossParameter(_message.Message):
     default_json: str
     doc: str
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., default_json: _Optional[str] = ..., doc: _Optional[str] = ...) -> None: ...
+
+class RegisterLossRequest(_message.Message):
+    __slots__ = ("name", "expression", "params", "inputs", "doc", "replace")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPRESSION_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    DOC_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    expression: str
+    params: _struct_pb2.Struct
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    doc: str
+    replace: bool
+    def __init__(self, name: _Optional[str] = ..., expression: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., inputs: _Optional[_Iterable[str]] = ..., doc: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class DeleteLossRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteLossResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("loss", "y_true", "y_pred", "sample_weight", "reduction", "gradient", "tensors")

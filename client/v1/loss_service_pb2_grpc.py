@@ -55,6 +55,16 @@ class LossServiceStub:
                 request_serializer=lossd_dot_v1_dot_loss__service__pb2.EvaluateChunkedRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_loss__service__pb2.EvaluateChunkedResponse.FromString,
                 _registered_method=True)
+        self.RegisterLoss = channel.unary_unary(
+                '/lossd.v1.LossService/RegisterLoss',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.RegisterLossRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.LossDescription.FromString,
+                _registered_method=True)
+        self.DeleteLoss = channel.unary_unary(
+                '/lossd.v1.LossService/DeleteLoss',
+                request_serializer=lossd_dot_v1_dot_loss__service__pb2.DeleteLossRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_loss__service__pb2.DeleteLossResponse.FromString,
+                _registered_method=True)
 
 
 class LossServiceServicer:
@@ -94,6 +104,23 @@ class LossServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterLoss(self, request, context):
+        """Registers a named loss written in lossd's expression language. It is
+        stored in the server's data directory, survives restarts, is listed by
+        ListLosses and can be used by name in Evaluate and in training jobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteLoss(self, request, context):
+        """Deletes a registered expression loss. Built-in and plugin losses cannot
+        be deleted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LossServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +143,16 @@ def add_LossServiceServicer_to_server(servicer, server):
                     servicer.EvaluateChunked,
                     request_deserializer=lossd_dot_v1_dot_loss__service__pb2.EvaluateChunkedRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_loss__service__pb2.EvaluateChunkedResponse.SerializeToString,
+            ),
+            'RegisterLoss': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterLoss,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.RegisterLossRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.LossDescription.SerializeToString,
+            ),
+            'DeleteLoss': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteLoss,
+                    request_deserializer=lossd_dot_v1_dot_loss__service__pb2.DeleteLossRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_loss__service__pb2.DeleteLossResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +264,60 @@ class LossService:
             '/lossd.v1.LossService/EvaluateChunked',
             lossd_dot_v1_dot_loss__service__pb2.EvaluateChunkedRequest.SerializeToString,
             lossd_dot_v1_dot_loss__service__pb2.EvaluateChunkedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterLoss(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/RegisterLoss',
+            lossd_dot_v1_dot_loss__service__pb2.RegisterLossRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.LossDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteLoss(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.LossService/DeleteLoss',
+            lossd_dot_v1_dot_loss__service__pb2.DeleteLossRequest.SerializeToString,
+            lossd_dot_v1_dot_loss__service__pb2.DeleteLossResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,294 @@
+"""Custom losses: expression losses (inline or registered), lossd's built-in
+terms (``vae_kl``), and Python plugins installed through the ``lossd.losses``
+entry-point group.
+
+Expressions are checked and compiled by ``lossd_server.expressions`` (never
+evaluated by Python); here they become ``keras.losses.Loss`` objects, so
+reductions, sample weights and dtypes follow Keras exactly as for the
+built-in losses. Registered expression losses are kept in
+``<data_dir>/losses.json`` and survive restarts.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import threading
+from importlib import metadata
+from typing import Any, Mapping, Optional, Sequence
+
+import keras
+
+from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lossd_server.expressions import ExpressionError, compile_expression
+from lossd_server.losses import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
+                                 _first_sentence, _param_type, default_registry)
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "lossd.losses"
+STORE_FILE = "losses.json"
+DEFAULT_INPUTS = ("y_true", "y_pred")
+
+VAE_KL = "-0.5 * mean(1 + z_log_var - square(z_mean) - exp(z_log_var), axis=-1)"
+
+
+@keras.saving.register_keras_serializable(package="lossd")
+class ExpressionLoss(keras.losses.Loss):
+    """A loss written in lossd's expression language, as a Keras loss.
+
+    Called with its input tensors positionally (in ``inputs`` order), or as
+    ``loss(y_true, y_pred, sample_weight)`` when its inputs are those two, so
+    ``model.compile(loss=ExpressionLoss(...))`` works and the model saves.
+    """
+
+    def __init__(self, expression: str, inputs: Sequence[str] = DEFAULT_INPUTS,
+                 params: Optional[Mapping[str, float]] = None, reduction="sum_over_batch_size",
+                 name: str = "expression", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.expression = expression
+        self.inputs = tuple(inputs)
+        self.params = dict(params or {})
+        self._compiled = compile_expression(expression, tensors=self.inputs, params=list(self.params))
+
+    def __call__(self, *args, sample_weight=None):
+        if len(args) != len(self.inputs):
+            raise ValueError(f"{self.name} takes {len(self.inputs)} tensors {list(self.inputs)}; got {len(args)}")
+        named = dict(zip(self.inputs, args))
+        # Keras's Loss.__call__ converts every tensor of the structure to the
+        # loss dtype and applies sample weights and the reduction.
+        return super().__call__(named, named, sample_weight=sample_weight)
+
+    def call(self, y_true, y_pred):
+        return self._compiled(y_true, self.params)
+
+    def get_config(self):
+        return {**super().get_config(), "expression": self.expression, "inputs": list(self.inputs),
+                "params": self.params}
+
+
+def _expression_error(exc: ExpressionError, where: str) -> InvalidArgument:
+    return InvalidArgument(f"{where}: {exc}", reason="BAD_EXPRESSION",
+                           metadata={"column": str(exc.column or ""), "snippet": exc.snippet or ""})
+
+
+def _float_params(values: Mapping[str, Any], where: str) -> dict[str, float]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgument(
+                f"{where}: expression parameters are numbers. Received: {key}={json.dumps(value)}.",
+                reason="BAD_PARAMETER", metadata={"parameter": key})
+        out[key] = float(value)
+    return out
+
+
+def expression_entry(expression: str, *, params: Mapping[str, Any], inputs: Sequence[str],
+                     name: str = "", doc: str = "", source: str = "expression",
+                     where: str = "expression") -> LossEntry:
+    """A registry entry for an expression over ``inputs`` with parameter defaults ``params``."""
+    defaults = _float_params(params, where)
+    try:
+        compiled = compile_expression(expression, tensors=inputs, params=list(defaults))
+    except ExpressionError as exc:
+        raise _expression_error(exc, where) from None
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"{where}: {exc}", reason="BAD_EXPRESSION") from None
+    unused = sorted(set(defaults) - compiled.params_used)
+    if unused:
+        raise InvalidArgument(f"{where}: parameter {unused[0]!r} is not used by the expression.",
+                              reason="UNKNOWN_PARAMETER", metadata={"parameter": unused[0]})
+    inputs = tuple(inputs)
+
+    def build(values: Mapping[str, Any], reduction: str, dtype: str):
+        return ExpressionLoss(expression, inputs, values, reduction=reduction, dtype=dtype,
+                              name=name or "expression")
+
+    return LossEntry(
+        name=name, aliases=(), doc=doc or f"User-defined loss: {expression}",
+        parameters=tuple(Parameter(k, "float", v, "") for k, v in defaults.items()),
+        build=build, source=source, inputs=inputs, shapes=SHAPES_ANY,
+        batch_separable=lambda p: _separable(expression), expression=expression)
+
+
+def _separable(expression: str) -> bool:
+    """Whether each sample's value depends on that sample alone: no reduction
+    over axis 0 or over all axes. (The source was already checked by the
+    expression compiler; this only reads its ``axis`` keywords.)"""
+    for node in ast.walk(ast.parse(expression.strip(), mode="eval")):
+        if isinstance(node, ast.keyword) and node.arg == "axis":
+            axes = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+            for axis in axes:
+                if isinstance(axis, ast.Constant) and axis.value in (0, None):
+                    return False
+    return True
+
+
+def inline_entry(expression: str, params: Mapping[str, Any], tensor_names: Sequence[str]) -> LossEntry:
+    """The entry for an expression sent inside a request: it may read any of
+    the request's tensors; its parameters are the request's values."""
+    try:
+        compiled = compile_expression(expression, tensors=tensor_names, params=list(params))
+    except ExpressionError as exc:
+        raise _expression_error(exc, "expression") from None
+    inputs = tuple(n for n in tensor_names if n in compiled.tensors_used)
+    if not inputs:
+        raise InvalidArgument("expression: a loss must read at least one tensor (such as y_pred).",
+                              reason="BAD_EXPRESSION")
+    return expression_entry(expression, params=params, inputs=inputs)
+
+
+def builtin_entries() -> list[LossEntry]:
+    """Terms lossd adds to Keras's losses."""
+    vae_kl = expression_entry(VAE_KL, params={}, inputs=("z_mean", "z_log_var"), name="vae_kl",
+                              doc="KL divergence of a VAE's latent Gaussian from N(0, 1): "
+                                  "-0.5 * mean(1 + log_var - mean^2 - exp(log_var)) over the last axis.",
+                              source="builtin")
+    return [vae_kl]
+
+
+# ---------------------------------------------------------------------------
+# Plugins.
+
+def plugin_entry(name: str, obj: Any) -> LossEntry:
+    """A registry entry for a plugin: a ``keras.losses.Loss`` subclass, or a
+    function ``fn(y_true, y_pred, **params)``."""
+    if inspect.isclass(obj) and issubclass(obj, keras.losses.Loss):
+        signature = inspect.signature(obj.__init__)
+        skip = {"self", "reduction", "name", "dtype"}
+        docs = _docstring_args(obj.__doc__ or "")
+
+        def build(params, reduction, dtype):
+            return obj(**params, reduction=reduction, dtype=dtype)
+    elif callable(obj):
+        signature = inspect.signature(obj)
+        skip = set(list(signature.parameters)[:2])
+        docs = _docstring_args(obj.__doc__ or "")
+
+        def build(params, reduction, dtype):
+            return keras.losses.LossFunctionWrapper(obj, reduction=reduction, name=name, dtype=dtype, **params)
+    else:
+        raise TypeError(f"plugin {name!r} is neither a keras.losses.Loss subclass nor a function")
+    parameters = []
+    for p in signature.parameters.values():
+        if p.name in skip or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        default = None if p.default is inspect.Parameter.empty else p.default
+        parameters.append(Parameter(p.name, _param_type(p.name, default), default, docs.get(p.name, "")))
+    return LossEntry(name=name, aliases=(), doc=_first_sentence(obj.__doc__ or name), parameters=tuple(parameters),
+                     build=build, source="plugin", shapes=SHAPES_ANY, batch_separable=lambda p: False)
+
+
+def load_plugins(registry: LossRegistry) -> list[str]:
+    """Registers every ``lossd.losses`` entry point; a broken plugin is logged and skipped."""
+    loaded = []
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            registry.register(plugin_entry(ep.name, ep.load()))
+            loaded.append(ep.name)
+        except Exception:  # noqa: BLE001 - one bad plugin must not stop the server
+            log.exception("could not load loss plugin %r (%s)", ep.name, ep.value)
+    return loaded
+
+
+# ---------------------------------------------------------------------------
+# Registered expression losses, stored in the data directory.
+
+class ExpressionStore:
+    """Named expression losses registered by clients, kept in ``losses.json``.
+
+    Writes are atomic (temporary file + rename), so a crash leaves either the
+    old or the new file, never half of one.
+    """
+
+    def __init__(self, data_dir: pathlib.Path, registry: LossRegistry):
+        self.path = pathlib.Path(data_dir) / STORE_FILE
+        self.registry = registry
+        self._lock = threading.Lock()
+
+    def load(self) -> list[str]:
+        """Registers every stored loss; returns their names."""
+        if not self.path.exists():
+            return []
+        names = []
+        for record in json.loads(self.path.read_text()):
+            try:
+                self.registry.register(self._entry(record))
+                names.append(record["name"])
+            except (InvalidArgument, ValueError) as exc:
+                log.error("stored loss %r could not be loaded: %s", record.get("name"), exc)
+        return names
+
+    @staticmethod
+    def _entry(record: Mapping[str, Any]) -> LossEntry:
+        return expression_entry(record["expression"], params=record.get("params") or {},
+                                inputs=record.get("inputs") or DEFAULT_INPUTS, name=record["name"],
+                                doc=record.get("doc", ""), where=f"loss {record['name']!r}")
+
+    def _records(self) -> list[dict]:
+        return json.loads(self.path.read_text()) if self.path.exists() else []
+
+    def _write(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".losses-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(records, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def register(self, name: str, expression: str, *, params: Mapping[str, Any], inputs: Sequence[str] = (),
+                 doc: str = "", replace: bool = False) -> LossEntry:
+        """Checks, stores and registers an expression loss."""
+        if not name.isidentifier() or not name.islower() or len(name) > 64:
+            raise InvalidArgument(f"Invalid loss name. Expected a lowercase identifier of at most 64 "
+                                  f"characters. Received: {name[:80]!r}.", reason="BAD_LOSS_NAME")
+        if len(doc) > 1000:
+            raise InvalidArgument(f"doc is too long. Expected at most 1000 characters. Received: {len(doc)}.",
+                                  reason="BAD_LOSS_SPEC")
+        record = {"name": name, "expression": expression, "params": dict(params),
+                  "inputs": list(inputs or DEFAULT_INPUTS), "doc": doc}
+        entry = self._entry(record)
+        with self._lock:
+            existing = self.registry.canonical(name)
+            if existing is not None:
+                if self.registry.get(existing).source != "expression":
+                    raise AlreadyExists(f"Loss {name!r} is a built-in or plugin loss; choose another name.",
+                                        reason="LOSS_EXISTS", metadata={"loss": name})
+                if not replace:
+                    raise AlreadyExists(f"Loss {name!r} is already registered. Set replace to overwrite it.",
+                                        reason="LOSS_EXISTS", metadata={"loss": name})
+            records = [r for r in self._records() if r["name"] != name] + [record]
+            self._write(records)
+            self.registry.register(entry, replace=True)
+        return entry
+
+    def delete(self, name: str) -> None:
+        """Removes a registered expression loss."""
+        with self._lock:
+            canonical = self.registry.canonical(name)
+            if canonical is None:
+                raise NotFound(f"Loss {name[:80]!r} is not registered.", reason="LOSS_NOT_FOUND",
+                               metadata={"loss": name[:80]})
+            if self.registry.get(canonical).source != "expression":
+                raise FailedPrecondition(f"Loss {name!r} is built in; only registered expression losses can "
+                                         "be deleted.", reason="LOSS_NOT_DELETABLE", metadata={"loss": name})
+            self._write([r for r in self._records() if r["name"] != canonical])
+            self.registry.unregister(canonical)
+
+
+def full_registry(data_dir: Optional[pathlib.Path] = None, *, plugins: bool = True) -> LossRegistry:
+    """Keras losses, lossd's built-in terms, plugins and (with a data dir) stored expression losses."""
+    registry = default_registry()
+    for entry in builtin_entries():
+        registry.register(entry)
+    if plugins:
+        load_plugins(registry)
+    if data_dir is not None:
+        ExpressionStore(data_dir, registry).load()
+    return registry

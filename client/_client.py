@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import grpc
@@ -135,6 +136,9 @@ class Client:
 
     def _evaluate_chunked(self, spec, arrays, reduction, gradient, timeout) -> EvaluateResult:
         requests = _requests.chunked_requests(spec, arrays, reduction, gradient, self.chunk_bytes)
+        # Build the header here, so a local refusal raises in the caller's
+        # thread rather than inside gRPC's request-reading thread.
+        requests = itertools.chain([next(requests)], requests)
         assembler = _requests.ChunkAssembler(arrays["y_pred"], gradient)
         for message in self._losses.EvaluateChunked(requests, **self._call_args(timeout)):
             assembler.add(message)
@@ -148,26 +152,44 @@ class Client:
 
         Each request is a dict of ``evaluate``'s arguments (``loss``, ``y_true``,
         ``y_pred``, ``params``, ...). Yields, in order, an EvaluateResult or the
-        LossdError of a request that failed; the stream goes on after a failure.
+        LossdError of a request that failed (locally or on the server); the
+        stream goes on after a failure.
         """
+        # gRPC consumes the request iterator on its own thread, where an
+        # exception would end the whole stream: items refused locally are
+        # kept here and yielded in their place instead.
+        refused: dict[int, LossdError] = {}
+
         def messages():
             for i, kwargs in enumerate(requests):
-                kwargs = dict(kwargs)
-                spec = _requests.loss_spec(kwargs.pop("loss"), kwargs.pop("params", None))
-                arrays = _requests.prepare(kwargs.pop("y_true"), kwargs.pop("y_pred"),
-                                           kwargs.pop("sample_weight", None), kwargs.pop("tensors", None))
-                request = _requests.evaluate_request(spec, arrays, kwargs.pop("reduction", "sum_over_batch_size"),
-                                                     kwargs.pop("gradient", False))
+                try:
+                    kwargs = dict(kwargs)
+                    spec = _requests.loss_spec(kwargs.pop("loss"), kwargs.pop("params", None))
+                    arrays = _requests.prepare(kwargs.pop("y_true"), kwargs.pop("y_pred"),
+                                               kwargs.pop("sample_weight", None), kwargs.pop("tensors", None))
+                    request = _requests.evaluate_request(
+                        spec, arrays, kwargs.pop("reduction", "sum_over_batch_size"), kwargs.pop("gradient", False))
+                except LossdError as error:
+                    refused[i] = error
+                    continue
                 yield loss_service_pb2.EvaluateStreamRequest(request=request, request_id=str(i))
 
+        next_index = 0
         try:
             for item in self._losses.EvaluateStream(messages(), **self._call_args(timeout)):
+                index = int(item.request_id)
+                while next_index < index:
+                    yield refused.pop(next_index)
+                    next_index += 1
+                next_index = index + 1
                 try:
                     yield _requests.parse_stream_item(item)
                 except LossdError as error:
                     yield error
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
+        for index in sorted(refused):
+            yield refused[index]
 
     def close(self) -> None:
         """Closes the channel."""

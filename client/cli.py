@@ -67,9 +67,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import pydantic
 
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    for key, value in list(overrides.items()):
-        if key == "metrics_port" and value.lower() in ("", "none", "off"):
-            overrides[key] = None
     try:
         settings = Settings(**overrides)
     except pydantic.ValidationError as exc:

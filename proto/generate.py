@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -31,14 +32,15 @@ def _include_dirs() -> list[str]:
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     """Writes the stubs (and ``__init__.py``) into ``out_dir``; returns the files."""
-    from grpc_tools import protoc
-
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE).glob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", *(f"-I{d}" for d in _include_dirs())]
+        args = [sys.executable, "-m", "grpc_tools.protoc", *(f"-I{d}" for d in _include_dirs())]
         args += [f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos]
-        if protoc.main(args) != 0:
-            raise SystemExit("protoc failed")
+        # In a subprocess: protoc's in-process entry point crashes in a process
+        # that has already loaded TensorFlow (both bundle protobuf's C++ runtime).
+        result = subprocess.run(args, cwd=PROTO_ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"protoc failed:\n{result.stderr}")
         out_dir.mkdir(parents=True, exist_ok=True)
         for old in out_dir.glob("*_pb2*.py*"):
             old.unlink()

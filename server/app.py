@@ -90,6 +90,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         loaded = store.load()
         if loaded:
             log.info("loaded %d registered losses: %s", len(loaded), ", ".join(loaded))
+    backend.configure_threads(settings.inter_op_threads or None)
     device = backend.select_device(settings.device)
 
     metrics = None

@@ -30,6 +30,23 @@ class Device:
     physical: str     # e.g. "/physical_device:GPU:0"
 
 
+def configure_threads(inter_op: Optional[int]) -> None:
+    """Sets TensorFlow's inter-op thread pool size; must run before TensorFlow's
+    first op (later calls are ignored, as in a test process with several servers).
+
+    A loss graph is a short chain of ops with little to run side by side, and
+    between requests an idle pool falls asleep: waking it costs more than a
+    small loss takes (measured in bench/RESULTS.md). Intra-op threads, which
+    split one large op, stay at TensorFlow's default.
+    """
+    if inter_op is None:
+        return
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    except RuntimeError:
+        log.debug("TensorFlow is already initialised; inter-op threads left as they are")
+
+
 def select_device(prefer: str = "auto") -> Device:
     """Picks the best device: the first GPU when there is one (``prefer="auto"``).
 
@@ -98,26 +115,29 @@ class Compiled:
     Calling it runs one TensorFlow graph that returns the total, each term's
     value, the gradient with respect to ``y_pred`` (when asked for) and
     whether any input or output was NaN or Inf.
+
+    The graph is traced when the object is built and then called as a
+    concrete function: ``tf.function``'s per-call dispatch (matching the
+    arguments against its signatures) costs about 200 µs here, more than a
+    small loss itself, and a concrete function skips it.
     """
 
     def __init__(self, program: Program, specs: Sequence[InputSpec], *, has_sample_weight: bool,
                  gradient: bool, device: Device, jit_compile: bool = False,
                  on_trace: Optional[Callable[[], None]] = None):
         self.specs = tuple(specs)
-        self.names = [s.name for s in specs]
-        self.has_sample_weight = has_sample_weight
         self.gradient = gradient
         self.device = device
+        names = [s.name for s in specs]
         signature = [tf.TensorSpec(s.shape, tf.dtypes.as_dtype(s.dtype), name=s.name) for s in specs]
-        names = self.names
         on_trace = on_trace or (lambda: None)
 
         def run(*args):
             on_trace()  # Python side effect: runs once per trace, never per call
             tensors = dict(zip(names, args))
             sample_weight = tensors.pop("sample_weight", None) if has_sample_weight else None
-            y_pred = tensors.get("y_pred")
-            if gradient and y_pred is not None:
+            y_pred = tensors["y_pred"]
+            if gradient:
                 with tf.GradientTape() as tape:
                     tape.watch(y_pred)
                     total, terms = program(tensors, sample_weight)
@@ -127,14 +147,27 @@ class Compiled:
                 grad = tf.zeros((0,), dtype=total.dtype)
             checks = [total, *terms, *(a for a in args if a.dtype.is_floating)]
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in checks])
-            return total, terms, grad, tf.logical_not(finite)
+            # A flat tuple: the fast path below gets the outputs in this order.
+            return (total, tf.logical_not(finite), grad, *terms)
 
-        self._fn = tf.function(run, input_signature=signature, jit_compile=jit_compile,
-                               reduce_retracing=True)
+        function = tf.function(run, input_signature=signature, jit_compile=jit_compile)
+        with tf.device(device.name):
+            self._concrete = function.get_concrete_function()
+        # The concrete function's flat call skips argument binding too; it is
+        # not public API, so fall back to the public call when it is missing.
+        self._flat = getattr(self._concrete, "_inference_function", None)
+        if not callable(getattr(self._flat, "call_flat", None)):
+            self._flat = None
 
     def __call__(self, arrays: Sequence[np.ndarray]):
         """Runs on numpy arrays (in ``specs`` order); returns numpy results."""
-        with tf.device(self.device.name):
-            total, terms, grad, non_finite = self._fn(*arrays)
+        # The ops were placed on the device when the graph was traced; the
+        # inputs start on the host and the runtime copies them where needed.
+        tensors = [tf.convert_to_tensor(a) for a in arrays]
+        if self._flat is not None:
+            outputs = self._flat.call_flat(*tensors)
+        else:
+            outputs = self._concrete(*tensors)
+        total, non_finite, grad, *terms = outputs
         return (total.numpy(), [t.numpy() for t in terms],
                 grad.numpy() if self.gradient else None, bool(non_finite.numpy()))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pathlib
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "gpu"] = "auto"
     """Where losses are evaluated: ``auto`` takes the first GPU when there is one."""
 
+    inter_op_threads: Optional[int] = Field(1, ge=0)
+    """TensorFlow inter-op threads (0: TensorFlow's default). One keeps small
+    evaluations on a warm thread; large tensors still use every core within an op."""
+
     jit_compile: Literal["auto", "on", "off"] = "auto"
     """XLA for compiled losses: ``auto`` uses it for the losses measured faster with it."""
 
@@ -61,3 +65,29 @@ class Settings(BaseSettings):
 
     log_format: Literal["text", "json"] = "text"
     """``json`` writes one JSON object per line, for log collectors."""
+
+    @field_validator("metrics_port", "max_concurrent_jobs", "dataset_root", "inter_op_threads", mode="before",
+                     check_fields=False)
+    @classmethod
+    def _empty_is_unset(cls, value):
+        # `LOSSD_METRICS_PORT=` (or `off`) in a compose file switches the feature off.
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
+            return None
+        return value
+
+    # Training jobs (lossd_server.training).
+
+    max_concurrent_jobs: Optional[int] = Field(None, ge=1)
+    """Training jobs run at once; unset means one per GPU, or 1 without a GPU."""
+
+    max_upload_bytes: int = Field(256 * MiB, ge=1)
+    """Largest dataset upload, and the most bytes its images may decode to."""
+
+    dataset_root: Optional[pathlib.Path] = None
+    """Folder whose sub-folders jobs may train on as ``folder:PATH``; unset turns that off."""
+
+    mixed_precision: bool = False
+    """Train in mixed float16 on GPUs (ignored on CPU, where it is slower)."""
+
+    progress_every_batches: int = Field(10, ge=1)
+    """A training job reports progress (loss, examples/s, ETA) every this many batches."""

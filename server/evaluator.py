@@ -93,6 +93,7 @@ class Evaluator:
         self.expression_compiler = expression_compiler
         self._cache: collections.OrderedDict[tuple, backend.Compiled] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._compile_lock = threading.Lock()
         self.compilations = 0
         self.hits = 0
         self.misses = 0
@@ -132,7 +133,8 @@ class Evaluator:
     def _resolve(self, spec: Mapping[str, Any], where: str, tensor_names: Sequence[str]) -> tuple[LossEntry, dict]:
         name, expression = spec.get("name") or "", spec.get("expression") or ""
         if spec.get("terms"):
-            raise InvalidArgument(f"{where}: a composite cannot be nested inside a term.",
+            raise InvalidArgument(f"{where}: a composite cannot be nested inside a term. Expected a `name` or an "
+                                  "`expression`. Received: `terms`.",
                                   reason="BAD_LOSS_SPEC")
         if bool(name) == bool(expression):
             raise InvalidArgument(
@@ -272,18 +274,28 @@ class Evaluator:
                 self.hits += 1
                 self._count_lookup("hit")
                 return compiled
-            self.misses += 1
-            self._count_lookup("miss")
-            compiled = backend.Compiled(
-                _program(plan, reduction, dtype), specs, has_sample_weight=has_sw, gradient=gradient,
-                device=self.device, jit_compile=self._use_xla(plan),
-                on_trace=lambda: self._on_trace(plan))
-            self._cache[key] = compiled
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-            if self.metrics is not None:
-                self.metrics.lossd_loss_cache_entries.set(len(self._cache))
-            return compiled
+        # Tracing takes tens of milliseconds: do it outside the cache lock, one
+        # compilation at a time, checking again in case another thread just
+        # compiled the same key.
+        with self._compile_lock:
+            with self._lock:
+                compiled = self._cache.get(key)
+            if compiled is None:
+                self.misses += 1
+                self._count_lookup("miss")
+                compiled = backend.Compiled(
+                    _program(plan, reduction, dtype), specs, has_sample_weight=has_sw, gradient=gradient,
+                    device=self.device, jit_compile=self._use_xla(plan),
+                    on_trace=lambda: self._on_trace(plan))
+            with self._lock:
+                self._cache[key] = compiled
+                self._cache.move_to_end(key)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+                entries = len(self._cache)
+        if self.metrics is not None:
+            self.metrics.lossd_loss_cache_entries.set(entries)
+        return compiled
 
     def _use_xla(self, plan: Plan) -> bool:
         if self.jit_compile == "on":
@@ -297,8 +309,7 @@ class Evaluator:
             self.metrics.observe_cache_lookup(result == "hit")
 
     def _on_trace(self, plan: Plan) -> None:
-        with self._lock:
-            self.compilations += 1
+        self.compilations += 1  # traces happen under _compile_lock
         log.debug("compiling %s", plan.metric_name)
         if self.metrics is not None:
             self.metrics.observe_compilation(plan.metric_name)
@@ -397,7 +408,8 @@ class ChunkedSession:
             raise InvalidArgument(
                 f"Loss `{term.entry.name}` with these parameters couples the samples of a batch "
                 "(e.g. dice or tversky with axis=None, circle), so it cannot be evaluated in slices. "
-                "Send it through Evaluate, or set `axis` to exclude the batch axis.",
+                "Send it through Evaluate, or set `axis` to exclude the batch axis. Expected a loss whose "
+                f"samples are independent. Received: {term.entry.name} with {dict(term.params)}.",
                 reason="NOT_BATCH_SEPARABLE")
         for name in ("y_true", "y_pred"):
             if name not in infos:

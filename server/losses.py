@@ -426,7 +426,7 @@ def check_labels(entry: LossEntry, params: Mapping[str, Any], y_true: np.ndarray
     if not np.issubdtype(labels.dtype, np.integer):
         if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
             raise InvalidArgument(
-                f"Labels for loss `{entry.name}` must be integer class indices. "
+                f"Labels for loss `{entry.name}` must be integer class indices. Expected integer values. "
                 f"Received: non-integer values in y_true ({labels.dtype}).", reason="LABEL_OUT_OF_RANGE")
     ignore = params.get("ignore_class")
     if ignore is not None:
@@ -502,7 +502,7 @@ class LossRegistry:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         shown = name if len(name) <= 80 else name[:80] + "..."
         return UnknownLoss(
-            f"Unknown loss {shown!r}. Expected a registered loss name or alias (see ListLosses).{hint}",
+            f"Unknown loss. Expected a registered loss name or alias (see ListLosses). Received: {shown!r}.{hint}",
             metadata={"loss": shown})
 
     def entries(self) -> list[LossEntry]:

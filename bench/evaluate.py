@@ -1,0 +1,216 @@
+"""Side-by-side benchmark of loss evaluation (a benchmark, not a test).
+
+In one run, for each loss and size, it times:
+
+  (a) the same Keras loss in this process under ``tf.function``;
+  (b) a bare gRPC round trip on loopback carrying the same request bytes
+      (a generic handler that parses nothing and answers 8 bytes, as
+      Evaluate answers a scalar), served by a separate process with the same
+      gRPC server set-up as lossd;
+  (c) lossd ``Evaluate`` through the thin client, the server in a separate
+      process (as deployed);
+
+and prints medians and the ratio c / (a + b). For the largest size it also
+prints request bytes per second of (c) as a share of (b). It then checks that
+varying batch sizes after warm-up compile nothing new, and with
+``--metrics-compare`` runs (c) for small tensors with metrics on and off.
+
+Usage: python bench/evaluate.py [--quick] [--metrics-compare] [--sizes 640,1e6,1e7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent import futures
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+import lossd  # noqa: E402
+from lossd import _requests  # noqa: E402
+
+ECHO_METHOD = "/bench.Echo/Call"
+LOSSES = {"mse": "mean_squared_error", "cce": "categorical_crossentropy"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_echo_server(port: int) -> None:
+    """The anchor server: lossd's gRPC set-up, a handler that does no work."""
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Call": grpc.unary_unary_rpc_method_handler(lambda request, context: b"\0" * 8,
+                                                    request_deserializer=None, response_serializer=None)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         options=[("grpc.max_receive_message_length", 256 << 20),
+                                  ("grpc.max_send_message_length", 256 << 20)])
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+@contextlib.contextmanager
+def process(args, env=None, wait_for=None):
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        if wait_for:
+            wait_for()
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_ready(address: str, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with grpc.insecure_channel(address) as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=1)
+                return
+            except grpc.FutureTimeoutError:
+                pass
+    raise RuntimeError(f"{address} did not come up")
+
+
+def timed(fn, iterations: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def inputs(loss: str, elements: int, rng):
+    classes = 10
+    rows = max(1, elements // classes)
+    if loss == "cce":
+        labels = rng.integers(0, classes, size=rows)
+        y_true = np.eye(classes, dtype="float32")[labels]
+        logits = rng.normal(size=(rows, classes)).astype("float32")
+        y_pred = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        return y_true, y_pred.astype("float32")
+    return rng.normal(size=(rows, classes)).astype("float32"), rng.normal(size=(rows, classes)).astype("float32")
+
+
+def iterations_for(elements: int, quick: bool) -> int:
+    n = 2000 if elements < 10_000 else 60 if elements <= 1_000_000 else 12
+    return max(5, n // 5) if quick else n
+
+
+def metric_value(metrics_url: str, name: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and not line.startswith("#"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--sizes", default="640,1e6,1e7", help="elements per tensor, comma-separated")
+    parser.add_argument("--metrics-compare", action="store_true", help="also time small tensors with metrics off")
+    parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.echo_server:
+        run_echo_server(args.echo_server)
+        return 0
+
+    import keras
+    import tensorflow as tf
+
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    rng = np.random.default_rng(0)
+    echo_port, lossd_port, metrics_port = free_port(), free_port(), free_port()
+    data_dir = os.path.join("/tmp", f"lossd-bench-{os.getpid()}")
+    lossd_cmd = [sys.executable, "-m", "lossd.cli", "serve", "--port", str(lossd_port), "--metrics-port",
+                 str(metrics_port), "--data-dir", data_dir, "--log-level", "WARNING"]
+    print(f"# lossd bench/evaluate.py  tensorflow {tf.__version__}  cpus {os.cpu_count()}")
+    print(f"{'loss':<5} {'elements':>9} {'(a) tf.function':>16} {'(b) grpc echo':>14} {'(c) lossd':>11} "
+          f"{'c/(a+b)':>8}")
+    results = {}
+    with process([sys.executable, __file__, "--echo-server", str(echo_port)],
+                 wait_for=lambda: wait_ready(f"127.0.0.1:{echo_port}")), \
+            process(lossd_cmd, wait_for=lambda: wait_ready(f"127.0.0.1:{lossd_port}")), \
+            lossd.Client(f"127.0.0.1:{lossd_port}") as client, \
+            grpc.insecure_channel(f"127.0.0.1:{echo_port}", options=[
+                ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]) as echo:
+        echo_call = echo.unary_unary(ECHO_METHOD, request_serializer=None, response_deserializer=None)
+        for short, name in LOSSES.items():
+            keras_loss = keras.losses.get({"class_name": {"mse": "MeanSquaredError",
+                                                          "cce": "CategoricalCrossentropy"}[short], "config": {}})
+            in_process = tf.function(lambda a, b: keras_loss(a, b))
+            for elements in sizes:
+                y_true, y_pred = inputs(short, elements, rng)
+                n = iterations_for(elements, args.quick)
+                a = timed(lambda: in_process(y_true, y_pred).numpy(), n)
+                # The echo carries exactly the bytes the client would send for (c),
+                # serialized per call as the client does.
+                spec = _requests.loss_spec(name)
+                arrays = _requests.prepare(y_true, y_pred)
+                b = timed(lambda: echo_call(_requests.evaluate_request(
+                    spec, arrays, "sum_over_batch_size", False).SerializeToString()), n)
+                c = timed(lambda: client.evaluate(name, y_true, y_pred), n)
+                np.testing.assert_allclose(client.evaluate(name, y_true, y_pred).loss,
+                                           in_process(y_true, y_pred).numpy(), rtol=1e-4)
+                results[(short, elements)] = (a, b, c, y_true.nbytes + y_pred.nbytes)
+                print(f"{short:<5} {elements:>9.0e} {a * 1e6:>13.0f} µs {b * 1e6:>11.0f} µs {c * 1e6:>8.0f} µs "
+                      f"{c / (a + b):>8.2f}")
+        largest = max(sizes)
+        for short in LOSSES:
+            a, b, c, nbytes = results[(short, largest)]
+            print(f"# {short} {largest:.0e}: lossd {nbytes / c / 1e6:.0f} MB/s, echo {nbytes / b / 1e6:.0f} MB/s "
+                  f"-> {b / c:.0%} of the echo's bytes per second")
+
+        # Compilations after warm-up, batch sizes varying.
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        before = metric_value(url, "lossd_loss_compilations_total")
+        for batch in (3, 17, 64, 129, 1000, 4096, 5, 77):
+            for short, name in LOSSES.items():
+                y_true, y_pred = inputs(short, batch * 10, rng)
+                client.evaluate(name, y_true, y_pred)
+        after = metric_value(url, "lossd_loss_compilations_total")
+        print(f"# compilations while batch sizes varied (3..4096 rows): {after - before:.0f}")
+
+    if args.metrics_compare:
+        print("# metrics overhead, small tensors (640 elements), alternating runs")
+        off_cmd = [x if x != str(metrics_port) else "" for x in lossd_cmd]
+        on_times, off_times = [], []
+        for round_ in range(3):
+            for label, cmd, store in (("on", lossd_cmd, on_times), ("off", off_cmd, off_times)):
+                port = free_port()
+                cmd = [str(port) if x == str(lossd_port) else x for x in cmd]
+                if label == "on":
+                    cmd = [str(free_port()) if x == str(metrics_port) else x for x in cmd]
+                with process(cmd, wait_for=lambda: wait_ready(f"127.0.0.1:{port}")), \
+                        lossd.Client(f"127.0.0.1:{port}") as client:
+                    y_true, y_pred = inputs("mse", 640, rng)
+                    n = iterations_for(640, args.quick)
+                    store.append(timed(lambda: client.evaluate("mse", y_true, y_pred), n, warmup=50))
+        on, off = statistics.median(on_times), statistics.median(off_times)
+        print(f"# metrics on {on * 1e6:.0f} µs, off {off * 1e6:.0f} µs: throughput difference {(on - off) / off:+.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

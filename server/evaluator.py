@@ -27,6 +27,7 @@ from lossd_server.losses import (REDUCTIONS, SHAPES_ANY, LossEntry, LossRegistry
 log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+XLA_MIN_ELEMENTS = 1 << 20
 DEFAULT_INPUTS = ("y_true", "y_pred")
 
 
@@ -224,9 +225,10 @@ class Evaluator:
             arrays.append(sample_weight)
             specs.append(backend.InputSpec("sample_weight", sample_weight.dtype.name,
                                            backend.signature_shape(sample_weight.shape)))
-        key = (plan.key, reduction, gradient, tuple(specs))
+        xla = self._use_xla(plan, y_pred.size)
+        key = (plan.key, reduction, gradient, xla, tuple(specs))
         compiled = self._compiled(key, plan, specs, reduction, compute_dtype,
-                                  sample_weight is not None, gradient)
+                                  sample_weight is not None, gradient, xla)
         try:
             total, terms, grad, non_finite = compiled(arrays)
         except Exception as exc:  # noqa: BLE001 - classified below
@@ -266,7 +268,7 @@ class Evaluator:
                 reason="UNSUPPORTED_DTYPE")
 
     def _compiled(self, key, plan: Plan, specs, reduction: str, dtype: str, has_sw: bool,
-                  gradient: bool) -> backend.Compiled:
+                  gradient: bool, xla: bool) -> backend.Compiled:
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
@@ -285,7 +287,7 @@ class Evaluator:
                 self._count_lookup("miss")
                 compiled = backend.Compiled(
                     _program(plan, reduction, dtype), specs, has_sample_weight=has_sw, gradient=gradient,
-                    device=self.device, jit_compile=self._use_xla(plan),
+                    device=self.device, jit_compile=xla,
                     on_trace=lambda: self._on_trace(plan))
             with self._lock:
                 self._cache[key] = compiled
@@ -297,12 +299,16 @@ class Evaluator:
             self.metrics.lossd_loss_cache_entries.set(entries)
         return compiled
 
-    def _use_xla(self, plan: Plan) -> bool:
+    def _use_xla(self, plan: Plan, elements: int) -> bool:
+        """XLA compiles once per concrete input shape (the traced graph is
+        shape-polymorphic, XLA's kernels are not), so ``auto`` uses it only
+        for large tensors, where one compilation pays for itself at once,
+        and only for the losses measured faster with it (bench/xla.py)."""
         if self.jit_compile == "on":
             return True
         if self.jit_compile == "off":
             return False
-        return all(t.entry.name in self.xla_losses for t in plan.terms)
+        return elements >= XLA_MIN_ELEMENTS and all(t.entry.name in self.xla_losses for t in plan.terms)
 
     def _count_lookup(self, result: str) -> None:
         if self.metrics is not None:

@@ -113,8 +113,7 @@ class Compiled:
     """A loss program compiled once for one input signature.
 
     Calling it runs one TensorFlow graph that returns the total, each term's
-    value, the gradient with respect to ``y_pred`` (when asked for) and
-    whether any input or output was NaN or Inf.
+    value and the gradient with respect to ``y_pred`` (when asked for).
 
     The graph is traced when the object is built and then called as a
     concrete function: ``tf.function``'s per-call dispatch (matching the
@@ -145,10 +144,8 @@ class Compiled:
             else:
                 total, terms = program(tensors, sample_weight)
                 grad = tf.zeros((0,), dtype=total.dtype)
-            checks = [total, *terms, *(a for a in args if a.dtype.is_floating)]
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in checks])
             # A flat tuple: the fast path below gets the outputs in this order.
-            return (total, tf.logical_not(finite), grad, *terms)
+            return (total, grad, *terms)
 
         function = tf.function(run, input_signature=signature, jit_compile=jit_compile)
         with tf.device(device.name):
@@ -168,6 +165,5 @@ class Compiled:
             outputs = self._flat.call_flat(*tensors)
         else:
             outputs = self._concrete(*tensors)
-        total, non_finite, grad, *terms = outputs
-        return (total.numpy(), [t.numpy() for t in terms],
-                grad.numpy() if self.gradient else None, bool(non_finite.numpy()))
+        total, grad, *terms = outputs
+        return total.numpy(), [t.numpy() for t in terms], grad.numpy() if self.gradient else None

@@ -12,6 +12,7 @@ import numpy as np
 from lossd import _requests
 from lossd._errors import LossdError, from_rpc_error
 from lossd._requests import EvaluateResult, LossInfo, LossLike
+from lossd._training import TrainingMixin
 from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
 
 DEFAULT_ADDRESS = "localhost:50051"
@@ -30,7 +31,7 @@ def _translate_errors(method):
     return wrapper
 
 
-class Client:
+class Client(TrainingMixin):
     """A connection to a lossd server.
 
     Args:

@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_parser("health", "check the server's gRPC health (exit 0 when SERVING)")
     p.add_argument("--service", default="", help="service name ('' for the whole server)")
     p.set_defaults(func=cmd_health)
+    from lossd import _cli_training
+
+    _cli_training.register(sub, client_parser)
     return parser
 
 

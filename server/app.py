@@ -27,15 +27,22 @@ from lossd_server.custom import full_registry
 from lossd_server.losses import LossRegistry
 from lossd_server.metrics import Metrics, start_metrics_server
 from lossd_server.servicers import LossServicer
+from lossd_server.training.servicer import SERVICE_NAME as TRAINING_SERVICE_NAME
+from lossd_server.training.servicer import add_training_service
 
 log = logging.getLogger(__name__)
 
-# Losses measured faster under XLA on this project's reference machine (see
-# bench/RESULTS.md); the others run as plain tf.function graphs.
-XLA_LOSSES = ("huber", "log_cosh")
+# Losses that bench/xla.py measured at least ~1.3x faster under XLA at 1e7
+# elements with gradient on this project's 2-core CPU machine, and no slower at
+# 1e6 (figures in bench/RESULTS.md). The others (MSE, MAE, log-cosh, dice, ...)
+# gained little or lost, and run as plain compiled graphs.
+XLA_LOSSES = ("binary_crossentropy", "binary_focal_crossentropy", "categorical_crossentropy",
+              "categorical_focal_crossentropy", "categorical_hinge", "cosine_similarity", "huber",
+              "kl_divergence", "sparse_categorical_crossentropy", "squared_hinge")
 
 SERVICE_NAMES = [
     loss_service_pb2.DESCRIPTOR.services_by_name["LossService"].full_name,
+    TRAINING_SERVICE_NAME,
 ]
 
 
@@ -51,6 +58,7 @@ class Server:
     metrics_port: Optional[int]
     settings: Settings
     _metrics_http: object = None
+    training: object = None  # the TrainingManager
 
     @property
     def address(self) -> str:
@@ -67,6 +75,9 @@ class Server:
         grace = self.settings.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self.training is not None:
+            self.training.stop()
+            self.training = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()  # shutdown() alone leaves the port accepting
@@ -118,6 +129,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                          interceptors=[ObservabilityInterceptor(metrics)], options=options)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store), server)
+    training = add_training_service(server, settings, registry, metrics)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -132,7 +144,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                 (method.client_streaming, method.server_streaming), "bidi_stream")
             metrics.init_rpc_method(kind, SERVICE_NAMES[0], method.name)
         metrics_http, metrics_port = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
-    return Server(server, port, health_servicer, evaluator, metrics, metrics_port, settings, metrics_http)
+    return Server(server, port, health_servicer, evaluator, metrics, metrics_port, settings, metrics_http, training)
 
 
 def serve(settings: Settings) -> int:

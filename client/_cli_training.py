@@ -1,0 +1,283 @@
+"""``lossd jobs ...`` and ``lossd datasets ...``: training from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import lossd
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _pairs(pairs: Optional[Sequence[str]], flag: str) -> dict[str, Any]:
+    out = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: {flag} expects KEY=VALUE. Received: {pair!r}")
+        out[key] = _value(value)
+    return out
+
+
+def _client(args) -> "lossd.Client":
+    return lossd.Client(args.address, timeout=args.timeout)
+
+
+def _job_line(job) -> str:
+    p = job.progress
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(p.get("metrics", {}).items()))
+    spec = job.spec
+    return (f"{job.name}  {job.state:<10} {spec.get('model', {}).get('preset', '?'):<4} on "
+            f"{spec.get('dataset', '?'):<12} epoch {p.get('epochs_completed', 0)}/{p.get('epochs', 0)}  {metrics}")
+
+
+def _job_json(job) -> dict:
+    return {"name": job.name, "state": job.state, "display_name": job.display_name, "model_kind": job.model_kind,
+            "spec": job.spec, "progress": job.progress,
+            "create_time": job.create_time.isoformat() if job.create_time else None,
+            "start_time": job.start_time.isoformat() if job.start_time else None,
+            "end_time": job.end_time.isoformat() if job.end_time else None,
+            "error": {"reason": job.error.reason, "message": job.error.message,
+                      "metadata": job.error.metadata} if job.error else None}
+
+
+def cmd_jobs_create(args) -> int:
+    loss = None
+    if args.loss:
+        loss = {"name": args.loss, "params": _pairs(args.loss_param, "--loss-param")}
+    with _client(args) as client:
+        job = client.create_job(
+            args.model, args.dataset, loss=loss, model_params=_pairs(args.param, "--param"),
+            optimizer=args.optimizer, learning_rate=args.learning_rate,
+            optimizer_params=_pairs(args.optimizer_param, "--optimizer-param"), epochs=args.epochs,
+            batch_size=args.batch_size, validation_split=args.validation_split, metrics=args.metric or (),
+            seed=args.seed, steps_per_epoch=args.steps_per_epoch, display_name=args.display_name,
+            request_id=args.request_id)
+        print(job.name)
+        if args.wait:
+            job = client.wait(job, progress=True)
+            print(_job_line(job))
+            return 0 if job.state == "succeeded" else 1
+    return 0
+
+
+def cmd_jobs_list(args) -> int:
+    with _client(args) as client:
+        jobs = client.list_jobs(args.state or (), limit=args.limit)
+    if args.json:
+        print(json.dumps([_job_json(j) for j in jobs], indent=2))
+    else:
+        for job in jobs:
+            print(_job_line(job))
+    return 0
+
+
+def cmd_jobs_get(args) -> int:
+    with _client(args) as client:
+        job = client.get_job(args.job)
+    print(json.dumps(_job_json(job), indent=2))
+    return 0
+
+
+def cmd_jobs_watch(args) -> int:
+    with _client(args) as client:
+        job = client.wait(args.job, progress=True, file=sys.stdout)
+    return 0 if job.state == "succeeded" else 1
+
+
+def cmd_jobs_cancel(args) -> int:
+    with _client(args) as client:
+        job = client.cancel_job(args.job)
+    print(f"{job.name} {job.state}")
+    return 0
+
+
+def cmd_jobs_download(args) -> int:
+    with _client(args) as client:
+        path = client.download(args.job, args.output, artifact=args.artifact)
+    print(path)
+    return 0
+
+
+def cmd_jobs_plot(args) -> int:
+    import tempfile
+
+    with _client(args) as client, tempfile.TemporaryDirectory() as tmp:
+        path = client.download(args.job, pathlib.Path(tmp) / "history.json", artifact="history")
+        history = json.loads(path.read_text())
+    out = pathlib.Path(args.output or f"{args.job.split('/')[-1]}-loss.png")
+    plot_history(history, out, title=args.job)
+    print(out)
+    return 0
+
+
+def plot_history(history: dict, path: pathlib.Path, *, title: str = "") -> pathlib.Path:
+    """Draws loss curves (``loss``/``val_loss`` and any other ``*loss``) to a PNG,
+    with matplotlib when installed, else with Pillow."""
+    series = {k: v for k, v in history.items() if k.endswith("loss") and v}
+    if not series:
+        raise SystemExit("error: the history holds no loss values yet")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return _plot_with_pillow(series, path, title)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, values in sorted(series.items()):
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _plot_with_pillow(series: dict, path: pathlib.Path, title: str) -> pathlib.Path:
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        raise SystemExit("error: `lossd jobs plot` needs matplotlib or Pillow: pip install pillow") from None
+    width, height, left, right, top, bottom = 700, 450, 60, 20, 30, 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    values = [v for vs in series.values() for v in vs]
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        hi = lo + 1.0
+    epochs = max(len(vs) for vs in series.values())
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        x = left + (i / max(epochs - 1, 1)) * (width - left - right)
+        y = top + (1 - (v - lo) / (hi - lo)) * (height - top - bottom)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for k in range(5):  # y ticks
+        v = lo + (hi - lo) * k / 4
+        _, y = xy(0, v)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((4, y - 6), f"{v:.3g}", fill="black")
+    for i in range(epochs):  # x ticks, one per epoch
+        x, _ = xy(i, lo)
+        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
+        if epochs <= 20 or i % max(epochs // 10, 1) == 0:
+            draw.text((x - 4, height - bottom + 6), str(i + 1), fill="black")
+    draw.text((width // 2 - 20, height - 16), "epoch", fill="black")
+    draw.text((left, 8), title, fill="black")
+    for n, (name, vs) in enumerate(sorted(series.items())):
+        color = _COLORS[n % len(_COLORS)]
+        points = [xy(i, v) for i, v in enumerate(vs)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        draw.text((width - right - 150, top + 8 + 14 * n), f"- {name}", fill=color)
+    image.save(path)
+    return path
+
+
+def cmd_datasets_upload(args) -> int:
+    with _client(args) as client:
+        info = client.upload_dataset(args.path, name=args.name)
+    print(f"{info.name}: {info.examples} images of {'x'.join(map(str, info.image_shape))}, "
+          f"{len(info.class_names)} classes")
+    return 0
+
+
+def cmd_datasets_list(args) -> int:
+    with _client(args) as client:
+        infos = client.list_datasets()
+    for info in infos:
+        print(f"{info.name:<20} {info.source:<8} {info.examples:>8} images  {'x'.join(map(str, info.image_shape)):<10} "
+              f"{len(info.class_names)} classes")
+    return 0
+
+
+def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """Adds ``jobs`` and ``datasets`` (with their sub-commands) to the ``lossd`` parser.
+
+    Args:
+        subparsers: The top-level ``add_subparsers()`` object.
+        client_parser: ``client_parser(name, help)`` from ``build_parser``: a
+            sub-command with ``--address`` and ``--timeout``.
+    """
+    # --address/--timeout may also follow the sub-command (`lossd jobs list
+    # --address ...`); SUPPRESS keeps the group-level value when they don't.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--address", default=argparse.SUPPRESS, help="server host:port")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="deadline in seconds")
+
+    jobs = client_parser("jobs", "create, watch and use training jobs")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+
+    p = jsub.add_parser("create", parents=[common], help="create a training job")
+    p.add_argument("--model", default="cnn", help="model preset: cnn, mlp or vae [cnn]")
+    p.add_argument("--dataset", default="digits", help="digits, an uploaded dataset or folder:PATH [digits]")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
+    p.add_argument("--loss", help="a registered loss name [the model's default]")
+    p.add_argument("--loss-param", action="append", metavar="KEY=VALUE", help="loss parameter (repeatable)")
+    p.add_argument("--optimizer", default="adam", help="Keras optimizer name [adam]")
+    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--optimizer-param", action="append", metavar="KEY=VALUE", help="optimizer parameter")
+    p.add_argument("--epochs", type=int, default=0, help="[10]")
+    p.add_argument("--batch-size", type=int, default=0, help="[32]")
+    p.add_argument("--validation-split", type=float, default=None, help="[0.2]")
+    p.add_argument("--metric", action="append", help="Keras metric name (repeatable) [accuracy]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on batches per epoch [all]")
+    p.add_argument("--display-name", default="")
+    p.add_argument("--request-id", default=None, help="makes retries safe: same id, same job")
+    p.add_argument("--wait", action="store_true", help="wait for the job, with a progress bar")
+    p.set_defaults(func=cmd_jobs_create)
+
+    p = jsub.add_parser("list", parents=[common], help="list jobs, newest first")
+    p.add_argument("--state", action="append", choices=["queued", "running", "cancelling", "succeeded", "failed",
+                                                        "cancelled"], help="only jobs in this state (repeatable)")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_list)
+
+    for name, func, help in (("get", cmd_jobs_get, "show a job as JSON"),
+                             ("watch", cmd_jobs_watch, "follow a job with a progress bar until it ends"),
+                             ("cancel", cmd_jobs_cancel, "cancel a queued or running job")):
+        p = jsub.add_parser(name, parents=[common], help=help)
+        p.add_argument("job", help="jobs/ID or ID")
+        p.set_defaults(func=func)
+
+    p = jsub.add_parser("download", parents=[common], help="download a job's model, history or TensorBoard logs")
+    p.add_argument("job", help="jobs/ID or ID")
+    p.add_argument("--artifact", choices=["model", "history", "tensorboard"], default="model")
+    p.add_argument("-o", "--output", default=".", help="a folder or file [.]")
+    p.set_defaults(func=cmd_jobs_download)
+
+    p = jsub.add_parser("plot", parents=[common], help="write a PNG of a job's loss curves")
+    p.add_argument("job", help="jobs/ID or ID")
+    p.add_argument("-o", "--output", help="the PNG [ID-loss.png]")
+    p.set_defaults(func=cmd_jobs_plot)
+
+    datasets = client_parser("datasets", "upload and list training datasets")
+    dsub = datasets.add_subparsers(dest="datasets_command", required=True)
+    p = dsub.add_parser("upload", parents=[common], help="upload an .npz or a zip/tar of class folders")
+    p.add_argument("path")
+    p.add_argument("--name", help="dataset name [the file name]")
+    p.set_defaults(func=cmd_datasets_upload)
+    p = dsub.add_parser("list", parents=[common], help="list datasets")
+    p.set_defaults(func=cmd_datasets_list)

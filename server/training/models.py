@@ -1,0 +1,484 @@
+"""Model presets a job can train: ``cnn``, ``mlp`` (classifiers) and ``vae``
+(a generator).
+
+Each preset has a table of parameters (type, default, range, doc) that is
+checked at job-creation time, in the server, so a bad parameter is an
+INVALID_ARGUMENT at once rather than a failed job minutes later. Building a
+model needs Keras; checking parameters does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from lossd_server.errors import InvalidArgument
+
+CLASSIFIER = "classifier"
+GENERATOR = "generator"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParam:
+    """A preset parameter.
+
+    Attributes:
+        name: The parameter's name in ``ModelSpec.params``.
+        type: ``int``, ``float``, ``bool``, ``int_list`` or ``choice``.
+        default: Used when the client leaves the parameter out.
+        doc: One line for people.
+        minimum: Smallest allowed value (each element, for ``int_list``).
+        maximum: Largest allowed value (each element, for ``int_list``).
+        choices: The allowed strings, for ``choice``.
+        max_items: Most elements of an ``int_list``.
+    """
+
+    name: str
+    type: str
+    default: Any
+    doc: str
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    choices: tuple[str, ...] = ()
+    max_items: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A model preset: its kind (``classifier`` or ``generator``) and parameters."""
+
+    name: str
+    kind: str
+    doc: str
+    params: tuple[ModelParam, ...]
+
+
+_ACTIVATIONS = ("relu", "gelu", "elu", "selu", "silu", "tanh", "sigmoid")
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("cnn", CLASSIFIER, "A convolutional classifier: conv blocks, then dense layers.", (
+        ModelParam("filters", "int_list", [32, 64], "Filters of each conv block (each block halves the image).",
+                   1, 1024),
+        ModelParam("kernel_size", "int", 3, "Size of the square conv kernels.", 1, 11),
+        ModelParam("dense_units", "int", 128, "Units of the dense layer before the output; 0 for none.", 0, 8192),
+        ModelParam("dropout", "float", 0.25, "Dropout rate before the output layer.", 0.0, 0.95),
+        ModelParam("batch_norm", "bool", False, "Batch normalization after each conv."),
+    )),
+    Preset("mlp", CLASSIFIER, "A dense classifier over the flattened image.", (
+        ModelParam("hidden_units", "int_list", [256, 128], "Units of each hidden layer.", 1, 8192),
+        ModelParam("activation", "choice", "relu", "Activation of the hidden layers.", choices=_ACTIVATIONS),
+        ModelParam("dropout", "float", 0.2, "Dropout rate after each hidden layer.", 0.0, 0.95),
+    )),
+    Preset("vae", GENERATOR,
+           "A convolutional variational autoencoder (the classic Keras example) that generates images.", (
+               ModelParam("latent_dim", "int", 2, "Size of the latent space.", 1, 512),
+               ModelParam("filters", "int_list", [32, 64],
+                          "Filters of each strided conv of the encoder (mirrored in the decoder).", 1, 1024,
+                          max_items=4),
+               ModelParam("dense_units", "int", 16, "Units of the encoder's dense layer.", 1, 8192),
+               ModelParam("beta", "float", 1.0, "Weight of the KL term: loss = reconstruction + beta * KL.",
+                          0.0, 1e6),
+           )),
+)}
+
+
+def _bad(preset: str, param: ModelParam, expected: str, value: Any) -> InvalidArgument:
+    return InvalidArgument(
+        f"Invalid value for parameter `{param.name}` of model `{preset}`. Expected {expected}. "
+        f"Received: {param.name}={value!r}.", reason="BAD_MODEL_PARAMETER",
+        metadata={"model": preset, "parameter": param.name})
+
+
+def _as_int(value: Any) -> Optional[int]:
+    # google.protobuf.Struct carries every number as a double.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _in_range(param: ModelParam, value: float) -> bool:
+    return ((param.minimum is None or value >= param.minimum)
+            and (param.maximum is None or value <= param.maximum))
+
+
+def _range_text(param: ModelParam) -> str:
+    lo = "" if param.minimum is None else f"{param.minimum:g}"
+    hi = "" if param.maximum is None else f"{param.maximum:g}"
+    return f" in [{lo}, {hi}]" if lo or hi else ""
+
+
+def _coerce(preset: str, param: ModelParam, value: Any) -> Any:
+    if param.type == "bool":
+        if not isinstance(value, bool):
+            raise _bad(preset, param, "true or false", value)
+        return value
+    if param.type == "choice":
+        if value not in param.choices:
+            raise _bad(preset, param, f"one of {list(param.choices)}", value)
+        return value
+    if param.type == "int":
+        as_int = _as_int(value)
+        if as_int is None or not _in_range(param, as_int):
+            raise _bad(preset, param, f"an integer{_range_text(param)}", value)
+        return as_int
+    if param.type == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not _in_range(param, value):
+            raise _bad(preset, param, f"a number{_range_text(param)}", value)
+        return float(value)
+    if param.type == "int_list":
+        items = [_as_int(v) for v in value] if isinstance(value, (list, tuple)) else [None]
+        if not 1 <= len(items) <= param.max_items or any(v is None or not _in_range(param, v) for v in items):
+            raise _bad(preset, param, f"a list of 1 to {param.max_items} integers{_range_text(param)}", value)
+        return items
+    raise AssertionError(param.type)
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; raises InvalidArgument (UNKNOWN_MODEL) otherwise."""
+    preset = PRESETS.get(name)
+    if preset is None:
+        raise InvalidArgument(
+            f"Unknown model preset {name!r}. Expected one of {sorted(PRESETS)}.",
+            reason="UNKNOWN_MODEL", metadata={"model": str(name)[:80]})
+    return preset
+
+
+def resolve_model_params(name: str, params: Optional[Mapping[str, Any]],
+                         image_shape: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """Checks a preset's parameters; returns all of them with defaults filled in.
+
+    Args:
+        name: The preset's name.
+        params: The client's parameters (numbers may be floats, as from a Struct).
+        image_shape: ``(height, width, channels)`` of the dataset, to check the
+            parameters against the images (the ``vae`` halves the image once
+            per filter).
+
+    Raises:
+        InvalidArgument: unknown preset (UNKNOWN_MODEL), unknown parameter or
+            bad value (BAD_MODEL_PARAMETER), or a model that cannot fit the
+            images (INCOMPATIBLE_DATASET).
+    """
+    preset = get_preset(name)
+    params = dict(params or {})
+    known = {p.name: p for p in preset.params}
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InvalidArgument(
+            f"Unknown parameter `{unknown[0]}` for model `{name}`. Expected some of {sorted(known)}. "
+            f"Received: {', '.join(unknown)}.", reason="BAD_MODEL_PARAMETER",
+            metadata={"model": name, "parameter": unknown[0]})
+    resolved = {p.name: _coerce(name, p, params[p.name]) if p.name in params else p.default
+                for p in preset.params}
+    if name == "vae" and image_shape is not None:
+        factor = 2 ** len(resolved["filters"])
+        h, w = image_shape[0], image_shape[1]
+        if h % factor or w % factor:
+            raise InvalidArgument(
+                f"Model `vae` with {len(resolved['filters'])} strided convs needs image sides divisible by "
+                f"{factor}. Received: images of {h}x{w}.", reason="INCOMPATIBLE_DATASET",
+                metadata={"model": name})
+    return resolved
+
+
+# ---------------------------------------------------------------------------
+# Building models (needs Keras).
+
+def build_model(name: str, params: Mapping[str, Any], image_shape: Sequence[int], num_classes: int, *,
+                logits: bool = False, seed: Optional[int] = None):
+    """Builds the Keras model of a preset from resolved parameters.
+
+    Args:
+        name: The preset's name.
+        params: Resolved parameters (``resolve_model_params``).
+        image_shape: ``(height, width, channels)``.
+        num_classes: Classes of the classifier (ignored by generators).
+        logits: Whether a classifier outputs logits instead of probabilities
+            (when its loss takes ``from_logits=True``).
+        seed: Seed of the VAE's sampling layer.
+
+    Returns:
+        An uncompiled ``keras.Model``. The output layer is float32 even under
+        mixed precision, so the loss sees float32 values.
+    """
+    import keras
+
+    shape = tuple(int(d) for d in image_shape)
+    if name == "vae":
+        return VAE(image_shape=list(shape), latent_dim=params["latent_dim"], filters=list(params["filters"]),
+                   dense_units=params["dense_units"], beta=params["beta"], seed=seed)
+    inputs = keras.Input(shape=shape, name="images")
+    x = inputs
+    if name == "cnn":
+        for i, filters in enumerate(params["filters"]):
+            x = keras.layers.Conv2D(filters, params["kernel_size"], padding="same",
+                                    activation=None if params["batch_norm"] else "relu", name=f"conv{i}")(x)
+            if params["batch_norm"]:
+                x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+                x = keras.layers.Activation("relu", name=f"relu{i}")(x)
+            # Stop pooling at 1x1 so a deep stack still fits a small image.
+            if x.shape[1] >= 2 and x.shape[2] >= 2:
+                x = keras.layers.MaxPooling2D(2, name=f"pool{i}")(x)
+        x = keras.layers.Flatten(name="flatten")(x)
+        if params["dense_units"]:
+            x = keras.layers.Dense(params["dense_units"], activation="relu", name="dense")(x)
+        if params["dropout"]:
+            x = keras.layers.Dropout(params["dropout"], name="dropout")(x)
+    elif name == "mlp":
+        x = keras.layers.Flatten(name="flatten")(x)
+        for i, units in enumerate(params["hidden_units"]):
+            x = keras.layers.Dense(units, activation=params["activation"], name=f"dense{i}")(x)
+            if params["dropout"]:
+                x = keras.layers.Dropout(params["dropout"], name=f"dropout{i}")(x)
+    else:
+        raise AssertionError(name)
+    outputs = keras.layers.Dense(num_classes, activation=None if logits else "softmax", dtype="float32",
+                                 name="logits" if logits else "probabilities")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _register_vae():
+    """Defines the VAE class on first use, so importing this module needs no Keras."""
+    import keras
+    from keras import ops
+
+    @keras.saving.register_keras_serializable(package="lossd")
+    class VAE(keras.Model):
+        """The classic Keras convolutional VAE: encoder -> (z_mean, z_log_var)
+        -> sampled z -> decoder.
+
+        Its loss is ``reconstruction + beta * KL`` with each term's reduction
+        explicit: the reconstruction loss is computed per pixel (reduction
+        ``none``), summed over each image and averaged over the batch; the KL
+        divergence of ``N(z_mean, exp(z_log_var))`` from ``N(0, 1)`` is summed
+        over the latent dimensions and averaged over the batch. The
+        reconstruction loss is any registered loss comparing pixels
+        (``binary_crossentropy`` by default), given to ``compile``.
+
+        Args:
+            image_shape: ``[height, width, channels]``; sides divisible by
+                ``2 ** len(filters)``.
+            latent_dim: Size of the latent space.
+            filters: Filters of each stride-2 conv of the encoder.
+            dense_units: Units of the encoder's dense layer.
+            beta: Weight of the KL term.
+            seed: Seed of the latent sampling.
+        """
+
+        def __init__(self, image_shape, latent_dim=2, filters=(32, 64), dense_units=16, beta=1.0, seed=None,
+                     **kwargs):
+            super().__init__(**kwargs)
+            self.image_shape = [int(d) for d in image_shape]
+            self.latent_dim = int(latent_dim)
+            self.filters = [int(f) for f in filters]
+            self.dense_units = int(dense_units)
+            self.beta = float(beta)
+            self.seed = seed
+            h, w, c = self.image_shape
+            factor = 2 ** len(self.filters)
+
+            enc_in = keras.Input(shape=(h, w, c), name="images")
+            x = enc_in
+            for i, f in enumerate(self.filters):
+                x = keras.layers.Conv2D(f, 3, strides=2, padding="same", activation="relu", name=f"conv{i}")(x)
+            x = keras.layers.Flatten()(x)
+            x = keras.layers.Dense(self.dense_units, activation="relu", name="dense")(x)
+            z_mean = keras.layers.Dense(self.latent_dim, name="z_mean", dtype="float32")(x)
+            z_log_var = keras.layers.Dense(self.latent_dim, name="z_log_var", dtype="float32")(x)
+            self.encoder = keras.Model(enc_in, [z_mean, z_log_var], name="encoder")
+
+            dec_in = keras.Input(shape=(self.latent_dim,), name="z")
+            x = keras.layers.Dense((h // factor) * (w // factor) * self.filters[-1], activation="relu")(dec_in)
+            x = keras.layers.Reshape((h // factor, w // factor, self.filters[-1]))(x)
+            for i, f in enumerate(reversed(self.filters)):
+                x = keras.layers.Conv2DTranspose(f, 3, strides=2, padding="same", activation="relu",
+                                                 name=f"deconv{i}")(x)
+            dec_out = keras.layers.Conv2DTranspose(c, 3, padding="same", activation="sigmoid", dtype="float32",
+                                                   name="pixels")(x)
+            self.decoder = keras.Model(dec_in, dec_out, name="decoder")
+
+            self.seed_generator = keras.random.SeedGenerator(seed)
+            self.reconstruction_loss_fn = None
+            self.total_loss_tracker = keras.metrics.Mean(name="loss")
+            self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
+            self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
+            # Encoder and decoder are functional models, built above.
+            self.built = True
+
+        @property
+        def metrics(self):
+            return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.kl_loss_tracker]
+
+        def compile(self, optimizer="adam", reconstruction_loss=None, **kwargs):
+            """Compiles with ``reconstruction_loss``: a Keras loss with reduction
+            ``none`` (binary crossentropy when None)."""
+            super().compile(optimizer=optimizer, **kwargs)
+            self.reconstruction_loss_fn = reconstruction_loss or keras.losses.BinaryCrossentropy(
+                reduction="none")
+
+        def sample(self, z_mean, z_log_var):
+            eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
+            return z_mean + ops.exp(0.5 * z_log_var) * eps
+
+        def call(self, images, training=False):
+            z_mean, z_log_var = self.encoder(images, training=training)
+            return self.decoder(self.sample(z_mean, z_log_var), training=training)
+
+        def compute_losses(self, images, training=False):
+            """Returns ``(total, reconstruction, kl)``, each a scalar."""
+            images = ops.cast(images, "float32")
+            z_mean, z_log_var = self.encoder(images, training=training)
+            reconstruction = self.decoder(self.sample(z_mean, z_log_var), training=training)
+            per_pixel = self.reconstruction_loss_fn(images, reconstruction)  # reduction "none"
+            batch = ops.shape(images)[0]
+            # Reconstruction: sum over each image's pixels, mean over the batch.
+            rec = ops.mean(ops.sum(ops.reshape(ops.cast(per_pixel, "float32"), (batch, -1)), axis=1))
+            # KL(N(mu, sigma^2) || N(0, 1)): sum over latent dimensions, mean over the batch.
+            kl = -0.5 * (1.0 + z_log_var - ops.square(z_mean) - ops.exp(z_log_var))
+            kl = ops.mean(ops.sum(kl, axis=1))
+            return rec + self.beta * kl, rec, kl
+
+        def _update(self, total, rec, kl):
+            self.total_loss_tracker.update_state(total)
+            self.reconstruction_loss_tracker.update_state(rec)
+            self.kl_loss_tracker.update_state(kl)
+            return {m.name: m.result() for m in self.metrics}
+
+        def train_step(self, data):
+            # The TensorFlow backend's train step: GradientTape, as in the Keras example.
+            import tensorflow as tf
+
+            images = data[0] if isinstance(data, (tuple, list)) else data
+            with tf.GradientTape() as tape:
+                total, rec, kl = self.compute_losses(images, training=True)
+                scaled = self.optimizer.scale_loss(total)
+            grads = tape.gradient(scaled, self.trainable_weights)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
+            return self._update(total, rec, kl)
+
+        def test_step(self, data):
+            images = data[0] if isinstance(data, (tuple, list)) else data
+            return self._update(*self.compute_losses(images, training=False))
+
+        def generate(self, n: int, seed: Optional[int] = None):
+            """Decodes ``n`` latent samples from N(0, 1); returns N x H x W x C in [0, 1]."""
+            z = keras.random.normal((n, self.latent_dim), seed=seed)
+            return self.decoder(z, training=False)
+
+        def get_config(self):
+            return {"image_shape": self.image_shape, "latent_dim": self.latent_dim, "filters": self.filters,
+                    "dense_units": self.dense_units, "beta": self.beta, "seed": self.seed,
+                    "name": self.name}
+
+    return VAE
+
+
+_VAE = None
+
+
+def VAE(*args, **kwargs):  # noqa: N802 - a factory standing in for the lazily defined class
+    """Builds a ``VAE`` (see ``_register_vae``)."""
+    return vae_class()(*args, **kwargs)
+
+
+def vae_class() -> type:
+    """The registered VAE class (defined on first call, so this module imports without Keras)."""
+    global _VAE
+    if _VAE is None:
+        _VAE = _register_vae()
+    return _VAE
+
+
+def load_model(path):
+    """Loads a trained ``.keras`` model (any preset), without compiling it."""
+    import keras
+
+    vae_class()  # registers lossd>VAE for deserialization
+    return keras.saving.load_model(path, compile=False)
+
+
+# ---------------------------------------------------------------------------
+# Optimizers and metrics.
+
+OPTIMIZERS = ("adam", "sgd", "rmsprop", "adamw", "adagrad", "adadelta", "adamax", "nadam", "ftrl", "lion")
+_OPTIMIZER_CLASSES = {"adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop", "adamw": "AdamW",
+                      "adagrad": "Adagrad", "adadelta": "Adadelta", "adamax": "Adamax", "nadam": "Nadam",
+                      "ftrl": "Ftrl", "lion": "Lion"}
+
+
+def build_optimizer(spec: Mapping[str, Any]):
+    """Builds a Keras optimizer from ``{"name", "learning_rate", "params"}``."""
+    import keras
+
+    cls = getattr(keras.optimizers, _OPTIMIZER_CLASSES[spec["name"]])
+    kwargs = dict(spec.get("params") or {})
+    if spec.get("learning_rate") is not None:
+        kwargs["learning_rate"] = spec["learning_rate"]
+    return cls(**kwargs)
+
+
+def resolve_optimizer(spec: Optional[Mapping[str, Any]]) -> dict:
+    """Checks an optimizer spec by building it once; returns its canonical form.
+
+    Raises:
+        InvalidArgument: unknown optimizer (UNKNOWN_OPTIMIZER) or parameters
+            Keras refuses (BAD_OPTIMIZER_PARAMETER).
+    """
+    import inspect
+
+    import keras
+
+    spec = dict(spec or {})
+    name = (spec.get("name") or "adam").lower()
+    if name not in _OPTIMIZER_CLASSES:
+        raise InvalidArgument(f"Unknown optimizer {spec.get('name')!r}. Expected one of {list(OPTIMIZERS)}.",
+                              reason="UNKNOWN_OPTIMIZER", metadata={"optimizer": str(spec.get("name"))[:80]})
+    lr = spec.get("learning_rate")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                           or lr <= 0):
+        raise InvalidArgument(f"Invalid learning_rate for optimizer `{name}`. Expected a number > 0. "
+                              f"Received: {lr!r}.", reason="BAD_OPTIMIZER_PARAMETER")
+    params = {k: (_as_int(v) if _as_int(v) is not None and k in ("ema_overwrite_frequency",) else v)
+              for k, v in dict(spec.get("params") or {}).items()}
+    cls = getattr(keras.optimizers, _OPTIMIZER_CLASSES[name])
+    accepted = [p for p in inspect.signature(cls.__init__).parameters
+                if p not in ("self", "name", "learning_rate", "kwargs")]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise InvalidArgument(f"Unknown parameter `{unknown[0]}` for optimizer `{name}`. Expected some of "
+                              f"{accepted}. Received: {', '.join(unknown)}.", reason="BAD_OPTIMIZER_PARAMETER",
+                              metadata={"optimizer": name, "parameter": unknown[0]})
+    canonical = {"name": name, "learning_rate": float(lr) if lr is not None else None, "params": params}
+    try:
+        build_optimizer(canonical)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"Invalid parameters for optimizer `{name}`: {exc}", reason="BAD_OPTIMIZER_PARAMETER",
+                              metadata={"optimizer": name}) from None
+    return canonical
+
+
+def resolve_metrics(names: Sequence[str], model_kind: str) -> list[str]:
+    """Checks Keras metric names; returns them (``accuracy`` by default for classifiers)."""
+    import keras
+
+    names = list(names)
+    if model_kind == GENERATOR:
+        if names:
+            raise InvalidArgument(
+                f"Metrics are not supported for generators (the vae reports loss, reconstruction_loss and "
+                f"kl_loss). Expected no metrics. Received: {names}.", reason="BAD_METRIC")
+        return []
+    for name in names:
+        try:
+            keras.metrics.get(name)
+        except (ValueError, TypeError):
+            raise InvalidArgument(f"Unknown metric {name!r}. Expected a Keras metric name, such as `accuracy` "
+                                  "or `sparse_top_k_categorical_accuracy`.", reason="BAD_METRIC",
+                                  metadata={"metric": str(name)[:80]}) from None
+    return names or ["accuracy"]

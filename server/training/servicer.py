@@ -1,0 +1,258 @@
+"""The TrainingService servicer: converts messages to and from the manager's
+plain records; everything else happens in ``TrainingManager``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+from google.protobuf import any_pb2, json_format, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from lossd import _tensors
+from lossd.v1 import training_service_pb2 as pb
+from lossd.v1 import training_service_pb2_grpc as pb_grpc
+from lossd_server.errors import DOMAIN, InvalidArgument, NotFound
+from lossd_server.status import handle_errors
+from lossd_server.training.manager import TrainingManager
+from lossd_server.training.store import Event, JobRecord
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainingService"].full_name
+
+_STATES = {
+    "queued": pb.Job.STATE_QUEUED, "running": pb.Job.STATE_RUNNING, "succeeded": pb.Job.STATE_SUCCEEDED,
+    "failed": pb.Job.STATE_FAILED, "cancelling": pb.Job.STATE_CANCELLING, "cancelled": pb.Job.STATE_CANCELLED,
+}
+_STATE_NAMES = {v: k for k, v in _STATES.items()}
+_FORMATS = {pb.DatasetHeader.FORMAT_NPZ: "npz", pb.DatasetHeader.FORMAT_ZIP: "zip",
+            pb.DatasetHeader.FORMAT_TAR: "tar"}
+_ARTIFACTS = {pb.ARTIFACT_MODEL: "model", pb.ARTIFACT_HISTORY: "history", pb.ARTIFACT_TENSORBOARD: "tensorboard"}
+
+
+def _timestamp(seconds) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def error_status(error: dict | None) -> status_pb2.Status | None:
+    """A stored job error as a ``google.rpc.Status`` with an ErrorInfo."""
+    if not error:
+        return None
+    info = error_details_pb2.ErrorInfo(reason=error["reason"], domain=DOMAIN,
+                                       metadata={k: str(v) for k, v in error.get("metadata", {}).items()})
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return status_pb2.Status(code=code_pb2.Code.Value(error.get("code", "INTERNAL")), message=error["message"],
+                             details=[detail])
+
+
+def job_name(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def job_id(name: str) -> str:
+    """``jobs/{id}`` (or a bare id) -> id."""
+    ident = name[len("jobs/"):] if name.startswith("jobs/") else name
+    if not ident or "/" in ident or len(ident) > 64:
+        raise NotFound(f"Job {name[:80]!r} does not exist. Expected a name of the form `jobs/{{job}}`.",
+                       reason="JOB_NOT_FOUND", metadata={"job": name[:100]})
+    return ident
+
+
+def spec_to_proto(spec: dict) -> pb.JobSpec:
+    """The stored (normalised) spec as a JobSpec message."""
+    message = pb.JobSpec(dataset=spec["dataset"], epochs=spec["epochs"], batch_size=spec["batch_size"],
+                         validation_split=spec["validation_split"], metrics=spec["metrics"], seed=spec["seed"],
+                         steps_per_epoch=spec["steps_per_epoch"])
+    message.model.preset = spec["model"]["preset"]
+    message.model.params.update(spec["model"]["params"])
+    if spec.get("loss"):
+        message.loss.name = spec["loss"]["name"]
+        message.loss.params.update(spec["loss"]["params"])
+    optimizer = spec["optimizer"]
+    message.optimizer.name = optimizer["name"]
+    if optimizer.get("learning_rate") is not None:
+        message.optimizer.learning_rate = optimizer["learning_rate"]
+    message.optimizer.params.update(optimizer.get("params") or {})
+    return message
+
+
+def spec_from_proto(message: pb.JobSpec) -> dict[str, Any]:
+    """A JobSpec message as the dict ``TrainingManager.create_job`` takes."""
+    spec: dict[str, Any] = {
+        "model": {"preset": message.model.preset, "params": json_format.MessageToDict(message.model.params)},
+        "dataset": message.dataset,
+        "epochs": message.epochs, "batch_size": message.batch_size,
+        "validation_split": message.validation_split if message.HasField("validation_split") else None,
+        "metrics": list(message.metrics), "seed": message.seed, "steps_per_epoch": message.steps_per_epoch,
+    }
+    if message.HasField("loss"):
+        loss = message.loss
+        spec["loss"] = {"name": loss.name, "params": json_format.MessageToDict(loss.params),
+                        "expression": loss.expression, "terms": len(loss.terms)}
+    if message.HasField("optimizer"):
+        opt = message.optimizer
+        spec["optimizer"] = {"name": opt.name, "params": json_format.MessageToDict(opt.params),
+                             "learning_rate": opt.learning_rate if opt.HasField("learning_rate") else None}
+    return spec
+
+
+def job_to_proto(job: JobRecord) -> pb.Job:
+    p = job.progress
+    message = pb.Job(
+        name=job_name(job.id), display_name=job.display_name, spec=spec_to_proto(job.spec),
+        state=_STATES[job.state], create_time=_timestamp(job.create_time), start_time=_timestamp(job.start_time),
+        end_time=_timestamp(job.end_time), error=error_status(job.error), request_id=job.request_id or "",
+        model_kind=job.model_kind,
+        progress=pb.JobProgress(epochs_completed=p.get("epochs_completed", 0), epochs=p.get("epochs", 0),
+                                step=p.get("step", 0), steps_per_epoch=p.get("steps_per_epoch", 0),
+                                examples_per_second=p.get("examples_per_second", 0.0),
+                                eta_seconds=p.get("eta_seconds", 0.0), metrics=p.get("metrics", {})))
+    return message
+
+
+def event_to_proto(event: Event) -> pb.JobEvent:
+    message = pb.JobEvent(sequence=event.seq, time=_timestamp(event.time))
+    d = event.payload
+    if event.kind == "state":
+        message.state_changed.CopyFrom(pb.JobEvent.StateChanged(state=_STATES[d["state"]],
+                                                                error=error_status(d.get("error"))))
+    elif event.kind == "epoch":
+        message.epoch_ended.CopyFrom(pb.JobEvent.EpochEnded(
+            epoch=d["epoch"], epochs=d["epochs"], metrics=d["metrics"], seconds=d["seconds"],
+            examples=d["examples"], examples_per_second=d["examples_per_second"]))
+    elif event.kind == "progress":
+        message.progress.CopyFrom(pb.JobEvent.Progress(
+            epoch=d["epoch"], epochs=d["epochs"], step=d["step"], steps_per_epoch=d["steps_per_epoch"],
+            loss=d["loss"], examples_per_second=d["examples_per_second"], eta_seconds=d["eta_seconds"]))
+    else:
+        message.message = d.get("text", "")
+    return message
+
+
+def dataset_to_proto(info) -> pb.Dataset:
+    return pb.Dataset(name=info.name, source=info.source, examples=info.examples, image_shape=info.image_shape,
+                      class_names=info.class_names, create_time=_timestamp(info.create_time) if info.create_time
+                      else None, size_bytes=info.size_bytes)
+
+
+class TrainingServicer(pb_grpc.TrainingServiceServicer):
+    """Implements ``lossd.v1.TrainingService`` over a TrainingManager."""
+
+    def __init__(self, manager: TrainingManager, *, max_elements: int = 1 << 30):
+        self.manager = manager
+        self.max_elements = max_elements
+
+    @handle_errors
+    def CreateJob(self, request, context):
+        if not request.HasField("spec"):
+            raise InvalidArgument("CreateJob needs a spec. Received: none.", reason="BAD_JOB_SPEC")
+        job = self.manager.create_job(spec_from_proto(request.spec), display_name=request.display_name,
+                                      request_id=request.request_id)
+        return job_to_proto(job)
+
+    @handle_errors
+    def GetJob(self, request, context):
+        return job_to_proto(self.manager.get_job(job_id(request.name)))
+
+    @handle_errors
+    def ListJobs(self, request, context):
+        states = []
+        for value in request.states:
+            if value not in _STATE_NAMES:
+                raise InvalidArgument(f"Invalid state filter. Expected Job.State values 1-6. Received: {value}.",
+                                      reason="BAD_STATE")
+            states.append(_STATE_NAMES[value])
+        jobs, token = self.manager.list_jobs(states, request.page_size, request.page_token)
+        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
+
+    @handle_errors
+    def CancelJob(self, request, context):
+        return job_to_proto(self.manager.cancel_job(job_id(request.name)))
+
+    @handle_errors
+    def WatchJob(self, request, context):
+        for event in self.manager.watch(job_id(request.name), request.after_sequence, context.is_active):
+            yield event_to_proto(event)
+
+    @handle_errors
+    def UploadDataset(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            raise InvalidArgument("UploadDataset must start with a header (name, format, size_bytes). "
+                                  "Received: " + ("nothing." if first is None else "a chunk."),
+                                  reason="BAD_UPLOAD")
+        header = first.header
+        fmt = _FORMATS.get(header.format)
+        if fmt is None:
+            raise InvalidArgument(f"Invalid dataset format. Expected FORMAT_NPZ, FORMAT_ZIP or FORMAT_TAR. "
+                                  f"Received: {header.format}.", reason="BAD_DATASET_FORMAT")
+
+        def chunks() -> Iterator[bytes]:
+            for message in request_iterator:
+                if message.WhichOneof("kind") != "chunk":
+                    raise InvalidArgument("UploadDataset takes one header, then chunks. Received: a second header.",
+                                          reason="BAD_UPLOAD")
+                yield message.chunk
+
+        info = self.manager.upload_dataset(header.name, fmt, header.size_bytes, chunks())
+        return dataset_to_proto(info)
+
+    @handle_errors
+    def ListDatasets(self, request, context):
+        return pb.ListDatasetsResponse(datasets=[dataset_to_proto(i) for i in self.manager.list_datasets()])
+
+    @handle_errors
+    def DownloadArtifact(self, request, context):
+        artifact = _ARTIFACTS.get(request.artifact)
+        if artifact is None:
+            raise InvalidArgument("Invalid artifact. Expected ARTIFACT_MODEL, ARTIFACT_HISTORY or "
+                                  f"ARTIFACT_TENSORBOARD. Received: {request.artifact}.", reason="BAD_ARTIFACT")
+        filename, size, chunks = self.manager.artifact(job_id(request.name), artifact)
+        first = True
+        for data in chunks:
+            yield pb.ArtifactChunk(filename=filename if first else "", size_bytes=size if first else 0, data=data)
+            first = False
+        if first:  # an empty file still sends its name
+            yield pb.ArtifactChunk(filename=filename, size_bytes=0)
+
+    @handle_errors
+    def Predict(self, request, context):
+        images = _tensors.to_numpy(request.images, field="images", max_elements=self.max_elements)
+        probabilities, class_names = self.manager.predict(job_id(request.name), images)
+        return pb.PredictResponse(probabilities=_tensors.from_numpy(probabilities), class_names=class_names)
+
+    @handle_errors
+    def Generate(self, request, context):
+        images = self.manager.generate(job_id(request.name), request.count, request.seed)
+        return pb.GenerateResponse(images=_tensors.from_numpy(images))
+
+
+def add_training_service(grpc_server, settings, registry, metrics=None) -> TrainingManager:
+    """Adds TrainingService to a server and starts its manager.
+
+    Args:
+        grpc_server: A ``grpc.Server`` not yet started.
+        settings: The server's ``Settings``.
+        registry: The loss registry job losses resolve in.
+        metrics: Optional ``Metrics`` to update.
+
+    Returns:
+        The started TrainingManager; call ``stop()`` when the server stops.
+    """
+    manager = TrainingManager(settings, registry, metrics)
+    manager.start()
+    pb_grpc.add_TrainingServiceServicer_to_server(
+        TrainingServicer(manager, max_elements=settings.max_tensor_elements), grpc_server)
+    if metrics is not None:
+        kinds = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream",
+                 (True, True): "bidi_stream"}
+        for method in pb.DESCRIPTOR.services_by_name["TrainingService"].methods:
+            metrics.init_rpc_method(kinds[(method.client_streaming, method.server_streaming)], SERVICE_NAME,
+                                    method.name)
+    return manager

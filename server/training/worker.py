@@ -1,0 +1,340 @@
+"""The code that runs inside a job's process (started with the ``spawn``
+method by the manager): builds the model, data, loss and optimizer, trains
+with ``model.fit`` and reports through a queue.
+
+Files under ``<data_dir>/jobs/<id>/``:
+
+- ``checkpoints/epoch-N.weights.h5`` and ``checkpoint.json`` (which epoch is
+  the latest, and the history so far): written every epoch, atomically, so a
+  process killed at any moment leaves a usable checkpoint. Model *and*
+  optimizer state are saved, so a resumed job continues where it stopped.
+- ``model.keras``, ``history.json`` and ``logs/`` (TensorBoard) at the end.
+
+TensorFlow is imported inside ``run_job``, after the GPU this job may use is
+chosen (``CUDA_VISIBLE_DEVICES`` must be set before TensorFlow starts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import threading
+import time
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_META = "checkpoint.json"
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.json"
+LOGS_DIR = "logs"
+PID_FILE = "worker.pid"
+# Never send a stack trace to a client: only the exception type and the
+# first part of its message, which for training errors is what users need.
+_MAX_MESSAGE = 500
+
+
+class NonFiniteLoss(Exception):
+    """The training loss became NaN or Inf."""
+
+    def __init__(self, step: int, epoch: int, value: float):
+        super().__init__(f"The training loss became {value} at step {step} (epoch {epoch}).")
+        self.step, self.epoch, self.value = step, epoch, value
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Ends this process when the server dies (even by ``kill -9``), so a job
+    is never trained twice: the restarted server resumes it from its checkpoint."""
+    try:  # Linux: the kernel signals us the moment the parent goes.
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(3)
+
+    def poll():  # portable fallback
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(3)
+
+    threading.Thread(target=poll, name="parent-watch", daemon=True).start()
+
+
+def read_checkpoint(job_dir: pathlib.Path) -> Optional[dict]:
+    """The latest checkpoint's metadata ``{"epoch", "weights", "history"}``, or None."""
+    meta = job_dir / CHECKPOINT_META
+    if not meta.exists():
+        return None
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if not (job_dir / CHECKPOINT_DIR / data["weights"]).exists():
+        return None
+    return data
+
+
+def _write_json_atomic(path: pathlib.Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def run_job(config: dict, queue) -> None:
+    """Trains one job; the process's entry point.
+
+    Args:
+        config: ``job_id``, ``job_dir``, ``spec``, ``runtime``, ``model_kind``,
+            ``progress_every``, ``mixed_precision``, ``gpu`` (an index or None),
+            ``parent_pid``, ``max_upload_bytes``.
+        queue: A ``multiprocessing`` queue; every report is a dict with a
+            ``kind``: ``message``, ``progress``, ``epoch`` or ``done``.
+    """
+    _watch_parent(config["parent_pid"])
+    job_dir = pathlib.Path(config["job_dir"])
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / PID_FILE).write_text(str(os.getpid()))
+    if config.get("gpu") is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(config["gpu"])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+    def send(kind: str, **payload) -> None:
+        queue.put({"kind": kind, **payload})
+
+    try:
+        _train(config, job_dir, send)
+    except NonFiniteLoss as exc:
+        send("done", state="failed", reason="NON_FINITE_LOSS", message=str(exc),
+             metadata={"step": exc.step, "epoch": exc.epoch})
+    except Exception as exc:  # noqa: BLE001 - the job fails, the server lives on
+        log.error("job %s failed", config["job_id"], exc_info=True)
+        text = f"{type(exc).__name__}: {exc}"
+        send("done", state="failed", reason="TRAINING_ERROR",
+             message=f"Training failed: {text[:_MAX_MESSAGE]}")
+    finally:
+        queue.close()
+        queue.join_thread()  # flush everything before the process exits
+
+
+def _train(config: dict, job_dir: pathlib.Path, send) -> None:
+    import numpy as np
+    import tensorflow as tf
+    import keras
+
+    from lossd_server.training import datasets, models
+    from lossd_server.training.losses import build_training_loss
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if config.get("mixed_precision") and tf.config.list_physical_devices("GPU"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+    spec, runtime = config["spec"], config["runtime"]
+    seed = int(spec["seed"])
+    keras.utils.set_random_seed(seed)
+
+    x, y, _ = datasets.load(runtime["dataset_source"], runtime["dataset_path"], config["max_upload_bytes"])
+    # A seeded shuffle before the split: Keras's validation_split takes the
+    # last rows as they are, which for sorted datasets is one class.
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    n_val = int(round(len(x) * spec["validation_split"]))
+    x_train, y_train, x_val, y_val = x[n_val:], y[n_val:], x[:n_val], y[:n_val]
+    batch_size, epochs = spec["batch_size"], spec["epochs"]
+    full_steps = math.ceil(len(x_train) / batch_size)
+    steps = min(spec["steps_per_epoch"] or full_steps, full_steps)
+    examples_per_epoch = min(steps * batch_size, len(x_train))
+
+    train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
+        len(x_train), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    if steps < full_steps:
+        train = train.take(steps)
+    train = train.prefetch(tf.data.AUTOTUNE)
+    val = (tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(max(batch_size, 256)).prefetch(2)
+           if n_val else None)
+
+    registry = _registry()
+    model_spec = spec["model"]
+    model = models.build_model(model_spec["preset"], model_spec["params"], runtime["image_shape"],
+                               len(runtime["class_names"]), logits=runtime.get("logits", False), seed=seed)
+    optimizer = models.build_optimizer(spec["optimizer"])
+    if config["model_kind"] == models.GENERATOR:
+        recon = build_training_loss(spec["loss"], registry, reduction="none") if spec.get("loss") else None
+        model.compile(optimizer=optimizer, reconstruction_loss=recon)
+    else:
+        model.compile(optimizer=optimizer, loss=build_training_loss(spec["loss"], registry),
+                      metrics=list(spec["metrics"]))
+
+    ckpt_dir = job_dir / CHECKPOINT_DIR
+    ckpt_dir.mkdir(exist_ok=True)
+    history: dict[str, list[float]] = {}
+    initial_epoch = 0
+    checkpoint = read_checkpoint(job_dir)
+    if checkpoint is not None:
+        # Weights and optimizer slots must exist before they can be loaded.
+        model(x_train[:1], training=False)
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(ckpt_dir / checkpoint["weights"])
+        initial_epoch = int(checkpoint["epoch"])
+        history = checkpoint["history"]
+        send("message", text=f"Resuming from the checkpoint of epoch {initial_epoch}; "
+                             f"{epochs - initial_epoch} epochs to go.", resumed_from_epoch=initial_epoch)
+    send("message", text=f"Training {model_spec['preset']} on {len(x_train)} images ({n_val} held out for "
+                         f"validation), {steps} batches of {batch_size} per epoch, on "
+                         f"{'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'}.")
+
+    reporter = _Reporter(send, job_dir, history, epochs=epochs, steps=steps, batch_size=batch_size,
+                         examples_per_epoch=examples_per_epoch, n_train=len(x_train),
+                         progress_every=config["progress_every"])
+    callbacks = [reporter, _make_scalar_logger(job_dir / LOGS_DIR)]
+    if initial_epoch < epochs:
+        model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch, verbose=0, shuffle=False,
+                  callbacks=callbacks)
+
+    tmp = job_dir / ("tmp-" + MODEL_FILE)
+    model.save(tmp)
+    os.replace(tmp, job_dir / MODEL_FILE)
+    _write_json_atomic(job_dir / HISTORY_FILE, history)
+    send("done", state="succeeded")
+
+
+def _registry():
+    """The server's registry of named losses (Keras, lossd's built-ins, plugins)."""
+    try:
+        from lossd_server.custom import full_registry
+    except ImportError:  # an older server layout without plugins
+        from lossd_server.losses import default_registry
+
+        return default_registry()
+    return full_registry(plugins=True)
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
+def _make_scalar_logger(logs_dir: pathlib.Path):
+    """Writes each epoch's metrics as TensorBoard scalars under ``logs/train``
+    and ``logs/validation`` (the layout of Keras's TensorBoard callback).
+
+    Keras's own callback needs the ``tensorboard`` package for
+    ``tf.summary.scalar``; ``tf.summary.write`` with the scalars plugin's
+    metadata writes the same records with TensorFlow alone.
+    """
+    import keras
+    import tensorflow as tf
+    from tensorflow.core.framework import summary_pb2
+
+    metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+    class ScalarLogger(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.writers = {}
+
+        def _writer(self, split: str):
+            if split not in self.writers:
+                self.writers[split] = tf.summary.create_file_writer(str(logs_dir / split))
+            return self.writers[split]
+
+        def on_epoch_end(self, epoch, logs=None):
+            for key, value in (logs or {}).items():
+                split, tag = ("validation", key[4:]) if key.startswith("val_") else ("train", key)
+                with self._writer(split).as_default():
+                    tf.summary.write(f"epoch_{tag}", tf.constant(float(value), tf.float32), step=epoch,
+                                     metadata=metadata)
+            for writer in self.writers.values():
+                writer.flush()
+
+        def on_train_end(self, logs=None):
+            for writer in self.writers.values():
+                writer.close()
+
+    return ScalarLogger()
+
+
+def _make_reporter_class():
+    import keras
+
+    class Reporter(keras.callbacks.Callback):
+        """Reports progress every N batches, checks the loss is finite, and
+        checkpoints then reports at every epoch's end."""
+
+        def __init__(self, send, job_dir: pathlib.Path, history: dict, *, epochs: int, steps: int,
+                     batch_size: int, examples_per_epoch: int, n_train: int, progress_every: int):
+            super().__init__()
+            self.send, self.job_dir, self.history = send, job_dir, history
+            self.epochs, self.steps, self.batch_size = epochs, steps, batch_size
+            self.examples_per_epoch, self.n_train = examples_per_epoch, n_train
+            self.progress_every = progress_every
+            self.rate = 0.0
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch = epoch
+            self.epoch_start = self.mark_time = time.perf_counter()
+            self.mark_examples = 0
+            self.train_end = None
+
+        def _examples(self, batch: int) -> int:
+            return min((batch + 1) * self.batch_size, self.n_train)
+
+        def on_train_batch_end(self, batch, logs=None):
+            logs = logs or {}
+            loss = logs.get("loss")
+            if loss is not None and not _finite(loss):
+                raise NonFiniteLoss(step=self.epoch * self.steps + batch + 1, epoch=self.epoch + 1,
+                                    value=float(loss))
+            self.train_end = time.perf_counter()
+            if (batch + 1) % self.progress_every and batch + 1 != self.steps:
+                return
+            now = self.train_end
+            done = self._examples(batch)
+            if now > self.mark_time:
+                self.rate = (done - self.mark_examples) / (now - self.mark_time)
+            self.mark_time, self.mark_examples = now, done
+            remaining = (self.epochs - self.epoch) * self.examples_per_epoch - done
+            self.send("progress", epoch=self.epoch + 1, epochs=self.epochs, step=batch + 1,
+                      steps_per_epoch=self.steps, loss=float(loss) if loss is not None else 0.0,
+                      examples=done, examples_per_second=self.rate,
+                      eta_seconds=remaining / self.rate if self.rate > 0 else 0.0)
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.perf_counter()
+            metrics = {k: float(v) for k, v in (logs or {}).items() if _finite(v)}
+            for key, value in metrics.items():
+                self.history.setdefault(key, []).append(value)
+            self._checkpoint(epoch + 1)
+            train_seconds = (self.train_end or now) - self.epoch_start
+            self.send("epoch", epoch=epoch + 1, epochs=self.epochs, metrics=metrics, seconds=now - self.epoch_start,
+                      examples=self.examples_per_epoch,
+                      examples_per_second=self.examples_per_epoch / train_seconds if train_seconds > 0 else 0.0)
+
+        def _checkpoint(self, epoch: int) -> None:
+            # New file, then the pointer: a kill at any moment leaves the
+            # previous checkpoint or the new one, never a torn file.
+            ckpt_dir = self.job_dir / CHECKPOINT_DIR
+            name = f"epoch-{epoch}.weights.h5"
+            tmp = ckpt_dir / f"tmp-{name}"
+            self.model.save_weights(tmp)
+            os.replace(tmp, ckpt_dir / name)
+            _write_json_atomic(self.job_dir / CHECKPOINT_META,
+                               {"epoch": epoch, "weights": name, "history": self.history})
+            for old in ckpt_dir.glob("epoch-*.weights.h5"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+
+    return Reporter
+
+
+def _Reporter(*args, **kwargs):  # noqa: N802 - keras.callbacks.Callback exists only once TF has started
+    return _make_reporter_class()(*args, **kwargs)

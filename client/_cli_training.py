@@ -6,26 +6,12 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable
 
 import lossd
 
 
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _pairs(pairs: Optional[Sequence[str]], flag: str) -> dict[str, Any]:
-    out = {}
-    for pair in pairs or ():
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: {flag} expects KEY=VALUE. Received: {pair!r}")
-        out[key] = _value(value)
-    return out
+from lossd.cli import parse_pairs as _pairs
 
 
 def _client(args) -> "lossd.Client":
@@ -53,7 +39,8 @@ def _job_json(job) -> dict:
 def cmd_jobs_create(args) -> int:
     loss = None
     if args.loss:
-        loss = {"name": args.loss, "params": _pairs(args.loss_param, "--loss-param")}
+        kind = "expression" if args.loss.startswith("expr:") else "name"
+        loss = {kind: args.loss.removeprefix("expr:"), "params": _pairs(args.loss_param, "--loss-param")}
     with _client(args) as client:
         job = client.create_job(
             args.model, args.dataset, loss=loss, model_params=_pairs(args.param, "--param"),
@@ -232,7 +219,7 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p.add_argument("--model", default="cnn", help="model preset: cnn, mlp or vae [cnn]")
     p.add_argument("--dataset", default="digits", help="digits, an uploaded dataset or folder:PATH [digits]")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
-    p.add_argument("--loss", help="a registered loss name [the model's default]")
+    p.add_argument("--loss", help="a registered loss name, or expr:EXPRESSION [the model's default]")
     p.add_argument("--loss-param", action="append", metavar="KEY=VALUE", help="loss parameter (repeatable)")
     p.add_argument("--optimizer", default="adam", help="Keras optimizer name [adam]")
     p.add_argument("--learning-rate", type=float, default=None)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import grpc
-import numpy as np
 
 from lossd import _requests
-from lossd._errors import LossdError, from_rpc_error
+from lossd._errors import LossdError, from_rpc_error, translate_errors
 from lossd._requests import EvaluateResult, LossInfo, LossLike
 from lossd._training import TrainingMixin
 from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
@@ -18,17 +16,6 @@ from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
 DEFAULT_ADDRESS = "localhost:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
 DEFAULT_CHUNK_BYTES = 16 << 20
-
-
-def _translate_errors(method):
-    """Every gRPC failure leaves the client as one LossdError (one place, not one per method)."""
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        try:
-            return method(*args, **kwargs)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-    return wrapper
 
 
 class Client(TrainingMixin):
@@ -69,13 +56,13 @@ class Client(TrainingMixin):
     def _call_args(self, timeout: Optional[float]) -> dict:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata or None}
 
-    @_translate_errors
+    @translate_errors
     def losses(self, *, timeout: Optional[float] = None) -> list[LossInfo]:
         """Every loss the server can evaluate, with parameters (name, type, default, doc)."""
         response = self._losses.ListLosses(loss_service_pb2.ListLossesRequest(), **self._call_args(timeout))
         return [_requests.loss_info(d) for d in response.losses]
 
-    @_translate_errors
+    @translate_errors
     def register_loss(self, name: str, expression: str, *, params: Optional[Mapping[str, float]] = None,
                       inputs: Optional[Iterable[str]] = None, doc: str = "", replace: bool = False,
                       timeout: Optional[float] = None) -> LossInfo:
@@ -97,12 +84,12 @@ class Client(TrainingMixin):
             request.params.CopyFrom(struct)
         return _requests.loss_info(self._losses.RegisterLoss(request, **self._call_args(timeout)))
 
-    @_translate_errors
+    @translate_errors
     def delete_loss(self, name: str, *, timeout: Optional[float] = None) -> None:
         """Deletes a registered expression loss."""
         self._losses.DeleteLoss(loss_service_pb2.DeleteLossRequest(name=name), **self._call_args(timeout))
 
-    @_translate_errors
+    @translate_errors
     def evaluate(self, loss: LossLike, y_true, y_pred, *, params: Optional[Mapping[str, Any]] = None,
                  sample_weight=None, reduction: str = "sum_over_batch_size", gradient: bool = False,
                  tensors: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None) -> EvaluateResult:

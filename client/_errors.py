@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Optional
 
 import grpc
@@ -76,3 +77,14 @@ def _rich_status(error):
 
                 return status_pb2.Status.FromString(value)
         return None
+
+
+def translate_errors(method):
+    """Decorates a client method so every gRPC failure leaves it as one LossdError."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+    return wrapper

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import os
 import pathlib
 import sys
@@ -18,8 +17,8 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from lossd import _tensors
-from lossd._errors import LossdError, client_error, from_rpc_error, status_error
+from lossd import _requests, _tensors
+from lossd._errors import LossdError, client_error, from_rpc_error, status_error, translate_errors
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
 
@@ -30,16 +29,6 @@ _FORMATS = {".npz": pb.DatasetHeader.FORMAT_NPZ, ".zip": pb.DatasetHeader.FORMAT
             ".tar": pb.DatasetHeader.FORMAT_TAR, ".tgz": pb.DatasetHeader.FORMAT_TAR,
             ".tar.gz": pb.DatasetHeader.FORMAT_TAR, ".tar.bz2": pb.DatasetHeader.FORMAT_TAR,
             ".tar.xz": pb.DatasetHeader.FORMAT_TAR}
-
-
-def _translate(method):
-    @functools.wraps(method)
-    def wrapper(*args, **kwargs):
-        try:
-            return method(*args, **kwargs)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-    return wrapper
 
 
 def _state_name(value: int) -> str:
@@ -233,7 +222,7 @@ class TrainingMixin:
             stub = self.__dict__["_training_stub"] = pb_grpc.TrainingServiceStub(self._channel)
         return stub
 
-    @_translate
+    @translate_errors
     def create_job(self, model: str = "cnn", dataset: str = "digits", *, loss: Any = None,
                    loss_params: Optional[Mapping[str, Any]] = None, model_params: Optional[Mapping[str, Any]] = None,
                    optimizer: str = "adam", learning_rate: Optional[float] = None,
@@ -246,8 +235,10 @@ class TrainingMixin:
         Args:
             model: The preset: ``cnn``, ``mlp`` or ``vae``.
             dataset: ``digits``, an uploaded dataset's name or ``folder:PATH``.
-            loss: A registered loss name (``"sparse_categorical_crossentropy"``)
-                or ``{"name": ..., "params": {...}}``; None for the model's default.
+            loss: A registered loss name (``"sparse_categorical_crossentropy"``,
+                or one registered with ``register_loss``), ``{"name": ..., "params": {...}}``,
+                ``{"expression": ..., "params": {...}}`` or a composite
+                ``{"terms": [...]}`` (as for ``evaluate``); None for the model's default.
             loss_params: Loss parameters under Keras's names.
             model_params: Preset parameters, e.g. ``{"filters": [16, 32]}``.
             optimizer: A Keras optimizer name (``adam``, ``sgd``, ...).
@@ -277,10 +268,8 @@ class TrainingMixin:
         spec.model.params.update(dict(model_params or {}))
         if validation_split is not None:
             spec.validation_split = validation_split
-        if loss is not None or loss_params:
-            loss_dict = {"name": loss} if isinstance(loss, str) or loss is None else dict(loss)
-            spec.loss.name = loss_dict.get("name") or ""
-            spec.loss.params.update({**dict(loss_dict.get("params") or {}), **dict(loss_params or {})})
+        if loss is not None:
+            spec.loss.CopyFrom(_requests.loss_spec(loss, loss_params))
         spec.optimizer.name = optimizer
         if learning_rate is not None:
             spec.optimizer.learning_rate = learning_rate
@@ -289,13 +278,13 @@ class TrainingMixin:
                                       request_id=request_id if request_id is not None else uuid.uuid4().hex)
         return Job.from_proto(self._training.CreateJob(request, **self._call_args(timeout)))
 
-    @_translate
+    @translate_errors
     def get_job(self, job: "Job | str", *, timeout: Optional[float] = None) -> Job:
         """The job's current state (``job`` is a Job, ``jobs/{id}`` or an id)."""
         return Job.from_proto(self._training.GetJob(pb.GetJobRequest(name=_job_name(job)),
                                                     **self._call_args(timeout)))
 
-    @_translate
+    @translate_errors
     def list_jobs(self, states: Iterable[str] = (), *, page_size: int = 100, limit: Optional[int] = None,
                   timeout: Optional[float] = None) -> list[Job]:
         """Jobs, newest first, fetching pages as needed.
@@ -316,7 +305,7 @@ class TrainingMixin:
             if not token or (limit is not None and len(jobs) >= limit):
                 return jobs[:limit] if limit is not None else jobs
 
-    @_translate
+    @translate_errors
     def cancel_job(self, job: "Job | str", *, timeout: Optional[float] = None) -> Job:
         """Cancels a queued or running job (best effort); returns it, normally ``cancelled``.
 
@@ -398,7 +387,7 @@ class TrainingMixin:
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
-    @_translate
+    @translate_errors
     def list_datasets(self, *, timeout: Optional[float] = None) -> list[Dataset]:
         """Every dataset the server can train on."""
         response = self._training.ListDatasets(pb.ListDatasetsRequest(), **self._call_args(timeout))
@@ -437,7 +426,7 @@ class TrainingMixin:
         os.replace(tmp, target)
         return target
 
-    @_translate
+    @translate_errors
     def predict(self, job: "Job | str", images, *, timeout: Optional[float] = None) -> np.ndarray:
         """Class probabilities (N x classes, rows summing to 1) from a trained classifier.
 
@@ -451,7 +440,7 @@ class TrainingMixin:
         response = self._training.Predict(request, **self._call_args(timeout))
         return _tensors.to_numpy(response.probabilities, field="probabilities").copy()
 
-    @_translate
+    @translate_errors
     def generate(self, job: "Job | str", n: int, *, seed: int = 0, timeout: Optional[float] = None) -> np.ndarray:
         """``n`` new images (float32, N x H x W x C in [0, 1]) from a trained generator."""
         response = self._training.Generate(pb.GenerateRequest(name=_job_name(job), count=n, seed=seed),

@@ -31,12 +31,13 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _params(pairs: Sequence[str]) -> dict[str, Any]:
+def parse_pairs(pairs: Optional[Sequence[str]], flag: str = "--param") -> dict[str, Any]:
+    """``["k=v", ...]`` from a repeatable flag -> ``{k: v}`` with JSON-parsed values."""
     out = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --param expects KEY=VALUE. Received: {pair!r}")
+            raise SystemExit(f"error: {flag} expects KEY=VALUE. Received: {pair!r}")
         out[key] = _parse_value(value)
     return out
 
@@ -80,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_losses_register(args: argparse.Namespace) -> int:
     with lossd.Client(args.address, timeout=args.timeout) as client:
-        info = client.register_loss(args.name, args.expression, params=_params(args.param),
+        info = client.register_loss(args.name, args.expression, params=parse_pairs(args.param),
                                     inputs=args.input, doc=args.doc, replace=args.replace)
     print(f"registered {info.name}({', '.join(info.inputs)}): {info.expression}")
     return 0
@@ -116,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sample_weight = np.load(args.sample_weight) if args.sample_weight else None
     loss: Any = {"expression": args.loss[len("expr:"):]} if args.loss.startswith("expr:") else args.loss
     with lossd.Client(args.address, timeout=args.timeout) as client:
-        result = client.evaluate(loss, y_true, y_pred, params=_params(args.param), sample_weight=sample_weight,
+        result = client.evaluate(loss, y_true, y_pred, params=parse_pairs(args.param), sample_weight=sample_weight,
                                  reduction=args.reduction, gradient=bool(args.gradient_out))
     if args.gradient_out:
         np.save(args.gradient_out, result.gradient)

@@ -57,6 +57,8 @@ class ExpressionLoss(keras.losses.Loss):
         self._compiled = compile_expression(expression, tensors=self.inputs, params=list(self.params))
 
     def __call__(self, *args, sample_weight=None):
+        if len(args) == len(self.inputs) + 1 and sample_weight is None:
+            *args, sample_weight = args  # model.fit passes (y_true, y_pred, sample_weight) positionally
         if len(args) != len(self.inputs):
             raise ValueError(f"{self.name} takes {len(self.inputs)} tensors {list(self.inputs)}; got {len(args)}")
         named = dict(zip(self.inputs, args))

@@ -270,7 +270,8 @@ def _jsonable(value: Any) -> bool:
         return False
 
 
-def _as_int(value: Any) -> Optional[int]:
+def as_int(value: Any) -> Optional[int]:
+    """An integral number as an int, else None."""
     # google.protobuf.Struct carries every number as a double.
     if isinstance(value, bool):
         return None
@@ -294,22 +295,22 @@ def coerce_parameter(loss: str, param: Parameter, value: Any) -> Any:
     if param.type in ("int", "int_or_null"):
         if value is None and param.type == "int_or_null":
             return None
-        as_int = _as_int(value)
-        if as_int is None:
+        integer = as_int(value)
+        if integer is None:
             raise _type_error(loss, param, value)
-        value = as_int
+        value = integer
     elif param.type == "axis":
         if value is None:
             return None
         if isinstance(value, (list, tuple)):
-            axes = [_as_int(v) for v in value]
+            axes = [as_int(v) for v in value]
             if not axes or any(a is None for a in axes):
                 raise _type_error(loss, param, value)
             return axes
-        as_int = _as_int(value)
-        if as_int is None:
+        integer = as_int(value)
+        if integer is None:
             raise _type_error(loss, param, value)
-        return as_int
+        return integer
     elif param.type == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise _type_error(loss, param, value)

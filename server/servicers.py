@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import threading
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from google.protobuf import json_format

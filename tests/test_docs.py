@@ -37,7 +37,9 @@ def test_ci_runs_the_readme_test_command():
     assert test_command.strip() in (ROOT / ".ci" / "run").read_text()
 
 
-PYTHON_BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "lossd.Client(" in b]
+# The training walk-through trains for minutes; tests/training runs the same calls on tiny jobs.
+PYTHON_BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S)
+                 if "lossd.Client(" in b and "create_job" not in b]
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))

@@ -31,8 +31,8 @@ import numpy as np
 
 from lossd_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from lossd_server.training import datasets, models, worker
-from lossd_server.training.losses import resolve_training_loss
-from lossd_server.training.store import (CANCELLED, CANCELLING, FAILED, FINAL_STATES, QUEUED, RUNNING,
+from lossd_server.training.losses import from_logits, resolve_training_loss
+from lossd_server.training.store import (CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING,
                                          SUCCEEDED, Event, JobRecord, Store)
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class TrainingManager:
         }
         runtime = {"dataset_source": info.source, "dataset_path": info.path, "image_shape": list(info.image_shape),
                    "class_names": info.class_names,
-                   "logits": bool(loss and loss["params"].get("from_logits"))}
+                   "logits": from_logits(loss)}
         return normalized, runtime, preset.kind
 
     def get_job(self, job_id: str) -> JobRecord:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from lossd_server.errors import InvalidArgument
+from lossd_server.losses import as_int
 
 CLASSIFIER = "classifier"
 GENERATOR = "generator"
@@ -90,17 +91,6 @@ def _bad(preset: str, param: ModelParam, expected: str, value: Any) -> InvalidAr
         metadata={"model": preset, "parameter": param.name})
 
 
-def _as_int(value: Any) -> Optional[int]:
-    # google.protobuf.Struct carries every number as a double.
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    return None
-
-
 def _in_range(param: ModelParam, value: float) -> bool:
     return ((param.minimum is None or value >= param.minimum)
             and (param.maximum is None or value <= param.maximum))
@@ -122,17 +112,17 @@ def _coerce(preset: str, param: ModelParam, value: Any) -> Any:
             raise _bad(preset, param, f"one of {list(param.choices)}", value)
         return value
     if param.type == "int":
-        as_int = _as_int(value)
-        if as_int is None or not _in_range(param, as_int):
+        integer = as_int(value)
+        if integer is None or not _in_range(param, integer):
             raise _bad(preset, param, f"an integer{_range_text(param)}", value)
-        return as_int
+        return integer
     if param.type == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or not _in_range(param, value):
             raise _bad(preset, param, f"a number{_range_text(param)}", value)
         return float(value)
     if param.type == "int_list":
-        items = [_as_int(v) for v in value] if isinstance(value, (list, tuple)) else [None]
+        items = [as_int(v) for v in value] if isinstance(value, (list, tuple)) else [None]
         if not 1 <= len(items) <= param.max_items or any(v is None or not _in_range(param, v) for v in items):
             raise _bad(preset, param, f"a list of 1 to {param.max_items} integers{_range_text(param)}", value)
         return items
@@ -444,7 +434,7 @@ def resolve_optimizer(spec: Optional[Mapping[str, Any]]) -> dict:
                            or lr <= 0):
         raise InvalidArgument(f"Invalid learning_rate for optimizer `{name}`. Expected a number > 0. "
                               f"Received: {lr!r}.", reason="BAD_OPTIMIZER_PARAMETER")
-    params = {k: (_as_int(v) if _as_int(v) is not None and k in ("ema_overwrite_frequency",) else v)
+    params = {k: (as_int(v) if as_int(v) is not None and k in ("ema_overwrite_frequency",) else v)
               for k, v in dict(spec.get("params") or {}).items()}
     cls = getattr(keras.optimizers, _OPTIMIZER_CLASSES[name])
     accepted = [p for p in inspect.signature(cls.__init__).parameters

@@ -10,9 +10,11 @@ from google.protobuf import any_pb2, json_format, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from lossd import _tensors
+from lossd._requests import loss_spec
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
 from lossd_server.errors import DOMAIN, InvalidArgument, NotFound
+from lossd_server.servicers import spec_to_dict
 from lossd_server.status import handle_errors
 from lossd_server.training.manager import TrainingManager
 from lossd_server.training.store import Event, JobRecord
@@ -64,6 +66,17 @@ def job_id(name: str) -> str:
     return ident
 
 
+def _loss_message(loss: dict):
+    """A canonical training loss (see training.losses) as a LossSpec message."""
+    def plain(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k in ("name", "params", "expression")}
+
+    if "terms" in loss:
+        return loss_spec({"terms": [{**{k: v for k, v in t.items() if k != "loss"}, "loss": plain(t["loss"])}
+                                    for t in loss["terms"]]})
+    return loss_spec(plain(loss))
+
+
 def spec_to_proto(spec: dict) -> pb.JobSpec:
     """The stored (normalised) spec as a JobSpec message."""
     message = pb.JobSpec(dataset=spec["dataset"], epochs=spec["epochs"], batch_size=spec["batch_size"],
@@ -72,8 +85,7 @@ def spec_to_proto(spec: dict) -> pb.JobSpec:
     message.model.preset = spec["model"]["preset"]
     message.model.params.update(spec["model"]["params"])
     if spec.get("loss"):
-        message.loss.name = spec["loss"]["name"]
-        message.loss.params.update(spec["loss"]["params"])
+        message.loss.CopyFrom(_loss_message(spec["loss"]))
     optimizer = spec["optimizer"]
     message.optimizer.name = optimizer["name"]
     if optimizer.get("learning_rate") is not None:
@@ -92,9 +104,7 @@ def spec_from_proto(message: pb.JobSpec) -> dict[str, Any]:
         "metrics": list(message.metrics), "seed": message.seed, "steps_per_epoch": message.steps_per_epoch,
     }
     if message.HasField("loss"):
-        loss = message.loss
-        spec["loss"] = {"name": loss.name, "params": json_format.MessageToDict(loss.params),
-                        "expression": loss.expression, "terms": len(loss.terms)}
+        spec["loss"] = spec_to_dict(message.loss)
     if message.HasField("optimizer"):
         opt = message.optimizer
         spec["optimizer"] = {"name": opt.name, "params": json_format.MessageToDict(opt.params),

@@ -132,7 +132,7 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     import keras
 
     from lossd_server.training import datasets, models
-    from lossd_server.training.losses import build_training_loss
+    from lossd_server.training.losses import ONE_HOT, build_training_loss, label_format
 
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
@@ -144,6 +144,10 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     keras.utils.set_random_seed(seed)
 
     x, y, _ = datasets.load(runtime["dataset_source"], runtime["dataset_path"], config["max_upload_bytes"])
+    registry = _registry()
+    if config["model_kind"] == models.CLASSIFIER and label_format(spec["loss"], registry) == ONE_HOT:
+        # Expression and plugin losses compare y_pred with targets of its own shape.
+        y = np.eye(len(runtime["class_names"]), dtype="float32")[y]
     # A seeded shuffle before the split: Keras's validation_split takes the
     # last rows as they are, which for sorted datasets is one class.
     order = np.random.default_rng(seed).permutation(len(x))
@@ -163,7 +167,6 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     val = (tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(max(batch_size, 256)).prefetch(2)
            if n_val else None)
 
-    registry = _registry()
     model_spec = spec["model"]
     model = models.build_model(model_spec["preset"], model_spec["params"], runtime["image_shape"],
                                len(runtime["class_names"]), logits=runtime.get("logits", False), seed=seed)

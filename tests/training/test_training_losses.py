@@ -14,7 +14,9 @@ from lossd_server.training.losses import build_training_loss, resolve_training_l
 
 @pytest.fixture(scope="module")
 def registry():
-    return default_registry()
+    from lossd_server.custom import full_registry
+
+    return full_registry(plugins=False)
 
 
 @pytest.mark.parametrize("preset, params, reason", [
@@ -43,7 +45,12 @@ def test_struct_numbers_become_ints():
     ({"name": "bce", "params": {"from_logits": True}}, "generator", "INCOMPATIBLE_LOSS"),
     ({"name": "hubre"}, "classifier", "UNKNOWN_LOSS"),
     ({"name": "scce", "params": {"delta": 1.0}}, "classifier", "UNKNOWN_PARAMETER"),
-    ({"expression": "mean(y_pred)"}, "classifier", "UNSUPPORTED_TRAINING_LOSS"),
+    ({"expression": "mean(y_pred.shape)"}, "classifier", "BAD_EXPRESSION"),
+    ({"name": "vae_kl"}, "classifier", "INCOMPATIBLE_LOSS"),  # reads z_mean, z_log_var
+    ({"terms": [{"loss": {"name": "scce"}}, {"loss": {"expression": "mean(square(y_true - y_pred))"}}]},
+     "classifier", "INCOMPATIBLE_LOSS"),  # class indices for one term, one-hot targets for the other
+    ({"terms": [{"loss": {"name": "mse"}, "inputs": ["x", "x_hat"]}]}, "classifier", "INCOMPATIBLE_LOSS"),
+    ({"terms": [{"loss": {"name": "mse"}}]}, "generator", "INCOMPATIBLE_LOSS"),
 ])
 def test_losses_that_cannot_work_are_refused(registry, spec, kind, reason):
     with pytest.raises(InvalidArgument) as exc:
@@ -98,3 +105,31 @@ def test_vae_trains_saves_and_loads(tmp_path):
     np.testing.assert_allclose(np.asarray(loaded.decoder(z)), np.asarray(vae.decoder(z)), atol=1e-6)
     images = np.asarray(loaded.generate(5, seed=1))
     assert images.shape == (5, 8, 8, 1) and 0 <= images.min() and images.max() <= 1
+
+
+def test_expression_and_composite_training_losses_match_keras(registry):
+    """An expression loss gets one-hot targets; a composite sums its weighted terms."""
+    import keras
+
+    from lossd_server.training.losses import ONE_HOT, SPARSE, label_format
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, size=16)
+    probs = rng.dirichlet(np.ones(10), size=16).astype("float32")
+    onehot = np.eye(10, dtype="float32")[labels]
+    ce = "sum(-y_true * log(clip(y_pred, epsilon(), 1.0)), axis=-1)"
+    expr = resolve_training_loss({"expression": ce}, registry, "classifier")
+    assert label_format(expr, registry) == ONE_HOT
+    got = build_training_loss(expr, registry)(onehot, probs)
+    want = keras.losses.SparseCategoricalCrossentropy()(labels, probs)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+    composite = resolve_training_loss({"terms": [
+        {"loss": {"name": "scce"}},
+        {"loss": {"name": "categorical_generalized_cross_entropy", "params": {"q": 0.7}}, "weight": 0.5}]},
+        registry, "classifier")
+    assert label_format(composite, registry) == SPARSE
+    got = build_training_loss(composite, registry)(labels, probs)
+    want = (keras.losses.SparseCategoricalCrossentropy()(labels, probs)
+            + 0.5 * keras.losses.CategoricalGeneralizedCrossEntropy(q=0.7)(labels, probs))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)

@@ -150,6 +150,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, *, loss_names: Iterable[str],
                  version: str, process_metrics: bool = True):
         self.registry = registry
+        self._evaluation_children: dict[tuple[str, str], tuple] = {}
         self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, OTHER_LOSS}
         r = registry
 
@@ -291,11 +292,22 @@ class Metrics:
             raise ValueError(
                 f"Invalid value for argument `outcome`. Expected one of "
                 f"{EVALUATION_OUTCOMES}. Received: outcome={outcome!r}")
-        loss = self.loss_label(loss_name)
-        self.lossd_loss_evaluations_total.labels(loss, outcome).inc()
-        self.lossd_loss_evaluation_duration_seconds.labels(loss).observe(seconds)
-        self.lossd_loss_evaluated_elements_total.labels(loss).inc(elements)
-        self.lossd_loss_evaluated_bytes_total.labels(loss).inc(nbytes)
+        # Children resolved once per (loss, outcome): a labels() lookup takes a
+        # lock and builds a key, four of them per request add up.
+        children = self._evaluation_children.get((loss_name, outcome))
+        if children is None:
+            loss = self.loss_label(loss_name)
+            children = (self.lossd_loss_evaluations_total.labels(loss, outcome),
+                        self.lossd_loss_evaluation_duration_seconds.labels(loss),
+                        self.lossd_loss_evaluated_elements_total.labels(loss),
+                        self.lossd_loss_evaluated_bytes_total.labels(loss))
+            if len(self._evaluation_children) < 4096:  # unknown names are many; "other" needs no cache
+                self._evaluation_children[(loss_name, outcome)] = children
+        count, duration, elements_total, bytes_total = children
+        count.inc()
+        duration.observe(seconds)
+        elements_total.inc(elements)
+        bytes_total.inc(nbytes)
 
     @contextlib.contextmanager
     def time_evaluation(self, loss_name: str) -> Iterator[EvaluationRecord]:

@@ -205,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.func(args)
     except lossd.LossdError as error:
-        print(f"error: {error.code.name} {error.reason}: {error.message}", file=sys.stderr)
+        print(f"error: {error.code.name}{f' {error.reason}' if error.reason else ''}: {error.message}", file=sys.stderr)
         return 1
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -151,6 +151,7 @@ class Metrics:
                  version: str, process_metrics: bool = True):
         self.registry = registry
         self._evaluation_children: dict[tuple[str, str], tuple] = {}
+        self._handled_children: dict[tuple[str, str, str, str], tuple] = {}
         self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, OTHER_LOSS}
         r = registry
 
@@ -254,6 +255,8 @@ class Metrics:
             ("version", "tensorflow_version", "keras_version"), registry=r)
 
         self._preinitialise()
+        self._cache_hits = self.lossd_loss_cache_lookups_total.labels("hit")
+        self._cache_misses = self.lossd_loss_cache_lookups_total.labels("miss")
         self.set_build_info(version)
 
     def _preinitialise(self) -> None:
@@ -337,7 +340,7 @@ class Metrics:
 
     def observe_cache_lookup(self, hit: bool) -> None:
         """Counts one lookup in the compiled-loss cache."""
-        self.lossd_loss_cache_lookups_total.labels("hit" if hit else "miss").inc()
+        (self._cache_hits if hit else self._cache_misses).inc()
 
     # RPC level.
 
@@ -352,9 +355,16 @@ class Metrics:
         if code not in GRPC_CODES:
             logger.warning("Unexpected gRPC code %r counted as UNKNOWN", code)
             code = "UNKNOWN"
-        self.grpc_server_handled_total.labels(grpc_type, service, method, code).inc()
-        self.grpc_server_handling_seconds.labels(
-            grpc_type, service, method).observe(seconds)
+        # Children resolved once per (method, code): labels() takes a lock and builds a key.
+        key = (grpc_type, service, method, code)
+        children = self._handled_children.get(key)
+        if children is None:
+            children = self._handled_children[key] = (
+                self.grpc_server_handled_total.labels(grpc_type, service, method, code),
+                self.grpc_server_handling_seconds.labels(grpc_type, service, method))
+        handled, handling = children
+        handled.inc()
+        handling.observe(seconds)
 
     @contextlib.contextmanager
     def time_rpc(self, grpc_type: str, service: str,

@@ -18,7 +18,32 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
 DEFAULT_CHUNK_BYTES = 16 << 20
 
 
-class Client(TrainingMixin):
+class _ChannelOwner:
+    """What the sync and asyncio clients share: settings, the channel, call arguments."""
+
+    _secure_channel = staticmethod(grpc.secure_channel)
+    _insecure_channel = staticmethod(grpc.insecure_channel)
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: Optional[float] = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 credentials: Optional[grpc.ChannelCredentials] = None,
+                 metadata: Optional[Iterable[tuple[str, str]]] = None):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self.address = address
+        self.timeout = timeout
+        self.max_message_bytes = max_message_bytes
+        self.chunk_bytes = min(chunk_bytes, max_message_bytes // 2)
+        self.metadata = list(metadata or ())
+        self._channel = (self._secure_channel(address, credentials, options) if credentials
+                         else self._insecure_channel(address, options))
+        self._losses = loss_service_pb2_grpc.LossServiceStub(self._channel)
+
+    def _call_args(self, timeout: Optional[float]) -> dict:
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata or None}
+
+
+class Client(_ChannelOwner, TrainingMixin):
     """A connection to a lossd server.
 
     Args:
@@ -37,24 +62,6 @@ class Client(TrainingMixin):
     ...     r = client.evaluate("huber", y_true, y_pred, params={"delta": 2.0}, gradient=True)
     ...     r.loss, r.gradient.shape
     """
-
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: Optional[float] = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 credentials: Optional[grpc.ChannelCredentials] = None,
-                 metadata: Optional[Iterable[tuple[str, str]]] = None):
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
-        self.address = address
-        self.timeout = timeout
-        self.max_message_bytes = max_message_bytes
-        self.chunk_bytes = min(chunk_bytes, max_message_bytes // 2)
-        self.metadata = list(metadata or ())
-        self._channel = (grpc.secure_channel(address, credentials, options) if credentials
-                         else grpc.insecure_channel(address, options))
-        self._losses = loss_service_pb2_grpc.LossServiceStub(self._channel)
-
-    def _call_args(self, timeout: Optional[float]) -> dict:
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata or None}
 
     @translate_errors
     def losses(self, *, timeout: Optional[float] = None) -> list[LossInfo]:

@@ -5,6 +5,7 @@ construction, and splitting large tensors into chunks."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Iterator, Mapping, Optional, Union
 
 import numpy as np
@@ -236,10 +237,8 @@ class ChunkAssembler:
 
 
 def loss_info(description) -> LossInfo:
-    import json
-
-    from lossd.v1 import loss_service_pb2 as pb
-
+    """A LossDescription message as a LossInfo."""
+    pb = loss_service_pb2
     return LossInfo(
         name=description.name, aliases=list(description.aliases), doc=description.doc,
         parameters=[LossParameter(p.name, p.type, json.loads(p.default_json) if p.default_json else None, p.doc)

@@ -14,34 +14,19 @@ import grpc
 import grpc.aio
 
 from lossd import _requests
-from lossd._client import DEFAULT_ADDRESS, DEFAULT_CHUNK_BYTES, DEFAULT_MAX_MESSAGE_BYTES
+from lossd._client import _ChannelOwner
 from lossd._errors import LossdError, from_rpc_error
 from lossd._requests import EvaluateResult, LossInfo, LossLike
-from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
+from lossd.v1 import loss_service_pb2
 
 __all__ = ["Client"]
 
 
-class Client:
+class Client(_ChannelOwner):
     """An asyncio connection to a lossd server; arguments as for ``lossd.Client``."""
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: Optional[float] = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 credentials: Optional[grpc.ChannelCredentials] = None,
-                 metadata: Optional[Iterable[tuple[str, str]]] = None):
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
-        self.address = address
-        self.timeout = timeout
-        self.max_message_bytes = max_message_bytes
-        self.chunk_bytes = min(chunk_bytes, max_message_bytes // 2)
-        self.metadata = list(metadata or ())
-        self._channel = (grpc.aio.secure_channel(address, credentials, options) if credentials
-                         else grpc.aio.insecure_channel(address, options))
-        self._losses = loss_service_pb2_grpc.LossServiceStub(self._channel)
-
-    def _call_args(self, timeout: Optional[float]) -> dict:
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata or None}
+    _secure_channel = staticmethod(grpc.aio.secure_channel)
+    _insecure_channel = staticmethod(grpc.aio.insecure_channel)
 
     async def losses(self, *, timeout: Optional[float] = None) -> list[LossInfo]:
         """Every loss the server can evaluate, with its parameters."""

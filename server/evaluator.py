@@ -170,8 +170,7 @@ class Evaluator:
         reduction = t.get("reduction") or None
         if reduction is not None:
             check_reduction(reduction)
-        label = t.get("label") or (entry.name if entry.source != "expression" or entry.name
-                                   else f"term_{index}")
+        label = t.get("label") or entry.name or f"term_{index}"  # inline expressions have no name
         return Term(label, entry, params, weight, reduction, inputs)
 
     def _finish_plan(self, terms: tuple[Term, ...], composite: bool) -> Plan:
@@ -181,11 +180,7 @@ class Evaluator:
             "weight": t.weight, "reduction": t.reduction, "inputs": list(t.inputs),
         } for t in terms]
         key = json.dumps(canonical, sort_keys=True, default=str)
-        if composite:
-            metric_name = "composite"
-        else:
-            metric_name = terms[0].entry.name if terms[0].entry.source != "expression" or \
-                terms[0].entry.name in self.registry else "expression"
+        metric_name = "composite" if composite else terms[0].entry.name or "expression"
         return Plan(terms, composite, key, metric_name)
 
     # -- evaluation ----------------------------------------------------------

@@ -127,15 +127,24 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
     def _decode(self, tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
         return _tensors.to_numpy(tensor, field=field, max_elements=self.max_elements)
 
-    def _evaluate(self, request: loss_service_pb2.EvaluateRequest) -> loss_service_pb2.EvaluateResponse:
+    @contextlib.contextmanager
+    def _metered(self, metric_name: str):
+        """Times one evaluation (yields its metrics record, or None without
+        metrics); a client error counts as ``invalid_argument``, anything else
+        raised as ``error``."""
         if self.metrics is None:
-            return self._evaluate_unmetered(request, None)
-        with self.metrics.time_evaluation(self._metric_name(request.loss)) as record:
+            yield None
+            return
+        with self.metrics.time_evaluation(metric_name) as record:
             try:
-                return self._evaluate_unmetered(request, record)
+                yield record
             except (LossdError, _tensors.TensorError):
                 record.outcome = "invalid_argument"
                 raise
+
+    def _evaluate(self, request: loss_service_pb2.EvaluateRequest) -> loss_service_pb2.EvaluateResponse:
+        with self._metered(self._metric_name(request.loss)) as record:
+            return self._evaluate_unmetered(request, record)
 
     def _evaluate_unmetered(self, request, record) -> loss_service_pb2.EvaluateResponse:
         if not request.HasField("loss"):
@@ -246,7 +255,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                     tensor_pb2.Tensor(dtype=_tensors.dtype_enum(dt), shape=(chunk.rows, *row_shape),
                                       content=getattr(chunk, name)),
                     field=f"chunk {name}", max_elements=self.max_elements)
-            with (self.metrics.time_evaluation(metric) if self.metrics else contextlib.nullcontext()) as record:
+            with self._metered(metric) as record:
                 values, grad = session.feed(chunk.start, arrays)
                 if record is not None:
                     record.elements = int(arrays["y_pred"].size)

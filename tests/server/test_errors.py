@@ -510,6 +510,19 @@ def test_chunks_out_of_order(stub):
     check_status(status, INVALID, "BAD_CHUNK", "Expected a chunk starting at row 4", "Received: start=6, rows=2")
 
 
+def test_chunk_refusals_count_as_invalid_argument(server, stub):
+    """A refused chunk is the client's error in the evaluation metrics, as for Evaluate."""
+    def count(outcome):
+        return server.metrics.registry.get_sample_value(
+            "lossd_loss_evaluations_total", {"loss": "mean_squared_error", "outcome": outcome}) or 0.0
+
+    before = {o: count(o) for o in ("ok", "invalid_argument", "error")}
+    chunked_error(stub, [_header(rows=8), _chunk(0, 4), _chunk(6, 2)])
+    assert count("ok") - before["ok"] == 1
+    assert count("invalid_argument") - before["invalid_argument"] == 1
+    assert count("error") == before["error"]
+
+
 def test_chunk_past_the_end(stub):
     _, status = chunked_error(stub, [_header(rows=8), _chunk(0, 4), _chunk(4, 6)])
     check_status(status, INVALID, "BAD_CHUNK", "with 1..4 rows", "Received: start=4, rows=6")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -52,9 +53,10 @@ class Plan:
     key: str          # canonical JSON: equal plans compile to the same program
     metric_name: str  # the registered name, or "composite"/"expression"
 
-    @property
-    def tensor_names(self) -> set[str]:
-        return {name for term in self.terms for name in term.inputs}
+    @functools.cached_property
+    def tensor_names(self) -> frozenset[str]:
+        """Every tensor the terms read (computed once: plans are cached and reused)."""
+        return frozenset(name for term in self.terms for name in term.inputs)
 
 
 @dataclasses.dataclass
@@ -96,8 +98,6 @@ class Evaluator:
         self._lock = threading.Lock()
         self._compile_lock = threading.Lock()
         self.compilations = 0
-        self.hits = 0
-        self.misses = 0
 
     # -- plans ---------------------------------------------------------------
 
@@ -269,7 +269,6 @@ class Evaluator:
             compiled = self._cache.get(key)
             if compiled is not None:
                 self._cache.move_to_end(key)
-                self.hits += 1
                 self._count_lookup("hit")
                 return compiled
         # Tracing takes tens of milliseconds: do it outside the cache lock, one
@@ -279,7 +278,6 @@ class Evaluator:
             with self._lock:
                 compiled = self._cache.get(key)
             if compiled is None:
-                self.misses += 1
                 self._count_lookup("miss")
                 compiled = backend.Compiled(
                     _program(plan, reduction, dtype), specs, has_sample_weight=has_sw, gradient=gradient,
@@ -315,10 +313,6 @@ class Evaluator:
         log.debug("compiling %s", plan.metric_name)
         if self.metrics is not None:
             self.metrics.observe_compilation(plan.metric_name)
-
-    @property
-    def cache_len(self) -> int:
-        return len(self._cache)
 
 
 def any_non_finite(arrays) -> bool:

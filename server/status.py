@@ -6,11 +6,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from typing import Optional
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from lossd._tensors import TensorError
@@ -85,7 +84,3 @@ def handle_errors(method):
 def _is_abort(exc: BaseException) -> bool:
     # context.abort raises a private grpc exception after setting the status.
     return type(exc).__name__ == "_AbortionError" or isinstance(exc, grpc.RpcError)
-
-
-def code_name(status: Optional[status_pb2.Status]) -> str:
-    return code_pb2.Code.Name(status.code) if status is not None else "OK"

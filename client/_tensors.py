@@ -42,6 +42,8 @@ _ENUM_BY_NAME.update({"float16": DataType.DATA_TYPE_FLOAT16, "float32": DataType
                       "bool": DataType.DATA_TYPE_BOOL})
 
 SUPPORTED_DTYPES = tuple(sorted(_ENUM_BY_NAME))
+# Exact dtype -> enum, the fast path: ``dtype.name`` is rebuilt on each access.
+_ENUM_BY_DTYPE: dict[np.dtype, int] = {dt: enum for enum, dt in _NUMPY_BY_ENUM.items()}
 
 
 class TensorError(ValueError):
@@ -72,7 +74,9 @@ def numpy_dtype(enum: int, *, field: str = "tensor") -> np.dtype:
 
 def dtype_enum(dtype: np.dtype, *, field: str = "tensor") -> int:
     """The DataType enum value for a numpy dtype; raises TensorError when unsupported."""
-    enum = _ENUM_BY_NAME.get(np.dtype(dtype).name)
+    enum = _ENUM_BY_DTYPE.get(dtype)
+    if enum is None:
+        enum = _ENUM_BY_NAME.get(np.dtype(dtype).name)
     if enum is None:
         raise TensorError(
             f"{field}: unsupported dtype. Expected one of {', '.join(SUPPORTED_DTYPES)}. "

@@ -30,6 +30,22 @@ log = logging.getLogger(__name__)
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 XLA_MIN_ELEMENTS = 1 << 20
 DEFAULT_INPUTS = ("y_true", "y_pred")
+# Up to this many elements ``isfinite().all()`` is the faster NaN/Inf check;
+# above it, min/max, which allocate nothing (see any_non_finite).
+ISFINITE_MAX_ELEMENTS = 1 << 16
+
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, cached: numpy builds the name on every access (about
+    4 µs), and a request reads it several times."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = dtype.name
+        if len(_DTYPE_NAMES) < 64:  # a handful in practice; never unbounded
+            _DTYPE_NAMES[dtype] = name
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +214,7 @@ class Evaluator:
         y_pred = tensors.get("y_pred")
         if y_pred is None:
             raise InvalidArgument("y_pred is required.", reason="BAD_TENSOR")
-        compute_dtype = y_pred.dtype.name
+        compute_dtype = dtype_name(y_pred.dtype)
         if compute_dtype not in FLOAT_DTYPES:
             raise InvalidArgument(
                 f"y_pred: expected a floating dtype ({', '.join(FLOAT_DTYPES)}); the loss is "
@@ -213,12 +229,12 @@ class Evaluator:
 
         names = sorted(plan.tensor_names | {"y_pred"})
         arrays = [tensors[n] for n in names]
-        specs = [backend.InputSpec(n, a.dtype.name, backend.signature_shape(a.shape))
+        specs = [backend.InputSpec(n, dtype_name(a.dtype), backend.signature_shape(a.shape))
                  for n, a in zip(names, arrays)]
         if sample_weight is not None:
             names.append("sample_weight")
             arrays.append(sample_weight)
-            specs.append(backend.InputSpec("sample_weight", sample_weight.dtype.name,
+            specs.append(backend.InputSpec("sample_weight", dtype_name(sample_weight.dtype),
                                            backend.signature_shape(sample_weight.shape)))
         xla = self._use_xla(plan, y_pred.size)
         key = (plan.key, reduction, gradient, xla, tuple(specs))
@@ -235,7 +251,7 @@ class Evaluator:
     def _check_inputs(self, plan: Plan, tensors: Mapping[str, np.ndarray],
                       sample_weight: Optional[np.ndarray], reduction: str) -> None:
         for name, array in tensors.items():
-            if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
+            if array.dtype.kind not in "biuf" and dtype_name(array.dtype) != "bfloat16":
                 raise InvalidArgument(f"{name}: expected a numeric dtype. Received: {array.dtype.name}.",
                                       reason="UNSUPPORTED_DTYPE")
         shapes = []
@@ -318,15 +334,20 @@ class Evaluator:
 def any_non_finite(arrays) -> bool:
     """Whether any floating array holds NaN or Inf.
 
-    min and max propagate NaN and expose Inf, without the temporary boolean
-    array of ``isfinite().all()``: measured here at 3 ms for 1e7 float32
-    elements against 5 ms, and against 7 ms for the same check inside the
-    TensorFlow graph (which also cost 170 µs on a small request).
+    For large arrays, min and max propagate NaN and expose Inf without the
+    temporary boolean array of ``isfinite().all()``: measured here at 3 ms
+    for 1e7 float32 elements against 5 ms, and against 7 ms for the same
+    check inside the TensorFlow graph (which also cost 170 µs on a small
+    request). For small arrays ``isfinite().all()`` is one call instead of
+    two (3 µs against 8 µs at 640 elements).
     """
     for a in arrays:
-        if a is None or a.dtype.kind != "f" and a.dtype.name != "bfloat16" or a.size == 0:
+        if a is None or a.size == 0 or a.dtype.kind != "f" and dtype_name(a.dtype) != "bfloat16":
             continue
-        if not (np.isfinite(a.min()) and np.isfinite(a.max())):
+        if a.size <= ISFINITE_MAX_ELEMENTS:
+            if not np.isfinite(a).all():
+                return True
+        elif not (np.isfinite(a.min()) and np.isfinite(a.max())):
             return True
     return False
 

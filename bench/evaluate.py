@@ -10,7 +10,9 @@ In one run, for each loss and size, it times:
   (c) lossd ``Evaluate`` through the thin client, the server in a separate
       process (as deployed);
 
-and prints medians and the ratio c / (a + b). For the largest size it also
+and prints medians and the ratio c / (a + b). The three run in alternating
+blocks (a, b, c, a, b, c, ...), so a slow spell of this shared machine hits
+all three alike instead of whichever ran during it. For the largest size it also
 prints request bytes per second of (c) as a share of (b). It then checks that
 varying batch sizes after warm-up compile nothing new, and with
 ``--metrics-compare`` runs (c) for small tensors with metrics on and off.
@@ -91,15 +93,20 @@ def wait_ready(address: str, timeout: float = 120.0) -> None:
     raise RuntimeError(f"{address} did not come up")
 
 
-def timed(fn, iterations: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iterations):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def timed_side_by_side(fns, iterations: int, blocks: int, warmup: int = 5) -> list[float]:
+    """Median seconds per call of each function, run in alternating blocks."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    samples = [[] for _ in fns]
+    per_block = max(1, iterations // blocks)
+    for _ in range(blocks):
+        for fn, out in zip(fns, samples):
+            for _ in range(per_block):
+                start = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - start)
+    return [statistics.median(s) for s in samples]
 
 
 def inputs(loss: str, elements: int, rng):
@@ -114,9 +121,10 @@ def inputs(loss: str, elements: int, rng):
     return rng.normal(size=(rows, classes)).astype("float32"), rng.normal(size=(rows, classes)).astype("float32")
 
 
-def iterations_for(elements: int, quick: bool) -> int:
-    n = 2000 if elements < 10_000 else 60 if elements <= 1_000_000 else 12
-    return max(5, n // 5) if quick else n
+def iterations_for(elements: int, quick: bool) -> tuple[int, int]:
+    """Calls per side and the number of blocks they are split into."""
+    n, blocks = (2000, 10) if elements < 10_000 else (60, 6) if elements <= 1_000_000 else (12, 4)
+    return (max(blocks, n // 5), blocks) if quick else (n, blocks)
 
 
 def metric_value(metrics_url: str, name: str) -> float:
@@ -196,15 +204,17 @@ def main() -> int:
             in_process = tf.function(lambda a, b: keras_loss(a, b))
             for elements in sizes:
                 y_true, y_pred = inputs(short, elements, rng)
-                n = iterations_for(elements, args.quick)
-                a = timed(lambda: in_process(y_true, y_pred).numpy(), n)
+                n, blocks = iterations_for(elements, args.quick)
                 # The echo carries exactly the bytes the client would send for (c),
                 # serialized per call as the client does.
                 spec = _requests.loss_spec(name)
                 arrays = _requests.prepare(y_true, y_pred)
-                b = timed(lambda: echo_call(_requests.evaluate_request(
-                    spec, arrays, "sum_over_batch_size", False).SerializeToString()), n)
-                c = timed(lambda: client.evaluate(name, y_true, y_pred), n)
+                a, b, c = timed_side_by_side([
+                    lambda: in_process(y_true, y_pred).numpy(),
+                    lambda: echo_call(_requests.evaluate_request(
+                        spec, arrays, "sum_over_batch_size", False).SerializeToString()),
+                    lambda: client.evaluate(name, y_true, y_pred),
+                ], n, blocks)
                 np.testing.assert_allclose(client.evaluate(name, y_true, y_pred).loss,
                                            in_process(y_true, y_pred).numpy(), rtol=1e-4)
                 results[(short, elements)] = (a, b, c, y_true.nbytes + y_pred.nbytes)

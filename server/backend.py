@@ -139,6 +139,9 @@ class _DirectCall:
         from tensorflow.python.framework import ops
 
         atomic = concrete._inference_function
+        # The runtime drops a function once its Python object is collected:
+        # holding it keeps the name below callable.
+        self._function = atomic
         ctx = context.context()
         ctx.ensure_initialized()
         self._execute = pywrap_tfe.TFE_Py_Execute

@@ -1,0 +1,110 @@
+"""A/B benchmark of two lossd versions on small tensors (a benchmark, not a test).
+
+Runs the working tree's server and a baseline checkout's server at the same
+time, with the anchors of ``bench/evaluate.py`` ((a) Keras in-process under
+``tf.function``, (b) a bare gRPC echo), and alternates blocks of calls
+between all four, so drift in this shared machine's speed hits every side
+alike. Prints the medians, c / (a + b) for both versions and new / base.
+
+Make a baseline with ``git worktree add /tmp/lossd-base <commit>``.
+
+Usage: python bench/compare.py --base /tmp/lossd-base [--loss mse|cce] [--rounds 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import evaluate as bench  # noqa: E402
+
+import lossd  # noqa: E402
+from lossd import _requests  # noqa: E402
+
+
+def base_pythonpath(checkout: str) -> str:
+    """A directory whose ``lossd`` and ``lossd_server`` are the baseline's
+    sources (the repository lays them out as ``client/`` and ``server/``)."""
+    root = tempfile.mkdtemp(prefix="lossd-base-path-")
+    os.symlink(os.path.join(checkout, "client"), os.path.join(root, "lossd"))
+    os.symlink(os.path.join(checkout, "server"), os.path.join(root, "lossd_server"))
+    return root
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="a checkout of the baseline version")
+    parser.add_argument("--loss", choices=sorted(bench.LOSSES), default="mse")
+    parser.add_argument("--rounds", type=int, default=8, help="blocks of 250 calls per side")
+    args = parser.parse_args()
+
+    import keras
+    import tensorflow as tf
+
+    name = bench.LOSSES[args.loss]
+    keras_loss = keras.losses.get({"class_name": {"mse": "MeanSquaredError", "cce": "CategoricalCrossentropy"}[
+        args.loss], "config": {}})
+    in_process = tf.function(lambda a, b: keras_loss(a, b))
+    y_true, y_pred = bench.inputs(args.loss, 640, np.random.default_rng(0))
+    ports = {k: bench.free_port() for k in ("echo", "base", "new", "base_metrics", "new_metrics")}
+
+    def serve(which):
+        return [sys.executable, "-m", "lossd.cli", "serve", "--port", str(ports[which]), "--metrics-port",
+                str(ports[f"{which}_metrics"]), "--data-dir", tempfile.mkdtemp(prefix=f"lossd-{which}-"),
+                "--log-level", "WARNING"]
+
+    def ready(which):
+        return lambda: bench.wait_ready(f"127.0.0.1:{ports[which]}")
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(bench.process([sys.executable, bench.__file__, "--echo-server", str(ports["echo"])],
+                                          wait_for=ready("echo")))
+        # PYTHONPATH comes before the editable install's finder, so the base
+        # server imports the baseline's sources.
+        stack.enter_context(bench.process(serve("base"), env={"PYTHONPATH": base_pythonpath(args.base)},
+                                          wait_for=ready("base")))
+        stack.enter_context(bench.process(serve("new"), wait_for=ready("new")))
+        base = stack.enter_context(lossd.Client(f"127.0.0.1:{ports['base']}"))
+        new = stack.enter_context(lossd.Client(f"127.0.0.1:{ports['new']}"))
+        echo = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{ports['echo']}"))
+        echo_call = echo.unary_unary(bench.ECHO_METHOD, request_serializer=None, response_deserializer=None)
+        spec, arrays = _requests.loss_spec(name), _requests.prepare(y_true, y_pred)
+        sides = {
+            "a": lambda: in_process(y_true, y_pred).numpy(),
+            "b": lambda: echo_call(_requests.evaluate_request(spec, arrays, "sum_over_batch_size",
+                                                              False).SerializeToString()),
+            "base": lambda: base.evaluate(name, y_true, y_pred),
+            "new": lambda: new.evaluate(name, y_true, y_pred),
+        }
+        for client in (base, new):
+            np.testing.assert_allclose(client.evaluate(name, y_true, y_pred).loss,
+                                       in_process(y_true, y_pred).numpy(), rtol=1e-5)
+        for fn in sides.values():
+            for _ in range(300):
+                fn()
+        samples: dict[str, list[float]] = {k: [] for k in sides}
+        for _ in range(args.rounds):
+            for key, fn in sides.items():
+                for _ in range(250):
+                    start = time.perf_counter()
+                    fn()
+                    samples[key].append(time.perf_counter() - start)
+    m = {k: statistics.median(v) for k, v in samples.items()}
+    anchor = m["a"] + m["b"]
+    print(f"{args.loss} 640 elements: (a) {m['a'] * 1e6:.0f} µs, (b) {m['b'] * 1e6:.0f} µs, "
+          f"base {m['base'] * 1e6:.0f} µs, new {m['new'] * 1e6:.0f} µs")
+    print(f"c/(a+b): base {m['base'] / anchor:.2f}, new {m['new'] / anchor:.2f}; new/base {m['new'] / m['base']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,10 +31,9 @@ import lossd  # noqa: E402
 from lossd import _requests  # noqa: E402
 
 
-def base_pythonpath(checkout: str) -> str:
-    """A directory whose ``lossd`` and ``lossd_server`` are the baseline's
-    sources (the repository lays them out as ``client/`` and ``server/``)."""
-    root = tempfile.mkdtemp(prefix="lossd-base-path-")
+def base_pythonpath(checkout: str, root: str) -> str:
+    """Fills ``root`` so that its ``lossd`` and ``lossd_server`` are the
+    baseline's sources (the repository lays them out as ``client/`` and ``server/``)."""
     os.symlink(os.path.join(checkout, "client"), os.path.join(root, "lossd"))
     os.symlink(os.path.join(checkout, "server"), os.path.join(root, "lossd_server"))
     return root
@@ -47,31 +46,29 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=8, help="blocks of 250 calls per side")
     args = parser.parse_args()
 
-    import keras
-    import tensorflow as tf
-
     name = bench.LOSSES[args.loss]
-    keras_loss = keras.losses.get({"class_name": {"mse": "MeanSquaredError", "cce": "CategoricalCrossentropy"}[
-        args.loss], "config": {}})
-    in_process = tf.function(lambda a, b: keras_loss(a, b))
+    in_process = bench.anchor_function(args.loss)
     y_true, y_pred = bench.inputs(args.loss, 640, np.random.default_rng(0))
     ports = {k: bench.free_port() for k in ("echo", "base", "new", "base_metrics", "new_metrics")}
 
     def serve(which):
         return [sys.executable, "-m", "lossd.cli", "serve", "--port", str(ports[which]), "--metrics-port",
-                str(ports[f"{which}_metrics"]), "--data-dir", tempfile.mkdtemp(prefix=f"lossd-{which}-"),
+                str(ports[f"{which}_metrics"]), "--data-dir", os.path.join(scratch, which),
                 "--log-level", "WARNING"]
 
     def ready(which):
         return lambda: bench.wait_ready(f"127.0.0.1:{ports[which]}")
 
     with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="lossd-compare-"))
+        for sub in ("path", "base", "new"):
+            os.mkdir(os.path.join(scratch, sub))
         stack.enter_context(bench.process([sys.executable, bench.__file__, "--echo-server", str(ports["echo"])],
                                           wait_for=ready("echo")))
         # PYTHONPATH comes before the editable install's finder, so the base
         # server imports the baseline's sources.
-        stack.enter_context(bench.process(serve("base"), env={"PYTHONPATH": base_pythonpath(args.base)},
-                                          wait_for=ready("base")))
+        base_path = base_pythonpath(args.base, os.path.join(scratch, "path"))
+        stack.enter_context(bench.process(serve("base"), env={"PYTHONPATH": base_path}, wait_for=ready("base")))
         stack.enter_context(bench.process(serve("new"), wait_for=ready("new")))
         base = stack.enter_context(lossd.Client(f"127.0.0.1:{ports['base']}"))
         new = stack.enter_context(lossd.Client(f"127.0.0.1:{ports['new']}"))

@@ -43,6 +43,7 @@ from lossd import _requests  # noqa: E402
 
 ECHO_METHOD = "/bench.Echo/Call"
 LOSSES = {"mse": "mean_squared_error", "cce": "categorical_crossentropy"}
+KERAS_CLASSES = {"mse": "MeanSquaredError", "cce": "CategoricalCrossentropy"}
 
 
 def free_port() -> int:
@@ -121,6 +122,15 @@ def inputs(loss: str, elements: int, rng):
     return rng.normal(size=(rows, classes)).astype("float32"), rng.normal(size=(rows, classes)).astype("float32")
 
 
+def anchor_function(short: str):
+    """(a): the Keras loss object, reduced as lossd reduces by default, under tf.function."""
+    import keras
+    import tensorflow as tf
+
+    loss = keras.losses.get({"class_name": KERAS_CLASSES[short], "config": {}})
+    return tf.function(lambda y_true, y_pred: loss(y_true, y_pred))
+
+
 def iterations_for(elements: int, quick: bool) -> tuple[int, int]:
     """Calls per side and the number of blocks they are split into."""
     n, blocks = (2000, 10) if elements < 10_000 else (60, 6) if elements <= 1_000_000 else (12, 4)
@@ -178,7 +188,6 @@ def main() -> int:
         run_echo_server(args.echo_server)
         return 0
 
-    import keras
     import tensorflow as tf
 
     sizes = [int(float(s)) for s in args.sizes.split(",")]
@@ -199,9 +208,7 @@ def main() -> int:
                 ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]) as echo:
         echo_call = echo.unary_unary(ECHO_METHOD, request_serializer=None, response_deserializer=None)
         for short, name in LOSSES.items():
-            keras_loss = keras.losses.get({"class_name": {"mse": "MeanSquaredError",
-                                                          "cce": "CategoricalCrossentropy"}[short], "config": {}})
-            in_process = tf.function(lambda a, b: keras_loss(a, b))
+            in_process = anchor_function(short)
             for elements in sizes:
                 y_true, y_pred = inputs(short, elements, rng)
                 n, blocks = iterations_for(elements, args.quick)

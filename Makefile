@@ -25,9 +25,9 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
-# Regenerate the gRPC stubs in client/v1 from proto/ (tests fail when stale).
+# Regenerate the gRPC stubs in client/lossd/v1 from proto/ (tests fail when stale).
 proto: $(STAMP)
-	$(PY) proto/generate.py client/v1
+	$(PY) proto/generate.py client/lossd/v1
 
 bench: $(STAMP)
 	$(PY) bench/evaluate.py

@@ -33,9 +33,11 @@ from lossd import _requests  # noqa: E402
 
 def base_pythonpath(checkout: str, root: str) -> str:
     """Fills ``root`` so that its ``lossd`` and ``lossd_server`` are the
-    baseline's sources (the repository lays them out as ``client/`` and ``server/``)."""
-    os.symlink(os.path.join(checkout, "client"), os.path.join(root, "lossd"))
-    os.symlink(os.path.join(checkout, "server"), os.path.join(root, "lossd_server"))
+    baseline's sources: ``client/lossd`` and ``server/lossd_server`` today, or
+    ``client/`` and ``server/`` in checkouts from before the layout change."""
+    for folder, package in (("client", "lossd"), ("server", "lossd_server")):
+        nested = os.path.join(checkout, folder, package)
+        os.symlink(nested if os.path.isdir(nested) else os.path.join(checkout, folder), os.path.join(root, package))
     return root
 
 

@@ -149,7 +149,7 @@ def metrics_work_seconds(repeats: int = 20_000) -> float:
     direct measure of their cost, free of the noise between two servers."""
     from prometheus_client import CollectorRegistry
 
-    from lossd_server.metrics import Metrics
+    from lossd_server.observability.metrics import Metrics
 
     metrics = Metrics(CollectorRegistry(), loss_names=["mean_squared_error"], version="bench")
     labels = ("unary", "lossd.v1.LossService", "Evaluate")

@@ -27,9 +27,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from lossd_server import backend
-    from lossd_server.evaluator import Evaluator
-    from lossd_server.losses import default_registry
+    from lossd_server.evaluation import backend
+    from lossd_server.evaluation.evaluator import Evaluator
+    from lossd_server.losses.registry import default_registry
 
     registry = default_registry()
     device = backend.select_device()

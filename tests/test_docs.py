@@ -22,7 +22,7 @@ def test_every_setting_is_in_the_settings_table():
 def test_every_metric_is_in_the_metrics_table():
     from prometheus_client import CollectorRegistry
 
-    from lossd_server.metrics import Metrics
+    from lossd_server.observability.metrics import Metrics
 
     metrics = Metrics(CollectorRegistry(), loss_names=["mse"], version="test", process_metrics=False)
     families = {m.name for m in metrics.registry.collect()}

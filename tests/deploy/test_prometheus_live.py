@@ -271,7 +271,7 @@ def test_evaluations_by_loss_and_outcome(stack):
 def test_loss_label_values_are_bounded(stack):
     server, prometheus = stack
     values = set(prometheus.api("/api/v1/label/loss/values"))
-    # "composite" is the one non-loss value besides "other" (server/metrics.py).
+    # "composite" is the one non-loss value besides "other" (lossd_server/observability/metrics.py).
     allowed = set(server.evaluator.registry.names()) | {"other", "composite"}
     assert values <= allowed, sorted(values - allowed)
     assert {"mean_squared_error", "huber", "other"} <= values

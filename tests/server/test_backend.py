@@ -10,7 +10,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from lossd_server import backend  # noqa: E402
+from lossd_server.evaluation import backend  # noqa: E402
 
 
 def _mse_program(tensors, sample_weight):

@@ -397,7 +397,7 @@ def broken_server(tmp_path_factory):
     """A server whose only loss raises an unexpected exception when built."""
     from lossd_server.app import create_server
     from lossd_server.config import Settings
-    from lossd_server.losses import LossEntry, LossRegistry
+    from lossd_server.losses.registry import LossEntry, LossRegistry
 
     def build(params, reduction, dtype):
         raise RuntimeError(SECRET)

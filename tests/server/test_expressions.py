@@ -1,4 +1,4 @@
-"""Tests for the loss expression language in ``lossd_server.expressions``.
+"""Tests for the loss expression language in ``lossd_server.losses.expressions``.
 
 Reference values come from ``keras.losses`` or from NumPy re-implementations
 written here from the documented semantics, never from the module's own output.
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lossd_server import expressions
-from lossd_server.expressions import (
+from lossd_server.losses import expressions
+from lossd_server.losses.expressions import (
     FUNCTIONS,
     MAX_DEPTH,
     MAX_LENGTH,
@@ -703,7 +703,7 @@ def test_module_never_calls_code_execution_builtins():
 def test_compiling_does_not_import_tensorflow():
     code = (
         "import sys\n"
-        "from lossd_server.expressions import compile_expression\n"
+        "from lossd_server.losses.expressions import compile_expression\n"
         f"compile_expression({HUBER!r}, tensors=['y_true', 'y_pred'], params=['delta'])\n"
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'imported'\n"
     )

@@ -99,10 +99,10 @@ def test_generated_stubs_are_not_stale(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), str(out)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, f"proto/generate.py failed ({done.returncode}): {done.stderr}"
-    committed_dir = ROOT / "client" / "v1"
+    committed_dir = ROOT / "client" / "lossd" / "v1"
     fresh = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     committed = {p.name: p.read_bytes() for p in committed_dir.iterdir() if p.is_file()}
-    hint = "the generated stubs in client/v1 are stale: run `make proto` and commit the result"
+    hint = "the generated stubs in client/lossd/v1 are stale: run `make proto` and commit the result"
     assert sorted(committed) == sorted(fresh), f"{hint} (files differ: {sorted(set(committed) ^ set(fresh))})"
     stale = [name for name in sorted(fresh) if fresh[name] != committed[name]]
     assert not stale, f"{hint} (content differs: {stale})"

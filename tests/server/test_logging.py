@@ -1,6 +1,6 @@
 """Access logs: one DEBUG line per request, one WARNING line per failure, each
 with the request id from ``x-request-id`` metadata or a generated one; JSON or
-text format (``lossd_server.logs.configure``, setting ``LOSSD_LOG_FORMAT``)."""
+text format (``lossd_server.observability.logs.configure``, setting ``LOSSD_LOG_FORMAT``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import lossd
-from lossd_server import logs
+from lossd_server.observability import logs
 from lossd_server.config import Settings
 
 ACCESS_LOGGER = "lossd_server.access"

@@ -11,7 +11,7 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from lossd_server.errors import InvalidArgument  # noqa: E402
-from lossd_server.losses import default_registry, resolve_parameters  # noqa: E402
+from lossd_server.losses.registry import default_registry, resolve_parameters  # noqa: E402
 
 KERAS_LOSSES = [
     "mean_squared_error", "mean_absolute_error", "mean_absolute_percentage_error",
@@ -111,7 +111,7 @@ def test_list_losses_over_grpc(client):
 
 
 def test_values_shape_refuses_mismatches(registry):
-    from lossd_server.losses import values_shape
+    from lossd_server.losses.registry import values_shape
 
     mse = registry.get("mse")
     assert values_shape(mse, {}, (4, 3), (4, 3)) == (4,)

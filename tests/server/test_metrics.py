@@ -1,4 +1,4 @@
-"""Tests of lossd_server.metrics, each on a fresh CollectorRegistry."""
+"""Tests of lossd_server.observability.metrics, each on a fresh CollectorRegistry."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from lossd_server.metrics import (
+from lossd_server.observability.metrics import (
     EVALUATION_BUCKETS,
     JOB_STATES,
     Metrics,

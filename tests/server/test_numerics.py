@@ -10,7 +10,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from lossd_server.losses import default_registry  # noqa: E402
+from lossd_server.losses.registry import default_registry  # noqa: E402
 
 REDUCTIONS = ["none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight"]
 LOSSES = [e.name for e in default_registry().entries()]

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from lossd_server.errors import InvalidArgument
-from lossd_server.losses import default_registry
+from lossd_server.losses.registry import default_registry
 from lossd_server.training import models
 from lossd_server.training.losses import build_training_loss, resolve_training_loss
 
 
 @pytest.fixture(scope="module")
 def registry():
-    from lossd_server.custom import full_registry
+    from lossd_server.losses.custom import full_registry
 
     return full_registry(plugins=False)
 

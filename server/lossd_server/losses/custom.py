@@ -2,7 +2,7 @@
 terms (``vae_kl``), and Python plugins installed through the ``lossd.losses``
 entry-point group.
 
-Expressions are checked and compiled by ``lossd_server.expressions`` (never
+Expressions are checked and compiled by ``lossd_server.losses.expressions`` (never
 evaluated by Python); here they become ``keras.losses.Loss`` objects, so
 reductions, sample weights and dtypes follow Keras exactly as for the
 built-in losses. Registered expression losses are kept in
@@ -25,8 +25,8 @@ from typing import Any, Mapping, Optional, Sequence
 import keras
 
 from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from lossd_server.expressions import ExpressionError, compile_expression
-from lossd_server.losses import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
+from lossd_server.losses.expressions import ExpressionError, compile_expression
+from lossd_server.losses.registry import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
                                  _first_sentence, _param_type, default_registry)
 
 log = logging.getLogger(__name__)

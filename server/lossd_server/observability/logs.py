@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from lossd_server.requestid import current_request_id
+from lossd_server.observability.requestid import current_request_id
 
 
 class _RequestIdFilter(logging.Filter):

@@ -2,7 +2,7 @@
 
 Each error carries an UPPER_SNAKE ``reason`` (sent as ``google.rpc.ErrorInfo``)
 and a ``kind`` that the transport maps to a status code in one table
-(``lossd_server.status``). Messages say what was expected and what was received.
+(``lossd_server.grpc.status``). Messages say what was expected and what was received.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from lossd_server import logs
+        from lossd_server.observability import logs
         from lossd_server.app import serve
         from lossd_server.config import Settings
     except ImportError as exc:

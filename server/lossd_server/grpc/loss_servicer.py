@@ -17,8 +17,8 @@ from google.protobuf import json_format
 from lossd import _tensors
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
 from lossd_server.errors import FailedPrecondition, InvalidArgument, LossdError
-from lossd_server.evaluator import ChunkedSession, Evaluator, Plan
-from lossd_server.status import handle_errors, to_status
+from lossd_server.evaluation.evaluator import ChunkedSession, Evaluator, Plan
+from lossd_server.grpc.status import handle_errors, to_status
 
 log = logging.getLogger(__name__)
 

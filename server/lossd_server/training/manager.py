@@ -75,7 +75,7 @@ class TrainingManager:
             ``max_concurrent_jobs``, ``max_upload_bytes``, ``dataset_root``,
             ``mixed_precision``, ``progress_every_batches``).
         registry: The loss registry job losses resolve in.
-        metrics: Optional ``lossd_server.metrics.Metrics`` to update.
+        metrics: Optional ``lossd_server.observability.metrics.Metrics`` to update.
         gpus: Number of GPUs; None asks TensorFlow.
     """
 

@@ -14,8 +14,8 @@ from lossd._requests import loss_spec
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
 from lossd_server.errors import DOMAIN, InvalidArgument, NotFound
-from lossd_server.servicers import spec_to_dict
-from lossd_server.status import handle_errors
+from lossd_server.grpc.loss_servicer import spec_to_dict
+from lossd_server.grpc.status import handle_errors
 from lossd_server.training.manager import TrainingManager
 from lossd_server.training.store import Event, JobRecord
 

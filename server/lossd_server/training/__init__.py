@@ -6,5 +6,5 @@ network. ``store`` and ``datasets`` import no TensorFlow; ``worker`` imports
 it only inside the job process.
 
 Entry points: ``lossd_server.training.manager.TrainingManager`` and
-``lossd_server.training.servicer.add_training_service``.
+``lossd_server.grpc.training_servicer.add_training_service``.
 """

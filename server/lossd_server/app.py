@@ -18,17 +18,17 @@ from prometheus_client import CollectorRegistry
 
 import lossd_server
 from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
-from lossd_server import backend
+from lossd_server.evaluation import backend
 from lossd_server.config import Settings
-from lossd_server.evaluator import Evaluator
-from lossd_server.interceptors import ObservabilityInterceptor
-from lossd_server import custom
-from lossd_server.custom import full_registry
-from lossd_server.losses import LossRegistry
-from lossd_server.metrics import Metrics, start_metrics_server
-from lossd_server.servicers import LossServicer
-from lossd_server.training.servicer import SERVICE_NAME as TRAINING_SERVICE_NAME
-from lossd_server.training.servicer import add_training_service
+from lossd_server.evaluation.evaluator import Evaluator
+from lossd_server.grpc.interceptors import ObservabilityInterceptor
+from lossd_server.losses import custom
+from lossd_server.losses.custom import full_registry
+from lossd_server.losses.registry import LossRegistry
+from lossd_server.observability.metrics import Metrics, start_metrics_server
+from lossd_server.grpc.loss_servicer import LossServicer
+from lossd_server.grpc.training_servicer import SERVICE_NAME as TRAINING_SERVICE_NAME
+from lossd_server.grpc.training_servicer import add_training_service
 
 log = logging.getLogger(__name__)
 

@@ -214,9 +214,9 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
 def _registry():
     """The server's registry of named losses (Keras, lossd's built-ins, plugins)."""
     try:
-        from lossd_server.custom import full_registry
+        from lossd_server.losses.custom import full_registry
     except ImportError:  # an older server layout without plugins
-        from lossd_server.losses import default_registry
+        from lossd_server.losses.registry import default_registry
 
         return default_registry()
     return full_registry(plugins=True)

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 import keras
 
 from lossd_server.errors import InvalidArgument
-from lossd_server.losses import (REDUCTIONS, SHAPES_ANY, SHAPES_SAME, SHAPES_SPARSE, LossRegistry,
+from lossd_server.losses.registry import (REDUCTIONS, SHAPES_ANY, SHAPES_SAME, SHAPES_SPARSE, LossRegistry,
                                  resolve_parameters)
 from lossd_server.training.models import CLASSIFIER, GENERATOR
 
@@ -38,7 +38,7 @@ def _incompatible(message: str, loss: str) -> InvalidArgument:
 
 def _resolve_term(spec: Mapping[str, Any], registry: LossRegistry, where: str) -> tuple[dict, str]:
     """One named or expression loss -> (canonical dict, shape convention)."""
-    from lossd_server.custom import expression_entry
+    from lossd_server.losses.custom import expression_entry
 
     name, expression = spec.get("name") or "", spec.get("expression") or ""
     if bool(name) == bool(expression):
@@ -191,7 +191,7 @@ class CompositeLoss(keras.losses.Loss):
 
 def _build_one(loss: Mapping[str, Any], registry: LossRegistry, reduction: str):
     if "expression" in loss:
-        from lossd_server.custom import ExpressionLoss
+        from lossd_server.losses.custom import ExpressionLoss
 
         return ExpressionLoss(loss["expression"], TRAINING_INPUTS, loss.get("params") or {}, reduction=reduction,
                               dtype="float32", name=loss.get("label") or "expression")

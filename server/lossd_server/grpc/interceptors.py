@@ -10,7 +10,7 @@ from typing import Optional
 
 import grpc
 
-from lossd_server.requestid import METADATA_KEY, clean_request_id, reset_request_id, set_request_id
+from lossd_server.observability.requestid import METADATA_KEY, clean_request_id, reset_request_id, set_request_id
 
 log = logging.getLogger("lossd_server.access")
 

@@ -20,9 +20,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from lossd_server import backend
+from lossd_server.evaluation import backend
 from lossd_server.errors import InvalidArgument
-from lossd_server.losses import (REDUCTIONS, SHAPES_ANY, LossEntry, LossRegistry, check_labels,
+from lossd_server.losses.registry import (REDUCTIONS, SHAPES_ANY, LossEntry, LossRegistry, check_labels,
                                  resolve_parameters, values_shape)
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class Evaluator:
         registry: Where loss names resolve.
         device: Where to run (``backend.select_device()``).
         cache_size: Most compiled programs kept; the least recently used goes.
-        metrics: Optional ``lossd_server.metrics.Metrics`` for cache and
+        metrics: Optional ``lossd_server.observability.metrics.Metrics`` for cache and
             compilation counts.
         jit_compile: ``"auto"`` (XLA for the losses in ``xla_losses``),
             ``"on"`` or ``"off"``.

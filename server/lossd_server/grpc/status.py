@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 
 from lossd._tensors import TensorError
 from lossd_server.errors import DOMAIN, InvalidArgument, LossdError
-from lossd_server.requestid import current_request_id
+from lossd_server.observability.requestid import current_request_id
 
 log = logging.getLogger(__name__)
 

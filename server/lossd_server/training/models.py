@@ -14,7 +14,7 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 from lossd_server.errors import InvalidArgument
-from lossd_server.losses import as_int
+from lossd_server.losses.registry import as_int
 
 CLASSIFIER = "classifier"
 GENERATOR = "generator"

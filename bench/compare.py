@@ -76,7 +76,7 @@ def main() -> int:
         new = stack.enter_context(lossd.Client(f"127.0.0.1:{ports['new']}"))
         echo = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{ports['echo']}"))
         echo_call = echo.unary_unary(bench.ECHO_METHOD, request_serializer=None, response_deserializer=None)
-        spec, arrays = _requests.loss_spec(name), _requests.prepare(y_true, y_pred)
+        spec, arrays = wire.spec_from_dict(name), _requests.prepare(y_true, y_pred)
         sides = {
             "a": lambda: in_process(y_true, y_pred).numpy(),
             "b": lambda: echo_call(_requests.evaluate_request(spec, arrays, "sum_over_batch_size",

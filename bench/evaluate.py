@@ -214,7 +214,7 @@ def main() -> int:
                 n, blocks = iterations_for(elements, args.quick)
                 # The echo carries exactly the bytes the client would send for (c),
                 # serialized per call as the client does.
-                spec = _requests.loss_spec(name)
+                spec = wire.spec_from_dict(name)
                 arrays = _requests.prepare(y_true, y_pred)
                 a, b, c = timed_side_by_side([
                     lambda: in_process(y_true, y_pred).numpy(),

@@ -54,7 +54,7 @@ def main() -> int:
             tensors = {"y_true": y_true, "y_pred": y_pred}
         times = []
         for evaluator in (plain, xla):
-            plan = evaluator.plan({"name": entry.name})
+            plan = evaluator.planner.plan({"name": entry.name})
             try:
                 evaluator.evaluate(plan, tensors, gradient=True)
             except Exception as exc:  # noqa: BLE001 - report and go on

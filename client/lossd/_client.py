@@ -7,8 +7,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import grpc
 
-from lossd import _requests
-from lossd._errors import LossdError, from_rpc_error, translate_errors
+from lossd import _chunks, _requests, wire
+from lossd._errors import LossdError, as_lossd_error, from_rpc_error, translate_errors
 from lossd._requests import EvaluateResult, LossInfo, LossLike
 from lossd._training import TrainingMixin
 from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
@@ -86,7 +86,7 @@ class Client(_ChannelOwner, TrainingMixin):
         """
         request = loss_service_pb2.RegisterLossRequest(name=name, expression=expression, inputs=list(inputs or ()),
                                                        doc=doc, replace=replace)
-        struct = _requests._struct(params)
+        struct = wire.dict_to_struct(params)
         if struct is not None:
             request.params.CopyFrom(struct)
         return _requests.loss_info(self._losses.RegisterLoss(request, **self._call_args(timeout)))
@@ -122,19 +122,19 @@ class Client(_ChannelOwner, TrainingMixin):
         Raises:
             LossdError: with ``.code``, ``.reason`` and ``.message``.
         """
-        spec = _requests.loss_spec(loss, params)
+        spec = wire.spec_from_dict(loss, params)
         arrays = _requests.prepare(y_true, y_pred, sample_weight, tensors)
-        if _requests.needs_chunks(arrays, self.max_message_bytes):
+        if _chunks.needs_chunks(arrays, self.max_message_bytes):
             return self._evaluate_chunked(spec, arrays, reduction, gradient, timeout)
         request = _requests.evaluate_request(spec, arrays, reduction, gradient)
         return _requests.parse_response(self._losses.Evaluate(request, **self._call_args(timeout)))
 
     def _evaluate_chunked(self, spec, arrays, reduction, gradient, timeout) -> EvaluateResult:
-        requests = _requests.chunked_requests(spec, arrays, reduction, gradient, self.chunk_bytes)
+        requests = _chunks.chunked_requests(spec, arrays, reduction, gradient, self.chunk_bytes)
         # Build the header here, so a local refusal raises in the caller's
         # thread rather than inside gRPC's request-reading thread.
         requests = itertools.chain([next(requests)], requests)
-        assembler = _requests.ChunkAssembler(arrays["y_pred"], gradient)
+        assembler = _chunks.ChunkAssembler(arrays["y_pred"], gradient)
         for message in self._losses.EvaluateChunked(requests, **self._call_args(timeout)):
             assembler.add(message)
         if assembler.result is None:
@@ -159,13 +159,13 @@ class Client(_ChannelOwner, TrainingMixin):
             for i, kwargs in enumerate(requests):
                 try:
                     kwargs = dict(kwargs)
-                    spec = _requests.loss_spec(kwargs.pop("loss"), kwargs.pop("params", None))
+                    spec = wire.spec_from_dict(kwargs.pop("loss"), kwargs.pop("params", None))
                     arrays = _requests.prepare(kwargs.pop("y_true"), kwargs.pop("y_pred"),
                                                kwargs.pop("sample_weight", None), kwargs.pop("tensors", None))
                     request = _requests.evaluate_request(
                         spec, arrays, kwargs.pop("reduction", "sum_over_batch_size"), kwargs.pop("gradient", False))
-                except LossdError as error:
-                    refused[i] = error
+                except (LossdError, wire.WireError) as error:
+                    refused[i] = as_lossd_error(error)
                     continue
                 yield loss_service_pb2.EvaluateStreamRequest(request=request, request_id=str(i))
 

@@ -9,6 +9,8 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from lossd.wire import WireError
+
 
 class LossdError(Exception):
     """A failed lossd call.
@@ -79,12 +81,25 @@ def _rich_status(error):
         return None
 
 
+def as_lossd_error(error: BaseException) -> LossdError:
+    """The LossdError for a gRPC failure or for input ``lossd.wire`` refused locally."""
+    if isinstance(error, LossdError):
+        return error
+    if isinstance(error, WireError):
+        return client_error(str(error), error.reason)
+    return from_rpc_error(error)
+
+
+TRANSLATED = (grpc.RpcError, WireError)
+
+
 def translate_errors(method):
-    """Decorates a client method so every gRPC failure leaves it as one LossdError."""
+    """Decorates a client method so every failure leaves it as one LossdError:
+    gRPC errors, and input the wire codec refused before sending."""
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         try:
             return method(*args, **kwargs)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        except TRANSLATED as error:
+            raise as_lossd_error(error) from None
     return wrapper

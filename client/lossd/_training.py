@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from lossd import _requests, _tensors
+from lossd import _requests, wire
 from lossd._errors import LossdError, client_error, from_rpc_error, status_error, translate_errors
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
@@ -269,7 +269,7 @@ class TrainingMixin:
         if validation_split is not None:
             spec.validation_split = validation_split
         if loss is not None:
-            spec.loss.CopyFrom(_requests.loss_spec(loss, loss_params))
+            spec.loss.CopyFrom(wire.spec_from_dict(loss, loss_params))
         spec.optimizer.name = optimizer
         if learning_rate is not None:
             spec.optimizer.learning_rate = learning_rate
@@ -436,16 +436,16 @@ class TrainingMixin:
         images = np.asarray(images)
         if images.dtype == np.float64:
             images = images.astype(np.float32)
-        request = pb.PredictRequest(name=_job_name(job), images=_tensors.from_numpy(images, field="images"))
+        request = pb.PredictRequest(name=_job_name(job), images=wire.from_numpy(images, field="images"))
         response = self._training.Predict(request, **self._call_args(timeout))
-        return _tensors.to_numpy(response.probabilities, field="probabilities").copy()
+        return wire.to_numpy(response.probabilities, field="probabilities").copy()
 
     @translate_errors
     def generate(self, job: "Job | str", n: int, *, seed: int = 0, timeout: Optional[float] = None) -> np.ndarray:
         """``n`` new images (float32, N x H x W x C in [0, 1]) from a trained generator."""
         response = self._training.Generate(pb.GenerateRequest(name=_job_name(job), count=n, seed=seed),
                                            **self._call_args(timeout))
-        return _tensors.to_numpy(response.images, field="images").copy()
+        return wire.to_numpy(response.images, field="images").copy()
 
 
 def save_image_grid(images, path: "str | os.PathLike", *, columns: Optional[int] = None, scale: int = 4,

@@ -13,9 +13,9 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Optional
 import grpc
 import grpc.aio
 
-from lossd import _requests
+from lossd import _chunks, _requests, wire
 from lossd._client import _ChannelOwner
-from lossd._errors import LossdError, from_rpc_error
+from lossd._errors import LossdError, as_lossd_error, from_rpc_error
 from lossd._requests import EvaluateResult, LossInfo, LossLike
 from lossd.v1 import loss_service_pb2
 
@@ -41,13 +41,13 @@ class Client(_ChannelOwner):
                        tensors: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None
                        ) -> EvaluateResult:
         """Evaluates a loss; see ``lossd.Client.evaluate``."""
-        spec = _requests.loss_spec(loss, params)
+        spec = wire.spec_from_dict(loss, params)
         arrays = _requests.prepare(y_true, y_pred, sample_weight, tensors)
         try:
-            if _requests.needs_chunks(arrays, self.max_message_bytes):
-                requests = _requests.chunked_requests(spec, arrays, reduction, gradient, self.chunk_bytes)
+            if _chunks.needs_chunks(arrays, self.max_message_bytes):
+                requests = _chunks.chunked_requests(spec, arrays, reduction, gradient, self.chunk_bytes)
                 requests = itertools.chain([next(requests)], requests)  # local refusals raise here
-                assembler = _requests.ChunkAssembler(arrays["y_pred"], gradient)
+                assembler = _chunks.ChunkAssembler(arrays["y_pred"], gradient)
                 async for message in self._losses.EvaluateChunked(requests, **self._call_args(timeout)):
                     assembler.add(message)
                 if assembler.result is None:
@@ -65,13 +65,13 @@ class Client(_ChannelOwner):
         for kwargs in requests:
             kwargs = dict(kwargs)
             try:
-                spec = _requests.loss_spec(kwargs.pop("loss"), kwargs.pop("params", None))
+                spec = wire.spec_from_dict(kwargs.pop("loss"), kwargs.pop("params", None))
                 arrays = _requests.prepare(kwargs.pop("y_true"), kwargs.pop("y_pred"),
                                            kwargs.pop("sample_weight", None), kwargs.pop("tensors", None))
                 items.append(_requests.evaluate_request(spec, arrays, kwargs.pop("reduction", "sum_over_batch_size"),
                                                         kwargs.pop("gradient", False)))
-            except LossdError as error:
-                items.append(error)
+            except (LossdError, wire.WireError) as error:
+                items.append(as_lossd_error(error))
         messages = [loss_service_pb2.EvaluateStreamRequest(request=item, request_id=str(i))
                     for i, item in enumerate(items) if not isinstance(item, LossdError)]
         answers: dict[int, EvaluateResult | LossdError] = {i: item for i, item in enumerate(items)

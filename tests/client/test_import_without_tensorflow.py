@@ -41,12 +41,12 @@ BLOCKED_CHECK = textwrap.dedent('''
     import numpy as np
 
     import lossd
-    from lossd import _requests
+    from lossd import _requests, wire
 
     arrays = _requests.prepare(np.zeros((4, 3), np.float32), np.ones((4, 3), np.float32),
                                sample_weight=np.ones(4, np.float32))
     assert sorted(arrays) == ["sample_weight", "y_pred", "y_true"], arrays
-    spec = _requests.loss_spec({"name": "huber", "params": {"delta": 2.0}}, params={"reduction_hint": 1})
+    spec = wire.spec_from_dict({"name": "huber", "params": {"delta": 2.0}}, params={"reduction_hint": 1})
     assert spec.name == "huber" and dict(spec.params) == {"delta": 2.0, "reduction_hint": 1.0}, spec
     request = _requests.evaluate_request(spec, arrays, "sum", True)
     assert request.y_pred.shape == [4, 3] and request.gradient
@@ -114,11 +114,12 @@ GOOD = np.zeros((4, 3), np.float32)
     ({"y_pred": np.ones((4, 3), np.bool_)}, "UNSUPPORTED_DTYPE", ["Received: bool"]),
     ({"y_true": np.ones((4, 3), np.complex64)}, "UNSUPPORTED_DTYPE", ["y_true", "Received: complex64"]),
     ({"y_true": np.array(["a", "b"])}, "UNSUPPORTED_DTYPE", ["y_true", "Expected one of"]),
-    ({"reduction": "average"}, "CLIENT", ["Invalid reduction", "Expected one of", "Received: 'average'"]),
-    ({"reduction": None}, "CLIENT", ["Invalid reduction", "Received: None"]),
-    ({"loss": 3}, "CLIENT", ["loss must be a name or a dict", "Received: int"]),
-    ({"loss": {"nam": "huber"}}, "CLIENT", ["Unknown loss keys ['nam']"]),
-    ({"params": {"delta": object()}}, "CLIENT", ["Loss parameters must be JSON-like"]),
+    ({"reduction": "average"}, "BAD_REDUCTION", ["Invalid reduction", "Expected one of", "Received: 'average'"]),
+    ({"reduction": None}, "BAD_REDUCTION", ["Invalid reduction", "Received: None"]),
+    ({"loss": 3}, "BAD_LOSS_SPEC", ["loss must be a name or a dict", "Received: int"]),
+    ({"loss": {"nam": "huber"}}, "BAD_LOSS_SPEC", ["Unknown loss keys ['nam']"]),
+    ({"params": {"delta": object()}}, "BAD_PARAMETER", ["params.delta", "expected a JSON-like value"]),
+    ({"params": {"delta": float("nan")}}, "BAD_PARAMETER", ["params.delta", "expected a finite number"]),
     ({"tensors": {"y_true": GOOD}}, "CLIENT", ["'y_true' is reserved"]),
 ])
 def test_local_checks_refuse_without_contacting_a_server(offline_client, kwargs, reason, fragments):

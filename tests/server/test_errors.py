@@ -19,7 +19,7 @@ from google.rpc import code_pb2, error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from lossd import _tensors
+from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
 
 keras = pytest.importorskip("keras")
@@ -57,7 +57,7 @@ def struct(params: dict) -> struct_pb2.Struct:
 
 
 def tensor(array) -> tensor_pb2.Tensor:
-    return _tensors.from_numpy(np.asarray(array))
+    return wire.from_numpy(np.asarray(array))
 
 
 def request(loss="mean_squared_error", y_true=None, y_pred=None, params=None, **fields):
@@ -316,7 +316,7 @@ def test_ignore_class_is_honoured(stub):
     response = stub.Evaluate(request("sparse_categorical_crossentropy", y_true=labels, y_pred=PROBS,
                                      params={"ignore_class": -1}), timeout=60)
     expected = keras.losses.SparseCategoricalCrossentropy(ignore_class=-1)(labels, PROBS)
-    np.testing.assert_allclose(_tensors.to_numpy(response.loss), np.asarray(expected), rtol=1e-6)
+    np.testing.assert_allclose(wire.to_numpy(response.loss), np.asarray(expected), rtol=1e-6)
     assert not response.non_finite
     # Another out-of-range label is still refused, and the message names ignore_class.
     evaluate_error(stub, request("sparse_categorical_crossentropy", y_true=np.array([0, -1, 5, 1], np.int32),
@@ -349,7 +349,7 @@ def test_non_finite_inputs_are_evaluated_as_keras_does(stub, name, cls, bad, red
     y_pred[1, 2] = bad
     enum = {"none": loss_pb2.REDUCTION_NONE, "sum": loss_pb2.REDUCTION_SUM}[reduction]
     response = stub.Evaluate(request(name, y_true=y_true, y_pred=y_pred, reduction=enum), timeout=60)
-    got = _tensors.to_numpy(response.loss)
+    got = wire.to_numpy(response.loss)
     expected = np.asarray(cls(reduction=reduction)(y_true, y_pred))
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-6, equal_nan=True)
@@ -361,9 +361,9 @@ def test_non_finite_y_true_is_flagged(stub):
     y_true = np.array([[0.0, np.nan, 1.0]], np.float32)
     y_pred = np.array([[0.1, 0.2, 0.3]], np.float32)
     response = stub.Evaluate(request("mse", y_true=y_true, y_pred=y_pred), timeout=60)
-    np.testing.assert_allclose(_tensors.to_numpy(response.loss),
+    np.testing.assert_allclose(wire.to_numpy(response.loss),
                                np.asarray(keras.losses.MeanSquaredError()(y_true, y_pred)), equal_nan=True)
-    assert np.isnan(_tensors.to_numpy(response.loss))
+    assert np.isnan(wire.to_numpy(response.loss))
     assert response.non_finite is True
 
 
@@ -371,7 +371,7 @@ def test_finite_inputs_are_not_flagged(stub):
     y_true = RNG.normal(size=(4, 3)).astype(np.float32)
     y_pred = RNG.normal(size=(4, 3)).astype(np.float32)
     response = stub.Evaluate(request("huber", y_true=y_true, y_pred=y_pred), timeout=60)
-    np.testing.assert_allclose(_tensors.to_numpy(response.loss), np.asarray(keras.losses.Huber()(y_true, y_pred)),
+    np.testing.assert_allclose(wire.to_numpy(response.loss), np.asarray(keras.losses.Huber()(y_true, y_pred)),
                                rtol=1e-6)
     assert response.non_finite is False
 
@@ -382,7 +382,7 @@ def test_finite_inputs_with_a_non_finite_result_are_flagged(stub):
     y_pred = np.array([[3e38, 0.0]], np.float32)
     response = stub.Evaluate(request("mse", y_true=y_true, y_pred=y_pred), timeout=60)
     expected = np.asarray(keras.losses.MeanSquaredError()(y_true, y_pred))
-    np.testing.assert_array_equal(_tensors.to_numpy(response.loss), expected)
+    np.testing.assert_array_equal(wire.to_numpy(response.loss), expected)
     assert np.isinf(expected)
     assert response.non_finite is True
 
@@ -472,9 +472,9 @@ def test_evaluate_stream_error_in_the_middle(stub):
     out = list(stub.EvaluateStream(iter(items), timeout=60))
     assert [o.request_id for o in out] == ["first", "bad", "unknown", "last"]
     assert not out[0].HasField("error") and not out[3].HasField("error")
-    np.testing.assert_allclose(_tensors.to_numpy(out[0].response.loss),
+    np.testing.assert_allclose(wire.to_numpy(out[0].response.loss),
                                np.asarray(keras.losses.MeanSquaredError()(y_true, y_pred)), rtol=1e-6)
-    np.testing.assert_allclose(_tensors.to_numpy(out[3].response.loss),
+    np.testing.assert_allclose(wire.to_numpy(out[3].response.loss),
                                np.asarray(keras.losses.MeanAbsoluteError()(y_true, y_pred)), rtol=1e-6)
     assert not out[1].HasField("response") and not out[2].HasField("response")
     check_status(out[1].error, INVALID, "PARAMETER_OUT_OF_RANGE", "Expected a value > 0", "delta=-1")
@@ -585,5 +585,5 @@ def test_server_still_serves_after_all_of_that(channel, stub):
     y_true = RNG.normal(size=(5, 2)).astype(np.float32)
     y_pred = RNG.normal(size=(5, 2)).astype(np.float32)
     response = stub.Evaluate(request("huber", y_true, y_pred, params={"delta": 2.0}), timeout=60)
-    np.testing.assert_allclose(_tensors.to_numpy(response.loss),
+    np.testing.assert_allclose(wire.to_numpy(response.loss),
                                np.asarray(keras.losses.Huber(delta=2.0)(y_true, y_pred)), rtol=1e-6)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lossd import _tensors
+from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -131,7 +131,7 @@ def wait_for_log(log_path: pathlib.Path, pattern: str, proc: subprocess.Popen, t
 
 def evaluate_item(request_id: str, y_true, y_pred) -> loss_service_pb2.EvaluateStreamRequest:
     request = loss_service_pb2.EvaluateRequest(loss=loss_pb2.LossSpec(name="mse"),
-                                               y_true=_tensors.from_numpy(y_true), y_pred=_tensors.from_numpy(y_pred))
+                                               y_true=wire.from_numpy(y_true), y_pred=wire.from_numpy(y_pred))
     return loss_service_pb2.EvaluateStreamRequest(request=request, request_id=request_id)
 
 
@@ -139,7 +139,7 @@ def check_answer(answer, request_id: str, y_true, y_pred) -> None:
     assert answer.request_id == request_id
     assert not answer.HasField("error"), answer.error
     expected = np.mean(np.square(y_true.astype(np.float64) - y_pred), axis=-1).mean()
-    np.testing.assert_allclose(_tensors.to_numpy(answer.response.loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(wire.to_numpy(answer.response.loss), expected, rtol=1e-5)
 
 
 def assert_new_calls_refused(address: str, within: float = 5.0) -> None:

@@ -12,24 +12,15 @@ import threading
 from typing import Any, Iterator, Optional
 
 import numpy as np
-from google.protobuf import json_format
-
-from lossd import _tensors
-from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
+from lossd import wire
+from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
 from lossd_server.errors import FailedPrecondition, InvalidArgument, LossdError
-from lossd_server.evaluation.evaluator import ChunkedSession, Evaluator, Plan
+from lossd_server.evaluation.chunks import ChunkedSession
+from lossd_server.evaluation.evaluator import Evaluator
+from lossd_server.losses.plan import Plan
 from lossd_server.grpc.status import handle_errors, to_status
 
 log = logging.getLogger(__name__)
-
-REDUCTION_NAMES = {
-    loss_pb2.REDUCTION_UNSPECIFIED: "sum_over_batch_size",
-    loss_pb2.REDUCTION_NONE: "none",
-    loss_pb2.REDUCTION_SUM: "sum",
-    loss_pb2.REDUCTION_SUM_OVER_BATCH_SIZE: "sum_over_batch_size",
-    loss_pb2.REDUCTION_MEAN: "mean",
-    loss_pb2.REDUCTION_MEAN_WITH_SAMPLE_WEIGHT: "mean_with_sample_weight",
-}
 
 _SOURCES = {
     "keras": loss_service_pb2.LossDescription.SOURCE_KERAS,
@@ -40,31 +31,6 @@ _SOURCES = {
 
 _TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _RESERVED_TENSORS = {"y_true", "y_pred", "sample_weight"}
-
-
-def reduction_name(value: int, where: str = "reduction") -> Optional[str]:
-    """The Keras name of a Reduction enum value; refuses unknown numbers."""
-    name = REDUCTION_NAMES.get(value)
-    if name is None:
-        raise InvalidArgument(
-            f"Invalid {where}. Expected a Reduction value 0-5. Received: {value}.", reason="BAD_REDUCTION")
-    return name
-
-
-def spec_to_dict(spec: loss_pb2.LossSpec) -> dict[str, Any]:
-    """LossSpec message -> the plain dict the core's ``Evaluator.plan`` takes."""
-    out: dict[str, Any] = {"name": spec.name, "expression": spec.expression,
-                           "params": json_format.MessageToDict(spec.params) if spec.HasField("params") else {}}
-    if spec.terms:
-        out["terms"] = [{
-            "label": t.label,
-            "loss": spec_to_dict(t.loss),
-            "weight": t.weight if t.HasField("weight") else None,
-            "reduction": None if t.reduction == loss_pb2.REDUCTION_UNSPECIFIED
-            else reduction_name(t.reduction, f"terms[{i}].reduction"),
-            "inputs": list(t.inputs),
-        } for i, t in enumerate(spec.terms)]
-    return out
 
 
 def describe(entry) -> loss_service_pb2.LossDescription:
@@ -92,7 +58,7 @@ class _PlanCache:
             if plan is not None:
                 self._plans.move_to_end(key)
                 return plan
-        plan = self.evaluator.plan(spec_to_dict(spec), tensor_names)
+        plan = self.evaluator.planner.plan(wire.spec_to_dict(spec), tensor_names)
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > self.size:
@@ -124,8 +90,8 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             return "expression"
         return self.registry.canonical(spec.name) or "other"
 
-    def _decode(self, tensor: tensor_pb2.Tensor, field: str) -> np.ndarray:
-        return _tensors.to_numpy(tensor, field=field, max_elements=self.max_elements)
+    def _decode(self, tensor, field: str) -> np.ndarray:
+        return wire.to_numpy(tensor, field=field, max_elements=self.max_elements)
 
     @contextlib.contextmanager
     def _metered(self, metric_name: str):
@@ -138,7 +104,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         with self.metrics.time_evaluation(metric_name) as record:
             try:
                 yield record
-            except (LossdError, _tensors.TensorError):
+            except (LossdError, wire.WireError):
                 record.outcome = "invalid_argument"
                 raise
 
@@ -155,7 +121,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                 raise InvalidArgument(f"{field} is required. Expected a Tensor. Received: none.",
                                       reason="BAD_TENSOR")
         plan = self.plans.get(request.loss, ("y_true", "y_pred", *sorted(request.tensors)))
-        reduction = reduction_name(request.reduction)
+        reduction = wire.reduction_name(request.reduction)
         tensors = {"y_true": self._decode(request.y_true, "y_true"),
                    "y_pred": self._decode(request.y_pred, "y_pred")}
         for name, tensor in request.tensors.items():
@@ -172,12 +138,12 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                 sample_weight.nbytes if sample_weight is not None else 0)
         result = self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight,
                                          reduction=reduction, gradient=request.gradient)
-        response = loss_service_pb2.EvaluateResponse(loss=_tensors.from_numpy(result.loss),
+        response = loss_service_pb2.EvaluateResponse(loss=wire.from_numpy(result.loss),
                                                      non_finite=result.non_finite)
         if result.gradient is not None:
-            response.gradient.CopyFrom(_tensors.from_numpy(result.gradient))
+            response.gradient.CopyFrom(wire.from_numpy(result.gradient))
         for label, value, weight in result.terms:
-            response.terms.add(label=label, value=_tensors.from_numpy(value), weight=weight)
+            response.terms.add(label=label, value=wire.from_numpy(value), weight=weight)
         return response
 
     # -- RPCs ----------------------------------------------------------------
@@ -190,7 +156,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
     def RegisterLoss(self, request, context):
         if self.store is None:
             raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
-        params = json_format.MessageToDict(request.params) if request.HasField("params") else {}
+        params = wire.struct_to_dict(request.params) if request.HasField("params") else {}
         entry = self.store.register(request.name, request.expression, params=params, inputs=list(request.inputs),
                                     doc=request.doc, replace=request.replace)
         self.plans.clear()  # plans that named the old definition must not be reused
@@ -235,12 +201,12 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             if not header.HasField(name):
                 continue
             info = getattr(header, name)
-            dt = _tensors.numpy_dtype(info.dtype, field=name)
+            dt = wire.numpy_dtype(info.dtype, field=name)
             shape = tuple(info.shape)
-            _tensors.check_shape(shape, field=name, max_elements=self.max_elements)
+            wire.check_shape(shape, field=name, max_elements=self.max_elements)
             dtypes[name] = dt
             infos[name] = (dt.name, shape)
-        session = ChunkedSession(self.evaluator, plan, infos, reduction=reduction_name(header.reduction),
+        session = ChunkedSession(self.evaluator, plan, infos, reduction=wire.reduction_name(header.reduction),
                                  gradient=header.gradient)
         metric = self._metric_name(header.loss)
         for message in request_iterator:
@@ -251,10 +217,8 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             arrays = {}
             for name, dt in dtypes.items():
                 row_shape = session.row_shape(name)
-                arrays[name] = _tensors.to_numpy(
-                    tensor_pb2.Tensor(dtype=_tensors.dtype_enum(dt), shape=(chunk.rows, *row_shape),
-                                      content=getattr(chunk, name)),
-                    field=f"chunk {name}", max_elements=self.max_elements)
+                arrays[name] = wire.from_bytes(getattr(chunk, name), wire.dtype_enum(dt), (chunk.rows, *row_shape),
+                                               field=f"chunk {name}", max_elements=self.max_elements)
             with self._metered(metric) as record:
                 values, grad = session.feed(chunk.start, arrays)
                 if record is not None:
@@ -262,12 +226,12 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                     record.nbytes = sum(a.nbytes for a in arrays.values())
             result = loss_service_pb2.ChunkResult(start=chunk.start)
             if values is not None:
-                result.loss.CopyFrom(_tensors.from_numpy(values))
+                result.loss.CopyFrom(wire.from_numpy(values))
             if grad is not None:
-                result.gradient.CopyFrom(_tensors.from_numpy(grad))
+                result.gradient.CopyFrom(wire.from_numpy(grad))
             yield loss_service_pb2.EvaluateChunkedResponse(chunk=result)
         loss, scale, non_finite = session.finish()
         summary = loss_service_pb2.ChunkedSummary(gradient_scale=scale, non_finite=non_finite)
         if loss is not None:
-            summary.loss.CopyFrom(_tensors.from_numpy(loss))
+            summary.loss.CopyFrom(wire.from_numpy(loss))
         yield loss_service_pb2.EvaluateChunkedResponse(summary=summary)

@@ -12,7 +12,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from lossd._tensors import TensorError
+from lossd.wire import WireError
 from lossd_server.errors import DOMAIN, InvalidArgument, LossdError
 from lossd_server.observability.requestid import current_request_id
 
@@ -31,7 +31,7 @@ CODES: dict[str, grpc.StatusCode] = {
 def to_status(exc: BaseException) -> status_pb2.Status:
     """The rich status for an exception; unexpected ones become a generic INTERNAL
     (their text may hold internals, so it is logged, never sent)."""
-    if isinstance(exc, TensorError):
+    if isinstance(exc, WireError):  # the wire codec's refusals are client errors
         exc = InvalidArgument(str(exc), reason=exc.reason)
     if isinstance(exc, LossdError):
         code = CODES[exc.kind]

@@ -26,7 +26,6 @@ import numpy as np
 
 from lossd_server.errors import InvalidArgument
 
-REDUCTIONS = ("none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 # Keras constructor arguments that lossd sets itself, never the client.
 _RESERVED = {"self", "reduction", "name", "dtype"}

@@ -1,0 +1,361 @@
+"""The lossd wire format, in one module: the client, the CLI, the server and
+the training service all encode and decode through it.
+
+It owns:
+
+* the tensor codec (``to_numpy`` / ``from_numpy``): row-major little-endian
+  bytes with a dtype enum and a shape, as in Triton's raw contents. Decoding
+  never copies (``numpy.frombuffer`` over the message's bytes) and checks the
+  claimed shape against the bytes and a size limit *before* any array is
+  built, so a hostile shape cannot make the receiver allocate;
+* the dtype table (``SUPPORTED_DTYPES``, ``FLOAT_DTYPES``);
+* reduction names and their enum values (``REDUCTIONS``);
+* ``LossSpec`` <-> dict, both ways, and ``google.protobuf.Struct`` <-> dict
+  with the checks JSON cannot express (NaN, Inf, integers out of range).
+
+Everything here raises ``WireError`` (a ``ValueError`` with an ``ErrorInfo``
+reason) on bad input; the server answers it with INVALID_ARGUMENT and the
+client raises it as a ``LossdError``. Imports numpy and protobuf only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+from google.protobuf import struct_pb2
+
+from lossd.v1 import loss_pb2, tensor_pb2
+
+DataType = tensor_pb2.DataType
+
+
+class WireError(ValueError):
+    """A message that cannot be encoded or decoded; ``reason`` is the ErrorInfo reason."""
+
+    def __init__(self, message: str, reason: str = "BAD_TENSOR"):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------
+# dtypes
+
+_NUMPY_BY_ENUM: dict[int, np.dtype] = {
+    DataType.DATA_TYPE_FLOAT16: np.dtype("<f2"),
+    DataType.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    DataType.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    DataType.DATA_TYPE_INT8: np.dtype("i1"),
+    DataType.DATA_TYPE_INT16: np.dtype("<i2"),
+    DataType.DATA_TYPE_INT32: np.dtype("<i4"),
+    DataType.DATA_TYPE_INT64: np.dtype("<i8"),
+    DataType.DATA_TYPE_UINT8: np.dtype("u1"),
+    DataType.DATA_TYPE_BOOL: np.dtype("?"),
+}
+try:  # bfloat16 comes with ml_dtypes (a TensorFlow dependency); the thin client may lack it.
+    import ml_dtypes
+
+    _NUMPY_BY_ENUM[DataType.DATA_TYPE_BFLOAT16] = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - depends on the environment
+    pass
+
+# Short names, as numpy and Keras spell them, for every enum value.
+_ENUM_BY_NAME: dict[str, int] = {
+    DataType.Name(enum).removeprefix("DATA_TYPE_").lower(): enum
+    for enum in DataType.values() if enum != DataType.DATA_TYPE_UNSPECIFIED
+}
+SUPPORTED_DTYPES: tuple[str, ...] = tuple(sorted(
+    name for name, enum in _ENUM_BY_NAME.items() if enum in _NUMPY_BY_ENUM))
+# The dtypes a loss is computed in (y_pred's): Keras losses are floating-point.
+FLOAT_DTYPES: tuple[str, ...] = tuple(name for name in ("float16", "bfloat16", "float32", "float64")
+                                      if name in _ENUM_BY_NAME)
+# Exact dtype -> enum, the fast path: ``dtype.name`` is rebuilt on each access.
+_ENUM_BY_DTYPE: dict[np.dtype, int] = {dt: enum for enum, dt in _NUMPY_BY_ENUM.items()}
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, cached: numpy builds the name on every access (about
+    4 µs), and a request reads it several times."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = np.dtype(dtype).name
+        if len(_DTYPE_NAMES) < 64:  # a handful in practice; never unbounded
+            _DTYPE_NAMES[dtype] = name
+    return name
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """Whether a numpy dtype is one a loss can be computed in."""
+    return dtype_name(dtype) in FLOAT_DTYPES
+
+
+def enum_name(enum: int) -> str:
+    """The short name of a DataType enum value, such as ``float32``."""
+    try:
+        return DataType.Name(enum).removeprefix("DATA_TYPE_").lower()
+    except ValueError:
+        return f"<unknown {enum}>"
+
+
+def numpy_dtype(enum: int, *, field: str = "tensor") -> np.dtype:
+    """The numpy dtype of a DataType enum value; raises WireError when unsupported."""
+    dt = _NUMPY_BY_ENUM.get(enum)
+    if dt is None:
+        raise WireError(
+            f"{field}: unsupported dtype. Expected one of {', '.join(SUPPORTED_DTYPES)}. "
+            f"Received: {enum_name(enum)}.", reason="UNSUPPORTED_DTYPE")
+    return dt
+
+
+def dtype_enum(dtype: np.dtype, *, field: str = "tensor") -> int:
+    """The DataType enum value for a numpy dtype; raises WireError when unsupported."""
+    enum = _ENUM_BY_DTYPE.get(dtype)
+    if enum is None:
+        enum = _ENUM_BY_NAME.get(np.dtype(dtype).name)
+        if enum not in _NUMPY_BY_ENUM:
+            enum = None
+    if enum is None:
+        raise WireError(
+            f"{field}: unsupported dtype. Expected one of {', '.join(SUPPORTED_DTYPES)}. "
+            f"Received: {np.dtype(dtype).name}.", reason="UNSUPPORTED_DTYPE")
+    return enum
+
+
+# ---------------------------------------------------------------------------
+# Tensors
+
+def check_shape(shape, *, field: str, max_elements: Optional[int] = None) -> int:
+    """Checks dimensions are non-negative and the count within the limit; returns the count."""
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise WireError(f"{field}: negative dimension. Expected sizes >= 0. Received: shape={dims}.")
+    count = math.prod(dims)  # Python ints: a hostile shape cannot overflow here
+    if max_elements is not None and count > max_elements:
+        raise WireError(
+            f"{field}: too many elements. Expected at most {max_elements:,} elements. "
+            f"Received: shape={dims} ({count:,} elements).", reason="TENSOR_TOO_LARGE")
+    return count
+
+
+def to_numpy(tensor: tensor_pb2.Tensor, *, field: str = "tensor",
+             max_elements: Optional[int] = None, allow_empty: bool = False) -> np.ndarray:
+    """Decodes a Tensor message into a read-only numpy array without copying.
+
+    Raises:
+        WireError: unsupported dtype, negative or oversized shape, content
+            length that does not match the shape, or an empty tensor.
+    """
+    return from_bytes(tensor.content, tensor.dtype, tensor.shape, field=field, max_elements=max_elements,
+                      allow_empty=allow_empty)
+
+
+def from_bytes(content: bytes, dtype: int, shape, *, field: str = "tensor", max_elements: Optional[int] = None,
+               allow_empty: bool = False) -> np.ndarray:
+    """Decodes raw row-major bytes of a dtype enum and shape (a Tensor's
+    fields, or a chunk's slice of one) into a read-only array without copying."""
+    dt = numpy_dtype(dtype, field=field)
+    count = check_shape(shape, field=field, max_elements=max_elements)
+    if count == 0 and not allow_empty:
+        raise WireError(
+            f"{field}: empty tensor. Expected at least one element. Received: shape={list(shape)}.",
+            reason="EMPTY_TENSOR")
+    expected = count * dt.itemsize
+    if len(content) != expected:
+        raise WireError(
+            f"{field}: content length does not match the shape. Expected {expected:,} bytes "
+            f"(shape {list(shape)} x {dt.itemsize} bytes of {dt.name}). "
+            f"Received: {len(content):,} bytes.")
+    return np.frombuffer(content, dtype=dt, count=count).reshape(tuple(shape))
+
+
+def from_numpy(array, *, field: str = "tensor") -> tensor_pb2.Tensor:
+    """Encodes an array-like as a Tensor message (row-major, little-endian)."""
+    array = np.asarray(array)
+    enum = dtype_enum(array.dtype, field=field)
+    dt = _NUMPY_BY_ENUM[enum]
+    if array.dtype != dt or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=dt)
+    return tensor_pb2.Tensor(dtype=enum, shape=array.shape, content=array.tobytes())
+
+
+def info(array: np.ndarray, *, field: str = "tensor") -> tensor_pb2.TensorInfo:
+    """The TensorInfo (dtype and shape) of an array."""
+    return tensor_pb2.TensorInfo(dtype=dtype_enum(array.dtype, field=field), shape=array.shape)
+
+
+# ---------------------------------------------------------------------------
+# Reductions
+
+#: Keras's reduction names, in the order of their enum values.
+REDUCTIONS: tuple[str, ...] = ("none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight")
+DEFAULT_REDUCTION = "sum_over_batch_size"
+_REDUCTION_BY_NAME: dict[str, int] = {
+    name: loss_pb2.Reduction.Value(f"REDUCTION_{name.upper()}") for name in REDUCTIONS}
+_NAME_BY_REDUCTION: dict[int, str] = {
+    **{enum: name for name, enum in _REDUCTION_BY_NAME.items()},
+    loss_pb2.REDUCTION_UNSPECIFIED: DEFAULT_REDUCTION,
+}
+
+
+def reduction_enum(name: str, *, field: str = "reduction") -> int:
+    """The Reduction enum value of a Keras reduction name."""
+    enum = _REDUCTION_BY_NAME.get(name) if isinstance(name, str) else None
+    if enum is None:
+        raise WireError(f"Invalid {field}. Expected one of {list(REDUCTIONS)}. Received: {name!r}.",
+                        reason="BAD_REDUCTION")
+    return enum
+
+
+def reduction_name(enum: int, *, field: str = "reduction") -> str:
+    """The Keras name of a Reduction enum value (unspecified: Keras's default)."""
+    name = _NAME_BY_REDUCTION.get(enum)
+    if name is None:
+        raise WireError(f"Invalid {field}. Expected a Reduction value 0-{len(REDUCTIONS)}. Received: {enum}.",
+                        reason="BAD_REDUCTION")
+    return name
+
+
+def check_reduction(name: str, *, field: str = "reduction") -> str:
+    """Returns a reduction name after checking it is one of ``REDUCTIONS``."""
+    reduction_enum(name, field=field)
+    return name
+
+
+# ---------------------------------------------------------------------------
+# google.protobuf.Struct <-> dict
+
+# JSON numbers that name an integer must fit in a signed 64-bit integer; a
+# Struct carries every number as a double, so larger ones are refused here
+# rather than overflowing somewhere deeper.
+_INT_LIMIT = 2 ** 63
+
+
+def _value_to_python(value: struct_pb2.Value, field: str) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise WireError(f"{field}: expected a finite number. Received: {number}.", reason="BAD_PARAMETER")
+        if number.is_integer() and abs(number) >= _INT_LIMIT:
+            raise WireError(f"{field}: number out of range. Expected a magnitude below 2^63. "
+                            f"Received: {number:g}.", reason="BAD_PARAMETER")
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value, field=field)
+    if kind == "list_value":
+        return [_value_to_python(v, f"{field}[{i}]") for i, v in enumerate(value.list_value.values)]
+    return None  # null_value, or no kind set
+
+
+def struct_to_dict(struct: struct_pb2.Struct, *, field: str = "params") -> dict[str, Any]:
+    """A Struct as a plain dict; refuses NaN, Inf and integers past 2^63 with
+    ``BAD_PARAMETER`` (protobuf's own ``MessageToDict`` raises a bare
+    ValueError on NaN)."""
+    return {key: _value_to_python(value, f"{field}.{key}") for key, value in struct.fields.items()}
+
+
+def _check_python(value: Any, field: str) -> Any:
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise WireError(f"{field}: expected a finite number. Received: {value}.", reason="BAD_PARAMETER")
+        if abs(value) >= _INT_LIMIT:
+            raise WireError(f"{field}: number out of range. Expected a magnitude below 2^63. "
+                            f"Received: {value:g}.", reason="BAD_PARAMETER")
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _check_python(v, f"{field}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_check_python(v, f"{field}[{i}]") for i, v in enumerate(value)]
+    raise WireError(f"{field}: expected a JSON-like value (number, boolean, string, list, object or null). "
+                    f"Received: {type(value).__name__}.", reason="BAD_PARAMETER")
+
+
+def dict_to_struct(params: Optional[Mapping[str, Any]], *, field: str = "params") -> Optional[struct_pb2.Struct]:
+    """A dict of JSON-like values as a Struct (None when empty); refuses what
+    ``struct_to_dict`` would refuse on the other side."""
+    if not params:
+        return None
+    if not isinstance(params, Mapping):
+        raise WireError(f"{field}: expected a dict. Received: {type(params).__name__}.", reason="BAD_PARAMETER")
+    struct = struct_pb2.Struct()
+    struct.update(_check_python(params, field))
+    return struct
+
+
+# ---------------------------------------------------------------------------
+# LossSpec <-> dict
+
+LossLike = Union[str, Mapping[str, Any], loss_pb2.LossSpec]
+_SPEC_KEYS = ("name", "params", "expression", "terms")
+_TERM_KEYS = ("label", "loss", "weight", "reduction", "inputs", "name", "params", "expression")
+
+
+def spec_to_dict(spec: loss_pb2.LossSpec) -> dict[str, Any]:
+    """A LossSpec message as the plain dict the server's planner takes.
+
+    The dict has ``name``, ``expression``, ``params`` and, for composites,
+    ``terms``: each ``{"label", "loss", "weight", "reduction", "inputs"}`` with
+    ``weight`` and ``reduction`` None where the message leaves them unset.
+    """
+    out: dict[str, Any] = {"name": spec.name, "expression": spec.expression,
+                           "params": struct_to_dict(spec.params) if spec.HasField("params") else {}}
+    if spec.terms:
+        out["terms"] = [{
+            "label": t.label,
+            "loss": spec_to_dict(t.loss),
+            "weight": t.weight if t.HasField("weight") else None,
+            "reduction": None if t.reduction == loss_pb2.REDUCTION_UNSPECIFIED
+            else reduction_name(t.reduction, field=f"terms[{i}].reduction"),
+            "inputs": list(t.inputs),
+        } for i, t in enumerate(spec.terms)]
+    return out
+
+
+def spec_from_dict(loss: LossLike, params: Optional[Mapping[str, Any]] = None) -> loss_pb2.LossSpec:
+    """Builds a LossSpec from a name, a ``{"name", "params"}`` dict, an
+    ``{"expression", "params"}`` dict or a ``{"terms": [...]}`` composite
+    (each term ``{"loss": {...}}`` or a flat ``{"name": ...}``, with optional
+    ``label``, ``weight``, ``reduction`` and ``inputs``). ``params`` are
+    merged into the top-level loss's parameters.
+    """
+    if isinstance(loss, loss_pb2.LossSpec):
+        return loss
+    if isinstance(loss, str):
+        loss = {"name": loss}
+    if not isinstance(loss, Mapping):
+        raise WireError(f"loss must be a name or a dict like {{'name': 'huber', 'params': {{...}}}}. "
+                        f"Received: {type(loss).__name__}.", reason="BAD_LOSS_SPEC")
+    unknown = set(loss) - set(_SPEC_KEYS)
+    if unknown:
+        raise WireError(f"Unknown loss keys {sorted(unknown)}. Expected {', '.join(_SPEC_KEYS)}.",
+                        reason="BAD_LOSS_SPEC")
+    spec = loss_pb2.LossSpec(name=loss.get("name") or "", expression=loss.get("expression") or "")
+    struct = dict_to_struct({**(loss.get("params") or {}), **(params or {})})
+    if struct is not None:
+        spec.params.CopyFrom(struct)
+    for i, term in enumerate(loss.get("terms") or ()):
+        if not isinstance(term, Mapping):
+            raise WireError(f"terms[{i}]: expected a dict. Received: {type(term).__name__}.", reason="BAD_LOSS_SPEC")
+        unknown = set(term) - set(_TERM_KEYS)
+        if unknown:
+            raise WireError(f"terms[{i}]: unknown keys {sorted(unknown)}. Expected {', '.join(_TERM_KEYS)}.",
+                            reason="BAD_LOSS_SPEC")
+        t = spec.terms.add(label=term.get("label") or "")
+        inner = term["loss"] if "loss" in term else {k: term[k] for k in ("name", "params", "expression") if k in term}
+        t.loss.CopyFrom(spec_from_dict(inner))
+        if term.get("weight") is not None:
+            t.weight = float(term["weight"])
+        if term.get("reduction"):
+            t.reduction = reduction_enum(term["reduction"], field=f"terms[{i}].reduction")
+        t.inputs.extend(term.get("inputs") or ())
+    return spec

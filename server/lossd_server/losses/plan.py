@@ -1,0 +1,222 @@
+"""Spec -> plan: the one place a loss specification is validated.
+
+A *plan* is the validated, canonical form of a ``LossSpec`` (as the dict
+``lossd.wire.spec_to_dict`` makes): every name resolved in the registry,
+every parameter typed and range-checked with its default filled in, every
+term's weight, reduction and inputs checked. Evaluate, EvaluateStream,
+EvaluateChunked and CreateJob all go through ``Planner.plan``, so one spec
+gets one answer (and one error, with one reason) whichever RPC carries it.
+
+``build_program`` turns a plan into the function both evaluation and training
+run: each term's ``keras.losses.Loss`` built once, the weighted sum of the
+terms. There is no second composite implementation anywhere.
+
+Nothing here imports gRPC or TensorFlow (Keras is imported where a loss is built).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from lossd import wire
+from lossd_server.errors import InvalidArgument
+from lossd_server.losses.registry import LossEntry, LossRegistry, resolve_parameters
+
+DEFAULT_INPUTS = ("y_true", "y_pred")
+
+# expression, params, tensor names -> entry (``custom.inline_entry``).
+ExpressionCompiler = Callable[[str, Mapping[str, Any], Sequence[str]], LossEntry]
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One term of a plan: a registry entry with resolved parameters."""
+
+    label: str
+    entry: LossEntry
+    params: Mapping[str, Any]
+    weight: float
+    reduction: Optional[str]  # None: the request's reduction
+    inputs: tuple[str, ...]   # request tensors, in the order the entry takes them
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A validated loss spec."""
+
+    terms: tuple[Term, ...]
+    composite: bool
+    key: str          # canonical JSON: equal plans compile to the same program
+    metric_name: str  # the registered name, or "composite"/"expression"
+
+    @functools.cached_property
+    def tensor_names(self) -> frozenset[str]:
+        """Every tensor the terms read (computed once: plans are cached and reused)."""
+        return frozenset(name for term in self.terms for name in term.inputs)
+
+    def to_spec(self) -> dict[str, Any]:
+        """A self-contained spec dict that plans back to an equal program.
+
+        A registered expression loss is written out as its expression text,
+        so the spec keeps its meaning if the loss is later replaced or
+        deleted (training jobs store this form).
+        """
+        def loss(term: Term) -> dict[str, Any]:
+            if term.entry.source == "expression":
+                return {"expression": term.entry.expression, "params": dict(term.params)}
+            return {"name": term.entry.name, "params": dict(term.params)}
+
+        if not self.composite:
+            return loss(self.terms[0])
+        return {"terms": [{"label": t.label, "loss": loss(t), "weight": t.weight, "reduction": t.reduction,
+                           "inputs": list(t.inputs)} for t in self.terms]}
+
+
+class Planner:
+    """Turns loss specs into plans against a registry.
+
+    Args:
+        registry: Where loss names resolve.
+        expression_compiler: Turns an inline expression into an entry
+            (``custom.inline_entry``); None refuses expressions.
+    """
+
+    def __init__(self, registry: LossRegistry, expression_compiler: Optional[ExpressionCompiler] = None):
+        self.registry = registry
+        self.expression_compiler = expression_compiler
+
+    def plan(self, spec: Mapping[str, Any], tensor_names: Sequence[str] = DEFAULT_INPUTS) -> Plan:
+        """Validates a loss spec (``{"name", "params"}``, ``{"expression", "params"}``
+        or ``{"terms": [...]}``) into a Plan.
+
+        Args:
+            spec: The dict form of a LossSpec (``lossd.wire.spec_to_dict``).
+            tensor_names: The tensors the request carries: the names an
+                inline expression may read.
+
+        Raises:
+            InvalidArgument: with reason ``BAD_LOSS_SPEC``, ``UNKNOWN_LOSS``,
+                ``UNKNOWN_PARAMETER``, ``BAD_PARAMETER``,
+                ``PARAMETER_OUT_OF_RANGE``, ``BAD_EXPRESSION`` or ``BAD_REDUCTION``.
+        """
+        if not isinstance(spec, Mapping):
+            raise InvalidArgument(f"A loss spec is a dict. Received: {type(spec).__name__}.",
+                                  reason="BAD_LOSS_SPEC")
+        tensor_names = tuple(tensor_names)
+        terms_spec = spec.get("terms") or []
+        if terms_spec:
+            if spec.get("name") or spec.get("expression"):
+                raise InvalidArgument(
+                    "A composite loss sets `terms` only. Expected `name`, `expression` or `terms`. "
+                    f"Received: terms and {'name' if spec.get('name') else 'expression'}.",
+                    reason="BAD_LOSS_SPEC")
+            if spec.get("params"):
+                raise InvalidArgument(
+                    "A composite loss takes its parameters in each term. Expected `params` inside "
+                    "`terms[i].loss`. Received: top-level params.", reason="BAD_LOSS_SPEC")
+            terms = tuple(self._term(t, i, tensor_names) for i, t in enumerate(terms_spec))
+            labels = [t.label for t in terms]
+            dupes = sorted({x for x in labels if labels.count(x) > 1})
+            if dupes:
+                raise InvalidArgument(
+                    f"Composite term labels must be unique. Received duplicate label {dupes[0]!r}; "
+                    "set `label` on each term.", reason="BAD_LOSS_SPEC")
+            return _finish(terms, composite=True)
+        entry, params = self._resolve(spec, "loss", tensor_names)
+        inputs = entry.inputs if entry.source != "keras" else DEFAULT_INPUTS
+        return _finish((Term(entry.name, entry, params, 1.0, None, inputs),), composite=False)
+
+    def _resolve(self, spec: Any, where: str, tensor_names: Sequence[str]) -> tuple[LossEntry, dict]:
+        if not isinstance(spec, Mapping):
+            raise InvalidArgument(f"{where}: expected a loss (a dict with `name` or `expression`). "
+                                  f"Received: {type(spec).__name__}.", reason="BAD_LOSS_SPEC")
+        name, expression = spec.get("name") or "", spec.get("expression") or ""
+        if spec.get("terms"):
+            raise InvalidArgument(f"{where}: a composite cannot be nested inside a term. Expected a `name` or an "
+                                  "`expression`. Received: `terms`.", reason="BAD_LOSS_SPEC")
+        if not isinstance(name, str) or not isinstance(expression, str):
+            raise InvalidArgument(f"{where}: `name` and `expression` are strings.", reason="BAD_LOSS_SPEC")
+        if bool(name) == bool(expression):
+            raise InvalidArgument(
+                f"{where}: expected exactly one of `name`, `expression` or `terms`. Received: "
+                + ("none of them." if not name else "both `name` and `expression`."),
+                reason="BAD_LOSS_SPEC")
+        params = spec.get("params") or {}
+        if not isinstance(params, Mapping):
+            raise InvalidArgument(f"{where}: `params` is an object. Received: {type(params).__name__}.",
+                                  reason="BAD_PARAMETER")
+        if expression:
+            if self.expression_compiler is None:
+                raise InvalidArgument("Expression losses are not enabled on this server.",
+                                      reason="EXPRESSIONS_DISABLED")
+            entry = self.expression_compiler(expression, dict(params), tensor_names)
+            return entry, resolve_parameters(entry, params)
+        entry = self.registry.get(name)
+        return entry, resolve_parameters(entry, params)
+
+    def _term(self, t: Any, index: int, tensor_names: Sequence[str]) -> Term:
+        where = f"terms[{index}]"
+        if not isinstance(t, Mapping):
+            raise InvalidArgument(f"{where}: expected a term (a dict with `loss`). Received: {type(t).__name__}.",
+                                  reason="BAD_LOSS_SPEC")
+        entry, params = self._resolve(t.get("loss") or {}, where, tensor_names)
+        inputs = tuple(t.get("inputs") or ())
+        if not inputs:
+            inputs = DEFAULT_INPUTS if entry.source == "keras" else entry.inputs
+        elif len(inputs) != len(entry.inputs):
+            raise InvalidArgument(
+                f"{where}: loss `{entry.name or 'expression'}` reads {len(entry.inputs)} tensors "
+                f"({', '.join(entry.inputs)}). Received inputs={list(inputs)}.", reason="BAD_LOSS_SPEC")
+        weight = t.get("weight")
+        if weight is None:
+            weight = 1.0
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise InvalidArgument(f"{where}: weight must be a finite number. Received: {weight!r}.",
+                                  reason="BAD_LOSS_SPEC")
+        reduction = t.get("reduction") or None
+        if reduction is not None:
+            wire.check_reduction(reduction, field=f"{where}.reduction")
+        label = t.get("label") or entry.name or f"term_{index}"  # inline expressions have no name
+        return Term(label, entry, params, float(weight), reduction, inputs)
+
+
+def _finish(terms: tuple[Term, ...], composite: bool) -> Plan:
+    canonical = [{
+        "entry": t.entry.name if t.entry.source != "expression" else None,
+        "expression": t.entry.expression, "params": t.params, "label": t.label,
+        "weight": t.weight, "reduction": t.reduction, "inputs": list(t.inputs),
+    } for t in terms]
+    key = json.dumps(canonical, sort_keys=True, default=str)
+    metric_name = "composite" if composite else terms[0].entry.name or "expression"
+    return Plan(terms, composite, key, metric_name)
+
+
+# A loss program: takes the named tensors (and optionally sample_weight),
+# returns (total, term values).
+Program = Callable[[Mapping[str, Any], Optional[Any]], tuple[Any, list]]
+
+
+def build_program(plan: Plan, reduction: str, dtype: str) -> Program:
+    """The function evaluation compiles and training calls: builds each term's
+    Keras loss once, then returns ``(weighted sum of the terms, term values)``.
+
+    Each term uses its own reduction, or ``reduction`` where it sets none.
+    """
+    built = [(term, term.entry.build(term.params, term.reduction or reduction, dtype)) for term in plan.terms]
+
+    def program(tensors, sample_weight):
+        values = []
+        total = None
+        for term, obj in built:
+            # Every entry's loss takes its inputs positionally, in entry.inputs order.
+            value = obj(*[tensors[n] for n in term.inputs], sample_weight=sample_weight)
+            values.append(value)
+            weighted = value if term.weight == 1.0 else value * term.weight
+            total = weighted if total is None else total + weighted
+        return total, values
+
+    return program

@@ -26,12 +26,15 @@ def chunked_requests(spec: loss_pb2.LossSpec, arrays: Mapping[str, np.ndarray], 
     """The header, then row slices of every tensor of about ``chunk_bytes`` each."""
     if set(arrays) - {"y_true", "y_pred", "sample_weight"}:
         raise client_error("Tensors too large for one message can be sent with y_true, y_pred and "
-                           "sample_weight only, not extra named tensors.")
+                           "sample_weight only, not extra named tensors. Raise max_message_bytes (on the "
+                           "client and the server) to send them in one message.", "NOT_CHUNKABLE")
     rows = arrays["y_pred"].shape[0] if arrays["y_pred"].ndim else 0
     for name, a in arrays.items():
         if a.ndim == 0 or a.shape[0] != rows:
             raise client_error(f"Large tensors are sent in row slices, so every tensor needs the same first "
-                               f"axis. Expected {name}.shape[0] == {rows}. Received: {list(a.shape)}.", "SHAPE_MISMATCH")
+                               f"axis. Expected {name}.shape[0] == {rows}. Received: {list(a.shape)}. Raise "
+                               "max_message_bytes (on the client and the server) to send them in one message.",
+                               "NOT_CHUNKABLE")
     header = loss_service_pb2.ChunkedHeader(loss=spec, reduction=wire.reduction_enum(reduction), gradient=gradient)
     for name, a in arrays.items():
         getattr(header, name).CopyFrom(wire.info(a, field=name))

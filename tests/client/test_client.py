@@ -322,8 +322,8 @@ def test_small_tensors_are_not_chunked(small_client):
 
 
 @pytest.mark.parametrize("kwargs, reason, fragment", [
-    ({"tensors": {"z_mean": np.zeros(4, np.float32)}}, "CLIENT", "not extra named tensors"),
-    ({"sample_weight": np.ones(1, np.float32)}, "SHAPE_MISMATCH", "Expected sample_weight.shape[0] == 250000"),
+    ({"tensors": {"z_mean": np.zeros(4, np.float32)}}, "NOT_CHUNKABLE", "not extra named tensors"),
+    ({"sample_weight": np.ones(1, np.float32)}, "NOT_CHUNKABLE", "Expected sample_weight.shape[0] == 250000"),
 ])
 def test_client_refuses_to_chunk_what_it_cannot_slice(small_client, big, kwargs, reason, fragment):
     y_true, y_pred, _ = big

@@ -510,16 +510,24 @@ def test_chunks_out_of_order(stub):
     check_status(status, INVALID, "BAD_CHUNK", "Expected a chunk starting at row 4", "Received: start=6, rows=2")
 
 
-def test_chunk_refusals_count_as_invalid_argument(server, stub):
-    """A refused chunk is the client's error in the evaluation metrics, as for Evaluate."""
+def test_a_chunked_request_counts_as_one_evaluation(server, stub):
+    """A chunked request is one evaluation in the metrics, whatever its number
+    of chunks; a refused one (in a chunk or in its header) is the client's
+    error, as for Evaluate."""
     def count(outcome):
         return server.metrics.registry.get_sample_value(
             "lossd_loss_evaluations_total", {"loss": "mean_squared_error", "outcome": outcome}) or 0.0
 
     before = {o: count(o) for o in ("ok", "invalid_argument", "error")}
-    chunked_error(stub, [_header(rows=8), _chunk(0, 4), _chunk(6, 2)])
+    answers = list(stub.EvaluateChunked(iter([_header(rows=8), _chunk(0, 4), _chunk(4, 4)]), timeout=60))
+    assert answers[-1].WhichOneof("kind") == "summary"
     assert count("ok") - before["ok"] == 1
-    assert count("invalid_argument") - before["invalid_argument"] == 1
+    chunked_error(stub, [_header(rows=8), _chunk(0, 4), _chunk(6, 2)])
+    bad_header = _header(rows=8)
+    bad_header.header.y_true.shape[:] = [7, 3]
+    chunked_error(stub, [bad_header, _chunk(0, 4)])
+    assert count("ok") - before["ok"] == 1
+    assert count("invalid_argument") - before["invalid_argument"] == 2
     assert count("error") == before["error"]
 
 
@@ -557,8 +565,8 @@ def test_chunked_loss_not_batch_separable(stub, loss, params):
         header.header.y_true.shape[:] = [8]
     _, status = chunked_error(stub, [header, _chunk(0, 8)])
     # The message says why and what to do, without "Expected ... Received" wording.
-    check_status(status, INVALID, "NOT_BATCH_SEPARABLE", f"`{loss}`", "cannot be evaluated in slices",
-                 expected_received=False)
+    check_status(status, INVALID, "NOT_CHUNKABLE", f"`{loss}`", "cannot be computed exactly from slices",
+                 "Send it with Evaluate instead")
 
 
 def test_chunked_hostile_shape_in_header(stub):

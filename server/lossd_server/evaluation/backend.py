@@ -98,6 +98,22 @@ def signature_shape(shape: Sequence[int]) -> tuple[Optional[int], ...]:
     return (None,) * len(shape)
 
 
+# What TensorFlow and Keras raise when a request's inputs do not fit the loss
+# (while tracing or while running); anything else is a bug of ours.
+INPUT_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
+
+
+def error_text(exc: BaseException) -> str:
+    """The first line of an input error, without TensorFlow's graph context."""
+    if isinstance(exc, tf.errors.InvalidArgumentError):
+        text = (getattr(exc, "message", "") or str(exc)).strip()
+    else:
+        text = str(exc).strip()
+        if text.startswith("in user code:"):  # a tf.function trace: the cause is the last line
+            text = text.splitlines()[-1].strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class InputSpec(NamedTuple):
     """A compiled function's argument: name, dtype name and traced shape.
 

@@ -1,116 +1,271 @@
-"""Chunked evaluation (placeholder moved from evaluator.py; rewritten next)."""
+"""EvaluateChunked: tensors too large for one message arrive as row slices.
+
+Whether and how a request may be split is decided once, from the plan and
+the header's shapes, by ``chunk_layout``; it asks the registry how the
+loss's values depend on the rows of its inputs (``LossEntry.row_structure``):
+
+* ``ROWS``: each row's values depend on that row alone (MSE on rank >= 2,
+  crossentropy over a class axis, an expression reducing axes other than
+  the first). Each chunk runs the plan's own compiled program with reduction
+  ``none``: Keras returns the chunk's weighted values (streamed back for
+  reduction ``none``) and the gradient of their sum. The session adds the
+  sums and counts the values, and applies the request reduction's divisor at
+  the end, to the loss here and to the gradient rows at the receiver
+  (``gradient_scale``).
+* ``ROWS_MEAN`` / ``ROWS_SUM``: the loss itself reduces over the rows (MSE of
+  a rank-1 vector, ``mean(..., axis=-2)`` on a matrix). Each chunk runs with
+  the request's own reduction; as that reduction is linear in the values, the
+  whole request's result is the row-weighted mean (or the sum) of the chunks'
+  results, and each chunk's gradient rows are scaled by the same weight.
+* anything else is refused with ``NOT_CHUNKABLE`` before a chunk is read.
+
+The numbers always come from the compiled Keras program; what this module
+adds is only the linear combination, whose rules mirror Keras's
+``reduce_values`` (sum, then divide by the number of values, or by the sum
+of the sample weights). A property test (tests/server/test_chunks.py)
+compares every registered loss split in pieces with the one-piece answer.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Optional
 
 import numpy as np
 
-from lossd.wire import FLOAT_DTYPES, check_reduction
+from lossd.wire import check_reduction, is_float
 from lossd_server.errors import InvalidArgument
 from lossd_server.evaluation.evaluator import Evaluator, check_sample_weight
 from lossd_server.losses.plan import DEFAULT_INPUTS, Plan
-from lossd_server.losses.registry import SHAPES_ANY, values_shape
+from lossd_server.losses.registry import (ROWS, ROWS_MEAN, ROWS_SUM, SHAPES_SAME, align_ranks,
+                                          values_shape)
+
+NOT_CHUNKABLE = "NOT_CHUNKABLE"
+_CHUNK_TENSORS = ("y_true", "y_pred", "sample_weight")
+# Reductions whose divisor Keras computes from a loss's mask (see apply_mask),
+# which only the whole batch knows.
+_MASK_DIVIDED = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def _refuse(message: str, **metadata: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"{message} Send it with Evaluate instead (raise --max-message-bytes on the client and the "
+        "server if it does not fit one message).", reason=NOT_CHUNKABLE, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLayout:
+    """How a request is split: ``mode`` is ``ROWS``, ``ROWS_MEAN`` or
+    ``ROWS_SUM``; ``values_shape`` is the whole request's per-sample values
+    shape where it is known before the loss runs, else None."""
+
+    mode: str
+    rows: int
+    values_shape: Optional[tuple]
+
+
+def chunk_layout(plan: Plan, infos: Mapping[str, tuple[str, tuple]], reduction: str) -> ChunkLayout:
+    """Checks that a request can be evaluated exactly in row slices, and how.
+
+    Args:
+        plan: The request's plan.
+        infos: ``{name: (dtype name, full shape)}`` for y_true, y_pred and
+            optionally sample_weight, as the header declares them.
+        reduction: The request's reduction.
+
+    Raises:
+        InvalidArgument: ``NOT_CHUNKABLE`` when the loss couples the rows in a
+            way that a split cannot reproduce exactly; ``SHAPE_MISMATCH``,
+            ``BAD_TENSOR`` or ``UNSUPPORTED_DTYPE`` for a bad header.
+    """
+    check_reduction(reduction)
+    for name in ("y_true", "y_pred"):
+        if name not in infos:
+            raise InvalidArgument(f"The header must declare {name}. Expected a TensorInfo. Received: none.",
+                                  reason="BAD_TENSOR")
+    if plan.composite:
+        raise _refuse("EvaluateChunked takes one named or expression loss, not a composite.", loss="composite")
+    term = plan.terms[0]
+    loss = term.entry.name or "expression"
+    if term.inputs != DEFAULT_INPUTS:
+        raise _refuse(f"EvaluateChunked slices y_true and y_pred; loss `{loss}` reads {list(term.inputs)}.",
+                      loss=loss)
+    pred_dtype, pred_shape = infos["y_pred"]
+    if not is_float(np.dtype(pred_dtype)):
+        raise InvalidArgument(f"y_pred: expected a floating dtype. Received: {pred_dtype}.",
+                              reason="UNSUPPORTED_DTYPE")
+    rows = pred_shape[0] if pred_shape else 0
+    for name, (_, shape) in infos.items():
+        if len(shape) == 0 or shape[0] != rows:
+            message = (f"EvaluateChunked slices every tensor along its first axis, so all must share it. "
+                       f"Expected {name}.shape[0] == {rows}. Received: {name}.shape={list(shape)}.")
+            if name == "sample_weight":  # it may broadcast in one piece: a limit of slicing
+                raise _refuse(message, loss=plan.metric_name)
+            raise InvalidArgument(message, reason="SHAPE_MISMATCH")
+    true_shape = infos["y_true"][1]
+    shape = values_shape(term.entry, term.params, true_shape, pred_shape)  # SHAPE_MISMATCH first
+    if term.entry.shapes == SHAPES_SAME:
+        true_shape, pred_shape = align_ranks(true_shape, pred_shape)
+    structure = term.entry.row_structure(term.params, {"y_true": len(true_shape), "y_pred": len(pred_shape)})
+    mode = structure.kind if structure is not None else None
+    if mode not in (ROWS, ROWS_MEAN, ROWS_SUM):
+        raise _refuse(
+            f"Loss `{loss}` couples the rows of the batch in a way that cannot be computed exactly from "
+            "slices (a normalisation, a maximum or a ratio over the first axis). Expected a loss whose rows "
+            "are independent, or that averages or sums over them. Received: "
+            f"{loss} with {dict(term.params)}, y_true {list(infos['y_true'][1])}, y_pred "
+            f"{list(infos['y_pred'][1])}.", loss=loss)
+    if "sample_weight" in infos:
+        if mode != ROWS:
+            raise _refuse(
+                f"Loss `{loss}` reduces over the rows, so its sample_weight cannot be sliced by rows.", loss=loss)
+        if shape is not None:
+            check_sample_weight(infos["sample_weight"][1], shape, loss)
+        # Where only the rank of the values is known, ask for weights of that rank.
+        known = shape if shape is not None else (None,) * (structure.values_rank or 0)
+        if shape is not None or structure.values_rank is not None:
+            if not _weights_follow_rows(infos["sample_weight"][1], known):
+                raise _refuse(
+                    f"sample_weight of shape {list(infos['sample_weight'][1])} weighs the last axes of the "
+                    f"per-sample values (of rank {len(known)}; Keras broadcasts it from the right), not their "
+                    "rows, so it cannot be sliced by rows. Expected a sample_weight whose first axis is the "
+                    "rows' axis.", loss=loss)
+    if term.params.get("ignore_class") is not None and reduction in _MASK_DIVIDED:
+        raise _refuse(
+            f"Loss `{loss}` with ignore_class divides by the number of labels not ignored over the whole "
+            f"batch for reduction `{reduction}`. Expected reduction `none` or `sum` for a chunked request.",
+            loss=loss)
+    return ChunkLayout(mode, rows, shape)
 
 
 class ChunkedSession:
-    """Evaluates tensors that arrive as slices along their first axis.
+    """Evaluates one EvaluateChunked request, slice by slice.
 
-    Each slice is evaluated on its own (per-sample values, and the gradient of
-    their weighted sum); the session keeps only running totals, so memory is
-    bounded by one slice whatever the full size. The reduction's divisor is
-    applied at the end: to the loss here, to the gradient by the receiver
-    (``gradient_scale``), since it is only known once every slice is in.
+    Memory is bounded by one slice whatever the full size: only running
+    sums are kept (as float64).
     """
 
     def __init__(self, evaluator: Evaluator, plan: Plan, infos: Mapping[str, tuple[str, tuple]], *,
                  reduction: str, gradient: bool):
-        check_reduction(reduction)
-        if plan.composite:
-            raise InvalidArgument("EvaluateChunked takes one named or expression loss, not a composite.",
-                                  reason="BAD_LOSS_SPEC")
-        term = plan.terms[0]
-        if term.inputs != DEFAULT_INPUTS:
-            raise InvalidArgument(
-                f"EvaluateChunked evaluates losses of y_true and y_pred; `{term.entry.name}` reads "
-                f"{list(term.inputs)}.", reason="BAD_LOSS_SPEC")
-        if not term.entry.batch_separable(term.params):
-            raise InvalidArgument(
-                f"Loss `{term.entry.name}` with these parameters couples the samples of a batch "
-                "(e.g. dice or tversky with axis=None, circle), so it cannot be evaluated in slices. "
-                "Send it through Evaluate, or set `axis` to exclude the batch axis. Expected a loss whose "
-                f"samples are independent. Received: {term.entry.name} with {dict(term.params)}.",
-                reason="NOT_BATCH_SEPARABLE")
-        for name in ("y_true", "y_pred"):
-            if name not in infos:
-                raise InvalidArgument(f"The header must declare {name}.", reason="BAD_TENSOR")
+        self.layout = chunk_layout(plan, infos, reduction)
         self.evaluator, self.plan, self.reduction, self.gradient = evaluator, plan, reduction, gradient
         self.infos = dict(infos)
-        pred_dtype, pred_shape = self.infos["y_pred"]
-        if pred_dtype not in FLOAT_DTYPES:
-            raise InvalidArgument(f"y_pred: expected a floating dtype ({', '.join(FLOAT_DTYPES)}). "
-                                  f"Received: {pred_dtype}.", reason="UNSUPPORTED_DTYPE")
-        self.rows = pred_shape[0] if pred_shape else 0
-        for name, (_, shape) in self.infos.items():
-            if len(shape) == 0 or shape[0] != self.rows:
-                raise InvalidArgument(
-                    f"EvaluateChunked slices every tensor along its first axis, so all must share it. "
-                    f"Expected {name}.shape[0] == {self.rows}. Received: {name}.shape={list(shape)}.",
-                    reason="SHAPE_MISMATCH")
-        if term.entry.shapes == SHAPES_ANY and len(pred_shape) < 2:
-            raise InvalidArgument(
-                f"Loss `{term.entry.name or 'expression'}` reduces the last axis, which for a rank-1 y_pred "
-                "is the batch axis, so it cannot be evaluated in slices. Send y_pred with shape [rows, n].",
-                reason="NOT_BATCH_SEPARABLE")
-        self.values_shape = values_shape(term.entry, term.params, self.infos["y_true"][1], pred_shape)
-        if "sample_weight" in self.infos and self.values_shape is not None:
-            check_sample_weight(self.infos["sample_weight"][1], self.values_shape, term.entry.name)
+        self.rows = self.layout.rows
         self.next_row = 0
-        self.total = 0.0
-        self.count = 0
+        self.total: Optional[np.ndarray] = None  # running sum (ROWS) or weighted sum of results
+        self.count = 0  # values seen (ROWS)
         self.weight_sum = 0.0
         self.non_finite = False
+        self._hinge = _HingeLabels(plan.terms[0].entry.name) if plan.terms[0].entry.hinge_labels else None
 
     def row_shape(self, name: str) -> tuple:
         return tuple(self.infos[name][1][1:])
 
-    def feed(self, start: int, arrays: Mapping[str, np.ndarray]) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-        """Evaluates rows ``[start, start + n)``; returns (values for reduction none, gradient rows)."""
+    def feed(self, start: int, arrays: Mapping[str, np.ndarray]
+             ) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+        """Evaluates rows ``[start, start + n)``; returns (values to stream for
+        row-wise reduction none, gradient rows)."""
         rows = arrays["y_pred"].shape[0]
         if start != self.next_row or rows <= 0 or start + rows > self.rows:
             raise InvalidArgument(
                 f"Chunks must arrive in order without gaps. Expected a chunk starting at row "
                 f"{self.next_row} with 1..{self.rows - self.next_row} rows. Received: start={start}, rows={rows}.",
                 reason="BAD_CHUNK")
+        if self._hinge is not None:
+            self._hinge.check(arrays["y_true"])
         sample_weight = arrays.get("sample_weight")
         tensors = {k: v for k, v in arrays.items() if k != "sample_weight"}
-        result = self.evaluator.evaluate(self.plan, tensors, sample_weight=sample_weight,
-                                         reduction="none", gradient=self.gradient)
+        streamed = None
+        if self.layout.mode == ROWS:
+            result = self.evaluator.evaluate(self.plan, tensors, sample_weight=sample_weight,
+                                             reduction="none", gradient=self.gradient)
+            if sample_weight is not None and not _weights_follow_rows(sample_weight.shape, result.loss.shape):
+                raise _refuse(
+                    f"sample_weight of shape {list(self.infos['sample_weight'][1])} weighs the last axes of the "
+                    "per-sample values (Keras broadcasts it from the right), not their rows, so it cannot be "
+                    "sliced by rows. Expected a sample_weight whose first axis is the rows' axis.",
+                    loss=self.plan.metric_name)
+            gradient = result.gradient
+            if self.reduction == "none":
+                streamed = result.loss
+            else:
+                self._add(np.sum(result.loss, dtype=np.float64), 1.0)
+                self.count += result.loss.size
+                if sample_weight is not None:
+                    self.weight_sum += float(np.sum(sample_weight, dtype=np.float64))
+        else:
+            result = self.evaluator.evaluate(self.plan, tensors, reduction=self.reduction, gradient=self.gradient)
+            weight = rows / self.rows if self.layout.mode == ROWS_MEAN else 1.0
+            self._add(result.loss, weight)
+            gradient = result.gradient
+            if gradient is not None and weight != 1.0:
+                gradient = gradient * gradient.dtype.type(weight)
         self.next_row += rows
-        values = np.asarray(result.loss)
-        self.total += float(np.sum(values, dtype=np.float64))
-        self.count += values.size
-        if sample_weight is not None:
-            self.weight_sum += float(np.sum(sample_weight, dtype=np.float64))
         self.non_finite |= result.non_finite
-        return (values if self.reduction == "none" else None), result.gradient
+        return streamed, gradient
+
+    def _add(self, value: np.ndarray, weight: float) -> None:
+        value = np.asarray(value, dtype=np.float64) * weight
+        self.total = value if self.total is None else self.total + value
 
     def finish(self) -> tuple[Optional[np.ndarray], float, bool]:
-        """The reduced loss (None for reduction none), the gradient scale and the NaN/Inf flag."""
+        """The loss (None when the values were streamed), the gradient scale
+        and the NaN/Inf flag."""
         if self.next_row != self.rows:
             raise InvalidArgument(
                 f"The stream ended early: expected {self.rows} rows, received {self.next_row}.",
                 reason="BAD_CHUNK")
         dtype = self.infos["y_pred"][0]
-        if self.reduction == "none":
+        if self.layout.mode == ROWS and self.reduction == "none":
             return None, 1.0, self.non_finite
+        if self.layout.mode != ROWS:
+            loss = np.asarray(self.total, dtype=dtype)
+            return loss, 1.0, self.non_finite or not bool(np.all(np.isfinite(loss)))
+        # Keras's reduce_values: the sum, divided by the number of values or by
+        # the sum of the sample weights, with divide_no_nan (0 when it is 0).
         if self.reduction == "sum":
             divisor = 1.0
         elif self.reduction == "mean_with_sample_weight" and "sample_weight" in self.infos:
             divisor = self.weight_sum
         else:
             divisor = float(self.count)
-        # Keras divides with divide_no_nan: a zero divisor gives 0, not NaN.
-        loss = self.total / divisor if divisor else 0.0
+        total = float(self.total)
+        loss = np.asarray(total / divisor if divisor else 0.0, dtype=dtype)
         scale = 1.0 / divisor if divisor else 0.0
-        return np.asarray(loss, dtype=dtype), scale, self.non_finite or not np.isfinite(loss)
+        return loss, scale, self.non_finite or not bool(np.isfinite(loss))
+
+
+def _weights_follow_rows(weights: tuple, values: tuple) -> bool:
+    """Whether Keras lines sample weights up with the values' first axis:
+    ranks equal, or differing by one trailing axis of size 1 (Keras's
+    ``squeeze_or_expand_to_same_rank``); otherwise it broadcasts them against
+    the values' last axes."""
+    if len(weights) == len(values):
+        return True
+    if len(weights) == len(values) + 1:
+        return weights[-1] == 1
+    return len(values) == len(weights) + 1 and values[-1] == 1
+
+
+class _HingeLabels:
+    """Keras's hinge losses turn {0, 1} labels into {-1, 1} only when every
+    label of the batch is 0 or 1. A slice whose labels are all 0 or 1 is
+    converted on its own, so a split gives the one-piece answer unless one
+    slice converted a 0 while another slice shows the batch is not binary."""
+
+    def __init__(self, loss: str):
+        self.loss = loss
+        self.converted_zero = False
+        self.not_binary = False
+
+    def check(self, labels: np.ndarray) -> None:
+        binary = bool(np.all((labels == 0) | (labels == 1)))
+        if binary:
+            self.converted_zero |= bool(np.any(labels == 0))
+        else:
+            self.not_binary = True
+        if self.converted_zero and self.not_binary:
+            raise _refuse(
+                f"Loss `{self.loss}` maps labels {{0, 1}} to {{-1, 1}} only when every label of the batch is 0 "
+                "or 1, and these labels mix 0 with values other than 0 and 1 across slices. Expected labels "
+                "in {-1, 1}, or all in {0, 1}.", loss=self.loss)

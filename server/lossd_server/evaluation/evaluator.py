@@ -114,12 +114,14 @@ class Evaluator:
                                            backend.signature_shape(sample_weight.shape)))
         xla = self._use_xla(plan, y_pred.size)
         key = (plan.key, reduction, gradient, xla, tuple(specs))
-        compiled = self._compiled(key, plan, specs, reduction, compute_dtype,
-                                  sample_weight is not None, gradient, xla)
         try:
+            # Keras checks shapes while the program is traced, TensorFlow while it
+            # runs: a refusal from either is about this request's inputs.
+            compiled = self._compiled(key, plan, specs, reduction, compute_dtype,
+                                      sample_weight is not None, gradient, xla)
             total, terms, grad = compiled(arrays)
-        except Exception as exc:  # noqa: BLE001 - classified below
-            raise _classify(exc, plan) from exc
+        except backend.INPUT_ERRORS as exc:
+            raise _refused(exc, plan) from exc
         non_finite = any_non_finite([total, *terms, grad, *arrays])
         term_values = [(t.label, v, t.weight) for t, v in zip(plan.terms, terms)] if plan.composite else []
         return Result(total, grad, term_values, non_finite)
@@ -247,17 +249,8 @@ def check_sample_weight(sw_shape: tuple, values: tuple, loss: str) -> None:
             reason="SAMPLE_WEIGHT_MISMATCH")
 
 
-def _classify(exc: Exception, plan: Plan) -> Exception:
-    """Turns what TensorFlow or Keras raise on bad input into InvalidArgument;
-    anything else is a bug and goes up unchanged (INTERNAL, logged)."""
-    import tensorflow as tf
-
-    if isinstance(exc, (tf.errors.InvalidArgumentError, ValueError, TypeError)):
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if isinstance(exc, tf.errors.InvalidArgumentError):
-            text = getattr(exc, "message", text).strip().splitlines()[0]
-        text = text[:300]
-        return InvalidArgument(
-            f"Loss `{plan.metric_name}` cannot be evaluated on these inputs: {text}",
-            reason="EVALUATION_FAILED", metadata={"loss": plan.metric_name})
-    return exc
+def _refused(exc: Exception, plan: Plan) -> InvalidArgument:
+    """What TensorFlow or Keras raise on bad input, as InvalidArgument (first line, bounded)."""
+    text = backend.error_text(exc)[:300]
+    return InvalidArgument(f"Loss `{plan.metric_name}` cannot be evaluated on these inputs: {text}",
+                           reason="EVALUATION_FAILED", metadata={"loss": plan.metric_name})

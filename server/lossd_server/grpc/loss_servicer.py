@@ -189,14 +189,19 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
     @handle_errors
     def EvaluateChunked(self, request_iterator, context):
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
-            raise InvalidArgument("EvaluateChunked starts with a header. Expected a ChunkedHeader first. "
-                                  f"Received: {first.WhichOneof('kind') if first else 'nothing'}.",
-                                  reason="BAD_CHUNK")
-        header = first.header
+        header = first.header if first is not None and first.WhichOneof("kind") == "header" else None
+        # The whole stream is one evaluation in the metrics, refused or not.
+        with self._metered(self._metric_name(header.loss) if header is not None else "other") as record:
+            if header is None:
+                raise InvalidArgument("EvaluateChunked starts with a header. Expected a ChunkedHeader first. "
+                                      f"Received: {first.WhichOneof('kind') if first else 'nothing'}.",
+                                      reason="BAD_CHUNK")
+            yield from self._evaluate_chunked(header, request_iterator, record)
+
+    def _evaluate_chunked(self, header, request_iterator, record):
         plan = self.plans.get(header.loss)
         infos: dict[str, tuple[str, tuple]] = {}
-        dtypes: dict[str, np.dtype] = {}
+        enums: dict[str, int] = {}
         for name in ("y_true", "y_pred", "sample_weight"):
             if not header.HasField(name):
                 continue
@@ -204,26 +209,22 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             dt = wire.numpy_dtype(info.dtype, field=name)
             shape = tuple(info.shape)
             wire.check_shape(shape, field=name, max_elements=self.max_elements)
-            dtypes[name] = dt
+            enums[name] = info.dtype
             infos[name] = (dt.name, shape)
         session = ChunkedSession(self.evaluator, plan, infos, reduction=wire.reduction_name(header.reduction),
                                  gradient=header.gradient)
-        metric = self._metric_name(header.loss)
         for message in request_iterator:
             if message.WhichOneof("kind") != "chunk":
                 raise InvalidArgument("Only chunks may follow the header. Received a second header.",
                                       reason="BAD_CHUNK")
             chunk = message.chunk
-            arrays = {}
-            for name, dt in dtypes.items():
-                row_shape = session.row_shape(name)
-                arrays[name] = wire.from_bytes(getattr(chunk, name), wire.dtype_enum(dt), (chunk.rows, *row_shape),
-                                               field=f"chunk {name}", max_elements=self.max_elements)
-            with self._metered(metric) as record:
-                values, grad = session.feed(chunk.start, arrays)
-                if record is not None:
-                    record.elements = int(arrays["y_pred"].size)
-                    record.nbytes = sum(a.nbytes for a in arrays.values())
+            arrays = {name: wire.from_bytes(getattr(chunk, name), enum, (chunk.rows, *session.row_shape(name)),
+                                            field=f"chunk {name}", max_elements=self.max_elements)
+                      for name, enum in enums.items()}
+            values, grad = session.feed(chunk.start, arrays)
+            if record is not None:
+                record.elements += int(arrays["y_pred"].size)
+                record.nbytes += sum(a.nbytes for a in arrays.values())
             result = loss_service_pb2.ChunkResult(start=chunk.start)
             if values is not None:
                 result.loss.CopyFrom(wire.from_numpy(values))

@@ -11,7 +11,6 @@ built-in losses. Registered expression losses are kept in
 
 from __future__ import annotations
 
-import ast
 import inspect
 import json
 import logging
@@ -25,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 import keras
 
 from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from lossd_server.losses.expressions import ExpressionError, compile_expression
+from lossd_server.losses.expressions import ExpressionError, compile_expression, row_structure
 from lossd_server.losses.registry import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
                                  _first_sentence, _param_type, default_registry)
 
@@ -115,20 +114,7 @@ def expression_entry(expression: str, *, params: Mapping[str, Any], inputs: Sequ
         name=name, aliases=(), doc=doc or f"User-defined loss: {expression}",
         parameters=tuple(Parameter(k, "float", v, "") for k, v in defaults.items()),
         build=build, source=source, inputs=inputs, shapes=SHAPES_ANY,
-        batch_separable=lambda p: _separable(expression), expression=expression)
-
-
-def _separable(expression: str) -> bool:
-    """Whether each sample's value depends on that sample alone: no reduction
-    over axis 0 or over all axes. (The source was already checked by the
-    expression compiler; this only reads its ``axis`` keywords.)"""
-    for node in ast.walk(ast.parse(expression.strip(), mode="eval")):
-        if isinstance(node, ast.keyword) and node.arg == "axis":
-            axes = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
-            for axis in axes:
-                if isinstance(axis, ast.Constant) and axis.value in (0, None):
-                    return False
-    return True
+        row_structure=lambda p, ranks: row_structure(expression, ranks, params=defaults), expression=expression)
 
 
 def inline_entry(expression: str, params: Mapping[str, Any], tensor_names: Sequence[str]) -> LossEntry:
@@ -183,7 +169,7 @@ def plugin_entry(name: str, obj: Any) -> LossEntry:
         default = None if p.default is inspect.Parameter.empty else p.default
         parameters.append(Parameter(p.name, _param_type(p.name, default), default, docs.get(p.name, "")))
     return LossEntry(name=name, aliases=(), doc=_first_sentence(obj.__doc__ or name), parameters=tuple(parameters),
-                     build=build, source="plugin", shapes=SHAPES_ANY, batch_separable=lambda p: False)
+                     build=build, source="plugin", shapes=SHAPES_ANY)
 
 
 def load_plugins(registry: LossRegistry) -> list[str]:

@@ -25,6 +25,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from lossd_server.errors import InvalidArgument
+# How per-sample values depend on the rows of the inputs (LossEntry.row_structure);
+# the expression language owns the analysis, the Keras table declares it.
+from lossd_server.losses.expressions import ROWS, ROWS_MEAN, ROWS_SUM, RowStructure  # noqa: F401
 
 
 # Keras constructor arguments that lossd sets itself, never the client.
@@ -55,6 +58,7 @@ SHAPES_CTC = "ctc"          # y_true (batch, max_label_length), y_pred (batch, t
 SHAPES_ANY = "any"          # expression and plugin losses: checked when they run
 
 
+
 @dataclasses.dataclass(frozen=True)
 class LossEntry:
     """One registered loss.
@@ -68,8 +72,17 @@ class LossEntry:
         source: ``keras``, ``builtin``, ``plugin`` or ``expression``.
         inputs: Names of the tensors the loss reads, in the order it takes them.
         shapes: The shape convention (``SHAPES_*``).
-        batch_separable: Whether each sample's value depends on that sample
-            alone (a function of the params); chunked evaluation needs it.
+        row_structure: ``row_structure(params, ranks)`` says how the
+            per-sample values depend on the rows (first axis) of the inputs,
+            given each input's rank (after Keras's trailing-1 alignment): a
+            ``RowStructure`` of kind ``ROWS``, ``ROWS_MEAN`` or ``ROWS_SUM``
+            (with the values' rank where the shape convention does not give
+            it), or None (coupled). It decides
+            whether and how EvaluateChunked may split a request
+            (``lossd_server.evaluation.chunks``). None is always safe.
+        hinge_labels: The loss turns {0, 1} labels into {-1, 1} when *every*
+            label of the batch is 0 or 1 (Keras's hinge losses), a property
+            of the whole batch that a split must preserve.
         expression: Source text, for expression losses.
     """
 
@@ -81,7 +94,9 @@ class LossEntry:
     source: str = "keras"
     inputs: tuple[str, ...] = ("y_true", "y_pred")
     shapes: str = SHAPES_SAME
-    batch_separable: Callable[[Mapping[str, Any]], bool] = lambda params: True
+    row_structure: Callable[[Mapping[str, Any], Mapping[str, int]], Optional[RowStructure]] = \
+        lambda params, ranks: None
+    hinge_labels: bool = False
     expression: str = ""
 
     def describe(self) -> dict:
@@ -189,22 +204,38 @@ def keras_parameters(name: str, cls: type) -> tuple[Parameter, ...]:
 
 
 def _keras_entry(name: str, cls: type, aliases: Sequence[str] = (), *, shapes: str = SHAPES_SAME,
-                 batch_separable: Callable[[Mapping[str, Any]], bool] = lambda params: True) -> LossEntry:
+                 over_rows: Optional[str] = None, coupled: bool = False, hinge_labels: bool = False) -> LossEntry:
+    """An entry for a Keras loss class.
+
+    ``over_rows`` is how the loss combines rows when it reduces over the row
+    axis (a rank-1 input, or an ``axis`` that names axis 0): ``ROWS_MEAN``
+    for the losses that average an elementwise term over the last axis,
+    ``ROWS_SUM`` for those that sum one, None when the reduction couples the
+    rows otherwise (normalisation, max, ratios of sums). ``coupled`` marks a
+    loss whose samples always depend on each other (circle).
+    """
     def build(params: Mapping[str, Any], reduction: str, dtype: str):
         return cls(**params, reduction=reduction, dtype=dtype)
 
     all_aliases = tuple(dict.fromkeys([cls.__name__, *aliases]))
+    parameters = keras_parameters(name, cls)
+    has_axis = any(p.name == "axis" for p in parameters)
+
+    def row_structure(params: Mapping[str, Any], ranks: Mapping[str, int]) -> Optional[RowStructure]:
+        if coupled:
+            return None
+        rank = ranks.get("y_pred", 0)
+        if rank < 1 or (shapes == SHAPES_SPARSE and rank < 2):
+            return None  # no row axis to split along (sparse labels would be scalars)
+        axis = params.get("axis", -1) if has_axis else -1
+        axes = range(rank) if axis is None else [a % rank for a in (axis if isinstance(axis, list) else [axis])]
+        kind = over_rows if 0 in axes else ROWS
+        return RowStructure(kind) if kind else None
+
+    all_aliases = tuple(dict.fromkeys([cls.__name__, *aliases]))
     return LossEntry(name=name, aliases=all_aliases, doc=_first_sentence(cls.__doc__ or name),
-                     parameters=keras_parameters(name, cls), build=build, shapes=shapes,
-                     batch_separable=batch_separable)
-
-
-def _axis_excludes_batch(params: Mapping[str, Any]) -> bool:
-    axis = params.get("axis")
-    if axis is None:
-        return False  # the whole batch is reduced together
-    axes = axis if isinstance(axis, (list, tuple)) else [axis]
-    return all(a != 0 for a in axes)
+                     parameters=parameters, build=build, shapes=shapes, row_structure=row_structure,
+                     hinge_labels=hinge_labels)
 
 
 def keras_entries() -> list[LossEntry]:
@@ -213,34 +244,35 @@ def keras_entries() -> list[LossEntry]:
 
     return [
         # Probabilistic
-        _keras_entry("binary_crossentropy", kl.BinaryCrossentropy, ["bce"]),
-        _keras_entry("binary_focal_crossentropy", kl.BinaryFocalCrossentropy, ["bfce"]),
+        _keras_entry("binary_crossentropy", kl.BinaryCrossentropy, ["bce"], over_rows=ROWS_MEAN),
+        _keras_entry("binary_focal_crossentropy", kl.BinaryFocalCrossentropy, ["bfce"], over_rows=ROWS_MEAN),
         _keras_entry("categorical_crossentropy", kl.CategoricalCrossentropy, ["cce"]),
         _keras_entry("categorical_focal_crossentropy", kl.CategoricalFocalCrossentropy, ["cfce"]),
         _keras_entry("sparse_categorical_crossentropy", kl.SparseCategoricalCrossentropy,
                      ["scce"], shapes=SHAPES_SPARSE),
         _keras_entry("categorical_generalized_cross_entropy", kl.CategoricalGeneralizedCrossEntropy,
                      ["gce"], shapes=SHAPES_SPARSE),
-        _keras_entry("kl_divergence", kl.KLDivergence, ["kld", "kullback_leibler_divergence"]),
-        _keras_entry("poisson", kl.Poisson),
+        _keras_entry("kl_divergence", kl.KLDivergence, ["kld", "kullback_leibler_divergence"], over_rows=ROWS_SUM),
+        _keras_entry("poisson", kl.Poisson, over_rows=ROWS_MEAN),
         # Regression
-        _keras_entry("mean_squared_error", kl.MeanSquaredError, ["mse"]),
-        _keras_entry("mean_absolute_error", kl.MeanAbsoluteError, ["mae"]),
-        _keras_entry("mean_absolute_percentage_error", kl.MeanAbsolutePercentageError, ["mape"]),
-        _keras_entry("mean_squared_logarithmic_error", kl.MeanSquaredLogarithmicError, ["msle"]),
-        _keras_entry("cosine_similarity", kl.CosineSimilarity,
-                     batch_separable=_axis_excludes_batch),
-        _keras_entry("huber", kl.Huber, ["huber_loss"]),
-        _keras_entry("log_cosh", kl.LogCosh, ["logcosh"]),
+        _keras_entry("mean_squared_error", kl.MeanSquaredError, ["mse"], over_rows=ROWS_MEAN),
+        _keras_entry("mean_absolute_error", kl.MeanAbsoluteError, ["mae"], over_rows=ROWS_MEAN),
+        _keras_entry("mean_absolute_percentage_error", kl.MeanAbsolutePercentageError, ["mape"],
+                     over_rows=ROWS_MEAN),
+        _keras_entry("mean_squared_logarithmic_error", kl.MeanSquaredLogarithmicError, ["msle"],
+                     over_rows=ROWS_MEAN),
+        _keras_entry("cosine_similarity", kl.CosineSimilarity),
+        _keras_entry("huber", kl.Huber, ["huber_loss"], over_rows=ROWS_MEAN),
+        _keras_entry("log_cosh", kl.LogCosh, ["logcosh"], over_rows=ROWS_MEAN),
         # Hinge
-        _keras_entry("hinge", kl.Hinge),
-        _keras_entry("squared_hinge", kl.SquaredHinge),
+        _keras_entry("hinge", kl.Hinge, over_rows=ROWS_MEAN, hinge_labels=True),
+        _keras_entry("squared_hinge", kl.SquaredHinge, over_rows=ROWS_MEAN, hinge_labels=True),
         _keras_entry("categorical_hinge", kl.CategoricalHinge),
         # Image segmentation
-        _keras_entry("dice", kl.Dice, batch_separable=_axis_excludes_batch),
-        _keras_entry("tversky", kl.Tversky, batch_separable=_axis_excludes_batch),
+        _keras_entry("dice", kl.Dice),
+        _keras_entry("tversky", kl.Tversky),
         # Similarity: each sample's value depends on the whole batch.
-        _keras_entry("circle", kl.Circle, shapes=SHAPES_LABELS, batch_separable=lambda params: False),
+        _keras_entry("circle", kl.Circle, shapes=SHAPES_LABELS, coupled=True),
         # Sequence
         _keras_entry("ctc", kl.CTC, shapes=SHAPES_CTC),
     ]

@@ -51,10 +51,19 @@ def chunked_requests(spec: loss_pb2.LossSpec, arrays: Mapping[str, np.ndarray], 
 
 
 class ChunkAssembler:
-    """Puts the chunked answers back together into one EvaluateResult."""
+    """Puts the chunked answers back together into one EvaluateResult.
 
-    def __init__(self, y_pred: np.ndarray, gradient: bool):
-        self.gradient = np.empty(y_pred.shape, dtype=y_pred.dtype) if gradient else None
+    Args:
+        y_pred: The predictions sent (for the gradient's shape and dtype).
+        gradient: Whether the gradient was asked for.
+        y_true: The targets sent; needed where the summary expresses the
+            gradient through the inputs (``y_true_gradient_coefficient``).
+    """
+
+    def __init__(self, y_pred: np.ndarray, gradient: bool, y_true: Optional[np.ndarray] = None):
+        # Zeros, not empty: rows a loss sends no gradient for are exactly 0 times the scale.
+        self.gradient = np.zeros(y_pred.shape, dtype=y_pred.dtype) if gradient else None
+        self.y_true, self.y_pred = y_true, y_pred
         self.values: list[np.ndarray] = []
         self.result: Optional[EvaluateResult] = None
 
@@ -68,8 +77,21 @@ class ChunkAssembler:
                 self.gradient[chunk.start:chunk.start + rows.shape[0]] = rows
             return
         summary = message.summary
-        if self.gradient is not None and summary.gradient_scale != 1.0:
-            self.gradient *= self.gradient.dtype.type(summary.gradient_scale)
+        if self.gradient is not None:
+            self._finish_gradient(summary)
         loss = (wire.to_numpy(summary.loss, field="loss", allow_empty=True) if summary.HasField("loss")
                 else np.concatenate(self.values) if self.values else np.empty((0,)))
         self.result = EvaluateResult(loss=loss, gradient=self.gradient, non_finite=summary.non_finite)
+
+    def _finish_gradient(self, summary: loss_service_pb2.ChunkedSummary) -> None:
+        dtype = self.gradient.dtype.type
+        if summary.gradient_scale != 1.0:
+            self.gradient *= dtype(summary.gradient_scale)
+        a, b = summary.y_true_gradient_coefficient, summary.y_pred_gradient_coefficient
+        if a:
+            if self.y_true is None:
+                raise client_error("the server expressed the gradient through y_true, which this "
+                                   "assembler was not given", "NOT_CHUNKABLE")
+            self.gradient += (a * self.y_true.astype(np.float64)).astype(self.gradient.dtype).reshape(self.gradient.shape)
+        if b:
+            self.gradient += (b * self.y_pred.astype(np.float64)).astype(self.gradient.dtype)

@@ -274,3 +274,21 @@ def test_row_structure_refuses_tensors_of_different_ranks():
 def test_row_structure_knows_the_values_rank():
     assert row_structure("mean(square(y_true - y_pred), axis=-1)", {"y_true": 3, "y_pred": 3}) == RowStructure(ROWS, 2)
     assert row_structure("sum(y_pred, axis=(0, 1), keepdims=True)", {"y_pred": 3}) == RowStructure(ROWS_SUM, 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, params", [((5001,), {}), ((701, 3), {"axis": None}), ((3001,), {"axis": 0})])
+def test_cosine_of_long_vectors_is_computed_exactly(clients, shape, params, dtype):
+    """The issue's case: cosine similarity over the whole vector is a dot
+    product and two norms, summed across slices; the gradient too."""
+    whole_client, sliced_client = clients
+    rng = np.random.default_rng(6)
+    y_true = rng.standard_normal(shape).astype(dtype)
+    y_pred = (0.7 * y_true + 0.5 * rng.standard_normal(shape)).astype(dtype)
+    spec = {"name": "cosine_similarity", "params": params}
+    for reduction in wire.REDUCTIONS:
+        sliced = sliced_client.evaluate(spec, y_true, y_pred, reduction=reduction, gradient=True)
+        whole = whole_client.evaluate(spec, y_true, y_pred, reduction=reduction, gradient=True)
+        _assert_same(whole, sliced, dtype)
+    keras_value = keras.losses.CosineSimilarity(axis=params.get("axis", -1), dtype=np.dtype(dtype).name)(y_true, y_pred)
+    np.testing.assert_allclose(sliced.loss, keras_value, rtol=RTOL[dtype])

@@ -211,11 +211,15 @@ class ChunkResult(_message.Message):
     def __init__(self, start: _Optional[int] = ..., loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., gradient: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class ChunkedSummary(_message.Message):
-    __slots__ = ("loss", "gradient_scale", "non_finite")
+    __slots__ = ("loss", "gradient_scale", "non_finite", "y_true_gradient_coefficient", "y_pred_gradient_coefficient")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_SCALE_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    Y_TRUE_GRADIENT_COEFFICIENT_FIELD_NUMBER: _ClassVar[int]
+    Y_PRED_GRADIENT_COEFFICIENT_FIELD_NUMBER: _ClassVar[int]
     loss: _tensor_pb2.Tensor
     gradient_scale: float
     non_finite: bool
-    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., gradient_scale: _Optional[float] = ..., non_finite: _Optional[bool] = ...) -> None: ...
+    y_true_gradient_coefficient: float
+    y_pred_gradient_coefficient: float
+    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., gradient_scale: _Optional[float] = ..., non_finite: _Optional[bool] = ..., y_true_gradient_coefficient: _Optional[float] = ..., y_pred_gradient_coefficient: _Optional[float] = ...) -> None: ...

@@ -17,6 +17,12 @@ loss's values depend on the rows of its inputs (``LossEntry.row_structure``):
   the request's own reduction; as that reduction is linear in the values, the
   whole request's result is the row-weighted mean (or the sum) of the chunks'
   results, and each chunk's gradient rows are scaled by the same weight.
+* ``ROWS_COSINE``: the cosine similarity of two long vectors (rank 1, or
+  ``axis=None``) is ``-S_tp * min(rsqrt(S_tt), 1/eps) * min(rsqrt(S_pp), 1/eps)``
+  over three sums of products that the chunks add up (Keras's
+  ``normalize``). Its gradient, ``a * y_true + b * y_pred``, needs every
+  row's sums first, so the summary carries ``a`` and ``b`` and the receiver,
+  who holds both tensors, forms it.
 * anything else is refused with ``NOT_CHUNKABLE`` before a chunk is read.
 
 The numbers always come from the compiled Keras program; what this module
@@ -29,6 +35,7 @@ compares every registered loss split in pieces with the one-piece answer.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping, Optional
 
 import numpy as np
@@ -37,7 +44,7 @@ from lossd.wire import check_reduction, is_float
 from lossd_server.errors import InvalidArgument
 from lossd_server.evaluation.evaluator import Evaluator, check_sample_weight
 from lossd_server.losses.plan import DEFAULT_INPUTS, Plan
-from lossd_server.losses.registry import (ROWS, ROWS_MEAN, ROWS_SUM, SHAPES_SAME, align_ranks,
+from lossd_server.losses.registry import (ROWS, ROWS_COSINE, ROWS_MEAN, ROWS_SUM, SHAPES_SAME, align_ranks,
                                           values_shape)
 
 NOT_CHUNKABLE = "NOT_CHUNKABLE"
@@ -108,7 +115,9 @@ def chunk_layout(plan: Plan, infos: Mapping[str, tuple[str, tuple]], reduction: 
         true_shape, pred_shape = align_ranks(true_shape, pred_shape)
     structure = term.entry.row_structure(term.params, {"y_true": len(true_shape), "y_pred": len(pred_shape)})
     mode = structure.kind if structure is not None else None
-    if mode not in (ROWS, ROWS_MEAN, ROWS_SUM):
+    if mode == ROWS_COSINE and shape != ():
+        mode = None  # the sums would be per column: not supported, refused below
+    if mode not in (ROWS, ROWS_MEAN, ROWS_SUM, ROWS_COSINE):
         raise _refuse(
             f"Loss `{loss}` couples the rows of the batch in a way that cannot be computed exactly from "
             "slices (a normalisation, a maximum or a ratio over the first axis). Expected a loss whose rows "
@@ -138,6 +147,17 @@ def chunk_layout(plan: Plan, infos: Mapping[str, tuple[str, tuple]], reduction: 
     return ChunkLayout(mode, rows, shape)
 
 
+@dataclasses.dataclass
+class Summary:
+    """What the last message of a chunked evaluation carries."""
+
+    loss: Optional[np.ndarray]  # None when the values were streamed with the chunks
+    gradient_scale: float
+    non_finite: bool
+    y_true_gradient_coefficient: float = 0.0
+    y_pred_gradient_coefficient: float = 0.0
+
+
 class ChunkedSession:
     """Evaluates one EvaluateChunked request, slice by slice.
 
@@ -157,6 +177,7 @@ class ChunkedSession:
         self.weight_sum = 0.0
         self.non_finite = False
         self._hinge = _HingeLabels(plan.terms[0].entry.name) if plan.terms[0].entry.hinge_labels else None
+        self._cosine = _CosineSums() if self.layout.mode == ROWS_COSINE else None
 
     def row_shape(self, name: str) -> tuple:
         return tuple(self.infos[name][1][1:])
@@ -176,6 +197,10 @@ class ChunkedSession:
         sample_weight = arrays.get("sample_weight")
         tensors = {k: v for k, v in arrays.items() if k != "sample_weight"}
         streamed = None
+        if self._cosine is not None:
+            self._cosine.add(arrays["y_true"], arrays["y_pred"])
+            self.next_row += rows
+            return None, None
         if self.layout.mode == ROWS:
             result = self.evaluator.evaluate(self.plan, tensors, sample_weight=sample_weight,
                                              reduction="none", gradient=self.gradient)
@@ -208,19 +233,23 @@ class ChunkedSession:
         value = np.asarray(value, dtype=np.float64) * weight
         self.total = value if self.total is None else self.total + value
 
-    def finish(self) -> tuple[Optional[np.ndarray], float, bool]:
-        """The loss (None when the values were streamed), the gradient scale
-        and the NaN/Inf flag."""
+    def finish(self) -> Summary:
+        """The summary, once every row is in."""
         if self.next_row != self.rows:
             raise InvalidArgument(
                 f"The stream ended early: expected {self.rows} rows, received {self.next_row}.",
                 reason="BAD_CHUNK")
         dtype = self.infos["y_pred"][0]
+        if self._cosine is not None:
+            loss, a, b = self._cosine.finish()
+            loss = np.asarray(loss, dtype=dtype)
+            non_finite = self._cosine.non_finite or not bool(np.isfinite(loss))
+            return Summary(loss, 0.0, non_finite, a if self.gradient else 0.0, b if self.gradient else 0.0)
         if self.layout.mode == ROWS and self.reduction == "none":
-            return None, 1.0, self.non_finite
+            return Summary(None, 1.0, self.non_finite)
         if self.layout.mode != ROWS:
             loss = np.asarray(self.total, dtype=dtype)
-            return loss, 1.0, self.non_finite or not bool(np.all(np.isfinite(loss)))
+            return Summary(loss, 1.0, self.non_finite or not bool(np.all(np.isfinite(loss))))
         # Keras's reduce_values: the sum, divided by the number of values or by
         # the sum of the sample weights, with divide_no_nan (0 when it is 0).
         if self.reduction == "sum":
@@ -232,7 +261,46 @@ class ChunkedSession:
         total = float(self.total)
         loss = np.asarray(total / divisor if divisor else 0.0, dtype=dtype)
         scale = 1.0 / divisor if divisor else 0.0
-        return loss, scale, self.non_finite or not bool(np.isfinite(loss))
+        return Summary(loss, scale, self.non_finite or not bool(np.isfinite(loss)))
+
+
+class _CosineSums:
+    """Running sums for the cosine similarity of two vectors split in rows.
+
+    Keras (``losses.cosine_similarity`` with ``ops.normalize``) computes
+    ``-sum(t * p) * min(rsqrt(sum(t*t)), 1/eps) * min(rsqrt(sum(p*p)), 1/eps)``
+    over the reduced axes; here those are every axis, so three float64 sums
+    carry the whole answer.
+    """
+
+    def __init__(self):
+        self.tp = self.tt = self.pp = 0.0
+        self.non_finite = False
+
+    def add(self, y_true: np.ndarray, y_pred: np.ndarray) -> None:
+        t = np.asarray(y_true, dtype=np.float64).reshape(-1)
+        p = np.asarray(y_pred, dtype=np.float64).reshape(-1)
+        if t.size != p.size:
+            raise InvalidArgument(f"cosine_similarity: y_true and y_pred rows differ in size. Received: "
+                                  f"{t.size} and {p.size} values.", reason="SHAPE_MISMATCH")
+        self.tp += float(t @ p)
+        self.tt += float(t @ t)
+        self.pp += float(p @ p)
+        self.non_finite |= not (np.isfinite(self.tp) and np.isfinite(self.tt) and np.isfinite(self.pp))
+
+    def finish(self) -> tuple[float, float, float]:
+        """The loss, and the coefficients of y_true and y_pred in its gradient."""
+        import keras  # Keras's own epsilon: the same clamp as the one-piece path
+
+        cap = 1.0 / keras.config.epsilon()
+        inv_t = min(self.tt ** -0.5 if self.tt > 0 else math.inf, cap)
+        inv_p = min(self.pp ** -0.5 if self.pp > 0 else math.inf, cap)
+        loss = -self.tp * inv_t * inv_p
+        # d/dp_i: -t_i * inv_t * inv_p - tp * inv_t * d(inv_p)/d(pp) * 2 p_i, where
+        # d(inv_p)/d(pp) = -0.5 * pp ** -1.5 unless the clamp holds (then 0).
+        a = -inv_t * inv_p
+        b = self.tp * inv_t * self.pp ** -1.5 if inv_p < cap else 0.0
+        return loss, a, b
 
 
 def _weights_follow_rows(weights: tuple, values: tuple) -> bool:

@@ -231,8 +231,11 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             if grad is not None:
                 result.gradient.CopyFrom(wire.from_numpy(grad))
             yield loss_service_pb2.EvaluateChunkedResponse(chunk=result)
-        loss, scale, non_finite = session.finish()
-        summary = loss_service_pb2.ChunkedSummary(gradient_scale=scale, non_finite=non_finite)
-        if loss is not None:
-            summary.loss.CopyFrom(wire.from_numpy(loss))
+        done = session.finish()
+        summary = loss_service_pb2.ChunkedSummary(
+            gradient_scale=done.gradient_scale, non_finite=done.non_finite,
+            y_true_gradient_coefficient=done.y_true_gradient_coefficient,
+            y_pred_gradient_coefficient=done.y_pred_gradient_coefficient)
+        if done.loss is not None:
+            summary.loss.CopyFrom(wire.from_numpy(done.loss))
         yield loss_service_pb2.EvaluateChunkedResponse(summary=summary)

@@ -998,6 +998,9 @@ def _constant_reason(value: Any) -> str:
 # Row structure: how an expression's value depends on the rows of its inputs.
 
 ROWS, ROWS_MEAN, ROWS_SUM = "rows", "mean", "sum"
+# Cosine similarity over the rows: a function of the sums of y_true * y_pred,
+# y_true ** 2 and y_pred ** 2 over every row (declared by the Keras table only).
+ROWS_COSINE = "cosine"
 
 _REDUCTIONS = frozenset({"mean", "sum", "max", "min", "logsumexp"})
 _ALONG_AXIS = frozenset({"softmax", "log_softmax"})

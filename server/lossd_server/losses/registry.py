@@ -27,7 +27,7 @@ import numpy as np
 from lossd_server.errors import InvalidArgument
 # How per-sample values depend on the rows of the inputs (LossEntry.row_structure);
 # the expression language owns the analysis, the Keras table declares it.
-from lossd_server.losses.expressions import ROWS, ROWS_MEAN, ROWS_SUM, RowStructure  # noqa: F401
+from lossd_server.losses.expressions import ROWS, ROWS_COSINE, ROWS_MEAN, ROWS_SUM, RowStructure  # noqa: F401
 
 
 # Keras constructor arguments that lossd sets itself, never the client.
@@ -210,8 +210,9 @@ def _keras_entry(name: str, cls: type, aliases: Sequence[str] = (), *, shapes: s
     ``over_rows`` is how the loss combines rows when it reduces over the row
     axis (a rank-1 input, or an ``axis`` that names axis 0): ``ROWS_MEAN``
     for the losses that average an elementwise term over the last axis,
-    ``ROWS_SUM`` for those that sum one, None when the reduction couples the
-    rows otherwise (normalisation, max, ratios of sums). ``coupled`` marks a
+    ``ROWS_SUM`` for those that sum one, ``ROWS_COSINE`` for the cosine
+    similarity (a function of three sums over the rows), None when the
+    reduction couples the rows otherwise (normalisation, max, ratios of sums). ``coupled`` marks a
     loss whose samples always depend on each other (circle).
     """
     def build(params: Mapping[str, Any], reduction: str, dtype: str):
@@ -261,7 +262,7 @@ def keras_entries() -> list[LossEntry]:
                      over_rows=ROWS_MEAN),
         _keras_entry("mean_squared_logarithmic_error", kl.MeanSquaredLogarithmicError, ["msle"],
                      over_rows=ROWS_MEAN),
-        _keras_entry("cosine_similarity", kl.CosineSimilarity),
+        _keras_entry("cosine_similarity", kl.CosineSimilarity, over_rows=ROWS_COSINE),
         _keras_entry("huber", kl.Huber, ["huber_loss"], over_rows=ROWS_MEAN),
         _keras_entry("log_cosh", kl.LogCosh, ["logcosh"], over_rows=ROWS_MEAN),
         # Hinge

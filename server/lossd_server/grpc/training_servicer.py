@@ -6,15 +6,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterator
 
-from google.protobuf import any_pb2, json_format, timestamp_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from lossd import _tensors
-from lossd._requests import loss_spec
+from lossd import wire
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
 from lossd_server.errors import DOMAIN, InvalidArgument, NotFound
-from lossd_server.grpc.loss_servicer import spec_to_dict
 from lossd_server.grpc.status import handle_errors
 from lossd_server.training.manager import TrainingManager
 from lossd_server.training.store import Event, JobRecord
@@ -67,14 +65,15 @@ def job_id(name: str) -> str:
 
 
 def _loss_message(loss: dict):
-    """A canonical training loss (see training.losses) as a LossSpec message."""
+    """A stored job loss (``Plan.to_spec()``, or the form an older server
+    stored, whose losses carry a ``label``) as a LossSpec message."""
     def plain(d: dict) -> dict:
         return {k: v for k, v in d.items() if k in ("name", "params", "expression")}
 
     if "terms" in loss:
-        return loss_spec({"terms": [{**{k: v for k, v in t.items() if k != "loss"}, "loss": plain(t["loss"])}
-                                    for t in loss["terms"]]})
-    return loss_spec(plain(loss))
+        return wire.spec_from_dict({"terms": [{**{k: v for k, v in t.items() if k != "loss"}, "loss": plain(t["loss"])}
+                                              for t in loss["terms"]]})
+    return wire.spec_from_dict(plain(loss))
 
 
 def spec_to_proto(spec: dict) -> pb.JobSpec:
@@ -97,17 +96,18 @@ def spec_to_proto(spec: dict) -> pb.JobSpec:
 def spec_from_proto(message: pb.JobSpec) -> dict[str, Any]:
     """A JobSpec message as the dict ``TrainingManager.create_job`` takes."""
     spec: dict[str, Any] = {
-        "model": {"preset": message.model.preset, "params": json_format.MessageToDict(message.model.params)},
+        "model": {"preset": message.model.preset,
+                  "params": wire.struct_to_dict(message.model.params, field="model.params")},
         "dataset": message.dataset,
         "epochs": message.epochs, "batch_size": message.batch_size,
         "validation_split": message.validation_split if message.HasField("validation_split") else None,
         "metrics": list(message.metrics), "seed": message.seed, "steps_per_epoch": message.steps_per_epoch,
     }
     if message.HasField("loss"):
-        spec["loss"] = spec_to_dict(message.loss)
+        spec["loss"] = wire.spec_to_dict(message.loss)
     if message.HasField("optimizer"):
         opt = message.optimizer
-        spec["optimizer"] = {"name": opt.name, "params": json_format.MessageToDict(opt.params),
+        spec["optimizer"] = {"name": opt.name, "params": wire.struct_to_dict(opt.params, field="optimizer.params"),
                              "learning_rate": opt.learning_rate if opt.HasField("learning_rate") else None}
     return spec
 
@@ -233,36 +233,30 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     @handle_errors
     def Predict(self, request, context):
-        images = _tensors.to_numpy(request.images, field="images", max_elements=self.max_elements)
+        images = wire.to_numpy(request.images, field="images", max_elements=self.max_elements)
         probabilities, class_names = self.manager.predict(job_id(request.name), images)
-        return pb.PredictResponse(probabilities=_tensors.from_numpy(probabilities), class_names=class_names)
+        return pb.PredictResponse(probabilities=wire.from_numpy(probabilities), class_names=class_names)
 
     @handle_errors
     def Generate(self, request, context):
         images = self.manager.generate(job_id(request.name), request.count, request.seed)
-        return pb.GenerateResponse(images=_tensors.from_numpy(images))
+        return pb.GenerateResponse(images=wire.from_numpy(images))
 
 
-def add_training_service(grpc_server, settings, registry, metrics=None) -> TrainingManager:
-    """Adds TrainingService to a server and starts its manager.
+def add_training_service(grpc_server, settings, planner, metrics=None) -> TrainingManager:
+    """Adds TrainingService to a server; starts nothing.
 
     Args:
         grpc_server: A ``grpc.Server`` not yet started.
         settings: The server's ``Settings``.
-        registry: The loss registry job losses resolve in.
+        planner: The ``Planner`` evaluation uses; job losses go through it too.
         metrics: Optional ``Metrics`` to update.
 
     Returns:
-        The started TrainingManager; call ``stop()`` when the server stops.
+        The TrainingManager: ``start()`` it with the server, ``stop()`` it
+        when the server stops.
     """
-    manager = TrainingManager(settings, registry, metrics)
-    manager.start()
+    manager = TrainingManager(settings, planner, metrics)
     pb_grpc.add_TrainingServiceServicer_to_server(
         TrainingServicer(manager, max_elements=settings.max_tensor_elements), grpc_server)
-    if metrics is not None:
-        kinds = {(False, False): "unary", (True, False): "client_stream", (False, True): "server_stream",
-                 (True, True): "bidi_stream"}
-        for method in pb.DESCRIPTOR.services_by_name["TrainingService"].methods:
-            metrics.init_rpc_method(kinds[(method.client_streaming, method.server_streaming)], SERVICE_NAME,
-                                    method.name)
     return manager

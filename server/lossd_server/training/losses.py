@@ -1,166 +1,152 @@
-"""Training losses: a LossSpec (dict form) to a Keras loss, and the checks
-that a loss suits a model and its labels, run at job-creation time.
+"""Training losses: the checks that a planned loss suits a model and its
+labels, and the Keras loss a job's process trains with.
 
-A job's loss may be any registered loss (Keras, lossd's built-ins, plugins,
-registered expressions), an inline expression, or a composite of such terms
-over ``y_true`` and ``y_pred``. At creation the spec is resolved into a
-self-contained canonical form: a registered expression is copied in as its
-expression text, so a job trains with the definition it was created with,
-and its process needs no access to the server's loss store.
+A job's loss goes through the one ``Planner`` evaluation uses
+(``lossd_server.losses.plan``), so a spec that Evaluate refuses, CreateJob
+refuses with the same status, reason and message. What this module adds is
+what only training knows, checked on the plan's terms
+(``check_suits_model``): a training job feeds a loss the labels (``y_true``)
+and the model's output (``y_pred``) and nothing else; a classifier's terms
+must agree on the label format and on ``from_logits``; a generator's
+reconstruction loss compares images with images.
+
+The job stores ``plan.to_spec()``: self-contained (a registered expression
+is copied in as its text), so a job trains with the definition it was
+created with and its process needs no access to the server's loss store.
+The process plans that spec again (``job_planner``) and trains with
+``PlanLoss``: the program ``build_program`` makes, the one evaluation runs.
 
 Label format: classifiers are trained on integer labels. A loss that takes
 class indices (``sparse_categorical_crossentropy``...) gets them as they are;
 an expression or plugin loss gets one-hot targets of the output's shape
 ``[batch, classes]``, which is what an expression over ``y_true * log(y_pred)``
 needs. A Keras loss that expects one-hot targets (``categorical_crossentropy``)
-is refused with a pointer to its sparse twin, as the issue asks.
+is refused with a pointer to its sparse twin.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional
 
 import keras
 
 from lossd_server.errors import InvalidArgument
-from lossd_server.losses.registry import (REDUCTIONS, SHAPES_ANY, SHAPES_SAME, SHAPES_SPARSE, LossRegistry,
-                                 resolve_parameters)
-from lossd_server.training.models import CLASSIFIER, GENERATOR
+from lossd_server.losses.plan import Plan, Planner, Term, build_program
+from lossd_server.losses.registry import SHAPES_ANY, SHAPES_SAME, SHAPES_SPARSE
+from lossd_server.training.models import CLASSIFIER
 
 DEFAULT_CLASSIFIER_LOSS = "sparse_categorical_crossentropy"
 SPARSE, ONE_HOT = "sparse", "one_hot"
 TRAINING_INPUTS = ("y_true", "y_pred")
+_SPARSE_TWINS = {"categorical_crossentropy": "sparse_categorical_crossentropy"}
 
 
 def _incompatible(message: str, loss: str) -> InvalidArgument:
     return InvalidArgument(message, reason="INCOMPATIBLE_LOSS", metadata={"loss": loss})
 
 
-def _resolve_term(spec: Mapping[str, Any], registry: LossRegistry, where: str) -> tuple[dict, str]:
-    """One named or expression loss -> (canonical dict, shape convention)."""
-    from lossd_server.losses.custom import expression_entry
-
-    name, expression = spec.get("name") or "", spec.get("expression") or ""
-    if bool(name) == bool(expression):
-        raise InvalidArgument(f"{where}: expected exactly one of `name` or `expression`. Received: "
-                              + ("neither." if not name else "both."), reason="BAD_LOSS_SPEC")
-    if expression:
-        entry = expression_entry(expression, params=spec.get("params") or {}, inputs=TRAINING_INPUTS,
-                                 where=f"{where} expression")
-        params = resolve_parameters(entry, spec.get("params"))
-        return {"expression": expression, "params": params, "label": "expression"}, SHAPES_ANY
-    entry = registry.get(name)
-    params = resolve_parameters(entry, spec.get("params"))
-    if tuple(entry.inputs) != TRAINING_INPUTS:
-        raise _incompatible(
-            f"{where}: loss `{entry.name}` reads {list(entry.inputs)}; a training job feeds a loss the labels "
-            "and the model's output only. Expected a loss of (y_true, y_pred).", entry.name)
-    if entry.source == "expression":
-        # Copied in: the job keeps this definition even if the loss is replaced or deleted later.
-        return ({"expression": entry.expression, "params": params, "label": entry.name}, SHAPES_ANY)
-    return {"name": entry.name, "params": params}, entry.shapes
+def _name(term: Term) -> str:
+    return term.entry.name or "expression"
 
 
-def resolve_training_loss(spec: Optional[Mapping[str, Any]], registry: LossRegistry, model_kind: str
-                          ) -> Optional[dict]:
-    """Checks a job's loss against the model; returns its canonical form.
+def plan_training_loss(planner: Planner, spec: Optional[Mapping[str, Any]], model_kind: str) -> Optional[Plan]:
+    """Plans a job's loss and checks it suits the model.
 
     Args:
-        spec: A LossSpec dict (``name``/``expression`` + ``params``, or
-            ``terms``), or empty for the model's default loss.
-        registry: Where loss names resolve.
+        planner: The planner evaluation uses (``Evaluator.planner``).
+        spec: A LossSpec dict (``lossd.wire.spec_to_dict``); None or an
+            empty spec means the model's default loss.
         model_kind: ``classifier`` or ``generator``.
 
     Returns:
-        The canonical, self-contained spec (see the module docstring), or
-        None for a generator's own default loss.
+        The plan; None for a generator's own default loss.
 
     Raises:
-        InvalidArgument: unknown loss, bad parameters or expression, or a loss
-            that cannot work with the model and its labels.
+        InvalidArgument: whatever the planner refuses (with its reasons), or
+            INCOMPATIBLE_LOSS for a loss that cannot work with the model and
+            its labels.
     """
-    if not spec or not any(spec.get(k) for k in ("name", "expression", "terms")):
-        if model_kind == GENERATOR:
+    if not spec or not any(spec.get(k) for k in ("name", "expression", "terms", "params")):
+        if model_kind != CLASSIFIER:
             return None
         spec = {"name": DEFAULT_CLASSIFIER_LOSS}
-    if spec.get("terms"):
-        if spec.get("name") or spec.get("expression"):
-            raise InvalidArgument("A composite loss sets `terms` only. Received: terms and a name or expression.",
-                                  reason="BAD_LOSS_SPEC")
-        if model_kind == GENERATOR:
-            raise _incompatible("The vae's loss is already reconstruction + beta * KL; a composite cannot "
-                                "replace it. Expected a reconstruction loss such as `mse`.", "composite")
-        terms, shapes = [], set()
-        for i, term in enumerate(spec["terms"]):
-            if tuple(term.get("inputs") or TRAINING_INPUTS) != TRAINING_INPUTS:
-                raise _incompatible(f"terms[{i}]: a training job feeds each term (y_true, y_pred). "
-                                    f"Received inputs={list(term['inputs'])}.", "composite")
-            loss, shape = _resolve_term(term.get("loss") or {}, registry, f"terms[{i}]")
-            reduction = term.get("reduction") or None
-            if reduction is not None and reduction not in REDUCTIONS:
-                raise InvalidArgument(f"terms[{i}]: invalid reduction. Expected one of {list(REDUCTIONS)}. "
-                                      f"Received: {reduction!r}.", reason="BAD_REDUCTION")
-            weight = 1.0 if term.get("weight") is None else float(term["weight"])
-            terms.append({"loss": loss, "weight": weight, "reduction": reduction,
-                          "label": term.get("label") or loss.get("name") or loss.get("label") or f"term_{i}"})
-            shapes.add(shape)
-        canonical = {"terms": terms}
-    else:
-        canonical, shape = _resolve_term(spec, registry, "loss")
-        shapes = {shape}
+    plan = planner.plan(spec, TRAINING_INPUTS)
+    check_suits_model(plan, model_kind)
+    return plan
+
+
+def check_suits_model(plan: Plan, model_kind: str) -> None:
+    """Refuses (INCOMPATIBLE_LOSS) a plan that cannot train this kind of model."""
+    for i, term in enumerate(plan.terms):
+        where = f"terms[{i}]" if plan.composite else "loss"
+        if term.inputs != tuple(n for n in TRAINING_INPUTS if n in term.inputs):
+            raise _incompatible(
+                f"{where}: loss `{_name(term)}` reads {list(term.inputs)}; a training job feeds a loss the labels "
+                "and the model's output only. Expected a loss of (y_true, y_pred).", _name(term))
+        if "y_pred" not in term.inputs:
+            raise _incompatible(
+                f"{where}: loss `{_name(term)}` does not read y_pred, so it cannot train the model. "
+                f"Expected a loss of (y_true, y_pred). Received: a loss of {list(term.inputs)}.", _name(term))
     if model_kind == CLASSIFIER:
-        label_format(canonical, registry)  # refuses what cannot take integer or one-hot labels
-        from_logits(canonical)  # refuses terms that disagree
-    elif shapes - {SHAPES_SAME, SHAPES_ANY}:
+        label_format(plan)  # refuses what cannot take integer or one-hot labels
+        from_logits(plan)  # refuses terms that disagree
+        return
+    if plan.composite:
+        raise _incompatible("The vae's loss is already reconstruction + beta * KL; a composite cannot "
+                            "replace it. Expected a reconstruction loss such as `mse`.", "composite")
+    term = plan.terms[0]
+    if term.entry.shapes not in (SHAPES_SAME, SHAPES_ANY):
         raise _incompatible(
-            f"Loss `{canonical.get('name')}` cannot be a generator's reconstruction loss. Expected a loss "
-            "comparing images with images of the same shape, such as `binary_crossentropy` or `mse`.",
-            str(canonical.get("name")))
-    elif canonical.get("params", {}).get("from_logits"):
+            f"Loss `{_name(term)}` cannot be a generator's reconstruction loss. Expected a loss comparing "
+            "images with images of the same shape, such as `binary_crossentropy` or `mse`.", _name(term))
+    if from_logits(plan):
         raise _incompatible(
-            f"Loss `{canonical['name']}` with from_logits=true does not suit the vae, whose decoder outputs "
-            "pixels in [0, 1]. Expected from_logits=false.", canonical["name"])
-    return canonical
+            f"Loss `{_name(term)}` with from_logits=true does not suit the vae, whose decoder outputs pixels "
+            "in [0, 1]. Expected from_logits=false.", _name(term))
 
 
-def label_format(canonical: Mapping[str, Any], registry: LossRegistry) -> str:
-    """``sparse`` (integer labels) or ``one_hot`` for a classifier's canonical loss."""
-    terms = [t["loss"] for t in canonical["terms"]] if "terms" in canonical else [canonical]
+def label_format(plan: Plan) -> str:
+    """``sparse`` (integer labels) or ``one_hot`` for a classifier's plan.
+
+    Terms that do not read ``y_true`` take any labels.
+
+    Raises:
+        InvalidArgument: INCOMPATIBLE_LOSS for a loss that wants neither, or
+            terms that want different formats.
+    """
     formats = set()
-    for loss in terms:
-        if "expression" in loss:
-            formats.add(ONE_HOT)
+    for term in plan.terms:
+        if "y_true" not in term.inputs:
             continue
-        entry = registry.get(loss["name"])
-        if entry.shapes == SHAPES_SPARSE:
+        if term.entry.shapes == SHAPES_SPARSE:
             formats.add(SPARSE)
-        elif entry.shapes == SHAPES_ANY:
+        elif term.entry.shapes == SHAPES_ANY:
             formats.add(ONE_HOT)
         else:
-            sparse_twin = {"categorical_crossentropy": "sparse_categorical_crossentropy"}.get(entry.name)
-            hint = f" Use `{sparse_twin}` instead." if sparse_twin else ""
+            twin = _SPARSE_TWINS.get(term.entry.name)
+            hint = f" Use `{twin}` instead." if twin else ""
             raise _incompatible(
-                f"Loss `{entry.name}` does not suit a classifier trained on integer class labels: it expects "
+                f"Loss `{_name(term)}` does not suit a classifier trained on integer class labels: it expects "
                 "targets of the model output's shape [batch, classes] (one-hot), and the dataset has labels of "
-                f"shape [batch]. Expected a loss that takes class indices, such as "
+                "shape [batch]. Expected a loss that takes class indices, such as "
                 f"`sparse_categorical_crossentropy`, or an expression loss (it gets one-hot targets).{hint}",
-                entry.name)
+                _name(term))
     if len(formats) > 1:
         raise _incompatible("The terms of this composite need different label formats (class indices for some, "
                             "one-hot targets for others). Expected terms that agree.", "composite")
-    return formats.pop()
+    return formats.pop() if formats else SPARSE
 
 
-def from_logits(canonical: Optional[Mapping[str, Any]]) -> bool:
-    """Whether the classifier should output logits: its loss says ``from_logits``.
+def from_logits(plan: Optional[Plan]) -> bool:
+    """Whether the model should output logits: its loss says ``from_logits``.
 
     Expression losses read probabilities (the softmax output). The terms of a
     composite must agree, since the model has one output.
     """
-    if not canonical:
+    if plan is None:
         return False
-    terms = [t["loss"] for t in canonical["terms"]] if "terms" in canonical else [canonical]
-    flags = {bool((t.get("params") or {}).get("from_logits")) for t in terms}
+    flags = {term.entry.source != "expression" and bool(term.params.get("from_logits")) for term in plan.terms}
     if len(flags) > 1:
         raise _incompatible("The terms of this composite disagree on `from_logits`, and the model has one "
                             "output. Expected every term to take logits, or every term probabilities.",
@@ -168,50 +154,58 @@ def from_logits(canonical: Optional[Mapping[str, Any]]) -> bool:
     return flags.pop()
 
 
-@keras.saving.register_keras_serializable(package="lossd")
-class CompositeLoss(keras.losses.Loss):
-    """The weighted sum of Keras losses, each with its own reduction."""
+@functools.lru_cache(maxsize=1)
+def job_planner() -> Planner:
+    """The planner a job's process (or a model being loaded) plans a stored
+    spec with: the server's registry as a fresh process builds it (Keras,
+    lossd's built-ins, plugins) and inline expressions. Registered expression
+    losses need no store: a stored spec carries their text."""
+    from lossd_server.losses import custom
 
-    def __init__(self, terms=(), weights=(), name="composite", reduction="sum_over_batch_size", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.terms = [keras.losses.get(t) if isinstance(t, dict) else t for t in terms]
-        self.weights = [float(w) for w in weights]
+    return Planner(custom.full_registry(plugins=True), custom.inline_entry)
+
+
+def plan_stored(spec: Optional[Mapping[str, Any]]) -> Optional[Plan]:
+    """Plans a job's stored loss spec again, in the job's process: the
+    ``plan.to_spec()`` stored at creation or, for jobs stored by older
+    servers, the equivalent plain spec they stored (``{"name", "params"}``,
+    ``{"expression", "params", "label"}`` or ``{"terms": [...]}``). None for
+    an empty spec (a generator's default loss)."""
+    return job_planner().plan(spec, TRAINING_INPUTS) if spec else None
+
+
+@keras.saving.register_keras_serializable(package="lossd")
+class PlanLoss(keras.losses.Loss):
+    """A plan as a Keras loss, for ``model.compile(loss=...)``.
+
+    It calls the program ``build_program`` makes (the one evaluation runs)
+    on ``{"y_true", "y_pred"}``: each term reduces with its own reduction, or
+    with this loss's ``reduction`` where it sets none (``none`` gives the
+    per-sample values, as the VAE's reconstruction term needs). A saved model
+    keeps the plan's self-contained spec, so it loads with ``compile=True``
+    wherever lossd's server package is installed.
+
+    Args:
+        plan: The validated loss.
+        reduction: The reduction of terms that set none.
+        name: Defaults to the plan's metric name.
+        dtype: The dtype the loss computes in.
+    """
+
+    def __init__(self, plan: Plan, reduction: str = "sum_over_batch_size", name: Optional[str] = None,
+                 dtype: Optional[str] = "float32"):
+        super().__init__(name=name or plan.metric_name, reduction=reduction, dtype=dtype)
+        self.plan = plan
+        self._program = build_program(plan, reduction, self.dtype)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        total = None
-        for term, weight in zip(self.terms, self.weights):
-            value = term(y_true, y_pred, sample_weight=sample_weight) * weight
-            total = value if total is None else total + value
+        total, _ = self._program({"y_true": y_true, "y_pred": y_pred}, sample_weight)
         return total
 
     def get_config(self):
-        return {**super().get_config(), "terms": [keras.losses.serialize(t) for t in self.terms],
-                "weights": self.weights}
+        return {**super().get_config(), "dtype": self.dtype, "spec": self.plan.to_spec()}
 
-
-def _build_one(loss: Mapping[str, Any], registry: LossRegistry, reduction: str):
-    if "expression" in loss:
-        from lossd_server.losses.custom import ExpressionLoss
-
-        return ExpressionLoss(loss["expression"], TRAINING_INPUTS, loss.get("params") or {}, reduction=reduction,
-                              dtype="float32", name=loss.get("label") or "expression")
-    entry = registry.get(loss["name"])
-    return entry.build(resolve_parameters(entry, loss.get("params")), reduction, "float32")
-
-
-def build_training_loss(spec: Mapping[str, Any], registry: LossRegistry, reduction: str = "sum_over_batch_size"):
-    """Builds the Keras loss of a canonical spec (see ``resolve_training_loss``).
-
-    Args:
-        spec: The canonical spec: a named loss, an expression, or terms.
-        registry: Where names resolve.
-        reduction: ``sum_over_batch_size`` (Keras's default, for classifiers)
-            or ``none`` (per-pixel values, for the VAE's reconstruction term).
-
-    Returns:
-        A ``keras.losses.Loss`` computing in float32.
-    """
-    if "terms" in spec:
-        terms = [_build_one(t["loss"], registry, t.get("reduction") or reduction) for t in spec["terms"]]
-        return CompositeLoss(terms, [t["weight"] for t in spec["terms"]], reduction=reduction)
-    return _build_one(spec, registry, reduction)
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        return cls(plan_stored(config.pop("spec")), **config)

@@ -31,7 +31,7 @@ import numpy as np
 
 from lossd_server.errors import FailedPrecondition, InvalidArgument, NotFound
 from lossd_server.training import datasets, models, worker
-from lossd_server.training.losses import from_logits, resolve_training_loss
+from lossd_server.training.losses import from_logits, plan_training_loss
 from lossd_server.training.store import (CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING,
                                          SUCCEEDED, Event, JobRecord, Store)
 
@@ -74,14 +74,16 @@ class TrainingManager:
         settings: ``lossd_server.config.Settings`` (``data_dir``,
             ``max_concurrent_jobs``, ``max_upload_bytes``, ``dataset_root``,
             ``mixed_precision``, ``progress_every_batches``).
-        registry: The loss registry job losses resolve in.
+        planner: The ``Planner`` job losses are planned with: the one
+            evaluation uses (``Evaluator.planner``), so a bad loss gets the
+            same error from CreateJob as from Evaluate.
         metrics: Optional ``lossd_server.observability.metrics.Metrics`` to update.
         gpus: Number of GPUs; None asks TensorFlow.
     """
 
-    def __init__(self, settings, registry, metrics=None, *, gpus: Optional[int] = None):
+    def __init__(self, settings, planner, metrics=None, *, gpus: Optional[int] = None):
         self.settings = settings
-        self.registry = registry
+        self.planner = planner
         self.metrics = metrics
         self.data_dir = pathlib.Path(settings.data_dir)
         self.jobs_dir = self.data_dir / "jobs"
@@ -177,7 +179,7 @@ class TrainingManager:
         preset = models.get_preset(model.get("preset", ""))
         info = self.dataset_info(spec.get("dataset", ""))
         params = models.resolve_model_params(preset.name, model.get("params"), info.image_shape)
-        loss = resolve_training_loss(spec.get("loss"), self.registry, preset.kind)
+        loss = plan_training_loss(self.planner, spec.get("loss"), preset.kind)
         optimizer = models.resolve_optimizer(spec.get("optimizer"))
         metrics = models.resolve_metrics(spec.get("metrics") or [], preset.kind)
 
@@ -205,7 +207,7 @@ class TrainingManager:
         normalized = {
             "model": {"preset": preset.name, "params": params},
             "dataset": spec.get("dataset"),
-            "loss": loss or {},
+            "loss": loss.to_spec() if loss is not None else {},
             "optimizer": optimizer,
             "epochs": epochs, "batch_size": batch_size, "validation_split": float(split),
             "metrics": metrics, "seed": seed, "steps_per_epoch": steps,

@@ -132,7 +132,7 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     import keras
 
     from lossd_server.training import datasets, models
-    from lossd_server.training.losses import ONE_HOT, build_training_loss, label_format
+    from lossd_server.training.losses import ONE_HOT, PlanLoss, label_format, plan_stored
 
     for gpu in tf.config.list_physical_devices("GPU"):
         tf.config.experimental.set_memory_growth(gpu, True)
@@ -144,8 +144,8 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     keras.utils.set_random_seed(seed)
 
     x, y, _ = datasets.load(runtime["dataset_source"], runtime["dataset_path"], config["max_upload_bytes"])
-    registry = _registry()
-    if config["model_kind"] == models.CLASSIFIER and label_format(spec["loss"], registry) == ONE_HOT:
+    plan = plan_stored(spec.get("loss"))  # the same program evaluation runs
+    if config["model_kind"] == models.CLASSIFIER and label_format(plan) == ONE_HOT:
         # Expression and plugin losses compare y_pred with targets of its own shape.
         y = np.eye(len(runtime["class_names"]), dtype="float32")[y]
     # A seeded shuffle before the split: Keras's validation_split takes the
@@ -172,11 +172,11 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
                                len(runtime["class_names"]), logits=runtime.get("logits", False), seed=seed)
     optimizer = models.build_optimizer(spec["optimizer"])
     if config["model_kind"] == models.GENERATOR:
-        recon = build_training_loss(spec["loss"], registry, reduction="none") if spec.get("loss") else None
+        # Per-pixel values (reduction none): the VAE sums them over each image.
+        recon = PlanLoss(plan, reduction="none") if plan is not None else None
         model.compile(optimizer=optimizer, reconstruction_loss=recon)
     else:
-        model.compile(optimizer=optimizer, loss=build_training_loss(spec["loss"], registry),
-                      metrics=list(spec["metrics"]))
+        model.compile(optimizer=optimizer, loss=PlanLoss(plan), metrics=list(spec["metrics"]))
 
     ckpt_dir = job_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(exist_ok=True)
@@ -209,17 +209,6 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     os.replace(tmp, job_dir / MODEL_FILE)
     _write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")
-
-
-def _registry():
-    """The server's registry of named losses (Keras, lossd's built-ins, plugins)."""
-    try:
-        from lossd_server.losses.custom import full_registry
-    except ImportError:  # an older server layout without plugins
-        from lossd_server.losses.registry import default_registry
-
-        return default_registry()
-    return full_registry(plugins=True)
 
 
 def _finite(value) -> bool:

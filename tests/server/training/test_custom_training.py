@@ -49,3 +49,13 @@ def test_mixed_label_formats_are_refused_at_create(tclient):
         assert error.reason == "INCOMPATIBLE_LOSS" and "label formats" in error.message
     else:
         raise AssertionError("a composite mixing class indices and one-hot targets was accepted")
+
+
+def test_a_chosen_reconstruction_loss_trains_the_vae(tclient):
+    """The VAE's reconstruction term is the planned loss with reduction none (per pixel)."""
+    job = tclient.create_job("vae", "digits", loss="mse", epochs=2, steps_per_epoch=8, batch_size=64,
+                             learning_rate=3e-3)
+    done = tclient.wait(job, progress=False, timeout=240)
+    assert done.state == "succeeded", done.error
+    epochs = [e.metrics for e in tclient.watch(job) if e.kind == "epoch"]
+    assert len(epochs) == 2 and epochs[-1]["reconstruction_loss"] < epochs[0]["reconstruction_loss"], epochs

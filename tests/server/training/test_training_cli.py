@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from lossd import cli
-from conftest import digits_uint8
+from digit_files import digits_uint8
 
 
 def test_jobs_list_get_and_plot(training_address, cnn_job, tmp_path, capsys):

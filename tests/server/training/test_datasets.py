@@ -13,7 +13,7 @@ import pytest
 from lossd_server.training import datasets
 from lossd_server.training.datasets import DatasetError
 
-from conftest import digits_uint8, png_bytes, write_class_folders, zip_of_class_folders  # noqa: E402
+from digit_files import digits_uint8, png_bytes, write_class_folders, zip_of_class_folders  # noqa: E402
 
 MB = 1 << 20
 

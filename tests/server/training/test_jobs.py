@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import lossd
-from conftest import digits_uint8, zip_of_class_folders
+from digit_files import digits_uint8, zip_of_class_folders
 
 
 def _states(events):

@@ -100,6 +100,10 @@ def expression_entry(expression: str, *, params: Mapping[str, Any], inputs: Sequ
         raise _expression_error(exc, where) from None
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"{where}: {exc}", reason="BAD_EXPRESSION") from None
+    if not compiled.tensors_used:
+        raise InvalidArgument(f"{where}: a loss must read at least one tensor. Expected an expression over "
+                              f"{', '.join(inputs) or 'y_true, y_pred'}. Received: {expression[:200]!r}.",
+                              reason="BAD_EXPRESSION")
     unused = sorted(set(defaults) - compiled.params_used)
     if unused:
         raise InvalidArgument(f"{where}: parameter {unused[0]!r} is not used by the expression.",
@@ -125,9 +129,6 @@ def inline_entry(expression: str, params: Mapping[str, Any], tensor_names: Seque
     except ExpressionError as exc:
         raise _expression_error(exc, "expression") from None
     inputs = tuple(n for n in tensor_names if n in compiled.tensors_used)
-    if not inputs:
-        raise InvalidArgument("expression: a loss must read at least one tensor (such as y_pred).",
-                              reason="BAD_EXPRESSION")
     return expression_entry(expression, params=params, inputs=inputs)
 
 

@@ -34,6 +34,7 @@ from lossd_server.losses.expressions import ROWS, ROWS_COSINE, ROWS_MEAN, ROWS_S
 _RESERVED = {"self", "reduction", "name", "dtype"}
 
 PARAM_TYPES = ("float", "int", "bool", "int_or_null", "axis", "string")
+INT32_LIMIT = 2 ** 31
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +331,11 @@ def coerce_parameter(loss: str, param: Parameter, value: Any) -> Any:
         integer = as_int(value)
         if integer is None:
             raise _type_error(loss, param, value)
+        if not -INT32_LIMIT <= integer < INT32_LIMIT:  # TensorFlow takes these as int32
+            raise InvalidArgument(
+                f"Invalid value for parameter `{param.name}` of loss `{loss}`. Expected an integer in "
+                f"[-2^31, 2^31). Received: {param.name}={integer}.", reason="PARAMETER_OUT_OF_RANGE",
+                metadata={"loss": loss, "parameter": param.name})
         value = integer
     elif param.type == "axis":
         if value is None:

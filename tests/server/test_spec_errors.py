@@ -206,7 +206,11 @@ def test_no_struct_gives_internal(stubs, params, loss, rpc):
         call = lambda: losses.Evaluate(loss_service_pb2.EvaluateRequest(  # noqa: E731
             loss=message, y_true=wire.from_numpy(Y), y_pred=wire.from_numpy(Y)), timeout=60)
     elif rpc == "EvaluateChunked":
-        call = lambda: evaluate_chunked(losses, message)  # noqa: E731
+        header = loss_service_pb2.ChunkedHeader(loss=message, y_true=wire.info(Y), y_pred=wire.info(Y))
+        messages = [loss_service_pb2.EvaluateChunkedRequest(header=header),
+                    loss_service_pb2.EvaluateChunkedRequest(chunk=loss_service_pb2.TensorChunk(
+                        start=0, rows=4, y_true=Y.tobytes(), y_pred=Y.tobytes()))]
+        call = lambda: list(losses.EvaluateChunked(iter(messages), timeout=60))  # noqa: E731
     elif rpc == "RegisterLoss":
         request = loss_service_pb2.RegisterLossRequest(name="struct_fuzz", expression="mean(y_pred * k, axis=-1)",
                                                        params=struct, replace=True)

@@ -123,8 +123,8 @@ class Planner:
             dupes = sorted({x for x in labels if labels.count(x) > 1})
             if dupes:
                 raise InvalidArgument(
-                    f"Composite term labels must be unique. Received duplicate label {dupes[0]!r}; "
-                    "set `label` on each term.", reason="BAD_LOSS_SPEC")
+                    "Composite term labels must be unique; set `label` on each term. Expected distinct labels. "
+                    f"Received: {dupes[0]!r} twice.", reason="BAD_LOSS_SPEC")
             return _finish(terms, composite=True)
         entry, params = self._resolve(spec, "loss", tensor_names)
         inputs = entry.inputs if entry.source != "keras" else DEFAULT_INPUTS
@@ -169,13 +169,14 @@ class Planner:
             inputs = DEFAULT_INPUTS if entry.source == "keras" else entry.inputs
         elif len(inputs) != len(entry.inputs):
             raise InvalidArgument(
-                f"{where}: loss `{entry.name or 'expression'}` reads {len(entry.inputs)} tensors "
-                f"({', '.join(entry.inputs)}). Received inputs={list(inputs)}.", reason="BAD_LOSS_SPEC")
+                f"{where}: loss `{entry.name or 'expression'}` reads {len(entry.inputs)} tensors. Expected "
+                f"{len(entry.inputs)} inputs (for {', '.join(entry.inputs)}). Received: inputs={list(inputs)}.",
+                reason="BAD_LOSS_SPEC")
         weight = t.get("weight")
         if weight is None:
             weight = 1.0
         elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise InvalidArgument(f"{where}: weight must be a finite number. Received: {weight!r}.",
+            raise InvalidArgument(f"{where}: invalid weight. Expected a finite number. Received: {weight!r}.",
                                   reason="BAD_LOSS_SPEC")
         reduction = t.get("reduction") or None
         if reduction is not None:

@@ -131,7 +131,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                          interceptors=[ObservabilityInterceptor(metrics)], options=options)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store), server)
-    training = add_training_service(server, settings, evaluator.planner, metrics)
+    training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count())
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -240,3 +240,8 @@ class Compiled:
             outputs = self._concrete(*[tf.convert_to_tensor(a) for a in arrays])
         total, grad, *terms = outputs
         return total.numpy(), [t.numpy() for t in terms], grad.numpy() if self.gradient else None
+
+
+def gpu_count() -> int:
+    """How many GPUs TensorFlow sees (the training scheduler runs one job per GPU by default)."""
+    return len(tf.config.list_physical_devices("GPU"))

@@ -1,5 +1,5 @@
-"""The TrainingService servicer: converts messages to and from the manager's
-plain records; everything else happens in ``TrainingManager``."""
+"""The TrainingService servicer: converts messages to and from the plain
+records of ``lossd_server.training``; everything else happens there."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def dataset_to_proto(info) -> pb.Dataset:
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
-    """Implements ``lossd.v1.TrainingService`` over a TrainingManager."""
+    """Implements ``lossd.v1.TrainingService`` over a TrainingManager and its parts."""
 
     def __init__(self, manager: TrainingManager, *, max_elements: int = 1 << 30):
         self.manager = manager
@@ -183,11 +183,11 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     @handle_errors
     def CancelJob(self, request, context):
-        return job_to_proto(self.manager.cancel_job(job_id(request.name)))
+        return job_to_proto(self.manager.scheduler.cancel(job_id(request.name)))
 
     @handle_errors
     def WatchJob(self, request, context):
-        for event in self.manager.watch(job_id(request.name), request.after_sequence, context.is_active):
+        for event in self.manager.scheduler.watch(job_id(request.name), request.after_sequence, context.is_active):
             yield event_to_proto(event)
 
     @handle_errors
@@ -210,12 +210,12 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                                           reason="BAD_UPLOAD")
                 yield message.chunk
 
-        info = self.manager.upload_dataset(header.name, fmt, header.size_bytes, chunks())
+        info = self.manager.catalog.upload(header.name, fmt, header.size_bytes, chunks())
         return dataset_to_proto(info)
 
     @handle_errors
     def ListDatasets(self, request, context):
-        return pb.ListDatasetsResponse(datasets=[dataset_to_proto(i) for i in self.manager.list_datasets()])
+        return pb.ListDatasetsResponse(datasets=[dataset_to_proto(i) for i in self.manager.catalog.list()])
 
     @handle_errors
     def DownloadArtifact(self, request, context):
@@ -223,7 +223,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         if artifact is None:
             raise InvalidArgument("Invalid artifact. Expected ARTIFACT_MODEL, ARTIFACT_HISTORY or "
                                   f"ARTIFACT_TENSORBOARD. Received: {request.artifact}.", reason="BAD_ARTIFACT")
-        filename, size, chunks = self.manager.artifact(job_id(request.name), artifact)
+        filename, size, chunks = self.manager.artifacts.download(self.manager.get_job(job_id(request.name)), artifact)
         first = True
         for data in chunks:
             yield pb.ArtifactChunk(filename=filename if first else "", size_bytes=size if first else 0, data=data)
@@ -234,16 +234,18 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     @handle_errors
     def Predict(self, request, context):
         images = wire.to_numpy(request.images, field="images", max_elements=self.max_elements)
-        probabilities, class_names = self.manager.predict(job_id(request.name), images)
+        job = self.manager.get_job(job_id(request.name))
+        probabilities, class_names = self.manager.inference.predict(job, images)
         return pb.PredictResponse(probabilities=wire.from_numpy(probabilities), class_names=class_names)
 
     @handle_errors
     def Generate(self, request, context):
-        images = self.manager.generate(job_id(request.name), request.count, request.seed)
+        job = self.manager.get_job(job_id(request.name))
+        images = self.manager.inference.generate(job, request.count, request.seed)
         return pb.GenerateResponse(images=wire.from_numpy(images))
 
 
-def add_training_service(grpc_server, settings, planner, metrics=None) -> TrainingManager:
+def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: int) -> TrainingManager:
     """Adds TrainingService to a server; starts nothing.
 
     Args:
@@ -251,12 +253,13 @@ def add_training_service(grpc_server, settings, planner, metrics=None) -> Traini
         settings: The server's ``Settings``.
         planner: The ``Planner`` evaluation uses; job losses go through it too.
         metrics: Optional ``Metrics`` to update.
+        gpus: How many GPUs the machine has.
 
     Returns:
         The TrainingManager: ``start()`` it with the server, ``stop()`` it
         when the server stops.
     """
-    manager = TrainingManager(settings, planner, metrics)
+    manager = TrainingManager(settings, planner, metrics, gpus=gpus)
     pb_grpc.add_TrainingServiceServicer_to_server(
         TrainingServicer(manager, max_elements=settings.max_tensor_elements), grpc_server)
     return manager

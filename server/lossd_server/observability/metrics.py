@@ -402,7 +402,7 @@ class Metrics:
         self.grpc_server_msg_sent_total.labels(*labels)
         self.lossd_grpc_in_flight_requests.labels(service, method)
 
-    # Training.
+    # Training: recorded by the job scheduler (lossd_server.training.scheduler).
 
     def set_training_jobs(self, counts: Mapping[str, int]) -> None:
         """Sets the number of jobs in every state; states not given are 0."""
@@ -420,6 +420,25 @@ class Metrics:
                 f"Invalid value for argument `state`. Expected one of "
                 f"{FINAL_JOB_STATES}. Received: state={state!r}")
         self.lossd_training_job_duration_seconds.labels(state).observe(seconds)
+
+    def training_progress(self, examples: int, examples_per_second: float) -> None:
+        """Counts ``examples`` more training examples and sets the throughput
+        summed over the running jobs."""
+        self.lossd_training_examples_total.inc(examples)
+        self.lossd_training_examples_per_second.set(examples_per_second)
+
+    def training_epoch_ended(self, examples: int, epoch_metrics: Mapping[str, float]) -> None:
+        """Counts a finished epoch and its last ``examples``, and sets
+        ``lossd_training_loss`` from the epoch's ``loss`` and ``val_loss``."""
+        self.lossd_training_epochs_total.inc()
+        self.lossd_training_examples_total.inc(examples)
+        for split, key in zip(TRAINING_SPLITS, ("loss", "val_loss")):
+            if key in epoch_metrics:
+                self.lossd_training_loss.labels(split).set(epoch_metrics[key])
+
+    def set_training_throughput(self, examples_per_second: float) -> None:
+        """Sets the throughput summed over the running jobs (after one ends)."""
+        self.lossd_training_examples_per_second.set(examples_per_second)
 
     # Device and build.
 

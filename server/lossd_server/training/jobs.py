@@ -1,0 +1,122 @@
+"""Job records: what CreateJob checks and stores, and how a job is found.
+
+``create`` turns a JobSpec dict into a queued job: every field checked (model
+preset and parameters, dataset, loss, optimizer, metrics, numbers), defaults
+filled in, and the facts the job's process needs (dataset path, image shape,
+class names, whether the model outputs logits) recorded beside the spec. A
+known ``request_id`` returns its job instead, so a retried create is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any, Mapping
+
+from lossd_server.errors import InvalidArgument, NotFound
+from lossd_server.losses.plan import Planner
+from lossd_server.training import models
+from lossd_server.training.catalog import DatasetCatalog
+from lossd_server.training.losses import from_logits, plan_training_loss
+from lossd_server.training.store import JobRecord, Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 10
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_VALIDATION_SPLIT = 0.2
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 65_536
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def lookup(store: Store, job_id: str) -> JobRecord:
+    """The job; raises NotFound (JOB_NOT_FOUND)."""
+    job = store.get_job(job_id)
+    if job is None:
+        raise NotFound(f"Job `jobs/{job_id}` does not exist.", reason="JOB_NOT_FOUND",
+                       metadata={"job": f"jobs/{job_id}"[:100]})
+    return job
+
+
+def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mapping[str, Any], *,
+           display_name: str = "", request_id: str = "") -> tuple[JobRecord, bool]:
+    """Checks a spec and stores the job, queued; a known ``request_id`` returns its job.
+
+    Args:
+        spec: The JobSpec as a dict: ``model {preset, params}``, ``dataset``,
+            ``loss`` (a LossSpec dict), ``optimizer {name, learning_rate,
+            params}``, ``epochs``, ``batch_size``, ``validation_split``,
+            ``metrics``, ``seed``, ``steps_per_epoch``.
+
+    Returns:
+        ``(job, created)``: ``created`` is False when ``request_id`` named an
+        existing job.
+
+    Raises:
+        InvalidArgument: anything that would make the job fail: unknown
+            model, dataset, loss, optimizer or metric, bad parameters, or a
+            loss that does not suit the model and labels.
+    """
+    if request_id:
+        if not _REQUEST_ID.match(request_id):
+            raise InvalidArgument(f"Invalid request_id. Expected 1 to 128 printable ASCII characters. "
+                                  f"Received: {request_id[:140]!r}.", reason="BAD_REQUEST_ID")
+        existing = store.get_job_by_request_id(request_id)
+        if existing is not None:
+            return existing, False
+    normalized, runtime, kind = _normalize(spec, planner, catalog)
+    job = JobRecord(id=uuid.uuid4().hex[:16], spec=normalized, runtime=runtime, model_kind=kind,
+                    request_id=request_id or None, display_name=display_name[:200],
+                    progress={"epochs_completed": 0, "epochs": normalized["epochs"]})
+    job, created = store.create_job(job)  # a concurrent create with the same request_id may win
+    if created:
+        log.info("job %s created: %s on %s", job.id, normalized["model"]["preset"], normalized["dataset"])
+    return job, created
+
+
+def _whole(spec: Mapping[str, Any], field: str, default: int, lo: int, hi: int) -> int:
+    value = spec.get(field) or default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or not lo <= value <= hi:
+        raise InvalidArgument(f"Invalid {field}. Expected an integer in [{lo}, {hi}]. Received: {value!r}.",
+                              reason="BAD_JOB_SPEC", metadata={"field": field})
+    return int(value)
+
+
+def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalog) -> tuple[dict, dict, str]:
+    """``(stored spec, runtime facts, model kind)``."""
+    model = dict(spec.get("model") or {})
+    preset = models.get_preset(model.get("preset", ""))
+    info = catalog.info(spec.get("dataset", ""))
+    params = models.resolve_model_params(preset.name, model.get("params"), info.image_shape)
+    # The planner evaluation uses: a bad loss gets the error Evaluate gives.
+    loss = plan_training_loss(planner, spec.get("loss"), preset.kind)
+    optimizer = models.resolve_optimizer(spec.get("optimizer"))
+    metrics = models.resolve_metrics(spec.get("metrics") or [], preset.kind)
+    epochs = _whole(spec, "epochs", DEFAULT_EPOCHS, 1, MAX_EPOCHS)
+    batch_size = _whole(spec, "batch_size", DEFAULT_BATCH_SIZE, 1, MAX_BATCH_SIZE)
+    steps = _whole(spec, "steps_per_epoch", 0, 0, 1 << 30) if spec.get("steps_per_epoch") else 0
+    seed = _whole(spec, "seed", 1, 0, 2**32 - 1)
+    split = spec.get("validation_split")
+    split = DEFAULT_VALIDATION_SPLIT if split is None else split
+    if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0.0 <= split < 1.0:
+        raise InvalidArgument(f"Invalid validation_split. Expected a number in [0, 1). Received: {split!r}.",
+                              reason="BAD_JOB_SPEC", metadata={"field": "validation_split"})
+    n_val = int(round(info.examples * split))
+    if info.examples - n_val < 1:
+        raise InvalidArgument(f"validation_split={split:g} leaves no training images out of {info.examples}.",
+                              reason="BAD_JOB_SPEC", metadata={"field": "validation_split"})
+    normalized = {
+        "model": {"preset": preset.name, "params": params},
+        "dataset": spec.get("dataset"),
+        # Self-contained: a registered expression is stored as its text.
+        "loss": loss.to_spec() if loss is not None else {},
+        "optimizer": optimizer,
+        "epochs": epochs, "batch_size": batch_size, "validation_split": float(split),
+        "metrics": metrics, "seed": seed, "steps_per_epoch": steps,
+    }
+    runtime = {"dataset_source": info.source, "dataset_path": info.path, "image_shape": list(info.image_shape),
+               "class_names": info.class_names, "logits": from_logits(loss)}
+    return normalized, runtime, preset.kind

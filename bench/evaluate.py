@@ -152,22 +152,16 @@ def metrics_work_seconds(repeats: int = 20_000) -> float:
     from lossd_server.observability.metrics import Metrics
 
     metrics = Metrics(CollectorRegistry(), loss_names=["mean_squared_error"], version="bench")
-    labels = ("unary", "lossd.v1.LossService", "Evaluate")
-    started = metrics.grpc_server_started_total.labels(*labels)
-    in_flight = metrics.lossd_grpc_in_flight_requests.labels(*labels[1:])
-    received = metrics.grpc_server_msg_received_total.labels(*labels)
-    sent = metrics.grpc_server_msg_sent_total.labels(*labels)
+    rpc = metrics.rpc_method("lossd.v1.LossService", "Evaluate", client_streaming=False, server_streaming=False)
 
     def one_request():
-        started.inc()
-        in_flight.inc()
-        received.inc()
+        rpc.started()
+        rpc.received()
         with metrics.time_evaluation("mean_squared_error") as record:
             metrics.observe_cache_lookup(True)
             record.elements, record.nbytes = 640, 5120
-        sent.inc()
-        in_flight.dec()
-        metrics.observe_rpc(*labels, "OK", 0.001)
+        rpc.sent()
+        rpc.finished("OK", 0.001)
 
     for _ in range(1000):
         one_request()

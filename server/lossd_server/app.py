@@ -1,6 +1,6 @@
-"""Builds the gRPC server (``create_server``) and runs it until a signal
-(``serve``): health and reflection always on, metrics on their own port,
-graceful drain on SIGTERM/SIGINT."""
+"""Builds the server (``create_server``), starts and stops it (``Server``), and
+runs it until a signal (``serve``): health and reflection always on, metrics
+on their own port, graceful drain on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import signal
 import threading
 from concurrent import futures
 from typing import Optional
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 import lossd_server
-from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
+from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc, training_service_pb2
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings
 from lossd_server.evaluation.evaluator import Evaluator
@@ -27,7 +28,6 @@ from lossd_server.losses.custom import full_registry
 from lossd_server.losses.registry import LossRegistry
 from lossd_server.observability.metrics import Metrics, start_metrics_server
 from lossd_server.grpc.loss_servicer import LossServicer
-from lossd_server.grpc.training_servicer import SERVICE_NAME as TRAINING_SERVICE_NAME
 from lossd_server.grpc.training_servicer import add_training_service
 
 log = logging.getLogger(__name__)
@@ -40,46 +40,83 @@ XLA_LOSSES = ("binary_crossentropy", "binary_focal_crossentropy", "categorical_c
               "categorical_focal_crossentropy", "categorical_hinge", "cosine_similarity", "huber",
               "kl_divergence", "sparse_categorical_crossentropy", "squared_hinge")
 
-SERVICE_NAMES = [
-    loss_service_pb2.DESCRIPTOR.services_by_name["LossService"].full_name,
-    TRAINING_SERVICE_NAME,
-]
+# The services lossd defines: health reports them, reflection lists them and
+# metrics pre-initialise every one of their methods.
+SERVICES = (
+    loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
+    training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
+)
+SERVICE_NAMES = [service.full_name for service in SERVICES]
 
 
 @dataclasses.dataclass
 class Server:
-    """A built server: call ``start()``, later ``stop(grace)``."""
+    """A built server. Nothing listens or runs until ``start()``; ``stop()``
+    ends whatever started."""
 
     grpc_server: grpc.Server
-    port: int
+    executor: futures.ThreadPoolExecutor  # the gRPC server's handler threads
     health: health.HealthServicer
     evaluator: Evaluator
     metrics: Optional[Metrics]
-    metrics_port: Optional[int]
     settings: Settings
-    _metrics_http: object = None
     training: object = None  # the TrainingManager
+    # The bound ports, once started (metrics_port stays None with metrics off).
+    port: Optional[int] = dataclasses.field(default=None, init=False)
+    metrics_port: Optional[int] = dataclasses.field(default=None, init=False)
+    _metrics_http: Optional[WSGIServer] = dataclasses.field(default=None, init=False)
+    _started: bool = dataclasses.field(default=False, init=False)
 
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
     def start(self) -> None:
-        self.grpc_server.start()
-        if self.training is not None:
-            self.training.start()
+        """Serves metrics, binds and starts gRPC, starts the training manager,
+        then reports SERVING.
+
+        If a step fails, what already started is stopped again (no thread or
+        port is left behind) and the error is raised.
+        """
+        if self._started:
+            raise RuntimeError("The server was started already. Build a new one with create_server().")
+        self._started = True
+        try:
+            if self.metrics is not None:
+                self._metrics_http, self.metrics_port = start_metrics_server(
+                    self.metrics, self.settings.metrics_host, self.settings.metrics_port)
+            self.port = self._bind()
+            self.grpc_server.start()
+            start_training = getattr(self.training, "start", None)
+            if start_training is not None:
+                start_training()
+        except BaseException:
+            self.stop(0)
+            raise
         for name in [*SERVICE_NAMES, ""]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    def _bind(self) -> int:
+        # gRPC holds a bound port until the server has started and stopped, so
+        # start() binds only right before it starts the server.
+        address = f"{self.settings.host}:{self.settings.port}"
+        try:
+            return self.grpc_server.add_insecure_port(address)
+        except RuntimeError as error:
+            raise RuntimeError(f"Could not bind gRPC to {address} (LOSSD_HOST, LOSSD_PORT): is another process "
+                               f"listening there?") from error
+
     def stop(self, grace: Optional[float] = None) -> None:
         """Drains: health turns NOT_SERVING, new calls are refused, in-flight
-        calls get ``grace`` seconds to finish."""
+        calls get ``grace`` seconds to finish; then training and the metrics
+        endpoint stop. Safe after a failed ``start()`` and when called twice."""
         grace = self.settings.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
         if self.training is not None:
             self.training.stop()
             self.training = None
+        self.executor.shutdown(wait=False)  # grpc_server.stop() leaves its threads running
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()  # shutdown() alone leaves the port accepting
@@ -88,12 +125,14 @@ class Server:
 
 def create_server(settings: Optional[Settings] = None, *, registry: Optional[LossRegistry] = None,
                   metrics_registry: Optional[CollectorRegistry] = None) -> Server:
-    """Builds (but does not start) a server from settings.
+    """Builds a server from settings; it binds and starts nothing (call
+    ``start()`` on the result).
 
-    Tests pass ``port=0`` and a fresh ``metrics_registry``; the bound ports
-    are on the returned object. Without ``registry`` the server loads Keras's
-    losses, lossd's built-in terms, the installed plugins and the losses
-    registered in the data directory (and lets clients register more).
+    Tests pass ``port=0``/``metrics_port=0`` and a fresh ``metrics_registry``;
+    the bound ports are on the returned object once started. Without
+    ``registry`` the server loads Keras's losses, lossd's built-in terms, the
+    installed plugins and the losses registered in the data directory (and
+    lets clients register more).
     """
     settings = settings or Settings()
     store = None
@@ -108,7 +147,6 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     device = backend.select_device(settings.device)
 
     metrics = None
-    metrics_http, metrics_port = None, None
     if settings.metrics_port is not None:
         metrics = Metrics(metrics_registry if metrics_registry is not None else CollectorRegistry(),
                           loss_names=registry.names(), version=lossd_server.__version__)
@@ -116,6 +154,10 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         metrics.set_build_info(lossd_server.__version__, versions["tensorflow"], versions["keras"])
         metrics.set_device_info([(device.device_type, device.physical)])
         metrics.set_gpu_memory_source(backend.gpu_memory)
+        for service in SERVICES:
+            for method in service.methods:
+                metrics.rpc_method(service.full_name, method.name, client_streaming=method.client_streaming,
+                                   server_streaming=method.server_streaming)
 
     evaluator = Evaluator(registry, device, cache_size=settings.cache_size, metrics=metrics,
                           jit_compile=settings.jit_compile, xla_losses=XLA_LOSSES,
@@ -127,31 +169,23 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         # One port per server: without this a second server could bind the same port.
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-                         interceptors=[ObservabilityInterceptor(metrics)], options=options)
+    executor = futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc")
+    server = grpc.server(executor, interceptors=[ObservabilityInterceptor(metrics)], options=options)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store), server)
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count())
     health_servicer = health.HealthServicer()
+    for name in [*SERVICE_NAMES, ""]:  # until start() has started everything
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise RuntimeError(f"could not bind {settings.host}:{settings.port}")
-    if metrics is not None:
-        for method in loss_service_pb2.DESCRIPTOR.services_by_name["LossService"].methods:
-            kind = {(False, False): "unary", (True, True): "bidi_stream"}.get(
-                (method.client_streaming, method.server_streaming), "bidi_stream")
-            metrics.init_rpc_method(kind, SERVICE_NAMES[0], method.name)
-        metrics_http, metrics_port = start_metrics_server(metrics, settings.metrics_host, settings.metrics_port)
-    return Server(server, port, health_servicer, evaluator, metrics, metrics_port, settings, metrics_http, training)
+    return Server(server, executor, health_servicer, evaluator, metrics, settings, training)
 
 
 def serve(settings: Settings) -> int:
     """Runs the server until SIGTERM or SIGINT, then drains; returns the exit code."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     server = create_server(settings)
     stop = threading.Event()
 

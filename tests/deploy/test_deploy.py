@@ -182,11 +182,27 @@ def dashboard_exprs(dashboard: dict) -> list[tuple[str, str]]:
     return found
 
 
+# The sample names each metric type exports: a labelled metric with no child
+# yet exports no sample, but its names are still valid in a query.
+SAMPLE_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+    "summary": ("", "_sum", "_count"),
+    "info": ("_info",),
+}
+
+
 @pytest.fixture(scope="module")
 def exported_names() -> set[str]:
+    """Every sample name lossd can export, plus Prometheus's own ``up``."""
     metrics = Metrics(CollectorRegistry(), loss_names=["mean_squared_error", "huber"],
                       version="t")
-    return metrics.exported_names() | {"up"}
+    names = {"up"}
+    for family in metrics.registry.collect():
+        names.update(family.name + suffix for suffix in SAMPLE_SUFFIXES.get(family.type, ("",)))
+        names.update(sample.name for sample in family.samples)
+    return names
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The server's lifecycle around the loss service: health, reflection (through
-grpcurl), stubs that match the protos, and draining on SIGTERM/SIGINT."""
+"""The server's lifecycle around the loss service: building starts nothing,
+start() starts everything or nothing, health, reflection (through grpcurl),
+stubs that match the protos, and draining on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -32,6 +35,120 @@ def find_tool(name: str) -> str | None:
     if beside_python.is_file():
         return str(beside_python)
     return shutil.which(name)
+
+
+# -- create_server builds, start() starts ------------------------------------------
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on the loopback port (connections left in
+    TIME_WAIT do not count)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def threads_left(before: set, timeout: float = 10.0) -> list:
+    """Threads started since ``before`` that are still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        new = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not new or time.monotonic() > deadline:
+            return new
+        time.sleep(0.05)
+
+
+def build(tmp_path, **settings):
+    from lossd_server.app import create_server
+    from lossd_server.config import Settings
+    from prometheus_client import CollectorRegistry
+
+    values = dict(host="127.0.0.1", port=0, metrics_port=0, data_dir=tmp_path / "data", grace_seconds=0.0)
+    return create_server(Settings(**{**values, **settings}), metrics_registry=CollectorRegistry())
+
+
+class FailingTraining:
+    """Stands in for the training manager: its start fails."""
+
+    def __init__(self):
+        self.stopped = False
+
+    def start(self):
+        raise RuntimeError("the job store is unreachable")
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_create_server_starts_nothing(tmp_path):
+    before = set(threading.enumerate())
+    port, metrics_port = free_port(), free_port()
+    server = build(tmp_path, port=port, metrics_port=metrics_port)
+    try:
+        assert server.port is None and server.metrics_port is None
+        assert port_is_free(port) and port_is_free(metrics_port)
+        assert threads_left(before, timeout=0) == []
+    finally:
+        server.stop(0)
+
+
+def test_start_then_stop_leaves_no_port_and_no_thread(tmp_path):
+    before = set(threading.enumerate())
+    server = build(tmp_path)
+    server.start()
+    try:
+        assert server.port and server.metrics_port
+        assert not port_is_free(server.port) and not port_is_free(server.metrics_port)
+        with grpc.insecure_channel(server.address) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert answer.status == SERVING
+    finally:
+        server.stop(0)
+    server.stop(0)  # a second stop does nothing
+    assert port_is_free(server.port) and port_is_free(server.metrics_port)
+    assert threads_left(before) == []
+    with pytest.raises(RuntimeError, match="started already"):
+        server.start()
+
+
+def test_a_taken_grpc_port_leaves_nothing_running(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        before = set(threading.enumerate())
+        server = build(tmp_path, port=port)
+        with pytest.raises(RuntimeError, match=rf"Could not bind gRPC to 127\.0\.0\.1:{port} .*LOSSD_PORT"):
+            server.start()
+    # The metrics endpoint had started before the bind failed: it is gone again.
+    assert server.metrics_port and port_is_free(server.metrics_port)
+    assert threads_left(before) == []
+    server.stop(0)  # stopping a server whose start failed is harmless
+
+
+def test_a_failing_training_start_stops_grpc_and_metrics(tmp_path):
+    before = set(threading.enumerate())
+    server = build(tmp_path)
+    fake = FailingTraining()
+    manager, server.training = server.training, fake
+    try:
+        with pytest.raises(RuntimeError, match="the job store is unreachable"):
+            server.start()
+        assert fake.stopped
+        assert server.port and port_is_free(server.port)
+        assert server.metrics_port and port_is_free(server.metrics_port)
+    finally:
+        manager.stop()  # the real manager, swapped out above
+    assert threads_left(before) == []
 
 
 # -- health and reflection --------------------------------------------------------

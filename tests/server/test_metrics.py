@@ -12,12 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from lossd_server.observability.metrics import (
-    EVALUATION_BUCKETS,
-    JOB_STATES,
-    Metrics,
-    start_metrics_server,
-)
+from lossd_server.observability.metrics import JOB_STATES, Metrics, start_metrics_server
 
 LOSSES = ("mean_squared_error", "huber", "categorical_crossentropy")
 SERVICE = "lossd.v1.LossService"
@@ -48,7 +43,7 @@ def find_tool(name: str) -> str | None:
     return shutil.which(name)
 
 
-# Fakes of what the evaluator and the interceptor do around a handler.
+# Fakes of what the loss servicer does inside ``time_evaluation``.
 
 
 def slow_handler(record):
@@ -137,42 +132,68 @@ def test_observe_evaluation_rejects_unknown_outcome(metrics):
         metrics.observe_evaluation("huber", "fine", 0.1, 1, 1)
 
 
-def test_evaluation_buckets_span_50us_to_30s():
-    assert EVALUATION_BUCKETS[0] == 0.00005
-    assert EVALUATION_BUCKETS[-1] == 30.0
-    assert list(EVALUATION_BUCKETS) == sorted(EVALUATION_BUCKETS)
+# RPC methods (the interceptor's side; tests/server/test_interceptors.py drives
+# them through a real server).
 
 
-def test_observe_rpc(metrics):
-    metrics.observe_rpc("unary", SERVICE, "Evaluate", "OK", 0.002)
-    metrics.observe_rpc("unary", SERVICE, "Evaluate", "INVALID_ARGUMENT", 0.0005)
+def rpc_of(metrics: Metrics, method: str = "Evaluate", **kind):
+    kind = {"client_streaming": False, "server_streaming": False, **kind}
+    return metrics.rpc_method(SERVICE, method, **kind)
+
+
+def test_rpc_method_metrics(metrics):
+    rpc = rpc_of(metrics)
+    rpc.started()
+    rpc.received()
+    rpc.sent()
+    rpc.finished("OK", 0.002)
+    rpc.started()
+    rpc.received()
+    rpc.finished("INVALID_ARGUMENT", 0.0005)
     labels = dict(grpc_type="unary", grpc_service=SERVICE, grpc_method="Evaluate")
+    assert value(metrics, "grpc_server_started_total", **labels) == 2
+    assert value(metrics, "grpc_server_msg_received_total", **labels) == 2
+    assert value(metrics, "grpc_server_msg_sent_total", **labels) == 1
     assert value(metrics, "grpc_server_handled_total", grpc_code="OK", **labels) == 1
     assert value(metrics, "grpc_server_handled_total",
                  grpc_code="INVALID_ARGUMENT", **labels) == 1
     assert value(metrics, "grpc_server_handling_seconds_count", **labels) == 2
     assert bucket(metrics, "grpc_server_handling_seconds", 0.001, **labels) == 1
     assert bucket(metrics, "grpc_server_handling_seconds", 60, **labels) == 2
+    assert value(metrics, "lossd_grpc_in_flight_requests",
+                 grpc_service=SERVICE, grpc_method="Evaluate") == 0
 
 
-def test_observe_rpc_accepts_status_code_enum_and_bounds_codes(metrics):
-    class StatusCode:  # stands in for grpc.StatusCode.NOT_FOUND
-        name = "NOT_FOUND"
-
-    metrics.observe_rpc("unary", SERVICE, "GetJob", StatusCode(), 0.001)
-    metrics.observe_rpc("unary", SERVICE, "GetJob", "not a code", 0.001)
+def test_rpc_method_bounds_the_code_label(metrics):
+    rpc = rpc_of(metrics, "GetJob")
+    rpc.started()
+    rpc.finished("not a code", 0.001)
     labels = dict(grpc_type="unary", grpc_service=SERVICE, grpc_method="GetJob")
-    assert value(metrics, "grpc_server_handled_total", grpc_code="NOT_FOUND", **labels) == 1
     assert value(metrics, "grpc_server_handled_total", grpc_code="UNKNOWN", **labels) == 1
+    assert value(metrics, "grpc_server_handled_total", grpc_code="not a code", **labels) is None
 
 
-def test_init_rpc_method_creates_zero_samples(metrics):
-    metrics.init_rpc_method("bidi_stream", SERVICE, "EvaluateStream")
-    labels = dict(grpc_type="bidi_stream", grpc_service=SERVICE,
-                  grpc_method="EvaluateStream")
+@pytest.mark.parametrize("client_streaming, server_streaming, grpc_type", [
+    (False, False, "unary"),
+    (True, False, "client_stream"),
+    (False, True, "server_stream"),
+    (True, True, "bidi_stream"),
+])
+def test_rpc_method_creates_zero_samples_under_its_grpc_type(metrics, client_streaming, server_streaming,
+                                                              grpc_type):
+    rpc_of(metrics, "Method", client_streaming=client_streaming, server_streaming=server_streaming)
+    labels = dict(grpc_type=grpc_type, grpc_service=SERVICE, grpc_method="Method")
     assert value(metrics, "grpc_server_started_total", **labels) == 0
     assert value(metrics, "grpc_server_handled_total", grpc_code="OK", **labels) == 0
     assert value(metrics, "grpc_server_handling_seconds_count", **labels) == 0
+    assert value(metrics, "grpc_server_msg_received_total", **labels) == 0
+    assert value(metrics, "grpc_server_msg_sent_total", **labels) == 0
+    assert value(metrics, "lossd_grpc_in_flight_requests", grpc_service=SERVICE, grpc_method="Method") == 0
+
+
+def test_rpc_method_is_made_once_per_method(metrics):
+    assert rpc_of(metrics) is rpc_of(metrics)
+    assert rpc_of(metrics, "Evaluate") is not rpc_of(metrics, "ListLosses")
 
 
 def test_cache_and_compilations(metrics):
@@ -180,29 +201,21 @@ def test_cache_and_compilations(metrics):
     metrics.observe_compilation("huber")
     metrics.observe_cache_lookup(hit=True)
     metrics.observe_cache_lookup(hit=True)
-    metrics.lossd_loss_cache_entries.set(1)
+    metrics.set_cache_entries(1)
     assert value(metrics, "lossd_loss_cache_lookups_total", result="hit") == 2
     assert value(metrics, "lossd_loss_cache_lookups_total", result="miss") == 1
     assert value(metrics, "lossd_loss_compilations_total", loss="huber") == 1
     assert value(metrics, "lossd_loss_cache_entries") == 1
 
 
-def test_training_metrics(metrics):
+def test_training_jobs_and_durations(metrics):
     metrics.set_training_jobs({"running": 2, "queued": 1})
     metrics.observe_job_finished("failed", 42.0)
-    metrics.lossd_training_epochs_total.inc()
-    metrics.lossd_training_examples_total.inc(60000)
-    metrics.lossd_training_examples_per_second.set(1234.5)
-    metrics.lossd_training_loss.labels("train").set(0.25)
     assert value(metrics, "lossd_training_jobs", state="running") == 2
     assert value(metrics, "lossd_training_jobs", state="succeeded") == 0
     assert value(metrics, "lossd_training_job_duration_seconds_count", state="failed") == 1
     assert bucket(metrics, "lossd_training_job_duration_seconds", 30, state="failed") == 0
     assert bucket(metrics, "lossd_training_job_duration_seconds", 60, state="failed") == 1
-    assert value(metrics, "lossd_training_epochs_total") == 1
-    assert value(metrics, "lossd_training_examples_total") == 60000
-    assert value(metrics, "lossd_training_examples_per_second") == 1234.5
-    assert value(metrics, "lossd_training_loss", split="train") == 0.25
 
 
 def test_training_state_validation(metrics):
@@ -290,88 +303,16 @@ def test_failing_handler_is_counted_and_timed(metrics, handler, outcome):
     assert value(metrics, "lossd_loss_evaluation_duration_seconds_count", **labels) == 1
 
 
-def test_slow_rpc_is_timed_and_in_flight_while_running(metrics):
-    labels = dict(grpc_type="unary", grpc_service=SERVICE, grpc_method="Evaluate")
-    with metrics.time_rpc("unary", SERVICE, "Evaluate"):
-        assert value(metrics, "grpc_server_started_total", **labels) == 1
-        assert value(metrics, "lossd_grpc_in_flight_requests",
-                     grpc_service=SERVICE, grpc_method="Evaluate") == 1
-        time.sleep(0.06)
-    assert value(metrics, "lossd_grpc_in_flight_requests",
-                 grpc_service=SERVICE, grpc_method="Evaluate") == 0
-    assert value(metrics, "grpc_server_handled_total", grpc_code="OK", **labels) == 1
-    assert bucket(metrics, "grpc_server_handling_seconds", 0.05, **labels) == 0
-    assert bucket(metrics, "grpc_server_handling_seconds", 0.1, **labels) == 1
+def test_every_metric_has_a_known_prefix(metrics):
+    for family in metrics.registry.collect():
+        assert family.name.startswith(("lossd_", "grpc_server_", "process_", "python_")), family.name
 
 
-@pytest.mark.parametrize("code, expected", [("INVALID_ARGUMENT", "INVALID_ARGUMENT"),
-                                            ("OK", "UNKNOWN")])
-def test_failing_rpc_is_counted_and_timed(metrics, code, expected):
-    labels = dict(grpc_type="unary", grpc_service=SERVICE, grpc_method="Evaluate")
-    with pytest.raises(RuntimeError):
-        with metrics.time_rpc("unary", SERVICE, "Evaluate") as record:
-            record.code = code
-            raise RuntimeError("handler failed")
-    assert value(metrics, "grpc_server_handled_total", grpc_code=expected, **labels) == 1
-    assert value(metrics, "grpc_server_handled_total", grpc_code="OK", **labels) is None
-    assert value(metrics, "grpc_server_handling_seconds_count", **labels) == 1
-    assert value(metrics, "lossd_grpc_in_flight_requests",
-                 grpc_service=SERVICE, grpc_method="Evaluate") == 0
-
-
-# exported_names.
-
-
-def test_exported_names_include_metrics_without_children(metrics):
-    names = metrics.exported_names()
-    expected = {
-        "grpc_server_started_total",
-        "grpc_server_handled_total",
-        "grpc_server_handling_seconds_bucket",
-        "grpc_server_handling_seconds_sum",
-        "grpc_server_handling_seconds_count",
-        "grpc_server_msg_received_total",
-        "grpc_server_msg_sent_total",
-        "lossd_grpc_in_flight_requests",
-        "lossd_loss_evaluations_total",
-        "lossd_loss_evaluation_duration_seconds_bucket",
-        "lossd_loss_evaluation_duration_seconds_sum",
-        "lossd_loss_evaluation_duration_seconds_count",
-        "lossd_loss_evaluated_elements_total",
-        "lossd_loss_evaluated_bytes_total",
-        "lossd_loss_compilations_total",
-        "lossd_loss_cache_lookups_total",
-        "lossd_loss_cache_entries",
-        "lossd_training_jobs",
-        "lossd_training_job_duration_seconds_bucket",
-        "lossd_training_job_duration_seconds_sum",
-        "lossd_training_job_duration_seconds_count",
-        "lossd_training_epochs_total",
-        "lossd_training_examples_total",
-        "lossd_training_examples_per_second",
-        "lossd_training_loss",
-        "lossd_device_info",
-        "lossd_gpu_memory_bytes",
-        "lossd_build_info",
-        "process_cpu_seconds_total",
-        "python_info",
-    }
-    assert expected <= names
-    # Family names without their suffix are not sample names.
-    assert "lossd_loss_evaluations" not in names
-    assert "grpc_server_handling_seconds" not in names
-
-
-def test_exported_names_without_process_metrics(registry):
+def test_process_metrics_can_be_left_out(registry):
     metrics = Metrics(registry, loss_names=LOSSES, version="t", process_metrics=False)
-    names = metrics.exported_names()
-    assert "lossd_build_info" in names
-    assert not any(n.startswith(("process_", "python_")) for n in names)
-
-
-def test_every_lossd_metric_has_the_prefix(metrics):
-    for name in metrics.exported_names():
-        assert name.startswith(("lossd_", "grpc_server_", "process_", "python_")), name
+    families = {family.name for family in metrics.registry.collect()}
+    assert "lossd_build_info" in families
+    assert not any(name.startswith(("process_", "python_")) for name in families)
 
 
 # Exposition.
@@ -383,11 +324,12 @@ def test_promtool_accepts_the_exposition(metrics):
         pytest.skip("promtool is not installed (Debian/Ubuntu: apt-get install "
                     "prometheus); CI installs it")
     metrics.observe_evaluation("huber", "ok", 0.001, 10, 80)
-    metrics.observe_rpc("unary", SERVICE, "Evaluate", "OK", 0.002)
+    rpc = rpc_of(metrics)
+    rpc.started()
+    rpc.finished("OK", 0.002)
     metrics.observe_job_finished("succeeded", 120.0)
     metrics.set_device_info([("GPU", "/physical_device:GPU:0")])
     metrics.set_gpu_memory_source(lambda: {"/physical_device:GPU:0": (1, 2)})
-    metrics.lossd_training_loss.labels("validation").set(0.5)
     result = subprocess.run([promtool, "check", "metrics"],
                             input=generate_latest(metrics.registry),
                             capture_output=True, timeout=60)
@@ -409,6 +351,16 @@ def test_metrics_server_serves_the_registry(metrics):
             body = resp.read().decode()
         assert "lossd_build_info{" in body and 'version="1.2.3"' in body
         assert "lossd_loss_evaluations_total" in body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_metrics_port_in_use_is_a_clear_error(metrics):
+    server, port = start_metrics_server(metrics, "127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match=f"Could not serve metrics on 127.0.0.1:{port} .*LOSSD_METRICS_PORT"):
+            start_metrics_server(metrics, "127.0.0.1", port)
     finally:
         server.shutdown()
         server.server_close()

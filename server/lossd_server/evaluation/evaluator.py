@@ -184,7 +184,7 @@ class Evaluator:
                     self._cache.popitem(last=False)
                 entries = len(self._cache)
         if self.metrics is not None:
-            self.metrics.lossd_loss_cache_entries.set(entries)
+            self.metrics.set_cache_entries(entries)
         return compiled
 
     def _use_xla(self, plan: Plan, elements: int) -> bool:

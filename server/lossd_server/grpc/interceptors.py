@@ -10,16 +10,10 @@ from typing import Optional
 
 import grpc
 
+from lossd_server.observability.metrics import Metrics, RpcMethodMetrics
 from lossd_server.observability.requestid import METADATA_KEY, clean_request_id, reset_request_id, set_request_id
 
 log = logging.getLogger("lossd_server.access")
-
-_TYPES = {
-    (False, False): "unary",
-    (False, True): "server_stream",
-    (True, False): "client_stream",
-    (True, True): "bidi_stream",
-}
 
 
 class ObservabilityInterceptor(grpc.ServerInterceptor):
@@ -30,7 +24,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
     cost stays a few label-free counter updates.
     """
 
-    def __init__(self, metrics=None):
+    def __init__(self, metrics: Optional[Metrics] = None):
         self.metrics = metrics
         self._handlers: dict[str, tuple] = {}
 
@@ -46,9 +40,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         return wrapped
 
 
-def _wrap(handler, full_method: str, metrics):
+def _wrap(handler, full_method: str, metrics: Optional[Metrics]):
     service, _, method = full_method.lstrip("/").partition("/")  # "/lossd.v1.LossService/Evaluate"
-    grpc_type = _TYPES[(handler.request_streaming, handler.response_streaming)]
     if handler.request_streaming and handler.response_streaming:
         behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
     elif handler.request_streaming:
@@ -57,7 +50,9 @@ def _wrap(handler, full_method: str, metrics):
         behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
     else:
         behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
-    observer = _Observer(metrics, grpc_type, service, method, handler.request_streaming)
+    rpc = None if metrics is None else metrics.rpc_method(
+        service, method, client_streaming=handler.request_streaming, server_streaming=handler.response_streaming)
+    observer = _Observer(rpc, f"{service}/{method}", handler.request_streaming)
     wrapped = observer.stream(behavior) if handler.response_streaming else observer.unary(behavior)
     return factory(wrapped, request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
@@ -71,51 +66,42 @@ def _request_id(context) -> str:
 
 
 class _Observer:
-    """Times, counts and logs the calls of one method (metric children resolved once)."""
+    """Times, counts and logs the calls of one method."""
 
-    def __init__(self, metrics, grpc_type: str, service: str, method: str, request_streaming: bool):
-        self.metrics = metrics
-        self.labels = (grpc_type, service, method)
+    def __init__(self, rpc: Optional[RpcMethodMetrics], name: str, request_streaming: bool):
+        self.rpc = rpc  # None with metrics off
+        self.name = name  # "lossd.v1.LossService/Evaluate", for the access log
         self.request_streaming = request_streaming
-        if metrics is not None:
-            self.started = metrics.grpc_server_started_total.labels(*self.labels)
-            self.in_flight = metrics.lossd_grpc_in_flight_requests.labels(service, method)
-            self.received = metrics.grpc_server_msg_received_total.labels(*self.labels)
-            self.sent = metrics.grpc_server_msg_sent_total.labels(*self.labels)
 
     def _count_received(self, request):
         """Counts request messages: one for unary, each as it is read for streams."""
-        if self.metrics is None:
+        if self.rpc is None:
             return request
         if not self.request_streaming:
-            self.received.inc()
+            self.rpc.received()
             return request
 
         def counted():
             for message in request:
-                self.received.inc()
+                self.rpc.received()
                 yield message
         return counted()
 
-    def _start(self):
-        if self.metrics is not None:
-            self.started.inc()
-            self.in_flight.inc()
+    def _start(self) -> float:
+        if self.rpc is not None:
+            self.rpc.started()
         return time.perf_counter()
 
     def _finish(self, context, start: float, exc: Optional[BaseException]) -> None:
         seconds = time.perf_counter() - start
         code = _code_of(context, exc)
-        grpc_type, service, method = self.labels
-        if self.metrics is not None:
-            self.in_flight.dec()
-            self.metrics.observe_rpc(grpc_type, service, method, code, seconds)
+        if self.rpc is not None:
+            self.rpc.finished(code, seconds)
         if code == "OK":
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s/%s %s %.2f ms", service, method, code, seconds * 1e3)
+                log.debug("%s %s %.2f ms", self.name, code, seconds * 1e3)
         else:
-            log.warning("%s/%s %s %.2f ms: %s", service, method, code, seconds * 1e3,
-                        _details_of(context) or exc)
+            log.warning("%s %s %.2f ms: %s", self.name, code, seconds * 1e3, _details_of(context) or exc)
 
     def unary(self, behavior):
         def wrapper(request, context):
@@ -124,8 +110,8 @@ class _Observer:
             exc = None
             try:
                 response = behavior(self._count_received(request), context)
-                if self.metrics is not None:
-                    self.sent.inc()
+                if self.rpc is not None:
+                    self.rpc.sent()
                 return response
             except BaseException as e:
                 exc = e
@@ -145,8 +131,8 @@ class _Observer:
             exc = None
             try:
                 for response in behavior(self._count_received(request), context):
-                    if self.metrics is not None:
-                        self.sent.inc()
+                    if self.rpc is not None:
+                        self.rpc.sent()
                     yield response
                     set_request_id(request_id)
             except BaseException as e:
@@ -158,21 +144,16 @@ class _Observer:
 
 
 def _code_of(context, exc: Optional[BaseException]) -> str:
-    code = None
-    try:
-        code = context.code()
-    except AttributeError:  # older grpcio without ServicerContext.code()
-        pass
+    """The status code name the call ends with."""
+    code = context.code()  # set by abort() and set_code(); None when the handler set none
     if code is not None:
-        return code.name if isinstance(code, grpc.StatusCode) else str(code)
-    if exc is None or isinstance(exc, GeneratorExit):
-        return "OK" if exc is None else "CANCELLED"
-    return "UNKNOWN"
+        return code.name
+    if exc is None:
+        return "OK"
+    # A response stream closed early (client cancelled or deadline passed).
+    return "CANCELLED" if isinstance(exc, GeneratorExit) else "UNKNOWN"
 
 
 def _details_of(context) -> str:
-    try:
-        details = context.details() or ""
-    except AttributeError:
-        return ""
+    details = context.details() or ""
     return details.decode("utf-8", "replace") if isinstance(details, bytes) else details

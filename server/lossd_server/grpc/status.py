@@ -57,16 +57,18 @@ def abort(context: grpc.ServicerContext, exc: BaseException) -> None:
 def handle_errors(method):
     """Decorates a servicer method so domain errors become rich statuses.
 
-    Works for unary responses and for generators (streamed responses).
+    Works for unary responses and for generators (streamed responses). A
+    ``grpc.RpcError`` passes through: reading a request stream raises one once
+    the client has cancelled, and then the call is over already.
     """
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def stream(self, request, context):
             try:
                 yield from method(self, request, context)
+            except grpc.RpcError:
+                raise
             except Exception as exc:  # noqa: BLE001 - every failure gets a status
-                if _is_abort(exc):
-                    raise
                 abort(context, exc)
         return stream
 
@@ -74,13 +76,8 @@ def handle_errors(method):
     def unary(self, request, context):
         try:
             return method(self, request, context)
+        except grpc.RpcError:
+            raise
         except Exception as exc:  # noqa: BLE001
-            if _is_abort(exc):
-                raise
             abort(context, exc)
     return unary
-
-
-def _is_abort(exc: BaseException) -> bool:
-    # context.abort raises a private grpc exception after setting the status.
-    return type(exc).__name__ == "_AbortionError" or isinstance(exc, grpc.RpcError)

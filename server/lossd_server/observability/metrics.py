@@ -47,14 +47,19 @@ CACHE_RESULTS = ("hit", "miss")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 TRAINING_SPLITS = ("train", "validation")
-GPU_MEMORY_KINDS = ("in_use", "peak")
 
-# ``grpc_type`` values, as go-grpc-prometheus spells them.
-GRPC_TYPES = ("unary", "client_stream", "server_stream", "bidi_stream")
+# The ``grpc_type`` label of a method, as go-grpc-prometheus spells it, by
+# (client_streaming, server_streaming). See ``grpc_type``.
+_GRPC_TYPES = {
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
+}
 
 # The canonical gRPC status code names (grpc/grpc doc/statuscodes.md). Anything
-# else reaching observe_rpc is a bug in the caller; it is counted as UNKNOWN
-# rather than raising inside an interceptor's ``finally``.
+# else reaching RpcMethodMetrics.finished is a bug in the caller; it is counted
+# as UNKNOWN rather than raising inside an interceptor's ``finally``.
 GRPC_CODES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
     "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
@@ -128,11 +133,60 @@ class EvaluationRecord:
     nbytes: int = 0
 
 
-@dataclasses.dataclass
-class RpcRecord:
-    """What a caller fills in while ``Metrics.time_rpc`` times it."""
+def grpc_type(client_streaming: bool, server_streaming: bool) -> str:
+    """The ``grpc_type`` label of a method: ``unary``, ``client_stream``,
+    ``server_stream`` or ``bidi_stream``.
 
-    code: str = "OK"
+    Takes a method descriptor's ``client_streaming``/``server_streaming`` or a
+    method handler's ``request_streaming``/``response_streaming``.
+    """
+    return _GRPC_TYPES[(bool(client_streaming), bool(server_streaming))]
+
+
+class RpcMethodMetrics:
+    """The RPC metrics of one method, its label children resolved once.
+
+    Get it from ``Metrics.rpc_method``; the interceptor calls ``started()``,
+    ``received()``/``sent()`` per message, and ``finished()`` once per call.
+    """
+
+    def __init__(self, metrics: "Metrics", kind: str, service: str, method: str):
+        # labels() takes a lock and builds a key: per call it would cost more
+        # than the updates themselves, so every child is looked up here.
+        self._labels = (kind, service, method)
+        self._handled_total = metrics.grpc_server_handled_total
+        self._started = metrics.grpc_server_started_total.labels(*self._labels)
+        self._in_flight = metrics.lossd_grpc_in_flight_requests.labels(service, method)
+        self._received = metrics.grpc_server_msg_received_total.labels(*self._labels)
+        self._sent = metrics.grpc_server_msg_sent_total.labels(*self._labels)
+        self._handling = metrics.grpc_server_handling_seconds.labels(*self._labels)
+        self._handled = {"OK": self._handled_total.labels(*self._labels, "OK")}
+
+    def started(self) -> None:
+        """Counts a call as started and in flight."""
+        self._started.inc()
+        self._in_flight.inc()
+
+    def received(self) -> None:
+        """Counts one request message."""
+        self._received.inc()
+
+    def sent(self) -> None:
+        """Counts one response message."""
+        self._sent.inc()
+
+    def finished(self, code: str, seconds: float) -> None:
+        """Records the end of a started call: its status code name (``"OK"``,
+        ``"INVALID_ARGUMENT"``, ...) and how long it took."""
+        self._in_flight.dec()
+        handled = self._handled.get(code)
+        if handled is None:
+            if code not in GRPC_CODES:
+                logger.warning("Unexpected gRPC code %r counted as UNKNOWN", code)
+                code = "UNKNOWN"
+            handled = self._handled.setdefault(code, self._handled_total.labels(*self._labels, code))
+        handled.inc()
+        self._handling.observe(seconds)
 
 
 class Metrics:
@@ -151,7 +205,7 @@ class Metrics:
                  version: str, process_metrics: bool = True):
         self.registry = registry
         self._evaluation_children: dict[tuple[str, str], tuple] = {}
-        self._handled_children: dict[tuple[str, str, str, str], tuple] = {}
+        self._rpc_methods: dict[tuple[str, str], RpcMethodMetrics] = {}
         self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, OTHER_LOSS}
         r = registry
 
@@ -342,65 +396,25 @@ class Metrics:
         """Counts one lookup in the compiled-loss cache."""
         (self._cache_hits if hit else self._cache_misses).inc()
 
+    def set_cache_entries(self, entries: int) -> None:
+        """Sets how many compiled losses the cache holds now."""
+        self.lossd_loss_cache_entries.set(entries)
+
     # RPC level.
 
-    def observe_rpc(self, grpc_type: str, service: str, method: str,
-                    code_name: str, seconds: float) -> None:
-        """Records a finished RPC: ``grpc_server_handled_total`` and its duration.
+    def rpc_method(self, service: str, method: str, *, client_streaming: bool,
+                   server_streaming: bool) -> RpcMethodMetrics:
+        """The metrics of one RPC method, made on the first call and shared after.
 
-        ``code_name`` is a status code name such as ``"OK"`` or
-        ``"INVALID_ARGUMENT"``; a ``grpc.StatusCode`` is accepted too.
+        Making them creates the method's zero samples, as go-grpc-prometheus's
+        ``InitializeMetrics`` does, so its first call shows up in ``rate()``.
         """
-        code = getattr(code_name, "name", code_name)
-        if code not in GRPC_CODES:
-            logger.warning("Unexpected gRPC code %r counted as UNKNOWN", code)
-            code = "UNKNOWN"
-        # Children resolved once per (method, code): labels() takes a lock and builds a key.
-        key = (grpc_type, service, method, code)
-        children = self._handled_children.get(key)
-        if children is None:
-            children = self._handled_children[key] = (
-                self.grpc_server_handled_total.labels(grpc_type, service, method, code),
-                self.grpc_server_handling_seconds.labels(grpc_type, service, method))
-        handled, handling = children
-        handled.inc()
-        handling.observe(seconds)
-
-    @contextlib.contextmanager
-    def time_rpc(self, grpc_type: str, service: str,
-                 method: str) -> Iterator[RpcRecord]:
-        """Counts an RPC as started and in flight, and observes it when done.
-
-        The body sets ``code`` to the status it sends. If it raises without
-        setting one, the RPC is recorded as ``UNKNOWN``, which is what gRPC
-        sends for an unhandled exception.
-        """
-        self.grpc_server_started_total.labels(grpc_type, service, method).inc()
-        in_flight = self.lossd_grpc_in_flight_requests.labels(service, method)
-        in_flight.inc()
-        record = RpcRecord()
-        start = time.perf_counter()
-        try:
-            yield record
-        except BaseException:
-            if record.code == "OK":
-                record.code = "UNKNOWN"
-            raise
-        finally:
-            in_flight.dec()
-            self.observe_rpc(grpc_type, service, method, record.code,
-                             time.perf_counter() - start)
-
-    def init_rpc_method(self, grpc_type: str, service: str, method: str) -> None:
-        """Creates the zero samples of one RPC method, as go-grpc-prometheus's
-        ``InitializeMetrics`` does, so its first call shows up in ``rate()``."""
-        labels = (grpc_type, service, method)
-        self.grpc_server_started_total.labels(*labels)
-        self.grpc_server_handled_total.labels(*labels, "OK")
-        self.grpc_server_handling_seconds.labels(*labels)
-        self.grpc_server_msg_received_total.labels(*labels)
-        self.grpc_server_msg_sent_total.labels(*labels)
-        self.lossd_grpc_in_flight_requests.labels(service, method)
+        key = (service, method)
+        found = self._rpc_methods.get(key)
+        if found is None:
+            found = self._rpc_methods.setdefault(key, RpcMethodMetrics(
+                self, grpc_type(client_streaming, server_streaming), service, method))
+        return found
 
     # Training: recorded by the job scheduler (lossd_server.training.scheduler).
 
@@ -463,30 +477,6 @@ class Metrics:
         """
         self._gpu_memory.source = fn
 
-    # Introspection.
-
-    def exported_names(self) -> set[str]:
-        """Every sample name this registry can export.
-
-        Derived from the metric families, so a labelled metric that has no
-        child yet still counts: counters as ``name_total``, histograms as
-        ``name_bucket``/``name_sum``/``name_count``, gauges as ``name``. Sample
-        names present right now (such as ``_created``) are added as well.
-        """
-        suffixes = {
-            "counter": ("_total",),
-            "histogram": ("_bucket", "_sum", "_count"),
-            "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
-            "summary": ("", "_sum", "_count"),
-            "info": ("_info",),
-        }
-        names: set[str] = set()
-        for family in self.registry.collect():
-            for suffix in suffixes.get(family.type, ("",)):
-                names.add(family.name + suffix)
-            names.update(sample.name for sample in family.samples)
-        return names
-
 
 def start_metrics_server(metrics: Metrics, host: str,
                          port: int) -> tuple[WSGIServer, int]:
@@ -495,5 +485,9 @@ def start_metrics_server(metrics: Metrics, host: str,
     ``port`` 0 picks a free port. Returns ``(server, bound_port)``; call
     ``server.shutdown()`` and then ``server.server_close()`` to stop it.
     """
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as error:
+        raise OSError(error.errno, f"Could not serve metrics on {host}:{port} (LOSSD_METRICS_HOST, "
+                                   f"LOSSD_METRICS_PORT): {error.strerror}") from error
     return server, server.server_port

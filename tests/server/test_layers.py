@@ -1,0 +1,76 @@
+"""The layers hold: TensorFlow is imported by the evaluation backend, the
+training worker and the inference module only; the core imports no gRPC.
+
+Every module of lossd_server is imported in a fresh interpreter whose import
+statements are watched (``builtins.__import__``), so an import of
+``tensorflow`` or ``grpc`` by the wrong module is seen even when the package
+is already loaded (Keras loads TensorFlow on its own, which is fine).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+WATCH = textwrap.dedent('''
+    import builtins, importlib, json, pkgutil, sys
+
+    seen = []
+    original = builtins.__import__
+
+    def watching(name, globals=None, locals=None, fromlist=(), level=0):
+        importer = (globals or {}).get("__name__", "")
+        if level == 0 and importer.startswith("lossd_server"):
+            top = name.split(".")[0]
+            if top in ("tensorflow", "grpc", "grpc_status", "grpc_health", "grpc_reflection"):
+                seen.append([importer, name])
+        return original(name, globals, locals, fromlist, level)
+
+    builtins.__import__ = watching
+    import lossd_server
+    modules = [m.name for m in pkgutil.walk_packages(lossd_server.__path__, "lossd_server.")]
+    for name in modules:
+        importlib.import_module(name)
+    # Imports inside functions run when the function does: read the sources too.
+    import ast
+    for name in modules:
+        module = sys.modules[name]
+        with open(module.__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for imported in names:
+                if imported.split(".")[0] in ("tensorflow", "grpc", "grpc_status", "grpc_health",
+                                              "grpc_reflection"):
+                    seen.append([name, imported])
+    print(json.dumps({"modules": modules, "imports": seen}))
+''')
+
+# The model presets belong to the job worker: their only TensorFlow call is the
+# VAE's GradientTape train step, which runs inside the job's own process.
+TENSORFLOW_OWNERS = {"lossd_server.evaluation.backend", "lossd_server.training.worker",
+                     "lossd_server.training.models", "lossd_server.training.inference"}
+
+
+def _imports():
+    done = subprocess.run([sys.executable, "-c", WATCH], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return report["modules"], {(importer, name) for importer, name in report["imports"]}
+
+
+def test_tensorflow_and_grpc_are_imported_where_the_layers_say():
+    modules, imports = _imports()
+    assert "lossd_server.evaluation.backend" in modules and "lossd_server.losses.plan" in modules
+    tensorflow = {importer for importer, name in imports if name.split(".")[0] == "tensorflow"}
+    assert tensorflow <= TENSORFLOW_OWNERS, f"TensorFlow imported outside its owners: {tensorflow - TENSORFLOW_OWNERS}"
+    assert "lossd_server.evaluation.backend" in tensorflow  # the watch does see imports
+    grpc_users = {importer for importer, name in imports if name.split(".")[0] != "tensorflow"}
+    outside = {m for m in grpc_users if not (m.startswith("lossd_server.grpc") or m == "lossd_server.app")}
+    assert not outside, f"gRPC imported by the core: {outside}"

@@ -59,7 +59,9 @@ def handle_errors(method):
 
     Works for unary responses and for generators (streamed responses). A
     ``grpc.RpcError`` passes through: reading a request stream raises one once
-    the client has cancelled, and then the call is over already.
+    the client has cancelled, and then the call is over already. Inside, raise
+    a ``LossdError`` rather than calling ``context.abort``: grpcio's abort
+    raises a bare ``Exception``, which this would turn into INTERNAL.
     """
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)

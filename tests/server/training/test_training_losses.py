@@ -161,6 +161,18 @@ def test_losses_that_cannot_train_the_model_are_refused(planner, spec, kind, wor
     assert words in exc.value.message and "Expected" in exc.value.message
 
 
+def test_a_registered_expression_over_other_tensor_names_is_refused(planner, tclient):
+    """A job keeps a registered loss as its text, which must read y_true and y_pred by name."""
+    tclient.register_loss("sq_ab", "mean(square(a - b), axis=-1)", inputs=["a", "b"], replace=True)
+    try:
+        with pytest.raises(InvalidArgument) as exc:
+            plan_training_loss(planner, {"terms": [{"loss": {"name": "sq_ab"}, "inputs": ["y_true", "y_pred"]}]},
+                               "classifier")
+    finally:
+        tclient.delete_loss("sq_ab")
+    assert exc.value.reason == "INCOMPATIBLE_LOSS" and "['a', 'b']" in exc.value.message
+
+
 def test_a_term_that_ignores_the_labels_takes_any_label_format(planner):
     """An entropy penalty on y_pred alone sits beside a sparse loss."""
     plan = plan_training_loss(planner, {"terms": [

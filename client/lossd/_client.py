@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Iterator, Mapping, Optional
+import threading
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import grpc
 
 from lossd import _chunks, _requests, wire
-from lossd._errors import LossdError, as_lossd_error, from_rpc_error, translate_errors
+from lossd._errors import LossdError, client_error, translate_errors
 from lossd._requests import EvaluateResult, LossInfo, LossLike
 from lossd._training import TrainingMixin
 from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
@@ -19,7 +20,9 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 
 
 class _ChannelOwner:
-    """What the sync and asyncio clients share: settings, the channel, call arguments."""
+    """What the sync and asyncio clients share: settings, the channel, call
+    arguments, and the requests that depend on the settings. The two clients
+    differ only in how they wait for the stub's answers."""
 
     _secure_channel = staticmethod(grpc.secure_channel)
     _insecure_channel = staticmethod(grpc.insecure_channel)
@@ -41,6 +44,39 @@ class _ChannelOwner:
 
     def _call_args(self, timeout: Optional[float]) -> dict:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata or None}
+
+    def _evaluate_call(self, loss, y_true, y_pred, params, sample_weight, reduction, gradient, tensors
+                       ) -> tuple[Union[loss_service_pb2.EvaluateRequest, Iterator], Optional[_chunks.ChunkAssembler]]:
+        """What ``evaluate`` sends: one EvaluateRequest and no assembler or, for
+        tensors larger than one message, the EvaluateChunked requests and the
+        assembler of their answers."""
+        spec = wire.spec_from_dict(loss, params)
+        arrays = _requests.prepare(y_true, y_pred, sample_weight, tensors)
+        if not _chunks.needs_chunks(arrays, self.max_message_bytes):
+            return _requests.evaluate_request(spec, arrays, reduction, gradient), None
+        requests = _chunks.chunked_requests(spec, arrays, reduction, gradient, self.chunk_bytes)
+        # Build the header here, so a local refusal raises in the caller's
+        # code rather than inside gRPC's reading of the requests.
+        requests = itertools.chain([next(requests)], requests)
+        return requests, _chunks.ChunkAssembler(arrays["y_pred"], gradient)
+
+    def _stream_request(self, item: Mapping[str, Any]) -> loss_service_pb2.EvaluateRequest:
+        """One ``evaluate_many`` request as a message; one too large for a
+        message is refused (``evaluate`` sends such tensors in chunks)."""
+        args = _requests.stream_arguments(item)
+        spec = wire.spec_from_dict(args["loss"], args["params"])
+        arrays = _requests.prepare(args["y_true"], args["y_pred"], args["sample_weight"], args["tensors"])
+        if _chunks.needs_chunks(arrays, self.max_message_bytes):
+            raise client_error(f"Too large for one message of the stream ({self.max_message_bytes:,} bytes at "
+                               f"most). Expected smaller tensors; evaluate() sends larger ones in chunks. Received: "
+                               f"{sum(a.nbytes for a in arrays.values()):,} bytes of tensors.", "TENSOR_TOO_LARGE")
+        return _requests.evaluate_request(spec, arrays, args["reduction"], args["gradient"])
+
+
+def _chunked_result(assembler: _chunks.ChunkAssembler) -> EvaluateResult:
+    if assembler.result is None:
+        raise LossdError(grpc.StatusCode.INTERNAL, "the server ended the stream without a summary")
+    return assembler.result
 
 
 class Client(_ChannelOwner, TrainingMixin):
@@ -66,8 +102,8 @@ class Client(_ChannelOwner, TrainingMixin):
     @translate_errors
     def losses(self, *, timeout: Optional[float] = None) -> list[LossInfo]:
         """Every loss the server can evaluate, with parameters (name, type, default, doc)."""
-        response = self._losses.ListLosses(loss_service_pb2.ListLossesRequest(), **self._call_args(timeout))
-        return [_requests.loss_info(d) for d in response.losses]
+        return _requests.loss_infos(self._losses.ListLosses(loss_service_pb2.ListLossesRequest(),
+                                                            **self._call_args(timeout)))
 
     @translate_errors
     def register_loss(self, name: str, expression: str, *, params: Optional[Mapping[str, float]] = None,
@@ -84,11 +120,7 @@ class Client(_ChannelOwner, TrainingMixin):
             doc: A one-line description.
             replace: Overwrite a registered loss of the same name.
         """
-        request = loss_service_pb2.RegisterLossRequest(name=name, expression=expression, inputs=list(inputs or ()),
-                                                       doc=doc, replace=replace)
-        struct = wire.dict_to_struct(params)
-        if struct is not None:
-            request.params.CopyFrom(struct)
+        request = _requests.register_loss_request(name, expression, params, inputs, doc, replace)
         return _requests.loss_info(self._losses.RegisterLoss(request, **self._call_args(timeout)))
 
     @translate_errors
@@ -122,69 +154,45 @@ class Client(_ChannelOwner, TrainingMixin):
         Raises:
             LossdError: with ``.code``, ``.reason`` and ``.message``.
         """
-        spec = wire.spec_from_dict(loss, params)
-        arrays = _requests.prepare(y_true, y_pred, sample_weight, tensors)
-        if _chunks.needs_chunks(arrays, self.max_message_bytes):
-            return self._evaluate_chunked(spec, arrays, reduction, gradient, timeout)
-        request = _requests.evaluate_request(spec, arrays, reduction, gradient)
-        return _requests.parse_response(self._losses.Evaluate(request, **self._call_args(timeout)))
-
-    def _evaluate_chunked(self, spec, arrays, reduction, gradient, timeout) -> EvaluateResult:
-        requests = _chunks.chunked_requests(spec, arrays, reduction, gradient, self.chunk_bytes)
-        # Build the header here, so a local refusal raises in the caller's
-        # thread rather than inside gRPC's request-reading thread.
-        requests = itertools.chain([next(requests)], requests)
-        assembler = _chunks.ChunkAssembler(arrays["y_pred"], gradient)
-        for message in self._losses.EvaluateChunked(requests, **self._call_args(timeout)):
+        request, assembler = self._evaluate_call(loss, y_true, y_pred, params, sample_weight, reduction, gradient,
+                                                 tensors)
+        if assembler is None:
+            return _requests.parse_response(self._losses.Evaluate(request, **self._call_args(timeout)))
+        for message in self._losses.EvaluateChunked(request, **self._call_args(timeout)):
             assembler.add(message)
-        if assembler.result is None:
-            raise LossdError(grpc.StatusCode.INTERNAL, "the server ended the stream without a summary")
-        return assembler.result
+        return _chunked_result(assembler)
 
+    @translate_errors
     def evaluate_many(self, requests: Iterable[Mapping[str, Any]], *, timeout: Optional[float] = None
                       ) -> Iterator[EvaluateResult | LossdError]:
         """Evaluates many requests on one stream (higher throughput than one call each).
 
         Each request is a dict of ``evaluate``'s arguments (``loss``, ``y_true``,
-        ``y_pred``, ``params``, ...). Yields, in order, an EvaluateResult or the
+        ``y_pred``, ``params``, ...). They are read from ``requests`` one at a
+        time as the stream has room for them, so a generator of any length
+        works in flat memory. Yields, in order, an EvaluateResult or the
         LossdError of a request that failed (locally or on the server); the
         stream goes on after a failure.
         """
-        # gRPC consumes the request iterator on its own thread, where an
-        # exception would end the whole stream: items refused locally are
-        # kept here and yielded in their place instead.
-        refused: dict[int, LossdError] = {}
+        stream = _requests.EvaluationStream(requests, self._stream_request)
+        window = threading.Semaphore(_requests.STREAM_WINDOW)
 
-        def messages():
-            for i, kwargs in enumerate(requests):
-                try:
-                    kwargs = dict(kwargs)
-                    spec = wire.spec_from_dict(kwargs.pop("loss"), kwargs.pop("params", None))
-                    arrays = _requests.prepare(kwargs.pop("y_true"), kwargs.pop("y_pred"),
-                                               kwargs.pop("sample_weight", None), kwargs.pop("tensors", None))
-                    request = _requests.evaluate_request(
-                        spec, arrays, kwargs.pop("reduction", "sum_over_batch_size"), kwargs.pop("gradient", False))
-                except (LossdError, wire.WireError) as error:
-                    refused[i] = as_lossd_error(error)
-                    continue
-                yield loss_service_pb2.EvaluateStreamRequest(request=request, request_id=str(i))
+        def messages():  # gRPC reads these on a thread of its own
+            for message in stream.messages():
+                window.acquire()
+                yield message
 
-        next_index = 0
+        call = self._losses.EvaluateStream(messages(), **self._call_args(timeout))
         try:
-            for item in self._losses.EvaluateStream(messages(), **self._call_args(timeout)):
-                index = int(item.request_id)
-                while next_index < index:
-                    yield refused.pop(next_index)
-                    next_index += 1
-                next_index = index + 1
-                try:
-                    yield _requests.parse_stream_item(item)
-                except LossdError as error:
-                    yield error
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        for index in sorted(refused):
-            yield refused[index]
+            for answer in call:
+                window.release()
+                yield from stream.answer(answer)
+            yield from stream.finish()
+        finally:
+            # A caller that stops early ends the call, and frees gRPC's thread
+            # if it waits for room in the window.
+            call.cancel()
+            window.release(_requests.STREAM_WINDOW)
 
     def close(self) -> None:
         """Closes the channel."""

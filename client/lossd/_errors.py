@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 from typing import Mapping, Optional
 
 import grpc
@@ -94,12 +96,51 @@ TRANSLATED = (grpc.RpcError, WireError)
 
 
 def translate_errors(method):
-    """Decorates a client method so every failure leaves it as one LossdError:
-    gRPC errors, and input the wire codec refused before sending."""
+    """Decorates a sync client method, or a generator method, so every failure
+    leaves it as one LossdError: gRPC errors, and input the wire codec refused
+    before sending."""
+    if inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method):
+        raise TypeError(f"{method.__qualname__} is async: use translate_errors_async")
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def generator_wrapper(*args, **kwargs):
+            try:
+                return (yield from method(*args, **kwargs))
+            except TRANSLATED as error:
+                raise as_lossd_error(error) from None
+        return generator_wrapper
+
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         try:
             return method(*args, **kwargs)
+        except TRANSLATED as error:
+            raise as_lossd_error(error) from None
+    return wrapper
+
+
+def translate_errors_async(method):
+    """``translate_errors`` for the asyncio client: decorates a coroutine
+    method, or an async generator method."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def generator_wrapper(*args, **kwargs):
+            # aclosing: a caller that stops early closes the inner generator
+            # now (its finally blocks cancel the call), not at garbage collection.
+            async with contextlib.aclosing(method(*args, **kwargs)) as items:
+                try:
+                    async for item in items:
+                        yield item
+                except TRANSLATED as error:
+                    raise as_lossd_error(error) from None
+        return generator_wrapper
+    if not inspect.iscoroutinefunction(method):
+        raise TypeError(f"{method.__qualname__} is not async: use translate_errors")
+
+    @functools.wraps(method)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
         except TRANSLATED as error:
             raise as_lossd_error(error) from None
     return wrapper

@@ -1,16 +1,19 @@
 """Request building and response parsing shared by the sync and asyncio
-clients: local checks that are cheap (dtype, shape, names) and response
-parsing. Chunking lives in ``_chunks``; the codec in ``lossd.wire``."""
+clients: local checks that are cheap (dtype, shape, names), response
+parsing, and the bookkeeping of an ``evaluate_many`` stream. Chunking lives
+in ``_chunks``; the codec in ``lossd.wire``; the training requests in
+``_training``."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
+
 from lossd import wire
-from lossd._errors import client_error, status_error
+from lossd._errors import LossdError, as_lossd_error, client_error, status_error
 from lossd.v1 import loss_pb2, loss_service_pb2
 
 LossLike = wire.LossLike
@@ -115,6 +118,107 @@ def parse_stream_item(item: loss_service_pb2.EvaluateStreamResponse) -> Evaluate
     if item.HasField("error"):
         raise status_error(item.error)
     return parse_response(item.response)
+
+
+#: How many ``evaluate_many`` requests may be sent and not yet answered. A few
+#: keep the server busy across a round trip; the bound keeps what the client
+#: holds flat however long the caller's iterable is.
+STREAM_WINDOW = 64
+
+# The arguments of ``evaluate`` an ``evaluate_many`` request may name, with
+# their defaults (None: required).
+_STREAM_ARGUMENTS: dict[str, Any] = {
+    "loss": None, "y_true": None, "y_pred": None, "params": None, "sample_weight": None,
+    "reduction": wire.DEFAULT_REDUCTION, "gradient": False, "tensors": None}
+
+
+def stream_arguments(item: Any) -> dict[str, Any]:
+    """An ``evaluate_many`` request (a dict of ``evaluate``'s arguments) with
+    the defaults filled in; refuses unknown and missing arguments."""
+    if not isinstance(item, Mapping):
+        raise client_error(f"Each evaluate_many request is a dict of evaluate's arguments. "
+                           f"Received: {type(item).__name__}.")
+    unknown = sorted(map(str, set(item) - set(_STREAM_ARGUMENTS)))
+    missing = [name for name in ("loss", "y_true", "y_pred") if item.get(name) is None]
+    if unknown or missing:
+        raise client_error(f"An evaluate_many request takes evaluate's arguments ({', '.join(_STREAM_ARGUMENTS)}), "
+                           f"with loss, y_true and y_pred required. Received: "
+                           + "; ".join(filter(None, [unknown and f"unknown {unknown}",
+                                                     missing and f"missing {missing}"])) + ".")
+    return {**_STREAM_ARGUMENTS, **item}
+
+
+class EvaluationStream:
+    """The bookkeeping of one ``evaluate_many`` call, shared by both clients;
+    they add the waiting for a free place in the window and the I/O.
+
+    ``messages()`` builds each request from the caller's iterable only when the
+    stream asks for the next one. A request refused locally is kept as its
+    LossdError, in its place. ``answer()`` takes one answer from the server
+    and returns the results now due, in request order; ``finish()``, at the
+    end of the stream, yields the rest.
+
+    gRPC reads ``messages()`` on a thread or task of its own, where an
+    exception would only cancel the call: one raised by the caller's iterable
+    (or by building a request, beyond a refusal) ends the requests instead,
+    and ``finish()`` raises it after the results before it.
+    """
+
+    def __init__(self, requests: Iterable[Any], build: Callable[[Any], loss_service_pb2.EvaluateRequest]):
+        self._requests = requests
+        self._build = build
+        self._due: dict[int, EvaluateResult | LossdError] = {}  # done, not yet handed out
+        self._next = 0  # the index of the next result to hand out
+        self._failure: Optional[Exception] = None
+
+    def messages(self) -> Iterator[loss_service_pb2.EvaluateStreamRequest]:
+        try:
+            for index, item in enumerate(self._requests):
+                try:
+                    request = self._build(item)
+                except (LossdError, wire.WireError) as error:
+                    self._due[index] = as_lossd_error(error)
+                    continue
+                yield loss_service_pb2.EvaluateStreamRequest(request=request, request_id=str(index))
+        except Exception as error:  # noqa: BLE001 - raised to the caller by finish()
+            self._failure = error
+
+    def answer(self, item: loss_service_pb2.EvaluateStreamResponse) -> list[EvaluateResult | LossdError]:
+        try:
+            result: EvaluateResult | LossdError = parse_stream_item(item)
+        except (LossdError, wire.WireError) as error:
+            result = as_lossd_error(error)
+        self._due[int(item.request_id)] = result
+        return self._in_order()
+
+    def finish(self) -> Iterator[EvaluateResult | LossdError]:
+        yield from self._in_order()
+        for index in sorted(self._due):  # refused after the last answer
+            yield self._due.pop(index)
+        if self._failure is not None:
+            raise self._failure
+
+    def _in_order(self) -> list[EvaluateResult | LossdError]:
+        out = []
+        while self._next in self._due:
+            out.append(self._due.pop(self._next))
+            self._next += 1
+        return out
+
+
+def register_loss_request(name: str, expression: str, params: Optional[Mapping[str, float]],
+                          inputs: Optional[Iterable[str]], doc: str, replace: bool
+                          ) -> loss_service_pb2.RegisterLossRequest:
+    request = loss_service_pb2.RegisterLossRequest(name=name, expression=expression, inputs=list(inputs or ()),
+                                                   doc=doc, replace=replace)
+    struct = wire.dict_to_struct(params)
+    if struct is not None:
+        request.params.CopyFrom(struct)
+    return request
+
+
+def loss_infos(response: loss_service_pb2.ListLossesResponse) -> list[LossInfo]:
+    return [loss_info(d) for d in response.losses]
 
 
 def loss_info(description) -> LossInfo:

@@ -1,9 +1,13 @@
 """Training jobs from the client: create, watch, wait, cancel, download and
-use trained models. Mixed into ``lossd.Client``; needs no TensorFlow, and
-Pillow only for ``save_image_grid``."""
+use trained models. The requests and answers are built here once; the
+methods are mixed into ``lossd.Client`` (``TrainingMixin``) and
+``lossd.aio.Client`` (``AsyncTrainingMixin``), which differ only in how they
+wait for the stub. Needs no TensorFlow, and Pillow only for
+``save_image_grid``."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import os
@@ -11,14 +15,14 @@ import pathlib
 import sys
 import time
 import uuid
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, TextIO
+from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Optional, Sequence, TextIO
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from lossd import _requests, wire
-from lossd._errors import LossdError, client_error, from_rpc_error, status_error, translate_errors
+from lossd import wire
+from lossd._errors import LossdError, client_error, status_error, translate_errors, translate_errors_async
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
 
@@ -160,11 +164,6 @@ class Dataset:
                    m.size_bytes)
 
 
-def _job_name(job: "Job | str") -> str:
-    name = job.name if isinstance(job, Job) else str(job)
-    return name if name.startswith("jobs/") else f"jobs/{name}"
-
-
 def _format_seconds(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rest = divmod(seconds, 3600)
@@ -210,8 +209,190 @@ class ProgressBar:
         self.file.flush()
 
 
-class TrainingMixin:
-    """Training-job methods of ``lossd.Client`` (they use its channel, deadline and metadata)."""
+# -- requests and answers, shared by the sync and asyncio clients --------------
+
+def job_name(job: "Job | str") -> str:
+    """``jobs/{id}`` for a Job, a ``jobs/{id}`` name or a bare id."""
+    name = job.name if isinstance(job, Job) else str(job)
+    return name if name.startswith("jobs/") else f"jobs/{name}"
+
+
+def create_job_request(model: str, dataset: str, *, loss: Any, loss_params: Optional[Mapping[str, Any]],
+                       model_params: Optional[Mapping[str, Any]], optimizer: str, learning_rate: Optional[float],
+                       optimizer_params: Optional[Mapping[str, Any]], epochs: int, batch_size: int,
+                       validation_split: Optional[float], metrics: Sequence[str], seed: int, steps_per_epoch: int,
+                       display_name: str, request_id: Optional[str]) -> pb.CreateJobRequest:
+    spec = pb.JobSpec(dataset=dataset, epochs=epochs, batch_size=batch_size, metrics=list(metrics), seed=seed,
+                      steps_per_epoch=steps_per_epoch)
+    spec.model.preset = model
+    _copy_struct(spec.model.params, model_params, "model_params")
+    if validation_split is not None:
+        spec.validation_split = validation_split
+    if loss is not None:
+        spec.loss.CopyFrom(wire.spec_from_dict(loss, loss_params))
+    spec.optimizer.name = optimizer
+    if learning_rate is not None:
+        spec.optimizer.learning_rate = learning_rate
+    _copy_struct(spec.optimizer.params, optimizer_params, "optimizer_params")
+    return pb.CreateJobRequest(spec=spec, display_name=display_name,
+                               request_id=request_id if request_id is not None else uuid.uuid4().hex)
+
+
+def _copy_struct(target, params: Optional[Mapping[str, Any]], field: str) -> None:
+    struct = wire.dict_to_struct(params, field=field)
+    if struct is not None:
+        target.CopyFrom(struct)
+
+
+class JobPages:
+    """``list_jobs`` page by page: ``request()`` is the next page's request, or
+    None when done; ``add()`` takes its answer; ``jobs`` is the result."""
+
+    def __init__(self, states: Iterable[str], page_size: int, limit: Optional[int]):
+        self._states = [_state_value(s) for s in states]
+        self._page_size, self._limit = page_size, limit
+        self._token: Optional[str] = ""
+        self.jobs: list[Job] = []
+
+    def request(self) -> Optional[pb.ListJobsRequest]:
+        if self._token is None:
+            return None
+        return pb.ListJobsRequest(page_size=self._page_size, page_token=self._token, states=self._states)
+
+    def add(self, response: pb.ListJobsResponse) -> None:
+        self.jobs.extend(Job.from_proto(j) for j in response.jobs)
+        if self._limit is not None and len(self.jobs) >= self._limit:
+            del self.jobs[self._limit:]
+            self._token = None
+        else:
+            self._token = response.next_page_token or None
+
+
+def _state_value(state: str) -> int:
+    names = [_state_name(v) for v in pb.Job.State.values() if v != pb.Job.STATE_UNSPECIFIED]
+    if not isinstance(state, str) or state.lower() not in names:
+        raise client_error(f"Unknown job state. Expected one of {names}. Received: {state!r}.")
+    return pb.Job.State.Value(f"STATE_{state.upper()}")
+
+
+def watch_request(job: "Job | str", after_sequence: int) -> pb.WatchJobRequest:
+    return pb.WatchJobRequest(name=job_name(job), after_sequence=after_sequence)
+
+
+class Waiter:
+    """``wait``'s bookkeeping: the progress bar, the overall deadline, and
+    where to resume a watch that was cut short."""
+
+    RETRY_SECONDS = 1.0
+
+    def __init__(self, progress: bool, file: Optional[TextIO], timeout: Optional[float]):
+        self.bar = ProgressBar(file or sys.stderr) if progress else None
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.last = 0  # the sequence of the last event seen
+
+    def remaining(self) -> Optional[float]:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.001)
+
+    def update(self, event: JobEvent) -> None:
+        self.last = event.sequence
+        if self.bar is not None:
+            self.bar.update(event)
+
+    def retry_after(self, error: LossdError) -> float:
+        """Seconds to wait before watching again after ``error``. A stream cut
+        short (server restart, proxy idle timeout) is resumed from the last
+        event seen; any other error is raised."""
+        if error.code != grpc.StatusCode.UNAVAILABLE or (self.deadline and time.monotonic() > self.deadline):
+            raise error
+        return self.RETRY_SECONDS
+
+
+def upload_requests(path: "str | os.PathLike", name: Optional[str], chunk_bytes: int
+                    ) -> Iterator[pb.UploadDatasetRequest]:
+    """The header, then the file in chunks; the format and the file are
+    checked now, before any call."""
+    path = pathlib.Path(path)
+    suffix = "".join(path.suffixes[-2:]) if "".join(path.suffixes[-2:]) in _FORMATS else path.suffix
+    fmt = _FORMATS.get(suffix.lower())
+    if fmt is None:
+        raise client_error(f"Cannot tell the dataset format of {path.name}. Expected a file ending in "
+                           f"{', '.join(_FORMATS)}.")
+    header = pb.DatasetHeader(name=name or path.name[: -len(suffix)], format=fmt, size_bytes=path.stat().st_size)
+    return _upload_messages(path, header, chunk_bytes)
+
+
+def _upload_messages(path: pathlib.Path, header: pb.DatasetHeader, chunk_bytes: int
+                     ) -> Iterator[pb.UploadDatasetRequest]:
+    yield pb.UploadDatasetRequest(header=header)
+    with open(path, "rb") as f:
+        while data := f.read(chunk_bytes):
+            yield pb.UploadDatasetRequest(chunk=data)
+
+
+def download_request(job: "Job | str", artifact: str) -> pb.DownloadArtifactRequest:
+    if artifact not in ARTIFACTS:
+        raise client_error(f"Unknown artifact. Expected one of {list(ARTIFACTS)}. Received: {artifact!r}.")
+    return pb.DownloadArtifactRequest(name=job_name(job), artifact=ARTIFACTS[artifact])
+
+
+class ArtifactFile:
+    """Where ``download`` writes the chunks: the server's file name in ``dest``
+    when it is a folder, else ``dest`` itself. It writes a ``.part`` file
+    beside it and renames it once the download is complete; ``path`` is the
+    file written."""
+
+    def __init__(self, dest: "str | os.PathLike"):
+        self.dest = pathlib.Path(dest)
+        self.path: Optional[pathlib.Path] = None
+        self._part: Optional[pathlib.Path] = None
+        self._out = None
+
+    def write(self, chunk: pb.DownloadArtifactResponse) -> None:
+        if self._out is None:
+            # Only the file's name: a server cannot write outside ``dest``.
+            self.path = self.dest / pathlib.PurePath(chunk.filename).name if self.dest.is_dir() else self.dest
+            self._part = self.path.with_name(self.path.name + ".part")
+            self._out = open(self._part, "wb")
+        self._out.write(chunk.data)
+
+    def __enter__(self) -> "ArtifactFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._out is not None:
+            self._out.close()
+        if exc_type is not None:
+            if self._part is not None:
+                self._part.unlink(missing_ok=True)
+            return
+        if self._part is None:
+            raise LossdError(grpc.StatusCode.INTERNAL, "the server sent no data")
+        os.replace(self._part, self.path)
+
+
+def predict_request(job: "Job | str", images) -> pb.PredictRequest:
+    images = np.asarray(images)
+    if images.dtype == np.float64:
+        images = images.astype(np.float32)
+    return pb.PredictRequest(name=job_name(job), images=wire.from_numpy(images, field="images"))
+
+
+def probabilities(response: pb.PredictResponse) -> np.ndarray:
+    return wire.to_numpy(response.probabilities, field="probabilities").copy()
+
+
+def generated_images(response: pb.GenerateResponse) -> np.ndarray:
+    return wire.to_numpy(response.images, field="images").copy()
+
+
+def datasets(response: pb.ListDatasetsResponse) -> list[Dataset]:
+    return [Dataset.from_proto(d) for d in response.datasets]
+
+
+# -- the two clients' training methods -------------------------------------------
+
+class _TrainingStub:
+    """The training stub, made on first use from the client's channel."""
 
     _channel: grpc.Channel
 
@@ -221,6 +402,10 @@ class TrainingMixin:
         if stub is None:
             stub = self.__dict__["_training_stub"] = pb_grpc.TrainingServiceStub(self._channel)
         return stub
+
+
+class TrainingMixin(_TrainingStub):
+    """Training-job methods of ``lossd.Client`` (they use its channel, deadline and metadata)."""
 
     @translate_errors
     def create_job(self, model: str = "cnn", dataset: str = "digits", *, loss: Any = None,
@@ -262,26 +447,17 @@ class TrainingMixin:
             LossdError: INVALID_ARGUMENT with a reason such as UNKNOWN_MODEL,
                 UNKNOWN_DATASET, UNKNOWN_LOSS or INCOMPATIBLE_LOSS.
         """
-        spec = pb.JobSpec(dataset=dataset, epochs=epochs, batch_size=batch_size, metrics=list(metrics), seed=seed,
-                          steps_per_epoch=steps_per_epoch)
-        spec.model.preset = model
-        spec.model.params.update(dict(model_params or {}))
-        if validation_split is not None:
-            spec.validation_split = validation_split
-        if loss is not None:
-            spec.loss.CopyFrom(wire.spec_from_dict(loss, loss_params))
-        spec.optimizer.name = optimizer
-        if learning_rate is not None:
-            spec.optimizer.learning_rate = learning_rate
-        spec.optimizer.params.update(dict(optimizer_params or {}))
-        request = pb.CreateJobRequest(spec=spec, display_name=display_name,
-                                      request_id=request_id if request_id is not None else uuid.uuid4().hex)
+        request = create_job_request(
+            model, dataset, loss=loss, loss_params=loss_params, model_params=model_params, optimizer=optimizer,
+            learning_rate=learning_rate, optimizer_params=optimizer_params, epochs=epochs, batch_size=batch_size,
+            validation_split=validation_split, metrics=metrics, seed=seed, steps_per_epoch=steps_per_epoch,
+            display_name=display_name, request_id=request_id)
         return Job.from_proto(self._training.CreateJob(request, **self._call_args(timeout)))
 
     @translate_errors
     def get_job(self, job: "Job | str", *, timeout: Optional[float] = None) -> Job:
         """The job's current state (``job`` is a Job, ``jobs/{id}`` or an id)."""
-        return Job.from_proto(self._training.GetJob(pb.GetJobRequest(name=_job_name(job)),
+        return Job.from_proto(self._training.GetJob(pb.GetJobRequest(name=job_name(job)),
                                                     **self._call_args(timeout)))
 
     @translate_errors
@@ -294,16 +470,10 @@ class TrainingMixin:
             page_size: Jobs per request.
             limit: Most jobs to return; None for all.
         """
-        values = [pb.Job.State.Value(f"STATE_{s.upper()}") for s in states]
-        jobs: list[Job] = []
-        token = ""
-        while True:
-            response = self._training.ListJobs(pb.ListJobsRequest(page_size=page_size, page_token=token,
-                                                                  states=values), **self._call_args(timeout))
-            jobs.extend(Job.from_proto(j) for j in response.jobs)
-            token = response.next_page_token
-            if not token or (limit is not None and len(jobs) >= limit):
-                return jobs[:limit] if limit is not None else jobs
+        pages = JobPages(states, page_size, limit)
+        while (request := pages.request()) is not None:
+            pages.add(self._training.ListJobs(request, **self._call_args(timeout)))
+        return pages.jobs
 
     @translate_errors
     def cancel_job(self, job: "Job | str", *, timeout: Optional[float] = None) -> Job:
@@ -312,20 +482,16 @@ class TrainingMixin:
         Raises:
             LossdError: FAILED_PRECONDITION (JOB_ALREADY_FINISHED) for a finished job.
         """
-        return Job.from_proto(self._training.CancelJob(pb.CancelJobRequest(name=_job_name(job)),
+        return Job.from_proto(self._training.CancelJob(pb.CancelJobRequest(name=job_name(job)),
                                                        **self._call_args(timeout)))
 
+    @translate_errors
     def watch(self, job: "Job | str", *, after_sequence: int = 0, timeout: Optional[float] = None
               ) -> Iterator[JobEvent]:
         """Yields the job's events from the first (or after ``after_sequence``),
         then live ones, until the job ends."""
-        try:
-            for message in self._training.WatchJob(pb.WatchJobRequest(name=_job_name(job),
-                                                                      after_sequence=after_sequence),
-                                                   **self._call_args(timeout)):
-                yield JobEvent.from_proto(message)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        for message in self._training.WatchJob(watch_request(job, after_sequence), **self._call_args(timeout)):
+            yield JobEvent.from_proto(message)
 
     def wait(self, job: "Job | str", *, progress: bool = True, file: Optional[TextIO] = None,
              timeout: Optional[float] = None) -> Job:
@@ -335,27 +501,19 @@ class TrainingMixin:
         Returns:
             The finished Job; check ``job.state`` and ``job.error``.
         """
-        bar = ProgressBar(file or sys.stderr) if progress else None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last = 0
+        waiter = Waiter(progress, file, timeout)
         while True:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.001)
             try:
-                for event in self.watch(job, after_sequence=last, timeout=remaining):
-                    last = event.sequence
-                    if bar is not None:
-                        bar.update(event)
+                for event in self.watch(job, after_sequence=waiter.last, timeout=waiter.remaining()):
+                    waiter.update(event)
             except LossdError as error:
-                # A stream cut short (server restart, proxy idle timeout) is
-                # resumed from the last event seen; other errors are real.
-                if error.code != grpc.StatusCode.UNAVAILABLE or (deadline and time.monotonic() > deadline):
-                    raise
-                time.sleep(1.0)
+                time.sleep(waiter.retry_after(error))
                 continue
             result = self.get_job(job)
             if result.done:
                 return result
 
+    @translate_errors
     def upload_dataset(self, path: "str | os.PathLike", name: Optional[str] = None, *,
                        chunk_bytes: int = UPLOAD_CHUNK_BYTES, timeout: Optional[float] = None) -> Dataset:
         """Uploads an ``.npz`` (``x``, ``y``) or a zip/tar of one folder per class of images.
@@ -364,35 +522,15 @@ class TrainingMixin:
             path: The file; its suffix gives the format.
             name: The dataset's name; the file name without suffix when None.
         """
-        path = pathlib.Path(path)
-        suffix = "".join(path.suffixes[-2:]) if "".join(path.suffixes[-2:]) in _FORMATS else path.suffix
-        fmt = _FORMATS.get(suffix.lower())
-        if fmt is None:
-            raise client_error(f"Cannot tell the dataset format of {path.name}. Expected a file ending in "
-                               f"{', '.join(_FORMATS)}.")
-        size = path.stat().st_size
-        name = name or path.name[: -len(suffix)]
-
-        def messages():
-            yield pb.UploadDatasetRequest(header=pb.DatasetHeader(name=name, format=fmt, size_bytes=size))
-            with open(path, "rb") as f:
-                while True:
-                    data = f.read(chunk_bytes)
-                    if not data:
-                        return
-                    yield pb.UploadDatasetRequest(chunk=data)
-
-        try:
-            return Dataset.from_proto(self._training.UploadDataset(messages(), **self._call_args(timeout)))
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
+        requests = upload_requests(path, name, chunk_bytes)
+        return Dataset.from_proto(self._training.UploadDataset(requests, **self._call_args(timeout)))
 
     @translate_errors
     def list_datasets(self, *, timeout: Optional[float] = None) -> list[Dataset]:
         """Every dataset the server can train on."""
-        response = self._training.ListDatasets(pb.ListDatasetsRequest(), **self._call_args(timeout))
-        return [Dataset.from_proto(d) for d in response.datasets]
+        return datasets(self._training.ListDatasets(pb.ListDatasetsRequest(), **self._call_args(timeout)))
 
+    @translate_errors
     def download(self, job: "Job | str", dest: "str | os.PathLike" = ".", *, artifact: str = "model",
                  timeout: Optional[float] = None) -> pathlib.Path:
         """Downloads an artifact: ``model`` (.keras), ``history`` (JSON) or
@@ -404,27 +542,11 @@ class TrainingMixin:
         Returns:
             The written file's path.
         """
-        if artifact not in ARTIFACTS:
-            raise client_error(f"Unknown artifact. Expected one of {list(ARTIFACTS)}. Received: {artifact!r}.")
-        dest = pathlib.Path(dest)
-        request = pb.DownloadArtifactRequest(name=_job_name(job), artifact=ARTIFACTS[artifact])
-        target, tmp, out = None, None, None
-        try:
+        request = download_request(job, artifact)
+        with ArtifactFile(dest) as out:
             for chunk in self._training.DownloadArtifact(request, **self._call_args(timeout)):
-                if out is None:
-                    target = dest / chunk.filename if dest.is_dir() else dest
-                    tmp = target.with_name(target.name + ".part")
-                    out = open(tmp, "wb")
-                out.write(chunk.data)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error) from None
-        finally:
-            if out is not None:
-                out.close()
-        if tmp is None:
-            raise LossdError(grpc.StatusCode.INTERNAL, "the server sent no data")
-        os.replace(tmp, target)
-        return target
+                out.write(chunk)
+        return out.path
 
     @translate_errors
     def predict(self, job: "Job | str", images, *, timeout: Optional[float] = None) -> np.ndarray:
@@ -433,19 +555,116 @@ class TrainingMixin:
         Args:
             images: N x H x W or N x H x W x C, uint8 in [0, 255] or floats in [0, 1].
         """
-        images = np.asarray(images)
-        if images.dtype == np.float64:
-            images = images.astype(np.float32)
-        request = pb.PredictRequest(name=_job_name(job), images=wire.from_numpy(images, field="images"))
-        response = self._training.Predict(request, **self._call_args(timeout))
-        return wire.to_numpy(response.probabilities, field="probabilities").copy()
+        return probabilities(self._training.Predict(predict_request(job, images), **self._call_args(timeout)))
 
     @translate_errors
     def generate(self, job: "Job | str", n: int, *, seed: int = 0, timeout: Optional[float] = None) -> np.ndarray:
         """``n`` new images (float32, N x H x W x C in [0, 1]) from a trained generator."""
-        response = self._training.Generate(pb.GenerateRequest(name=_job_name(job), count=n, seed=seed),
+        response = self._training.Generate(pb.GenerateRequest(name=job_name(job), count=n, seed=seed),
                                            **self._call_args(timeout))
-        return wire.to_numpy(response.images, field="images").copy()
+        return generated_images(response)
+
+
+class AsyncTrainingMixin(_TrainingStub):
+    """Training-job methods of ``lossd.aio.Client``: those of ``lossd.Client``
+    as coroutines and async generators."""
+
+    @translate_errors_async
+    async def create_job(self, model: str = "cnn", dataset: str = "digits", *, loss: Any = None,
+                         loss_params: Optional[Mapping[str, Any]] = None,
+                         model_params: Optional[Mapping[str, Any]] = None, optimizer: str = "adam",
+                         learning_rate: Optional[float] = None, optimizer_params: Optional[Mapping[str, Any]] = None,
+                         epochs: int = 0, batch_size: int = 0, validation_split: Optional[float] = None,
+                         metrics: Sequence[str] = (), seed: int = 0, steps_per_epoch: int = 0,
+                         display_name: str = "", request_id: Optional[str] = None,
+                         timeout: Optional[float] = None) -> Job:
+        """Refer to ``lossd.Client.create_job``."""
+        request = create_job_request(
+            model, dataset, loss=loss, loss_params=loss_params, model_params=model_params, optimizer=optimizer,
+            learning_rate=learning_rate, optimizer_params=optimizer_params, epochs=epochs, batch_size=batch_size,
+            validation_split=validation_split, metrics=metrics, seed=seed, steps_per_epoch=steps_per_epoch,
+            display_name=display_name, request_id=request_id)
+        return Job.from_proto(await self._training.CreateJob(request, **self._call_args(timeout)))
+
+    @translate_errors_async
+    async def get_job(self, job: "Job | str", *, timeout: Optional[float] = None) -> Job:
+        """Refer to ``lossd.Client.get_job``."""
+        return Job.from_proto(await self._training.GetJob(pb.GetJobRequest(name=job_name(job)),
+                                                          **self._call_args(timeout)))
+
+    @translate_errors_async
+    async def list_jobs(self, states: Iterable[str] = (), *, page_size: int = 100, limit: Optional[int] = None,
+                        timeout: Optional[float] = None) -> list[Job]:
+        """Refer to ``lossd.Client.list_jobs``."""
+        pages = JobPages(states, page_size, limit)
+        while (request := pages.request()) is not None:
+            pages.add(await self._training.ListJobs(request, **self._call_args(timeout)))
+        return pages.jobs
+
+    @translate_errors_async
+    async def cancel_job(self, job: "Job | str", *, timeout: Optional[float] = None) -> Job:
+        """Refer to ``lossd.Client.cancel_job``."""
+        return Job.from_proto(await self._training.CancelJob(pb.CancelJobRequest(name=job_name(job)),
+                                                             **self._call_args(timeout)))
+
+    @translate_errors_async
+    async def watch(self, job: "Job | str", *, after_sequence: int = 0, timeout: Optional[float] = None
+                    ) -> AsyncIterator[JobEvent]:
+        """Refer to ``lossd.Client.watch``."""
+        async for message in self._training.WatchJob(watch_request(job, after_sequence),
+                                                     **self._call_args(timeout)):
+            yield JobEvent.from_proto(message)
+
+    async def wait(self, job: "Job | str", *, progress: bool = True, file: Optional[TextIO] = None,
+                   timeout: Optional[float] = None) -> Job:
+        """Refer to ``lossd.Client.wait``."""
+        waiter = Waiter(progress, file, timeout)
+        while True:
+            try:
+                async for event in self.watch(job, after_sequence=waiter.last, timeout=waiter.remaining()):
+                    waiter.update(event)
+            except LossdError as error:
+                await asyncio.sleep(waiter.retry_after(error))
+                continue
+            result = await self.get_job(job)
+            if result.done:
+                return result
+
+    @translate_errors_async
+    async def upload_dataset(self, path: "str | os.PathLike", name: Optional[str] = None, *,
+                             chunk_bytes: int = UPLOAD_CHUNK_BYTES, timeout: Optional[float] = None) -> Dataset:
+        """Refer to ``lossd.Client.upload_dataset``."""
+        requests = upload_requests(path, name, chunk_bytes)
+        return Dataset.from_proto(await self._training.UploadDataset(requests, **self._call_args(timeout)))
+
+    @translate_errors_async
+    async def list_datasets(self, *, timeout: Optional[float] = None) -> list[Dataset]:
+        """Refer to ``lossd.Client.list_datasets``."""
+        return datasets(await self._training.ListDatasets(pb.ListDatasetsRequest(), **self._call_args(timeout)))
+
+    @translate_errors_async
+    async def download(self, job: "Job | str", dest: "str | os.PathLike" = ".", *, artifact: str = "model",
+                       timeout: Optional[float] = None) -> pathlib.Path:
+        """Refer to ``lossd.Client.download``."""
+        request = download_request(job, artifact)
+        with ArtifactFile(dest) as out:
+            async for chunk in self._training.DownloadArtifact(request, **self._call_args(timeout)):
+                out.write(chunk)
+        return out.path
+
+    @translate_errors_async
+    async def predict(self, job: "Job | str", images, *, timeout: Optional[float] = None) -> np.ndarray:
+        """Refer to ``lossd.Client.predict``."""
+        return probabilities(await self._training.Predict(predict_request(job, images),
+                                                          **self._call_args(timeout)))
+
+    @translate_errors_async
+    async def generate(self, job: "Job | str", n: int, *, seed: int = 0, timeout: Optional[float] = None
+                       ) -> np.ndarray:
+        """Refer to ``lossd.Client.generate``."""
+        response = await self._training.Generate(pb.GenerateRequest(name=job_name(job), count=n, seed=seed),
+                                                 **self._call_args(timeout))
+        return generated_images(response)
 
 
 def save_image_grid(images, path: "str | os.PathLike", *, columns: Optional[int] = None, scale: int = 4,

@@ -37,7 +37,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_command.strip() in (ROOT / ".ci" / "run").read_text()
 
 
-# The training walk-through trains for minutes; tests/training runs the same calls on tiny jobs.
+# The training walk-through trains for minutes; tests/server/training runs the same calls on tiny jobs.
 PYTHON_BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S)
                  if "lossd.Client(" in b and "create_job" not in b]
 

@@ -58,7 +58,7 @@ class _ChannelOwner:
         # Build the header here, so a local refusal raises in the caller's
         # code rather than inside gRPC's reading of the requests.
         requests = itertools.chain([next(requests)], requests)
-        return requests, _chunks.ChunkAssembler(arrays["y_pred"], gradient)
+        return requests, _chunks.ChunkAssembler(arrays["y_pred"], gradient, arrays["y_true"])
 
     def _stream_request(self, item: Mapping[str, Any]) -> loss_service_pb2.EvaluateRequest:
         """One ``evaluate_many`` request as a message; one too large for a

@@ -88,3 +88,21 @@ def test_malformed_dicts_are_refused_with_a_reason(planner, spec, reason):
     with pytest.raises((InvalidArgument, WireError)) as exc:
         planner.plan(spec)
     assert exc.value.reason == reason
+
+
+def test_to_spec_writes_a_registered_expression_over_the_tensors_a_term_maps_it_to(tmp_path):
+    registry = custom.full_registry(plugins=False)
+    custom.ExpressionStore(tmp_path, registry).register("gap", "mean(abs(a - b) * k, axis=-1)", params={"k": 2.0},
+                                                         inputs=["a", "b"])
+    planner = Planner(registry, custom.inline_entry)
+    plan = planner.plan({"terms": [{"loss": {"name": "gap"}, "inputs": ["y_true", "y_pred"], "label": "g"},
+                                   {"loss": {"name": "mse"}}]})
+    spec = plan.to_spec()
+    assert spec["terms"][0]["loss"] == {"expression": "mean(abs(y_true - y_pred) * k, axis=-1)", "params": {"k": 2.0}}
+    again = planner.plan(spec)
+    rng = np.random.default_rng(1)
+    tensors = {"y_true": rng.standard_normal((5, 3)).astype(np.float32),
+               "y_pred": rng.standard_normal((5, 3)).astype(np.float32)}
+    first = build_program(plan, "sum", "float32")(tensors, None)[0]
+    second = build_program(again, "sum", "float32")(tensors, None)[0]
+    np.testing.assert_allclose(second, first, rtol=1e-6)

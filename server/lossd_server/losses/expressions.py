@@ -1155,3 +1155,19 @@ def _axis_value(node: ast.AST) -> int:
     if isinstance(node, ast.Constant) and isinstance(node.value, int):
         return node.value
     raise _Coupled
+
+
+def rename_tensors(source: str, mapping: Mapping[str, str]) -> str:
+    """The expression with its tensor names replaced (``{"a": "y_true"}``),
+    for writing a registered expression out over the tensors a composite term
+    maps it to. Raises ExpressionError when a new name is already used for
+    something else in the expression."""
+    tree = ast.parse(source.strip(), mode="eval")
+    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    clashes = sorted((set(mapping.values()) & used) - set(mapping))
+    if clashes:
+        raise ExpressionError(f"cannot rename tensors: {clashes[0]!r} already names something else")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in mapping:
+            node.id = mapping[node.id]
+    return ast.unparse(tree.body)

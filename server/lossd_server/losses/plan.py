@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from lossd import wire
 from lossd_server.errors import InvalidArgument
+from lossd_server.losses.expressions import rename_tensors
 from lossd_server.losses.registry import LossEntry, LossRegistry, resolve_parameters
 
 DEFAULT_INPUTS = ("y_true", "y_pred")
@@ -67,7 +68,10 @@ class Plan:
         """
         def loss(term: Term) -> dict[str, Any]:
             if term.entry.source == "expression":
-                return {"expression": term.entry.expression, "params": dict(term.params)}
+                # Written over the tensors the term reads, as an inline expression would be.
+                mapping = {own: given for own, given in zip(term.entry.inputs, term.inputs) if own != given}
+                text = rename_tensors(term.entry.expression, mapping) if mapping else term.entry.expression
+                return {"expression": text, "params": dict(term.params)}
             return {"name": term.entry.name, "params": dict(term.params)}
 
         if not self.composite:

@@ -88,13 +88,6 @@ def check_suits_model(plan: Plan, model_kind: str) -> None:
             raise _incompatible(
                 f"{where}: loss `{_name(term)}` does not read y_pred, so it cannot train the model. "
                 f"Expected a loss of (y_true, y_pred). Received: a loss of {list(term.inputs)}.", _name(term))
-        if term.entry.source == "expression" and not set(term.entry.inputs) <= set(TRAINING_INPUTS):
-            # The job stores the expression's text (Plan.to_spec), which must
-            # read the tensors the job has under their own names.
-            raise _incompatible(
-                f"{where}: loss `{_name(term)}` is an expression over {list(term.entry.inputs)}; a training job "
-                "keeps a registered loss as its expression text over y_true and y_pred. Expected a loss "
-                "registered with inputs [y_true, y_pred].", _name(term))
     if model_kind == CLASSIFIER:
         label_format(plan)  # refuses what cannot take integer or one-hot labels
         from_logits(plan)  # refuses terms that disagree

@@ -26,6 +26,7 @@ from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
 from lossd.v1 import training_service_pb2 as tpb
 from lossd.v1 import training_service_pb2_grpc as tpb_grpc
 from lossd_server.errors import InvalidArgument
+from lossd_server.losses.plan import build_program
 from lossd_server.training.losses import PlanLoss, label_format, plan_stored, plan_training_loss
 
 keras = pytest.importorskip("keras")
@@ -161,16 +162,22 @@ def test_losses_that_cannot_train_the_model_are_refused(planner, spec, kind, wor
     assert words in exc.value.message and "Expected" in exc.value.message
 
 
-def test_a_registered_expression_over_other_tensor_names_is_refused(planner, tclient):
-    """A job keeps a registered loss as its text, which must read y_true and y_pred by name."""
+def test_a_registered_expression_over_other_tensor_names_trains_as_mapped(planner, tclient):
+    """A job keeps a registered loss as its text, written over the tensors the term maps it to."""
     tclient.register_loss("sq_ab", "mean(square(a - b), axis=-1)", inputs=["a", "b"], replace=True)
     try:
-        with pytest.raises(InvalidArgument) as exc:
-            plan_training_loss(planner, {"terms": [{"loss": {"name": "sq_ab"}, "inputs": ["y_true", "y_pred"]}]},
-                               "classifier")
+        plan = plan_training_loss(planner, {"terms": [{"loss": {"name": "sq_ab"}, "inputs": ["y_true", "y_pred"]}]},
+                                  "classifier")
     finally:
         tclient.delete_loss("sq_ab")
-    assert exc.value.reason == "INCOMPATIBLE_LOSS" and "['a', 'b']" in exc.value.message
+    stored = plan.to_spec()
+    assert stored["terms"][0]["loss"]["expression"] == "mean(square(y_true - y_pred), axis=-1)"
+    again = planner.plan(stored)  # what the job's process does
+    rng = np.random.default_rng(2)
+    tensors = {"y_true": rng.uniform(0, 1, (6, 10)).astype(np.float32),
+               "y_pred": rng.uniform(0, 1, (6, 10)).astype(np.float32)}
+    np.testing.assert_allclose(build_program(again, "sum", "float32")(tensors, None)[0],
+                               build_program(plan, "sum", "float32")(tensors, None)[0], rtol=1e-6)
 
 
 def test_a_term_that_ignores_the_labels_takes_any_label_format(planner):

@@ -4,6 +4,8 @@ the gradient equals tf.GradientTape's."""
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -71,7 +73,8 @@ def keras_reference(name: str, y_true, y_pred, sample_weight, reduction: str, dt
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("name", LOSSES)
 def test_every_loss_matches_keras(client, name, dtype):
-    rng = np.random.default_rng(abs(hash((name, dtype))) % 2**32)
+    # crc32, not hash(): str hashes change with every interpreter (PYTHONHASHSEED).
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{dtype}".encode()))
     y_true, y_pred, sw = make_inputs(name, dtype, rng)
     rtol = 2e-5 if dtype == "float32" else 1e-10
     for reduction in REDUCTIONS:
@@ -82,7 +85,9 @@ def test_every_loss_matches_keras(client, name, dtype):
             assert got.loss.dtype == np.dtype(dtype), where
             assert got.loss.shape == np.shape(want), where
             np.testing.assert_allclose(got.loss, want, rtol=rtol, atol=rtol, err_msg=where)
-            np.testing.assert_allclose(got.gradient, want_grad, rtol=rtol * 10, atol=rtol, err_msg=where)
+            # Rounding errors scale with the largest gradient entry (circle's reach ~200).
+            scale = max(1.0, float(np.max(np.abs(want_grad))))
+            np.testing.assert_allclose(got.gradient, want_grad, rtol=rtol * 10, atol=rtol * scale, err_msg=where)
             assert got.non_finite is False, where
 
 

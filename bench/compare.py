@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import evaluate as bench  # noqa: E402
 
 import lossd  # noqa: E402
-from lossd import _requests  # noqa: E402
+from lossd import _requests, wire  # noqa: E402
 
 
 def base_pythonpath(checkout: str, root: str) -> str:

@@ -39,7 +39,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 import lossd  # noqa: E402
-from lossd import _requests  # noqa: E402
+from lossd import _requests, wire  # noqa: E402
 
 ECHO_METHOD = "/bench.Echo/Call"
 LOSSES = {"mse": "mean_squared_error", "cce": "categorical_crossentropy"}

@@ -14,7 +14,7 @@ import collections
 import dataclasses
 import logging
 import threading
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 

@@ -9,7 +9,7 @@ import json
 import logging
 import re
 import threading
-from typing import Any, Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 from lossd import wire

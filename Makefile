@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/lossd/v1/*.proto)
 
-.PHONY: serve test install proto bench lint clean
+.PHONY: serve test test-tools install proto bench lint clean
 
 # Create the virtual environment and install the server with test tools.
 $(STAMP): pyproject.toml
@@ -21,8 +21,24 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/lossd serve
 
+# System tools the tests run besides the Python packages: Prometheus's server
+# and promtool, both in the Debian/Ubuntu package `prometheus`. As root with
+# apt-get they are installed here; otherwise make stops with one line saying
+# what to install. The tests fail (never skip) without them.
+TEST_TOOLS ?= prometheus promtool
+APT_GET ?= apt-get
+missing_tools = $(strip $(foreach tool,$(TEST_TOOLS),$(if $(shell PATH="$(VENV)/bin:$$PATH" command -v $(tool)),,$(tool))))
+can_apt = $(and $(filter 0,$(shell id -u)),$(shell command -v $(APT_GET)))
+
+test-tools:
+	$(if $(missing_tools),$(if $(can_apt),,$(error make test needs $(missing_tools): install the 'prometheus' package (sudo apt-get install prometheus) or put Prometheus's binaries on PATH)))
+	@$(if $(missing_tools),echo "make test: installing $(missing_tools) (apt-get install prometheus)" \
+	    && $(APT_GET) update -qq \
+	    && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends prometheus >/dev/null \
+	    && { (systemctl stop prometheus || service prometheus stop) >/dev/null 2>&1 || true; },:)
+
 # Install what is needed and run the whole test suite.
-test: $(STAMP)
+test: test-tools $(STAMP)
 	$(VENV)/bin/pytest -q
 
 # Regenerate the gRPC stubs in client/lossd/v1 from proto/ (tests fail when stale).

@@ -36,3 +36,27 @@ def client(address):
 
     with lossd.Client(address, timeout=60) as c:
         yield c
+
+
+# CI (.ci/run) sets LOSSD_FAIL_ON_SKIP=1: there every tool and extra is
+# installed, so a skipped test is a check that silently did not run, and the
+# run fails. Locally a skip stays a skip (listed by -ra).
+FAIL_ON_SKIP = "LOSSD_FAIL_ON_SKIP"
+
+
+def _skipped(session) -> list:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    return list(reporter.stats.get("skipped", [])) if reporter else []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get(FAIL_ON_SKIP) == "1" and _skipped(session) and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    if os.environ.get(FAIL_ON_SKIP) == "1" and skipped:
+        terminalreporter.write_line(
+            f"{FAIL_ON_SKIP}=1: {len(skipped)} skipped test(s) fail this run; "
+            "install what the skip reasons above name", red=True, bold=True)

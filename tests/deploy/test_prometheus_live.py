@@ -1,16 +1,29 @@
-"""lossd scraped by a real Prometheus server, checked through PromQL.
+"""The compose deployment, run without a Docker engine and scraped by a real Prometheus.
 
-One module-scoped stack: lossd in process (fresh metrics registry, free
-loopback ports) and Debian's ``prometheus`` as a subprocess scraping it every
-second. Known traffic goes through ``lossd.Client`` in two waves:
+What the containers would run, taken from the deployment files themselves:
 
-* a warm-up before Prometheus starts: one call of each kind, so every series
-  the checks read (per-loss histograms included, which are created on first
-  use) exists from the first scrape on and ``rate()`` sees the later increase;
-* the main wave once Prometheus has stored a first sample.
+* lossd: the ``lossd`` service of ``docker compose config --format json``,
+  its entrypoint/command (the Dockerfile's ENTRYPOINT when compose sets none)
+  and its environment (the Dockerfile's ENV, overridden by compose's
+  ``environment:``). Only the port numbers (free ones) and the data directory
+  (a temporary one) change; LOSSD_HOST and LOSSD_METRICS_HOST stay as the
+  deployment sets them, so ``lossd serve`` binds what the container would.
+* Prometheus: ``deploy/prometheus/prometheus.yml`` with only the target
+  addresses changed, ``alerts.yml`` beside it. The lossd target is reached
+  through a local address other than 127.0.0.1, as another container reaches
+  lossd: a listener bound to 127.0.0.1 refuses it, as it refuses
+  ``lossd:9464`` in compose.
 
-The tests then read what Prometheus stored over its HTTP query API. The stack
-is torn down (Prometheus terminated, then killed) however the module ends.
+Known traffic goes through ``lossd.Client`` in two waves: a warm-up before
+Prometheus starts (every series the checks read exists from the first scrape
+on) and the main wave once Prometheus has stored a first sample, so
+``rate()`` over the dashboard's window sees an increase. The tests then run
+every PromQL expression of the Grafana dashboard and the alert rules against
+that Prometheus. Both processes are bounded by timeouts and stopped (SIGTERM,
+then SIGKILL) however the module ends.
+
+Needs the ``prometheus`` binary (Debian/Ubuntu: ``apt-get install
+prometheus``); without it the tests fail with a one-line message.
 """
 
 from __future__ import annotations
@@ -18,11 +31,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -30,10 +47,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_deploy import (ALERTS, COMPOSE, DASHBOARD, DOCKERFILE, PROMETHEUS_CONFIG, compose_config,
+                         dashboard_exprs, find_tool, require, yaml_scalars)
+
 SERVICE = "lossd.v1.LossService"
 JOB = "lossd"
 UNKNOWN_LOSS = "no_such_loss_xyz"
-SCRAPE_WAIT_S = 60.0   # the first sample takes about 5 s to become queryable
+START_WAIT_S = 180.0   # lossd imports TensorFlow before it listens; the machine may be busy
+SCRAPE_WAIT_S = 60.0   # the deployment scrapes every 15 s: a sample lands within ~20 s
 WINDOW = "1m"          # longer than the whole module runs: every sample is in range
 
 # Calls per kind: (warm-up wave, main wave).
@@ -56,42 +77,226 @@ EXPECTED_EVALUATIONS = {
 }
 
 
-def find_tool(name: str) -> str | None:
-    beside_python = Path(sys.executable).parent / name
-    if beside_python.is_file() and os.access(beside_python, os.X_OK):
-        return str(beside_python)
-    return shutil.which(name)
+# -- the deployment's own configuration ---------------------------------------
+
+def _dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    instructions, pending = [], ""
+    for line in text.splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        if pending and line.lstrip().startswith("#"):
+            continue
+        full, pending = pending + line, ""
+        word, _, rest = full.strip().partition(" ")
+        instructions.append((word.upper(), rest.strip()))
+    return instructions
 
 
-def free_port() -> int:
+def dockerfile_env(text: str) -> dict[str, str]:
+    """The image's ENV (both ``ENV K=V ...`` and the legacy ``ENV K V``)."""
+    env: dict[str, str] = {}
+    for word, rest in _dockerfile_instructions(text):
+        if word != "ENV":
+            continue
+        tokens = shlex.split(rest)
+        if tokens and "=" not in tokens[0]:
+            env[tokens[0]] = rest.split(None, 1)[1] if len(tokens) > 1 else ""
+            continue
+        for token in tokens:
+            key, _, value = token.partition("=")
+            env[key] = value
+    return env
+
+
+def dockerfile_exec_form(text: str, instruction: str) -> list[str] | None:
+    """The last ENTRYPOINT or CMD (exec form), HEALTHCHECK's CMD excluded."""
+    found = None
+    for word, rest in _dockerfile_instructions(text):
+        if word == instruction:
+            found = json.loads(rest)
+    return found
+
+
+def test_dockerfile_parser():
+    text = ('FROM x\nENV A=1 \\\n    # note\n    B="two words" \\\n    C=3\nENV D 4 5\n'
+            'HEALTHCHECK --interval=1s \\\n    CMD ["h"]\nENTRYPOINT ["lossd", "serve"]\n')
+    assert dockerfile_env(text) == {"A": "1", "B": "two words", "C": "3", "D": "4 5"}
+    assert dockerfile_exec_form(text, "ENTRYPOINT") == ["lossd", "serve"]
+    assert dockerfile_exec_form(text, "CMD") is None
+
+
+def lossd_container() -> tuple[list[str], dict[str, str], dict]:
+    """(argv, environment, compose service) the lossd container would run with."""
+    service = compose_config(COMPOSE)["services"]["lossd"]
+    assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+    text = DOCKERFILE.read_text()
+    entrypoint = service.get("entrypoint") or dockerfile_exec_form(text, "ENTRYPOINT") or []
+    # Docker: a compose entrypoint drops the image's CMD; compose's command replaces it.
+    command = service.get("command")
+    if command is None and not service.get("entrypoint"):
+        command = dockerfile_exec_form(text, "CMD")
+    argv = [*entrypoint, *(command or [])]
+    env = dockerfile_env(text)
+    for key, value in (service.get("environment") or {}).items():
+        if value is not None:
+            env[key] = str(value)
+    return argv, env, service
+
+
+def dockerfile_only_env() -> dict[str, str]:
+    return dockerfile_env(DOCKERFILE.read_text())
+
+
+# -- addresses -----------------------------------------------------------------
+
+def free_port(host: str = "0.0.0.0") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-class Prometheus:
-    """A Prometheus server on loopback, queried over its HTTP API."""
+def _bindable(address: str) -> bool:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+        return True
+    except OSError:
+        return False
 
-    def __init__(self, binary: str, root: Path, target: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.root = root
+
+def other_local_address() -> str:
+    """A local IPv4 address other than 127.0.0.1, the way another container
+    reaches lossd: a non-loopback one if the machine has one, else 127.0.0.2
+    (Linux routes all of 127/8 to lo, and a 127.0.0.1 listener refuses it)."""
+    candidates = []
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.123", 9))   # no packet is sent; picks the outgoing address
+            candidates.append(s.getsockname()[0])
+    except OSError:
+        pass
+    try:
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        pass
+    for address in candidates:
+        if not address.startswith("127.") and address != "0.0.0.0" and _bindable(address):
+            return address
+    if _bindable("127.0.0.2"):
+        return "127.0.0.2"
+    pytest.fail("no local IPv4 address besides 127.0.0.1 to reach lossd through "
+                "(neither a non-loopback address nor 127.0.0.2)")
+
+
+# -- processes -----------------------------------------------------------------
+
+def _stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _tail(path: Path, size: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return ""
+
+
+class Lossd:
+    """``lossd serve`` as the container runs it, with remapped ports and data dir."""
+
+    def __init__(self, root: Path, other_address: str):
+        argv, env, self.service = lossd_container()
+        assert argv[:2] == ["lossd", "serve"], argv
+        self.container_env = dict(env)
+        lossd_bin = find_tool("lossd")
+        assert lossd_bin, f"no `lossd` command next to {sys.executable} or on PATH (pip install -e '.[server]')"
+        # The compose ports publish exactly the gRPC and metrics ports.
+        published = {int(p["target"]) for p in self.service["ports"]}
+        assert published == {int(env["LOSSD_PORT"]), int(env["LOSSD_METRICS_PORT"])}, (published, env)
+        # Only the port numbers and the data directory change.
+        self.port, self.metrics_port = free_port(), free_port()
+        env.update(LOSSD_PORT=str(self.port), LOSSD_METRICS_PORT=str(self.metrics_port),
+                   LOSSD_DATA_DIR=str(root / "data"))
+        self.env = env
+        base = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
         root.mkdir(parents=True, exist_ok=True)
-        config = root / "prometheus.yml"
-        config.write_text(
-            "global:\n"
-            "  scrape_interval: 1s\n"
-            "  scrape_timeout: 1s\n"
-            "  evaluation_interval: 1s\n"
-            "scrape_configs:\n"
-            f"  - job_name: {JOB}\n"
-            "    static_configs:\n"
-            f"      - targets: ['{target}']\n")
+        self.log_path = root / "lossd.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen([lossd_bin, *argv[1:]], env={**base, **env}, cwd=root,
+                                        stdout=self._log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+        self.other_address = other_address
+
+    def log(self) -> str:
+        return _tail(self.log_path)
+
+    def startup(self) -> dict:
+        """The startup line ("lossd … listening on …"), as the JSON log writes it."""
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "listening on" in str(record.get("message", "")):
+                return record
+        return {}
+
+    def wait_ready(self, timeout: float = START_WAIT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"lossd serve exited with {self.process.returncode}:\n{self.log()}")
+            if self.startup():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"lossd serve not listening after {timeout} s:\n{self.log()}")
+
+    def stop(self) -> int | None:
+        try:
+            _stop(self.process, timeout=float(self.env.get("LOSSD_GRACE_SECONDS", 10)) + 20)
+        finally:
+            self._log.close()
+        return self.process.returncode
+
+
+class Prometheus:
+    """Prometheus on the deployment's prometheus.yml, queried over its HTTP API."""
+
+    def __init__(self, binary: str, root: Path, lossd_target: str):
+        self.port = free_port("127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port}"
+        root.mkdir(parents=True, exist_ok=True)
+        text = PROMETHEUS_CONFIG.read_text()
+        # Only the target addresses change: lossd's, and Prometheus's own.
+        targets = re.findall(r'"(lossd:\d+)"', text)
+        assert len(targets) == 1, targets
+        self.deployed_target = targets[0]
+        text = text.replace(f'"{targets[0]}"', f'"{lossd_target}"')
+        assert text.count('"localhost:9090"') == 1
+        text = text.replace('"localhost:9090"', f'"127.0.0.1:{self.port}"')
+        self.config = root / "prometheus.yml"
+        self.config.write_text(text)
+        # rule_files are relative to the config: copy them beside it, unchanged.
+        block = re.search(r"^rule_files:\n((?:[ \t]+- .*\n?)+)", text, re.M)
+        self.rule_files = re.findall(r"- (\S+)", block.group(1)) if block else []
+        assert self.rule_files, "prometheus.yml loads no rule_files"
+        for name in self.rule_files:
+            shutil.copy(PROMETHEUS_CONFIG.parent / name, root / name)
         self.log_path = root / "prometheus.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [binary,
-             f"--config.file={config}",
+             f"--config.file={self.config}",
              f"--storage.tsdb.path={root / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}",
              # Keep it light: short retention, few query workers, quiet logs.
@@ -102,10 +307,7 @@ class Prometheus:
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
+        return _tail(self.log_path)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -123,8 +325,12 @@ class Prometheus:
 
     def api(self, path: str, **params) -> object:
         query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as resp:
-            body = json.load(resp)
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=10) as resp:
+                body = json.load(resp)
+        except urllib.error.HTTPError as error:   # 400/422: a bad query, with Prometheus's reason
+            body = json.loads(error.read() or b"{}")
+            raise AssertionError(f"{path} {params}: {body.get('errorType')}: {body.get('error')}") from None
         assert body["status"] == "success", body
         return body["data"]
 
@@ -142,32 +348,32 @@ class Prometheus:
         assert len(result) <= 1, (promql, result)
         return result[0][1] if result else None
 
-    def wait_for(self, promql: str, expected: float, timeout: float = SCRAPE_WAIT_S) -> None:
+    def wait_until(self, check, what: str, timeout: float = SCRAPE_WAIT_S) -> None:
         deadline = time.monotonic() + timeout
-        got = None
         while time.monotonic() < deadline:
-            got = self.value(promql)
-            if got == expected:
+            if check():
                 return
             if self.process.poll() is not None:
                 raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{self.log()}")
             time.sleep(0.25)
         targets = self.api("/api/v1/targets")
-        raise TimeoutError(f"{promql} is {got}, expected {expected} after {timeout} s; "
-                           f"targets: {targets}\n{self.log()}")
+        raise TimeoutError(f"{what} not seen after {timeout} s; targets: {targets}\n{self.log()}")
+
+    def wait_for(self, promql: str, expected: float, timeout: float = SCRAPE_WAIT_S) -> None:
+        self.wait_until(lambda: self.value(promql) == expected, f"{promql} == {expected}", timeout)
+
+    def rules_evaluated(self) -> bool:
+        rules = [r for g in self.api("/api/v1/rules")["groups"] for r in g["rules"]]
+        return bool(rules) and all(r.get("health") not in (None, "unknown") for r in rules)
 
     def stop(self) -> None:
         try:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=10)
+            _stop(self.process, timeout=10)
         finally:
             self._log.close()
 
+
+# -- traffic and the stack -----------------------------------------------------
 
 def send(client, wave: int) -> None:
     """Sends one wave of known traffic (0: warm-up, 1: main)."""
@@ -190,42 +396,111 @@ def send(client, wave: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """(lossd server, Prometheus) after both waves of traffic have been scraped."""
-    binary = find_tool("prometheus")
-    if binary is None:
-        pytest.skip("the prometheus binary is not installed (Debian/Ubuntu: "
-                    "apt-get install prometheus); CI installs it through .ci/run")
+def other_address() -> str:
+    return other_local_address()
+
+
+@pytest.fixture(scope="module")
+def lossd_serve(tmp_path_factory, other_address):
+    """`lossd serve` with the deployment's command and environment, stopped at the end."""
+    server = Lossd(tmp_path_factory.mktemp("compose-lossd"), other_address)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, lossd_serve, other_address):
+    """(lossd, Prometheus) after both waves of traffic have been scraped."""
     import lossd
-    from prometheus_client import CollectorRegistry
 
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
-    tmp = tmp_path_factory.mktemp("prometheus-live")
-    server = create_server(Settings(host="127.0.0.1", port=0, metrics_port=0, data_dir=tmp / "lossd"),
-                           metrics_registry=CollectorRegistry())
-    server.start()
+    binary = require("prometheus", "Debian/Ubuntu: apt-get install prometheus")
+    tmp = tmp_path_factory.mktemp("compose-prometheus")
+    server = lossd_serve
     prometheus = None
     try:
-        with lossd.Client(server.address, timeout=30) as client:
+        with lossd.Client(f"127.0.0.1:{server.port}", timeout=30) as client:
             send(client, 0)
-            prometheus = Prometheus(binary, tmp / "prometheus", f"127.0.0.1:{server.metrics_port}")
+            prometheus = Prometheus(binary, tmp, f"{other_address}:{server.metrics_port}")
             prometheus.wait_ready()
             # A first sample of the warm-up is stored: the main wave is an increase.
             prometheus.wait_for(f'up{{job="{JOB}"}}', 1)
             prometheus.wait_for('sum(grpc_server_handled_total{grpc_method="Evaluate"})', WARM_UP)
             send(client, 1)
-        prometheus.wait_for('grpc_server_handled_total{grpc_method="Evaluate",grpc_code="OK"}', N + M)
-        prometheus.wait_for('grpc_server_handled_total{grpc_method="Evaluate",grpc_code="INVALID_ARGUMENT"}', K)
+        prometheus.wait_for('sum(grpc_server_handled_total{grpc_method="Evaluate",grpc_code="OK"})', N + M)
+        prometheus.wait_for(
+            'sum(grpc_server_handled_total{grpc_method="Evaluate",grpc_code="INVALID_ARGUMENT"})', K)
+        prometheus.wait_until(prometheus.rules_evaluated, "every alert rule evaluated")
         yield server, prometheus
     finally:
-        try:
-            if prometheus is not None:
-                prometheus.stop()
-        finally:
-            server.stop(0)
+        if prometheus is not None:
+            prometheus.stop()
 
+
+# -- binding: what the deployment's environment makes lossd listen on ------------
+
+def _grpc_serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _metrics_body(host: str, port: int) -> bytes:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
+        assert resp.status == 200
+        return resp.read()
+
+
+def test_compose_environment_serves_grpc_and_metrics_on_all_interfaces(lossd_serve, other_address):
+    server = lossd_serve
+    # The server runs with what the container gets: the Dockerfile's ENV, then
+    # compose's environment. Another container reaches it through a
+    # non-loopback address; both listeners must answer there too.
+    for host in ("127.0.0.1", other_address):
+        try:
+            assert _grpc_serving(f"{host}:{server.port}"), host
+        except Exception as error:   # noqa: BLE001 - the message says which listener refused
+            pytest.fail(f"gRPC is not reachable on {host}:{server.port} with the deployment's "
+                        f"environment (LOSSD_HOST={server.env.get('LOSSD_HOST')}): {error}")
+        try:
+            body = _metrics_body(host, server.metrics_port)
+        except OSError as error:
+            pytest.fail(f"metrics are not reachable on {host}:{server.metrics_port} with the deployment's "
+                        f"environment (LOSSD_METRICS_HOST={server.env.get('LOSSD_METRICS_HOST')}): {error}")
+        assert b"lossd_build_info" in body
+    # The startup line names the listeners lossd opened.
+    message = server.startup()["message"]
+    assert f":{server.port} (gRPC)" in message and f":{server.metrics_port}/metrics" in message, message
+    assert "127.0.0.1" not in message, message
+
+
+def test_dockerfile_env_alone_binds_all_interfaces():
+    """`docker run` without compose: the image's ENV alone must bind both listeners widely."""
+    from lossd_server.config import Settings
+
+    env = {k: v for k, v in dockerfile_only_env().items() if k.startswith("LOSSD_")}
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("LOSSD_")}
+    try:
+        os.environ.update(env)
+        settings = Settings()
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+        os.environ.update(saved)
+    unspecified = {"0.0.0.0", "::", "[::]", ""}
+    assert settings.host in unspecified, f"image binds gRPC on {settings.host} only"
+    assert settings.metrics_host in unspecified, f"image binds metrics on {settings.metrics_host} only"
+    for name in ("host", "metrics_host"):
+        with socket.socket(socket.AF_INET6 if ":" in getattr(settings, name) else socket.AF_INET) as s:
+            s.bind((getattr(settings, name).strip("[]"), 0))   # an address this host can listen on
+
+
+# -- Prometheus on the deployment's configuration --------------------------------
 
 def evaluate_selector(code: str | None = None) -> str:
     code_matcher = f',grpc_code="{code}"' if code else ""
@@ -234,7 +509,91 @@ def evaluate_selector(code: str | None = None) -> str:
 
 def test_target_is_up(stack):
     _, prometheus = stack
+    assert prometheus.deployed_target == f"lossd:{stack[0].container_env['LOSSD_METRICS_PORT']}"
     assert prometheus.value(f'up{{job="{JOB}"}}') == 1
+    targets = [t for t in prometheus.api("/api/v1/targets")["activeTargets"] if t["labels"]["job"] == JOB]
+    assert [t["health"] for t in targets] == ["up"], targets
+
+
+def _rate_interval(prometheus) -> str:
+    """Grafana's $__rate_interval for this data source: max(4 x scrape interval, step + scrape)."""
+    interval = re.search(r"job_name:\s*lossd\b.*?scrape_interval:\s*(\d+)s", prometheus.config.read_text(), re.S)
+    scrape = int(interval.group(1)) if interval else 15
+    return f"{max(4 * scrape, 15 + scrape)}s"
+
+
+def grafana_substitute(expr: str, rate_interval: str) -> str:
+    """What Grafana sends: template variables replaced by the values it would use."""
+    replacements = {
+        "$__rate_interval": rate_interval, "${__rate_interval}": rate_interval,
+        "$__interval": "15s", "${__interval}": "15s", "$__range": "1h", "${__range}": "1h",
+        "$instance": ".*", "${instance}": ".*",   # the variable's "All" value
+    }
+    for variable, value in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"a template variable is left in {expr!r}"
+    return expr
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_every_dashboard_and_alert_expression_runs(stack, dashboard):
+    _, prometheus = stack
+    rate_interval = _rate_interval(prometheus)
+    exprs = [(where, grafana_substitute(e, rate_interval)) for where, e in dashboard_exprs(dashboard)]
+    exprs += [("alerts.yml", e) for e in yaml_scalars(ALERTS.read_text(), "expr")]
+    assert len(exprs) > 20
+    errors = []
+    for where, expr in exprs:
+        try:
+            prometheus.query(expr)
+        except AssertionError as error:
+            errors.append(f"{where}: {error}")
+    assert not errors, "\n".join(errors)
+    # Prometheus loaded and evaluated every alert rule without error.
+    rules = {r["name"]: r for g in prometheus.api("/api/v1/rules")["groups"] for r in g["rules"]}
+    assert set(rules) == set(yaml_scalars(ALERTS.read_text(), "alert"))
+    assert {name: (r["health"], r.get("lastError")) for name, r in rules.items() if r["health"] != "ok"} == {}
+    # lossd is scraped, so LossdDown is not pending or firing.
+    assert rules["LossdDown"]["state"] == "inactive", rules["LossdDown"]
+
+
+def _panel(dashboard: dict, title: str) -> list[str]:
+    found = [e for where, e in dashboard_exprs(dashboard) if where == f"panel {title!r}"]
+    assert found, f"no dashboard panel titled {title!r}"
+    return found
+
+
+def test_core_panels_return_data(stack, dashboard):
+    _, prometheus = stack
+    rate_interval = _rate_interval(prometheus)
+
+    def run(title: str) -> list[list[tuple[dict, float]]]:
+        return [prometheus.query(grafana_substitute(e, rate_interval)) for e in _panel(dashboard, title)]
+
+    [up] = run("Up")
+    assert [v for _, v in up] == [1]
+    [ratio] = run("Error ratio")
+    assert len(ratio) == 1 and 0 < ratio[0][1] < 1, ratio
+    [per_loss] = run("Evaluations per second by loss")
+    rates = {labels["loss"]: v for labels, v in per_loss}
+    assert rates.get("mean_squared_error", 0) > 0 and rates.get("huber", 0) > 0, rates
+    for quantile in run("Evaluation latency p50 / p99 by loss"):
+        latency = {labels["loss"]: v for labels, v in quantile}
+        for loss in ("mean_squared_error", "huber"):
+            assert math.isfinite(latency.get(loss, math.nan)) and 0 < latency[loss] < 5, latency
+    [failed] = run("Failed evaluations by loss and outcome")
+    assert any(labels.get("outcome") == "invalid_argument" and v > 0 for labels, v in failed), failed
+    [codes] = run("Errors by status code")
+    assert {labels["grpc_code"] for labels, v in codes if v > 0} == {"INVALID_ARGUMENT"}, codes
+    [latency] = run("Unary RPC latency p99 by method")
+    assert any(labels.get("grpc_method") == "Evaluate" and math.isfinite(v) for labels, v in latency), latency
+    [jobs] = run("Jobs by state")
+    states = {labels["state"]: v for labels, v in jobs}
+    assert {"queued", "running", "succeeded", "failed"} <= set(states), states
 
 
 def test_handled_total_counts_every_status(stack):
@@ -269,10 +628,15 @@ def test_evaluations_by_loss_and_outcome(stack):
 
 
 def test_loss_label_values_are_bounded(stack):
+    import lossd
+
     server, prometheus = stack
     values = set(prometheus.api("/api/v1/label/loss/values"))
-    # "composite" is the one non-loss value besides "other" (lossd_server/observability/metrics.py).
-    allowed = set(server.evaluator.registry.names()) | {"other", "composite"}
+    with lossd.Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        registered = {info.name for info in client.losses()}
+    # The non-loss values: "composite", "expression" (inline) and "other"
+    # (lossd_server/observability/metrics.py).
+    allowed = registered | {"other", "composite", "expression"}
     assert values <= allowed, sorted(values - allowed)
     assert {"mean_squared_error", "huber", "other"} <= values
     assert UNKNOWN_LOSS not in values and "mse" not in values
@@ -286,23 +650,6 @@ def test_rate_sees_the_traffic(stack):
     assert total is not None and total >= ok
 
 
-def test_histogram_quantile_of_evaluation_latency(stack):
-    _, prometheus = stack
-    p50 = prometheus.value(
-        "histogram_quantile(0.5, sum by (le) "
-        f"(rate(lossd_loss_evaluation_duration_seconds_bucket[{WINDOW}])))")
-    assert p50 is not None and math.isfinite(p50) and 0 < p50 < 5.0, p50
-    per_loss = {labels["loss"]: value for labels, value in prometheus.query(
-        "histogram_quantile(0.5, sum by (le, loss) "
-        f"(rate(lossd_loss_evaluation_duration_seconds_bucket[{WINDOW}])))")}
-    for loss in ("mean_squared_error", "huber"):
-        assert math.isfinite(per_loss[loss]) and 0 < per_loss[loss] < 5.0, per_loss
-    rpc_p99 = prometheus.value(
-        "histogram_quantile(0.99, sum by (le) "
-        f"(rate(grpc_server_handling_seconds_bucket{evaluate_selector()}[{WINDOW}])))")
-    assert rpc_p99 is not None and math.isfinite(rpc_p99) and 0 < rpc_p99 < 5.0, rpc_p99
-
-
 def test_build_and_device_info(stack):
     import lossd_server
 
@@ -311,27 +658,21 @@ def test_build_and_device_info(stack):
     assert len(build) == 1, build
     labels, value = build[0]
     assert value == 1 and labels["version"] == lossd_server.__version__
-    # The device the server picked: CPU on a machine without a GPU.
-    device_type = server.evaluator.device.device_type
-    assert prometheus.value(f'lossd_device_info{{device_type="{device_type}"}}') == 1
-    assert prometheus.value("count(lossd_device_info)") == 1
-    if not _has_gpu():
-        assert prometheus.value('lossd_device_info{device_type="CPU"}') == 1
-
-
-def _has_gpu() -> bool:
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
+    devices = prometheus.query(f'lossd_device_info{{job="{JOB}"}}')
+    assert len(devices) == 1 and devices[0][1] == 1, devices
+    assert devices[0][0]["device_type"] in ("CPU", "GPU"), devices
 
 
 def test_promtool_accepts_the_live_exposition(stack):
-    promtool = find_tool("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (Debian/Ubuntu: apt-get install prometheus)")
+    promtool = require("promtool", "Debian/Ubuntu: apt-get install prometheus")
     server, _ = stack
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as resp:
-        body = resp.read()
+    body = _metrics_body("127.0.0.1", server.metrics_port)
     assert b"lossd_loss_evaluations_total" in body
     result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def test_lossd_stops_cleanly_on_sigterm(stack):
+    """Last: the server the deployment runs exits 0 on the SIGTERM `docker stop` sends."""
+    server, _ = stack
+    assert server.stop() == 0, server.log()

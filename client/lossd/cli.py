@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from lossd_server.observability import logs
         from lossd_server.app import serve
-        from lossd_server.config import Settings
+        from lossd_server.config import Settings, StartupError
     except ImportError as exc:
         print(f"error: `lossd serve` needs the server: pip install \"lossd[server]\" ({exc})", file=sys.stderr)
         return 2
@@ -74,7 +74,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
-    return serve(settings)
+    try:
+        return serve(settings)
+    except StartupError as exc:  # a port in use, no GPU for LOSSD_DEVICE=gpu: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 # -- client commands --------------------------------------------------------

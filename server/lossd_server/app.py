@@ -1,12 +1,16 @@
 """Builds the server (``create_server``), starts and stops it (``Server``), and
 runs it until a signal (``serve``): health and reflection always on, metrics
-on their own port, graceful drain on SIGTERM/SIGINT."""
+on their own port, and on SIGTERM/SIGINT a drain that load balancers can see
+(health NOT_SERVING on an open port), then a grace period for in-flight calls."""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import signal
+import socket
 import threading
 from concurrent import futures
 from typing import Optional
@@ -20,7 +24,7 @@ from prometheus_client import CollectorRegistry
 import lossd_server
 from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc, training_service_pb2
 from lossd_server.evaluation import backend
-from lossd_server.config import Settings
+from lossd_server.config import Settings, StartupError
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.grpc.interceptors import ObservabilityInterceptor
 from lossd_server.losses import custom
@@ -83,8 +87,7 @@ class Server:
         self._started = True
         try:
             if self.metrics is not None:
-                self._metrics_http, self.metrics_port = start_metrics_server(
-                    self.metrics, self.settings.metrics_host, self.settings.metrics_port)
+                self._start_metrics()
             self.port = self._bind()
             self.grpc_server.start()
             start_training = getattr(self.training, "start", None)
@@ -96,19 +99,41 @@ class Server:
         for name in [*SERVICE_NAMES, ""]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    def _start_metrics(self) -> None:
+        host, port = self.settings.metrics_host, self.settings.metrics_port
+        try:
+            self._metrics_http, self.metrics_port = start_metrics_server(self.metrics, host, port)
+        except OSError as error:
+            raise StartupError(_bind_failure("metrics", host, port, error.errno, "metrics_host",
+                                             "metrics_port")) from error
+
     def _bind(self) -> int:
         # gRPC holds a bound port until the server has started and stopped, so
         # start() binds only right before it starts the server.
-        address = f"{self.settings.host}:{self.settings.port}"
+        host, port = self.settings.host, self.settings.port
+        # A plain socket tries first: gRPC would log its own error line and
+        # then say only "Failed to bind", not why.
+        code = _bind_errno(host, port) if port else None
+        if code in (errno.EADDRINUSE, errno.EACCES):
+            raise StartupError(_bind_failure("gRPC", host, port, code, "host", "port"))
         try:
-            return self.grpc_server.add_insecure_port(address)
-        except RuntimeError as error:
-            raise RuntimeError(f"Could not bind gRPC to {address} (LOSSD_HOST, LOSSD_PORT): is another process "
-                               f"listening there?") from error
+            return self.grpc_server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as error:  # taken since the probe, or refused for a reason the probe missed
+            raise StartupError(_bind_failure("gRPC", host, port, _bind_errno(host, port), "host", "port")) from error
+
+    def drain(self, seconds: float, interrupted: Optional[threading.Event] = None) -> None:
+        """Health turns NOT_SERVING for every service while the port stays
+        open and new calls are still served, for ``seconds`` (or until
+        ``interrupted`` is set), so load balancers and Kubernetes probes see
+        it and stop routing here before ``stop()`` closes the port."""
+        self.health.enter_graceful_shutdown()
+        if seconds > 0:
+            (interrupted or threading.Event()).wait(seconds)
 
     def stop(self, grace: Optional[float] = None) -> None:
-        """Drains: health turns NOT_SERVING, new calls are refused, in-flight
-        calls get ``grace`` seconds to finish; then training and the metrics
+        """Stops: health turns NOT_SERVING (if ``drain()`` has not already
+        turned it), new calls are refused, in-flight calls get ``grace``
+        seconds to finish; then training and the metrics
         endpoint stop. Safe after a failed ``start()`` and when called twice."""
         grace = self.settings.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
@@ -121,6 +146,36 @@ class Server:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()  # shutdown() alone leaves the port accepting
             self._metrics_http = None
+
+
+def _bind_errno(host: str, port: int) -> Optional[int]:
+    """Why ``host:port`` cannot be bound, as an errno (None if it can be now)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return errno.EADDRNOTAVAIL
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return error.errno
+    return None
+
+
+def _bind_failure(what: str, host: str, port: int, code: Optional[int], host_setting: str,
+                  port_setting: str) -> str:
+    """One line naming the port and the setting to change."""
+    def flags(name: str) -> str:
+        return f"LOSSD_{name.upper()} or --{name.replace('_', '-')}"
+
+    if code == errno.EADDRINUSE:
+        return f"{what} port {port} is in use on {host} (set {flags(port_setting)})"
+    if code == errno.EACCES:
+        return f"{what} port {port} needs privileges to bind (set {flags(port_setting)} to 1024 or above)"
+    reason = os.strerror(code) if code else "the address cannot be bound"
+    return f"cannot serve {what} on {host}:{port}: {reason} (set {flags(host_setting)}, {flags(port_setting)})"
 
 
 def create_server(settings: Optional[Settings] = None, *, registry: Optional[LossRegistry] = None,
@@ -185,12 +240,24 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
 
 
 def serve(settings: Settings) -> int:
-    """Runs the server until SIGTERM or SIGINT, then drains; returns the exit code."""
+    """Runs the server until SIGTERM or SIGINT, then drains: health says
+    NOT_SERVING on the open port for ``drain_seconds``, in-flight calls get
+    ``grace_seconds``; returns the exit code. A second signal ends the drain early.
+
+    Raises ``StartupError`` when a setting keeps the server from starting.
+    """
     server = create_server(settings)
     stop = threading.Event()
+    hurry = threading.Event()
 
     def on_signal(signum, frame):
-        log.info("received %s: draining (grace %.1f s)", signal.Signals(signum).name, settings.grace_seconds)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.info("received %s again: ending the drain", name)
+            hurry.set()
+            return
+        log.info("received %s: draining (health NOT_SERVING for %.1f s, then grace %.1f s)", name,
+                 settings.drain_seconds, settings.grace_seconds)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -201,6 +268,7 @@ def serve(settings: Settings) -> int:
              f"on http://{settings.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "off",
              server.evaluator.device.name, server.evaluator.device.physical, settings.data_dir)
     stop.wait()
+    server.drain(settings.drain_seconds, hurry)
     server.stop()
     log.info("stopped")
     return 0

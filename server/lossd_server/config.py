@@ -13,6 +13,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 MiB = 1 << 20
 
 
+class StartupError(RuntimeError):
+    """The server cannot start for a reason a setting can fix (a port in use,
+    no GPU where one was asked for). The message is one line that names the
+    setting; ``lossd serve`` prints it and exits with status 2."""
+
+
 class Settings(BaseSettings):
     """lossd server settings. Precedence: command line, environment, defaults."""
 
@@ -57,8 +63,12 @@ class Settings(BaseSettings):
     jit_compile: Literal["auto", "on", "off"] = "auto"
     """XLA for compiled losses: ``auto`` uses it for the losses measured faster with it."""
 
+    drain_seconds: float = Field(5.0, ge=0)
+    """On SIGTERM/SIGINT, how long health says NOT_SERVING while the port stays
+    open and new calls are still served, so load balancers stop routing here."""
+
     grace_seconds: float = Field(10.0, ge=0)
-    """On SIGTERM/SIGINT, how long in-flight calls may take to finish."""
+    """After the drain, how long in-flight calls may take to finish."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level; DEBUG logs one line per request."""

@@ -38,7 +38,7 @@ def _peak_rss_bytes(pid: int) -> int:
 def test_1e8_elements_with_bounded_server_memory(tmp_path):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--port", str(port), "--metrics-port", "",
-                             "--data-dir", str(tmp_path), "--log-level", "WARNING"],
+                             "--data-dir", str(tmp_path), "--log-level", "WARNING", "--drain-seconds", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         rows, cols = 10_000_000, 10

@@ -121,13 +121,16 @@ def test_start_then_stop_leaves_no_port_and_no_thread(tmp_path):
 
 
 def test_a_taken_grpc_port_leaves_nothing_running(tmp_path):
+    from lossd_server.config import StartupError
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         before = set(threading.enumerate())
         server = build(tmp_path, port=port)
-        with pytest.raises(RuntimeError, match=rf"Could not bind gRPC to 127\.0\.0\.1:{port} .*LOSSD_PORT"):
+        with pytest.raises(StartupError, match=rf"^gRPC port {port} is in use on 127\.0\.0\.1 \(set LOSSD_PORT or "
+                                               r"--port\)$"):
             server.start()
     # The metrics endpoint had started before the bind failed: it is gone again.
     assert server.metrics_port and port_is_free(server.metrics_port)
@@ -246,6 +249,12 @@ def wait_for_log(log_path: pathlib.Path, pattern: str, proc: subprocess.Popen, t
     pytest.fail(f"lossd serve did not log {pattern!r} within {timeout} s:\n{log_path.read_text()}")
 
 
+def kill_if_running(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def evaluate_item(request_id: str, y_true, y_pred) -> loss_service_pb2.EvaluateStreamRequest:
     request = loss_service_pb2.EvaluateRequest(loss=loss_pb2.LossSpec(name="mse"),
                                                y_true=wire.from_numpy(y_true), y_pred=wire.from_numpy(y_pred))
@@ -285,6 +294,7 @@ def test_signal_drains_then_exits_zero(tmp_path, sig):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env["PYTHONUNBUFFERED"] = "1"
+    env["LOSSD_DRAIN_SECONDS"] = "0"  # test_drain_* covers the drain; this test covers the grace period
     log_path = tmp_path / "serve.log"
     command = [lossd_executable(), "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "",
                "--data-dir", str(tmp_path / "data"), "--grace-seconds", str(GRACE)]
@@ -335,12 +345,145 @@ def test_signal_drains_then_exits_zero(tmp_path, sig):
         log = log_path.read_text()
         assert re.search(rf"listening on 127\.0\.0\.1:{port} \(gRPC\); metrics off; evaluating on "
                          r"/(CPU|GPU):0 \(/physical_device:(CPU|GPU):0\)", log), log
-        assert f"received {sig.name}: draining (grace {GRACE:.1f} s)" in log, log
+        assert f"received {sig.name}: draining (health NOT_SERVING for 0.0 s, then grace {GRACE:.1f} s)" in log, log
         assert "stopped" in log.splitlines()[-1], log
         assert "Traceback" not in log, log
     finally:
         if channel is not None:
             channel.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+        kill_if_running(proc)
+
+
+def serve_env(**settings: str) -> dict[str, str]:
+    """The environment of a `lossd serve` subprocess: no LOSSD_* from outside,
+    TensorFlow's log level left to lossd, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_") and k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({f"LOSSD_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+def start_serve(tmp_path, **settings: str) -> tuple[subprocess.Popen, pathlib.Path]:
+    """`lossd serve` on 127.0.0.1, port 0, metrics off, configured by ``settings``."""
+    values = {"host": "127.0.0.1", "port": "0", "metrics_port": "", "data_dir": str(tmp_path / "data"), **settings}
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([lossd_executable(), "serve"], stdout=log_file, stderr=subprocess.STDOUT,
+                                env=serve_env(**values), cwd=tmp_path)
+    return proc, log_path
+
+
+def evaluate_mse(channel: grpc.Channel, y_true, y_pred) -> float:
+    request = loss_service_pb2.EvaluateRequest(loss=loss_pb2.LossSpec(name="mse"),
+                                               y_true=wire.from_numpy(y_true), y_pred=wire.from_numpy(y_pred))
+    answer = loss_service_pb2_grpc.LossServiceStub(channel).Evaluate(request, timeout=30)
+    return float(wire.to_numpy(answer.loss))
+
+
+DRAIN = 4.0
+
+
+def test_drain_says_not_serving_on_an_open_port_then_exits_zero(tmp_path):
+    """What Kubernetes and Envoy need to stop routing: after SIGTERM, health
+    says NOT_SERVING for drain_seconds while calls are still served; then the
+    grace period; then exit 0."""
+    grace = 1.0
+    proc, log_path = start_serve(tmp_path, drain_seconds=str(DRAIN), grace_seconds=str(grace))
+    y_true, y_pred = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+    channel = None
+    try:
+        port = int(wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=90).group(1))
+        address = f"127.0.0.1:{port}"
+        channel = grpc.insecure_channel(address)
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == SERVING
+        assert evaluate_mse(channel, y_true, y_pred) == pytest.approx(1.0)
+
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        deadline = signalled + DRAIN / 2
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != NOT_SERVING:
+            assert time.monotonic() < deadline, "health did not turn NOT_SERVING after SIGTERM"
+            time.sleep(0.05)
+        # Every service reports NOT_SERVING, and calls are still served, on the
+        # open channel and on a new connection alike.
+        for service in ["", SERVICE, "lossd.v1.TrainingService"]:
+            assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == NOT_SERVING
+        assert evaluate_mse(channel, y_true, y_pred) == pytest.approx(1.0)
+        with grpc.insecure_channel(address) as fresh:
+            assert evaluate_mse(fresh, y_true, y_pred) == pytest.approx(1.0)
+        assert time.monotonic() - signalled < DRAIN, "the checks above ran past the drain; raise DRAIN"
+        assert proc.poll() is None, "the server exited during the drain"
+
+        returncode = proc.wait(timeout=DRAIN + grace + 15)
+        elapsed = time.monotonic() - signalled
+        assert returncode == 0
+        assert DRAIN - 0.5 <= elapsed < DRAIN + grace + 15
+        log = log_path.read_text()
+        assert f"received SIGTERM: draining (health NOT_SERVING for {DRAIN:.1f} s, then grace {grace:.1f} s)" in log
+        assert "Traceback" not in log, log
+    finally:
+        if channel is not None:
+            channel.close()
+        kill_if_running(proc)
+
+
+def test_drain_seconds_is_a_flag_and_a_setting():
+    from lossd.cli import build_parser
+    from lossd_server.config import Settings
+
+    assert Settings().drain_seconds == 5.0
+    assert build_parser().parse_args(["serve", "--drain-seconds", "0"]).drain_seconds == "0"
+
+
+# -- start-up failures and noise ----------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["port", "metrics_port"])
+def test_a_port_in_use_is_one_line_and_status_2(tmp_path, which):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = {which: str(port)}
+        if which == "metrics_port":
+            settings["metrics_host"] = "127.0.0.1"
+        proc, log_path = start_serve(tmp_path, **settings)
+        returncode = proc.wait(timeout=120)
+    output = log_path.read_text()
+    what = "gRPC" if which == "port" else "metrics"
+    flag = which.replace("_", "-")
+    assert output.strip().splitlines() == [
+        f"error: {what} port {port} is in use on 127.0.0.1 (set LOSSD_{which.upper()} or --{flag})"], output
+    assert returncode == 2
+
+
+@pytest.mark.skipif(any(os.path.exists(n) for n in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")),
+                    reason="this machine has a GPU device node: TensorFlow's CUDA probe is expected here")
+def test_start_up_on_a_cpu_machine_is_quiet_and_names_the_device(tmp_path):
+    proc, log_path = start_serve(tmp_path, drain_seconds="0", grace_seconds="0")
+    try:
+        wait_for_log(log_path, r"listening on 127\.0\.0\.1:\d+ \(gRPC\)", proc, timeout=90)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        kill_if_running(proc)
+    log = log_path.read_text()
+    assert "cuInit" not in log, log
+    assert not re.search(r"^[EWF]\d{4} ", log, re.M), log  # no error, warning or fatal line from TensorFlow's C++ log
+    device_lines = [line for line in log.splitlines() if "evaluating on" in line]
+    assert len(device_lines) == 1, log
+    assert re.search(r"evaluating on /CPU:0 \(/physical_device:CPU:0\)", device_lines[0]), log
+
+
+@pytest.mark.skipif(any(os.path.exists(n) for n in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")),
+                    reason="this machine may have a GPU")
+def test_device_gpu_without_a_gpu_is_one_error_line_and_status_2(tmp_path):
+    proc, log_path = start_serve(tmp_path, device="gpu")
+    returncode = proc.wait(timeout=120)
+    output = log_path.read_text()
+    assert returncode == 2, output
+    assert output.strip().splitlines()[-1] == ("error: LOSSD_DEVICE=gpu but TensorFlow sees no GPU "
+                                               "(set LOSSD_DEVICE or --device to auto or cpu)"), output
+    assert "Traceback" not in output, output
+    # Asked for a GPU, TensorFlow's own reason (the failed CUDA probe) stays visible.
+    assert "cuInit" in output, output

@@ -6,19 +6,66 @@ so the core could run on another Keras backend by replacing this module.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence
+import re
+import sys
+import tempfile
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 # TensorFlow's C++ start-up chatter is noise in a server log; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+
+@contextlib.contextmanager
+def _without_lines(noise: re.Pattern) -> Iterator[None]:
+    """Holds back what is written to file descriptor 2 (TensorFlow's C++ log
+    writes there, not to ``sys.stderr``) and writes it out again afterwards,
+    less the lines that match ``noise``. Everything else, errors included, still shows."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True) if not noise.search(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+# While TensorFlow loads, its C++ log is not set up yet and writes INFO lines
+# (oneDNN, "Could not find cuda drivers") whatever TF_CPP_MIN_LOG_LEVEL says.
+# Those lines are held back as that setting asks; warnings and errors show.
+_EARLY_INFO = re.compile(rb"^(I\d{4} |WARNING: All log messages before absl::InitializeLog\(\) is called)")
+
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0").strip() in ("1", "2", "3"):
+    with _without_lines(_EARLY_INFO):
+        import tensorflow as tf  # noqa: E402
+else:
+    import tensorflow as tf  # noqa: E402
+
+from lossd_server.config import StartupError  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+# Device nodes through which a process reaches an NVIDIA GPU: the driver's on
+# Linux and in containers run with the NVIDIA runtime, /dev/dxg under WSL2.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")
+
+# What TensorFlow's CUDA build logs at ERROR level when it probes for a GPU on
+# a machine without a driver. CUDA_VISIBLE_DEVICES does not prevent it (cuInit
+# runs first), and TF_CPP_MIN_LOG_LEVEL=3 would hide every real error too.
+_NO_DRIVER_NOISE = re.compile(rb"failed call to cuInit")
 
 # Where request tensors are wrapped: they arrive in host memory.
 HOST_DEVICE = "/job:localhost/replica:0/task:0/device:CPU:0"
@@ -50,13 +97,28 @@ def configure_threads(inter_op: Optional[int]) -> None:
         log.debug("TensorFlow is already initialised; inter-op threads left as they are")
 
 
+def gpu_expected(prefer: str = "auto") -> bool:
+    """Whether a GPU may be there: ``prefer="gpu"`` asks for one, else a GPU
+    device node must exist (none does on a CPU machine or container)."""
+    return prefer == "gpu" or any(os.path.exists(node) for node in GPU_DEVICE_NODES)
+
+
+def physical_gpus(prefer: str = "auto") -> list:
+    """TensorFlow's GPUs. The first call probes CUDA; where no GPU is expected
+    (``gpu_expected``), the probe's "failed call to cuInit" line is dropped."""
+    if gpu_expected(prefer):
+        return tf.config.list_physical_devices("GPU")
+    with _without_lines(_NO_DRIVER_NOISE):
+        return tf.config.list_physical_devices("GPU")
+
+
 def select_device(prefer: str = "auto") -> Device:
     """Picks the best device: the first GPU when there is one (``prefer="auto"``).
 
     Turns on memory growth for every GPU, so the server does not take all
     GPU memory at start and training processes can share the card.
     """
-    gpus = tf.config.list_physical_devices("GPU")
+    gpus = physical_gpus(prefer)
     for gpu in gpus:
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
@@ -64,7 +126,8 @@ def select_device(prefer: str = "auto") -> Device:
             pass
     if prefer == "cpu" or not gpus:
         if prefer == "gpu":
-            raise RuntimeError("LOSSD_DEVICE=gpu but TensorFlow sees no GPU")
+            raise StartupError("LOSSD_DEVICE=gpu but TensorFlow sees no GPU (set LOSSD_DEVICE or --device to "
+                               "auto or cpu)")
         cpu = tf.config.list_physical_devices("CPU")[0]
         return Device("/CPU:0", "CPU", cpu.name)
     return Device("/GPU:0", "GPU", gpus[0].name)

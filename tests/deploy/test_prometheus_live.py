@@ -17,7 +17,9 @@ What the containers would run, taken from the deployment files themselves:
 Known traffic goes through ``lossd.Client`` in two waves: a warm-up before
 Prometheus starts (every series the checks read exists from the first scrape
 on) and the main wave once Prometheus has stored a first sample, so
-``rate()`` over the dashboard's window sees an increase. The tests then run
+``rate()`` over the dashboard's window sees an increase; one two-step
+training job runs meanwhile, so the jobs panels have a finished job to show.
+The tests then run
 every PromQL expression of the Grafana dashboard and the alert rules against
 that Prometheus. Both processes are bounded by timeouts and stopped (SIGTERM,
 then SIGKILL) however the module ends.
@@ -55,6 +57,7 @@ JOB = "lossd"
 UNKNOWN_LOSS = "no_such_loss_xyz"
 START_WAIT_S = 180.0   # lossd imports TensorFlow before it listens; the machine may be busy
 SCRAPE_WAIT_S = 60.0   # the deployment scrapes every 15 s: a sample lands within ~20 s
+JOB_WAIT_S = 300.0     # a 2-step CNN job: its process imports TensorFlow first
 WINDOW = "1m"          # longer than the whole module runs: every sample is in range
 
 # Calls per kind: (warm-up wave, main wave).
@@ -423,13 +426,19 @@ def stack(tmp_path_factory, lossd_serve, other_address):
     try:
         with lossd.Client(f"127.0.0.1:{server.port}", timeout=30) as client:
             send(client, 0)
+            # One tiny training job, trained while Prometheus starts and scrapes.
+            job = client.create_job("cnn", "digits", epochs=1, steps_per_epoch=2, batch_size=32,
+                                    display_name="deploy test")
             prometheus = Prometheus(binary, tmp, f"{other_address}:{server.metrics_port}")
             prometheus.wait_ready()
             # A first sample of the warm-up is stored: the main wave is an increase.
             prometheus.wait_for(f'up{{job="{JOB}"}}', 1)
             prometheus.wait_for('sum(grpc_server_handled_total{grpc_method="Evaluate"})', WARM_UP)
             send(client, 1)
+            finished = client.wait(job, progress=False, timeout=JOB_WAIT_S)
+            assert finished.state == "succeeded", (finished.state, finished.error)
         prometheus.wait_for('sum(grpc_server_handled_total{grpc_method="Evaluate",grpc_code="OK"})', N + M)
+        prometheus.wait_for(f'sum(lossd_training_job_duration_seconds_count{{job="{JOB}",state="succeeded"}})', 1)
         prometheus.wait_for(
             'sum(grpc_server_handled_total{grpc_method="Evaluate",grpc_code="INVALID_ARGUMENT"})', K)
         prometheus.wait_until(prometheus.rules_evaluated, "every alert rule evaluated")
@@ -594,6 +603,11 @@ def test_core_panels_return_data(stack, dashboard):
     [jobs] = run("Jobs by state")
     states = {labels["state"]: v for labels, v in jobs}
     assert {"queued", "running", "succeeded", "failed"} <= set(states), states
+    assert states["succeeded"] == 1, states
+    [finished] = run("Finished jobs per hour by final state")
+    assert {labels["state"] for labels, v in finished if v > 0} == {"succeeded"}, finished
+    [train_loss] = run("Training loss")
+    assert train_loss and all(math.isfinite(v) for _, v in train_loss), train_loss
 
 
 def test_handled_total_counts_every_status(stack):

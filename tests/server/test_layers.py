@@ -52,10 +52,8 @@ WATCH = textwrap.dedent('''
     print(json.dumps({"modules": modules, "imports": seen}))
 ''')
 
-# The model presets belong to the job worker: their only TensorFlow call is the
-# VAE's GradientTape train step, which runs inside the job's own process.
 TENSORFLOW_OWNERS = {"lossd_server.evaluation.backend", "lossd_server.training.worker",
-                     "lossd_server.training.models", "lossd_server.training.inference"}
+                     "lossd_server.training.inference"}
 
 
 def _imports():

@@ -341,16 +341,12 @@ def _register_vae():
             return {m.name: m.result() for m in self.metrics}
 
         def train_step(self, data):
-            # The TensorFlow backend's train step: GradientTape, as in the Keras example.
-            import tensorflow as tf
+            # Taking gradients is backend-specific; the job worker owns the
+            # TensorFlow side of training (a GradientTape, as in the Keras example).
+            from lossd_server.training import worker
 
             images = data[0] if isinstance(data, (tuple, list)) else data
-            with tf.GradientTape() as tape:
-                total, rec, kl = self.compute_losses(images, training=True)
-                scaled = self.optimizer.scale_loss(total)
-            grads = tape.gradient(scaled, self.trainable_weights)
-            self.optimizer.apply_gradients(zip(grads, self.trainable_weights))
-            return self._update(total, rec, kl)
+            return self._update(*worker.vae_gradient_step(self, images))
 
         def test_step(self, data):
             images = data[0] if isinstance(data, (tuple, list)) else data

@@ -211,6 +211,20 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     send("done", state="succeeded")
 
 
+def vae_gradient_step(model, images):
+    """One optimisation step of a ``models.VAE`` on the TensorFlow backend:
+    its ``compute_losses`` under a GradientTape, the optimizer applied.
+    Returns ``(total, reconstruction, kl)``."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        total, rec, kl = model.compute_losses(images, training=True)
+        scaled = model.optimizer.scale_loss(total)
+    grads = tape.gradient(scaled, model.trainable_weights)
+    model.optimizer.apply_gradients(zip(grads, model.trainable_weights))
+    return total, rec, kl
+
+
 def _finite(value) -> bool:
     return value is not None and math.isfinite(float(value))
 

@@ -41,8 +41,18 @@ def client_error(message: str, reason: str = "CLIENT") -> LossdError:
     return LossdError(grpc.StatusCode.INVALID_ARGUMENT, message, reason)
 
 
-def from_rpc_error(error: grpc.RpcError) -> LossdError:
-    """Translates a ``grpc.RpcError`` (sync or aio) into a LossdError."""
+def unavailable_hint(address: str, details: str) -> str:
+    """The message for an UNAVAILABLE call to ``address``: what was tried and
+    what to check, then gRPC's own ``details``."""
+    if "Failed parsing HTTP/2" in details:
+        return (f"{address} answers in HTTP/1, not gRPC: it is probably the metrics port. Expected the "
+                f"address of lossd's gRPC port (`lossd serve --port`, 50051 by default). Received: {details}")
+    return f"Cannot reach a lossd server at {address}: is `lossd serve` running there? Received: {details}"
+
+
+def from_rpc_error(error: grpc.RpcError, address: Optional[str] = None) -> LossdError:
+    """Translates a ``grpc.RpcError`` (sync or aio) into a LossdError; an
+    UNAVAILABLE one says which ``address`` was tried and what to check."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     message = error.details() if callable(getattr(error, "details", None)) else str(error)
     reason, metadata = "", {}
@@ -54,6 +64,8 @@ def from_rpc_error(error: grpc.RpcError) -> LossdError:
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 reason, metadata = info.reason, dict(info.metadata)
+    if code == grpc.StatusCode.UNAVAILABLE and address and not reason:
+        message = unavailable_hint(address, message or "")
     return LossdError(code, message or "", reason, metadata)
 
 
@@ -83,13 +95,20 @@ def _rich_status(error):
         return None
 
 
-def as_lossd_error(error: BaseException) -> LossdError:
-    """The LossdError for a gRPC failure or for input ``lossd.wire`` refused locally."""
+def as_lossd_error(error: BaseException, address: Optional[str] = None) -> LossdError:
+    """The LossdError for a gRPC failure or for input ``lossd.wire`` refused
+    locally; ``address`` is the server the client called."""
     if isinstance(error, LossdError):
         return error
     if isinstance(error, WireError):
         return client_error(str(error), error.reason)
-    return from_rpc_error(error)
+    return from_rpc_error(error, address)
+
+
+def _address(args) -> Optional[str]:
+    """The server address of a decorated method's client (its ``self``)."""
+    address = getattr(args[0], "address", None) if args else None
+    return address if isinstance(address, str) else None
 
 
 TRANSLATED = (grpc.RpcError, WireError)
@@ -107,7 +126,7 @@ def translate_errors(method):
             try:
                 return (yield from method(*args, **kwargs))
             except TRANSLATED as error:
-                raise as_lossd_error(error) from None
+                raise as_lossd_error(error, _address(args)) from None
         return generator_wrapper
 
     @functools.wraps(method)
@@ -115,7 +134,7 @@ def translate_errors(method):
         try:
             return method(*args, **kwargs)
         except TRANSLATED as error:
-            raise as_lossd_error(error) from None
+            raise as_lossd_error(error, _address(args)) from None
     return wrapper
 
 
@@ -132,7 +151,7 @@ def translate_errors_async(method):
                     async for item in items:
                         yield item
                 except TRANSLATED as error:
-                    raise as_lossd_error(error) from None
+                    raise as_lossd_error(error, _address(args)) from None
         return generator_wrapper
     if not inspect.iscoroutinefunction(method):
         raise TypeError(f"{method.__qualname__} is not async: use translate_errors")
@@ -142,5 +161,5 @@ def translate_errors_async(method):
         try:
             return await method(*args, **kwargs)
         except TRANSLATED as error:
-            raise as_lossd_error(error) from None
+            raise as_lossd_error(error, _address(args)) from None
     return wrapper

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 import lossd
+from lossd._errors import unavailable_hint
 
 ADDRESS_ENV = "LOSSD_ADDRESS"
 
@@ -146,11 +147,27 @@ def cmd_health(args: argparse.Namespace) -> int:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout or 5.0)
         except grpc.RpcError as error:
-            print(f"unhealthy: {error.code().name}: {error.details()}", file=sys.stderr)
+            details = error.details() or ""
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                details = unavailable_hint(args.address, details)
+            print(f"unhealthy: {error.code().name}: {details}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def client_flags() -> argparse.ArgumentParser:
+    """``--address`` and ``--timeout``, as a parent parser for every client
+    command and each of its sub-commands, so they may follow either
+    (``lossd losses --address A register ...`` and ``lossd losses register ...
+    --address A`` alike). SUPPRESS keeps an outer value when an inner parser
+    does not see the flag; ``main`` fills in the defaults."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--address", default=argparse.SUPPRESS,
+                       help=f"server host:port [env {ADDRESS_ENV}; default localhost:50051]")
+    flags.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="deadline in seconds [none]")
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,16 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--address", default=_address_default(), help=f"server host:port [env {ADDRESS_ENV}]")
-        p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+        p = sub.add_parser(name, help=help, parents=[client_flags()])
+        p.set_defaults(client_command=True)
         return p
 
     p = client_parser("losses", "list the losses the server evaluates (or register/delete one)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_losses)
     losses_sub = p.add_subparsers(dest="losses_command")
-    r = losses_sub.add_parser("register", help="register a named expression loss")
+    r = losses_sub.add_parser("register", parents=[client_flags()], help="register a named expression loss")
     r.add_argument("name", help="a lowercase identifier")
     r.add_argument("expression", help="the loss in lossd's expression language")
     r.add_argument("--param", action="append", metavar="KEY=DEFAULT", help="parameter and default (repeatable)")
@@ -180,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--doc", default="", help="one-line description")
     r.add_argument("--replace", action="store_true", help="overwrite a registered loss of the same name")
     r.set_defaults(func=cmd_losses_register)
-    d = losses_sub.add_parser("delete", help="delete a registered expression loss")
+    d = losses_sub.add_parser("delete", parents=[client_flags()], help="delete a registered expression loss")
     d.add_argument("name")
     d.set_defaults(func=cmd_losses_delete)
 
@@ -206,8 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "client_command", False):
+        if getattr(args, "address", None) is None:
+            args.address = _address_default()
+        if not hasattr(args, "timeout"):
+            args.timeout = None
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`lossd losses | head`): stop quietly, as
+        # Unix tools do, with the status a SIGPIPE gives (128 + 13).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except lossd.LossdError as error:
         print(f"error: {error.code.name}{f' {error.reason}' if error.reason else ''}: {error.message}", file=sys.stderr)
         return 1

@@ -307,4 +307,4 @@ class Compiled:
 
 def gpu_count() -> int:
     """How many GPUs TensorFlow sees (the training scheduler runs one job per GPU by default)."""
-    return len(tf.config.list_physical_devices("GPU"))
+    return len(physical_gpus())

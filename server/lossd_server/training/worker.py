@@ -131,12 +131,14 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     import tensorflow as tf
     import keras
 
+    from lossd_server.evaluation.backend import physical_gpus
     from lossd_server.training import datasets, models
     from lossd_server.training.losses import ONE_HOT, PlanLoss, label_format, plan_stored
 
-    for gpu in tf.config.list_physical_devices("GPU"):
+    gpus = physical_gpus()  # the first probe: quiet where no GPU is expected, as in the server
+    for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
-    if config.get("mixed_precision") and tf.config.list_physical_devices("GPU"):
+    if config.get("mixed_precision") and gpus:
         keras.mixed_precision.set_global_policy("mixed_float16")
 
     spec, runtime = config["spec"], config["runtime"]
@@ -194,7 +196,7 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
                              f"{epochs - initial_epoch} epochs to go.", resumed_from_epoch=initial_epoch)
     send("message", text=f"Training {model_spec['preset']} on {len(x_train)} images ({n_val} held out for "
                          f"validation), {steps} batches of {batch_size} per epoch, on "
-                         f"{'GPU' if tf.config.list_physical_devices('GPU') else 'CPU'}.")
+                         f"{'GPU' if gpus else 'CPU'}.")
 
     reporter = _Reporter(send, job_dir, history, epochs=epochs, steps=steps, batch_size=batch_size,
                          examples_per_epoch=examples_per_epoch, n_train=len(x_train),

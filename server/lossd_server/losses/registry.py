@@ -422,8 +422,20 @@ def values_shape(entry: LossEntry, params: Mapping[str, Any], true_shape: tuple,
     if entry.shapes == SHAPES_SAME:
         a, b = align_ranks(true_shape, pred_shape)
         if a != b:
-            raise _shape_error(entry, "the same shape (a trailing dimension of 1 may differ)",
-                               true_shape, pred_shape)
+            error = _shape_error(entry, "the same shape (a trailing dimension of 1 may differ)",
+                                 true_shape, pred_shape)
+            if (entry.name.startswith("categorical_") and len(pred_shape) >= 1
+                    and true_shape in (pred_shape[:-1], pred_shape[:-1] + (1,))):
+                # y_true holds one class index per row, where this loss wants
+                # one-hot rows: name what fits, as CreateJob does.
+                twin = "sparse_categorical_crossentropy"
+                error = InvalidArgument(
+                    f"{error.message} y_true looks like integer class labels, but `{entry.name}` takes one-hot "
+                    f"labels. Use one-hot y_true of shape {list(pred_shape)}"
+                    + (f", or `{twin}`, which takes class indices." if entry.name == "categorical_crossentropy"
+                       else " (keras.utils.to_categorical)."),
+                    reason="SHAPE_MISMATCH", metadata=error.metadata)
+            raise error
         if len(pred_shape) == 0:
             raise _shape_error(entry, "y_pred of rank >= 1", true_shape, pred_shape)
         pred_shape = b
@@ -537,7 +549,20 @@ class LossRegistry:
         return self._lookup.get(name) if isinstance(name, str) else None
 
     def _unknown(self, name: str) -> UnknownLoss:
-        close = difflib.get_close_matches(name, list(self._lookup), n=3)
+        # Suggestions ignore case ('MSE' -> mse) and name each loss once, by
+        # its lowercase spelling where it has one (huber, not huber, Huber).
+        spellings: dict[str, str] = {}
+        for key in self._lookup:
+            if key.lower() not in spellings or key.islower():
+                spellings[key.lower()] = key
+        wanted = name.lower() if isinstance(name, str) else ""
+        matches = [wanted] if wanted in spellings else difflib.get_close_matches(wanted, list(spellings), n=10)
+        close, seen = [], set()
+        for match in matches:
+            if self._lookup[spellings[match]] not in seen:
+                seen.add(self._lookup[spellings[match]])
+                close.append(spellings[match])
+        close = close[:3]
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         shown = name if len(name) <= 80 else name[:80] + "..."
         return UnknownLoss(

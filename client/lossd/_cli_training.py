@@ -11,7 +11,7 @@ from typing import Callable
 import lossd
 
 
-from lossd.cli import parse_pairs as _pairs
+from lossd.cli import client_flags, parse_pairs as _pairs
 
 
 def _client(args) -> "lossd.Client":
@@ -183,7 +183,7 @@ def _plot_with_pillow(series: dict, path: pathlib.Path, title: str) -> pathlib.P
 
 def cmd_datasets_upload(args) -> int:
     with _client(args) as client:
-        info = client.upload_dataset(args.path, name=args.name)
+        info = client.upload_dataset(args.path, name=args.name, replace=args.replace)
     print(f"{info.name}: {info.examples} images of {'x'.join(map(str, info.image_shape))}, "
           f"{len(info.class_names)} classes")
     return 0
@@ -207,10 +207,8 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
             sub-command with ``--address`` and ``--timeout``.
     """
     # --address/--timeout may also follow the sub-command (`lossd jobs list
-    # --address ...`); SUPPRESS keeps the group-level value when they don't.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--address", default=argparse.SUPPRESS, help="server host:port")
-    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="deadline in seconds")
+    # --address ...`), as for every client command.
+    common = client_flags()
 
     jobs = client_parser("jobs", "create, watch and use training jobs")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
@@ -265,6 +263,7 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p = dsub.add_parser("upload", parents=[common], help="upload an .npz or a zip/tar of class folders")
     p.add_argument("path")
     p.add_argument("--name", help="dataset name [the file name]")
+    p.add_argument("--replace", action="store_true", help="overwrite an uploaded dataset of the same name")
     p.set_defaults(func=cmd_datasets_upload)
     p = dsub.add_parser("list", parents=[common], help="list datasets")
     p.set_defaults(func=cmd_datasets_list)

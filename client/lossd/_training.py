@@ -307,7 +307,7 @@ class Waiter:
         return self.RETRY_SECONDS
 
 
-def upload_requests(path: "str | os.PathLike", name: Optional[str], chunk_bytes: int
+def upload_requests(path: "str | os.PathLike", name: Optional[str], chunk_bytes: int, replace: bool = False
                     ) -> Iterator[pb.UploadDatasetRequest]:
     """The header, then the file in chunks; the format and the file are
     checked now, before any call."""
@@ -317,7 +317,8 @@ def upload_requests(path: "str | os.PathLike", name: Optional[str], chunk_bytes:
     if fmt is None:
         raise client_error(f"Cannot tell the dataset format of {path.name}. Expected a file ending in "
                            f"{', '.join(_FORMATS)}.")
-    header = pb.DatasetHeader(name=name or path.name[: -len(suffix)], format=fmt, size_bytes=path.stat().st_size)
+    header = pb.DatasetHeader(name=name or path.name[: -len(suffix)], format=fmt, size_bytes=path.stat().st_size,
+                              replace=replace)
     return _upload_messages(path, header, chunk_bytes)
 
 
@@ -514,15 +515,18 @@ class TrainingMixin(_TrainingStub):
                 return result
 
     @translate_errors
-    def upload_dataset(self, path: "str | os.PathLike", name: Optional[str] = None, *,
+    def upload_dataset(self, path: "str | os.PathLike", name: Optional[str] = None, *, replace: bool = False,
                        chunk_bytes: int = UPLOAD_CHUNK_BYTES, timeout: Optional[float] = None) -> Dataset:
         """Uploads an ``.npz`` (``x``, ``y``) or a zip/tar of one folder per class of images.
 
         Args:
             path: The file; its suffix gives the format.
             name: The dataset's name; the file name without suffix when None.
+            replace: Overwrite an uploaded dataset of the same name. Without
+                it, a name already taken fails with ALREADY_EXISTS
+                (reason ``DATASET_EXISTS``).
         """
-        requests = upload_requests(path, name, chunk_bytes)
+        requests = upload_requests(path, name, chunk_bytes, replace)
         return Dataset.from_proto(self._training.UploadDataset(requests, **self._call_args(timeout)))
 
     @translate_errors
@@ -631,10 +635,10 @@ class AsyncTrainingMixin(_TrainingStub):
                 return result
 
     @translate_errors_async
-    async def upload_dataset(self, path: "str | os.PathLike", name: Optional[str] = None, *,
+    async def upload_dataset(self, path: "str | os.PathLike", name: Optional[str] = None, *, replace: bool = False,
                              chunk_bytes: int = UPLOAD_CHUNK_BYTES, timeout: Optional[float] = None) -> Dataset:
         """Refer to ``lossd.Client.upload_dataset``."""
-        requests = upload_requests(path, name, chunk_bytes)
+        requests = upload_requests(path, name, chunk_bytes, replace)
         return Dataset.from_proto(await self._training.UploadDataset(requests, **self._call_args(timeout)))
 
     @translate_errors_async

@@ -263,7 +263,7 @@ class Dataset(_message.Message):
     def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., examples: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., class_names: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class DatasetHeader(_message.Message):
-    __slots__ = ("name", "format", "size_bytes")
+    __slots__ = ("name", "format", "size_bytes", "replace")
     class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         FORMAT_UNSPECIFIED: _ClassVar[DatasetHeader.Format]
@@ -277,10 +277,12 @@ class DatasetHeader(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     name: str
     format: DatasetHeader.Format
     size_bytes: int
-    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[DatasetHeader.Format, str]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    replace: bool
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[_Union[DatasetHeader.Format, str]] = ..., size_bytes: _Optional[int] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class UploadDatasetRequest(_message.Message):
     __slots__ = ("header", "chunk")

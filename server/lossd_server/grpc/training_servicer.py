@@ -210,7 +210,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                                           reason="BAD_UPLOAD")
                 yield message.chunk
 
-        info = self.manager.catalog.upload(header.name, fmt, header.size_bytes, chunks())
+        info = self.manager.catalog.upload(header.name, fmt, header.size_bytes, chunks(), replace=header.replace)
         return dataset_to_proto(info)
 
     @handle_errors

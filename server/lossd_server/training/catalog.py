@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import pathlib
 import tempfile
+import threading
 from typing import Iterator
 
-from lossd_server.errors import InvalidArgument
+from lossd_server.errors import AlreadyExists, InvalidArgument
 from lossd_server.training import datasets
 from lossd_server.training.store import Store
 
@@ -33,6 +34,7 @@ class DatasetCatalog:
         self.settings = settings
         self.store = store
         self.datasets_dir = pathlib.Path(datasets_dir)
+        self._saving = threading.Lock()  # the existence check and the save, as one step
 
     def info(self, ref: str) -> datasets.DatasetInfo:
         """What a job needs to know about a dataset reference; checks it exists.
@@ -62,16 +64,25 @@ class DatasetCatalog:
         infos += [datasets.DatasetInfo.from_dict(d) for d in self.store.list_datasets()]
         return sorted(infos, key=lambda i: i.name)
 
-    def upload(self, name: str, fmt: str, size_bytes: int, chunks: Iterator[bytes]) -> datasets.DatasetInfo:
+    def upload(self, name: str, fmt: str, size_bytes: int, chunks: Iterator[bytes], *,
+               replace: bool = False) -> datasets.DatasetInfo:
         """Receives an upload into a temporary file, checks and normalises it,
         then stores it.
 
+        Args:
+            replace: Overwrite an uploaded dataset of the same name; without
+                it such an upload is refused, before its bytes are read.
+
         Raises:
+            AlreadyExists: DATASET_EXISTS, the name is taken and ``replace``
+                is not set.
             InvalidArgument: bad name or format, a size over the limit or
                 unlike the header's (UPLOAD_TOO_LARGE, SIZE_MISMATCH), or
                 content that fails the checks (BAD_DATASET, CORRUPT_IMAGE...).
         """
         datasets.check_name(name)
+        if not replace:
+            self._check_free(name)
         if fmt not in datasets.FORMATS:
             raise InvalidArgument(f"Invalid dataset format. Expected one of {list(datasets.FORMATS)}. "
                                   f"Received: {fmt!r}.", reason="BAD_DATASET_FORMAT")
@@ -98,9 +109,18 @@ class DatasetCatalog:
             else:
                 x, y, class_names = datasets.parse_archive(tmp.name, fmt, limit)
         path = self.datasets_dir / f"{name}.npz"
-        size = datasets.save_arrays(path, x, y, class_names)
-        info = datasets.info_from_arrays(name, "upload", x, class_names, str(path), size)
-        self.store.put_dataset(name, info.to_dict())
+        with self._saving:
+            if not replace:  # again: another upload of this name may have finished meanwhile
+                self._check_free(name)
+            size = datasets.save_arrays(path, x, y, class_names)
+            info = datasets.info_from_arrays(name, "upload", x, class_names, str(path), size)
+            self.store.put_dataset(name, info.to_dict())
         log.info("dataset %s uploaded: %d images of %s, %d classes", name, info.examples, info.image_shape,
                  len(class_names))
         return info
+
+    def _check_free(self, name: str) -> None:
+        if self.store.get_dataset(name) is not None:
+            raise AlreadyExists(f"Dataset {name!r} already exists. Expected a new name, or replace=True "
+                                "(`lossd datasets upload --replace`) to overwrite it.",
+                                reason="DATASET_EXISTS", metadata={"dataset": name})

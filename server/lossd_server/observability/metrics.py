@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 # Label values of the ``loss`` label that are not loss names.
 OTHER_LOSS = "other"
 COMPOSITE_LOSS = "composite"
+EXPRESSION_LOSS = "expression"  # an inline expression (LossSpec.expression)
 
 EVALUATION_OUTCOMES = ("ok", "invalid_argument", "error")
 CACHE_RESULTS = ("hit", "miss")
@@ -206,7 +207,7 @@ class Metrics:
         self.registry = registry
         self._evaluation_children: dict[tuple[str, str], tuple] = {}
         self._rpc_methods: dict[tuple[str, str], RpcMethodMetrics] = {}
-        self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, OTHER_LOSS}
+        self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, EXPRESSION_LOSS, OTHER_LOSS}
         r = registry
 
         if process_metrics:
@@ -331,7 +332,9 @@ class Metrics:
     # Loss evaluation.
 
     def loss_label(self, name: str) -> str:
-        """Returns ``name`` if it is a registered loss, else ``"other"``."""
+        """The ``loss`` label for ``name``: a loss registered at start,
+        ``"composite"``, ``"expression"`` (an inline expression), else
+        ``"other"`` (so a client cannot invent label values)."""
         return name if name in self._loss_labels else OTHER_LOSS
 
     def observe_evaluation(self, loss_name: str, outcome: str, seconds: float,

@@ -264,12 +264,22 @@ class Lossd:
             time.sleep(0.2)
         raise TimeoutError(f"lossd serve not listening after {timeout} s:\n{self.log()}")
 
-    def stop(self) -> int | None:
+    def stop_grace_seconds(self) -> float:
+        """compose's stop_grace_period: how long `docker stop` waits before SIGKILL."""
+        period = str(self.service.get("stop_grace_period", "10s"))
+        match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", period)
+        assert match and period, f"unexpected stop_grace_period {period!r}"
+        return 60 * float(match.group(1) or 0) + float(match.group(2) or 0)
+
+    def stop(self) -> tuple[int | None, float]:
+        """SIGTERM, then SIGKILL after compose's stop_grace_period, as `docker stop`:
+        (exit status, seconds until exit)."""
+        start = time.monotonic()
         try:
-            _stop(self.process, timeout=float(self.env.get("LOSSD_GRACE_SECONDS", 10)) + 20)
+            _stop(self.process, timeout=self.stop_grace_seconds())
         finally:
             self._log.close()
-        return self.process.returncode
+        return self.process.returncode, time.monotonic() - start
 
 
 class Prometheus:
@@ -690,6 +700,9 @@ def test_promtool_accepts_the_live_exposition(stack):
 
 
 def test_lossd_stops_cleanly_on_sigterm(stack):
-    """Last: the server the deployment runs exits 0 on the SIGTERM `docker stop` sends."""
+    """Last: on the SIGTERM `docker stop` sends, the server drains (LOSSD_DRAIN_SECONDS,
+    then LOSSD_GRACE_SECONDS) and exits 0 within compose's stop_grace_period."""
     server, _ = stack
-    assert server.stop() == 0, server.log()
+    status, seconds = server.stop()
+    assert status == 0, (status, server.log())
+    assert seconds < server.stop_grace_seconds(), (seconds, server.stop_grace_seconds())

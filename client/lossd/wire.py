@@ -126,8 +126,20 @@ def dtype_enum(dtype: np.dtype, *, field: str = "tensor") -> int:
 # ---------------------------------------------------------------------------
 # Tensors
 
+MAX_RANK = 64
+"""Most dimensions a tensor may have: numpy's own limit (NPY_MAXDIMS, 64 in
+numpy 2), so a decoded array can always be built. TensorFlow accepts up to
+254 dimensions in a shape, but many kernels support far fewer (broadcasting
+binary ops stop at 8); those refusals come back from evaluation as
+INVALID_ARGUMENT, reason EVALUATION_FAILED."""
+
+
 def check_shape(shape, *, field: str, max_elements: Optional[int] = None) -> int:
-    """Checks dimensions are non-negative and the count within the limit; returns the count."""
+    """Checks the rank is at most ``MAX_RANK``, dimensions are non-negative
+    and the count within the limit; returns the count."""
+    if len(shape) > MAX_RANK:
+        raise WireError(f"{field}: too many dimensions. Expected a rank of at most {MAX_RANK}. "
+                        f"Received: rank {len(shape)}.", reason="BAD_TENSOR")
     dims = [int(d) for d in shape]
     if any(d < 0 for d in dims):
         raise WireError(f"{field}: negative dimension. Expected sizes >= 0. Received: shape={dims}.")

@@ -216,7 +216,9 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
 
     evaluator = Evaluator(registry, device, cache_size=settings.cache_size, metrics=metrics,
                           jit_compile=settings.jit_compile, xla_losses=XLA_LOSSES,
-                          expression_compiler=custom.inline_entry)
+                          expression_compiler=custom.inline_entry,
+                          max_broadcast_elements=settings.max_broadcast_elements,
+                          max_composite_terms=settings.max_composite_terms)
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),

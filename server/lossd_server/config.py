@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     """Most elements one tensor may claim; larger shapes are refused before
     anything is allocated."""
 
+    max_broadcast_elements: int = Field(100_000_000, ge=1)
+    """Most elements any value inside an expression loss (a term of a composite
+    included) may have, computed from the input shapes before anything is
+    traced: ``y_true - y_pred`` with shapes (N, 1) and (1, N) has N*N. 1e8
+    float32 elements are 400 MB per intermediate, well above any real
+    per-batch loss, and far below what would exhaust the host."""
+
+    max_composite_terms: int = Field(16, ge=1)
+    """Most terms one composite loss may have (evaluation and training jobs);
+    each term adds to the compiled program, and compiling holds a lock."""
+
     workers: int = Field(8, ge=1)
     """Threads serving RPCs. TensorFlow releases the GIL while it computes."""
 

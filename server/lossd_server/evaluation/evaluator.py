@@ -21,6 +21,7 @@ import numpy as np
 from lossd.wire import FLOAT_DTYPES, check_reduction, dtype_name
 from lossd_server.errors import InvalidArgument
 from lossd_server.evaluation import backend
+from lossd_server.losses.expressions import ShapeError
 from lossd_server.losses.plan import ExpressionCompiler, Plan, Planner, build_program
 from lossd_server.losses.registry import LossRegistry, check_labels, values_shape
 
@@ -55,6 +56,12 @@ class Evaluator:
             ``"on"`` or ``"off"``.
         expression_compiler: Turns an inline expression into a registry
             entry (``custom.inline_entry``); None refuses expressions.
+        max_broadcast_elements: Most elements any value inside a loss may
+            have, as its entry computes from the input shapes
+            (``LossEntry.largest_intermediate``) before anything is traced;
+            None is unlimited.
+        max_composite_terms: Most terms of a composite (the planner's bound);
+            None is unlimited.
 
     Attributes:
         planner: The ``Planner`` every front end turns specs into plans with.
@@ -62,9 +69,11 @@ class Evaluator:
 
     def __init__(self, registry: LossRegistry, device: backend.Device, *, cache_size: int = 256,
                  metrics=None, jit_compile: str = "auto", xla_losses: Sequence[str] = (),
-                 expression_compiler: Optional[ExpressionCompiler] = None):
+                 expression_compiler: Optional[ExpressionCompiler] = None,
+                 max_broadcast_elements: Optional[int] = None, max_composite_terms: Optional[int] = None):
         self.registry = registry
-        self.planner = Planner(registry, expression_compiler)
+        self.planner = Planner(registry, expression_compiler, max_terms=max_composite_terms)
+        self.max_broadcast_elements = max_broadcast_elements
         self.device = device
         self.cache_size = cache_size
         self.metrics = metrics
@@ -102,6 +111,7 @@ class Evaluator:
                 f"Expected tensors: {sorted(plan.tensor_names)}. Received: {sorted(tensors)}.",
                 reason="MISSING_TENSOR")
         self._check_inputs(plan, tensors, sample_weight, reduction)
+        self._check_intermediates(plan, tensors)
 
         names = sorted(plan.tensor_names | {"y_pred"})
         arrays = [tensors[n] for n in names]
@@ -156,6 +166,30 @@ class Evaluator:
             raise InvalidArgument(
                 f"sample_weight: expected a numeric dtype. Received: {sample_weight.dtype.name}.",
                 reason="UNSUPPORTED_DTYPE")
+
+    def _check_intermediates(self, plan: Plan, tensors: Mapping[str, np.ndarray]) -> None:
+        """Refuses inputs on which a term would compute a value larger than
+        ``max_broadcast_elements`` (``(N, 1) - (1, N)``), or that its
+        expression cannot work on (operands that do not broadcast, an axis out
+        of range), from the shapes alone: before tracing, so nothing is
+        allocated."""
+        for term in plan.terms:
+            loss = term.label if plan.composite else plan.metric_name
+            shapes = {own: tuple(tensors[given].shape) for own, given in zip(term.entry.inputs, term.inputs)}
+            try:
+                largest = term.entry.largest_intermediate(shapes)
+            except ShapeError as exc:
+                raise InvalidArgument(f"Loss `{loss}` cannot be evaluated on these inputs: {exc}",
+                                      reason=exc.reason, metadata={"loss": loss}) from None
+            limit = self.max_broadcast_elements
+            if largest is not None and limit is not None and largest > limit:
+                received = ", ".join(f"{given}.shape={list(tensors[given].shape)}" for given in term.inputs)
+                raise InvalidArgument(
+                    f"Loss `{loss}` would compute a value of {largest} elements on these inputs "
+                    f"(the tensors broadcast against each other). Expected at most {limit} elements "
+                    f"(the server's max_broadcast_elements). Received: {received}.",
+                    reason="BROADCAST_TOO_LARGE",
+                    metadata={"loss": loss, "limit": str(limit), "elements": str(largest)})
 
     def _compiled(self, key, plan: Plan, specs, reduction: str, dtype: str, has_sw: bool,
                   gradient: bool, xla: bool) -> backend.Compiled:

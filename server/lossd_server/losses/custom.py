@@ -24,7 +24,8 @@ from typing import Any, Mapping, Optional, Sequence
 import keras
 
 from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from lossd_server.losses.expressions import ExpressionError, compile_expression, row_structure
+from lossd_server.losses.expressions import (ExpressionError, compile_expression, largest_intermediate,
+                                             row_structure)
 from lossd_server.losses.registry import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
                                  _first_sentence, _param_type, default_registry)
 
@@ -118,7 +119,8 @@ def expression_entry(expression: str, *, params: Mapping[str, Any], inputs: Sequ
         name=name, aliases=(), doc=doc or f"User-defined loss: {expression}",
         parameters=tuple(Parameter(k, "float", v, "") for k, v in defaults.items()),
         build=build, source=source, inputs=inputs, shapes=SHAPES_ANY,
-        row_structure=lambda p, ranks: row_structure(expression, ranks, params=defaults), expression=expression)
+        row_structure=lambda p, ranks: row_structure(expression, ranks, params=defaults), expression=expression,
+        largest_intermediate=lambda shapes: largest_intermediate(expression, shapes))
 
 
 def inline_entry(expression: str, params: Mapping[str, Any], tensor_names: Sequence[str]) -> LossEntry:

@@ -87,11 +87,15 @@ class Planner:
         registry: Where loss names resolve.
         expression_compiler: Turns an inline expression into an entry
             (``custom.inline_entry``); None refuses expressions.
+        max_terms: Most terms a composite may have (``max_composite_terms``);
+            None is unlimited.
     """
 
-    def __init__(self, registry: LossRegistry, expression_compiler: Optional[ExpressionCompiler] = None):
+    def __init__(self, registry: LossRegistry, expression_compiler: Optional[ExpressionCompiler] = None,
+                 max_terms: Optional[int] = None):
         self.registry = registry
         self.expression_compiler = expression_compiler
+        self.max_terms = max_terms
 
     def plan(self, spec: Mapping[str, Any], tensor_names: Sequence[str] = DEFAULT_INPUTS) -> Plan:
         """Validates a loss spec (``{"name", "params"}``, ``{"expression", "params"}``
@@ -105,7 +109,8 @@ class Planner:
         Raises:
             InvalidArgument: with reason ``BAD_LOSS_SPEC``, ``UNKNOWN_LOSS``,
                 ``UNKNOWN_PARAMETER``, ``BAD_PARAMETER``,
-                ``PARAMETER_OUT_OF_RANGE``, ``BAD_EXPRESSION`` or ``BAD_REDUCTION``.
+                ``PARAMETER_OUT_OF_RANGE``, ``BAD_EXPRESSION``, ``BAD_REDUCTION`` or
+                ``TOO_MANY_TERMS``.
         """
         if not isinstance(spec, Mapping):
             raise InvalidArgument(f"A loss spec is a dict. Received: {type(spec).__name__}.",
@@ -122,6 +127,13 @@ class Planner:
                 raise InvalidArgument(
                     "A composite loss takes its parameters in each term. Expected `params` inside "
                     "`terms[i].loss`. Received: top-level params.", reason="BAD_LOSS_SPEC")
+            if self.max_terms is not None and hasattr(terms_spec, "__len__") and len(terms_spec) > self.max_terms:
+                # Checked before any term is compiled: each one costs compile time.
+                raise InvalidArgument(
+                    f"A composite loss has at most {self.max_terms} terms (the server's max_composite_terms). "
+                    f"Expected at most {self.max_terms}. Received: {len(terms_spec)}.",
+                    reason="TOO_MANY_TERMS",
+                    metadata={"limit": str(self.max_terms), "received": str(len(terms_spec))})
             terms = tuple(self._term(t, i, tensor_names) for i, t in enumerate(terms_spec))
             labels = [t.label for t in terms]
             dupes = sorted({x for x in labels if labels.count(x) > 1})

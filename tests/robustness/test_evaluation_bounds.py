@@ -123,6 +123,30 @@ def test_outer_broadcast_in_a_composite_term_is_refused(channel, stub):
     assert_serving(channel, stub)
 
 
+def test_outer_broadcast_through_sample_weight_is_refused(channel, stub):
+    # Per-sample values (1, N) times a sample weight (N, 1): Keras broadcasts to (N, N).
+    req = request(loss_pb2.LossSpec(expression="y_true - y_pred"), ROW, ROW)
+    req.sample_weight.CopyFrom(tensor(COLUMN))
+    req.reduction = loss_pb2.REDUCTION_NONE
+    start = time.monotonic()
+    refused(stub, req, "BROADCAST_TOO_LARGE", f"{N * N} elements", f"sample_weight.shape=[{N}, 1]")
+    assert time.monotonic() - start < 5
+    assert_serving(channel, stub)
+
+
+def test_outer_broadcast_between_per_sample_composite_terms_is_refused(channel, stub):
+    # Each term alone is N elements; their sum, (N, 1) + (1, N), would be N * N.
+    spec = loss_pb2.LossSpec(terms=[
+        loss_pb2.LossTerm(label="col", loss=loss_pb2.LossSpec(expression="a * 1.0"), inputs=["a"]),
+        loss_pb2.LossTerm(label="row", loss=loss_pb2.LossSpec(expression="b * 1.0"), inputs=["b"])])
+    req = request(spec, np.zeros((4, 3)), np.zeros((4, 3)), a=COLUMN, b=ROW)
+    req.reduction = loss_pb2.REDUCTION_NONE
+    start = time.monotonic()
+    refused(stub, req, "BROADCAST_TOO_LARGE", "composite", f"col: [{N}, 1]", f"row: [1, {N}]")
+    assert time.monotonic() - start < 5
+    assert_serving(channel, stub)
+
+
 def test_ordinary_broadcasts_still_evaluate(stub):
     # (4, 3) against (3,) and a keepdims reduction are fine and correct.
     y_true, y_pred = np.arange(12.0).reshape(4, 3), np.array([1.0, 2.0, 3.0])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import threading
 from typing import Mapping, Optional, Sequence
 
@@ -21,7 +22,7 @@ import numpy as np
 from lossd.wire import FLOAT_DTYPES, check_reduction, dtype_name
 from lossd_server.errors import InvalidArgument
 from lossd_server.evaluation import backend
-from lossd_server.losses.expressions import ShapeError
+from lossd_server.losses.expressions import ShapeError, broadcast_shapes
 from lossd_server.losses.plan import ExpressionCompiler, Plan, Planner, build_program
 from lossd_server.losses.registry import LossRegistry, check_labels, values_shape
 
@@ -111,7 +112,7 @@ class Evaluator:
                 f"Expected tensors: {sorted(plan.tensor_names)}. Received: {sorted(tensors)}.",
                 reason="MISSING_TENSOR")
         self._check_inputs(plan, tensors, sample_weight, reduction)
-        self._check_intermediates(plan, tensors)
+        self._check_intermediates(plan, tensors, sample_weight, reduction)
 
         names = sorted(plan.tensor_names | {"y_pred"})
         arrays = [tensors[n] for n in names]
@@ -167,29 +168,44 @@ class Evaluator:
                 f"sample_weight: expected a numeric dtype. Received: {sample_weight.dtype.name}.",
                 reason="UNSUPPORTED_DTYPE")
 
-    def _check_intermediates(self, plan: Plan, tensors: Mapping[str, np.ndarray]) -> None:
-        """Refuses inputs on which a term would compute a value larger than
-        ``max_broadcast_elements`` (``(N, 1) - (1, N)``), or that its
-        expression cannot work on (operands that do not broadcast, an axis out
-        of range), from the shapes alone: before tracing, so nothing is
-        allocated."""
+    def _check_intermediates(self, plan: Plan, tensors: Mapping[str, np.ndarray],
+                             sample_weight: Optional[np.ndarray], reduction: str) -> None:
+        """Refuses inputs on which the loss would compute a value larger than
+        ``max_broadcast_elements``, or that an expression cannot work on
+        (operands that do not broadcast, an axis out of range), from the
+        shapes alone: before tracing, so nothing is allocated.
+
+        Counted: each term's largest value (``(N, 1) - (1, N)`` inside an
+        expression), its per-sample values times ``sample_weight`` (values
+        (1, N) weighted by (N, 1)) and, for a composite, the sum of its
+        terms' values (per-sample terms of shapes (N, 1) and (1, N))."""
+        limit = self.max_broadcast_elements
+        outputs: list[Optional[tuple]] = []
         for term in plan.terms:
             loss = term.label if plan.composite else plan.metric_name
             shapes = {own: tuple(tensors[given].shape) for own, given in zip(term.entry.inputs, term.inputs)}
             try:
-                largest = term.entry.largest_intermediate(shapes)
+                analysis = term.entry.value_shapes(shapes)
             except ShapeError as exc:
                 raise InvalidArgument(f"Loss `{loss}` cannot be evaluated on these inputs: {exc}",
                                       reason=exc.reason, metadata={"loss": loss}) from None
-            limit = self.max_broadcast_elements
-            if largest is not None and limit is not None and largest > limit:
-                received = ", ".join(f"{given}.shape={list(tensors[given].shape)}" for given in term.inputs)
-                raise InvalidArgument(
-                    f"Loss `{loss}` would compute a value of {largest} elements on these inputs "
-                    f"(the tensors broadcast against each other). Expected at most {limit} elements "
-                    f"(the server's max_broadcast_elements). Received: {received}.",
-                    reason="BROADCAST_TOO_LARGE",
-                    metadata={"loss": loss, "limit": str(limit), "elements": str(largest)})
+            largest, out = (analysis.largest, analysis.shape) if analysis is not None else (0, None)
+            if out is None and len(term.inputs) == 2:
+                out = values_shape(term.entry, term.params, tensors[term.inputs[0]].shape,
+                                   tensors[term.inputs[1]].shape)
+            if out is not None and sample_weight is not None:
+                out = _weighted_shape(out, tuple(sample_weight.shape)) or out
+                largest = max(largest, math.prod(out))
+            received = [f"{given}.shape={list(tensors[given].shape)}" for given in term.inputs]
+            if sample_weight is not None:
+                received.append(f"sample_weight.shape={list(sample_weight.shape)}")
+            _check_size(loss, largest, limit, received)
+            outputs.append(out if (term.reduction or reduction) == "none" else ())
+        if plan.composite and all(o is not None for o in outputs):
+            total = broadcast_shapes(outputs)
+            if total is not None:
+                _check_size(plan.metric_name, math.prod(total), limit,
+                            [f"{t.label}: {list(o)}" for t, o in zip(plan.terms, outputs)])
 
     def _compiled(self, key, plan: Plan, specs, reduction: str, dtype: str, has_sw: bool,
                   gradient: bool, xla: bool) -> backend.Compiled:
@@ -281,6 +297,28 @@ def check_sample_weight(sw_shape: tuple, values: tuple, loss: str) -> None:
             f"sample_weight does not broadcast to the per-sample losses of `{loss}`. Expected a "
             f"shape that broadcasts to {list(values)}. Received: sample_weight.shape={list(sw_shape)}.",
             reason="SAMPLE_WEIGHT_MISMATCH")
+
+
+def _weighted_shape(values: tuple, sw: tuple) -> Optional[tuple]:
+    """The shape of per-sample values times a sample weight, after Keras's
+    ``squeeze_or_expand_to_same_rank`` (ranks differing by one with a
+    trailing 1); None when they do not broadcast (Keras refuses those)."""
+    if len(values) == len(sw) + 1 and values[-1:] == (1,):
+        values = values if len(sw) == 1 else values[:-1]
+        sw = sw + (1,) if len(sw) == 1 else sw
+    elif len(sw) == len(values) + 1 and sw[-1:] == (1,):
+        sw = sw if len(values) == 1 else sw[:-1]
+        values = values + (1,) if len(values) == 1 else values
+    return broadcast_shapes([values, sw])
+
+
+def _check_size(loss: str, elements: int, limit: Optional[int], received: Sequence[str]) -> None:
+    if limit is not None and elements > limit:
+        raise InvalidArgument(
+            f"Loss `{loss}` would compute a value of {elements} elements on these inputs (the tensors "
+            f"broadcast against each other). Expected at most {limit} elements (the server's "
+            f"max_broadcast_elements). Received: {', '.join(received)}.",
+            reason="BROADCAST_TOO_LARGE", metadata={"loss": loss, "limit": str(limit), "elements": str(elements)})
 
 
 def _refused(exc: Exception, plan: Plan) -> InvalidArgument:

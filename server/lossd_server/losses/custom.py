@@ -24,8 +24,8 @@ from typing import Any, Mapping, Optional, Sequence
 import keras
 
 from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from lossd_server.losses.expressions import (ExpressionError, compile_expression, largest_intermediate,
-                                             row_structure)
+from lossd_server.losses.expressions import (ExpressionError, compile_expression, row_structure,
+                                             value_shapes)
 from lossd_server.losses.registry import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
                                  _first_sentence, _param_type, default_registry)
 
@@ -120,7 +120,7 @@ def expression_entry(expression: str, *, params: Mapping[str, Any], inputs: Sequ
         parameters=tuple(Parameter(k, "float", v, "") for k, v in defaults.items()),
         build=build, source=source, inputs=inputs, shapes=SHAPES_ANY,
         row_structure=lambda p, ranks: row_structure(expression, ranks, params=defaults), expression=expression,
-        largest_intermediate=lambda shapes: largest_intermediate(expression, shapes))
+        value_shapes=lambda shapes: value_shapes(expression, shapes))
 
 
 def inline_entry(expression: str, params: Mapping[str, Any], tensor_names: Sequence[str]) -> LossEntry:

@@ -1184,9 +1184,18 @@ class ShapeError(ValueError):
         self.reason = reason
 
 
-def largest_intermediate(source: str, shapes: Mapping[str, Sequence[int]]) -> int:
-    """The element count of the largest value a checked expression computes
-    (its inputs, every intermediate and its result), given each input
+class ValueShapes(NamedTuple):
+    """What a loss computes on inputs of given shapes: the element count of
+    the largest value (inputs, intermediates and result) and the result's
+    shape."""
+
+    largest: int
+    shape: tuple[int, ...]
+
+
+def value_shapes(source: str, shapes: Mapping[str, Sequence[int]]) -> ValueShapes:
+    """The largest value a checked expression computes (its inputs, every
+    intermediate and its result) and its result's shape, given each input
     tensor's shape; names not in ``shapes`` (parameters, constants) are
     scalars.
 
@@ -1200,8 +1209,8 @@ def largest_intermediate(source: str, shapes: Mapping[str, Sequence[int]]) -> in
         ShapeError: operands that do not broadcast, or an out-of-range axis.
     """
     analysis = _ShapeAnalysis({k: tuple(int(d) for d in v) for k, v in shapes.items()})
-    analysis.visit(_parsed(source))
-    return analysis.largest
+    shape = analysis.visit(_parsed(source))
+    return ValueShapes(analysis.largest, shape)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1241,7 +1250,7 @@ class _ShapeAnalysis:
         raise ShapeError(f"cannot analyse {ast.unparse(node)[:40]!r}", "BAD_EXPRESSION")
 
     def _broadcast(self, shapes: list[tuple[int, ...]], node: ast.AST) -> tuple[int, ...]:
-        shape = _broadcast_shapes(shapes)
+        shape = broadcast_shapes(shapes)
         if shape is None:
             raise ShapeError(
                 f"operands of {ast.unparse(node)[:60]!r} do not broadcast together. Expected shapes that "
@@ -1289,7 +1298,7 @@ class _ShapeAnalysis:
         return {v % rank for v in values}
 
 
-def _broadcast_shapes(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...] | None:
+def broadcast_shapes(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...] | None:
     """numpy's broadcast of ``shapes``, or None when they do not broadcast."""
     rank = max((len(s) for s in shapes), default=0)
     out = [1] * rank

@@ -85,12 +85,13 @@ class LossEntry:
             label of the batch is 0 or 1 (Keras's hinge losses), a property
             of the whole batch that a split must preserve.
         expression: Source text, for expression losses.
-        largest_intermediate: ``largest_intermediate(shapes)``, given each
-            input's shape by the entry's own input names, is the element
-            count of the largest value the loss computes (raising
-            ``expressions.ShapeError`` when the shapes cannot work), or None
-            when unknown. Expression entries answer it from the expression
-            tree, so the evaluator refuses a huge broadcast before tracing.
+        value_shapes: ``value_shapes(shapes)``, given each input's shape by
+            the entry's own input names, is an ``expressions.ValueShapes``:
+            the element count of the largest value the loss computes and
+            the per-sample values' shape (raising ``expressions.ShapeError``
+            when the shapes cannot work), or None when unknown. Expression
+            entries answer it from the expression tree, so the evaluator
+            refuses a huge broadcast before tracing.
     """
 
     name: str
@@ -105,7 +106,7 @@ class LossEntry:
         lambda params, ranks: None
     hinge_labels: bool = False
     expression: str = ""
-    largest_intermediate: Callable[[Mapping[str, tuple]], Optional[int]] = lambda shapes: None
+    value_shapes: Callable[[Mapping[str, tuple]], Any] = lambda shapes: None
 
     def describe(self) -> dict:
         """A JSON-friendly description, as ListLosses returns it."""

@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     anything is allocated."""
 
     max_broadcast_elements: int = Field(100_000_000, ge=1)
-    """Most elements any value inside an expression loss (a term of a composite
-    included) may have, computed from the input shapes before anything is
+    """Most elements any value an expression loss computes may have (inside
+    the expression, its values times sample_weight, a composite's sum of
+    per-sample terms), computed from the input shapes before anything is
     traced: ``y_true - y_pred`` with shapes (N, 1) and (1, N) has N*N. 1e8
     float32 elements are 400 MB per intermediate, well above any real
     per-batch loss, and far below what would exhaust the host."""

@@ -239,3 +239,14 @@ def test_small_limits_from_settings(tmp_path, monkeypatch):
             assert_serving(ch, s)
     finally:
         srv.stop(0)
+
+
+def test_create_job_with_too_many_terms_is_refused(client):
+    # Training plans through the evaluator's planner: the same bound.
+    import lossd
+
+    loss = {"terms": [{"label": f"t{i}", "name": "sparse_categorical_crossentropy"} for i in range(17)]}
+    with pytest.raises(lossd.LossdError) as err:
+        client.create_job("cnn", "digits", loss=loss, epochs=1, steps_per_epoch=1)
+    assert err.value.reason == "TOO_MANY_TERMS", err.value.message
+    assert "at most 16 terms" in err.value.message

@@ -194,7 +194,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     if registry is None:
         registry = full_registry(plugins=True)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = custom.ExpressionStore(settings.data_dir, registry)
+        store = custom.ExpressionStore(settings.data_dir, registry, max_losses=settings.max_registered_losses)
         loaded = store.load()
         if loaded:
             log.info("loaded %d registered losses: %s", len(loaded), ", ".join(loaded))

@@ -113,3 +113,20 @@ class Settings(BaseSettings):
 
     progress_every_batches: int = Field(10, ge=1)
     """A training job reports progress (loss, examples/s, ETA) every this many batches."""
+
+    # Bounds on what one request can make the server spend (issue 11).
+
+    max_training_steps: int = Field(10_000_000, ge=1)
+    """Most training steps one job may ask for: epochs × steps per epoch (a
+    whole-dataset epoch counts its batches). Larger jobs are refused at CreateJob."""
+
+    max_model_parameters: int = Field(20_000_000, ge=1)
+    """Most parameters a job's model may have, counted from its preset's
+    parameters and the dataset's image shape before anything is built."""
+
+    max_queued_jobs: int = Field(100, ge=1)
+    """Most jobs waiting to run; CreateJob beyond it is RESOURCE_EXHAUSTED (TOO_MANY_JOBS)."""
+
+    max_registered_losses: int = Field(1000, ge=1)
+    """Most registered expression losses; a new one beyond it is RESOURCE_EXHAUSTED
+    (TOO_MANY_LOSSES). Replacing a registered loss is always allowed."""

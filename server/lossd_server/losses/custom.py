@@ -18,12 +18,13 @@ import os
 import pathlib
 import tempfile
 import threading
+import unicodedata
 from importlib import metadata
 from typing import Any, Mapping, Optional, Sequence
 
 import keras
 
-from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from lossd_server.losses.expressions import (ExpressionError, compile_expression, row_structure,
                                              value_shapes)
 from lossd_server.losses.registry import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "lossd.losses"
 STORE_FILE = "losses.json"
+# Metric label values of their own: a registered loss may not take them.
+RESERVED_NAMES = ("expression", "composite", "other")
+_DOC_CONTROLS_ALLOWED = "\n\t"
 DEFAULT_INPUTS = ("y_true", "y_pred")
 
 VAE_KL = "-0.5 * mean(1 + z_log_var - square(z_mean) - exp(z_log_var), axis=-1)"
@@ -197,9 +201,10 @@ class ExpressionStore:
     old or the new file, never half of one.
     """
 
-    def __init__(self, data_dir: pathlib.Path, registry: LossRegistry):
+    def __init__(self, data_dir: pathlib.Path, registry: LossRegistry, *, max_losses: Optional[int] = None):
         self.path = pathlib.Path(data_dir) / STORE_FILE
         self.registry = registry
+        self.max_losses = max_losses
         self._lock = threading.Lock()
 
     def load(self) -> list[str]:
@@ -235,13 +240,39 @@ class ExpressionStore:
 
     def register(self, name: str, expression: str, *, params: Mapping[str, Any], inputs: Sequence[str] = (),
                  doc: str = "", replace: bool = False) -> LossEntry:
-        """Checks, stores and registers an expression loss."""
-        if not name.isidentifier() or not name.islower() or len(name) > 64:
-            raise InvalidArgument(f"Invalid loss name. Expected a lowercase identifier of at most 64 "
-                                  f"characters. Received: {name[:80]!r}.", reason="BAD_LOSS_NAME")
+        """Checks, stores and registers an expression loss.
+
+        Raises:
+            InvalidArgument: a bad name (BAD_LOSS_NAME: not a lowercase ASCII
+                identifier once NFKC-normalised, a look-alike of another
+                loss, or a reserved metric label) or doc (BAD_LOSS_SPEC).
+            ResourceExhausted: ``max_losses`` are registered and ``name`` is
+                not one of them (TOO_MANY_LOSSES).
+        """
+        normal = unicodedata.normalize("NFKC", name)
+        if normal != name:
+            taken = self.registry.canonical(normal) or self.registry.canonical(normal.lower())
+            raise InvalidArgument(
+                f"Invalid loss name. Expected a name written in its NFKC normal form"
+                f"{f'; it reads as the existing loss {taken!r}' if taken else ''}. "
+                f"Received: {name[:80]!r} (normalised: {normal[:80]!r}).", reason="BAD_LOSS_NAME",
+                metadata={"loss": name[:80]})
+        if not name.isascii() or not name.isidentifier() or not name.islower() or len(name) > 64:
+            raise InvalidArgument(f"Invalid loss name. Expected a lowercase ASCII identifier of at most 64 "
+                                  f"characters. Received: {name[:80]!r}.", reason="BAD_LOSS_NAME",
+                                  metadata={"loss": name[:80]})
+        if name in RESERVED_NAMES:
+            raise InvalidArgument(f"Invalid loss name. Expected a name other than the reserved metric labels "
+                                  f"{', '.join(RESERVED_NAMES)}. Received: {name!r}.", reason="BAD_LOSS_NAME",
+                                  metadata={"loss": name})
         if len(doc) > 1000:
             raise InvalidArgument(f"doc is too long. Expected at most 1000 characters. Received: {len(doc)}.",
                                   reason="BAD_LOSS_SPEC")
+        bad = next((ch for ch in doc if unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn")
+                    and ch not in _DOC_CONTROLS_ALLOWED), None)
+        if bad is not None:
+            raise InvalidArgument(f"Invalid doc. Expected printable text (newlines and tabs allowed). "
+                                  f"Received: a control character U+{ord(bad):04X}.", reason="BAD_LOSS_SPEC")
         record = {"name": name, "expression": expression, "params": dict(params),
                   "inputs": list(inputs or DEFAULT_INPUTS), "doc": doc}
         entry = self._entry(record)
@@ -254,7 +285,13 @@ class ExpressionStore:
                 if not replace:
                     raise AlreadyExists(f"Loss {name!r} is already registered. Set replace to overwrite it.",
                                         reason="LOSS_EXISTS", metadata={"loss": name})
-            records = [r for r in self._records() if r["name"] != name] + [record]
+            others = [r for r in self._records() if r["name"] != name]
+            if existing is None and self.max_losses is not None and len(others) >= self.max_losses:
+                raise ResourceExhausted(
+                    f"Too many registered losses. Expected at most {self.max_losses} (max_registered_losses). "
+                    f"Received: a new loss {name!r} while {len(others)} are registered; delete some first.",
+                    reason="TOO_MANY_LOSSES", metadata={"loss": name, "limit": str(self.max_losses)})
+            records = others + [record]
             self._write(records)
             self.registry.register(entry, replace=True)
         return entry

@@ -30,7 +30,7 @@ BUILTIN = ("digits",)
 FORMATS = ("npz", "zip", "tar")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FOLDER_PREFIX = "folder:"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_SIDE = 1024          # largest image height or width
 MAX_CLASSES = 10_000
 DECODED_FACTOR = 4       # float32 images may take this many times max_upload_bytes
@@ -349,7 +349,8 @@ def load_arrays(path: os.PathLike) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def check_name(name: str) -> str:
     """Checks an upload's name; returns it."""
-    if not NAME_RE.match(name or "") or name in BUILTIN or name.startswith(FOLDER_PREFIX.rstrip(":")):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in BUILTIN \
+            or name.startswith(FOLDER_PREFIX.rstrip(":")):
         raise DatasetError(
             "Invalid dataset name. Expected 1 to 64 letters, digits, `_`, `-` or `.`, starting with a letter "
             f"or digit, and not a built-in name ({', '.join(BUILTIN)}) or `folder...`. Received: {name!r}.",

@@ -10,16 +10,18 @@ known ``request_id`` returns its job instead, so a retried create is safe.
 from __future__ import annotations
 
 import logging
+import math
 import re
+import threading
 import uuid
 from typing import Any, Mapping
 
-from lossd_server.errors import InvalidArgument, NotFound
+from lossd_server.errors import InvalidArgument, NotFound, ResourceExhausted
 from lossd_server.losses.plan import Planner
 from lossd_server.training import models
 from lossd_server.training.catalog import DatasetCatalog
 from lossd_server.training.losses import from_logits, plan_training_loss
-from lossd_server.training.store import JobRecord, Store
+from lossd_server.training.store import QUEUED, JobRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,8 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_VALIDATION_SPLIT = 0.2
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 65_536
-_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_queue_lock = threading.Lock()  # the queued-jobs count and the insert, as one step
 
 
 def lookup(store: Store, job_id: str) -> JobRecord:
@@ -60,17 +63,30 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
             loss that does not suit the model and labels.
     """
     if request_id:
-        if not _REQUEST_ID.match(request_id):
+        if not _REQUEST_ID.fullmatch(request_id):
             raise InvalidArgument(f"Invalid request_id. Expected 1 to 128 printable ASCII characters. "
                                   f"Received: {request_id[:140]!r}.", reason="BAD_REQUEST_ID")
         existing = store.get_job_by_request_id(request_id)
         if existing is not None:
             return existing, False
-    normalized, runtime, kind = _normalize(spec, planner, catalog)
+    settings = catalog.settings
+    normalized, runtime, kind = _normalize(spec, planner, catalog, settings)
     job = JobRecord(id=uuid.uuid4().hex[:16], spec=normalized, runtime=runtime, model_kind=kind,
                     request_id=request_id or None, display_name=display_name[:200],
                     progress={"epochs_completed": 0, "epochs": normalized["epochs"]})
-    job, created = store.create_job(job)  # a concurrent create with the same request_id may win
+    with _queue_lock:
+        queued = len(store.jobs_in_states([QUEUED]))
+        limit = getattr(settings, "max_queued_jobs", None)
+        if limit is not None and queued >= limit:
+            if request_id:  # a retry of a create that won meanwhile still gets its job
+                existing = store.get_job_by_request_id(request_id)
+                if existing is not None:
+                    return existing, False
+            raise ResourceExhausted(
+                f"Too many queued jobs. Expected at most {limit} (max_queued_jobs) waiting to run. "
+                f"Received: a job while {queued} are queued; wait for some to finish or cancel some.",
+                reason="TOO_MANY_JOBS", metadata={"queued": str(queued), "limit": str(limit)})
+        job, created = store.create_job(job)  # a concurrent create with the same request_id may win
     if created:
         log.info("job %s created: %s on %s", job.id, normalized["model"]["preset"], normalized["dataset"])
     return job, created
@@ -85,7 +101,29 @@ def _whole(spec: Mapping[str, Any], field: str, default: int, lo: int, hi: int) 
     return int(value)
 
 
-def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalog) -> tuple[dict, dict, str]:
+def _check_bounds(settings, preset: str, params: Mapping[str, Any], info, epochs: int, steps: int,
+                  batch_size: int, n_train: int) -> None:
+    """Refuses a job whose steps or model size pass the settings, before anything is spent."""
+    max_steps = getattr(settings, "max_training_steps", None)
+    per_epoch = steps or math.ceil(n_train / batch_size)
+    if max_steps is not None and epochs * per_epoch > max_steps:
+        how = f"steps_per_epoch={steps}" if steps else f"{per_epoch} batches of {batch_size} per epoch"
+        raise InvalidArgument(
+            f"Job too long. Expected at most {max_steps} training steps (max_training_steps). "
+            f"Received: epochs={epochs} x {how} = {epochs * per_epoch} steps.",
+            reason="TOO_MANY_STEPS", metadata={"field": "epochs", "limit": str(max_steps)})
+    max_params = getattr(settings, "max_model_parameters", None)
+    count = models.count_parameters(preset, params, info.image_shape, len(info.class_names))
+    if max_params is not None and count > max_params:
+        raise InvalidArgument(
+            f"Model too large. Expected at most {max_params} parameters (max_model_parameters). "
+            f"Received: model `{preset}` with {count} parameters on images of shape {tuple(info.image_shape)}.",
+            reason="MODEL_TOO_LARGE", metadata={"model": preset, "parameters": str(count),
+                                                "limit": str(max_params)})
+
+
+def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalog,
+               settings=None) -> tuple[dict, dict, str]:
     """``(stored spec, runtime facts, model kind)``."""
     model = dict(spec.get("model") or {})
     preset = models.get_preset(model.get("preset", ""))
@@ -108,6 +146,7 @@ def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalo
     if info.examples - n_val < 1:
         raise InvalidArgument(f"validation_split={split:g} leaves no training images out of {info.examples}.",
                               reason="BAD_JOB_SPEC", metadata={"field": "validation_split"})
+    _check_bounds(settings, preset.name, params, info, epochs, steps, batch_size, info.examples - n_val)
     normalized = {
         "model": {"preset": preset.name, "params": params},
         "dataset": spec.get("dataset"),

@@ -177,6 +177,56 @@ def resolve_model_params(name: str, params: Optional[Mapping[str, Any]],
     return resolved
 
 
+def count_parameters(name: str, params: Mapping[str, Any], image_shape: Sequence[int], num_classes: int) -> int:
+    """The parameters ``build_model`` would make (as ``model.count_params()``),
+    by arithmetic: nothing is built, and no Keras is needed.
+
+    Args:
+        name: The preset's name.
+        params: Resolved parameters (``resolve_model_params``).
+        image_shape: ``(height, width, channels)``.
+        num_classes: Classes of the classifier (ignored by generators).
+    """
+    h, w, c = (int(d) for d in image_shape)
+    total = 0
+    if name == "cnn":
+        k = params["kernel_size"]
+        for filters in params["filters"]:
+            total += k * k * c * filters + filters
+            if params["batch_norm"]:
+                total += 4 * filters  # gamma, beta, moving mean and variance
+            c = filters
+            if h >= 2 and w >= 2:
+                h, w = h // 2, w // 2
+        features = h * w * c
+        if params["dense_units"]:
+            total += features * params["dense_units"] + params["dense_units"]
+            features = params["dense_units"]
+        return total + features * num_classes + num_classes
+    if name == "mlp":
+        features = h * w * c
+        for units in params["hidden_units"]:
+            total += features * units + units
+            features = units
+        return total + features * num_classes + num_classes
+    if name == "vae":
+        filters, latent, dense = list(params["filters"]), params["latent_dim"], params["dense_units"]
+        factor = 2 ** len(filters)
+        channels = c
+        for f in filters:  # encoder: 3x3 stride-2 convs
+            total += 9 * channels * f + f
+            channels = f
+        flat = (h // factor) * (w // factor) * filters[-1]
+        total += flat * dense + dense + 2 * (dense * latent + latent)
+        total += latent * flat + flat  # decoder
+        channels = filters[-1]
+        for f in reversed(filters):
+            total += 9 * channels * f + f
+            channels = f
+        return total + 9 * channels * c + c
+    raise AssertionError(name)
+
+
 # ---------------------------------------------------------------------------
 # Building models (needs Keras).
 

@@ -10,6 +10,7 @@ process writes to it (job processes report through a queue).
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import json
 import pathlib
@@ -109,10 +110,13 @@ def _encode_token(n: int) -> str:
 def _decode_token(token: str) -> int:
     try:
         text = base64.urlsafe_b64decode(token.encode()).decode()
-        if not text.startswith("n:"):
+        if not text.startswith("n:") or not text[2:].isdigit() or len(text) > 22:
             raise ValueError(text)
-        return int(text[2:])
-    except (ValueError, UnicodeDecodeError):
+        n = int(text[2:])
+        if not 0 < n < 2**63:  # a SQLite integer
+            raise ValueError(text)
+        return n
+    except (ValueError, UnicodeDecodeError, binascii.Error):
         raise InvalidArgument(f"Invalid page_token. Expected the next_page_token of a previous ListJobs "
                               f"response. Received: {token[:64]!r}.", reason="BAD_PAGE_TOKEN") from None
 

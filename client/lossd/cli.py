@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 import lossd
+from lossd import wire
 from lossd._errors import unavailable_hint
 
 ADDRESS_ENV = "LOSSD_ADDRESS"
@@ -206,8 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y-pred", required=True, help=".npy file of predictions")
     p.add_argument("--sample-weight", help=".npy file of sample weights")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="loss parameter (repeatable)")
-    p.add_argument("--reduction", default="sum_over_batch_size",
-                   choices=["none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight"])
+    p.add_argument("--reduction", default=wire.DEFAULT_REDUCTION, choices=wire.REDUCTIONS)
     p.add_argument("--gradient-out", metavar="FILE.npy", help="also compute the gradient and save it here")
     p.set_defaults(func=cmd_eval)
 

@@ -40,7 +40,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from lossd.wire import check_reduction, is_float
+from lossd.wire import REDUCTIONS, check_reduction, is_float
 from lossd_server.errors import InvalidArgument
 from lossd_server.evaluation.evaluator import Evaluator, check_sample_weight
 from lossd_server.losses.plan import DEFAULT_INPUTS, Plan
@@ -51,7 +51,7 @@ NOT_CHUNKABLE = "NOT_CHUNKABLE"
 _CHUNK_TENSORS = ("y_true", "y_pred", "sample_weight")
 # Reductions whose divisor Keras computes from a loss's mask (see apply_mask),
 # which only the whole batch knows.
-_MASK_DIVIDED = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+_MASK_DIVIDED = tuple(r for r in REDUCTIONS if r not in ("none", "sum"))
 
 
 def _refuse(message: str, **metadata: str) -> InvalidArgument:

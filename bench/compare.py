@@ -41,7 +41,11 @@ def base_pythonpath(checkout: str, root: str) -> str:
     ``client/`` and ``server/`` in checkouts from before the layout change."""
     for folder, package in (("client", "lossd"), ("server", "lossd_server")):
         nested = os.path.join(checkout, folder, package)
-        os.symlink(nested if os.path.isdir(nested) else os.path.join(checkout, folder), os.path.join(root, package))
+        source = nested if os.path.isdir(nested) else os.path.join(checkout, folder)
+        if not os.path.isfile(os.path.join(source, "__init__.py")):
+            # Without it the base server would import the working tree: an A/A run, silently.
+            raise SystemExit(f"--base {checkout}: no {package} package in {folder}/ (git worktree add it first)")
+        os.symlink(source, os.path.join(root, package))
     return root
 
 
@@ -84,11 +88,12 @@ def main() -> int:
         new = stack.enter_context(lossd.Client(f"127.0.0.1:{ports['new']}", timeout=600))
         echo = stack.enter_context(grpc.insecure_channel(f"127.0.0.1:{ports['echo']}"))
         echo_call = echo.unary_unary(bench.ECHO_METHOD, request_serializer=None, response_deserializer=None)
-        spec, arrays = wire.spec_from_dict(name), _requests.prepare(y_true, y_pred)
+        # The echo's bytes are prepared before the clock starts: the anchor runs none of our code.
+        payload = _requests.evaluate_request(wire.spec_from_dict(name), _requests.prepare(y_true, y_pred),
+                                             "sum_over_batch_size", False).SerializeToString()
         sides = {
             "a": lambda: in_process(y_true, y_pred).numpy(),
-            "b": lambda: echo_call(_requests.evaluate_request(spec, arrays, "sum_over_batch_size",
-                                                              False).SerializeToString()),
+            "b": lambda: echo_call(payload),
             "base": lambda: base.evaluate(name, y_true, y_pred),
             "new": lambda: new.evaluate(name, y_true, y_pred),
         }

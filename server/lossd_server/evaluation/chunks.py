@@ -62,13 +62,11 @@ def _refuse(message: str, **metadata: str) -> InvalidArgument:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkLayout:
-    """How a request is split: ``mode`` is ``ROWS``, ``ROWS_MEAN`` or
-    ``ROWS_SUM``; ``values_shape`` is the whole request's per-sample values
-    shape where it is known before the loss runs, else None."""
+    """How a request is split: ``mode`` is ``ROWS``, ``ROWS_MEAN``,
+    ``ROWS_SUM`` or ``ROWS_COSINE``; ``rows`` is the full row count."""
 
     mode: str
     rows: int
-    values_shape: Optional[tuple]
 
 
 def chunk_layout(plan: Plan, infos: Mapping[str, tuple[str, tuple]], reduction: str) -> ChunkLayout:
@@ -144,7 +142,7 @@ def chunk_layout(plan: Plan, infos: Mapping[str, tuple[str, tuple]], reduction: 
             f"Loss `{loss}` with ignore_class divides by the number of labels not ignored over the whole "
             f"batch for reduction `{reduction}`. Expected reduction `none` or `sum` for a chunked request.",
             loss=loss)
-    return ChunkLayout(mode, rows, shape)
+    return ChunkLayout(mode, rows)
 
 
 @dataclasses.dataclass

@@ -17,7 +17,8 @@ def server(tmp_path_factory):
     from lossd_server.app import create_server
     from lossd_server.config import Settings
 
-    settings = Settings(host="127.0.0.1", port=0, metrics_port=0,
+    # metrics_cache_seconds=0: tests read a counter right after the call they count.
+    settings = Settings(host="127.0.0.1", port=0, metrics_port=0, metrics_cache_seconds=0,
                         data_dir=tmp_path_factory.mktemp("lossd-data"), grace_seconds=1.0)
     srv = create_server(settings, metrics_registry=CollectorRegistry())
     srv.start()

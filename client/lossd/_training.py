@@ -301,8 +301,14 @@ class Waiter:
     def retry_after(self, error: LossdError) -> float:
         """Seconds to wait before watching again after ``error``. A stream cut
         short (server restart, proxy idle timeout) is resumed from the last
-        event seen; any other error is raised."""
-        if error.code != grpc.StatusCode.UNAVAILABLE or (self.deadline and time.monotonic() > self.deadline):
+        event seen, at once when the server closed it for being idle
+        (``STREAM_IDLE``: the job had nothing to report); any other error is
+        raised."""
+        if self.deadline and time.monotonic() > self.deadline:
+            raise error
+        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED and error.reason == "STREAM_IDLE":
+            return 0.0
+        if error.code != grpc.StatusCode.UNAVAILABLE:
             raise error
         return self.RETRY_SECONDS
 

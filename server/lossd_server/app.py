@@ -26,7 +26,7 @@ from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc, training_service_p
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
 from lossd_server.evaluation.evaluator import Evaluator
-from lossd_server.grpc.interceptors import ObservabilityInterceptor
+from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.losses import custom
 from lossd_server.losses.custom import full_registry
 from lossd_server.losses.registry import LossRegistry
@@ -102,7 +102,8 @@ class Server:
     def _start_metrics(self) -> None:
         host, port = self.settings.metrics_host, self.settings.metrics_port
         try:
-            self._metrics_http, self.metrics_port = start_metrics_server(self.metrics, host, port)
+            self._metrics_http, self.metrics_port = start_metrics_server(
+                self.metrics, host, port, cache_seconds=self.settings.metrics_cache_seconds)
         except OSError as error:
             raise StartupError(_bind_failure("metrics", host, port, error.errno, "metrics_host",
                                              "metrics_port")) from error
@@ -142,6 +143,7 @@ class Server:
             self.training.stop()
             self.training = None
         self.executor.shutdown(wait=False)  # grpc_server.stop() leaves its threads running
+        self.evaluator.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()  # shutdown() alone leaves the port accepting
@@ -203,8 +205,12 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
 
     metrics = None
     if settings.metrics_port is not None:
+        # Registered losses are client input: they get label values of their
+        # own only up to max_loss_labels (see Metrics.loss_label).
+        fixed = [entry.name for entry in registry.entries() if entry.source != "expression"]
         metrics = Metrics(metrics_registry if metrics_registry is not None else CollectorRegistry(),
-                          loss_names=registry.names(), version=lossd_server.__version__)
+                          loss_names=fixed, version=lossd_server.__version__,
+                          max_registered_labels=settings.max_loss_labels)
         versions = backend.versions()
         metrics.set_build_info(lossd_server.__version__, versions["tensorflow"], versions["keras"])
         metrics.set_device_info([(device.device_type, device.physical)])
@@ -218,7 +224,10 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                           jit_compile=settings.jit_compile, xla_losses=XLA_LOSSES,
                           expression_compiler=custom.inline_entry,
                           max_broadcast_elements=settings.max_broadcast_elements,
-                          max_composite_terms=settings.max_composite_terms)
+                          max_composite_terms=settings.max_composite_terms,
+                          max_program_nodes=settings.max_program_nodes, compile_workers=settings.compile_workers,
+                          max_pending_compiles=settings.max_pending_compiles,
+                          compile_timeout=settings.compile_timeout_seconds, cache_max_ops=settings.cache_max_ops)
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -226,8 +235,13 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         # One port per server: without this a second server could bind the same port.
         ("grpc.so_reuseport", 0),
     ]
-    executor = futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc")
-    server = grpc.server(executor, interceptors=[ObservabilityInterceptor(metrics)], options=options)
+    # Streams are capped at max_streams (StreamLimiter), so however many are
+    # open, `workers` threads are left for unary calls and health checks.
+    executor = futures.ThreadPoolExecutor(max_workers=settings.workers + settings.max_streams,
+                                          thread_name_prefix="rpc")
+    interceptors = [ObservabilityInterceptor(metrics),
+                    StreamLimiter(settings.max_streams, settings.stream_idle_seconds)]
+    server = grpc.server(executor, interceptors=interceptors, options=options)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store), server)
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count())

@@ -130,3 +130,50 @@ class Settings(BaseSettings):
     max_registered_losses: int = Field(1000, ge=1)
     """Most registered expression losses; a new one beyond it is RESOURCE_EXHAUSTED
     (TOO_MANY_LOSSES). Replacing a registered loss is always allowed."""
+
+    # Threads, compilation and metrics (issue 11): what streams, new programs
+    # and scrapes may take from the threads that serve evaluation.
+
+    max_streams: int = Field(32, ge=1)
+    """Most streaming calls open at once (WatchJob, EvaluateStream,
+    EvaluateChunked, uploads, downloads). Each has a thread of its own beside
+    the ``workers`` that serve unary calls and health, so streams cannot
+    starve them; one more is RESOURCE_EXHAUSTED (TOO_MANY_STREAMS)."""
+
+    stream_idle_seconds: float = Field(60.0, gt=0)
+    """A stream on which the client sends nothing (or WatchJob has nothing to
+    send) for this long is closed with DEADLINE_EXCEEDED (STREAM_IDLE);
+    ``lossd`` clients resume a watch where it stopped."""
+
+    max_program_nodes: int = Field(1024, ge=1)
+    """Most expression parts one loss may have, summed over a composite's
+    terms (a named loss counts as one); tracing time and a compiled program's
+    memory grow with them. Larger is INVALID_ARGUMENT (PROGRAM_TOO_LARGE)."""
+
+    compile_workers: int = Field(2, ge=1)
+    """Threads that compile new loss programs. Requests whose program is
+    already compiled never wait for them."""
+
+    max_pending_compiles: int = Field(4, ge=1)
+    """Most requests waiting for a program to compile; one more is
+    RESOURCE_EXHAUSTED (COMPILE_BUSY). Each waits on one of the ``workers``
+    threads: keep it below ``workers`` so health and compiled programs always
+    find a thread."""
+
+    compile_timeout_seconds: float = Field(30.0, gt=0)
+    """Longest a request waits for its program to compile; past it the request
+    is RESOURCE_EXHAUSTED (COMPILE_TIMEOUT) and the compilation goes on, so a
+    retry finds it compiled."""
+
+    cache_max_ops: int = Field(250_000, ge=1)
+    """Most graph operations the cached compiled programs hold together (about
+    8 KB each: 250k is about 2 GB); the least recently used go first."""
+
+    metrics_cache_seconds: float = Field(1.0, ge=0)
+    """``/metrics`` is rendered at most once per this many seconds and served
+    from that rendering, so many scrapers cost evaluation nothing more."""
+
+    max_loss_labels: int = Field(100, ge=0)
+    """Most registered losses that get a ``loss`` label value of their own in
+    metrics (the first evaluated); the rest count as ``other``. Built-in and
+    plugin losses always have theirs."""

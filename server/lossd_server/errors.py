@@ -50,6 +50,13 @@ class ResourceExhausted(LossdError):
     default_reason = "RESOURCE_EXHAUSTED"
 
 
+class DeadlineExceeded(LossdError):
+    """The server stopped waiting: e.g. a stream idle past the server's limit."""
+
+    kind = "deadline_exceeded"
+    default_reason = "DEADLINE_EXCEEDED"
+
+
 class Unavailable(LossdError):
     kind = "unavailable"
     default_reason = "UNAVAILABLE"

@@ -72,7 +72,8 @@ def build(tmp_path, **settings):
     from lossd_server.config import Settings
     from prometheus_client import CollectorRegistry
 
-    values = dict(host="127.0.0.1", port=0, metrics_port=0, data_dir=tmp_path / "data", grace_seconds=0.0)
+    values = dict(host="127.0.0.1", port=0, metrics_port=0, metrics_cache_seconds=0, data_dir=tmp_path / "data",
+                  grace_seconds=0.0)
     return create_server(Settings(**{**values, **settings}), metrics_registry=CollectorRegistry())
 
 

@@ -165,6 +165,10 @@ def signature_shape(shape: Sequence[int]) -> tuple[Optional[int], ...]:
 # (while tracing or while running); anything else is a bug of ours.
 INPUT_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
 
+# What TensorFlow and numpy raise when an allocation fails: the request asked
+# for more memory than the device has free now (not a bug of ours).
+MEMORY_ERRORS = (tf.errors.ResourceExhaustedError, MemoryError)
+
 
 def error_text(exc: BaseException) -> str:
     """The first line of an input error, without TensorFlow's graph context."""
@@ -291,6 +295,9 @@ class Compiled:
         function = tf.function(run, input_signature=signature, jit_compile=jit_compile)
         with tf.device(device.name):
             self._concrete = function.get_concrete_function()
+        # The graph's size: the evaluator bounds its cache by it, since a
+        # program's memory grows with its operations.
+        self.ops = len(self._concrete.graph.get_operations())
         self._direct = _DirectCall.make(self._concrete, HOST_DEVICE)
 
     def __call__(self, arrays: Sequence[np.ndarray]):

@@ -1,15 +1,20 @@
-"""One server interceptor for what every RPC needs: a request id in a context
-variable, Prometheus RPC metrics (failures counted and timed too), and one
-log line per request (DEBUG) or per failure (WARNING)."""
+"""Server interceptors: one for what every RPC needs (a request id in a
+context variable, Prometheus RPC metrics with failures counted and timed too,
+one log line per request at DEBUG or per failure at WARNING), and one that
+bounds streaming calls so they cannot starve unary calls (``StreamLimiter``)."""
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from typing import Optional
 
 import grpc
 
+from lossd_server.errors import DeadlineExceeded, ResourceExhausted
+from lossd_server.grpc import status
 from lossd_server.observability.metrics import Metrics, RpcMethodMetrics
 from lossd_server.observability.requestid import METADATA_KEY, clean_request_id, reset_request_id, set_request_id
 
@@ -157,3 +162,157 @@ def _code_of(context, exc: Optional[BaseException]) -> str:
 def _details_of(context) -> str:
     details = context.details() or ""
     return details.decode("utf-8", "replace") if isinstance(details, bytes) else details
+
+
+class StreamLimiter(grpc.ServerInterceptor):
+    """Keeps streaming calls from starving unary calls and health.
+
+    The synchronous server gives every call a thread for its whole life, and
+    a stream can live for hours doing nothing (a WatchJob on a queued job, an
+    EvaluateChunked that sent only its header). So:
+
+    - at most ``max_streams`` streaming calls run at once; one more is refused
+      at once with RESOURCE_EXHAUSTED (``TOO_MANY_STREAMS``). The server's
+      pool has ``workers + max_streams`` threads, so ``workers`` threads are
+      always left for unary calls and health checks;
+    - a request stream on which the client sends nothing for
+      ``idle_seconds`` ends with DEADLINE_EXCEEDED (``STREAM_IDLE``). Its
+      messages are read by a reader thread of the stream's own, handing over
+      one message at a time (flow control still holds the client back).
+
+    Unary methods pass through untouched.
+    """
+
+    def __init__(self, max_streams: int, idle_seconds: float):
+        self.max_streams = max_streams
+        self.idle_seconds = idle_seconds
+        self._slots = threading.BoundedSemaphore(max_streams)
+        self._handlers: dict[str, tuple] = {}
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        cached = self._handlers.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler)
+        self._handlers[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    def _admit(self, context) -> None:
+        """Takes a stream slot, or ends the call (raises) when none is free."""
+        if self._slots.acquire(blocking=False):
+            return
+        status.abort(context, ResourceExhausted(
+            f"The server has {self.max_streams} streams open. Expected at most {self.max_streams} at once "
+            "(the server's max_streams); close one or retry later.", reason="TOO_MANY_STREAMS",
+            metadata={"limit": str(self.max_streams)}))
+
+    def _requests(self, request, streaming: bool):
+        return _IdleLimitedRequests(request, self.idle_seconds) if streaming else request
+
+    def _wrap(self, handler):
+        if handler.request_streaming and handler.response_streaming:
+            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        elif handler.request_streaming:
+            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        else:
+            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        streaming_requests = handler.request_streaming
+
+        if handler.response_streaming:
+            def wrapper(request, context):
+                self._admit(context)
+                requests = self._requests(request, streaming_requests)
+                try:
+                    yield from behavior(requests, context)
+                except _StreamIdle as exc:  # raised where no handle_errors turned it into a status
+                    status.abort(context, exc)
+                finally:
+                    self._release(requests)
+        else:
+            def wrapper(request, context):
+                self._admit(context)
+                requests = self._requests(request, streaming_requests)
+                try:
+                    return behavior(requests, context)
+                except _StreamIdle as exc:
+                    status.abort(context, exc)
+                finally:
+                    self._release(requests)
+        return factory(wrapper, request_deserializer=handler.request_deserializer,
+                       response_serializer=handler.response_serializer)
+
+    def _release(self, requests) -> None:
+        if isinstance(requests, _IdleLimitedRequests):
+            requests.close()
+        self._slots.release()
+
+
+class _StreamIdle(DeadlineExceeded):
+    pass
+
+
+class _IdleLimitedRequests:
+    """A request iterator whose ``next()`` gives up after ``idle_seconds``
+    without a message, raising DEADLINE_EXCEEDED (``STREAM_IDLE``).
+
+    gRPC's own request iterator blocks without a timeout, so a reader thread
+    pulls from it into a one-slot queue; the handler takes from the queue
+    with a timeout. The one slot keeps flow control: the reader reads the
+    next message only once the handler took the last one.
+    """
+
+    _END = object()
+
+    def __init__(self, requests, idle_seconds: float):
+        self._requests = requests
+        self._idle_seconds = idle_seconds
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
+        self._reader: Optional[threading.Thread] = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read, name="stream-reader", daemon=True)
+            self._reader.start()
+        try:
+            item = self._queue.get(timeout=self._idle_seconds)
+        except queue.Empty:
+            raise _StreamIdle(
+                f"No message arrived on this stream for {self._idle_seconds:g} s. Expected the next message "
+                "within the server's stream_idle_seconds; open a new stream to go on.",
+                reason="STREAM_IDLE", metadata={"idle_seconds": f"{self._idle_seconds:g}"}) from None
+        if item is self._END:
+            self._queue.put(item)  # next() after the end ends again
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _read(self) -> None:
+        try:
+            for message in self._requests:
+                if not self._put(message):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - a cancelled call: the handler gets the error
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def close(self) -> None:
+        """The call is over: the reader stops handing messages over (it
+        ends once gRPC's iterator ends, as it does when the call ends)."""
+        self._closed.set()

@@ -4,6 +4,7 @@ records of ``lossd_server.training``; everything else happens there."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Iterator
 
 from google.protobuf import any_pb2, timestamp_pb2
@@ -12,7 +13,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from lossd import wire
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
-from lossd_server.errors import DOMAIN, InvalidArgument, NotFound
+from lossd_server.errors import DOMAIN, DeadlineExceeded, InvalidArgument, NotFound
 from lossd_server.grpc.status import handle_errors
 from lossd_server.training.manager import TrainingManager
 from lossd_server.training.store import Event, JobRecord
@@ -154,9 +155,11 @@ def dataset_to_proto(info) -> pb.Dataset:
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
     """Implements ``lossd.v1.TrainingService`` over a TrainingManager and its parts."""
 
-    def __init__(self, manager: TrainingManager, *, max_elements: int = 1 << 30):
+    def __init__(self, manager: TrainingManager, *, max_elements: int = 1 << 30,
+                 stream_idle_seconds: float = float("inf")):
         self.manager = manager
         self.max_elements = max_elements
+        self.stream_idle_seconds = stream_idle_seconds
 
     @handle_errors
     def CreateJob(self, request, context):
@@ -187,8 +190,24 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     @handle_errors
     def WatchJob(self, request, context):
-        for event in self.manager.scheduler.watch(job_id(request.name), request.after_sequence, context.is_active):
+        # A watch with nothing to report for stream_idle_seconds ends with
+        # STREAM_IDLE, so a queued job's watchers do not hold threads for
+        # ever; clients resume from the last sequence they saw.
+        ident, after = job_id(request.name), request.after_sequence
+        last_event = time.monotonic()
+
+        def active() -> bool:
+            return context.is_active() and time.monotonic() - last_event < self.stream_idle_seconds
+
+        for event in self.manager.scheduler.watch(ident, after, active):
+            last_event, after = time.monotonic(), event.seq
             yield event_to_proto(event)
+        if context.is_active() and not self.manager.get_job(ident).final \
+                and time.monotonic() - last_event >= self.stream_idle_seconds:
+            raise DeadlineExceeded(
+                f"Job {ident} had no new event for {self.stream_idle_seconds:g} s (the server's "
+                f"stream_idle_seconds). Watch again with after_sequence={after} to go on.",
+                reason="STREAM_IDLE", metadata={"after_sequence": str(after)})
 
     @handle_errors
     def UploadDataset(self, request_iterator, context):
@@ -261,5 +280,6 @@ def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: 
     """
     manager = TrainingManager(settings, planner, metrics, gpus=gpus)
     pb_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(manager, max_elements=settings.max_tensor_elements), grpc_server)
+        TrainingServicer(manager, max_elements=settings.max_tensor_elements,
+                         stream_idle_seconds=settings.stream_idle_seconds), grpc_server)
     return manager

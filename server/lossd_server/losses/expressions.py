@@ -1213,6 +1213,12 @@ def value_shapes(source: str, shapes: Mapping[str, Sequence[int]]) -> ValueShape
     return ValueShapes(analysis.largest, shape)
 
 
+def size(source: str) -> int:
+    """How many parts (sub-expressions) a checked expression has: the
+    measure of :data:`MAX_NODES`, and what a plan's compile cost grows with."""
+    return sum(isinstance(node, ast.expr) for node in ast.walk(_parsed(source)))
+
+
 @functools.lru_cache(maxsize=1024)
 def _parsed(source: str) -> ast.AST:
     """The body of a checked expression's tree, parsed once per text: the

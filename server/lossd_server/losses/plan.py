@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from lossd import wire
 from lossd_server.errors import InvalidArgument
+from lossd_server.losses import expressions
 from lossd_server.losses.expressions import rename_tensors
 from lossd_server.losses.registry import LossEntry, LossRegistry, resolve_parameters
 
@@ -89,13 +90,18 @@ class Planner:
             (``custom.inline_entry``); None refuses expressions.
         max_terms: Most terms a composite may have (``max_composite_terms``);
             None is unlimited.
+        max_nodes: Most expression parts a plan may have over all its terms
+            (``max_program_nodes``); a term that is not an expression counts
+            as one part. Tracing time and the compiled graph's memory grow
+            with it. None is unlimited.
     """
 
     def __init__(self, registry: LossRegistry, expression_compiler: Optional[ExpressionCompiler] = None,
-                 max_terms: Optional[int] = None):
+                 max_terms: Optional[int] = None, max_nodes: Optional[int] = None):
         self.registry = registry
         self.expression_compiler = expression_compiler
         self.max_terms = max_terms
+        self.max_nodes = max_nodes
 
     def plan(self, spec: Mapping[str, Any], tensor_names: Sequence[str] = DEFAULT_INPUTS) -> Plan:
         """Validates a loss spec (``{"name", "params"}``, ``{"expression", "params"}``
@@ -141,10 +147,23 @@ class Planner:
                 raise InvalidArgument(
                     "Composite term labels must be unique; set `label` on each term. Expected distinct labels. "
                     f"Received: {dupes[0]!r} twice.", reason="BAD_LOSS_SPEC")
-            return _finish(terms, composite=True)
+            return self._checked(_finish(terms, composite=True))
         entry, params = self._resolve(spec, "loss", tensor_names)
         inputs = entry.inputs if entry.source != "keras" else DEFAULT_INPUTS
-        return _finish((Term(entry.name, entry, params, 1.0, None, inputs),), composite=False)
+        return self._checked(_finish((Term(entry.name, entry, params, 1.0, None, inputs),), composite=False))
+
+    def _checked(self, plan: Plan) -> Plan:
+        """Refuses a plan above ``max_nodes`` expression parts, before anything is traced."""
+        if self.max_nodes is None:
+            return plan
+        parts = sum(expressions.size(t.entry.expression) if t.entry.expression else 1 for t in plan.terms)
+        if parts > self.max_nodes:
+            raise InvalidArgument(
+                f"Loss `{plan.metric_name}` has {parts} expression parts over its terms. Expected at most "
+                f"{self.max_nodes} (the server's max_program_nodes): compiling grows with them. Received: "
+                f"{parts}.", reason="PROGRAM_TOO_LARGE",
+                metadata={"limit": str(self.max_nodes), "received": str(parts)})
+        return plan
 
     def _resolve(self, spec: Any, where: str, tensor_names: Sequence[str]) -> tuple[LossEntry, dict]:
         if not isinstance(spec, Mapping):

@@ -6,9 +6,15 @@ each test builds a fresh registry. Names follow the Prometheus naming practice
 ``lossd_`` prefix; RPC-level metrics reuse the names of go-grpc-prometheus and
 py-grpc-prometheus so existing dashboards and alerts work unchanged.
 
-The ``loss`` label is bounded: only names registered at construction (plus
-``"composite"``) become label values, anything else is counted as ``"other"``.
-Job ids, request ids and users never become labels.
+The ``loss`` label is bounded: the fixed names given at construction (Keras's
+losses, lossd's built-ins and plugins), ``"composite"``, ``"expression"``, and
+at most ``max_registered_labels`` names of losses clients registered, first
+come first served; anything else is counted as ``"other"``. Job ids, request
+ids and users never become labels.
+
+``/metrics`` is served from a rendering at most ``cache_seconds`` old (see
+``start_metrics_server``), so many scrapers cost one rendering per interval,
+not one each.
 
 This module imports neither gRPC nor TensorFlow: the transport passes status
 code names as strings and the backend passes device and version strings.
@@ -19,9 +25,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import socket
+import threading
 import time
+from socketserver import ThreadingMixIn
 from typing import Callable, Iterable, Iterator, Mapping
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,8 +40,8 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -195,19 +204,29 @@ class Metrics:
 
     Args:
         registry: Where to register; tests pass a fresh ``CollectorRegistry``.
-        loss_names: Canonical names of the registered losses. They are the only
-            values (besides ``"composite"`` and ``"other"``) the ``loss`` label
-            takes. Resolve aliases such as ``"mse"`` before calling.
+        loss_names: Canonical names of the losses the server always has
+            (Keras's, lossd's built-ins, plugins). They, ``"composite"``,
+            ``"expression"`` and ``"other"`` are the fixed values of the
+            ``loss`` label, initialised at zero. Resolve aliases such as
+            ``"mse"`` before calling.
         version: The lossd version, exported by ``lossd_build_info``.
         process_metrics: Also export ``process_*`` and ``python_*`` metrics.
+        max_registered_labels: How many other names (losses clients
+            registered) may become ``loss`` label values, the first ones
+            evaluated; the rest count as ``"other"``. Registered names are
+            client input: without this bound every registration would add
+            series to every scrape.
     """
 
     def __init__(self, registry: CollectorRegistry, *, loss_names: Iterable[str],
-                 version: str, process_metrics: bool = True):
+                 version: str, process_metrics: bool = True, max_registered_labels: int = 0):
         self.registry = registry
         self._evaluation_children: dict[tuple[str, str], tuple] = {}
         self._rpc_methods: dict[tuple[str, str], RpcMethodMetrics] = {}
         self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, EXPRESSION_LOSS, OTHER_LOSS}
+        self._registered_labels: set[str] = set()
+        self._registered_lock = threading.Lock()
+        self.max_registered_labels = max_registered_labels
         r = registry
 
         if process_metrics:
@@ -332,10 +351,19 @@ class Metrics:
     # Loss evaluation.
 
     def loss_label(self, name: str) -> str:
-        """The ``loss`` label for ``name``: a loss registered at start,
-        ``"composite"``, ``"expression"`` (an inline expression), else
-        ``"other"`` (so a client cannot invent label values)."""
-        return name if name in self._loss_labels else OTHER_LOSS
+        """The ``loss`` label for ``name``: a fixed name (see ``__init__``),
+        one of the first ``max_registered_labels`` other names seen, else
+        ``"other"``: clients cannot add label values past the bound.
+
+        Callers pass canonical names of losses the registry knows (or
+        ``"other"``), never raw request text."""
+        if name in self._loss_labels or name in self._registered_labels:
+            return name
+        with self._registered_lock:
+            if name in self._registered_labels or len(self._registered_labels) < self.max_registered_labels:
+                self._registered_labels.add(name)
+                return name
+        return OTHER_LOSS
 
     def observe_evaluation(self, loss_name: str, outcome: str, seconds: float,
                            elements: int, nbytes: int) -> None:
@@ -481,16 +509,80 @@ class Metrics:
         self._gpu_memory.source = fn
 
 
-def start_metrics_server(metrics: Metrics, host: str,
-                         port: int) -> tuple[WSGIServer, int]:
-    """Serves ``metrics.registry`` over HTTP on a daemon thread.
+class _CachedExposition:
+    """A WSGI app serving the registry, rendered at most once per
+    ``cache_seconds`` for each exposition format asked for (Prometheus asks
+    for OpenMetrics, curl gets the classic text format).
+
+    Rendering walks every series under the registry's locks while holding the
+    GIL: sixteen scrapers rendering at once took Evaluate's p50 from 0.9 ms to
+    33 ms. Here one scrape renders and the others in that interval get its
+    bytes; a scraper that arrives while a rendering runs waits for it.
+    """
+
+    def __init__(self, registry: CollectorRegistry, cache_seconds: float):
+        self.registry = registry
+        self.cache_seconds = cache_seconds
+        self.renders = 0  # how many times the registry was rendered (tests read it)
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, bytes]] = {}  # content type -> (rendered at, body)
+
+    def body(self, accept: str = "") -> tuple[str, bytes]:
+        """``(content type, body)`` for an Accept header, rendered anew when
+        the cached one is older than ``cache_seconds``."""
+        encoder, content_type = choose_encoder(accept)
+        with self._lock:
+            rendered_at, body = self._cache.get(content_type, (float("-inf"), b""))
+            if time.monotonic() - rendered_at >= self.cache_seconds:
+                body = encoder(self.registry)
+                self._cache[content_type] = (time.monotonic(), body)
+                self.renders += 1
+            return content_type, body
+
+    def __call__(self, environ, start_response):
+        method = environ.get("REQUEST_METHOD", "GET")
+        if environ.get("PATH_INFO", "/") == "/favicon.ico":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"Not Found"]
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [b""]
+        content_type, body = self.body(environ.get("HTTP_ACCEPT", ""))
+        start_response("200 OK", [("Content-Type", content_type), ("Content-Length", str(len(body)))])
+        return [b"" if method == "HEAD" else body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - scrapes are not worth a log line each
+        pass
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress must not keep the process alive
+
+
+def start_metrics_server(metrics: Metrics, host: str, port: int,
+                         cache_seconds: float = 1.0) -> tuple[WSGIServer, int]:
+    """Serves ``metrics.registry`` over HTTP on a daemon thread, rendered at
+    most once per ``cache_seconds`` (0 renders every scrape).
 
     ``port`` 0 picks a free port. Returns ``(server, bound_port)``; call
-    ``server.shutdown()`` and then ``server.server_close()`` to stop it.
+    ``server.shutdown()`` and then ``server.server_close()`` to stop it. The
+    app is ``server.exposition``.
     """
+    app = _CachedExposition(metrics.registry, cache_seconds)
     try:
-        server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+        # The address family follows the host ("::" needs AF_INET6).
+        family = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsHTTPServer", (_ThreadingWSGIServer,), {"address_family": family})
+        server = make_server(host.strip("[]"), port, app, server_class, handler_class=_QuietHandler)
+    except socket.gaierror as error:
+        raise OSError(error.errno, f"Could not serve metrics on {host}:{port} (LOSSD_METRICS_HOST, "
+                                   f"LOSSD_METRICS_PORT): {error.strerror}") from error
     except OSError as error:
         raise OSError(error.errno, f"Could not serve metrics on {host}:{port} (LOSSD_METRICS_HOST, "
                                    f"LOSSD_METRICS_PORT): {error.strerror}") from error
+    server.exposition = app
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server, server.server_port

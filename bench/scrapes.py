@@ -70,8 +70,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "lossd.cli", "serve", "--port", str(port), "--metrics-port",
                    str(metrics_port), "--metrics-cache-seconds", cache, "--data-dir",
                    f"/tmp/lossd-scrapes-{os.getpid()}-{label}", "--log-level", "WARNING"]
-            stack.enter_context(contextlib.contextmanager(process)(
-                cmd, wait_for=lambda p=port: wait_ready(f"127.0.0.1:{p}")))
+            stack.enter_context(process(cmd, wait_for=lambda p=port: wait_ready(f"127.0.0.1:{p}")))
             client = stack.enter_context(lossd.Client(f"127.0.0.1:{port}"))
             servers[label] = (client, f"http://127.0.0.1:{metrics_port}/metrics")
         clients = {label: client for label, (client, _) in servers.items()}

@@ -259,60 +259,62 @@ class _IdleLimitedRequests:
     without a message, raising DEADLINE_EXCEEDED (``STREAM_IDLE``).
 
     gRPC's own request iterator blocks without a timeout, so a reader thread
-    pulls from it into a one-slot queue; the handler takes from the queue
-    with a timeout. The one slot keeps flow control: the reader reads the
-    next message only once the handler took the last one.
+    calls it, and the handler waits for the reader's answer with a timeout.
+    The reader reads a message only when the handler asks for one: nothing
+    is read ahead, so flow control and the received-message counts are
+    those of a handler reading gRPC's iterator itself.
     """
 
     _END = object()
+    _CLOSE = object()
 
     def __init__(self, requests, idle_seconds: float):
         self._requests = requests
         self._idle_seconds = idle_seconds
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._closed = threading.Event()
+        self._asks: queue.SimpleQueue = queue.SimpleQueue()
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()
         self._reader: Optional[threading.Thread] = None
+        self._ended = False
 
     def __iter__(self):
         return self
 
     def __next__(self):
+        if self._ended:
+            raise StopIteration
         if self._reader is None:
             self._reader = threading.Thread(target=self._read, name="stream-reader", daemon=True)
             self._reader.start()
+        self._asks.put(True)
         try:
-            item = self._queue.get(timeout=self._idle_seconds)
+            item = self._answers.get(timeout=self._idle_seconds)
         except queue.Empty:
+            self._ended = True
             raise _StreamIdle(
                 f"No message arrived on this stream for {self._idle_seconds:g} s. Expected the next message "
                 "within the server's stream_idle_seconds; open a new stream to go on.",
                 reason="STREAM_IDLE", metadata={"idle_seconds": f"{self._idle_seconds:g}"}) from None
         if item is self._END:
-            self._queue.put(item)  # next() after the end ends again
+            self._ended = True
             raise StopIteration
         if isinstance(item, BaseException):
+            self._ended = True
             raise item
         return item
 
     def _read(self) -> None:
-        try:
-            for message in self._requests:
-                if not self._put(message):
-                    return
-            self._put(self._END)
-        except BaseException as exc:  # noqa: BLE001 - a cancelled call: the handler gets the error
-            self._put(exc)
-
-    def _put(self, item) -> bool:
-        while not self._closed.is_set():
+        while self._asks.get() is not self._CLOSE:
             try:
-                self._queue.put(item, timeout=0.5)
-                return True
-            except queue.Full:
-                continue
-        return False
+                self._answers.put(next(self._requests))
+            except StopIteration:
+                self._answers.put(self._END)
+                return
+            except BaseException as exc:  # noqa: BLE001 - a cancelled call: the handler gets the error
+                self._answers.put(exc)
+                return
 
     def close(self) -> None:
-        """The call is over: the reader stops handing messages over (it
-        ends once gRPC's iterator ends, as it does when the call ends)."""
-        self._closed.set()
+        """The call is over: a reader waiting to be asked ends now; one
+        inside gRPC's iterator ends when that returns, as it does once the
+        call has ended."""
+        self._asks.put(self._CLOSE)

@@ -130,3 +130,10 @@ class Settings(BaseSettings):
     max_registered_losses: int = Field(1000, ge=1)
     """Most registered expression losses; a new one beyond it is RESOURCE_EXHAUSTED
     (TOO_MANY_LOSSES). Replacing a registered loss is always allowed."""
+
+    # Persisted state and faults (issue 11): job retries after a worker crash.
+
+    job_max_retries: int = Field(2, ge=0)
+    """How many times a job whose process died abnormally (killed, out of
+    memory, exited without reporting an error) is started again from its last
+    checkpoint before it fails with WORKER_CRASHED. Each retry is a job event."""

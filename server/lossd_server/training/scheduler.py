@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # How long CancelJob waits for a running job's process to stop.
 CANCEL_WAIT_SECONDS = 5.0
+# A repeated scheduler fault (a full disk) is logged again only after this many
+# seconds without it.
+FAULT_QUIET_SECONDS = 30.0
 
 
 @dataclasses.dataclass
@@ -86,6 +89,7 @@ class Scheduler:
         # retried every loop until they land.
         self._unrecorded: dict[str, Callable[[], None]] = {}
         self._fault: Optional[str] = None  # the fault logged last; repeats are not logged again
+        self._fault_time = 0.0  # when a fault last happened (logged or not)
 
     # -- life cycle ------------------------------------------------------------
 
@@ -194,7 +198,10 @@ class Scheduler:
                 self._record_unrecorded()
                 self._pump()
                 self._launch()
-                if self._fault is not None and not self._unrecorded:
+                # Writes may fail on and off while a disk is nearly full: it
+                # counts as recovered only after a quiet spell.
+                if (self._fault is not None and not self._unrecorded
+                        and time.monotonic() - self._fault_time > FAULT_QUIET_SECONDS):
                     log.info("training scheduler recovered from: %s", self._fault)
                     self._fault = None
             except ResourceExhausted as exc:  # DISK_FULL: no traceback, it says all
@@ -210,6 +217,7 @@ class Scheduler:
 
     def _report_fault(self, text: str, exc: Optional[BaseException] = None) -> None:
         """Logs a scheduler fault the first time it happens, not on every loop."""
+        self._fault_time = time.monotonic()
         if text == self._fault:
             return
         self._fault = text

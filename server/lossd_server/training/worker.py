@@ -81,10 +81,11 @@ def read_checkpoint(job_dir: pathlib.Path) -> Optional[dict]:
         return None
     try:
         data = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return None
-    if not (job_dir / CHECKPOINT_DIR / data["weights"]).exists():
-        return None
+        if not isinstance(data.get("epoch"), int) or not isinstance(data.get("history"), dict) \
+                or not (job_dir / CHECKPOINT_DIR / str(data["weights"])).is_file():
+            return None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None  # unreadable: the job starts again from the beginning
     return data
 
 

@@ -25,6 +25,7 @@ import lossd_server
 from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc, training_service_pb2
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
+from lossd_server.errors import ResourceExhausted
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.losses import custom
@@ -33,6 +34,7 @@ from lossd_server.losses.registry import LossRegistry
 from lossd_server.observability.metrics import Metrics, start_metrics_server
 from lossd_server.grpc.loss_servicer import LossServicer
 from lossd_server.grpc.training_servicer import add_training_service
+from lossd_server.training.manager import open_store
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,10 @@ SERVICES = (
     training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
 )
 SERVICE_NAMES = [service.full_name for service in SERVICES]
+# A health service name of its own for the persisted state: NOT_SERVING when
+# something was moved to the quarantine at start. The server and its services
+# stay SERVING (evaluation works), so probes on "" do not restart a pod for it.
+STATE_HEALTH = "lossd.state"
 
 
 @dataclasses.dataclass
@@ -65,6 +71,8 @@ class Server:
     metrics: Optional[Metrics]
     settings: Settings
     training: object = None  # the TrainingManager
+    # What was moved to the quarantine at start (Quarantine.items); empty when healthy.
+    quarantined: list = dataclasses.field(default_factory=list)
     # The bound ports, once started (metrics_port stays None with metrics off).
     port: Optional[int] = dataclasses.field(default=None, init=False)
     metrics_port: Optional[int] = dataclasses.field(default=None, init=False)
@@ -98,6 +106,8 @@ class Server:
             raise
         for name in [*SERVICE_NAMES, ""]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(STATE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING if self.quarantined
+                        else health_pb2.HealthCheckResponse.SERVING)
 
     def _start_metrics(self) -> None:
         host, port = self.settings.metrics_host, self.settings.metrics_port
@@ -192,11 +202,16 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     lets clients register more).
     """
     settings = settings or Settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    state = open_store(settings.data_dir)  # jobs, datasets and registered losses
     store = None
     if registry is None:
         registry = full_registry(plugins=True)
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = custom.ExpressionStore(settings.data_dir, registry, max_losses=settings.max_registered_losses)
+        store = custom.ExpressionStore(state, registry, max_losses=settings.max_registered_losses)
+        try:
+            store.import_legacy(settings.data_dir)
+        except ResourceExhausted as exc:  # the file stays; the next start imports it
+            log.warning("could not import %s: %s", custom.LEGACY_FILE, exc.message)
         loaded = store.load()
         if loaded:
             log.info("loaded %d registered losses: %s", len(loaded), ", ".join(loaded))
@@ -215,6 +230,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         metrics.set_build_info(lossd_server.__version__, versions["tensorflow"], versions["keras"])
         metrics.set_device_info([(device.device_type, device.physical)])
         metrics.set_gpu_memory_source(backend.gpu_memory)
+        metrics.set_quarantined_items(len(state.quarantine.items))
         for service in SERVICES:
             for method in service.methods:
                 metrics.rpc_method(service.full_name, method.name, client_streaming=method.client_streaming,
@@ -244,15 +260,17 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     server = grpc.server(executor, interceptors=interceptors, options=options)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store), server)
-    training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count())
+    training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
+                                    store=state)
     health_servicer = health.HealthServicer()
-    for name in [*SERVICE_NAMES, ""]:  # until start() has started everything
+    for name in [*SERVICE_NAMES, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
-    return Server(server, executor, health_servicer, evaluator, metrics, settings, training)
+    return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
+                  quarantined=list(state.quarantine.items))
 
 
 def serve(settings: Settings) -> int:

@@ -177,3 +177,10 @@ class Settings(BaseSettings):
     """Most registered losses that get a ``loss`` label value of their own in
     metrics (the first evaluated); the rest count as ``other``. Built-in and
     plugin losses always have theirs."""
+
+    # Persisted state and faults (issue 11): job retries after a worker crash.
+
+    job_max_retries: int = Field(2, ge=0)
+    """How many times a job whose process died abnormally (killed, out of
+    memory, exited without reporting an error) is started again from its last
+    checkpoint before it fails with WORKER_CRASHED. Each retry is a job event."""

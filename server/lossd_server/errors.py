@@ -7,9 +7,20 @@ and a ``kind`` that the transport maps to a status code in one table
 
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 DOMAIN = "lossd.dev"
+
+# An absolute POSIX path: a slash that starts a token (not a division inside an
+# expression such as ``x/2`` or ``f(x)/y``), then name characters.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.)\]/-])/[^\s/'\":,()\[\]]+(?:/[^\s/'\":,()\[\]]*)*")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every absolute filesystem path replaced by ``<path>``:
+    messages clients see never show where the server keeps its files."""
+    return _ABSOLUTE_PATH.sub("<path>", text)
 
 
 class LossdError(Exception):

@@ -264,7 +264,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         return pb.GenerateResponse(images=wire.from_numpy(images))
 
 
-def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: int) -> TrainingManager:
+def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: int,
+                         store=None) -> TrainingManager:
     """Adds TrainingService to a server; starts nothing.
 
     Args:
@@ -273,12 +274,13 @@ def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: 
         planner: The ``Planner`` evaluation uses; job losses go through it too.
         metrics: Optional ``Metrics`` to update.
         gpus: How many GPUs the machine has.
+        store: The server's ``Store``; by default the manager opens one.
 
     Returns:
         The TrainingManager: ``start()`` it with the server, ``stop()`` it
         when the server stops.
     """
-    manager = TrainingManager(settings, planner, metrics, gpus=gpus)
+    manager = TrainingManager(settings, planner, metrics, gpus=gpus, store=store)
     pb_grpc.add_TrainingServiceServicer_to_server(
         TrainingServicer(manager, max_elements=settings.max_tensor_elements,
                          stream_idle_seconds=settings.stream_idle_seconds), grpc_server)

@@ -5,8 +5,9 @@ entry-point group.
 Expressions are checked and compiled by ``lossd_server.losses.expressions`` (never
 evaluated by Python); here they become ``keras.losses.Loss`` objects, so
 reductions, sample weights and dtypes follow Keras exactly as for the
-built-in losses. Registered expression losses are kept in
-``<data_dir>/losses.json`` and survive restarts.
+built-in losses. Registered expression losses are kept one row each in the
+server's store (``lossd_server.training.store.Store``) and survive restarts;
+a ``losses.json`` written by an older server is imported once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 import threading
 import unicodedata
 from importlib import metadata
@@ -33,7 +33,10 @@ from lossd_server.losses.registry import (SHAPES_ANY, LossEntry, LossRegistry, P
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "lossd.losses"
-STORE_FILE = "losses.json"
+# Where servers before the store kept registered losses; imported once, then
+# renamed with IMPORTED_SUFFIX so it is never imported twice.
+LEGACY_FILE = "losses.json"
+IMPORTED_SUFFIX = ".imported"
 # Metric label values of their own: a registered loss may not take them.
 RESERVED_NAMES = ("expression", "composite", "other")
 _DOC_CONTROLS_ALLOWED = "\n\t"
@@ -195,29 +198,76 @@ def load_plugins(registry: LossRegistry) -> list[str]:
 # Registered expression losses, stored in the data directory.
 
 class ExpressionStore:
-    """Named expression losses registered by clients, kept in ``losses.json``.
+    """Named expression losses registered by clients, one row each in ``store``.
 
-    Writes are atomic (temporary file + rename), so a crash leaves either the
-    old or the new file, never half of one.
+    Each registration writes its own row in one transaction, so a crash leaves
+    the old definition or the new one, and the cost of a registration does
+    not grow with the number registered.
+
+    Args:
+        store: The server's store (``lossd_server.training.store.Store``:
+            ``losses``, ``count_losses``, ``put_losses``, ``delete_loss``,
+            ``quarantine_loss``, ``quarantine``).
+        registry: Where loaded and registered losses become visible.
+        max_losses: Most registered losses (``Settings.max_registered_losses``).
     """
 
-    def __init__(self, data_dir: pathlib.Path, registry: LossRegistry, *, max_losses: Optional[int] = None):
-        self.path = pathlib.Path(data_dir) / STORE_FILE
+    def __init__(self, store, registry: LossRegistry, *, max_losses: Optional[int] = None):
+        self.store = store
         self.registry = registry
         self.max_losses = max_losses
         self._lock = threading.Lock()
 
+    def import_legacy(self, data_dir: pathlib.Path) -> int:
+        """Imports ``<data_dir>/losses.json`` (an older server's file) into the
+        store once, then renames it ``losses.json.imported``; returns how many
+        losses it held. A file that is not a JSON list of losses goes to the
+        quarantine instead; so does each entry without a name and expression.
+        Leftover temporary files of the old writer are removed."""
+        data_dir = pathlib.Path(data_dir)
+        for leftover in data_dir.glob(".losses-*"):
+            leftover.unlink(missing_ok=True)
+        path = data_dir / LEGACY_FILE
+        if not path.is_file():
+            return 0
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(records, list):
+                raise ValueError(f"expected a JSON list, found {type(records).__name__}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.store.quarantine.move(path, f"{LEGACY_FILE} is not a JSON list of losses ({str(exc)[:200]}); "
+                                             "no loss was imported from it")
+            return 0
+        def usable(r) -> bool:
+            return isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("expression"), str)
+
+        good = [r for r in records if usable(r)]
+        if len(good) < len(records):
+            self.store.quarantine.save("losses-json-entries", [r for r in records if not usable(r)],
+                                       f"{len(records) - len(good)} entries of {LEGACY_FILE} lack a name or an "
+                                       "expression")
+        self.store.put_losses((r["name"], r) for r in good)  # one transaction: all or none
+        os.replace(path, path.with_name(path.name + IMPORTED_SUFFIX))
+        log.info("imported %d registered losses from %s (renamed %s%s)", len(good), path, LEGACY_FILE,
+                 IMPORTED_SUFFIX)
+        return len(good)
+
     def load(self) -> list[str]:
-        """Registers every stored loss; returns their names."""
-        if not self.path.exists():
-            return []
+        """Registers every stored loss; returns their names. A row that cannot
+        be loaded (malformed, or an expression this version refuses) moves
+        to the quarantine, and the rest still load."""
         names = []
-        for record in json.loads(self.path.read_text()):
+        for name, text in self.store.losses():
             try:
+                record = json.loads(text)
+                if not isinstance(record, dict) or record.get("name") != name:
+                    raise ValueError("the record is not an object naming this loss")
                 self.registry.register(self._entry(record))
-                names.append(record["name"])
-            except (InvalidArgument, ValueError) as exc:
-                log.error("stored loss %r could not be loaded: %s", record.get("name"), exc)
+                names.append(name)
+            except (InvalidArgument, ValueError, TypeError, KeyError, AttributeError) as exc:
+                message = getattr(exc, "message", None) or str(exc)
+                self.store.quarantine_loss(name, f"the stored loss cannot be loaded ({type(exc).__name__}: "
+                                                 f"{message[:200]})")
         return names
 
     @staticmethod
@@ -225,18 +275,6 @@ class ExpressionStore:
         return expression_entry(record["expression"], params=record.get("params") or {},
                                 inputs=record.get("inputs") or DEFAULT_INPUTS, name=record["name"],
                                 doc=record.get("doc", ""), where=f"loss {record['name']!r}")
-
-    def _records(self) -> list[dict]:
-        return json.loads(self.path.read_text()) if self.path.exists() else []
-
-    def _write(self, records: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".losses-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(records, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def register(self, name: str, expression: str, *, params: Mapping[str, Any], inputs: Sequence[str] = (),
                  doc: str = "", replace: bool = False) -> LossEntry:
@@ -247,7 +285,7 @@ class ExpressionStore:
                 identifier once NFKC-normalised, a look-alike of another
                 loss, or a reserved metric label) or doc (BAD_LOSS_SPEC).
             ResourceExhausted: ``max_losses`` are registered and ``name`` is
-                not one of them (TOO_MANY_LOSSES).
+                not one of them (TOO_MANY_LOSSES), or the disk is full (DISK_FULL).
         """
         normal = unicodedata.normalize("NFKC", name)
         if normal != name:
@@ -285,14 +323,14 @@ class ExpressionStore:
                 if not replace:
                     raise AlreadyExists(f"Loss {name!r} is already registered. Set replace to overwrite it.",
                                         reason="LOSS_EXISTS", metadata={"loss": name})
-            others = [r for r in self._records() if r["name"] != name]
-            if existing is None and self.max_losses is not None and len(others) >= self.max_losses:
-                raise ResourceExhausted(
-                    f"Too many registered losses. Expected at most {self.max_losses} (max_registered_losses). "
-                    f"Received: a new loss {name!r} while {len(others)} are registered; delete some first.",
-                    reason="TOO_MANY_LOSSES", metadata={"loss": name, "limit": str(self.max_losses)})
-            records = others + [record]
-            self._write(records)
+            if existing is None and self.max_losses is not None:
+                count = self.store.count_losses()
+                if count >= self.max_losses:
+                    raise ResourceExhausted(
+                        f"Too many registered losses. Expected at most {self.max_losses} (max_registered_losses). "
+                        f"Received: a new loss {name!r} while {count} are registered; delete some first.",
+                        reason="TOO_MANY_LOSSES", metadata={"loss": name, "limit": str(self.max_losses)})
+            self.store.put_losses([(name, record)])  # DISK_FULL leaves the registry as it was
             self.registry.register(entry, replace=True)
         return entry
 
@@ -306,17 +344,16 @@ class ExpressionStore:
             if self.registry.get(canonical).source != "expression":
                 raise FailedPrecondition(f"Loss {name!r} is built in; only registered expression losses can "
                                          "be deleted.", reason="LOSS_NOT_DELETABLE", metadata={"loss": name})
-            self._write([r for r in self._records() if r["name"] != canonical])
+            self.store.delete_loss(canonical)
             self.registry.unregister(canonical)
 
 
-def full_registry(data_dir: Optional[pathlib.Path] = None, *, plugins: bool = True) -> LossRegistry:
-    """Keras losses, lossd's built-in terms, plugins and (with a data dir) stored expression losses."""
+def full_registry(*, plugins: bool = True) -> LossRegistry:
+    """Keras losses, lossd's built-in terms and plugins (``ExpressionStore.load``
+    adds the registered expression losses)."""
     registry = default_registry()
     for entry in builtin_entries():
         registry.register(entry)
     if plugins:
         load_plugins(registry)
-    if data_dir is not None:
-        ExpressionStore(data_dir, registry).load()
     return registry

@@ -316,6 +316,13 @@ class Metrics:
             "Loss of the last epoch reported by the most recent running job, by split.",
             ("split",), registry=r)
 
+        # Persisted state.
+        self.lossd_state_quarantined_items = Gauge(
+            "lossd_state_quarantined_items",
+            "Files or rows of persisted state moved to the data directory's quarantine/ at start "
+            "because they could not be read; 0 when all state loaded.",
+            registry=r)
+
         # Device and build.
         self.lossd_device_info = Gauge(
             "lossd_device_info",
@@ -486,6 +493,10 @@ class Metrics:
         self.lossd_training_examples_per_second.set(examples_per_second)
 
     # Device and build.
+
+    def set_quarantined_items(self, count: int) -> None:
+        """Sets how many items of persisted state the server quarantined at start."""
+        self.lossd_state_quarantined_items.set(count)
 
     def set_device_info(self, devices: Iterable[tuple[str, str]]) -> None:
         """Replaces the device list with ``(device_type, device)`` pairs,

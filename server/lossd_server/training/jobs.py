@@ -43,6 +43,28 @@ def lookup(store: Store, job_id: str) -> JobRecord:
     return job
 
 
+# What a stored spec and runtime hold (``_normalize`` writes them): a row
+# without them could not be shown by GetJob nor run by a worker.
+_SPEC_FIELDS = {"model": dict, "dataset": str, "loss": dict, "optimizer": dict, "epochs": int, "batch_size": int,
+                "validation_split": (int, float), "metrics": list, "seed": int, "steps_per_epoch": int}
+_RUNTIME_FIELDS = {"dataset_source": str, "dataset_path": str, "image_shape": list, "class_names": list}
+
+
+def check_record(job: JobRecord) -> None:
+    """Raises ValueError when a stored job lacks what the server needs to show
+    or run it (the store moves such rows to the quarantine at open)."""
+    for where, fields in (("spec", _SPEC_FIELDS), ("runtime", _RUNTIME_FIELDS)):
+        values = getattr(job, where)
+        for field, kind in fields.items():
+            if not isinstance(values.get(field), kind) or isinstance(values.get(field), bool):
+                raise ValueError(f"{where}.{field} is {type(values.get(field)).__name__}, not "
+                                 f"{getattr(kind, '__name__', 'a number')}")
+    if not isinstance(job.spec["model"].get("preset"), str) or not isinstance(job.spec["model"].get("params"), dict):
+        raise ValueError("spec.model lacks preset or params")
+    if job.model_kind not in (models.CLASSIFIER, models.GENERATOR):
+        raise ValueError(f"unknown model kind {job.model_kind!r}")
+
+
 def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mapping[str, Any], *,
            display_name: str = "", request_id: str = "") -> tuple[JobRecord, bool]:
     """Checks a spec and stores the job, queued; a known ``request_id`` returns its job.

@@ -25,6 +25,13 @@ from lossd_server.training.store import JobRecord, Store
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
+STORE_FILE = "lossd.sqlite3"
+
+
+def open_store(data_dir: pathlib.Path) -> Store:
+    """The server's store under ``data_dir``; unreadable state found at open
+    is in ``store.quarantine`` (a job row is checked by ``jobs.check_record``)."""
+    return Store(pathlib.Path(data_dir) / STORE_FILE, check_job=jobs.check_record)
 
 
 class TrainingManager:
@@ -41,6 +48,8 @@ class TrainingManager:
             same error from CreateJob as from Evaluate.
         metrics: Optional ``lossd_server.observability.metrics.Metrics``.
         gpus: How many GPUs the machine has (``evaluation.backend.gpu_count()``).
+        store: The server's ``Store`` (shared with registered losses); by
+            default ``open_store(settings.data_dir)``.
 
     Attributes:
         scheduler: Cancel and watch jobs (``Scheduler``).
@@ -49,10 +58,10 @@ class TrainingManager:
         inference: Predict and Generate (``Inference``).
     """
 
-    def __init__(self, settings, planner: Planner, metrics=None, *, gpus: int):
+    def __init__(self, settings, planner: Planner, metrics=None, *, gpus: int, store: Store | None = None):
         data_dir = pathlib.Path(settings.data_dir)
         self.planner = planner
-        self.store = Store(data_dir / "lossd.sqlite3")
+        self.store = store if store is not None else open_store(data_dir)
         self.artifacts = Artifacts(data_dir / "jobs")
         self.catalog = DatasetCatalog(settings, self.store, data_dir / "datasets")
         self.scheduler = Scheduler(settings, self.store, self.artifacts, gpus=gpus, metrics=metrics)

@@ -8,6 +8,12 @@ slot is free, drains their report queues into the store, notices processes
 that exit, and stops the ones being cancelled. Every other thread (the RPCs)
 only reads the store or asks the scheduler to act, so process handling
 needs no locking beyond one lock for state transitions.
+
+A process that dies without reporting (killed, out of memory, a crash in
+native code) frees its slot at once; its job is queued again to resume from
+its checkpoint, up to ``job_max_retries`` times, then fails WORKER_CRASHED.
+A fault of the scheduler itself (a full disk refusing the store's writes) is
+logged once, not once per loop, and what could not be recorded is retried.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ import logging
 import multiprocessing
 import os
 import queue as queue_module
+import signal
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
-from lossd_server.errors import FailedPrecondition
+from lossd_server.errors import FailedPrecondition, ResourceExhausted, redact_paths
 from lossd_server.training import jobs, worker
 from lossd_server.training.artifacts import Artifacts
 from lossd_server.training.store import (CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Event,
@@ -32,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # How long CancelJob waits for a running job's process to stop.
 CANCEL_WAIT_SECONDS = 5.0
+# A repeated scheduler fault (a full disk) is logged again only after this many
+# seconds without it.
+FAULT_QUIET_SECONDS = 30.0
 
 
 @dataclasses.dataclass
@@ -50,7 +60,8 @@ class Scheduler:
 
     Args:
         settings: ``lossd_server.config.Settings`` (``max_concurrent_jobs``,
-            ``progress_every_batches``, ``mixed_precision``, ``max_upload_bytes``).
+            ``progress_every_batches``, ``mixed_precision``, ``max_upload_bytes``,
+            ``job_max_retries``).
         store: Where jobs and their events live.
         artifacts: The job folders the processes write.
         gpus: How many GPUs there are: one job per GPU at a time by default,
@@ -74,6 +85,11 @@ class Scheduler:
         self._cancel: set[str] = set()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        # Store writes a full disk refused (a job's final state, a requeue),
+        # retried every loop until they land.
+        self._unrecorded: dict[str, Callable[[], None]] = {}
+        self._fault: Optional[str] = None  # the fault logged last; repeats are not logged again
+        self._fault_time = 0.0  # when a fault last happened (logged or not)
 
     # -- life cycle ------------------------------------------------------------
 
@@ -90,6 +106,11 @@ class Scheduler:
                 "text": f"The server restarted; the job will resume from the checkpoint of epoch {epoch}."
                 if epoch else "The server restarted; the job will start again (no checkpoint yet)."})
             self.store.update_job(job.id, state=QUEUED, event=("state", {"state": QUEUED}))
+        # No job process runs yet: what a killed one was writing is garbage.
+        if self.artifacts.jobs_dir.is_dir():
+            for job_dir in self.artifacts.jobs_dir.iterdir():
+                if job_dir.is_dir():
+                    worker.remove_temp_files(job_dir)
         self._count_jobs()
         self._thread = threading.Thread(target=self._loop, name="training-scheduler", daemon=True)
         self._thread.start()
@@ -174,10 +195,19 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             try:
+                self._record_unrecorded()
                 self._pump()
                 self._launch()
-            except Exception:  # noqa: BLE001 - the scheduler must outlive a bad job
-                log.exception("training scheduler error")
+                # Writes may fail on and off while a disk is nearly full: it
+                # counts as recovered only after a quiet spell.
+                if (self._fault is not None and not self._unrecorded
+                        and time.monotonic() - self._fault_time > FAULT_QUIET_SECONDS):
+                    log.info("training scheduler recovered from: %s", self._fault)
+                    self._fault = None
+            except ResourceExhausted as exc:  # DISK_FULL: no traceback, it says all
+                self._report_fault(exc.message)
+            except Exception as exc:  # noqa: BLE001 - the scheduler must outlive a bad job
+                self._report_fault(f"{type(exc).__name__}: {exc}", exc)
             with self._wake:
                 if self._stopping:
                     return
@@ -185,16 +215,49 @@ class Scheduler:
                 # create, cancel or stop wakes us.
                 self._wake.wait(0.1 if self._running else 5.0)
 
+    def _report_fault(self, text: str, exc: Optional[BaseException] = None) -> None:
+        """Logs a scheduler fault the first time it happens, not on every loop."""
+        self._fault_time = time.monotonic()
+        if text == self._fault:
+            return
+        self._fault = text
+        log.error("training scheduler: %s (logged once; retrying quietly)", text, exc_info=exc)
+
+    def _record(self, job_id: str, write: Callable[[], None]) -> None:
+        """Runs a store write for a job; one a full disk refuses is kept and
+        retried every loop (the newest write per job wins)."""
+        try:
+            write()
+            self._unrecorded.pop(job_id, None)
+        except ResourceExhausted as exc:
+            self._unrecorded[job_id] = write
+            self._report_fault(exc.message)
+
+    def _record_unrecorded(self) -> None:
+        for job_id, write in list(self._unrecorded.items()):
+            self._record(job_id, write)
+
     def _launch(self) -> None:
         with self._lock:
             free = self.slots - len(self._running)
             if free <= 0:
                 return
             for job in self.store.jobs_in_states([QUEUED])[:free]:
+                if job.id in self._unrecorded:
+                    continue  # its requeue is not stored yet; it runs once it is
                 used = set(self._gpu_of.values())
                 gpu = next((g for g in range(self.gpus) if g not in used), None) if self.gpus else None
                 job_dir = self.artifacts.job_dir(job.id)
-                job_dir.mkdir(parents=True, exist_ok=True)
+                try:
+                    job_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise ResourceExhausted(f"cannot create the folder of job {job.id}: {exc.strerror}",
+                                            reason="DISK_FULL") from exc
+                # RUNNING is stored before the process starts: were it the
+                # other way, a refused write would leave a process for a job
+                # still QUEUED, and the next loop would start it twice.
+                self.store.update_job(job.id, state=RUNNING, start_time=job.start_time or time.time(),
+                                      event=("state", {"state": RUNNING}))
                 config = {
                     "job_id": job.id, "job_dir": str(job_dir), "spec": job.spec, "runtime": job.runtime,
                     "model_kind": job.model_kind, "progress_every": self.settings.progress_every_batches,
@@ -206,11 +269,13 @@ class Scheduler:
                 # child fires when the thread that started it exits.
                 process = self._ctx.Process(target=worker.run_job, args=(config, q), name=f"lossd-job-{job.id}",
                                             daemon=True)
-                process.start()
+                try:
+                    process.start()
+                except OSError:  # no memory or pids left for a process: back in the queue
+                    self.store.update_job(job.id, state=QUEUED, event=("state", {"state": QUEUED}))
+                    raise
                 self._running[job.id] = _Running(job.id, process, q, time.time())
                 self._gpu_of[job.id] = gpu
-                self.store.update_job(job.id, state=RUNNING, start_time=job.start_time or time.time(),
-                                      event=("state", {"state": RUNNING}))
                 log.info("job %s started (pid %d%s)", job.id, process.pid, f", GPU {gpu}" if gpu is not None else "")
         self._count_jobs()
         with self._events:
@@ -233,14 +298,40 @@ class Scheduler:
                 if done.get("state") == SUCCEEDED:
                     self._finish(job, SUCCEEDED)
                 elif done.get("state") == FAILED:
-                    self._finish(job, FAILED, {"code": "FAILED_PRECONDITION" if done["reason"] == "NON_FINITE_LOSS"
-                                               else "INTERNAL", "reason": done["reason"],
-                                               "message": done["message"], "metadata": done.get("metadata", {})})
+                    self._finish(job, FAILED, {"code": done.get("code", "INTERNAL"), "reason": done["reason"],
+                                               "message": redact_paths(done["message"]),
+                                               "metadata": done.get("metadata", {})})
                 else:
-                    self._finish(job, FAILED, {
-                        "code": "INTERNAL", "reason": "WORKER_CRASHED",
-                        "message": f"The training process exited with code {run.process.exitcode} before "
-                                   "finishing.", "metadata": {"exitcode": str(run.process.exitcode)}})
+                    self._crashed(job, run.process.exitcode)
+
+    def _crashed(self, job: JobRecord, exitcode: Optional[int]) -> None:
+        """A job whose process ended without reporting: queued again to resume
+        from its checkpoint while retries are left, else failed."""
+        how = _exit_description(exitcode)
+        limit = self.settings.job_max_retries
+        if job.retries >= limit:
+            self._finish(job, FAILED, {
+                "code": "INTERNAL", "reason": "WORKER_CRASHED",
+                "message": f"The training process {how} before finishing"
+                           + (f", after {job.retries} retries." if job.retries else "."),
+                "metadata": {"exitcode": str(exitcode), "retries": str(job.retries)}})
+            return
+        self._running.pop(job.id, None)
+        self._gpu_of.pop(job.id, None)
+        retry = job.retries + 1
+        epoch = (worker.read_checkpoint(self.artifacts.job_dir(job.id)) or {}).get("epoch", 0)
+        text = (f"The training process {how}; retry {retry} of {limit}, "
+                + (f"from the checkpoint of epoch {epoch}." if epoch else "from the start (no checkpoint yet)."))
+        log.warning("job %s: %s", job.id, text)
+
+        def requeue() -> None:
+            self.store.append_event(job.id, "message", {"text": text, "retry": retry, "exitcode": exitcode})
+            self.store.update_job(job.id, state=QUEUED, retries=retry, event=("state", {"state": QUEUED}))
+
+        self._record(job.id, requeue)
+        self._count_jobs()
+        with self._events:
+            self._events.notify_all()
 
     def _drain(self, run: _Running) -> None:
         got = False
@@ -252,6 +343,8 @@ class Scheduler:
             got = True
             try:
                 self._on_report(run, report)
+            except ResourceExhausted as exc:  # progress not stored; the job's final state is retried
+                self._report_fault(exc.message)
             except Exception:  # noqa: BLE001
                 log.exception("bad report from job %s: %r", run.job_id, report)
         if got:
@@ -302,11 +395,14 @@ class Scheduler:
             run.process.join(1.0)
 
     def _finish(self, job: JobRecord, state: str, error: Optional[dict] = None) -> None:
+        # The slot is freed first: a store write a full disk refuses must not
+        # keep a finished process's slot (it is retried by _record).
         end = time.time()
-        self.store.update_job(job.id, state=state, end_time=end, error=error,
-                              event=("state", {"state": state, **({"error": error} if error else {})}))
         run = self._running.pop(job.id, None)
         self._gpu_of.pop(job.id, None)
+        self._record(job.id, lambda: self.store.update_job(
+            job.id, state=state, end_time=end, error=error,
+            event=("state", {"state": state, **({"error": error} if error else {})})))
         log.info("job %s %s%s", job.id, state, f": {error['reason']}: {error['message']}" if error else "")
         if self.metrics is not None:
             self.metrics.observe_job_finished(state, end - (job.start_time or job.create_time))
@@ -324,3 +420,17 @@ class Scheduler:
             # lossd_training_jobs has no "cancelling": such a job still runs.
             counts[RUNNING if state == CANCELLING else state] += n
         self.metrics.set_training_jobs(dict(counts))
+
+
+def _exit_description(exitcode: Optional[int]) -> str:
+    """How a process ended, for people: ``was killed by SIGKILL ...`` or ``exited with code 1``."""
+    if exitcode is None:
+        return "stopped responding"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (sent by kill -9 or the kernel's out-of-memory killer)" if -exitcode == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {exitcode}"

@@ -10,6 +10,10 @@ Files under ``<data_dir>/jobs/<id>/``:
   optimizer state are saved, so a resumed job continues where it stopped.
 - ``model.keras``, ``history.json`` and ``logs/`` (TensorBoard) at the end.
 
+Every file is written under a temporary name (``tmp-*`` or ``*.tmp``) and
+renamed; a failed write removes its temporary file, and ``remove_temp_files``
+sweeps what a killed process left before the job starts again.
+
 TensorFlow is imported inside ``run_job``, after the GPU this job may use is
 chosen (``CUDA_VISIBLE_DEVICES`` must be set before TensorFlow starts).
 """
@@ -33,6 +37,7 @@ MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.json"
 LOGS_DIR = "logs"
 PID_FILE = "worker.pid"
+TEMP_PATTERNS = ("tmp-*", "*.tmp", f"{CHECKPOINT_DIR}/tmp-*")
 # Never send a stack trace to a client: only the exception type and the
 # first part of its message, which for training errors is what users need.
 _MAX_MESSAGE = 500
@@ -76,17 +81,69 @@ def read_checkpoint(job_dir: pathlib.Path) -> Optional[dict]:
         return None
     try:
         data = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return None
-    if not (job_dir / CHECKPOINT_DIR / data["weights"]).exists():
-        return None
+        if not isinstance(data.get("epoch"), int) or not isinstance(data.get("history"), dict) \
+                or not (job_dir / CHECKPOINT_DIR / str(data["weights"])).is_file():
+            return None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None  # unreadable: the job starts again from the beginning
     return data
 
 
+def remove_temp_files(job_dir: pathlib.Path) -> int:
+    """Deletes the temporary files a killed job process may have left in
+    ``job_dir``; returns how many. Call it only while no process runs the job."""
+    removed = 0
+    for pattern in TEMP_PATTERNS:
+        for leftover in job_dir.glob(pattern):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _replace_from_temp(target: pathlib.Path, tmp: pathlib.Path, write) -> None:
+    """``write(tmp)``, then renames ``tmp`` to ``target``; a failure removes ``tmp``."""
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_json_atomic(path: pathlib.Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    _replace_from_temp(path, path.with_name(path.name + ".tmp"), lambda tmp: tmp.write_text(json.dumps(data)))
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is ENOSPC (h5py
+    and Keras re-raise it with the errno only in the text)."""
+    from lossd_server.training.store import disk_full
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if disk_full(exc) or "No space left on device" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def failure_report(exc: BaseException) -> dict:
+    """The ``done`` report for a training that raised ``exc``: a reason, a
+    status code name and a message safe for clients (no stack, no paths)."""
+    from lossd_server.errors import redact_paths
+
+    if isinstance(exc, NonFiniteLoss):
+        return {"state": "failed", "code": "FAILED_PRECONDITION", "reason": "NON_FINITE_LOSS", "message": str(exc),
+                "metadata": {"step": exc.step, "epoch": exc.epoch}}
+    if _is_disk_full(exc):
+        return {"state": "failed", "code": "RESOURCE_EXHAUSTED", "reason": "DISK_FULL",
+                "message": "Training stopped: the server's disk is full, so the job's checkpoint or model could "
+                           "not be written. Expected free space in the data directory; create the job again once "
+                           "the operator has freed some."}
+    text = redact_paths(f"{type(exc).__name__}: {exc}")
+    return {"state": "failed", "code": "INTERNAL", "reason": "TRAINING_ERROR",
+            "message": f"Training failed: {text[:_MAX_MESSAGE]}"}
 
 
 def run_job(config: dict, queue) -> None:
@@ -101,8 +158,6 @@ def run_job(config: dict, queue) -> None:
     """
     _watch_parent(config["parent_pid"])
     job_dir = pathlib.Path(config["job_dir"])
-    job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / PID_FILE).write_text(str(os.getpid()))
     if config.get("gpu") is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(config["gpu"])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -112,15 +167,15 @@ def run_job(config: dict, queue) -> None:
         queue.put({"kind": kind, **payload})
 
     try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(job_dir)  # a previous process of this job may have been killed mid-write
+        (job_dir / PID_FILE).write_text(str(os.getpid()))
         _train(config, job_dir, send)
-    except NonFiniteLoss as exc:
-        send("done", state="failed", reason="NON_FINITE_LOSS", message=str(exc),
-             metadata={"step": exc.step, "epoch": exc.epoch})
     except Exception as exc:  # noqa: BLE001 - the job fails, the server lives on
-        log.error("job %s failed", config["job_id"], exc_info=True)
-        text = f"{type(exc).__name__}: {exc}"
-        send("done", state="failed", reason="TRAINING_ERROR",
-             message=f"Training failed: {text[:_MAX_MESSAGE]}")
+        report = failure_report(exc)
+        if report["reason"] == "TRAINING_ERROR":
+            log.error("job %s failed", config["job_id"], exc_info=True)
+        send("done", **report)
     finally:
         queue.close()
         queue.join_thread()  # flush everything before the process exits
@@ -206,9 +261,7 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
         model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch, verbose=0, shuffle=False,
                   callbacks=callbacks)
 
-    tmp = job_dir / ("tmp-" + MODEL_FILE)
-    model.save(tmp)
-    os.replace(tmp, job_dir / MODEL_FILE)
+    _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE), model.save)
     _write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")
 
@@ -332,9 +385,7 @@ def _make_reporter_class():
             # previous checkpoint or the new one, never a torn file.
             ckpt_dir = self.job_dir / CHECKPOINT_DIR
             name = f"epoch-{epoch}.weights.h5"
-            tmp = ckpt_dir / f"tmp-{name}"
-            self.model.save_weights(tmp)
-            os.replace(tmp, ckpt_dir / name)
+            _replace_from_temp(ckpt_dir / name, ckpt_dir / f"tmp-{name}", self.model.save_weights)
             _write_json_atomic(self.job_dir / CHECKPOINT_META,
                                {"epoch": epoch, "weights": name, "history": self.history})
             for old in ckpt_dir.glob("epoch-*.weights.h5"):

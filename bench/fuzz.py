@@ -225,6 +225,10 @@ def directory_bytes(path: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=100_000, help="calls to send (default 100000)")
@@ -238,6 +242,8 @@ def main(argv=None) -> int:
     parser.add_argument("--replay", type=pathlib.Path, help="send one saved reproducer to --address, print its code")
     parser.add_argument("--address", default="127.0.0.1:50051", help="server for --replay")
     args = parser.parse_args(argv)
+    # SIGTERM ends the run like Ctrl-C: the server is stopped and the tally printed.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     if args.replay:
         print(fuzzing.replay(args.address, str(args.replay), args.deadline))
@@ -257,7 +263,6 @@ def main(argv=None) -> int:
     watcher.start()
     ctx = fuzzing.Context()
     tally = fuzzing.Tally()
-    started = time.monotonic()
     try:
         with grpc.insecure_channel(address) as channel:
             losses = loss_service_pb2_grpc.LossServiceStub(channel).ListLosses(
@@ -274,8 +279,11 @@ def main(argv=None) -> int:
                   f"{watch.peak_rss_kb / 1024:.0f} MiB, threads {watch.peak_threads}", flush=True)
 
         fuzz_start = time.monotonic()
-        fuzzing.run(address, ctx, args.requests, clients=args.clients, timeout=args.deadline, seed_=args.seed,
-                    stop=stop, tally=tally, progress=progress)
+        try:
+            fuzzing.run(address, ctx, args.requests, clients=args.clients, timeout=args.deadline, seed_=args.seed,
+                        stop=stop, tally=tally, progress=progress)
+        except KeyboardInterrupt:
+            print("interrupted: stopping the server", flush=True)
         fuzz_seconds = time.monotonic() - fuzz_start
     finally:
         stop.set()
@@ -301,6 +309,8 @@ def main(argv=None) -> int:
     print(f"\n{'RPC':<{width}}  {'calls':>7}  status codes")
     for method, count, codes in rows:
         print(f"{method:<{width}}  {count:>7}  {codes}")
+    if tally.cleanup:
+        print(f"(and CancelJob right after each job CreateJob made: {dict(tally.cleanup)})")
     summary = {
         "requests": tally.count, "seconds": round(fuzz_seconds, 1), "rate_per_second": round(tally.count / fuzz_seconds, 1),
         "clients": args.clients, "seed": args.seed, "internal_or_unknown": tally.bad(),
@@ -314,6 +324,7 @@ def main(argv=None) -> int:
         "data_dir_mib": round(directory_bytes(data_dir) / 2**20, 1),
         "codes": {method: dict(counts) for method, counts in tally.codes.items()},
         "stream_answers": {method: dict(counts) for method, counts in tally.items.items()},
+        "cleanup_cancels": dict(tally.cleanup),
         "findings": [str(p) for p in saved],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")

@@ -111,6 +111,125 @@ HOSTILE_CORE = [
     ("__import__(y_true)", "unknown function '__import__'"),
     ("y_true.__class__.__mro__", "attribute"),
     ("().__class__", "attribute"),
+    ("().__class__.__bases__[0].__subclasses__()", None),
+    ("[].__class__", "attribute"),
+    ("y_true.__class__", "attribute"),
+    ("y_true.numpy()", "attribute"),
+    ("abs.__self__", "attribute"),
+    ("mean.__globals__", "attribute"),
+    ("abs(y_true).__class__", "attribute"),
+    ("(lambda: 0).__globals__", None),
+    ("[x for x in ()]", "comprehension"),
+    ("(x for x in ())", "generator"),
+    ("{x for x in ()}", "comprehension"),
+    ("{x: x for x in ()}", "comprehension"),
+    ("lambda: 0", "lambda"),
+    ("lambda x: x", "lambda"),
+    ("open('/etc/passwd')", "string"),
+    ("open(y_true)", "unknown function 'open'"),
+    ("getattr(y_true, 'numpy')", None),
+    ("getattr(y_true, y_pred)", "unknown function 'getattr'"),
+    ("y_true[0]", "subscript"),
+    ("y_true[::-1]", "subscript"),
+    ("y_true[...]", "subscript"),
+    ("'a'*10", "string"),
+    ("b'x'", "string"),
+    ("f'{y_true}'", "string"),
+    ("9**9**9", "exponent"),
+    ("10**100", "exponent"),
+    ("10**1000", "exponent"),
+    ("1e400", "finite"),
+    ("-1e400", "finite"),
+    ("1e13", "1e+12"),
+    ("10000000000000000000000000000000000000", "1e+12"),
+    ("0x" + "f" * 40, "1e+12"),
+    ("(" * 5000, "limit"),
+    ("a" * 100000, "limit"),
+    ("abs(" * 1000 + "y_true" + ")" * 1000, "limit"),
+    ("-" * 1990 + "y_true", "nested deeper"),
+    ("(" * 40 + "y_true" + ")" * 40, "nested deeper"),
+    ("y_true+" * 100 + "y_true", "nested deeper"),
+    ("eval('1')", None),
+    ("eval(y_true)", "unknown function 'eval'"),
+    ("exec(y_true)", "unknown function 'exec'"),
+    ("exec", "unknown name 'exec'"),
+    ("compile(y_true)", "unknown function"),
+    ("globals()", "unknown function 'globals'"),
+    ("locals()", "unknown function"),
+    ("vars()", "unknown function"),
+    ("breakpoint()", "unknown function"),
+    ("print(y_true)", "unknown function 'print'"),
+    ("type(y_true)", "unknown function 'type'"),
+    ("y_true if 1 else 2", "where"),
+    ("(x := 1)", ":="),
+    ("(y_true := 1)", ":="),
+    ("1j", "complex"),
+    ("y_true + 2j", "complex"),
+    ("y_true @ y_pred", "@"),
+    ("y_true and y_pred", "boolean"),
+    ("y_true > 0 and y_pred", "boolean"),
+    ("y_true or 1", "boolean"),
+    ("not y_true", "boolean"),
+    ("~y_true", "~"),
+    ("y_true << 1", "<<"),
+    ("y_true % 2", "%"),
+    ("y_true // 2", "//"),
+    ("y_true ^ 2", "^"),
+    ("y_true is y_pred", "'is'"),
+    ("y_true is not y_pred", "'is not'"),
+    ("y_true in y_pred", "'in'"),
+    ("y_true not in y_pred", "'not in'"),
+    ("mean(y_true, axis=y_pred)", "axis"),
+    ("mean(y_true, axis=1.0)", "axis"),
+    ("mean(y_true, axis=True)", "axis"),
+    ("mean(y_true, axis=(0, 0))", "repeat"),
+    ("mean(y_true, axis=())", "empty"),
+    ("mean(y_true, axis=99)", "axis"),
+    ("mean(y_true, axis=-99)", "axis"),
+    ("mean(y_true, axis=__import__('os'))", None),
+    ("mean(y_true, foo=1)", "'foo'"),
+    ("mean(y_true, keepdims=1)", "keepdims"),
+    ("mean(y_true, keepdims=y_pred)", "keepdims"),
+    ("mean(y_true, -1)", "keyword"),
+    ("softmax(y_true, axis=(0, 1))", "single axis"),
+    ("softmax(y_true, keepdims=True)", "keepdims"),
+    ("abs(x=y_true)", "keyword"),
+    ("abs(y_true, **{})", "'**'"),
+    ("clip(y_true)", "3 positional arguments"),
+    ("clip(y_true, 0, 1, 2)", "3 positional arguments"),
+    ("where(y_true, 1, 0)", "boolean"),
+    ("where(y_true > 0, y_true > 1, 0)", "number"),
+    ("(y_true < y_pred) + 1", "number"),
+    ("-(y_true < 1)", "number"),
+    ("mean(y_true > 0)", "number"),
+    ("(y_true < 1) < 2", "number"),
+    ("y_true < y_pred", "must produce a number"),
+    ("*y_true", None),
+    ("mean(*y_true)", "starred"),
+    ("[*y_true]", None),
+    ("{}", "dict"),
+    ("[]", "list"),
+    ("()", "tuple"),
+    ("(y_true,)", "tuple"),
+    ("y_true, y_pred", "tuple"),
+    ("{y_true}", "set"),
+    ("{1: 2}", "dict"),
+    ("None", "None"),
+    ("...", "'...'"),
+    ("True", "True"),
+    ("False + y_true", "False"),
+    ("await y_true", "await"),
+    ("(yield)", None),
+    ("__builtins__", "unknown name '__builtins__'"),
+    ("__builtins__.eval", "attribute"),
+    ("_", "unknown name '_'"),
+    ("self", "unknown name 'self'"),
+    ("x", "unknown name 'x'"),
+    ("FUNCTIONS", "unknown name"),
+    ("ops.abs(y_true)", "attribute"),
+    ("keras.ops.abs(y_true)", "attribute"),
+    ("tf.print(y_true)", "attribute"),
+    ("y_true(1)", "not a function"),
     ("delta()", "not a function"),
     ("abs", "is a function"),
     ("abs(y_true)(1)", "only the listed functions"),
@@ -268,6 +387,8 @@ def _messages(descriptor, depth: int, words) -> st.SearchStrategy:
     if descriptor.full_name == "google.protobuf.Struct":
         return structs()
     cls = _message_class(descriptor)
+    if not descriptor.fields:
+        return st.builds(cls)
     oneofs = [oneof for oneof in descriptor.oneofs if _real_oneof(oneof)]
     plain = [f for f in descriptor.fields if f.containing_oneof is None or not _real_oneof(f.containing_oneof)]
 
@@ -344,6 +465,7 @@ class Context:
     generator_jobs: list[str] = dataclasses.field(default_factory=list)   # trained generators (Generate)
     datasets: list[str] = dataclasses.field(default_factory=lambda: ["digits"])
     loss_names_registered: list[str] = dataclasses.field(default_factory=lambda: ["fuzz_a", "fuzz_b", "fuzz_c"])
+    cancel_created: bool = True  # cancel each job CreateJob makes, right away
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def __post_init__(self):
@@ -789,6 +911,7 @@ class Tally:
     codes: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(collections.Counter))
     findings: list = dataclasses.field(default_factory=list)
     hangs: list = dataclasses.field(default_factory=list)  # DEADLINE_EXCEEDED, the first few
+    cleanup: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # CancelJob after CreateJob
     # Per-request results inside EvaluateStream responses, by code.
     items: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(collections.Counter))
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -811,7 +934,7 @@ class Tally:
             self.items[call.method.name][code] += 1
 
     def bad(self) -> int:
-        return sum(c[code] for c in self.codes.values() for code in BAD_CODES)
+        return len(self.findings)
 
 
 def send(channel: grpc.Channel, call: Call, timeout: float, tally: Tally, ctx: Context) -> str:
@@ -834,8 +957,25 @@ def send(channel: grpc.Channel, call: Call, timeout: float, tally: Tally, ctx: C
                 code, details = inner.name, f"in an EvaluateStreamResponse: {response.error.message}"
         if isinstance(response, training_service_pb2.Job):
             ctx.add_job(response.name)
+            if call.method.name == "CreateJob" and ctx.cancel_created:
+                _cancel(channel, response.name, timeout, tally)
     tally.record(call, code, details)
     return code
+
+
+def _cancel(channel: grpc.Channel, name: str, timeout: float, tally: Tally) -> None:
+    # Cancelled at once, a job's process dies while it is still importing:
+    # training is not what this fuzzes, and the machine has two cores.
+    call = Call(_method("CancelJob"), [training_service_pb2.CancelJobRequest(name=name)], "cleanup")
+    try:
+        _invoke(channel, call, timeout)
+        code, details = "OK", ""
+    except grpc.RpcError as error:
+        code, details = error.code().name, error.details() or ""
+    with tally.lock:
+        tally.cleanup[code] += 1
+        if code in BAD_CODES:
+            tally.findings.append(Finding(call, code, details))
 
 
 def run(address: str, ctx: Context, count: int, *, clients: int = 2, timeout: float = 10.0, seed_: int = 0,

@@ -235,10 +235,12 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=3, help="threads sending calls at once (default 3)")
     parser.add_argument("--deadline", type=float, default=10.0, help="seconds each call may take (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawing (default 0)")
-    parser.add_argument("--rss-ceiling", type=float, default=2.0, help="GiB of server RSS that fails the run (default 2)")
+    parser.add_argument("--rss-ceiling", type=float, default=2.0,
+                        help="GiB of server RSS that fails the run (default 2)")
     parser.add_argument("--minutes", type=float, default=0.0, help="stop after this long (0: no limit)")
     parser.add_argument("--no-seed-jobs", action="store_true", help="skip training the two tiny models first")
-    parser.add_argument("--out", type=pathlib.Path, help="folder for the log, summary and findings (default: a temp dir)")
+    parser.add_argument("--out", type=pathlib.Path,
+                        help="folder for the log, summary and findings (default: a temp dir)")
     parser.add_argument("--replay", type=pathlib.Path, help="send one saved reproducer to --address, print its code")
     parser.add_argument("--address", default="127.0.0.1:50051", help="server for --replay")
     args = parser.parse_args(argv)
@@ -312,7 +314,8 @@ def main(argv=None) -> int:
     if tally.cleanup:
         print(f"(and CancelJob right after each job CreateJob made: {dict(tally.cleanup)})")
     summary = {
-        "requests": tally.count, "seconds": round(fuzz_seconds, 1), "rate_per_second": round(tally.count / fuzz_seconds, 1),
+        "requests": tally.count, "seconds": round(fuzz_seconds, 1),
+        "rate_per_second": round(tally.count / fuzz_seconds, 1),
         "clients": args.clients, "seed": args.seed, "internal_or_unknown": tally.bad(),
         "deadline_exceeded": sum(c["DEADLINE_EXCEEDED"] for c in tally.codes.values()),
         "peak_rss_mib": round(max(final.get("VmHWM", 0), watch.peak_rss_kb) / 1024, 1),

@@ -31,7 +31,6 @@ import collections
 import dataclasses
 import io
 import json
-import math
 import queue
 import random
 import threading
@@ -316,12 +315,21 @@ _SIGNED = {FD.TYPE_INT32: 32, FD.TYPE_SINT32: 32, FD.TYPE_SFIXED32: 32,
 _UNSIGNED = {FD.TYPE_UINT32: 32, FD.TYPE_FIXED32: 32, FD.TYPE_UINT64: 64, FD.TYPE_FIXED64: 64}
 
 
+def _pick(getter: Callable[[], list[str]], fallback: str = "jobs/0") -> st.SearchStrategy[str]:
+    """One element of ``getter()``, read at draw time (the list may grow during a run)."""
+    def element(i: int) -> str:
+        values = getter() or [fallback]
+        return values[i % len(values)]
+
+    return st.integers(0, 1 << 16).map(element)
+
+
 def strings(extra: Callable[[], list[str]] = lambda: []) -> st.SearchStrategy[str]:
     """Random text, lossd's own words, names from ``extra()`` (read at draw
     time, so lists that grow during a run are seen), and long strings."""
     return st.one_of(
         st.text(max_size=12), st.sampled_from(WORDS),
-        st.integers(0, 1 << 20).map(lambda i: (extra() or [""])[i % max(1, len(extra()))]),
+        _pick(extra, ""),
         st.tuples(st.text(min_size=1, max_size=3), st.integers(10, 30_000)).map(lambda t: (t[0] * t[1])[:t[1]]))
 
 
@@ -480,10 +488,6 @@ class Context:
             if name not in self.jobs:
                 self.jobs.append(name)
                 del self.jobs[:-32]  # the newest few are enough
-
-
-def _pick(getter: Callable[[], list[str]], fallback: str = "jobs/0") -> st.SearchStrategy[str]:
-    return st.integers(0, 1 << 16).map(lambda i: (getter() or [fallback])[i % max(1, len(getter()))])
 
 
 _FLOATS = (np.float32, np.float64)
@@ -681,15 +685,19 @@ def chunked_streams(draw, ctx: Context) -> list:
     return stream
 
 
+# Presets small enough to pass max_model_parameters, so CreateJob's later checks run.
+_TINY_MODELS = {"mlp": {"hidden_units": [4]}, "cnn": {"filters": [2], "dense_units": 0},
+                "vae": {"filters": [2], "latent_dim": 2}}
+
+
 @st.composite
 def job_specs(draw, ctx: Context) -> training_service_pb2.JobSpec:
     preset = draw(st.sampled_from(["mlp", "mlp", "cnn", "vae"]))
     spec = training_service_pb2.JobSpec(dataset=draw(_pick(lambda: ctx.datasets, "digits")), epochs=1,
-                                        steps_per_epoch=draw(st.integers(1, 4)), batch_size=draw(st.sampled_from([0, 8])))
+                                        steps_per_epoch=draw(st.integers(1, 4)),
+                                        batch_size=draw(st.sampled_from([0, 8])))
     spec.model.preset = preset
-    small = {"mlp": {"hidden_units": [4]}, "cnn": {"filters": [2], "dense_units": 0}, "vae": {"filters": [2],
-                                                                                               "latent_dim": 2}}
-    spec.model.params.CopyFrom(make_struct(small[preset]))
+    spec.model.params.CopyFrom(make_struct(_TINY_MODELS[preset]))
     if preset != "vae" or draw(st.booleans()):
         spec.loss.CopyFrom(draw(loss_specs(ctx)))
     if draw(st.booleans()):

@@ -15,7 +15,7 @@ from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
 import fuzzing
-from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
+from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
 
 CALLS = 300
 
@@ -98,3 +98,19 @@ def test_the_fuzzer_reports_internal_answers():
     streams_with_items = [f for f in tally.findings if f.call.method.name == "EvaluateStream"]
     assert streams_with_items and all("boom" in f.details for f in streams_with_items)
     assert tally.bad() == len(tally.findings)
+
+
+# -- what the 100,000-call run found ---------------------------------------------
+
+@pytest.mark.parametrize("loss", ["mse", "cosine_similarity", "huber"])
+def test_a_scalar_y_true_beside_a_one_element_y_pred_is_invalid_argument(fuzz_address, loss):
+    """bench/fuzz.py: y_true of shape () and y_pred of shape (1,) align to two
+    scalars, which left the axis check dividing by a rank of zero (INTERNAL)."""
+    request = loss_service_pb2.EvaluateRequest(
+        loss=loss_pb2.LossSpec(name=loss), y_true=tensor_pb2.Tensor(dtype=2, shape=[], content=bytes(4)),
+        y_pred=tensor_pb2.Tensor(dtype=2, shape=[1], content=bytes(4)))
+    with grpc.insecure_channel(fuzz_address) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            loss_service_pb2_grpc.LossServiceStub(channel).Evaluate(request, timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, error.value.details()
+    assert "rank" in error.value.details()

@@ -251,6 +251,9 @@ HOSTILE_CORE = [
     ("y_true\x00", "control"),
     ("y_true\x0c+1", "control"),
     ("y_true\x1b[2J", "control"),
+    # Found by bench/fuzz.py: an integer past a float's range raised OverflowError (INTERNAL).
+    ("7" * 400, "finite"),
+    ("y_true * " + "9" * 309, "finite"),
 ]
 
 

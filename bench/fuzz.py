@@ -18,7 +18,8 @@ reproducer (``findings/*.json``, with the server's traceback beside it).
 Exits 1 on any INTERNAL/UNKNOWN, a server that died or passed the RSS
 ceiling, or health that stopped answering SERVING.
 
-Usage: python bench/fuzz.py [--requests 100000] [--clients 3] [--deadline 10] [--seed 0] [--out DIR]
+Usage: python bench/fuzz.py [--requests 100000] [--clients 3] [--deadline 10] [--seed 0] [--minutes 17]
+                            [--rss-ceiling 2] [--out DIR]
        python bench/fuzz.py --replay findings/0001-Evaluate.json [--address HOST:PORT]
 """
 

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzzing import HOSTILE_CORE, balanced_sum, generated_hostile, nested_calls
 from lossd_server.losses import expressions
 from lossd_server.losses.expressions import (
     FUNCTIONS,
@@ -377,30 +378,19 @@ def test_declared_names_are_validated():
 # --------------------------------------------------------------------------
 
 
-def _nested(depth: int) -> str:
-    return "abs(" * depth + "y_true" + ")" * depth
-
-
-def _balanced_sum(leaves: int) -> str:
-    if leaves == 1:
-        return "a"
-    half = leaves // 2
-    return f"({_balanced_sum(half)}+{_balanced_sum(leaves - half)})"
-
-
 def test_limits_are_exact():
     # Length: padding with spaces is the only change.
     compile_loss("y_true" + " " * (MAX_LENGTH - len("y_true")))
     with pytest.raises(ExpressionError, match="limit"):
         compile_loss("y_true" + " " * (MAX_LENGTH - len("y_true") + 1))
     # Depth: each call is one level and the innermost name one more.
-    compile_loss(_nested(MAX_DEPTH - 1))
+    compile_loss(nested_calls(MAX_DEPTH - 1))
     with pytest.raises(ExpressionError, match="nested deeper"):
-        compile_loss(_nested(MAX_DEPTH))
+        compile_loss(nested_calls(MAX_DEPTH))
     # Nodes: a balanced sum of n names has 2n - 1 nodes and shallow depth.
-    compile_expression(_balanced_sum((MAX_NODES + 1) // 2), tensors=("a",), params=())
+    compile_expression(balanced_sum((MAX_NODES + 1) // 2), tensors=("a",), params=())
     with pytest.raises(ExpressionError, match=str(MAX_NODES)):
-        compile_expression(_balanced_sum((MAX_NODES + 1) // 2 + 1), tensors=("a",), params=())
+        compile_expression(balanced_sum((MAX_NODES + 1) // 2 + 1), tensors=("a",), params=())
     # Exponents.
     compile_loss("y_true ** 16 + y_true ** -16 + pow(y_true, 16)")
     # Constants.
@@ -411,186 +401,8 @@ def test_limits_are_exact():
 # Hostile input
 # --------------------------------------------------------------------------
 
-# (source, a fragment the message must contain, case-insensitively; None for
-# "just a position").
-HOSTILE_CORE = [
-    ("__import__('os').system('x')", None),
-    ("__import__(y_true)", "unknown function '__import__'"),
-    ("y_true.__class__.__mro__", "attribute"),
-    ("().__class__", "attribute"),
-    ("().__class__.__bases__[0].__subclasses__()", None),
-    ("[].__class__", "attribute"),
-    ("y_true.__class__", "attribute"),
-    ("y_true.numpy()", "attribute"),
-    ("abs.__self__", "attribute"),
-    ("mean.__globals__", "attribute"),
-    ("abs(y_true).__class__", "attribute"),
-    ("(lambda: 0).__globals__", None),
-    ("[x for x in ()]", "comprehension"),
-    ("(x for x in ())", "generator"),
-    ("{x for x in ()}", "comprehension"),
-    ("{x: x for x in ()}", "comprehension"),
-    ("lambda: 0", "lambda"),
-    ("lambda x: x", "lambda"),
-    ("open('/etc/passwd')", "string"),
-    ("open(y_true)", "unknown function 'open'"),
-    ("getattr(y_true, 'numpy')", None),
-    ("getattr(y_true, y_pred)", "unknown function 'getattr'"),
-    ("y_true[0]", "subscript"),
-    ("y_true[::-1]", "subscript"),
-    ("y_true[...]", "subscript"),
-    ("'a'*10", "string"),
-    ("b'x'", "string"),
-    ("f'{y_true}'", "string"),
-    ("9**9**9", "exponent"),
-    ("10**100", "exponent"),
-    ("10**1000", "exponent"),
-    ("1e400", "finite"),
-    ("-1e400", "finite"),
-    ("1e13", "1e+12"),
-    ("10000000000000000000000000000000000000", "1e+12"),
-    ("0x" + "f" * 40, "1e+12"),
-    ("(" * 5000, "limit"),
-    ("a" * 100000, "limit"),
-    ("abs(" * 1000 + "y_true" + ")" * 1000, "limit"),
-    ("-" * 1990 + "y_true", "nested deeper"),
-    ("(" * 40 + "y_true" + ")" * 40, "nested deeper"),
-    ("y_true+" * 100 + "y_true", "nested deeper"),
-    ("eval('1')", None),
-    ("eval(y_true)", "unknown function 'eval'"),
-    ("exec(y_true)", "unknown function 'exec'"),
-    ("exec", "unknown name 'exec'"),
-    ("compile(y_true)", "unknown function"),
-    ("globals()", "unknown function 'globals'"),
-    ("locals()", "unknown function"),
-    ("vars()", "unknown function"),
-    ("breakpoint()", "unknown function"),
-    ("print(y_true)", "unknown function 'print'"),
-    ("type(y_true)", "unknown function 'type'"),
-    ("y_true if 1 else 2", "where"),
-    ("(x := 1)", ":="),
-    ("(y_true := 1)", ":="),
-    ("1j", "complex"),
-    ("y_true + 2j", "complex"),
-    ("y_true @ y_pred", "@"),
-    ("y_true and y_pred", "boolean"),
-    ("y_true > 0 and y_pred", "boolean"),
-    ("y_true or 1", "boolean"),
-    ("not y_true", "boolean"),
-    ("~y_true", "~"),
-    ("y_true << 1", "<<"),
-    ("y_true % 2", "%"),
-    ("y_true // 2", "//"),
-    ("y_true ^ 2", "^"),
-    ("y_true is y_pred", "'is'"),
-    ("y_true is not y_pred", "'is not'"),
-    ("y_true in y_pred", "'in'"),
-    ("y_true not in y_pred", "'not in'"),
-    ("mean(y_true, axis=y_pred)", "axis"),
-    ("mean(y_true, axis=1.0)", "axis"),
-    ("mean(y_true, axis=True)", "axis"),
-    ("mean(y_true, axis=(0, 0))", "repeat"),
-    ("mean(y_true, axis=())", "empty"),
-    ("mean(y_true, axis=99)", "axis"),
-    ("mean(y_true, axis=-99)", "axis"),
-    ("mean(y_true, axis=__import__('os'))", None),
-    ("mean(y_true, foo=1)", "'foo'"),
-    ("mean(y_true, keepdims=1)", "keepdims"),
-    ("mean(y_true, keepdims=y_pred)", "keepdims"),
-    ("mean(y_true, -1)", "keyword"),
-    ("softmax(y_true, axis=(0, 1))", "single axis"),
-    ("softmax(y_true, keepdims=True)", "keepdims"),
-    ("abs(x=y_true)", "keyword"),
-    ("abs(y_true, **{})", "'**'"),
-    ("clip(y_true)", "3 positional arguments"),
-    ("clip(y_true, 0, 1, 2)", "3 positional arguments"),
-    ("where(y_true, 1, 0)", "boolean"),
-    ("where(y_true > 0, y_true > 1, 0)", "number"),
-    ("(y_true < y_pred) + 1", "number"),
-    ("-(y_true < 1)", "number"),
-    ("mean(y_true > 0)", "number"),
-    ("(y_true < 1) < 2", "number"),
-    ("y_true < y_pred", "must produce a number"),
-    ("*y_true", None),
-    ("mean(*y_true)", "starred"),
-    ("[*y_true]", None),
-    ("{}", "dict"),
-    ("[]", "list"),
-    ("()", "tuple"),
-    ("(y_true,)", "tuple"),
-    ("y_true, y_pred", "tuple"),
-    ("{y_true}", "set"),
-    ("{1: 2}", "dict"),
-    ("None", "None"),
-    ("...", "'...'"),
-    ("True", "True"),
-    ("False + y_true", "False"),
-    ("await y_true", "await"),
-    ("(yield)", None),
-    ("__builtins__", "unknown name '__builtins__'"),
-    ("__builtins__.eval", "attribute"),
-    ("_", "unknown name '_'"),
-    ("self", "unknown name 'self'"),
-    ("x", "unknown name 'x'"),
-    ("FUNCTIONS", "unknown name"),
-    ("ops.abs(y_true)", "attribute"),
-    ("keras.ops.abs(y_true)", "attribute"),
-    ("tf.print(y_true)", "attribute"),
-    ("y_true(1)", "not a function"),
-    ("delta()", "not a function"),
-    ("abs", "is a function"),
-    ("abs(y_true)(1)", "only the listed functions"),
-    ("foo(y_true)", "unknown function 'foo'"),
-    ("y_true;y_pred", "syntax"),
-    ("y_true\ny_pred", "syntax"),
-    ("y_true +", "syntax"),
-    (")", None),
-    ("y_true)", None),
-    ("", "empty"),
-    ("   ", "empty"),
-    # Unicode and escape tricks: Python folds look-alike letters (NFKC) into
-    # ASCII names, so these would otherwise read y_true.
-    ("\uff59_true", "ascii"),
-    ("\U0001d432_true", "ascii"),
-    ("y_true\u200b", "ascii"),
-    ("y\u0308_true", "ascii"),
-    ("\\u0079_true", None),
-    ("'\\x79_true'", "string"),
-    ("y_true\x00", "control"),
-    ("y_true\x0c+1", "control"),
-    ("y_true\x1b[2J", "control"),
-]
-
-
-def _generated_hostile() -> list[tuple[str, str | None]]:
-    cases: list[tuple[str, str | None]] = []
-    bases = ["y_true", "y_pred", "delta", "(1)", "abs(y_true)", "(y_true + 1)", "mean(y_pred)", "pi", "epsilon()"]
-    attributes = ["__class__", "__dict__", "__globals__", "__subclasses__", "numpy", "shape", "dtype", "__init__"]
-    cases += [(f"{base}.{attr}", "attribute") for base in bases for attr in attributes]
-    names = [
-        "print", "open", "eval", "exec", "compile", "globals", "locals", "vars", "dir", "getattr",
-        "setattr", "delattr", "__import__", "input", "breakpoint", "help", "type", "object", "super",
-        "memoryview", "bytearray", "id", "hash", "iter", "next", "exit", "quit", "os", "sys",
-        "subprocess", "tf", "np", "keras", "ops", "cls", "__name__", "__file__", "__loader__",
-        "__spec__", "__class__", "float", "int", "len", "range", "cosh", "cast", "log2",
-    ]
-    cases += [(name, f"'{name}'") for name in names]
-    cases += [(f"{name}(y_true)", f"unknown function '{name}'") for name in names]
-    operators = ["%", "//", "@", "<<", ">>", "|", "&", "^"]
-    pairs = [("y_true", "y_pred"), ("1", "2"), ("delta", "y_pred")]
-    cases += [(f"{a} {op} {b}", op) for op in operators for a, b in pairs]
-    for name, spec in FUNCTIONS.items():
-        too_many = ", ".join(["y_true"] * (len(spec.args) + 1))
-        cases.append((f"{name}({too_many})", "positional argument"))
-        if spec.args:
-            cases.append((f"{name}()", "positional argument"))
-        if not spec.keywords:
-            arguments = ["y_true"] * len(spec.args) + ["axis=0"]
-            cases.append((f"{name}({', '.join(arguments)})", "no keyword"))
-    bad_exponents = ["17", "-17", "100", "1e3", "y_pred", "(1 + 1)", "abs(2)", "2 ** 2", "pi"]
-    cases += [(f"y_true ** {exponent}", "exponent") for exponent in bad_exponents]
-    cases += [(f"pow(y_true, {exponent})", "exponent") for exponent in bad_exponents]
-    return cases
+# Hostile sources and the fragment each refusal must name live in tests/fuzzing.py,
+# which bench/fuzz.py sends to the server too.
 
 
 def _unique(cases: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
@@ -601,7 +413,7 @@ def _unique(cases: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]
     return list(first.items())
 
 
-HOSTILE = _unique(HOSTILE_CORE + _generated_hostile())
+HOSTILE = _unique(HOSTILE_CORE + generated_hostile())
 
 
 def test_hostile_list_is_large():

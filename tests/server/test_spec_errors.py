@@ -14,12 +14,13 @@ import math
 import grpc
 import numpy as np
 import pytest
-from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fuzzing import PARAM_NAMES, STRUCT_VALUES
+from fuzzing import make_struct as _struct
 from lossd import wire
 from lossd.v1 import (loss_pb2, loss_service_pb2, loss_service_pb2_grpc, training_service_pb2,
                       training_service_pb2_grpc)
@@ -27,13 +28,6 @@ from lossd.v1 import (loss_pb2, loss_service_pb2, loss_service_pb2_grpc, trainin
 pytest.importorskip("keras")
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-def _struct(values: dict) -> struct_pb2.Struct:
-    # Struct.update refuses nothing: NaN, Inf and 1e300 go on the wire as they are.
-    struct = struct_pb2.Struct()
-    struct.update(values)
-    return struct
 
 
 def spec(name="", expression="", params=None, terms=()) -> loss_pb2.LossSpec:
@@ -177,17 +171,8 @@ def test_register_loss_agrees_on_bad_expressions(stubs, case):
 
 # -- no Struct gives INTERNAL --------------------------------------------------------
 
-_NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70).map(float))
-_VALUES = st.recursive(
-    st.one_of(st.none(), st.booleans(), _NUMBERS, st.text(max_size=8)),
-    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=6)
-_PARAM_NAMES = st.sampled_from(["delta", "axis", "from_logits", "label_smoothing", "ignore_class", "gamma",
-                                "alpha", "k", "reduction", ""])
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(params=st.dictionaries(_PARAM_NAMES, _VALUES, max_size=3),
+@given(params=st.dictionaries(PARAM_NAMES, STRUCT_VALUES, max_size=3),
        loss=st.sampled_from(["huber", "cosine_similarity", "sparse_categorical_crossentropy",
                              "binary_focal_crossentropy", "expr:mean(square(y_true - y_pred) * k, axis=-1)"]),
        rpc=st.sampled_from(["Evaluate", "EvaluateChunked", "CreateJob", "RegisterLoss", "ModelParams",

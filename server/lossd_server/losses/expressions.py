@@ -787,7 +787,8 @@ class _Compiler:
         # bool is a subclass of int: check the exact type.
         if type(value) not in (int, float):
             raise self._error(node, _constant_reason(value), hint=True)
-        if not math.isfinite(value) or abs(value) > MAX_CONSTANT:
+        # abs() first: math.isfinite() raises OverflowError on an int past a float's range.
+        if abs(value) > MAX_CONSTANT or not math.isfinite(value):
             raise self._error(node, f"numbers must be finite with absolute value at most {MAX_CONSTANT:g}")
         number = float(value)
         return lambda ctx: ctx.constant(number)

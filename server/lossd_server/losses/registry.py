@@ -444,8 +444,8 @@ def values_shape(entry: LossEntry, params: Mapping[str, Any], true_shape: tuple,
                        else " (keras.utils.to_categorical)."),
                     reason="SHAPE_MISMATCH", metadata=error.metadata)
             raise error
-        if len(pred_shape) == 0:
-            raise _shape_error(entry, "y_pred of rank >= 1", true_shape, pred_shape)
+        if len(b) == 0:  # y_pred () or, aligned with a y_true of shape (), y_pred (1,)
+            raise _shape_error(entry, "y_pred of rank >= 1 after aligning ranks", true_shape, pred_shape)
         pred_shape = b
         axis = params.get("axis", -1) if any(p.name == "axis" for p in entry.parameters) else -1
         if axis is None:

@@ -294,3 +294,25 @@ def test_bidi_evaluate_stream(server, address):
     assert [a.request_id for a in answers] == ["0", "1", "2"]
     assert deltas() == {"grpc_server_started_total": 1, "grpc_server_msg_received_total": 3,
                         "grpc_server_msg_sent_total": 3, "grpc_server_handling_seconds_count": 1, "handled": 1}
+
+
+def test_an_upload_cut_by_the_clients_deadline_counts_as_deadline_exceeded(server, address):
+    deltas = Deltas(server.metrics, "client_stream", TRAINING_SERVICE, "UploadDataset", "DEADLINE_EXCEEDED")
+    header = training_service_pb2.DatasetHeader(name="too-slow", size_bytes=1 << 20,
+                                                format=training_service_pb2.DatasetHeader.FORMAT_NPZ)
+
+    def slow_messages():
+        yield training_service_pb2.UploadDatasetRequest(header=header)
+        for _ in range(50):
+            time.sleep(0.05)
+            yield training_service_pb2.UploadDatasetRequest(chunk=b"x")
+
+    with grpc.insecure_channel(address) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            training_service_pb2_grpc.TrainingServiceStub(channel).UploadDataset(slow_messages(), timeout=0.5)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while deltas().get("handled", 0) < 1:  # the server notices when it next reads
+        assert time.monotonic() < deadline, deltas()
+        time.sleep(0.05)
+    assert deltas()["handled"] == 1

@@ -155,8 +155,13 @@ def _code_of(context, exc: Optional[BaseException]) -> str:
         return code.name
     if exc is None:
         return "OK"
-    # A response stream closed early (client cancelled or deadline passed).
-    return "CANCELLED" if isinstance(exc, GeneratorExit) else "UNKNOWN"
+    if isinstance(exc, (GeneratorExit, grpc.RpcError)):
+        # The client went away: a response stream closed early, or reading
+        # the request stream raised. The status it saw is its deadline's, or
+        # its own cancellation.
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    return "UNKNOWN"
 
 
 def _details_of(context) -> str:

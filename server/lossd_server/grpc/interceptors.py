@@ -149,19 +149,18 @@ class _Observer:
 
 
 def _code_of(context, exc: Optional[BaseException]) -> str:
-    """The status code name the call ends with."""
+    """The status code name the call ends with, as the client sees it."""
+    if not context.is_active() or isinstance(exc, (GeneratorExit, grpc.RpcError)):
+        # The client went away before the handler ended (a response stream
+        # closed early, a request stream that raised or ended short): what
+        # it saw is its deadline's status, or its own cancellation, whatever
+        # the handler made of the cut.
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     code = context.code()  # set by abort() and set_code(); None when the handler set none
     if code is not None:
         return code.name
-    if exc is None:
-        return "OK"
-    if isinstance(exc, (GeneratorExit, grpc.RpcError)):
-        # The client went away: a response stream closed early, or reading
-        # the request stream raised. The status it saw is its deadline's, or
-        # its own cancellation.
-        remaining = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-    return "UNKNOWN"
+    return "OK" if exc is None else "UNKNOWN"
 
 
 def _details_of(context) -> str:

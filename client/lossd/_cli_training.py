@@ -198,6 +198,13 @@ def cmd_datasets_list(args) -> int:
     return 0
 
 
+def cmd_datasets_delete(args) -> int:
+    with _client(args) as client:
+        client.delete_dataset(args.name)
+    print(f"deleted {args.name}")
+    return 0
+
+
 def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentParser]) -> None:
     """Adds ``jobs`` and ``datasets`` (with their sub-commands) to the ``lossd`` parser.
 
@@ -258,7 +265,7 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p.add_argument("-o", "--output", help="the PNG [ID-loss.png]")
     p.set_defaults(func=cmd_jobs_plot)
 
-    datasets = client_parser("datasets", "upload and list training datasets")
+    datasets = client_parser("datasets", "upload, list and delete training datasets")
     dsub = datasets.add_subparsers(dest="datasets_command", required=True)
     p = dsub.add_parser("upload", parents=[common], help="upload an .npz or a zip/tar of class folders")
     p.add_argument("path")
@@ -267,3 +274,6 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p.set_defaults(func=cmd_datasets_upload)
     p = dsub.add_parser("list", parents=[common], help="list datasets")
     p.set_defaults(func=cmd_datasets_list)
+    p = dsub.add_parser("delete", parents=[common], help="delete an uploaded dataset")
+    p.add_argument("name", help="the dataset's name, as `lossd datasets list` shows it")
+    p.set_defaults(func=cmd_datasets_delete)

@@ -541,6 +541,19 @@ class TrainingMixin(_TrainingStub):
         return datasets(self._training.ListDatasets(pb.ListDatasetsRequest(), **self._call_args(timeout)))
 
     @translate_errors
+    def delete_dataset(self, name: str, *, timeout: Optional[float] = None) -> None:
+        """Deletes an uploaded dataset and frees its space on the server.
+
+        Raises:
+            LossdError: NOT_FOUND (``DATASET_NOT_FOUND``) for an unknown name;
+                FAILED_PRECONDITION (``DATASET_IN_USE``, the job in
+                ``metadata["job"]``) while a queued or running job trains on it;
+                INVALID_ARGUMENT (``DATASET_NOT_DELETABLE``) for a built-in or
+                folder dataset.
+        """
+        self._training.DeleteDataset(pb.DeleteDatasetRequest(name=name), **self._call_args(timeout))
+
+    @translate_errors
     def download(self, job: "Job | str", dest: "str | os.PathLike" = ".", *, artifact: str = "model",
                  timeout: Optional[float] = None) -> pathlib.Path:
         """Downloads an artifact: ``model`` (.keras), ``history`` (JSON) or
@@ -651,6 +664,11 @@ class AsyncTrainingMixin(_TrainingStub):
     async def list_datasets(self, *, timeout: Optional[float] = None) -> list[Dataset]:
         """Refer to ``lossd.Client.list_datasets``."""
         return datasets(await self._training.ListDatasets(pb.ListDatasetsRequest(), **self._call_args(timeout)))
+
+    @translate_errors_async
+    async def delete_dataset(self, name: str, *, timeout: Optional[float] = None) -> None:
+        """Refer to ``lossd.Client.delete_dataset``."""
+        await self._training.DeleteDataset(pb.DeleteDatasetRequest(name=name), **self._call_args(timeout))
 
     @translate_errors_async
     async def download(self, job: "Job | str", dest: "str | os.PathLike" = ".", *, artifact: str = "model",

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
+GiB = 1 << 30
 
 
 class StartupError(RuntimeError):
@@ -103,10 +104,36 @@ class Settings(BaseSettings):
     """Training jobs run at once; unset means one per GPU, or 1 without a GPU."""
 
     max_upload_bytes: int = Field(256 * MiB, ge=1)
-    """Largest dataset upload, and the most bytes its images may decode to."""
+    """Largest dataset upload file. What one dataset decodes to (its float32
+    images: 4 bytes a pixel, where a PNG or a uint8 array holds about 1) may
+    take 4 times this, and so may the files of an archive or a folder dataset;
+    more is INVALID_ARGUMENT (UPLOAD_TOO_LARGE), known from the array headers
+    or the archive's listing before anything is decoded."""
 
     dataset_root: Optional[pathlib.Path] = None
     """Folder whose sub-folders jobs may train on as ``folder:PATH``; unset turns that off."""
+
+    max_decoding_bytes: int = Field(2 * GiB, ge=MiB)
+    """Memory all datasets being decoded at once may hold, server-wide
+    (uploads, and folder datasets checked at CreateJob). Each reserves what it
+    is about to hold (arrays as loaded and as float32, image files and their
+    pixels) before it holds it, and gives it back when done. One that does not
+    fit beside the others is RESOURCE_EXHAUSTED (DECODE_BUDGET_EXHAUSTED); one
+    that needs more than all of it is INVALID_ARGUMENT (UPLOAD_TOO_LARGE). The
+    largest upload the default ``max_upload_bytes`` admits needs at most about
+    1.6 GiB of it (a float64 ``.npz``; a uint8 one 1.25 GiB)."""
+
+    max_dataset_bytes: int = Field(10 * GiB, ge=MiB)
+    """Disk the uploaded datasets may take under the data directory, all
+    together: stored datasets plus uploads being received or stored. An upload
+    reserves its size before receiving it and its stored size before writing
+    it; past the limit it is RESOURCE_EXHAUSTED (DATASET_STORAGE_FULL), and
+    DeleteDataset frees space."""
+
+    max_archive_members: int = Field(100_000, ge=1)
+    """Most entries (files and folders) a zip or tar upload, the zip of an
+    ``.npz`` or a folder dataset may have. They are counted with a stop at the
+    limit before any is listed; more is INVALID_ARGUMENT (TOO_MANY_MEMBERS)."""
 
     mixed_precision: bool = False
     """Train in mixed float16 on GPUs (ignored on CPU, where it is slower)."""

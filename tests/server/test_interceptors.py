@@ -198,6 +198,7 @@ METHOD_TYPES = {
     (TRAINING_SERVICE, "WatchJob"): "server_stream",
     (TRAINING_SERVICE, "UploadDataset"): "client_stream",
     (TRAINING_SERVICE, "ListDatasets"): "unary",
+    (TRAINING_SERVICE, "DeleteDataset"): "unary",
     (TRAINING_SERVICE, "DownloadArtifact"): "server_stream",
     (TRAINING_SERVICE, "Predict"): "unary",
     (TRAINING_SERVICE, "Generate"): "unary",

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
@@ -29,7 +30,7 @@ from lossd.v1 import loss_pb2 as lossd_dot_v1_dot_loss__pb2
 from lossd.v1 import tensor_pb2 as lossd_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flossd/v1/training_service.proto\x12\x08lossd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x13lossd/v1/loss.proto\x1a\x15lossd/v1/tensor.proto\"\x9c\x02\n\x07JobSpec\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.lossd.v1.ModelSpec\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12 \n\x04loss\x18\x03 \x01(\x0b\x32\x12.lossd.v1.LossSpec\x12*\n\toptimizer\x18\x04 \x01(\x0b\x32\x17.lossd.v1.OptimizerSpec\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x1d\n\x10validation_split\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07metrics\x18\x08 \x03(\t\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\n \x01(\x05\x42\x13\n\x11_validation_split\"D\n\tModelSpec\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"t\n\rOptimizerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x10\n\x0e_learning_rate\"\x89\x04\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1f\n\x04spec\x18\x03 \x01(\x0b\x32\x11.lossd.v1.JobSpec\x12\"\n\x05state\x18\x04 \x01(\x0e\x32\x13.lossd.v1.Job.State\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.Status\x12\'\n\x08progress\x18\t \x01(\x0b\x32\x15.lossd.v1.JobProgress\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x12\n\nmodel_kind\x18\x0b \x01(\t\"\x95\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x14\n\x10STATE_CANCELLING\x10\x05\x12\x13\n\x0fSTATE_CANCELLED\x10\x06\"\xf5\x01\n\x0bJobProgress\x12\x18\n\x10\x65pochs_completed\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x17\n\x0fsteps_per_epoch\x18\x04 \x01(\x05\x12\x1b\n\x13\x65xamples_per_second\x18\x05 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\x12\x33\n\x07metrics\x18\x07 \x03(\x0b\x32\".lossd.v1.JobProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc7\x05\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\rstate_changed\x18\x03 \x01(\x0b\x32\x1f.lossd.v1.JobEvent.StateChangedH\x00\x12\x34\n\x0b\x65poch_ended\x18\x04 \x01(\x0b\x32\x1d.lossd.v1.JobEvent.EpochEndedH\x00\x12/\n\x08progress\x18\x05 \x01(\x0b\x32\x1b.lossd.v1.JobEvent.ProgressH\x00\x12\x11\n\x07message\x18\x06 \x01(\tH\x00\x1aU\n\x0cStateChanged\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.lossd.v1.Job.State\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x1a\xd8\x01\n\nEpochEnded\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12;\n\x07metrics\x18\x03 \x03(\x0b\x32*.lossd.v1.JobEvent.EpochEnded.MetricsEntry\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x05 \x01(\x03\x12\x1b\n\x13\x65xamples_per_second\x18\x06 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x90\x01\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x17\n\x0fsteps_per_epoch\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x1b\n\x13\x65xamples_per_second\x18\x06 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x07 \x01(\x01\x42\x06\n\x04kind\"]\n\x10\x43reateJobRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.lossd.v1.JobSpec\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x06states\x18\x03 \x03(\x0e\x32\x13.lossd.v1.Job.State\"H\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.lossd.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xa8\x01\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08\x65xamples\x18\x03 \x01(\x03\x12\x13\n\x0bimage_shape\x18\x04 \x03(\x03\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\"\xc4\x01\n\rDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1e.lossd.v1.DatasetHeader.Format\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"P\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0e\n\nFORMAT_NPZ\x10\x01\x12\x0e\n\nFORMAT_ZIP\x10\x02\x12\x0e\n\nFORMAT_TAR\x10\x03\"Z\n\x14UploadDatasetRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.lossd.v1.DatasetHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x15\n\x13ListDatasetsRequest\";\n\x14ListDatasetsResponse\x12#\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x11.lossd.v1.Dataset\"M\n\x17\x44ownloadArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x08\x61rtifact\x18\x02 \x01(\x0e\x32\x12.lossd.v1.Artifact\"C\n\rArtifactChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x0ePredictRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x06images\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\"O\n\x0fPredictResponse\x12\'\n\rprobabilities\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\"<\n\x0fGenerateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x03\"4\n\x10GenerateResponse\x12 \n\x06images\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor*h\n\x08\x41rtifact\x12\x18\n\x14\x41RTIFACT_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41RTIFACT_MODEL\x10\x01\x12\x14\n\x10\x41RTIFACT_HISTORY\x10\x02\x12\x18\n\x14\x41RTIFACT_TENSORBOARD\x10\x03\x32\x9d\x05\n\x0fTrainingService\x12\x36\n\tCreateJob\x12\x1a.lossd.v1.CreateJobRequest\x1a\r.lossd.v1.Job\x12\x30\n\x06GetJob\x12\x17.lossd.v1.GetJobRequest\x1a\r.lossd.v1.Job\x12\x41\n\x08ListJobs\x12\x19.lossd.v1.ListJobsRequest\x1a\x1a.lossd.v1.ListJobsResponse\x12\x36\n\tCancelJob\x12\x1a.lossd.v1.CancelJobRequest\x1a\r.lossd.v1.Job\x12;\n\x08WatchJob\x12\x19.lossd.v1.WatchJobRequest\x1a\x12.lossd.v1.JobEvent0\x01\x12\x44\n\rUploadDataset\x12\x1e.lossd.v1.UploadDatasetRequest\x1a\x11.lossd.v1.Dataset(\x01\x12M\n\x0cListDatasets\x12\x1d.lossd.v1.ListDatasetsRequest\x1a\x1e.lossd.v1.ListDatasetsResponse\x12P\n\x10\x44ownloadArtifact\x12!.lossd.v1.DownloadArtifactRequest\x1a\x17.lossd.v1.ArtifactChunk0\x01\x12>\n\x07Predict\x12\x18.lossd.v1.PredictRequest\x1a\x19.lossd.v1.PredictResponse\x12\x41\n\x08Generate\x12\x19.lossd.v1.GenerateRequest\x1a\x1a.lossd.v1.GenerateResponseB\x10\n\x0c\x64\x65v.lossd.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flossd/v1/training_service.proto\x12\x08lossd.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x13lossd/v1/loss.proto\x1a\x15lossd/v1/tensor.proto\"\x9c\x02\n\x07JobSpec\x12\"\n\x05model\x18\x01 \x01(\x0b\x32\x13.lossd.v1.ModelSpec\x12\x0f\n\x07\x64\x61taset\x18\x02 \x01(\t\x12 \n\x04loss\x18\x03 \x01(\x0b\x32\x12.lossd.v1.LossSpec\x12*\n\toptimizer\x18\x04 \x01(\x0b\x32\x17.lossd.v1.OptimizerSpec\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x1d\n\x10validation_split\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07metrics\x18\x08 \x03(\t\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\n \x01(\x05\x42\x13\n\x11_validation_split\"D\n\tModelSpec\x12\x0e\n\x06preset\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"t\n\rOptimizerSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\rlearning_rate\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x10\n\x0e_learning_rate\"\x89\x04\n\x03Job\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1f\n\x04spec\x18\x03 \x01(\x0b\x32\x11.lossd.v1.JobSpec\x12\"\n\x05state\x18\x04 \x01(\x0e\x32\x13.lossd.v1.Job.State\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.Status\x12\'\n\x08progress\x18\t \x01(\x0b\x32\x15.lossd.v1.JobProgress\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x12\n\nmodel_kind\x18\x0b \x01(\t\"\x95\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x14\n\x10STATE_CANCELLING\x10\x05\x12\x13\n\x0fSTATE_CANCELLED\x10\x06\"\xf5\x01\n\x0bJobProgress\x12\x18\n\x10\x65pochs_completed\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x17\n\x0fsteps_per_epoch\x18\x04 \x01(\x05\x12\x1b\n\x13\x65xamples_per_second\x18\x05 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x06 \x01(\x01\x12\x33\n\x07metrics\x18\x07 \x03(\x0b\x32\".lossd.v1.JobProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc7\x05\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\rstate_changed\x18\x03 \x01(\x0b\x32\x1f.lossd.v1.JobEvent.StateChangedH\x00\x12\x34\n\x0b\x65poch_ended\x18\x04 \x01(\x0b\x32\x1d.lossd.v1.JobEvent.EpochEndedH\x00\x12/\n\x08progress\x18\x05 \x01(\x0b\x32\x1b.lossd.v1.JobEvent.ProgressH\x00\x12\x11\n\x07message\x18\x06 \x01(\tH\x00\x1aU\n\x0cStateChanged\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.lossd.v1.Job.State\x12!\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x1a\xd8\x01\n\nEpochEnded\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12;\n\x07metrics\x18\x03 \x03(\x0b\x32*.lossd.v1.JobEvent.EpochEnded.MetricsEntry\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x10\n\x08\x65xamples\x18\x05 \x01(\x03\x12\x1b\n\x13\x65xamples_per_second\x18\x06 \x01(\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x90\x01\n\x08Progress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x17\n\x0fsteps_per_epoch\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x1b\n\x13\x65xamples_per_second\x18\x06 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x07 \x01(\x01\x42\x06\n\x04kind\"]\n\x10\x43reateJobRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.lossd.v1.JobSpec\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x1d\n\rGetJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x06states\x18\x03 \x03(\x0e\x32\x13.lossd.v1.Job.State\"H\n\x10ListJobsResponse\x12\x1b\n\x04jobs\x18\x01 \x03(\x0b\x32\r.lossd.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10\x43\x61ncelJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x0fWatchJobRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"\xa8\x01\n\x07\x44\x61taset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08\x65xamples\x18\x03 \x01(\x03\x12\x13\n\x0bimage_shape\x18\x04 \x03(\x03\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\"\xc4\x01\n\rDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x1e.lossd.v1.DatasetHeader.Format\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"P\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0e\n\nFORMAT_NPZ\x10\x01\x12\x0e\n\nFORMAT_ZIP\x10\x02\x12\x0e\n\nFORMAT_TAR\x10\x03\"Z\n\x14UploadDatasetRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.lossd.v1.DatasetHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\x15\n\x13ListDatasetsRequest\";\n\x14ListDatasetsResponse\x12#\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x11.lossd.v1.Dataset\"$\n\x14\x44\x65leteDatasetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"M\n\x17\x44ownloadArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x08\x61rtifact\x18\x02 \x01(\x0e\x32\x12.lossd.v1.Artifact\"C\n\rArtifactChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"@\n\x0ePredictRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x06images\x18\x02 \x01(\x0b\x32\x10.lossd.v1.Tensor\"O\n\x0fPredictResponse\x12\'\n\rprobabilities\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\"<\n\x0fGenerateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0c\n\x04seed\x18\x03 \x01(\x03\"4\n\x10GenerateResponse\x12 \n\x06images\x18\x01 \x01(\x0b\x32\x10.lossd.v1.Tensor*h\n\x08\x41rtifact\x12\x18\n\x14\x41RTIFACT_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41RTIFACT_MODEL\x10\x01\x12\x14\n\x10\x41RTIFACT_HISTORY\x10\x02\x12\x18\n\x14\x41RTIFACT_TENSORBOARD\x10\x03\x32\xe6\x05\n\x0fTrainingService\x12\x36\n\tCreateJob\x12\x1a.lossd.v1.CreateJobRequest\x1a\r.lossd.v1.Job\x12\x30\n\x06GetJob\x12\x17.lossd.v1.GetJobRequest\x1a\r.lossd.v1.Job\x12\x41\n\x08ListJobs\x12\x19.lossd.v1.ListJobsRequest\x1a\x1a.lossd.v1.ListJobsResponse\x12\x36\n\tCancelJob\x12\x1a.lossd.v1.CancelJobRequest\x1a\r.lossd.v1.Job\x12;\n\x08WatchJob\x12\x19.lossd.v1.WatchJobRequest\x1a\x12.lossd.v1.JobEvent0\x01\x12\x44\n\rUploadDataset\x12\x1e.lossd.v1.UploadDatasetRequest\x1a\x11.lossd.v1.Dataset(\x01\x12M\n\x0cListDatasets\x12\x1d.lossd.v1.ListDatasetsRequest\x1a\x1e.lossd.v1.ListDatasetsResponse\x12G\n\rDeleteDataset\x12\x1e.lossd.v1.DeleteDatasetRequest\x1a\x16.google.protobuf.Empty\x12P\n\x10\x44ownloadArtifact\x12!.lossd.v1.DownloadArtifactRequest\x1a\x17.lossd.v1.ArtifactChunk0\x01\x12>\n\x07Predict\x12\x18.lossd.v1.PredictRequest\x1a\x19.lossd.v1.PredictResponse\x12\x41\n\x08Generate\x12\x19.lossd.v1.GenerateRequest\x1a\x1a.lossd.v1.GenerateResponseB\x10\n\x0c\x64\x65v.lossd.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,68 +42,70 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBPROGRESS_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_JOBEVENT_EPOCHENDED_METRICSENTRY']._loaded_options = None
   _globals['_JOBEVENT_EPOCHENDED_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ARTIFACT']._serialized_start=3481
-  _globals['_ARTIFACT']._serialized_end=3585
-  _globals['_JOBSPEC']._serialized_start=178
-  _globals['_JOBSPEC']._serialized_end=462
-  _globals['_MODELSPEC']._serialized_start=464
-  _globals['_MODELSPEC']._serialized_end=532
-  _globals['_OPTIMIZERSPEC']._serialized_start=534
-  _globals['_OPTIMIZERSPEC']._serialized_end=650
-  _globals['_JOB']._serialized_start=653
-  _globals['_JOB']._serialized_end=1174
-  _globals['_JOB_STATE']._serialized_start=1025
-  _globals['_JOB_STATE']._serialized_end=1174
-  _globals['_JOBPROGRESS']._serialized_start=1177
-  _globals['_JOBPROGRESS']._serialized_end=1422
-  _globals['_JOBPROGRESS_METRICSENTRY']._serialized_start=1376
-  _globals['_JOBPROGRESS_METRICSENTRY']._serialized_end=1422
-  _globals['_JOBEVENT']._serialized_start=1425
-  _globals['_JOBEVENT']._serialized_end=2136
-  _globals['_JOBEVENT_STATECHANGED']._serialized_start=1677
-  _globals['_JOBEVENT_STATECHANGED']._serialized_end=1762
-  _globals['_JOBEVENT_EPOCHENDED']._serialized_start=1765
-  _globals['_JOBEVENT_EPOCHENDED']._serialized_end=1981
-  _globals['_JOBEVENT_EPOCHENDED_METRICSENTRY']._serialized_start=1376
-  _globals['_JOBEVENT_EPOCHENDED_METRICSENTRY']._serialized_end=1422
-  _globals['_JOBEVENT_PROGRESS']._serialized_start=1984
-  _globals['_JOBEVENT_PROGRESS']._serialized_end=2128
-  _globals['_CREATEJOBREQUEST']._serialized_start=2138
-  _globals['_CREATEJOBREQUEST']._serialized_end=2231
-  _globals['_GETJOBREQUEST']._serialized_start=2233
-  _globals['_GETJOBREQUEST']._serialized_end=2262
-  _globals['_LISTJOBSREQUEST']._serialized_start=2264
-  _globals['_LISTJOBSREQUEST']._serialized_end=2357
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2359
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2431
-  _globals['_CANCELJOBREQUEST']._serialized_start=2433
-  _globals['_CANCELJOBREQUEST']._serialized_end=2465
-  _globals['_WATCHJOBREQUEST']._serialized_start=2467
-  _globals['_WATCHJOBREQUEST']._serialized_end=2522
-  _globals['_DATASET']._serialized_start=2525
-  _globals['_DATASET']._serialized_end=2693
-  _globals['_DATASETHEADER']._serialized_start=2696
-  _globals['_DATASETHEADER']._serialized_end=2892
-  _globals['_DATASETHEADER_FORMAT']._serialized_start=2812
-  _globals['_DATASETHEADER_FORMAT']._serialized_end=2892
-  _globals['_UPLOADDATASETREQUEST']._serialized_start=2894
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=2984
-  _globals['_LISTDATASETSREQUEST']._serialized_start=2986
-  _globals['_LISTDATASETSREQUEST']._serialized_end=3007
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=3009
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=3068
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=3070
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=3147
-  _globals['_ARTIFACTCHUNK']._serialized_start=3149
-  _globals['_ARTIFACTCHUNK']._serialized_end=3216
-  _globals['_PREDICTREQUEST']._serialized_start=3218
-  _globals['_PREDICTREQUEST']._serialized_end=3282
-  _globals['_PREDICTRESPONSE']._serialized_start=3284
-  _globals['_PREDICTRESPONSE']._serialized_end=3363
-  _globals['_GENERATEREQUEST']._serialized_start=3365
-  _globals['_GENERATEREQUEST']._serialized_end=3425
-  _globals['_GENERATERESPONSE']._serialized_start=3427
-  _globals['_GENERATERESPONSE']._serialized_end=3479
-  _globals['_TRAININGSERVICE']._serialized_start=3588
-  _globals['_TRAININGSERVICE']._serialized_end=4257
+  _globals['_ARTIFACT']._serialized_start=3548
+  _globals['_ARTIFACT']._serialized_end=3652
+  _globals['_JOBSPEC']._serialized_start=207
+  _globals['_JOBSPEC']._serialized_end=491
+  _globals['_MODELSPEC']._serialized_start=493
+  _globals['_MODELSPEC']._serialized_end=561
+  _globals['_OPTIMIZERSPEC']._serialized_start=563
+  _globals['_OPTIMIZERSPEC']._serialized_end=679
+  _globals['_JOB']._serialized_start=682
+  _globals['_JOB']._serialized_end=1203
+  _globals['_JOB_STATE']._serialized_start=1054
+  _globals['_JOB_STATE']._serialized_end=1203
+  _globals['_JOBPROGRESS']._serialized_start=1206
+  _globals['_JOBPROGRESS']._serialized_end=1451
+  _globals['_JOBPROGRESS_METRICSENTRY']._serialized_start=1405
+  _globals['_JOBPROGRESS_METRICSENTRY']._serialized_end=1451
+  _globals['_JOBEVENT']._serialized_start=1454
+  _globals['_JOBEVENT']._serialized_end=2165
+  _globals['_JOBEVENT_STATECHANGED']._serialized_start=1706
+  _globals['_JOBEVENT_STATECHANGED']._serialized_end=1791
+  _globals['_JOBEVENT_EPOCHENDED']._serialized_start=1794
+  _globals['_JOBEVENT_EPOCHENDED']._serialized_end=2010
+  _globals['_JOBEVENT_EPOCHENDED_METRICSENTRY']._serialized_start=1405
+  _globals['_JOBEVENT_EPOCHENDED_METRICSENTRY']._serialized_end=1451
+  _globals['_JOBEVENT_PROGRESS']._serialized_start=2013
+  _globals['_JOBEVENT_PROGRESS']._serialized_end=2157
+  _globals['_CREATEJOBREQUEST']._serialized_start=2167
+  _globals['_CREATEJOBREQUEST']._serialized_end=2260
+  _globals['_GETJOBREQUEST']._serialized_start=2262
+  _globals['_GETJOBREQUEST']._serialized_end=2291
+  _globals['_LISTJOBSREQUEST']._serialized_start=2293
+  _globals['_LISTJOBSREQUEST']._serialized_end=2386
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2388
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2460
+  _globals['_CANCELJOBREQUEST']._serialized_start=2462
+  _globals['_CANCELJOBREQUEST']._serialized_end=2494
+  _globals['_WATCHJOBREQUEST']._serialized_start=2496
+  _globals['_WATCHJOBREQUEST']._serialized_end=2551
+  _globals['_DATASET']._serialized_start=2554
+  _globals['_DATASET']._serialized_end=2722
+  _globals['_DATASETHEADER']._serialized_start=2725
+  _globals['_DATASETHEADER']._serialized_end=2921
+  _globals['_DATASETHEADER_FORMAT']._serialized_start=2841
+  _globals['_DATASETHEADER_FORMAT']._serialized_end=2921
+  _globals['_UPLOADDATASETREQUEST']._serialized_start=2923
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=3013
+  _globals['_LISTDATASETSREQUEST']._serialized_start=3015
+  _globals['_LISTDATASETSREQUEST']._serialized_end=3036
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=3038
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=3097
+  _globals['_DELETEDATASETREQUEST']._serialized_start=3099
+  _globals['_DELETEDATASETREQUEST']._serialized_end=3135
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=3137
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=3214
+  _globals['_ARTIFACTCHUNK']._serialized_start=3216
+  _globals['_ARTIFACTCHUNK']._serialized_end=3283
+  _globals['_PREDICTREQUEST']._serialized_start=3285
+  _globals['_PREDICTREQUEST']._serialized_end=3349
+  _globals['_PREDICTRESPONSE']._serialized_start=3351
+  _globals['_PREDICTRESPONSE']._serialized_end=3430
+  _globals['_GENERATEREQUEST']._serialized_start=3432
+  _globals['_GENERATEREQUEST']._serialized_end=3492
+  _globals['_GENERATERESPONSE']._serialized_start=3494
+  _globals['_GENERATERESPONSE']._serialized_end=3546
+  _globals['_TRAININGSERVICE']._serialized_start=3655
+  _globals['_TRAININGSERVICE']._serialized_end=4397
 # @@protoc_insertion_point(module_scope)

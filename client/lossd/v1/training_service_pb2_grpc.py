@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from lossd.v1 import training_service_pb2 as lossd_dot_v1_dot_training__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -75,6 +76,11 @@ class TrainingServiceStub:
                 request_serializer=lossd_dot_v1_dot_training__service__pb2.ListDatasetsRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_training__service__pb2.ListDatasetsResponse.FromString,
                 _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/lossd.v1.TrainingService/DeleteDataset',
+                request_serializer=lossd_dot_v1_dot_training__service__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
         self.DownloadArtifact = channel.unary_stream(
                 '/lossd.v1.TrainingService/DownloadArtifact',
                 request_serializer=lossd_dot_v1_dot_training__service__pb2.DownloadArtifactRequest.SerializeToString,
@@ -143,7 +149,12 @@ class TrainingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadDataset(self, request_iterator, context):
-        """Uploads a dataset: a header, then the file's bytes in order.
+        """Uploads a dataset: a header, then the file's bytes in order. Beyond
+        INVALID_ARGUMENT for a bad or too large file, an upload that does not fit
+        the server's memory for decoding or its disk for datasets, beside what
+        others hold, fails with RESOURCE_EXHAUSTED (reasons
+        DECODE_BUDGET_EXHAUSTED, DATASET_STORAGE_FULL, DISK_FULL); nothing of it
+        is kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +162,17 @@ class TrainingServiceServicer:
 
     def ListDatasets(self, request, context):
         """Lists the datasets jobs can train on (built-in and uploaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Deletes an uploaded dataset and frees its disk space. Fails with
+        NOT_FOUND (reason DATASET_NOT_FOUND) for an unknown name,
+        INVALID_ARGUMENT (DATASET_NOT_DELETABLE) for a built-in or folder
+        dataset, and FAILED_PRECONDITION (DATASET_IN_USE, naming the job in its
+        metadata) while a queued or running job trains on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -214,6 +236,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ListDatasets,
                     request_deserializer=lossd_dot_v1_dot_training__service__pb2.ListDatasetsRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_training__service__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=lossd_dot_v1_dot_training__service__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadArtifact,
@@ -426,6 +453,33 @@ class TrainingService:
             '/lossd.v1.TrainingService/ListDatasets',
             lossd_dot_v1_dot_training__service__pb2.ListDatasetsRequest.SerializeToString,
             lossd_dot_v1_dot_training__service__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.TrainingService/DeleteDataset',
+            lossd_dot_v1_dot_training__service__pb2.DeleteDatasetRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any, Iterator
 
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from lossd import wire
@@ -235,6 +235,11 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     @handle_errors
     def ListDatasets(self, request, context):
         return pb.ListDatasetsResponse(datasets=[dataset_to_proto(i) for i in self.manager.catalog.list()])
+
+    @handle_errors
+    def DeleteDataset(self, request, context):
+        self.manager.catalog.delete(request.name)
+        return empty_pb2.Empty()
 
     @handle_errors
     def DownloadArtifact(self, request, context):

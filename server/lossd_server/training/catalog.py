@@ -1,40 +1,77 @@
 """The dataset catalog: the datasets a job can name (built-in, uploaded,
-``folder:PATH`` under the dataset root), and uploads into it.
+``folder:PATH`` under the dataset root), uploads into it and deletes.
 
-Uploads are checked and normalised by ``datasets`` before anything is kept,
-then stored as ``<data_dir>/datasets/<name>.npz`` and recorded in the store.
+Uploads are received into ``<data_dir>/datasets/.tmp/``, checked and
+normalised by ``datasets`` before anything is kept, then stored as
+``<data_dir>/datasets/<name>@<token>.npz`` and recorded in the store; the
+record is the step that makes an upload (or a replace) visible, so a
+failure before it leaves the previous dataset as it was, and a failure
+anywhere leaves no file behind. What a crash left in ``.tmp`` is removed at
+the next start.
+
+Two server-wide budgets bound what uploads spend, each reserved before it
+is spent: memory for decoding (``max_decoding_bytes``) and disk for stored
+datasets plus uploads in progress (``max_dataset_bytes``).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import pathlib
+import sqlite3
 import tempfile
 import threading
-from typing import Iterator
+from typing import Iterator, Optional
 
-from lossd_server.errors import AlreadyExists, InvalidArgument
+from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from lossd_server.training import datasets
-from lossd_server.training.store import Store
+from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, Store
 
 log = logging.getLogger(__name__)
 
+_SQLITE_FULL = 13  # SQLite's primary result code for a full disk (the low byte of sqlite_errorcode)
+
 
 class DatasetCatalog:
-    """Looks up, lists and receives datasets.
+    """Looks up, lists, receives and deletes datasets.
 
     Args:
         settings: ``lossd_server.config.Settings`` (``dataset_root``,
-            ``max_upload_bytes``).
-        store: Where uploaded datasets are recorded.
+            ``max_upload_bytes``, ``max_decoding_bytes``,
+            ``max_dataset_bytes``, ``max_archive_members``).
+        store: Where uploaded datasets are recorded (and jobs, to tell
+            whether a dataset is in use).
         datasets_dir: Where uploaded datasets are kept.
+
+    Attributes:
+        memory: The ``ByteBudget`` of memory for decoding.
+        disk: The ``ByteBudget`` of disk for datasets.
     """
 
     def __init__(self, settings, store: Store, datasets_dir: pathlib.Path):
         self.settings = settings
         self.store = store
         self.datasets_dir = pathlib.Path(datasets_dir)
-        self._saving = threading.Lock()  # the existence check and the save, as one step
+        self.tmp_dir = self.datasets_dir / datasets.TMP_DIR
+        self.memory = datasets.ByteBudget(
+            settings.max_decoding_bytes, setting="max_decoding_bytes", what="memory for decoding datasets",
+            reason="DECODE_BUDGET_EXHAUSTED", advice="Retry once other uploads have been decoded.")
+        self.disk = datasets.ByteBudget(
+            settings.max_dataset_bytes, setting="max_dataset_bytes",
+            what="disk for datasets (stored ones and uploads in progress)", reason="DATASET_STORAGE_FULL",
+            advice="Delete datasets no longer needed (DeleteDataset), or retry once uploads in progress end.",
+            spent=store.dataset_bytes)
+        # Name checks with the commit of an upload, deletes, and the datasets
+        # of jobs being created: each one step under this lock.
+        self._lock = threading.Lock()
+        self._creating: collections.Counter[str] = collections.Counter()
+        stored = {d["name"]: pathlib.Path(d.get("path", "")).name for d in store.list_datasets()}
+        removed = datasets.sweep(self.datasets_dir, stored)
+        if removed:
+            log.warning("removed %d file(s) that interrupted uploads left in %s: %s", len(removed),
+                        self.datasets_dir, ", ".join(removed[:10]) + (" ..." if len(removed) > 10 else ""))
 
     def info(self, ref: str) -> datasets.DatasetInfo:
         """What a job needs to know about a dataset reference; checks it exists.
@@ -42,20 +79,25 @@ class DatasetCatalog:
         Raises:
             InvalidArgument: UNKNOWN_DATASET, or a folder outside the root or
                 with bad content.
+            ResourceExhausted: DECODE_BUDGET_EXHAUSTED, a folder that cannot
+                be decoded beside the uploads being decoded now.
         """
         if ref in datasets.BUILTIN:
             return datasets.builtin_info(ref)
         if isinstance(ref, str) and ref.startswith(datasets.FOLDER_PREFIX):
             rel = ref[len(datasets.FOLDER_PREFIX):]
             path = datasets.resolve_folder(self.settings.dataset_root, rel)
-            x, _, class_names = datasets.parse_folder(path, self.settings.max_upload_bytes)
+            with self.memory.reserve() as memory:
+                x, _, class_names = datasets.parse_folder(
+                    path, self.settings.max_upload_bytes, memory=memory,
+                    max_members=self.settings.max_archive_members, where=ref[:200])
             return datasets.info_from_arrays(ref, "folder", x, class_names, str(path))
         stored = self.store.get_dataset(ref) if ref else None
         if stored is None:
             raise datasets.DatasetError(
                 f"Unknown dataset {str(ref)[:80]!r}. Expected a built-in dataset ({', '.join(datasets.BUILTIN)}), "
                 "the name of an uploaded dataset (see ListDatasets) or folder:PATH.",
-                reason="UNKNOWN_DATASET", metadata={"dataset": str(ref)[:80]})
+                reason="UNKNOWN_DATASET", metadata={"dataset": datasets.printable(str(ref)[:80])})
         return datasets.DatasetInfo.from_dict(stored)
 
     def list(self) -> list[datasets.DatasetInfo]:
@@ -63,6 +105,20 @@ class DatasetCatalog:
         infos = [datasets.builtin_info(name) for name in datasets.BUILTIN]
         infos += [datasets.DatasetInfo.from_dict(d) for d in self.store.list_datasets()]
         return sorted(infos, key=lambda i: i.name)
+
+    @contextlib.contextmanager
+    def using(self, ref: str) -> Iterator[None]:
+        """Marks the dataset ``ref`` in use while a job on it is created, so it
+        cannot be deleted or replaced between the job's checks and its record."""
+        with self._lock:
+            self._creating[ref] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._creating[ref] -= 1
+                if not self._creating[ref]:
+                    del self._creating[ref]
 
     def upload(self, name: str, fmt: str, size_bytes: int, chunks: Iterator[bytes], *,
                replace: bool = False) -> datasets.DatasetInfo:
@@ -76,13 +132,18 @@ class DatasetCatalog:
         Raises:
             AlreadyExists: DATASET_EXISTS, the name is taken and ``replace``
                 is not set.
-            InvalidArgument: bad name or format, a size over the limit or
-                unlike the header's (UPLOAD_TOO_LARGE, SIZE_MISMATCH), or
-                content that fails the checks (BAD_DATASET, CORRUPT_IMAGE...).
+            FailedPrecondition: DATASET_IN_USE, a replace of a dataset that a
+                queued or running job trains on.
+            InvalidArgument: bad name or format, a size over a limit or
+                unlike the header's (UPLOAD_TOO_LARGE, SIZE_MISMATCH,
+                TOO_MANY_MEMBERS, IMAGE_TOO_LARGE), or content that fails the
+                checks (BAD_DATASET, CORRUPT_IMAGE...).
+            ResourceExhausted: DECODE_BUDGET_EXHAUSTED, DATASET_STORAGE_FULL
+                or DISK_FULL; nothing was kept.
         """
         datasets.check_name(name)
-        if not replace:
-            self._check_free(name)
+        with self._lock:
+            self._writable(name, replace)
         if fmt not in datasets.FORMATS:
             raise InvalidArgument(f"Invalid dataset format. Expected one of {list(datasets.FORMATS)}. "
                                   f"Received: {fmt!r}.", reason="BAD_DATASET_FORMAT")
@@ -91,36 +152,121 @@ class DatasetCatalog:
             raise InvalidArgument(f"Invalid upload size. Expected 1 to {limit:,} bytes (the server's "
                                   f"max_upload_bytes). Received: size_bytes={size_bytes:,}.",
                                   reason="UPLOAD_TOO_LARGE" if size_bytes > limit else "SIZE_MISMATCH")
-        self.datasets_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.datasets_dir, prefix=".upload-", suffix=f".{fmt}") as tmp:
+        with self._disk_full(f"dataset {name!r}"), self.disk.reserve() as disk, self.memory.reserve() as memory:
+            disk.take(size_bytes, f"Receiving dataset {name!r}")  # before a byte of it is written
+            x, y, class_names = self._receive(name, fmt, size_bytes, chunks, memory)
+            disk.give_back(size_bytes)  # the received file is gone
+            disk.take(datasets.stored_size(x, y, class_names), f"Storing dataset {name!r}")
+            path = self.datasets_dir / datasets.stored_file_name(name)
+            size = datasets.save_arrays(path, x, y, class_names, tmp_dir=self.tmp_dir)
+            info = datasets.info_from_arrays(name, "upload", x, class_names, str(path), size)
+            del x, y
+            try:
+                with self._lock:
+                    old = self._writable(name, replace)  # again: the name may have changed hands meanwhile
+                    self.store.put_dataset(name, info.to_dict())
+            except BaseException:
+                self._remove(str(path))
+                raise
+        if old is not None:
+            self._remove(old)
+        log.info("dataset %s uploaded: %d images of %s, %d classes", name, info.examples, info.image_shape,
+                 len(class_names))
+        return info
+
+    def delete(self, name: str) -> None:
+        """Deletes an uploaded dataset: its record, then its file.
+
+        Raises:
+            InvalidArgument: DATASET_NOT_DELETABLE, a built-in or folder dataset.
+            NotFound: DATASET_NOT_FOUND.
+            FailedPrecondition: DATASET_IN_USE, a queued or running job (or
+                one being created) trains on it; the message names the job.
+        """
+        if name in datasets.BUILTIN or name.startswith(datasets.FOLDER_PREFIX):
+            raise InvalidArgument(f"Dataset {name[:80]!r} is {'built in' if name in datasets.BUILTIN else 'a folder'}"
+                                  " and cannot be deleted. Expected the name of an uploaded dataset.",
+                                  reason="DATASET_NOT_DELETABLE", metadata={"dataset": datasets.printable(name[:80])})
+        with self._disk_full(f"the deletion of dataset {name[:80]!r}"), self._lock:
+            stored = self.store.get_dataset(name) if name else None
+            if stored is None:
+                raise NotFound(f"Dataset {name[:80]!r} does not exist. Expected the name of an uploaded dataset "
+                               "(see ListDatasets).", reason="DATASET_NOT_FOUND",
+                               metadata={"dataset": datasets.printable(name[:80])})
+            self._check_unused(name, "deleted")
+            self.store.delete_dataset(name)
+        self._remove(stored.get("path", ""))
+        log.info("dataset %s deleted", name)
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _receive(self, name: str, fmt: str, size_bytes: int, chunks: Iterator[bytes], memory):
+        """Writes the upload to a temporary file, then parses it; the file is
+        removed however this ends."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.tmp_dir, prefix="upload-", suffix=f".{fmt}") as tmp:
             received = 0
             for chunk in chunks:
                 received += len(chunk)
                 if received > size_bytes:
                     raise InvalidArgument(f"The upload is larger than its header said. Expected {size_bytes:,} "
                                           f"bytes. Received: more than that.", reason="SIZE_MISMATCH")
-                tmp.write(chunk)
+                datasets.write_chunk(tmp, chunk)
             if received != size_bytes:
                 raise InvalidArgument(f"The upload ended early. Expected {size_bytes:,} bytes. "
                                       f"Received: {received:,}.", reason="SIZE_MISMATCH")
             tmp.flush()
+            limits = dict(memory=memory, max_members=self.settings.max_archive_members, where=name)
             if fmt == "npz":
-                x, y, class_names = datasets.parse_npz(tmp.name, limit)
-            else:
-                x, y, class_names = datasets.parse_archive(tmp.name, fmt, limit)
-        path = self.datasets_dir / f"{name}.npz"
-        with self._saving:
-            if not replace:  # again: another upload of this name may have finished meanwhile
-                self._check_free(name)
-            size = datasets.save_arrays(path, x, y, class_names)
-            info = datasets.info_from_arrays(name, "upload", x, class_names, str(path), size)
-            self.store.put_dataset(name, info.to_dict())
-        log.info("dataset %s uploaded: %d images of %s, %d classes", name, info.examples, info.image_shape,
-                 len(class_names))
-        return info
+                return datasets.parse_npz(tmp.name, self.settings.max_upload_bytes, **limits)
+            return datasets.parse_archive(tmp.name, fmt, self.settings.max_upload_bytes, **limits)
 
-    def _check_free(self, name: str) -> None:
-        if self.store.get_dataset(name) is not None:
+    def _writable(self, name: str, replace: bool) -> Optional[str]:
+        """Checks that an upload may be stored as ``name`` (call under the
+        lock); returns the path of the file it replaces, if any."""
+        stored = self.store.get_dataset(name)
+        if stored is None:
+            return None
+        if not replace:
             raise AlreadyExists(f"Dataset {name!r} already exists. Expected a new name, or replace=True "
                                 "(`lossd datasets upload --replace`) to overwrite it.",
                                 reason="DATASET_EXISTS", metadata={"dataset": name})
+        self._check_unused(name, "replaced")
+        return stored.get("path", "")
+
+    def _check_unused(self, name: str, change: str) -> None:
+        """Refuses when a job that has not ended trains on ``name`` (call under the lock)."""
+        users = [f"jobs/{job.id}" for job in self.store.jobs_in_states([QUEUED, RUNNING, CANCELLING])
+                 if job.spec.get("dataset") == name]
+        if users:
+            listed = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+            raise FailedPrecondition(
+                f"Dataset {name!r} is in use by {listed}, which has not ended. Expected no queued or running job "
+                f"on it: it can be {change} once the job ends or is cancelled.", reason="DATASET_IN_USE",
+                metadata={"dataset": name, "job": users[0]})
+        if self._creating[name]:
+            raise FailedPrecondition(
+                f"Dataset {name!r} is in use by a job being created. Expected no job on it: retry in a moment.",
+                reason="DATASET_IN_USE", metadata={"dataset": name})
+
+    def _remove(self, path: str) -> None:
+        """Removes a stored file no record points at any more; a failure is
+        logged (and ``datasets.sweep`` retries at the next start)."""
+        if not path:
+            return
+        try:
+            pathlib.Path(path).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("could not remove the dataset file %s (%s)", path, exc.strerror)
+
+    @contextlib.contextmanager
+    def _disk_full(self, what: str) -> Iterator[None]:
+        """Turns a write that failed for lack of space (a file, or the
+        store's database) into RESOURCE_EXHAUSTED (DISK_FULL)."""
+        try:
+            yield
+        except (OSError, sqlite3.OperationalError) as exc:
+            if datasets.disk_full(exc) or (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL:
+                log.warning("%s: the disk is full (%s)", what, exc)
+                raise datasets.disk_full_error(what) from None
+            raise

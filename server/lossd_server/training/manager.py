@@ -76,9 +76,11 @@ class TrainingManager:
         self.store.close()
 
     def create_job(self, spec: Mapping[str, Any], *, display_name: str = "", request_id: str = "") -> JobRecord:
-        """Checks a spec and queues the job (see ``jobs.create``)."""
-        job, created = jobs.create(self.store, self.planner, self.catalog, spec, display_name=display_name,
-                                   request_id=request_id)
+        """Checks a spec and queues the job (see ``jobs.create``). Its dataset
+        cannot be deleted or replaced until the job is recorded."""
+        with self.catalog.using(str(spec.get("dataset", ""))):
+            job, created = jobs.create(self.store, self.planner, self.catalog, spec, display_name=display_name,
+                                       request_id=request_id)
         if created:
             self.scheduler.submitted()
         return job

@@ -441,6 +441,18 @@ class Store:
             row = self._db.execute("SELECT info FROM datasets WHERE name = ?", (name,)).fetchone()
         return json.loads(row["info"]) if row is not None else None
 
+    def delete_dataset(self, name: str) -> bool:
+        """Removes a dataset's record; returns whether there was one."""
+        with self._lock:
+            return self._db.execute("DELETE FROM datasets WHERE name = ?", (name,)).rowcount > 0
+
+    def dataset_bytes(self) -> int:
+        """The stored datasets' sizes (``size_bytes``), added up."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COALESCE(SUM(json_extract(info, '$.size_bytes')), 0) FROM datasets").fetchone()
+        return int(row[0])
+
     def list_datasets(self) -> list[dict]:
         with self._lock:
             rows = self._db.execute("SELECT info FROM datasets ORDER BY name").fetchall()

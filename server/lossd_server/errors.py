@@ -8,6 +8,8 @@ and a ``kind`` that the transport maps to a status code in one table
 from __future__ import annotations
 
 import re
+import errno
+import sqlite3
 from typing import Mapping
 
 DOMAIN = "lossd.dev"
@@ -71,3 +73,24 @@ class DeadlineExceeded(LossdError):
 class Unavailable(LossdError):
     kind = "unavailable"
     default_reason = "UNAVAILABLE"
+
+
+# SQLite's primary result code for a full disk or a database at its size limit
+# (the low byte of ``sqlite3.Error.sqlite_errorcode``).
+SQLITE_FULL = 13
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write refused for lack of space: ENOSPC or a quota
+    from the file system, SQLITE_FULL from the database."""
+    if isinstance(exc, sqlite3.Error):
+        return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(what: str) -> ResourceExhausted:
+    """What a client gets when ``what`` could not be written for lack of space
+    (RESOURCE_EXHAUSTED, ``DISK_FULL``); the message names no path."""
+    return ResourceExhausted(f"The server's disk is full: {what} could not be saved, and nothing of it was kept. "
+                             "Expected free space in the server's data directory; retry once some is freed.",
+                             reason="DISK_FULL")

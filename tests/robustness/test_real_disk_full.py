@@ -1,5 +1,5 @@
 """Issue 11, item 10 on a real full disk: ``lossd serve`` runs with its data
-directory on a 6 MiB tmpfs, mounted in a user and mount namespace of its own
+directory on a 16 MiB tmpfs, mounted in a user and mount namespace of its own
 (``unshare``), so the test needs no root and nothing outside sees the mount.
 
 The disk fills with uploads until the server says RESOURCE_EXHAUSTED
@@ -26,7 +26,7 @@ import lossd
 
 pytest.importorskip("tensorflow")
 
-DISK = "6m"
+DISK = "16m"
 
 
 def free_port() -> int:
@@ -71,10 +71,10 @@ def full_disk_server(tmp_path):
 
 
 def npz(path: pathlib.Path, seed: int) -> pathlib.Path:
-    """About 1.3 MB of incompressible images."""
+    """0.5 MB of incompressible images (2 MB once stored as float32)."""
     rng = np.random.default_rng(seed)
-    np.savez(path, x=rng.integers(0, 256, (330, 64, 64), dtype=np.uint8),
-             y=rng.integers(0, 10, 330, dtype=np.int64))
+    np.savez(path, x=rng.integers(0, 256, (120, 64, 64), dtype=np.uint8),
+             y=rng.integers(0, 10, 120, dtype=np.int64))
     return path
 
 
@@ -89,10 +89,10 @@ def test_a_full_disk_is_resource_exhausted_leaves_nothing_behind_and_recovers(fu
     client.register_loss("before_full", "mean(square(y_true - y_pred))")
 
     stored, refusal = [], None
-    for i in range(10):  # 6 MiB holds at most four
+    for i in range(20):  # 16 MiB holds at most eight
         try:
-            client.upload_dataset(npz(tmp_path / f"d{i}.npz", i), f"d{i}")
-            stored.append(f"d{i}")
+            client.upload_dataset(npz(tmp_path / f"fill{i}.npz", i), f"fill{i}")
+            stored.append(f"fill{i}")
         except lossd.LossdError as error:
             refusal = error
             break
@@ -105,17 +105,17 @@ def test_a_full_disk_is_resource_exhausted_leaves_nothing_behind_and_recovers(fu
     # Still serving: evaluation, health, listing; nothing half-written is kept.
     y = np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3)
     assert client.evaluate("before_full", y, y + 1).loss == pytest.approx(1.0)
-    assert sorted(d.name for d in client.list_datasets() if d.name.startswith("d")) == stored
+    assert sorted(d.name for d in client.list_datasets() if d.name.startswith("fill")) == stored
     leftovers = [f for f in files_under(data) if "tmp" in f.lower() or ".upload" in f]
     assert not leftovers, leftovers
     try:  # a registration may or may not fit in what is left; it must not be INTERNAL
-        client.register_loss("while_full", "mean(abs(y_true - y_pred))", doc="x" * 2000)
+        client.register_loss("while_full", "mean(abs(y_true - y_pred))", doc="x" * 1000)
     except lossd.LossdError as error:
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == "DISK_FULL", error
 
     # Space comes back: the refused upload took none of it with it.
     client.delete_dataset(stored[-1])
-    client.upload_dataset(tmp_path / f"d{len(stored)}.npz", "after")
+    client.upload_dataset(tmp_path / f"fill{len(stored)}.npz", "after")
     assert "after" in [d.name for d in client.list_datasets()]
     assert "before_full" in [loss.name for loss in client.losses()]
     assert "Traceback" not in log.read_text()

@@ -25,13 +25,12 @@ import tempfile
 import threading
 from typing import Iterator, Optional
 
-from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, disk_full, disk_full_error
 from lossd_server.training import datasets
 from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, Store
 
 log = logging.getLogger(__name__)
 
-_SQLITE_FULL = 13  # SQLite's primary result code for a full disk (the low byte of sqlite_errorcode)
 
 
 class DatasetCatalog:
@@ -266,7 +265,7 @@ class DatasetCatalog:
         try:
             yield
         except (OSError, sqlite3.OperationalError) as exc:
-            if datasets.disk_full(exc) or (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL:
+            if disk_full(exc):
                 log.warning("%s: the disk is full (%s)", what, exc)
-                raise datasets.disk_full_error(what) from None
+                raise disk_full_error(what) from None
             raise

@@ -19,7 +19,7 @@ resource it guards is spent:
 A stored dataset is an uncompressed ``.npz`` of float32 images in [0, 1]
 (N x H x W x C) and int64 labels in [0, classes), plus class names (escaped
 for display by ``printable``). Dataset files are written only through
-``write_chunk`` (a full disk is ``disk_full``), and temporary files live in
+``write_chunk`` (a full disk is ``errors.disk_full``), and temporary files live in
 the hidden ``TMP_DIR`` folder, whose name no dataset can have. Error
 messages name the upload, the member or ``folder:PATH``, never a server
 path. This module imports neither gRPC nor TensorFlow.
@@ -28,7 +28,6 @@ path. This module imports neither gRPC nor TensorFlow.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import io
 import os
@@ -245,17 +244,6 @@ class _Output:
 
     def __getattr__(self, name):
         return getattr(self._f, name)
-
-
-def disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` is a write that failed for lack of space (or quota)."""
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def disk_full_error(what: str) -> ResourceExhausted:
-    return ResourceExhausted(f"The server's disk is full: {what} could not be stored, and nothing of it was "
-                             "kept. Expected free space in the server's data directory; retry once some is "
-                             "freed.", reason="DISK_FULL")
 
 
 def _why(exc: BaseException, path: os.PathLike | str = "") -> str:

@@ -21,7 +21,6 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from lossd_server.errors import InvalidArgument, ResourceExhausted
+from lossd_server.errors import InvalidArgument, ResourceExhausted, disk_full, disk_full_error
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ _ADDED_COLUMNS = {"jobs": {"retries": "INTEGER NOT NULL DEFAULT 0"}}
 QUARANTINE_DIR = "quarantine"
 
 # SQLite primary result codes (the low byte of sqlite_errorcode).
-_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = 11, 13, 26
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 
 @dataclasses.dataclass
@@ -149,20 +148,6 @@ def _decode_token(token: str) -> int:
     except (ValueError, UnicodeDecodeError, binascii.Error):
         raise InvalidArgument(f"Invalid page_token. Expected the next_page_token of a previous ListJobs "
                               f"response. Received: {token[:64]!r}.", reason="BAD_PAGE_TOKEN") from None
-
-
-def disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` says the disk (or the database's size limit) is full."""
-    if isinstance(exc, sqlite3.Error):
-        return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_FULL
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def disk_full_error(what: str) -> ResourceExhausted:
-    """The error a client gets when ``what`` could not be written for lack of space."""
-    return ResourceExhausted(f"The server's disk is full: {what} could not be saved. Expected free space in "
-                             "the data directory; retry once the operator has freed some.",
-                             reason="DISK_FULL")
 
 
 class Quarantine:

@@ -118,7 +118,7 @@ def _write_json_atomic(path: pathlib.Path, data: Any) -> None:
 def _is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc``, or an exception it was raised from, is ENOSPC (h5py
     and Keras re-raise it with the errno only in the text)."""
-    from lossd_server.training.store import disk_full
+    from lossd_server.errors import disk_full
 
     seen = 0
     while exc is not None and seen < 10:

@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from lossd_server.errors import InvalidArgument, ResourceExhausted
+from lossd_server.errors import InvalidArgument, ResourceExhausted, disk_full
 from lossd_server.training import datasets
 from lossd_server.training.datasets import DatasetError
 
@@ -237,7 +237,7 @@ def test_a_failed_save_leaves_no_file(tmp_path, monkeypatch):
     x, y = np.zeros((2, 8, 8, 1), np.float32), np.arange(2)
     with pytest.raises(OSError) as exc:
         datasets.save_arrays(tmp_path / "d.npz", x, y, ["a", "b"])
-    assert datasets.disk_full(exc.value)
+    assert disk_full(exc.value)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 

@@ -32,7 +32,6 @@ from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, Store
 log = logging.getLogger(__name__)
 
 
-
 class DatasetCatalog:
     """Looks up, lists, receives and deletes datasets.
 

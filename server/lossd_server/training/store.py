@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from lossd_server.errors import InvalidArgument, ResourceExhausted, disk_full, disk_full_error
+from lossd_server.errors import InvalidArgument, disk_full, disk_full_error
 
 log = logging.getLogger(__name__)
 

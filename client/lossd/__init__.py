@@ -7,12 +7,12 @@ Imports without TensorFlow: gRPC, protobuf and numpy only.
 ...     r = client.evaluate("huber", y_true, y_pred, params={"delta": 2.0}, gradient=True)
 """
 
-from lossd._client import Client
+from lossd._client import TLS, Client
 from lossd._errors import LossdError
 from lossd._requests import EvaluateResult, LossInfo, LossParameter
 from lossd._training import Dataset, Job, JobEvent, save_image_grid
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "LossdError", "EvaluateResult", "LossInfo", "LossParameter", "Job", "JobEvent", "Dataset",
+__all__ = ["Client", "TLS", "LossdError", "EvaluateResult", "LossInfo", "LossParameter", "Job", "JobEvent", "Dataset",
            "save_image_grid", "__version__"]

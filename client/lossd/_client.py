@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import os
+import pathlib
 import threading
 from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
@@ -19,6 +22,35 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
 DEFAULT_CHUNK_BYTES = 16 << 20
 
 
+@dataclasses.dataclass(frozen=True)
+class TLS:
+    """How a client checks the server over TLS, and proves itself for mTLS.
+
+    Attributes:
+        ca: PEM file of the CA certificates that signed the server's
+            certificate; None trusts the system's roots.
+        cert: PEM certificate chain of the client, for a server that asks
+            for one (mTLS); with ``key``.
+        key: PEM private key of ``cert``.
+    """
+
+    ca: Optional[Union[str, os.PathLike]] = None
+    cert: Optional[Union[str, os.PathLike]] = None
+    key: Optional[Union[str, os.PathLike]] = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The gRPC channel credentials (the files are read now)."""
+        if (self.cert is None) != (self.key is None):
+            raise client_error("TLS: cert and key go together. Expected both or neither. "
+                               f"Received: {'cert' if self.cert is not None else 'key'} only.")
+
+        def read(path):
+            return None if path is None else pathlib.Path(path).read_bytes()
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca), private_key=read(self.key),
+                                            certificate_chain=read(self.cert))
+
+
 class _ChannelOwner:
     """What the sync and asyncio clients share: settings, the channel, call
     arguments, and the requests that depend on the settings. The two clients
@@ -30,7 +62,11 @@ class _ChannelOwner:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: Optional[float] = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  credentials: Optional[grpc.ChannelCredentials] = None,
-                 metadata: Optional[Iterable[tuple[str, str]]] = None):
+                 metadata: Optional[Iterable[tuple[str, str]]] = None, tls: Union[bool, TLS, None] = None):
+        if tls:
+            if credentials is not None:
+                raise client_error("Set tls or credentials, not both.")
+            credentials = (TLS() if tls is True else tls).credentials()
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         self.address = address
@@ -91,6 +127,9 @@ class Client(_ChannelOwner, TrainingMixin):
         chunk_bytes: Size of each chunk when chunking.
         credentials: ``grpc.ChannelCredentials`` for TLS; None for plaintext.
         metadata: Extra call metadata, e.g. ``[("x-request-id", "abc")]``.
+        tls: ``True`` for TLS checked against the system's roots, or a
+            ``lossd.TLS(ca=..., cert=..., key=...)`` (a private CA, and a
+            client certificate for mTLS); instead of ``credentials``.
 
     Example:
 

@@ -28,6 +28,7 @@ from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
+from lossd_server.grpc.tls import CertificateReloader
 from lossd_server.losses import custom
 from lossd_server.losses.custom import full_registry
 from lossd_server.losses.registry import LossRegistry
@@ -71,6 +72,7 @@ class Server:
     metrics: Optional[Metrics]
     settings: Settings
     training: object = None  # the TrainingManager
+    tls: Optional[CertificateReloader] = None  # with tls_cert set: the port's rotating certificate
     # What was moved to the quarantine at start (Quarantine.items); empty when healthy.
     quarantined: list = dataclasses.field(default_factory=list)
     # The bound ports, once started (metrics_port stays None with metrics off).
@@ -128,6 +130,8 @@ class Server:
         if code in (errno.EADDRINUSE, errno.EACCES):
             raise StartupError(_bind_failure("gRPC", host, port, code, "host", "port"))
         try:
+            if self.tls is not None:
+                return self.grpc_server.add_secure_port(f"{host}:{port}", self.tls.credentials())
             return self.grpc_server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as error:  # taken since the probe, or refused for a reason the probe missed
             raise StartupError(_bind_failure("gRPC", host, port, _bind_errno(host, port), "host", "port")) from error
@@ -202,6 +206,9 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     lets clients register more).
     """
     settings = settings or Settings()
+    # Certificates are checked first: a bad one is a StartupError before anything is built.
+    tls = (CertificateReloader(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+           if settings.tls_cert is not None else None)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = open_store(settings.data_dir)  # jobs, datasets and registered losses
     store = None
@@ -270,7 +277,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
-                  quarantined=list(state.quarantine.items))
+                  quarantined=list(state.quarantine.items), tls=tls)
 
 
 def serve(settings: Settings) -> int:
@@ -296,6 +303,8 @@ def serve(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    if server.tls is not None:  # SIGHUP: read the certificate again for new connections
+        signal.signal(signal.SIGHUP, lambda signum, frame: server.tls.reload())
     server.start()
     log.info("lossd %s listening on %s:%d (gRPC); metrics %s; evaluating on %s (%s); data dir %s",
              lossd_server.__version__, settings.host, server.port,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pathlib
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -89,7 +89,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """``json`` writes one JSON object per line, for log collectors."""
 
-    @field_validator("metrics_port", "max_concurrent_jobs", "dataset_root", "inter_op_threads", mode="before",
+    @field_validator("metrics_port", "max_concurrent_jobs", "dataset_root", "inter_op_threads", "tls_cert",
+                     "tls_key", "tls_client_ca", mode="before",
                      check_fields=False)
     @classmethod
     def _empty_is_unset(cls, value):
@@ -97,6 +98,27 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.strip().lower() in ("", "none", "off"):
             return None
         return value
+
+    # Transport security (issue 12).
+
+    tls_cert: Optional[pathlib.Path] = None
+    """PEM certificate chain for TLS on the gRPC port; unset serves plain text.
+    Re-read when the file changes or on SIGHUP, for new connections."""
+
+    tls_key: Optional[pathlib.Path] = None
+    """PEM private key of ``tls_cert``."""
+
+    tls_client_ca: Optional[pathlib.Path] = None
+    """PEM CA certificates for mTLS: clients must present a certificate signed
+    by one of them, or the handshake fails."""
+
+    @model_validator(mode="after")
+    def _tls_complete(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both (LOSSD_TLS_CERT and LOSSD_TLS_KEY) or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs TLS: set tls_cert and tls_key too")
+        return self
 
     # Training jobs (lossd_server.training).
 

@@ -1,0 +1,171 @@
+"""TLS and mTLS on the gRPC port (issue 12), with a CA and certificates the
+test makes at run time: who gets refused during the handshake, and a
+certificate rotated on disk serving new connections while an open stream
+goes on."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import pathlib
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import lossd
+
+pytest.importorskip("tensorflow")
+
+Y = np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3)
+NOW = datetime.datetime.now(datetime.timezone.utc)
+
+
+class Authority:
+    """A CA that signs server and client certificates into PEM files."""
+
+    def __init__(self, folder: pathlib.Path, name: str):
+        self.folder, self.name = folder, name
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(NOW - datetime.timedelta(days=1))
+                     .not_valid_after(NOW + datetime.timedelta(days=30))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.pem = folder / f"{name}.pem"
+        self.pem.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, common_name: str, *, expired: bool = False, client: bool = False,
+              cert_path: pathlib.Path | None = None, key_path: pathlib.Path | None = None):
+        """Writes a certificate and key for 127.0.0.1 (or a client); returns their paths."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        start = NOW - datetime.timedelta(days=10 if expired else 1)
+        end = NOW - datetime.timedelta(days=2) if expired else NOW + datetime.timedelta(days=10)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+                   .issuer_name(self.cert.subject).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end))
+        if not client:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        cert_path = cert_path or self.folder / f"{common_name}.crt"
+        key_path = key_path or self.folder / f"{common_name}.key"
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return cert_path, key_path
+
+
+@pytest.fixture
+def start(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from lossd_server.app import create_server
+    from lossd_server.config import Settings
+
+    servers = []
+
+    def run(**tls):
+        settings = Settings(host="127.0.0.1", port=0, metrics_port=None, grace_seconds=0,
+                            data_dir=tmp_path / f"data{len(servers)}", **tls)
+        srv = create_server(settings, metrics_registry=CollectorRegistry())
+        srv.start()
+        servers.append(srv)
+        return srv, f"127.0.0.1:{srv.port}"
+
+    yield run
+    for srv in servers:
+        srv.stop(0)
+
+
+def works(address: str, tls) -> bool:
+    """Whether an evaluation over this channel succeeds; the handshake's
+    refusals show as UNAVAILABLE."""
+    with lossd.Client(address, tls=tls, timeout=10) as client:
+        try:
+            return client.evaluate("mse", Y, Y + 1).loss == pytest.approx(1.0)
+        except lossd.LossdError as error:
+            assert error.code == grpc.StatusCode.UNAVAILABLE, error
+            return False
+
+
+def test_tls_refuses_plain_text_a_wrong_ca_and_an_expired_certificate(tmp_path, start):
+    ca, other = Authority(tmp_path, "ca"), Authority(tmp_path, "other-ca")
+    cert, key = ca.issue("server")
+    _, address = start(tls_cert=cert, tls_key=key)
+    assert works(address, lossd.TLS(ca=ca.pem))
+    assert not works(address, None)  # plain text against TLS
+    assert not works(address, lossd.TLS(ca=other.pem))
+
+    old_cert, old_key = ca.issue("expired", expired=True)
+    _, expired_address = start(tls_cert=old_cert, tls_key=old_key)
+    assert not works(expired_address, lossd.TLS(ca=ca.pem))
+
+
+def test_mtls_refuses_a_client_without_a_certificate_of_the_client_ca(tmp_path, start):
+    ca, clients, strangers = Authority(tmp_path, "ca"), Authority(tmp_path, "clients"), Authority(tmp_path, "x")
+    cert, key = ca.issue("server")
+    _, address = start(tls_cert=cert, tls_key=key, tls_client_ca=clients.pem)
+    alice_cert, alice_key = clients.issue("alice", client=True)
+    eve_cert, eve_key = strangers.issue("eve", client=True)
+    assert works(address, lossd.TLS(ca=ca.pem, cert=alice_cert, key=alice_key))
+    assert not works(address, lossd.TLS(ca=ca.pem))
+    assert not works(address, lossd.TLS(ca=ca.pem, cert=eve_cert, key=eve_key))
+
+
+def test_a_rotated_certificate_serves_new_connections_and_an_open_stream_goes_on(tmp_path, start):
+    first, second = Authority(tmp_path, "first"), Authority(tmp_path, "second")
+    cert, key = first.issue("server")
+    srv, address = start(tls_cert=cert, tls_key=key)
+    rotated, more = threading.Event(), threading.Event()
+
+    def requests():
+        yield {"loss": "mse", "y_true": Y, "y_pred": Y + 1}
+        rotated.wait(30)
+        more.set()
+        yield {"loss": "mse", "y_true": Y, "y_pred": Y + 2}
+
+    with lossd.Client(address, tls=lossd.TLS(ca=first.pem), timeout=60) as streaming:
+        results = streaming.evaluate_many(requests())
+        assert next(results).loss == pytest.approx(1.0)
+        second.issue("server", cert_path=cert, key_path=key)  # rotated in place, as Kubernetes does
+        assert works(address, lossd.TLS(ca=second.pem))
+        assert not works(address, lossd.TLS(ca=first.pem))
+        rotated.set()
+        assert next(results).loss == pytest.approx(4.0)  # the stream opened before the rotation
+    assert more.is_set()
+    assert srv.tls.loads == 2
+
+
+def test_sighup_reloads_even_unchanged_files_and_a_bad_pair_keeps_the_old_one(tmp_path, start):
+    ca, other = Authority(tmp_path, "ca"), Authority(tmp_path, "other")
+    cert, key = ca.issue("server")
+    srv, address = start(tls_cert=cert, tls_key=key)
+    srv.tls.reload()
+    assert works(address, lossd.TLS(ca=ca.pem))
+    assert srv.tls.loads == 2
+    # A key that does not match the certificate (a rotation caught half way): the old pair stays.
+    _, stray_key = other.issue("stray")
+    key.write_bytes(stray_key.read_bytes())
+    assert works(address, lossd.TLS(ca=ca.pem))
+    assert srv.tls.loads == 2
+
+
+def test_a_bad_pair_at_start_is_a_startup_error_naming_the_settings(tmp_path):
+    from lossd_server.app import create_server
+    from lossd_server.config import Settings, StartupError
+
+    ca = Authority(tmp_path, "ca")
+    cert, _ = ca.issue("server")
+    _, other_key = ca.issue("other")
+    with pytest.raises(StartupError, match="LOSSD_TLS_CERT"):
+        create_server(Settings(port=0, metrics_port=None, data_dir=tmp_path / "d", tls_cert=cert, tls_key=other_key))
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        Settings(tls_cert=cert)

@@ -11,11 +11,7 @@ from typing import Callable
 import lossd
 
 
-from lossd.cli import client_flags, parse_pairs as _pairs
-
-
-def _client(args) -> "lossd.Client":
-    return lossd.Client(args.address, timeout=args.timeout)
+from lossd.cli import client_flags, client_from as _client, parse_pairs as _pairs
 
 
 def _job_line(job) -> str:

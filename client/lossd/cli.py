@@ -19,6 +19,9 @@ from lossd import wire
 from lossd._errors import unavailable_hint
 
 ADDRESS_ENV = "LOSSD_ADDRESS"
+# The client's TLS files: the flag, else this variable (as the server's
+# LOSSD_TLS_* name its own certificate and key).
+TLS_FLAGS = {"tls_ca": "LOSSD_TLS_CA", "tls_cert": "LOSSD_TLS_CERT", "tls_key": "LOSSD_TLS_KEY"}
 
 
 def _address_default() -> str:
@@ -85,8 +88,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # -- client commands --------------------------------------------------------
 
+def client_tls(args: argparse.Namespace) -> "lossd.TLS | None":
+    """The TLS the flags (or LOSSD_TLS_CA/CERT/KEY) ask for; None for plain text."""
+    files = {name: getattr(args, name, None) for name in TLS_FLAGS}
+    if not (getattr(args, "tls", False) or any(files.values())):
+        return None
+    return lossd.TLS(ca=files["tls_ca"], cert=files["tls_cert"], key=files["tls_key"])
+
+
+def client_from(args: argparse.Namespace) -> "lossd.Client":
+    """The client a command's flags describe: address, deadline and TLS."""
+    return lossd.Client(args.address, timeout=args.timeout, tls=client_tls(args))
+
+
 def cmd_losses_register(args: argparse.Namespace) -> int:
-    with lossd.Client(args.address, timeout=args.timeout) as client:
+    with client_from(args) as client:
         info = client.register_loss(args.name, args.expression, params=parse_pairs(args.param),
                                     inputs=args.input, doc=args.doc, replace=args.replace)
     print(f"registered {info.name}({', '.join(info.inputs)}): {info.expression}")
@@ -94,14 +110,14 @@ def cmd_losses_register(args: argparse.Namespace) -> int:
 
 
 def cmd_losses_delete(args: argparse.Namespace) -> int:
-    with lossd.Client(args.address, timeout=args.timeout) as client:
+    with client_from(args) as client:
         client.delete_loss(args.name)
     print(f"deleted {args.name}")
     return 0
 
 
 def cmd_losses(args: argparse.Namespace) -> int:
-    with lossd.Client(args.address, timeout=args.timeout) as client:
+    with client_from(args) as client:
         losses = client.losses()
     if args.json:
         print(json.dumps([{"name": l.name, "aliases": l.aliases, "doc": l.doc, "source": l.source,
@@ -122,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     y_pred = np.load(args.y_pred)
     sample_weight = np.load(args.sample_weight) if args.sample_weight else None
     loss: Any = {"expression": args.loss[len("expr:"):]} if args.loss.startswith("expr:") else args.loss
-    with lossd.Client(args.address, timeout=args.timeout) as client:
+    with client_from(args) as client:
         result = client.evaluate(loss, y_true, y_pred, params=parse_pairs(args.param), sample_weight=sample_weight,
                                  reduction=args.reduction, gradient=bool(args.gradient_out))
     if args.gradient_out:
@@ -143,7 +159,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    tls = client_tls(args)
+    channel = grpc.secure_channel(args.address, tls.credentials()) if tls else grpc.insecure_channel(args.address)
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout or 5.0)
@@ -168,6 +186,14 @@ def client_flags() -> argparse.ArgumentParser:
     flags.add_argument("--address", default=argparse.SUPPRESS,
                        help=f"server host:port [env {ADDRESS_ENV}; default localhost:50051]")
     flags.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="deadline in seconds [none]")
+    flags.add_argument("--tls", action="store_true", default=argparse.SUPPRESS,
+                       help="use TLS, trusting the system's roots (implied by --tls-ca/--tls-cert)")
+    for name, env in TLS_FLAGS.items():
+        what = {"tls_ca": "PEM CA certificates that signed the server's certificate",
+                "tls_cert": "PEM client certificate, for a server that asks for one (mTLS)",
+                "tls_key": "PEM private key of --tls-cert"}[name]
+        flags.add_argument(f"--{name.replace('_', '-')}", default=argparse.SUPPRESS, metavar="FILE",
+                           help=f"{what} [env {env}]")
     return flags
 
 
@@ -227,6 +253,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.address = _address_default()
         if not hasattr(args, "timeout"):
             args.timeout = None
+        for name, env in TLS_FLAGS.items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, os.environ.get(env) or None)
     try:
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit

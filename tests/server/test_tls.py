@@ -169,3 +169,46 @@ def test_a_bad_pair_at_start_is_a_startup_error_naming_the_settings(tmp_path):
         create_server(Settings(port=0, metrics_port=None, data_dir=tmp_path / "d", tls_cert=cert, tls_key=other_key))
     with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
         Settings(tls_cert=cert)
+
+
+def test_the_command_line_serves_and_calls_over_tls(tmp_path):
+    """`lossd serve --tls-cert/--tls-key` as a user types it, then client
+    commands with --tls-ca, with LOSSD_TLS_CA, and without TLS (refused)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    ca = Authority(tmp_path, "ca")
+    cert, key = ca.issue("server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
+    lossd_cmd = [sys.executable, "-m", "lossd.cli"]
+    server = subprocess.Popen([*lossd_cmd, "serve", "--port", str(port), "--metrics-port", "", "--data-dir",
+                               str(tmp_path / "data"), "--tls-cert", str(cert), "--tls-key", str(key),
+                               "--drain-seconds", "0", "--grace-seconds", "0"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    address = f"127.0.0.1:{port}"
+
+    def cli(*args, **extra_env):
+        return subprocess.run([*lossd_cmd, *args, "--address", address, "--timeout", "10"],
+                              env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
+
+    try:
+        deadline = time.monotonic() + 120
+        while (health := cli("health", "--tls-ca", str(ca.pem))).returncode != 0:
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, health.stderr
+            time.sleep(0.5)
+        assert health.stdout.strip() == "SERVING"
+        plain = cli("health")
+        assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr, plain
+        listed = cli("losses", LOSSD_TLS_CA=str(ca.pem))
+        assert listed.returncode == 0, listed.stderr
+        assert "mean_squared_error" in listed.stdout
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -8,7 +8,6 @@ import pathlib
 import sys
 from typing import Callable
 
-import lossd
 
 
 from lossd.cli import client_flags, client_from as _client, parse_pairs as _pairs

@@ -62,7 +62,8 @@ class _ChannelOwner:
     def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: Optional[float] = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  credentials: Optional[grpc.ChannelCredentials] = None,
-                 metadata: Optional[Iterable[tuple[str, str]]] = None, tls: Union[bool, TLS, None] = None):
+                 metadata: Optional[Iterable[tuple[str, str]]] = None, tls: Union[bool, TLS, None] = None,
+                 token: Optional[str] = None):
         if tls:
             if credentials is not None:
                 raise client_error("Set tls or credentials, not both.")
@@ -74,6 +75,8 @@ class _ChannelOwner:
         self.max_message_bytes = max_message_bytes
         self.chunk_bytes = min(chunk_bytes, max_message_bytes // 2)
         self.metadata = list(metadata or ())
+        if token:
+            self.metadata.append(("authorization", f"Bearer {token}"))
         self._channel = (self._secure_channel(address, credentials, options) if credentials
                          else self._insecure_channel(address, options))
         self._losses = loss_service_pb2_grpc.LossServiceStub(self._channel)
@@ -130,6 +133,8 @@ class Client(_ChannelOwner, TrainingMixin):
         tls: ``True`` for TLS checked against the system's roots, or a
             ``lossd.TLS(ca=..., cert=..., key=...)`` (a private CA, and a
             client certificate for mTLS); instead of ``credentials``.
+        token: A bearer token (``lossd tokens create``), for a server with a
+            tokens file.
 
     Example:
 

@@ -98,7 +98,29 @@ def client_tls(args: argparse.Namespace) -> "lossd.TLS | None":
 
 def client_from(args: argparse.Namespace) -> "lossd.Client":
     """The client a command's flags describe: address, deadline and TLS."""
-    return lossd.Client(args.address, timeout=args.timeout, tls=client_tls(args))
+    return lossd.Client(args.address, timeout=args.timeout, tls=client_tls(args),
+                        token=getattr(args, "token", None) or os.environ.get("LOSSD_TOKEN") or None)
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    """Appends a token's salted hash to the tokens file and prints the token, once."""
+    try:
+        from lossd_server.grpc.auth import create_token
+    except ImportError:
+        print('error: `lossd tokens` needs the server: pip install "lossd[server]"', file=sys.stderr)
+        return 2
+    path = args.file or os.environ.get("LOSSD_TOKENS_FILE")
+    if not path:
+        print("error: no tokens file: set --file or LOSSD_TOKENS_FILE", file=sys.stderr)
+        return 2
+    try:
+        token = create_token(path, args.name, [s.strip() for s in args.scopes.split(",") if s.strip()])
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    print(f"# token of {args.name!r} ({args.scopes}); shown once, only its hash is in {path}", file=sys.stderr)
+    return 0
 
 
 def cmd_losses_register(args: argparse.Namespace) -> int:
@@ -186,6 +208,7 @@ def client_flags() -> argparse.ArgumentParser:
     flags.add_argument("--address", default=argparse.SUPPRESS,
                        help=f"server host:port [env {ADDRESS_ENV}; default localhost:50051]")
     flags.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="deadline in seconds [none]")
+    flags.add_argument("--token", default=argparse.SUPPRESS, help="bearer token [env LOSSD_TOKEN]")
     flags.add_argument("--tls", action="store_true", default=argparse.SUPPRESS,
                        help="use TLS, trusting the system's roots (implied by --tls-ca/--tls-cert)")
     for name, env in TLS_FLAGS.items():
@@ -205,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server (settings also from LOSSD_* variables)")
     _add_settings_flags(serve)
     serve.set_defaults(func=cmd_serve)
+
+    tokens = sub.add_parser("tokens", help="manage the server's bearer tokens (on the server's machine)")
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
+    create = tokens_sub.add_parser("create", help="make a token, print it once, append its hash to the file")
+    create.add_argument("name", help="the caller's name (appears in logs and metrics)")
+    create.add_argument("--scopes", required=True, help="comma-separated: evaluate, train, admin")
+    create.add_argument("--file", help="the tokens file [env LOSSD_TOKENS_FILE]")
+    create.set_defaults(func=cmd_tokens_create)
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, parents=[client_flags()])

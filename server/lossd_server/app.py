@@ -28,6 +28,7 @@ from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
+from lossd_server.grpc.auth import AuthInterceptor, load_tokens
 from lossd_server.grpc.tls import CertificateReloader
 from lossd_server.losses import custom
 from lossd_server.losses.custom import full_registry
@@ -164,6 +165,19 @@ class Server:
             self._metrics_http = None
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or name only this machine reaches."""
+    import ipaddress
+
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _bind_errno(host: str, port: int) -> Optional[int]:
     """Why ``host:port`` cannot be bound, as an errno (None if it can be now)."""
     try:
@@ -209,6 +223,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     # Certificates are checked first: a bad one is a StartupError before anything is built.
     tls = (CertificateReloader(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
            if settings.tls_cert is not None else None)
+    tokens = load_tokens(settings.tokens_file) if settings.tokens_file is not None else None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = open_store(settings.data_dir)  # jobs, datasets and registered losses
     store = None
@@ -263,6 +278,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     executor = futures.ThreadPoolExecutor(max_workers=settings.workers + settings.max_streams,
                                           thread_name_prefix="rpc")
     interceptors = [ObservabilityInterceptor(metrics),
+                    *([AuthInterceptor(tokens)] if tokens is not None else []),
                     StreamLimiter(settings.max_streams, settings.stream_idle_seconds)]
     server = grpc.server(executor, interceptors=interceptors, options=options)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
@@ -306,6 +322,9 @@ def serve(settings: Settings) -> int:
     if server.tls is not None:  # SIGHUP: read the certificate again for new connections
         signal.signal(signal.SIGHUP, lambda signum, frame: server.tls.reload())
     server.start()
+    if settings.tokens_file is None and not _loopback(settings.host):
+        log.warning("no tokens file: any client that reaches %s:%d may evaluate, train, register and delete "
+                    "(make tokens with `lossd tokens create` and set LOSSD_TOKENS_FILE)", settings.host, server.port)
     log.info("lossd %s listening on %s:%d (gRPC); metrics %s; evaluating on %s (%s); data dir %s",
              lossd_server.__version__, settings.host, server.port,
              f"on http://{settings.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "off",

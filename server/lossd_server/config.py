@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     """``json`` writes one JSON object per line, for log collectors."""
 
     @field_validator("metrics_port", "max_concurrent_jobs", "dataset_root", "inter_op_threads", "tls_cert",
-                     "tls_key", "tls_client_ca", mode="before",
+                     "tls_key", "tls_client_ca", "tokens_file", mode="before",
                      check_fields=False)
     @classmethod
     def _empty_is_unset(cls, value):
@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     tls_client_ca: Optional[pathlib.Path] = None
     """PEM CA certificates for mTLS: clients must present a certificate signed
     by one of them, or the handshake fails."""
+
+    tokens_file: Optional[pathlib.Path] = None
+    """File of bearer tokens (salted hashes, made by ``lossd tokens create``);
+    every call but health and reflection then needs a token with the
+    method's scope. Unset: no authentication (logged at start unless the
+    server binds only loopback)."""
 
     @model_validator(mode="after")
     def _tls_complete(self):

@@ -70,6 +70,20 @@ class DeadlineExceeded(LossdError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class Unauthenticated(LossdError):
+    """The call carries no credentials the server accepts."""
+
+    kind = "unauthenticated"
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LossdError):
+    """The caller is known but may not do this (a scope it lacks)."""
+
+    kind = "permission_denied"
+    default_reason = "PERMISSION_DENIED"
+
+
 class Unavailable(LossdError):
     kind = "unavailable"
     default_reason = "UNAVAILABLE"

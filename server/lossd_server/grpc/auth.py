@@ -1,0 +1,178 @@
+"""Callers and scopes: bearer tokens checked in one interceptor.
+
+A token is ``lsd_<id>_<secret>``. The tokens file (``--tokens-file``) holds
+one JSON object per line: the token's ``id``, its caller ``name``, its
+``scopes`` and a salted SHA-256 of the whole token, never the token itself.
+The id picks the line, so a check is one hash whatever the number of tokens;
+the secret is 32 random bytes, so a fast hash is enough (there is no
+password to guess), and the comparison takes constant time.
+
+Scopes: ``evaluate`` (evaluation and ListLosses), ``train`` (the training
+service) and ``admin`` (registering and deleting losses; every scope's
+methods). Health and reflection stay open for probes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import os
+import pathlib
+import secrets
+from typing import Iterable
+
+import grpc
+
+from lossd_server.config import StartupError
+from lossd_server.errors import LossdError, PermissionDenied, Unauthenticated
+from lossd_server.grpc import status
+
+SCOPES = ("evaluate", "train", "admin")
+TOKEN_PREFIX = "lsd_"
+
+# The scope each lossd method needs; admin holds every scope.
+_LOSS_SERVICE = "lossd.v1.LossService"
+_TRAINING_SERVICE = "lossd.v1.TrainingService"
+METHOD_SCOPES = {
+    f"/{_LOSS_SERVICE}/ListLosses": "evaluate",
+    f"/{_LOSS_SERVICE}/Evaluate": "evaluate",
+    f"/{_LOSS_SERVICE}/EvaluateStream": "evaluate",
+    f"/{_LOSS_SERVICE}/EvaluateChunked": "evaluate",
+    f"/{_LOSS_SERVICE}/RegisterLoss": "admin",
+    f"/{_LOSS_SERVICE}/DeleteLoss": "admin",
+}
+OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                 "grpc.reflection.v1.ServerReflection")
+
+@dataclasses.dataclass(frozen=True)
+class TokenRecord:
+    """One line of the tokens file."""
+
+    id: str
+    name: str
+    scopes: frozenset[str]
+    salt: str
+    sha256: str
+
+    def matches(self, token: str) -> bool:
+        digest = hashlib.sha256(bytes.fromhex(self.salt) + token.encode()).hexdigest()
+        return hmac.compare_digest(digest, self.sha256)
+
+
+def create_token(path: pathlib.Path, name: str, scopes: Iterable[str]) -> str:
+    """Appends a new token for ``name`` with ``scopes`` to the tokens file
+    (created with mode 0600) and returns the token, which is stored nowhere."""
+    scopes = sorted(set(scopes))
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be some of {', '.join(SCOPES)}; received {', '.join(scopes) or 'none'}")
+    if not name or not name.isprintable() or len(name) > 64:
+        raise ValueError("a token's name is 1 to 64 printable characters")
+    ident, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_bytes(16)
+    token = f"{TOKEN_PREFIX}{ident}_{secret}"
+    line = {"id": ident, "name": name, "scopes": scopes, "salt": salt.hex(),
+            "sha256": hashlib.sha256(salt + token.encode()).hexdigest()}
+    path = pathlib.Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    return token
+
+
+def load_tokens(path: pathlib.Path) -> dict[str, TokenRecord]:
+    """The tokens file, by id.
+
+    Raises:
+        StartupError: the file is missing or a line is malformed (the line
+            number is named; no token is shown).
+    """
+    records = {}
+    try:
+        lines = pathlib.Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise StartupError(f"cannot read the tokens file {pathlib.Path(path).name}: {exc.strerror} "
+                           "(set LOSSD_TOKENS_FILE or --tokens-file)") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+            record = TokenRecord(str(data["id"]), str(data["name"]), frozenset(data["scopes"]),
+                                 str(data["salt"]), str(data["sha256"]))
+            bytes.fromhex(record.salt)
+            if not record.scopes <= set(SCOPES):
+                raise ValueError("unknown scope")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StartupError(f"line {number} of the tokens file is not a token record ({exc}); "
+                               "make tokens with `lossd tokens create`") from None
+        records[record.id] = record
+    return records
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Checks each call's bearer token and scope before its handler runs.
+
+    No ``authorization`` metadata, or a token the file does not hold, is
+    UNAUTHENTICATED; a token without the method's scope is PERMISSION_DENIED
+    (``MISSING_SCOPE``, naming it).
+    """
+
+    def __init__(self, tokens: dict[str, TokenRecord]):
+        self.tokens = tokens
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.lstrip("/").partition("/")[0] in OPEN_SERVICES:
+            return continuation(handler_call_details)
+        needed = METHOD_SCOPES.get(method) or ("train" if method.startswith(f"/{_TRAINING_SERVICE}/") else "admin")
+        try:
+            record = self._caller(handler_call_details.invocation_metadata)
+            if needed not in record.scopes and "admin" not in record.scopes:
+                raise PermissionDenied(
+                    f"{method.lstrip('/')} needs the scope `{needed}`. Expected a token with it. Received: a "
+                    f"token of {record.name!r} with {', '.join(sorted(record.scopes))}.", reason="MISSING_SCOPE",
+                    metadata={"scope": needed, "caller": record.name})
+        except LossdError as error:
+            handler = continuation(handler_call_details)
+            return None if handler is None else _refusing(handler, error)
+        return continuation(handler_call_details)
+
+    def _caller(self, metadata) -> TokenRecord:
+        values = [v for k, v in metadata or () if k == "authorization"]
+        if not values:
+            raise Unauthenticated("This server needs a token. Expected `authorization: Bearer <token>` "
+                                  "metadata (lossd.Client(token=...), --token or LOSSD_TOKEN). Received: none.",
+                                  reason="UNAUTHENTICATED")
+        scheme, _, token = str(values[0]).partition(" ")
+        record = None
+        if scheme.lower() == "bearer" and token.startswith(TOKEN_PREFIX):
+            ident = token[len(TOKEN_PREFIX):].partition("_")[0]
+            record = self.tokens.get(ident)
+        if record is None or not record.matches(token):
+            raise Unauthenticated("The token is not valid on this server. Expected a token that "
+                                  "`lossd tokens create` made for it. Received: an unknown token.",
+                                  reason="BAD_TOKEN")
+        return record
+
+
+def _refusing(handler, error: LossdError):
+    """A handler of the same shape as ``handler`` that ends the call with ``error``."""
+    def refuse(request, context):
+        status.abort(context, error)
+
+    def refuse_stream(request, context):
+        status.abort(context, error)
+        yield  # pragma: no cover - abort raised
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    factory = kinds[(handler.request_streaming, handler.response_streaming)]
+    return factory(refuse_stream if handler.response_streaming else refuse,
+                   request_deserializer=handler.request_deserializer,
+                   response_serializer=handler.response_serializer)

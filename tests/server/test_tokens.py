@@ -1,0 +1,107 @@
+"""Bearer tokens with scopes (issue 12): tokens made by `lossd tokens
+create` as a user types it, checked by a real server: none is
+UNAUTHENTICATED, an unknown one too, a token without the method's scope is
+PERMISSION_DENIED MISSING_SCOPE naming it, admin holds every scope, and
+health stays open."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import lossd
+
+pytest.importorskip("tensorflow")
+
+Y = np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3)
+
+
+def create(path, name: str, scopes: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
+    done = subprocess.run([sys.executable, "-m", "lossd.cli", "tokens", "create", name, "--scopes", scopes,
+                           "--file", str(path)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    from prometheus_client import CollectorRegistry
+
+    from lossd_server.app import create_server
+    from lossd_server.config import Settings
+
+    folder = tmp_path_factory.mktemp("tokens")
+    path = folder / "tokens.jsonl"
+    tokens = {name: create(path, name, scopes) for name, scopes in
+              (("alice", "evaluate"), ("bob", "train"), ("root", "admin"))}
+    srv = create_server(Settings(host="127.0.0.1", port=0, metrics_port=None, grace_seconds=0,
+                                 data_dir=folder / "data", tokens_file=path), metrics_registry=CollectorRegistry())
+    srv.start()
+    yield f"127.0.0.1:{srv.port}", tokens, path
+    srv.stop(0)
+
+
+def test_the_file_holds_salted_hashes_never_the_tokens(secured):
+    _, tokens, path = secured
+    text = path.read_text()
+    assert all(token not in text and token.split("_")[-1] not in text for token in tokens.values())
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_no_token_or_an_unknown_one_is_unauthenticated(secured):
+    address, tokens, _ = secured
+    for token, reason in ((None, "UNAUTHENTICATED"), ("lsd_000000000000_nope", "BAD_TOKEN"),
+                          (tokens["alice"][:-2] + "xx", "BAD_TOKEN")):
+        with lossd.Client(address, token=token, timeout=10) as client, pytest.raises(lossd.LossdError) as err:
+            client.evaluate("mse", Y, Y + 1)
+        assert err.value.code == grpc.StatusCode.UNAUTHENTICATED, err.value
+        assert err.value.reason == reason
+
+
+def test_a_token_without_the_scope_is_permission_denied_naming_it(secured):
+    address, tokens, _ = secured
+    with lossd.Client(address, token=tokens["alice"], timeout=10) as alice:
+        assert alice.evaluate("mse", Y, Y + 1).loss == pytest.approx(1.0)
+        with pytest.raises(lossd.LossdError) as err:
+            alice.register_loss("mine", "mean(abs(y_true - y_pred))")
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.reason == "MISSING_SCOPE" and err.value.metadata["scope"] == "admin"
+        with pytest.raises(lossd.LossdError) as err:
+            alice.list_jobs()
+        assert err.value.reason == "MISSING_SCOPE" and err.value.metadata["scope"] == "train"
+    with lossd.Client(address, token=tokens["bob"], timeout=10) as bob:
+        bob.list_jobs()
+        with pytest.raises(lossd.LossdError) as err:
+            bob.evaluate("mse", Y, Y + 1)
+        assert err.value.metadata["scope"] == "evaluate"
+    with lossd.Client(address, token=tokens["root"], timeout=10) as root:
+        root.register_loss("mine", "mean(abs(y_true - y_pred))")
+        assert root.evaluate("mine", Y, Y + 1).loss == pytest.approx(1.0)
+        root.list_jobs()
+
+
+def test_health_stays_open(secured):
+    address, _, _ = secured
+    with grpc.insecure_channel(address) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_command_line_sends_the_token(secured):
+    address, tokens, _ = secured
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
+
+    def losses(**extra):
+        return subprocess.run([sys.executable, "-m", "lossd.cli", "losses", "--address", address],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=60)
+
+    refused = losses()
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    listed = losses(LOSSD_TOKEN=tokens["alice"])
+    assert listed.returncode == 0 and "mean_squared_error" in listed.stdout, listed.stderr

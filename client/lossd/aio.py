@@ -77,7 +77,9 @@ class Client(_ChannelOwner, AsyncTrainingMixin):
                 await window.acquire()
                 yield message
 
-        call = self._losses.EvaluateStream(messages(), **self._call_args(timeout))
+        args = self._call_args(timeout)
+        deadline = None if args["timeout"] is None else asyncio.get_running_loop().time() + args["timeout"]
+        call = self._losses.EvaluateStream(messages(), **args)
         try:
             async for answer in call:
                 window.release()
@@ -85,6 +87,15 @@ class Client(_ChannelOwner, AsyncTrainingMixin):
                     yield result
             for result in stream.finish():
                 yield result
+        except grpc.aio.AioRpcError as error:
+            # When the deadline ends the call while gRPC's asyncio client is
+            # still writing requests, it can report INTERNAL "Internal error
+            # from Core" instead of the deadline (a race inside grpcio): a
+            # status the server never sent. Past the deadline, it is the deadline.
+            if (error.code() == grpc.StatusCode.INTERNAL and deadline is not None
+                    and asyncio.get_running_loop().time() >= deadline):
+                raise LossdError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            raise
         finally:
             call.cancel()  # a caller that stops early ends the call
 

@@ -105,7 +105,7 @@ def client_from(args: argparse.Namespace) -> "lossd.Client":
 def cmd_tokens_create(args: argparse.Namespace) -> int:
     """Appends a token's salted hash to the tokens file and prints the token, once."""
     try:
-        from lossd_server.grpc.auth import create_token
+        from lossd_server.grpc.auth import Limits, create_token
     except ImportError:
         print('error: `lossd tokens` needs the server: pip install "lossd[server]"', file=sys.stderr)
         return 2
@@ -114,7 +114,9 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
         print("error: no tokens file: set --file or LOSSD_TOKENS_FILE", file=sys.stderr)
         return 2
     try:
-        token = create_token(path, args.name, [s.strip() for s in args.scopes.split(",") if s.strip()])
+        limits = Limits(elements_per_second=args.rate, max_jobs=args.max_jobs,
+                        max_upload_bytes=args.max_upload_bytes)
+        token = create_token(path, args.name, [s.strip() for s in args.scopes.split(",") if s.strip()], limits)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -235,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name", help="the caller's name (appears in logs and metrics)")
     create.add_argument("--scopes", required=True, help="comma-separated: evaluate, train, admin")
     create.add_argument("--file", help="the tokens file [env LOSSD_TOKENS_FILE]")
+    create.add_argument("--rate", type=float, metavar="ELEMENTS_PER_S",
+                        help="most tensor elements per second this caller may evaluate (default: no limit)")
+    create.add_argument("--max-jobs", type=int, metavar="N",
+                        help="most training jobs this caller may have queued or running (default: no limit)")
+    create.add_argument("--max-upload-bytes", type=int, metavar="BYTES",
+                        help="most bytes of datasets this caller may store (default: no limit)")
     create.set_defaults(func=cmd_tokens_create)
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
-from lossd_server.grpc.auth import AuthInterceptor, load_tokens
+from lossd_server.grpc.auth import AuthInterceptor, Callers, load_tokens
 from lossd_server.grpc.tls import CertificateReloader
 from lossd_server.losses import custom
 from lossd_server.losses.custom import full_registry
@@ -223,7 +223,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     # Certificates are checked first: a bad one is a StartupError before anything is built.
     tls = (CertificateReloader(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
            if settings.tls_cert is not None else None)
-    tokens = load_tokens(settings.tokens_file) if settings.tokens_file is not None else None
+    callers = Callers(load_tokens(settings.tokens_file) if settings.tokens_file is not None else None)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = open_store(settings.data_dir)  # jobs, datasets and registered losses
     store = None
@@ -278,13 +278,14 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     executor = futures.ThreadPoolExecutor(max_workers=settings.workers + settings.max_streams,
                                           thread_name_prefix="rpc")
     interceptors = [ObservabilityInterceptor(metrics),
-                    *([AuthInterceptor(tokens)] if tokens is not None else []),
+                    *([] if callers.open else [AuthInterceptor(callers)]),
                     StreamLimiter(settings.max_streams, settings.stream_idle_seconds)]
     server = grpc.server(executor, interceptors=interceptors, options=options)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
-        LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store), server)
+        LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
+                     callers=callers), server)
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
-                                    store=state)
+                                    store=state, callers=callers)
     health_servicer = health.HealthServicer()
     for name in [*SERVICE_NAMES, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

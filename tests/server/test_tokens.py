@@ -105,3 +105,29 @@ def test_the_command_line_sends_the_token(secured):
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
     listed = losses(LOSSD_TOKEN=tokens["alice"])
     assert listed.returncode == 0 and "mean_squared_error" in listed.stdout, listed.stderr
+
+
+def test_a_token_carries_the_limits_it_was_made_with(tmp_path):
+    from lossd_server.grpc.auth import Callers, Limits, load_tokens
+
+    path = tmp_path / "tokens.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
+    made = subprocess.run([sys.executable, "-m", "lossd.cli", "tokens", "create", "carol", "--scopes", "evaluate,train",
+                           "--rate", "1e6", "--max-jobs", "2", "--max-upload-bytes", "1000000", "--file", str(path)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    caller = Callers(load_tokens(path)).check([("authorization", f"Bearer {made.stdout.strip()}")])
+    assert caller.name == "carol" and caller.scopes == {"evaluate", "train"} and not caller.admin
+    assert caller.limits == Limits(elements_per_second=1e6, max_jobs=2, max_upload_bytes=1_000_000)
+    assert caller.owns("carol") and not caller.owns("dave")
+
+    bad = subprocess.run([sys.executable, "-m", "lossd.cli", "tokens", "create", "eve", "--scopes", "train",
+                          "--max-jobs", "0", "--file", str(path)], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "max_jobs must be a positive number" in bad.stderr
+
+
+def test_a_server_without_tokens_treats_every_caller_as_an_anonymous_admin():
+    from lossd_server.grpc.auth import ANONYMOUS, Callers
+
+    caller = Callers(None).check([])
+    assert caller is ANONYMOUS and caller.admin and caller.owns("anyone")

@@ -10,6 +10,10 @@ password to guess), and the comparison takes constant time.
 Scopes: ``evaluate`` (evaluation and ListLosses), ``train`` (the training
 service) and ``admin`` (registering and deleting losses; every scope's
 methods). Health and reflection stay open for probes.
+
+A token may also carry per-caller ``limits`` (``Limits``). Handlers learn who
+calls with ``Callers.of(context)``: the token's ``Caller``, or ``ANONYMOUS``
+(every scope, no limits) on a server without a tokens file.
 """
 
 from __future__ import annotations
@@ -47,6 +51,51 @@ OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflect
                  "grpc.reflection.v1.ServerReflection")
 
 @dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one caller may spend; ``None`` is no per-caller limit (the
+    server-wide bounds still hold)."""
+
+    elements_per_second: float | None = None  # tensor elements evaluated, sustained rate
+    max_jobs: int | None = None               # training jobs queued or running at once
+    max_upload_bytes: int | None = None       # bytes of the caller's stored datasets
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Limits":
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown limits {', '.join(sorted(unknown))}")
+        limits = cls(**data)
+        for name, value in limits.to_dict().items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, not {value!r}")
+        return limits
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who makes a call: the token's name, scopes and limits."""
+
+    name: str
+    scopes: frozenset[str]
+    limits: Limits = Limits()
+
+    @property
+    def admin(self) -> bool:
+        return "admin" in self.scopes
+
+    def owns(self, owner: str) -> bool:
+        """Whether this caller may see and change what ``owner`` made."""
+        return self.admin or owner == self.name
+
+
+# The caller on a server without a tokens file: today's open behaviour.
+ANONYMOUS = Caller("", frozenset(SCOPES))
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenRecord:
     """One line of the tokens file."""
 
@@ -55,15 +104,21 @@ class TokenRecord:
     scopes: frozenset[str]
     salt: str
     sha256: str
+    limits: Limits = Limits()
+
+    @property
+    def caller(self) -> Caller:
+        return Caller(self.name, self.scopes, self.limits)
 
     def matches(self, token: str) -> bool:
         digest = hashlib.sha256(bytes.fromhex(self.salt) + token.encode()).hexdigest()
         return hmac.compare_digest(digest, self.sha256)
 
 
-def create_token(path: pathlib.Path, name: str, scopes: Iterable[str]) -> str:
-    """Appends a new token for ``name`` with ``scopes`` to the tokens file
-    (created with mode 0600) and returns the token, which is stored nowhere."""
+def create_token(path: pathlib.Path, name: str, scopes: Iterable[str], limits: Limits = Limits()) -> str:
+    """Appends a new token for ``name`` with ``scopes`` and ``limits`` to the
+    tokens file (created with mode 0600) and returns the token, which is
+    stored nowhere."""
     scopes = sorted(set(scopes))
     unknown = [s for s in scopes if s not in SCOPES]
     if unknown or not scopes:
@@ -74,6 +129,8 @@ def create_token(path: pathlib.Path, name: str, scopes: Iterable[str]) -> str:
     token = f"{TOKEN_PREFIX}{ident}_{secret}"
     line = {"id": ident, "name": name, "scopes": scopes, "salt": salt.hex(),
             "sha256": hashlib.sha256(salt + token.encode()).hexdigest()}
+    if limits.to_dict():
+        line["limits"] = Limits.from_dict(limits.to_dict()).to_dict()
     path = pathlib.Path(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as f:
@@ -100,7 +157,7 @@ def load_tokens(path: pathlib.Path) -> dict[str, TokenRecord]:
         try:
             data = json.loads(line)
             record = TokenRecord(str(data["id"]), str(data["name"]), frozenset(data["scopes"]),
-                                 str(data["salt"]), str(data["sha256"]))
+                                 str(data["salt"]), str(data["sha256"]), Limits.from_dict(data.get("limits", {})))
             bytes.fromhex(record.salt)
             if not record.scopes <= set(SCOPES):
                 raise ValueError("unknown scope")
@@ -111,35 +168,32 @@ def load_tokens(path: pathlib.Path) -> dict[str, TokenRecord]:
     return records
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks each call's bearer token and scope before its handler runs.
+class Callers:
+    """The one owner of "who is calling": checks bearer tokens against the
+    tokens file, or lets everyone in as ``ANONYMOUS`` without one."""
 
-    No ``authorization`` metadata, or a token the file does not hold, is
-    UNAUTHENTICATED; a token without the method's scope is PERMISSION_DENIED
-    (``MISSING_SCOPE``, naming it).
-    """
-
-    def __init__(self, tokens: dict[str, TokenRecord]):
+    def __init__(self, tokens: dict[str, TokenRecord] | None):
         self.tokens = tokens
 
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        if method.lstrip("/").partition("/")[0] in OPEN_SERVICES:
-            return continuation(handler_call_details)
-        needed = METHOD_SCOPES.get(method) or ("train" if method.startswith(f"/{_TRAINING_SERVICE}/") else "admin")
-        try:
-            record = self._caller(handler_call_details.invocation_metadata)
-            if needed not in record.scopes and "admin" not in record.scopes:
-                raise PermissionDenied(
-                    f"{method.lstrip('/')} needs the scope `{needed}`. Expected a token with it. Received: a "
-                    f"token of {record.name!r} with {', '.join(sorted(record.scopes))}.", reason="MISSING_SCOPE",
-                    metadata={"scope": needed, "caller": record.name})
-        except LossdError as error:
-            handler = continuation(handler_call_details)
-            return None if handler is None else _refusing(handler, error)
-        return continuation(handler_call_details)
+    @property
+    def open(self) -> bool:
+        return self.tokens is None
 
-    def _caller(self, metadata) -> TokenRecord:
+    def of(self, context) -> Caller:
+        """The caller of a call whose token ``AuthInterceptor`` let through."""
+        if self.tokens is None:
+            return ANONYMOUS
+        return self.check(context.invocation_metadata())
+
+    def check(self, metadata) -> Caller:
+        """The caller that ``metadata``'s bearer token names.
+
+        Raises:
+            Unauthenticated: no ``authorization`` metadata, or a token the
+                file does not hold.
+        """
+        if self.tokens is None:
+            return ANONYMOUS
         values = [v for k, v in metadata or () if k == "authorization"]
         if not values:
             raise Unauthenticated("This server needs a token. Expected `authorization: Bearer <token>` "
@@ -154,7 +208,41 @@ class AuthInterceptor(grpc.ServerInterceptor):
             raise Unauthenticated("The token is not valid on this server. Expected a token that "
                                   "`lossd tokens create` made for it. Received: an unknown token.",
                                   reason="BAD_TOKEN")
-        return record
+        return record.caller
+
+
+def required_scope(method: str) -> str:
+    """The scope a lossd method needs (admin for anything not listed)."""
+    return METHOD_SCOPES.get(method) or ("train" if method.startswith(f"/{_TRAINING_SERVICE}/") else "admin")
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Checks each call's bearer token and scope before its handler runs.
+
+    No ``authorization`` metadata, or a token the file does not hold, is
+    UNAUTHENTICATED; a token without the method's scope is PERMISSION_DENIED
+    (``MISSING_SCOPE``, naming it).
+    """
+
+    def __init__(self, callers: Callers):
+        self.callers = callers
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.lstrip("/").partition("/")[0] in OPEN_SERVICES:
+            return continuation(handler_call_details)
+        needed = required_scope(method)
+        try:
+            caller = self.callers.check(handler_call_details.invocation_metadata)
+            if needed not in caller.scopes and not caller.admin:
+                raise PermissionDenied(
+                    f"{method.lstrip('/')} needs the scope `{needed}`. Expected a token with it. Received: a "
+                    f"token of {caller.name!r} with {', '.join(sorted(caller.scopes))}.", reason="MISSING_SCOPE",
+                    metadata={"scope": needed, "caller": caller.name})
+        except LossdError as error:
+            handler = continuation(handler_call_details)
+            return None if handler is None else _refusing(handler, error)
+        return continuation(handler_call_details)
 
 
 def _refusing(handler, error: LossdError):

@@ -16,6 +16,7 @@ from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
 from lossd_server.errors import FailedPrecondition, InvalidArgument, LossdError
 from lossd_server.evaluation.chunks import ChunkedSession
+from lossd_server.grpc.auth import Callers
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.losses.plan import Plan
 from lossd_server.grpc.status import handle_errors, to_status
@@ -73,8 +74,10 @@ class _PlanCache:
 class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
     """Implements ``lossd.v1.LossService`` over an Evaluator."""
 
-    def __init__(self, evaluator: Evaluator, *, max_elements: int, metrics=None, store=None):
+    def __init__(self, evaluator: Evaluator, *, max_elements: int, metrics=None, store=None,
+                 callers: Callers = Callers(None)):
         self.evaluator = evaluator
+        self.callers = callers  # who calls: Callers.of(context)
         self.registry = evaluator.registry
         self.max_elements = max_elements
         self.metrics = metrics

@@ -14,6 +14,7 @@ from lossd import wire
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
 from lossd_server.errors import DOMAIN, DeadlineExceeded, InvalidArgument, NotFound
+from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.status import handle_errors
 from lossd_server.training.manager import TrainingManager
 from lossd_server.training.store import Event, JobRecord
@@ -156,8 +157,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     """Implements ``lossd.v1.TrainingService`` over a TrainingManager and its parts."""
 
     def __init__(self, manager: TrainingManager, *, max_elements: int = 1 << 30,
-                 stream_idle_seconds: float = float("inf")):
+                 stream_idle_seconds: float = float("inf"), callers: Callers = Callers(None)):
         self.manager = manager
+        self.callers = callers  # who calls: Callers.of(context)
         self.max_elements = max_elements
         self.stream_idle_seconds = stream_idle_seconds
 
@@ -270,7 +272,7 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
 
 def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: int,
-                         store=None) -> TrainingManager:
+                         store=None, callers: Callers = Callers(None)) -> TrainingManager:
     """Adds TrainingService to a server; starts nothing.
 
     Args:
@@ -280,6 +282,7 @@ def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: 
         metrics: Optional ``Metrics`` to update.
         gpus: How many GPUs the machine has.
         store: The server's ``Store``; by default the manager opens one.
+        callers: Who calls (``Callers``); by default everyone is ``ANONYMOUS``.
 
     Returns:
         The TrainingManager: ``start()`` it with the server, ``stop()`` it
@@ -288,5 +291,5 @@ def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: 
     manager = TrainingManager(settings, planner, metrics, gpus=gpus, store=store)
     pb_grpc.add_TrainingServiceServicer_to_server(
         TrainingServicer(manager, max_elements=settings.max_tensor_elements,
-                         stream_idle_seconds=settings.stream_idle_seconds), grpc_server)
+                         stream_idle_seconds=settings.stream_idle_seconds, callers=callers), grpc_server)
     return manager

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import itertools
 import os
 import pathlib
 import threading
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
 
@@ -59,17 +60,16 @@ class _ChannelOwner:
     _secure_channel = staticmethod(grpc.secure_channel)
     _insecure_channel = staticmethod(grpc.insecure_channel)
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: Optional[float] = None,
+    def __init__(self, address: Union[str, Sequence[str]] = DEFAULT_ADDRESS, *, timeout: Optional[float] = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  credentials: Optional[grpc.ChannelCredentials] = None,
                  metadata: Optional[Iterable[tuple[str, str]]] = None, tls: Union[bool, TLS, None] = None,
-                 token: Optional[str] = None):
+                 token: Optional[str] = None, options: Optional[Iterable[tuple[str, Any]]] = None):
         if tls:
             if credentials is not None:
                 raise client_error("Set tls or credentials, not both.")
             credentials = (TLS() if tls is True else tls).credentials()
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+        address, options = channel_target(address, max_message_bytes, options)
         self.address = address
         self.timeout = timeout
         self.max_message_bytes = max_message_bytes
@@ -112,6 +112,41 @@ class _ChannelOwner:
         return _requests.evaluate_request(spec, arrays, args["reduction"], args["gradient"])
 
 
+def channel_target(address: Union[str, Sequence[str]], max_message_bytes: int,
+                   options: Optional[Iterable[tuple[str, Any]]]) -> tuple[str, list[tuple[str, Any]]]:
+    """The gRPC target and channel options a client's arguments describe.
+
+    Several ``host:port`` addresses become one ``ipv4:``/``ipv6:`` target
+    spread by ``round_robin`` (gRPC lists several addresses only as IP
+    literals; name a set of replicas with ``dns:///name:port`` instead). The
+    caller's ``options`` come first: gRPC takes the first of repeated keys,
+    so they win over lossd's defaults.
+    """
+    options = list(options or ())
+    defaults = [("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes)]
+    if isinstance(address, str):
+        return address, options + defaults
+    addresses = list(address)
+    if len(addresses) == 1:
+        return addresses[0], options + defaults
+    families = set()
+    for item in addresses:
+        host, _, port = str(item).rpartition(":")
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            raise client_error(f"Several addresses must be IP literals, like 10.0.0.1:50051 or [::1]:50051. "
+                               f"Received: {item!r}. Name replicas by DNS with one 'dns:///host:port' address "
+                               "and options=[('grpc.lb_policy_name', 'round_robin')].") from None
+        if not port.isdigit():
+            raise client_error(f"Expected host:port. Received: {item!r}.")
+    if not addresses or len(families) > 1:
+        raise client_error(f"Expected one or more addresses of one IP family. Received: {addresses!r}.")
+    target = f"ipv{families.pop()}:" + ",".join(addresses)
+    return target, options + defaults + [("grpc.lb_policy_name", "round_robin")]
+
+
 def _chunked_result(assembler: _chunks.ChunkAssembler) -> EvaluateResult:
     if assembler.result is None:
         raise LossdError(grpc.StatusCode.INTERNAL, "the server ended the stream without a summary")
@@ -135,6 +170,14 @@ class Client(_ChannelOwner, TrainingMixin):
             client certificate for mTLS); instead of ``credentials``.
         token: A bearer token (``lossd tokens create``), for a server with a
             tokens file.
+        options: gRPC channel options, passed through after lossd's own
+            (which they override): keepalive, ``grpc.lb_policy_name``, or
+            retries as ``("grpc.service_config", json.dumps({...}))``.
+
+    ``address`` may be a list of ``ip:port`` replicas, which calls are spread
+    over (``round_robin``); a ``dns:///host:port`` address with
+    ``options=[("grpc.lb_policy_name", "round_robin")]`` spreads over every
+    address the name resolves to.
 
     Example:
 

@@ -1,0 +1,136 @@
+"""Requests per second under concurrency, lossd against a bare gRPC echo
+(a benchmark, not a test).
+
+The scenario of issue 13: one asyncio client process sends small Huber
+evaluations, each request with its own row count (1-128 rows of 10 columns)
+and its own ``delta``; 16 different requests are sent round-robin. Every
+request is serialized before the clock starts, and both servers get the same
+bytes through the same generic asyncio stub, so the client's cost is the same
+for both and none of lossd's client code runs while timing.
+
+- echo: a separate process with a bare ``grpc.server`` of 8 threads whose
+  handler parses nothing and answers 8 bytes;
+- lossd: ``lossd serve`` in a separate process with its defaults (8 workers).
+
+For each concurrency (requests in flight at once) both run in alternating
+blocks of ``--block-seconds`` (echo, lossd, echo, lossd, ...), and the table
+gives requests/s of each and the ratio lossd/echo. An error fails the
+run (gRPC raises it), and kept answers are parsed after each level.
+
+Usage: python bench/concurrency.py [--concurrency 1,8,64,256] [--blocks 3] [--block-seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from evaluate import ECHO_METHOD, free_port, process, wait_ready  # noqa: E402
+
+from lossd import _requests, wire  # noqa: E402
+from lossd.v1 import loss_service_pb2  # noqa: E402
+
+EVALUATE_METHOD = "/lossd.v1.LossService/Evaluate"
+
+
+def requests(count: int, rng) -> list[bytes]:
+    """``count`` serialized Huber requests: 1-128 rows of 10 columns, each with its own delta."""
+    out = []
+    for _ in range(count):
+        rows = int(rng.integers(1, 129))
+        y_true = rng.normal(size=(rows, 10)).astype("float32")
+        y_pred = rng.normal(size=(rows, 10)).astype("float32")
+        spec = wire.spec_from_dict("huber", {"delta": float(rng.uniform(0.5, 2.0))})
+        out.append(_requests.evaluate_request(spec, _requests.prepare(y_true, y_pred), "sum_over_batch_size",
+                                              False).SerializeToString())
+    return out
+
+
+async def run_block(call, payloads: list[bytes], concurrency: int, seconds: float) -> tuple[int, list[bytes]]:
+    """Calls ``call`` from ``concurrency`` tasks for ``seconds``; the number
+    of answers, and a few of them to check."""
+    done = 0
+    kept: list[bytes] = []
+    stop = time.perf_counter() + seconds
+
+    async def worker(offset: int) -> None:
+        nonlocal done
+        i = offset
+        while time.perf_counter() < stop:
+            answer = await call(payloads[i % len(payloads)])
+            done += 1
+            if len(kept) < 64:
+                kept.append(answer)
+            i += 1
+
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return done, kept
+
+
+async def measure(echo_address: str, lossd_address: str, levels: list[int], blocks: int, seconds: float,
+                  payloads: list[bytes]) -> None:
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(echo_address, options=options) as echo_channel, \
+            grpc.aio.insecure_channel(lossd_address, options=options) as lossd_channel:
+        calls = {"echo": echo_channel.unary_unary(ECHO_METHOD, request_serializer=None, response_deserializer=None),
+                 "lossd": lossd_channel.unary_unary(EVALUATE_METHOD, request_serializer=None,
+                                                    response_deserializer=None)}
+        # Warm-up: each request once, one at a time, so every program (one
+        # per delta today) compiles before a crowd waits for it (past
+        # max_pending_compiles waiting requests are refused); then the crowd.
+        for call in calls.values():
+            for payload in payloads:
+                await call(payload)
+            await run_block(call, payloads, 16, 1.0)
+        print(f"{'concurrency':>11} {'echo req/s':>11} {'lossd req/s':>12} {'lossd/echo':>11}")
+        for concurrency in levels:
+            totals = {"echo": 0, "lossd": 0}
+            answers: list[bytes] = []
+            for _ in range(blocks):
+                for name, call in calls.items():
+                    done, kept = await run_block(call, payloads, concurrency, seconds)
+                    totals[name] += done
+                    if name == "lossd":
+                        answers += kept
+            for raw in answers:
+                if not loss_service_pb2.EvaluateResponse.FromString(raw).HasField("loss"):
+                    raise SystemExit("lossd answered without a loss")
+            echo_rate, lossd_rate = (totals[k] / (blocks * seconds) for k in ("echo", "lossd"))
+            print(f"{concurrency:>11} {echo_rate:>11,.0f} {lossd_rate:>12,.0f} {lossd_rate / echo_rate:>11.2f}",
+                  flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,8,64,256", help="requests in flight, comma-separated")
+    parser.add_argument("--blocks", type=int, default=3, help="blocks per side and concurrency")
+    parser.add_argument("--block-seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    payloads = requests(16, np.random.default_rng(0))
+    echo_port, lossd_port = free_port(), free_port()
+    data_dir = os.path.join("/tmp", f"lossd-bench-{os.getpid()}")
+    print(f"# lossd bench/concurrency.py  cpus {os.cpu_count()}  16 ragged Huber requests (1-128 x 10, "
+          f"own delta)  {args.blocks} blocks x {args.block_seconds:g} s per side")
+    evaluate = os.path.join(os.path.dirname(__file__), "evaluate.py")
+    with process([sys.executable, evaluate, "--echo-server", str(echo_port)],
+                 wait_for=lambda: wait_ready(f"127.0.0.1:{echo_port}")), \
+            process([sys.executable, "-m", "lossd.cli", "serve", "--port", str(lossd_port), "--metrics-port", "",
+                     "--data-dir", data_dir, "--log-level", "WARNING"],
+                    wait_for=lambda: wait_ready(f"127.0.0.1:{lossd_port}")):
+        asyncio.run(measure(f"127.0.0.1:{echo_port}", f"127.0.0.1:{lossd_port}", levels, args.blocks,
+                            args.block_seconds, payloads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -80,19 +80,23 @@ class _ChannelOwner:
         self._channel = (self._secure_channel(address, credentials, options) if credentials
                          else self._insecure_channel(address, options))
         self._losses = loss_service_pb2_grpc.LossServiceStub(self._channel)
+        # Evaluate with a request serialized by hand (_requests.evaluate_request_bytes).
+        self._evaluate_serialized = self._channel.unary_unary(
+            "/lossd.v1.LossService/Evaluate", request_serializer=None,
+            response_deserializer=loss_service_pb2.EvaluateResponse.FromString)
 
     def _call_args(self, timeout: Optional[float]) -> dict:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata or None}
 
     def _evaluate_call(self, loss, y_true, y_pred, params, sample_weight, reduction, gradient, tensors
-                       ) -> tuple[Union[loss_service_pb2.EvaluateRequest, Iterator], Optional[_chunks.ChunkAssembler]]:
-        """What ``evaluate`` sends: one EvaluateRequest and no assembler or, for
+                       ) -> tuple[Union[bytes, Iterator], Optional[_chunks.ChunkAssembler]]:
+        """What ``evaluate`` sends: one serialized EvaluateRequest and no assembler or, for
         tensors larger than one message, the EvaluateChunked requests and the
         assembler of their answers."""
         spec = wire.spec_from_dict(loss, params)
         arrays = _requests.prepare(y_true, y_pred, sample_weight, tensors)
         if not _chunks.needs_chunks(arrays, self.max_message_bytes):
-            return _requests.evaluate_request(spec, arrays, reduction, gradient), None
+            return _requests.evaluate_request_bytes(spec, arrays, reduction, gradient), None
         requests = _chunks.chunked_requests(spec, arrays, reduction, gradient, self.chunk_bytes)
         # Build the header here, so a local refusal raises in the caller's
         # code rather than inside gRPC's reading of the requests.
@@ -244,7 +248,7 @@ class Client(_ChannelOwner, TrainingMixin):
         request, assembler = self._evaluate_call(loss, y_true, y_pred, params, sample_weight, reduction, gradient,
                                                  tensors)
         if assembler is None:
-            return _requests.parse_response(self._losses.Evaluate(request, **self._call_args(timeout)))
+            return _requests.parse_response(self._evaluate_serialized(request, **self._call_args(timeout)))
         for message in self._losses.EvaluateChunked(request, **self._call_args(timeout)):
             assembler.add(message)
         return _chunked_result(assembler)

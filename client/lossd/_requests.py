@@ -99,9 +99,22 @@ def evaluate_request(spec: loss_pb2.LossSpec, arrays: Mapping[str, np.ndarray], 
     if "sample_weight" in arrays:
         request.sample_weight.CopyFrom(wire.from_numpy(arrays["sample_weight"], field="sample_weight"))
     for name, array in arrays.items():
-        if name not in ("y_true", "y_pred", "sample_weight"):
+        if name not in _OWN_FIELDS:
             request.tensors[name].CopyFrom(wire.from_numpy(array, field=name))
     return request
+
+
+_OWN_FIELDS = ("y_true", "y_pred", "sample_weight")
+
+
+def evaluate_request_bytes(spec: loss_pb2.LossSpec, arrays: Mapping[str, np.ndarray], reduction: str,
+                           gradient: bool) -> bytes:
+    """``evaluate_request(...)`` serialized, each tensor's bytes copied once
+    (``wire.serialize_with_tensors``): what ``Client.evaluate`` sends."""
+    head = loss_service_pb2.EvaluateRequest(loss=spec, reduction=wire.reduction_enum(reduction), gradient=gradient)
+    extra = {name: array for name, array in arrays.items() if name not in _OWN_FIELDS}
+    return wire.serialize_with_tensors(head, {name: arrays[name] for name in _OWN_FIELDS if name in arrays},
+                                       {"tensors": extra} if extra else {})
 
 
 def parse_response(response: loss_service_pb2.EvaluateResponse) -> EvaluateResult:

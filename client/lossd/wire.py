@@ -192,6 +192,64 @@ def from_numpy(array, *, field: str = "tensor") -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=enum, shape=array.shape, content=array.tobytes())
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(number: int, length: int) -> bytes:
+    """The key and length of field ``number`` (wire type 2) holding ``length`` bytes."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _tensor_parts(array, field: str) -> tuple[bytes, np.ndarray]:
+    """A Tensor message as two parts: its dtype, shape and content key, then
+    the content itself (the array's bytes, not copied)."""
+    array = np.asarray(array)
+    enum = dtype_enum(array.dtype, field=field)
+    dt = _NUMPY_BY_ENUM[enum]
+    if array.dtype != dt or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=dt)
+    shape = b"".join(_varint(int(d)) for d in array.shape)
+    head = (b"\x08" + _varint(enum) if enum else b"") + (_length_delimited(2, len(shape)) + shape if shape else b"")
+    if array.nbytes:
+        head += _length_delimited(3, array.nbytes)
+    return head, array.reshape(-1).view(np.uint8)
+
+
+def serialize_with_tensors(message, tensors: Mapping[str, Any] = {}, entries: Mapping[str, Mapping[str, Any]] = {}
+                           ) -> bytes:
+    """``message`` serialized with ``tensors`` as its Tensor fields and
+    ``entries`` as its ``map<string, Tensor>`` fields, encoded by hand so
+    that each tensor's bytes are copied once, into the result.
+
+    Building the Tensor messages and serializing them would copy each
+    tensor three times (``tobytes``, into the message, into the serialized
+    string). Protobuf parses fields in any order, so the tensor fields are
+    written after ``message``'s own serialization; the result parses to the
+    message protobuf would build (tested in tests/client/test_wire_encoding.py).
+    """
+    fields = message.DESCRIPTOR.fields_by_name
+    parts: list = [message.SerializeToString()]
+
+    for name, array in tensors.items():
+        head, content = _tensor_parts(array, name)
+        parts.extend((_length_delimited(fields[name].number, len(head) + content.nbytes), head, content))
+    for map_name, items in entries.items():
+        for key, array in items.items():
+            encoded = key.encode()
+            key_field = _length_delimited(1, len(encoded)) + encoded
+            head, content = _tensor_parts(array, key)
+            value = _length_delimited(2, len(head) + content.nbytes)
+            parts.extend((_length_delimited(fields[map_name].number, len(key_field) + len(value) + len(head)
+                                            + content.nbytes), key_field, value, head, content))
+    return b"".join(parts)
+
+
 def info(array: np.ndarray, *, field: str = "tensor") -> tensor_pb2.TensorInfo:
     """The TensorInfo (dtype and shape) of an array."""
     return tensor_pb2.TensorInfo(dtype=dtype_enum(array.dtype, field=field), shape=array.shape)

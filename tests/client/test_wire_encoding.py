@@ -1,0 +1,60 @@
+"""The hand-written tensor encoding (``wire.serialize_with_tensors``) is the
+message protobuf builds: property-tested over dtypes, shapes (scalars,
+empty, non-contiguous, big-endian), optional fields and map entries, by
+parsing its bytes with protobuf itself."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from lossd import _requests, wire
+from lossd.v1 import loss_service_pb2
+
+DTYPES = [np.dtype(name) for name in wire.SUPPORTED_DTYPES if name != "bfloat16"]
+
+
+@st.composite
+def arrays(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6))
+    array = draw(hnp.arrays(dtype, shape, elements=hnp.from_dtype(dtype, allow_nan=False)))
+    layout = draw(st.sampled_from(["c", "fortran", "strided", "big-endian"]))
+    if layout == "fortran":
+        array = np.asfortranarray(array)
+    elif layout == "strided" and array.ndim:
+        array = np.repeat(array, 2, axis=0)[::2]
+    elif layout == "big-endian" and array.dtype.itemsize > 1:
+        array = array.astype(array.dtype.newbyteorder(">"))
+    return array
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(y_true=arrays(), y_pred=arrays(), sample_weight=st.none() | arrays(),
+       extra=st.dictionaries(st.text(min_size=1, max_size=8), arrays(), max_size=3),
+       reduction=st.sampled_from(sorted(wire.REDUCTIONS)), gradient=st.booleans(),
+       loss=st.sampled_from(["mse", {"name": "huber", "params": {"delta": 2.5}},
+                             {"expression": "mean(abs(y_true - y_pred))"}]))
+def test_the_hand_encoding_parses_to_the_message_protobuf_builds(y_true, y_pred, sample_weight, extra, reduction,
+                                                                 gradient, loss):
+    arrays_ = {"y_true": y_true, "y_pred": y_pred, **({} if sample_weight is None else
+                                                        {"sample_weight": sample_weight}), **extra}
+    spec = wire.spec_from_dict(loss)
+    built = _requests.evaluate_request(spec, arrays_, reduction, gradient)
+    parsed = loss_service_pb2.EvaluateRequest.FromString(
+        _requests.evaluate_request_bytes(spec, arrays_, reduction, gradient))
+    assert parsed == built
+    for name, array in arrays_.items():
+        tensor = parsed.tensors[name] if name in extra else getattr(parsed, name)
+        np.testing.assert_array_equal(wire.to_numpy(tensor, allow_empty=True), array)
+
+
+def test_bfloat16_and_lengths_of_several_varint_bytes_encode_too():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    # 600,000 bytes of content: a length of three varint bytes; 300 a shape entry of two.
+    y = np.linspace(-3, 3, 300_000, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(1000, 300)
+    head = loss_service_pb2.EvaluateRequest(gradient=True)
+    parsed = loss_service_pb2.EvaluateRequest.FromString(wire.serialize_with_tensors(head, {"y_pred": y}))
+    assert parsed.gradient and parsed.y_pred == wire.from_numpy(y)

@@ -38,8 +38,9 @@ def test_ci_runs_the_readme_test_command():
 
 
 # The training walk-through trains for minutes; tests/server/training runs the same calls on tiny jobs.
+# The deploy section's TLS client runs in tests/deploy/test_readme_deploy.py, against a TLS server.
 PYTHON_BLOCKS = [b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S)
-                 if "lossd.Client(" in b and "create_job" not in b]
+                 if "lossd.Client(" in b and "create_job" not in b and "lossd.TLS(" not in b]
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))

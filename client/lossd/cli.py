@@ -102,27 +102,48 @@ def client_from(args: argparse.Namespace) -> "lossd.Client":
                         token=getattr(args, "token", None) or os.environ.get("LOSSD_TOKEN") or None)
 
 
-def cmd_tokens_create(args: argparse.Namespace) -> int:
-    """Appends a token's salted hash to the tokens file and prints the token, once."""
-    try:
-        from lossd_server.grpc.auth import Limits, create_token
-    except ImportError:
-        print('error: `lossd tokens` needs the server: pip install "lossd[server]"', file=sys.stderr)
-        return 2
-    path = args.file or os.environ.get("LOSSD_TOKENS_FILE")
+def _create_secret(args: argparse.Namespace, command: str, env: str, what: str, create) -> int:
+    """Runs ``create(path)`` (which imports the server lazily) on the file of
+    ``--file`` or ``env``, and prints the secret it returns once: on stdout,
+    so it can be piped into a file, with a note on stderr."""
+    path = args.file or os.environ.get(env)
     if not path:
-        print("error: no tokens file: set --file or LOSSD_TOKENS_FILE", file=sys.stderr)
+        print(f"error: no {what} file: set --file or {env}", file=sys.stderr)
         return 2
     try:
-        limits = Limits(elements_per_second=args.rate, max_jobs=args.max_jobs,
-                        max_upload_bytes=args.max_upload_bytes)
-        token = create_token(path, args.name, [s.strip() for s in args.scopes.split(",") if s.strip()], limits)
-    except ValueError as exc:
+        secret, note = create(path)
+    except ImportError:
+        print(f'error: `lossd {command}` needs the server: pip install "lossd[server]"', file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(token)
-    print(f"# token of {args.name!r} ({args.scopes}); shown once, only its hash is in {path}", file=sys.stderr)
+    print(secret)
+    print(f"# {note}; shown once, only its hash is in {path}", file=sys.stderr)
     return 0
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    """Appends a token's salted hash to the tokens file and prints the token, once."""
+    def create(path):
+        from lossd_server.grpc.auth import Limits, create_token
+
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+        limits = Limits(elements_per_second=args.rate, max_jobs=args.max_jobs,
+                        max_upload_bytes=args.max_upload_bytes)
+        return create_token(path, args.name, scopes, limits), f"token of {args.name!r} ({args.scopes})"
+
+    return _create_secret(args, "tokens", "LOSSD_TOKENS_FILE", "tokens", create)
+
+
+def cmd_metrics_auth_create(args: argparse.Namespace) -> int:
+    """Appends a metrics user's PBKDF2 hash to the basic-auth file and prints its password, once."""
+    def create(path):
+        from lossd_server.observability.metrics_security import create_user
+
+        return create_user(path, args.name), f"password of metrics user {args.name!r}"
+
+    return _create_secret(args, "metrics-auth", "LOSSD_METRICS_BASIC_AUTH_FILE", "basic-auth", create)
 
 
 def cmd_losses_register(args: argparse.Namespace) -> int:
@@ -244,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--max-upload-bytes", type=int, metavar="BYTES",
                         help="most bytes of datasets this caller may store (default: no limit)")
     create.set_defaults(func=cmd_tokens_create)
+
+    auth = sub.add_parser("metrics-auth", help="manage the users of /metrics basic auth (on the server's machine)")
+    auth_sub = auth.add_subparsers(dest="metrics_auth_command", required=True)
+    create = auth_sub.add_parser("create", help="make a user with a random password, print the password once, "
+                                                "append its hash to the file")
+    create.add_argument("name", help="the user name the scraper sends (e.g. prometheus)")
+    create.add_argument("--file", help="the basic-auth file [env LOSSD_METRICS_BASIC_AUTH_FILE]")
+    create.set_defaults(func=cmd_metrics_auth_create)
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, parents=[client_flags()])

@@ -34,6 +34,7 @@ from lossd_server.losses import custom
 from lossd_server.losses.custom import full_registry
 from lossd_server.losses.registry import LossRegistry
 from lossd_server.observability.metrics import Metrics, start_metrics_server
+from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLContext, SecurityFileError
 from lossd_server.grpc.loss_servicer import LossServicer
 from lossd_server.grpc.training_servicer import add_training_service
 from lossd_server.training.manager import open_store
@@ -74,6 +75,8 @@ class Server:
     settings: Settings
     training: object = None  # the TrainingManager
     tls: Optional[CertificateReloader] = None  # with tls_cert set: the port's rotating certificate
+    metrics_tls: Optional[ReloadingSSLContext] = None  # with metrics_tls_cert set
+    metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
     # What was moved to the quarantine at start (Quarantine.items); empty when healthy.
     quarantined: list = dataclasses.field(default_factory=list)
     # The bound ports, once started (metrics_port stays None with metrics off).
@@ -116,7 +119,8 @@ class Server:
         host, port = self.settings.metrics_host, self.settings.metrics_port
         try:
             self._metrics_http, self.metrics_port = start_metrics_server(
-                self.metrics, host, port, cache_seconds=self.settings.metrics_cache_seconds)
+                self.metrics, host, port, cache_seconds=self.settings.metrics_cache_seconds,
+                tls=self.metrics_tls, basic_auth=self.metrics_auth)
         except OSError as error:
             raise StartupError(_bind_failure("metrics", host, port, error.errno, "metrics_host",
                                              "metrics_port")) from error
@@ -224,6 +228,15 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     tls = (CertificateReloader(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
            if settings.tls_cert is not None else None)
     callers = Callers(load_tokens(settings.tokens_file) if settings.tokens_file is not None else None)
+    metrics_tls = metrics_auth = None
+    if settings.metrics_port is not None:
+        try:
+            if settings.metrics_tls_cert is not None:
+                metrics_tls = ReloadingSSLContext(settings.metrics_tls_cert, settings.metrics_tls_key)
+            if settings.metrics_basic_auth_file is not None:
+                metrics_auth = BasicAuth(settings.metrics_basic_auth_file)
+        except SecurityFileError as exc:
+            raise StartupError(str(exc)) from exc
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = open_store(settings.data_dir)  # jobs, datasets and registered losses
     store = None
@@ -294,7 +307,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
-                  quarantined=list(state.quarantine.items), tls=tls)
+                  quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
+                  metrics_auth=metrics_auth)
 
 
 def serve(settings: Settings) -> int:
@@ -320,15 +334,17 @@ def serve(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    if server.tls is not None:  # SIGHUP: read the certificate again for new connections
-        signal.signal(signal.SIGHUP, lambda signum, frame: server.tls.reload())
+    reloaders = [r for r in (server.tls, server.metrics_tls) if r is not None]
+    if reloaders:  # SIGHUP: read the certificates again for new connections
+        signal.signal(signal.SIGHUP, lambda signum, frame: [r.reload() for r in reloaders])
     server.start()
     if settings.tokens_file is None and not _loopback(settings.host):
         log.warning("no tokens file: any client that reaches %s:%d may evaluate, train, register and delete "
                     "(make tokens with `lossd tokens create` and set LOSSD_TOKENS_FILE)", settings.host, server.port)
     log.info("lossd %s listening on %s:%d (gRPC); metrics %s; evaluating on %s (%s); data dir %s",
              lossd_server.__version__, settings.host, server.port,
-             f"on http://{settings.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "off",
+             f"on {'https' if server.metrics_tls else 'http'}://{settings.metrics_host}:{server.metrics_port}/metrics"
+             f"{' (basic auth)' if server.metrics_auth else ''}" if server.metrics_port else "off",
              server.evaluator.device.name, server.evaluator.device.physical, settings.data_dir)
     stop.wait()
     server.drain(settings.drain_seconds, hurry)

@@ -90,7 +90,8 @@ class Settings(BaseSettings):
     """``json`` writes one JSON object per line, for log collectors."""
 
     @field_validator("metrics_port", "max_concurrent_jobs", "dataset_root", "inter_op_threads", "tls_cert",
-                     "tls_key", "tls_client_ca", "tokens_file", mode="before",
+                     "tls_key", "tls_client_ca", "tokens_file", "metrics_tls_cert", "metrics_tls_key",
+                     "metrics_basic_auth_file", mode="before",
                      check_fields=False)
     @classmethod
     def _empty_is_unset(cls, value):
@@ -112,6 +113,20 @@ class Settings(BaseSettings):
     """PEM CA certificates for mTLS: clients must present a certificate signed
     by one of them, or the handshake fails."""
 
+    metrics_tls_cert: Optional[pathlib.Path] = None
+    """PEM certificate chain for HTTPS on the metrics port; unset serves plain
+    HTTP. It may be the gRPC port's certificate (``tls_cert``): set both to
+    the same file. Re-read when the file changes or on SIGHUP, for new
+    connections."""
+
+    metrics_tls_key: Optional[pathlib.Path] = None
+    """PEM private key of ``metrics_tls_cert``."""
+
+    metrics_basic_auth_file: Optional[pathlib.Path] = None
+    """File of ``user:pbkdf2_sha256$...`` lines (made by ``lossd metrics-auth
+    create``); set, ``/metrics`` needs HTTP basic auth with one of them, and
+    answers 401 otherwise. Re-read when it changes."""
+
     tokens_file: Optional[pathlib.Path] = None
     """File of bearer tokens (salted hashes, made by ``lossd tokens create``);
     every call but health and reflection then needs a token with the
@@ -124,6 +139,9 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together: set both (LOSSD_TLS_CERT and LOSSD_TLS_KEY) or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs TLS: set tls_cert and tls_key too")
+        if (self.metrics_tls_cert is None) != (self.metrics_tls_key is None):
+            raise ValueError("metrics_tls_cert and metrics_tls_key go together: set both (LOSSD_METRICS_TLS_CERT "
+                             "and LOSSD_METRICS_TLS_KEY) or neither")
         return self
 
     # Training jobs (lossd_server.training).

@@ -33,6 +33,7 @@ ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "lossd.json"
 GRAFANA_DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 GRAFANA_DASHBOARDS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "lossd.yml"
+GRAFANA_FIRST_START = DEPLOY / "grafana" / "first-start.sh"
 
 ALERT_NAMES = {"LossdHighErrorRate", "LossdHighLatencyP99",
                "LossdTrainingJobsFailing", "LossdDown"}
@@ -266,11 +267,101 @@ def test_lossd_service_reserves_gpus_and_uses_lossd_environment_only():
         "LOSSD_METRICS_PORT": "9464",
         "LOSSD_DATA_DIR": "/data",
         "LOSSD_LOG_FORMAT": "json",
+        "LOSSD_TLS_CERT": "/run/secrets/server.pem",
+        "LOSSD_TLS_KEY": "/run/secrets/server.key",
+        "LOSSD_TOKENS_FILE": "/run/secrets/tokens.jsonl",
+        "LOSSD_METRICS_TLS_CERT": "/run/secrets/server.pem",
+        "LOSSD_METRICS_TLS_KEY": "/run/secrets/server.key",
+        "LOSSD_METRICS_BASIC_AUTH_FILE": "/run/secrets/metrics-users",
     }
     data = [v for v in lossd["volumes"] if v["target"] == "/data"]
     assert data and data[0]["type"] == "volume" and data[0]["source"] in config["volumes"]
-    assert lossd["healthcheck"]["test"][:3] == ["CMD", "lossd", "health"]
-    assert {p["target"] for p in lossd["ports"]} == {50051, 9464}
+    assert lossd["healthcheck"]["test"] == ["CMD", "lossd", "health", "--address", "localhost:50051",
+                                            "--tls-ca", "/run/secrets/ca.pem"]
+    assert {p["target"] for p in lossd["ports"]} == {50051}
+
+
+def secret_paths(config: dict, service: str) -> dict[str, str]:
+    """Container path -> host file of each secret ``service`` mounts."""
+    return {mount["target"]: config["secrets"][mount["source"]]["file"]
+            for mount in config["services"][service].get("secrets", [])}
+
+
+def test_every_secret_a_service_names_is_mounted_from_deploy_secrets():
+    config = compose_config(COMPOSE)
+    for service, names in (("lossd", ["LOSSD_TLS_CERT", "LOSSD_TLS_KEY", "LOSSD_TOKENS_FILE",
+                                      "LOSSD_METRICS_TLS_CERT", "LOSSD_METRICS_TLS_KEY",
+                                      "LOSSD_METRICS_BASIC_AUTH_FILE"]),
+                           ("prometheus", [])):
+        mounted = secret_paths(config, service)
+        assert mounted, service
+        for path in mounted.values():
+            assert Path(path).parent == DEPLOY / "secrets", path
+        environment = config["services"][service].get("environment") or {}
+        for name in names:
+            assert environment[name] in mounted, (service, name, environment[name])
+    prometheus_files = set(re.findall(r"(?:ca_file|password_file):\s*(\S+)", PROMETHEUS_CONFIG.read_text()))
+    assert prometheus_files and prometheus_files <= set(secret_paths(config, "prometheus")), prometheus_files
+    # Nothing the operator makes there is committed.
+    assert "deploy/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    # The CA's key stays on the operator's machine: no container gets it.
+    assert not [s for s in config["secrets"].values() if Path(s["file"]).name == "ca.key"]
+
+
+def test_only_grpc_is_published_and_prometheus_and_grafana_bind_loopback_unless_asked():
+    config = compose_config(COMPOSE)
+    published = {name: [(p.get("host_ip"), p["target"]) for p in service.get("ports", [])]
+                 for name, service in config["services"].items()}
+    assert published == {"lossd": [(None, 50051)], "prometheus": [("127.0.0.1", 9090)],
+                         "grafana": [("127.0.0.1", 3000)]}
+    # The opt-in: PROMETHEUS_BIND and GRAFANA_BIND in the environment (or deploy/.env).
+    result = run([*compose_command(), "-f", str(COMPOSE), "config", "--format", "json"],
+                 env={**{k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")},
+                      "PROMETHEUS_BIND": "0.0.0.0", "GRAFANA_BIND": "192.0.2.1"})
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert [p["host_ip"] for p in services["prometheus"]["ports"]] == ["0.0.0.0"]
+    assert [p["host_ip"] for p in services["grafana"]["ports"]] == ["192.0.2.1"]
+
+
+def test_grafana_has_no_anonymous_access_and_no_fixed_password():
+    grafana = compose_config(COMPOSE)["services"]["grafana"]
+    environment = grafana["environment"]
+    assert environment["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in environment
+    # The generated password lives in the data volume, so it survives restarts.
+    data = next(m for m in grafana["volumes"] if m["type"] == "volume")
+    assert environment["GF_SECURITY_ADMIN_PASSWORD__FILE"].startswith(data["target"] + "/")
+    mounts = {m["target"]: Path(m["source"]) for m in grafana["volumes"] if m["type"] == "bind"}
+    assert grafana["entrypoint"][0] == "/bin/sh" and mounts[grafana["entrypoint"][1]] == GRAFANA_FIRST_START
+    assert grafana["command"] == ["/run.sh"]   # the image's own entrypoint runs after it
+
+
+def test_grafana_first_start_writes_a_random_password_once(tmp_path):
+    """first-start.sh as compose runs it (the password file moved to a temporary
+    folder, the command a stand-in for Grafana's /run.sh)."""
+    grafana = compose_config(COMPOSE)["services"]["grafana"]
+    data = next(m for m in grafana["volumes"] if m["type"] == "volume")["target"]
+    password_file = grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"].replace(data, str(tmp_path), 1)
+    env = {"PATH": os.environ["PATH"], "GF_SECURITY_ADMIN_PASSWORD__FILE": password_file}
+
+    def start() -> subprocess.CompletedProcess:
+        return subprocess.run(["/bin/sh", str(GRAFANA_FIRST_START), "/bin/sh", "-c", "echo started"],
+                              env=env, capture_output=True, text=True, timeout=30)
+
+    first = start()
+    assert first.returncode == 0 and first.stdout == "started\n", first.stderr
+    password = Path(password_file).read_text()
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password), password
+    assert password != "admin" and oct(Path(password_file).stat().st_mode & 0o777) == "0o600"
+    assert f"docker compose -f deploy/compose.yaml exec grafana cat {password_file}" in first.stderr
+    assert password not in first.stderr
+    again = start()
+    assert again.returncode == 0 and again.stdout == "started\n" and again.stderr == ""
+    assert Path(password_file).read_text() == password
+    Path(password_file).unlink()
+    start()
+    assert Path(password_file).read_text() != password   # random, not a fixed value
 
 
 def test_cpu_override_drops_gpu_and_uses_cpu_image():
@@ -364,6 +455,11 @@ def test_prometheus_scrapes_lossd_metrics_port():
     text = PROMETHEUS_CONFIG.read_text()
     assert re.search(r"job_name:\s*lossd\b", text)
     assert '"lossd:9464"' in text
+    # Over HTTPS with the deployment's CA, as the "prometheus" metrics user.
+    job = text[text.index("job_name: lossd"):text.index("job_name: prometheus")]
+    assert re.search(r"^\s+scheme: https$", job, re.M), job
+    assert re.search(r"^\s+ca_file: /run/secrets/ca\.pem$", job, re.M), job
+    assert re.search(r"^\s+username: prometheus\n\s+password_file: /run/secrets/metrics-password$", job, re.M), job
     assert "scrape_interval: 15s" in text
     assert re.search(r"^rule_files:\n\s+- alerts\.yml$", text, re.M)
 

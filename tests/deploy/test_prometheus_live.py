@@ -6,13 +6,17 @@ What the containers would run, taken from the deployment files themselves:
   its entrypoint/command (the Dockerfile's ENTRYPOINT when compose sets none)
   and its environment (the Dockerfile's ENV, overridden by compose's
   ``environment:``). Only the port numbers (free ones) and the data directory
-  (a temporary one) change; LOSSD_HOST and LOSSD_METRICS_HOST stay as the
-  deployment sets them, so ``lossd serve`` binds what the container would.
+  (a temporary one) change, and the secrets compose mounts under
+  /run/secrets are files the test makes in a temporary folder (a CA made at
+  run time, a server certificate, a tokens file, metrics basic-auth users).
+  LOSSD_HOST and LOSSD_METRICS_HOST, which the deployment sets to every
+  interface, become 127.0.0.2: tests listen on loopback only, and that
+  address stands for the one other containers reach lossd through (a
+  listener bound to 127.0.0.1 refuses it, as it refuses ``lossd:9464`` in
+  compose).
 * Prometheus: ``deploy/prometheus/prometheus.yml`` with only the target
-  addresses changed, ``alerts.yml`` beside it. The lossd target is reached
-  through a local address other than 127.0.0.1, as another container reaches
-  lossd: a listener bound to 127.0.0.1 refuses it, as it refuses
-  ``lossd:9464`` in compose.
+  addresses and the /run/secrets folder changed, ``alerts.yml`` beside it: it
+  scrapes over HTTPS with the CA and basic auth, at 127.0.0.2.
 
 Known traffic goes through ``lossd.Client`` in two waves: a warm-up before
 Prometheus starts (every series the checks read exists from the first scrape
@@ -30,6 +34,9 @@ prometheus``); without it the tests fail with a one-line message.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import http.client
 import json
 import math
 import os
@@ -38,6 +45,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -49,8 +57,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from certificates import Authority
 from test_deploy import (ALERTS, COMPOSE, DASHBOARD, DOCKERFILE, PROMETHEUS_CONFIG, compose_config,
-                         dashboard_exprs, find_tool, require, yaml_scalars)
+                         dashboard_exprs, find_tool, require, secret_paths, yaml_scalars)
 
 SERVICE = "lossd.v1.LossService"
 JOB = "lossd"
@@ -156,7 +165,7 @@ def dockerfile_only_env() -> dict[str, str]:
 
 # -- addresses -----------------------------------------------------------------
 
-def free_port(host: str = "0.0.0.0") -> int:
+def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -172,27 +181,46 @@ def _bindable(address: str) -> bool:
 
 
 def other_local_address() -> str:
-    """A local IPv4 address other than 127.0.0.1, the way another container
-    reaches lossd: a non-loopback one if the machine has one, else 127.0.0.2
-    (Linux routes all of 127/8 to lo, and a 127.0.0.1 listener refuses it)."""
-    candidates = []
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.123", 9))   # no packet is sent; picks the outgoing address
-            candidates.append(s.getsockname()[0])
-    except OSError:
-        pass
-    try:
-        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
-    except OSError:
-        pass
-    for address in candidates:
-        if not address.startswith("127.") and address != "0.0.0.0" and _bindable(address):
-            return address
+    """127.0.0.2: a loopback address other than 127.0.0.1, standing for the
+    address another container reaches lossd through (Linux routes all of
+    127/8 to lo, and a 127.0.0.1 listener refuses it). Tests listen on
+    loopback only."""
     if _bindable("127.0.0.2"):
         return "127.0.0.2"
-    pytest.fail("no local IPv4 address besides 127.0.0.1 to reach lossd through "
-                "(neither a non-loopback address nor 127.0.0.2)")
+    pytest.fail("cannot bind 127.0.0.2, the second loopback address the deployment test serves on")
+
+
+# -- secrets: what the operator puts in deploy/secrets ----------------------------
+
+SECRETS = "/run/secrets/"  # where compose mounts them (secret_paths)
+
+
+class Secrets:
+    """The files of deploy/secrets, made at run time in ``folder``: a CA, the
+    server's certificate for the names the deployment uses and the address
+    the test reaches it through, one token with the evaluate and train
+    scopes, and the "prometheus" metrics user with its password file."""
+
+    def __init__(self, folder: Path, other_address: str):
+        from lossd_server.grpc.auth import create_token
+        from lossd_server.observability.metrics_security import create_user
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        authority = Authority(folder, "ca")
+        self.ca = authority.pem
+        authority.issue("server", hosts=("lossd", "localhost", "127.0.0.1", other_address),
+                        cert_path=folder / "server.pem", key_path=folder / "server.key")
+        self.token = create_token(folder / "tokens.jsonl", "team", ["evaluate", "train"])
+        self.metrics_password = create_user(folder / "metrics-users", "prometheus")
+        (folder / "metrics-password").write_text(self.metrics_password + "\n")
+
+    def local(self, path: str) -> str:
+        """The test's file for a container path under /run/secrets."""
+        assert path.startswith(SECRETS), path
+        local = self.folder / path[len(SECRETS):]
+        assert local.is_file(), f"the deployment mounts {path}, which the test does not make"
+        return str(local)
 
 
 # -- processes -----------------------------------------------------------------
@@ -217,19 +245,30 @@ def _tail(path: Path, size: int = 4000) -> str:
 class Lossd:
     """``lossd serve`` as the container runs it, with remapped ports and data dir."""
 
-    def __init__(self, root: Path, other_address: str):
+    def __init__(self, root: Path, other_address: str, secrets: Secrets):
         argv, env, self.service = lossd_container()
         assert argv[:2] == ["lossd", "serve"], argv
         self.container_env = dict(env)
         lossd_bin = find_tool("lossd")
         assert lossd_bin, f"no `lossd` command next to {sys.executable} or on PATH (pip install -e '.[server]')"
-        # The compose ports publish exactly the gRPC and metrics ports.
+        # compose publishes the gRPC port only; Prometheus reaches metrics over the compose network.
         published = {int(p["target"]) for p in self.service["ports"]}
-        assert published == {int(env["LOSSD_PORT"]), int(env["LOSSD_METRICS_PORT"])}, (published, env)
-        # Only the port numbers and the data directory change.
-        self.port, self.metrics_port = free_port(), free_port()
+        assert published == {int(env["LOSSD_PORT"])}, (published, env)
+        # Every interface in the container; the second loopback address here.
+        for name in ("LOSSD_HOST", "LOSSD_METRICS_HOST"):
+            assert env[name] in ("0.0.0.0", "::", "[::]"), f"the deployment binds {name}={env[name]} only"
+            env[name] = other_address
+        # The port numbers, the data directory and the secrets' folder change.
+        self.port, self.metrics_port = free_port(other_address), free_port(other_address)
         env.update(LOSSD_PORT=str(self.port), LOSSD_METRICS_PORT=str(self.metrics_port),
                    LOSSD_DATA_DIR=str(root / "data"))
+        self.secret_mounts = secret_paths(compose_config(COMPOSE), "lossd")
+        for key, value in env.items():
+            if value.startswith(SECRETS):
+                assert value in self.secret_mounts, f"{key}={value} is not a secret compose mounts"
+                env[key] = secrets.local(value)
+        self.secrets = secrets
+        self.address = f"{other_address}:{self.port}"
         self.env = env
         base = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
         root.mkdir(parents=True, exist_ok=True)
@@ -285,7 +324,7 @@ class Lossd:
 class Prometheus:
     """Prometheus on the deployment's prometheus.yml, queried over its HTTP API."""
 
-    def __init__(self, binary: str, root: Path, lossd_target: str):
+    def __init__(self, binary: str, root: Path, lossd_target: str, secrets: Secrets):
         self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}"
         root.mkdir(parents=True, exist_ok=True)
@@ -297,6 +336,11 @@ class Prometheus:
         text = text.replace(f'"{targets[0]}"', f'"{lossd_target}"')
         assert text.count('"localhost:9090"') == 1
         text = text.replace('"localhost:9090"', f'"127.0.0.1:{self.port}"')
+        # The files compose mounts under /run/secrets: the test's own.
+        mounted = secret_paths(compose_config(COMPOSE), "prometheus")
+        for path in sorted(set(re.findall(rf"{SECRETS}\S+", text))):
+            assert path in mounted, f"prometheus.yml reads {path}, which compose does not mount"
+            text = text.replace(path, secrets.local(path))
         self.config = root / "prometheus.yml"
         self.config.write_text(text)
         # rule_files are relative to the config: copy them beside it, unchanged.
@@ -414,9 +458,22 @@ def other_address() -> str:
 
 
 @pytest.fixture(scope="module")
-def lossd_serve(tmp_path_factory, other_address):
+def secrets(tmp_path_factory, other_address) -> Secrets:
+    return Secrets(tmp_path_factory.mktemp("secrets"), other_address)
+
+
+def team_client(server: Lossd):
+    """A client as the README's team member makes one: TLS with the CA, a token."""
+    import lossd
+
+    return lossd.Client(server.address, timeout=30, tls=lossd.TLS(ca=server.secrets.ca),
+                        token=server.secrets.token)
+
+
+@pytest.fixture(scope="module")
+def lossd_serve(tmp_path_factory, other_address, secrets):
     """`lossd serve` with the deployment's command and environment, stopped at the end."""
-    server = Lossd(tmp_path_factory.mktemp("compose-lossd"), other_address)
+    server = Lossd(tmp_path_factory.mktemp("compose-lossd"), other_address, secrets)
     try:
         server.wait_ready()
         yield server
@@ -425,18 +482,16 @@ def lossd_serve(tmp_path_factory, other_address):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, lossd_serve, other_address):
+def stack(tmp_path_factory, lossd_serve, other_address, secrets):
     """(lossd, Prometheus) after both waves of traffic have been scraped."""
-    import lossd
-
     binary = require("prometheus", "Debian/Ubuntu: apt-get install prometheus")
     tmp = tmp_path_factory.mktemp("compose-prometheus")
     server = lossd_serve
     prometheus = None
     try:
-        with lossd.Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        with team_client(server) as client:
             send(client, 0)
-            prometheus = Prometheus(binary, tmp, f"{other_address}:{server.metrics_port}")
+            prometheus = Prometheus(binary, tmp, f"{other_address}:{server.metrics_port}", secrets)
             prometheus.wait_ready()
             # A first sample of the warm-up is stored: the main wave is an increase.
             prometheus.wait_for(f'up{{job="{JOB}"}}', 1)
@@ -461,42 +516,127 @@ def stack(tmp_path_factory, lossd_serve, other_address):
 
 # -- binding: what the deployment's environment makes lossd listen on ------------
 
-def _grpc_serving(address: str) -> bool:
+def _grpc_serving(address: str, ca: Path) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+    with grpc.secure_channel(address, credentials) as channel:   # no token: health is open
         response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     return response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _metrics_body(host: str, port: int) -> bytes:
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
-        assert resp.status == 200
-        return resp.read()
+def _metrics_get(server: Lossd, scheme: str = "https", password: str | None = None) -> tuple[int, bytes]:
+    """(status, body) of GET /metrics; HTTPS trusts the test's CA, and the
+    "prometheus" user sends ``password`` (the right one by default)."""
+    request = urllib.request.Request(f"{scheme}://{server.other_address}:{server.metrics_port}/metrics")
+    password = server.secrets.metrics_password if password is None else password
+    if password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"prometheus:{password}".encode()).decode())
+    context = ssl.create_default_context(cafile=str(server.secrets.ca)) if scheme == "https" else None
+    try:
+        with urllib.request.urlopen(request, timeout=10, context=context) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
 
 
-def test_compose_environment_serves_grpc_and_metrics_on_all_interfaces(lossd_serve, other_address):
+def _metrics_body(server: Lossd) -> bytes:
+    status, body = _metrics_get(server)
+    assert status == 200, (status, body[:200])
+    return body
+
+
+def test_compose_environment_serves_grpc_and_metrics_over_tls(lossd_serve):
     server = lossd_serve
     # The server runs with what the container gets: the Dockerfile's ENV, then
-    # compose's environment. Another container reaches it through a
-    # non-loopback address; both listeners must answer there too.
-    for host in ("127.0.0.1", other_address):
-        try:
-            assert _grpc_serving(f"{host}:{server.port}"), host
-        except Exception as error:   # noqa: BLE001 - the message says which listener refused
-            pytest.fail(f"gRPC is not reachable on {host}:{server.port} with the deployment's "
-                        f"environment (LOSSD_HOST={server.env.get('LOSSD_HOST')}): {error}")
-        try:
-            body = _metrics_body(host, server.metrics_port)
-        except OSError as error:
-            pytest.fail(f"metrics are not reachable on {host}:{server.metrics_port} with the deployment's "
-                        f"environment (LOSSD_METRICS_HOST={server.env.get('LOSSD_METRICS_HOST')}): {error}")
-        assert b"lossd_build_info" in body
+    # compose's environment. Another container reaches it through another
+    # address than 127.0.0.1; both listeners must answer there, over TLS.
+    try:
+        assert _grpc_serving(server.address, server.secrets.ca), server.address
+    except Exception as error:   # noqa: BLE001 - the message says which listener refused
+        pytest.fail(f"gRPC is not reachable over TLS on {server.address} with the deployment's environment: "
+                    f"{error}")
+    try:
+        body = _metrics_body(server)
+    except OSError as error:
+        pytest.fail(f"metrics are not reachable over HTTPS on {server.other_address}:{server.metrics_port} "
+                    f"with the deployment's environment: {error}")
+    assert b"lossd_build_info" in body
     # The startup line names the listeners lossd opened.
     message = server.startup()["message"]
-    assert f":{server.port} (gRPC)" in message and f":{server.metrics_port}/metrics" in message, message
-    assert "127.0.0.1" not in message, message
+    assert f":{server.port} (gRPC)" in message, message
+    assert f"https://{server.other_address}:{server.metrics_port}/metrics (basic auth)" in message, message
+
+
+def test_the_metrics_port_refuses_plain_http_and_scrapes_without_the_password(lossd_serve):
+    server = lossd_serve
+    with pytest.raises((OSError, http.client.HTTPException)) as refused:
+        _metrics_get(server, scheme="http")
+    assert not isinstance(refused.value, urllib.error.HTTPError), refused.value   # no HTTP answer
+    for password in ("", "wrong"):
+        status, body = _metrics_get(server, password=password)
+        assert status == 401 and b"lossd_" not in body, (password, status)
+
+
+def test_compose_healthcheck_passes_as_typed(lossd_serve):
+    """The healthcheck's command in the container's environment (LOSSD_TLS_CERT
+    and LOSSD_TLS_KEY there are the server's; the health client must not
+    mind), with only the port and the secrets' folder changed."""
+    server = lossd_serve
+    command = server.service["healthcheck"]["test"]
+    assert command[0] == "CMD", command
+    argv = [server.secrets.local(a) if a.startswith(SECRETS) else a for a in command[1:]]
+    container_port = server.container_env["LOSSD_PORT"]
+    assert argv.count(f"localhost:{container_port}") == 1, argv
+    argv[argv.index(f"localhost:{container_port}")] = f"localhost:{server.port}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}, **server.env}
+    # In the container lossd listens on every interface, localhost included;
+    # here it listens on 127.0.0.2, so a forwarder on 127.0.0.1 stands for that.
+    with _Forwarder(server.other_address, server.port) as port:
+        argv[argv.index(f"localhost:{server.port}")] = f"localhost:{port}"
+        result = subprocess.run([find_tool("lossd"), *argv[1:]], env=env, capture_output=True, text=True,
+                                timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+class _Forwarder:
+    """Forwards TCP connections from a free port on 127.0.0.1 to ``host:port``."""
+
+    def __init__(self, host: str, port: int):
+        import socketserver
+        import threading
+
+        target = (host, port)
+
+        class Pipe(socketserver.BaseRequestHandler):
+            def handle(self):
+                with socket.create_connection(target, timeout=30) as upstream:
+                    def copy(source, sink):
+                        try:
+                            while data := source.recv(65536):
+                                sink.sendall(data)
+                        except OSError:
+                            pass
+                        finally:
+                            with contextlib.suppress(OSError):
+                                sink.shutdown(socket.SHUT_WR)
+
+                    back = threading.Thread(target=copy, args=(upstream, self.request), daemon=True)
+                    back.start()
+                    copy(self.request, upstream)
+                    back.join(30)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Pipe)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> int:
+        return self.server.server_address[1]
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def test_dockerfile_env_alone_binds_all_interfaces():
@@ -533,6 +673,8 @@ def test_target_is_up(stack):
     assert prometheus.value(f'up{{job="{JOB}"}}') == 1
     targets = [t for t in prometheus.api("/api/v1/targets")["activeTargets"] if t["labels"]["job"] == JOB]
     assert [t["health"] for t in targets] == ["up"], targets
+    # Over HTTPS with the CA and basic auth, as the shipped prometheus.yml says.
+    assert targets[0]["scrapeUrl"] == f"https://{stack[0].other_address}:{stack[0].metrics_port}/metrics", targets
 
 
 def _rate_interval(prometheus) -> str:
@@ -655,11 +797,9 @@ def test_evaluations_by_loss_and_outcome(stack):
 
 
 def test_loss_label_values_are_bounded(stack):
-    import lossd
-
     server, prometheus = stack
     values = set(prometheus.api("/api/v1/label/loss/values"))
-    with lossd.Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+    with team_client(server) as client:
         registered = {info.name for info in client.losses()}
     # The non-loss values: "composite", "expression" (inline) and "other"
     # (lossd_server/observability/metrics.py).
@@ -693,10 +833,28 @@ def test_build_and_device_info(stack):
 def test_promtool_accepts_the_live_exposition(stack):
     promtool = require("promtool", "Debian/Ubuntu: apt-get install prometheus")
     server, _ = stack
-    body = _metrics_body("127.0.0.1", server.metrics_port)
+    body = _metrics_body(server)
     assert b"lossd_loss_evaluations_total" in body
     result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def test_the_deployment_refuses_plain_text_and_callers_without_a_token(stack):
+    """After the checks on Prometheus: the refused calls are counted too."""
+    import lossd
+
+    server, _ = stack
+    y = np.ones((2, 3), dtype=np.float32)
+    with lossd.Client(server.address, timeout=10) as plain, pytest.raises(lossd.LossdError) as refused:
+        plain.evaluate("mse", y, y)
+    assert refused.value.code.name == "UNAVAILABLE", refused.value
+    for token in (None, "lsd_000000000000_not-a-token"):
+        with lossd.Client(server.address, timeout=10, tls=lossd.TLS(ca=server.secrets.ca),
+                          token=token) as anonymous, pytest.raises(lossd.LossdError) as refused:
+            anonymous.evaluate("mse", y, y)
+        assert refused.value.code.name == "UNAUTHENTICATED", (token, refused.value)
+    with team_client(server) as client:
+        assert client.evaluate("mse", y, y).loss == 0.0
 
 
 def test_lossd_stops_cleanly_on_sigterm(stack):

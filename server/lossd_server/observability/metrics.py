@@ -14,7 +14,8 @@ ids and users never become labels.
 
 ``/metrics`` is served from a rendering at most ``cache_seconds`` old (see
 ``start_metrics_server``), so many scrapers cost one rendering per interval,
-not one each.
+not one each; optionally over TLS and behind HTTP basic auth
+(``metrics_security``).
 
 This module imports neither gRPC nor TensorFlow: the transport passes status
 code names as strings and the backend passes device and version strings.
@@ -29,7 +30,7 @@ import socket
 import threading
 import time
 from socketserver import ThreadingMixIn
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -44,6 +45,8 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from lossd_server.observability.metrics_security import REALM, BasicAuth, ReloadingSSLContext
 
 logger = logging.getLogger(__name__)
 
@@ -563,30 +566,70 @@ class _CachedExposition:
         return [b"" if method == "HEAD" else body]
 
 
+class _BasicAuthGate:
+    """The WSGI app behind HTTP basic auth: without credentials the file
+    holds, 401 with a ``WWW-Authenticate`` challenge, before anything renders."""
+
+    def __init__(self, app, auth: BasicAuth):
+        self.app, self.auth = app, auth
+
+    def __call__(self, environ, start_response):
+        if self.auth.check(environ.get("HTTP_AUTHORIZATION", "")) is None:
+            body = b"Unauthorized: this endpoint needs HTTP basic auth (LOSSD_METRICS_BASIC_AUTH_FILE)\n"
+            start_response("401 Unauthorized", [
+                ("WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"'),
+                ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+            return [body]
+        return self.app(environ, start_response)
+
+
 class _QuietHandler(WSGIRequestHandler):
+    # A client that connects and sends nothing (or never finishes the TLS
+    # handshake) gives its thread back after this many seconds.
+    timeout = 30
+
     def log_message(self, format, *args):  # noqa: A002 - scrapes are not worth a log line each
         pass
 
 
 class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a scrape in progress must not keep the process alive
+    tls: Optional[ReloadingSSLContext] = None
+
+    def get_request(self):
+        sock, address = super().get_request()
+        if self.tls is None:
+            return sock, address
+        # The handshake runs on the request's own thread (at its first read),
+        # so a slow or silent client never holds up accept().
+        return self.tls.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+    def handle_error(self, request, client_address):
+        # A plain-HTTP client on a TLS port, or one that hangs up mid-handshake:
+        # its request fails, and a traceback on stderr would say nothing more.
+        logger.debug("metrics request from %s failed", client_address[0], exc_info=True)
 
 
-def start_metrics_server(metrics: Metrics, host: str, port: int,
-                         cache_seconds: float = 1.0) -> tuple[WSGIServer, int]:
+def start_metrics_server(metrics: Metrics, host: str, port: int, cache_seconds: float = 1.0, *,
+                         tls: Optional[ReloadingSSLContext] = None,
+                         basic_auth: Optional[BasicAuth] = None) -> tuple[WSGIServer, int]:
     """Serves ``metrics.registry`` over HTTP on a daemon thread, rendered at
     most once per ``cache_seconds`` (0 renders every scrape).
 
-    ``port`` 0 picks a free port. Returns ``(server, bound_port)``; call
-    ``server.shutdown()`` and then ``server.server_close()`` to stop it. The
-    app is ``server.exposition``.
+    ``port`` 0 picks a free port. With ``tls`` the port speaks HTTPS only,
+    with the certificate ``tls`` holds for each new connection; with
+    ``basic_auth`` every request needs credentials it accepts (else 401).
+    Returns ``(server, bound_port)``; call ``server.shutdown()`` and then
+    ``server.server_close()`` to stop it. The exposition app is
+    ``server.exposition``.
     """
-    app = _CachedExposition(metrics.registry, cache_seconds)
+    exposition = _CachedExposition(metrics.registry, cache_seconds)
+    app = _BasicAuthGate(exposition, basic_auth) if basic_auth is not None else exposition
     try:
         # The address family follows the host ("::" needs AF_INET6).
         family = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
                                     flags=socket.AI_PASSIVE)[0][0]
-        server_class = type("MetricsHTTPServer", (_ThreadingWSGIServer,), {"address_family": family})
+        server_class = type("MetricsHTTPServer", (_ThreadingWSGIServer,), {"address_family": family, "tls": tls})
         server = make_server(host.strip("[]"), port, app, server_class, handler_class=_QuietHandler)
     except socket.gaierror as error:
         raise OSError(error.errno, f"Could not serve metrics on {host}:{port} (LOSSD_METRICS_HOST, "
@@ -594,6 +637,6 @@ def start_metrics_server(metrics: Metrics, host: str, port: int,
     except OSError as error:
         raise OSError(error.errno, f"Could not serve metrics on {host}:{port} (LOSSD_METRICS_HOST, "
                                    f"LOSSD_METRICS_PORT): {error.strerror}") from error
-    server.exposition = app
+    server.exposition = exposition
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server, server.server_port

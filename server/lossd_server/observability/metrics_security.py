@@ -1,0 +1,250 @@
+"""TLS and HTTP basic auth for the ``/metrics`` endpoint.
+
+``ReloadingSSLContext`` gives each new connection an ``ssl.SSLContext`` for the
+certificate and key on disk, loaded anew when their files change or after
+``reload()`` (SIGHUP), as ``lossd_server.grpc.tls`` does for the gRPC port: a
+pair that does not load is logged and the previous one kept.
+
+``BasicAuth`` checks ``Authorization: Basic`` against a file of
+``user:pbkdf2_sha256$<iterations>$<salt>$<hash>`` lines (the salt and hash in
+unpadded URL-safe base64), made by ``lossd metrics-auth create``; the file is
+re-read when it changes. PBKDF2 because Prometheus sends the password itself on
+every scrape, so the file must not hold it, and an operator may choose a weak
+one. A scrape that repeats a verified password costs one HMAC, not the PBKDF2.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import pathlib
+import secrets
+import ssl
+import threading
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+SCHEME = "pbkdf2_sha256"
+# OWASP's 2023 figure for PBKDF2-HMAC-SHA256; about 0.15 s on one core here,
+# paid once per password a scraper sends, not per scrape.
+ITERATIONS = 600_000
+REALM = "lossd metrics"
+
+
+class SecurityFileError(ValueError):
+    """A certificate, key or basic-auth file that cannot be used; the message
+    names the file and the setting, never a secret."""
+
+
+def _stamp(paths) -> tuple:
+    return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in map(os.stat, paths))
+
+
+class ReloadingSSLContext:
+    """A server-side ``SSLContext`` for ``cert``/``key``, built anew when
+    either file changes (checked at each ``context()``) or after ``reload()``.
+
+    Raises:
+        SecurityFileError: the pair does not load at construction.
+    """
+
+    def __init__(self, cert: pathlib.Path, key: pathlib.Path):
+        self.cert, self.key = pathlib.Path(cert), pathlib.Path(key)
+        self._lock = threading.Lock()
+        self._forced = False
+        try:
+            self._stamp = _stamp((self.cert, self.key))
+            self._context = self._load()
+        except (OSError, ssl.SSLError) as exc:
+            raise SecurityFileError(
+                f"cannot load the metrics TLS certificate {self.cert.name} and key {self.key.name}: "
+                f"{getattr(exc, 'strerror', None) or exc} (set LOSSD_METRICS_TLS_CERT/--metrics-tls-cert "
+                "and LOSSD_METRICS_TLS_KEY/--metrics-tls-key)") from exc
+        self.loads = 1  # how many contexts were built (tests read it)
+
+    def reload(self) -> None:
+        """Loads the files again for the next connection, changed or not."""
+        with self._lock:
+            self._forced = True
+
+    def context(self) -> ssl.SSLContext:
+        """The context for a new connection."""
+        with self._lock:
+            try:
+                stamp = _stamp((self.cert, self.key))
+            except OSError:
+                return self._context  # a file is being replaced: keep what works
+            if stamp != self._stamp or self._forced:
+                self._forced = False
+                self._stamp = stamp  # a bad pair is not retried until the files change again
+                try:
+                    self._context = self._load()
+                    self.loads += 1
+                    log.info("metrics TLS certificate %s reloaded", self.cert.name)
+                except (OSError, ssl.SSLError) as exc:
+                    log.error("metrics TLS certificate not reloaded, the previous one stays: %s", exc)
+            return self._context
+
+    def _load(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(password: str, *, iterations: int = ITERATIONS, salt: Optional[bytes] = None) -> str:
+    """``pbkdf2_sha256$<iterations>$<salt>$<hash>`` of ``password``."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    return f"{SCHEME}${iterations}${_b64(salt)}${_b64(digest)}"
+
+
+def create_user(path: pathlib.Path, user: str) -> str:
+    """Appends ``user`` with a new random password to the basic-auth file
+    (created with mode 0600) and returns the password, which is stored nowhere."""
+    _check_user(user)
+    existing = parse_users(pathlib.Path(path).read_text(), str(path)) if pathlib.Path(path).exists() else {}
+    if user in existing:
+        raise ValueError(f"{path} already has a user {user!r}: remove its line to replace it")
+    password = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(f"{user}:{hash_password(password)}\n")
+    return password
+
+
+def _check_user(user: str) -> None:
+    if not user or ":" in user or not user.isprintable() or user != user.strip() or len(user) > 64:
+        raise ValueError(f"a metrics user name is 1 to 64 printable characters without ':' or surrounding "
+                         f"spaces; received {user!r}")
+
+
+# Hash formats an operator may bring from elsewhere, named in the error when
+# seen; anything else is not echoed, as it may be a plain-text password.
+_OTHER_SCHEMES = ("pbkdf2_sha1", "pbkdf2_sha512", "sha256", "sha512", "md5", "argon2", "argon2id", "scrypt")
+
+
+def _kind(hashed: str) -> str:
+    if hashed.startswith(("$2a$", "$2b$", "$2y$")):
+        return "a bcrypt hash (not supported)"
+    if "$" in hashed and hashed.split("$")[0] in _OTHER_SCHEMES:
+        return f"a {hashed.split('$')[0]} hash (not supported)"
+    return "something else"
+
+
+def parse_users(text: str, where: str) -> dict[str, tuple[int, bytes, bytes]]:
+    """``user -> (iterations, salt, hash)`` from a basic-auth file's text.
+
+    Raises:
+        SecurityFileError: a line is not ``user:pbkdf2_sha256$...`` (its
+            number is named; nothing of the line is shown).
+    """
+    users = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, _, hashed = line.strip().partition(":")
+        parts = hashed.split("$")
+        try:
+            _check_user(user)
+            if len(parts) != 4 or parts[0] != SCHEME:
+                raise ValueError(f"expected user:{SCHEME}$<iterations>$<salt>$<hash>, received {_kind(hashed)}")
+            iterations = int(parts[1])
+            if iterations < 1:
+                raise ValueError(f"iterations must be positive, received {iterations}")
+            salt, digest = _unb64(parts[2]), _unb64(parts[3])
+            if len(digest) != 32:
+                raise ValueError(f"a SHA-256 hash has 32 bytes, received {len(digest)}")
+        except (ValueError, binascii.Error) as exc:
+            raise SecurityFileError(f"line {number} of the metrics basic-auth file {where} is not a user: "
+                                    f"{exc}; make users with `lossd metrics-auth create NAME --file FILE`") from None
+        if user in users:
+            raise SecurityFileError(f"line {number} of the metrics basic-auth file {where} repeats the user "
+                                    f"{user!r}")
+        users[user] = (iterations, salt, digest)
+    if not users:
+        raise SecurityFileError(f"the metrics basic-auth file {where} has no user; make one with "
+                                "`lossd metrics-auth create NAME --file FILE`")
+    return users
+
+
+class BasicAuth:
+    """Checks HTTP basic credentials against a basic-auth file, re-read when it changes.
+
+    Raises:
+        SecurityFileError: the file cannot be read or a line is malformed, at construction.
+    """
+
+    def __init__(self, path: pathlib.Path):
+        self.path = pathlib.Path(path)
+        self._lock = threading.Lock()
+        # One PBKDF2 at a time: guesses queue up instead of taking every core.
+        self._hashing = threading.Lock()
+        # A per-process key: the HMAC of a password verified once stands in for
+        # its PBKDF2 on the next scrapes, and is worthless outside this process.
+        self._key = secrets.token_bytes(32)
+        self._verified: dict[str, bytes] = {}
+        try:
+            self._stamp = _stamp((self.path,))
+            self._users = parse_users(self.path.read_text(), self.path.name)
+        except OSError as exc:
+            raise SecurityFileError(f"cannot read the metrics basic-auth file {self.path.name}: {exc.strerror} "
+                                    "(set LOSSD_METRICS_BASIC_AUTH_FILE or --metrics-basic-auth-file)") from exc
+        # Unknown users cost the same PBKDF2 as known ones.
+        self._dummy = (ITERATIONS, secrets.token_bytes(16), secrets.token_bytes(32))
+
+    def _current(self) -> dict[str, tuple[int, bytes, bytes]]:
+        with self._lock:
+            try:
+                stamp = _stamp((self.path,))
+            except OSError:
+                return self._users
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._users = parse_users(self.path.read_text(), self.path.name)
+                    self._verified = {}
+                    log.info("metrics basic-auth file %s reloaded (%d users)", self.path.name, len(self._users))
+                except (OSError, SecurityFileError) as exc:
+                    log.error("metrics basic-auth file not reloaded, the previous users stay: %s", exc)
+            return self._users
+
+    def check(self, authorization: str) -> Optional[str]:
+        """The user an ``Authorization`` header value authenticates, or None."""
+        scheme, _, encoded = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        if not sep:
+            return None
+        users = self._current()
+        tag = hmac.new(self._key, password.encode(), hashlib.sha256).digest()
+        with self._lock:
+            remembered = self._verified.get(user)
+        if remembered is not None and hmac.compare_digest(remembered, tag) and user in users:
+            return user
+        iterations, salt, digest = users.get(user, self._dummy)
+        with self._hashing:
+            candidate = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+        if not (hmac.compare_digest(candidate, digest) and user in users):
+            return None
+        with self._lock:
+            if self._users is users:  # not reloaded meanwhile (a reload forgets what was verified)
+                self._verified[user] = tag
+        return user

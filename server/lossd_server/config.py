@@ -223,6 +223,21 @@ class Settings(BaseSettings):
     terms (a named loss counts as one); tracing time and a compiled program's
     memory grow with them. Larger is INVALID_ARGUMENT (PROGRAM_TOO_LARGE)."""
 
+    # Micro-batching of evaluations (issue 13).
+
+    batch_max_delay_us: int = Field(500, ge=0)
+    """Longest a request waits for other requests of its program family (same
+    loss, dtype and shapes past the first axis) to be evaluated with it in one
+    call, in microseconds; 0 turns batching off. A request waits only while
+    other requests are in flight: alone, it is evaluated at once."""
+
+    batch_max_elements: int = Field(65_536, ge=1)
+    """Most y_pred elements, over all its requests, in one batched call; a
+    batch that reaches it runs at once, and a larger request runs on its own."""
+
+    batch_max_requests: int = Field(64, ge=1)
+    """Most requests in one batched call (1 turns batching off)."""
+
     compile_workers: int = Field(2, ge=1)
     """Threads that compile new loss programs. Requests whose program is
     already compiled never wait for them."""

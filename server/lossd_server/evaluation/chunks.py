@@ -43,9 +43,9 @@ import numpy as np
 from lossd.wire import REDUCTIONS, check_reduction, is_float
 from lossd_server.errors import InvalidArgument
 from lossd_server.evaluation.evaluator import Evaluator, check_sample_weight
-from lossd_server.losses.plan import DEFAULT_INPUTS, Plan
-from lossd_server.losses.registry import (ROWS, ROWS_COSINE, ROWS_MEAN, ROWS_SUM, SHAPES_SAME, align_ranks,
-                                          values_shape)
+from lossd_server.losses.plan import DEFAULT_INPUTS, Plan, Term
+from lossd_server.losses.registry import (ROWS, ROWS_COSINE, ROWS_MEAN, ROWS_SUM, SHAPES_SAME, RowStructure,
+                                          align_ranks, values_shape)
 
 NOT_CHUNKABLE = "NOT_CHUNKABLE"
 _CHUNK_TENSORS = ("y_true", "y_pred", "sample_weight")
@@ -58,6 +58,16 @@ def _refuse(message: str, **metadata: str) -> InvalidArgument:
     return InvalidArgument(
         f"{message} Send it with Evaluate instead (raise --max-message-bytes on the client and the "
         "server if it does not fit one message).", reason=NOT_CHUNKABLE, metadata=metadata)
+
+
+def term_row_structure(term: Term, true_shape: tuple, pred_shape: tuple) -> Optional[RowStructure]:
+    """How a term reading (y_true, y_pred) of these shapes depends on their
+    rows (``LossEntry.row_structure`` after Keras's trailing-1 alignment);
+    None when the rows are coupled. The one test of row-separability:
+    chunked evaluation and micro-batching (``batching``) both ask it."""
+    if term.entry.shapes == SHAPES_SAME:
+        true_shape, pred_shape = align_ranks(true_shape, pred_shape)
+    return term.entry.row_structure(term.params, {"y_true": len(true_shape), "y_pred": len(pred_shape)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +119,7 @@ def chunk_layout(plan: Plan, infos: Mapping[str, tuple[str, tuple]], reduction: 
             raise InvalidArgument(message, reason="SHAPE_MISMATCH")
     true_shape = infos["y_true"][1]
     shape = values_shape(term.entry, term.params, true_shape, pred_shape)  # SHAPE_MISMATCH first
-    if term.entry.shapes == SHAPES_SAME:
-        true_shape, pred_shape = align_ranks(true_shape, pred_shape)
-    structure = term.entry.row_structure(term.params, {"y_true": len(true_shape), "y_pred": len(pred_shape)})
+    structure = term_row_structure(term, true_shape, pred_shape)
     mode = structure.kind if structure is not None else None
     if mode == ROWS_COSINE and shape != ():
         mode = None  # the sums would be per column: not supported, refused below

@@ -26,7 +26,7 @@ import logging
 import math
 import threading
 from concurrent import futures
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -34,7 +34,8 @@ from lossd.wire import FLOAT_DTYPES, check_reduction, dtype_name
 from lossd_server.errors import InvalidArgument, ResourceExhausted
 from lossd_server.evaluation import backend
 from lossd_server.losses.expressions import ShapeError, broadcast_shapes
-from lossd_server.losses.plan import ExpressionCompiler, Plan, Planner, build_program
+from lossd_server.losses.plan import (ExpressionCompiler, Plan, Planner, Program, build_program,
+                                      build_rows_program)
 from lossd_server.losses.registry import LossRegistry, check_labels, values_shape
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,17 @@ class Evaluator:
             InvalidArgument: dtypes, shapes, labels or sample weights that do
                 not fit the loss, or inputs TensorFlow refuses.
         """
+        self.check(plan, tensors, sample_weight, reduction)
+        return self.evaluate_checked(plan, tensors, sample_weight=sample_weight, reduction=reduction,
+                                     gradient=gradient)
+
+    def check(self, plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray],
+              reduction: str) -> None:
+        """Everything ``evaluate`` checks before it compiles or runs anything.
+
+        Raises:
+            InvalidArgument: as ``evaluate``.
+        """
         check_reduction(reduction)
         y_pred = tensors.get("y_pred")
         if y_pred is None:
@@ -149,6 +161,12 @@ class Evaluator:
         self._check_inputs(plan, tensors, sample_weight, reduction)
         self._check_intermediates(plan, tensors, sample_weight, reduction)
 
+    def evaluate_checked(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
+                         sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
+                         gradient: bool = False) -> Result:
+        """``evaluate`` for inputs that passed ``check``."""
+        y_pred = tensors["y_pred"]
+        compute_dtype = dtype_name(y_pred.dtype)
         names = sorted(plan.tensor_names | {"y_pred"})
         arrays = [tensors[n] for n in names]
         specs = [backend.InputSpec(n, dtype_name(a.dtype), backend.signature_shape(a.shape))
@@ -163,7 +181,7 @@ class Evaluator:
         try:
             # Keras checks shapes while the program is traced, TensorFlow while it
             # runs: a refusal from either is about this request's inputs.
-            compiled = self._compiled(key, plan, specs, reduction, compute_dtype,
+            compiled = self._compiled(key, plan, specs, lambda: build_program(plan, reduction, compute_dtype),
                                       sample_weight is not None, gradient, xla)
             total, terms, grad = compiled(arrays)
         except backend.INPUT_ERRORS as exc:
@@ -248,7 +266,22 @@ class Evaluator:
                 _check_size(plan.metric_name, math.prod(total), limit,
                             [f"{t.label}: {list(o)}" for t, o in zip(plan.terms, outputs)])
 
-    def _compiled(self, key, plan: Plan, specs, reduction: str, dtype: str, has_sw: bool,
+    def rows_program(self, plan: Plan, family: str, row_params: Sequence[str], specs: Sequence[backend.InputSpec],
+                     dtype: str, gradient: bool) -> backend.Compiled:
+        """The compiled program that evaluates many requests of one program
+        family at once (``plan.build_rows_program``), from the same cache and
+        compile threads as every other program.
+
+        Raises:
+            ResourceExhausted: ``COMPILE_BUSY`` or ``COMPILE_TIMEOUT``, as ``evaluate``.
+        """
+        specs = tuple(specs)
+        key = ("rows", family, tuple(row_params), gradient, specs)
+        has_sw = any(s.name == "sample_weight" for s in specs)
+        return self._compiled(key, plan, specs, lambda: build_rows_program(plan, dtype, row_params),
+                              has_sw, gradient, False)
+
+    def _compiled(self, key, plan: Plan, specs, build: Callable[[], Program], has_sw: bool,
                   gradient: bool, xla: bool) -> backend.Compiled:
         with self._lock:
             compiled = self._cache.get(key)
@@ -265,8 +298,7 @@ class Evaluator:
                         reason="COMPILE_BUSY", metadata={"limit": str(self.max_pending_compiles)})
                 pending = self._pending.get(key)
                 if pending is None:
-                    pending = self._compile_pool.submit(
-                        self._compile, key, plan, specs, reduction, dtype, has_sw, gradient, xla)
+                    pending = self._compile_pool.submit(self._compile, key, plan, specs, build, has_sw, gradient, xla)
                     self._pending[key] = pending
                 self._waiting += 1
         self._count_lookup("hit" if compiled is not None else "miss")
@@ -283,13 +315,13 @@ class Evaluator:
             with self._lock:
                 self._waiting -= 1
 
-    def _compile(self, key, plan: Plan, specs, reduction: str, dtype: str, has_sw: bool, gradient: bool,
+    def _compile(self, key, plan: Plan, specs, build: Callable[[], Program], has_sw: bool, gradient: bool,
                  xla: bool) -> backend.Compiled:
         """Traces one program on a compile thread and caches it (a trace that
         raises caches nothing: the same key traces again next time)."""
         try:
             compiled = backend.Compiled(
-                build_program(plan, reduction, dtype), specs, has_sample_weight=has_sw, gradient=gradient,
+                build(), specs, has_sample_weight=has_sw, gradient=gradient,
                 device=self.device, jit_compile=xla, on_trace=lambda: self._on_trace(plan))
             with self._lock:
                 self._cache[key] = compiled

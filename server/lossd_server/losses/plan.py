@@ -256,3 +256,61 @@ def build_program(plan: Plan, reduction: str, dtype: str) -> Program:
         return total, values
 
     return program
+
+
+# The inputs of a rows program besides y_true, y_pred and sample_weight.
+ROW_SEGMENTS = "segments"             # (rows,) int32: the request each row belongs to, ascending
+ROW_DIVISOR_ROWS = "divisor_rows"     # (requests,) float64: rows counted by the divisor
+ROW_DIVISOR_FIXED = "divisor_fixed"   # (requests,) float64: the divisor's fixed part
+ROW_PARAMETER_PREFIX = "param_"       # + name: one value per row, shaped to broadcast along the rows
+
+
+def row_family(plan: Plan) -> Optional[tuple[str, tuple[str, ...]]]:
+    """What plans may share one rows program: a key equal for plans that
+    differ only in the values of their entry's ``row_parameters``, and the
+    names of those parameters. None for a composite (not batched)."""
+    if plan.composite:
+        return None
+    term = plan.terms[0]
+    names = tuple(sorted(p for p in term.entry.row_parameters if isinstance(term.params.get(p), float)))
+    params = {k: ("<per row>" if k in names else v) for k, v in term.params.items()}
+    key = json.dumps({"entry": term.entry.name if term.entry.source != "expression" else None,
+                      "expression": term.entry.expression, "params": params, "inputs": list(term.inputs)},
+                     sort_keys=True, default=str)
+    return key, names
+
+
+def build_rows_program(plan: Plan, dtype: str, row_params: Sequence[str]) -> Program:
+    """The program that evaluates several requests of one family (``row_family``)
+    in one call, their rows concatenated along the first axis.
+
+    The term's Keras loss (reduction ``none``) computes every row's values
+    once, the ``row_params`` read from tensors of one value per row; the
+    values are weighted, and each request's are summed (in float64) and
+    divided by its own divisor ``divisor_rows * values per row +
+    divisor_fixed`` (Keras's ``divide_no_nan``), as Keras's
+    ``reduce_values`` does for that request alone. The total is the sum of
+    the requests' reduced losses: its gradient with respect to the
+    concatenated y_pred is, in each request's rows, that request's own
+    gradient. Returns ``(total, [reduced loss per request, weighted values])``.
+    """
+    from keras import ops
+
+    term = plan.terms[0]
+
+    def program(tensors, sample_weight):
+        params = dict(term.params)
+        for name in row_params:
+            params[name] = tensors[ROW_PARAMETER_PREFIX + name]
+        loss = term.entry.build(params, "none", dtype)
+        values = loss(*[tensors[n] for n in term.inputs])
+        if sample_weight is not None:
+            values = values * sample_weight
+        per_row = ops.reshape(ops.cast(values, "float64"), (ops.shape(values)[0], -1))
+        sums = ops.segment_sum(ops.sum(per_row, axis=1), tensors[ROW_SEGMENTS], sorted=True)
+        divisors = (tensors[ROW_DIVISOR_ROWS] * ops.cast(ops.shape(per_row)[1], "float64")
+                    + tensors[ROW_DIVISOR_FIXED])
+        reduced = ops.cast(ops.divide_no_nan(sums, divisors), dtype)
+        return ops.sum(reduced), [reduced, values]
+
+    return program

@@ -92,6 +92,13 @@ class LossEntry:
             when the shapes cannot work), or None when unknown. Expression
             entries answer it from the expression tree, so the evaluator
             refuses a huge broadcast before tracing.
+        row_parameters: The numeric parameters that may differ from row to
+            row: Keras uses them only in elementwise tensor arithmetic, so
+            the loss accepts a tensor of one value per row in their place
+            (``lossd_server.evaluation.batching`` evaluates requests with
+            different values in one call). An explicit allow-list, checked
+            against Keras by tests/server/test_batching.py; a parameter Keras
+            branches on in Python (``if label_smoothing:``) is never in it.
     """
 
     name: str
@@ -107,6 +114,7 @@ class LossEntry:
     hinge_labels: bool = False
     expression: str = ""
     value_shapes: Callable[[Mapping[str, tuple]], Any] = lambda shapes: None
+    row_parameters: frozenset[str] = frozenset()
 
     def describe(self) -> dict:
         """A JSON-friendly description, as ListLosses returns it."""
@@ -213,7 +221,8 @@ def keras_parameters(name: str, cls: type) -> tuple[Parameter, ...]:
 
 
 def _keras_entry(name: str, cls: type, aliases: Sequence[str] = (), *, shapes: str = SHAPES_SAME,
-                 over_rows: Optional[str] = None, coupled: bool = False, hinge_labels: bool = False) -> LossEntry:
+                 over_rows: Optional[str] = None, coupled: bool = False, hinge_labels: bool = False,
+                 row_parameters: Sequence[str] = ()) -> LossEntry:
     """An entry for a Keras loss class.
 
     ``over_rows`` is how the loss combines rows when it reduces over the row
@@ -222,7 +231,8 @@ def _keras_entry(name: str, cls: type, aliases: Sequence[str] = (), *, shapes: s
     ``ROWS_SUM`` for those that sum one, ``ROWS_COSINE`` for the cosine
     similarity (a function of three sums over the rows), None when the
     reduction couples the rows otherwise (normalisation, max, ratios of sums). ``coupled`` marks a
-    loss whose samples always depend on each other (circle).
+    loss whose samples always depend on each other (circle). ``row_parameters``
+    is ``LossEntry.row_parameters``.
     """
     def build(params: Mapping[str, Any], reduction: str, dtype: str):
         return cls(**params, reduction=reduction, dtype=dtype)
@@ -245,7 +255,7 @@ def _keras_entry(name: str, cls: type, aliases: Sequence[str] = (), *, shapes: s
     all_aliases = tuple(dict.fromkeys([cls.__name__, *aliases]))
     return LossEntry(name=name, aliases=all_aliases, doc=_first_sentence(cls.__doc__ or name),
                      parameters=parameters, build=build, shapes=shapes, row_structure=row_structure,
-                     hinge_labels=hinge_labels)
+                     hinge_labels=hinge_labels, row_parameters=frozenset(row_parameters))
 
 
 def keras_entries() -> list[LossEntry]:
@@ -255,9 +265,11 @@ def keras_entries() -> list[LossEntry]:
     return [
         # Probabilistic
         _keras_entry("binary_crossentropy", kl.BinaryCrossentropy, ["bce"], over_rows=ROWS_MEAN),
-        _keras_entry("binary_focal_crossentropy", kl.BinaryFocalCrossentropy, ["bfce"], over_rows=ROWS_MEAN),
+        _keras_entry("binary_focal_crossentropy", kl.BinaryFocalCrossentropy, ["bfce"], over_rows=ROWS_MEAN,
+                     row_parameters=["gamma", "alpha"]),
         _keras_entry("categorical_crossentropy", kl.CategoricalCrossentropy, ["cce"]),
-        _keras_entry("categorical_focal_crossentropy", kl.CategoricalFocalCrossentropy, ["cfce"]),
+        _keras_entry("categorical_focal_crossentropy", kl.CategoricalFocalCrossentropy, ["cfce"],
+                     row_parameters=["gamma", "alpha"]),
         _keras_entry("sparse_categorical_crossentropy", kl.SparseCategoricalCrossentropy,
                      ["scce"], shapes=SHAPES_SPARSE),
         _keras_entry("categorical_generalized_cross_entropy", kl.CategoricalGeneralizedCrossEntropy,
@@ -272,7 +284,7 @@ def keras_entries() -> list[LossEntry]:
         _keras_entry("mean_squared_logarithmic_error", kl.MeanSquaredLogarithmicError, ["msle"],
                      over_rows=ROWS_MEAN),
         _keras_entry("cosine_similarity", kl.CosineSimilarity, over_rows=ROWS_COSINE),
-        _keras_entry("huber", kl.Huber, ["huber_loss"], over_rows=ROWS_MEAN),
+        _keras_entry("huber", kl.Huber, ["huber_loss"], over_rows=ROWS_MEAN, row_parameters=["delta"]),
         _keras_entry("log_cosh", kl.LogCosh, ["logcosh"], over_rows=ROWS_MEAN),
         # Hinge
         _keras_entry("hinge", kl.Hinge, over_rows=ROWS_MEAN, hinge_labels=True),

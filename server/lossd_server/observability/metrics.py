@@ -99,6 +99,12 @@ JOB_DURATION_BUCKETS = (
 
 _RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
+# Micro-batching (lossd_server.evaluation.batching): requests and y_pred
+# elements per batched call, and how long each request waited for company.
+BATCH_REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+BATCH_ELEMENT_BUCKETS = (100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
+BATCH_WAIT_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+
 GpuMemorySource = Callable[[], Mapping[str, tuple[int, int]]]
 
 
@@ -293,6 +299,20 @@ class Metrics:
             "Compiled loss functions held in the cache.",
             registry=r)
 
+        # Micro-batching of evaluations.
+        self.lossd_batch_size_requests = Histogram(
+            "lossd_batch_size_requests",
+            "Requests evaluated together in one batched call (1: a request that found no company).",
+            buckets=BATCH_REQUEST_BUCKETS, registry=r)
+        self.lossd_batch_size_elements = Histogram(
+            "lossd_batch_size_elements",
+            "Elements of y_pred, summed over the requests, evaluated in one batched call.",
+            buckets=BATCH_ELEMENT_BUCKETS, registry=r)
+        self.lossd_batch_wait_seconds = Histogram(
+            "lossd_batch_wait_seconds",
+            "Time a batched request waited for its batch to close, in seconds.",
+            buckets=BATCH_WAIT_BUCKETS, registry=r)
+
         # Training.
         self.lossd_training_jobs = Gauge(
             "lossd_training_jobs",
@@ -440,6 +460,16 @@ class Metrics:
     def set_cache_entries(self, entries: int) -> None:
         """Sets how many compiled losses the cache holds now."""
         self.lossd_loss_cache_entries.set(entries)
+
+    # Micro-batching.
+
+    def observe_batch(self, requests: int, elements: int, waits: Iterable[float]) -> None:
+        """Records one batch as it closes: its requests, their y_pred
+        elements, and how long each request waited in it."""
+        self.lossd_batch_size_requests.observe(requests)
+        self.lossd_batch_size_elements.observe(elements)
+        for seconds in waits:
+            self.lossd_batch_wait_seconds.observe(seconds)
 
     # RPC level.
 

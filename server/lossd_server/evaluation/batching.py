@@ -1,0 +1,330 @@
+"""Ragged micro-batching: concurrent evaluations of one program family share
+one compiled call.
+
+Requests whose plans differ at most in the values of their loss's
+``row_parameters`` (Huber's ``delta``, the focal losses' ``gamma`` and
+``alpha``), with the same dtypes and the same shapes past the first axis,
+form a family. While several requests are in flight, the first of a family
+to arrive waits up to ``max_delay`` for others; their rows are concatenated
+along axis 0 and evaluated by one rows program (``plan.build_rows_program``):
+per-sample values computed once, then each request's own weights, own
+reduction, own gradient rows and own error. A request alone in the server
+never waits: it is evaluated at once, by the one-piece path.
+
+Only row-separable requests are batched, as ``chunks.term_row_structure``
+decides (each row's values depend on that row alone); not composites, not
+the hinge losses (their label conversion looks at the whole batch), not a
+loss with ``ignore_class`` (its mask divides by a count over the batch),
+not ``ctc``,
+not tensors beyond y_true and y_pred, and only float32 and float64. Anything
+else goes through ``Evaluator.evaluate`` unchanged.
+
+What is exact: per-sample values (reduction ``none``) and the gradient rows
+equal the one-piece answer bit for bit (the same Keras ops on the same
+elements); a reduced loss sums the request's values in float64, where Keras
+sums them in the loss's dtype, so it agrees to rtol 1e-6 of the sum of
+their magnitudes (tests/server/test_batching.py checks both against the
+one-piece path). If the batched call fails, every request of the batch is
+evaluated on its own, so each gets its own answer or its own error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from typing import Iterator, Mapping, Optional
+
+import numpy as np
+
+from lossd.wire import dtype_name
+from lossd_server.evaluation import backend
+from lossd_server.evaluation.chunks import term_row_structure
+from lossd_server.evaluation.evaluator import Evaluator, Result, any_non_finite
+from lossd_server.losses.plan import (DEFAULT_INPUTS, ROW_DIVISOR_FIXED, ROW_DIVISOR_ROWS, ROW_PARAMETER_PREFIX,
+                                      ROW_SEGMENTS, Plan, row_family)
+from lossd_server.losses.registry import ROWS, SHAPES_CTC, SHAPES_SAME, SHAPES_SPARSE, align_ranks, values_shape
+
+log = logging.getLogger(__name__)
+
+BATCHED_DTYPES = ("float32", "float64")
+# Reductions whose divisor counts the values (Keras's reduce_values); with a
+# sample weight, mean_with_sample_weight divides by the weights' sum instead.
+_COUNTED = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+@dataclasses.dataclass(eq=False)
+class _Item:
+    plan: Plan
+    tensors: Mapping[str, np.ndarray]
+    sample_weight: Optional[np.ndarray]
+    reduction: str
+    gradient: bool
+    key: tuple
+    row_params: tuple[str, ...]
+    rows: int
+    elements: int
+    values_shape: Optional[tuple]  # the per-sample values' shape, where known
+    weights: Optional[np.ndarray] = None  # sample_weight broadcast to values_shape, in the loss's dtype
+    arrived: float = 0.0
+    result: Optional[Result] = None
+    error: Optional[BaseException] = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Batch:
+    key: tuple
+    items: list = dataclasses.field(default_factory=list)
+    elements: int = 0
+    closed: bool = False
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class Batcher:
+    """Evaluates like ``Evaluator.evaluate``, batching concurrent requests.
+
+    Args:
+        evaluator: The evaluator whose checks, cache and programs are used.
+        max_delay_us: Longest a request waits for company, in microseconds,
+            and only while other requests are in flight; 0 turns batching off.
+        max_elements: Most y_pred elements in one batch; a batch that reaches
+            it runs at once, and a larger request runs on its own.
+        max_requests: Most requests in one batch.
+        metrics: Optional ``Metrics`` for batch sizes and waits.
+    """
+
+    def __init__(self, evaluator: Evaluator, *, max_delay_us: int, max_elements: int, max_requests: int,
+                 metrics=None):
+        self.evaluator = evaluator
+        self.enabled = max_delay_us > 0 and max_requests > 1
+        self.max_delay = max_delay_us / 1e6
+        self.max_elements = max_elements
+        self.max_requests = max_requests
+        self.metrics = metrics
+        self._cond = threading.Condition(threading.Lock())
+        self._open: dict[tuple, _Batch] = {}
+        self._active = 0   # requests in flight: arriving (in_flight) or inside evaluate
+        self._queued = 0   # requests in open batches: they cannot join another
+        self._local = threading.local()
+        self.batches = 0   # batched calls of two or more requests (for tests)
+
+    # -- counting ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Counts a request from its arrival (before its tensors are decoded),
+        so a batch waits for requests that are about to join it."""
+        if not self.enabled or getattr(self._local, "counted", False):
+            yield
+            return
+        with self._cond:
+            self._active += 1
+        self._local.counted = True
+        try:
+            yield
+        finally:
+            self._local.counted = False
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    # -- evaluation ---------------------------------------------------------------
+
+    def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
+                 sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
+                 gradient: bool = False) -> Result:
+        """``Evaluator.evaluate``, batched with concurrent requests of its family."""
+        if not self.enabled:
+            return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
+                                           gradient=gradient)
+        with self.in_flight():
+            with self._cond:
+                alone = self._active <= 1 and not self._open
+            if alone:  # an idle server: no one to wait for
+                return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
+                                               gradient=gradient)
+            self.evaluator.check(plan, tensors, sample_weight, reduction)  # its own error, before joining
+            item = self._item(plan, tensors, sample_weight, reduction, gradient)
+            if item is None:
+                return self.evaluator.evaluate_checked(plan, tensors, sample_weight=sample_weight,
+                                                       reduction=reduction, gradient=gradient)
+            batch, leader = self._join(item)
+            if leader:
+                self._lead(batch)
+            else:
+                batch.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def _item(self, plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray],
+              reduction: str, gradient: bool) -> Optional[_Item]:
+        """The request as a batch member, or None where it is not batched."""
+        family = row_family(plan)
+        if family is None:
+            return None
+        term = plan.terms[0]
+        y_true, y_pred = tensors["y_true"], tensors["y_pred"]
+        dtype = dtype_name(y_pred.dtype)
+        if (term.inputs != DEFAULT_INPUTS or plan.tensor_names != frozenset(DEFAULT_INPUTS)
+                or term.entry.hinge_labels or term.params.get("ignore_class") is not None
+                or dtype not in BATCHED_DTYPES or y_true.ndim < 1 or y_pred.ndim < 1
+                or y_true.shape[0] != y_pred.shape[0] or y_pred.size == 0 or y_true.size == 0
+                or y_pred.size > self.max_elements):
+            return None
+        if term.entry.shapes == SHAPES_CTC or (term.entry.shapes == SHAPES_SPARSE and y_pred.shape[-1] == 1):
+            # CTC is never batched (issue 13); sparse labels against a single
+            # class broadcast rows against rows once Keras aligns their ranks.
+            return None
+        structure = term_row_structure(term, y_true.shape, y_pred.shape)
+        if structure is None or structure.kind != ROWS:
+            return None
+        rows = int(y_pred.shape[0])
+        shape = _values_shape(term, y_true.shape, y_pred.shape)
+        if shape is not None and (len(shape) < 1 or shape[0] != rows or 0 in shape):
+            return None
+        key = (family[0], dtype_name(y_true.dtype), dtype, y_true.shape[1:], y_pred.shape[1:], gradient,
+               None if shape is None else shape[1:])
+        item = _Item(plan, tensors, sample_weight, reduction, gradient, key, family[1], rows, int(y_pred.size),
+                     shape)
+        if sample_weight is not None:
+            # Keras aligns ranks that differ by one (squeeze_or_expand_to_same_rank)
+            # by the static shapes of the traced program, which a batch does not
+            # share; other ranks broadcast as numpy does.
+            if shape is None or sample_weight.size == 0 or abs(sample_weight.ndim - len(shape)) == 1:
+                return None
+            try:
+                if np.broadcast_shapes(shape, sample_weight.shape) != shape:
+                    return None
+            except ValueError:
+                return None
+            item.weights = np.broadcast_to(sample_weight.astype(dtype, copy=False), shape)
+        return item
+
+    # -- forming batches -----------------------------------------------------------
+
+    def _join(self, item: _Item) -> tuple[_Batch, bool]:
+        with self._cond:
+            item.arrived = time.perf_counter()
+            batch = self._open.get(item.key)
+            if batch is not None and batch.elements + item.elements > self.max_elements:
+                self._close(batch)
+                batch = None
+            leader = batch is None
+            if leader:
+                batch = _Batch(item.key)
+                self._open[item.key] = batch
+            batch.items.append(item)
+            batch.elements += item.elements
+            self._queued += 1
+            if len(batch.items) >= self.max_requests or batch.elements >= self.max_elements:
+                self._close(batch)
+            self._cond.notify_all()
+        return batch, leader
+
+    def _lead(self, batch: _Batch) -> None:
+        """Waits for company while others are in flight, then runs the batch."""
+        deadline = batch.items[0].arrived + self.max_delay
+        with self._cond:
+            while not batch.closed:
+                remaining = deadline - time.perf_counter()
+                # Requests in flight that may still join: not waiting in an open batch.
+                if remaining <= 0 or self._active - self._queued <= 0:
+                    break
+                self._cond.wait(remaining)
+            self._close(batch)
+        try:
+            self._run(batch.items)
+        finally:
+            batch.done.set()
+
+    def _close(self, batch: _Batch) -> None:
+        """Stops a batch taking requests (called with the lock held)."""
+        if batch.closed:
+            return
+        batch.closed = True
+        if self._open.get(batch.key) is batch:
+            del self._open[batch.key]
+        self._queued -= len(batch.items)
+        if self.metrics is not None:
+            now = time.perf_counter()
+            self.metrics.observe_batch(len(batch.items), batch.elements, [now - i.arrived for i in batch.items])
+
+    # -- running --------------------------------------------------------------------
+
+    def _run(self, items: list[_Item]) -> None:
+        if len(items) > 1:
+            try:
+                self._run_together(items)
+                self.batches += 1
+                return
+            except Exception as exc:  # noqa: BLE001 - each request then gets its own answer or error
+                if not isinstance(exc, (backend.INPUT_ERRORS + backend.MEMORY_ERRORS)):
+                    log.warning("batched evaluation of %d requests failed; evaluating them one by one",
+                                len(items), exc_info=True)
+        for item in items:
+            try:
+                item.result = self.evaluator.evaluate_checked(
+                    item.plan, item.tensors, sample_weight=item.sample_weight, reduction=item.reduction,
+                    gradient=item.gradient)
+            except Exception as exc:  # noqa: BLE001 - raised in the request's own thread
+                item.error = exc
+
+    def _run_together(self, items: list[_Item]) -> None:
+        first = items[0]
+        dtype = dtype_name(first.tensors["y_pred"].dtype)
+        rows = np.array([i.rows for i in items], dtype=np.int64)
+        y_true = np.concatenate([i.tensors["y_true"] for i in items])
+        y_pred = np.concatenate([i.tensors["y_pred"] for i in items])
+        arrays = {"y_true": y_true, "y_pred": y_pred,
+                  ROW_SEGMENTS: np.repeat(np.arange(len(items), dtype=np.int32), rows)}
+        # The rank the loss sees y_pred with (Keras aligns a trailing 1): one
+        # value per row broadcasts against it.
+        rank = len(align_ranks(y_true.shape, y_pred.shape)[1]) if first.plan.terms[0].entry.shapes == SHAPES_SAME \
+            else y_pred.ndim
+        for name in first.row_params:
+            values = np.array([i.plan.terms[0].params[name] for i in items], dtype=dtype)
+            arrays[ROW_PARAMETER_PREFIX + name] = np.repeat(values, rows).reshape((-1,) + (1,) * (rank - 1))
+        divisor_rows = np.zeros(len(items), np.float64)
+        divisor_fixed = np.ones(len(items), np.float64)
+        for r, item in enumerate(items):
+            if item.reduction == "mean_with_sample_weight" and item.sample_weight is not None:
+                # Keras divides by the sum of the weights as given (not broadcast).
+                divisor_fixed[r] = np.sum(item.sample_weight.astype(dtype, copy=False), dtype=np.float64)
+            elif item.reduction in _COUNTED:
+                divisor_rows[r], divisor_fixed[r] = item.rows, 0.0
+        arrays[ROW_DIVISOR_ROWS], arrays[ROW_DIVISOR_FIXED] = divisor_rows, divisor_fixed
+        weighted = any(i.weights is not None for i in items)
+        if weighted:
+            rest = next(i.values_shape[1:] for i in items if i.weights is not None)
+            arrays["sample_weight"] = np.concatenate(
+                [i.weights if i.weights is not None else np.ones((i.rows, *rest), dtype) for i in items])
+        names = sorted(arrays)
+        specs = [backend.InputSpec(n, dtype_name(arrays[n].dtype), backend.signature_shape(arrays[n].shape))
+                 for n in names]
+        compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs, dtype,
+                                               first.gradient)
+        _, (reduced, values), grad = compiled([arrays[n] for n in names])
+        start = 0
+        for r, item in enumerate(items):
+            stop = start + item.rows
+            if item.reduction == "none":
+                loss = values[start:stop]
+            else:
+                loss = np.asarray(reduced[r])
+            g = grad[start:stop] if item.gradient else None
+            inputs = [item.tensors["y_true"], item.tensors["y_pred"], item.sample_weight]
+            item.result = Result(loss, g, [], any_non_finite([loss, g, *inputs]))
+            start = stop
+
+
+def _values_shape(term, true_shape: tuple, pred_shape: tuple) -> Optional[tuple]:
+    """The per-sample values' shape of a term on these inputs, where known
+    before running (named losses, and expressions whose shapes analyse)."""
+    shape = values_shape(term.entry, term.params, true_shape, pred_shape)
+    if shape is None:
+        analysis = term.entry.value_shapes(dict(zip(term.entry.inputs, (tuple(true_shape), tuple(pred_shape)))))
+        shape = getattr(analysis, "shape", None)
+    return None if shape is None else tuple(shape)

@@ -3,6 +3,8 @@
 Each error carries an UPPER_SNAKE ``reason`` (sent as ``google.rpc.ErrorInfo``)
 and a ``kind`` that the transport maps to a status code in one table
 (``lossd_server.grpc.status``). Messages say what was expected and what was received.
+An error that a later retry can get past carries ``retry_delay``, the seconds
+to wait (sent as ``google.rpc.RetryInfo``).
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ class LossdError(Exception):
     default_reason = "INVALID_ARGUMENT"
 
     def __init__(self, message: str, *, reason: str | None = None,
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, retry_delay: float | None = None):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.retry_delay = retry_delay  # seconds; None: no RetryInfo
 
 
 class InvalidArgument(LossdError):

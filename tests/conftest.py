@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,6 +31,22 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def address(server) -> str:
     return f"127.0.0.1:{server.port}"
+
+
+def _create_token(path, name: str, scopes: str, *options: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
+    done = subprocess.run([sys.executable, "-m", "lossd.cli", "tokens", "create", name, "--scopes", scopes,
+                           *options, "--file", str(path)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def create_token():
+    """``create_token(path, name, scopes, *options)``: runs ``lossd tokens
+    create`` as a user types it (``options`` such as ``--max-jobs 2``) and
+    returns the token it prints."""
+    return _create_token
 
 
 @pytest.fixture()

@@ -83,6 +83,9 @@ class DatasetInfo:
         create_time: Seconds since the epoch (0 for built-ins).
         size_bytes: Bytes of the stored file (0 for built-ins).
         path: Where the arrays are (an ``.npz``, a folder, or empty for built-ins).
+        owner: Who uploaded it (the caller's name); empty for built-in and
+            folder datasets, which every caller may use, and for uploads from
+            before owners, which only admins may.
     """
 
     name: str
@@ -93,6 +96,7 @@ class DatasetInfo:
     create_time: float = 0.0
     size_bytes: int = 0
     path: str = ""
+    owner: str = ""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -828,9 +832,9 @@ def check_name(name: str) -> str:
 
 
 def info_from_arrays(name: str, source: str, x: np.ndarray, class_names: Sequence[str], path: str = "",
-                     size_bytes: int = 0) -> DatasetInfo:
+                     size_bytes: int = 0, owner: str = "") -> DatasetInfo:
     return DatasetInfo(name, source, int(x.shape[0]), tuple(int(d) for d in x.shape[1:]), list(class_names),
-                       time.time(), size_bytes, path)
+                       time.time(), size_bytes, path, owner)
 
 
 def load(source: str, path: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray, list[str]]:

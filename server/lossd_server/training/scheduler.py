@@ -29,6 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
+from lossd_server.callers import Caller
 from lossd_server.errors import FailedPrecondition, ResourceExhausted, redact_paths
 from lossd_server.training import jobs, worker
 from lossd_server.training.artifacts import Artifacts
@@ -137,15 +138,15 @@ class Scheduler:
         self._count_jobs()
         self._notify()
 
-    def cancel(self, job_id: str) -> JobRecord:
-        """Cancels a job (best effort); returns it, normally CANCELLED.
+    def cancel(self, job_id: str, caller: Caller) -> JobRecord:
+        """Cancels a job ``caller`` owns (best effort); returns it, normally CANCELLED.
 
         Raises:
-            NotFound: no such job (JOB_NOT_FOUND).
+            NotFound: no such job, or another caller's (JOB_NOT_FOUND).
             FailedPrecondition: the job already finished (JOB_ALREADY_FINISHED).
         """
         with self._lock:
-            job = jobs.lookup(self.store, job_id)
+            job = jobs.lookup(self.store, job_id, caller)
             if job.final:
                 raise FailedPrecondition(
                     f"Job `jobs/{job_id}` already finished ({job.state}); only queued or running jobs can be "
@@ -166,11 +167,12 @@ class Scheduler:
                 self._events.wait(0.05)
         return jobs.lookup(self.store, job_id)
 
-    def watch(self, job_id: str, after: int = 0, is_active: Callable[[], bool] = lambda: True
+    def watch(self, job_id: str, caller: Caller, after: int = 0, is_active: Callable[[], bool] = lambda: True
               ) -> Iterator[Event]:
-        """The job's events after ``after``, then live ones; ends when the job has
-        ended (or ``is_active()`` turns false, or the scheduler stops)."""
-        jobs.lookup(self.store, job_id)
+        """The events after ``after`` of a job ``caller`` owns, then live ones;
+        ends when the job has ended (or ``is_active()`` turns false, or the
+        scheduler stops). Another caller's job is JOB_NOT_FOUND."""
+        jobs.lookup(self.store, job_id, caller)
         while True:
             events = self.store.events(job_id, after)
             for event in events:

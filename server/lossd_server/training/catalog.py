@@ -11,7 +11,9 @@ the next start.
 
 Two server-wide budgets bound what uploads spend, each reserved before it
 is spent: memory for decoding (``max_decoding_bytes``) and disk for stored
-datasets plus uploads in progress (``max_dataset_bytes``).
+datasets plus uploads in progress (``max_dataset_bytes``). A token's
+``max_upload_bytes`` limit bounds the same disk bytes for that caller alone
+(its stored datasets plus its uploads in progress; CALLER_STORAGE_LIMIT).
 
 An uploaded dataset belongs to the caller that stored it. A caller sees,
 trains on, replaces and deletes only its own (``Caller.owns``: admins all of
@@ -72,6 +74,7 @@ class DatasetCatalog:
         # of jobs being created: each one step under this lock.
         self._lock = threading.Lock()
         self._creating: collections.Counter[str] = collections.Counter()
+        self._quotas: dict[str, datasets.ByteBudget] = {}  # per caller name, for tokens with max_upload_bytes
         stored = {d["name"]: pathlib.Path(d.get("path", "")).name for d in store.list_datasets()}
         removed = datasets.sweep(self.datasets_dir, stored)
         if removed:
@@ -163,11 +166,17 @@ class DatasetCatalog:
             raise InvalidArgument(f"Invalid upload size. Expected 1 to {limit:,} bytes (the server's "
                                   f"max_upload_bytes). Received: size_bytes={size_bytes:,}.",
                                   reason="UPLOAD_TOO_LARGE" if size_bytes > limit else "SIZE_MISMATCH")
-        with self._disk_full(f"dataset {name!r}"), self.disk.reserve() as disk, self.memory.reserve() as memory:
-            disk.take(size_bytes, f"Receiving dataset {name!r}")  # before a byte of it is written
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._disk_full(f"dataset {name!r}"))
+            disk, memory = stack.enter_context(self.disk.reserve()), stack.enter_context(self.memory.reserve())
+            quota = stack.enter_context(self._quota(caller).reserve())
+            for budget in (quota, disk):  # before a byte of it is written
+                budget.take(size_bytes, f"Receiving dataset {name!r}")
             x, y, class_names = self._receive(name, fmt, size_bytes, chunks, memory)
-            disk.give_back(size_bytes)  # the received file is gone
-            disk.take(datasets.stored_size(x, y, class_names), f"Storing dataset {name!r}")
+            stored = datasets.stored_size(x, y, class_names)
+            for budget in (quota, disk):
+                budget.give_back(size_bytes)  # the received file is gone
+                budget.take(stored, f"Storing dataset {name!r}")
             path = self.datasets_dir / datasets.stored_file_name(name)
             size = datasets.save_arrays(path, x, y, class_names, tmp_dir=self.tmp_dir)
             info = datasets.info_from_arrays(name, "upload", x, class_names, str(path), size, owner=caller.name)
@@ -211,6 +220,23 @@ class DatasetCatalog:
         log.info("dataset %s deleted", name)
 
     # -- helpers -----------------------------------------------------------------
+
+    def _quota(self, caller: Caller) -> datasets.ByteBudget:
+        """``caller``'s share of the datasets' disk: its token's
+        ``max_upload_bytes``, or no limit."""
+        limit = caller.limits.max_upload_bytes
+        if limit is None:
+            return datasets.ByteBudget(1 << 62, setting="", what="", reason="", advice="")
+        with self._lock:
+            budget = self._quotas.get(caller.name)
+            if budget is None or budget.capacity != int(limit):
+                budget = self._quotas[caller.name] = datasets.ByteBudget(
+                    int(limit), setting=f"the max_upload_bytes of {caller.name!r}'s token",
+                    what=f"disk for {caller.name!r}'s datasets (stored ones and uploads in progress)",
+                    reason="CALLER_STORAGE_LIMIT", quota=True,
+                    advice="Delete datasets of yours no longer needed (DeleteDataset), or ask for a larger limit.",
+                    spent=lambda owner=caller.name: self.store.dataset_bytes(owner))
+        return budget
 
     def _receive(self, name: str, fmt: str, size_bytes: int, chunks: Iterator[bytes], memory):
         """Writes the upload to a temporary file, then parses it; the file is

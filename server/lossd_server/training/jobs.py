@@ -27,7 +27,7 @@ from lossd_server.losses.plan import Planner
 from lossd_server.training import models
 from lossd_server.training.catalog import DatasetCatalog
 from lossd_server.training.losses import from_logits, plan_training_loss
-from lossd_server.training.store import QUEUED, JobRecord, Store
+from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, JobRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,9 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
             loss that does not suit the model and labels.
         AlreadyExists: REQUEST_ID_IN_USE, ``request_id`` names another
             caller's job.
+        ResourceExhausted: TOO_MANY_JOBS (``max_queued_jobs``), or
+            CALLER_JOB_LIMIT: ``caller`` has as many jobs queued or running as
+            its token's ``max_jobs``.
     """
     if request_id:
         if not _REQUEST_ID.fullmatch(request_id):
@@ -109,23 +112,38 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
                     request_id=request_id or None, display_name=display_name[:200],
                     progress={"epochs_completed": 0, "epochs": normalized["epochs"]}, owner=caller.name)
     with _queue_lock:
+        if request_id:  # a retry of a create that won meanwhile gets its job, whatever the limits
+            existing = _retried(store, request_id, caller)
+            if existing is not None:
+                return existing, False
         queued = len(store.jobs_in_states([QUEUED]))
         limit = getattr(settings, "max_queued_jobs", None)
         if limit is not None and queued >= limit:
-            if request_id:  # a retry of a create that won meanwhile still gets its job
-                existing = _retried(store, request_id, caller)
-                if existing is not None:
-                    return existing, False
             raise ResourceExhausted(
                 f"Too many queued jobs. Expected at most {limit} (max_queued_jobs) waiting to run. "
                 f"Received: a job while {queued} are queued; wait for some to finish or cancel some.",
                 reason="TOO_MANY_JOBS", metadata={"queued": str(queued), "limit": str(limit)})
+        _check_caller_jobs(store, caller)
         job, created = store.create_job(job)  # a concurrent create with the same request_id may win
     if not created:
         _check_request_id_owner(job, caller)
     if created:
         log.info("job %s created: %s on %s", job.id, normalized["model"]["preset"], normalized["dataset"])
     return job, created
+
+
+def _check_caller_jobs(store: Store, caller: Caller) -> None:
+    """Refuses a job past the caller's ``max_jobs`` (call under ``_queue_lock``)."""
+    limit = caller.limits.max_jobs
+    if limit is None:
+        return
+    active = store.count_jobs([QUEUED, RUNNING, CANCELLING], caller.name)
+    if active >= limit:
+        raise ResourceExhausted(
+            f"Too many jobs of yours. Expected at most {limit} queued or running at once (the max_jobs of "
+            f"{caller.name!r}'s token). Received: a job while {active} are queued or running; wait for one to "
+            "end or cancel one.", reason="CALLER_JOB_LIMIT",
+            metadata={"active": str(active), "limit": str(limit), "caller": caller.name})
 
 
 def _retried(store: Store, request_id: str, caller: Caller) -> JobRecord | None:

@@ -34,7 +34,8 @@ import threading
 from typing import Iterator, Optional
 
 from lossd_server.callers import ANONYMOUS, Caller
-from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, disk_full, disk_full_error
+from lossd_server.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, disk_full,
+                                 disk_full_error, require_free_space)
 from lossd_server.training import datasets
 from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, Store
 
@@ -152,8 +153,9 @@ class DatasetCatalog:
                 unlike the header's (UPLOAD_TOO_LARGE, SIZE_MISMATCH,
                 TOO_MANY_MEMBERS, IMAGE_TOO_LARGE), or content that fails the
                 checks (BAD_DATASET, CORRUPT_IMAGE...).
-            ResourceExhausted: DECODE_BUDGET_EXHAUSTED, DATASET_STORAGE_FULL
-                or DISK_FULL; nothing was kept.
+            ResourceExhausted: DECODE_BUDGET_EXHAUSTED, DATASET_STORAGE_FULL,
+                CALLER_STORAGE_LIMIT, DISK_NEARLY_FULL (checked before a
+                byte is read) or DISK_FULL; nothing was kept.
         """
         datasets.check_name(name)
         with self._lock:
@@ -166,6 +168,7 @@ class DatasetCatalog:
             raise InvalidArgument(f"Invalid upload size. Expected 1 to {limit:,} bytes (the server's "
                                   f"max_upload_bytes). Received: size_bytes={size_bytes:,}.",
                                   reason="UPLOAD_TOO_LARGE" if size_bytes > limit else "SIZE_MISMATCH")
+        self.require_free_space(f"dataset {name!r}")
         with contextlib.ExitStack() as stack:
             stack.enter_context(self._disk_full(f"dataset {name!r}"))
             disk, memory = stack.enter_context(self.disk.reserve()), stack.enter_context(self.memory.reserve())
@@ -218,6 +221,11 @@ class DatasetCatalog:
             self.store.delete_dataset(name)
         self._remove(stored.get("path", ""))
         log.info("dataset %s deleted", name)
+
+    def require_free_space(self, what: str) -> None:
+        """Refuses ``what`` (DISK_NEARLY_FULL) while the data directory's
+        file system has less free than ``min_free_disk_bytes``."""
+        require_free_space(self.settings.data_dir, getattr(self.settings, "min_free_disk_bytes", 0), what)
 
     # -- helpers -----------------------------------------------------------------
 

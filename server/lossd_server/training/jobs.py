@@ -95,7 +95,8 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
             loss that does not suit the model and labels.
         AlreadyExists: REQUEST_ID_IN_USE, ``request_id`` names another
             caller's job.
-        ResourceExhausted: TOO_MANY_JOBS (``max_queued_jobs``), or
+        ResourceExhausted: DISK_NEARLY_FULL (``min_free_disk_bytes``),
+            TOO_MANY_JOBS (``max_queued_jobs``), or
             CALLER_JOB_LIMIT: ``caller`` has as many jobs queued or running as
             its token's ``max_jobs``.
     """
@@ -111,6 +112,7 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
     job = JobRecord(id=uuid.uuid4().hex[:16], spec=normalized, runtime=runtime, model_kind=kind,
                     request_id=request_id or None, display_name=display_name[:200],
                     progress={"epochs_completed": 0, "epochs": normalized["epochs"]}, owner=caller.name)
+    catalog.require_free_space("the new job")
     with _queue_lock:
         if request_id:  # a retry of a create that won meanwhile gets its job, whatever the limits
             existing = _retried(store, request_id, caller)

@@ -36,6 +36,7 @@ from typing import Iterator, Optional
 from lossd_server.callers import ANONYMOUS, Caller
 from lossd_server.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, disk_full,
                                  disk_full_error, require_free_space)
+from lossd_server.observability.logs import audited
 from lossd_server.training import datasets
 from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, Store
 
@@ -198,7 +199,8 @@ class DatasetCatalog:
         return info
 
     def delete(self, name: str, caller: Caller) -> None:
-        """Deletes an uploaded dataset ``caller`` owns: its record, then its file.
+        """Deletes an uploaded dataset ``caller`` owns: its record, then its
+        file. An admin's delete of another caller's dataset is audited.
 
         Raises:
             InvalidArgument: DATASET_NOT_DELETABLE, a built-in or folder dataset.
@@ -211,7 +213,10 @@ class DatasetCatalog:
             raise InvalidArgument(f"Dataset {name[:80]!r} is {'built in' if name in datasets.BUILTIN else 'a folder'}"
                                   " and cannot be deleted. Expected the name of an uploaded dataset.",
                                   reason="DATASET_NOT_DELETABLE", metadata={"dataset": datasets.printable(name[:80])})
-        with self._disk_full(f"the deletion of dataset {name[:80]!r}"), self._lock:
+        owner = (self.store.get_dataset(name) or {}).get("owner", caller.name) if name else caller.name
+        audit = audited(caller.name, "delete_dataset", f"datasets/{name[:200]}", owner=owner) \
+            if owner != caller.name and caller.owns(owner) else contextlib.nullcontext()
+        with audit, self._disk_full(f"the deletion of dataset {name[:80]!r}"), self._lock:
             stored = self.store.get_dataset(name) if name else None
             if stored is None or not caller.owns(stored["owner"]):
                 raise NotFound(f"Dataset {name[:80]!r} does not exist. Expected the name of an uploaded dataset "

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from lossd_server.callers import Caller
 from lossd_server.errors import FailedPrecondition, ResourceExhausted, redact_paths
+from lossd_server.observability.logs import audited
 from lossd_server.training import jobs, worker
 from lossd_server.training.artifacts import Artifacts
 from lossd_server.training.store import (CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Event,
@@ -139,14 +140,22 @@ class Scheduler:
         self._notify()
 
     def cancel(self, job_id: str, caller: Caller) -> JobRecord:
-        """Cancels a job ``caller`` owns (best effort); returns it, normally CANCELLED.
+        """Cancels a job ``caller`` owns (best effort); returns it, normally
+        CANCELLED. An admin's cancel of another caller's job is audited.
 
         Raises:
             NotFound: no such job, or another caller's (JOB_NOT_FOUND).
             FailedPrecondition: the job already finished (JOB_ALREADY_FINISHED).
         """
+        owner = jobs.lookup(self.store, job_id, caller).owner
+        if owner == caller.name:
+            return self._cancel_job(job_id)
+        with audited(caller.name, "cancel_job", f"jobs/{job_id}", owner=owner):
+            return self._cancel_job(job_id)
+
+    def _cancel_job(self, job_id: str) -> JobRecord:
         with self._lock:
-            job = jobs.lookup(self.store, job_id, caller)
+            job = jobs.lookup(self.store, job_id)
             if job.final:
                 raise FailedPrecondition(
                     f"Job `jobs/{job_id}` already finished ({job.state}); only queued or running jobs can be "

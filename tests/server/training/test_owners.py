@@ -20,24 +20,10 @@ LONG = dict(epochs=10, steps_per_epoch=400)  # cancelled long before it ends
 
 
 @pytest.fixture(scope="module")
-def owned(tmp_path_factory, create_token):
+def owned(serve_with_tokens):
     """A server with tokens alice and bob (train) and root (admin), one job
-    slot; yields ``(address, {name: token}, folder)``."""
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
-    folder = tmp_path_factory.mktemp("owners")
-    path = folder / "tokens.jsonl"
-    tokens = {name: create_token(path, name, scopes) for name, scopes in
-              (("alice", "train"), ("bob", "train"), ("root", "admin"))}
-    srv = create_server(Settings(host="127.0.0.1", port=0, metrics_port=None, grace_seconds=0,
-                                 data_dir=folder / "data", tokens_file=path, max_concurrent_jobs=1),
-                        metrics_registry=CollectorRegistry())
-    srv.start()
-    yield f"127.0.0.1:{srv.port}", tokens, folder
-    srv.stop(0)
+    slot: ``(address, {name: token}, folder)``."""
+    return serve_with_tokens({"alice": ("train",), "bob": ("train",), "root": ("admin",)}, max_concurrent_jobs=1)
 
 
 def clients(owned):

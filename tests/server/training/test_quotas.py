@@ -18,28 +18,16 @@ UPLOAD_LIMIT = 40_000
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory, create_token):
+def limited(serve_with_tokens):
     """alice: train, at most 2 jobs and UPLOAD_LIMIT bytes of datasets; bob:
     train, no limits; root: admin. Yields ``(clients by name, data dir, folder)``."""
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
-    folder = tmp_path_factory.mktemp("quotas")
-    path = folder / "tokens.jsonl"
-    tokens = {"alice": create_token(path, "alice", "train", "--max-jobs", "2",
-                                    "--max-upload-bytes", str(UPLOAD_LIMIT)),
-              "bob": create_token(path, "bob", "train"), "root": create_token(path, "root", "admin")}
-    data = folder / "data"
-    srv = create_server(Settings(host="127.0.0.1", port=0, metrics_port=None, grace_seconds=0, data_dir=data,
-                                 tokens_file=path, max_concurrent_jobs=1), metrics_registry=CollectorRegistry())
-    srv.start()
-    clients = {name: lossd.Client(f"127.0.0.1:{srv.port}", token=token, timeout=60) for name, token in tokens.items()}
-    yield clients, data, folder
+    address, tokens, folder = serve_with_tokens(
+        {"alice": ("train", "--max-jobs", "2", "--max-upload-bytes", str(UPLOAD_LIMIT)), "bob": ("train",),
+         "root": ("admin",)}, max_concurrent_jobs=1)
+    clients = {name: lossd.Client(address, token=token, timeout=60) for name, token in tokens.items()}
+    yield clients, folder / "data", folder
     for client in clients.values():
         client.close()
-    srv.stop(0)
 
 
 def test_a_caller_at_its_job_limit_is_refused_and_others_are_not(limited):

@@ -6,7 +6,10 @@ by `lossd tokens create`; jobs are cancelled long before they train."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
+import sys
 
 import grpc
 import numpy as np
@@ -39,6 +42,16 @@ def refused(call, *args, **kwargs) -> lossd.LossdError:
     return err.value
 
 
+def cli(owned, name: str, *command: str) -> list[str]:
+    """``lossd COMMAND`` as ``name``, as a user types it; its output lines."""
+    address, tokens, _ = owned
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}, "LOSSD_TOKEN": tokens[name]}
+    done = subprocess.run([sys.executable, "-m", "lossd.cli", *command, "--address", address], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 def npz(folder, name: str, n: int = 20) -> str:
     path = folder / f"{name}.npz"
     rng = np.random.default_rng(0)
@@ -65,6 +78,9 @@ def test_a_caller_sees_and_cancels_only_its_own_jobs(owned):
 
         # admin sees every job, with its owner, and cancels it.
         assert {j.id: j.owner for j in c["root"].list_jobs()}[job.id] == "alice"
+        assert any(line.startswith(job.name) and line.endswith("owner=alice")
+                   for line in cli(owned, "root", "jobs", "list")), "lossd jobs list shows no owner"
+        assert not any(job.name in line for line in cli(owned, "bob", "jobs", "list"))
         assert c["root"].get_job(job).owner == "alice"
         assert c["root"].cancel_job(job).state == "cancelled"
     finally:
@@ -132,6 +148,8 @@ def test_a_caller_sees_trains_on_and_deletes_only_its_own_datasets(owned):
 
         # admin sees it, trains on it and deletes it.
         assert {d.name: d.owner for d in c["root"].list_datasets()}["alice_set"] == "alice"
+        listed = cli(owned, "root", "datasets", "list")
+        assert any(line.startswith("alice_set ") and line.endswith("owner=alice") for line in listed), listed
         job = c["root"].create_job("mlp", "alice_set", **LONG)
         c["root"].cancel_job(job)
         c["root"].delete_dataset("alice_set")

@@ -200,6 +200,12 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(100, ge=1)
     """Most jobs waiting to run; CreateJob beyond it is RESOURCE_EXHAUSTED (TOO_MANY_JOBS)."""
 
+    min_free_disk_bytes: int = Field(1 * GiB, ge=0)
+    """Free space the data directory's file system must keep: below it,
+    UploadDataset and CreateJob are RESOURCE_EXHAUSTED (DISK_NEARLY_FULL)
+    before they write anything, so running jobs can still checkpoint and
+    nothing stored is damaged; evaluation goes on. 0 turns the check off."""
+
     max_registered_losses: int = Field(1000, ge=1)
     """Most registered expression losses; a new one beyond it is RESOURCE_EXHAUSTED
     (TOO_MANY_LOSSES). Replacing a registered loss is always allowed."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 import errno
+import os
+import shutil
 import sqlite3
 from typing import Mapping
 
@@ -111,3 +113,20 @@ def disk_full_error(what: str) -> ResourceExhausted:
     return ResourceExhausted(f"The server's disk is full: {what} could not be saved, and nothing of it was kept. "
                              "Expected free space in the server's data directory; retry once some is freed.",
                              reason="DISK_FULL")
+
+
+def require_free_space(path: os.PathLike, minimum: int, what: str) -> None:
+    """Refuses to start writing ``what`` when the file system holding ``path``
+    has less than ``minimum`` bytes free for the server (0: never refuses):
+    RESOURCE_EXHAUSTED, ``DISK_NEARLY_FULL``, before anything is written, so
+    a nearly full disk stops new work while what is stored stays whole. The
+    message names no path."""
+    if minimum <= 0:
+        return
+    free = shutil.disk_usage(path).free  # what an unprivileged process may still use
+    if free < minimum:
+        raise ResourceExhausted(
+            f"The server's disk is nearly full: {what} was refused before anything was written. Expected at least "
+            f"{minimum:,} bytes free in the server's data directory (min_free_disk_bytes). Received: {free:,} "
+            "free; retry once some is freed.", reason="DISK_NEARLY_FULL",
+            metadata={"free_bytes": str(free), "min_free_bytes": str(minimum)})

@@ -21,30 +21,10 @@ pytest.importorskip("tensorflow")
 Y = np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3)
 
 
-def create(path, name: str, scopes: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
-    done = subprocess.run([sys.executable, "-m", "lossd.cli", "tokens", "create", name, "--scopes", scopes,
-                           "--file", str(path)], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory):
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
-    folder = tmp_path_factory.mktemp("tokens")
-    path = folder / "tokens.jsonl"
-    tokens = {name: create(path, name, scopes) for name, scopes in
-              (("alice", "evaluate"), ("bob", "train"), ("root", "admin"))}
-    srv = create_server(Settings(host="127.0.0.1", port=0, metrics_port=None, grace_seconds=0,
-                                 data_dir=folder / "data", tokens_file=path), metrics_registry=CollectorRegistry())
-    srv.start()
-    yield f"127.0.0.1:{srv.port}", tokens, path
-    srv.stop(0)
+def secured(serve_with_tokens):
+    address, tokens, folder = serve_with_tokens({"alice": ("evaluate",), "bob": ("train",), "root": ("admin",)})
+    return address, tokens, folder / "tokens.jsonl"
 
 
 def test_the_file_holds_salted_hashes_never_the_tokens(secured):

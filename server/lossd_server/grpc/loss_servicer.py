@@ -20,6 +20,7 @@ from lossd_server.evaluation.chunks import ChunkedSession
 from lossd_server.grpc.auth import Caller, Callers
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.losses.plan import Plan
+from lossd_server.observability.logs import audited
 from lossd_server.grpc.status import handle_errors, to_status
 
 log = logging.getLogger(__name__)
@@ -186,21 +187,23 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
 
     @handle_errors
     def RegisterLoss(self, request, context):
-        if self.store is None:
-            raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
-        params = wire.struct_to_dict(request.params) if request.HasField("params") else {}
-        entry = self.store.register(request.name, request.expression, params=params, inputs=list(request.inputs),
-                                    doc=request.doc, replace=request.replace)
-        self.plans.clear()  # plans that named the old definition must not be reused
+        with audited(self.callers.of(context).name, "register_loss", f"losses/{request.name[:200]}"):
+            if self.store is None:
+                raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
+            params = wire.struct_to_dict(request.params) if request.HasField("params") else {}
+            entry = self.store.register(request.name, request.expression, params=params,
+                                        inputs=list(request.inputs), doc=request.doc, replace=request.replace)
+            self.plans.clear()  # plans that named the old definition must not be reused
         log.info("registered loss %r: %s", entry.name, entry.expression)
         return describe(entry)
 
     @handle_errors
     def DeleteLoss(self, request, context):
-        if self.store is None:
-            raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
-        self.store.delete(request.name)
-        self.plans.clear()
+        with audited(self.callers.of(context).name, "delete_loss", f"losses/{request.name[:200]}"):
+            if self.store is None:
+                raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
+            self.store.delete(request.name)
+            self.plans.clear()
         log.info("deleted loss %r", request.name)
         return loss_service_pb2.DeleteLossResponse()
 

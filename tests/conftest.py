@@ -63,21 +63,29 @@ def serve_with_tokens(tmp_path_factory, create_token):
     from lossd_server.app import create_server
     from lossd_server.config import Settings
 
-    servers = []
+    class Servers:
+        """Starts servers (call it); ``server(address)`` is the one at ``address``."""
 
-    def start(callers: dict, **settings):
-        folder = tmp_path_factory.mktemp("tokens")
-        path = folder / "tokens.jsonl"
-        tokens = {name: create_token(path, name, *spec) for name, spec in callers.items()}
-        srv = create_server(Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": None, "grace_seconds": 0,
-                                        "data_dir": folder / "data", "tokens_file": path, **settings}),
-                            metrics_registry=CollectorRegistry())
-        srv.start()
-        servers.append(srv)
-        return f"127.0.0.1:{srv.port}", tokens, folder
+        def __init__(self):
+            self.started = {}
 
-    yield start
-    for srv in servers:
+        def __call__(self, callers: dict, **settings):
+            folder = tmp_path_factory.mktemp("tokens")
+            path = folder / "tokens.jsonl"
+            tokens = {name: create_token(path, name, *spec) for name, spec in callers.items()}
+            srv = create_server(Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
+                                            "grace_seconds": 0, "data_dir": folder / "data", "tokens_file": path,
+                                            **settings}), metrics_registry=CollectorRegistry())
+            srv.start()
+            self.started[f"127.0.0.1:{srv.port}"] = srv
+            return f"127.0.0.1:{srv.port}", tokens, folder
+
+        def server(self, address: str):
+            return self.started[address]
+
+    servers = Servers()
+    yield servers
+    for srv in servers.started.values():
         srv.stop(0)
 
 

@@ -231,8 +231,11 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                                           reason="BAD_UPLOAD")
                 yield message.chunk
 
-        info = self.manager.catalog.upload(header.name, fmt, header.size_bytes, chunks(),
-                                           caller=self.callers.of(context), replace=header.replace)
+        caller = self.callers.of(context)
+        info = self.manager.catalog.upload(header.name, fmt, header.size_bytes, chunks(), caller=caller,
+                                           replace=header.replace)
+        if self.manager.metrics is not None:
+            self.manager.metrics.caller_usage(caller.name, upload_bytes=info.size_bytes)
         return dataset_to_proto(info)
 
     @handle_errors

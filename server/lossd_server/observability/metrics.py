@@ -324,6 +324,11 @@ class Metrics:
             "Elements of y_pred in the evaluations admitted, by caller: what the caller's rate "
             "limit (elements per second) is charged.",
             ("caller",), registry=r)
+        self.lossd_caller_upload_bytes_total = Counter(
+            "lossd_caller_upload_bytes_total",
+            "Bytes of datasets stored by UploadDataset, by caller: what the caller's storage limit "
+            "(max_upload_bytes) counts.",
+            ("caller",), registry=r)
         self._caller_children: dict[str, tuple] = {}
 
         # Training.
@@ -489,7 +494,8 @@ class Metrics:
             label = caller or ANONYMOUS_CALLER
             children = self._caller_children.setdefault(caller, (
                 self.lossd_caller_requests_total.labels(label),
-                self.lossd_caller_elements_total.labels(label)))
+                self.lossd_caller_elements_total.labels(label),
+                self.lossd_caller_upload_bytes_total.labels(label)))
         return children
 
     def known_callers(self, callers: Iterable[str]) -> None:
@@ -498,7 +504,7 @@ class Metrics:
         for caller in callers:
             self._caller(caller)
 
-    def caller_usage(self, caller: str, *, requests: int = 0, elements: int = 0) -> None:
+    def caller_usage(self, caller: str, *, requests: int = 0, elements: int = 0, upload_bytes: int = 0) -> None:
         """Adds to a caller's usage counters.
 
         Args:
@@ -507,12 +513,15 @@ class Metrics:
                 names from the tokens file reach here, never request text.
             requests: Evaluations admitted.
             elements: Elements of ``y_pred`` they carry.
+            upload_bytes: Bytes of a dataset the caller stored.
         """
-        count, element_total = self._caller(caller)
+        count, element_total, upload_total = self._caller(caller)
         if requests:
             count.inc(requests)
         if elements:
             element_total.inc(elements)
+        if upload_bytes:
+            upload_total.inc(upload_bytes)
 
     # RPC level.
 

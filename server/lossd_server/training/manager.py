@@ -62,6 +62,7 @@ class TrainingManager:
     def __init__(self, settings, planner: Planner, metrics=None, *, gpus: int, store: Store | None = None):
         data_dir = pathlib.Path(settings.data_dir)
         self.planner = planner
+        self.metrics = metrics
         self.store = store if store is not None else open_store(data_dir)
         self.artifacts = Artifacts(data_dir / "jobs")
         self.catalog = DatasetCatalog(settings, self.store, data_dir / "datasets")

@@ -23,15 +23,15 @@ def limited(serve_with_tokens):
     train, no limits; root: admin. Yields ``(clients by name, data dir, folder)``."""
     address, tokens, folder = serve_with_tokens(
         {"alice": ("train", "--max-jobs", "2", "--max-upload-bytes", str(UPLOAD_LIMIT)), "bob": ("train",),
-         "root": ("admin",)}, max_concurrent_jobs=1)
+         "root": ("admin",)}, max_concurrent_jobs=1, metrics_port=0)
     clients = {name: lossd.Client(address, token=token, timeout=60) for name, token in tokens.items()}
-    yield clients, folder / "data", folder
+    yield clients, folder / "data", folder, serve_with_tokens.server(address).metrics
     for client in clients.values():
         client.close()
 
 
 def test_a_caller_at_its_job_limit_is_refused_and_others_are_not(limited):
-    c, _, _ = limited
+    c, _, _, _ = limited
     jobs = [c["alice"].create_job("mlp", "digits", request_id=f"a-{i}", **LONG) for i in range(2)]
     try:
         err = refused(c["alice"].create_job, "mlp", "digits", **LONG)
@@ -56,7 +56,7 @@ def _files(data):
 
 
 def test_a_caller_past_its_upload_bytes_is_refused_and_nothing_stored_is_damaged(limited):
-    c, data, folder = limited
+    c, data, folder, metrics = limited
     # One upload larger than the whole limit: refused from its header, before a byte is written.
     err = refused(c["alice"].upload_dataset, npz(folder, "huge", n=1000))
     assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.reason == "CALLER_STORAGE_LIMIT"
@@ -77,6 +77,9 @@ def test_a_caller_past_its_upload_bytes_is_refused_and_nothing_stored_is_damaged
     assert sorted(mine) == sorted(d.name for d in stored), "a refused upload was stored"
     assert sum(d.size_bytes for d in mine.values()) <= UPLOAD_LIMIT
     assert len(_files(data)) == len(stored), "a refused upload left a file"  # nothing in .tmp either
+    # Each token's stored bytes are counted under its name, refused uploads not at all.
+    assert metrics.registry.get_sample_value("lossd_caller_upload_bytes_total", {"caller": "alice"}) == \
+        sum(d.size_bytes for d in stored)
 
     # The stored datasets still train; other callers are not limited by alice's bytes.
     job = c["alice"].create_job("mlp", stored[0].name, **LONG)

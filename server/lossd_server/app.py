@@ -179,9 +179,20 @@ def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
+    return (mapped or address).is_loopback
+
+
+def open_access_warning(settings: Settings, port: int) -> Optional[str]:
+    """The warning a server without a tokens file logs at start, unless it
+    binds only loopback (where only this machine's users reach it)."""
+    if settings.tokens_file is not None or _loopback(settings.host):
+        return None
+    return (f"no tokens file: any client that reaches {settings.host}:{port} may evaluate, train, register and "
+            "delete (make tokens with `lossd tokens create` and set LOSSD_TOKENS_FILE)")
 
 
 def _bind_errno(host: str, port: int) -> Optional[int]:
@@ -343,9 +354,9 @@ def serve(settings: Settings) -> int:
     if reloaders:  # SIGHUP: read the certificates again for new connections
         signal.signal(signal.SIGHUP, lambda signum, frame: [r.reload() for r in reloaders])
     server.start()
-    if settings.tokens_file is None and not _loopback(settings.host):
-        log.warning("no tokens file: any client that reaches %s:%d may evaluate, train, register and delete "
-                    "(make tokens with `lossd tokens create` and set LOSSD_TOKENS_FILE)", settings.host, server.port)
+    warning = open_access_warning(settings, server.port)
+    if warning:
+        log.warning("%s", warning)
     log.info("lossd %s listening on %s:%d (gRPC); metrics %s; evaluating on %s (%s); data dir %s",
              lossd_server.__version__, settings.host, server.port,
              f"on {'https' if server.metrics_tls else 'http'}://{settings.metrics_host}:{server.metrics_port}/metrics"

@@ -111,3 +111,47 @@ def test_a_server_without_tokens_treats_every_caller_as_an_anonymous_admin():
 
     caller = Callers(None).check([])
     assert caller is ANONYMOUS and caller.admin and caller.owns("anyone")
+
+
+@pytest.mark.parametrize("host, warns", [("0.0.0.0", True), ("::", True), ("10.1.2.3", True), ("lossd.internal", True),
+                                         ("127.0.0.1", False), ("127.0.0.2", False), ("::1", False),
+                                         ("[::1]", False), ("::ffff:127.0.0.1", False), ("localhost", False)])
+def test_without_tokens_the_server_warns_unless_it_binds_only_loopback(tmp_path, host, warns):
+    from lossd_server.app import open_access_warning
+    from lossd_server.config import Settings
+
+    open_server = Settings(host=host, data_dir=tmp_path)
+    warning = open_access_warning(open_server, 50051)
+    assert (warning is not None) == warns
+    if warns:
+        assert f"{host}:50051" in warning and "LOSSD_TOKENS_FILE" in warning
+    tokens = tmp_path / "tokens.jsonl"
+    tokens.touch()
+    assert open_access_warning(Settings(host=host, data_dir=tmp_path, tokens_file=tokens), 50051) is None
+
+
+def test_lossd_serve_on_loopback_without_tokens_starts_without_the_warning(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
+    proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "", "--data-dir", str(tmp_path / "data")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, lines = time.monotonic() + 180, []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "listening on" in line:
+                break
+        assert any("listening on" in line for line in lines), "".join(lines)
+        assert not any("no tokens file" in line for line in lines), "".join(lines)
+    finally:
+        proc.terminate()
+        proc.wait(30)

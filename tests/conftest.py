@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,6 +33,80 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def address(server) -> str:
     return f"127.0.0.1:{server.port}"
+
+
+def _create_token(path, name: str, scopes: str, *options: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
+    done = subprocess.run([sys.executable, "-m", "lossd.cli", "tokens", "create", name, "--scopes", scopes,
+                           *options, "--file", str(path)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def create_token():
+    """``create_token(path, name, scopes, *options)``: runs ``lossd tokens
+    create`` as a user types it (``options`` such as ``--max-jobs 2``) and
+    returns the token it prints."""
+    return _create_token
+
+
+@pytest.fixture(scope="module")
+def serve_with_tokens(tmp_path_factory, create_token):
+    """``serve_with_tokens({name: (scopes, *options)}, **settings)``: a real
+    server on a free loopback port with its own data directory and a tokens
+    file holding a token per name (made by ``lossd tokens create``); returns
+    ``(address, {name: token}, folder)``, the folder holding ``data/`` and
+    ``tokens.jsonl``. Every server started is stopped at the end of the module."""
+    from prometheus_client import CollectorRegistry
+
+    from lossd_server.app import create_server
+    from lossd_server.config import Settings
+
+    class Servers:
+        """Starts servers (call it); ``server(address)`` is the one at ``address``."""
+
+        def __init__(self):
+            self.started = {}
+
+        def __call__(self, callers: dict, **settings):
+            folder = tmp_path_factory.mktemp("tokens")
+            path = folder / "tokens.jsonl"
+            tokens = {name: create_token(path, name, *spec) for name, spec in callers.items()}
+            srv = create_server(Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
+                                            "grace_seconds": 0, "data_dir": folder / "data", "tokens_file": path,
+                                            **settings}), metrics_registry=CollectorRegistry())
+            srv.start()
+            self.started[f"127.0.0.1:{srv.port}"] = srv
+            return f"127.0.0.1:{srv.port}", tokens, folder
+
+        def server(self, address: str):
+            return self.started[address]
+
+    servers = Servers()
+    yield servers
+    for srv in servers.started.values():
+        srv.stop(0)
+
+
+@pytest.fixture
+def configure_logs():
+    """``configure_logs(fmt, level="DEBUG")``: the server's logging set-up
+    (``logs.configure``) writing into a StringIO it returns; the root logger
+    is restored after."""
+    from lossd_server.observability import logs
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+
+    def configure(fmt: str, level: str = "DEBUG") -> io.StringIO:
+        stream = io.StringIO()
+        logs.configure(level=level, fmt=fmt, stream=stream)
+        return stream
+
+    yield configure
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
 
 
 @pytest.fixture()

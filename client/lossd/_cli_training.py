@@ -18,11 +18,13 @@ def _job_line(job) -> str:
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(p.get("metrics", {}).items()))
     spec = job.spec
     return (f"{job.name}  {job.state:<10} {spec.get('model', {}).get('preset', '?'):<4} on "
-            f"{spec.get('dataset', '?'):<12} epoch {p.get('epochs_completed', 0)}/{p.get('epochs', 0)}  {metrics}")
+            f"{spec.get('dataset', '?'):<12} epoch {p.get('epochs_completed', 0)}/{p.get('epochs', 0)}  {metrics}"
+            + (f"  owner={job.owner}" if job.owner else ""))
 
 
 def _job_json(job) -> dict:
     return {"name": job.name, "state": job.state, "display_name": job.display_name, "model_kind": job.model_kind,
+            "owner": job.owner,
             "spec": job.spec, "progress": job.progress,
             "create_time": job.create_time.isoformat() if job.create_time else None,
             "start_time": job.start_time.isoformat() if job.start_time else None,
@@ -189,7 +191,7 @@ def cmd_datasets_list(args) -> int:
         infos = client.list_datasets()
     for info in infos:
         print(f"{info.name:<20} {info.source:<8} {info.examples:>8} images  {'x'.join(map(str, info.image_shape)):<10} "
-              f"{len(info.class_names)} classes")
+              f"{len(info.class_names)} classes" + (f"  owner={info.owner}" if info.owner else ""))
     return 0
 
 

@@ -25,15 +25,20 @@ class LossdError(Exception):
             input the client refused before sending.
         message: What was expected and what was received.
         metadata: The ``ErrorInfo`` metadata (e.g. ``{"loss": "huberr"}``).
+        retry_delay: Seconds the server asks to wait before retrying (its
+            ``google.rpc.RetryInfo``), e.g. on RESOURCE_EXHAUSTED with reason
+            ``CALLER_RATE_LIMIT``, ``QUEUE_FULL`` or ``INFLIGHT_BYTES_FULL``;
+            None when the server did not say a retry can succeed.
     """
 
     def __init__(self, code: grpc.StatusCode, message: str, reason: str = "",
-                 metadata: Optional[Mapping[str, str]] = None):
+                 metadata: Optional[Mapping[str, str]] = None, retry_delay: Optional[float] = None):
         super().__init__(f"{code.name}{f' {reason}' if reason else ''}: {message}")
         self.code = code
         self.reason = reason
         self.message = message
         self.metadata = dict(metadata or {})
+        self.retry_delay = retry_delay
 
 
 def client_error(message: str, reason: str = "CLIENT") -> LossdError:
@@ -55,30 +60,36 @@ def from_rpc_error(error: grpc.RpcError, address: Optional[str] = None) -> Lossd
     UNAVAILABLE one says which ``address`` was tried and what to check."""
     code = error.code() if callable(getattr(error, "code", None)) else grpc.StatusCode.UNKNOWN
     message = error.details() if callable(getattr(error, "details", None)) else str(error)
-    reason, metadata = "", {}
+    details: dict = {}
     status = _rich_status(error)
     if status is not None:
         message = status.message
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
-    if code == grpc.StatusCode.UNAVAILABLE and address and not reason:
+        details = _details(status)
+    if code == grpc.StatusCode.UNAVAILABLE and address and not details.get("reason"):
         message = unavailable_hint(address, message or "")
-    return LossdError(code, message or "", reason, metadata)
+    return LossdError(code, message or "", **details)
 
 
 def status_error(status) -> LossdError:
     """A LossdError from a ``google.rpc.Status`` message (per-item stream errors)."""
-    reason, metadata = "", {}
+    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
+    return LossdError(code, status.message, **_details(status))
+
+
+def _details(status) -> dict:
+    """The ``reason``, ``metadata`` and ``retry_delay`` a rich status carries
+    (its ErrorInfo and RetryInfo details)."""
+    found: dict = {}
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            reason, metadata = info.reason, dict(info.metadata)
-    code = next((c for c in grpc.StatusCode if c.value[0] == status.code), grpc.StatusCode.UNKNOWN)
-    return LossdError(code, status.message, reason, metadata)
+            found.update(reason=info.reason, metadata=dict(info.metadata))
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            found["retry_delay"] = retry.retry_delay.ToNanoseconds() / 1e9
+    return found
 
 
 def _rich_status(error):

@@ -59,6 +59,8 @@ class Job:
         progress: ``epochs_completed``, ``epochs``, ``step``,
             ``examples_per_second``, ``eta_seconds`` and the latest ``metrics``.
         model_kind: ``classifier`` (use ``predict``) or ``generator`` (use ``generate``).
+        owner: The name of the token that created it ("" for jobs from
+            before owners, or on a server without tokens).
     """
 
     name: str
@@ -72,6 +74,7 @@ class Job:
     model_kind: str
     display_name: str = ""
     request_id: str = ""
+    owner: str = ""
 
     @property
     def id(self) -> str:
@@ -94,7 +97,8 @@ class Job:
             progress={"epochs_completed": p.epochs_completed, "epochs": p.epochs, "step": p.step,
                       "steps_per_epoch": p.steps_per_epoch, "examples_per_second": p.examples_per_second,
                       "eta_seconds": p.eta_seconds, "metrics": dict(p.metrics)},
-            model_kind=message.model_kind, display_name=message.display_name, request_id=message.request_id)
+            model_kind=message.model_kind, display_name=message.display_name, request_id=message.request_id,
+            owner=message.owner)
 
 
 @dataclasses.dataclass
@@ -148,7 +152,8 @@ class JobEvent:
 
 @dataclasses.dataclass
 class Dataset:
-    """A dataset the server can train on."""
+    """A dataset the server can train on; ``owner`` is the name of the token
+    that uploaded it ("" for built-in and folder datasets)."""
 
     name: str
     source: str
@@ -157,11 +162,12 @@ class Dataset:
     class_names: list[str]
     create_time: Optional[datetime.datetime] = None
     size_bytes: int = 0
+    owner: str = ""
 
     @classmethod
     def from_proto(cls, m: pb.Dataset) -> "Dataset":
         return cls(m.name, m.source, m.examples, tuple(m.image_shape), list(m.class_names), _time(m.create_time),
-                   m.size_bytes)
+                   m.size_bytes, m.owner)
 
 
 def _format_seconds(seconds: float) -> str:

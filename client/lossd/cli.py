@@ -146,6 +146,30 @@ def cmd_metrics_auth_create(args: argparse.Namespace) -> int:
     return _create_secret(args, "metrics-auth", "LOSSD_METRICS_BASIC_AUTH_FILE", "basic-auth", create)
 
 
+def cmd_secrets_init(args: argparse.Namespace) -> int:
+    """Makes the secrets folder of a deployment: a CA, the server's certificate,
+    the metrics user and its password, an empty tokens file. Prints no secret."""
+    try:
+        from lossd_server.deploy_secrets import CA_KEY, SERVER_DAYS, init_secrets
+    except ImportError:
+        print('error: `lossd secrets init` needs the server: pip install "lossd[server]"', file=sys.stderr)
+        return 2
+    try:
+        made = init_secrets(args.folder, args.host or ())
+    except (ValueError, OSError) as exc:  # an existing secret (named), a bad --host, an unwritable folder
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    tokens = made.path("tokens.jsonl")
+    print(f"""made {made.folder} (mode 700):
+  ca.pem, {CA_KEY}          a new CA; clients trust ca.pem ({CA_KEY} stays here, mode 600)
+  server.pem, server.key  its certificate for {', '.join(made.hosts)}, valid {SERVER_DAYS} days (to {made.not_after:%Y-%m-%d})
+  metrics-users           the "prometheus" user of /metrics basic auth
+  metrics-password        its password, for Prometheus
+  tokens.jsonl            no tokens yet: lossd tokens create NAME --scopes evaluate,train --file {tokens}
+files mode 644 (the containers' users read them), except {CA_KEY}""")
+    return 0
+
+
 def cmd_losses_register(args: argparse.Namespace) -> int:
     with client_from(args) as client:
         info = client.register_loss(args.name, args.expression, params=parse_pairs(args.param),
@@ -273,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name", help="the user name the scraper sends (e.g. prometheus)")
     create.add_argument("--file", help="the basic-auth file [env LOSSD_METRICS_BASIC_AUTH_FILE]")
     create.set_defaults(func=cmd_metrics_auth_create)
+
+    secrets = sub.add_parser("secrets", help="make a deployment's secrets (on the server's machine)")
+    secrets_sub = secrets.add_subparsers(dest="secrets_command", required=True)
+    init = secrets_sub.add_parser(
+        "init", help="make FOLDER (mode 700) with a CA, the server's certificate and key, the metrics user and "
+                     "its password, and an empty tokens file, as deploy/compose.yaml mounts them")
+    init.add_argument("folder", metavar="FOLDER", help="the secrets folder, e.g. deploy/secrets")
+    init.add_argument("--host", action="append", metavar="NAME",
+                      help="a DNS name or IP address clients use to reach the server (repeatable); "
+                           "the certificate always holds lossd and localhost")
+    init.set_defaults(func=cmd_secrets_init)
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, parents=[client_flags()])

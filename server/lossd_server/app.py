@@ -26,6 +26,7 @@ from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc, training_service_p
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
+from lossd_server.evaluation.admission import Admission
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers, load_tokens
@@ -77,6 +78,7 @@ class Server:
     tls: Optional[CertificateReloader] = None  # with tls_cert set: the port's rotating certificate
     metrics_tls: Optional[ReloadingSSLContext] = None  # with metrics_tls_cert set
     metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
+    admission: Optional[Admission] = None  # what evaluations may run now (evaluation/admission.py)
     # What was moved to the quarantine at start (Quarantine.items); empty when healthy.
     quarantined: list = dataclasses.field(default_factory=list)
     # The bound ports, once started (metrics_port stays None with metrics off).
@@ -177,9 +179,20 @@ def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
+    return (mapped or address).is_loopback
+
+
+def open_access_warning(settings: Settings, port: int) -> Optional[str]:
+    """The warning a server without a tokens file logs at start, unless it
+    binds only loopback (where only this machine's users reach it)."""
+    if settings.tokens_file is not None or _loopback(settings.host):
+        return None
+    return (f"no tokens file: any client that reaches {settings.host}:{port} may evaluate, train, register and "
+            "delete (make tokens with `lossd tokens create` and set LOSSD_TOKENS_FILE)")
 
 
 def _bind_errno(host: str, port: int) -> Optional[int]:
@@ -266,6 +279,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         metrics.set_device_info([(device.device_type, device.physical)])
         metrics.set_gpu_memory_source(backend.gpu_memory)
         metrics.set_quarantined_items(len(state.quarantine.items))
+        metrics.known_callers(sorted({record.name for record in (callers.tokens or {}).values()})
+                              if not callers.open else [""])
         for service in SERVICES:
             for method in service.methods:
                 metrics.rpc_method(service.full_name, method.name, client_streaming=method.client_streaming,
@@ -294,9 +309,10 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                     *([] if callers.open else [AuthInterceptor(callers)]),
                     StreamLimiter(settings.max_streams, settings.stream_idle_seconds)]
     server = grpc.server(executor, interceptors=interceptors, options=options)
+    admission = Admission(settings.max_inflight_bytes, settings.max_queued_requests, settings.max_queue_seconds)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
-                     callers=callers), server)
+                     callers=callers, admission=admission), server)
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers)
     health_servicer = health.HealthServicer()
@@ -308,7 +324,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
          reflection.SERVICE_NAME], server)
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
                   quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
-                  metrics_auth=metrics_auth)
+                  metrics_auth=metrics_auth, admission=admission)
 
 
 def serve(settings: Settings) -> int:
@@ -338,9 +354,9 @@ def serve(settings: Settings) -> int:
     if reloaders:  # SIGHUP: read the certificates again for new connections
         signal.signal(signal.SIGHUP, lambda signum, frame: [r.reload() for r in reloaders])
     server.start()
-    if settings.tokens_file is None and not _loopback(settings.host):
-        log.warning("no tokens file: any client that reaches %s:%d may evaluate, train, register and delete "
-                    "(make tokens with `lossd tokens create` and set LOSSD_TOKENS_FILE)", settings.host, server.port)
+    warning = open_access_warning(settings, server.port)
+    if warning:
+        log.warning("%s", warning)
     log.info("lossd %s listening on %s:%d (gRPC); metrics %s; evaluating on %s (%s); data dir %s",
              lossd_server.__version__, settings.host, server.port,
              f"on {'https' if server.metrics_tls else 'http'}://{settings.metrics_host}:{server.metrics_port}/metrics"

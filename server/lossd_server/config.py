@@ -200,6 +200,12 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(100, ge=1)
     """Most jobs waiting to run; CreateJob beyond it is RESOURCE_EXHAUSTED (TOO_MANY_JOBS)."""
 
+    min_free_disk_bytes: int = Field(1 * GiB, ge=0)
+    """Free space the data directory's file system must keep: below it,
+    UploadDataset and CreateJob are RESOURCE_EXHAUSTED (DISK_NEARLY_FULL)
+    before they write anything, so running jobs can still checkpoint and
+    nothing stored is damaged; evaluation goes on. 0 turns the check off."""
+
     max_registered_losses: int = Field(1000, ge=1)
     """Most registered expression losses; a new one beyond it is RESOURCE_EXHAUSTED
     (TOO_MANY_LOSSES). Replacing a registered loss is always allowed."""
@@ -256,6 +262,30 @@ class Settings(BaseSettings):
     cache_max_ops: int = Field(250_000, ge=1)
     """Most graph operations the cached compiled programs hold together (about
     8 KB each: 250k is about 2 GB); the least recently used go first."""
+
+    # Admission control (issue 12): what evaluations may hold at once, and
+    # how long they may wait for it (lossd_server.evaluation.admission).
+
+    max_inflight_bytes: int = Field(GiB, ge=MiB)
+    """Declared tensor bytes (dtype size times shape, all of a request's
+    tensors) that running evaluations may hold together: Evaluate, each
+    EvaluateStream item, each EvaluateChunked chunk. Checked from the shapes
+    before anything is decoded. The default is four of the largest requests
+    the default max_message_bytes (256 MiB) carries; evaluation's working set
+    is a small multiple of its inputs (README, "Admission control"), so the
+    default keeps evaluation within a few GiB, well inside this project's
+    23 GiB machine or an 8 GiB container. A request that does not fit waits
+    (see ``max_queued_requests``); one larger than all of it is
+    INVALID_ARGUMENT (REQUEST_TOO_LARGE)."""
+
+    max_queued_requests: int = Field(4, ge=0)
+    """Most evaluations waiting for room in ``max_inflight_bytes``; one more
+    is RESOURCE_EXHAUSTED (QUEUE_FULL) with a retry delay. Each waits on one of
+    the ``workers`` threads (or its stream's): keep it below ``workers``."""
+
+    max_queue_seconds: float = Field(2.0, ge=0)
+    """Longest an evaluation waits for room (or less, to its deadline); then
+    RESOURCE_EXHAUSTED (INFLIGHT_BYTES_FULL) with a retry delay."""
 
     metrics_cache_seconds: float = Field(1.0, ge=0)
     """``/metrics`` is rendered at most once per this many seconds and served

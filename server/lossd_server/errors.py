@@ -3,12 +3,16 @@
 Each error carries an UPPER_SNAKE ``reason`` (sent as ``google.rpc.ErrorInfo``)
 and a ``kind`` that the transport maps to a status code in one table
 (``lossd_server.grpc.status``). Messages say what was expected and what was received.
+An error that a later retry can get past carries ``retry_delay``, the seconds
+to wait (sent as ``google.rpc.RetryInfo``).
 """
 
 from __future__ import annotations
 
 import re
 import errno
+import os
+import shutil
 import sqlite3
 from typing import Mapping
 
@@ -32,11 +36,12 @@ class LossdError(Exception):
     default_reason = "INVALID_ARGUMENT"
 
     def __init__(self, message: str, *, reason: str | None = None,
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, retry_delay: float | None = None):
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.retry_delay = retry_delay  # seconds; None: no RetryInfo
 
 
 class InvalidArgument(LossdError):
@@ -108,3 +113,20 @@ def disk_full_error(what: str) -> ResourceExhausted:
     return ResourceExhausted(f"The server's disk is full: {what} could not be saved, and nothing of it was kept. "
                              "Expected free space in the server's data directory; retry once some is freed.",
                              reason="DISK_FULL")
+
+
+def require_free_space(path: os.PathLike, minimum: int, what: str) -> None:
+    """Refuses to start writing ``what`` when the file system holding ``path``
+    has less than ``minimum`` bytes free for the server (0: never refuses):
+    RESOURCE_EXHAUSTED, ``DISK_NEARLY_FULL``, before anything is written, so
+    a nearly full disk stops new work while what is stored stays whole. The
+    message names no path."""
+    if minimum <= 0:
+        return
+    free = shutil.disk_usage(path).free  # what an unprivileged process may still use
+    if free < minimum:
+        raise ResourceExhausted(
+            f"The server's disk is nearly full: {what} was refused before anything was written. Expected at least "
+            f"{minimum:,} bytes free in the server's data directory (min_free_disk_bytes). Received: {free:,} "
+            "free; retry once some is freed.", reason="DISK_NEARLY_FULL",
+            metadata={"free_bytes": str(free), "min_free_bytes": str(minimum)})

@@ -7,8 +7,9 @@ What the containers would run, taken from the deployment files themselves:
   and its environment (the Dockerfile's ENV, overridden by compose's
   ``environment:``). Only the port numbers (free ones) and the data directory
   (a temporary one) change, and the secrets compose mounts under
-  /run/secrets are files the test makes in a temporary folder (a CA made at
-  run time, a server certificate, a tokens file, metrics basic-auth users).
+  /run/secrets are files the test makes in a temporary folder with ``lossd
+  secrets init``'s code (a CA made at run time, a server certificate,
+  metrics basic-auth users) and a token.
   LOSSD_HOST and LOSSD_METRICS_HOST, which the deployment sets to every
   interface, become 127.0.0.2: tests listen on loopback only, and that
   address stands for the one other containers reach lossd through (a
@@ -57,7 +58,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from certificates import Authority
 from test_deploy import (ALERTS, COMPOSE, DASHBOARD, DOCKERFILE, PROMETHEUS_CONFIG, compose_config,
                          dashboard_exprs, find_tool, require, secret_paths, yaml_scalars)
 
@@ -196,24 +196,21 @@ SECRETS = "/run/secrets/"  # where compose mounts them (secret_paths)
 
 
 class Secrets:
-    """The files of deploy/secrets, made at run time in ``folder``: a CA, the
-    server's certificate for the names the deployment uses and the address
-    the test reaches it through, one token with the evaluate and train
-    scopes, and the "prometheus" metrics user with its password file."""
+    """The files of deploy/secrets, made at run time in ``folder`` as the
+    README makes them (``lossd secrets init``): a CA, the server's
+    certificate for the names the deployment uses and the addresses the test
+    reaches it through, the "prometheus" metrics user with its password
+    file, and one token with the evaluate and train scopes."""
 
     def __init__(self, folder: Path, other_address: str):
+        from lossd_server.deploy_secrets import init_secrets
         from lossd_server.grpc.auth import create_token
-        from lossd_server.observability.metrics_security import create_user
 
-        folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
-        authority = Authority(folder, "ca")
-        self.ca = authority.pem
-        authority.issue("server", hosts=("lossd", "localhost", "127.0.0.1", other_address),
-                        cert_path=folder / "server.pem", key_path=folder / "server.key")
+        init_secrets(folder, hosts=("127.0.0.1", other_address))
+        self.ca = folder / "ca.pem"
         self.token = create_token(folder / "tokens.jsonl", "team", ["evaluate", "train"])
-        self.metrics_password = create_user(folder / "metrics-users", "prometheus")
-        (folder / "metrics-password").write_text(self.metrics_password + "\n")
+        self.metrics_password = (folder / "metrics-password").read_text().strip()
 
     def local(self, path: str) -> str:
         """The test's file for a container path under /run/secrets."""

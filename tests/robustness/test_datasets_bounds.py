@@ -512,7 +512,7 @@ def test_a_full_disk_is_resource_exhausted_and_keeps_what_was_stored(srv, client
 def test_a_full_disk_under_the_store_removes_the_new_file(srv, client, tmp_path, monkeypatch):
     client.upload_dataset(small_npz(tmp_path / "old.npz", 10), name="full-record")
 
-    def put_dataset(name, info):
+    def put_dataset(name, info, owner=""):
         error = sqlite3.OperationalError("database or disk is full")
         error.sqlite_errorcode = 13  # SQLITE_FULL
         raise error

@@ -10,6 +10,7 @@ upload used came back.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -35,8 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def full_disk_server(tmp_path):
+@contextlib.contextmanager
+def tmpfs_server(tmp_path, *flags: str):
+    """``lossd serve`` with ``flags``, its data directory on a DISK tmpfs;
+    yields ``(address, the data directory as seen from outside, its log)``."""
     data = tmp_path / "data"
     data.mkdir()
     port = free_port()
@@ -45,7 +48,7 @@ def full_disk_server(tmp_path):
     cmd = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh",
            DISK, str(data), sys.executable, "-m", "lossd.cli", "serve", "--port", str(port), "--metrics-port", "",
            "--data-dir", str(data), "--max-upload-bytes", str(4 << 20), "--drain-seconds", "0",
-           "--grace-seconds", "0"]
+           "--grace-seconds", "0", *flags]
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
@@ -70,12 +73,31 @@ def full_disk_server(tmp_path):
         log.close()
 
 
+@pytest.fixture
+def full_disk_server(tmp_path):
+    with tmpfs_server(tmp_path, "--min-free-disk-bytes", "0") as server:  # no margin: the disk really fills
+        yield server
+
+
 def npz(path: pathlib.Path, seed: int) -> pathlib.Path:
     """0.5 MB of incompressible images (2 MB once stored as float32)."""
     rng = np.random.default_rng(seed)
     np.savez(path, x=rng.integers(0, 256, (120, 64, 64), dtype=np.uint8),
              y=rng.integers(0, 10, 120, dtype=np.int64))
     return path
+
+
+def fill(client, tmp_path) -> tuple[list[str], "lossd.LossdError | None"]:
+    """Uploads 2 MB datasets until one is refused (16 MiB hold at most
+    eight); returns the names stored and the refusal."""
+    stored = []
+    for i in range(20):
+        try:
+            client.upload_dataset(npz(tmp_path / f"fill{i}.npz", i), f"fill{i}")
+            stored.append(f"fill{i}")
+        except lossd.LossdError as error:
+            return stored, error
+    return stored, None
 
 
 def files_under(root: pathlib.Path) -> list[str]:
@@ -88,14 +110,7 @@ def test_a_full_disk_is_resource_exhausted_leaves_nothing_behind_and_recovers(fu
     client = lossd.Client(address)
     client.register_loss("before_full", "mean(square(y_true - y_pred))")
 
-    stored, refusal = [], None
-    for i in range(20):  # 16 MiB holds at most eight
-        try:
-            client.upload_dataset(npz(tmp_path / f"fill{i}.npz", i), f"fill{i}")
-            stored.append(f"fill{i}")
-        except lossd.LossdError as error:
-            refusal = error
-            break
+    stored, refusal = fill(client, tmp_path)
     assert refusal is not None, "the disk never filled"
     assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED, refusal
     assert refusal.reason == "DISK_FULL", refusal
@@ -120,3 +135,32 @@ def test_a_full_disk_is_resource_exhausted_leaves_nothing_behind_and_recovers(fu
     assert "before_full" in [loss.name for loss in client.losses()]
     assert "Traceback" not in log.read_text()
     client.close()
+
+
+def test_a_nearly_full_disk_refuses_uploads_and_jobs_before_writing_and_evaluation_goes_on(tmp_path):
+    """With min_free_disk_bytes at 6 MiB of the 16 MiB disk, uploads go in
+    until less than that is free; then uploads and jobs are refused with
+    DISK_NEARLY_FULL, never DISK_FULL, and nothing stored is damaged."""
+    with tmpfs_server(tmp_path, "--min-free-disk-bytes", str(6 << 20)) as (address, data, log), \
+            lossd.Client(address) as client:
+        stored, refusal = fill(client, tmp_path)
+        assert refusal is not None and stored, (refusal, stored)
+        assert refusal.code == grpc.StatusCode.RESOURCE_EXHAUSTED and refusal.reason == "DISK_NEARLY_FULL", refusal
+        assert f"Expected at least {6 << 20:,} bytes free" in refusal.message
+        assert int(refusal.metadata["free_bytes"]) < 6 << 20
+        assert str(tmp_path) not in refusal.message
+        before = files_under(data)
+        with pytest.raises(lossd.LossdError) as job:
+            client.create_job("mlp", "digits", epochs=1, steps_per_epoch=1)
+        assert job.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and job.value.reason == "DISK_NEARLY_FULL"
+        assert client.list_jobs() == [] and files_under(data) == before, "a refused job or upload wrote something"
+
+        # Evaluation goes on; what is stored is whole and trains once there is room.
+        y = np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3)
+        assert client.evaluate("mse", y, y + 1).loss == pytest.approx(1.0)
+        assert sorted(d.name for d in client.list_datasets() if d.name.startswith("fill")) == stored
+        for name in stored[-2:]:
+            client.delete_dataset(name)
+        job = client.create_job("mlp", stored[0], epochs=1, steps_per_epoch=1)
+        client.cancel_job(job)
+        assert "Traceback" not in log.read_text()

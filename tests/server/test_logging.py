@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import lossd
-from lossd_server.observability import logs
 from lossd_server.config import Settings
 
 ACCESS_LOGGER = "lossd_server.access"
@@ -23,22 +22,6 @@ GENERATED_ID = re.compile(r"^[0-9a-f]{16}$")
 
 Y_TRUE = np.linspace(0.0, 1.0, 6, dtype=np.float32).reshape(2, 3)
 Y_PRED = Y_TRUE + 0.5
-
-
-@pytest.fixture
-def configure_logs():
-    """Calls ``logs.configure`` into a StringIO; restores the root logger after."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-
-    def configure(fmt: str) -> io.StringIO:
-        stream = io.StringIO()
-        logs.configure(level="DEBUG", fmt=fmt, stream=stream)
-        return stream
-
-    yield configure
-    root.handlers[:] = saved_handlers
-    root.setLevel(saved_level)
 
 
 def lines_of(stream: io.StringIO, count: int, *, where=lambda line: True, timeout: float = 5.0) -> list:

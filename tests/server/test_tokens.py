@@ -21,30 +21,10 @@ pytest.importorskip("tensorflow")
 Y = np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3)
 
 
-def create(path, name: str, scopes: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
-    done = subprocess.run([sys.executable, "-m", "lossd.cli", "tokens", "create", name, "--scopes", scopes,
-                           "--file", str(path)], env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory):
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
-    folder = tmp_path_factory.mktemp("tokens")
-    path = folder / "tokens.jsonl"
-    tokens = {name: create(path, name, scopes) for name, scopes in
-              (("alice", "evaluate"), ("bob", "train"), ("root", "admin"))}
-    srv = create_server(Settings(host="127.0.0.1", port=0, metrics_port=None, grace_seconds=0,
-                                 data_dir=folder / "data", tokens_file=path), metrics_registry=CollectorRegistry())
-    srv.start()
-    yield f"127.0.0.1:{srv.port}", tokens, path
-    srv.stop(0)
+def secured(serve_with_tokens):
+    address, tokens, folder = serve_with_tokens({"alice": ("evaluate",), "bob": ("train",), "root": ("admin",)})
+    return address, tokens, folder / "tokens.jsonl"
 
 
 def test_the_file_holds_salted_hashes_never_the_tokens(secured):
@@ -131,3 +111,47 @@ def test_a_server_without_tokens_treats_every_caller_as_an_anonymous_admin():
 
     caller = Callers(None).check([])
     assert caller is ANONYMOUS and caller.admin and caller.owns("anyone")
+
+
+@pytest.mark.parametrize("host, warns", [("0.0.0.0", True), ("::", True), ("10.1.2.3", True), ("lossd.internal", True),
+                                         ("127.0.0.1", False), ("127.0.0.2", False), ("::1", False),
+                                         ("[::1]", False), ("::ffff:127.0.0.1", False), ("localhost", False)])
+def test_without_tokens_the_server_warns_unless_it_binds_only_loopback(tmp_path, host, warns):
+    from lossd_server.app import open_access_warning
+    from lossd_server.config import Settings
+
+    open_server = Settings(host=host, data_dir=tmp_path)
+    warning = open_access_warning(open_server, 50051)
+    assert (warning is not None) == warns
+    if warns:
+        assert f"{host}:50051" in warning and "LOSSD_TOKENS_FILE" in warning
+    tokens = tmp_path / "tokens.jsonl"
+    tokens.touch()
+    assert open_access_warning(Settings(host=host, data_dir=tmp_path, tokens_file=tokens), 50051) is None
+
+
+def test_lossd_serve_on_loopback_without_tokens_starts_without_the_warning(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
+    proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "", "--data-dir", str(tmp_path / "data")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, lines = time.monotonic() + 180, []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "listening on" in line:
+                break
+        assert any("listening on" in line for line in lines), "".join(lines)
+        assert not any("no tokens file" in line for line in lines), "".join(lines)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -69,7 +69,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., learning_rate: _Optional[float] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("name", "display_name", "spec", "state", "create_time", "start_time", "end_time", "error", "progress", "request_id", "model_kind")
+    __slots__ = ("name", "display_name", "spec", "state", "create_time", "start_time", "end_time", "error", "progress", "request_id", "model_kind", "owner")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Job.State]
@@ -97,6 +97,7 @@ class Job(_message.Message):
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_KIND_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     spec: JobSpec
@@ -108,7 +109,8 @@ class Job(_message.Message):
     progress: JobProgress
     request_id: str
     model_kind: str
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., request_id: _Optional[str] = ..., model_kind: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., request_id: _Optional[str] = ..., model_kind: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class JobProgress(_message.Message):
     __slots__ = ("epochs_completed", "epochs", "step", "steps_per_epoch", "examples_per_second", "eta_seconds", "metrics")
@@ -246,7 +248,7 @@ class WatchJobRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
 
 class Dataset(_message.Message):
-    __slots__ = ("name", "source", "examples", "image_shape", "class_names", "create_time", "size_bytes")
+    __slots__ = ("name", "source", "examples", "image_shape", "class_names", "create_time", "size_bytes", "owner")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +256,7 @@ class Dataset(_message.Message):
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     name: str
     source: str
     examples: int
@@ -261,7 +264,8 @@ class Dataset(_message.Message):
     class_names: _containers.RepeatedScalarFieldContainer[str]
     create_time: _timestamp_pb2.Timestamp
     size_bytes: int
-    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., examples: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., class_names: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    owner: str
+    def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., examples: _Optional[int] = ..., image_shape: _Optional[_Iterable[int]] = ..., class_names: _Optional[_Iterable[str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., size_bytes: _Optional[int] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class DatasetHeader(_message.Message):
     __slots__ = ("name", "format", "size_bytes", "replace")

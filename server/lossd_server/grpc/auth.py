@@ -29,11 +29,14 @@ from typing import Iterable
 
 import grpc
 
+from lossd_server.callers import ANONYMOUS, SCOPES, Caller, Limits
 from lossd_server.config import StartupError
 from lossd_server.errors import LossdError, PermissionDenied, Unauthenticated
 from lossd_server.grpc import status
 
-SCOPES = ("evaluate", "train", "admin")
+__all__ = ["ANONYMOUS", "SCOPES", "AuthInterceptor", "Caller", "Callers", "Limits", "TokenRecord", "create_token",
+           "load_tokens", "required_scope"]
+
 TOKEN_PREFIX = "lsd_"
 
 # The scope each lossd method needs; admin holds every scope.
@@ -49,51 +52,6 @@ METHOD_SCOPES = {
 }
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What one caller may spend; ``None`` is no per-caller limit (the
-    server-wide bounds still hold)."""
-
-    elements_per_second: float | None = None  # tensor elements evaluated, sustained rate
-    max_jobs: int | None = None               # training jobs queued or running at once
-    max_upload_bytes: int | None = None       # bytes of the caller's stored datasets
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Limits":
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown limits {', '.join(sorted(unknown))}")
-        limits = cls(**data)
-        for name, value in limits.to_dict().items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, not {value!r}")
-        return limits
-
-
-@dataclasses.dataclass(frozen=True)
-class Caller:
-    """Who makes a call: the token's name, scopes and limits."""
-
-    name: str
-    scopes: frozenset[str]
-    limits: Limits = Limits()
-
-    @property
-    def admin(self) -> bool:
-        return "admin" in self.scopes
-
-    def owns(self, owner: str) -> bool:
-        """Whether this caller may see and change what ``owner`` made."""
-        return self.admin or owner == self.name
-
-
-# The caller on a server without a tokens file: today's open behaviour.
-ANONYMOUS = Caller("", frozenset(SCOPES))
-
 
 @dataclasses.dataclass(frozen=True)
 class TokenRecord:

@@ -1,5 +1,6 @@
 """Server interceptors: one for what every RPC needs (a request id in a
 context variable, Prometheus RPC metrics with failures counted and timed too,
+refusals counted by reason where their statuses are made (``status.py``),
 one log line per request at DEBUG or per failure at WARNING), and one that
 bounds streaming calls so they cannot starve unary calls (``StreamLimiter``)."""
 
@@ -57,7 +58,8 @@ def _wrap(handler, full_method: str, metrics: Optional[Metrics]):
         behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
     rpc = None if metrics is None else metrics.rpc_method(
         service, method, client_streaming=handler.request_streaming, server_streaming=handler.response_streaming)
-    observer = _Observer(rpc, f"{service}/{method}", handler.request_streaming)
+    observer = _Observer(rpc, f"{service}/{method}", handler.request_streaming,
+                         None if metrics is None else metrics.count_rejection)
     wrapped = observer.stream(behavior) if handler.response_streaming else observer.unary(behavior)
     return factory(wrapped, request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
@@ -73,10 +75,12 @@ def _request_id(context) -> str:
 class _Observer:
     """Times, counts and logs the calls of one method."""
 
-    def __init__(self, rpc: Optional[RpcMethodMetrics], name: str, request_streaming: bool):
+    def __init__(self, rpc: Optional[RpcMethodMetrics], name: str, request_streaming: bool,
+                 count_rejection=None):
         self.rpc = rpc  # None with metrics off
         self.name = name  # "lossd.v1.LossService/Evaluate", for the access log
         self.request_streaming = request_streaming
+        self.count_rejection = count_rejection  # Metrics.count_rejection, None with metrics off
 
     def _count_received(self, request):
         """Counts request messages: one for unary, each as it is read for streams."""
@@ -111,6 +115,7 @@ class _Observer:
     def unary(self, behavior):
         def wrapper(request, context):
             token = set_request_id(_request_id(context))
+            counting = status.count_refusals(self.count_rejection)
             start = self._start()
             exc = None
             try:
@@ -123,6 +128,7 @@ class _Observer:
                 raise
             finally:
                 self._finish(context, start, exc)
+                status.reset_refusal_counter(counting)
                 reset_request_id(token)
         return wrapper
 
@@ -132,6 +138,7 @@ class _Observer:
             # id again after every yield rather than resetting a token.
             request_id = _request_id(context)
             set_request_id(request_id)
+            status.count_refusals(self.count_rejection)
             start = self._start()
             exc = None
             try:
@@ -140,6 +147,7 @@ class _Observer:
                         self.rpc.sent()
                     yield response
                     set_request_id(request_id)
+                    status.count_refusals(self.count_rejection)
             except BaseException as e:
                 exc = e
                 raise

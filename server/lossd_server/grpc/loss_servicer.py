@@ -15,10 +15,12 @@ import numpy as np
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
 from lossd_server.errors import FailedPrecondition, InvalidArgument, LossdError
+from lossd_server.evaluation.admission import Admission
 from lossd_server.evaluation.chunks import ChunkedSession
-from lossd_server.grpc.auth import Callers
+from lossd_server.grpc.auth import Caller, Callers
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.losses.plan import Plan
+from lossd_server.observability.logs import audited
 from lossd_server.grpc.status import handle_errors, to_status
 
 log = logging.getLogger(__name__)
@@ -74,10 +76,11 @@ class _PlanCache:
 class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
     """Implements ``lossd.v1.LossService`` over an Evaluator."""
 
-    def __init__(self, evaluator: Evaluator, *, max_elements: int, metrics=None, store=None,
-                 callers: Callers = Callers(None)):
+    def __init__(self, evaluator: Evaluator, *, max_elements: int, admission: Admission, metrics=None,
+                 store=None, callers: Callers = Callers(None)):
         self.evaluator = evaluator
         self.callers = callers  # who calls: Callers.of(context)
+        self.admission = admission  # what may run now: sizes, caller rates, bytes in flight
         self.registry = evaluator.registry
         self.max_elements = max_elements
         self.metrics = metrics
@@ -96,6 +99,21 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
     def _decode(self, tensor, field: str) -> np.ndarray:
         return wire.to_numpy(tensor, field=field, max_elements=self.max_elements)
 
+    def _declared(self, fields) -> tuple[int, int]:
+        """Elements of y_pred and bytes of all tensors, from the ``(field,
+        dtype enum, shape)`` the request declares: nothing is decoded."""
+        elements = nbytes = 0
+        for field, dtype, shape in fields:
+            count = wire.check_shape(shape, field=field, max_elements=self.max_elements)
+            nbytes += count * wire.numpy_dtype(dtype, field=field).itemsize
+            if field == "y_pred":
+                elements = count
+        return elements, nbytes
+
+    def _usage(self, caller: Caller, elements: int) -> None:
+        if self.metrics is not None:
+            self.metrics.caller_usage(caller.name, requests=1, elements=elements)
+
     @contextlib.contextmanager
     def _metered(self, metric_name: str):
         """Times one evaluation (yields its metrics record, or None without
@@ -111,11 +129,12 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                 record.outcome = "invalid_argument"
                 raise
 
-    def _evaluate(self, request: loss_service_pb2.EvaluateRequest) -> loss_service_pb2.EvaluateResponse:
+    def _evaluate(self, request: loss_service_pb2.EvaluateRequest, caller: Caller,
+                  context) -> loss_service_pb2.EvaluateResponse:
         with self._metered(self._metric_name(request.loss)) as record:
-            return self._evaluate_unmetered(request, record)
+            return self._evaluate_unmetered(request, record, caller, context)
 
-    def _evaluate_unmetered(self, request, record) -> loss_service_pb2.EvaluateResponse:
+    def _evaluate_unmetered(self, request, record, caller: Caller, context) -> loss_service_pb2.EvaluateResponse:
         if not request.HasField("loss"):
             raise InvalidArgument("loss is required. Expected a LossSpec with a name, an expression or "
                                   "terms. Received: none.", reason="BAD_LOSS_SPEC")
@@ -125,13 +144,24 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                                       reason="BAD_TENSOR")
         plan = self.plans.get(request.loss, ("y_true", "y_pred", *sorted(request.tensors)))
         reduction = wire.reduction_name(request.reduction)
-        tensors = {"y_true": self._decode(request.y_true, "y_true"),
-                   "y_pred": self._decode(request.y_pred, "y_pred")}
-        for name, tensor in request.tensors.items():
+        for name in request.tensors:
             if not _TENSOR_NAME.match(name) or name in _RESERVED_TENSORS:
                 raise InvalidArgument(
                     f"Invalid tensor name {name[:64]!r}. Expected an identifier other than "
                     f"{sorted(_RESERVED_TENSORS)}.", reason="BAD_TENSOR")
+        declared = [("y_true", request.y_true), ("y_pred", request.y_pred),
+                    *((f"tensors[{name}]", t) for name, t in request.tensors.items()),
+                    *([("sample_weight", request.sample_weight)] if request.HasField("sample_weight") else [])]
+        elements, nbytes = self._declared((field, t.dtype, t.shape) for field, t in declared)
+        with self.admission.admit(caller.name, caller.limits.elements_per_second, elements=elements,
+                                  nbytes=nbytes, wait_seconds=context.time_remaining()):
+            self._usage(caller, elements)
+            return self._evaluate_admitted(request, record, plan, reduction)
+
+    def _evaluate_admitted(self, request, record, plan: Plan, reduction: str) -> loss_service_pb2.EvaluateResponse:
+        tensors = {"y_true": self._decode(request.y_true, "y_true"),
+                   "y_pred": self._decode(request.y_pred, "y_pred")}
+        for name, tensor in request.tensors.items():
             tensors[name] = self._decode(tensor, f"tensors[{name}]")
         sample_weight = (self._decode(request.sample_weight, "sample_weight")
                          if request.HasField("sample_weight") else None)
@@ -157,34 +187,38 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
 
     @handle_errors
     def RegisterLoss(self, request, context):
-        if self.store is None:
-            raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
-        params = wire.struct_to_dict(request.params) if request.HasField("params") else {}
-        entry = self.store.register(request.name, request.expression, params=params, inputs=list(request.inputs),
-                                    doc=request.doc, replace=request.replace)
-        self.plans.clear()  # plans that named the old definition must not be reused
+        with audited(self.callers.of(context).name, "register_loss", f"losses/{request.name[:200]}"):
+            if self.store is None:
+                raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
+            params = wire.struct_to_dict(request.params) if request.HasField("params") else {}
+            entry = self.store.register(request.name, request.expression, params=params,
+                                        inputs=list(request.inputs), doc=request.doc, replace=request.replace)
+            self.plans.clear()  # plans that named the old definition must not be reused
         log.info("registered loss %r: %s", entry.name, entry.expression)
         return describe(entry)
 
     @handle_errors
     def DeleteLoss(self, request, context):
-        if self.store is None:
-            raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
-        self.store.delete(request.name)
-        self.plans.clear()
+        with audited(self.callers.of(context).name, "delete_loss", f"losses/{request.name[:200]}"):
+            if self.store is None:
+                raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
+            self.store.delete(request.name)
+            self.plans.clear()
         log.info("deleted loss %r", request.name)
         return loss_service_pb2.DeleteLossResponse()
 
     @handle_errors
     def Evaluate(self, request, context):
-        return self._evaluate(request)
+        return self._evaluate(request, self.callers.of(context), context)
 
     def EvaluateStream(self, request_iterator, context) -> Iterator[loss_service_pb2.EvaluateStreamResponse]:
-        # Per-request failures travel in the response; the stream goes on.
+        # Per-request failures travel in the response (a refusal with its
+        # retry delay too); the stream goes on.
+        caller = self.callers.of(context)
         for item in request_iterator:
             out = loss_service_pb2.EvaluateStreamResponse(request_id=item.request_id)
             try:
-                out.response.CopyFrom(self._evaluate(item.request))
+                out.response.CopyFrom(self._evaluate(item.request, caller, context))
             except Exception as exc:  # noqa: BLE001 - to_status logs unexpected ones
                 out.error.CopyFrom(to_status(exc))
             yield out
@@ -199,9 +233,9 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                 raise InvalidArgument("EvaluateChunked starts with a header. Expected a ChunkedHeader first. "
                                       f"Received: {first.WhichOneof('kind') if first else 'nothing'}.",
                                       reason="BAD_CHUNK")
-            yield from self._evaluate_chunked(header, request_iterator, record)
+            yield from self._evaluate_chunked(header, request_iterator, record, self.callers.of(context), context)
 
-    def _evaluate_chunked(self, header, request_iterator, record):
+    def _evaluate_chunked(self, header, request_iterator, record, caller: Caller, context):
         plan = self.plans.get(header.loss)
         infos: dict[str, tuple[str, tuple]] = {}
         enums: dict[str, int] = {}
@@ -216,23 +250,21 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             infos[name] = (dt.name, shape)
         session = ChunkedSession(self.evaluator, plan, infos, reduction=wire.reduction_name(header.reduction),
                                  gradient=header.gradient)
+        # The caller's rate is charged the whole request once, from the
+        # header; the in-flight budget holds one chunk at a time, from its
+        # declared rows, while it is decoded and evaluated.
+        elements, _ = self._declared((name, enums[name], infos[name][1]) for name in enums)
+        self.admission.charge(caller.name, caller.limits.elements_per_second, elements)
+        self._usage(caller, elements)
         for message in request_iterator:
             if message.WhichOneof("kind") != "chunk":
                 raise InvalidArgument("Only chunks may follow the header. Received a second header.",
                                       reason="BAD_CHUNK")
             chunk = message.chunk
-            arrays = {name: wire.from_bytes(getattr(chunk, name), enum, (chunk.rows, *session.row_shape(name)),
-                                            field=f"chunk {name}", max_elements=self.max_elements)
-                      for name, enum in enums.items()}
-            values, grad = session.feed(chunk.start, arrays)
-            if record is not None:
-                record.elements += int(arrays["y_pred"].size)
-                record.nbytes += sum(a.nbytes for a in arrays.values())
-            result = loss_service_pb2.ChunkResult(start=chunk.start)
-            if values is not None:
-                result.loss.CopyFrom(wire.from_numpy(values))
-            if grad is not None:
-                result.gradient.CopyFrom(wire.from_numpy(grad))
+            shapes = {name: (chunk.rows, *session.row_shape(name)) for name in enums}
+            _, nbytes = self._declared((f"chunk {name}", enums[name], shapes[name]) for name in enums)
+            with self.admission.hold(nbytes, wait_seconds=context.time_remaining(), what="This chunk"):
+                result = self._feed(session, chunk, enums, shapes, record)
             yield loss_service_pb2.EvaluateChunkedResponse(chunk=result)
         done = session.finish()
         summary = loss_service_pb2.ChunkedSummary(
@@ -242,3 +274,19 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         if done.loss is not None:
             summary.loss.CopyFrom(wire.from_numpy(done.loss))
         yield loss_service_pb2.EvaluateChunkedResponse(summary=summary)
+
+    def _feed(self, session: ChunkedSession, chunk, enums: dict[str, int], shapes: dict[str, tuple],
+              record) -> loss_service_pb2.ChunkResult:
+        arrays = {name: wire.from_bytes(getattr(chunk, name), enum, shapes[name], field=f"chunk {name}",
+                                        max_elements=self.max_elements)
+                  for name, enum in enums.items()}
+        values, grad = session.feed(chunk.start, arrays)
+        if record is not None:
+            record.elements += int(arrays["y_pred"].size)
+            record.nbytes += sum(a.nbytes for a in arrays.values())
+        result = loss_service_pb2.ChunkResult(start=chunk.start)
+        if values is not None:
+            result.loss.CopyFrom(wire.from_numpy(values))
+        if grad is not None:
+            result.gradient.CopyFrom(wire.from_numpy(grad))
+        return result

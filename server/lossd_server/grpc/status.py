@@ -1,14 +1,23 @@
 """Errors to gRPC statuses, in one table: every failure leaves the server as a
-``google.rpc.Status`` with an ``ErrorInfo`` (reason, domain, metadata)."""
+``google.rpc.Status`` with an ``ErrorInfo`` (reason, domain, metadata), and a
+``RetryInfo`` (the delay to wait) when the error says a retry can succeed.
+
+Every RESOURCE_EXHAUSTED status is made here, so here is where refusals are
+counted (``lossd_rejected_requests_total{reason}``): the code that refuses
+(admission, job limits, storage, stream limits) raises and knows nothing of
+metrics; the ObservabilityInterceptor names the counter for the call it serves
+(``count_refusals``)."""
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
+from typing import Callable, Optional
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -31,6 +40,29 @@ CODES: dict[str, grpc.StatusCode] = {
 }
 
 
+# What counts a refusal of the call being served: set per call by the
+# ObservabilityInterceptor (None with metrics off, or outside a call).
+_refusal_counter: contextvars.ContextVar[Optional[Callable[[str], None]]] = contextvars.ContextVar(
+    "lossd_refusal_counter", default=None)
+
+
+def count_refusals(counter: Optional[Callable[[str], None]]) -> contextvars.Token:
+    """Makes ``counter(reason)`` count the RESOURCE_EXHAUSTED statuses made
+    in this context from now on; returns the token to reset it with."""
+    return _refusal_counter.set(counter)
+
+
+def reset_refusal_counter(token: contextvars.Token) -> None:
+    _refusal_counter.reset(token)
+
+
+def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    """A RetryInfo saying to wait ``seconds`` (at least a millisecond)."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(1_000_000, int(seconds * 1e9)))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
 def to_status(exc: BaseException) -> status_pb2.Status:
     """The rich status for an exception; unexpected ones become a generic INTERNAL
     (their text may hold internals, so it is logged, never sent)."""
@@ -46,9 +78,18 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         code = grpc.StatusCode.INTERNAL
         info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=DOMAIN, metadata={"request_id": rid})
         message = f"Internal error; the server logged it with request id {rid}."
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    return status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    details = [info]
+    if isinstance(exc, LossdError) and exc.retry_delay is not None:
+        details.append(retry_info(exc.retry_delay))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        counter = _refusal_counter.get()
+        if counter is not None:
+            counter(info.reason)
+    packed = []
+    for detail in details:
+        packed.append(any_pb2.Any())
+        packed[-1].Pack(detail)
+    return status_pb2.Status(code=code.value[0], message=message, details=packed)
 
 
 def abort(context: grpc.ServicerContext, exc: BaseException) -> None:

@@ -120,7 +120,7 @@ def job_to_proto(job: JobRecord) -> pb.Job:
         name=job_name(job.id), display_name=job.display_name, spec=spec_to_proto(job.spec),
         state=_STATES[job.state], create_time=_timestamp(job.create_time), start_time=_timestamp(job.start_time),
         end_time=_timestamp(job.end_time), error=error_status(job.error), request_id=job.request_id or "",
-        model_kind=job.model_kind,
+        model_kind=job.model_kind, owner=job.owner,
         progress=pb.JobProgress(epochs_completed=p.get("epochs_completed", 0), epochs=p.get("epochs", 0),
                                 step=p.get("step", 0), steps_per_epoch=p.get("steps_per_epoch", 0),
                                 examples_per_second=p.get("examples_per_second", 0.0),
@@ -150,7 +150,7 @@ def event_to_proto(event: Event) -> pb.JobEvent:
 def dataset_to_proto(info) -> pb.Dataset:
     return pb.Dataset(name=info.name, source=info.source, examples=info.examples, image_shape=info.image_shape,
                       class_names=info.class_names, create_time=_timestamp(info.create_time) if info.create_time
-                      else None, size_bytes=info.size_bytes)
+                      else None, size_bytes=info.size_bytes, owner=info.owner)
 
 
 class TrainingServicer(pb_grpc.TrainingServiceServicer):
@@ -167,13 +167,13 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     def CreateJob(self, request, context):
         if not request.HasField("spec"):
             raise InvalidArgument("CreateJob needs a spec. Received: none.", reason="BAD_JOB_SPEC")
-        job = self.manager.create_job(spec_from_proto(request.spec), display_name=request.display_name,
-                                      request_id=request.request_id)
+        job = self.manager.create_job(spec_from_proto(request.spec), caller=self.callers.of(context),
+                                      display_name=request.display_name, request_id=request.request_id)
         return job_to_proto(job)
 
     @handle_errors
     def GetJob(self, request, context):
-        return job_to_proto(self.manager.get_job(job_id(request.name)))
+        return job_to_proto(self.manager.get_job(job_id(request.name), self.callers.of(context)))
 
     @handle_errors
     def ListJobs(self, request, context):
@@ -183,28 +183,28 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                 raise InvalidArgument(f"Invalid state filter. Expected Job.State values 1-6. Received: {value}.",
                                       reason="BAD_STATE")
             states.append(_STATE_NAMES[value])
-        jobs, token = self.manager.list_jobs(states, request.page_size, request.page_token)
+        jobs, token = self.manager.list_jobs(self.callers.of(context), states, request.page_size, request.page_token)
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     @handle_errors
     def CancelJob(self, request, context):
-        return job_to_proto(self.manager.scheduler.cancel(job_id(request.name)))
+        return job_to_proto(self.manager.scheduler.cancel(job_id(request.name), self.callers.of(context)))
 
     @handle_errors
     def WatchJob(self, request, context):
         # A watch with nothing to report for stream_idle_seconds ends with
         # STREAM_IDLE, so a queued job's watchers do not hold threads for
         # ever; clients resume from the last sequence they saw.
-        ident, after = job_id(request.name), request.after_sequence
+        ident, after, caller = job_id(request.name), request.after_sequence, self.callers.of(context)
         last_event = time.monotonic()
 
         def active() -> bool:
             return context.is_active() and time.monotonic() - last_event < self.stream_idle_seconds
 
-        for event in self.manager.scheduler.watch(ident, after, active):
+        for event in self.manager.scheduler.watch(ident, caller, after, active):
             last_event, after = time.monotonic(), event.seq
             yield event_to_proto(event)
-        if context.is_active() and not self.manager.get_job(ident).final \
+        if context.is_active() and not self.manager.get_job(ident, caller).final \
                 and time.monotonic() - last_event >= self.stream_idle_seconds:
             raise DeadlineExceeded(
                 f"Job {ident} had no new event for {self.stream_idle_seconds:g} s (the server's "
@@ -231,16 +231,21 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
                                           reason="BAD_UPLOAD")
                 yield message.chunk
 
-        info = self.manager.catalog.upload(header.name, fmt, header.size_bytes, chunks(), replace=header.replace)
+        caller = self.callers.of(context)
+        info = self.manager.catalog.upload(header.name, fmt, header.size_bytes, chunks(), caller=caller,
+                                           replace=header.replace)
+        if self.manager.metrics is not None:
+            self.manager.metrics.caller_usage(caller.name, upload_bytes=info.size_bytes)
         return dataset_to_proto(info)
 
     @handle_errors
     def ListDatasets(self, request, context):
-        return pb.ListDatasetsResponse(datasets=[dataset_to_proto(i) for i in self.manager.catalog.list()])
+        return pb.ListDatasetsResponse(datasets=[dataset_to_proto(i) for i in
+                                                         self.manager.catalog.list(self.callers.of(context))])
 
     @handle_errors
     def DeleteDataset(self, request, context):
-        self.manager.catalog.delete(request.name)
+        self.manager.catalog.delete(request.name, self.callers.of(context))
         return empty_pb2.Empty()
 
     @handle_errors
@@ -249,7 +254,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         if artifact is None:
             raise InvalidArgument("Invalid artifact. Expected ARTIFACT_MODEL, ARTIFACT_HISTORY or "
                                   f"ARTIFACT_TENSORBOARD. Received: {request.artifact}.", reason="BAD_ARTIFACT")
-        filename, size, chunks = self.manager.artifacts.download(self.manager.get_job(job_id(request.name)), artifact)
+        job = self.manager.get_job(job_id(request.name), self.callers.of(context))
+        filename, size, chunks = self.manager.artifacts.download(job, artifact)
         first = True
         for data in chunks:
             yield pb.ArtifactChunk(filename=filename if first else "", size_bytes=size if first else 0, data=data)
@@ -260,13 +266,13 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
     @handle_errors
     def Predict(self, request, context):
         images = wire.to_numpy(request.images, field="images", max_elements=self.max_elements)
-        job = self.manager.get_job(job_id(request.name))
+        job = self.manager.get_job(job_id(request.name), self.callers.of(context))
         probabilities, class_names = self.manager.inference.predict(job, images)
         return pb.PredictResponse(probabilities=wire.from_numpy(probabilities), class_names=class_names)
 
     @handle_errors
     def Generate(self, request, context):
-        job = self.manager.get_job(job_id(request.name))
+        job = self.manager.get_job(job_id(request.name), self.callers.of(context))
         images = self.manager.inference.generate(job, request.count, request.seed)
         return pb.GenerateResponse(images=wire.from_numpy(images))
 

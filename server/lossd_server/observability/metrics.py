@@ -9,8 +9,12 @@ py-grpc-prometheus so existing dashboards and alerts work unchanged.
 The ``loss`` label is bounded: the fixed names given at construction (Keras's
 losses, lossd's built-ins and plugins), ``"composite"``, ``"expression"``, and
 at most ``max_registered_labels`` names of losses clients registered, first
-come first served; anything else is counted as ``"other"``. Job ids, request
-ids and users never become labels.
+come first served; anything else is counted as ``"other"``. Job ids and
+request ids never become labels. The ``caller`` label is a token's name, which
+the operator chose when making the token (``lossd tokens create NAME``), so
+its values are as many as the tokens file has lines; ``"anonymous"`` stands
+for every caller of a server without tokens. The ``reason`` label of
+refusals is an ErrorInfo reason the server's code spells, never client text.
 
 ``/metrics`` is served from a rendering at most ``cache_seconds`` old (see
 ``start_metrics_server``), so many scrapers cost one rendering per interval,
@@ -60,6 +64,16 @@ CACHE_RESULTS = ("hit", "miss")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 TRAINING_SPLITS = ("train", "validation")
+# The ``caller`` label of the caller on a server without tokens (Caller name "").
+ANONYMOUS_CALLER = "anonymous"
+# RESOURCE_EXHAUSTED reasons the server sends, pre-initialised at zero; a
+# reason missing here is still counted when it happens.
+REJECTION_REASONS = (
+    "INFLIGHT_BYTES_FULL", "QUEUE_FULL", "CALLER_RATE_LIMIT",  # evaluation admission
+    "TOO_MANY_STREAMS", "COMPILE_BUSY", "COMPILE_TIMEOUT", "OUT_OF_MEMORY",  # evaluation
+    "TOO_MANY_JOBS", "TOO_MANY_LOSSES", "DECODE_BUDGET_EXHAUSTED", "DATASET_STORAGE_FULL",  # training, storage
+    "DISK_FULL",
+)
 
 # The ``grpc_type`` label of a method, as go-grpc-prometheus spells it, by
 # (client_streaming, server_streaming). See ``grpc_type``.
@@ -299,6 +313,30 @@ class Metrics:
             "Compiled loss functions held in the cache.",
             registry=r)
 
+        # Admission and per-caller usage.
+        self.lossd_rejected_requests_total = Counter(
+            "lossd_rejected_requests_total",
+            "Requests (or EvaluateStream items) refused with RESOURCE_EXHAUSTED, by ErrorInfo reason: "
+            "admission (INFLIGHT_BYTES_FULL, QUEUE_FULL, CALLER_RATE_LIMIT), stream, compile, job and "
+            "storage limits.",
+            ("reason",), registry=r)
+        self.lossd_caller_requests_total = Counter(
+            "lossd_caller_requests_total",
+            "Evaluations admitted, by caller (the token's name; \"anonymous\" without tokens). "
+            "An EvaluateChunked call counts once.",
+            ("caller",), registry=r)
+        self.lossd_caller_elements_total = Counter(
+            "lossd_caller_elements_total",
+            "Elements of y_pred in the evaluations admitted, by caller: what the caller's rate "
+            "limit (elements per second) is charged.",
+            ("caller",), registry=r)
+        self.lossd_caller_upload_bytes_total = Counter(
+            "lossd_caller_upload_bytes_total",
+            "Bytes of datasets stored by UploadDataset, by caller: what the caller's storage limit "
+            "(max_upload_bytes) counts.",
+            ("caller",), registry=r)
+        self._caller_children: dict[str, tuple] = {}
+
         # Micro-batching of evaluations.
         self.lossd_batch_size_requests = Histogram(
             "lossd_batch_size_requests",
@@ -377,6 +415,8 @@ class Metrics:
             self.lossd_training_jobs.labels(state).set(0)
         for state in FINAL_JOB_STATES:
             self.lossd_training_job_duration_seconds.labels(state)
+        for reason in REJECTION_REASONS:
+            self.lossd_rejected_requests_total.labels(reason)
 
     # Loss evaluation.
 
@@ -460,6 +500,48 @@ class Metrics:
     def set_cache_entries(self, entries: int) -> None:
         """Sets how many compiled losses the cache holds now."""
         self.lossd_loss_cache_entries.set(entries)
+
+    # Admission and per-caller usage.
+
+    def count_rejection(self, reason: str) -> None:
+        """Counts one RESOURCE_EXHAUSTED refusal; ``grpc/status.py`` calls it
+        for every such status it makes (the reason is the server's own)."""
+        self.lossd_rejected_requests_total.labels(reason or "RESOURCE_EXHAUSTED").inc()
+
+    def _caller(self, caller: str) -> tuple:
+        children = self._caller_children.get(caller)
+        if children is None:
+            label = caller or ANONYMOUS_CALLER
+            children = self._caller_children.setdefault(caller, (
+                self.lossd_caller_requests_total.labels(label),
+                self.lossd_caller_elements_total.labels(label),
+                self.lossd_caller_upload_bytes_total.labels(label)))
+        return children
+
+    def known_callers(self, callers: Iterable[str]) -> None:
+        """Gives each caller (token name) its zero samples now, so its first
+        request shows up in ``rate()``."""
+        for caller in callers:
+            self._caller(caller)
+
+    def caller_usage(self, caller: str, *, requests: int = 0, elements: int = 0, upload_bytes: int = 0) -> None:
+        """Adds to a caller's usage counters.
+
+        Args:
+            caller: The caller's name (``Caller.name``: a token's name, or ""
+                for the anonymous caller of a server without tokens). Only
+                names from the tokens file reach here, never request text.
+            requests: Evaluations admitted.
+            elements: Elements of ``y_pred`` they carry.
+            upload_bytes: Bytes of a dataset the caller stored.
+        """
+        count, element_total, upload_total = self._caller(caller)
+        if requests:
+            count.inc(requests)
+        if elements:
+            element_total.inc(elements)
+        if upload_bytes:
+            upload_total.inc(upload_bytes)
 
     # Micro-batching.
 

@@ -11,7 +11,15 @@ the next start.
 
 Two server-wide budgets bound what uploads spend, each reserved before it
 is spent: memory for decoding (``max_decoding_bytes``) and disk for stored
-datasets plus uploads in progress (``max_dataset_bytes``).
+datasets plus uploads in progress (``max_dataset_bytes``). A token's
+``max_upload_bytes`` limit bounds the same disk bytes for that caller alone
+(its stored datasets plus its uploads in progress; CALLER_STORAGE_LIMIT).
+
+An uploaded dataset belongs to the caller that stored it. A caller sees,
+trains on, replaces and deletes only its own (``Caller.owns``: admins all of
+them); another caller's dataset is answered as if it did not exist, except
+that its name stays taken (DATASET_EXISTS). Built-in and folder datasets
+belong to the operator and every caller may use them.
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ import tempfile
 import threading
 from typing import Iterator, Optional
 
-from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, disk_full, disk_full_error
+from lossd_server.callers import ANONYMOUS, Caller
+from lossd_server.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, disk_full,
+                                 disk_full_error, require_free_space)
+from lossd_server.observability.logs import audited
 from lossd_server.training import datasets
 from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, Store
 
@@ -65,17 +76,21 @@ class DatasetCatalog:
         # of jobs being created: each one step under this lock.
         self._lock = threading.Lock()
         self._creating: collections.Counter[str] = collections.Counter()
+        self._quotas: dict[str, datasets.ByteBudget] = {}  # per caller name, for tokens with max_upload_bytes
         stored = {d["name"]: pathlib.Path(d.get("path", "")).name for d in store.list_datasets()}
         removed = datasets.sweep(self.datasets_dir, stored)
         if removed:
             log.warning("removed %d file(s) that interrupted uploads left in %s: %s", len(removed),
                         self.datasets_dir, ", ".join(removed[:10]) + (" ..." if len(removed) > 10 else ""))
 
-    def info(self, ref: str) -> datasets.DatasetInfo:
-        """What a job needs to know about a dataset reference; checks it exists.
+    def info(self, ref: str, caller: Caller = ANONYMOUS) -> datasets.DatasetInfo:
+        """What a job needs to know about a dataset reference; checks it
+        exists and that ``caller`` may train on it (by default the server
+        itself, an admin).
 
         Raises:
-            InvalidArgument: UNKNOWN_DATASET, or a folder outside the root or
+            InvalidArgument: UNKNOWN_DATASET (also another caller's upload),
+                or a folder outside the root or
                 with bad content.
             ResourceExhausted: DECODE_BUDGET_EXHAUSTED, a folder that cannot
                 be decoded beside the uploads being decoded now.
@@ -91,17 +106,17 @@ class DatasetCatalog:
                     max_members=self.settings.max_archive_members, where=ref[:200])
             return datasets.info_from_arrays(ref, "folder", x, class_names, str(path))
         stored = self.store.get_dataset(ref) if ref else None
-        if stored is None:
+        if stored is None or not caller.owns(stored["owner"]):
             raise datasets.DatasetError(
                 f"Unknown dataset {str(ref)[:80]!r}. Expected a built-in dataset ({', '.join(datasets.BUILTIN)}), "
                 "the name of an uploaded dataset (see ListDatasets) or folder:PATH.",
                 reason="UNKNOWN_DATASET", metadata={"dataset": datasets.printable(str(ref)[:80])})
         return datasets.DatasetInfo.from_dict(stored)
 
-    def list(self) -> list[datasets.DatasetInfo]:
-        """Built-in and uploaded datasets, by name."""
+    def list(self, caller: Caller) -> list[datasets.DatasetInfo]:
+        """Built-in datasets and the uploaded ones ``caller`` owns, by name."""
         infos = [datasets.builtin_info(name) for name in datasets.BUILTIN]
-        infos += [datasets.DatasetInfo.from_dict(d) for d in self.store.list_datasets()]
+        infos += [datasets.DatasetInfo.from_dict(d) for d in self.store.list_datasets() if caller.owns(d["owner"])]
         return sorted(infos, key=lambda i: i.name)
 
     @contextlib.contextmanager
@@ -118,30 +133,34 @@ class DatasetCatalog:
                 if not self._creating[ref]:
                     del self._creating[ref]
 
-    def upload(self, name: str, fmt: str, size_bytes: int, chunks: Iterator[bytes], *,
+    def upload(self, name: str, fmt: str, size_bytes: int, chunks: Iterator[bytes], *, caller: Caller,
                replace: bool = False) -> datasets.DatasetInfo:
         """Receives an upload into a temporary file, checks and normalises it,
-        then stores it.
+        then stores it as ``caller``'s.
 
         Args:
-            replace: Overwrite an uploaded dataset of the same name; without
-                it such an upload is refused, before its bytes are read.
+            caller: Who uploads: the dataset's owner.
+            replace: Overwrite an uploaded dataset of the same name that
+                ``caller`` owns; without it such an upload is refused, before
+                its bytes are read.
 
         Raises:
             AlreadyExists: DATASET_EXISTS, the name is taken and ``replace``
-                is not set.
+                is not set, or it is another caller's (never overwritten,
+                unless ``caller`` is an admin).
             FailedPrecondition: DATASET_IN_USE, a replace of a dataset that a
                 queued or running job trains on.
             InvalidArgument: bad name or format, a size over a limit or
                 unlike the header's (UPLOAD_TOO_LARGE, SIZE_MISMATCH,
                 TOO_MANY_MEMBERS, IMAGE_TOO_LARGE), or content that fails the
                 checks (BAD_DATASET, CORRUPT_IMAGE...).
-            ResourceExhausted: DECODE_BUDGET_EXHAUSTED, DATASET_STORAGE_FULL
-                or DISK_FULL; nothing was kept.
+            ResourceExhausted: DECODE_BUDGET_EXHAUSTED, DATASET_STORAGE_FULL,
+                CALLER_STORAGE_LIMIT, DISK_NEARLY_FULL (checked before a
+                byte is read) or DISK_FULL; nothing was kept.
         """
         datasets.check_name(name)
         with self._lock:
-            self._writable(name, replace)
+            self._writable(name, replace, caller)
         if fmt not in datasets.FORMATS:
             raise InvalidArgument(f"Invalid dataset format. Expected one of {list(datasets.FORMATS)}. "
                                   f"Received: {fmt!r}.", reason="BAD_DATASET_FORMAT")
@@ -150,19 +169,26 @@ class DatasetCatalog:
             raise InvalidArgument(f"Invalid upload size. Expected 1 to {limit:,} bytes (the server's "
                                   f"max_upload_bytes). Received: size_bytes={size_bytes:,}.",
                                   reason="UPLOAD_TOO_LARGE" if size_bytes > limit else "SIZE_MISMATCH")
-        with self._disk_full(f"dataset {name!r}"), self.disk.reserve() as disk, self.memory.reserve() as memory:
-            disk.take(size_bytes, f"Receiving dataset {name!r}")  # before a byte of it is written
+        self.require_free_space(f"dataset {name!r}")
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._disk_full(f"dataset {name!r}"))
+            disk, memory = stack.enter_context(self.disk.reserve()), stack.enter_context(self.memory.reserve())
+            quota = stack.enter_context(self._quota(caller).reserve())
+            for budget in (quota, disk):  # before a byte of it is written
+                budget.take(size_bytes, f"Receiving dataset {name!r}")
             x, y, class_names = self._receive(name, fmt, size_bytes, chunks, memory)
-            disk.give_back(size_bytes)  # the received file is gone
-            disk.take(datasets.stored_size(x, y, class_names), f"Storing dataset {name!r}")
+            stored = datasets.stored_size(x, y, class_names)
+            for budget in (quota, disk):
+                budget.give_back(size_bytes)  # the received file is gone
+                budget.take(stored, f"Storing dataset {name!r}")
             path = self.datasets_dir / datasets.stored_file_name(name)
             size = datasets.save_arrays(path, x, y, class_names, tmp_dir=self.tmp_dir)
-            info = datasets.info_from_arrays(name, "upload", x, class_names, str(path), size)
+            info = datasets.info_from_arrays(name, "upload", x, class_names, str(path), size, owner=caller.name)
             del x, y
             try:
                 with self._lock:
-                    old = self._writable(name, replace)  # again: the name may have changed hands meanwhile
-                    self.store.put_dataset(name, info.to_dict())
+                    old = self._writable(name, replace, caller)  # again: the name may have changed hands meanwhile
+                    self.store.put_dataset(name, info.to_dict(), owner=caller.name)
             except BaseException:
                 self._remove(str(path))
                 raise
@@ -172,12 +198,14 @@ class DatasetCatalog:
                  len(class_names))
         return info
 
-    def delete(self, name: str) -> None:
-        """Deletes an uploaded dataset: its record, then its file.
+    def delete(self, name: str, caller: Caller) -> None:
+        """Deletes an uploaded dataset ``caller`` owns: its record, then its
+        file. An admin's delete of another caller's dataset is audited.
 
         Raises:
             InvalidArgument: DATASET_NOT_DELETABLE, a built-in or folder dataset.
-            NotFound: DATASET_NOT_FOUND.
+            NotFound: DATASET_NOT_FOUND, also another caller's dataset
+                (unless ``caller`` is an admin).
             FailedPrecondition: DATASET_IN_USE, a queued or running job (or
                 one being created) trains on it; the message names the job.
         """
@@ -185,9 +213,12 @@ class DatasetCatalog:
             raise InvalidArgument(f"Dataset {name[:80]!r} is {'built in' if name in datasets.BUILTIN else 'a folder'}"
                                   " and cannot be deleted. Expected the name of an uploaded dataset.",
                                   reason="DATASET_NOT_DELETABLE", metadata={"dataset": datasets.printable(name[:80])})
-        with self._disk_full(f"the deletion of dataset {name[:80]!r}"), self._lock:
+        owner = (self.store.get_dataset(name) or {}).get("owner", caller.name) if name else caller.name
+        audit = audited(caller.name, "delete_dataset", f"datasets/{name[:200]}", owner=owner) \
+            if owner != caller.name and caller.owns(owner) else contextlib.nullcontext()
+        with audit, self._disk_full(f"the deletion of dataset {name[:80]!r}"), self._lock:
             stored = self.store.get_dataset(name) if name else None
-            if stored is None:
+            if stored is None or not caller.owns(stored["owner"]):
                 raise NotFound(f"Dataset {name[:80]!r} does not exist. Expected the name of an uploaded dataset "
                                "(see ListDatasets).", reason="DATASET_NOT_FOUND",
                                metadata={"dataset": datasets.printable(name[:80])})
@@ -196,7 +227,29 @@ class DatasetCatalog:
         self._remove(stored.get("path", ""))
         log.info("dataset %s deleted", name)
 
+    def require_free_space(self, what: str) -> None:
+        """Refuses ``what`` (DISK_NEARLY_FULL) while the data directory's
+        file system has less free than ``min_free_disk_bytes``."""
+        require_free_space(self.settings.data_dir, getattr(self.settings, "min_free_disk_bytes", 0), what)
+
     # -- helpers -----------------------------------------------------------------
+
+    def _quota(self, caller: Caller) -> datasets.ByteBudget:
+        """``caller``'s share of the datasets' disk: its token's
+        ``max_upload_bytes``, or no limit."""
+        limit = caller.limits.max_upload_bytes
+        if limit is None:
+            return datasets.ByteBudget(1 << 62, setting="", what="", reason="", advice="")
+        with self._lock:
+            budget = self._quotas.get(caller.name)
+            if budget is None or budget.capacity != int(limit):
+                budget = self._quotas[caller.name] = datasets.ByteBudget(
+                    int(limit), setting=f"the max_upload_bytes of {caller.name!r}'s token",
+                    what=f"disk for {caller.name!r}'s datasets (stored ones and uploads in progress)",
+                    reason="CALLER_STORAGE_LIMIT", quota=True,
+                    advice="Delete datasets of yours no longer needed (DeleteDataset), or ask for a larger limit.",
+                    spent=lambda owner=caller.name: self.store.dataset_bytes(owner))
+        return budget
 
     def _receive(self, name: str, fmt: str, size_bytes: int, chunks: Iterator[bytes], memory):
         """Writes the upload to a temporary file, then parses it; the file is
@@ -219,12 +272,16 @@ class DatasetCatalog:
                 return datasets.parse_npz(tmp.name, self.settings.max_upload_bytes, **limits)
             return datasets.parse_archive(tmp.name, fmt, self.settings.max_upload_bytes, **limits)
 
-    def _writable(self, name: str, replace: bool) -> Optional[str]:
-        """Checks that an upload may be stored as ``name`` (call under the
-        lock); returns the path of the file it replaces, if any."""
+    def _writable(self, name: str, replace: bool, caller: Caller) -> Optional[str]:
+        """Checks that ``caller``'s upload may be stored as ``name`` (call
+        under the lock); returns the path of the file it replaces, if any."""
         stored = self.store.get_dataset(name)
         if stored is None:
             return None
+        if not caller.owns(stored["owner"]):
+            raise AlreadyExists(f"Dataset name {name!r} is taken by another caller's dataset. Expected a new "
+                                "name (replace=True overwrites only your own datasets).",
+                                reason="DATASET_EXISTS", metadata={"dataset": name})
         if not replace:
             raise AlreadyExists(f"Dataset {name!r} already exists. Expected a new name, or replace=True "
                                 "(`lossd datasets upload --replace`) to overwrite it.",

@@ -83,6 +83,9 @@ class DatasetInfo:
         create_time: Seconds since the epoch (0 for built-ins).
         size_bytes: Bytes of the stored file (0 for built-ins).
         path: Where the arrays are (an ``.npz``, a folder, or empty for built-ins).
+        owner: Who uploaded it (the caller's name); empty for built-in and
+            folder datasets, which every caller may use, and for uploads from
+            before owners, which only admins may.
     """
 
     name: str
@@ -93,6 +96,7 @@ class DatasetInfo:
     create_time: float = 0.0
     size_bytes: int = 0
     path: str = ""
+    owner: str = ""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -144,13 +148,17 @@ class ByteBudget:
         advice: What the client can do then, a sentence.
         spent: Bytes spent outside any reservation (the stored datasets),
             read at each ``take``; none by default.
+        quota: A caller's quota rather than a server-wide allowance: every
+            refusal, a request alone past it too, is RESOURCE_EXHAUSTED
+            (``reason``), since the caller can free its own share.
     """
 
     def __init__(self, capacity: int, *, setting: str, what: str, reason: str, advice: str,
-                 spent: Optional[Callable[[], int]] = None):
+                 spent: Optional[Callable[[], int]] = None, quota: bool = False):
         self.capacity = int(capacity)
         self.setting, self.what, self.reason, self.advice = setting, what, reason, advice
         self._spent = spent
+        self.quota = quota
         self._held = 0
         self._lock = threading.Lock()
 
@@ -176,15 +184,23 @@ class Reservation:
 
         Raises:
             InvalidArgument: UPLOAD_TOO_LARGE, the request alone needs more
-                than the whole allowance.
+                than the whole allowance (of a server-wide budget).
             ResourceExhausted: the budget's reason; what is spent and held
-                leaves too little.
+                leaves too little (or, of a quota, any refusal).
         """
         budget, nbytes = self.budget, int(nbytes)
         if nbytes <= 0:
             return
         with budget._lock:
-            if self.held + nbytes > budget.capacity:
+            if budget.quota:
+                used = budget._held + (budget._spent() if budget._spent else 0)
+                if used + nbytes > budget.capacity:
+                    raise ResourceExhausted(
+                        f"{what} needs {nbytes:,} more bytes of {budget.what}. Expected at most "
+                        f"{budget.capacity:,} in all ({budget.setting}). Received: {used + nbytes:,} with "
+                        f"the {used:,} already used. {budget.advice}", reason=budget.reason,
+                        metadata={"needed_bytes": nbytes, "used_bytes": used, "limit_bytes": budget.capacity})
+            elif self.held + nbytes > budget.capacity:
                 raise InvalidArgument(
                     f"{what} needs {self.held + nbytes:,} bytes of {budget.what}. Expected at most "
                     f"{budget.capacity:,} (the server's {budget.setting}).", reason="UPLOAD_TOO_LARGE",
@@ -828,9 +844,9 @@ def check_name(name: str) -> str:
 
 
 def info_from_arrays(name: str, source: str, x: np.ndarray, class_names: Sequence[str], path: str = "",
-                     size_bytes: int = 0) -> DatasetInfo:
+                     size_bytes: int = 0, owner: str = "") -> DatasetInfo:
     return DatasetInfo(name, source, int(x.shape[0]), tuple(int(d) for d in x.shape[1:]), list(class_names),
-                       time.time(), size_bytes, path)
+                       time.time(), size_bytes, path, owner)
 
 
 def load(source: str, path: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -5,6 +5,11 @@ preset and parameters, dataset, loss, optimizer, metrics, numbers), defaults
 filled in, and the facts the job's process needs (dataset path, image shape,
 class names, whether the model outputs logits) recorded beside the spec. A
 known ``request_id`` returns its job instead, so a retried create is safe.
+
+A job belongs to the caller that created it (``JobRecord.owner``). A caller
+finds only the jobs it owns (``Caller.owns``: admins find all); another
+caller's job is JOB_NOT_FOUND, worded as for a job that does not exist, so
+its existence does not leak.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import threading
 import uuid
 from typing import Any, Mapping
 
-from lossd_server.errors import InvalidArgument, NotFound, ResourceExhausted
+from lossd_server.callers import ANONYMOUS, Caller
+from lossd_server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from lossd_server.losses.plan import Planner
 from lossd_server.training import models
 from lossd_server.training.catalog import DatasetCatalog
 from lossd_server.training.losses import from_logits, plan_training_loss
-from lossd_server.training.store import QUEUED, JobRecord, Store
+from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, JobRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +40,11 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _queue_lock = threading.Lock()  # the queued-jobs count and the insert, as one step
 
 
-def lookup(store: Store, job_id: str) -> JobRecord:
-    """The job; raises NotFound (JOB_NOT_FOUND)."""
+def lookup(store: Store, job_id: str, caller: Caller = ANONYMOUS) -> JobRecord:
+    """The job, if ``caller`` owns it (the default, ``ANONYMOUS``, is an
+    admin: the server's own look-ups); raises NotFound (JOB_NOT_FOUND)."""
     job = store.get_job(job_id)
-    if job is None:
+    if job is None or not caller.owns(job.owner):
         raise NotFound(f"Job `jobs/{job_id}` does not exist.", reason="JOB_NOT_FOUND",
                        metadata={"job": f"jobs/{job_id}"[:100]})
     return job
@@ -66,10 +73,13 @@ def check_record(job: JobRecord) -> None:
 
 
 def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mapping[str, Any], *,
-           display_name: str = "", request_id: str = "") -> tuple[JobRecord, bool]:
-    """Checks a spec and stores the job, queued; a known ``request_id`` returns its job.
+           caller: Caller, display_name: str = "", request_id: str = "") -> tuple[JobRecord, bool]:
+    """Checks a spec and stores the job, queued, as ``caller``'s; a known
+    ``request_id`` returns its job.
 
     Args:
+        caller: Who creates it: the job's owner. It may train on built-in
+            and folder datasets and on the uploads it owns.
         spec: The JobSpec as a dict: ``model {preset, params}``, ``dataset``,
             ``loss`` (a LossSpec dict), ``optimizer {name, learning_rate,
             params}``, ``epochs``, ``batch_size``, ``validation_split``,
@@ -83,35 +93,76 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
         InvalidArgument: anything that would make the job fail: unknown
             model, dataset, loss, optimizer or metric, bad parameters, or a
             loss that does not suit the model and labels.
+        AlreadyExists: REQUEST_ID_IN_USE, ``request_id`` names another
+            caller's job.
+        ResourceExhausted: DISK_NEARLY_FULL (``min_free_disk_bytes``),
+            TOO_MANY_JOBS (``max_queued_jobs``), or
+            CALLER_JOB_LIMIT: ``caller`` has as many jobs queued or running as
+            its token's ``max_jobs``.
     """
     if request_id:
         if not _REQUEST_ID.fullmatch(request_id):
             raise InvalidArgument(f"Invalid request_id. Expected 1 to 128 printable ASCII characters. "
                                   f"Received: {request_id[:140]!r}.", reason="BAD_REQUEST_ID")
-        existing = store.get_job_by_request_id(request_id)
+        existing = _retried(store, request_id, caller)
         if existing is not None:
             return existing, False
     settings = catalog.settings
-    normalized, runtime, kind = _normalize(spec, planner, catalog, settings)
+    normalized, runtime, kind = _normalize(spec, planner, catalog, caller, settings)
     job = JobRecord(id=uuid.uuid4().hex[:16], spec=normalized, runtime=runtime, model_kind=kind,
                     request_id=request_id or None, display_name=display_name[:200],
-                    progress={"epochs_completed": 0, "epochs": normalized["epochs"]})
+                    progress={"epochs_completed": 0, "epochs": normalized["epochs"]}, owner=caller.name)
+    catalog.require_free_space("the new job")
     with _queue_lock:
+        if request_id:  # a retry of a create that won meanwhile gets its job, whatever the limits
+            existing = _retried(store, request_id, caller)
+            if existing is not None:
+                return existing, False
         queued = len(store.jobs_in_states([QUEUED]))
         limit = getattr(settings, "max_queued_jobs", None)
         if limit is not None and queued >= limit:
-            if request_id:  # a retry of a create that won meanwhile still gets its job
-                existing = store.get_job_by_request_id(request_id)
-                if existing is not None:
-                    return existing, False
             raise ResourceExhausted(
                 f"Too many queued jobs. Expected at most {limit} (max_queued_jobs) waiting to run. "
                 f"Received: a job while {queued} are queued; wait for some to finish or cancel some.",
                 reason="TOO_MANY_JOBS", metadata={"queued": str(queued), "limit": str(limit)})
+        _check_caller_jobs(store, caller)
         job, created = store.create_job(job)  # a concurrent create with the same request_id may win
+    if not created:
+        _check_request_id_owner(job, caller)
     if created:
         log.info("job %s created: %s on %s", job.id, normalized["model"]["preset"], normalized["dataset"])
     return job, created
+
+
+def _check_caller_jobs(store: Store, caller: Caller) -> None:
+    """Refuses a job past the caller's ``max_jobs`` (call under ``_queue_lock``)."""
+    limit = caller.limits.max_jobs
+    if limit is None:
+        return
+    active = store.count_jobs([QUEUED, RUNNING, CANCELLING], caller.name)
+    if active >= limit:
+        raise ResourceExhausted(
+            f"Too many jobs of yours. Expected at most {limit} queued or running at once (the max_jobs of "
+            f"{caller.name!r}'s token). Received: a job while {active} are queued or running; wait for one to "
+            "end or cancel one.", reason="CALLER_JOB_LIMIT",
+            metadata={"active": str(active), "limit": str(limit), "caller": caller.name})
+
+
+def _retried(store: Store, request_id: str, caller: Caller) -> JobRecord | None:
+    """The job an earlier create with ``request_id`` made, if any."""
+    existing = store.get_job_by_request_id(request_id)
+    if existing is not None:
+        _check_request_id_owner(existing, caller)
+    return existing
+
+
+def _check_request_id_owner(job: JobRecord, caller: Caller) -> None:
+    # Request ids are one namespace for all callers: one that another caller's
+    # job holds is refused without naming or returning that job.
+    if not caller.owns(job.owner):
+        raise AlreadyExists(f"request_id {job.request_id!r} is in use by another caller's job. Expected a "
+                            "request_id of your own (a fresh random one per new job).",
+                            reason="REQUEST_ID_IN_USE")
 
 
 def _whole(spec: Mapping[str, Any], field: str, default: int, lo: int, hi: int) -> int:
@@ -144,12 +195,12 @@ def _check_bounds(settings, preset: str, params: Mapping[str, Any], info, epochs
                                                 "limit": str(max_params)})
 
 
-def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalog,
+def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalog, caller: Caller,
                settings=None) -> tuple[dict, dict, str]:
     """``(stored spec, runtime facts, model kind)``."""
     model = dict(spec.get("model") or {})
     preset = models.get_preset(model.get("preset", ""))
-    info = catalog.info(spec.get("dataset", ""))
+    info = catalog.info(spec.get("dataset", ""), caller)
     params = models.resolve_model_params(preset.name, model.get("params"), info.image_shape)
     # The planner evaluation uses: a bad loss gets the error Evaluate gives.
     loss = plan_training_loss(planner, spec.get("loss"), preset.kind)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Mapping
 
+from lossd_server.callers import Caller
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses.plan import Planner
 from lossd_server.training import jobs
@@ -61,6 +62,7 @@ class TrainingManager:
     def __init__(self, settings, planner: Planner, metrics=None, *, gpus: int, store: Store | None = None):
         data_dir = pathlib.Path(settings.data_dir)
         self.planner = planner
+        self.metrics = metrics
         self.store = store if store is not None else open_store(data_dir)
         self.artifacts = Artifacts(data_dir / "jobs")
         self.catalog = DatasetCatalog(settings, self.store, data_dir / "datasets")
@@ -75,23 +77,28 @@ class TrainingManager:
         self.scheduler.stop()
         self.store.close()
 
-    def create_job(self, spec: Mapping[str, Any], *, display_name: str = "", request_id: str = "") -> JobRecord:
-        """Checks a spec and queues the job (see ``jobs.create``). Its dataset
-        cannot be deleted or replaced until the job is recorded."""
+    def create_job(self, spec: Mapping[str, Any], *, caller: Caller, display_name: str = "",
+                   request_id: str = "") -> JobRecord:
+        """Checks a spec and queues the job as ``caller``'s (see ``jobs.create``).
+        Its dataset cannot be deleted or replaced until the job is recorded."""
         with self.catalog.using(str(spec.get("dataset", ""))):
-            job, created = jobs.create(self.store, self.planner, self.catalog, spec, display_name=display_name,
-                                       request_id=request_id)
+            job, created = jobs.create(self.store, self.planner, self.catalog, spec, caller=caller,
+                                       display_name=display_name, request_id=request_id)
         if created:
             self.scheduler.submitted()
         return job
 
-    def get_job(self, job_id: str) -> JobRecord:
-        """The job; raises NotFound (JOB_NOT_FOUND)."""
-        return jobs.lookup(self.store, job_id)
+    def get_job(self, job_id: str, caller: Caller) -> JobRecord:
+        """The job, if ``caller`` owns it; raises NotFound (JOB_NOT_FOUND)
+        for a job that does not exist and for another caller's alike."""
+        return jobs.lookup(self.store, job_id, caller)
 
-    def list_jobs(self, states=(), page_size: int = 0, page_token: str = "") -> tuple[list[JobRecord], str]:
-        """A page of jobs, newest first, and the next page's token."""
+    def list_jobs(self, caller: Caller, states=(), page_size: int = 0, page_token: str = ""
+                  ) -> tuple[list[JobRecord], str]:
+        """A page of the jobs ``caller`` owns (an admin: all), newest first,
+        and the next page's token."""
         if page_size < 0:
             raise InvalidArgument(f"Invalid page_size. Expected 0 to {MAX_PAGE_SIZE}. Received: {page_size}.",
                                   reason="BAD_PAGE_SIZE")
-        return self.store.list_jobs(states, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), page_token)
+        return self.store.list_jobs(states, min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE), page_token,
+                                    owner=None if caller.admin else caller.name)

@@ -29,7 +29,9 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
+from lossd_server.callers import Caller
 from lossd_server.errors import FailedPrecondition, ResourceExhausted, redact_paths
+from lossd_server.observability.logs import audited
 from lossd_server.training import jobs, worker
 from lossd_server.training.artifacts import Artifacts
 from lossd_server.training.store import (CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Event,
@@ -137,13 +139,21 @@ class Scheduler:
         self._count_jobs()
         self._notify()
 
-    def cancel(self, job_id: str) -> JobRecord:
-        """Cancels a job (best effort); returns it, normally CANCELLED.
+    def cancel(self, job_id: str, caller: Caller) -> JobRecord:
+        """Cancels a job ``caller`` owns (best effort); returns it, normally
+        CANCELLED. An admin's cancel of another caller's job is audited.
 
         Raises:
-            NotFound: no such job (JOB_NOT_FOUND).
+            NotFound: no such job, or another caller's (JOB_NOT_FOUND).
             FailedPrecondition: the job already finished (JOB_ALREADY_FINISHED).
         """
+        owner = jobs.lookup(self.store, job_id, caller).owner
+        if owner == caller.name:
+            return self._cancel_job(job_id)
+        with audited(caller.name, "cancel_job", f"jobs/{job_id}", owner=owner):
+            return self._cancel_job(job_id)
+
+    def _cancel_job(self, job_id: str) -> JobRecord:
         with self._lock:
             job = jobs.lookup(self.store, job_id)
             if job.final:
@@ -166,11 +176,12 @@ class Scheduler:
                 self._events.wait(0.05)
         return jobs.lookup(self.store, job_id)
 
-    def watch(self, job_id: str, after: int = 0, is_active: Callable[[], bool] = lambda: True
+    def watch(self, job_id: str, caller: Caller, after: int = 0, is_active: Callable[[], bool] = lambda: True
               ) -> Iterator[Event]:
-        """The job's events after ``after``, then live ones; ends when the job has
-        ended (or ``is_active()`` turns false, or the scheduler stops)."""
-        jobs.lookup(self.store, job_id)
+        """The events after ``after`` of a job ``caller`` owns, then live ones;
+        ends when the job has ended (or ``is_active()`` turns false, or the
+        scheduler stops). Another caller's job is JOB_NOT_FOUND."""
+        jobs.lookup(self.store, job_id, caller)
         while True:
             events = self.store.events(job_id, after)
             for event in events:

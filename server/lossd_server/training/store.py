@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     end_time     REAL,
     error        TEXT,
     progress     TEXT NOT NULL DEFAULT '{}',
-    retries      INTEGER NOT NULL DEFAULT 0
+    retries      INTEGER NOT NULL DEFAULT 0,
+    owner        TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS events (
@@ -68,7 +69,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS datasets (
     name        TEXT PRIMARY KEY,
     info        TEXT NOT NULL,
-    create_time REAL NOT NULL
+    create_time REAL NOT NULL,
+    owner       TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS losses (
     name        TEXT PRIMARY KEY,
@@ -77,8 +79,13 @@ CREATE TABLE IF NOT EXISTS losses (
 );
 """
 # Columns added after the first release, with their definitions: an older
-# database gains them at open.
-_ADDED_COLUMNS = {"jobs": {"retries": "INTEGER NOT NULL DEFAULT 0"}}
+# database gains them at open. Rows from before owners get the owner ''
+# (NO_OWNER): only admins see them (``Caller.owns``).
+_ADDED_COLUMNS = {"jobs": {"retries": "INTEGER NOT NULL DEFAULT 0", "owner": "TEXT NOT NULL DEFAULT ''"},
+                  "datasets": {"owner": "TEXT NOT NULL DEFAULT ''"}}
+# The owner of what was made before owners were recorded, or by the
+# anonymous caller of a server without tokens.
+NO_OWNER = ""
 QUARANTINE_DIR = "quarantine"
 
 # SQLite primary result codes (the low byte of sqlite_errorcode).
@@ -100,6 +107,8 @@ class JobRecord:
         progress: The latest progress: epochs, step, metrics, examples/s, ETA.
         retries: How many times the job was started again after its process
             died abnormally (see ``Settings.job_max_retries``).
+        owner: The name of the caller that created it (``NO_OWNER`` for
+            jobs from before owners, or made on a server without tokens).
     """
 
     id: str
@@ -115,6 +124,7 @@ class JobRecord:
     request_id: Optional[str] = None
     display_name: str = ""
     retries: int = 0
+    owner: str = NO_OWNER
 
     @property
     def final(self) -> bool:
@@ -314,7 +324,8 @@ class Store:
             model_kind=row["model_kind"], state=row["state"], create_time=row["create_time"],
             start_time=row["start_time"], end_time=row["end_time"],
             error=json.loads(row["error"]) if row["error"] else None, progress=json.loads(row["progress"]),
-            request_id=row["request_id"], display_name=row["display_name"], retries=row["retries"] or 0)
+            request_id=row["request_id"], display_name=row["display_name"], retries=row["retries"] or 0,
+            owner=row["owner"] or NO_OWNER)
 
     def create_job(self, job: JobRecord) -> tuple[JobRecord, bool]:
         """Inserts a job and its first event; returns ``(job, created)``.
@@ -331,9 +342,10 @@ class Store:
             with self._transaction("the new job"):
                 self._db.execute(
                     "INSERT INTO jobs (id, request_id, display_name, spec, runtime, model_kind, state, create_time,"
-                    " progress) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " progress, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (job.id, job.request_id or None, job.display_name, json.dumps(job.spec),
-                     json.dumps(job.runtime), job.model_kind, job.state, job.create_time, json.dumps(job.progress)))
+                     json.dumps(job.runtime), job.model_kind, job.state, job.create_time, json.dumps(job.progress),
+                     job.owner))
                 self._append_locked(job.id, "state", {"state": job.state}, job.create_time)
             return job, True
 
@@ -347,15 +359,19 @@ class Store:
             row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
         return self._job(row) if row is not None else None
 
-    def list_jobs(self, states: Iterable[str] = (), page_size: int = 50, page_token: str = ""
-                  ) -> tuple[list[JobRecord], str]:
-        """Jobs newest first; returns ``(page, next_page_token)``.
+    def list_jobs(self, states: Iterable[str] = (), page_size: int = 50, page_token: str = "",
+                  owner: Optional[str] = None) -> tuple[list[JobRecord], str]:
+        """Jobs newest first (only ``owner``'s when it is not None); returns
+        ``(page, next_page_token)``.
 
         The token is the position of the last job returned, so pages stay
         stable while new jobs are created.
         """
         states = list(states)
         where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
         if states:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             args.extend(states)
@@ -377,6 +393,13 @@ class Store:
             rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(states))})"
                                     " ORDER BY n", states).fetchall()
         return [self._job(r) for r in rows]
+
+    def count_jobs(self, states: Iterable[str], owner: str) -> int:
+        """How many of ``owner``'s jobs are in the given states."""
+        states = list(states)
+        with self._lock:
+            return self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN "
+                                    f"({', '.join('?' * len(states))})", (owner, *states)).fetchone()[0]
 
     def counts_by_state(self) -> dict[str, int]:
         with self._lock:
@@ -416,32 +439,36 @@ class Store:
 
     # -- datasets --------------------------------------------------------------
 
-    def put_dataset(self, name: str, info: dict) -> None:
+    def put_dataset(self, name: str, info: dict, owner: str = NO_OWNER) -> None:
         with self._transaction(f"dataset {name!r}"):
-            self._db.execute("INSERT OR REPLACE INTO datasets (name, info, create_time) VALUES (?, ?, ?)",
-                             (name, json.dumps(info), info.get("create_time") or time.time()))
+            self._db.execute("INSERT OR REPLACE INTO datasets (name, info, create_time, owner) VALUES (?, ?, ?, ?)",
+                             (name, json.dumps(info), info.get("create_time") or time.time(), owner))
 
     def get_dataset(self, name: str) -> Optional[dict]:
+        """A dataset's info, with its ``owner``; None when there is none of that name."""
         with self._lock:
-            row = self._db.execute("SELECT info FROM datasets WHERE name = ?", (name,)).fetchone()
-        return json.loads(row["info"]) if row is not None else None
+            row = self._db.execute("SELECT info, owner FROM datasets WHERE name = ?", (name,)).fetchone()
+        return {**json.loads(row["info"]), "owner": row["owner"] or NO_OWNER} if row is not None else None
 
     def delete_dataset(self, name: str) -> bool:
         """Removes a dataset's record; returns whether there was one."""
         with self._lock:
             return self._db.execute("DELETE FROM datasets WHERE name = ?", (name,)).rowcount > 0
 
-    def dataset_bytes(self) -> int:
-        """The stored datasets' sizes (``size_bytes``), added up."""
+    def dataset_bytes(self, owner: Optional[str] = None) -> int:
+        """The stored datasets' sizes (``size_bytes``), added up: all of
+        them, or ``owner``'s."""
+        sql = "SELECT COALESCE(SUM(json_extract(info, '$.size_bytes')), 0) FROM datasets"
         with self._lock:
-            row = self._db.execute(
-                "SELECT COALESCE(SUM(json_extract(info, '$.size_bytes')), 0) FROM datasets").fetchone()
+            row = self._db.execute(sql + " WHERE owner = ?", (owner,)).fetchone() if owner is not None \
+                else self._db.execute(sql).fetchone()
         return int(row[0])
 
     def list_datasets(self) -> list[dict]:
+        """Every dataset's info, with its ``owner``, by name."""
         with self._lock:
-            rows = self._db.execute("SELECT info FROM datasets ORDER BY name").fetchall()
-        return [json.loads(r["info"]) for r in rows]
+            rows = self._db.execute("SELECT info, owner FROM datasets ORDER BY name").fetchall()
+        return [{**json.loads(r["info"]), "owner": r["owner"] or NO_OWNER} for r in rows]
 
     # -- registered losses -----------------------------------------------------
 

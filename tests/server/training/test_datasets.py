@@ -263,21 +263,23 @@ def _catalog(tmp_path, **settings):
 
 @pytest.mark.parametrize("state", ["queued", "running", "cancelling"])
 def test_a_dataset_is_in_use_until_its_jobs_end(tmp_path, state):
+    from lossd_server.callers import ANONYMOUS
     from lossd_server.errors import FailedPrecondition
     from lossd_server.training.store import JobRecord
 
     catalog, store = _catalog(tmp_path)
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.arange(4) % 2)
-    catalog.upload("d", "npz", os.path.getsize(tmp_path / "d.npz"), iter([(tmp_path / "d.npz").read_bytes()]))
+    catalog.upload("d", "npz", os.path.getsize(tmp_path / "d.npz"), iter([(tmp_path / "d.npz").read_bytes()]),
+                   caller=ANONYMOUS)
     store.create_job(JobRecord("j1", {"dataset": "d"}, {}, "classifier", state=state))
     with pytest.raises(FailedPrecondition) as exc:
-        catalog.delete("d")
+        catalog.delete("d", ANONYMOUS)
     assert exc.value.reason == "DATASET_IN_USE" and exc.value.metadata == {"dataset": "d", "job": "jobs/j1"}
     store.update_job("j1", state="cancelled")
     with catalog.using("d"):  # a job on it being created
         with pytest.raises(FailedPrecondition) as exc:
-            catalog.delete("d")
+            catalog.delete("d", ANONYMOUS)
         assert "a job being created" in exc.value.message
-    catalog.delete("d")
+    catalog.delete("d", ANONYMOUS)
     assert store.get_dataset("d") is None and store.dataset_bytes() == 0
     assert [p for p in (tmp_path / "datasets").rglob("*") if p.is_file()] == []

@@ -9,6 +9,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
+from lossd_server.callers import ANONYMOUS
 from lossd_server.config import Settings
 from lossd_server.losses.custom import full_registry, inline_entry
 from lossd_server.losses.plan import Planner
@@ -28,14 +29,15 @@ def manager(tmp_path):
 
 def test_jobs_wait_for_start_then_run(manager):
     manager, metrics = manager
-    job = manager.create_job({"model": {"preset": "mlp"}, "dataset": "digits", "epochs": 1, "steps_per_epoch": 2})
+    job = manager.create_job({"model": {"preset": "mlp"}, "dataset": "digits", "epochs": 1, "steps_per_epoch": 2},
+                             caller=ANONYMOUS)
     time.sleep(0.5)
-    assert manager.get_job(job.id).state == "queued"  # built, not started: nothing runs
+    assert manager.get_job(job.id, ANONYMOUS).state == "queued"  # built, not started: nothing runs
     assert metrics.registry.get_sample_value("lossd_training_jobs", {"state": "queued"}) == 1
 
     manager.start()
-    states = [e.payload["state"] for e in manager.scheduler.watch(job.id) if e.kind == "state"]
-    assert states == ["queued", "running", "succeeded"], manager.get_job(job.id).error
+    states = [e.payload["state"] for e in manager.scheduler.watch(job.id, ANONYMOUS) if e.kind == "state"]
+    assert states == ["queued", "running", "succeeded"], manager.get_job(job.id, ANONYMOUS).error
     assert manager.artifacts.model_path(job.id).exists()
     sample = metrics.registry.get_sample_value
     assert sample("lossd_training_jobs", {"state": "succeeded"}) == 1

@@ -1,0 +1,268 @@
+"""Admission control for evaluations: the one owner of "may this evaluation
+run now?". Evaluate, each EvaluateStream item and EvaluateChunked all ask it,
+from the sizes their requests declare (dtype and shape), before any tensor
+is decoded or handed to TensorFlow.
+
+Three bounds, checked in this order:
+
+1. **Size.** A request whose declared tensor bytes exceed the whole in-flight
+   budget can never run here: INVALID_ARGUMENT (``REQUEST_TOO_LARGE``), no
+   retry delay, since waiting would not help.
+2. **Caller rate.** A caller whose token has ``elements_per_second`` has a
+   token bucket of y_pred elements: it holds at most one second's worth, and
+   refills at the rate. A request is admitted when the bucket holds its
+   elements, or is full: a request larger than one second's worth is not
+   refused forever, it waits for a full bucket and leaves the bucket in debt,
+   so the sustained rate still holds. Otherwise RESOURCE_EXHAUSTED
+   (``CALLER_RATE_LIMIT``) with the time until enough has refilled.
+3. **Bytes in flight.** The declared bytes of all tensors of every running
+   evaluation stay within ``max_inflight_bytes``. A request that fits runs at
+   once, beside requests that wait (small requests are never held behind a
+   large one). One that does not fit waits, at most ``max_queued_requests`` at
+   a time and at most ``max_queue_seconds`` (or its deadline, if sooner); the
+   first waiter that fits when bytes are given back goes. A full queue is
+   RESOURCE_EXHAUSTED (``QUEUE_FULL``), a wait that runs out is
+   RESOURCE_EXHAUSTED (``INFLIGHT_BYTES_FULL``); both carry a retry delay
+   estimated from how long recent evaluations held their bytes.
+
+A refused request costs its caller no rate: elements taken from the bucket
+are given back when the in-flight bound refuses it.
+
+Waiting requests hold a server thread each, which is why the queue is
+bounded, and why its wait is.
+
+This module imports neither gRPC nor TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from typing import Callable, Iterator, Optional
+
+from lossd_server.errors import InvalidArgument, ResourceExhausted
+
+# Bounds of the retry delays the in-flight bound suggests, in seconds.
+MIN_RETRY_DELAY = 0.01
+MAX_RETRY_DELAY = 30.0
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):,.1f} MiB"
+
+
+@dataclasses.dataclass
+class TokenBucket:
+    """Elements a caller may evaluate: at most ``capacity`` saved up,
+    refilled at ``rate`` per second. ``tokens`` may go below zero: a request
+    larger than the capacity is taken when the bucket is full, and the debt
+    is paid back before the next one."""
+
+    rate: float
+    capacity: float
+    tokens: float
+    updated: float
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def take(self, elements: int, now: float) -> float:
+        """Takes ``elements`` and returns 0, or takes nothing and returns the
+        seconds until it could."""
+        self._refill(now)
+        needed = min(float(elements), self.capacity)
+        if self.tokens >= needed:
+            self.tokens -= elements
+            return 0.0
+        return (needed - self.tokens) / self.rate
+
+    def give_back(self, elements: int) -> None:
+        self.tokens = min(self.capacity, self.tokens + elements)
+
+
+class Admission:
+    """Admits evaluations against the in-flight budget, its queue, and each
+    caller's rate (see the module docstring).
+
+    Args:
+        max_inflight_bytes: Declared tensor bytes all running evaluations may
+            hold together.
+        max_queued_requests: Most evaluations waiting for bytes at once.
+        max_queue_seconds: Longest one waits.
+        clock: Monotonic seconds; tests may pass their own.
+    """
+
+    def __init__(self, max_inflight_bytes: int, max_queued_requests: int, max_queue_seconds: float, *,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_inflight_bytes = max_inflight_bytes
+        self.max_queued_requests = max_queued_requests
+        self.max_queue_seconds = max_queue_seconds
+        self._clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._inflight = 0  # declared bytes of the running evaluations
+        self._running = 0
+        self._waiting: list[int] = []  # the waiters' byte counts, in arrival order (identity: a list per waiter)
+        self._hold_seconds = 0.05  # moving average of how long an evaluation holds its bytes
+        self._buckets: dict[tuple[str, float], TokenBucket] = {}
+        self._buckets_lock = threading.Lock()
+
+    # -- the three bounds ----------------------------------------------------
+
+    def check_size(self, nbytes: int, what: str = "This request") -> None:
+        """Refuses, for good, a request that could never fit in the budget."""
+        if nbytes > self.max_inflight_bytes:
+            raise InvalidArgument(
+                f"{what} declares {nbytes:,} bytes of tensors ({_mib(nbytes)}), more than this server "
+                f"evaluates at once. Expected at most {self.max_inflight_bytes:,} bytes (the server's "
+                "max_inflight_bytes); send smaller batches, or EvaluateChunked with smaller chunks. "
+                "Retrying the same request will not help.", reason="REQUEST_TOO_LARGE",
+                metadata={"bytes": nbytes, "limit": self.max_inflight_bytes})
+
+    def charge(self, caller: str, rate: Optional[float], elements: int) -> Callable[[], None]:
+        """Takes ``elements`` from ``caller``'s bucket (none without a rate);
+        returns what gives them back.
+
+        Raises:
+            ResourceExhausted: ``CALLER_RATE_LIMIT``, with the seconds until
+                the bucket holds enough.
+        """
+        if not rate:
+            return _nothing
+        with self._buckets_lock:
+            key = (caller, float(rate))
+            bucket = self._buckets.get(key)
+            now = self._clock()
+            if bucket is None:
+                bucket = self._buckets[key] = TokenBucket(rate, rate, rate, now)
+            wait = bucket.take(elements, now)
+        if wait > 0:
+            raise ResourceExhausted(
+                f"Caller {caller!r} is past its rate of {rate:,.0f} elements per second (the token's limit; "
+                f"up to one second's worth at once). Expected this request's {elements:,} elements of y_pred "
+                f"to fit; retry in {wait:.3f} s.", reason="CALLER_RATE_LIMIT", retry_delay=wait,
+                metadata={"caller": caller, "elements_per_second": f"{rate:g}", "elements": elements})
+
+        def give_back():
+            with self._buckets_lock:
+                bucket.give_back(elements)
+        return give_back
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int, *, wait_seconds: Optional[float] = None,
+             what: str = "This request") -> Iterator[None]:
+        """Holds ``nbytes`` of the in-flight budget for the body, waiting for
+        them as the module docstring says.
+
+        Args:
+            nbytes: The declared bytes of the tensors the body decodes.
+            wait_seconds: The most the call may still wait (its deadline);
+                ``max_queue_seconds`` if sooner or None.
+        """
+        self.check_size(nbytes, what)
+        self._acquire(nbytes, self._wait(wait_seconds))
+        with self._held(nbytes):
+            yield
+
+    @contextlib.contextmanager
+    def admit(self, caller: str, rate: Optional[float], *, elements: int, nbytes: int,
+              wait_seconds: Optional[float] = None) -> Iterator[None]:
+        """All three bounds for one evaluation: its size, its caller's rate,
+        then its bytes, held for the body."""
+        self.check_size(nbytes)
+        give_back = self.charge(caller, rate, elements)
+        try:
+            self._acquire(nbytes, self._wait(wait_seconds))
+        except ResourceExhausted:
+            give_back()
+            raise
+        with self._held(nbytes):
+            yield
+
+    # -- the in-flight budget ------------------------------------------------
+
+    def _wait(self, wait_seconds: Optional[float]) -> float:
+        if wait_seconds is None:
+            return self.max_queue_seconds
+        return max(0.0, min(wait_seconds, self.max_queue_seconds))
+
+    @contextlib.contextmanager
+    def _held(self, nbytes: int) -> Iterator[None]:
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._release(nbytes, self._clock() - start)
+
+    def _fits(self, nbytes: int) -> bool:
+        return self._inflight + nbytes <= self.max_inflight_bytes
+
+    def _retry_delay(self) -> float:
+        # Bytes come back as running evaluations end: about one hold time
+        # away, more with others already waiting for them.
+        delay = self._hold_seconds * (1 + len(self._waiting)) / max(1, self._running)
+        return min(MAX_RETRY_DELAY, max(MIN_RETRY_DELAY, delay))
+
+    def _acquire(self, nbytes: int, wait_seconds: float) -> None:
+        with self._cond:
+            if self._fits(nbytes):
+                self._take(nbytes)
+                return
+            if len(self._waiting) >= self.max_queued_requests:
+                delay = self._retry_delay()
+                reason = "QUEUE_FULL" if self.max_queued_requests else "INFLIGHT_BYTES_FULL"
+                raise ResourceExhausted(
+                    f"The server is evaluating {_mib(self._inflight)} of tensors, and this request's "
+                    f"{_mib(nbytes)} would pass its budget of {_mib(self.max_inflight_bytes)} "
+                    f"(max_inflight_bytes); {len(self._waiting)} requests already wait (max_queued_requests="
+                    f"{self.max_queued_requests}). Expected room in the budget or the queue; retry in "
+                    f"{delay:.3f} s.", reason=reason, retry_delay=delay,
+                    metadata={"bytes": nbytes, "inflight_bytes": self._inflight,
+                              "limit": self.max_inflight_bytes, "queued": len(self._waiting)})
+            ticket = [nbytes]
+            self._waiting.append(ticket)
+            deadline = self._clock() + wait_seconds
+            try:
+                while True:
+                    # The first waiter in arrival order that fits goes; the others wait on.
+                    first = next((t for t in self._waiting if self._fits(t[0])), None)
+                    if first is ticket:
+                        self._take(nbytes)
+                        return
+                    left = deadline - self._clock()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            finally:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()  # the next waiter may fit now, or be first
+            delay = self._retry_delay()
+            raise ResourceExhausted(
+                f"This request's {_mib(nbytes)} of tensors waited {wait_seconds:.2f} s for room in the "
+                f"server's in-flight budget of {_mib(self.max_inflight_bytes)} (max_inflight_bytes; "
+                f"{_mib(self._inflight)} in use) and found none. Expected room within max_queue_seconds or "
+                f"the call's deadline; retry in {delay:.3f} s.", reason="INFLIGHT_BYTES_FULL",
+                retry_delay=delay, metadata={"bytes": nbytes, "inflight_bytes": self._inflight,
+                                             "limit": self.max_inflight_bytes})
+
+    def _take(self, nbytes: int) -> None:
+        self._inflight += nbytes
+        self._running += 1
+
+    def _release(self, nbytes: int, held_seconds: float) -> None:
+        with self._cond:
+            self._inflight -= nbytes
+            self._running -= 1
+            self._hold_seconds += 0.2 * (held_seconds - self._hold_seconds)
+            self._cond.notify_all()
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Declared bytes of the evaluations running now."""
+        return self._inflight
+
+
+def _nothing() -> None:
+    pass

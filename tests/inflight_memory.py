@@ -1,0 +1,118 @@
+"""Peak server memory under eight concurrent near-maximum evaluations, the
+one driver that ``tests/robustness/test_inflight_memory.py`` and
+``bench/admission_memory.py`` share.
+
+It starts ``lossd serve`` as a user types it (``LOSSD_MAX_INFLIGHT_BYTES`` in
+its environment), warms it up with one request of the size it will send,
+resets the kernel's peak-RSS mark (``/proc/PID/clear_refs``, 5) and reads the
+RSS as the baseline, then sends ``concurrent`` requests at once, each
+declaring ``request_bytes`` (y_true and y_pred of float32), and reads the peak
+(``VmHWM``). Linux only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+import lossd
+
+MiB = 1 << 20
+
+
+@dataclasses.dataclass
+class Reading:
+    baseline_bytes: int   # server RSS after warm-up
+    peak_bytes: int       # server peak RSS while the requests ran
+    admitted: int
+    refused: dict         # ErrorInfo reason -> count
+
+    @property
+    def growth_bytes(self) -> int:
+        return self.peak_bytes - self.baseline_bytes
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def arrays(request_bytes: int):
+    """y_true and y_pred of float32 that declare ``request_bytes`` together."""
+    rows = request_bytes // 8 // 1024
+    y_true = np.random.default_rng(0).random((rows, 1024), dtype=np.float32)
+    return y_true, y_true + np.float32(0.5)
+
+
+def measure(data_dir: pathlib.Path, *, inflight_bytes: int, request_bytes: int, concurrent: int = 8,
+            extra_env: dict | None = None, log=None) -> Reading:
+    """Runs one server with ``inflight_bytes`` and measures it (see the module docstring)."""
+    port = _free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "LOSSD_MAX_INFLIGHT_BYTES": str(inflight_bytes), **(extra_env or {})}
+    server = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--port", str(port), "--metrics-port",
+                               "off", "--data-dir", str(data_dir), "--drain-seconds", "0", "--grace-seconds", "0"],
+                              env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    y_true, y_pred = arrays(request_bytes)
+    try:
+        with lossd.Client(address, timeout=120) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    client.losses(timeout=2)
+                    break
+                except lossd.LossdError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("lossd serve did not start")
+                    time.sleep(0.3)
+            for _ in range(2):  # warm: the program compiles, the allocator grows once
+                client.evaluate("mse", y_true, y_pred)
+            time.sleep(0.5)
+            pathlib.Path(f"/proc/{server.pid}/clear_refs").write_text("5")
+            baseline = _status_kib(server.pid, "VmRSS") * 1024
+            outcomes: list = []
+            barrier = threading.Barrier(concurrent)
+
+            def one():
+                barrier.wait()
+                try:
+                    client.evaluate("mse", y_true, y_pred)
+                    outcomes.append("OK")
+                except lossd.LossdError as error:
+                    outcomes.append(error.reason or error.code.name)
+
+            threads = [threading.Thread(target=one) for _ in range(concurrent)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(300)
+            peak = _status_kib(server.pid, "VmHWM") * 1024
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+    refused: dict = {}
+    for outcome in outcomes:
+        if outcome != "OK":
+            refused[outcome] = refused.get(outcome, 0) + 1
+    return Reading(baseline, peak, outcomes.count("OK"), refused)

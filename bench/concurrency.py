@@ -10,14 +10,19 @@ for both and none of lossd's client code runs while timing.
 
 - echo: a separate process with a bare ``grpc.server`` of 8 threads whose
   handler parses nothing and answers 8 bytes;
-- lossd: ``lossd serve`` in a separate process with its defaults (8 workers).
+- lossd: ``lossd serve`` in a separate process with its defaults (8 workers,
+  micro-batching on: ``LOSSD_BATCH_MAX_DELAY_US`` 500);
+- lossd-off: the same with batching off (``--batch-max-delay-us 0``), beside it.
 
-For each concurrency (requests in flight at once) both run in alternating
-blocks of ``--block-seconds`` (echo, lossd, echo, lossd, ...), and the table
-gives requests/s of each and the ratio lossd/echo. An error fails the
-run (gRPC raises it), and kept answers are parsed after each level.
+For each concurrency (requests in flight at once) the three run in alternating
+blocks of ``--block-seconds`` (echo, lossd, lossd-off, echo, ...), and the
+table gives requests/s of each and the ratios lossd/echo, lossd-off/echo and
+lossd/lossd-off (at concurrency 1 the last is the latency cost of batching,
+inverted: 1.00 is none). An error fails the run (gRPC raises it), and kept
+answers are parsed after each level.
 
 Usage: python bench/concurrency.py [--concurrency 1,8,64,256] [--blocks 3] [--block-seconds 5]
+                                   [--batch-max-delay-us 500]
 """
 
 from __future__ import annotations
@@ -76,37 +81,56 @@ async def run_block(call, payloads: list[bytes], concurrency: int, seconds: floa
     return done, kept
 
 
-async def measure(echo_address: str, lossd_address: str, levels: list[int], blocks: int, seconds: float,
-                  payloads: list[bytes]) -> None:
+async def warm_crowd(call, payloads: list[bytes]) -> None:
+    """Sends the requests 16 at a time until none is refused: batched
+    programs compile when requests first arrive together, and while they do,
+    requests past max_pending_compiles are refused (COMPILE_BUSY)."""
+    for _ in range(50):
+        answers = await asyncio.gather(*(call(p) for p in payloads), return_exceptions=True)
+        errors = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+        if any(e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors):
+            raise errors[0]
+        if not errors:
+            return
+        await asyncio.sleep(0.2)
+    raise SystemExit("requests still refused after the warm-up")
+
+
+async def measure(echo_address: str, lossd_address: str, off_address: str, levels: list[int], blocks: int,
+                  seconds: float, payloads: list[bytes]) -> None:
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(echo_address, options=options) as echo_channel, \
-            grpc.aio.insecure_channel(lossd_address, options=options) as lossd_channel:
+            grpc.aio.insecure_channel(lossd_address, options=options) as lossd_channel, \
+            grpc.aio.insecure_channel(off_address, options=options) as off_channel:
         calls = {"echo": echo_channel.unary_unary(ECHO_METHOD, request_serializer=None, response_deserializer=None),
                  "lossd": lossd_channel.unary_unary(EVALUATE_METHOD, request_serializer=None,
-                                                    response_deserializer=None)}
+                                                    response_deserializer=None),
+                 "lossd-off": off_channel.unary_unary(EVALUATE_METHOD, request_serializer=None,
+                                                      response_deserializer=None)}
         # Warm-up: each request once, one at a time, so every program (one
         # per delta today) compiles before a crowd waits for it (past
         # max_pending_compiles waiting requests are refused); then the crowd.
         for call in calls.values():
             for payload in payloads:
                 await call(payload)
-            await run_block(call, payloads, 16, 1.0)
-        print(f"{'concurrency':>11} {'echo req/s':>11} {'lossd req/s':>12} {'lossd/echo':>11}")
+            await warm_crowd(call, payloads)
+        print(f"{'concurrency':>11} {'echo req/s':>11} {'lossd req/s':>12} {'off req/s':>10} {'lossd/echo':>11} "
+              f"{'off/echo':>9} {'lossd/off':>10}")
         for concurrency in levels:
-            totals = {"echo": 0, "lossd": 0}
+            totals = {name: 0 for name in calls}
             answers: list[bytes] = []
             for _ in range(blocks):
                 for name, call in calls.items():
                     done, kept = await run_block(call, payloads, concurrency, seconds)
                     totals[name] += done
-                    if name == "lossd":
+                    if name != "echo":
                         answers += kept
             for raw in answers:
                 if not loss_service_pb2.EvaluateResponse.FromString(raw).HasField("loss"):
                     raise SystemExit("lossd answered without a loss")
-            echo_rate, lossd_rate = (totals[k] / (blocks * seconds) for k in ("echo", "lossd"))
-            print(f"{concurrency:>11} {echo_rate:>11,.0f} {lossd_rate:>12,.0f} {lossd_rate / echo_rate:>11.2f}",
-                  flush=True)
+            echo, on, off = (totals[k] / (blocks * seconds) for k in ("echo", "lossd", "lossd-off"))
+            print(f"{concurrency:>11} {echo:>11,.0f} {on:>12,.0f} {off:>10,.0f} {on / echo:>11.2f} "
+                  f"{off / echo:>9.2f} {on / off:>10.2f}", flush=True)
 
 
 def main() -> int:
@@ -114,21 +138,27 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8,64,256", help="requests in flight, comma-separated")
     parser.add_argument("--blocks", type=int, default=3, help="blocks per side and concurrency")
     parser.add_argument("--block-seconds", type=float, default=5.0)
+    parser.add_argument("--batch-max-delay-us", type=int, default=500, help="the batching server's delay")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     payloads = requests(16, np.random.default_rng(0))
-    echo_port, lossd_port = free_port(), free_port()
+    echo_port, lossd_port, off_port = free_port(), free_port(), free_port()
     data_dir = os.path.join("/tmp", f"lossd-bench-{os.getpid()}")
     print(f"# lossd bench/concurrency.py  cpus {os.cpu_count()}  16 ragged Huber requests (1-128 x 10, "
-          f"own delta)  {args.blocks} blocks x {args.block_seconds:g} s per side")
+          f"own delta)  {args.blocks} blocks x {args.block_seconds:g} s per side  batching delay "
+          f"{args.batch_max_delay_us} us")
     evaluate = os.path.join(os.path.dirname(__file__), "evaluate.py")
+    def serve(port: int, delay_us: int) -> list[str]:
+        return [sys.executable, "-m", "lossd.cli", "serve", "--port", str(port), "--metrics-port", "",
+                "--data-dir", f"{data_dir}-{port}", "--log-level", "WARNING", "--batch-max-delay-us", str(delay_us)]
+
     with process([sys.executable, evaluate, "--echo-server", str(echo_port)],
                  wait_for=lambda: wait_ready(f"127.0.0.1:{echo_port}")), \
-            process([sys.executable, "-m", "lossd.cli", "serve", "--port", str(lossd_port), "--metrics-port", "",
-                     "--data-dir", data_dir, "--log-level", "WARNING"],
-                    wait_for=lambda: wait_ready(f"127.0.0.1:{lossd_port}")):
-        asyncio.run(measure(f"127.0.0.1:{echo_port}", f"127.0.0.1:{lossd_port}", levels, args.blocks,
-                            args.block_seconds, payloads))
+            process(serve(lossd_port, args.batch_max_delay_us),
+                    wait_for=lambda: wait_ready(f"127.0.0.1:{lossd_port}")), \
+            process(serve(off_port, 0), wait_for=lambda: wait_ready(f"127.0.0.1:{off_port}")):
+        asyncio.run(measure(f"127.0.0.1:{echo_port}", f"127.0.0.1:{lossd_port}", f"127.0.0.1:{off_port}", levels,
+                            args.blocks, args.block_seconds, payloads))
     return 0
 
 

@@ -27,6 +27,7 @@ from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
 from lossd_server.evaluation.admission import Admission
+from lossd_server.evaluation.batching import Batcher
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers, load_tokens
@@ -312,7 +313,10 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     admission = Admission(settings.max_inflight_bytes, settings.max_queued_requests, settings.max_queue_seconds)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
-                     callers=callers, admission=admission), server)
+                     callers=callers, admission=admission,
+                     batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us,
+                                     max_elements=settings.batch_max_elements,
+                                     max_requests=settings.batch_max_requests, metrics=metrics)), server)
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers)
     health_servicer = health.HealthServicer()

@@ -19,12 +19,16 @@ not ``ctc``,
 not tensors beyond y_true and y_pred, and only float32 and float64. Anything
 else goes through ``Evaluator.evaluate`` unchanged.
 
-What is exact: per-sample values (reduction ``none``) and the gradient rows
-equal the one-piece answer bit for bit (the same Keras ops on the same
-elements); a reduced loss sums the request's values in float64, where Keras
-sums them in the loss's dtype, so it agrees to rtol 1e-6 of the sum of
-their magnitudes (tests/server/test_batching.py checks both against the
-one-piece path). If the batched call fails, every request of the batch is
+What is exact: for losses made of arithmetic alone (MSE, MAE, Huber...),
+per-sample values (reduction ``none``) and gradient rows equal the one-piece
+answer bit for bit (the same Keras ops on the same elements); TensorFlow's
+vectorised log, exp and pow round an element by its position in the tensor
+(a SIMD lane or the scalar tail), so other losses agree to rtol 1e-6. A
+reduced loss sums the request's values in float64, where Keras sums them in
+the loss's dtype, so it agrees to rtol 1e-6 of the sum of their magnitudes;
+so do the gradients of ``mean_with_sample_weight`` with weights, whose
+divisor is the weights' sum (tests/server/test_batching.py checks all of
+this against the one-piece path). If the batched call fails, every request of the batch is
 evaluated on its own, so each gets its own answer or its own error.
 """
 
@@ -40,6 +44,7 @@ from typing import Iterator, Mapping, Optional
 import numpy as np
 
 from lossd.wire import dtype_name
+from lossd_server.errors import LossdError
 from lossd_server.evaluation import backend
 from lossd_server.evaluation.chunks import term_row_structure
 from lossd_server.evaluation.evaluator import Evaluator, Result, any_non_finite
@@ -107,6 +112,7 @@ class Batcher:
         self._open: dict[tuple, _Batch] = {}
         self._active = 0   # requests in flight: arriving (in_flight) or inside evaluate
         self._queued = 0   # requests in open batches: they cannot join another
+        self._leading = 0  # leaders waiting for company: whom a change must wake
         self._local = threading.local()
         self.batches = 0   # batched calls of two or more requests (for tests)
 
@@ -128,7 +134,8 @@ class Batcher:
             self._local.counted = False
             with self._cond:
                 self._active -= 1
-                self._cond.notify_all()
+                if self._leading:
+                    self._cond.notify_all()
 
     # -- evaluation ---------------------------------------------------------------
 
@@ -140,9 +147,9 @@ class Batcher:
             return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
                                            gradient=gradient)
         with self.in_flight():
-            with self._cond:
-                alone = self._active <= 1 and not self._open
-            if alone:  # an idle server: no one to wait for
+            # Read without the lock: a stale answer only decides whether this
+            # request looks for company, and a batch with none closes at once.
+            if self._active <= 1 and not self._open:  # an idle server: no one to wait for
                 return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
                                                gradient=gradient)
             self.evaluator.check(plan, tensors, sample_weight, reduction)  # its own error, before joining
@@ -221,19 +228,22 @@ class Batcher:
             self._queued += 1
             if len(batch.items) >= self.max_requests or batch.elements >= self.max_elements:
                 self._close(batch)
-            self._cond.notify_all()
+            if self._leading:
+                self._cond.notify_all()
         return batch, leader
 
     def _lead(self, batch: _Batch) -> None:
         """Waits for company while others are in flight, then runs the batch."""
         deadline = batch.items[0].arrived + self.max_delay
         with self._cond:
+            self._leading += 1
             while not batch.closed:
                 remaining = deadline - time.perf_counter()
                 # Requests in flight that may still join: not waiting in an open batch.
                 if remaining <= 0 or self._active - self._queued <= 0:
                     break
                 self._cond.wait(remaining)
+            self._leading -= 1
             self._close(batch)
         try:
             self._run(batch.items)
@@ -258,10 +268,16 @@ class Batcher:
         if len(items) > 1:
             try:
                 self._run_together(items)
-                self.batches += 1
+                with self._cond:
+                    self.batches += 1
                 return
             except Exception as exc:  # noqa: BLE001 - each request then gets its own answer or error
-                if not isinstance(exc, (backend.INPUT_ERRORS + backend.MEMORY_ERRORS)):
+                # Expected: an input TensorFlow refuses, memory, a busy compile pool.
+                expected = (LossdError, *backend.INPUT_ERRORS, *backend.MEMORY_ERRORS)
+                if isinstance(exc, expected):
+                    log.debug("batched evaluation of %d requests failed (%s); evaluating them one by one",
+                              len(items), exc)
+                else:
                     log.warning("batched evaluation of %d requests failed; evaluating them one by one",
                                 len(items), exc_info=True)
         for item in items:

@@ -9,13 +9,14 @@ import json
 import logging
 import re
 import threading
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
 from lossd_server.errors import FailedPrecondition, InvalidArgument, LossdError
 from lossd_server.evaluation.admission import Admission
+from lossd_server.evaluation.batching import Batcher
 from lossd_server.evaluation.chunks import ChunkedSession
 from lossd_server.grpc.auth import Caller, Callers
 from lossd_server.evaluation.evaluator import Evaluator
@@ -77,8 +78,10 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
     """Implements ``lossd.v1.LossService`` over an Evaluator."""
 
     def __init__(self, evaluator: Evaluator, *, max_elements: int, admission: Admission, metrics=None,
-                 store=None, callers: Callers = Callers(None)):
+                 store=None, callers: Callers = Callers(None), batcher: Optional[Batcher] = None):
         self.evaluator = evaluator
+        # Evaluate and EvaluateStream items go through the batcher (micro-batching), when there is one.
+        self.batcher = batcher
         self.callers = callers  # who calls: Callers.of(context)
         self.admission = admission  # what may run now: sizes, caller rates, bytes in flight
         self.registry = evaluator.registry
@@ -159,6 +162,13 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             return self._evaluate_admitted(request, record, plan, reduction)
 
     def _evaluate_admitted(self, request, record, plan: Plan, reduction: str) -> loss_service_pb2.EvaluateResponse:
+        if self.batcher is None:
+            return self._decode_and_evaluate(request, record, plan, reduction, self.evaluator)
+        with self.batcher.in_flight():  # counted from now, so a batch may wait for it
+            return self._decode_and_evaluate(request, record, plan, reduction, self.batcher)
+
+    def _decode_and_evaluate(self, request, record, plan: Plan, reduction: str,
+                          evaluator) -> loss_service_pb2.EvaluateResponse:
         tensors = {"y_true": self._decode(request.y_true, "y_true"),
                    "y_pred": self._decode(request.y_pred, "y_pred")}
         for name, tensor in request.tensors.items():
@@ -169,8 +179,8 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             record.elements = int(tensors["y_pred"].size)
             record.nbytes = sum(a.nbytes for a in tensors.values()) + (
                 sample_weight.nbytes if sample_weight is not None else 0)
-        result = self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight,
-                                         reduction=reduction, gradient=request.gradient)
+        result = evaluator.evaluate(plan, tensors, sample_weight=sample_weight,
+                                    reduction=reduction, gradient=request.gradient)
         response = loss_service_pb2.EvaluateResponse(loss=wire.from_numpy(result.loss),
                                                      non_finite=result.non_finite)
         if result.gradient is not None:

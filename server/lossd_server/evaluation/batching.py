@@ -29,7 +29,9 @@ the loss's dtype, so it agrees to rtol 1e-6 of the sum of their magnitudes;
 so do the gradients of ``mean_with_sample_weight`` with weights, whose
 divisor is the weights' sum (tests/server/test_batching.py checks all of
 this against the one-piece path). If the batched call fails, every request of the batch is
-evaluated on its own, so each gets its own answer or its own error.
+evaluated on its own, so each gets its own answer or its own error; so it
+is while a family's batched program compiles (in the background: a batch
+never waits for a compilation).
 """
 
 from __future__ import annotations
@@ -267,10 +269,10 @@ class Batcher:
     def _run(self, items: list[_Item]) -> None:
         if len(items) > 1:
             try:
-                self._run_together(items)
-                with self._cond:
-                    self.batches += 1
-                return
+                if self._run_together(items):
+                    with self._cond:
+                        self.batches += 1
+                    return
             except Exception as exc:  # noqa: BLE001 - each request then gets its own answer or error
                 # Expected: an input TensorFlow refuses, memory, a busy compile pool.
                 expected = (LossdError, *backend.INPUT_ERRORS, *backend.MEMORY_ERRORS)
@@ -288,7 +290,8 @@ class Batcher:
             except Exception as exc:  # noqa: BLE001 - raised in the request's own thread
                 item.error = exc
 
-    def _run_together(self, items: list[_Item]) -> None:
+    def _run_together(self, items: list[_Item]) -> bool:
+        """Evaluates the items in one call; False while its program compiles."""
         first = items[0]
         dtype = dtype_name(first.tensors["y_pred"].dtype)
         rows = np.array([i.rows for i in items], dtype=np.int64)
@@ -322,6 +325,8 @@ class Batcher:
                  for n in names]
         compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs, dtype,
                                                first.gradient)
+        if compiled is None:
+            return False
         _, (reduced, values), grad = compiled([arrays[n] for n in names])
         start = 0
         for r, item in enumerate(items):
@@ -334,6 +339,7 @@ class Batcher:
             inputs = [item.tensors["y_true"], item.tensors["y_pred"], item.sample_weight]
             item.result = Result(loss, g, [], any_non_finite([loss, g, *inputs]))
             start = stop
+        return True
 
 
 def _values_shape(term, true_shape: tuple, pred_shape: tuple) -> Optional[tuple]:

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 from concurrent import futures
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -116,6 +117,20 @@ class Evaluator:
         self._lock = threading.Lock()  # guards _cache, _cache_ops, _pending and compilations
         self._compile_pool = futures.ThreadPoolExecutor(max_workers=compile_workers, thread_name_prefix="compile")
         self.compilations = 0
+
+    def wait_compiled(self, timeout: float = 60.0) -> bool:
+        """Waits until no program is being traced (at most ``timeout``
+        seconds); whether none is. For warm-ups and tests."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._pending.values())
+            if not pending:
+                return True
+            futures.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+            if time.monotonic() >= deadline:
+                with self._lock:
+                    return not self._pending
 
     def close(self) -> None:
         """Stops the compile threads (traces in progress finish first)."""
@@ -267,19 +282,30 @@ class Evaluator:
                             [f"{t.label}: {list(o)}" for t, o in zip(plan.terms, outputs)])
 
     def rows_program(self, plan: Plan, family: str, row_params: Sequence[str], specs: Sequence[backend.InputSpec],
-                     dtype: str, gradient: bool) -> backend.Compiled:
+                     dtype: str, gradient: bool) -> Optional[backend.Compiled]:
         """The compiled program that evaluates many requests of one program
         family at once (``plan.build_rows_program``), from the same cache and
         compile threads as every other program.
 
-        Raises:
-            ResourceExhausted: ``COMPILE_BUSY`` or ``COMPILE_TIMEOUT``, as ``evaluate``.
+        Never waits: while the program is not compiled it returns None, having
+        started its trace on a compile thread unless ``max_pending_compiles``
+        traces are already under way (then a later batch starts it). The
+        caller evaluates the requests one by one meanwhile, so a batch never
+        holds its requests' RPC threads for a compilation.
         """
         specs = tuple(specs)
         key = ("rows", family, tuple(row_params), gradient, specs)
         has_sw = any(s.name == "sample_weight" for s in specs)
-        return self._compiled(key, plan, specs, lambda: build_rows_program(plan, dtype, row_params),
-                              has_sw, gradient, False)
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+            elif key not in self._pending and len(self._pending) < self.max_pending_compiles:
+                self._pending[key] = self._compile_pool.submit(
+                    self._compile, key, plan, specs, lambda: build_rows_program(plan, dtype, row_params), has_sw,
+                    gradient, False)
+        self._count_lookup("hit" if compiled is not None else "miss")
+        return compiled
 
     def _compiled(self, key, plan: Plan, specs, build: Callable[[], Program], has_sw: bool,
                   gradient: bool, xla: bool) -> backend.Compiled:

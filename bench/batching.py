@@ -7,11 +7,16 @@ one (the anchor: the path a request takes alone) and by the batcher's rows
 program in groups of 2, 4, 8 and 16 (``Batcher._run_together``, the call a
 batch leader makes, request checks and slicing included). Groups of each size
 alternate in blocks; the table gives microseconds per request (the median of
-the blocks) and the ratio to the anchor. No gRPC and no threads: this is what
-batching can save; bench/concurrency.py measures what it does save through
-the server.
+the blocks) and the ratio to the anchor.
 
-Usage: python bench/batching.py [--blocks 7] [--rounds 50]
+Then ``--threads`` threads (8, as ``lossd serve``'s workers) call
+``Evaluator.evaluate`` (the anchor) or ``Batcher.evaluate`` (500 µs delay) in
+a loop, in alternating blocks of ``--block-seconds``: requests per second
+with batching's own coordination (locks, waits, leaders) included. No gRPC:
+this is what batching can save; bench/concurrency.py measures what it does
+save through the server.
+
+Usage: python bench/batching.py [--blocks 7] [--rounds 50] [--threads 8] [--block-seconds 3]
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import os
 import statistics
 import sys
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -38,6 +44,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=50, help="passes over the 16 requests per block")
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--block-seconds", type=float, default=3.0)
     args = parser.parse_args()
     backend.configure_threads(1)  # as lossd serve does (LOSSD_INTER_OP_THREADS)
     evaluator = Evaluator(custom.full_registry(plugins=False), backend.select_device("cpu"))
@@ -84,6 +92,39 @@ def main() -> int:
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:>16} {median * 1e6:>11.1f} {median / anchor:>6.2f}")
+
+    def threaded(evaluate) -> float:
+        done = [0] * args.threads
+        stop = time.perf_counter() + args.block_seconds
+
+        def worker(k: int) -> None:
+            i = k
+            while time.perf_counter() < stop:
+                plan, tensors = requests[i % len(requests)]
+                evaluate(plan, tensors, reduction=REDUCTION)
+                done[k] += 1
+                i += 1
+
+        workers = [threading.Thread(target=worker, args=(k,)) for k in range(args.threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return sum(done) / args.block_seconds
+
+    loops = {"one by one": evaluator.evaluate, "batcher": batcher.evaluate}
+    threaded(batcher.evaluate)  # batched programs for the groups that form
+    evaluator.wait_compiled()
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(3):
+        for name, evaluate in loops.items():
+            rates[name].append(threaded(evaluate))
+    print(f"# {args.threads} threads, 3 blocks x {args.block_seconds:g} s per side")
+    print(f"{'':>16} {'requests/s':>11} {'ratio':>6}")
+    anchor_rate = statistics.median(rates["one by one"])
+    for name, values in rates.items():
+        print(f"{name:>16} {statistics.median(values):>11,.0f} {statistics.median(values) / anchor_rate:>6.2f}")
+    print(f"# batched calls of 2 or more requests: {batcher.batches}")
     return 0
 
 

@@ -301,15 +301,15 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         # One port per server: without this a second server could bind the same port.
         ("grpc.so_reuseport", 0),
     ]
+    admission = Admission(settings.max_inflight_bytes, settings.max_queued_requests, settings.max_queue_seconds)
     # Streams are capped at max_streams (StreamLimiter), so however many are
     # open, `workers` threads are left for unary calls and health checks.
     executor = futures.ThreadPoolExecutor(max_workers=settings.workers + settings.max_streams,
                                           thread_name_prefix="rpc")
     interceptors = [ObservabilityInterceptor(metrics),
-                    *([] if callers.open else [AuthInterceptor(callers)]),
+                    *([] if callers.open else [AuthInterceptor(callers, admission)]),
                     StreamLimiter(settings.max_streams, settings.stream_idle_seconds)]
     server = grpc.server(executor, interceptors=interceptors, options=options)
-    admission = Admission(settings.max_inflight_bytes, settings.max_queued_requests, settings.max_queue_seconds)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
                      callers=callers, admission=admission), server)

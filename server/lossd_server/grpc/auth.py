@@ -50,6 +50,9 @@ METHOD_SCOPES = {
     f"/{_LOSS_SERVICE}/RegisterLoss": "admin",
     f"/{_LOSS_SERVICE}/DeleteLoss": "admin",
 }
+# Methods refused at once while their caller is in debt of its rate (an
+# EvaluateStream's items are charged one by one, each refusal in its place).
+RATED_METHODS = (f"/{_LOSS_SERVICE}/Evaluate", f"/{_LOSS_SERVICE}/EvaluateChunked")
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")
 
@@ -182,8 +185,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
     (``MISSING_SCOPE``, naming it).
     """
 
-    def __init__(self, callers: Callers):
+    def __init__(self, callers: Callers, admission=None):
         self.callers = callers
+        # evaluation.admission.Admission: a caller in debt of its rate is refused here, before
+        # its request is read.
+        self.admission = admission
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -197,6 +203,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     f"{method.lstrip('/')} needs the scope `{needed}`. Expected a token with it. Received: a "
                     f"token of {caller.name!r} with {', '.join(sorted(caller.scopes))}.", reason="MISSING_SCOPE",
                     metadata={"scope": needed, "caller": caller.name})
+            if self.admission is not None and method in RATED_METHODS:
+                self.admission.refuse_in_debt(caller.name, caller.limits.elements_per_second)
         except LossdError as error:
             handler = continuation(handler_call_details)
             return None if handler is None else _refusing(handler, error)
@@ -204,21 +212,23 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
 
 def _refusing(handler, error: LossdError):
-    """A handler of the same shape as ``handler`` that ends the call with ``error``."""
-    def refuse(request, context):
+    """A handler that ends the call with ``error`` without reading its request.
+
+    It is a request-streaming handler whatever the method's shape: gRPC reads
+    a unary request in full before calling a unary handler, while a streaming
+    one reads only what it iterates. A refused caller (no token, no scope,
+    in debt) so cannot make the server receive and parse a large message;
+    the client sees the status either way.
+    """
+    def refuse(requests, context):
         status.abort(context, error)
 
-    def refuse_stream(request, context):
+    def refuse_stream(requests, context):
         status.abort(context, error)
         yield  # pragma: no cover - abort raised
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    factory = kinds[(handler.request_streaming, handler.response_streaming)]
-    return factory(refuse_stream if handler.response_streaming else refuse,
-                   request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, request_deserializer=handler.request_deserializer,
+                                                     response_serializer=handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(refuse, request_deserializer=handler.request_deserializer,
+                                                response_serializer=handler.response_serializer)

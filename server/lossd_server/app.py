@@ -22,12 +22,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 import lossd_server
-from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc, training_service_pb2
+from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc, shared_memory_service_pb2, training_service_pb2
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
 from lossd_server.evaluation.admission import Admission
 from lossd_server.evaluation.evaluator import Evaluator
+from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers, load_tokens
 from lossd_server.grpc.tls import CertificateReloader
@@ -37,6 +38,7 @@ from lossd_server.losses.registry import LossRegistry
 from lossd_server.observability.metrics import Metrics, start_metrics_server
 from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLContext, SecurityFileError
 from lossd_server.grpc.loss_servicer import LossServicer
+from lossd_server.grpc.shm_servicer import add_shared_memory_service
 from lossd_server.grpc.training_servicer import add_training_service
 from lossd_server.training.manager import open_store
 
@@ -55,6 +57,7 @@ XLA_LOSSES = ("binary_crossentropy", "binary_focal_crossentropy", "categorical_c
 SERVICES = (
     loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
     training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
+    shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"],
 )
 SERVICE_NAMES = [service.full_name for service in SERVICES]
 # A health service name of its own for the persisted state: NOT_SERVING when
@@ -79,6 +82,7 @@ class Server:
     metrics_tls: Optional[ReloadingSSLContext] = None  # with metrics_tls_cert set
     metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
     admission: Optional[Admission] = None  # what evaluations may run now (evaluation/admission.py)
+    shared_memory: object = None  # the SharedMemoryServicer, with settings.shm
     # What was moved to the quarantine at start (Quarantine.items); empty when healthy.
     quarantined: list = dataclasses.field(default_factory=list)
     # The bound ports, once started (metrics_port stays None with metrics off).
@@ -159,6 +163,8 @@ class Server:
         endpoint stop. Safe after a failed ``start()`` and when called twice."""
         grace = self.settings.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
+        if self.shared_memory is not None:  # session streams would hold the grace; calls keep their mappings
+            self.shared_memory.close()
         self.grpc_server.stop(grace).wait()
         if self.training is not None:
             self.training.stop()
@@ -173,15 +179,9 @@ class Server:
 
 def _loopback(host: str) -> bool:
     """Whether ``host`` is a loopback address or name only this machine reaches."""
-    import ipaddress
+    from lossd._shm import loopback_host  # the client's test of a local server, the same question
 
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return loopback_host(host)
 
 
 def _bind_errno(host: str, port: int) -> Optional[int]:
@@ -299,9 +299,13 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                     StreamLimiter(settings.max_streams, settings.stream_idle_seconds)]
     server = grpc.server(executor, interceptors=interceptors, options=options)
     admission = Admission(settings.max_inflight_bytes, settings.max_queued_requests, settings.max_queue_seconds)
+    regions = (SharedMemoryRegions(max_regions=settings.shm_max_regions, max_bytes=settings.shm_max_bytes,
+                                   max_total_bytes=settings.shm_max_total_bytes, metrics=metrics)
+               if settings.shm else None)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
-                     callers=callers, admission=admission), server)
+                     callers=callers, admission=admission, shared_memory=regions), server)
+    shared_memory = add_shared_memory_service(server, regions, callers) if regions is not None else None
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers)
     health_servicer = health.HealthServicer()
@@ -313,7 +317,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
          reflection.SERVICE_NAME], server)
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
                   quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
-                  metrics_auth=metrics_auth, admission=admission)
+                  metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory)
 
 
 def serve(settings: Settings) -> int:

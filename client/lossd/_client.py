@@ -59,6 +59,7 @@ class _ChannelOwner:
 
     _secure_channel = staticmethod(grpc.secure_channel)
     _insecure_channel = staticmethod(grpc.insecure_channel)
+    _shared_memory_supported = True
 
     def __init__(self, address: Union[str, Sequence[str]] = DEFAULT_ADDRESS, *, timeout: Optional[float] = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -66,6 +67,8 @@ class _ChannelOwner:
                  metadata: Optional[Iterable[tuple[str, str]]] = None, tls: Union[bool, TLS, None] = None,
                  token: Optional[str] = None, options: Optional[Iterable[tuple[str, Any]]] = None,
                  shared_memory: bool = False, shared_memory_min_bytes: int = _shm.DEFAULT_MIN_BYTES):
+        if shared_memory and not self._shared_memory_supported:
+            raise client_error("shared_memory is available on lossd.Client only, not yet on lossd.aio.Client.")
         if tls:
             if credentials is not None:
                 raise client_error("Set tls or credentials, not both.")
@@ -85,11 +88,8 @@ class _ChannelOwner:
         self._evaluate_serialized = self._channel.unary_unary(
             "/lossd.v1.LossService/Evaluate", request_serializer=None,
             response_deserializer=loss_service_pb2.EvaluateResponse.FromString)
-        self._shared_memory = (self._shared_memory_path(address, shared_memory_min_bytes) if shared_memory
-                               else None)
-
-    def _shared_memory_path(self, target: str, min_bytes: int) -> _shm.SharedMemoryPath:
-        return _shm.SharedMemoryPath(self._channel, target, self.metadata or None, min_bytes)
+        self._shared_memory = (_shm.SharedMemoryPath(self._channel, address, self.metadata or None,
+                                                     shared_memory_min_bytes) if shared_memory else None)
 
     @property
     def shared_memory_active(self) -> bool:

@@ -18,7 +18,7 @@ import grpc.aio
 
 from lossd import _requests
 from lossd._client import _ChannelOwner, _chunked_result
-from lossd._errors import LossdError, client_error, translate_errors_async
+from lossd._errors import LossdError, translate_errors_async
 from lossd._requests import EvaluateResult, LossInfo, LossLike
 from lossd._training import AsyncTrainingMixin
 from lossd.v1 import loss_service_pb2
@@ -31,9 +31,7 @@ class Client(_ChannelOwner, AsyncTrainingMixin):
 
     _secure_channel = staticmethod(grpc.aio.secure_channel)
     _insecure_channel = staticmethod(grpc.aio.insecure_channel)
-
-    def _shared_memory_path(self, target: str, min_bytes: int):
-        raise client_error("shared_memory is available on lossd.Client only, not yet on lossd.aio.Client.")
+    _shared_memory_supported = False  # the synchronous Client has it
 
     @translate_errors_async
     async def losses(self, *, timeout: Optional[float] = None) -> list[LossInfo]:

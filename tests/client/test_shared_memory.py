@@ -171,9 +171,21 @@ def test_close_unregisters_and_unlinks(address, server):
     mine = lossd_regions() - before
     assert len(mine) == 1 and next(iter(mine)).startswith(f"lossd_{os.getpid()}_")
     assert server_regions(server)[0] == held + 1
+    ok = {"grpc_type": "server_stream", "grpc_service": "lossd.v1.SharedMemoryService",
+          "grpc_method": "OpenSession", "grpc_code": "OK"}
+    closed = server.metrics.registry.get_sample_value("grpc_server_handled_total", ok) or 0
     client.close()
     assert not (lossd_regions() & mine)
     assert wait_for(lambda: server_regions(server)[0] == held)
+    # A client that closes ends its session with OK (CloseSession), not as a cancelled call.
+    assert wait_for(lambda: server.metrics.registry.get_sample_value("grpc_server_handled_total", ok) == closed + 1)
+
+
+def test_the_asyncio_client_says_it_has_no_shared_memory_yet(address):
+    import lossd.aio
+
+    with pytest.raises(lossd.LossdError, match="shared_memory is available on lossd.Client only"):
+        lossd.aio.Client(address, shared_memory=True)
 
 
 KILLED_CLIENT = textwrap.dedent("""
@@ -364,11 +376,11 @@ def bearer(token):
 
 def test_without_the_evaluate_scope_shared_memory_is_permission_denied(secured):
     address, tokens, _ = secured
-    for call in ("OpenSession", "RegisterRegion", "UnregisterRegion"):
+    for call in ("OpenSession", "RegisterRegion", "UnregisterRegion", "CloseSession"):
         with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as err:
             stub = pb_grpc.SharedMemoryServiceStub(channel)
             request = {"OpenSession": pb.OpenSessionRequest(), "RegisterRegion": pb.RegisterRegionRequest(),
-                       "UnregisterRegion": pb.UnregisterRegionRequest()}[call]
+                       "UnregisterRegion": pb.UnregisterRegionRequest(), "CloseSession": pb.CloseSessionRequest()}[call]
             answer = getattr(stub, call)(request, metadata=bearer(tokens["bob"]), timeout=10)
             if call == "OpenSession":
                 next(answer)
@@ -401,6 +413,11 @@ def test_a_caller_reaches_only_its_own_regions(secured):
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.SharedMemoryServiceStub(alice._channel).UnregisterRegion(
                 pb.UnregisterRegionRequest(session_id=alice._shared_memory._session.id, name=name),
+                metadata=bearer(tokens["carol"]), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and reason_of(err.value) == "SHM_SESSION_NOT_FOUND"
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.SharedMemoryServiceStub(alice._channel).CloseSession(
+                pb.CloseSessionRequest(session_id=alice._shared_memory._session.id),
                 metadata=bearer(tokens["carol"]), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and reason_of(err.value) == "SHM_SESSION_NOT_FOUND"
         np.testing.assert_array_equal(alice.evaluate("mse", y, y + 1, gradient=True).gradient, expected.gradient)

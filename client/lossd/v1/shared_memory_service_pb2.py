@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$lossd/v1/shared_memory_service.proto\x12\x08lossd.v1\"\x14\n\x12OpenSessionRequest\"f\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bname_prefix\x18\x02 \x01(\t\x12\x13\n\x0bmax_regions\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x03\"L\n\x15RegisterRegionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tbyte_size\x18\x03 \x01(\x03\"(\n\x16RegisterRegionResponse\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\";\n\x17UnregisterRegionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x1a\n\x18UnregisterRegionResponse2\x93\x02\n\x13SharedMemoryService\x12L\n\x0bOpenSession\x12\x1c.lossd.v1.OpenSessionRequest\x1a\x1d.lossd.v1.OpenSessionResponse0\x01\x12S\n\x0eRegisterRegion\x12\x1f.lossd.v1.RegisterRegionRequest\x1a .lossd.v1.RegisterRegionResponse\x12Y\n\x10UnregisterRegion\x12!.lossd.v1.UnregisterRegionRequest\x1a\".lossd.v1.UnregisterRegionResponseB\x10\n\x0c\x64\x65v.lossd.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$lossd/v1/shared_memory_service.proto\x12\x08lossd.v1\"\x14\n\x12OpenSessionRequest\"f\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bname_prefix\x18\x02 \x01(\t\x12\x13\n\x0bmax_regions\x18\x03 \x01(\x03\x12\x11\n\tmax_bytes\x18\x04 \x01(\x03\"L\n\x15RegisterRegionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tbyte_size\x18\x03 \x01(\x03\"(\n\x16RegisterRegionResponse\x12\x0e\n\x06prefix\x18\x01 \x01(\x0c\";\n\x17UnregisterRegionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x1a\n\x18UnregisterRegionResponse\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse2\xe2\x02\n\x13SharedMemoryService\x12L\n\x0bOpenSession\x12\x1c.lossd.v1.OpenSessionRequest\x1a\x1d.lossd.v1.OpenSessionResponse0\x01\x12S\n\x0eRegisterRegion\x12\x1f.lossd.v1.RegisterRegionRequest\x1a .lossd.v1.RegisterRegionResponse\x12Y\n\x10UnregisterRegion\x12!.lossd.v1.UnregisterRegionRequest\x1a\".lossd.v1.UnregisterRegionResponse\x12M\n\x0c\x43loseSession\x12\x1d.lossd.v1.CloseSessionRequest\x1a\x1e.lossd.v1.CloseSessionResponseB\x10\n\x0c\x64\x65v.lossd.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,6 +44,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNREGISTERREGIONREQUEST']._serialized_end=355
   _globals['_UNREGISTERREGIONRESPONSE']._serialized_start=357
   _globals['_UNREGISTERREGIONRESPONSE']._serialized_end=383
-  _globals['_SHAREDMEMORYSERVICE']._serialized_start=386
-  _globals['_SHAREDMEMORYSERVICE']._serialized_end=661
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=385
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=426
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=428
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=450
+  _globals['_SHAREDMEMORYSERVICE']._serialized_start=453
+  _globals['_SHAREDMEMORYSERVICE']._serialized_end=807
 # @@protoc_insertion_point(module_scope)

@@ -61,6 +61,11 @@ class SharedMemoryServiceStub:
                 request_serializer=lossd_dot_v1_dot_shared__memory__service__pb2.UnregisterRegionRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_shared__memory__service__pb2.UnregisterRegionResponse.FromString,
                 _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/lossd.v1.SharedMemoryService/CloseSession',
+                request_serializer=lossd_dot_v1_dot_shared__memory__service__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_shared__memory__service__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SharedMemoryServiceServicer:
@@ -105,6 +110,15 @@ class SharedMemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CloseSession(self, request, context):
+        """Ends a session as a client that closes does: its regions are
+        unregistered and unlinked, and its OpenSession stream ends with OK
+        (cancelling the stream does the same, but reads as a failed call).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SharedMemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +136,11 @@ def add_SharedMemoryServiceServicer_to_server(servicer, server):
                     servicer.UnregisterRegion,
                     request_deserializer=lossd_dot_v1_dot_shared__memory__service__pb2.UnregisterRegionRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_shared__memory__service__pb2.UnregisterRegionResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=lossd_dot_v1_dot_shared__memory__service__pb2.CloseSessionRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_shared__memory__service__pb2.CloseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +236,33 @@ class SharedMemoryService:
             '/lossd.v1.SharedMemoryService/UnregisterRegion',
             lossd_dot_v1_dot_shared__memory__service__pb2.UnregisterRegionRequest.SerializeToString,
             lossd_dot_v1_dot_shared__memory__service__pb2.UnregisterRegionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lossd.v1.SharedMemoryService/CloseSession',
+            lossd_dot_v1_dot_shared__memory__service__pb2.CloseSessionRequest.SerializeToString,
+            lossd_dot_v1_dot_shared__memory__service__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -111,7 +111,7 @@ class SharedMemoryRegions:
         if regions:
             log.info("shared-memory session ended: unregistered and unlinked %d region(s)", len(regions))
 
-    def _session(self, caller: str, session_id: str) -> Session:
+    def session(self, caller: str, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None or session.caller != caller:
             raise NotFound(f"No open shared-memory session {session_id[:64]!r} of this caller. Expected the id "
@@ -149,7 +149,7 @@ class SharedMemoryRegions:
 
     def unregister(self, caller: str, session_id: str, name: str) -> None:
         with self._lock:
-            session = self._session(caller, session_id)
+            session = self.session(caller, session_id)
             region = session.regions.get(name)
             if region is None:
                 raise NotFound(f"No shared-memory region {name[:64]!r} in this session.",
@@ -158,7 +158,7 @@ class SharedMemoryRegions:
 
     def _reserve(self, caller: str, session_id: str, name: str, byte_size: int) -> None:
         with self._lock:
-            self._session(caller, session_id)
+            self.session(caller, session_id)
             if name in self._regions:
                 raise AlreadyExists(f"The shared-memory region {name[:64]!r} is registered already.",
                                     reason="SHM_REGION_EXISTS")
@@ -196,7 +196,7 @@ class SharedMemoryRegions:
     def _open(self, caller: str, session_id: str, name: str, byte_size: int) -> Region:
         path = os.path.join(self.directory, name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise NotFound(f"No shared-memory region {name!r} on the server's host. Expected a region the client "
                            "created on the same host (and not in another container).",

@@ -50,6 +50,7 @@ METHOD_SCOPES = {
     f"/{_SHARED_MEMORY_SERVICE}/OpenSession": "evaluate",
     f"/{_SHARED_MEMORY_SERVICE}/RegisterRegion": "evaluate",
     f"/{_SHARED_MEMORY_SERVICE}/UnregisterRegion": "evaluate",
+    f"/{_SHARED_MEMORY_SERVICE}/CloseSession": "evaluate",
 }
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")

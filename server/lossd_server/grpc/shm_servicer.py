@@ -18,7 +18,7 @@ class SharedMemoryServicer(pb_grpc.SharedMemoryServiceServicer):
     def __init__(self, regions: SharedMemoryRegions, callers: Callers = Callers(None)):
         self.regions = regions
         self.callers = callers
-        self._open: set[threading.Event] = set()  # one per open session stream
+        self._open: dict[str, threading.Event] = {}  # session id -> set to end its stream
         self._lock = threading.Lock()
 
     @handle_errors
@@ -31,7 +31,7 @@ class SharedMemoryServicer(pb_grpc.SharedMemoryServiceServicer):
             ended.set()
 
         with self._lock:
-            self._open.add(ended)
+            self._open[session.id] = ended
         try:
             if not context.add_callback(end):  # over already
                 return
@@ -40,7 +40,7 @@ class SharedMemoryServicer(pb_grpc.SharedMemoryServiceServicer):
             ended.wait()
         finally:
             with self._lock:
-                self._open.discard(ended)
+                self._open.pop(session.id, None)
             self.regions.close_session(session)
 
     @handle_errors
@@ -54,12 +54,22 @@ class SharedMemoryServicer(pb_grpc.SharedMemoryServiceServicer):
         self.regions.unregister(self.callers.of(context).name, request.session_id, request.name)
         return pb.UnregisterRegionResponse()
 
+    @handle_errors
+    def CloseSession(self, request, context):
+        session = self.regions.session(self.callers.of(context).name, request.session_id)
+        self.regions.close_session(session)
+        with self._lock:
+            ended = self._open.get(session.id)
+        if ended is not None:
+            ended.set()
+        return pb.CloseSessionResponse()
+
     def close(self) -> None:
         """Ends every session and its stream (the server stops): regions are
         unlinked and streams return, so they do not hold the stop's grace."""
         self.regions.close()
         with self._lock:
-            for ended in self._open:
+            for ended in self._open.values():
                 ended.set()
 
 

@@ -529,3 +529,46 @@ def test_to_region_round_trips_through_to_numpy():
         assert not decoded.flags.writeable
     with pytest.raises(wire.WireError, match="range too small"):
         wire.to_region(np.zeros(100), tensor_pb2.SharedMemoryRef(region="lossd_a", byte_size=256), regions)
+
+
+# -- sessions the server ends, and threads ------------------------------------------------------
+
+def test_a_session_the_server_ended_is_replaced_and_no_call_fails(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from lossd_server.app import create_server
+    from lossd_server.config import Settings
+
+    srv = create_server(Settings(host="127.0.0.1", port=0, metrics_port=None, grace_seconds=0, data_dir=tmp_path),
+                       metrics_registry=CollectorRegistry())
+    srv.start()
+    try:
+        y = RNG.normal(size=(200, 10)).astype(np.float32)
+        with shm_client(f"127.0.0.1:{srv.port}") as client, lossd.Client(f"127.0.0.1:{srv.port}") as plain:
+            expected = plain.evaluate("huber", y, y * 2, gradient=True)
+            first = client.evaluate("huber", y, y * 2, gradient=True)
+            old = client._shared_memory._session.regions[0].name
+            srv.shared_memory.close()  # what a stopping server does: every session ends, regions are unlinked
+            assert not (SHM / old).exists()
+            for _ in range(3):  # at once (the region is gone: this call goes over gRPC) and later (a new session)
+                again = client.evaluate("huber", y, y * 2, gradient=True)
+                np.testing.assert_array_equal(again.gradient, expected.gradient)
+            assert client.shared_memory_active and client._shared_memory._session.regions[0].name != old
+            np.testing.assert_array_equal(first.gradient, expected.gradient)
+    finally:
+        srv.stop(0)
+
+
+def test_threads_sharing_a_client_get_their_own_results(address, server):
+    from concurrent import futures
+
+    inputs = [RNG.normal(size=(500 + 10 * i, 10)).astype(np.float32) for i in range(12)]
+    with shm_client(address) as client, lossd.Client(address, timeout=60) as plain:
+        expected = [plain.evaluate("mse", y, y * 0.5, gradient=True) for y in inputs]
+        with futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda y: client.evaluate("mse", y, y * 0.5, gradient=True), inputs * 3))
+        assert client.shared_memory_active
+        assert len(client._shared_memory._session.regions) <= _shm.MAX_REGIONS
+    for result, want in zip(results, expected * 3):
+        np.testing.assert_array_equal(result.loss, want.loss)
+        np.testing.assert_array_equal(result.gradient, want.gradient)

@@ -60,6 +60,7 @@ SERVICES = (
     shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"],
 )
 SERVICE_NAMES = [service.full_name for service in SERVICES]
+SHARED_MEMORY_SERVICE = "lossd.v1.SharedMemoryService"  # offered only with settings.shm
 # A health service name of its own for the persisted state: NOT_SERVING when
 # something was moved to the quarantine at start. The server and its services
 # stay SERVING (evaluation works), so probes on "" do not restart a pod for it.
@@ -83,6 +84,7 @@ class Server:
     metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
     admission: Optional[Admission] = None  # what evaluations may run now (evaluation/admission.py)
     shared_memory: object = None  # the SharedMemoryServicer, with settings.shm
+    services: list = dataclasses.field(default_factory=lambda: list(SERVICE_NAMES))  # offered: health reports them
     # What was moved to the quarantine at start (Quarantine.items); empty when healthy.
     quarantined: list = dataclasses.field(default_factory=list)
     # The bound ports, once started (metrics_port stays None with metrics off).
@@ -116,7 +118,7 @@ class Server:
         except BaseException:
             self.stop(0)
             raise
-        for name in [*SERVICE_NAMES, ""]:
+        for name in [*self.services, ""]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.health.set(STATE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING if self.quarantined
                         else health_pb2.HealthCheckResponse.SERVING)
@@ -309,15 +311,16 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers)
     health_servicer = health.HealthServicer()
-    for name in [*SERVICE_NAMES, "", STATE_HEALTH]:  # until start() has started everything
+    services = [name for name in SERVICE_NAMES if shared_memory is not None or name != SHARED_MEMORY_SERVICE]
+    for name in [*services, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
                   quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
-                  metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory)
+                  metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services)
 
 
 def serve(settings: Settings) -> int:

@@ -92,6 +92,23 @@ def region(size: int, name: str | None = None):
             resource_tracker.unregister(memory._name, "shared_memory")
 
 
+@contextlib.contextmanager
+def own_server(data_dir, **settings):
+    """A server of this test's own (port 0 on 127.0.0.1), stopped at the end."""
+    from prometheus_client import CollectorRegistry
+
+    from lossd_server.app import create_server
+    from lossd_server.config import Settings
+
+    srv = create_server(Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": None, "grace_seconds": 0,
+                                    "data_dir": data_dir, **settings}), metrics_registry=CollectorRegistry())
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop(0)
+
+
 def keras_value_and_gradient(loss_obj, y_true, y_pred, sample_weight=None):
     pred = tf.constant(y_pred)
     with tf.GradientTape() as tape:
@@ -171,6 +188,7 @@ def test_close_unregisters_and_unlinks(address, server):
     mine = lossd_regions() - before
     assert len(mine) == 1 and next(iter(mine)).startswith(f"lossd_{os.getpid()}_")
     assert server_regions(server)[0] == held + 1
+    assert server.metrics.lossd_shared_memory_regions._value.get() == held + 1
     ok = {"grpc_type": "server_stream", "grpc_service": "lossd.v1.SharedMemoryService",
           "grpc_method": "OpenSession", "grpc_code": "OK"}
     closed = server.metrics.registry.get_sample_value("grpc_server_handled_total", ok) or 0
@@ -230,13 +248,13 @@ def registered(stub, session_id, memory, size=None):
 
 
 def evaluate_request(name: str, y_true_ref, y_pred_ref, shape=(4, 4), gradient_output=None):
-    request = loss_service_pb2.EvaluateRequest(loss=loss_pb2.LossSpec(name="mse"), gradient=gradient_output is not None)
-    request.y_true.CopyFrom(tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=shape,
-                                              shared_memory=tensor_pb2.SharedMemoryRef(region=name, offset=y_true_ref[0],
-                                                                                       byte_size=y_true_ref[1])))
-    request.y_pred.CopyFrom(tensor_pb2.Tensor(dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=shape,
-                                              shared_memory=tensor_pb2.SharedMemoryRef(region=name, offset=y_pred_ref[0],
-                                                                                       byte_size=y_pred_ref[1])))
+    """An MSE request whose float32 tensors are ranges ``(offset, byte_size)`` of region ``name``."""
+    request = loss_service_pb2.EvaluateRequest(loss=loss_pb2.LossSpec(name="mse"),
+                                               gradient=gradient_output is not None)
+    for field, (offset, size) in (("y_true", y_true_ref), ("y_pred", y_pred_ref)):
+        getattr(request, field).CopyFrom(tensor_pb2.Tensor(
+            dtype=tensor_pb2.DATA_TYPE_FLOAT32, shape=shape,
+            shared_memory=tensor_pb2.SharedMemoryRef(region=name, offset=offset, byte_size=size)))
     if gradient_output is not None:
         request.gradient_output.CopyFrom(tensor_pb2.SharedMemoryRef(region=name, offset=gradient_output[0],
                                                                     byte_size=gradient_output[1]))
@@ -352,22 +370,14 @@ def test_a_region_not_registered_is_not_found(address):
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
     from lossd_server.grpc.auth import create_token
 
     folder = tmp_path_factory.mktemp("shm-tokens")
     path = folder / "tokens.jsonl"
     tokens = {name: create_token(path, name, scopes) for name, scopes in
               (("alice", ["evaluate"]), ("carol", ["evaluate"]), ("bob", ["train"]))}
-    srv = create_server(Settings(host="127.0.0.1", port=0, metrics_port=None, grace_seconds=0,
-                                 data_dir=folder / "data", tokens_file=path, shm_max_regions=2,
-                                 shm_max_bytes=3 << 20), metrics_registry=CollectorRegistry())
-    srv.start()
-    yield f"127.0.0.1:{srv.port}", tokens, srv
-    srv.stop(0)
+    with own_server(folder / "data", tokens_file=path, shm_max_regions=2, shm_max_bytes=3 << 20) as srv:
+        yield f"127.0.0.1:{srv.port}", tokens, srv
 
 
 def bearer(token):
@@ -480,15 +490,7 @@ def test_a_remote_looking_address_uses_grpc(address, server):
 
 
 def test_a_server_without_shared_memory_is_used_over_grpc(tmp_path):
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
-    srv = create_server(Settings(host="127.0.0.1", port=0, metrics_port=None, grace_seconds=0, data_dir=tmp_path,
-                                 shm=False), metrics_registry=CollectorRegistry())
-    srv.start()
-    try:
+    with own_server(tmp_path, shm=False) as srv:
         before = lossd_regions()
         y = RNG.normal(size=(100, 10)).astype(np.float32)
         with shm_client(f"127.0.0.1:{srv.port}") as client:
@@ -496,8 +498,33 @@ def test_a_server_without_shared_memory_is_used_over_grpc(tmp_path):
             assert not client.shared_memory_active and not client._shared_memory.available
             np.testing.assert_allclose(client.evaluate("mse", y, y + 1, gradient=True).gradient, 2 / y.size, rtol=1e-5)
         assert lossd_regions() == before  # the region of the failed handshake was unlinked
-    finally:
-        srv.stop(0)
+
+
+def test_a_server_without_shared_memory_does_not_report_the_service(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for shm, expected in ((False, grpc.StatusCode.NOT_FOUND), (True, None)):
+        with own_server(tmp_path / str(shm), shm=shm) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            request = health_pb2.HealthCheckRequest(service="lossd.v1.SharedMemoryService")
+            try:
+                status = health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
+                assert expected is None and status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError as error:
+                assert error.code() == expected
+
+
+def test_a_request_too_large_for_admission_goes_over_grpc_in_chunks(tmp_path):
+    with own_server(tmp_path, metrics_port=0, max_inflight_bytes=1 << 20) as srv:
+        y = RNG.normal(size=(2 << 16, 4)).astype(np.float32)  # 2 MiB a tensor: twice the in-flight budget
+        with shm_client(f"127.0.0.1:{srv.port}", max_message_bytes=1 << 20) as client:
+            result = client.evaluate("mse", y, y + 1, gradient=True)
+            assert client.shared_memory_active  # the session stays for calls that fit
+        assert result.loss == pytest.approx(1.0, rel=1e-5)
+        np.testing.assert_allclose(result.gradient, 2 / y.size, rtol=1e-4)
+        chunked = srv.metrics.registry.get_sample_value("grpc_server_handled_total", {
+            "grpc_type": "bidi_stream", "grpc_service": "lossd.v1.LossService", "grpc_method": "EvaluateChunked",
+            "grpc_code": "OK"})
+        assert chunked == 1
 
 
 # -- the codec's one bound check ---------------------------------------------------------------
@@ -534,15 +561,7 @@ def test_to_region_round_trips_through_to_numpy():
 # -- sessions the server ends, and threads ------------------------------------------------------
 
 def test_a_session_the_server_ended_is_replaced_and_no_call_fails(tmp_path):
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
-    srv = create_server(Settings(host="127.0.0.1", port=0, metrics_port=None, grace_seconds=0, data_dir=tmp_path),
-                       metrics_registry=CollectorRegistry())
-    srv.start()
-    try:
+    with own_server(tmp_path) as srv:
         y = RNG.normal(size=(200, 10)).astype(np.float32)
         with shm_client(f"127.0.0.1:{srv.port}") as client, lossd.Client(f"127.0.0.1:{srv.port}") as plain:
             expected = plain.evaluate("huber", y, y * 2, gradient=True)
@@ -555,8 +574,6 @@ def test_a_session_the_server_ended_is_replaced_and_no_call_fails(tmp_path):
                 np.testing.assert_array_equal(again.gradient, expected.gradient)
             assert client.shared_memory_active and client._shared_memory._session.regions[0].name != old
             np.testing.assert_array_equal(first.gradient, expected.gradient)
-    finally:
-        srv.stop(0)
 
 
 def test_threads_sharing_a_client_get_their_own_results(address, server):

@@ -7,7 +7,7 @@ The id picks the line, so a check is one hash whatever the number of tokens;
 the secret is 32 random bytes, so a fast hash is enough (there is no
 password to guess), and the comparison takes constant time.
 
-Scopes: ``evaluate`` (evaluation and ListLosses), ``train`` (the training
+Scopes: ``evaluate`` (evaluation, ListLosses and shared memory), ``train`` (the training
 service) and ``admin`` (registering and deleting losses; every scope's
 methods). Health and reflection stay open for probes.
 
@@ -42,6 +42,7 @@ TOKEN_PREFIX = "lsd_"
 # The scope each lossd method needs; admin holds every scope.
 _LOSS_SERVICE = "lossd.v1.LossService"
 _TRAINING_SERVICE = "lossd.v1.TrainingService"
+_SHARED_MEMORY_SERVICE = "lossd.v1.SharedMemoryService"
 METHOD_SCOPES = {
     f"/{_LOSS_SERVICE}/ListLosses": "evaluate",
     f"/{_LOSS_SERVICE}/Evaluate": "evaluate",
@@ -49,6 +50,10 @@ METHOD_SCOPES = {
     f"/{_LOSS_SERVICE}/EvaluateChunked": "evaluate",
     f"/{_LOSS_SERVICE}/RegisterLoss": "admin",
     f"/{_LOSS_SERVICE}/DeleteLoss": "admin",
+    f"/{_SHARED_MEMORY_SERVICE}/OpenSession": "evaluate",
+    f"/{_SHARED_MEMORY_SERVICE}/RegisterRegion": "evaluate",
+    f"/{_SHARED_MEMORY_SERVICE}/UnregisterRegion": "evaluate",
+    f"/{_SHARED_MEMORY_SERVICE}/CloseSession": "evaluate",
 }
 # Methods refused at once while their caller is in debt of its rate (an
 # EvaluateStream's items are charged one by one, each refusal in its place).

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
 
-from lossd import _chunks, _requests, wire
+from lossd import _chunks, _requests, _shm, wire
 from lossd._errors import LossdError, client_error, translate_errors
 from lossd._requests import EvaluateResult, LossInfo, LossLike
 from lossd._training import TrainingMixin
@@ -59,12 +59,16 @@ class _ChannelOwner:
 
     _secure_channel = staticmethod(grpc.secure_channel)
     _insecure_channel = staticmethod(grpc.insecure_channel)
+    _shared_memory_supported = True
 
     def __init__(self, address: Union[str, Sequence[str]] = DEFAULT_ADDRESS, *, timeout: Optional[float] = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  credentials: Optional[grpc.ChannelCredentials] = None,
                  metadata: Optional[Iterable[tuple[str, str]]] = None, tls: Union[bool, TLS, None] = None,
-                 token: Optional[str] = None, options: Optional[Iterable[tuple[str, Any]]] = None):
+                 token: Optional[str] = None, options: Optional[Iterable[tuple[str, Any]]] = None,
+                 shared_memory: bool = False, shared_memory_min_bytes: int = _shm.DEFAULT_MIN_BYTES):
+        if shared_memory and not self._shared_memory_supported:
+            raise client_error("shared_memory is available on lossd.Client only, not yet on lossd.aio.Client.")
         if tls:
             if credentials is not None:
                 raise client_error("Set tls or credentials, not both.")
@@ -84,6 +88,15 @@ class _ChannelOwner:
         self._evaluate_serialized = self._channel.unary_unary(
             "/lossd.v1.LossService/Evaluate", request_serializer=None,
             response_deserializer=loss_service_pb2.EvaluateResponse.FromString)
+        self._shared_memory = (_shm.SharedMemoryPath(self._channel, address, self.metadata or None,
+                                                     shared_memory_min_bytes) if shared_memory else None)
+
+    @property
+    def shared_memory_active(self) -> bool:
+        """Whether evaluations go through shared memory now: asked for, the
+        server is local and the handshake proved it maps the client's memory
+        (it happens at the first evaluation large enough to use it)."""
+        return self._shared_memory is not None and self._shared_memory.active
 
     def _call_args(self, timeout: Optional[float]) -> dict:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata or None}
@@ -95,6 +108,10 @@ class _ChannelOwner:
         assembler of their answers."""
         spec = wire.spec_from_dict(loss, params)
         arrays = _requests.prepare(y_true, y_pred, sample_weight, tensors)
+        return self._evaluate_messages(spec, arrays, reduction, gradient)
+
+    def _evaluate_messages(self, spec, arrays, reduction, gradient
+                           ) -> tuple[Union[bytes, Iterator], Optional[_chunks.ChunkAssembler]]:
         if not _chunks.needs_chunks(arrays, self.max_message_bytes):
             return _requests.evaluate_request_bytes(spec, arrays, reduction, gradient), None
         requests = _chunks.chunked_requests(spec, arrays, reduction, gradient, self.chunk_bytes)
@@ -177,6 +194,14 @@ class Client(_ChannelOwner, TrainingMixin):
         options: gRPC channel options, passed through after lossd's own
             (which they override): keepalive, ``grpc.lb_policy_name``, or
             retries as ``("grpc.service_config", json.dumps({...}))``.
+        shared_memory: Hand tensors over through POSIX shared memory when
+            the server is on this host: the address is loopback (or a unix
+            socket) and the server proves it maps the client's regions.
+            Otherwise, or when it fails, the client uses gRPC. Regions are
+            unlinked on ``close()``, and by the server if the client dies.
+            See the README, "Shared memory".
+        shared_memory_min_bytes: Requests with fewer tensor bytes go over
+            gRPC even with ``shared_memory``.
 
     ``address`` may be a list of ``ip:port`` replicas, which calls are spread
     over (``round_robin``); a ``dns:///host:port`` address with
@@ -245,8 +270,13 @@ class Client(_ChannelOwner, TrainingMixin):
         Raises:
             LossdError: with ``.code``, ``.reason`` and ``.message``.
         """
-        request, assembler = self._evaluate_call(loss, y_true, y_pred, params, sample_weight, reduction, gradient,
-                                                 tensors)
+        spec = wire.spec_from_dict(loss, params)
+        arrays = _requests.prepare(y_true, y_pred, sample_weight, tensors)
+        if self._shared_memory is not None:
+            result = self._shared_memory.evaluate(spec, arrays, reduction, gradient, self._call_args(timeout))
+            if result is not None:
+                return result
+        request, assembler = self._evaluate_messages(spec, arrays, reduction, gradient)
         if assembler is None:
             return _requests.parse_response(self._evaluate_serialized(request, **self._call_args(timeout)))
         for message in self._losses.EvaluateChunked(request, **self._call_args(timeout)):
@@ -286,7 +316,9 @@ class Client(_ChannelOwner, TrainingMixin):
             window.release(_requests.STREAM_WINDOW)
 
     def close(self) -> None:
-        """Closes the channel."""
+        """Closes the channel (and unlinks the shared-memory regions, if any)."""
+        if self._shared_memory is not None:
+            self._shared_memory.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":

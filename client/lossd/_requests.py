@@ -99,12 +99,12 @@ def evaluate_request(spec: loss_pb2.LossSpec, arrays: Mapping[str, np.ndarray], 
     if "sample_weight" in arrays:
         request.sample_weight.CopyFrom(wire.from_numpy(arrays["sample_weight"], field="sample_weight"))
     for name, array in arrays.items():
-        if name not in _OWN_FIELDS:
+        if name not in OWN_FIELDS:
             request.tensors[name].CopyFrom(wire.from_numpy(array, field=name))
     return request
 
 
-_OWN_FIELDS = ("y_true", "y_pred", "sample_weight")
+OWN_FIELDS = ("y_true", "y_pred", "sample_weight")
 
 
 def evaluate_request_bytes(spec: loss_pb2.LossSpec, arrays: Mapping[str, np.ndarray], reduction: str,
@@ -112,16 +112,21 @@ def evaluate_request_bytes(spec: loss_pb2.LossSpec, arrays: Mapping[str, np.ndar
     """``evaluate_request(...)`` serialized, each tensor's bytes copied once
     (``wire.serialize_with_tensors``): what ``Client.evaluate`` sends."""
     head = loss_service_pb2.EvaluateRequest(loss=spec, reduction=wire.reduction_enum(reduction), gradient=gradient)
-    extra = {name: array for name, array in arrays.items() if name not in _OWN_FIELDS}
-    return wire.serialize_with_tensors(head, {name: arrays[name] for name in _OWN_FIELDS if name in arrays},
+    extra = {name: array for name, array in arrays.items() if name not in OWN_FIELDS}
+    return wire.serialize_with_tensors(head, {name: arrays[name] for name in OWN_FIELDS if name in arrays},
                                        {"tensors": extra} if extra else {})
 
 
-def parse_response(response: loss_service_pb2.EvaluateResponse) -> EvaluateResult:
+def parse_response(response: loss_service_pb2.EvaluateResponse, regions: Optional[wire.Regions] = None
+                   ) -> EvaluateResult:
+    """The result of an EvaluateResponse; a gradient the server wrote into
+    one of ``regions`` is copied out of it (the region serves the next call)."""
     result = EvaluateResult(loss=wire.to_numpy(response.loss, field="loss", allow_empty=True),
                             non_finite=response.non_finite)
     if response.HasField("gradient"):
-        result.gradient = wire.to_numpy(response.gradient, field="gradient", allow_empty=True)
+        result.gradient = wire.to_numpy(response.gradient, field="gradient", allow_empty=True, regions=regions)
+        if response.gradient.HasField("shared_memory"):
+            result.gradient = result.gradient.copy()
     for term in response.terms:
         result.terms[term.label] = wire.to_numpy(term.value, field=term.label, allow_empty=True)
     return result

@@ -31,6 +31,7 @@ class Client(_ChannelOwner, AsyncTrainingMixin):
 
     _secure_channel = staticmethod(grpc.aio.secure_channel)
     _insecure_channel = staticmethod(grpc.aio.insecure_channel)
+    _shared_memory_supported = False  # the synchronous Client has it
 
     @translate_errors_async
     async def losses(self, *, timeout: Optional[float] = None) -> list[LossInfo]:

@@ -7,7 +7,11 @@ It owns:
   bytes with a dtype enum and a shape, as in Triton's raw contents. Decoding
   never copies (``numpy.frombuffer`` over the message's bytes) and checks the
   claimed shape against the bytes and a size limit *before* any array is
-  built, so a hostile shape cannot make the receiver allocate;
+  built, so a hostile shape cannot make the receiver allocate. A tensor
+  whose bytes lie in a shared-memory region (``Tensor.shared_memory``)
+  decodes through the same function, given a resolver of region names; the
+  range is checked against the region here (``region_range``), in one place,
+  for the server reading requests and the client reading responses alike;
 * the dtype table (``SUPPORTED_DTYPES``, ``FLOAT_DTYPES``);
 * reduction names and their enum values (``REDUCTIONS``);
 * ``LossSpec`` <-> dict, both ways, and ``google.protobuf.Struct`` <-> dict
@@ -21,7 +25,7 @@ client raises it as a ``LossdError``. Imports numpy and protobuf only.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 from google.protobuf import struct_pb2
@@ -151,16 +155,30 @@ def check_shape(shape, *, field: str, max_elements: Optional[int] = None) -> int
     return count
 
 
-def to_numpy(tensor: tensor_pb2.Tensor, *, field: str = "tensor",
-             max_elements: Optional[int] = None, allow_empty: bool = False) -> np.ndarray:
+def to_numpy(tensor: tensor_pb2.Tensor, *, field: str = "tensor", max_elements: Optional[int] = None,
+             allow_empty: bool = False, regions: Optional["Regions"] = None) -> np.ndarray:
     """Decodes a Tensor message into a read-only numpy array without copying.
+
+    A tensor whose bytes lie in shared memory (``shared_memory`` set) is
+    read in place from the range ``regions`` resolves, after
+    ``region_range`` has checked it.
 
     Raises:
         WireError: unsupported dtype, negative or oversized shape, content
-            length that does not match the shape, or an empty tensor.
+            length that does not match the shape, an empty tensor, or a
+            shared-memory range that is out of bounds or not available.
     """
-    return from_bytes(tensor.content, tensor.dtype, tensor.shape, field=field, max_elements=max_elements,
-                      allow_empty=allow_empty)
+    if not tensor.HasField("shared_memory"):
+        return from_bytes(tensor.content, tensor.dtype, tensor.shape, field=field, max_elements=max_elements,
+                          allow_empty=allow_empty)
+    ref = tensor.shared_memory
+    if tensor.content:
+        raise WireError(f"{field}: both content and shared_memory are set. Expected one of them. Received: "
+                        f"{len(tensor.content):,} bytes of content and a range of region {ref.region[:64]!r}.")
+    array = from_bytes(region_range(ref, regions, field=field), tensor.dtype, tensor.shape, field=field,
+                       max_elements=max_elements, allow_empty=allow_empty)
+    array.flags.writeable = False  # a view of the region: read-only, as the bytes path is
+    return array
 
 
 def from_bytes(content: bytes, dtype: int, shape, *, field: str = "tensor", max_elements: Optional[int] = None,
@@ -182,13 +200,20 @@ def from_bytes(content: bytes, dtype: int, shape, *, field: str = "tensor", max_
     return np.frombuffer(content, dtype=dt, count=count).reshape(tuple(shape))
 
 
-def from_numpy(array, *, field: str = "tensor") -> tensor_pb2.Tensor:
-    """Encodes an array-like as a Tensor message (row-major, little-endian)."""
+def _wire_array(array, field: str) -> tuple[int, np.ndarray]:
+    """An array-like's dtype enum, and the array as it travels: row-major,
+    little-endian (copied only where it is not already)."""
     array = np.asarray(array)
     enum = dtype_enum(array.dtype, field=field)
     dt = _NUMPY_BY_ENUM[enum]
     if array.dtype != dt or not array.flags.c_contiguous:
         array = np.ascontiguousarray(array, dtype=dt)
+    return enum, array
+
+
+def from_numpy(array, *, field: str = "tensor") -> tensor_pb2.Tensor:
+    """Encodes an array-like as a Tensor message (row-major, little-endian)."""
+    enum, array = _wire_array(array, field)
     return tensor_pb2.Tensor(dtype=enum, shape=array.shape, content=array.tobytes())
 
 
@@ -209,11 +234,7 @@ def _length_delimited(number: int, length: int) -> bytes:
 def _tensor_parts(array, field: str) -> tuple[bytes, np.ndarray]:
     """A Tensor message as two parts: its dtype, shape and content key, then
     the content itself (the array's bytes, not copied)."""
-    array = np.asarray(array)
-    enum = dtype_enum(array.dtype, field=field)
-    dt = _NUMPY_BY_ENUM[enum]
-    if array.dtype != dt or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array, dtype=dt)
+    enum, array = _wire_array(array, field)
     shape = b"".join(_varint(int(d)) for d in array.shape)
     head = (b"\x08" + _varint(enum) if enum else b"") + (_length_delimited(2, len(shape)) + shape if shape else b"")
     if array.nbytes:
@@ -248,6 +269,61 @@ def serialize_with_tensors(message, tensors: Mapping[str, Any] = {}, entries: Ma
             parts.extend((_length_delimited(fields[map_name].number, len(key_field) + len(value) + len(head)
                                             + content.nbytes), key_field, value, head, content))
     return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Shared memory
+
+Regions = Callable[[str], memoryview]
+"""Resolves a region name to the whole region's bytes (a writable
+memoryview); raises for a name its caller may not use."""
+
+SHM_PREFIX = "lossd_"
+"""Every shared-memory region lossd uses is named under this prefix."""
+
+
+def region_range(ref: tensor_pb2.SharedMemoryRef, regions: Optional[Regions], *, field: str = "tensor"
+                 ) -> memoryview:
+    """The bytes ``ref`` names, after checking that its offset and size lie
+    inside the region: the one bound check of every shared-memory read and
+    write, on both sides of the wire.
+
+    Raises:
+        WireError: ``SHM_UNAVAILABLE`` where no resolver is given,
+            ``SHM_OUT_OF_RANGE`` for a range outside the region (and what
+            ``regions`` raises for an unknown name).
+    """
+    if regions is None:
+        raise WireError(f"{field}: refers to shared-memory region {ref.region[:64]!r}, but shared memory is not "
+                        "available here. Expected the tensor's bytes in content.", reason="SHM_UNAVAILABLE")
+    buffer = regions(ref.region)
+    size = len(buffer)
+    offset, byte_size = int(ref.offset), int(ref.byte_size)
+    if offset < 0 or byte_size < 0 or offset > size or byte_size > size - offset:
+        raise WireError(f"{field}: shared-memory range out of bounds. Expected 0 <= offset and offset + byte_size "
+                        f"<= {size:,} (the size of region {ref.region[:64]!r}). Received: offset={offset:,}, "
+                        f"byte_size={byte_size:,}.", reason="SHM_OUT_OF_RANGE")
+    return buffer[offset:offset + byte_size]
+
+
+def to_region(array, ref: tensor_pb2.SharedMemoryRef, regions: Optional[Regions], *, field: str = "tensor"
+              ) -> tensor_pb2.Tensor:
+    """Writes an array (row-major, little-endian) at the start of the range
+    ``ref`` names and returns the Tensor that refers to the bytes written.
+
+    Raises:
+        WireError: as ``region_range``, and ``SHM_OUT_OF_RANGE`` when the
+            range is smaller than the array.
+    """
+    enum, array = _wire_array(array, field)
+    target = region_range(ref, regions, field=field)
+    if array.nbytes > len(target):
+        raise WireError(f"{field}: shared-memory range too small. Expected at least {array.nbytes:,} bytes (shape "
+                        f"{list(array.shape)} of {array.dtype.name}). Received: byte_size={len(target):,}.",
+                        reason="SHM_OUT_OF_RANGE")
+    np.frombuffer(target, dtype=np.uint8, count=array.nbytes)[:] = array.reshape(-1).view(np.uint8)
+    return tensor_pb2.Tensor(dtype=enum, shape=array.shape, shared_memory=tensor_pb2.SharedMemoryRef(
+        region=ref.region, offset=ref.offset, byte_size=array.nbytes))
 
 
 def info(array: np.ndarray, *, field: str = "tensor") -> tensor_pb2.TensorInfo:

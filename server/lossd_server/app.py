@@ -22,13 +22,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 import lossd_server
-from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc, training_service_pb2
+from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc, shared_memory_service_pb2, training_service_pb2
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
 from lossd_server.evaluation.admission import Admission
 from lossd_server.evaluation.batching import Batcher
 from lossd_server.evaluation.evaluator import Evaluator
+from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers, load_tokens
 from lossd_server.grpc.tls import CertificateReloader
@@ -38,6 +39,7 @@ from lossd_server.losses.registry import LossRegistry
 from lossd_server.observability.metrics import Metrics, start_metrics_server
 from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLContext, SecurityFileError
 from lossd_server.grpc.loss_servicer import LossServicer
+from lossd_server.grpc.shm_servicer import add_shared_memory_service
 from lossd_server.grpc.training_servicer import add_training_service
 from lossd_server.training.manager import open_store
 
@@ -56,8 +58,10 @@ XLA_LOSSES = ("binary_crossentropy", "binary_focal_crossentropy", "categorical_c
 SERVICES = (
     loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
     training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
+    shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"],
 )
 SERVICE_NAMES = [service.full_name for service in SERVICES]
+SHARED_MEMORY_SERVICE = "lossd.v1.SharedMemoryService"  # offered only with settings.shm
 # A health service name of its own for the persisted state: NOT_SERVING when
 # something was moved to the quarantine at start. The server and its services
 # stay SERVING (evaluation works), so probes on "" do not restart a pod for it.
@@ -80,6 +84,8 @@ class Server:
     metrics_tls: Optional[ReloadingSSLContext] = None  # with metrics_tls_cert set
     metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
     admission: Optional[Admission] = None  # what evaluations may run now (evaluation/admission.py)
+    shared_memory: object = None  # the SharedMemoryServicer, with settings.shm
+    services: list = dataclasses.field(default_factory=lambda: list(SERVICE_NAMES))  # offered: health reports them
     # What was moved to the quarantine at start (Quarantine.items); empty when healthy.
     quarantined: list = dataclasses.field(default_factory=list)
     # The bound ports, once started (metrics_port stays None with metrics off).
@@ -113,7 +119,7 @@ class Server:
         except BaseException:
             self.stop(0)
             raise
-        for name in [*SERVICE_NAMES, ""]:
+        for name in [*self.services, ""]:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.health.set(STATE_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING if self.quarantined
                         else health_pb2.HealthCheckResponse.SERVING)
@@ -160,6 +166,8 @@ class Server:
         endpoint stop. Safe after a failed ``start()`` and when called twice."""
         grace = self.settings.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
+        if self.shared_memory is not None:  # session streams would hold the grace; calls keep their mappings
+            self.shared_memory.close()
         self.grpc_server.stop(grace).wait()
         if self.training is not None:
             self.training.stop()
@@ -174,17 +182,9 @@ class Server:
 
 def _loopback(host: str) -> bool:
     """Whether ``host`` is a loopback address or name only this machine reaches."""
-    import ipaddress
+    from lossd._shm import loopback_host  # the client's test of a local server, the same question
 
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
-    return (mapped or address).is_loopback
+    return loopback_host(host)
 
 
 def open_access_warning(settings: Settings, port: int) -> Optional[str]:
@@ -302,33 +302,38 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         # One port per server: without this a second server could bind the same port.
         ("grpc.so_reuseport", 0),
     ]
+    admission = Admission(settings.max_inflight_bytes, settings.max_queued_requests, settings.max_queue_seconds)
     # Streams are capped at max_streams (StreamLimiter), so however many are
     # open, `workers` threads are left for unary calls and health checks.
     executor = futures.ThreadPoolExecutor(max_workers=settings.workers + settings.max_streams,
                                           thread_name_prefix="rpc")
     interceptors = [ObservabilityInterceptor(metrics),
-                    *([] if callers.open else [AuthInterceptor(callers)]),
+                    *([] if callers.open else [AuthInterceptor(callers, admission)]),
                     StreamLimiter(settings.max_streams, settings.stream_idle_seconds)]
     server = grpc.server(executor, interceptors=interceptors, options=options)
-    admission = Admission(settings.max_inflight_bytes, settings.max_queued_requests, settings.max_queue_seconds)
+    regions = (SharedMemoryRegions(max_regions=settings.shm_max_regions, max_bytes=settings.shm_max_bytes,
+                                   max_total_bytes=settings.shm_max_total_bytes, metrics=metrics)
+               if settings.shm else None)
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
-                     callers=callers, admission=admission,
+                     callers=callers, admission=admission, shared_memory=regions,
                      batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us,
                                      max_elements=settings.batch_max_elements,
                                      max_requests=settings.batch_max_requests, metrics=metrics)), server)
+    shared_memory = add_shared_memory_service(server, regions, callers) if regions is not None else None
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers)
     health_servicer = health.HealthServicer()
-    for name in [*SERVICE_NAMES, "", STATE_HEALTH]:  # until start() has started everything
+    services = [name for name in SERVICE_NAMES if shared_memory is not None or name != SHARED_MEMORY_SERVICE]
+    for name in [*services, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
                   quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
-                  metrics_auth=metrics_auth, admission=admission)
+                  metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services)
 
 
 def serve(settings: Settings) -> int:

@@ -287,6 +287,29 @@ class Settings(BaseSettings):
     """Longest an evaluation waits for room (or less, to its deadline); then
     RESOURCE_EXHAUSTED (INFLIGHT_BYTES_FULL) with a retry delay."""
 
+    # Shared memory for clients on the server's host (issue 13,
+    # lossd_server.evaluation.shared_memory).
+
+    shm: bool = True
+    """Let clients on this host hand tensors over through POSIX shared memory
+    (``SharedMemoryService``; Linux only). A region must be named under
+    ``lossd_`` and belong to the server's own user; it is unlinked when its
+    client's session ends. False: the service is not offered (UNIMPLEMENTED)
+    and clients fall back to gRPC."""
+
+    shm_max_regions: int = Field(8, ge=1)
+    """Most shared-memory regions one caller may have registered at once."""
+
+    shm_max_bytes: int = Field(4 * GiB, ge=MiB)
+    """Most bytes of shared-memory regions one caller may have registered at
+    once. Mapping costs the server address space, not memory: the pages are
+    the client's. A 1e7-element float32 evaluation with its gradient needs
+    about 120 MB."""
+
+    shm_max_total_bytes: int = Field(16 * GiB, ge=MiB)
+    """Most bytes of shared-memory regions the server maps at once, over
+    every caller."""
+
     metrics_cache_seconds: float = Field(1.0, ge=0)
     """``/metrics`` is rendered at most once per this many seconds and served
     from that rendering, so many scrapers cost evaluation nothing more."""

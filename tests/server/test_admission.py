@@ -181,10 +181,11 @@ def test_a_request_larger_than_the_whole_budget_is_refused_for_good(start):
 
 @pytest.fixture(scope="module")
 def limited(start, tmp_path_factory):
-    """A server with tokens: `heavy` limited to 1000 elements per second,
-    `light` without a limit."""
+    """A server with tokens: `heavy` and `debtor` limited to 1000 elements
+    per second each, `light` without a limit."""
     path = tmp_path_factory.mktemp("tokens") / "tokens.jsonl"
-    tokens = {"heavy": create_token(path, "heavy", "--rate", "1000"), "light": create_token(path, "light")}
+    tokens = {"heavy": create_token(path, "heavy", "--rate", "1000"), "light": create_token(path, "light"),
+              "debtor": create_token(path, "debtor", "--rate", "1000")}
     srv = start(tokens_file=path)
     return srv, tokens
 
@@ -210,6 +211,7 @@ def test_a_token_past_its_rate_is_refused_and_another_is_not(limited):
     y = np.zeros(800, np.float32)
     with lossd.Client(srv.address, token=tokens["heavy"], timeout=30) as heavy, \
             lossd.Client(srv.address, token=tokens["light"], timeout=30) as light:
+        light.evaluate("mse", y, y)  # compiled first: heavy's two calls follow each other closely
         heavy.evaluate("mse", y, y)  # 800 of its 1000
         with pytest.raises(lossd.LossdError) as refused:
             heavy.evaluate("mse", y, y)
@@ -223,13 +225,14 @@ def test_a_token_past_its_rate_is_refused_and_another_is_not(limited):
         time.sleep(refused.value.retry_delay + 0.05)
         assert heavy.evaluate("mse", y, y).loss == 0.0
         # A request larger than one second's worth waits for a full bucket,
-        # then leaves it in debt: the next waits about 5 s.
+        # then leaves it in debt: the next is refused before it is read, for
+        # the 4 s until the debt is paid.
         time.sleep(1.05)
         big = np.zeros(5000, np.float32)
         assert heavy.evaluate("mse", big, big).loss == 0.0
         with pytest.raises(lossd.LossdError) as debt:
             heavy.evaluate("mse", y, y)
-        assert debt.value.reason == "CALLER_RATE_LIMIT" and 4.0 < debt.value.retry_delay <= 5.0
+        assert debt.value.reason == "CALLER_RATE_LIMIT" and 3.5 < debt.value.retry_delay <= 4.0
     after = _scrape(srv)
     assert (_sample(after, "lossd_rejected_requests_total", reason="CALLER_RATE_LIMIT")
             - _sample(before, "lossd_rejected_requests_total", reason="CALLER_RATE_LIMIT")) == 2
@@ -238,8 +241,34 @@ def test_a_token_past_its_rate_is_refused_and_another_is_not(limited):
     assert (_sample(after, "lossd_caller_elements_total", caller="heavy")
             - _sample(before, "lossd_caller_elements_total", caller="heavy")) == 800 * 2 + 5000
     assert (_sample(after, "lossd_caller_requests_total", caller="light")
-            - _sample(before, "lossd_caller_requests_total", caller="light")) == 5
+            - _sample(before, "lossd_caller_requests_total", caller="light")) == 6
     assert _sample(before, "lossd_rejected_requests_total", reason="QUEUE_FULL") == 0  # pre-initialised
+
+
+def _evaluate_messages_read(text: str) -> float:
+    return _sample(text, "grpc_server_msg_received_total", grpc_service="lossd.v1.LossService",
+                   grpc_method="Evaluate")
+
+
+def test_a_caller_in_debt_or_without_a_token_is_refused_before_its_request_is_read(limited):
+    srv, tokens = limited
+    big = np.zeros((4, 2_000_000), np.float32)  # 64 MB of tensors in one message
+    with lossd.Client(srv.address, token=tokens["debtor"], timeout=60) as debtor, \
+            lossd.Client(srv.address, timeout=60) as nobody:
+        debtor.evaluate("mse", np.zeros(5000, np.float32), np.zeros(5000, np.float32))  # a full bucket, 4 s of debt
+        before = _scrape(srv)
+        with pytest.raises(lossd.LossdError) as debt:
+            debtor.evaluate("mse", big, big)
+        with pytest.raises(lossd.LossdError) as anonymous:
+            nobody.evaluate("mse", big, big)
+        after = _scrape(srv)
+    assert debt.value.reason == "CALLER_RATE_LIMIT" and "earlier requests" in debt.value.message
+    assert 3.0 < debt.value.retry_delay <= 4.0
+    assert anonymous.value.code == grpc.StatusCode.UNAUTHENTICATED
+    # Neither message was read: the refusing handler never asks gRPC for it.
+    assert _evaluate_messages_read(after) == _evaluate_messages_read(before)
+    assert (_sample(after, "lossd_rejected_requests_total", reason="CALLER_RATE_LIMIT")
+            - _sample(before, "lossd_rejected_requests_total", reason="CALLER_RATE_LIMIT")) == 1
 
 
 def test_refusals_of_other_parts_are_counted_too(start):

@@ -90,7 +90,7 @@ class DeleteLossResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("loss", "y_true", "y_pred", "sample_weight", "reduction", "gradient", "tensors")
+    __slots__ = ("loss", "y_true", "y_pred", "sample_weight", "reduction", "gradient", "tensors", "gradient_output")
     class TensorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class EvaluateRequest(_message.Message):
     REDUCTION_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     loss: _loss_pb2.LossSpec
     y_true: _tensor_pb2.Tensor
     y_pred: _tensor_pb2.Tensor
@@ -112,7 +113,8 @@ class EvaluateRequest(_message.Message):
     reduction: _loss_pb2.Reduction
     gradient: bool
     tensors: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, loss: _Optional[_Union[_loss_pb2.LossSpec, _Mapping]] = ..., y_true: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., y_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., reduction: _Optional[_Union[_loss_pb2.Reduction, str]] = ..., gradient: _Optional[bool] = ..., tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    gradient_output: _tensor_pb2.SharedMemoryRef
+    def __init__(self, loss: _Optional[_Union[_loss_pb2.LossSpec, _Mapping]] = ..., y_true: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., y_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., reduction: _Optional[_Union[_loss_pb2.Reduction, str]] = ..., gradient: _Optional[bool] = ..., tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., gradient_output: _Optional[_Union[_tensor_pb2.SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("loss", "gradient", "terms", "non_finite")

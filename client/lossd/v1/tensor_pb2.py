@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lossd/v1/tensor.proto\x12\x08lossd.v1\"K\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.lossd.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\">\n\nTensorInfo\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.lossd.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\nB\x10\n\x0c\x64\x65v.lossd.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15lossd/v1/tensor.proto\x12\x08lossd.v1\"}\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.lossd.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x30\n\rshared_memory\x18\x04 \x01(\x0b\x32\x19.lossd.v1.SharedMemoryRef\"D\n\x0fSharedMemoryRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x11\n\tbyte_size\x18\x03 \x01(\x03\">\n\nTensorInfo\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.lossd.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03*\xfe\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x02\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x03\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x04\x12\x12\n\x0e\x44\x41TA_TYPE_INT8\x10\x05\x12\x13\n\x0f\x44\x41TA_TYPE_INT16\x10\x06\x12\x13\n\x0f\x44\x41TA_TYPE_INT32\x10\x07\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x08\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\t\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\nB\x10\n\x0c\x64\x65v.lossd.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lossd.v1.tensor_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\014dev.lossd.v1P\001'
-  _globals['_DATATYPE']._serialized_start=177
-  _globals['_DATATYPE']._serialized_end=431
+  _globals['_DATATYPE']._serialized_start=297
+  _globals['_DATATYPE']._serialized_end=551
   _globals['_TENSOR']._serialized_start=35
-  _globals['_TENSOR']._serialized_end=110
-  _globals['_TENSORINFO']._serialized_start=112
-  _globals['_TENSORINFO']._serialized_end=174
+  _globals['_TENSOR']._serialized_end=160
+  _globals['_SHAREDMEMORYREF']._serialized_start=162
+  _globals['_SHAREDMEMORYREF']._serialized_end=230
+  _globals['_TENSORINFO']._serialized_start=232
+  _globals['_TENSORINFO']._serialized_end=294
 # @@protoc_insertion_point(module_scope)

@@ -82,6 +82,11 @@ class TokenBucket:
     def give_back(self, elements: int) -> None:
         self.tokens = min(self.capacity, self.tokens + elements)
 
+    def debt_seconds(self, now: float) -> float:
+        """Seconds until a bucket in debt is out of it; 0 when it is not."""
+        self._refill(now)
+        return max(0.0, -self.tokens / self.rate)
+
 
 class Admission:
     """Admits evaluations against the in-flight budget, its queue, and each
@@ -139,16 +144,31 @@ class Admission:
                 bucket = self._buckets[key] = TokenBucket(rate, rate, rate, now)
             wait = bucket.take(elements, now)
         if wait > 0:
-            raise ResourceExhausted(
-                f"Caller {caller!r} is past its rate of {rate:,.0f} elements per second (the token's limit; "
-                f"up to one second's worth at once). Expected this request's {elements:,} elements of y_pred "
-                f"to fit; retry in {wait:.3f} s.", reason="CALLER_RATE_LIMIT", retry_delay=wait,
-                metadata={"caller": caller, "elements_per_second": f"{rate:g}", "elements": elements})
+            raise _rate_limited(caller, rate, wait, f"this request's {elements:,} elements of y_pred to fit",
+                                elements=elements)
 
         def give_back():
             with self._buckets_lock:
                 bucket.give_back(elements)
         return give_back
+
+    def refuse_in_debt(self, caller: str, rate: Optional[float]) -> None:
+        """Refuses any request of a caller whose bucket is in debt (a request
+        larger than one second's worth left it there): checked before the
+        request's message is read, so a caller that ignores its retry delays
+        costs the server no receiving or parsing.
+
+        Raises:
+            ResourceExhausted: ``CALLER_RATE_LIMIT``, with the seconds until
+                the debt is paid.
+        """
+        if not rate:
+            return
+        with self._buckets_lock:
+            bucket = self._buckets.get((caller, float(rate)))
+            wait = 0.0 if bucket is None else bucket.debt_seconds(self._clock())
+        if wait > 0:
+            raise _rate_limited(caller, rate, wait, "its earlier requests' elements to be paid for")
 
     @contextlib.contextmanager
     def hold(self, nbytes: int, *, wait_seconds: Optional[float] = None,
@@ -262,6 +282,13 @@ class Admission:
     def inflight_bytes(self) -> int:
         """Declared bytes of the evaluations running now."""
         return self._inflight
+
+
+def _rate_limited(caller: str, rate: float, wait: float, expected: str, **metadata) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"Caller {caller!r} is past its rate of {rate:,.0f} elements per second (the token's limit; up to one "
+        f"second's worth at once). Expected {expected}; retry in {wait:.3f} s.", reason="CALLER_RATE_LIMIT",
+        retry_delay=wait, metadata={"caller": caller, "elements_per_second": f"{rate:g}", **metadata})
 
 
 def _nothing() -> None:

@@ -7,7 +7,7 @@ The id picks the line, so a check is one hash whatever the number of tokens;
 the secret is 32 random bytes, so a fast hash is enough (there is no
 password to guess), and the comparison takes constant time.
 
-Scopes: ``evaluate`` (evaluation and ListLosses), ``train`` (the training
+Scopes: ``evaluate`` (evaluation, ListLosses and shared memory), ``train`` (the training
 service) and ``admin`` (registering and deleting losses; every scope's
 methods). Health and reflection stay open for probes.
 
@@ -42,6 +42,7 @@ TOKEN_PREFIX = "lsd_"
 # The scope each lossd method needs; admin holds every scope.
 _LOSS_SERVICE = "lossd.v1.LossService"
 _TRAINING_SERVICE = "lossd.v1.TrainingService"
+_SHARED_MEMORY_SERVICE = "lossd.v1.SharedMemoryService"
 METHOD_SCOPES = {
     f"/{_LOSS_SERVICE}/ListLosses": "evaluate",
     f"/{_LOSS_SERVICE}/Evaluate": "evaluate",
@@ -49,7 +50,14 @@ METHOD_SCOPES = {
     f"/{_LOSS_SERVICE}/EvaluateChunked": "evaluate",
     f"/{_LOSS_SERVICE}/RegisterLoss": "admin",
     f"/{_LOSS_SERVICE}/DeleteLoss": "admin",
+    f"/{_SHARED_MEMORY_SERVICE}/OpenSession": "evaluate",
+    f"/{_SHARED_MEMORY_SERVICE}/RegisterRegion": "evaluate",
+    f"/{_SHARED_MEMORY_SERVICE}/UnregisterRegion": "evaluate",
+    f"/{_SHARED_MEMORY_SERVICE}/CloseSession": "evaluate",
 }
+# Methods refused at once while their caller is in debt of its rate (an
+# EvaluateStream's items are charged one by one, each refusal in its place).
+RATED_METHODS = (f"/{_LOSS_SERVICE}/Evaluate", f"/{_LOSS_SERVICE}/EvaluateChunked")
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")
 
@@ -182,8 +190,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
     (``MISSING_SCOPE``, naming it).
     """
 
-    def __init__(self, callers: Callers):
+    def __init__(self, callers: Callers, admission=None):
         self.callers = callers
+        # evaluation.admission.Admission: a caller in debt of its rate is refused here, before
+        # its request is read.
+        self.admission = admission
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -197,6 +208,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     f"{method.lstrip('/')} needs the scope `{needed}`. Expected a token with it. Received: a "
                     f"token of {caller.name!r} with {', '.join(sorted(caller.scopes))}.", reason="MISSING_SCOPE",
                     metadata={"scope": needed, "caller": caller.name})
+            if self.admission is not None and method in RATED_METHODS:
+                self.admission.refuse_in_debt(caller.name, caller.limits.elements_per_second)
         except LossdError as error:
             handler = continuation(handler_call_details)
             return None if handler is None else _refusing(handler, error)
@@ -204,21 +217,23 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
 
 def _refusing(handler, error: LossdError):
-    """A handler of the same shape as ``handler`` that ends the call with ``error``."""
-    def refuse(request, context):
+    """A handler that ends the call with ``error`` without reading its request.
+
+    It is a request-streaming handler whatever the method's shape: gRPC reads
+    a unary request in full before calling a unary handler, while a streaming
+    one reads only what it iterates. A refused caller (no token, no scope,
+    in debt) so cannot make the server receive and parse a large message;
+    the client sees the status either way.
+    """
+    def refuse(requests, context):
         status.abort(context, error)
 
-    def refuse_stream(request, context):
+    def refuse_stream(requests, context):
         status.abort(context, error)
         yield  # pragma: no cover - abort raised
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    factory = kinds[(handler.request_streaming, handler.response_streaming)]
-    return factory(refuse_stream if handler.response_streaming else refuse,
-                   request_deserializer=handler.request_deserializer,
-                   response_serializer=handler.response_serializer)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, request_deserializer=handler.request_deserializer,
+                                                     response_serializer=handler.response_serializer)
+    return grpc.stream_unary_rpc_method_handler(refuse, request_deserializer=handler.request_deserializer,
+                                                response_serializer=handler.response_serializer)

@@ -78,7 +78,8 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
     """Implements ``lossd.v1.LossService`` over an Evaluator."""
 
     def __init__(self, evaluator: Evaluator, *, max_elements: int, admission: Admission, metrics=None,
-                 store=None, callers: Callers = Callers(None), batcher: Optional[Batcher] = None):
+                 store=None, callers: Callers = Callers(None), shared_memory=None,
+                 batcher: Optional[Batcher] = None):
         self.evaluator = evaluator
         # Evaluate and EvaluateStream items go through the batcher (micro-batching), when there is one.
         self.batcher = batcher
@@ -89,6 +90,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         self.metrics = metrics
         self.store = store  # custom.ExpressionStore, or None where registration is off
         self.plans = _PlanCache(evaluator)
+        self.shared_memory = shared_memory  # SharedMemoryRegions, or None where shared memory is off
 
     # -- helpers -------------------------------------------------------------
 
@@ -99,7 +101,9 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             return "expression"
         return self.registry.canonical(spec.name) or "other"
 
-    def _decode(self, tensor, field: str) -> np.ndarray:
+    def _decode(self, tensor, field: str, regions=None) -> np.ndarray:
+        if regions is not None:  # the caller's shared-memory regions (RegionAccess)
+            return regions.read(tensor, field=field, max_elements=self.max_elements)
         return wire.to_numpy(tensor, field=field, max_elements=self.max_elements)
 
     def _declared(self, fields) -> tuple[int, int]:
@@ -159,22 +163,28 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         with self.admission.admit(caller.name, caller.limits.elements_per_second, elements=elements,
                                   nbytes=nbytes, wait_seconds=context.time_remaining()):
             self._usage(caller, elements)
-            return self._evaluate_admitted(request, record, plan, reduction)
+            return self._evaluate_admitted(request, record, plan, reduction, caller)
 
-    def _evaluate_admitted(self, request, record, plan: Plan, reduction: str) -> loss_service_pb2.EvaluateResponse:
+    def _evaluate_admitted(self, request, record, plan: Plan, reduction: str,
+                           caller: Caller) -> loss_service_pb2.EvaluateResponse:
         if self.batcher is None:
-            return self._decode_and_evaluate(request, record, plan, reduction, self.evaluator)
+            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.evaluator)
         with self.batcher.in_flight():  # counted from now, so a batch may wait for it
-            return self._decode_and_evaluate(request, record, plan, reduction, self.batcher)
+            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.batcher)
 
-    def _decode_and_evaluate(self, request, record, plan: Plan, reduction: str,
-                          evaluator) -> loss_service_pb2.EvaluateResponse:
-        tensors = {"y_true": self._decode(request.y_true, "y_true"),
-                   "y_pred": self._decode(request.y_pred, "y_pred")}
+    def _decode_and_evaluate(self, request, record, plan: Plan, reduction: str, caller: Caller,
+                             evaluator) -> loss_service_pb2.EvaluateResponse:
+        regions = self.shared_memory.access(caller.name) if self.shared_memory is not None else None
+        tensors = {"y_true": self._decode(request.y_true, "y_true", regions),
+                   "y_pred": self._decode(request.y_pred, "y_pred", regions)}
         for name, tensor in request.tensors.items():
-            tensors[name] = self._decode(tensor, f"tensors[{name}]")
-        sample_weight = (self._decode(request.sample_weight, "sample_weight")
+            tensors[name] = self._decode(tensor, f"tensors[{name}]", regions)
+        sample_weight = (self._decode(request.sample_weight, "sample_weight", regions)
                          if request.HasField("sample_weight") else None)
+        gradient_output = request.gradient_output if request.gradient and request.HasField("gradient_output") else None
+        if gradient_output is not None:  # checked before the work
+            wire.region_range(gradient_output, regions, field="gradient_output")
+            regions.check_output(gradient_output, tensors["y_pred"].nbytes, field="gradient_output")
         if record is not None:
             record.elements = int(tensors["y_pred"].size)
             record.nbytes = sum(a.nbytes for a in tensors.values()) + (
@@ -184,7 +194,8 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         response = loss_service_pb2.EvaluateResponse(loss=wire.from_numpy(result.loss),
                                                      non_finite=result.non_finite)
         if result.gradient is not None:
-            response.gradient.CopyFrom(wire.from_numpy(result.gradient))
+            response.gradient.CopyFrom(wire.from_numpy(result.gradient) if gradient_output is None else
+                                       regions.write(result.gradient, gradient_output, field="gradient_output"))
         for label, value, weight in result.terms:
             response.terms.add(label=label, value=wire.from_numpy(value), weight=weight)
         return response

@@ -66,6 +66,7 @@ FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
 TRAINING_SPLITS = ("train", "validation")
 # The ``caller`` label of the caller on a server without tokens (Caller name "").
 ANONYMOUS_CALLER = "anonymous"
+SHARED_MEMORY_DIRECTIONS = ("read", "written")
 # RESOURCE_EXHAUSTED reasons the server sends, pre-initialised at zero; a
 # reason missing here is still counted when it happens.
 REJECTION_REASONS = (
@@ -73,6 +74,7 @@ REJECTION_REASONS = (
     "TOO_MANY_STREAMS", "COMPILE_BUSY", "COMPILE_TIMEOUT", "OUT_OF_MEMORY",  # evaluation
     "TOO_MANY_JOBS", "TOO_MANY_LOSSES", "DECODE_BUDGET_EXHAUSTED", "DATASET_STORAGE_FULL",  # training, storage
     "DISK_FULL",
+    "SHM_TOO_MANY_REGIONS", "SHM_TOO_MANY_BYTES",  # shared memory
 )
 
 # The ``grpc_type`` label of a method, as go-grpc-prometheus spells it, by
@@ -377,6 +379,23 @@ class Metrics:
             "Loss of the last epoch reported by the most recent running job, by split.",
             ("split",), registry=r)
 
+        # Shared memory (clients on the server's host, evaluation/shared_memory.py).
+        self.lossd_shared_memory_bytes_total = Counter(
+            "lossd_shared_memory_bytes_total",
+            "Tensor bytes served through shared-memory regions instead of the socket: read from requests, "
+            "written as results.",
+            ("direction",), registry=r)
+        self.lossd_shared_memory_regions = Gauge(
+            "lossd_shared_memory_regions",
+            "Shared-memory regions registered by clients now.",
+            registry=r)
+        self.lossd_shared_memory_mapped_bytes = Gauge(
+            "lossd_shared_memory_mapped_bytes",
+            "Bytes of the shared-memory regions registered now.",
+            registry=r)
+        for direction in SHARED_MEMORY_DIRECTIONS:
+            self.lossd_shared_memory_bytes_total.labels(direction)
+
         # Persisted state.
         self.lossd_state_quarantined_items = Gauge(
             "lossd_state_quarantined_items",
@@ -606,6 +625,17 @@ class Metrics:
     def set_training_throughput(self, examples_per_second: float) -> None:
         """Sets the throughput summed over the running jobs (after one ends)."""
         self.lossd_training_examples_per_second.set(examples_per_second)
+
+    # Shared memory.
+
+    def shared_memory_bytes(self, direction: str, nbytes: int) -> None:
+        """Counts tensor bytes served through shared memory (``read`` or ``written``)."""
+        self.lossd_shared_memory_bytes_total.labels(direction).inc(nbytes)
+
+    def set_shared_memory_regions(self, regions: int, nbytes: int) -> None:
+        """Sets how many regions, of how many bytes in all, are registered now."""
+        self.lossd_shared_memory_regions.set(regions)
+        self.lossd_shared_memory_mapped_bytes.set(nbytes)
 
     # Device and build.
 

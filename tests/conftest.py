@@ -22,7 +22,8 @@ def server(tmp_path_factory):
     from lossd_server.config import Settings
 
     # metrics_cache_seconds=0: tests read a counter right after the call they count.
-    settings = Settings(host="127.0.0.1", port=0, metrics_port=0, metrics_cache_seconds=0,
+    # Micro-batching on (it is off by default), so concurrent tests exercise it.
+    settings = Settings(host="127.0.0.1", port=0, metrics_port=0, metrics_cache_seconds=0, batch_max_delay_us=500,
                         data_dir=tmp_path_factory.mktemp("lossd-data"), grace_seconds=1.0)
     srv = create_server(settings, metrics_registry=CollectorRegistry())
     srv.start()

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 import lossd_server
-from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc, shared_memory_service_pb2, training_service_pb2
+from lossd.v1 import loss_service_pb2, shared_memory_service_pb2, training_service_pb2
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
@@ -38,7 +38,7 @@ from lossd_server.losses.custom import full_registry
 from lossd_server.losses.registry import LossRegistry
 from lossd_server.observability.metrics import Metrics, start_metrics_server
 from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLContext, SecurityFileError
-from lossd_server.grpc.loss_servicer import LossServicer
+from lossd_server.grpc.loss_servicer import LossServicer, add_loss_service
 from lossd_server.grpc.shm_servicer import add_shared_memory_service
 from lossd_server.grpc.training_servicer import add_training_service
 from lossd_server.training.manager import open_store
@@ -314,7 +314,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     regions = (SharedMemoryRegions(max_regions=settings.shm_max_regions, max_bytes=settings.shm_max_bytes,
                                    max_total_bytes=settings.shm_max_total_bytes, metrics=metrics)
                if settings.shm else None)
-    loss_service_pb2_grpc.add_LossServiceServicer_to_server(
+    add_loss_service(
         LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
                      callers=callers, admission=admission, shared_memory=regions,
                      batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import logging
 import re
 import threading
 from typing import Iterator, Optional
 
+import grpc
 import numpy as np
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
@@ -72,6 +74,54 @@ class _PlanCache:
     def clear(self) -> None:
         with self._lock:
             self._plans.clear()
+
+
+@dataclasses.dataclass
+class Answer:
+    """An evaluation's response: ``head`` (everything but its large tensors)
+    and ``tensors`` (``loss``, ``gradient``) to be written into it, once, by
+    whichever form the RPC answers with."""
+
+    head: loss_service_pb2.EvaluateResponse
+    tensors: dict
+
+    def serialized(self) -> bytes:
+        """The EvaluateResponse's bytes, each tensor copied once (``wire.serialize_with_tensors``)."""
+        return wire.serialize_with_tensors(self.head, self.tensors)
+
+    def message(self) -> loss_service_pb2.EvaluateResponse:
+        """The EvaluateResponse as a message (for EvaluateStream's items)."""
+        for name, array in self.tensors.items():
+            getattr(self.head, name).CopyFrom(wire.from_numpy(array, field=name))
+        return self.head
+
+
+def _serialize(response) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+class _Handlers:
+    """Stands in for a server to collect the method handlers a generated
+    ``add_*_to_server`` function makes."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_loss_service(servicer: "LossServicer", server) -> None:
+    """Adds LossService to ``server`` as the generated code would, except
+    that Evaluate's answer may be bytes already serialized (``Answer.serialized``)."""
+    made = _Handlers()
+    loss_service_pb2_grpc.add_LossServiceServicer_to_server(servicer, made)
+    handlers = dict(made.handlers)
+    evaluate = handlers["Evaluate"]
+    handlers["Evaluate"] = grpc.unary_unary_rpc_method_handler(
+        evaluate.unary_unary, request_deserializer=evaluate.request_deserializer, response_serializer=_serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(made.service, handlers),))
+    server.add_registered_method_handlers(made.service, handlers)
 
 
 class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
@@ -137,11 +187,11 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                 raise
 
     def _evaluate(self, request: loss_service_pb2.EvaluateRequest, caller: Caller,
-                  context) -> loss_service_pb2.EvaluateResponse:
+                  context) -> "Answer":
         with self._metered(self._metric_name(request.loss)) as record:
             return self._evaluate_unmetered(request, record, caller, context)
 
-    def _evaluate_unmetered(self, request, record, caller: Caller, context) -> loss_service_pb2.EvaluateResponse:
+    def _evaluate_unmetered(self, request, record, caller: Caller, context) -> "Answer":
         if not request.HasField("loss"):
             raise InvalidArgument("loss is required. Expected a LossSpec with a name, an expression or "
                                   "terms. Received: none.", reason="BAD_LOSS_SPEC")
@@ -165,15 +215,14 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             self._usage(caller, elements)
             return self._evaluate_admitted(request, record, plan, reduction, caller)
 
-    def _evaluate_admitted(self, request, record, plan: Plan, reduction: str,
-                           caller: Caller) -> loss_service_pb2.EvaluateResponse:
+    def _evaluate_admitted(self, request, record, plan: Plan, reduction: str, caller: Caller) -> "Answer":
         if self.batcher is None:
             return self._decode_and_evaluate(request, record, plan, reduction, caller, self.evaluator)
         with self.batcher.in_flight():  # counted from now, so a batch may wait for it
             return self._decode_and_evaluate(request, record, plan, reduction, caller, self.batcher)
 
     def _decode_and_evaluate(self, request, record, plan: Plan, reduction: str, caller: Caller,
-                             evaluator) -> loss_service_pb2.EvaluateResponse:
+                             evaluator) -> "Answer":
         regions = self.shared_memory.access(caller.name) if self.shared_memory is not None else None
         tensors = {"y_true": self._decode(request.y_true, "y_true", regions),
                    "y_pred": self._decode(request.y_pred, "y_pred", regions)}
@@ -191,14 +240,16 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                 sample_weight.nbytes if sample_weight is not None else 0)
         result = evaluator.evaluate(plan, tensors, sample_weight=sample_weight,
                                     reduction=reduction, gradient=request.gradient)
-        response = loss_service_pb2.EvaluateResponse(loss=wire.from_numpy(result.loss),
-                                                     non_finite=result.non_finite)
+        answer = Answer(loss_service_pb2.EvaluateResponse(non_finite=result.non_finite), {"loss": result.loss})
         if result.gradient is not None:
-            response.gradient.CopyFrom(wire.from_numpy(result.gradient) if gradient_output is None else
-                                       regions.write(result.gradient, gradient_output, field="gradient_output"))
+            if gradient_output is None:
+                answer.tensors["gradient"] = result.gradient
+            else:
+                answer.head.gradient.CopyFrom(regions.write(result.gradient, gradient_output,
+                                                            field="gradient_output"))
         for label, value, weight in result.terms:
-            response.terms.add(label=label, value=wire.from_numpy(value), weight=weight)
-        return response
+            answer.head.terms.add(label=label, value=wire.from_numpy(value), weight=weight)
+        return answer
 
     # -- RPCs ----------------------------------------------------------------
 
@@ -229,8 +280,10 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         return loss_service_pb2.DeleteLossResponse()
 
     @handle_errors
-    def Evaluate(self, request, context):
-        return self._evaluate(request, self.callers.of(context), context)
+    def Evaluate(self, request, context) -> bytes:
+        # Serialized here, each tensor's bytes copied once (add_loss_service
+        # registers Evaluate with a serializer that passes bytes through).
+        return self._evaluate(request, self.callers.of(context), context).serialized()
 
     def EvaluateStream(self, request_iterator, context) -> Iterator[loss_service_pb2.EvaluateStreamResponse]:
         # Per-request failures travel in the response (a refusal with its
@@ -239,7 +292,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         for item in request_iterator:
             out = loss_service_pb2.EvaluateStreamResponse(request_id=item.request_id)
             try:
-                out.response.CopyFrom(self._evaluate(item.request, caller, context))
+                out.response.CopyFrom(self._evaluate(item.request, caller, context).message())
             except Exception as exc:  # noqa: BLE001 - to_status logs unexpected ones
                 out.error.CopyFrom(to_status(exc))
             yield out

@@ -1,0 +1,44 @@
+"""An Evaluate answer's two forms are one response: the bytes Evaluate sends
+(serialized by hand, each tensor copied once) parse to the message an
+EvaluateStream item carries, with and without a gradient, terms, and a
+gradient written to shared memory (a reference in the head)."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from lossd import wire
+from lossd.v1 import loss_service_pb2, tensor_pb2
+from lossd_server.grpc.loss_servicer import Answer
+
+FLOATS = st.sampled_from([np.float16, np.float32, np.float64])
+
+
+def answer(loss, gradient, terms, non_finite, shm) -> Answer:
+    head = loss_service_pb2.EvaluateResponse(non_finite=non_finite)
+    for label, value, weight in terms:
+        head.terms.add(label=label, value=wire.from_numpy(value), weight=weight)
+    made = Answer(head, {"loss": loss})
+    if gradient is not None:
+        if shm:
+            head.gradient.CopyFrom(tensor_pb2.Tensor(dtype=wire.dtype_enum(gradient.dtype), shape=gradient.shape,
+                                                     shared_memory=tensor_pb2.SharedMemoryRef(
+                                                         region="lossd_x", offset=64, byte_size=gradient.nbytes)))
+        else:
+            made.tensors["gradient"] = gradient
+    return made
+
+
+@settings(max_examples=100, deadline=None)
+@given(dtype=FLOATS, data=st.data(), with_gradient=st.booleans(), shm=st.booleans(), non_finite=st.booleans(),
+       labels=st.lists(st.text(max_size=6), max_size=3))
+def test_the_bytes_evaluate_sends_parse_to_the_stream_items_message(dtype, data, with_gradient, shm, non_finite,
+                                                                    labels):
+    loss = data.draw(hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=1, max_side=5)))
+    gradient = data.draw(hnp.arrays(dtype, hnp.array_shapes(max_dims=3, max_side=5))) if with_gradient else None
+    terms = [(label, np.asarray(i, dtype), 0.5 * i) for i, label in enumerate(labels)]
+    sent = loss_service_pb2.EvaluateResponse.FromString(answer(loss, gradient, terms, non_finite, shm).serialized())
+    assert sent == answer(loss, gradient, terms, non_finite, shm).message()
+    np.testing.assert_array_equal(wire.to_numpy(sent.loss, allow_empty=True), loss)

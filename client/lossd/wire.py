@@ -25,7 +25,7 @@ client raises it as a ``LossdError``. Imports numpy and protobuf only.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 from google.protobuf import struct_pb2
@@ -156,8 +156,11 @@ def check_shape(shape, *, field: str, max_elements: Optional[int] = None) -> int
 
 
 def to_numpy(tensor: tensor_pb2.Tensor, *, field: str = "tensor", max_elements: Optional[int] = None,
-             allow_empty: bool = False, regions: Optional["Regions"] = None) -> np.ndarray:
+             allow_empty: bool = False, regions: Optional["Regions"] = None, content=None) -> np.ndarray:
     """Decodes a Tensor message into a read-only numpy array without copying.
+
+    ``content`` is the tensor's bytes where ``parse_lifted`` took them out of
+    the message (a view of the received bytes); None reads ``tensor.content``.
 
     A tensor whose bytes lie in shared memory (``shared_memory`` set) is
     read in place from the range ``regions`` resolves, after
@@ -169,8 +172,8 @@ def to_numpy(tensor: tensor_pb2.Tensor, *, field: str = "tensor", max_elements: 
             shared-memory range that is out of bounds or not available.
     """
     if not tensor.HasField("shared_memory"):
-        return from_bytes(tensor.content, tensor.dtype, tensor.shape, field=field, max_elements=max_elements,
-                          allow_empty=allow_empty)
+        return from_bytes(tensor.content if content is None else content, tensor.dtype, tensor.shape, field=field,
+                          max_elements=max_elements, allow_empty=allow_empty)
     ref = tensor.shared_memory
     if tensor.content:
         raise WireError(f"{field}: both content and shared_memory are set. Expected one of them. Received: "
@@ -324,6 +327,118 @@ def to_region(array, ref: tensor_pb2.SharedMemoryRef, regions: Optional[Regions]
     np.frombuffer(target, dtype=np.uint8, count=array.nbytes)[:] = array.reshape(-1).view(np.uint8)
     return tensor_pb2.Tensor(dtype=enum, shape=array.shape, shared_memory=tensor_pb2.SharedMemoryRef(
         region=ref.region, offset=ref.offset, byte_size=array.nbytes))
+
+
+def _varint_at(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while pos < end and shift < 64:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+    raise WireError("Malformed message: a varint is truncated or longer than 10 bytes.", reason="BAD_MESSAGE")
+
+
+def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(number, field start, field end, value start, value end)`` of each
+    field in ``buf[pos:end]``; the value is a length-delimited field's payload."""
+    while pos < end:
+        start = pos
+        key, pos = _varint_at(buf, pos, end)
+        number, wire_type = key >> 3, key & 7
+        value = pos
+        if wire_type == 0:
+            _, pos = _varint_at(buf, pos, end)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, value = _varint_at(buf, pos, end)
+            pos = value + length
+        else:
+            raise WireError(f"Malformed message: wire type {wire_type} of field {number} is not supported.",
+                            reason="BAD_MESSAGE")
+        if pos > end or number == 0:
+            raise WireError("Malformed message: a field runs past its end.", reason="BAD_MESSAGE")
+        yield number, start, pos, value, pos
+
+
+def _lift_tensor(buf: memoryview, start: int, end: int, field: str) -> tuple[bytes, Optional[memoryview]]:
+    """A Tensor's fields without its content, and its content (a view)."""
+    rest, content = [], None
+    for number, f_start, f_end, v_start, v_end in _fields(buf, start, end):
+        if number == 3:
+            if content is not None:
+                raise WireError(f"{field}: content appears twice. Expected it once.", reason="BAD_MESSAGE")
+            content = buf[v_start:v_end]
+        else:
+            rest.append(buf[f_start:f_end])
+    return b"".join(rest), content
+
+
+def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_field: Optional[str] = None,
+                 min_bytes: int = 1 << 16):
+    """Parses ``raw`` into a ``message_class`` whose Tensor fields (named in
+    ``tensor_fields``, and the values of the ``map<string, Tensor>`` field
+    ``map_field``) keep their dtype and shape but not contents of at least
+    ``min_bytes``: those are returned as views of ``raw``, by field name
+    (``tensors[key]`` for the map), for ``to_numpy(..., content=...)``.
+
+    Parsing the message whole would copy each tensor twice (into the message,
+    then out of it); this copies none. The message parses from the other
+    fields' bytes, so it is what protobuf would build, less the contents
+    (tested in tests/client/test_wire_encoding.py).
+
+    Raises:
+        WireError: bytes that are not such a message, or a tensor field or
+            map key that appears twice.
+    """
+    buf = memoryview(raw)
+    numbers = {message_class.DESCRIPTOR.fields_by_name[name].number: name for name in tensor_fields}
+    map_number = message_class.DESCRIPTOR.fields_by_name[map_field].number if map_field else None
+    rest: list = []
+    contents: dict[str, memoryview] = {}
+
+    def lifted(number: int, name: str, start: int, end: int) -> Optional[bytes]:
+        head, content = _lift_tensor(buf, start, end, name)
+        if content is None or len(content) < min_bytes:
+            return None
+        if name in contents:
+            raise WireError(f"{name} appears twice. Expected it once.", reason="BAD_MESSAGE")
+        contents[name] = content
+        return head
+
+    for number, f_start, f_end, v_start, v_end in _fields(buf, 0, len(buf)):
+        head = None
+        if number in numbers:
+            head = lifted(number, numbers[number], v_start, v_end)
+            if head is not None:
+                rest.append(_length_delimited(number, len(head)) + head)
+        elif number == map_number:
+            key, value = None, None
+            for entry_number, e_start, e_end, ev_start, ev_end in _fields(buf, v_start, v_end):
+                if entry_number == 1:
+                    try:
+                        key = bytes(buf[ev_start:ev_end]).decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise WireError(f"{map_field}: a key is not UTF-8.", reason="BAD_MESSAGE") from None
+                elif entry_number == 2:
+                    value = (ev_start, ev_end)
+            if key is not None and value is not None:
+                head = lifted(number, f"{map_field}[{key}]", *value)
+                if head is not None:
+                    entry = _length_delimited(1, len(key.encode())) + key.encode() + _length_delimited(2, len(head))
+                    rest.append(_length_delimited(number, len(entry) + len(head)) + entry + head)
+        if head is None:
+            rest.append(buf[f_start:f_end])
+    try:
+        message = message_class.FromString(b"".join(rest))
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or a bad UTF-8 string
+        raise WireError(f"Malformed message: {exc}", reason="BAD_MESSAGE") from None
+    return message, contents
 
 
 def info(array: np.ndarray, *, field: str = "tensor") -> tensor_pb2.TensorInfo:

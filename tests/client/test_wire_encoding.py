@@ -58,3 +58,45 @@ def test_bfloat16_and_lengths_of_several_varint_bytes_encode_too():
     head = loss_service_pb2.EvaluateRequest(gradient=True)
     parsed = loss_service_pb2.EvaluateRequest.FromString(wire.serialize_with_tensors(head, {"y_pred": y}))
     assert parsed.gradient and parsed.y_pred == wire.from_numpy(y)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(y_true=arrays(), y_pred=arrays(), sample_weight=st.none() | arrays(),
+       extra=st.dictionaries(st.text(min_size=1, max_size=8), arrays(), max_size=3),
+       gradient=st.booleans(), min_bytes=st.sampled_from([0, 1, 64]), hand=st.booleans())
+def test_a_lifted_parse_is_the_message_with_its_contents_beside_it(y_true, y_pred, sample_weight, extra, gradient,
+                                                                   min_bytes, hand):
+    arrays_ = {"y_true": y_true, "y_pred": y_pred, **({} if sample_weight is None else
+                                                        {"sample_weight": sample_weight}), **extra}
+    spec = wire.spec_from_dict("mse")
+    built = _requests.evaluate_request(spec, arrays_, "sum", gradient)
+    raw = (_requests.evaluate_request_bytes(spec, arrays_, "sum", gradient) if hand
+           else built.SerializeToString())
+    message, contents = wire.parse_lifted(raw, loss_service_pb2.EvaluateRequest,
+                                          ("y_true", "y_pred", "sample_weight"), "tensors", min_bytes=min_bytes)
+    assert all(len(view) >= min_bytes for view in contents.values())
+    for name, array in arrays_.items():
+        field = f"tensors[{name}]" if name in extra else name
+        tensor = message.tensors[name] if name in extra else getattr(message, name)
+        decoded = wire.to_numpy(tensor, allow_empty=True, content=contents.get(field))
+        np.testing.assert_array_equal(decoded, array)
+        if field in contents:
+            tensor.content = bytes(contents[field])  # put back: the message protobuf parses
+    assert message == built
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=64))
+def test_bytes_that_are_no_message_are_a_wire_error_not_a_crash(raw):
+    try:
+        wire.parse_lifted(raw, loss_service_pb2.EvaluateRequest, ("y_true", "y_pred"), "tensors", min_bytes=0)
+    except wire.WireError as exc:
+        assert exc.reason == "BAD_MESSAGE"
+
+
+def test_a_tensor_field_sent_twice_is_refused():
+    one = _requests.evaluate_request_bytes(wire.spec_from_dict("mse"), {"y_true": np.ones(3), "y_pred": np.ones(3)},
+                                           "sum", False)
+    twice = one + wire.serialize_with_tensors(loss_service_pb2.EvaluateRequest(), {"y_pred": np.ones(3)})
+    with pytest.raises(wire.WireError, match="y_pred appears twice"):
+        wire.parse_lifted(twice, loss_service_pb2.EvaluateRequest, ("y_true", "y_pred"), "tensors", min_bytes=0)

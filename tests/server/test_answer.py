@@ -1,7 +1,8 @@
-"""An Evaluate answer's two forms are one response: the bytes Evaluate sends
-(serialized by hand, each tensor copied once) parse to the message an
-EvaluateStream item carries, with and without a gradient, terms, and a
-gradient written to shared memory (a reference in the head)."""
+"""Evaluate's own encoding: an answer's two forms are one response (the
+bytes Evaluate sends, serialized by hand with each tensor copied once, parse
+to the message an EvaluateStream item carries, with and without a gradient,
+terms, and a gradient written to shared memory), and bytes that are no
+EvaluateRequest are INVALID_ARGUMENT, not INTERNAL."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,3 +43,17 @@ def test_the_bytes_evaluate_sends_parse_to_the_stream_items_message(dtype, data,
     sent = loss_service_pb2.EvaluateResponse.FromString(answer(loss, gradient, terms, non_finite, shm).serialized())
     assert sent == answer(loss, gradient, terms, non_finite, shm).message()
     np.testing.assert_array_equal(wire.to_numpy(sent.loss, allow_empty=True), loss)
+
+
+def test_bytes_that_are_no_evaluate_request_are_invalid_argument_not_internal(address):
+    import grpc
+    import pytest
+
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/lossd.v1.LossService/Evaluate", request_serializer=None,
+                                   response_deserializer=None)
+        for garbage in (b"\x12\xff\xff\xff\xff\x0f", b"\x0f", b"\x1a\x05\x08\x01"):  # truncated, bad wire type, short
+            with pytest.raises(grpc.RpcError) as err:
+                call(garbage, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (garbage, err.value)
+            assert "Malformed message" in err.value.details()

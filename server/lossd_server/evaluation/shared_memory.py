@@ -307,9 +307,11 @@ class RegionAccess:
             self._views[name] = view
         return view
 
-    def read(self, tensor: tensor_pb2.Tensor, *, field: str, max_elements: Optional[int]) -> np.ndarray:
-        """``wire.to_numpy`` of a tensor, from a region where it refers to one."""
-        array = wire.to_numpy(tensor, field=field, max_elements=max_elements, regions=self)
+    def read(self, tensor: tensor_pb2.Tensor, *, field: str, max_elements: Optional[int],
+             content=None) -> np.ndarray:
+        """``wire.to_numpy`` of a tensor, from a region where it refers to one
+        (``content``: its bytes where they were lifted out of the message)."""
+        array = wire.to_numpy(tensor, field=field, max_elements=max_elements, regions=self, content=content)
         if tensor.HasField("shared_memory") and self._regions.metrics is not None:
             self._regions.metrics.shared_memory_bytes("read", array.nbytes)
         return array

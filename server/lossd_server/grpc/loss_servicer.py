@@ -76,6 +76,9 @@ class _PlanCache:
             self._plans.clear()
 
 
+_OWN_TENSORS = ("y_true", "y_pred", "sample_weight")
+
+
 @dataclasses.dataclass
 class Answer:
     """An evaluation's response: ``head`` (everything but its large tensors)
@@ -96,6 +99,27 @@ class Answer:
         return self.head
 
 
+@dataclasses.dataclass
+class Received:
+    """An EvaluateRequest as Evaluate receives it (``receive``): the message
+    without its large tensors' contents, which are views of the received
+    bytes beside it, or why the bytes are not such a message."""
+
+    message: Optional[loss_service_pb2.EvaluateRequest]
+    contents: dict
+    error: Optional[wire.WireError] = None
+
+
+def receive(raw: bytes) -> Received:
+    """Evaluate's request deserializer: never raises, since gRPC would answer
+    an exception here with INTERNAL; a malformed request is INVALID_ARGUMENT
+    from the handler."""
+    try:
+        return Received(*wire.parse_lifted(raw, loss_service_pb2.EvaluateRequest, _OWN_TENSORS, "tensors"))
+    except wire.WireError as error:
+        return Received(None, {}, error)
+
+
 def _serialize(response) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
@@ -113,13 +137,14 @@ class _Handlers:
 
 def add_loss_service(servicer: "LossServicer", server) -> None:
     """Adds LossService to ``server`` as the generated code would, except
-    that Evaluate's answer may be bytes already serialized (``Answer.serialized``)."""
+    that Evaluate's request is parsed without copying its tensors (``receive``)
+    and its answer may be bytes already serialized (``Answer.serialized``)."""
     made = _Handlers()
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(servicer, made)
     handlers = dict(made.handlers)
     evaluate = handlers["Evaluate"]
     handlers["Evaluate"] = grpc.unary_unary_rpc_method_handler(
-        evaluate.unary_unary, request_deserializer=evaluate.request_deserializer, response_serializer=_serialize)
+        evaluate.unary_unary, request_deserializer=receive, response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(made.service, handlers),))
     server.add_registered_method_handlers(made.service, handlers)
 
@@ -151,10 +176,10 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             return "expression"
         return self.registry.canonical(spec.name) or "other"
 
-    def _decode(self, tensor, field: str, regions=None) -> np.ndarray:
+    def _decode(self, tensor, field: str, regions=None, content=None) -> np.ndarray:
         if regions is not None:  # the caller's shared-memory regions (RegionAccess)
-            return regions.read(tensor, field=field, max_elements=self.max_elements)
-        return wire.to_numpy(tensor, field=field, max_elements=self.max_elements)
+            return regions.read(tensor, field=field, max_elements=self.max_elements, content=content)
+        return wire.to_numpy(tensor, field=field, max_elements=self.max_elements, content=content)
 
     def _declared(self, fields) -> tuple[int, int]:
         """Elements of y_pred and bytes of all tensors, from the ``(field,
@@ -186,12 +211,14 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                 record.outcome = "invalid_argument"
                 raise
 
-    def _evaluate(self, request: loss_service_pb2.EvaluateRequest, caller: Caller,
-                  context) -> "Answer":
+    def _evaluate(self, request: loss_service_pb2.EvaluateRequest, caller: Caller, context,
+                  contents: Optional[dict] = None) -> "Answer":
+        """Evaluates a request; ``contents`` holds the tensors' bytes that
+        ``receive`` lifted out of it, by field name."""
         with self._metered(self._metric_name(request.loss)) as record:
-            return self._evaluate_unmetered(request, record, caller, context)
+            return self._evaluate_unmetered(request, record, caller, context, contents or {})
 
-    def _evaluate_unmetered(self, request, record, caller: Caller, context) -> "Answer":
+    def _evaluate_unmetered(self, request, record, caller: Caller, context, contents: dict) -> "Answer":
         if not request.HasField("loss"):
             raise InvalidArgument("loss is required. Expected a LossSpec with a name, an expression or "
                                   "terms. Received: none.", reason="BAD_LOSS_SPEC")
@@ -213,23 +240,26 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         with self.admission.admit(caller.name, caller.limits.elements_per_second, elements=elements,
                                   nbytes=nbytes, wait_seconds=context.time_remaining()):
             self._usage(caller, elements)
-            return self._evaluate_admitted(request, record, plan, reduction, caller)
+            return self._evaluate_admitted(request, record, plan, reduction, caller, contents)
 
-    def _evaluate_admitted(self, request, record, plan: Plan, reduction: str, caller: Caller) -> "Answer":
+    def _evaluate_admitted(self, request, record, plan: Plan, reduction: str, caller: Caller,
+                           contents: dict) -> "Answer":
         if self.batcher is None:
-            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.evaluator)
+            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.evaluator, contents)
         with self.batcher.in_flight():  # counted from now, so a batch may wait for it
-            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.batcher)
+            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.batcher, contents)
 
     def _decode_and_evaluate(self, request, record, plan: Plan, reduction: str, caller: Caller,
-                             evaluator) -> "Answer":
+                             evaluator, contents: dict) -> "Answer":
         regions = self.shared_memory.access(caller.name) if self.shared_memory is not None else None
-        tensors = {"y_true": self._decode(request.y_true, "y_true", regions),
-                   "y_pred": self._decode(request.y_pred, "y_pred", regions)}
+
+        def decode(tensor, field: str) -> np.ndarray:
+            return self._decode(tensor, field, regions, contents.get(field))
+
+        tensors = {"y_true": decode(request.y_true, "y_true"), "y_pred": decode(request.y_pred, "y_pred")}
         for name, tensor in request.tensors.items():
-            tensors[name] = self._decode(tensor, f"tensors[{name}]", regions)
-        sample_weight = (self._decode(request.sample_weight, "sample_weight", regions)
-                         if request.HasField("sample_weight") else None)
+            tensors[name] = decode(tensor, f"tensors[{name}]")
+        sample_weight = decode(request.sample_weight, "sample_weight") if request.HasField("sample_weight") else None
         gradient_output = request.gradient_output if request.gradient and request.HasField("gradient_output") else None
         if gradient_output is not None:  # checked before the work
             wire.region_range(gradient_output, regions, field="gradient_output")
@@ -281,9 +311,13 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
 
     @handle_errors
     def Evaluate(self, request, context) -> bytes:
-        # Serialized here, each tensor's bytes copied once (add_loss_service
-        # registers Evaluate with a serializer that passes bytes through).
-        return self._evaluate(request, self.callers.of(context), context).serialized()
+        # add_loss_service registers Evaluate with `receive` (the tensors'
+        # contents lifted out of the message, not copied) and a serializer
+        # that passes bytes through (each tensor copied once, here).
+        received = request if isinstance(request, Received) else Received(request, {})
+        if received.error is not None:
+            raise received.error
+        return self._evaluate(received.message, self.callers.of(context), context, received.contents).serialized()
 
     def EvaluateStream(self, request_iterator, context) -> Iterator[loss_service_pb2.EvaluateStreamResponse]:
         # Per-request failures travel in the response (a refusal with its

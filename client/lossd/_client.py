@@ -84,10 +84,10 @@ class _ChannelOwner:
         self._channel = (self._secure_channel(address, credentials, options) if credentials
                          else self._insecure_channel(address, options))
         self._losses = loss_service_pb2_grpc.LossServiceStub(self._channel)
-        # Evaluate with a request serialized by hand (_requests.evaluate_request_bytes).
+        # Evaluate with a request serialized by hand (_requests.evaluate_request_bytes),
+        # its answer read in place (_requests.parse_response_bytes).
         self._evaluate_serialized = self._channel.unary_unary(
-            "/lossd.v1.LossService/Evaluate", request_serializer=None,
-            response_deserializer=loss_service_pb2.EvaluateResponse.FromString)
+            "/lossd.v1.LossService/Evaluate", request_serializer=None, response_deserializer=None)
         self._shared_memory = (_shm.SharedMemoryPath(self._channel, address, self.metadata or None,
                                                      shared_memory_min_bytes) if shared_memory else None)
 
@@ -278,7 +278,7 @@ class Client(_ChannelOwner, TrainingMixin):
                 return result
         request, assembler = self._evaluate_messages(spec, arrays, reduction, gradient)
         if assembler is None:
-            return _requests.parse_response(self._evaluate_serialized(request, **self._call_args(timeout)))
+            return _requests.parse_response_bytes(self._evaluate_serialized(request, **self._call_args(timeout)))
         for message in self._losses.EvaluateChunked(request, **self._call_args(timeout)):
             assembler.add(message)
         return _chunked_result(assembler)

@@ -10,6 +10,7 @@ import dataclasses
 import json
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
+import grpc
 import numpy as np
 
 from lossd import wire
@@ -117,19 +118,34 @@ def evaluate_request_bytes(spec: loss_pb2.LossSpec, arrays: Mapping[str, np.ndar
                                        {"tensors": extra} if extra else {})
 
 
-def parse_response(response: loss_service_pb2.EvaluateResponse, regions: Optional[wire.Regions] = None
-                   ) -> EvaluateResult:
+def parse_response(response: loss_service_pb2.EvaluateResponse, regions: Optional[wire.Regions] = None,
+                   contents: Optional[Mapping[str, Any]] = None) -> EvaluateResult:
     """The result of an EvaluateResponse; a gradient the server wrote into
-    one of ``regions`` is copied out of it (the region serves the next call)."""
-    result = EvaluateResult(loss=wire.to_numpy(response.loss, field="loss", allow_empty=True),
+    one of ``regions`` is copied out of it (the region serves the next call).
+    ``contents``: the tensors' bytes ``parse_response_bytes`` lifted out."""
+    contents = contents or {}
+    result = EvaluateResult(loss=wire.to_numpy(response.loss, field="loss", allow_empty=True,
+                                               content=contents.get("loss")),
                             non_finite=response.non_finite)
     if response.HasField("gradient"):
-        result.gradient = wire.to_numpy(response.gradient, field="gradient", allow_empty=True, regions=regions)
+        result.gradient = wire.to_numpy(response.gradient, field="gradient", allow_empty=True, regions=regions,
+                                        content=contents.get("gradient"))
         if response.gradient.HasField("shared_memory"):
             result.gradient = result.gradient.copy()
     for term in response.terms:
         result.terms[term.label] = wire.to_numpy(term.value, field=term.label, allow_empty=True)
     return result
+
+
+def parse_response_bytes(raw: bytes) -> EvaluateResult:
+    """The result of a serialized EvaluateResponse, its loss and gradient
+    read in place from ``raw`` (``wire.parse_lifted``), not copied out of a
+    parsed message."""
+    try:
+        response, contents = wire.parse_lifted(raw, loss_service_pb2.EvaluateResponse, ("loss", "gradient"))
+    except wire.WireError as exc:
+        raise LossdError(grpc.StatusCode.INTERNAL, f"The server's answer could not be read: {exc}") from None
+    return parse_response(response, contents=contents)
 
 
 def parse_stream_item(item: loss_service_pb2.EvaluateStreamResponse) -> EvaluateResult:

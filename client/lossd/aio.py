@@ -61,7 +61,7 @@ class Client(_ChannelOwner, AsyncTrainingMixin):
         request, assembler = self._evaluate_call(loss, y_true, y_pred, params, sample_weight, reduction, gradient,
                                                  tensors)
         if assembler is None:
-            return _requests.parse_response(await self._evaluate_serialized(request, **self._call_args(timeout)))
+            return _requests.parse_response_bytes(await self._evaluate_serialized(request, **self._call_args(timeout)))
         async for message in self._losses.EvaluateChunked(request, **self._call_args(timeout)):
             assembler.add(message)
         return _chunked_result(assembler)

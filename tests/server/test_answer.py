@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lossd import wire
+from lossd import _requests, wire
 from lossd.v1 import loss_service_pb2, tensor_pb2
 from lossd_server.grpc.loss_servicer import Answer
 
@@ -40,9 +40,19 @@ def test_the_bytes_evaluate_sends_parse_to_the_stream_items_message(dtype, data,
     loss = data.draw(hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=1, max_side=5)))
     gradient = data.draw(hnp.arrays(dtype, hnp.array_shapes(max_dims=3, max_side=5))) if with_gradient else None
     terms = [(label, np.asarray(i, dtype), 0.5 * i) for i, label in enumerate(labels)]
-    sent = loss_service_pb2.EvaluateResponse.FromString(answer(loss, gradient, terms, non_finite, shm).serialized())
+    raw = answer(loss, gradient, terms, non_finite, shm).serialized()
+    sent = loss_service_pb2.EvaluateResponse.FromString(raw)
     assert sent == answer(loss, gradient, terms, non_finite, shm).message()
     np.testing.assert_array_equal(wire.to_numpy(sent.loss, allow_empty=True), loss)
+    # The client reads the same result from the bytes in place as from the parsed message.
+    if not shm:
+        in_place, parsed = _requests.parse_response_bytes(raw), _requests.parse_response(sent)
+        np.testing.assert_array_equal(in_place.loss, parsed.loss)
+        assert (in_place.gradient is None) == (parsed.gradient is None)
+        if parsed.gradient is not None:
+            np.testing.assert_array_equal(in_place.gradient, parsed.gradient)
+            assert in_place.gradient.dtype == parsed.gradient.dtype
+        assert in_place.non_finite == parsed.non_finite and in_place.terms.keys() == parsed.terms.keys()
 
 
 def test_bytes_that_are_no_evaluate_request_are_invalid_argument_not_internal(address):

@@ -109,9 +109,12 @@ OWN_FIELDS = ("y_true", "y_pred", "sample_weight")
 
 
 def evaluate_request_bytes(spec: loss_pb2.LossSpec, arrays: Mapping[str, np.ndarray], reduction: str,
-                           gradient: bool) -> bytes:
+                           gradient: bool, min_bytes: int = wire.LIFT_MIN_BYTES) -> bytes:
     """``evaluate_request(...)`` serialized, each tensor's bytes copied once
-    (``wire.serialize_with_tensors``): what ``Client.evaluate`` sends."""
+    (``wire.serialize_with_tensors``): what ``Client.evaluate`` sends. Below
+    ``min_bytes`` of tensors, protobuf serializes it (faster when small)."""
+    if sum(array.nbytes for array in arrays.values()) < min_bytes:
+        return evaluate_request(spec, arrays, reduction, gradient).SerializeToString()
     head = loss_service_pb2.EvaluateRequest(loss=spec, reduction=wire.reduction_enum(reduction), gradient=gradient)
     extra = {name: array for name, array in arrays.items() if name not in OWN_FIELDS}
     return wire.serialize_with_tensors(head, {name: arrays[name] for name in OWN_FIELDS if name in arrays},

@@ -379,8 +379,15 @@ def _lift_tensor(buf: memoryview, start: int, end: int, field: str) -> tuple[byt
     return b"".join(rest), content
 
 
+# Below this many bytes a tensor's content is not worth lifting out of its
+# message (or writing by hand): protobuf's own C parser and serializer are
+# faster for small messages than a field walk in Python (0.6 us against 9 us
+# to parse a 64 x 10 request here).
+LIFT_MIN_BYTES = 1 << 16
+
+
 def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_field: Optional[str] = None,
-                 min_bytes: int = 1 << 16):
+                 min_bytes: int = LIFT_MIN_BYTES):
     """Parses ``raw`` into a ``message_class`` whose Tensor fields (named in
     ``tensor_fields``, and the values of the ``map<string, Tensor>`` field
     ``map_field``) keep their dtype and shape but not contents of at least
@@ -396,6 +403,11 @@ def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_fi
         WireError: bytes that are not such a message, or a tensor field or
             map key that appears twice.
     """
+    if len(raw) < min_bytes:  # no content can be lifted: protobuf parses it faster
+        try:
+            return message_class.FromString(raw), {}
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or a bad UTF-8 string
+            raise WireError(f"Malformed message: {exc}", reason="BAD_MESSAGE") from None
     buf = memoryview(raw)
     numbers = {message_class.DESCRIPTOR.fields_by_name[name].number: name for name in tensor_fields}
     map_number = message_class.DESCRIPTOR.fields_by_name[map_field].number if map_field else None

@@ -34,13 +34,13 @@ def answer(loss, gradient, terms, non_finite, shm) -> Answer:
 
 @settings(max_examples=100, deadline=None)
 @given(dtype=FLOATS, data=st.data(), with_gradient=st.booleans(), shm=st.booleans(), non_finite=st.booleans(),
-       labels=st.lists(st.text(max_size=6), max_size=3))
+       labels=st.lists(st.text(max_size=6), max_size=3), min_bytes=st.sampled_from([0, 64]))
 def test_the_bytes_evaluate_sends_parse_to_the_stream_items_message(dtype, data, with_gradient, shm, non_finite,
-                                                                    labels):
+                                                                    labels, min_bytes):
     loss = data.draw(hnp.arrays(dtype, hnp.array_shapes(min_dims=0, max_dims=1, max_side=5)))
     gradient = data.draw(hnp.arrays(dtype, hnp.array_shapes(max_dims=3, max_side=5))) if with_gradient else None
     terms = [(label, np.asarray(i, dtype), 0.5 * i) for i, label in enumerate(labels)]
-    raw = answer(loss, gradient, terms, non_finite, shm).serialized()
+    raw = answer(loss, gradient, terms, non_finite, shm).serialized(min_bytes)  # 0: by hand however small
     sent = loss_service_pb2.EvaluateResponse.FromString(raw)
     assert sent == answer(loss, gradient, terms, non_finite, shm).message()
     np.testing.assert_array_equal(wire.to_numpy(sent.loss, allow_empty=True), loss)

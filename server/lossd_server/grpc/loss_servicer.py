@@ -88,8 +88,12 @@ class Answer:
     head: loss_service_pb2.EvaluateResponse
     tensors: dict
 
-    def serialized(self) -> bytes:
-        """The EvaluateResponse's bytes, each tensor copied once (``wire.serialize_with_tensors``)."""
+    def serialized(self, min_bytes: int = wire.LIFT_MIN_BYTES) -> bytes:
+        """The EvaluateResponse's bytes, each tensor copied once
+        (``wire.serialize_with_tensors``); below ``min_bytes`` of tensors,
+        protobuf serializes it (faster when small)."""
+        if sum(np.asarray(a).nbytes for a in self.tensors.values()) < min_bytes:
+            return self.message().SerializeToString()
         return wire.serialize_with_tensors(self.head, self.tensors)
 
     def message(self) -> loss_service_pb2.EvaluateResponse:

@@ -48,7 +48,7 @@ import numpy as np
 from lossd.wire import dtype_name
 from lossd_server.errors import LossdError
 from lossd_server.evaluation import backend
-from lossd_server.evaluation.chunks import term_row_structure
+from lossd_server.evaluation.chunks import reduction_divisor, term_row_structure
 from lossd_server.evaluation.evaluator import Evaluator, Result, any_non_finite
 from lossd_server.losses.plan import (DEFAULT_INPUTS, ROW_DIVISOR_FIXED, ROW_DIVISOR_ROWS, ROW_PARAMETER_PREFIX,
                                       ROW_SEGMENTS, Plan, row_family)
@@ -57,9 +57,6 @@ from lossd_server.losses.registry import ROWS, SHAPES_CTC, SHAPES_SAME, SHAPES_S
 log = logging.getLogger(__name__)
 
 BATCHED_DTYPES = ("float32", "float64")
-# Reductions whose divisor counts the values (Keras's reduce_values); with a
-# sample weight, mean_with_sample_weight divides by the weights' sum instead.
-_COUNTED = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
 @dataclasses.dataclass(eq=False)
@@ -309,11 +306,11 @@ class Batcher:
         divisor_rows = np.zeros(len(items), np.float64)
         divisor_fixed = np.ones(len(items), np.float64)
         for r, item in enumerate(items):
-            if item.reduction == "mean_with_sample_weight" and item.sample_weight is not None:
-                # Keras divides by the sum of the weights as given (not broadcast).
-                divisor_fixed[r] = np.sum(item.sample_weight.astype(dtype, copy=False), dtype=np.float64)
-            elif item.reduction in _COUNTED:
-                divisor_rows[r], divisor_fixed[r] = item.rows, 0.0
+            # Keras divides by the sum of the weights as given (not broadcast).
+            weight_sum = (None if item.sample_weight is None
+                          else np.sum(item.sample_weight.astype(dtype, copy=False), dtype=np.float64))
+            per_value, divisor_fixed[r] = reduction_divisor(item.reduction, weight_sum)
+            divisor_rows[r] = per_value * item.rows  # times the values per row, in the program
         arrays[ROW_DIVISOR_ROWS], arrays[ROW_DIVISOR_FIXED] = divisor_rows, divisor_fixed
         weighted = any(i.weights is not None for i in items)
         if weighted:

@@ -54,6 +54,21 @@ _CHUNK_TENSORS = ("y_true", "y_pred", "sample_weight")
 _MASK_DIVIDED = tuple(r for r in REDUCTIONS if r not in ("none", "sum"))
 
 
+def reduction_divisor(reduction: str, weight_sum: Optional[float]) -> tuple[float, float]:
+    """What Keras's reduce_values divides a reduced loss's sum by, as
+    ``(per value, fixed)``: the divisor is ``per_value * values + fixed``
+    (with divide_no_nan: 0 when it is 0). ``sum`` divides by 1, and so does
+    ``none`` (its gradient is the gradient of the values' sum),
+    ``mean_with_sample_weight`` with sample weights by their sum
+    (``weight_sum``; None without weights), the others by the number of
+    values. Chunks and batches both combine partial sums with it."""
+    if reduction in ("sum", "none"):
+        return 0.0, 1.0
+    if reduction == "mean_with_sample_weight" and weight_sum is not None:
+        return 0.0, float(weight_sum)
+    return 1.0, 0.0
+
+
 def _refuse(message: str, **metadata: str) -> InvalidArgument:
     return InvalidArgument(
         f"{message} Send it with Evaluate instead (raise --max-message-bytes on the client and the "
@@ -256,14 +271,8 @@ class ChunkedSession:
         if self.layout.mode != ROWS:
             loss = np.asarray(self.total, dtype=dtype)
             return Summary(loss, 1.0, self.non_finite or not bool(np.all(np.isfinite(loss))))
-        # Keras's reduce_values: the sum, divided by the number of values or by
-        # the sum of the sample weights, with divide_no_nan (0 when it is 0).
-        if self.reduction == "sum":
-            divisor = 1.0
-        elif self.reduction == "mean_with_sample_weight" and "sample_weight" in self.infos:
-            divisor = self.weight_sum
-        else:
-            divisor = float(self.count)
+        per_value, fixed = reduction_divisor(self.reduction, self.weight_sum if "sample_weight" in self.infos else None)
+        divisor = per_value * self.count + fixed
         total = float(self.total)
         loss = np.asarray(total / divisor if divisor else 0.0, dtype=dtype)
         scale = 1.0 / divisor if divisor else 0.0

@@ -11,6 +11,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
+from servers import lossd_servers
 
 
 @pytest.fixture(scope="session")
@@ -59,35 +60,26 @@ def serve_with_tokens(tmp_path_factory, create_token):
     file holding a token per name (made by ``lossd tokens create``); returns
     ``(address, {name: token}, folder)``, the folder holding ``data/`` and
     ``tokens.jsonl``. Every server started is stopped at the end of the module."""
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
     class Servers:
         """Starts servers (call it); ``server(address)`` is the one at ``address``."""
 
-        def __init__(self):
+        def __init__(self, start):
+            self.start = start
             self.started = {}
 
         def __call__(self, callers: dict, **settings):
             folder = tmp_path_factory.mktemp("tokens")
             path = folder / "tokens.jsonl"
             tokens = {name: create_token(path, name, *spec) for name, spec in callers.items()}
-            srv = create_server(Settings(**{"host": "127.0.0.1", "port": 0, "metrics_port": None,
-                                            "grace_seconds": 0, "data_dir": folder / "data", "tokens_file": path,
-                                            **settings}), metrics_registry=CollectorRegistry())
-            srv.start()
-            self.started[f"127.0.0.1:{srv.port}"] = srv
-            return f"127.0.0.1:{srv.port}", tokens, folder
+            srv = self.start(folder / "data", **{"metrics_port": None, "tokens_file": path, **settings})
+            self.started[srv.address] = srv
+            return srv.address, tokens, folder
 
         def server(self, address: str):
             return self.started[address]
 
-    servers = Servers()
-    yield servers
-    for srv in servers.started.values():
-        srv.stop(0)
+    with lossd_servers(tmp_path_factory) as start:
+        yield Servers(start)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from lossd import _shm, wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
 from lossd.v1 import shared_memory_service_pb2 as pb
 from lossd.v1 import shared_memory_service_pb2_grpc as pb_grpc
+from test_client import keras_value_and_gradient
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
@@ -107,15 +108,6 @@ def own_server(data_dir, **settings):
         yield srv
     finally:
         srv.stop(0)
-
-
-def keras_value_and_gradient(loss_obj, y_true, y_pred, sample_weight=None):
-    pred = tf.constant(y_pred)
-    with tf.GradientTape() as tape:
-        tape.watch(pred)
-        value = loss_obj(tf.constant(y_true), pred, sample_weight=sample_weight)
-        total = tf.reduce_sum(value)
-    return value.numpy(), tape.gradient(total, pred).numpy()
 
 
 # -- values ----------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import zipfile
 import grpc
 import numpy as np
 import pytest
+from servers import lossd_servers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd
@@ -57,28 +58,10 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 @pytest.fixture(scope="module")
 def make_server(tmp_path_factory):
-    """``make_server(data_dir=None, **settings)``: a started server with these
-    settings and its own data directory (unless given); returns the
-    ``Server`` (``address``, ``settings.data_dir``, ``training``). Every
-    server is stopped at the end of the module."""
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
-    servers = []
-
-    def start(data_dir=None, **overrides):
-        settings = Settings(host="127.0.0.1", port=0, metrics_port=0, grace_seconds=0,
-                            data_dir=data_dir or tmp_path_factory.mktemp("datasets-bounds"), **overrides)
-        srv = create_server(settings, metrics_registry=CollectorRegistry())
-        srv.start()
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.stop(0)
+    """``make_server(data_dir=None, **settings)``: a started server (``Server``:
+    ``address``, ``settings.data_dir``, ``training``), stopped at the end of the module."""
+    with lossd_servers(tmp_path_factory) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

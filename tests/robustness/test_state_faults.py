@@ -32,6 +32,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from servers import lossd_servers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd
@@ -42,28 +43,12 @@ SQUARED = "mean(square(y_true - y_pred), axis=-1)"
 
 
 @pytest.fixture()
-def serve():
+def serve(tmp_path_factory):
     """``serve(data_dir, **settings)``: a real in-process server on a free port
     over ``data_dir``; returns the ``Server`` (``stop(0)`` it to restart on the
     same directory). Every server still running is stopped at the end."""
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
-    servers = []
-
-    def start(data_dir: pathlib.Path, **overrides):
-        settings = Settings(host="127.0.0.1", port=0, metrics_port=0, grace_seconds=0, data_dir=data_dir,
-                            **overrides)
-        srv = create_server(settings, metrics_registry=CollectorRegistry())
-        srv.start()
-        servers.append(srv)
-        return srv
-
-    yield start
-    for srv in servers:
-        srv.stop(0)
+    with lossd_servers(tmp_path_factory) as start:
+        yield start
 
 
 def _address(srv) -> str:

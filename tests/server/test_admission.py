@@ -18,6 +18,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from servers import lossd_servers
 
 import lossd
 
@@ -29,26 +30,10 @@ _fresh = itertools.count()
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
-    """``start(**settings)``: a real server on 127.0.0.1 with these settings;
-    returns the server object (stopped at the end of the module)."""
-    from prometheus_client import CollectorRegistry
-
-    from lossd_server.app import create_server
-    from lossd_server.config import Settings
-
-    servers = []
-
-    def start_server(**overrides):
-        settings = Settings(host="127.0.0.1", port=0, metrics_port=0, metrics_cache_seconds=0, grace_seconds=0,
-                            data_dir=tmp_path_factory.mktemp("admission"), **overrides)
-        srv = create_server(settings, metrics_registry=CollectorRegistry())
-        srv.start()
-        servers.append(srv)
-        return srv
-
-    yield start_server
-    for srv in servers:
-        srv.stop(0)
+    """``start(**settings)``: a real server on 127.0.0.1 with these settings
+    (metrics rendered at each scrape); returns the server object."""
+    with lossd_servers(tmp_path_factory, metrics_cache_seconds=0) as start_server:
+        yield start_server
 
 
 def _admission(srv):

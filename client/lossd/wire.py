@@ -414,7 +414,7 @@ def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_fi
     rest: list = []
     contents: dict[str, memoryview] = {}
 
-    def lifted(number: int, name: str, start: int, end: int) -> Optional[bytes]:
+    def lifted(name: str, start: int, end: int) -> Optional[bytes]:
         head, content = _lift_tensor(buf, start, end, name)
         if content is None or len(content) < min_bytes:
             return None
@@ -426,7 +426,7 @@ def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_fi
     for number, f_start, f_end, v_start, v_end in _fields(buf, 0, len(buf)):
         head = None
         if number in numbers:
-            head = lifted(number, numbers[number], v_start, v_end)
+            head = lifted(numbers[number], v_start, v_end)
             if head is not None:
                 rest.append(_length_delimited(number, len(head)) + head)
         elif number == map_number:
@@ -440,7 +440,7 @@ def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_fi
                 elif entry_number == 2:
                     value = (ev_start, ev_end)
             if key is not None and value is not None:
-                head = lifted(number, f"{map_field}[{key}]", *value)
+                head = lifted(f"{map_field}[{key}]", *value)
                 if head is not None:
                     entry = _length_delimited(1, len(key.encode())) + key.encode() + _length_delimited(2, len(head))
                     rest.append(_length_delimited(number, len(entry) + len(head)) + entry + head)

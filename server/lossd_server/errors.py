@@ -9,9 +9,9 @@ to wait (sent as ``google.rpc.RetryInfo``).
 
 from __future__ import annotations
 
-import re
 import errno
 import os
+import re
 import shutil
 import sqlite3
 from typing import Mapping

@@ -52,12 +52,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_echo_server(port: int) -> None:
-    """The anchor server: lossd's gRPC set-up, a handler that does no work."""
+def run_echo_server(port: int, threads: int = 8, tensorflow: bool = False) -> None:
+    """The anchor server: lossd's gRPC set-up, a handler that does no work.
+
+    ``threads`` and ``tensorflow`` (imported, one op run) exist for
+    bench/where_time_goes.py, which measures what each costs the echo."""
+    if tensorflow:
+        import tensorflow as tf
+        tf.constant(1.0) + 1.0
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Call": grpc.unary_unary_rpc_method_handler(lambda request, context: b"\0" * 8,
                                                     request_deserializer=None, response_serializer=None)})
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
                          options=[("grpc.max_receive_message_length", 256 << 20),
                                   ("grpc.max_send_message_length", 256 << 20)])
     server.add_generic_rpc_handlers((handler,))
@@ -177,9 +183,11 @@ def main() -> int:
     parser.add_argument("--sizes", default="640,1e6,1e7", help="elements per tensor, comma-separated")
     parser.add_argument("--metrics-compare", action="store_true", help="also time small tensors with metrics off")
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--echo-threads", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--echo-tensorflow", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        run_echo_server(args.echo_server)
+        run_echo_server(args.echo_server, args.echo_threads, args.echo_tensorflow)
         return 0
 
     import tensorflow as tf

@@ -1,0 +1,128 @@
+"""Where lossd's requests/s go under concurrency (a benchmark, not a test).
+
+``bench/concurrency.py`` compares lossd with a bare gRPC echo. This splits
+the gap into steps, each a server measured side by side in alternating
+blocks, with the same pre-serialized requests (issue 13's ragged Huber
+scenario) sent by the same asyncio client:
+
+- ``echo``: the anchor (8 threads, TensorFlow not imported);
+- ``echo+tf+pool``: the same echo with TensorFlow imported and one op run,
+  and lossd's default thread pool (``workers`` + ``max_streams`` threads):
+  what lossd's process set-up alone costs a server that does nothing;
+- ``plumbing``: ``lossd serve`` with its defaults, except that Evaluate
+  answers each distinct request from a memo after evaluating it once: every
+  interceptor, the request parse, the handler and the response serializer
+  run; the evaluation (checks, admission, batching, TensorFlow) does not;
+- ``lossd``: ``lossd serve`` with its defaults.
+
+Each ratio is requests/s over the echo's. The memo exists only in this
+benchmark's server process (``--plumbing-server``), patched in before
+``lossd serve`` starts.
+
+Usage: python bench/where_time_goes.py [--concurrency 1,64] [--blocks 3] [--block-seconds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from concurrency import EVALUATE_METHOD, requests, run_block, warm_crowd  # noqa: E402
+from evaluate import ECHO_METHOD, free_port, process, wait_ready  # noqa: E402
+
+
+def run_plumbing_server(argv: list[str]) -> int:
+    """``lossd serve argv`` whose Evaluate answers repeated requests from a memo."""
+    from lossd.cli import main as cli_main
+    from lossd_server.grpc import loss_servicer
+
+    evaluate = loss_servicer.LossServicer._evaluate
+    memo: dict[bytes, object] = {}
+
+    def memoized(self, request, caller, context, contents=None):
+        key = request.SerializeToString() + b"".join(bytes(v) for v in (contents or {}).values())
+        answer = memo.get(key)
+        if answer is None:
+            answer = memo[key] = evaluate(self, request, caller, context, contents)
+        return answer
+
+    loss_servicer.LossServicer._evaluate = memoized
+    return cli_main(argv)
+
+
+async def measure(sides: dict[str, tuple[str, str]], levels: list[int], blocks: int, seconds: float,
+                  payloads: list[bytes]) -> None:
+    channels = [grpc.aio.insecure_channel(address) for address, _ in sides.values()]
+    try:
+        calls = {name: channel.unary_unary(method) for (name, (_, method)), channel in zip(sides.items(), channels)}
+        for call in calls.values():
+            for payload in payloads:
+                await call(payload)
+            await warm_crowd(call, payloads)
+        names = list(calls)
+        print(f"{'concurrency':>11} " + " ".join(f"{n + ' req/s':>19}" for n in names) + " "
+              + " ".join(f"{n + '/echo':>19}" for n in names[1:]))
+        for concurrency in levels:
+            totals = dict.fromkeys(names, 0)
+            for _ in range(blocks):
+                for name, call in calls.items():
+                    done, _ = await run_block(call, payloads, concurrency, seconds)
+                    totals[name] += done
+            rates = {n: totals[n] / (blocks * seconds) for n in names}
+            print(f"{concurrency:>11} " + " ".join(f"{rates[n]:>19,.0f}" for n in names) + " "
+                  + " ".join(f"{rates[n] / rates['echo']:>19.2f}" for n in names[1:]), flush=True)
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,64", help="requests in flight, comma-separated")
+    parser.add_argument("--blocks", type=int, default=3, help="blocks per side and concurrency")
+    parser.add_argument("--block-seconds", type=float, default=4.0)
+    parser.add_argument("--plumbing-server", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.plumbing_server is not None:
+        return run_plumbing_server(args.plumbing_server)
+
+    from lossd_server.config import Settings
+
+    defaults = Settings()
+    pool = defaults.workers + defaults.max_streams
+    levels = [int(c) for c in args.concurrency.split(",")]
+    payloads = requests(16, np.random.default_rng(0))
+    ports = {name: free_port() for name in ("echo", "echo+tf+pool", "plumbing", "lossd")}
+    data_dir = os.path.join("/tmp", f"lossd-bench-{os.getpid()}")
+    evaluate = os.path.join(os.path.dirname(__file__), "evaluate.py")
+    print(f"# lossd bench/where_time_goes.py  cpus {os.cpu_count()}  16 ragged Huber requests (1-128 x 10, own "
+          f"delta)  {args.blocks} blocks x {args.block_seconds:g} s per side  lossd's pool {pool} threads")
+
+    def serve(name: str) -> list[str]:
+        return ["serve", "--port", str(ports[name]), "--metrics-port", "", "--data-dir", f"{data_dir}-{name}",
+                "--log-level", "WARNING"]
+
+    def ready(name: str):
+        return lambda: wait_ready(f"127.0.0.1:{ports[name]}")
+
+    with process([sys.executable, evaluate, "--echo-server", str(ports["echo"])], wait_for=ready("echo")), \
+            process([sys.executable, evaluate, "--echo-server", str(ports["echo+tf+pool"]), "--echo-threads",
+                     str(pool), "--echo-tensorflow"], wait_for=ready("echo+tf+pool")), \
+            process([sys.executable, __file__, "--plumbing-server", *serve("plumbing")], wait_for=ready("plumbing")), \
+            process([sys.executable, "-m", "lossd.cli", *serve("lossd")], wait_for=ready("lossd")):
+        sides = {name: (f"127.0.0.1:{port}", ECHO_METHOD if name.startswith("echo") else EVALUATE_METHOD)
+                 for name, port in ports.items()}
+        asyncio.run(measure(sides, levels, args.blocks, args.block_seconds, payloads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

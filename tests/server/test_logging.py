@@ -123,6 +123,20 @@ def test_text_format_contains_the_request_id(address, configure_logs):
         json.loads(lines[0])
 
 
+def test_a_client_chosen_name_cannot_split_the_access_line(address, configure_logs):
+    # GetJob's NOT_FOUND quotes the name it was given, newline and all.
+    stream = configure_logs("text")
+    forged = "jobs/x\n2026-01-01_WARNING_lossd_server.access_forged"
+    with lossd.Client(address, timeout=60, metadata=[("x-request-id", "split-1")]) as client:
+        with pytest.raises(lossd.LossdError) as info:
+            client.get_job(forged)
+    assert info.value.code.name == "NOT_FOUND" and "\n" in info.value.message  # the client sees it as sent
+    lines = lines_of(stream, 1, where=lambda line: f" {ACCESS_LOGGER} [split-1]" in line)
+    assert len(lines) == 1 and "GetJob NOT_FOUND" in lines[0], stream.getvalue()
+    assert "jobs/x\\n2026-01-01" in lines[0], lines[0]
+    assert not [line for line in stream.getvalue().splitlines() if line.startswith("2026-01-01")], stream.getvalue()
+
+
 def test_info_level_drops_the_per_request_line(address, configure_logs):
     stream = configure_logs("json")
     logging.getLogger().setLevel("INFO")

@@ -110,7 +110,8 @@ class _Observer:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s %s %.2f ms", self.name, code, seconds * 1e3)
         else:
-            log.warning("%s %s %.2f ms: %s", self.name, code, seconds * 1e3, _details_of(context) or exc)
+            log.warning("%s %s %.2f ms: %s", self.name, code, seconds * 1e3,
+                        _one_line(_details_of(context) or str(exc)))
 
     def unary(self, behavior):
         def wrapper(request, context):
@@ -169,6 +170,13 @@ def _code_of(context, exc: Optional[BaseException]) -> str:
     if code is not None:
         return code.name
     return "OK" if exc is None else "UNKNOWN"
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its control characters escaped: an error's details may
+    quote what a client sent (a loss name with a newline), which must not
+    split the access-log line or forge another."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _details_of(context) -> str:

@@ -13,7 +13,10 @@ scenario) sent by the same asyncio client:
   answers each distinct request from a memo after evaluating it once: every
   interceptor, the request parse, the handler and the response serializer
   run; the evaluation (checks, admission, batching, TensorFlow) does not;
-- ``lossd``: ``lossd serve`` with its defaults.
+- ``lossd``: ``lossd serve`` with its defaults;
+- ``lossd x2``: two ``lossd serve`` processes, the client's concurrency split
+  between them (each gets half the requests in flight): what a second GIL
+  buys, as replicas on one host would.
 
 Each ratio is requests/s over the echo's. The memo exists only in this
 benchmark's server process (``--plumbing-server``), patched in before
@@ -58,29 +61,41 @@ def run_plumbing_server(argv: list[str]) -> int:
     return cli_main(argv)
 
 
-async def measure(sides: dict[str, tuple[str, str]], levels: list[int], blocks: int, seconds: float,
+def split(calls: list, count: int):
+    """One call that spreads ``count`` requests in flight over ``calls``."""
+    async def run(payloads: list[bytes], concurrency: int, seconds: float) -> tuple[int, list[bytes]]:
+        shares = [concurrency // count + (k < concurrency % count) for k in range(count)]
+        done = await asyncio.gather(*(run_block(c, payloads, n, seconds) for c, n in zip(calls, shares) if n))
+        return sum(d for d, _ in done), [a for _, kept in done for a in kept]
+    return run
+
+
+async def measure(sides: dict[str, list[tuple[str, str]]], levels: list[int], blocks: int, seconds: float,
                   payloads: list[bytes]) -> None:
-    channels = [grpc.aio.insecure_channel(address) for address, _ in sides.values()]
+    channels = {address: grpc.aio.insecure_channel(address) for targets in sides.values() for address, _ in targets}
     try:
-        calls = {name: channel.unary_unary(method) for (name, (_, method)), channel in zip(sides.items(), channels)}
-        for call in calls.values():
-            for payload in payloads:
-                await call(payload)
-            await warm_crowd(call, payloads)
+        calls = {}
+        for name, targets in sides.items():
+            parts = [channels[address].unary_unary(method) for address, method in targets]
+            for call in parts:
+                for payload in payloads:
+                    await call(payload)
+                await warm_crowd(call, payloads)
+            calls[name] = split(parts, len(parts))
         names = list(calls)
         print(f"{'concurrency':>11} " + " ".join(f"{n + ' req/s':>19}" for n in names) + " "
               + " ".join(f"{n + '/echo':>19}" for n in names[1:]))
         for concurrency in levels:
             totals = dict.fromkeys(names, 0)
             for _ in range(blocks):
-                for name, call in calls.items():
-                    done, _ = await run_block(call, payloads, concurrency, seconds)
+                for name, run in calls.items():
+                    done, _ = await run(payloads, concurrency, seconds)
                     totals[name] += done
             rates = {n: totals[n] / (blocks * seconds) for n in names}
             print(f"{concurrency:>11} " + " ".join(f"{rates[n]:>19,.0f}" for n in names) + " "
                   + " ".join(f"{rates[n] / rates['echo']:>19.2f}" for n in names[1:]), flush=True)
     finally:
-        for channel in channels:
+        for channel in channels.values():
             await channel.close()
 
 
@@ -100,7 +115,7 @@ def main() -> int:
     pool = defaults.workers + defaults.max_streams
     levels = [int(c) for c in args.concurrency.split(",")]
     payloads = requests(16, np.random.default_rng(0))
-    ports = {name: free_port() for name in ("echo", "echo+tf+pool", "plumbing", "lossd")}
+    ports = {name: free_port() for name in ("echo", "echo+tf+pool", "plumbing", "lossd", "lossd-b")}
     data_dir = os.path.join("/tmp", f"lossd-bench-{os.getpid()}")
     evaluate = os.path.join(os.path.dirname(__file__), "evaluate.py")
     print(f"# lossd bench/where_time_goes.py  cpus {os.cpu_count()}  16 ragged Huber requests (1-128 x 10, own "
@@ -117,9 +132,12 @@ def main() -> int:
             process([sys.executable, evaluate, "--echo-server", str(ports["echo+tf+pool"]), "--echo-threads",
                      str(pool), "--echo-tensorflow"], wait_for=ready("echo+tf+pool")), \
             process([sys.executable, __file__, "--plumbing-server", *serve("plumbing")], wait_for=ready("plumbing")), \
-            process([sys.executable, "-m", "lossd.cli", *serve("lossd")], wait_for=ready("lossd")):
-        sides = {name: (f"127.0.0.1:{port}", ECHO_METHOD if name.startswith("echo") else EVALUATE_METHOD)
-                 for name, port in ports.items()}
+            process([sys.executable, "-m", "lossd.cli", *serve("lossd")], wait_for=ready("lossd")), \
+            process([sys.executable, "-m", "lossd.cli", *serve("lossd-b")], wait_for=ready("lossd-b")):
+        def target(name: str) -> tuple[str, str]:
+            return f"127.0.0.1:{ports[name]}", ECHO_METHOD if name.startswith("echo") else EVALUATE_METHOD
+        sides = {name: [target(name)] for name in ("echo", "echo+tf+pool", "plumbing", "lossd")}
+        sides["lossd x2"] = [target("lossd"), target("lossd-b")]
         asyncio.run(measure(sides, levels, args.blocks, args.block_seconds, payloads))
     return 0
 

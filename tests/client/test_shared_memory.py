@@ -20,8 +20,8 @@ from multiprocessing import resource_tracker, shared_memory
 import grpc
 import numpy as np
 import pytest
-from grpc_status import rpc_status
 
+from grpc_errors import reason_of
 import lossd
 from lossd import _shm, wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
@@ -54,16 +54,6 @@ def wait_for(predicate, seconds: float = 15.0) -> bool:
             return True
         time.sleep(0.05)
     return predicate()
-
-
-def reason_of(error: grpc.RpcError) -> str:
-    from google.rpc import error_details_pb2
-
-    for detail in rpc_status.from_call(error).details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason
-    return ""
 
 
 @contextlib.contextmanager

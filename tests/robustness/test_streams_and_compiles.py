@@ -26,11 +26,10 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
+from grpc_errors import reason_of
 import lossd
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
@@ -41,14 +40,6 @@ pytest.importorskip("tensorflow")
 
 F32 = tensor_pb2.DATA_TYPE_FLOAT32
 Y = np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3)
-
-
-def reason_of(error: grpc.RpcError) -> str:
-    for detail in rpc_status.from_call(error).details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason
-    return ""
 
 
 def health_seconds(channel) -> float:

@@ -19,6 +19,7 @@ from google.rpc import code_pb2, error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from grpc_errors import error_info
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
 
@@ -69,17 +70,6 @@ def request(loss="mean_squared_error", y_true=None, y_pred=None, params=None, **
         y_true=y_true if isinstance(y_true, tensor_pb2.Tensor) else tensor(y_true),
         y_pred=y_pred if isinstance(y_pred, tensor_pb2.Tensor) else tensor(y_pred),
         **fields)
-
-
-def error_info(status) -> error_details_pb2.ErrorInfo:
-    infos = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-    assert len(infos) == 1, f"expected exactly one ErrorInfo detail, got {len(infos)}: {status}"
-    return infos[0]
 
 
 def check_status(status, code: grpc.StatusCode, reason: str, *fragments: str,

@@ -14,11 +14,10 @@ import math
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from grpc_errors import error_info, status_of
 from fuzzing import PARAM_NAMES, STRUCT_VALUES
 from fuzzing import make_struct as _struct
 from lossd import wire
@@ -102,15 +101,8 @@ def _status(call):
     """Runs a call that must fail; returns (code, reason, message)."""
     with pytest.raises(grpc.RpcError) as exc:
         call()
-    status = rpc_status.from_call(exc.value)
-    assert status is not None, f"no rich status: {exc.value.code()} {exc.value.details()}"
-    reason = ""
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-    return exc.value.code(), reason, status.message
+    status = status_of(exc.value)
+    return exc.value.code(), error_info(status).reason, status.message
 
 
 @pytest.fixture(scope="module")

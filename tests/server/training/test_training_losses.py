@@ -18,9 +18,8 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from grpc_errors import error_info, status_of
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
 from lossd.v1 import training_service_pb2 as tpb
@@ -107,15 +106,8 @@ def stubs(training_address):
 def _failure(call, request) -> tuple[grpc.StatusCode, str, str]:
     with pytest.raises(grpc.RpcError) as exc:
         call(request, timeout=60)
-    status = rpc_status.from_call(exc.value)
-    assert status is not None, f"no rich status: {exc.value.code()} {exc.value.details()}"
-    reasons = []
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            reasons.append(info.reason)
-    assert len(reasons) == 1, status
-    return exc.value.code(), reasons[0], status.message
+    status = status_of(exc.value)
+    return exc.value.code(), error_info(status).reason, status.message
 
 
 @pytest.mark.parametrize("spec, reason", BAD_SPECS, ids=[f"{i}-{r}" for i, (_, r) in enumerate(BAD_SPECS)])

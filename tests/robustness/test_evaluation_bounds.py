@@ -20,10 +20,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
+from grpc_errors import error_info, status_of
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
 
@@ -59,17 +58,12 @@ def refused(stub, req, reason: str, *fragments: str):
     with pytest.raises(grpc.RpcError) as err:
         stub.Evaluate(req, timeout=60)
     assert err.value.code() == INVALID, err.value.details()
-    status = rpc_status.from_call(err.value)
-    infos = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-    assert [i.reason for i in infos] == [reason], status.message
+    status = status_of(err.value)
+    info = error_info(status)
+    assert info.reason == reason, status.message
     for fragment in fragments:
         assert fragment in status.message, status.message
-    return status, infos[0]
+    return status, info
 
 
 def assert_serving(channel, stub):

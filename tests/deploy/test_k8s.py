@@ -20,6 +20,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -526,3 +527,105 @@ def test_prometheus_annotations_name_the_metrics_port(objects):
             assert annotations["prometheus.io/scrape"] == "true"
             assert annotations["prometheus.io/scheme"] == "https" and "LOSSD_METRICS_TLS_CERT" in env
             assert int(annotations["prometheus.io/port"]) == int(env["LOSSD_METRICS_PORT"]["value"])
+
+
+# -- a read-only root file system ----------------------------------------------
+
+# Runs a command with every mount read-only but two: FOLDER bound at /srv
+# (standing for the pod's volumes) and FOLDER/tmp at /tmp, as the pod's
+# emptyDir. A user and mount namespace of its own (unshare), so it needs no
+# root and nothing outside sees the mounts; flags a user namespace may not
+# clear (nosuid, nodev, noexec) are kept.
+READ_ONLY_ROOT = r'''
+set -e
+mount --bind "$1" /srv
+mount --bind /srv/tmp /tmp
+shift
+awk '{print $5, $6}' /proc/self/mountinfo | while read -r point options; do
+  case "$point" in /proc*|/sys*|/dev*|/srv|/srv/*|/tmp) continue;; esac
+  flags=ro
+  for f in nosuid nodev noexec; do case ",$options," in *",$f,"*) flags="$flags,$f";; esac; done
+  mount -o "remount,bind,$flags" "$point"
+done
+exec "$@"
+'''
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_training_pod_serves_evaluates_and_trains_on_a_read_only_root(objects, tmp_path, create_token):
+    """`lossd serve` with the training container's environment (warm-up on,
+    as in the pod), every path moved under /srv, and only /srv and /tmp
+    writable: it turns SERVING, evaluates (XLA included), registers a loss,
+    runs a training job to the end, and stops cleanly on SIGTERM."""
+    import signal
+    import time
+
+    import grpc
+    import numpy as np
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    import lossd
+
+    objs = objects["cpu"]
+    template = pod_templates(objs)["lossd-training"]
+    container = lossd_containers(objs)["lossd-training"]
+    pod = tmp_path / "pod"
+    (pod / "tmp").mkdir(parents=True)
+    for path, content in mounted_files(objs, template, container).items():
+        target = pod / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    for mount in container["volumeMounts"]:
+        (pod / mount["mountPath"].lstrip("/")).mkdir(parents=True, exist_ok=True)
+    token = create_token(pod / "run" / "secrets" / "tokens.jsonl", "ops", "evaluate,train,admin")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
+    for key, value in env_values(objs, container).items():
+        env[key] = "/srv" + value if value.startswith("/") and not value.startswith("/tmp") else value
+    ports = {"LOSSD_PORT": free_port(), "LOSSD_HEALTH_PORT": free_port(), "LOSSD_METRICS_PORT": free_port()}
+    env.update({k: str(v) for k, v in ports.items()}, LOSSD_HOST="127.0.0.1", LOSSD_METRICS_HOST="127.0.0.1",
+               LOSSD_DRAIN_SECONDS="0", LOSSD_GRACE_SECONDS="0", PYTHONPATH=os.pathsep.join(sys.path))
+    log_path = tmp_path / "server.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--mount",
+                                 "sh", "-c", READ_ONLY_ROOT, "sh", str(pod), sys.executable, "-m", "lossd.cli",
+                                 "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        with grpc.insecure_channel(f"127.0.0.1:{ports['LOSSD_HEALTH_PORT']}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        tls = lossd.TLS(ca=str(pod / "run" / "secrets" / "ca.pem"))
+        # "localhost" is one of the certificate's names.
+        with lossd.Client(f"localhost:{ports['LOSSD_PORT']}", tls=tls, token=token, timeout=180) as client:
+            y = np.linspace(0, 1, 1 << 20, dtype=np.float32).reshape(-1, 1)   # Huber runs under XLA from 1M
+            assert np.isfinite(client.evaluate("huber", y, y + 1, gradient=True).loss)
+            client.register_loss("twice_mse", "2 * mean(square(y_true - y_pred), axis=-1)")
+            assert client.evaluate("twice_mse", y[:8], y[:8] + 1).loss == pytest.approx(2.0)
+            job = client.create_job("cnn", "digits", epochs=1, steps_per_epoch=3, batch_size=16)
+            done = client.wait(job, progress=False, timeout=180)
+            assert done.state == "succeeded", done
+        assert any((pod / "data" / "jobs").rglob("*.keras")), "the job wrote no model on the data volume"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    assert "Read-only file system" not in text, text

@@ -401,8 +401,9 @@ def serve(settings: Settings) -> int:
     warning = open_access_warning(settings, server.port)
     if warning:
         log.warning("%s", warning)
-    log.info("lossd %s listening on %s:%d (gRPC); metrics %s; evaluating on %s (%s); data dir %s",
+    log.info("lossd %s listening on %s:%d (gRPC)%s; metrics %s; evaluating on %s (%s); data dir %s",
              lossd_server.__version__, settings.host, server.port,
+             f", health on {settings.host}:{server.health_port} (plain text)" if server.health_port else "",
              f"on {'https' if server.metrics_tls else 'http'}://{settings.metrics_host}:{server.metrics_port}/metrics"
              f"{' (basic auth)' if server.metrics_auth else ''}" if server.metrics_port else "off",
              server.evaluator.device.name, server.evaluator.device.physical, settings.data_dir)

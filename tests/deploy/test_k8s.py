@@ -629,3 +629,4 @@ def test_the_training_pod_serves_evaluates_and_trains_on_a_read_only_root(object
             proc.wait()
     text = log_path.read_text()
     assert "Read-only file system" not in text, text
+    assert f"health on 127.0.0.1:{ports['LOSSD_HEALTH_PORT']} (plain text)" in text, text

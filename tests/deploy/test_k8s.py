@@ -46,6 +46,9 @@ CUSTOM_KINDS = {"ServiceMonitor"}
 # every other variable.
 PENDING_SETTINGS = {"LOSSD_DATABASE_URL", "LOSSD_ARTIFACTS_DIR"}
 SECRETS_MOUNT = "/run/secrets"
+# What names a host only the cluster resolves (lossd-postgres): servers the
+# tests start from a container's environment keep their embedded store.
+CLUSTER_ONLY = {"LOSSD_DATABASE_URL"}
 
 
 def kubectl() -> str:
@@ -322,7 +325,7 @@ def evaluator_pod(objects, tmp_path_factory):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content)
     known = {f"LOSSD_{name.upper()}" for name in Settings.model_fields}
-    env = {k: v for k, v in env_values(objs, container).items() if k in known}
+    env = {k: v for k, v in env_values(objs, container).items() if k in known and k not in CLUSTER_ONLY}
     for key, value in env.items():
         if value.startswith("/"):   # a path in the container
             env[key] = str(root / value.lstrip("/"))
@@ -588,6 +591,8 @@ def test_the_training_pod_serves_evaluates_and_trains_on_a_read_only_root(object
     token = create_token(pod / "run" / "secrets" / "tokens.jsonl", "ops", "evaluate,train,admin")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
     for key, value in env_values(objs, container).items():
+        if key in CLUSTER_ONLY:
+            continue
         env[key] = "/srv" + value if value.startswith("/") and not value.startswith("/tmp") else value
     ports = {"LOSSD_PORT": free_port(), "LOSSD_HEALTH_PORT": free_port(), "LOSSD_METRICS_PORT": free_port()}
     env.update({k: str(v) for k, v in ports.items()}, LOSSD_HOST="127.0.0.1", LOSSD_METRICS_HOST="127.0.0.1",

@@ -32,6 +32,7 @@ from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers, load_tokens
+from lossd_server.grpc.health_port import CheckOnlyHealth
 from lossd_server.grpc.tls import CertificateReloader
 from lossd_server.losses import custom
 from lossd_server.losses.custom import full_registry
@@ -361,7 +362,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         # health in plain text, the same statuses, and nothing else.
         health_executor = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
         health_server = grpc.server(health_executor, options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_pb2_grpc.add_HealthServicer_to_server(CheckOnlyHealth(health_servicer), health_server)
     reflection.enable_server_reflection(
         [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)

@@ -32,9 +32,10 @@ class Settings(BaseSettings):
     """gRPC port; 0 picks a free one (the server logs which)."""
 
     health_port: Optional[int] = Field(None, ge=0, le=65535)
-    """Plain-text port (on ``host``) that serves only grpc.health.v1, with the
-    gRPC port's statuses, for probes that cannot speak TLS: Kubernetes'
-    native gRPC probes. Unset (empty): none; 0 picks a free one."""
+    """Plain-text port (on ``host``) that serves only grpc.health.v1's Check
+    (no Watch streams), with the gRPC port's statuses, for probes that cannot
+    speak TLS: Kubernetes' native gRPC probes. Unset (empty): none; 0 picks a
+    free one."""
 
     warmup: bool = True
     """Before health turns SERVING, compile the losses most requests name

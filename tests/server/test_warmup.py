@@ -67,6 +67,7 @@ def test_health_turns_serving_only_after_the_common_losses_are_compiled(build):
             break
         except grpc.RpcError as error:
             assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, error
+            time.sleep(0.002)
     assert first == NOT_SERVING, "health said SERVING before the warm-up compiled anything"
     # Follow health until it turns SERVING: by then every warm-up program is compiled.
     seen = []
@@ -115,6 +116,10 @@ def test_the_health_port_answers_in_plain_text_beside_a_tls_port_with_the_same_s
     with lossd.Client(health, timeout=5) as client, pytest.raises(lossd.LossdError) as error:
         client.evaluate("mse", y, y)
     assert error.value.code == grpc.StatusCode.UNIMPLEMENTED
+    # Check only: a Watch stream would hold one of the port's two threads for as long as it liked.
+    with grpc.insecure_channel(health) as channel, pytest.raises(grpc.RpcError) as watch:
+        next(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=5))
+    assert watch.value.code() == grpc.StatusCode.UNIMPLEMENTED
     # A drain turns it NOT_SERVING too: a readiness probe on it stops traffic.
     srv.drain(0)
     assert check(health) == NOT_SERVING

@@ -30,7 +30,14 @@ APT_GET ?= apt-get
 missing_tools = $(strip $(foreach tool,$(TEST_TOOLS),$(if $(shell PATH="$(VENV)/bin:$$PATH" command -v $(tool)),,$(tool))))
 can_apt = $(and $(filter 0,$(shell id -u)),$(shell command -v $(APT_GET)))
 
+# kubectl renders deploy/k8s (`kubectl kustomize`; tests/deploy/test_k8s.py).
+# Debian's archive has none whose kustomize reads the overlays (bookworm's
+# kubernetes-client is 1.20), so make stops with one line when it is missing.
+K8S_TOOLS ?= kubectl
+missing_k8s_tools = $(strip $(foreach tool,$(K8S_TOOLS),$(if $(shell command -v $(tool)),,$(tool))))
+
 test-tools:
+	$(if $(missing_k8s_tools),$(error make test needs $(missing_k8s_tools) 1.21 or newer, whose kustomize renders deploy/k8s: install it as https://kubernetes.io/docs/tasks/tools/ says, or put it on PATH))
 	$(if $(missing_tools),$(if $(can_apt),,$(error make test needs $(missing_tools): install the 'prometheus' package (sudo apt-get install prometheus) or put Prometheus's binaries on PATH)))
 	@$(if $(missing_tools),echo "make test: installing $(missing_tools) (apt-get install prometheus)" \
 	    && $(APT_GET) update -qq \

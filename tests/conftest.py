@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Servers in tests start without compiling the common losses first (1-2 s a
+# start); tests/server/test_warmup.py turns the warm-up on where it tests it.
+os.environ.setdefault("LOSSD_WARMUP", "false")
 
 import pytest
 from servers import lossd_servers

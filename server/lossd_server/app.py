@@ -32,6 +32,7 @@ from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers, load_tokens
+from lossd_server.grpc.health_port import CheckOnlyHealth
 from lossd_server.grpc.tls import CertificateReloader
 from lossd_server.losses import custom
 from lossd_server.losses.custom import full_registry
@@ -52,6 +53,15 @@ log = logging.getLogger(__name__)
 XLA_LOSSES = ("binary_crossentropy", "binary_focal_crossentropy", "categorical_crossentropy",
               "categorical_focal_crossentropy", "categorical_hinge", "cosine_similarity", "huber",
               "kl_divergence", "sparse_categorical_crossentropy", "squared_hinge")
+
+# Programs compiled before health turns SERVING (Settings.warmup): the
+# regression and classification losses clients name most, float32, with and
+# without gradient, for rank-1 values, one value per sample and ten classes
+# (a program serves any batch size; see backend.signature_shape). Measured
+# here: the first compilation in a process also pays TensorFlow's own start
+# (about 0.8 s), and each program takes 20-130 ms, so a start takes 1-2 s more.
+WARMUP = (("mean_squared_error", (2,)), ("mean_squared_error", (2, 1)), ("huber", (2, 1)),
+          ("categorical_crossentropy", (2, 10)))
 
 # The services lossd defines: health reports them, reflection lists them and
 # metrics pre-initialise every one of their methods.
@@ -91,6 +101,9 @@ class Server:
     # The bound ports, once started (metrics_port stays None with metrics off).
     port: Optional[int] = dataclasses.field(default=None, init=False)
     metrics_port: Optional[int] = dataclasses.field(default=None, init=False)
+    health_port: Optional[int] = dataclasses.field(default=None, init=False)  # with settings.health_port
+    health_server: Optional[grpc.Server] = None  # plain-text grpc.health.v1 only, with settings.health_port
+    health_executor: Optional[futures.ThreadPoolExecutor] = None  # the health server's threads
     _metrics_http: Optional[WSGIServer] = dataclasses.field(default=None, init=False)
     _started: bool = dataclasses.field(default=False, init=False)
 
@@ -99,8 +112,10 @@ class Server:
         return f"{self.settings.host}:{self.port}"
 
     def start(self) -> None:
-        """Serves metrics, binds and starts gRPC, starts the training manager,
-        then reports SERVING.
+        """Serves metrics, binds and starts gRPC (and the health port), starts
+        the training manager, compiles the common losses (``warmup``), then
+        reports SERVING: until then health says NOT_SERVING on an open port,
+        so a readiness probe sends no traffic to a replica still warming up.
 
         If a step fails, what already started is stopped again (no thread or
         port is left behind) and the error is raised.
@@ -111,11 +126,18 @@ class Server:
         try:
             if self.metrics is not None:
                 self._start_metrics()
-            self.port = self._bind()
+            self.port = self._bind(self.grpc_server, self.settings.port, "gRPC", "port",
+                                   self.tls.credentials() if self.tls is not None else None)
             self.grpc_server.start()
+            if self.health_server is not None:
+                self.health_port = self._bind(self.health_server, self.settings.health_port, "health",
+                                              "health_port")
+                self.health_server.start()
             start_training = getattr(self.training, "start", None)
             if start_training is not None:
                 start_training()
+            if self.settings.warmup:
+                self.evaluator.warm_up(WARMUP)
         except BaseException:
             self.stop(0)
             raise
@@ -134,21 +156,24 @@ class Server:
             raise StartupError(_bind_failure("metrics", host, port, error.errno, "metrics_host",
                                              "metrics_port")) from error
 
-    def _bind(self) -> int:
+    def _bind(self, server: grpc.Server, port: int, what: str, port_setting: str, credentials=None) -> int:
+        """Binds ``server`` to ``port`` on ``host``; a StartupError naming
+        ``port_setting`` when it cannot."""
         # gRPC holds a bound port until the server has started and stopped, so
         # start() binds only right before it starts the server.
-        host, port = self.settings.host, self.settings.port
+        host = self.settings.host
         # A plain socket tries first: gRPC would log its own error line and
         # then say only "Failed to bind", not why.
         code = _bind_errno(host, port) if port else None
         if code in (errno.EADDRINUSE, errno.EACCES):
-            raise StartupError(_bind_failure("gRPC", host, port, code, "host", "port"))
+            raise StartupError(_bind_failure(what, host, port, code, "host", port_setting))
         try:
-            if self.tls is not None:
-                return self.grpc_server.add_secure_port(f"{host}:{port}", self.tls.credentials())
-            return self.grpc_server.add_insecure_port(f"{host}:{port}")
+            if credentials is not None:
+                return server.add_secure_port(f"{host}:{port}", credentials)
+            return server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as error:  # taken since the probe, or refused for a reason the probe missed
-            raise StartupError(_bind_failure("gRPC", host, port, _bind_errno(host, port), "host", "port")) from error
+            raise StartupError(_bind_failure(what, host, port, _bind_errno(host, port), "host",
+                                             port_setting)) from error
 
     def drain(self, seconds: float, interrupted: Optional[threading.Event] = None) -> None:
         """Health turns NOT_SERVING for every service while the port stays
@@ -169,6 +194,9 @@ class Server:
         if self.shared_memory is not None:  # session streams would hold the grace; calls keep their mappings
             self.shared_memory.close()
         self.grpc_server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
+            self.health_executor.shutdown(wait=False)
         if self.training is not None:
             self.training.stop()
             self.training = None
@@ -328,12 +356,20 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     for name in [*services, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_server = health_executor = None
+    if settings.health_port is not None:
+        # Kubernetes' native gRPC probes cannot speak TLS: this port answers
+        # health in plain text, the same statuses, and nothing else.
+        health_executor = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
+        health_server = grpc.server(health_executor, options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(CheckOnlyHealth(health_servicer), health_server)
     reflection.enable_server_reflection(
         [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
                   quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
-                  metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services)
+                  metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,
+                  health_server=health_server, health_executor=health_executor)
 
 
 def serve(settings: Settings) -> int:
@@ -366,8 +402,9 @@ def serve(settings: Settings) -> int:
     warning = open_access_warning(settings, server.port)
     if warning:
         log.warning("%s", warning)
-    log.info("lossd %s listening on %s:%d (gRPC); metrics %s; evaluating on %s (%s); data dir %s",
+    log.info("lossd %s listening on %s:%d (gRPC)%s; metrics %s; evaluating on %s (%s); data dir %s",
              lossd_server.__version__, settings.host, server.port,
+             f", health on {settings.host}:{server.health_port} (plain text)" if server.health_port else "",
              f"on {'https' if server.metrics_tls else 'http'}://{settings.metrics_host}:{server.metrics_port}/metrics"
              f"{' (basic auth)' if server.metrics_auth else ''}" if server.metrics_port else "off",
              server.evaluator.device.name, server.evaluator.device.physical, settings.data_dir)

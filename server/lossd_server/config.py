@@ -31,6 +31,20 @@ class Settings(BaseSettings):
     port: int = Field(50051, ge=0, le=65535)
     """gRPC port; 0 picks a free one (the server logs which)."""
 
+    health_port: Optional[int] = Field(None, ge=0, le=65535)
+    """Plain-text port (on ``host``) that serves only grpc.health.v1's Check
+    (no Watch streams), with the gRPC port's statuses, for probes that cannot
+    speak TLS: Kubernetes' native gRPC probes. Unset (empty): none; 0 picks a
+    free one."""
+
+    warmup: bool = True
+    """Before health turns SERVING, compile the losses most requests name
+    (``lossd_server.app.WARMUP``: MSE, Huber and categorical crossentropy in
+    float32, with and without gradient), so a new replica's first requests
+    wait for no compilation. Costs 1-2 s at start here, 0.8 s of it
+    TensorFlow's own start, which the first request would otherwise pay.
+    The test suite turns it off (tests/conftest.py)."""
+
     metrics_host: str = "127.0.0.1"
     """Address of the Prometheus ``/metrics`` endpoint."""
 
@@ -89,7 +103,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """``json`` writes one JSON object per line, for log collectors."""
 
-    @field_validator("metrics_port", "max_concurrent_jobs", "dataset_root", "inter_op_threads", "tls_cert",
+    @field_validator("metrics_port", "health_port", "max_concurrent_jobs", "dataset_root", "inter_op_threads", "tls_cert",
                      "tls_key", "tls_client_ca", "tokens_file", "metrics_tls_cert", "metrics_tls_key",
                      "metrics_basic_auth_file", mode="before",
                      check_fields=False)

@@ -32,6 +32,13 @@ def test_missing_tool_without_apt_stops_with_one_line():
     assert "no_such_tool_xyz" in lines[0] and "apt-get install prometheus" in lines[0], lines[0]
 
 
+def test_missing_kubectl_stops_with_one_line_even_where_apt_could_install_prometheus():
+    result = make("test-tools", "K8S_TOOLS=no_such_kubectl_xyz", "TEST_TOOLS=sh", "APT_GET=true")
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and "no_such_kubectl_xyz" in lines[0] and "deploy/k8s" in lines[0], lines
+
+
 def test_missing_tool_as_root_with_apt_installs_prometheus():
     if os.geteuid() != 0:
         result = make("-n", "test-tools", "TEST_TOOLS=no_such_tool_xyz", "APT_GET=true")

@@ -132,6 +132,30 @@ class Evaluator:
                 with self._lock:
                     return not self._pending
 
+    def warm_up(self, losses: Sequence[tuple[str, tuple[int, ...]]], dtype: str = "float32") -> list[str]:
+        """Compiles each ``(loss name, y_pred shape)`` with and without its
+        gradient through ``evaluate``, the path requests take, so requests of
+        the same programs (same dtype, rank and last axis: any batch size)
+        find them cached. Names the registry lacks are passed over. Returns
+        the names compiled.
+
+        Raises:
+            InvalidArgument: a loss refused its example inputs (a bug here).
+        """
+        done = []
+        for name, shape in losses:
+            if name not in self.registry:
+                continue
+            plan = self.planner.plan({"name": name})
+            # A one-hot-like row is valid input for regression and
+            # classification losses alike.
+            y = np.zeros(shape, dtype=dtype)
+            y[..., 0] = 1
+            for gradient in (False, True):
+                self.evaluate(plan, {"y_true": y, "y_pred": y}, gradient=gradient)
+            done.append(name)
+        return done
+
     def close(self) -> None:
         """Stops the compile threads (traces in progress finish first)."""
         self._compile_pool.shutdown(wait=False, cancel_futures=True)

@@ -7,7 +7,9 @@ every other command only talks to a server.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import logging
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -22,6 +24,9 @@ ADDRESS_ENV = "LOSSD_ADDRESS"
 # The client's TLS files: the flag, else this variable (as the server's
 # LOSSD_TLS_* name its own certificate and key).
 TLS_FLAGS = {"tls_ca": "LOSSD_TLS_CA", "tls_cert": "LOSSD_TLS_CERT", "tls_key": "LOSSD_TLS_KEY"}
+# LOSSD_* variables the client commands read: not server settings, but no
+# mistake in a shell that runs both.
+CLIENT_ENV = frozenset({ADDRESS_ENV, "LOSSD_TOKEN", *TLS_FLAGS.values()})
 
 
 def _address_default() -> str:
@@ -62,6 +67,21 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
                             help=f"{doc} [env LOSSD_{name.upper()}; default {field.default}]")
 
 
+def unknown_variables(environ, settings) -> list[str]:
+    """A warning for each ``LOSSD_*`` variable in ``environ`` that is neither
+    one of ``settings`` nor read by the client commands: the settings'
+    reader passes such names over, so a misspelt one would change nothing
+    without a word."""
+    known = {f"LOSSD_{name.upper()}" for name in settings}
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith("LOSSD_") and name not in known and name not in CLIENT_ENV:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            warnings.append(f"{name} is not a setting of lossd serve and changes nothing"
+                            f"{f'; did you mean {close[0]}?' if close else ' (see lossd serve --help)'}")
+    return warnings
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from lossd_server.observability import logs
@@ -79,6 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    for warning in unknown_variables(os.environ, Settings.model_fields):
+        logging.getLogger("lossd_server.app").warning("%s", warning)
     try:
         return serve(settings)
     except StartupError as exc:  # a port in use, no GPU for LOSSD_DEVICE=gpu: one line, no traceback

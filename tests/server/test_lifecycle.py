@@ -376,6 +376,26 @@ def test_sigterm_with_no_drain_or_grace_exits_at_once(tmp_path):
         kill_if_running(proc)
 
 
+def test_a_misspelt_setting_is_named_in_a_warning(tmp_path):
+    # The settings' reader passes unknown LOSSD_* names over in silence.
+    log_path = tmp_path / "serve.log"
+    env = serve_env(max_inflight_byte="1024", address="localhost:1")  # a typo, and a client variable
+    command = [lossd_executable(), "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "",
+               "--data-dir", str(tmp_path / "data"), "--drain-seconds", "0", "--grace-seconds", "0"]
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=90)
+        warnings = [line for line in log_path.read_text().splitlines() if " WARNING " in line]
+        assert len(warnings) == 1, warnings
+        assert ("LOSSD_MAX_INFLIGHT_BYTE is not a setting of lossd serve and changes nothing; "
+                "did you mean LOSSD_MAX_INFLIGHT_BYTES?") in warnings[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        kill_if_running(proc)
+
+
 def serve_env(**settings: str) -> dict[str, str]:
     """The environment of a `lossd serve` subprocess: no LOSSD_* from outside,
     TensorFlow's log level left to lossd, plus ``settings``."""

@@ -199,7 +199,7 @@ class PlanLoss(keras.losses.Loss):
         self._program = build_program(plan, reduction, self.dtype)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        total, _ = self._program({"y_true": y_true, "y_pred": y_pred}, sample_weight)
+        total, _, _ = self._program({"y_true": y_true, "y_pred": y_pred}, sample_weight)
         return total
 
     def get_config(self):

@@ -110,6 +110,10 @@ class MatrixCrossentropy(keras.losses.Loss):
         matrix = ops.convert_to_tensor(self._matrix(y_pred, matrix), dtype=self.dtype)
         return {MATRIX: update_matrix(matrix, y_true, y_pred, self.window)}
 
+    def initial_outputs(self, y_pred_shape) -> dict:
+        """``{"matrix": I_K}`` for predictions of ``y_pred_shape`` (K classes last)."""
+        return {MATRIX: initial_matrix(int(y_pred_shape[-1]), self.dtype)}
+
     def get_config(self):
         return {**super().get_config(), "window": self.window}
 

@@ -265,6 +265,10 @@ def build_program(plan: Plan, reduction: str, dtype: str) -> Program:
 
     Each term uses its own reduction, or ``reduction`` where it sets none.
     An optional input the tensors lack is passed as None.
+
+    The program's ``initial_outputs(y_pred_shape)`` is the state the outputs
+    start from (what each term uses when its optional input is absent), for
+    a caller that keeps the state, as a training job does.
     """
     built = [(term, term.entry.build(term.params, term.reduction or reduction, dtype)) for term in plan.terms]
 
@@ -283,6 +287,11 @@ def build_program(plan: Plan, reduction: str, dtype: str) -> Program:
             total = weighted if total is None else total + weighted
         return total, values, outputs
 
+    def initial_outputs(y_pred_shape):
+        return {name: value for term, obj in built if term.entry.outputs
+                for name, value in obj.initial_outputs(y_pred_shape).items()}
+
+    program.initial_outputs = initial_outputs
     return program
 
 

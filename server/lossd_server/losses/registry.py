@@ -106,7 +106,8 @@ class LossEntry:
             (a stateful loss's updated state): its built object has a method
             ``outputs(*inputs) -> {name: tensor}`` taking its inputs as the
             loss does (None for an optional input left out), run in the same
-            compiled program. A loss with outputs is never split into rows
+            compiled program, and ``initial_outputs(y_pred_shape)``, the state
+            it starts from. A loss with outputs is never split into rows
             (batching, EvaluateChunked): its state is updated from the whole batch.
         check_tensors: ``check_tensors(params, tensors)``, given the tensors
             present by the entry's own input names, refuses those the shape

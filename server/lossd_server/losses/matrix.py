@@ -55,9 +55,21 @@ def initial_matrix(classes: int, dtype: str = "float32"):
 
 
 def update_matrix(matrix, y_true, y_pred, window):
-    """``A_new``: ``A`` moved ``1 / window`` of the way to the batch's
-    row-normalised confusion matrix, rows of classes absent from the batch
-    unchanged (formula in the module docstring)."""
+    """``A_new = updateMatrix(A, t, o, window)``: ``A`` moved ``1 / window``
+    of the way to the batch's row-normalised confusion matrix, rows of
+    classes absent from the batch unchanged::
+
+        P_sj    = [j = argmax_k o_sk]
+        N_i     = Σ_s t_si
+        C_ij    = Σ_s t_si · P_sj / N_i
+        A_new_i = A_i + (C_i − A_i) / window   if N_i > 0, else A_i
+
+    Args:
+        matrix: ``A``, ``[K, K]``.
+        y_true: ``t``, ``[batch, K]`` (one-hot or soft targets).
+        y_pred: ``o``, ``[batch, K]``; only its argmax counts.
+        window: The moving average's length (the article's 4).
+    """
     classes = y_pred.shape[-1]
     predicted = ops.one_hot(ops.argmax(y_pred, axis=-1), classes, dtype=y_pred.dtype)
     counts = ops.matmul(ops.transpose(y_true), predicted)            # [true class, predicted class]

@@ -5,10 +5,13 @@ then, through the client:
 
   * trains ``cnn`` on ``digits`` with the job defaults and prints its
     validation accuracy (the issue asks for at least 95 %);
+  * trains the same ``cnn`` with ``loss="matrix_crossentropy"`` (the matrix
+    kept as the job's state) and prints its validation accuracy beside the
+    crossentropy's (issue 14 asks for at most 1 point less) and its final matrix;
   * trains ``vae`` on ``digits``, prints its first and last epoch loss, and
     saves 64 generated digits as a PNG grid (``bench/vae_digits.png``).
 
-Usage: python bench/quality.py [--vae-epochs 60] [--out bench/vae_digits.png]
+Usage: python bench/quality.py [--vae-epochs 60 (0: no vae)] [--out bench/vae_digits.png]
 """
 
 from __future__ import annotations
@@ -55,6 +58,14 @@ def main() -> int:
                 metrics = cnn.progress["metrics"]
                 print(f"cnn on digits (defaults: {cnn.spec['epochs']} epochs, batch {cnn.spec['batch_size']}): "
                       f"state {cnn.state}, val_accuracy {metrics.get('val_accuracy', float('nan')):.4f}")
+                matrix = client.wait(client.create_job("cnn", "digits", loss="matrix_crossentropy"), progress=False)
+                accuracy = matrix.progress["metrics"].get("val_accuracy", float("nan"))
+                print(f"cnn on digits with matrix_crossentropy (defaults): state {matrix.state}, val_accuracy "
+                      f"{accuracy:.4f} ({100 * (accuracy - metrics.get('val_accuracy', float('nan'))):+.2f} points "
+                      "against crossentropy); its final matrix A (rows: true class, columns: predicted):")
+                print(matrix.progress["loss_state"]["matrix"].round(3))
+                if args.vae_epochs <= 0:
+                    return 0
                 vae = client.wait(client.create_job("vae", "digits", epochs=args.vae_epochs), progress=False)
                 losses = [e.metrics["loss"] for e in client.watch(vae) if e.kind == "epoch"]
                 print(f"vae on digits ({args.vae_epochs} epochs): state {vae.state}, loss {losses[0]:.3f} "

@@ -6,7 +6,7 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 
 
@@ -98,26 +98,41 @@ def cmd_jobs_plot(args) -> int:
     with _client(args) as client, tempfile.TemporaryDirectory() as tmp:
         path = client.download(args.job, pathlib.Path(tmp) / "history.json", artifact="history")
         history = json.loads(path.read_text())
+        # A stateful loss's latest state (matrix_crossentropy's matrix), drawn beside the curves.
+        state = client.get_job(args.job).progress.get("loss_state") or {}
     out = pathlib.Path(args.output or f"{args.job.split('/')[-1]}-loss.png")
-    plot_history(history, out, title=args.job)
+    plot_history(history, out, title=args.job, heat_maps=state)
     print(out)
     return 0
 
 
-def plot_history(history: dict, path: pathlib.Path, *, title: str = "") -> pathlib.Path:
+def plot_history(history: dict, path: pathlib.Path, *, title: str = "",
+                 heat_maps: Optional[dict] = None) -> pathlib.Path:
     """Draws loss curves (``loss``/``val_loss`` and any other ``*loss``) to a PNG,
-    with matplotlib when installed, else with Pillow."""
+    with matplotlib when installed, else with Pillow; and, right of them, a
+    heat map of each 2-d array in ``heat_maps`` (a stateful loss's state,
+    such as ``matrix_crossentropy``'s matrix: rows the true classes, columns
+    the predicted ones, 0 white to 1 dark)."""
     series = {k: v for k, v in history.items() if k.endswith("loss") and v}
     if not series:
         raise SystemExit("error: the history holds no loss values yet")
+    maps = {name: m for name, m in (heat_maps or {}).items() if getattr(m, "ndim", 0) == 2}
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return _plot_with_pillow(series, path, title)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+        return _plot_with_pillow(series, path, title, maps)
+    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(7 + 4 * len(maps), 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [7] + [4] * len(maps)})
+    ax = axes[0][0]
+    for heat_ax, (name, matrix) in zip(axes[0][1:], sorted(maps.items())):
+        image = heat_ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=1.0)
+        heat_ax.set_title(f"loss state: {name}")
+        heat_ax.set_xlabel("predicted class")
+        heat_ax.set_ylabel("true class")
+        fig.colorbar(image, ax=heat_ax, fraction=0.046)
     for name, values in sorted(series.items()):
         ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
     ax.set_xlabel("epoch")
@@ -134,13 +149,24 @@ def plot_history(history: dict, path: pathlib.Path, *, title: str = "") -> pathl
 _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def _plot_with_pillow(series: dict, path: pathlib.Path, title: str) -> pathlib.Path:
+HEAT_MAP_SIZE = 240  # pixels of one heat map's square, Pillow drawing
+_HEAT_DARK = (8, 48, 107)  # the colour of 1 (matplotlib's "Blues" at its end)
+
+
+def heat_color(value: float) -> tuple[int, int, int]:
+    """The colour of a rate in a heat map: white at 0 (or below), dark blue at 1 (or above)."""
+    v = min(max(float(value), 0.0), 1.0) if value == value else 0.0  # NaN draws as 0
+    return tuple(round(255 + (dark - 255) * v) for dark in _HEAT_DARK)
+
+
+def _plot_with_pillow(series: dict, path: pathlib.Path, title: str, heat_maps: Optional[dict] = None) -> pathlib.Path:
     try:
         from PIL import Image, ImageDraw
     except ImportError:
         raise SystemExit("error: `lossd jobs plot` needs matplotlib or Pillow: pip install pillow") from None
+    heat_maps = heat_maps or {}
     width, height, left, right, top, bottom = 700, 450, 60, 20, 30, 40
-    image = Image.new("RGB", (width, height), "white")
+    image = Image.new("RGB", (width + (HEAT_MAP_SIZE + 60) * len(heat_maps), height), "white")
     draw = ImageDraw.Draw(image)
     values = [v for vs in series.values() for v in vs]
     lo, hi = min(values), max(values)
@@ -174,6 +200,18 @@ def _plot_with_pillow(series: dict, path: pathlib.Path, title: str) -> pathlib.P
         for x, y in points:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         draw.text((width - right - 150, top + 8 + 14 * n), f"- {name}", fill=color)
+    for n, (name, matrix) in enumerate(sorted(heat_maps.items())):
+        x0, y0 = width + 40 + n * (HEAT_MAP_SIZE + 60), top + 20
+        rows, cols = matrix.shape
+        cell_w, cell_h = HEAT_MAP_SIZE / max(cols, 1), HEAT_MAP_SIZE / max(rows, 1)
+        for i in range(rows):
+            for j in range(cols):
+                draw.rectangle([x0 + j * cell_w, y0 + i * cell_h, x0 + (j + 1) * cell_w - 1,
+                                y0 + (i + 1) * cell_h - 1], fill=heat_color(matrix[i, j]))
+        draw.rectangle([x0 - 1, y0 - 1, x0 + HEAT_MAP_SIZE, y0 + HEAT_MAP_SIZE], outline="black")
+        draw.text((x0, top), f"loss state: {name}", fill="black")
+        draw.text((x0, y0 + HEAT_MAP_SIZE + 6), "predicted class ->", fill="black")
+        draw.text((x0 - 34, y0 + HEAT_MAP_SIZE // 2), "true", fill="black")
     image.save(path)
     return path
 
@@ -257,7 +295,8 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p.add_argument("-o", "--output", default=".", help="a folder or file [.]")
     p.set_defaults(func=cmd_jobs_download)
 
-    p = jsub.add_parser("plot", parents=[common], help="write a PNG of a job's loss curves")
+    p = jsub.add_parser("plot", parents=[common],
+                        help="write a PNG of a job's loss curves (and a stateful loss's matrix as a heat map)")
     p.add_argument("job", help="jobs/ID or ID")
     p.add_argument("-o", "--output", help="the PNG [ID-loss.png]")
     p.set_defaults(func=cmd_jobs_plot)

@@ -29,12 +29,16 @@ class EvaluateResult:
         gradient: The gradient with respect to ``y_pred`` (shaped like it), or None.
         terms: For composite losses, each term's value by label (before weighting).
         non_finite: True when an input or the result held NaN or Inf.
+        outputs: Named tensors the loss returns besides its value: a stateful
+            loss's updated state, such as ``outputs["matrix"]`` of
+            ``matrix_crossentropy`` (pass it back as ``tensors={"matrix": ...}``).
     """
 
     loss: np.ndarray
     gradient: Optional[np.ndarray] = None
     terms: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     non_finite: bool = False
+    outputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -137,6 +141,8 @@ def parse_response(response: loss_service_pb2.EvaluateResponse, regions: Optiona
             result.gradient = result.gradient.copy()
     for term in response.terms:
         result.terms[term.label] = wire.to_numpy(term.value, field=term.label, allow_empty=True)
+    for name, tensor in response.outputs.items():
+        result.outputs[name] = wire.to_numpy(tensor, field=f"outputs[{name}]", allow_empty=True)
     return result
 
 

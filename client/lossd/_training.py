@@ -57,7 +57,8 @@ class Job:
         error: Why the job failed (a LossdError with ``reason`` such as
             ``NON_FINITE_LOSS``), or None.
         progress: ``epochs_completed``, ``epochs``, ``step``,
-            ``examples_per_second``, ``eta_seconds`` and the latest ``metrics``.
+            ``examples_per_second``, ``eta_seconds``, the latest ``metrics`` and
+            ``loss_state`` (a stateful loss's state by name, numpy arrays).
         model_kind: ``classifier`` (use ``predict``) or ``generator`` (use ``generate``).
         owner: The name of the token that created it ("" for jobs from
             before owners, or on a server without tokens).
@@ -96,9 +97,15 @@ class Job:
             error=status_error(message.error) if message.HasField("error") else None,
             progress={"epochs_completed": p.epochs_completed, "epochs": p.epochs, "step": p.step,
                       "steps_per_epoch": p.steps_per_epoch, "examples_per_second": p.examples_per_second,
-                      "eta_seconds": p.eta_seconds, "metrics": dict(p.metrics)},
+                      "eta_seconds": p.eta_seconds, "metrics": dict(p.metrics),
+                      "loss_state": loss_state(p.loss_state)},
             model_kind=message.model_kind, display_name=message.display_name, request_id=message.request_id,
             owner=message.owner)
+
+
+def loss_state(tensors) -> dict[str, np.ndarray]:
+    """A ``map<string, Tensor>`` of a stateful loss's state as numpy arrays."""
+    return {name: wire.to_numpy(t, field=f"loss_state[{name}]") for name, t in tensors.items()}
 
 
 @dataclasses.dataclass
@@ -108,8 +115,9 @@ class JobEvent:
     ``kind`` says which fields are set: ``state`` (``state``, ``error``),
     ``epoch`` (``epoch``, ``epochs``, ``metrics``, ``seconds``,
     ``examples_per_second``), ``progress`` (``epoch``, ``epochs``, ``step``,
-    ``steps_per_epoch``, ``loss``, ``examples_per_second``, ``eta_seconds``)
-    or ``message`` (``message``).
+    ``steps_per_epoch``, ``loss``, ``examples_per_second``, ``eta_seconds``,
+    and ``loss_state``: a stateful loss's state by name, such as
+    ``matrix_crossentropy``'s ``matrix``) or ``message`` (``message``).
     """
 
     sequence: int
@@ -128,6 +136,7 @@ class JobEvent:
     examples_per_second: float = 0.0
     eta_seconds: float = 0.0
     message: str = ""
+    loss_state: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, m: pb.JobEvent) -> "JobEvent":
@@ -146,7 +155,7 @@ class JobEvent:
             p = m.progress
             return cls(kind="progress", epoch=p.epoch, epochs=p.epochs, step=p.step,
                        steps_per_epoch=p.steps_per_epoch, loss=p.loss, examples_per_second=p.examples_per_second,
-                       eta_seconds=p.eta_seconds, **base)
+                       eta_seconds=p.eta_seconds, loss_state=loss_state(p.loss_state), **base)
         return cls(kind="message", message=m.message, **base)
 
 

@@ -16,7 +16,7 @@ from lossd_server.evaluation import backend  # noqa: E402
 def _mse_program(tensors, sample_weight):
     mse = keras.losses.MeanSquaredError(dtype=tensors["y_pred"].dtype.name)
     value = mse(tensors["y_true"], tensors["y_pred"], sample_weight=sample_weight)
-    return value, [value]
+    return value, [value], {}
 
 
 def _compiled(dtype: str, *, gradient: bool, sample_weight: bool = False) -> backend.Compiled:
@@ -40,10 +40,10 @@ def test_direct_path_matches_concrete_function_and_keras(dtype, gradient):
     y_pred, y_true = rng.normal(size=(5, 4)).astype(dtype), rng.normal(size=(5, 4)).astype(dtype)
     sw = rng.uniform(0.5, 2, size=5).astype(dtype)
     compiled = _compiled(dtype, gradient=gradient, sample_weight=True)
-    total, terms, grad = compiled([y_pred, y_true, sw])
+    total, terms, grad, _ = compiled([y_pred, y_true, sw])
     direct, compiled._direct = compiled._direct, None  # the public fallback
     try:
-        ref_total, ref_terms, ref_grad = compiled([y_pred, y_true, sw])
+        ref_total, ref_terms, ref_grad, _ = compiled([y_pred, y_true, sw])
     finally:
         compiled._direct = direct
     assert total.dtype == np.dtype(dtype)
@@ -69,7 +69,7 @@ def test_direct_path_accepts_read_only_views():
     y_pred = np.frombuffer(data.tobytes(), dtype="float32").reshape(2, 4)
     y_true = np.frombuffer(np.zeros(8, "float32").tobytes(), dtype="float32").reshape(2, 4)
     assert not y_pred.flags.writeable
-    total, _, grad = _compiled("float32", gradient=True)([y_pred, y_true])
+    total, _, grad, _ = _compiled("float32", gradient=True)([y_pred, y_true])
     np.testing.assert_allclose(total, np.mean(data ** 2))
     np.testing.assert_allclose(grad, 2 * data.reshape(2, 4) / 8)
 

@@ -67,7 +67,9 @@ def test_the_program_of_a_composite_is_the_weighted_sum_of_keras_losses(planner,
     rng = np.random.default_rng(0)
     y_true, y_pred = rng.standard_normal((2, 6, 3)).astype(np.float32)
     weights = rng.uniform(0, 1, 6).astype(np.float32)
-    total, values = build_program(plan, reduction, "float32")({"y_true": y_true, "y_pred": y_pred}, weights)
+    program = build_program(plan, reduction, "float32")
+    total, values, outputs = program({"y_true": y_true, "y_pred": y_pred}, weights)
+    assert outputs == {}
     huber = keras.losses.Huber(delta=0.5, reduction=reduction)(y_true, y_pred, sample_weight=weights)
     mae = keras.losses.MeanAbsoluteError(reduction="sum")(y_true, y_pred, sample_weight=weights)
     np.testing.assert_allclose(values[0], huber, rtol=1e-6)

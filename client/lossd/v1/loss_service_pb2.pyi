@@ -117,16 +117,25 @@ class EvaluateRequest(_message.Message):
     def __init__(self, loss: _Optional[_Union[_loss_pb2.LossSpec, _Mapping]] = ..., y_true: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., y_pred: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sample_weight: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., reduction: _Optional[_Union[_loss_pb2.Reduction, str]] = ..., gradient: _Optional[bool] = ..., tensors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., gradient_output: _Optional[_Union[_tensor_pb2.SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("loss", "gradient", "terms", "non_finite")
+    __slots__ = ("loss", "gradient", "terms", "non_finite", "outputs")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     LOSS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     TERMS_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     loss: _tensor_pb2.Tensor
     gradient: _tensor_pb2.Tensor
     terms: _containers.RepeatedCompositeFieldContainer[TermValue]
     non_finite: bool
-    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., gradient: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., terms: _Optional[_Iterable[_Union[TermValue, _Mapping]]] = ..., non_finite: _Optional[bool] = ...) -> None: ...
+    outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, loss: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., gradient: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., terms: _Optional[_Iterable[_Union[TermValue, _Mapping]]] = ..., non_finite: _Optional[bool] = ..., outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class TermValue(_message.Message):
     __slots__ = ("label", "value", "weight")

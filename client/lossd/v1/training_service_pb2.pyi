@@ -113,7 +113,7 @@ class Job(_message.Message):
     def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., state: _Optional[_Union[Job.State, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., request_id: _Optional[str] = ..., model_kind: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class JobProgress(_message.Message):
-    __slots__ = ("epochs_completed", "epochs", "step", "steps_per_epoch", "examples_per_second", "eta_seconds", "metrics")
+    __slots__ = ("epochs_completed", "epochs", "step", "steps_per_epoch", "examples_per_second", "eta_seconds", "metrics", "loss_state")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,13 @@ class JobProgress(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class LossStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     EPOCHS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +135,7 @@ class JobProgress(_message.Message):
     EXAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_STATE_FIELD_NUMBER: _ClassVar[int]
     epochs_completed: int
     epochs: int
     step: int
@@ -135,7 +143,8 @@ class JobProgress(_message.Message):
     examples_per_second: float
     eta_seconds: float
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, epochs_completed: _Optional[int] = ..., epochs: _Optional[int] = ..., step: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., examples_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    loss_state: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, epochs_completed: _Optional[int] = ..., epochs: _Optional[int] = ..., step: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., examples_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loss_state: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("sequence", "time", "state_changed", "epoch_ended", "progress", "message")
@@ -169,7 +178,14 @@ class JobEvent(_message.Message):
         examples_per_second: float
         def __init__(self, epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., seconds: _Optional[float] = ..., examples: _Optional[int] = ..., examples_per_second: _Optional[float] = ...) -> None: ...
     class Progress(_message.Message):
-        __slots__ = ("epoch", "epochs", "step", "steps_per_epoch", "loss", "examples_per_second", "eta_seconds")
+        __slots__ = ("epoch", "epochs", "step", "steps_per_epoch", "loss", "examples_per_second", "eta_seconds", "loss_state")
+        class LossStateEntry(_message.Message):
+            __slots__ = ("key", "value")
+            KEY_FIELD_NUMBER: _ClassVar[int]
+            VALUE_FIELD_NUMBER: _ClassVar[int]
+            key: str
+            value: _tensor_pb2.Tensor
+            def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
         EPOCH_FIELD_NUMBER: _ClassVar[int]
         EPOCHS_FIELD_NUMBER: _ClassVar[int]
         STEP_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +193,7 @@ class JobEvent(_message.Message):
         LOSS_FIELD_NUMBER: _ClassVar[int]
         EXAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
         ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+        LOSS_STATE_FIELD_NUMBER: _ClassVar[int]
         epoch: int
         epochs: int
         step: int
@@ -184,7 +201,8 @@ class JobEvent(_message.Message):
         loss: float
         examples_per_second: float
         eta_seconds: float
-        def __init__(self, epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., step: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., examples_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
+        loss_state: _containers.MessageMap[str, _tensor_pb2.Tensor]
+        def __init__(self, epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., step: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., loss: _Optional[float] = ..., examples_per_second: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., loss_state: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     STATE_CHANGED_FIELD_NUMBER: _ClassVar[int]

@@ -194,8 +194,8 @@ class InputSpec(NamedTuple):
 
 
 # A loss program: takes the named tensors (and optionally sample_weight),
-# returns (total, term values). Built from keras.losses objects by the core.
-Program = Callable[[Mapping[str, tf.Tensor], Optional[tf.Tensor]], tuple[tf.Tensor, list]]
+# returns (total, term values, named outputs). Built from keras.losses objects by the core.
+Program = Callable[[Mapping[str, tf.Tensor], Optional[tf.Tensor]], tuple[tf.Tensor, list, dict]]
 
 
 class _DirectCall:
@@ -261,7 +261,8 @@ class Compiled:
     """A loss program compiled once for one input signature.
 
     Calling it runs one TensorFlow graph that returns the total, each term's
-    value and the gradient with respect to ``y_pred`` (when asked for).
+    value, the gradient with respect to ``y_pred`` (when asked for) and the
+    program's named ``outputs`` (a stateful loss's updated state).
 
     The graph is traced once, when the object is built, and each call
     executes it directly (see ``_DirectCall``): ``tf.function``'s per-call
@@ -270,8 +271,10 @@ class Compiled:
 
     def __init__(self, program: Program, specs: Sequence[InputSpec], *, has_sample_weight: bool,
                  gradient: bool, device: Device, jit_compile: bool = False,
-                 on_trace: Optional[Callable[[], None]] = None):
+                 on_trace: Optional[Callable[[], None]] = None, outputs: Sequence[str] = ()):
         self.gradient = gradient
+        self.outputs = tuple(outputs)
+        output_names = self.outputs
         names = [s.name for s in specs]
         signature = [tf.TensorSpec(s.shape, tf.dtypes.as_dtype(s.dtype), name=s.name) for s in specs]
         on_trace = on_trace or (lambda: None)
@@ -284,13 +287,13 @@ class Compiled:
             if gradient:
                 with tf.GradientTape() as tape:
                     tape.watch(y_pred)
-                    total, terms = program(tensors, sample_weight)
+                    total, terms, named = program(tensors, sample_weight)
                 grad = tape.gradient(total, y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             else:
-                total, terms = program(tensors, sample_weight)
+                total, terms, named = program(tensors, sample_weight)
                 grad = tf.zeros((0,), dtype=total.dtype)
             # A flat tuple: the fast path below gets the outputs in this order.
-            return (total, grad, *terms)
+            return (total, grad, *terms, *[named[name] for name in output_names])
 
         function = tf.function(run, input_signature=signature, jit_compile=jit_compile)
         with tf.device(device.name):
@@ -301,15 +304,19 @@ class Compiled:
         self._direct = _DirectCall.make(self._concrete, HOST_DEVICE)
 
     def __call__(self, arrays: Sequence[np.ndarray]):
-        """Runs on numpy arrays (in ``specs`` order); returns numpy results."""
+        """Runs on numpy arrays (in ``specs`` order); returns numpy results:
+        ``(total, term values, gradient or None, {output name: value})``."""
         # The ops were placed on the device when the graph was traced; the
         # inputs start on the host and the runtime copies them where needed.
         if self._direct is not None:
             outputs = self._direct(arrays)
         else:
             outputs = self._concrete(*[tf.convert_to_tensor(a) for a in arrays])
-        total, grad, *terms = outputs
-        return total.numpy(), [t.numpy() for t in terms], grad.numpy() if self.gradient else None
+        total, grad, *rest = outputs
+        split = len(rest) - len(self.outputs)
+        terms, named = rest[:split], rest[split:]
+        return (total.numpy(), [t.numpy() for t in terms], grad.numpy() if self.gradient else None,
+                {name: value.numpy() for name, value in zip(self.outputs, named)})
 
 
 def gpu_count() -> int:

@@ -324,7 +324,7 @@ class Batcher:
                                                first.gradient)
         if compiled is None:
             return False
-        _, (reduced, values), grad = compiled([arrays[n] for n in names])
+        _, (reduced, values), grad, _ = compiled([arrays[n] for n in names])
         start = 0
         for r, item in enumerate(items):
             stop = start + item.rows

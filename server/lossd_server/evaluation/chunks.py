@@ -117,6 +117,11 @@ def chunk_layout(plan: Plan, infos: Mapping[str, tuple[str, tuple]], reduction: 
         raise _refuse("EvaluateChunked takes one named or expression loss, not a composite.", loss="composite")
     term = plan.terms[0]
     loss = term.entry.name or "expression"
+    if plan.outputs:
+        raise _refuse(
+            f"Loss `{loss}` returns state ({', '.join(plan.outputs)}) updated from the whole batch, which "
+            "slices cannot reproduce. Expected a loss without outputs. Received: "
+            f"{loss} with outputs {list(plan.outputs)}.", loss=loss)
     if term.inputs != DEFAULT_INPUTS:
         raise _refuse(f"EvaluateChunked slices y_true and y_pred; loss `{loss}` reads {list(term.inputs)}.",
                       loss=loss)

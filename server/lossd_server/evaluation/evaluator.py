@@ -55,6 +55,7 @@ class Result:
     gradient: Optional[np.ndarray]
     terms: list[tuple[str, np.ndarray, float]]  # (label, value, weight) for composites
     non_finite: bool
+    outputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # Plan.outputs, by name
 
 
 class Evaluator:
@@ -206,7 +207,7 @@ class Evaluator:
         """``evaluate`` for inputs that passed ``check``."""
         y_pred = tensors["y_pred"]
         compute_dtype = dtype_name(y_pred.dtype)
-        names = sorted(plan.tensor_names | {"y_pred"})
+        names = sorted(plan.tensor_names | {"y_pred"} | (plan.optional_tensor_names & tensors.keys()))
         arrays = [tensors[n] for n in names]
         specs = [backend.InputSpec(n, dtype_name(a.dtype), backend.signature_shape(a.shape))
                  for n, a in zip(names, arrays)]
@@ -222,7 +223,7 @@ class Evaluator:
             # runs: a refusal from either is about this request's inputs.
             compiled = self._compiled(key, plan, specs, lambda: build_program(plan, reduction, compute_dtype),
                                       sample_weight is not None, gradient, xla)
-            total, terms, grad = compiled(arrays)
+            total, terms, grad, outputs = compiled(arrays)
         except backend.INPUT_ERRORS as exc:
             raise _refused(exc, plan) from exc
         except backend.MEMORY_ERRORS:
@@ -231,9 +232,9 @@ class Evaluator:
                 f"(y_pred.shape={list(y_pred.shape)}). Expected inputs that fit in the memory free now: send "
                 "smaller batches, or retry later.", reason="OUT_OF_MEMORY",
                 metadata={"loss": plan.metric_name}) from None
-        non_finite = any_non_finite([total, *terms, grad, *arrays])
+        non_finite = any_non_finite([total, *terms, grad, *outputs.values(), *arrays])
         term_values = [(t.label, v, t.weight) for t, v in zip(plan.terms, terms)] if plan.composite else []
-        return Result(total, grad, term_values, non_finite)
+        return Result(total, grad, term_values, non_finite, outputs)
 
     def _check_inputs(self, plan: Plan, tensors: Mapping[str, np.ndarray],
                       sample_weight: Optional[np.ndarray], reduction: str) -> None:
@@ -243,13 +244,15 @@ class Evaluator:
                                       reason="UNSUPPORTED_DTYPE")
         shapes = []
         for term in plan.terms:
-            if len(term.inputs) == 2:
-                true_name, pred_name = term.inputs
+            if len(term.inputs) >= 2:  # (y_true, y_pred) first, then optional state
+                true_name, pred_name = term.inputs[:2]
                 shape = values_shape(term.entry, term.params, tensors[true_name].shape,
                                      tensors[pred_name].shape)
                 check_labels(term.entry, term.params, tensors[true_name], tensors[pred_name].shape)
             else:
                 shape = None
+            term.entry.check_tensors(term.params, {own: tensors[given] for own, given in
+                                                   zip(term.entry.inputs, term.inputs) if given in tensors})
             shapes.append(shape)
             term_reduction = term.reduction or reduction
             if sample_weight is not None and shape is not None:
@@ -281,20 +284,21 @@ class Evaluator:
         outputs: list[Optional[tuple]] = []
         for term in plan.terms:
             loss = term.label if plan.composite else plan.metric_name
-            shapes = {own: tuple(tensors[given].shape) for own, given in zip(term.entry.inputs, term.inputs)}
+            shapes = {own: tuple(tensors[given].shape) for own, given in zip(term.entry.inputs, term.inputs)
+                      if given in tensors}
             try:
                 analysis = term.entry.value_shapes(shapes)
             except ShapeError as exc:
                 raise InvalidArgument(f"Loss `{loss}` cannot be evaluated on these inputs: {exc}",
                                       reason=exc.reason, metadata={"loss": loss}) from None
             largest, out = (analysis.largest, analysis.shape) if analysis is not None else (0, None)
-            if out is None and len(term.inputs) == 2:
+            if out is None and len(term.inputs) >= 2:
                 out = values_shape(term.entry, term.params, tensors[term.inputs[0]].shape,
                                    tensors[term.inputs[1]].shape)
             if out is not None and sample_weight is not None:
                 out = _weighted_shape(out, tuple(sample_weight.shape)) or out
                 largest = max(largest, math.prod(out))
-            received = [f"{given}.shape={list(tensors[given].shape)}" for given in term.inputs]
+            received = [f"{given}.shape={list(tensors[given].shape)}" for given in term.inputs if given in tensors]
             if sample_weight is not None:
                 received.append(f"sample_weight.shape={list(sample_weight.shape)}")
             _check_size(loss, largest, limit, received)
@@ -372,7 +376,8 @@ class Evaluator:
         try:
             compiled = backend.Compiled(
                 build(), specs, has_sample_weight=has_sw, gradient=gradient,
-                device=self.device, jit_compile=xla, on_trace=lambda: self._on_trace(plan))
+                device=self.device, jit_compile=xla, on_trace=lambda: self._on_trace(plan),
+                outputs=plan.outputs)
             with self._lock:
                 self._cache[key] = compiled
                 self._cache_ops += compiled.ops

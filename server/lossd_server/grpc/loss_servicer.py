@@ -283,6 +283,8 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                                                             field="gradient_output"))
         for label, value, weight in result.terms:
             answer.head.terms.add(label=label, value=wire.from_numpy(value), weight=weight)
+        for name, value in result.outputs.items():  # a loss's state: small, written into the head
+            answer.head.outputs[name].CopyFrom(wire.from_numpy(value, field=f"outputs[{name}]"))
         return answer
 
     # -- RPCs ----------------------------------------------------------------

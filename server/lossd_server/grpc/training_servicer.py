@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any, Iterator
 
+import numpy as np
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
@@ -124,8 +125,15 @@ def job_to_proto(job: JobRecord) -> pb.Job:
         progress=pb.JobProgress(epochs_completed=p.get("epochs_completed", 0), epochs=p.get("epochs", 0),
                                 step=p.get("step", 0), steps_per_epoch=p.get("steps_per_epoch", 0),
                                 examples_per_second=p.get("examples_per_second", 0.0),
-                                eta_seconds=p.get("eta_seconds", 0.0), metrics=p.get("metrics", {})))
+                                eta_seconds=p.get("eta_seconds", 0.0), metrics=p.get("metrics", {}),
+                                loss_state=_loss_state(p)))
     return message
+
+
+def _loss_state(payload: dict) -> dict:
+    """A stateful loss's state (stored as nested lists) as Tensors, by name."""
+    return {name: wire.from_numpy(np.asarray(value, np.float32), field=f"loss_state[{name}]")
+            for name, value in (payload.get("loss_state") or {}).items()}
 
 
 def event_to_proto(event: Event) -> pb.JobEvent:
@@ -141,7 +149,8 @@ def event_to_proto(event: Event) -> pb.JobEvent:
     elif event.kind == "progress":
         message.progress.CopyFrom(pb.JobEvent.Progress(
             epoch=d["epoch"], epochs=d["epochs"], step=d["step"], steps_per_epoch=d["steps_per_epoch"],
-            loss=d["loss"], examples_per_second=d["examples_per_second"], eta_seconds=d["eta_seconds"]))
+            loss=d["loss"], examples_per_second=d["examples_per_second"], eta_seconds=d["eta_seconds"],
+            loss_state=_loss_state(d)))
     else:
         message.message = d.get("text", "")
     return message

@@ -1,5 +1,5 @@
 """Custom losses: expression losses (inline or registered), lossd's built-in
-terms (``vae_kl``), and Python plugins installed through the ``lossd.losses``
+losses (``vae_kl``, ``matrix_crossentropy``), and Python plugins installed through the ``lossd.losses``
 entry-point group.
 
 Expressions are checked and compiled by ``lossd_server.losses.expressions`` (never
@@ -27,6 +27,7 @@ import keras
 from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from lossd_server.losses.expressions import (ExpressionError, compile_expression, row_structure,
                                              value_shapes)
+from lossd_server.losses.matrix import matrix_entry
 from lossd_server.losses.registry import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
                                  _first_sentence, _param_type, default_registry)
 
@@ -147,7 +148,7 @@ def builtin_entries() -> list[LossEntry]:
                               doc="KL divergence of a VAE's latent Gaussian from N(0, 1): "
                                   "-0.5 * mean(1 + log_var - mean^2 - exp(log_var)) over the last axis.",
                               source="builtin")
-    return [vae_kl]
+    return [vae_kl, matrix_entry()]
 
 
 # ---------------------------------------------------------------------------

@@ -57,8 +57,22 @@ class Plan:
 
     @functools.cached_property
     def tensor_names(self) -> frozenset[str]:
-        """Every tensor the terms read (computed once: plans are cached and reused)."""
-        return frozenset(name for term in self.terms for name in term.inputs)
+        """Every tensor the terms require (computed once: plans are cached and reused)."""
+        return frozenset(given for term in self.terms for own, given in zip(term.entry.inputs, term.inputs)
+                         if own not in term.entry.optional_inputs)
+
+    @functools.cached_property
+    def optional_tensor_names(self) -> frozenset[str]:
+        """The tensors terms read when the request carries them
+        (``LossEntry.optional_inputs``), and not required by another term."""
+        return frozenset(given for term in self.terms for own, given in zip(term.entry.inputs, term.inputs)
+                         if own in term.entry.optional_inputs) - self.tensor_names
+
+    @functools.cached_property
+    def outputs(self) -> tuple[str, ...]:
+        """The named outputs the program returns besides the loss
+        (``LossEntry.outputs``), in term order; the planner keeps them unique."""
+        return tuple(name for term in self.terms for name in term.entry.outputs)
 
     def to_spec(self) -> dict[str, Any]:
         """A self-contained spec dict that plans back to an equal program.
@@ -147,6 +161,12 @@ class Planner:
                 raise InvalidArgument(
                     "Composite term labels must be unique; set `label` on each term. Expected distinct labels. "
                     f"Received: {dupes[0]!r} twice.", reason="BAD_LOSS_SPEC")
+            outputs = [name for t in terms for name in t.entry.outputs]
+            twice = sorted({x for x in outputs if outputs.count(x) > 1})
+            if twice:
+                raise InvalidArgument(
+                    f"Composite terms return named outputs, which must be unique. Expected at most one term "
+                    f"returning {twice[0]!r}. Received: {outputs.count(twice[0])}.", reason="BAD_LOSS_SPEC")
             return self._checked(_finish(terms, composite=True))
         entry, params = self._resolve(spec, "loss", tensor_names)
         inputs = entry.inputs if entry.source != "keras" else DEFAULT_INPUTS
@@ -232,29 +252,46 @@ def _finish(terms: tuple[Term, ...], composite: bool) -> Plan:
 
 
 # A loss program: takes the named tensors (and optionally sample_weight),
-# returns (total, term values).
-Program = Callable[[Mapping[str, Any], Optional[Any]], tuple[Any, list]]
+# returns (total, term values, named outputs).
+Program = Callable[[Mapping[str, Any], Optional[Any]], tuple[Any, list, dict]]
 
 
 def build_program(plan: Plan, reduction: str, dtype: str) -> Program:
     """The function evaluation compiles and training calls: builds each term's
-    Keras loss once, then returns ``(weighted sum of the terms, term values)``.
+    Keras loss once, then returns ``(weighted sum of the terms, term values,
+    named outputs)``. The outputs (``LossEntry.outputs``, such as
+    ``matrix_crossentropy``'s updated matrix) are computed in the same
+    program, from the same inputs; they are empty for most losses.
 
     Each term uses its own reduction, or ``reduction`` where it sets none.
+    An optional input the tensors lack is passed as None.
+
+    The program's ``initial_outputs(y_pred_shape)`` is the state the outputs
+    start from (what each term uses when its optional input is absent), for
+    a caller that keeps the state, as a training job does.
     """
     built = [(term, term.entry.build(term.params, term.reduction or reduction, dtype)) for term in plan.terms]
 
     def program(tensors, sample_weight):
         values = []
+        outputs = {}
         total = None
         for term, obj in built:
             # Every entry's loss takes its inputs positionally, in entry.inputs order.
-            value = obj(*[tensors[n] for n in term.inputs], sample_weight=sample_weight)
+            inputs = [tensors.get(n) for n in term.inputs]
+            value = obj(*inputs, sample_weight=sample_weight)
             values.append(value)
+            if term.entry.outputs:
+                outputs.update(obj.outputs(*inputs))
             weighted = value if term.weight == 1.0 else value * term.weight
             total = weighted if total is None else total + weighted
-        return total, values
+        return total, values, outputs
 
+    def initial_outputs(y_pred_shape):
+        return {name: value for term, obj in built if term.entry.outputs
+                for name, value in obj.initial_outputs(y_pred_shape).items()}
+
+    program.initial_outputs = initial_outputs
     return program
 
 
@@ -268,8 +305,9 @@ ROW_PARAMETER_PREFIX = "param_"       # + name: one value per row, shaped to bro
 def row_family(plan: Plan) -> Optional[tuple[str, tuple[str, ...]]]:
     """What plans may share one rows program: a key equal for plans that
     differ only in the values of their entry's ``row_parameters``, and the
-    names of those parameters. None for a composite (not batched)."""
-    if plan.composite:
+    names of those parameters. None for a composite, or a loss with
+    outputs (its state is updated from the whole batch): not batched."""
+    if plan.composite or plan.outputs:
         return None
     term = plan.terms[0]
     names = tuple(sorted(p for p in term.entry.row_parameters if isinstance(term.params.get(p), float)))
@@ -292,7 +330,7 @@ def build_rows_program(plan: Plan, dtype: str, row_params: Sequence[str]) -> Pro
     ``reduce_values`` does for that request alone. The total is the sum of
     the requests' reduced losses: its gradient with respect to the
     concatenated y_pred is, in each request's rows, that request's own
-    gradient. Returns ``(total, [reduced loss per request, weighted values])``.
+    gradient. Returns ``(total, [reduced loss per request, weighted values], {})``.
     """
     from keras import ops
 
@@ -311,6 +349,6 @@ def build_rows_program(plan: Plan, dtype: str, row_params: Sequence[str]) -> Pro
         divisors = (tensors[ROW_DIVISOR_ROWS] * ops.cast(ops.shape(per_row)[1], "float64")
                     + tensors[ROW_DIVISOR_FIXED])
         reduced = ops.cast(ops.divide_no_nan(sums, divisors), dtype)
-        return ops.sum(reduced), [reduced, values]
+        return ops.sum(reduced), [reduced, values], {}
 
     return program

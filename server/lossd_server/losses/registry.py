@@ -99,6 +99,20 @@ class LossEntry:
             different values in one call). An explicit allow-list, checked
             against Keras by tests/server/test_batching.py; a parameter Keras
             branches on in Python (``if label_smoothing:``) is never in it.
+        optional_inputs: Those of ``inputs`` a request may leave out: the
+            loss then starts from a documented default (a stateful loss's
+            initial state). The others are required.
+        outputs: Names of the tensors the loss returns besides its value
+            (a stateful loss's updated state): its built object has a method
+            ``outputs(*inputs) -> {name: tensor}`` taking its inputs as the
+            loss does (None for an optional input left out), run in the same
+            compiled program, and ``initial_outputs(y_pred_shape)``, the state
+            it starts from. A loss with outputs is never split into rows
+            (batching, EvaluateChunked): its state is updated from the whole batch.
+        check_tensors: ``check_tensors(params, tensors)``, given the tensors
+            present by the entry's own input names, refuses those the shape
+            conventions cannot judge (a state of the wrong shape or dtype)
+            with InvalidArgument, before anything is traced.
     """
 
     name: str
@@ -115,6 +129,9 @@ class LossEntry:
     expression: str = ""
     value_shapes: Callable[[Mapping[str, tuple]], Any] = lambda shapes: None
     row_parameters: frozenset[str] = frozenset()
+    optional_inputs: frozenset[str] = frozenset()
+    outputs: tuple[str, ...] = ()
+    check_tensors: Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], None] = lambda params, tensors: None
 
     def describe(self) -> dict:
         """A JSON-friendly description, as ListLosses returns it."""

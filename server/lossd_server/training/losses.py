@@ -80,7 +80,10 @@ def check_suits_model(plan: Plan, model_kind: str) -> None:
     """Refuses (INCOMPATIBLE_LOSS) a plan that cannot train this kind of model."""
     for i, term in enumerate(plan.terms):
         where = f"terms[{i}]" if plan.composite else "loss"
-        if term.inputs != tuple(n for n in TRAINING_INPUTS if n in term.inputs):
+        # Optional inputs are a stateful loss's state, which the job keeps (PlanLoss.build_state).
+        required = tuple(given for own, given in zip(term.entry.inputs, term.inputs)
+                         if own not in term.entry.optional_inputs)
+        if required != tuple(n for n in TRAINING_INPUTS if n in required):
             raise _incompatible(
                 f"{where}: loss `{_name(term)}` reads {list(term.inputs)}; a training job feeds a loss the labels "
                 "and the model's output only. Expected a loss of (y_true, y_pred).", _name(term))
@@ -88,6 +91,11 @@ def check_suits_model(plan: Plan, model_kind: str) -> None:
             raise _incompatible(
                 f"{where}: loss `{_name(term)}` does not read y_pred, so it cannot train the model. "
                 f"Expected a loss of (y_true, y_pred). Received: a loss of {list(term.inputs)}.", _name(term))
+    if plan.outputs and model_kind != CLASSIFIER:
+        raise _incompatible(
+            f"Loss `{plan.metric_name}` keeps state over the classes ({', '.join(plan.outputs)}), so it trains "
+            "classifiers only. Expected a classifier preset (cnn, mlp), or a reconstruction loss such as `mse` "
+            "for the vae.", plan.metric_name)
     if model_kind == CLASSIFIER:
         label_format(plan)  # refuses what cannot take integer or one-hot labels
         from_logits(plan)  # refuses terms that disagree
@@ -121,7 +129,8 @@ def label_format(plan: Plan) -> str:
             continue
         if term.entry.shapes == SHAPES_SPARSE:
             formats.add(SPARSE)
-        elif term.entry.shapes == SHAPES_ANY:
+        elif term.entry.shapes == SHAPES_ANY or term.entry.source == "builtin":
+            # lossd's own classifier losses (matrix_crossentropy) have no sparse twin.
             formats.add(ONE_HOT)
         else:
             twin = _SPARSE_TWINS.get(term.entry.name)
@@ -197,9 +206,32 @@ class PlanLoss(keras.losses.Loss):
         super().__init__(name=name or plan.metric_name, reduction=reduction, dtype=dtype)
         self.plan = plan
         self._program = build_program(plan, reduction, self.dtype)
+        self.state: dict[str, Any] = {}  # output name -> non-trainable keras.Variable (build_state)
+        self.updating = None  # a bool variable: whether a call updates the state (training, not validation)
+
+    def build_state(self, y_pred_shape) -> dict:
+        """Makes the loss keep its plan's outputs (``Plan.outputs``, such as
+        ``matrix_crossentropy``'s matrix) as non-trainable variables, fed
+        back as the optional inputs of the same names and updated by every
+        call while ``updating`` is true; they start from the program's
+        ``initial_outputs``. Returns the variables by name (none for a
+        stateless loss). Without it the loss is stateless: each call starts
+        from the initial state."""
+        if self.plan.outputs and not self.state:
+            for name, value in self._program.initial_outputs(y_pred_shape).items():
+                self.state[name] = keras.Variable(value, trainable=False, dtype=self.dtype, name=f"loss_{name}")
+            self.updating = keras.Variable(True, trainable=False, dtype="bool", name="loss_state_updating")
+        return self.state
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        total, _ = self._program({"y_true": y_true, "y_pred": y_pred}, sample_weight)
+        tensors = {"y_true": y_true, "y_pred": y_pred}
+        for term in self.plan.terms:
+            for own, given in zip(term.entry.inputs, term.inputs):
+                if own in term.entry.optional_inputs and own in self.state:
+                    tensors[given] = self.state[own]
+        total, _, outputs = self._program(tensors, sample_weight)
+        for name, variable in self.state.items():
+            variable.assign(keras.ops.where(self.updating, outputs[name], variable))
         return total
 
     def get_config(self):

@@ -373,7 +373,8 @@ class Scheduler:
             job = jobs.lookup(self.store, job_id)
             progress = {**job.progress, "step": report["step"], "steps_per_epoch": report["steps_per_epoch"],
                         "examples_per_second": report["examples_per_second"], "eta_seconds": report["eta_seconds"],
-                        "metrics": {**job.progress.get("metrics", {}), "loss": report["loss"]}}
+                        "metrics": {**job.progress.get("metrics", {}), "loss": report["loss"]},
+                        "loss_state": report.get("loss_state") or {}}
             self.store.update_job(job_id, progress=progress, event=("progress", report))
             run.rate = report["examples_per_second"]
             new_examples = max(report["examples"] - run.counted_examples, 0)

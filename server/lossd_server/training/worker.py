@@ -5,7 +5,8 @@ with ``model.fit`` and reports through a queue.
 Files under ``<data_dir>/jobs/<id>/``:
 
 - ``checkpoints/epoch-N.weights.h5`` and ``checkpoint.json`` (which epoch is
-  the latest, and the history so far): written every epoch, atomically, so a
+  the latest, the history so far, a stateful loss's state and the dropout
+  layers' random-number states): written every epoch, atomically, so a
   process killed at any moment leaves a usable checkpoint. Model *and*
   optimizer state are saved, so a resumed job continues where it stopped.
 - ``model.keras``, ``history.json`` and ``logs/`` (TensorBoard) at the end.
@@ -38,6 +39,9 @@ HISTORY_FILE = "history.json"
 LOGS_DIR = "logs"
 PID_FILE = "worker.pid"
 TEMP_PATTERNS = ("tmp-*", "*.tmp", f"{CHECKPOINT_DIR}/tmp-*")
+# Progress events carry a stateful loss's state (matrix_crossentropy's K x K
+# matrix) up to this many elements (64 classes); checkpoints keep it whole.
+MAX_REPORTED_STATE_ELEMENTS = 4096
 # Never send a stack trace to a client: only the exception type and the
 # first part of its message, which for training errors is what users need.
 _MAX_MESSAGE = 500
@@ -216,11 +220,6 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     steps = min(spec["steps_per_epoch"] or full_steps, full_steps)
     examples_per_epoch = min(steps * batch_size, len(x_train))
 
-    train = tf.data.Dataset.from_tensor_slices((x_train, y_train)).shuffle(
-        len(x_train), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    if steps < full_steps:
-        train = train.take(steps)
-    train = train.prefetch(tf.data.AUTOTUNE)
     val = (tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(max(batch_size, 256)).prefetch(2)
            if n_val else None)
 
@@ -228,12 +227,17 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     model = models.build_model(model_spec["preset"], model_spec["params"], runtime["image_shape"],
                                len(runtime["class_names"]), logits=runtime.get("logits", False), seed=seed)
     optimizer = models.build_optimizer(spec["optimizer"])
+    loss, loss_state = None, {}
     if config["model_kind"] == models.GENERATOR:
         # Per-pixel values (reduction none): the VAE sums them over each image.
         recon = PlanLoss(plan, reduction="none") if plan is not None else None
         model.compile(optimizer=optimizer, reconstruction_loss=recon)
     else:
-        model.compile(optimizer=optimizer, loss=PlanLoss(plan), metrics=list(spec["metrics"]))
+        loss = PlanLoss(plan)
+        # A stateful loss (matrix_crossentropy) keeps its state as variables
+        # beside the model, checkpointed and reported with it.
+        loss_state = loss.build_state((None, len(runtime["class_names"])))
+        model.compile(optimizer=optimizer, loss=loss, metrics=list(spec["metrics"]))
 
     ckpt_dir = job_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(exist_ok=True)
@@ -247,6 +251,13 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
         model.load_weights(ckpt_dir / checkpoint["weights"])
         initial_epoch = int(checkpoint["epoch"])
         history = checkpoint["history"]
+        for name, value in (checkpoint.get("loss_state") or {}).items():
+            if name in loss_state:
+                loss_state[name].assign(np.asarray(value, dtype=loss_state[name].dtype))
+        seeds = checkpoint.get("seed_states") or {}
+        for variable in seed_states(model):
+            if variable.path in seeds:
+                variable.assign(np.asarray(seeds[variable.path], dtype=variable.dtype))
         send("message", text=f"Resuming from the checkpoint of epoch {initial_epoch}; "
                              f"{epochs - initial_epoch} epochs to go.", resumed_from_epoch=initial_epoch)
     send("message", text=f"Training {model_spec['preset']} on {len(x_train)} images ({n_val} held out for "
@@ -255,15 +266,48 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
 
     reporter = _Reporter(send, job_dir, history, epochs=epochs, steps=steps, batch_size=batch_size,
                          examples_per_epoch=examples_per_epoch, n_train=len(x_train),
-                         progress_every=config["progress_every"])
+                         progress_every=config["progress_every"], loss=loss)
     callbacks = [reporter, _make_scalar_logger(job_dir / LOGS_DIR)]
     if initial_epoch < epochs:
+        train = training_batches(x_train, y_train, seed=seed, batch_size=batch_size, steps=steps,
+                                 epochs=range(initial_epoch, epochs))
         model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch, verbose=0, shuffle=False,
-                  callbacks=callbacks)
+                  steps_per_epoch=steps, callbacks=callbacks)
 
     _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE), model.save)
     _write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")
+
+
+def seed_states(model) -> list:
+    """The model's random-number states (dropout's seed generators): not
+    among the weights ``save_weights`` writes, so checkpoints keep them
+    beside, and a resumed job draws the masks an uninterrupted run would."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
+def epoch_order(seed: int, epoch: int, n: int):
+    """The order of the training examples in epoch ``epoch`` (from 0): a
+    permutation drawn from ``(seed, epoch)`` alone, so a job resumed at any
+    epoch sees the batches an uninterrupted run would have seen."""
+    import numpy as np
+
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+def training_batches(x, y, *, seed: int, batch_size: int, steps: int, epochs: range):
+    """The training batches of ``epochs``, one after another: each epoch's
+    first ``steps`` batches in ``epoch_order``. ``model.fit`` reads them with
+    ``steps_per_epoch=steps``, which keeps one iterator across epochs."""
+    import numpy as np
+    import tensorflow as tf
+
+    orders = np.stack([epoch_order(seed, e, len(x)) for e in epochs])
+    x, y = tf.constant(x), tf.constant(y)
+    batches = tf.data.Dataset.from_tensor_slices(orders).flat_map(
+        lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size).take(steps))
+    return batches.map(lambda index: (tf.gather(x, index), tf.gather(y, index)),
+                       num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def vae_gradient_step(model, images):
@@ -332,13 +376,31 @@ def _make_reporter_class():
         checkpoints then reports at every epoch's end."""
 
         def __init__(self, send, job_dir: pathlib.Path, history: dict, *, epochs: int, steps: int,
-                     batch_size: int, examples_per_epoch: int, n_train: int, progress_every: int):
+                     batch_size: int, examples_per_epoch: int, n_train: int, progress_every: int, loss=None):
             super().__init__()
             self.send, self.job_dir, self.history = send, job_dir, history
+            # A stateful loss (``PlanLoss.build_state``): its state updates on
+            # training batches only, and is checkpointed and reported.
+            self.loss = loss if loss is not None and loss.state else None
             self.epochs, self.steps, self.batch_size = epochs, steps, batch_size
             self.examples_per_epoch, self.n_train = examples_per_epoch, n_train
             self.progress_every = progress_every
             self.rate = 0.0
+
+        def on_test_begin(self, logs=None):
+            if self.loss is not None:  # validation batches must not move the loss's state
+                self.loss.updating.assign(False)
+
+        def on_test_end(self, logs=None):
+            if self.loss is not None:
+                self.loss.updating.assign(True)
+
+        def _loss_state(self, limit: Optional[int] = None) -> dict:
+            """The loss's state as lists, leaving out values of more than ``limit`` elements."""
+            if self.loss is None:
+                return {}
+            values = {name: variable.numpy() for name, variable in self.loss.state.items()}
+            return {name: v.tolist() for name, v in values.items() if limit is None or v.size <= limit}
 
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
@@ -367,7 +429,8 @@ def _make_reporter_class():
             self.send("progress", epoch=self.epoch + 1, epochs=self.epochs, step=batch + 1,
                       steps_per_epoch=self.steps, loss=float(loss) if loss is not None else 0.0,
                       examples=done, examples_per_second=self.rate,
-                      eta_seconds=remaining / self.rate if self.rate > 0 else 0.0)
+                      eta_seconds=remaining / self.rate if self.rate > 0 else 0.0,
+                      loss_state=self._loss_state(MAX_REPORTED_STATE_ELEMENTS))
 
         def on_epoch_end(self, epoch, logs=None):
             now = time.perf_counter()
@@ -387,7 +450,9 @@ def _make_reporter_class():
             name = f"epoch-{epoch}.weights.h5"
             _replace_from_temp(ckpt_dir / name, ckpt_dir / f"tmp-{name}", self.model.save_weights)
             _write_json_atomic(self.job_dir / CHECKPOINT_META,
-                               {"epoch": epoch, "weights": name, "history": self.history})
+                               {"epoch": epoch, "weights": name, "history": self.history,
+                                "loss_state": self._loss_state(),
+                                "seed_states": {v.path: v.numpy().tolist() for v in seed_states(self.model)}})
             for old in ckpt_dir.glob("epoch-*.weights.h5"):
                 if old.name != name:
                     old.unlink(missing_ok=True)

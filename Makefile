@@ -22,20 +22,24 @@ serve: $(STAMP)
 	$(VENV)/bin/lossd serve
 
 # System tools the tests run besides the Python packages: Prometheus's server
-# and promtool, both in the Debian/Ubuntu package `prometheus`. As root with
-# apt-get they are installed here; otherwise make stops with one line saying
-# what to install. The tests fail (never skip) without them.
+# and promtool, both in the Debian/Ubuntu package `prometheus`, and
+# PostgreSQL's initdb and pg_ctl (package `postgresql`, whose binaries live
+# in /usr/lib/postgresql/<version>/bin). As root with apt-get they are
+# installed here; otherwise make stops with one line saying what to install.
+# The tests fail (never skip) without them.
 TEST_TOOLS ?= prometheus promtool
 APT_GET ?= apt-get
 missing_tools = $(strip $(foreach tool,$(TEST_TOOLS),$(if $(shell PATH="$(VENV)/bin:$$PATH" command -v $(tool)),,$(tool))))
+missing_postgres = $(if $(shell command -v initdb || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null),,postgresql)
+missing_packages = $(strip $(if $(missing_tools),prometheus) $(missing_postgres))
 can_apt = $(and $(filter 0,$(shell id -u)),$(shell command -v $(APT_GET)))
 
 test-tools:
-	$(if $(missing_tools),$(if $(can_apt),,$(error make test needs $(missing_tools): install the 'prometheus' package (sudo apt-get install prometheus) or put Prometheus's binaries on PATH)))
-	@$(if $(missing_tools),echo "make test: installing $(missing_tools) (apt-get install prometheus)" \
+	$(if $(missing_packages),$(if $(can_apt),,$(error make test needs the packages $(missing_packages): install them (sudo apt-get install $(missing_packages)) or put their binaries on PATH)))
+	@$(if $(missing_packages),echo "make test: installing $(missing_packages) (apt-get install $(missing_packages))" \
 	    && $(APT_GET) update -qq \
-	    && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends prometheus >/dev/null \
-	    && { (systemctl stop prometheus || service prometheus stop) >/dev/null 2>&1 || true; },:)
+	    && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends $(missing_packages) >/dev/null \
+	    && { (systemctl stop prometheus postgresql || { service prometheus stop; service postgresql stop; }) >/dev/null 2>&1 || true; },:)
 
 # Install what is needed and run the whole test suite.
 test: test-tools $(STAMP)

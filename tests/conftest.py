@@ -11,6 +11,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
+from postgres import running_postgres
 from servers import lossd_servers
 
 
@@ -30,6 +31,14 @@ def server(tmp_path_factory):
     srv.start()
     yield srv
     srv.stop(0)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (``tests/postgres.py``) for the whole session;
+    ``postgres.create_database()`` gives each test an empty database."""
+    with running_postgres() as pg:
+        yield pg
 
 
 @pytest.fixture(scope="session")

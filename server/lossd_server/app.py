@@ -252,7 +252,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         except SecurityFileError as exc:
             raise StartupError(str(exc)) from exc
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    state = open_store(settings.data_dir)  # jobs, datasets and registered losses
+    state = open_store(settings)  # jobs, datasets and registered losses
     store = None
     if registry is None:
         registry = full_registry(plugins=True)

@@ -21,12 +21,13 @@ import os
 import pathlib
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from typing import Iterator, Optional
+
+from servers import free_port
 
 # The user that runs the cluster when the tests run as root.
 UNPRIVILEGED_USER = "nobody"
@@ -47,12 +48,6 @@ def binaries() -> pathlib.Path:
             return pathlib.Path(folder)
     raise RuntimeError("PostgreSQL is not installed: the PostgreSQL store tests need initdb and pg_ctl "
                        "(apt-get install postgresql, or run `make test-tools` as root)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:
@@ -99,7 +94,7 @@ def running_postgres() -> Iterator[PostgresServer]:
     as_user = _as_user(run_as)
     env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
     db_user = "lossd"
-    port = _free_port()
+    port = free_port()
     try:
         done = subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", db_user, "--auth=trust",
                                "--no-sync", "-E", "UTF8"], capture_output=True, text=True, timeout=120, env=env,

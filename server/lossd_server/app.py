@@ -85,6 +85,9 @@ class Server:
     metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
     admission: Optional[Admission] = None  # what evaluations may run now (evaluation/admission.py)
     shared_memory: object = None  # the SharedMemoryServicer, with settings.shm
+    # The registered losses (custom.ExpressionStore) when the store is shared
+    # with other replicas: it follows their registrations while the server runs.
+    followed_losses: object = None
     services: list = dataclasses.field(default_factory=lambda: list(SERVICE_NAMES))  # offered: health reports them
     # What was moved to the quarantine at start (Quarantine.items); empty when healthy.
     quarantined: list = dataclasses.field(default_factory=list)
@@ -116,6 +119,8 @@ class Server:
             start_training = getattr(self.training, "start", None)
             if start_training is not None:
                 start_training()
+            if self.followed_losses is not None:
+                self.followed_losses.start_following(self.settings.shared_state_poll_seconds)
         except BaseException:
             self.stop(0)
             raise
@@ -169,6 +174,8 @@ class Server:
         if self.shared_memory is not None:  # session streams would hold the grace; calls keep their mappings
             self.shared_memory.close()
         self.grpc_server.stop(grace).wait()
+        if self.followed_losses is not None:
+            self.followed_losses.stop_following()
         if self.training is not None:
             self.training.stop()
             self.training = None
@@ -333,7 +340,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
          reflection.SERVICE_NAME], server)
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
                   quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
-                  metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services)
+                  metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,
+                  followed_losses=store if store is not None and state.shared else None)
 
 
 def serve(settings: Settings) -> int:

@@ -75,6 +75,7 @@ class TrainingManager:
 
     def __init__(self, settings, planner: Planner, metrics=None, *, gpus: int, store: Store | None = None):
         root = artifacts_root(settings)
+        root.mkdir(parents=True, exist_ok=True)
         self.planner = planner
         self.metrics = metrics
         self.store = store if store is not None else open_store(settings)

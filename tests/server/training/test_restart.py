@@ -6,54 +6,15 @@ command, in its own process group so nothing outlives the test."""
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 import lossd
+from servers import kill_group, serve_process
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(data_dir: pathlib.Path, log: pathlib.Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    lossd_cmd = pathlib.Path(sys.executable).with_name("lossd")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.Popen([str(lossd_cmd), "serve", "--port", str(port), "--metrics-port", "off",
-                             "--data-dir", str(data_dir), "--grace-seconds", "0"],
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    with lossd.Client(address, timeout=2) as client:
-        while True:
-            try:
-                client.list_jobs(limit=1)
-                return proc, address
-            except lossd.LossdError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"lossd serve did not start:\n{log.read_text()[-3000:]}")
-                time.sleep(0.3)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    # The whole group: the server and any job process it started.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
 
 
 def _alive(pid: int) -> bool:
@@ -66,7 +27,7 @@ def _alive(pid: int) -> bool:
 
 def test_kill_9_then_restart_resumes_from_checkpoint(tmp_path):
     data_dir, log = tmp_path / "data", tmp_path / "server.log"
-    server, address = _start(data_dir, log)
+    server, address = serve_process(data_dir, log)
     try:
         with lossd.Client(address, timeout=120) as client:
             finished = client.wait(client.create_job("mlp", "digits", epochs=1, steps_per_epoch=2), progress=False)
@@ -86,9 +47,9 @@ def test_kill_9_then_restart_resumes_from_checkpoint(tmp_path):
         while _alive(worker_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(worker_pid), "the job process outlived the killed server"
-        _stop(server)
+        kill_group(server)
 
-        server, address = _start(data_dir, log)
+        server, address = serve_process(data_dir, log)
         with lossd.Client(address, timeout=180) as client:
             assert client.get_job(finished).state == "succeeded"
             resumed = client.wait(job, progress=False)
@@ -105,4 +66,4 @@ def test_kill_9_then_restart_resumes_from_checkpoint(tmp_path):
         states = [e.state for e in events if e.kind == "state"]
         assert states == ["queued", "running", "queued", "running", "succeeded"]
     finally:
-        _stop(server)
+        kill_group(server)

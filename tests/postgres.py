@@ -54,10 +54,15 @@ class PostgresServer:
     """A running cluster: ``url(database)`` connects to it, ``create_database()``
     makes a fresh empty database (each test its own)."""
 
-    def __init__(self, folder: pathlib.Path, port: int, user: str):
+    def __init__(self, folder: pathlib.Path, port: int, user: str, *, bin_dir: pathlib.Path, options: str,
+                 env: dict, as_user: dict):
         self.folder = folder
         self.port = port
         self.user = user
+        self.bin_dir = bin_dir
+        self.options = options
+        self.env = env
+        self.as_user = as_user
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
@@ -70,6 +75,21 @@ class PostgresServer:
         with psycopg.connect(self.url(), autocommit=True) as db:
             db.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+    def stop(self) -> None:
+        """Stops the server (fast shutdown: clients are disconnected); ``start`` starts it again."""
+        self._ctl("-m", "fast", "stop")
+
+    def start(self) -> None:
+        self._ctl("-o", self.options, "start")
+
+    def _ctl(self, *args: str) -> None:
+        done = subprocess.run([str(self.bin_dir / "pg_ctl"), "-D", str(self.folder / "data"), "-l",
+                               str(self.folder / "server.log"), "-w", "-t", "60", *args], capture_output=True,
+                              text=True, timeout=90, env=self.env, cwd=self.folder, **self.as_user)
+        if done.returncode != 0:
+            log = (self.folder / "server.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"pg_ctl {args[-1]} failed ({done.returncode}): {done.stderr[-1000:]}\n{log}")
 
 
 def _as_user(user: Optional[str]) -> dict:
@@ -87,7 +107,7 @@ def running_postgres() -> Iterator[PostgresServer]:
     bin_dir = binaries()
     run_as = UNPRIVILEGED_USER if os.geteuid() == 0 else None
     folder = pathlib.Path(tempfile.mkdtemp(prefix="lossd-pg-"))
-    data, log = folder / "data", folder / "server.log"
+    data = folder / "data"
     if run_as is not None:
         record = pwd.getpwnam(run_as)
         os.chown(folder, record.pw_uid, record.pw_gid)
@@ -104,13 +124,9 @@ def running_postgres() -> Iterator[PostgresServer]:
         options = (f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={folder} "
                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
                    "-c shared_buffers=32MB")
-        done = subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w",
-                               "-t", "60", "start"], capture_output=True, text=True, timeout=90, env=env, cwd=folder,
-                              **as_user)
-        if done.returncode != 0:
-            server_log = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeError(f"pg_ctl start failed ({done.returncode}): {done.stderr[-1000:]}\n{server_log}")
-        yield PostgresServer(folder, port, db_user)
+        server = PostgresServer(folder, port, db_user, bin_dir=bin_dir, options=options, env=env, as_user=as_user)
+        server.start()
+        yield server
     finally:
         _stop(bin_dir, data, env, folder, as_user)
         shutil.rmtree(folder, ignore_errors=True)

@@ -38,7 +38,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from lossd_server.errors import InvalidArgument, disk_full, disk_full_error
+from lossd_server.errors import InvalidArgument, Unavailable, disk_full, disk_full_error
 
 log = logging.getLogger(__name__)
 
@@ -796,7 +796,7 @@ class PostgresStore(Store):
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[_Connection]:
-        with self._pool.connection() as raw:
+        with self._reachable("reading the shared state"), self._pool.connection() as raw:
             yield _Connection(raw, POSTGRES)
 
     @contextlib.contextmanager
@@ -804,10 +804,28 @@ class PostgresStore(Store):
         from psycopg import errors
 
         try:
-            with self._pool.connection() as raw, raw.transaction():
+            with self._reachable(f"saving {what}"), self._pool.connection() as raw, raw.transaction():
                 yield _Connection(raw, POSTGRES)
         except errors.DiskFull as exc:
             raise disk_full_error(what) from exc
+
+    @contextlib.contextmanager
+    def _reachable(self, what: str) -> Iterator[None]:
+        """A database that cannot be reached (down, restarting, the pool
+        exhausted for its timeout) is UNAVAILABLE (DATABASE_UNAVAILABLE),
+        which clients retry; the pool replaces broken connections."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            yield
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            if isinstance(exc, psycopg.errors.DiskFull):
+                raise
+            log.warning("the PostgreSQL database is unreachable while %s: %s", what, str(exc).strip()[:300])
+            raise Unavailable(f"The shared database is unreachable: {what} failed. Expected the PostgreSQL server "
+                              f"at {_redact_url(self.url)} to answer; retry shortly.",
+                              reason="DATABASE_UNAVAILABLE") from None
 
     def close(self) -> None:
         self._pool.close()

@@ -181,3 +181,37 @@ def test_concurrent_creates_with_one_request_id_make_one_job(open_store):
         by_request.setdefault(job.request_id, set()).add(job.id)
     assert all(len(ids) == 1 for ids in by_request.values()) and len(by_request) == 10
     assert replicas[0].counts_by_state() == {"queued": 10}
+
+
+def test_an_unreachable_database_is_unavailable_and_a_restarted_one_is_used_again(tmp_path):
+    from postgres import running_postgres
+
+    from lossd_server.errors import Unavailable
+
+    with running_postgres() as pg:
+        store = PostgresStore(pg.url(), quarantine=Quarantine(tmp_path / "quarantine"), connect_timeout=2)
+        store.create_job(_job(1))
+        pg.stop()
+        with pytest.raises(Unavailable) as refused:
+            store.get_job("job1")
+        assert refused.value.reason == "DATABASE_UNAVAILABLE" and "Expected the PostgreSQL server" in \
+            refused.value.message
+        with pytest.raises(Unavailable):
+            store.create_job(_job(2))
+        pg.start()
+        job, _ = _until_available(lambda: store.get_job("job1"))
+        assert job.id == "job1"
+        store.close()
+
+
+def _until_available(call, seconds: float = 10.0):
+    from lossd_server.errors import Unavailable
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call(), time.monotonic()
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

@@ -41,6 +41,29 @@ def postgres():
         yield pg
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path):
+    """``open_store()`` opens a store on this test's database (a new SQLite
+    file, or a new PostgreSQL database); call it again to reopen the same
+    database, as another process or replica would. Every store is closed at the end."""
+    from lossd_server.training.store import PostgresStore, Quarantine, SqliteStore
+
+    opened = []
+    if request.param == "sqlite":
+        def opener():
+            opened.append(SqliteStore(tmp_path / "db.sqlite3"))
+            return opened[-1]
+    else:
+        url = request.getfixturevalue("postgres").create_database()
+
+        def opener():
+            opened.append(PostgresStore(url, quarantine=Quarantine(tmp_path / "quarantine")))
+            return opened[-1]
+    yield opener
+    for store in opened:
+        store.close()
+
+
 @pytest.fixture(scope="session")
 def address(server) -> str:
     return f"127.0.0.1:{server.port}"

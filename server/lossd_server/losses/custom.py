@@ -317,6 +317,9 @@ class ExpressionStore:
                     record = self._parse(name, text)
                     if self._records.get(name) == record:
                         continue
+                    taken = self.registry.canonical(name)
+                    if taken is not None and self.registry.get(taken).source != "expression":
+                        raise ValueError("a built-in or plugin loss of this replica has that name")
                     self.registry.register(self._entry(record), replace=True)
                 except (InvalidArgument, ValueError, TypeError, KeyError, AttributeError) as exc:
                     log.warning("registered loss %r from the store cannot be loaded here: %s", name,

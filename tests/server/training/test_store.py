@@ -10,29 +10,7 @@ import time
 import pytest
 
 from lossd_server.errors import InvalidArgument
-from lossd_server.training.store import (MIGRATIONS, JobRecord, PostgresStore, Quarantine, SqliteStore,
-                                         Store)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def open_store(request, tmp_path):
-    """``open_store()`` opens a store on this test's database (a new SQLite
-    file, or a new PostgreSQL database); call it again to reopen the same
-    database, as another process or replica would. Every store is closed at the end."""
-    opened: list[Store] = []
-    if request.param == "sqlite":
-        def opener() -> Store:
-            opened.append(SqliteStore(tmp_path / "db.sqlite3"))
-            return opened[-1]
-    else:
-        url = request.getfixturevalue("postgres").create_database()
-
-        def opener() -> Store:
-            opened.append(PostgresStore(url, quarantine=Quarantine(tmp_path / "quarantine")))
-            return opened[-1]
-    yield opener
-    for store in opened:
-        store.close()
+from lossd_server.training.store import MIGRATIONS, JobRecord, PostgresStore, Quarantine, SqliteStore
 
 
 def _job(i: int, request_id=None) -> JobRecord:

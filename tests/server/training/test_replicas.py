@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import lossd
-from servers import kill_group, lossd_servers, serve_process
+from servers import alive, kill_group, lossd_servers, serve_process
 
 # Short leases: a dead replica's job is taken over within seconds.
 LEASE_SECONDS = 2.0
@@ -137,6 +137,56 @@ def test_a_job_created_on_one_replica_runs_once_and_is_watched_from_the_other(re
     assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2]
     job_dir = pathlib.Path(shared["artifacts_dir"]) / "jobs" / job.id
     assert len(json.loads((job_dir / "history.json").read_text())["loss"]) == 2
+
+
+def _worker_pid(job_dir: pathlib.Path, other_than: int = 0, seconds: float = 60) -> int:
+    """The pid of the job's running process (written by the worker at start), once it is not ``other_than``."""
+    def running() -> int:
+        pid = int((job_dir / "worker.pid").read_text())
+        assert pid != other_than and alive(pid)
+        return pid
+
+    return _until(lambda: _retry_missing(running), seconds, step=0.1)[0]
+
+
+def _retry_missing(read):
+    try:
+        return read()
+    except (FileNotFoundError, ValueError) as exc:  # not written yet, or being written
+        raise AssertionError(str(exc)) from None
+
+
+def _dead(pid: int, seconds: float) -> float:
+    """Waits for ``pid`` to end; returns how long it took."""
+    def ended():
+        assert not alive(pid), f"process {pid} still runs"
+
+    return _until(ended, seconds, step=0.05)[1]
+
+
+def test_a_replica_that_lost_its_lease_stops_its_copy_and_any_replica_can_cancel_the_job(replica, shared):
+    a = replica()
+    with _client(a, 120) as ca:
+        job = ca.create_job("cnn", "digits", epochs=50, batch_size=8)  # runs until cancelled
+        job_dir = pathlib.Path(shared["artifacts_dir"]) / "jobs" / job.id
+        first = _worker_pid(job_dir)
+        # As if another replica had taken the job over while a stalled: a's
+        # next renewal finds the lease is not its own and stops its process.
+        a.training.store.update_job(job.id, lease_owner="another-replica")
+        assert _dead(first, 5) < 3
+        # "another-replica" never renews: once its lease runs out, a replica
+        # (a, or b started now) takes the job over and runs it again.
+        b = replica()
+        second = _worker_pid(job_dir, other_than=first)
+        with _client(b, 120) as cb:
+            cancelled = cb.cancel_job(job)  # whichever replica runs it hears of it from the database
+        assert cancelled.state == "cancelled"
+        assert _dead(second, 5) < 5
+        events = list(ca.watch(job))
+    took_over = [e for e in events if e.kind == "message" and "stopped renewing its lease" in e.message]
+    assert len(took_over) == 1
+    assert [e.state for e in events if e.kind == "state"] == ["queued", "running", "running", "cancelling",
+                                                              "cancelled"]
 
 
 # -- a replica killed with SIGKILL -------------------------------------------------------------------------------

@@ -12,17 +12,9 @@ import time
 import pytest
 
 import lossd
-from servers import kill_group, serve_process
+from servers import alive, kill_group, serve_process
 
 pytestmark = pytest.mark.slow
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line for line in f)
-    except FileNotFoundError:
-        return False
 
 
 def test_kill_9_then_restart_resumes_from_checkpoint(tmp_path):
@@ -39,14 +31,14 @@ def test_kill_9_then_restart_resumes_from_checkpoint(tmp_path):
         job_dir = data_dir / "jobs" / job.id
         assert json.loads((job_dir / "checkpoint.json").read_text())["epoch"] >= 1
         worker_pid = int((job_dir / "worker.pid").read_text())
-        assert _alive(worker_pid)
+        assert alive(worker_pid)
 
         server.send_signal(signal.SIGKILL)
         server.wait(10)
         deadline = time.monotonic() + 5
-        while _alive(worker_pid) and time.monotonic() < deadline:
+        while alive(worker_pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(worker_pid), "the job process outlived the killed server"
+        assert not alive(worker_pid), "the job process outlived the killed server"
         kill_group(server)
 
         server, address = serve_process(data_dir, log)

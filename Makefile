@@ -30,12 +30,14 @@ serve: $(STAMP)
 TEST_TOOLS ?= prometheus promtool
 APT_GET ?= apt-get
 missing_tools = $(strip $(foreach tool,$(TEST_TOOLS),$(if $(shell PATH="$(VENV)/bin:$$PATH" command -v $(tool)),,$(tool))))
-missing_postgres = $(if $(shell command -v initdb || ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null),,postgresql)
-missing_packages = $(strip $(if $(missing_tools),prometheus) $(missing_postgres))
+POSTGRES_INITDB ?= initdb
+POSTGRES_BIN_GLOB ?= /usr/lib/postgresql/*/bin
+missing_postgres = $(if $(shell command -v $(POSTGRES_INITDB) || ls $(POSTGRES_BIN_GLOB)/$(POSTGRES_INITDB) 2>/dev/null),,$(POSTGRES_INITDB))
+missing_packages = $(strip $(if $(missing_tools),prometheus) $(if $(missing_postgres),postgresql))
 can_apt = $(and $(filter 0,$(shell id -u)),$(shell command -v $(APT_GET)))
 
 test-tools:
-	$(if $(missing_packages),$(if $(can_apt),,$(error make test needs the packages $(missing_packages): install them (sudo apt-get install $(missing_packages)) or put their binaries on PATH)))
+	$(if $(missing_packages),$(if $(can_apt),,$(error make test needs $(strip $(missing_tools) $(missing_postgres)): install $(missing_packages) (sudo apt-get install $(missing_packages)) or put the binaries on PATH)))
 	@$(if $(missing_packages),echo "make test: installing $(missing_packages) (apt-get install $(missing_packages))" \
 	    && $(APT_GET) update -qq \
 	    && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends $(missing_packages) >/dev/null \

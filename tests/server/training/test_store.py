@@ -193,3 +193,16 @@ def _until_available(call, seconds: float = 10.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def test_a_database_that_never_answers_is_one_clear_error_without_the_password(tmp_path):
+    from servers import free_port
+
+    url = f"postgresql://lossd:s3cret-pw@127.0.0.1:{free_port()}/lossd"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ConnectionError) as refused:
+        PostgresStore(url, quarantine=Quarantine(tmp_path / "quarantine"), connect_timeout=1)
+    assert time.monotonic() - started < 10
+    message = str(refused.value)
+    assert "cannot connect to the PostgreSQL database at postgresql://lossd:***@127.0.0.1:" in message, message
+    assert "s3cret-pw" not in message

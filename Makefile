@@ -22,12 +22,18 @@ serve: $(STAMP)
 	$(VENV)/bin/lossd serve
 
 # System tools the tests run besides the Python packages: Prometheus's server
-# and promtool, both in the Debian/Ubuntu package `prometheus`. As root with
-# apt-get they are installed here; otherwise make stops with one line saying
-# what to install. The tests fail (never skip) without them.
+# and promtool, both in the Debian/Ubuntu package `prometheus`, and
+# PostgreSQL's initdb and pg_ctl (package `postgresql`, whose binaries live
+# in /usr/lib/postgresql/<version>/bin). As root with apt-get they are
+# installed here; otherwise make stops with one line saying what to install.
+# The tests fail (never skip) without them.
 TEST_TOOLS ?= prometheus promtool
 APT_GET ?= apt-get
 missing_tools = $(strip $(foreach tool,$(TEST_TOOLS),$(if $(shell PATH="$(VENV)/bin:$$PATH" command -v $(tool)),,$(tool))))
+POSTGRES_INITDB ?= initdb
+POSTGRES_BIN_GLOB ?= /usr/lib/postgresql/*/bin
+missing_postgres = $(if $(shell command -v $(POSTGRES_INITDB) || ls $(POSTGRES_BIN_GLOB)/$(POSTGRES_INITDB) 2>/dev/null),,$(POSTGRES_INITDB))
+missing_packages = $(strip $(if $(missing_tools),prometheus) $(if $(missing_postgres),postgresql))
 can_apt = $(and $(filter 0,$(shell id -u)),$(shell command -v $(APT_GET)))
 
 # kubectl renders deploy/k8s (`kubectl kustomize`; tests/deploy/test_k8s.py).
@@ -38,11 +44,11 @@ missing_k8s_tools = $(strip $(foreach tool,$(K8S_TOOLS),$(if $(shell command -v 
 
 test-tools:
 	$(if $(missing_k8s_tools),$(error make test needs $(missing_k8s_tools) 1.21 or newer, whose kustomize renders deploy/k8s: install it as https://kubernetes.io/docs/tasks/tools/ says, or put it on PATH))
-	$(if $(missing_tools),$(if $(can_apt),,$(error make test needs $(missing_tools): install the 'prometheus' package (sudo apt-get install prometheus) or put Prometheus's binaries on PATH)))
-	@$(if $(missing_tools),echo "make test: installing $(missing_tools) (apt-get install prometheus)" \
+	$(if $(missing_packages),$(if $(can_apt),,$(error make test needs $(strip $(missing_tools) $(missing_postgres)): install $(missing_packages) (sudo apt-get install $(missing_packages)) or put the binaries on PATH)))
+	@$(if $(missing_packages),echo "make test: installing $(missing_packages) (apt-get install $(missing_packages))" \
 	    && $(APT_GET) update -qq \
-	    && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends prometheus >/dev/null \
-	    && { (systemctl stop prometheus || service prometheus stop) >/dev/null 2>&1 || true; },:)
+	    && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends $(missing_packages) >/dev/null \
+	    && { (systemctl stop prometheus postgresql || { service prometheus stop; service postgresql stop; }) >/dev/null 2>&1 || true; },:)
 
 # Install what is needed and run the whole test suite.
 test: test-tools $(STAMP)

@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("LOSSD_WARMUP", "false")
 
 import pytest
+from postgres import running_postgres
 from servers import lossd_servers
 
 
@@ -33,6 +34,37 @@ def server(tmp_path_factory):
     srv.start()
     yield srv
     srv.stop(0)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server (``tests/postgres.py``) for the whole session;
+    ``postgres.create_database()`` gives each test an empty database."""
+    with running_postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path):
+    """``open_store()`` opens a store on this test's database (a new SQLite
+    file, or a new PostgreSQL database); call it again to reopen the same
+    database, as another process or replica would. Every store is closed at the end."""
+    from lossd_server.training.store import PostgresStore, Quarantine, SqliteStore
+
+    opened = []
+    if request.param == "sqlite":
+        def opener():
+            opened.append(SqliteStore(tmp_path / "db.sqlite3"))
+            return opened[-1]
+    else:
+        url = request.getfixturevalue("postgres").create_database()
+
+        def opener():
+            opened.append(PostgresStore(url, quarantine=Quarantine(tmp_path / "quarantine")))
+            return opened[-1]
+    yield opener
+    for store in opened:
+        store.close()
 
 
 @pytest.fixture(scope="session")

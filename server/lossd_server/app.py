@@ -96,6 +96,9 @@ class Server:
     metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
     admission: Optional[Admission] = None  # what evaluations may run now (evaluation/admission.py)
     shared_memory: object = None  # the SharedMemoryServicer, with settings.shm
+    # The registered losses (custom.ExpressionStore) when the store is shared
+    # with other replicas: it follows their registrations while the server runs.
+    followed_losses: object = None
     services: list = dataclasses.field(default_factory=lambda: list(SERVICE_NAMES))  # offered: health reports them
     # What was moved to the quarantine at start (Quarantine.items); empty when healthy.
     quarantined: list = dataclasses.field(default_factory=list)
@@ -137,6 +140,8 @@ class Server:
             start_training = getattr(self.training, "start", None)
             if start_training is not None:
                 start_training()
+            if self.followed_losses is not None:
+                self.followed_losses.start_following(self.settings.shared_state_poll_seconds)
             if self.settings.warmup:
                 self.evaluator.warm_up(WARMUP)
         except BaseException:
@@ -198,6 +203,8 @@ class Server:
         if self.health_server is not None:
             self.health_server.stop(0).wait()
             self.health_executor.shutdown(wait=False)
+        if self.followed_losses is not None:
+            self.followed_losses.stop_following()
         if self.training is not None:
             self.training.stop()
             self.training = None
@@ -281,7 +288,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         except SecurityFileError as exc:
             raise StartupError(str(exc)) from exc
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    state = open_store(settings.data_dir)  # jobs, datasets and registered losses
+    state = open_store(settings)  # jobs, datasets and registered losses
     store = None
     if registry is None:
         registry = full_registry(plugins=True)
@@ -370,7 +377,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
                   quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
                   metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,
-                  health_server=health_server, health_executor=health_executor)
+                  health_server=health_server, health_executor=health_executor,
+                  followed_losses=store if store is not None and state.shared else None)
 
 
 def serve(settings: Settings) -> int:

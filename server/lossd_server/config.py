@@ -105,7 +105,7 @@ class Settings(BaseSettings):
 
     @field_validator("metrics_port", "health_port", "max_concurrent_jobs", "dataset_root", "inter_op_threads", "tls_cert",
                      "tls_key", "tls_client_ca", "tokens_file", "metrics_tls_cert", "metrics_tls_key",
-                     "metrics_basic_auth_file", mode="before",
+                     "metrics_basic_auth_file", "database_url", "artifacts_dir", mode="before",
                      check_fields=False)
     @classmethod
     def _empty_is_unset(cls, value):
@@ -342,3 +342,34 @@ class Settings(BaseSettings):
     """How many times a job whose process died abnormally (killed, out of
     memory, exited without reporting an error) is started again from its last
     checkpoint before it fails with WORKER_CRASHED. Each retry is a job event."""
+
+    # Shared state for several replicas (issue 15).
+
+    database_url: Optional[str] = None
+    """PostgreSQL database for jobs, job events, datasets, registered losses
+    and owners, shared by every replica (``postgresql://user:password@host/db``;
+    any libpq connection string). Unset: SQLite in the data directory, for
+    one server. The schema is created and migrated at start."""
+
+    database_pool_size: int = Field(8, ge=1)
+    """Most connections one server opens to ``database_url``."""
+
+    artifacts_dir: Optional[pathlib.Path] = None
+    """Folder for job folders (checkpoints, trained models) and uploaded
+    datasets; unset: the data directory. With ``database_url``, point every
+    replica at the same shared volume, so any replica can run, resume and
+    serve any job."""
+
+    replica_id: str = ""
+    """This server's name in job leases and in the job events that say which
+    replica took a job over; unset: ``<hostname>-<pid>``."""
+
+    job_lease_seconds: float = Field(30.0, gt=0)
+    """How long a replica's claim on a running job lasts without renewal; it
+    renews it every third of this while the job runs. A job whose replica
+    died is resumed from its checkpoint by another replica once the lease
+    runs out."""
+
+    shared_state_poll_seconds: float = Field(0.5, gt=0)
+    """With ``database_url``: how often a replica checks the database for
+    losses other replicas registered or deleted (one indexed read)."""

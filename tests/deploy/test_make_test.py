@@ -1,5 +1,6 @@
 """`make test` does not depend on the machine's luck: it installs the system
-tools the tests need or stops with one line, and CI fails on any skip."""
+tools the tests need (Prometheus, PostgreSQL) or stops with one line, and CI
+fails on any skip."""
 
 from __future__ import annotations
 
@@ -47,6 +48,19 @@ def test_missing_tool_as_root_with_apt_installs_prometheus():
     result = make("-n", "test-tools", "TEST_TOOLS=no_such_tool_xyz", "APT_GET=true")
     assert result.returncode == 0, result.stderr
     assert "true install -y" in result.stdout and "prometheus" in result.stdout, result.stdout
+
+
+def test_missing_postgresql_is_installed_as_root_or_named_in_one_line():
+    absent = ("TEST_TOOLS=sh", "POSTGRES_INITDB=no_such_initdb_xyz")
+    if os.geteuid() == 0:
+        result = make("-n", "test-tools", *absent, "APT_GET=true")
+        assert result.returncode == 0, result.stderr
+        assert "true install -y" in result.stdout and "postgresql" in result.stdout, result.stdout
+    result = make("test-tools", *absent, "APT_GET=no-apt-get-here")
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "no_such_initdb_xyz" in lines[0] and "apt-get install postgresql" in lines[0], lines[0]
 
 
 def test_present_tools_need_nothing():

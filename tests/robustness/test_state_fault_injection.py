@@ -29,6 +29,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd
+from servers import alive
 
 pytestmark = pytest.mark.slow
 
@@ -94,14 +95,6 @@ class _Server:
                 health_pb2.HealthCheckRequest(service="lossd.state"), timeout=10).status
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line for line in f)
-    except FileNotFoundError:
-        return False
-
-
 def _running_worker(server: _Server, killed: set[int], timeout: float = 90) -> tuple[str, int]:
     """A running job and its live process (one not killed before)."""
     deadline = time.monotonic() + timeout
@@ -113,7 +106,7 @@ def _running_worker(server: _Server, killed: set[int], timeout: float = 90) -> t
                     pid = int(pid_file.read_text())
                 except (OSError, ValueError):
                     continue
-                if pid not in killed and _alive(pid):
+                if pid not in killed and alive(pid):
                     return job.id, pid
             time.sleep(0.1)
     raise AssertionError("no job process started")
@@ -185,9 +178,9 @@ def test_kills_at_random_points_then_corrupt_files_lose_nothing_else(tmp_path):
             else:
                 server.kill()
                 deadline = time.monotonic() + 5
-                while _alive(pid) and time.monotonic() < deadline:
+                while alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                assert not _alive(pid), "the job process outlived the killed server"
+                assert not alive(pid), "the job process outlived the killed server"
                 server.start()
             with server.client() as client:  # what finished so far is kept
                 for j in jobs:

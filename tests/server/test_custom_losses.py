@@ -202,3 +202,29 @@ def test_plugin_is_loaded_listed_and_evaluated(plugin_path, tmp_path):
     assert result["doc"].startswith("Focal Tversky loss")
     assert result["grad"] == [4, 8, 8]
     np.testing.assert_allclose(result["got"], result["want"], rtol=1e-5)
+
+
+def test_a_store_shared_by_two_registries_brings_each_the_others_changes(open_store):
+    """What replicas do on one database (ExpressionStore.refresh), on both
+    backends: registrations, replacements and deletions made through one
+    reach the other, a listener hears of them, and a stored loss named like
+    one of this replica's built-in losses does not replace it."""
+    from lossd_server.losses import custom
+
+    here, there = custom.full_registry(plugins=False), custom.full_registry(plugins=False)
+    mine, theirs = custom.ExpressionStore(open_store(), here), custom.ExpressionStore(open_store(), there)
+    mine.load(), theirs.load()
+    heard = []
+    theirs.on_change(lambda: heard.append(1))
+    assert theirs.refresh() == [] and heard == []  # nothing changed: one version read
+
+    mine.register("doubled", "2 * mean(abs(y_true - y_pred), axis=-1)", params={})
+    assert theirs.refresh() == ["doubled"] and there.get("doubled").expression.startswith("2 *") and heard
+    mine.register("doubled", "4 * mean(abs(y_true - y_pred), axis=-1)", params={}, replace=True)
+    assert theirs.refresh() == ["doubled"] and there.get("doubled").expression.startswith("4 *")
+
+    mine.store.put_losses([("huber", {"name": "huber", "expression": "y_pred", "params": {}})])  # a clash
+    assert theirs.refresh() == [] and there.get("huber").source != "expression"
+
+    mine.delete("doubled")
+    assert theirs.refresh() == ["doubled"] and there.canonical("doubled") is None

@@ -10,7 +10,7 @@ keras = pytest.importorskip("keras")
 from lossd_server.errors import InvalidArgument  # noqa: E402
 from lossd_server.losses import custom  # noqa: E402
 from lossd_server.losses.plan import Planner, build_program  # noqa: E402
-from lossd_server.training.store import Store  # noqa: E402
+from lossd_server.training.store import SqliteStore  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_to_spec_plans_back_to_the_same_program(planner):
 
 def test_a_registered_expression_is_copied_in_by_to_spec(tmp_path):
     registry = custom.full_registry(plugins=False)
-    store = custom.ExpressionStore(Store(tmp_path / "lossd.sqlite3"), registry)
+    store = custom.ExpressionStore(SqliteStore(tmp_path / "lossd.sqlite3"), registry)
     store.register("halved", "0.5 * mean(square(y_true - y_pred), axis=-1)", params={})
     planner = Planner(registry, custom.inline_entry)
     spec = planner.plan({"name": "halved"}).to_spec()
@@ -95,7 +95,7 @@ def test_malformed_dicts_are_refused_with_a_reason(planner, spec, reason):
 
 def test_to_spec_writes_a_registered_expression_over_the_tensors_a_term_maps_it_to(tmp_path):
     registry = custom.full_registry(plugins=False)
-    custom.ExpressionStore(Store(tmp_path / "lossd.sqlite3"), registry).register("gap", "mean(abs(a - b) * k, axis=-1)", params={"k": 2.0},
+    custom.ExpressionStore(SqliteStore(tmp_path / "lossd.sqlite3"), registry).register("gap", "mean(abs(a - b) * k, axis=-1)", params={"k": 2.0},
                                                          inputs=["a", "b"])
     planner = Planner(registry, custom.inline_entry)
     plan = planner.plan({"terms": [{"loss": {"name": "gap"}, "inputs": ["y_true", "y_pred"], "label": "g"},

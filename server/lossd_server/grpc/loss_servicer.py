@@ -169,6 +169,10 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         self.metrics = metrics
         self.store = store  # custom.ExpressionStore, or None where registration is off
         self.plans = _PlanCache(evaluator)
+        if store is not None:
+            # Plans that named an old definition must not be reused, whichever
+            # replica registered, replaced or deleted it.
+            store.on_change(self.plans.clear)
         self.shared_memory = shared_memory  # SharedMemoryRegions, or None where shared memory is off
 
     # -- helpers -------------------------------------------------------------
@@ -301,7 +305,6 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             params = wire.struct_to_dict(request.params) if request.HasField("params") else {}
             entry = self.store.register(request.name, request.expression, params=params,
                                         inputs=list(request.inputs), doc=request.doc, replace=request.replace)
-            self.plans.clear()  # plans that named the old definition must not be reused
         log.info("registered loss %r: %s", entry.name, entry.expression)
         return describe(entry)
 
@@ -311,7 +314,6 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             if self.store is None:
                 raise FailedPrecondition("This server does not store losses.", reason="REGISTRATION_DISABLED")
             self.store.delete(request.name)
-            self.plans.clear()
         log.info("deleted loss %r", request.name)
         return loss_service_pb2.DeleteLossResponse()
 

@@ -20,7 +20,7 @@ import pathlib
 import threading
 import unicodedata
 from importlib import metadata
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import keras
 
@@ -30,6 +30,7 @@ from lossd_server.losses.expressions import (ExpressionError, compile_expression
 from lossd_server.losses.matrix import matrix_entry
 from lossd_server.losses.registry import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
                                  _first_sentence, _param_type, default_registry)
+from lossd_server.training.store import LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,11 @@ class ExpressionStore:
     the old definition or the new one, and the cost of a registration does
     not grow with the number registered.
 
+    Several replicas may share the store (PostgreSQL): ``refresh`` brings
+    this replica's registry in line with what the others registered or
+    deleted, after one cheap version read, and ``start_following`` runs it
+    every few tenths of a second.
+
     Args:
         store: The server's store (``lossd_server.training.store.Store``:
             ``losses``, ``count_losses``, ``put_losses``, ``delete_loss``,
@@ -218,6 +224,22 @@ class ExpressionStore:
         self.registry = registry
         self.max_losses = max_losses
         self._lock = threading.Lock()
+        # What this replica's registry holds from the store: name -> record,
+        # as of the store's losses version ``_version`` (None: not loaded).
+        self._records: dict[str, dict] = {}
+        self._version: Optional[int] = None
+        self._stop = threading.Event()
+        self._follower: Optional[threading.Thread] = None
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Calls ``listener()`` after every change of the registered losses:
+        a registration, replacement or deletion here or on another replica."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            listener()
 
     def import_legacy(self, data_dir: pathlib.Path) -> int:
         """Imports ``<data_dir>/losses.json`` (an older server's file) into the
@@ -258,18 +280,89 @@ class ExpressionStore:
         be loaded (malformed, or an expression this version refuses) moves
         to the quarantine, and the rest still load."""
         names = []
-        for name, text in self.store.losses():
-            try:
-                record = json.loads(text)
-                if not isinstance(record, dict) or record.get("name") != name:
-                    raise ValueError("the record is not an object naming this loss")
-                self.registry.register(self._entry(record))
-                names.append(name)
-            except (InvalidArgument, ValueError, TypeError, KeyError, AttributeError) as exc:
-                message = getattr(exc, "message", None) or str(exc)
-                self.store.quarantine_loss(name, f"the stored loss cannot be loaded ({type(exc).__name__}: "
-                                                 f"{message[:200]})")
+        with self._lock:
+            self._version = self.store.version(LOSSES)
+            for name, text in self.store.losses():
+                try:
+                    record = self._parse(name, text)
+                    self.registry.register(self._entry(record))
+                    self._records[name] = record
+                    names.append(name)
+                except (InvalidArgument, ValueError, TypeError, KeyError, AttributeError) as exc:
+                    message = getattr(exc, "message", None) or str(exc)
+                    self.store.quarantine_loss(name, f"the stored loss cannot be loaded ({type(exc).__name__}: "
+                                                     f"{message[:200]})")
         return names
+
+    @staticmethod
+    def _parse(name: str, text: str) -> dict:
+        record = json.loads(text)
+        if not isinstance(record, dict) or record.get("name") != name:
+            raise ValueError("the record is not an object naming this loss")
+        return record
+
+    def refresh(self) -> list[str]:
+        """Registers what other replicas registered or replaced in the store
+        since the last look, and unregisters what they deleted; returns the
+        names that changed. Costs one indexed read when nothing changed. A
+        row that cannot be loaded is logged and left to ``load`` (the next
+        start quarantines it)."""
+        version = self.store.version(LOSSES)
+        if version == self._version:
+            return []
+        changed = []
+        with self._lock:
+            stored = dict(self.store.losses())
+            for name, text in stored.items():
+                try:
+                    record = self._parse(name, text)
+                    if self._records.get(name) == record:
+                        continue
+                    taken = self.registry.canonical(name)
+                    if taken is not None and self.registry.get(taken).source != "expression":
+                        raise ValueError("a built-in or plugin loss of this replica has that name")
+                    self.registry.register(self._entry(record), replace=True)
+                except (InvalidArgument, ValueError, TypeError, KeyError, AttributeError) as exc:
+                    log.warning("registered loss %r from the store cannot be loaded here: %s", name,
+                                getattr(exc, "message", None) or exc)
+                    continue
+                self._records[name] = record
+                changed.append(name)
+            for name in [n for n in self._records if n not in stored]:
+                del self._records[name]
+                canonical = self.registry.canonical(name)
+                if canonical is not None and self.registry.get(canonical).source == "expression":
+                    self.registry.unregister(canonical)
+                changed.append(name)
+            self._version = version
+        if changed:
+            log.info("registered losses changed on another replica: %s", ", ".join(sorted(changed)))
+            self._changed()
+        return changed
+
+    def start_following(self, interval: float) -> None:
+        """Runs ``refresh`` every ``interval`` seconds on a thread of its own,
+        until ``stop_following``; a failed look (the database away) is logged
+        and tried again."""
+        def follow() -> None:
+            failing = False
+            while not self._stop.wait(interval):
+                try:
+                    self.refresh()
+                    failing = False
+                except Exception as exc:  # noqa: BLE001 - the next look may work
+                    if not failing:
+                        log.warning("could not look for registered losses of other replicas: %s", exc)
+                    failing = True
+
+        self._follower = threading.Thread(target=follow, name="loss-follower", daemon=True)
+        self._follower.start()
+
+    def stop_following(self) -> None:
+        self._stop.set()
+        if self._follower is not None:
+            self._follower.join(5)
+            self._follower = None
 
     @staticmethod
     def _entry(record: Mapping[str, Any]) -> LossEntry:
@@ -333,6 +426,8 @@ class ExpressionStore:
                         reason="TOO_MANY_LOSSES", metadata={"loss": name, "limit": str(self.max_losses)})
             self.store.put_losses([(name, record)])  # DISK_FULL leaves the registry as it was
             self.registry.register(entry, replace=True)
+            self._records[name] = record
+        self._changed()
         return entry
 
     def delete(self, name: str) -> None:
@@ -347,6 +442,8 @@ class ExpressionStore:
                                          "be deleted.", reason="LOSS_NOT_DELETABLE", metadata={"loss": name})
             self.store.delete_loss(canonical)
             self.registry.unregister(canonical)
+            self._records.pop(canonical, None)
+        self._changed()
 
 
 def full_registry(*, plugins: bool = True) -> LossRegistry:

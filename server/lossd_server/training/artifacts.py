@@ -1,6 +1,6 @@
 """Job folders and the artifacts clients download from them.
 
-Each job has a folder ``<data_dir>/jobs/<id>/`` that its process writes (see
+Each job has a folder ``<artifacts root>/jobs/<id>/`` (``artifacts_root``) that its process writes (see
 ``worker`` for the files). Three of them can be downloaded, in chunks: the
 trained model (``model.keras``), the training history (``history.json``; for
 a running job, the history of its last checkpoint) and the TensorBoard logs,
@@ -24,6 +24,12 @@ CHUNK_BYTES = 1 << 20
 
 # (filename, size in bytes, the content in chunks)
 Download = tuple[str, int, Iterator[bytes]]
+
+
+def artifacts_root(settings) -> pathlib.Path:
+    """Where job folders and uploaded datasets live: ``settings.artifacts_dir``
+    (storage every replica shares), or else the data directory."""
+    return pathlib.Path(getattr(settings, "artifacts_dir", None) or settings.data_dir)
 
 
 class Artifacts:

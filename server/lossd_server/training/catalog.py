@@ -38,6 +38,7 @@ from lossd_server.errors import (AlreadyExists, FailedPrecondition, InvalidArgum
                                  disk_full_error, require_free_space)
 from lossd_server.observability.logs import audited
 from lossd_server.training import datasets
+from lossd_server.training.artifacts import artifacts_root
 from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, Store
 
 log = logging.getLogger(__name__)
@@ -228,9 +229,9 @@ class DatasetCatalog:
         log.info("dataset %s deleted", name)
 
     def require_free_space(self, what: str) -> None:
-        """Refuses ``what`` (DISK_NEARLY_FULL) while the data directory's
-        file system has less free than ``min_free_disk_bytes``."""
-        require_free_space(self.settings.data_dir, getattr(self.settings, "min_free_disk_bytes", 0), what)
+        """Refuses ``what`` (DISK_NEARLY_FULL) while the file system of the
+        artifacts (jobs and datasets) has less free than ``min_free_disk_bytes``."""
+        require_free_space(artifacts_root(self.settings), getattr(self.settings, "min_free_disk_bytes", 0), what)
 
     # -- helpers -----------------------------------------------------------------
 

@@ -15,24 +15,38 @@ import pathlib
 from typing import Any, Mapping
 
 from lossd_server.callers import Caller
+from lossd_server.config import StartupError
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses.plan import Planner
 from lossd_server.training import jobs
-from lossd_server.training.artifacts import Artifacts
+from lossd_server.training.artifacts import Artifacts, artifacts_root
 from lossd_server.training.catalog import DatasetCatalog
 from lossd_server.training.inference import Inference
 from lossd_server.training.scheduler import Scheduler
-from lossd_server.training.store import JobRecord, Store
+from lossd_server.training.store import (QUARANTINE_DIR, JobRecord, PostgresStore, Quarantine, SqliteStore,
+                                         Store)
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 STORE_FILE = "lossd.sqlite3"
 
 
-def open_store(data_dir: pathlib.Path) -> Store:
-    """The server's store under ``data_dir``; unreadable state found at open
-    is in ``store.quarantine`` (a job row is checked by ``jobs.check_record``)."""
-    return Store(pathlib.Path(data_dir) / STORE_FILE, check_job=jobs.check_record)
+def open_store(settings) -> Store:
+    """The server's store: PostgreSQL at ``settings.database_url`` when set,
+    else SQLite under ``settings.data_dir``. Unreadable state found at open
+    is in ``store.quarantine`` (a job row is checked by ``jobs.check_record``).
+
+    Raises:
+        StartupError: the database cannot be reached.
+    """
+    data_dir = pathlib.Path(settings.data_dir)
+    if not settings.database_url:
+        return SqliteStore(data_dir / STORE_FILE, check_job=jobs.check_record)
+    try:
+        return PostgresStore(settings.database_url, quarantine=Quarantine(data_dir / QUARANTINE_DIR),
+                             check_job=jobs.check_record, pool_size=settings.database_pool_size)
+    except ConnectionError as exc:
+        raise StartupError(f"{exc} (set LOSSD_DATABASE_URL or --database-url)") from None
 
 
 class TrainingManager:
@@ -50,7 +64,7 @@ class TrainingManager:
         metrics: Optional ``lossd_server.observability.metrics.Metrics``.
         gpus: How many GPUs the machine has (``evaluation.backend.gpu_count()``).
         store: The server's ``Store`` (shared with registered losses); by
-            default ``open_store(settings.data_dir)``.
+            default ``open_store(settings)``.
 
     Attributes:
         scheduler: Cancel and watch jobs (``Scheduler``).
@@ -60,12 +74,13 @@ class TrainingManager:
     """
 
     def __init__(self, settings, planner: Planner, metrics=None, *, gpus: int, store: Store | None = None):
-        data_dir = pathlib.Path(settings.data_dir)
+        root = artifacts_root(settings)
+        root.mkdir(parents=True, exist_ok=True)
         self.planner = planner
         self.metrics = metrics
-        self.store = store if store is not None else open_store(data_dir)
-        self.artifacts = Artifacts(data_dir / "jobs")
-        self.catalog = DatasetCatalog(settings, self.store, data_dir / "datasets")
+        self.store = store if store is not None else open_store(settings)
+        self.artifacts = Artifacts(root / "jobs")
+        self.catalog = DatasetCatalog(settings, self.store, root / "datasets")
         self.scheduler = Scheduler(settings, self.store, self.artifacts, gpus=gpus, metrics=metrics)
         self.inference = Inference(self.artifacts)
 

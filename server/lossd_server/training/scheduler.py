@@ -14,6 +14,15 @@ native code) frees its slot at once; its job is queued again to resume from
 its checkpoint, up to ``job_max_retries`` times, then fails WORKER_CRASHED.
 A fault of the scheduler itself (a full disk refusing the store's writes) is
 logged once, not once per loop, and what could not be recorded is retried.
+
+Several replicas may share one store (PostgreSQL, ``Store.shared``): each
+scheduler claims queued jobs from it (``Store.claim_jobs``, row locks) and
+holds a lease on each job it runs, renewed at least every second. A job
+whose replica died is claimed again once its lease ran out and resumes from
+its checkpoint in the shared artifacts folder; a replica that finds it lost
+a lease (another took the job over) stops its process, so a job never runs
+twice at once. The renewal also tells a replica that another one cancelled
+its job.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ import logging
 import multiprocessing
 import os
 import queue as queue_module
+import secrets
 import signal
+import socket
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -44,6 +55,16 @@ CANCEL_WAIT_SECONDS = 5.0
 # A repeated scheduler fault (a full disk) is logged again only after this many
 # seconds without it.
 FAULT_QUIET_SECONDS = 30.0
+# Longest between two lease renewals, whatever the lease: the renewal is also
+# how a replica learns that another one cancelled its job.
+RENEW_SECONDS = 1.0
+# How long an idle scheduler alone on its store sleeps unless woken.
+IDLE_SECONDS = 5.0
+
+
+def default_replica_id() -> str:
+    """``<hostname>-<pid>-<random>``: unique even for two servers in one process."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 @dataclasses.dataclass
@@ -63,7 +84,8 @@ class Scheduler:
     Args:
         settings: ``lossd_server.config.Settings`` (``max_concurrent_jobs``,
             ``progress_every_batches``, ``mixed_precision``, ``max_upload_bytes``,
-            ``job_max_retries``).
+            ``job_max_retries``, ``replica_id``, ``job_lease_seconds``,
+            ``shared_state_poll_seconds``).
         store: Where jobs and their events live.
         artifacts: The job folders the processes write.
         gpus: How many GPUs there are: one job per GPU at a time by default,
@@ -78,6 +100,14 @@ class Scheduler:
         self.gpus = gpus
         self.slots = settings.max_concurrent_jobs or max(gpus, 1)
         self.metrics = metrics
+        self.replica = settings.replica_id or default_replica_id()
+        self.lease_seconds = settings.job_lease_seconds
+        # How often the queue is looked at without being woken: other replicas
+        # create jobs too, and leases of dead replicas run out. Alone on its
+        # store, a scheduler is woken whenever a job is queued or a slot frees.
+        self.claim_every = settings.shared_state_poll_seconds if store.shared else IDLE_SECONDS
+        self._next_claim = 0.0  # monotonic time of the next claim; 0: at once
+        self._renewed = 0.0  # monotonic time of the last lease renewal
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.RLock()
         self._wake = threading.Condition()
@@ -99,6 +129,17 @@ class Scheduler:
         """Recovers jobs a previous server left unfinished, then starts scheduling."""
         if self._thread is not None:
             raise RuntimeError("The training scheduler was started already.")
+        if not self.store.shared:
+            self._recover()
+        self._count_jobs()
+        self._thread = threading.Thread(target=self._loop, name="training-scheduler", daemon=True)
+        self._thread.start()
+        log.info("training: %d slot(s), %d GPU(s), jobs under %s, replica %s", self.slots, self.gpus,
+                 self.artifacts.jobs_dir, self.replica)
+
+    def _recover(self) -> None:
+        """A store no other process uses: whatever it says is running was
+        this server's before it stopped, and runs no more."""
         for job in self.store.jobs_in_states([CANCELLING]):
             self.store.update_job(job.id, state=CANCELLED, end_time=time.time(),
                                   event=("state", {"state": CANCELLED}))
@@ -113,10 +154,6 @@ class Scheduler:
             for job_dir in self.artifacts.jobs_dir.iterdir():
                 if job_dir.is_dir():
                     worker.remove_temp_files(job_dir)
-        self._count_jobs()
-        self._thread = threading.Thread(target=self._loop, name="training-scheduler", daemon=True)
-        self._thread.start()
-        log.info("training: %d slot(s), %d GPU(s), jobs under %s", self.slots, self.gpus, self.artifacts.jobs_dir)
 
     def stop(self) -> None:
         """Stops scheduling and the job processes. Running jobs keep their state,
@@ -128,6 +165,9 @@ class Scheduler:
             self._thread.join(10)
         for run in list(self._running.values()):
             self._kill(run)
+        if self.store.shared and self._running:
+            self._release(list(self._running), f"Replica {self.replica} stopped; the job waits for another replica, "
+                                               "which resumes it from its last checkpoint.")
         self._running.clear()
         with self._events:
             self._events.notify_all()
@@ -137,6 +177,7 @@ class Scheduler:
     def submitted(self) -> None:
         """A job was queued: count it and wake the scheduler."""
         self._count_jobs()
+        self._next_claim = 0.0
         self._notify()
 
     def cancel(self, job_id: str, caller: Caller) -> JobRecord:
@@ -161,20 +202,26 @@ class Scheduler:
                     f"Job `jobs/{job_id}` already finished ({job.state}); only queued or running jobs can be "
                     "cancelled.", reason="JOB_ALREADY_FINISHED", metadata={"state": job.state})
             if job.state == QUEUED:
-                self._finish(job, CANCELLED)
-                return jobs.lookup(self.store, job_id)
+                if self.store.cancel_queued(job_id):  # not if a replica claimed it meanwhile
+                    self._finish(job, CANCELLED, recorded=True)
+                    return jobs.lookup(self.store, job_id)
+                job = jobs.lookup(self.store, job_id)
             if job.state == RUNNING:
                 self.store.update_job(job_id, state=CANCELLING, event=("state", {"state": CANCELLING}))
             self._cancel.add(job_id)
         self._notify()
         deadline = time.monotonic() + CANCEL_WAIT_SECONDS
-        while time.monotonic() < deadline:
-            job = jobs.lookup(self.store, job_id)
-            if job.final:
-                return job
-            with self._events:
-                self._events.wait(0.05)
-        return jobs.lookup(self.store, job_id)
+        try:
+            while time.monotonic() < deadline:
+                job = jobs.lookup(self.store, job_id)
+                if job.final:
+                    return job
+                with self._events:
+                    self._events.wait(0.05)
+            return jobs.lookup(self.store, job_id)
+        finally:
+            if job_id not in self._running:  # another replica's job: that replica stops it
+                self._cancel.discard(job_id)
 
     def watch(self, job_id: str, caller: Caller, after: int = 0, is_active: Callable[[], bool] = lambda: True
               ) -> Iterator[Event]:
@@ -207,6 +254,7 @@ class Scheduler:
         while True:
             try:
                 self._record_unrecorded()
+                self._renew()
                 self._pump()
                 self._launch()
                 # Writes may fail on and off while a disk is nearly full: it
@@ -223,8 +271,8 @@ class Scheduler:
                 if self._stopping:
                     return
                 # Poll job queues often while jobs run; when idle, sleep until
-                # create, cancel or stop wakes us.
-                self._wake.wait(0.1 if self._running else 5.0)
+                # create, cancel or stop wakes us, or the next claim is due.
+                self._wake.wait(0.1 if self._running else self.claim_every)
 
     def _report_fault(self, text: str, exc: Optional[BaseException] = None) -> None:
         """Logs a scheduler fault the first time it happens, not on every loop."""
@@ -251,46 +299,91 @@ class Scheduler:
     def _launch(self) -> None:
         with self._lock:
             free = self.slots - len(self._running)
-            if free <= 0:
+            now = time.monotonic()
+            if free <= 0 or now < self._next_claim:
                 return
-            for job in self.store.jobs_in_states([QUEUED])[:free]:
-                if job.id in self._unrecorded:
-                    continue  # its requeue is not stored yet; it runs once it is
-                used = set(self._gpu_of.values())
-                gpu = next((g for g in range(self.gpus) if g not in used), None) if self.gpus else None
-                job_dir = self.artifacts.job_dir(job.id)
-                try:
-                    job_dir.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise ResourceExhausted(f"cannot create the folder of job {job.id}: {exc.strerror}",
-                                            reason="DISK_FULL") from exc
-                # RUNNING is stored before the process starts: were it the
-                # other way, a refused write would leave a process for a job
-                # still QUEUED, and the next loop would start it twice.
-                self.store.update_job(job.id, state=RUNNING, start_time=job.start_time or time.time(),
-                                      event=("state", {"state": RUNNING}))
-                config = {
-                    "job_id": job.id, "job_dir": str(job_dir), "spec": job.spec, "runtime": job.runtime,
-                    "model_kind": job.model_kind, "progress_every": self.settings.progress_every_batches,
-                    "mixed_precision": self.settings.mixed_precision, "gpu": gpu, "parent_pid": os.getpid(),
-                    "max_upload_bytes": self.settings.max_upload_bytes,
-                }
-                q = self._ctx.Queue()
-                # Started from this long-lived thread: PR_SET_PDEATHSIG in the
-                # child fires when the thread that started it exits.
-                process = self._ctx.Process(target=worker.run_job, args=(config, q), name=f"lossd-job-{job.id}",
-                                            daemon=True)
-                try:
-                    process.start()
-                except OSError:  # no memory or pids left for a process: back in the queue
-                    self.store.update_job(job.id, state=QUEUED, event=("state", {"state": QUEUED}))
-                    raise
-                self._running[job.id] = _Running(job.id, process, q, time.time())
-                self._gpu_of[job.id] = gpu
-                log.info("job %s started (pid %d%s)", job.id, process.pid, f", GPU {gpu}" if gpu is not None else "")
+            self._next_claim = now + self.claim_every
+            # Claiming stores RUNNING before the process starts: were it the
+            # other way, a refused write would leave a process for a job
+            # still QUEUED, and the next loop would start it twice. A job
+            # whose requeue is not stored yet waits until it is.
+            claimed = self.store.claim_jobs(self.replica, free, self.lease_seconds,
+                                            skip=[*self._running, *self._unrecorded])
+            try:
+                while claimed:
+                    job, before = claimed[0]
+                    self._start_process(job, taken_over=before != QUEUED)
+                    claimed.pop(0)
+            finally:
+                if claimed:  # not started: back in the queue for any replica
+                    self._release([job.id for job, _ in claimed], None)
         self._count_jobs()
         with self._events:
             self._events.notify_all()
+
+    def _start_process(self, job: JobRecord, *, taken_over: bool) -> None:
+        """Starts the process of a job this replica claimed."""
+        used = set(self._gpu_of.values())
+        gpu = next((g for g in range(self.gpus) if g not in used), None) if self.gpus else None
+        job_dir = self.artifacts.job_dir(job.id)
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ResourceExhausted(f"cannot create the folder of job {job.id}: {exc.strerror}",
+                                    reason="DISK_FULL") from exc
+        if taken_over:  # its replica died: what its process was writing is garbage
+            worker.remove_temp_files(job_dir)
+            epoch = (worker.read_checkpoint(job_dir) or {}).get("epoch", 0)
+            self.store.append_event(job.id, "message", {
+                "text": f"The replica running the job stopped renewing its lease; replica {self.replica} resumes "
+                        + (f"it from the checkpoint of epoch {epoch}." if epoch else "it from the start (no "
+                                                                                       "checkpoint yet)."),
+                "replica": self.replica})
+        config = {
+            "job_id": job.id, "job_dir": str(job_dir), "spec": job.spec, "runtime": job.runtime,
+            "model_kind": job.model_kind, "progress_every": self.settings.progress_every_batches,
+            "mixed_precision": self.settings.mixed_precision, "gpu": gpu, "parent_pid": os.getpid(),
+            "max_upload_bytes": self.settings.max_upload_bytes,
+        }
+        q = self._ctx.Queue()
+        # Started from this long-lived thread: PR_SET_PDEATHSIG in the
+        # child fires when the thread that started it exits.
+        process = self._ctx.Process(target=worker.run_job, args=(config, q), name=f"lossd-job-{job.id}",
+                                    daemon=True)
+        process.start()  # OSError (no memory or pids left): _launch puts the job back in the queue
+        self._running[job.id] = _Running(job.id, process, q, time.time())
+        self._gpu_of[job.id] = gpu
+        log.info("job %s started (pid %d%s)", job.id, process.pid, f", GPU {gpu}" if gpu is not None else "")
+
+    def _release(self, job_ids: list[str], text: Optional[str]) -> None:
+        """Puts jobs this replica claimed back in the queue, lease dropped."""
+        for job_id in job_ids:
+            try:
+                if text:
+                    self.store.append_event(job_id, "message", {"text": text, "replica": self.replica})
+                self.store.update_job(job_id, state=QUEUED, lease_owner=None, event=("state", {"state": QUEUED}))
+            except Exception as exc:  # noqa: BLE001 - its lease runs out and any replica claims it then
+                log.warning("job %s could not be put back in the queue (%s); it is claimed again when its "
+                            "lease runs out", job_id, exc)
+
+    def _renew(self) -> None:
+        """Renews the leases of the jobs running here; stops those another
+        replica took over, and cancels those another replica cancelled."""
+        now = time.monotonic()
+        if not self._running or now - self._renewed < min(self.lease_seconds / 3, RENEW_SECONDS):
+            return
+        self._renewed = now
+        held = self.store.renew_leases(self.replica, list(self._running), self.lease_seconds)
+        for job_id, run in list(self._running.items()):
+            state = held.get(job_id)
+            if state is None:
+                log.warning("job %s: replica %s lost its lease (another replica took the job over); stopping "
+                            "its process here", job_id, self.replica)
+                self._kill(run)
+                self._running.pop(job_id, None)
+                self._gpu_of.pop(job_id, None)
+            elif state == CANCELLING:
+                self._cancel.add(job_id)
 
     def _pump(self) -> None:
         for job_id, run in list(self._running.items()):
@@ -329,6 +422,7 @@ class Scheduler:
             return
         self._running.pop(job.id, None)
         self._gpu_of.pop(job.id, None)
+        self._next_claim = 0.0
         retry = job.retries + 1
         epoch = (worker.read_checkpoint(self.artifacts.job_dir(job.id)) or {}).get("epoch", 0)
         text = (f"The training process {how}; retry {retry} of {limit}, "
@@ -337,7 +431,8 @@ class Scheduler:
 
         def requeue() -> None:
             self.store.append_event(job.id, "message", {"text": text, "retry": retry, "exitcode": exitcode})
-            self.store.update_job(job.id, state=QUEUED, retries=retry, event=("state", {"state": QUEUED}))
+            self.store.update_job(job.id, state=QUEUED, retries=retry, lease_owner=None,
+                                  event=("state", {"state": QUEUED}))
 
         self._record(job.id, requeue)
         self._count_jobs()
@@ -406,15 +501,19 @@ class Scheduler:
             run.process.kill()
             run.process.join(1.0)
 
-    def _finish(self, job: JobRecord, state: str, error: Optional[dict] = None) -> None:
+    def _finish(self, job: JobRecord, state: str, error: Optional[dict] = None, *, recorded: bool = False) -> None:
+        """Ends a job in ``state``: frees its slot, stores the state (unless
+        ``recorded`` already) and counts it in metrics."""
         # The slot is freed first: a store write a full disk refuses must not
         # keep a finished process's slot (it is retried by _record).
         end = time.time()
         run = self._running.pop(job.id, None)
         self._gpu_of.pop(job.id, None)
-        self._record(job.id, lambda: self.store.update_job(
-            job.id, state=state, end_time=end, error=error,
-            event=("state", {"state": state, **({"error": error} if error else {})})))
+        self._next_claim = 0.0  # a free slot: look at the queue at once
+        if not recorded:
+            self._record(job.id, lambda: self.store.update_job(
+                job.id, state=state, end_time=end, error=error, lease_owner=None,
+                event=("state", {"state": state, **({"error": error} if error else {})})))
         log.info("job %s %s%s", job.id, state, f": {error['reason']}: {error['message']}" if error else "")
         if self.metrics is not None:
             self.metrics.observe_job_finished(state, end - (job.start_time or job.create_time))

@@ -1,18 +1,25 @@
-"""The store: jobs, their events, datasets and registered losses in one SQLite
-database under the data directory (WAL mode, so readers never wait on the
-writer).
+"""The store: jobs, their events, datasets and registered losses, behind one
+interface with two backends.
+
+- ``SqliteStore``, the embedded default: one SQLite database under the data
+  directory (WAL mode, so readers never wait on the writer), one process.
+- ``PostgresStore`` (``LOSSD_DATABASE_URL=postgresql://...``): one PostgreSQL
+  database that several replicas share, through a psycopg 3 connection pool.
+
+Both run the same SQL (``Store``) over the same schema, built by the same
+versioned migrations (``MIGRATIONS``, recorded in ``schema_version``); what
+the two dialects write differently (a column type, a row lock, a JSON field)
+is in ``Dialect`` and nowhere else.
 
 Everything a restart needs is here: a job's spec, state, times, error and
-latest progress, and every event it emitted (WatchJob replays them), and each
-registered loss as one row. The store is shared by the server's threads
-behind one lock; only the server process writes to it (job processes report
-through a queue).
+latest progress, the lease of the replica running it, every event it
+emitted (WatchJob replays them), and each registered loss as one row.
 
-State that cannot be read never stops the server: at open, a damaged
-database file is moved whole into ``<data_dir>/quarantine/`` and a fresh one
-created, and a malformed job row is copied there as JSON and removed (see
+State that cannot be read never stops the server: at open, a damaged SQLite
+file is moved whole into ``<data_dir>/quarantine/`` and a fresh one created,
+and a malformed job row is copied there as JSON and removed (see
 ``Quarantine``). A full disk is ``ResourceExhausted`` (DISK_FULL), never a
-bare ``sqlite3`` error.
+bare database error.
 """
 
 from __future__ import annotations
@@ -25,12 +32,13 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sqlite3
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from lossd_server.errors import InvalidArgument, disk_full, disk_full_error
+from lossd_server.errors import InvalidArgument, Unavailable, disk_full, disk_full_error
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +47,14 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLING, CANCELLED = (
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLING, CANCELLED)
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 
-_SCHEMA = """
+# The schema, one migration per version; ``{serial}``, ``{float}`` and the
+# like are filled in by ``Dialect.types``. A database records the version it
+# has in ``schema_version``; opening it applies the migrations after that
+# one, in one transaction. Append new versions; never edit a released one.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (1, """
 CREATE TABLE IF NOT EXISTS jobs (
-    n            INTEGER PRIMARY KEY AUTOINCREMENT,
+    n            {serial},
     id           TEXT NOT NULL UNIQUE,
     request_id   TEXT UNIQUE,
     display_name TEXT NOT NULL DEFAULT '',
@@ -49,11 +62,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     runtime      TEXT NOT NULL,
     model_kind   TEXT NOT NULL,
     state        TEXT NOT NULL,
-    create_time  REAL NOT NULL,
-    start_time   REAL,
-    end_time     REAL,
+    create_time  {float} NOT NULL,
+    start_time   {float},
+    end_time     {float},
     error        TEXT,
-    progress     TEXT NOT NULL DEFAULT '{}',
+    progress     TEXT NOT NULL DEFAULT '{{}}',
     retries      INTEGER NOT NULL DEFAULT 0,
     owner        TEXT NOT NULL DEFAULT ''
 );
@@ -61,7 +74,7 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS events (
     job_id  TEXT NOT NULL,
     seq     INTEGER NOT NULL,
-    time    REAL NOT NULL,
+    time    {float} NOT NULL,
     kind    TEXT NOT NULL,
     payload TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
@@ -69,20 +82,32 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS datasets (
     name        TEXT PRIMARY KEY,
     info        TEXT NOT NULL,
-    create_time REAL NOT NULL,
+    create_time {float} NOT NULL,
     owner       TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS losses (
     name        TEXT PRIMARY KEY,
     record      TEXT NOT NULL,
-    update_time REAL NOT NULL
-);
-"""
-# Columns added after the first release, with their definitions: an older
-# database gains them at open. Rows from before owners get the owner ''
-# (NO_OWNER): only admins see them (``Caller.owns``).
-_ADDED_COLUMNS = {"jobs": {"retries": "INTEGER NOT NULL DEFAULT 0", "owner": "TEXT NOT NULL DEFAULT ''"},
-                  "datasets": {"owner": "TEXT NOT NULL DEFAULT ''"}}
+    update_time {float} NOT NULL
+)
+"""),
+    # Leases: the replica running a job and until when its claim holds
+    # (``Store.claim_jobs``); a version counter per kind of shared state, so
+    # replicas notice a change with one cheap read (``Store.version``).
+    (2, """
+ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+ALTER TABLE jobs ADD COLUMN lease_expires {float};
+CREATE TABLE versions (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+)
+"""),
+)
+# Columns SQLite databases made before ``schema_version`` existed may lack;
+# they gain them before version 1 is recorded. Rows from before owners get
+# the owner '' (NO_OWNER): only admins see them (``Caller.owns``).
+_UNVERSIONED_COLUMNS = {"jobs": {"retries": "INTEGER NOT NULL DEFAULT 0", "owner": "TEXT NOT NULL DEFAULT ''"},
+                        "datasets": {"owner": "TEXT NOT NULL DEFAULT ''"}}
 # The owner of what was made before owners were recorded, or by the
 # anonymous caller of a server without tokens.
 NO_OWNER = ""
@@ -206,8 +231,444 @@ class Quarantine:
         log.warning("quarantine: %s; the server goes on without it", line)
 
 
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    """What SQLite and PostgreSQL write differently, in one place; every
+    other statement is written once, with ``?`` placeholders.
+
+    Attributes:
+        name: ``sqlite`` or ``postgresql``.
+        types: What the migrations' ``{serial}`` and ``{float}`` become.
+        lock_row: Appended to a SELECT of one job row that a write follows
+            (PostgreSQL locks it; SQLite's ``BEGIN IMMEDIATE`` already
+            serialises every writer).
+        skip_locked: Appended to the SELECT that claims jobs: rows another
+            replica is claiming are skipped, not waited for.
+        migration_lock: Run first in the migrating transaction, so replicas
+            starting together migrate one after the other ('' for SQLite).
+        placeholder: The driver's parameter marker.
+        json_number: ``json_number.format(column=..., key=...)`` reads a
+            number from a JSON text column.
+    """
+
+    name: str
+    types: dict
+    lock_row: str
+    skip_locked: str
+    migration_lock: str
+    placeholder: str
+    json_number: str
+
+    def sql(self, text: str) -> str:
+        """``text`` with this driver's placeholders (our SQL has no literal ``?`` or ``%``)."""
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+
+SQLITE = Dialect("sqlite", {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"}, lock_row="",
+                 skip_locked="", migration_lock="", placeholder="?",
+                 json_number="json_extract({column}, '$.{key}')")
+POSTGRES = Dialect("postgresql", {"serial": "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+                                  "float": "DOUBLE PRECISION"},
+                   lock_row=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED",
+                   # Any constant: the key of lossd's migration lock.
+                   migration_lock="SELECT pg_advisory_xact_lock(7432100)", placeholder="%s",
+                   json_number="CAST(CAST({column} AS jsonb)->>'{key}' AS BIGINT)")
+
+
+class _Connection:
+    """A connection that takes our ``?`` SQL and returns rows read by column name."""
+
+    def __init__(self, raw, dialect: Dialect):
+        self.raw = raw
+        self.dialect = dialect
+
+    def execute(self, sql: str, args: Iterable[Any] = ()):
+        return self.raw.execute(self.dialect.sql(sql), tuple(args))
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
 class Store:
-    """Jobs, events, datasets and registered losses in ``<data_dir>/lossd.sqlite3``.
+    """Jobs, events, datasets and registered losses: the one interface the
+    server uses, whichever database is behind it. Open one with
+    ``SqliteStore`` or ``PostgresStore``.
+
+    Attributes:
+        quarantine: What was moved aside at open (``Quarantine.items``).
+        shared: Whether other processes (replicas) use the same database:
+            then jobs are only ever taken over through expired leases,
+            never because this process starts.
+    """
+
+    dialect: Dialect = SQLITE
+    shared = False
+
+    def __init__(self, quarantine: Quarantine):
+        self.quarantine = quarantine
+
+    # -- what each backend provides ------------------------------------------------
+
+    def _read(self) -> contextlib.AbstractContextManager[_Connection]:
+        """A connection to read with."""
+        raise NotImplementedError
+
+    def _transaction(self, what: str) -> contextlib.AbstractContextManager[_Connection]:
+        """One write transaction; a full disk becomes ``ResourceExhausted``
+        (DISK_FULL) after the rollback."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _unversioned_columns(self, db: _Connection) -> None:
+        """Adds the columns a database from before ``schema_version`` lacks."""
+
+    # -- schema ----------------------------------------------------------------
+
+    def _migrate(self) -> int:
+        """Brings the schema to the newest version; returns it."""
+        with self._transaction("the schema") as db:
+            if self.dialect.migration_lock:
+                db.execute(self.dialect.migration_lock)
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()
+            have = row["v"] or 0
+            for version, script in MIGRATIONS:
+                if version <= have:
+                    continue
+                for statement in script.format(**self.dialect.types).split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                if version == 1:
+                    self._unversioned_columns(db)
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                have = version
+        return have
+
+    def schema_version(self) -> int:
+        with self._read() as db:
+            return db.execute("SELECT MAX(version) AS v FROM schema_version").fetchone()["v"] or 0
+
+    def _drop_malformed_jobs(self, check_job: Optional[Callable[[JobRecord], None]]) -> None:
+        """Moves each job row that cannot be read (bad JSON, unknown state, a
+        spec ``check_job`` refuses) with its events into the quarantine."""
+        with self._read() as db:
+            rows = [dict(r) for r in db.execute("SELECT * FROM jobs").fetchall()]
+        for row in rows:
+            try:
+                job = self._job(row)
+                if job.state not in STATES:
+                    raise ValueError(f"unknown state {job.state!r}")
+                for field in ("spec", "runtime", "progress"):
+                    if not isinstance(getattr(job, field), dict):
+                        raise ValueError(f"{field} is not an object")
+                if job.error is not None and not isinstance(job.error, dict):
+                    raise ValueError("error is not an object")
+                if check_job is not None:
+                    check_job(job)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                with self._read() as db:
+                    events = [dict(r) for r in db.execute("SELECT * FROM events WHERE job_id = ?", (row["id"],))]
+                self.quarantine.save(f"job-{str(row['id'])[:64]}", {"table": "jobs", "row": row, "events": events},
+                                     f"the job row is malformed ({type(exc).__name__}: {str(exc)[:200]})")
+                with self._transaction("removing a malformed job") as db:
+                    db.execute("DELETE FROM events WHERE job_id = ?", (row["id"],))
+                    db.execute("DELETE FROM jobs WHERE n = ?", (row["n"],))
+
+    # -- jobs ------------------------------------------------------------------
+
+    @staticmethod
+    def _job(row) -> JobRecord:
+        return JobRecord(
+            id=row["id"], spec=json.loads(row["spec"]), runtime=json.loads(row["runtime"]),
+            model_kind=row["model_kind"], state=row["state"], create_time=row["create_time"],
+            start_time=row["start_time"], end_time=row["end_time"],
+            error=json.loads(row["error"]) if row["error"] else None, progress=json.loads(row["progress"]),
+            request_id=row["request_id"], display_name=row["display_name"], retries=row["retries"] or 0,
+            owner=row["owner"] or NO_OWNER)
+
+    def create_job(self, job: JobRecord) -> tuple[JobRecord, bool]:
+        """Inserts a job and its first event; returns ``(job, created)``.
+
+        When a job with the same ``request_id`` exists, returns it with
+        ``created=False`` and inserts nothing (safe retries, AIP-155), also
+        when the other create runs at the same time on another replica.
+        """
+        if job.request_id:
+            existing = self.get_job_by_request_id(job.request_id)
+            if existing is not None:
+                return existing, False
+        job.create_time = job.create_time or time.time()
+        with self._transaction("the new job") as db:
+            # ON CONFLICT DO NOTHING: a concurrent create with the same
+            # request_id that committed first wins, and this one inserts nothing.
+            inserted = db.execute(
+                "INSERT INTO jobs (id, request_id, display_name, spec, runtime, model_kind, state, create_time,"
+                " progress, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (job.id, job.request_id or None, job.display_name, json.dumps(job.spec),
+                 json.dumps(job.runtime), job.model_kind, job.state, job.create_time, json.dumps(job.progress),
+                 job.owner)).rowcount
+            if inserted:
+                self._append(db, job.id, "state", {"state": job.state}, job.create_time)
+        if not inserted:
+            existing = self.get_job_by_request_id(job.request_id) if job.request_id else None
+            if existing is None:
+                raise RuntimeError(f"job id {job.id} is taken")  # a 64-bit random id twice: not expected
+            return existing, False
+        return job, True
+
+    def get_job(self, job_id: str) -> Optional[JobRecord]:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return self._job(row) if row is not None else None
+
+    def get_job_by_request_id(self, request_id: str) -> Optional[JobRecord]:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+        return self._job(row) if row is not None else None
+
+    def list_jobs(self, states: Iterable[str] = (), page_size: int = 50, page_token: str = "",
+                  owner: Optional[str] = None) -> tuple[list[JobRecord], str]:
+        """Jobs newest first (only ``owner``'s when it is not None); returns
+        ``(page, next_page_token)``.
+
+        The token is the position of the last job returned, so pages stay
+        stable while new jobs are created.
+        """
+        states = list(states)
+        where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if states:
+            where.append(f"state IN ({_marks(len(states))})")
+            args.extend(states)
+        if page_token:
+            where.append("n < ?")
+            args.append(_decode_token(page_token))
+        sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql += " ORDER BY n DESC LIMIT ?"
+        with self._read() as db:
+            rows = db.execute(sql, (*args, page_size + 1)).fetchall()
+        jobs = [self._job(r) for r in rows[:page_size]]
+        token = _encode_token(rows[page_size - 1]["n"]) if len(rows) > page_size else ""
+        return jobs, token
+
+    def jobs_in_states(self, states: Iterable[str]) -> list[JobRecord]:
+        """Jobs in the given states, oldest first."""
+        states = list(states)
+        with self._read() as db:
+            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({_marks(len(states))}) ORDER BY n",
+                              states).fetchall()
+        return [self._job(r) for r in rows]
+
+    def count_jobs(self, states: Iterable[str], owner: str) -> int:
+        """How many of ``owner``'s jobs are in the given states."""
+        states = list(states)
+        with self._read() as db:
+            return db.execute(f"SELECT COUNT(*) AS c FROM jobs WHERE owner = ? AND state IN ({_marks(len(states))})",
+                              (owner, *states)).fetchone()["c"]
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self._read() as db:
+            rows = db.execute("SELECT state, COUNT(*) AS c FROM jobs GROUP BY state").fetchall()
+        return {r["state"]: r["c"] for r in rows}
+
+    def update_job(self, job_id: str, *, event: Optional[tuple[str, dict]] = None, **fields: Any) -> Optional[int]:
+        """Updates columns of a job and, in the same transaction, appends an
+        event ``(kind, payload)``; returns the event's sequence number."""
+        encoded = {k: json.dumps(v) if k in ("error", "progress") and v is not None else v
+                   for k, v in fields.items()}
+        seq = None
+        with self._transaction(f"an update of job {job_id}") as db:
+            if encoded:
+                sets = ", ".join(f"{k} = ?" for k in encoded)
+                db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*encoded.values(), job_id))
+            seq = self._append(db, job_id, *event, time.time()) if event else None
+        return seq
+
+    # -- leases: which replica runs a job ------------------------------------------
+
+    def claim_jobs(self, owner: str, limit: int, lease_seconds: float, *, skip: Iterable[str] = ()
+                   ) -> list[tuple[JobRecord, str]]:
+        """Claims up to ``limit`` jobs for the replica ``owner``: queued ones,
+        and running ones whose lease expired (their replica died), oldest
+        first. Each becomes RUNNING, leased to ``owner`` for ``lease_seconds``;
+        returns ``(job, state before)`` pairs. A CANCELLING job whose lease
+        expired is CANCELLED here, not claimed.
+
+        On PostgreSQL the rows are locked ``FOR UPDATE SKIP LOCKED``, so two
+        replicas claiming at once never get the same job.
+        """
+        skip = list(skip)
+        now = time.time()
+        claimed = []
+        with self._transaction("a job claim") as db:
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE (state = ? OR (state IN (?, ?) AND "
+                "(lease_expires IS NULL OR lease_expires < ?)))"
+                + (f" AND id NOT IN ({_marks(len(skip))})" if skip else "")
+                + f" ORDER BY n LIMIT ?{self.dialect.skip_locked}",
+                (QUEUED, RUNNING, CANCELLING, now, *skip, limit)).fetchall()
+            for row in rows:
+                job = self._job(row)
+                if job.state == CANCELLING:  # its replica died while cancelling it
+                    db.execute("UPDATE jobs SET state = ?, end_time = ?, lease_owner = NULL WHERE id = ?",
+                               (CANCELLED, now, job.id))
+                    self._append(db, job.id, "state", {"state": CANCELLED}, now)
+                    continue
+                db.execute("UPDATE jobs SET state = ?, start_time = ?, lease_owner = ?, lease_expires = ?"
+                           " WHERE id = ?", (RUNNING, job.start_time or now, owner, now + lease_seconds, job.id))
+                self._append(db, job.id, "state", {"state": RUNNING}, now)
+                before, job.state, job.start_time = job.state, RUNNING, job.start_time or now
+                claimed.append((job, before))
+        return claimed
+
+    def renew_leases(self, owner: str, job_ids: Iterable[str], lease_seconds: float) -> dict[str, str]:
+        """Extends ``owner``'s leases on ``job_ids``; returns the state of each
+        job it still holds. A job missing from the answer was taken over by
+        another replica (its lease expired before this renewal): stop it."""
+        job_ids = list(job_ids)
+        if not job_ids:
+            return {}
+        with self._transaction("a lease renewal") as db:
+            db.execute(f"UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND id IN ({_marks(len(job_ids))})"
+                       f" AND state IN (?, ?)", (time.time() + lease_seconds, owner, *job_ids, RUNNING, CANCELLING))
+            rows = db.execute(f"SELECT id, state FROM jobs WHERE lease_owner = ? AND id IN ({_marks(len(job_ids))})"
+                              " AND state IN (?, ?)", (owner, *job_ids, RUNNING, CANCELLING)).fetchall()
+        return {r["id"]: r["state"] for r in rows}
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Cancels ``job_id`` if it is still queued (no replica claimed it);
+        returns whether it was."""
+        now = time.time()
+        with self._transaction(f"the cancel of job {job_id}") as db:
+            done = db.execute("UPDATE jobs SET state = ?, end_time = ? WHERE id = ? AND state = ?",
+                              (CANCELLED, now, job_id, QUEUED)).rowcount
+            if done:
+                self._append(db, job_id, "state", {"state": CANCELLED}, now)
+        return bool(done)
+
+    # -- events ----------------------------------------------------------------
+
+    def _append(self, db: _Connection, job_id: str, kind: str, payload: dict, when: float) -> int:
+        # The job's row lock (PostgreSQL) orders two replicas appending to one job.
+        db.execute(f"SELECT n FROM jobs WHERE id = ?{self.dialect.lock_row}", (job_id,))
+        row = db.execute("SELECT COALESCE(MAX(seq), 0) AS top FROM events WHERE job_id = ?", (job_id,)).fetchone()
+        seq = row["top"] + 1
+        db.execute("INSERT INTO events (job_id, seq, time, kind, payload) VALUES (?, ?, ?, ?, ?)",
+                   (job_id, seq, when, kind, json.dumps(payload)))
+        return seq
+
+    def append_event(self, job_id: str, kind: str, payload: dict) -> int:
+        return self.update_job(job_id, event=(kind, payload))
+
+    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
+        with self._read() as db:
+            rows = db.execute("SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                              (job_id, after, limit)).fetchall()
+        return [Event(r["job_id"], r["seq"], r["time"], r["kind"], json.loads(r["payload"])) for r in rows]
+
+    # -- datasets --------------------------------------------------------------
+
+    def put_dataset(self, name: str, info: dict, owner: str = NO_OWNER) -> None:
+        with self._transaction(f"dataset {name!r}") as db:
+            db.execute("INSERT INTO datasets (name, info, create_time, owner) VALUES (?, ?, ?, ?)"
+                       " ON CONFLICT (name) DO UPDATE SET info = excluded.info, create_time = excluded.create_time,"
+                       " owner = excluded.owner",
+                       (name, json.dumps(info), info.get("create_time") or time.time(), owner))
+
+    def get_dataset(self, name: str) -> Optional[dict]:
+        """A dataset's info, with its ``owner``; None when there is none of that name."""
+        with self._read() as db:
+            row = db.execute("SELECT info, owner FROM datasets WHERE name = ?", (name,)).fetchone()
+        return {**json.loads(row["info"]), "owner": row["owner"] or NO_OWNER} if row is not None else None
+
+    def delete_dataset(self, name: str) -> bool:
+        """Removes a dataset's record; returns whether there was one."""
+        with self._transaction(f"the deletion of dataset {name!r}") as db:
+            return db.execute("DELETE FROM datasets WHERE name = ?", (name,)).rowcount > 0
+
+    def dataset_bytes(self, owner: Optional[str] = None) -> int:
+        """The stored datasets' sizes (``size_bytes``), added up: all of
+        them, or ``owner``'s."""
+        size = self.dialect.json_number.format(column="info", key="size_bytes")
+        sql = f"SELECT COALESCE(SUM({size}), 0) AS total FROM datasets"
+        with self._read() as db:
+            row = db.execute(sql + " WHERE owner = ?", (owner,)).fetchone() if owner is not None \
+                else db.execute(sql).fetchone()
+        return int(row["total"])
+
+    def list_datasets(self) -> list[dict]:
+        """Every dataset's info, with its ``owner``, by name."""
+        with self._read() as db:
+            rows = db.execute("SELECT info, owner FROM datasets ORDER BY name").fetchall()
+        return [{**json.loads(r["info"]), "owner": r["owner"] or NO_OWNER} for r in rows]
+
+    # -- registered losses -----------------------------------------------------
+
+    def losses(self) -> list[tuple[str, str]]:
+        """Every stored loss as ``(name, record JSON text)``, oldest change first.
+        The text is not parsed here: ``losses.custom.ExpressionStore`` owns its shape."""
+        with self._read() as db:
+            rows = db.execute("SELECT name, record FROM losses ORDER BY update_time, name").fetchall()
+        return [(r["name"], r["record"]) for r in rows]
+
+    def count_losses(self) -> int:
+        with self._read() as db:
+            return db.execute("SELECT COUNT(*) AS c FROM losses").fetchone()["c"]
+
+    def put_losses(self, records: Iterable[tuple[str, dict]]) -> None:
+        """Inserts or replaces ``(name, record)`` rows in one transaction.
+
+        Raises:
+            ResourceExhausted: the disk is full (DISK_FULL); nothing was written.
+        """
+        with self._transaction("the registered loss") as db:
+            for name, record in records:
+                db.execute("INSERT INTO losses (name, record, update_time) VALUES (?, ?, ?)"
+                           " ON CONFLICT (name) DO UPDATE SET record = excluded.record,"
+                           " update_time = excluded.update_time",
+                           (name, json.dumps(record, sort_keys=True), time.time()))
+            self._bump(db, LOSSES)
+
+    def delete_loss(self, name: str) -> None:
+        with self._transaction("the loss deletion") as db:
+            db.execute("DELETE FROM losses WHERE name = ?", (name,))
+            self._bump(db, LOSSES)
+
+    def quarantine_loss(self, name: str, why: str) -> None:
+        """Moves a stored loss row that cannot be loaded into the quarantine."""
+        with self._read() as db:
+            row = db.execute("SELECT * FROM losses WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return
+        self.quarantine.save(f"loss-{str(name)[:64]}", {"table": "losses", "row": dict(row)}, why)
+        self.delete_loss(name)
+
+    # -- versions: has another replica changed something? -------------------------
+
+    @staticmethod
+    def _bump(db: _Connection, name: str) -> None:
+        db.execute("INSERT INTO versions (name, value) VALUES (?, 1)"
+                   " ON CONFLICT (name) DO UPDATE SET value = versions.value + 1", (name,))
+
+    def version(self, name: str) -> int:
+        """How many times the state ``name`` (``LOSSES``) has changed: one
+        indexed read, for replicas that poll for each other's changes."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM versions WHERE name = ?", (name,)).fetchone()
+        return row["value"] if row is not None else 0
+
+
+# The version counter of the registered losses (``Store.version``).
+LOSSES = "losses"
+
+
+class SqliteStore(Store):
+    """The embedded store: ``<data_dir>/lossd.sqlite3``, for one server process.
 
     Args:
         path: The database file; its folder is created.
@@ -216,17 +677,17 @@ class Store:
             quarantine at open. ``jobs.check_record`` in the server.
         quarantine: Where unreadable state goes; ``<folder of path>/quarantine``
             by default.
-
-    Attributes:
-        quarantine: What was moved aside at open (``Quarantine.items``).
     """
+
+    dialect = SQLITE
+    shared = False
 
     def __init__(self, path: pathlib.Path, *, check_job: Optional[Callable[[JobRecord], None]] = None,
                  quarantine: Optional[Quarantine] = None):
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(quarantine or Quarantine(path.parent / QUARANTINE_DIR))
         self.path = path
-        self.quarantine = quarantine or Quarantine(path.parent / QUARANTINE_DIR)
         self._lock = threading.RLock()
         try:
             self._db = self._open()
@@ -252,12 +713,8 @@ class Store:
             problems = [r[0] for r in db.execute("PRAGMA quick_check(5)").fetchall()]
             if problems != ["ok"]:
                 raise sqlite3.DatabaseError("; ".join(problems)[:300])
-            db.executescript(_SCHEMA)
-            for table, columns in _ADDED_COLUMNS.items():
-                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
-                for name, definition in columns.items():
-                    if name not in have:
-                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+            self._db = db
+            self._migrate()
         except sqlite3.DatabaseError as exc:
             db.close()
             if not getattr(exc, "sqlite_errorcode", 0):
@@ -265,42 +722,25 @@ class Store:
             raise
         return db
 
-    def _drop_malformed_jobs(self, check_job: Optional[Callable[[JobRecord], None]]) -> None:
-        """Moves each job row that cannot be read (bad JSON, unknown state, a
-        spec ``check_job`` refuses) with its events into the quarantine."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs").fetchall()
-            for row in rows:
-                try:
-                    job = self._job(row)
-                    if job.state not in STATES:
-                        raise ValueError(f"unknown state {job.state!r}")
-                    for field in ("spec", "runtime", "progress"):
-                        if not isinstance(getattr(job, field), dict):
-                            raise ValueError(f"{field} is not an object")
-                    if job.error is not None and not isinstance(job.error, dict):
-                        raise ValueError("error is not an object")
-                    if check_job is not None:
-                        check_job(job)
-                except (ValueError, KeyError, TypeError, IndexError) as exc:
-                    events = [dict(r) for r in self._db.execute("SELECT * FROM events WHERE job_id = ?",
-                                                                (row["id"],))]
-                    self.quarantine.save(f"job-{str(row['id'])[:64]}", {"table": "jobs", "row": dict(row),
-                                                                        "events": events},
-                                         f"the job row is malformed ({type(exc).__name__}: {str(exc)[:200]})")
-                    with self._transaction("removing a malformed job"):
-                        self._db.execute("DELETE FROM events WHERE job_id = ?", (row["id"],))
-                        self._db.execute("DELETE FROM jobs WHERE n = ?", (row["n"],))
+    def _unversioned_columns(self, db: _Connection) -> None:
+        for table, columns in _UNVERSIONED_COLUMNS.items():
+            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            for name, definition in columns.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
 
     @contextlib.contextmanager
-    def _transaction(self, what: str) -> Iterator[None]:
-        """One write transaction (under the lock); a full disk becomes
-        ``ResourceExhausted`` (DISK_FULL) after the rollback."""
+    def _read(self) -> Iterator[_Connection]:
+        with self._lock:
+            yield _Connection(self._db, SQLITE)
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[_Connection]:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    yield
+                    yield _Connection(self._db, SQLITE)
                     self._db.execute("COMMIT")
                 except BaseException:
                     if self._db.in_transaction:
@@ -315,195 +755,82 @@ class Store:
         with self._lock:
             self._db.close()
 
-    # -- jobs ------------------------------------------------------------------
 
-    @staticmethod
-    def _job(row: sqlite3.Row) -> JobRecord:
-        return JobRecord(
-            id=row["id"], spec=json.loads(row["spec"]), runtime=json.loads(row["runtime"]),
-            model_kind=row["model_kind"], state=row["state"], create_time=row["create_time"],
-            start_time=row["start_time"], end_time=row["end_time"],
-            error=json.loads(row["error"]) if row["error"] else None, progress=json.loads(row["progress"]),
-            request_id=row["request_id"], display_name=row["display_name"], retries=row["retries"] or 0,
-            owner=row["owner"] or NO_OWNER)
+class PostgresStore(Store):
+    """The shared store: one PostgreSQL database for every replica
+    (``LOSSD_DATABASE_URL``), through a pool of psycopg 3 connections.
 
-    def create_job(self, job: JobRecord) -> tuple[JobRecord, bool]:
-        """Inserts a job and its first event; returns ``(job, created)``.
+    Args:
+        url: A libpq connection string or URL (``postgresql://user@host/db``).
+        quarantine: Where unreadable rows go (this replica's data directory).
+        check_job: As for ``SqliteStore``.
+        pool_size: Most connections this replica opens.
+        connect_timeout: How long opening waits for the database.
 
-        When a job with the same ``request_id`` exists, returns it with
-        ``created=False`` and inserts nothing (safe retries, AIP-155).
-        """
-        with self._lock:
-            if job.request_id:
-                row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (job.request_id,)).fetchone()
-                if row is not None:
-                    return self._job(row), False
-            job.create_time = job.create_time or time.time()
-            with self._transaction("the new job"):
-                self._db.execute(
-                    "INSERT INTO jobs (id, request_id, display_name, spec, runtime, model_kind, state, create_time,"
-                    " progress, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (job.id, job.request_id or None, job.display_name, json.dumps(job.spec),
-                     json.dumps(job.runtime), job.model_kind, job.state, job.create_time, json.dumps(job.progress),
-                     job.owner))
-                self._append_locked(job.id, "state", {"state": job.state}, job.create_time)
-            return job, True
+    Raises:
+        ConnectionError: the database cannot be reached within ``connect_timeout``.
+    """
 
-    def get_job(self, job_id: str) -> Optional[JobRecord]:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return self._job(row) if row is not None else None
+    dialect = POSTGRES
+    shared = True
 
-    def get_job_by_request_id(self, request_id: str) -> Optional[JobRecord]:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
-        return self._job(row) if row is not None else None
+    def __init__(self, url: str, *, quarantine: Quarantine, check_job: Optional[Callable[[JobRecord], None]] = None,
+                 pool_size: int = 8, connect_timeout: float = 10.0):
+        from psycopg.rows import dict_row  # the server extra: imported only when PostgreSQL is used
+        from psycopg_pool import ConnectionPool, PoolTimeout
 
-    def list_jobs(self, states: Iterable[str] = (), page_size: int = 50, page_token: str = "",
-                  owner: Optional[str] = None) -> tuple[list[JobRecord], str]:
-        """Jobs newest first (only ``owner``'s when it is not None); returns
-        ``(page, next_page_token)``.
+        super().__init__(quarantine)
+        self.url = url
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
+                                    kwargs={"autocommit": True, "row_factory": dict_row},
+                                    name="lossd-store")
+        self._pool.open()
+        try:
+            self._pool.wait(timeout=connect_timeout)
+        except PoolTimeout:
+            self._pool.close()
+            raise ConnectionError(f"cannot connect to the PostgreSQL database at {_redact_url(url)} within "
+                                  f"{connect_timeout:g} s") from None
+        self._migrate()
+        self._drop_malformed_jobs(check_job)
 
-        The token is the position of the last job returned, so pages stay
-        stable while new jobs are created.
-        """
-        states = list(states)
-        where, args = [], []
-        if owner is not None:
-            where.append("owner = ?")
-            args.append(owner)
-        if states:
-            where.append(f"state IN ({', '.join('?' * len(states))})")
-            args.extend(states)
-        if page_token:
-            where.append("n < ?")
-            args.append(_decode_token(page_token))
-        sql = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")
-        sql += " ORDER BY n DESC LIMIT ?"
-        with self._lock:
-            rows = self._db.execute(sql, (*args, page_size + 1)).fetchall()
-        jobs = [self._job(r) for r in rows[:page_size]]
-        token = _encode_token(rows[page_size - 1]["n"]) if len(rows) > page_size else ""
-        return jobs, token
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[_Connection]:
+        with self._reachable("reading the shared state"), self._pool.connection() as raw:
+            yield _Connection(raw, POSTGRES)
 
-    def jobs_in_states(self, states: Iterable[str]) -> list[JobRecord]:
-        """Jobs in the given states, oldest first."""
-        states = list(states)
-        with self._lock:
-            rows = self._db.execute(f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(states))})"
-                                    " ORDER BY n", states).fetchall()
-        return [self._job(r) for r in rows]
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[_Connection]:
+        from psycopg import errors
 
-    def count_jobs(self, states: Iterable[str], owner: str) -> int:
-        """How many of ``owner``'s jobs are in the given states."""
-        states = list(states)
-        with self._lock:
-            return self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN "
-                                    f"({', '.join('?' * len(states))})", (owner, *states)).fetchone()[0]
+        try:
+            with self._reachable(f"saving {what}"), self._pool.connection() as raw, raw.transaction():
+                yield _Connection(raw, POSTGRES)
+        except errors.DiskFull as exc:
+            raise disk_full_error(what) from exc
 
-    def counts_by_state(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) AS c FROM jobs GROUP BY state").fetchall()
-        return {r["state"]: r["c"] for r in rows}
+    @contextlib.contextmanager
+    def _reachable(self, what: str) -> Iterator[None]:
+        """A database that cannot be reached (down, restarting, the pool
+        exhausted for its timeout) is UNAVAILABLE (DATABASE_UNAVAILABLE),
+        which clients retry; the pool replaces broken connections."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
 
-    def update_job(self, job_id: str, *, event: Optional[tuple[str, dict]] = None, **fields: Any) -> Optional[int]:
-        """Updates columns of a job and, in the same transaction, appends an
-        event ``(kind, payload)``; returns the event's sequence number."""
-        encoded = {k: json.dumps(v) if k in ("error", "progress") and v is not None else v
-                   for k, v in fields.items()}
-        seq = None
-        with self._transaction(f"an update of job {job_id}"):
-            if encoded:
-                sets = ", ".join(f"{k} = ?" for k in encoded)
-                self._db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*encoded.values(), job_id))
-            seq = self._append_locked(job_id, *event, time.time()) if event else None
-        return seq
+        try:
+            yield
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            if isinstance(exc, psycopg.errors.DiskFull):
+                raise
+            log.warning("the PostgreSQL database is unreachable while %s: %s", what, str(exc).strip()[:300])
+            raise Unavailable(f"The shared database is unreachable: {what} failed. Expected the PostgreSQL server "
+                              f"at {_redact_url(self.url)} to answer; retry shortly.",
+                              reason="DATABASE_UNAVAILABLE") from None
 
-    # -- events ----------------------------------------------------------------
+    def close(self) -> None:
+        self._pool.close()
 
-    def _append_locked(self, job_id: str, kind: str, payload: dict, when: float) -> int:
-        row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE job_id = ?", (job_id,)).fetchone()
-        seq = row[0] + 1
-        self._db.execute("INSERT INTO events (job_id, seq, time, kind, payload) VALUES (?, ?, ?, ?, ?)",
-                         (job_id, seq, when, kind, json.dumps(payload)))
-        return seq
 
-    def append_event(self, job_id: str, kind: str, payload: dict) -> int:
-        return self.update_job(job_id, event=(kind, payload))
-
-    def events(self, job_id: str, after: int = 0, limit: int = 1000) -> list[Event]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                                    (job_id, after, limit)).fetchall()
-        return [Event(r["job_id"], r["seq"], r["time"], r["kind"], json.loads(r["payload"])) for r in rows]
-
-    # -- datasets --------------------------------------------------------------
-
-    def put_dataset(self, name: str, info: dict, owner: str = NO_OWNER) -> None:
-        with self._transaction(f"dataset {name!r}"):
-            self._db.execute("INSERT OR REPLACE INTO datasets (name, info, create_time, owner) VALUES (?, ?, ?, ?)",
-                             (name, json.dumps(info), info.get("create_time") or time.time(), owner))
-
-    def get_dataset(self, name: str) -> Optional[dict]:
-        """A dataset's info, with its ``owner``; None when there is none of that name."""
-        with self._lock:
-            row = self._db.execute("SELECT info, owner FROM datasets WHERE name = ?", (name,)).fetchone()
-        return {**json.loads(row["info"]), "owner": row["owner"] or NO_OWNER} if row is not None else None
-
-    def delete_dataset(self, name: str) -> bool:
-        """Removes a dataset's record; returns whether there was one."""
-        with self._lock:
-            return self._db.execute("DELETE FROM datasets WHERE name = ?", (name,)).rowcount > 0
-
-    def dataset_bytes(self, owner: Optional[str] = None) -> int:
-        """The stored datasets' sizes (``size_bytes``), added up: all of
-        them, or ``owner``'s."""
-        sql = "SELECT COALESCE(SUM(json_extract(info, '$.size_bytes')), 0) FROM datasets"
-        with self._lock:
-            row = self._db.execute(sql + " WHERE owner = ?", (owner,)).fetchone() if owner is not None \
-                else self._db.execute(sql).fetchone()
-        return int(row[0])
-
-    def list_datasets(self) -> list[dict]:
-        """Every dataset's info, with its ``owner``, by name."""
-        with self._lock:
-            rows = self._db.execute("SELECT info, owner FROM datasets ORDER BY name").fetchall()
-        return [{**json.loads(r["info"]), "owner": r["owner"] or NO_OWNER} for r in rows]
-
-    # -- registered losses -----------------------------------------------------
-
-    def losses(self) -> list[tuple[str, str]]:
-        """Every stored loss as ``(name, record JSON text)``, oldest change first.
-        The text is not parsed here: ``losses.custom.ExpressionStore`` owns its shape."""
-        with self._lock:
-            rows = self._db.execute("SELECT name, record FROM losses ORDER BY update_time, name").fetchall()
-        return [(r["name"], r["record"]) for r in rows]
-
-    def count_losses(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM losses").fetchone()[0]
-
-    def put_losses(self, records: Iterable[tuple[str, dict]]) -> None:
-        """Inserts or replaces ``(name, record)`` rows in one transaction.
-
-        Raises:
-            ResourceExhausted: the disk is full (DISK_FULL); nothing was written.
-        """
-        with self._transaction("the registered loss"):
-            for name, record in records:
-                self._db.execute("INSERT OR REPLACE INTO losses (name, record, update_time) VALUES (?, ?, ?)",
-                                 (name, json.dumps(record, sort_keys=True), time.time()))
-
-    def delete_loss(self, name: str) -> None:
-        with self._transaction("the loss deletion"):
-            self._db.execute("DELETE FROM losses WHERE name = ?", (name,))
-
-    def quarantine_loss(self, name: str, why: str) -> None:
-        """Moves a stored loss row that cannot be loaded into the quarantine."""
-        with self._lock:
-            row = self._db.execute("SELECT * FROM losses WHERE name = ?", (name,)).fetchone()
-            if row is None:
-                return
-            self.quarantine.save(f"loss-{str(name)[:64]}", {"table": "losses", "row": dict(row)}, why)
-            with self._transaction("removing a malformed loss"):
-                self._db.execute("DELETE FROM losses WHERE name = ?", (name,))
+def _redact_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)

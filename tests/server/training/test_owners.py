@@ -181,9 +181,13 @@ def test_jobs_and_datasets_from_before_owners_are_seen_by_admins_only(tmp_path, 
         anonymous.cancel_job(job)
         anonymous.upload_dataset(npz(tmp_path, "old_set"))
     old.stop(0)
-    with sqlite3.connect(data / "lossd.sqlite3") as db:  # the schema before owners
+    with sqlite3.connect(data / "lossd.sqlite3") as db:  # the schema before owners (and schema versions)
         db.execute("ALTER TABLE jobs DROP COLUMN owner")
         db.execute("ALTER TABLE datasets DROP COLUMN owner")
+        db.execute("ALTER TABLE jobs DROP COLUMN lease_owner")
+        db.execute("ALTER TABLE jobs DROP COLUMN lease_expires")
+        db.execute("DROP TABLE versions")
+        db.execute("DROP TABLE schema_version")
         assert "owner" not in {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
 
     path = tmp_path / "tokens.jsonl"

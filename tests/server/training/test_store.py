@@ -1,45 +1,54 @@
-"""The SQLite job store: persistence across reopening, idempotent creates,
-stable paging, events in order."""
+"""The job store, on both backends (SQLite and a real PostgreSQL): persistence
+across reopening, idempotent creates, stable paging, events in order, the
+schema's versions, and job leases."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 
 from lossd_server.errors import InvalidArgument
-from lossd_server.training.store import JobRecord, Store
+from lossd_server.training.store import MIGRATIONS, JobRecord, PostgresStore, Quarantine, SqliteStore
 
 
 def _job(i: int, request_id=None) -> JobRecord:
     return JobRecord(id=f"job{i}", spec={"epochs": i}, runtime={}, model_kind="classifier", request_id=request_id)
 
 
-def test_jobs_and_events_survive_reopening(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_jobs_and_events_survive_reopening(open_store):
+    store = open_store()
     store.create_job(_job(1))
     store.update_job("job1", state="running", start_time=5.0, event=("state", {"state": "running"}))
     store.append_event("job1", "epoch", {"epoch": 1})
     store.put_dataset("mine", {"name": "mine", "create_time": 1.0})
     store.close()
 
-    again = Store(tmp_path / "db.sqlite3")
+    again = open_store()
     job = again.get_job("job1")
     assert (job.state, job.start_time, job.spec) == ("running", 5.0, {"epochs": 1})
     assert [(e.seq, e.kind) for e in again.events("job1")] == [(1, "state"), (2, "state"), (3, "epoch")]
     assert [e.seq for e in again.events("job1", after=2)] == [3]
     assert again.get_dataset("mine")["name"] == "mine"
-    assert again._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert again.schema_version() == MIGRATIONS[-1][0]
 
 
-def test_same_request_id_returns_the_first_job(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_sqlite_runs_in_wal_mode(tmp_path):
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_same_request_id_returns_the_first_job(open_store):
+    store = open_store()
     first, created = store.create_job(_job(1, "req-1"))
     second, created_again = store.create_job(_job(2, "req-1"))
     assert created and not created_again and second.id == first.id
     assert store.counts_by_state() == {"queued": 1}
 
 
-def test_paging_newest_first_and_stable_under_inserts(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_paging_newest_first_and_stable_under_inserts(open_store):
+    store = open_store()
     for i in range(5):
         store.create_job(_job(i))
     page, token = store.list_jobs(page_size=2)
@@ -51,8 +60,8 @@ def test_paging_newest_first_and_stable_under_inserts(tmp_path):
     assert [j.id for j in page] == ["job0"] and token == ""
 
 
-def test_filter_by_state_and_bad_token(tmp_path):
-    store = Store(tmp_path / "db.sqlite3")
+def test_filter_by_state_and_bad_token(open_store):
+    store = open_store()
     for i in range(3):
         store.create_job(_job(i))
     store.update_job("job1", state="succeeded")
@@ -60,3 +69,140 @@ def test_filter_by_state_and_bad_token(tmp_path):
     assert [j.id for j in store.list_jobs(["queued"])[0]] == ["job2", "job0"]
     with pytest.raises(InvalidArgument, match="page_token"):
         store.list_jobs(page_token="garbage!")
+
+
+def test_datasets_and_losses_round_trip_and_count_versions(open_store):
+    store, other = open_store(), open_store()
+    store.put_dataset("a", {"name": "a", "size_bytes": 100, "create_time": 1.0}, owner="ann")
+    store.put_dataset("b", {"name": "b", "size_bytes": 50, "create_time": 2.0}, owner="bob")
+    store.put_dataset("a", {"name": "a", "size_bytes": 300, "create_time": 3.0}, owner="ann")  # replaced
+    assert (other.dataset_bytes(), other.dataset_bytes("ann"), other.dataset_bytes("nobody")) == (350, 300, 0)
+    assert [(d["name"], d["owner"]) for d in other.list_datasets()] == [("a", "ann"), ("b", "bob")]
+    assert other.delete_dataset("a") and not other.delete_dataset("a") and store.get_dataset("a") is None
+
+    assert other.version("losses") == 0
+    store.put_losses([("half", {"name": "half", "expression": "0.5 * y_pred"})])
+    assert other.version("losses") == 1 and other.count_losses() == 1
+    store.put_losses([("half", {"name": "half", "expression": "0.25 * y_pred"})])  # a replacement counts too
+    assert other.version("losses") == 2 and "0.25" in dict(other.losses())["half"]
+    other.delete_loss("half")
+    assert store.version("losses") == 3 and store.losses() == []
+
+
+def test_a_claimed_job_is_leased_to_one_replica_until_its_lease_expires(open_store):
+    a, b = open_store(), open_store()
+    a.create_job(_job(1))
+    a.create_job(_job(2))
+    [(first, before)] = a.claim_jobs("replica-a", 1, lease_seconds=0.5)
+    assert (first.id, before, first.state) == ("job1", "queued", "running")
+    [(second, _)] = b.claim_jobs("replica-b", 5, lease_seconds=30)  # job1 is a's: only job2 is left
+    assert second.id == "job2" and b.claim_jobs("replica-b", 5, lease_seconds=30) == []
+    assert a.renew_leases("replica-a", ["job1"], 0.5) == {"job1": "running"}
+    assert b.renew_leases("replica-b", ["job1"], 30) == {}  # not b's to renew
+    time.sleep(0.7)  # a stopped renewing: its lease runs out and b takes the job over
+    [(taken, before)] = b.claim_jobs("replica-b", 5, lease_seconds=30)
+    assert (taken.id, before) == ("job1", "running")
+    assert a.renew_leases("replica-a", ["job1"], 0.5) == {}  # a learns that it lost the job
+    assert [e.payload["state"] for e in a.events("job1") if e.kind == "state"] == ["queued", "running", "running"]
+
+
+def test_an_expired_cancelling_job_is_cancelled_not_claimed(open_store):
+    store = open_store()
+    store.create_job(_job(1))
+    store.claim_jobs("gone", 1, lease_seconds=0.01)
+    store.update_job("job1", state="cancelling")
+    time.sleep(0.05)
+    assert store.claim_jobs("alive", 1, lease_seconds=30) == []
+    assert store.get_job("job1").state == "cancelled"
+    assert not store.cancel_queued("job1")
+
+
+def test_concurrent_claims_never_hand_one_job_to_two_replicas(open_store):
+    replicas = [open_store() for _ in range(4)]
+    for i in range(20):
+        replicas[0].create_job(_job(i))
+    got: dict[str, list[str]] = {}
+
+    def claim(n: int) -> None:
+        while True:
+            batch = replicas[n].claim_jobs(f"replica-{n}", 2, lease_seconds=30)
+            if not batch:
+                return
+            for job, _ in batch:
+                got.setdefault(job.id, []).append(f"replica-{n}")
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(got) == sorted(f"job{i}" for i in range(20))
+    assert all(len(owners) == 1 for owners in got.values()), got
+
+
+def test_concurrent_creates_with_one_request_id_make_one_job(open_store):
+    replicas = [open_store() for _ in range(4)]
+    results = []
+
+    def create(n: int) -> None:
+        for k in range(10):
+            results.append(replicas[n].create_job(_job(100 * n + k, f"req-{k}")))
+
+    threads = [threading.Thread(target=create, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 40 and sum(created for _, created in results) == 10
+    by_request = {}
+    for job, _ in results:
+        by_request.setdefault(job.request_id, set()).add(job.id)
+    assert all(len(ids) == 1 for ids in by_request.values()) and len(by_request) == 10
+    assert replicas[0].counts_by_state() == {"queued": 10}
+
+
+def test_an_unreachable_database_is_unavailable_and_a_restarted_one_is_used_again(tmp_path):
+    from postgres import running_postgres
+
+    from lossd_server.errors import Unavailable
+
+    with running_postgres() as pg:
+        store = PostgresStore(pg.url(), quarantine=Quarantine(tmp_path / "quarantine"), connect_timeout=2)
+        store.create_job(_job(1))
+        pg.stop()
+        with pytest.raises(Unavailable) as refused:
+            store.get_job("job1")
+        assert refused.value.reason == "DATABASE_UNAVAILABLE" and "Expected the PostgreSQL server" in \
+            refused.value.message
+        with pytest.raises(Unavailable):
+            store.create_job(_job(2))
+        pg.start()
+        job, _ = _until_available(lambda: store.get_job("job1"))
+        assert job.id == "job1"
+        store.close()
+
+
+def _until_available(call, seconds: float = 10.0):
+    from lossd_server.errors import Unavailable
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return call(), time.monotonic()
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_a_database_that_never_answers_is_one_clear_error_without_the_password(tmp_path):
+    from servers import free_port
+
+    url = f"postgresql://lossd:s3cret-pw@127.0.0.1:{free_port()}/lossd"  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ConnectionError) as refused:
+        PostgresStore(url, quarantine=Quarantine(tmp_path / "quarantine"), connect_timeout=1)
+    assert time.monotonic() - started < 10
+    message = str(refused.value)
+    assert "cannot connect to the PostgreSQL database at postgresql://lossd:***@127.0.0.1:" in message, message
+    assert "s3cret-pw" not in message

@@ -1,0 +1,235 @@
+"""Replicas on one PostgreSQL database and one artifacts folder: real servers
+(two in this process, or a `lossd serve` process beside one), a real
+PostgreSQL (tests/postgres.py). Retried creates make one job whichever
+replica they reach, a loss registered on one replica evaluates on the
+other within a second, a job created on one is watched from the other, and
+a replica killed with SIGKILL has its job resumed by another from the
+checkpoint."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import pathlib
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+import lossd
+from servers import alive, kill_group, lossd_servers, serve_process
+
+# Short leases: a dead replica's job is taken over within seconds.
+LEASE_SECONDS = 2.0
+
+
+@pytest.fixture()
+def shared(postgres, tmp_path):
+    """One fresh database and one artifacts folder for this test's replicas."""
+    return {"database_url": postgres.create_database(), "artifacts_dir": tmp_path / "artifacts"}
+
+
+@pytest.fixture()
+def replica(tmp_path_factory, shared):
+    """``replica(**settings)``: a started in-process server on the shared
+    database and artifacts folder (each with a data directory of its own)."""
+    with lossd_servers(tmp_path_factory, **shared, max_concurrent_jobs=1, job_lease_seconds=LEASE_SECONDS,
+                       shared_state_poll_seconds=0.2, progress_every_batches=2) as start:
+        yield start
+
+
+def _client(srv, timeout=60) -> lossd.Client:
+    return lossd.Client(f"127.0.0.1:{srv.port}", timeout=timeout)
+
+
+def _until(check, seconds: float, step: float = 0.02):
+    """Calls ``check()`` until it returns without raising; returns its value
+    and how long that took. Past ``seconds`` the last error is raised."""
+    start = time.monotonic()
+    while True:
+        try:
+            return check(), time.monotonic() - start
+        except (lossd.LossdError, AssertionError):
+            if time.monotonic() - start > seconds:
+                raise
+            time.sleep(step)
+
+
+def test_concurrent_creates_on_two_replicas_with_25_request_ids_make_25_jobs(replica):
+    a, b = replica(), replica()
+    with _client(a) as ca, _client(b) as cb:
+        def create(i: int):
+            client = (ca, cb)[i % 2]
+            return client.create_job("mlp", "digits", epochs=1, steps_per_epoch=1, request_id=f"retry-{i % 25}")
+
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            made = list(pool.map(create, range(50)))
+        by_request: dict[str, set] = {}
+        for i, job in enumerate(made):
+            by_request.setdefault(f"retry-{i % 25}", set()).add(job.name)
+        assert len(by_request) == 25 and all(len(names) == 1 for names in by_request.values())
+        listed = cb.list_jobs(limit=100)
+        assert len(listed) == 25
+        assert {j.name for j in listed} == {n for names in by_request.values() for n in names}
+        for job in listed:  # no need to train them
+            try:
+                ca.cancel_job(job)
+            except lossd.LossdError as exc:
+                assert exc.reason == "JOB_ALREADY_FINISHED"
+
+
+def test_a_loss_registered_on_one_replica_evaluates_on_the_other_within_a_second(replica):
+    a, b = replica(), replica()
+    rng = np.random.default_rng(3)
+    y_true, y_pred = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    mean_abs = np.mean(np.abs(y_true - y_pred), axis=-1).mean()
+
+    def expression_on(client) -> str:
+        found = [info.expression for info in client.losses() if info.name == "tripled_mae"]
+        assert found, "not registered there"
+        return found[0]
+
+    with _client(a) as ca, _client(b) as cb:
+        with pytest.raises(lossd.LossdError) as unknown:
+            cb.evaluate("tripled_mae", y_true, y_pred)
+        assert unknown.value.reason == "UNKNOWN_LOSS"
+
+        # Timed up to the moment b knows the loss; compiling it on first use comes after.
+        ca.register_loss("tripled_mae", "3 * mean(abs(y_true - y_pred), axis=-1)")
+        expression, took = _until(lambda: expression_on(cb), 1.0)
+        assert took < 1.0 and expression.startswith("3 *")
+        np.testing.assert_allclose(cb.evaluate("tripled_mae", y_true, y_pred).loss, 3 * mean_abs, rtol=1e-6)
+
+        ca.register_loss("tripled_mae", "5 * mean(abs(y_true - y_pred), axis=-1)", replace=True)
+
+        def replaced():
+            expression = expression_on(cb)
+            assert expression.startswith("5 *"), expression
+            return expression
+
+        _, took = _until(replaced, 1.0)
+        assert took < 1.0
+        np.testing.assert_allclose(cb.evaluate("tripled_mae", y_true, y_pred).loss, 5 * mean_abs, rtol=1e-6)
+
+        cb.delete_loss("tripled_mae")  # deleted on b: a forgets it too
+
+        def gone():
+            try:
+                ca.evaluate("tripled_mae", y_true, y_pred)
+            except lossd.LossdError as exc:
+                assert exc.reason == "UNKNOWN_LOSS", exc
+                return
+            raise AssertionError("the deleted loss still evaluates")
+
+        _, took = _until(gone, 1.0)
+        assert took < 1.0
+
+
+def test_a_job_created_on_one_replica_runs_once_and_is_watched_from_the_other(replica, shared):
+    a, b = replica(), replica()
+    with _client(a, 120) as ca, _client(b, 120) as cb:
+        job = ca.create_job("mlp", "digits", epochs=2, steps_per_epoch=3, batch_size=16)
+        events = list(cb.watch(job, timeout=120))  # b follows it from the shared database, to the end
+        finished = cb.get_job(job)
+    assert finished.state == "succeeded", finished.error
+    assert [e.state for e in events if e.kind == "state"] == ["queued", "running", "succeeded"]
+    assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2]
+    job_dir = pathlib.Path(shared["artifacts_dir"]) / "jobs" / job.id
+    assert len(json.loads((job_dir / "history.json").read_text())["loss"]) == 2
+
+
+def _worker_pid(job_dir: pathlib.Path, other_than: int = 0, seconds: float = 60) -> int:
+    """The pid of the job's running process (written by the worker at start), once it is not ``other_than``."""
+    def running() -> int:
+        pid = int((job_dir / "worker.pid").read_text())
+        assert pid != other_than and alive(pid)
+        return pid
+
+    return _until(lambda: _retry_missing(running), seconds, step=0.1)[0]
+
+
+def _retry_missing(read):
+    try:
+        return read()
+    except (FileNotFoundError, ValueError) as exc:  # not written yet, or being written
+        raise AssertionError(str(exc)) from None
+
+
+def _dead(pid: int, seconds: float) -> float:
+    """Waits for ``pid`` to end; returns how long it took."""
+    def ended():
+        assert not alive(pid), f"process {pid} still runs"
+
+    return _until(ended, seconds, step=0.05)[1]
+
+
+def test_a_replica_that_lost_its_lease_stops_its_copy_and_any_replica_can_cancel_the_job(replica, shared):
+    a = replica()
+    with _client(a, 120) as ca:
+        job = ca.create_job("cnn", "digits", epochs=50, batch_size=8)  # runs until cancelled
+        job_dir = pathlib.Path(shared["artifacts_dir"]) / "jobs" / job.id
+        first = _worker_pid(job_dir)
+        # As if another replica had taken the job over while a stalled: a's
+        # next renewal finds the lease is not its own and stops its process.
+        a.training.store.update_job(job.id, lease_owner="another-replica")
+        assert _dead(first, 5) < 3
+        # "another-replica" never renews: once its lease runs out, a replica
+        # (a, or b started now) takes the job over and runs it again.
+        b = replica()
+        second = _worker_pid(job_dir, other_than=first)
+        with _client(b, 120) as cb:
+            cancelled = cb.cancel_job(job)  # whichever replica runs it hears of it from the database
+        assert cancelled.state == "cancelled"
+        assert _dead(second, 5) < 5
+        events = list(ca.watch(job))
+    took_over = [e for e in events if e.kind == "message" and "stopped renewing its lease" in e.message]
+    assert len(took_over) == 1
+    assert [e.state for e in events if e.kind == "state"] == ["queued", "running", "running", "cancelling",
+                                                              "cancelled"]
+
+
+# -- a replica killed with SIGKILL -------------------------------------------------------------------------------
+
+def _serve(data_dir: pathlib.Path, log: pathlib.Path, shared: dict) -> tuple[subprocess.Popen, str]:
+    """`lossd serve` on the shared database and artifacts."""
+    return serve_process(data_dir, log, {"LOSSD_DATABASE_URL": shared["database_url"],
+                                         "LOSSD_ARTIFACTS_DIR": str(shared["artifacts_dir"]),
+                                         "LOSSD_JOB_LEASE_SECONDS": str(LEASE_SECONDS),
+                                         "LOSSD_REPLICA_ID": "killed-replica"})
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_replica_running_a_job_makes_another_resume_it(replica, shared, tmp_path):
+    proc, address = _serve(tmp_path / "killed-data", tmp_path / "killed.log", shared)
+    try:
+        with lossd.Client(address, timeout=120) as killed:
+            job = killed.create_job("cnn", "digits", epochs=2, batch_size=8)
+            for event in killed.watch(job):
+                if event.kind == "epoch" and event.epoch == 1:
+                    break  # the first checkpoint is in the shared folder (written before the event)
+        kill_group(proc)  # the server and its job process
+        killed_at = time.time()
+        # The survivor starts only now, so the job cannot have been its own
+        # from the start; it finds it RUNNING under the dead replica's lease.
+        survivor = replica()
+        with _client(survivor, 180) as client:
+            finished = client.wait(job, progress=False)
+            events = list(client.watch(job))
+    finally:
+        kill_group(proc)
+    assert finished.state == "succeeded", finished.error
+    took_over = [e for e in events if e.kind == "message" and "stopped renewing its lease" in e.message]
+    assert len(took_over) == 1 and "from the checkpoint of epoch" in took_over[0].message
+    # Taken over once the lease ran out: not before, and not much later (the
+    # survivor's start, its claim interval, a busy machine's slack).
+    assert LEASE_SECONDS - 1 < took_over[0].time.timestamp() - killed_at < LEASE_SECONDS + 20
+    resumed = [e for e in events if e.kind == "message" and e.message.startswith("Resuming from the checkpoint")]
+    assert len(resumed) == 1
+    first_epoch_after = int(resumed[0].message.split("epoch ")[1].split(";")[0]) + 1
+    assert first_epoch_after >= 2
+    assert [e.epoch for e in events if e.kind == "epoch" and e.sequence > resumed[0].sequence] == \
+        list(range(first_epoch_after, 3))
+    assert [e.state for e in events if e.kind == "state"] == ["queued", "running", "running", "succeeded"]
+    history = json.loads((pathlib.Path(shared["artifacts_dir"]) / "jobs" / job.id / "history.json").read_text())
+    assert len(history["loss"]) == 2

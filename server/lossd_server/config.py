@@ -160,8 +160,12 @@ class Settings(BaseSettings):
 
     # Training jobs (lossd_server.training).
 
-    max_concurrent_jobs: Optional[int] = Field(None, ge=1)
-    """Training jobs run at once; unset means one per GPU, or 1 without a GPU."""
+    max_concurrent_jobs: Optional[int] = Field(None, ge=0)
+    """Training jobs run at once; unset means one per GPU, or 1 without a GPU.
+    ``0``: this server runs no jobs. With ``database_url`` it still queues,
+    lists, watches and cancels them, and the replicas that run jobs take them
+    (an evaluator replica); with the embedded store nothing would run a job,
+    so CreateJob is FAILED_PRECONDITION (NO_JOB_SLOTS)."""
 
     max_upload_bytes: int = Field(256 * MiB, ge=1)
     """Largest dataset upload file. What one dataset decodes to (its float32

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from lossd_server.callers import Caller
 from lossd_server.config import StartupError
-from lossd_server.errors import InvalidArgument
+from lossd_server.errors import FailedPrecondition, InvalidArgument
 from lossd_server.losses.plan import Planner
 from lossd_server.training import jobs
 from lossd_server.training.artifacts import Artifacts, artifacts_root
@@ -95,7 +95,18 @@ class TrainingManager:
     def create_job(self, spec: Mapping[str, Any], *, caller: Caller, display_name: str = "",
                    request_id: str = "") -> JobRecord:
         """Checks a spec and queues the job as ``caller``'s (see ``jobs.create``).
-        Its dataset cannot be deleted or replaced until the job is recorded."""
+        Its dataset cannot be deleted or replaced until the job is recorded.
+
+        Raises:
+            FailedPrecondition: NO_JOB_SLOTS, on a server that runs no jobs
+                (``max_concurrent_jobs`` 0) with a store no other replica
+                shares: nothing would ever run the job.
+        """
+        if self.scheduler.slots == 0 and not self.store.shared:
+            raise FailedPrecondition(
+                "This server runs no training jobs (max_concurrent_jobs is 0) and shares its job queue with no "
+                "other replica. Expected a server with job slots, or one on a shared database "
+                "(LOSSD_DATABASE_URL). Received: a job.", reason="NO_JOB_SLOTS")
         with self.catalog.using(str(spec.get("dataset", ""))):
             job, created = jobs.create(self.store, self.planner, self.catalog, spec, caller=caller,
                                        display_name=display_name, request_id=request_id)

@@ -98,7 +98,8 @@ class Scheduler:
         self.store = store
         self.artifacts = artifacts
         self.gpus = gpus
-        self.slots = settings.max_concurrent_jobs or max(gpus, 1)
+        # 0 (an evaluator replica): claims nothing; other replicas run the jobs.
+        self.slots = max(gpus, 1) if settings.max_concurrent_jobs is None else settings.max_concurrent_jobs
         self.metrics = metrics
         self.replica = settings.replica_id or default_replica_id()
         self.lease_seconds = settings.job_lease_seconds

@@ -15,6 +15,7 @@ import subprocess
 import time
 
 import numpy as np
+import psycopg
 import pytest
 
 import lossd
@@ -137,6 +138,40 @@ def test_a_job_created_on_one_replica_runs_once_and_is_watched_from_the_other(re
     assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2]
     job_dir = pathlib.Path(shared["artifacts_dir"]) / "jobs" / job.id
     assert len(json.loads((job_dir / "history.json").read_text())["loss"]) == 2
+
+
+def test_a_replica_without_job_slots_queues_jobs_that_another_replica_runs(replica, shared):
+    # An evaluator replica (max_concurrent_jobs 0) takes CreateJob, and leaves
+    # the running to replicas with slots, as deploy/k8s deploys them.
+    evaluator = replica(max_concurrent_jobs=0, replica_id="evaluator")
+    with _client(evaluator, 120) as ce:
+        job = ce.create_job("mlp", "digits", epochs=1, steps_per_epoch=2, batch_size=16)
+        job_id = job.name.split("/")[1]
+        time.sleep(1.0)  # five of the evaluator's claim rounds (every 0.2 s)
+        assert ce.get_job(job).state == "queued"
+
+        replica(replica_id="runner")
+
+        def leased_to_runner():
+            with psycopg.connect(shared["database_url"]) as db:
+                owner, state = db.execute("SELECT lease_owner, state FROM jobs WHERE id = %s", (job_id,)).fetchone()
+            assert state in ("running", "succeeded") and (owner == "runner" or state == "succeeded"), (owner, state)
+
+        _until(leased_to_runner, 60, step=0.05)
+        events = list(ce.watch(job, timeout=120))
+        finished = ce.get_job(job)
+    assert finished.state == "succeeded", finished.error
+    assert [e.state for e in events if e.kind == "state"] == ["queued", "running", "succeeded"]
+
+
+def test_a_server_without_job_slots_or_a_shared_queue_refuses_jobs(tmp_path_factory):
+    with lossd_servers(tmp_path_factory, max_concurrent_jobs=0) as start:
+        srv = start()
+        with _client(srv) as client:
+            with pytest.raises(lossd.LossdError) as info:
+                client.create_job("mlp", "digits", epochs=1)
+    assert info.value.code.name == "FAILED_PRECONDITION" and info.value.reason == "NO_JOB_SLOTS"
+    assert "max_concurrent_jobs is 0" in info.value.message and "LOSSD_DATABASE_URL" in info.value.message
 
 
 def _worker_pid(job_dir: pathlib.Path, other_than: int = 0, seconds: float = 60) -> int:

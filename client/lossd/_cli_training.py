@@ -218,7 +218,7 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
 
     p = jsub.add_parser("create", parents=[common], help="create a training job")
-    p.add_argument("--model", default="cnn", help="model preset: cnn, mlp or vae [cnn]")
+    p.add_argument("--model", default="cnn", help="model preset: cnn, mlp, vae or diffusion [cnn]")
     p.add_argument("--dataset", default="digits", help="digits, an uploaded dataset or folder:PATH [digits]")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
     p.add_argument("--loss", help="a registered loss name, or expr:EXPRESSION [the model's default]")

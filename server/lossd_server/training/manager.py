@@ -51,6 +51,8 @@ class TrainingManager:
         gpus: How many GPUs the machine has (``evaluation.backend.gpu_count()``).
         store: The server's ``Store`` (shared with registered losses); by
             default ``open_store(settings.data_dir)``.
+        evaluator: The ``Evaluator`` whose compiled programs guidance losses
+            run on (Generate); None refuses guidance.
 
     Attributes:
         scheduler: Cancel and watch jobs (``Scheduler``).
@@ -59,7 +61,8 @@ class TrainingManager:
         inference: Predict and Generate (``Inference``).
     """
 
-    def __init__(self, settings, planner: Planner, metrics=None, *, gpus: int, store: Store | None = None):
+    def __init__(self, settings, planner: Planner, metrics=None, *, gpus: int, store: Store | None = None,
+                 evaluator=None):
         data_dir = pathlib.Path(settings.data_dir)
         self.planner = planner
         self.metrics = metrics
@@ -67,7 +70,8 @@ class TrainingManager:
         self.artifacts = Artifacts(data_dir / "jobs")
         self.catalog = DatasetCatalog(settings, self.store, data_dir / "datasets")
         self.scheduler = Scheduler(settings, self.store, self.artifacts, gpus=gpus, metrics=metrics)
-        self.inference = Inference(self.artifacts)
+        self.inference = Inference(self.artifacts, evaluator=evaluator,
+                                   max_pixel_steps=getattr(settings, "max_generate_pixel_steps", 1 << 25))
 
     def start(self) -> None:
         """Resumes what a previous server left unfinished and starts scheduling."""

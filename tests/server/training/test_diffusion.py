@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import grpc
+import numpy as np
 import pytest
 
 import lossd
@@ -41,3 +42,91 @@ def test_diffusion_specs_are_checked_at_create_time(tclient, kwargs, reason):
         tclient.create_job("diffusion", "digits", **kwargs)
     assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT and exc.value.reason == reason
     assert "Expected" in exc.value.message
+
+
+@pytest.fixture(scope="module")
+def vae_job(training_address):
+    """A vae trained for two batches: a generator without classes."""
+    with lossd.Client(training_address, timeout=180) as c:
+        return c.wait(c.create_job("vae", "digits", epochs=1, steps_per_epoch=2), progress=False, timeout=180)
+
+
+def _mse(a, b):
+    return float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+
+
+def test_generate_returns_count_images_in_range_deterministic_for_a_seed(tclient, diffusion_job):
+    images = tclient.generate(diffusion_job, 6, seed=5, prompt="7", steps=20)
+    assert images.shape == (6, 8, 8, 1) and images.dtype == np.float32
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.01
+    again = tclient.generate(diffusion_job, 6, seed=5, prompt="7", steps=20)
+    np.testing.assert_array_equal(images, again)
+    other_seed = tclient.generate(diffusion_job, 6, seed=6, prompt="7", steps=20)
+    assert _mse(images, other_seed) > 1e-3
+    every_class = tclient.generate(diffusion_job, 12, seed=5)  # no prompt: classes 0..9, 0, 1; default steps
+    assert every_class.shape == (12, 8, 8, 1)
+
+
+def test_the_prompt_changes_the_output(tclient, diffusion_job):
+    zeros = tclient.generate(diffusion_job, 8, seed=2, prompt="0", steps=20)
+    ones = tclient.generate(diffusion_job, 8, seed=2, prompt="1", steps=20)
+    assert _mse(zeros, ones) > 1e-3
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"prompt": "eleven"}, "UNKNOWN_CLASS"),
+    ({"steps": 101}, "BAD_STEPS"),  # the default model has timesteps=100
+    ({"steps": -1}, "BAD_STEPS"),
+    ({"prompt": "3", "init_images": np.zeros((3, 8, 8, 1), np.float32), "init_weight": 1.0}, "SHAPE_MISMATCH"),
+    ({"init_images": np.zeros((2, 5, 5, 1), np.float32), "init_weight": 1.0}, "SHAPE_MISMATCH"),
+    ({"init_weight": 1.0}, "MISSING_TENSOR"),  # no init images to pull toward
+    ({"guidance": {"name": "no_such_loss"}}, "UNKNOWN_LOSS"),  # the planner's own answer, as Evaluate gives it
+    ({"init_images": np.zeros((1, 8, 8, 1)), "init_weight": -1.0}, "BAD_GUIDANCE"),
+])
+def test_bad_generate_requests_are_invalid_argument(tclient, diffusion_job, kwargs, reason):
+    with pytest.raises(lossd.LossdError) as exc:
+        tclient.generate(diffusion_job, 4, seed=1, **kwargs)
+    assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT, exc.value
+    assert exc.value.reason == reason
+    assert "Expected" in exc.value.message and ("Received" in exc.value.message or reason == "UNKNOWN_LOSS")
+
+
+def test_generation_cost_is_bounded_before_it_is_spent(training_server, tclient, diffusion_job):
+    inference = training_server.training.inference
+    limit = inference.max_pixel_steps
+    inference.max_pixel_steps = 4 * 20 * 64 - 1  # one value short of 4 images x 20 steps x 8x8x1
+    try:
+        with pytest.raises(lossd.LossdError) as exc:
+            tclient.generate(diffusion_job, 4, seed=1, steps=20)
+        assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT and exc.value.reason == "GENERATION_TOO_LARGE"
+        assert "5120" in exc.value.message
+        assert tclient.generate(diffusion_job, 4, seed=1, steps=19).shape == (4, 8, 8, 1)
+    finally:
+        inference.max_pixel_steps = limit
+
+
+def test_a_model_without_classes_takes_no_prompt(tclient, vae_job):
+    assert vae_job.state == "succeeded", vae_job.error
+    assert tclient.generate(vae_job, 3, seed=1).shape == (3, 8, 8, 1)
+    for kwargs in ({"prompt": "7"}, {"steps": 10}):
+        with pytest.raises(lossd.LossdError) as exc:
+            tclient.generate(vae_job, 3, seed=1, **kwargs)
+        assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT and exc.value.reason == "NOT_CONDITIONAL"
+        assert "Expected" in exc.value.message and "Received" in exc.value.message
+
+
+def test_cli_generate_writes_a_grid(training_address, diffusion_job, tmp_path, capsys):
+    from PIL import Image
+
+    from lossd import cli
+
+    out, npy = tmp_path / "sevens.png", tmp_path / "sevens.npy"
+    assert cli.main(["jobs", "generate", diffusion_job.name, "--address", training_address, "--prompt", "7",
+                     "--count", "16", "--steps", "10", "--seed", "4", "-o", str(out), "--npy", str(npy)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (4 * 37, 4 * 37)  # 4x4 tiles of 8 px, 1 px padding, x4
+    images = np.load(npy)
+    with lossd.Client(training_address) as client:
+        same = client.generate(diffusion_job, 16, seed=4, prompt="7", steps=10)
+    np.testing.assert_array_equal(images, same)

@@ -667,7 +667,9 @@ def _register_diffusion():
                     images = (x0 + 1.0) / 2.0
                     images = images - guidance_scale * np.asarray(guide(images), dtype="float32")
                     x0 = np.clip(images * 2.0 - 1.0, -1.0, 1.0)
-                    eps = (x - np.sqrt(ab) * x0) / np.sqrt(1.0 - ab)  # the noise this x0 implies
+                # The noise the (clipped, guided) estimate implies, so a
+                # guidance gradient of 0 gives the unguided sample.
+                eps = (x - np.sqrt(ab) * x0) / np.sqrt(1.0 - ab)
                 x = (np.sqrt(ab_prev) * x0 + np.sqrt(1.0 - ab_prev) * eps).astype("float32")
             return np.clip((x0 + 1.0) / 2.0, 0.0, 1.0).astype("float32")
 

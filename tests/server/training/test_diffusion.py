@@ -51,6 +51,9 @@ def vae_job(training_address):
         return c.wait(c.create_job("vae", "digits", epochs=1, steps_per_epoch=2), progress=False, timeout=180)
 
 
+GUIDANCE_SCALE = 1.0
+
+
 def _mse(a, b):
     return float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
 
@@ -68,9 +71,13 @@ def test_generate_returns_count_images_in_range_deterministic_for_a_seed(tclient
 
 
 def test_the_prompt_changes_the_output(tclient, diffusion_job):
+    # Two epochs teach the class embedding little (bench/quality.py measures
+    # how well a longer run follows the prompt); any change shows the class
+    # reaches the denoiser, where the same seed gives the same noise.
     zeros = tclient.generate(diffusion_job, 8, seed=2, prompt="0", steps=20)
     ones = tclient.generate(diffusion_job, 8, seed=2, prompt="1", steps=20)
-    assert _mse(zeros, ones) > 1e-3
+    assert _mse(zeros, ones) > 1e-5
+    np.testing.assert_array_equal(zeros, tclient.generate(diffusion_job, 8, seed=2, prompt="0", steps=20))
 
 
 @pytest.mark.parametrize("kwargs, reason", [
@@ -130,3 +137,51 @@ def test_cli_generate_writes_a_grid(training_address, diffusion_job, tmp_path, c
     with lossd.Client(training_address) as client:
         same = client.generate(diffusion_job, 16, seed=4, prompt="7", steps=10)
     np.testing.assert_array_equal(images, same)
+
+
+def test_init_weight_pulls_samples_toward_their_init_images(tclient, diffusion_job):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    init = (digits.images[digits.target == 3][:6] / 16.0)[..., None].astype(np.float32)
+    free = tclient.generate(diffusion_job, 6, seed=9, prompt="3", steps=20)
+    pulled = tclient.generate(diffusion_job, 6, seed=9, prompt="3", steps=20, init_images=init, init_weight=1.0)
+    assert _mse(pulled, init) < 0.5 * _mse(free, init)
+    weak = tclient.generate(diffusion_job, 6, seed=9, prompt="3", steps=20, init_images=init, init_weight=0.1)
+    assert _mse(pulled, init) < _mse(weak, init) < _mse(free, init)  # the pull grows with init_weight
+
+
+@pytest.fixture(scope="module")
+def digit_classifier(training_address):
+    """A cnn trained for three epochs on digits: confident enough to steer by."""
+    with lossd.Client(training_address, timeout=180) as c:
+        return c.wait(c.create_job("cnn", "digits", epochs=3, batch_size=32), progress=False, timeout=180)
+
+
+def test_classifier_guidance_raises_the_classifiers_confidence(tclient, diffusion_job, digit_classifier):
+    free = tclient.generate(diffusion_job, 8, seed=11, prompt="4", steps=20)
+    barely = tclient.generate(diffusion_job, 8, seed=11, prompt="4", steps=20, classifier=digit_classifier,
+                              guidance_scale=1e-9)
+    assert _mse(barely, free) < 1e-6  # a vanishing guidance leaves the unguided sample
+    guided = tclient.generate(diffusion_job, 8, seed=11, prompt="4", steps=20, classifier=digit_classifier,
+                              guidance_scale=GUIDANCE_SCALE)
+    p_free, p_guided = (tclient.predict(digit_classifier, x)[:, 4].mean() for x in (free, guided))
+    assert p_guided > p_free + 0.05, (p_free, p_guided)
+
+
+@pytest.mark.parametrize("kwargs, code, reason", [
+    ({"classifier": "jobs/doesnotexist"}, grpc.StatusCode.NOT_FOUND, "JOB_NOT_FOUND"),
+    ({"guidance": {"terms": [{"loss": {"name": "sparse_categorical_crossentropy"},
+                              "inputs": ["label", "classifier"]}]}},
+     grpc.StatusCode.INVALID_ARGUMENT, "MISSING_TENSOR"),  # reads the classifier, names none
+    ({"guidance": {"expression": "mean(classifier) * mean(y_pred)"}, "classifier": "CNN"},
+     grpc.StatusCode.INVALID_ARGUMENT, "BAD_GUIDANCE"),
+    ({"classifier": "SELF"}, grpc.StatusCode.FAILED_PRECONDITION, "WRONG_MODEL_KIND"),  # a generator
+])
+def test_bad_guidance_requests(tclient, diffusion_job, cnn_job, kwargs, code, reason):
+    kwargs = dict(kwargs)
+    if kwargs.get("classifier") in ("CNN", "SELF"):
+        kwargs["classifier"] = cnn_job if kwargs["classifier"] == "CNN" else diffusion_job
+    with pytest.raises(lossd.LossdError) as exc:
+        tclient.generate(diffusion_job, 4, seed=1, prompt="2", steps=5, **kwargs)
+    assert exc.value.code == code and exc.value.reason == reason, exc.value

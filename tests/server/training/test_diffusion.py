@@ -185,3 +185,49 @@ def test_bad_guidance_requests(tclient, diffusion_job, cnn_job, kwargs, code, re
     with pytest.raises(lossd.LossdError) as exc:
         tclient.generate(diffusion_job, 4, seed=1, prompt="2", steps=5, **kwargs)
     assert exc.value.code == code and exc.value.reason == reason, exc.value
+
+
+def test_a_diffusion_job_resumes_from_its_checkpoint(tmp_path):
+    """The job process's own code (worker._train), run twice on one job folder:
+    the second run, asked for one more epoch, resumes from the first one's
+    checkpoint (the denoiser's weights and the optimizer's state)."""
+    from lossd_server.training import models, worker
+
+    params = models.resolve_model_params("diffusion", {"filters": [8, 16], "embed_dim": 16}, (8, 8, 1))
+    spec = {"model": {"preset": "diffusion", "params": params}, "dataset": "digits", "loss": {"name": "mse"},
+            "optimizer": {"name": "adam", "learning_rate": 1e-3, "params": {}}, "epochs": 1, "batch_size": 64,
+            "validation_split": 0.2, "metrics": [], "seed": 1, "steps_per_epoch": 3}
+    config = {"job_id": "resume", "job_dir": str(tmp_path), "spec": spec, "model_kind": "generator",
+              "runtime": {"dataset_source": "builtin", "dataset_path": "", "image_shape": [8, 8, 1],
+                          "class_names": [str(i) for i in range(10)], "logits": False},
+              "progress_every": 1, "mixed_precision": False, "gpu": None, "max_upload_bytes": 1 << 20}
+    reports = []
+
+    def send(kind, **payload):
+        reports.append((kind, payload))
+
+    worker._train(config, tmp_path, send)
+    first = models.load_model(tmp_path / worker.MODEL_FILE)
+    assert worker.read_checkpoint(tmp_path)["epoch"] == 1
+    reports.clear()
+    worker._train({**config, "spec": {**spec, "epochs": 2}}, tmp_path, send)
+    messages = [p["text"] for kind, p in reports if kind == "message"]
+    assert any(m.startswith("Resuming from the checkpoint of epoch 1") for m in messages), messages
+    assert [p["epoch"] for kind, p in reports if kind == "epoch"] == [2]
+    history = json.loads((tmp_path / worker.HISTORY_FILE).read_text())
+    assert len(history["loss"]) == 2
+    second = models.load_model(tmp_path / worker.MODEL_FILE)
+    assert isinstance(second, models.diffusion_class()) and second.timesteps == params["timesteps"]
+    assert any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights()))
+
+
+def test_a_training_diffusion_job_cancels(tclient):
+    job = tclient.create_job("diffusion", "digits", epochs=1000, batch_size=16,
+                             model_params={"filters": [8, 16], "embed_dim": 16})
+    for event in tclient.watch(job):
+        if event.kind == "progress":  # training for real
+            break
+    assert tclient.cancel_job(job).state == "cancelled"
+    with pytest.raises(lossd.LossdError) as exc:
+        tclient.generate(job, 2, seed=1)
+    assert exc.value.code == grpc.StatusCode.FAILED_PRECONDITION and exc.value.reason == "JOB_NOT_SUCCEEDED"

@@ -9,7 +9,8 @@ The guidance loss is a composite over named tensors:
 - ``y_true``: the request's ``init_images`` (z_orig);
 - ``classifier``: a trained classifier job's class probabilities on ``y_pred``
   (the stand-in for CLIP's text-image similarity);
-- ``label``: each image's class, as an index into the classifier's classes.
+- ``label``: each image's class, as an index into the classifier's classes
+  (into the model's own without a classifier).
 
 Its terms are the request's ``guidance`` spec (unset with a classifier:
 ``sparse_categorical_crossentropy`` of ``(label, classifier)``) and, for

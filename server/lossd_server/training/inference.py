@@ -50,10 +50,12 @@ class GenerateOptions:
     init_weight: float = 0.0
     classifier: Optional[JobRecord] = None
 
-    def asks_diffusion(self) -> bool:
-        """Whether any field only a diffusion model can honour is set."""
-        return bool(self.prompt or self.steps or self.guidance or self.guidance_scale or self.init_weight
-                    or self.init_images is not None or self.classifier is not None)
+    def diffusion_fields(self) -> list[str]:
+        """The fields set that only a diffusion model can honour."""
+        return [name for name, value in (
+            ("prompt", self.prompt), ("steps", self.steps), ("guidance", self.guidance),
+            ("guidance_scale", self.guidance_scale), ("init_images", self.init_images is not None),
+            ("init_weight", self.init_weight), ("classifier", self.classifier is not None)) if value]
 
 
 class Inference:
@@ -114,13 +116,11 @@ class Inference:
         _check_trained(job, models.GENERATOR)
         preset = job.spec["model"]["preset"]
         if preset != "diffusion":
-            if options.asks_diffusion():
+            if options.diffusion_fields():
                 raise InvalidArgument(
                     f"Model `{preset}` of job `jobs/{job.id}` is not conditioned on a class and takes no prompt, "
                     "steps or guidance. Expected only count and seed (or a `diffusion` job). Received: "
-                    + ", ".join(f for f in ("prompt", "steps", "guidance", "guidance_scale", "init_images",
-                                            "init_weight", "classifier")
-                                if getattr(options, f) not in ("", 0, 0.0, None)) + ".",
+                    + ", ".join(options.diffusion_fields()) + ".",
                     reason="NOT_CONDITIONAL", metadata={"model": preset})
             images = np.asarray(self._model(job).generate(count, seed=seed or None))
             return np.clip(images, 0.0, 1.0).astype(np.float32)

@@ -115,7 +115,7 @@ def test_generation_cost_is_bounded_before_it_is_spent(training_server, tclient,
 def test_a_model_without_classes_takes_no_prompt(tclient, vae_job):
     assert vae_job.state == "succeeded", vae_job.error
     assert tclient.generate(vae_job, 3, seed=1).shape == (3, 8, 8, 1)
-    for kwargs in ({"prompt": "7"}, {"steps": 10}):
+    for kwargs in ({"prompt": "7"}, {"steps": 10}, {"init_images": np.zeros((3, 8, 8, 1)), "init_weight": 1.0}):
         with pytest.raises(lossd.LossdError) as exc:
             tclient.generate(vae_job, 3, seed=1, **kwargs)
         assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT and exc.value.reason == "NOT_CONDITIONAL"

@@ -106,6 +106,28 @@ def cmd_jobs_plot(args) -> int:
     return 0
 
 
+def cmd_jobs_generate(args) -> int:
+    import numpy as np
+
+    from lossd._training import save_image_grid
+
+    guidance = None
+    if args.guidance:
+        kind = "expression" if args.guidance.startswith("expr:") else "name"
+        guidance = {kind: args.guidance.removeprefix("expr:")}
+    init = np.load(args.init) if args.init else None
+    with _client(args) as client:
+        images = client.generate(args.job, args.count, seed=args.seed, prompt=args.prompt, steps=args.steps,
+                                 guidance=guidance, guidance_scale=args.guidance_scale, init_images=init,
+                                 init_weight=args.init_weight, classifier=args.classifier)
+    out = pathlib.Path(args.output or f"{args.job.split('/')[-1]}-samples.png")
+    save_image_grid(images, out, scale=args.scale)
+    if args.npy:
+        np.save(args.npy, images)
+    print(out)
+    return 0
+
+
 def plot_history(history: dict, path: pathlib.Path, *, title: str = "",
                  heat_maps: Optional[dict] = None) -> pathlib.Path:
     """Draws loss curves (``loss``/``val_loss`` and any other ``*loss``) to a PNG,
@@ -256,7 +278,7 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
 
     p = jsub.add_parser("create", parents=[common], help="create a training job")
-    p.add_argument("--model", default="cnn", help="model preset: cnn, mlp or vae [cnn]")
+    p.add_argument("--model", default="cnn", help="model preset: cnn, mlp, vae or diffusion [cnn]")
     p.add_argument("--dataset", default="digits", help="digits, an uploaded dataset or folder:PATH [digits]")
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="model parameter (repeatable)")
     p.add_argument("--loss", help="a registered loss name, or expr:EXPRESSION [the model's default]")
@@ -300,6 +322,25 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p.add_argument("job", help="jobs/ID or ID")
     p.add_argument("-o", "--output", help="the PNG [ID-loss.png]")
     p.set_defaults(func=cmd_jobs_plot)
+
+    p = jsub.add_parser("generate", parents=[common],
+                        help="write a PNG grid of images from a trained generator (vae, diffusion)")
+    p.add_argument("job", help="jobs/ID or ID")
+    p.add_argument("--count", type=int, default=16, help="images [16]")
+    p.add_argument("--prompt", default="", help="the class to generate, by name (diffusion) [every class in turn]")
+    p.add_argument("--steps", type=int, default=0, help="sampling steps (diffusion) [50, at most timesteps]")
+    p.add_argument("--seed", type=int, default=0, help="[random]")
+    p.add_argument("--classifier", default=None, help="a trained classifier job whose crossentropy for the "
+                                                      "prompted class guides the samples")
+    p.add_argument("--guidance", help="a registered loss name, or expr:EXPRESSION, over y_pred, y_true, "
+                                      "classifier and label [classifier crossentropy]")
+    p.add_argument("--guidance-scale", type=float, default=0.0, help="step along the guidance gradient [1]")
+    p.add_argument("--init", help="a .npy of images to stay near (N or 1 x H x W x C)")
+    p.add_argument("--init-weight", type=float, default=0.0, help="weight of init_weight/2 * mse(init, image) [0]")
+    p.add_argument("--scale", type=int, default=4, help="pixels per image pixel in the PNG [4]")
+    p.add_argument("--npy", help="also save the images as a .npy")
+    p.add_argument("-o", "--output", help="the PNG [ID-samples.png]")
+    p.set_defaults(func=cmd_jobs_generate)
 
     datasets = client_parser("datasets", "upload, list and delete training datasets")
     dsub = datasets.add_subparsers(dest="datasets_command", required=True)

@@ -403,6 +403,21 @@ def probabilities(response: pb.PredictResponse) -> np.ndarray:
     return wire.to_numpy(response.probabilities, field="probabilities").copy()
 
 
+def generate_request(job: "Job | str", n: int, *, seed: int = 0, prompt: str = "", steps: int = 0,
+                     guidance: Any = None, guidance_scale: float = 0.0, init_images=None, init_weight: float = 0.0,
+                     classifier: "Job | str | None" = None) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(name=job_name(job), count=n, seed=seed, prompt=str(prompt), steps=steps,
+                                 guidance_scale=guidance_scale, init_weight=init_weight,
+                                 classifier=job_name(classifier) if classifier is not None else "")
+    if guidance is not None:
+        request.guidance.CopyFrom(wire.spec_from_dict(guidance))
+    if init_images is not None:
+        images = np.asarray(init_images)
+        request.init_images.CopyFrom(wire.from_numpy(images.astype(np.float32) if images.dtype == np.float64
+                                                     else images, field="init_images"))
+    return request
+
+
 def generated_images(response: pb.GenerateResponse) -> np.ndarray:
     return wire.to_numpy(response.images, field="images").copy()
 
@@ -596,10 +611,30 @@ class TrainingMixin(_TrainingStub):
         return probabilities(self._training.Predict(predict_request(job, images), **self._call_args(timeout)))
 
     @translate_errors
-    def generate(self, job: "Job | str", n: int, *, seed: int = 0, timeout: Optional[float] = None) -> np.ndarray:
-        """``n`` new images (float32, N x H x W x C in [0, 1]) from a trained generator."""
-        response = self._training.Generate(pb.GenerateRequest(name=job_name(job), count=n, seed=seed),
-                                           **self._call_args(timeout))
+    def generate(self, job: "Job | str", n: int, *, seed: int = 0, prompt: str = "", steps: int = 0,
+                 guidance: Any = None, guidance_scale: float = 0.0, init_images=None, init_weight: float = 0.0,
+                 classifier: "Job | str | None" = None, timeout: Optional[float] = None) -> np.ndarray:
+        """``n`` new images (float32, N x H x W x C in [0, 1]) from a trained generator.
+
+        Args:
+            seed: Seed of the samples; 0 for a random one.
+            prompt: The class to generate, by name (``diffusion`` jobs); empty
+                for every class in turn.
+            steps: Sampling steps of a diffusion model; 0 for 50 (or its timesteps if fewer).
+            guidance: A loss (name, dict or composite, as ``evaluate`` takes)
+                whose gradient steers each step. Its terms read ``y_pred``
+                (the images), ``y_true`` (``init_images``), ``classifier``
+                (the classifier job's probabilities) and ``label``.
+            guidance_scale: The step along the guidance gradient; 0 means 1.
+            init_images: Images to stay near (N or 1 x H x W x C).
+            init_weight: Adds ``init_weight / 2 * mse(init_images, images)`` to the guidance.
+            classifier: A trained classifier job: its crossentropy for the
+                prompted class guides the samples unless ``guidance`` says otherwise.
+        """
+        response = self._training.Generate(
+            generate_request(job, n, seed=seed, prompt=prompt, steps=steps, guidance=guidance,
+                             guidance_scale=guidance_scale, init_images=init_images, init_weight=init_weight,
+                             classifier=classifier), **self._call_args(timeout))
         return generated_images(response)
 
 
@@ -702,11 +737,14 @@ class AsyncTrainingMixin(_TrainingStub):
                                                           **self._call_args(timeout)))
 
     @translate_errors_async
-    async def generate(self, job: "Job | str", n: int, *, seed: int = 0, timeout: Optional[float] = None
-                       ) -> np.ndarray:
+    async def generate(self, job: "Job | str", n: int, *, seed: int = 0, prompt: str = "", steps: int = 0,
+                       guidance: Any = None, guidance_scale: float = 0.0, init_images=None, init_weight: float = 0.0,
+                       classifier: "Job | str | None" = None, timeout: Optional[float] = None) -> np.ndarray:
         """Refer to ``lossd.Client.generate``."""
-        response = await self._training.Generate(pb.GenerateRequest(name=job_name(job), count=n, seed=seed),
-                                                 **self._call_args(timeout))
+        response = await self._training.Generate(
+            generate_request(job, n, seed=seed, prompt=prompt, steps=steps, guidance=guidance,
+                             guidance_scale=guidance_scale, init_images=init_images, init_weight=init_weight,
+                             classifier=classifier), **self._call_args(timeout))
         return generated_images(response)
 
 

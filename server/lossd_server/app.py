@@ -358,7 +358,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                                      max_requests=settings.batch_max_requests, metrics=metrics)), server)
     shared_memory = add_shared_memory_service(server, regions, callers) if regions is not None else None
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
-                                    store=state, callers=callers)
+                                    store=state, callers=callers, evaluator=evaluator)
     health_servicer = health.HealthServicer()
     services = [name for name in SERVICE_NAMES if shared_memory is not None or name != SHARED_MEMORY_SERVICE]
     for name in [*services, "", STATE_HEALTH]:  # until start() has started everything

@@ -215,6 +215,11 @@ class Settings(BaseSettings):
     """Most parameters a job's model may have, counted from its preset's
     parameters and the dataset's image shape before anything is built."""
 
+    max_generate_pixel_steps: int = Field(1 << 25, ge=1)
+    """Most work one Generate may ask of a diffusion model: count × steps ×
+    the image's values (height × width × channels). Larger requests are
+    refused before any step runs (INVALID_ARGUMENT, GENERATION_TOO_LARGE)."""
+
     max_queued_jobs: int = Field(100, ge=1)
     """Most jobs waiting to run; CreateJob beyond it is RESOURCE_EXHAUSTED (TOO_MANY_JOBS)."""
 

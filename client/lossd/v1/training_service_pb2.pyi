@@ -366,14 +366,28 @@ class PredictResponse(_message.Message):
     def __init__(self, probabilities: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("name", "count", "seed")
+    __slots__ = ("name", "count", "seed", "prompt", "steps", "guidance", "guidance_scale", "init_images", "init_weight", "classifier")
     NAME_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    INIT_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFIER_FIELD_NUMBER: _ClassVar[int]
     name: str
     count: int
     seed: int
-    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    prompt: str
+    steps: int
+    guidance: _loss_pb2.LossSpec
+    guidance_scale: float
+    init_images: _tensor_pb2.Tensor
+    init_weight: float
+    classifier: str
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., seed: _Optional[int] = ..., prompt: _Optional[str] = ..., steps: _Optional[int] = ..., guidance: _Optional[_Union[_loss_pb2.LossSpec, _Mapping]] = ..., guidance_scale: _Optional[float] = ..., init_images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., init_weight: _Optional[float] = ..., classifier: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("images",)

@@ -322,3 +322,19 @@ class Compiled:
 def gpu_count() -> int:
     """How many GPUs TensorFlow sees (the training scheduler runs one job per GPU by default)."""
     return len(physical_gpus())
+
+
+def input_gradient(model, inputs: np.ndarray, output_gradient: np.ndarray, *, softmax: bool = False) -> np.ndarray:
+    """The vector-Jacobian product of a Keras model at ``inputs``: the
+    gradient with respect to ``inputs`` of ``sum(output_gradient * f(inputs))``,
+    ``f`` the model (then a softmax, for a model that outputs logits). Loss
+    guidance uses it to carry a loss's gradient with respect to a
+    classifier's probabilities back to the image."""
+    x = tf.convert_to_tensor(inputs)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = model(x, training=False)
+        if softmax:
+            out = tf.nn.softmax(out, axis=-1)
+        total = tf.reduce_sum(out * tf.convert_to_tensor(output_gradient, dtype=out.dtype))
+    return tape.gradient(total, x).numpy()

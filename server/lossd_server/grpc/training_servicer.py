@@ -17,6 +17,7 @@ from lossd.v1 import training_service_pb2_grpc as pb_grpc
 from lossd_server.errors import DOMAIN, DeadlineExceeded, InvalidArgument, NotFound
 from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.status import handle_errors
+from lossd_server.training.inference import GenerateOptions
 from lossd_server.training.manager import TrainingManager
 from lossd_server.training.store import Event, JobRecord
 
@@ -281,13 +282,21 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
     @handle_errors
     def Generate(self, request, context):
-        job = self.manager.get_job(job_id(request.name), self.callers.of(context))
-        images = self.manager.inference.generate(job, request.count, request.seed)
+        caller = self.callers.of(context)
+        job = self.manager.get_job(job_id(request.name), caller)
+        options = GenerateOptions(
+            prompt=request.prompt, steps=request.steps,
+            guidance=wire.spec_to_dict(request.guidance) if request.HasField("guidance") else None,
+            guidance_scale=request.guidance_scale, init_weight=request.init_weight,
+            init_images=wire.to_numpy(request.init_images, field="init_images", max_elements=self.max_elements)
+            if request.HasField("init_images") else None,
+            classifier=self.manager.get_job(job_id(request.classifier), caller) if request.classifier else None)
+        images = self.manager.inference.generate(job, request.count, request.seed, options)
         return pb.GenerateResponse(images=wire.from_numpy(images))
 
 
 def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: int,
-                         store=None, callers: Callers = Callers(None)) -> TrainingManager:
+                         store=None, callers: Callers = Callers(None), evaluator=None) -> TrainingManager:
     """Adds TrainingService to a server; starts nothing.
 
     Args:
@@ -298,12 +307,13 @@ def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: 
         gpus: How many GPUs the machine has.
         store: The server's ``Store``; by default the manager opens one.
         callers: Who calls (``Callers``); by default everyone is ``ANONYMOUS``.
+        evaluator: The ``Evaluator`` guidance losses run on; None refuses guidance.
 
     Returns:
         The TrainingManager: ``start()`` it with the server, ``stop()`` it
         when the server stops.
     """
-    manager = TrainingManager(settings, planner, metrics, gpus=gpus, store=store)
+    manager = TrainingManager(settings, planner, metrics, gpus=gpus, store=store, evaluator=evaluator)
     pb_grpc.add_TrainingServiceServicer_to_server(
         TrainingServicer(manager, max_elements=settings.max_tensor_elements,
                          stream_idle_seconds=settings.stream_idle_seconds, callers=callers), grpc_server)

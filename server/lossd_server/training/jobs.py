@@ -203,7 +203,7 @@ def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalo
     info = catalog.info(spec.get("dataset", ""), caller)
     params = models.resolve_model_params(preset.name, model.get("params"), info.image_shape)
     # The planner evaluation uses: a bad loss gets the error Evaluate gives.
-    loss = plan_training_loss(planner, spec.get("loss"), preset.kind)
+    loss = plan_training_loss(planner, spec.get("loss"), preset.kind, preset.name)
     optimizer = models.resolve_optimizer(spec.get("optimizer"))
     metrics = models.resolve_metrics(spec.get("metrics") or [], preset.kind)
     epochs = _whole(spec, "epochs", DEFAULT_EPOCHS, 1, MAX_EPOCHS)

@@ -37,6 +37,8 @@ from lossd_server.losses.registry import SHAPES_ANY, SHAPES_SAME, SHAPES_SPARSE
 from lossd_server.training.models import CLASSIFIER
 
 DEFAULT_CLASSIFIER_LOSS = "sparse_categorical_crossentropy"
+DIFFUSION = "diffusion"
+DEFAULT_DIFFUSION_LOSS = "mse"  # on the noise: DDPM's "simple" loss
 SPARSE, ONE_HOT = "sparse", "one_hot"
 TRAINING_INPUTS = ("y_true", "y_pred")
 _SPARSE_TWINS = {"categorical_crossentropy": "sparse_categorical_crossentropy"}
@@ -50,7 +52,8 @@ def _name(term: Term) -> str:
     return term.entry.name or "expression"
 
 
-def plan_training_loss(planner: Planner, spec: Optional[Mapping[str, Any]], model_kind: str) -> Optional[Plan]:
+def plan_training_loss(planner: Planner, spec: Optional[Mapping[str, Any]], model_kind: str,
+                       preset: str = "") -> Optional[Plan]:
     """Plans a job's loss and checks it suits the model.
 
     Args:
@@ -58,9 +61,11 @@ def plan_training_loss(planner: Planner, spec: Optional[Mapping[str, Any]], mode
         spec: A LossSpec dict (``lossd.wire.spec_to_dict``); None or an
             empty spec means the model's default loss.
         model_kind: ``classifier`` or ``generator``.
+        preset: The model preset (``diffusion`` defaults to ``mse`` on the
+            noise and takes composites).
 
     Returns:
-        The plan; None for a generator's own default loss.
+        The plan; None for the vae's own default loss.
 
     Raises:
         InvalidArgument: whatever the planner refuses (with its reasons), or
@@ -68,15 +73,15 @@ def plan_training_loss(planner: Planner, spec: Optional[Mapping[str, Any]], mode
             its labels.
     """
     if not spec or not any(spec.get(k) for k in ("name", "expression", "terms", "params")):
-        if model_kind != CLASSIFIER:
+        if model_kind != CLASSIFIER and preset != DIFFUSION:
             return None
-        spec = {"name": DEFAULT_CLASSIFIER_LOSS}
+        spec = {"name": DEFAULT_DIFFUSION_LOSS if preset == DIFFUSION else DEFAULT_CLASSIFIER_LOSS}
     plan = planner.plan(spec, TRAINING_INPUTS)
-    check_suits_model(plan, model_kind)
+    check_suits_model(plan, model_kind, preset)
     return plan
 
 
-def check_suits_model(plan: Plan, model_kind: str) -> None:
+def check_suits_model(plan: Plan, model_kind: str, preset: str = "") -> None:
     """Refuses (INCOMPATIBLE_LOSS) a plan that cannot train this kind of model."""
     for i, term in enumerate(plan.terms):
         where = f"terms[{i}]" if plan.composite else "loss"
@@ -100,18 +105,19 @@ def check_suits_model(plan: Plan, model_kind: str) -> None:
         label_format(plan)  # refuses what cannot take integer or one-hot labels
         from_logits(plan)  # refuses terms that disagree
         return
-    if plan.composite:
+    if plan.composite and preset != DIFFUSION:
         raise _incompatible("The vae's loss is already reconstruction + beta * KL; a composite cannot "
                             "replace it. Expected a reconstruction loss such as `mse`.", "composite")
-    term = plan.terms[0]
-    if term.entry.shapes not in (SHAPES_SAME, SHAPES_ANY):
-        raise _incompatible(
-            f"Loss `{_name(term)}` cannot be a generator's reconstruction loss. Expected a loss comparing "
-            "images with images of the same shape, such as `binary_crossentropy` or `mse`.", _name(term))
+    for term in plan.terms:
+        if term.entry.shapes not in (SHAPES_SAME, SHAPES_ANY):
+            raise _incompatible(
+                f"Loss `{_name(term)}` cannot be a generator's reconstruction loss (or noise loss). Expected a "
+                "loss comparing images (the diffusion model's: noise) with others of the same shape, such as "
+                "`mse`.", _name(term))
     if from_logits(plan):
         raise _incompatible(
-            f"Loss `{_name(term)}` with from_logits=true does not suit the vae, whose decoder outputs pixels "
-            "in [0, 1]. Expected from_logits=false.", _name(term))
+            f"Loss `{_name(plan.terms[0])}` with from_logits=true does not suit a generator, whose output is "
+            "pixels (or noise), not logits. Expected from_logits=false.", _name(plan.terms[0]))
 
 
 def label_format(plan: Plan) -> str:

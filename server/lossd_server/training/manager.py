@@ -65,6 +65,8 @@ class TrainingManager:
         gpus: How many GPUs the machine has (``evaluation.backend.gpu_count()``).
         store: The server's ``Store`` (shared with registered losses); by
             default ``open_store(settings)``.
+        evaluator: The ``Evaluator`` whose compiled programs guidance losses
+            run on (Generate); None refuses guidance.
 
     Attributes:
         scheduler: Cancel and watch jobs (``Scheduler``).
@@ -73,7 +75,8 @@ class TrainingManager:
         inference: Predict and Generate (``Inference``).
     """
 
-    def __init__(self, settings, planner: Planner, metrics=None, *, gpus: int, store: Store | None = None):
+    def __init__(self, settings, planner: Planner, metrics=None, *, gpus: int, store: Store | None = None,
+                 evaluator=None):
         root = artifacts_root(settings)
         root.mkdir(parents=True, exist_ok=True)
         self.planner = planner
@@ -82,7 +85,8 @@ class TrainingManager:
         self.artifacts = Artifacts(root / "jobs")
         self.catalog = DatasetCatalog(settings, self.store, root / "datasets")
         self.scheduler = Scheduler(settings, self.store, self.artifacts, gpus=gpus, metrics=metrics)
-        self.inference = Inference(self.artifacts)
+        self.inference = Inference(self.artifacts, evaluator=evaluator,
+                                   max_pixel_steps=getattr(settings, "max_generate_pixel_steps", 1 << 25))
 
     def start(self) -> None:
         """Resumes what a previous server left unfinished and starts scheduling."""

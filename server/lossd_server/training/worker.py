@@ -228,7 +228,10 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
                                len(runtime["class_names"]), logits=runtime.get("logits", False), seed=seed)
     optimizer = models.build_optimizer(spec["optimizer"])
     loss, loss_state = None, {}
-    if config["model_kind"] == models.GENERATOR:
+    if model_spec["preset"] == "diffusion":
+        # The noise-prediction loss, reduced as the plan says (sum_over_batch_size by default).
+        model.compile(optimizer=optimizer, noise_loss=PlanLoss(plan))
+    elif config["model_kind"] == models.GENERATOR:
         # Per-pixel values (reduction none): the VAE sums them over each image.
         recon = PlanLoss(plan, reduction="none") if plan is not None else None
         model.compile(optimizer=optimizer, reconstruction_loss=recon)
@@ -310,18 +313,20 @@ def training_batches(x, y, *, seed: int, batch_size: int, steps: int, epochs: ra
                        num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def vae_gradient_step(model, images):
-    """One optimisation step of a ``models.VAE`` on the TensorFlow backend:
-    its ``compute_losses`` under a GradientTape, the optimizer applied.
-    Returns ``(total, reconstruction, kl)``."""
+def gradient_step(model, compute_losses):
+    """One optimisation step of a model that trains itself (``models.VAE``,
+    ``models.Diffusion``) on the TensorFlow backend: ``compute_losses()``
+    (a tuple whose first item is the total loss) under a GradientTape, the
+    optimizer applied. Returns what ``compute_losses`` returned, as a tuple."""
     import tensorflow as tf
 
     with tf.GradientTape() as tape:
-        total, rec, kl = model.compute_losses(images, training=True)
-        scaled = model.optimizer.scale_loss(total)
+        losses = compute_losses()
+        losses = tuple(losses) if isinstance(losses, (tuple, list)) else (losses,)
+        scaled = model.optimizer.scale_loss(losses[0])
     grads = tape.gradient(scaled, model.trainable_weights)
     model.optimizer.apply_gradients(zip(grads, model.trainable_weights))
-    return total, rec, kl
+    return losses
 
 
 def _finite(value) -> bool:

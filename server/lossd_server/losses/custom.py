@@ -83,8 +83,9 @@ class ExpressionLoss(keras.losses.Loss):
                 "params": self.params}
 
 
-def _expression_error(exc: ExpressionError, where: str) -> InvalidArgument:
-    return InvalidArgument(f"{where}: {exc}", reason="BAD_EXPRESSION",
+def _expression_error(exc: ExpressionError, where: str, expression: str) -> InvalidArgument:
+    return InvalidArgument(f"{where}: {exc}. Expected an expression in lossd's expression language (README, "
+                           f"Expressions). Received: {expression[:200]!r}.", reason="BAD_EXPRESSION",
                            metadata={"column": str(exc.column or ""), "snippet": exc.snippet or ""})
 
 
@@ -107,9 +108,10 @@ def expression_entry(expression: str, *, params: Mapping[str, Any], inputs: Sequ
     try:
         compiled = compile_expression(expression, tensors=inputs, params=list(defaults))
     except ExpressionError as exc:
-        raise _expression_error(exc, where) from None
+        raise _expression_error(exc, where, expression) from None
     except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"{where}: {exc}", reason="BAD_EXPRESSION") from None
+        raise InvalidArgument(f"{where}: {exc}. Expected an expression in lossd's expression language (README, "
+                              f"Expressions). Received: {expression[:200]!r}.", reason="BAD_EXPRESSION") from None
     if not compiled.tensors_used:
         raise InvalidArgument(f"{where}: a loss must read at least one tensor. Expected an expression over "
                               f"{', '.join(inputs) or 'y_true, y_pred'}. Received: {expression[:200]!r}.",
@@ -138,7 +140,7 @@ def inline_entry(expression: str, params: Mapping[str, Any], tensor_names: Seque
     try:
         compiled = compile_expression(expression, tensors=tensor_names, params=list(params))
     except ExpressionError as exc:
-        raise _expression_error(exc, "expression") from None
+        raise _expression_error(exc, "expression", expression) from None
     inputs = tuple(n for n in tensor_names if n in compiled.tensors_used)
     return expression_entry(expression, params=params, inputs=inputs)
 

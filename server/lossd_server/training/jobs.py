@@ -45,7 +45,8 @@ def lookup(store: Store, job_id: str, caller: Caller = ANONYMOUS) -> JobRecord:
     admin: the server's own look-ups); raises NotFound (JOB_NOT_FOUND)."""
     job = store.get_job(job_id)
     if job is None or not caller.owns(job.owner):
-        raise NotFound(f"Job `jobs/{job_id}` does not exist.", reason="JOB_NOT_FOUND",
+        raise NotFound(f"Job `jobs/{job_id}` does not exist. Expected the name of one of your jobs (ListJobs). "
+                       f"Received: {f'jobs/{job_id}'[:100]!r}.", reason="JOB_NOT_FOUND",
                        metadata={"job": f"jobs/{job_id}"[:100]})
     return job
 

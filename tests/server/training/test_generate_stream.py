@@ -74,17 +74,25 @@ def test_a_vae_streams_one_step(tclient, vae_job):
     np.testing.assert_array_equal(items[0].images, tclient.generate(vae_job, 3, seed=2))
 
 
-def test_the_async_client_streams_too(training_address, diffusion_job):
+def test_the_async_client_streams_and_cancels_too(training_server, training_address, diffusion_job):
     from lossd import aio
 
     async def run():
         async with aio.Client(training_address, timeout=120) as client:
             items = [i async for i in client.generate_stream(diffusion_job, 2, seed=1, prompt="4", steps=6)]
-            return items, await client.generate(diffusion_job, 2, seed=1, prompt="4", steps=6)
+            unary = await client.generate(diffusion_job, 2, seed=1, prompt="4", steps=6)
+            before = _settled_steps(training_server)  # blocks the loop: nothing else runs on it
+            async for first in client.generate_stream(diffusion_job, LONG_COUNT, **LONG):
+                break  # leaving the loop cancels the call (when asyncio finalizes the generator)
+            await asyncio.sleep(0.2)
+            # Counted with the channel still open: the cancel, not the channel's close, stopped it.
+            return items, unary, first, _settled_steps(training_server) - before
 
-    items, unary = asyncio.run(run())
+    items, unary, first, ran = asyncio.run(run())
     assert [i.step for i in items] == list(range(1, 7))
     np.testing.assert_array_equal(items[-1].images, unary)
+    assert (first.step, first.steps) == (1, 100)
+    assert 1 <= ran < 50, ran
 
 
 @pytest.mark.parametrize("kwargs", [

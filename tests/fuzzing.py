@@ -754,7 +754,7 @@ def _near_valid_base_uncached(method: str, ctx: Context) -> st.SearchStrategy[li
             name=n, images=tensor(np.random.default_rng(seed_).uniform(0, 1, shape).astype(np.float32))),
             st.one_of(_pick(lambda: ctx.classifier_jobs), jobs), st.integers(0, 2**32 - 1),
             st.sampled_from([(2, 8, 8, 1), (1, 8, 8), (3, 8, 8, 3), (2, 4, 4, 1), (1, 64)])))
-    if method == "Generate":
+    if method in ("Generate", "GenerateStream"):  # one request message for both
         return one(st.builds(lambda n, c, s: training_service_pb2.GenerateRequest(name=n, count=c, seed=s),
                              st.one_of(_pick(lambda: ctx.generator_jobs), jobs), st.integers(-1, 70),
                              st.integers(*_INT_BOUNDS[64])))

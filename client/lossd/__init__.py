@@ -10,9 +10,9 @@ Imports without TensorFlow: gRPC, protobuf and numpy only.
 from lossd._client import TLS, Client
 from lossd._errors import LossdError
 from lossd._requests import EvaluateResult, LossInfo, LossParameter
-from lossd._training import Dataset, Job, JobEvent, save_image_grid
+from lossd._training import Dataset, GenerateProgress, Job, JobEvent, save_image_grid
 
 __version__ = "0.1.0"
 
-__all__ = ["Client", "TLS", "LossdError", "EvaluateResult", "LossInfo", "LossParameter", "Job", "JobEvent", "Dataset",
+__all__ = ["Client", "TLS", "LossdError", "EvaluateResult", "LossInfo", "LossParameter", "Job", "JobEvent", "GenerateProgress", "Dataset",
            "save_image_grid", "__version__"]

@@ -109,17 +109,24 @@ def cmd_jobs_plot(args) -> int:
 def cmd_jobs_generate(args) -> int:
     import numpy as np
 
-    from lossd._training import save_image_grid
+    from lossd._training import GenerateBar, save_image_grid
 
     guidance = None
     if args.guidance:
         kind = "expression" if args.guidance.startswith("expr:") else "name"
         guidance = {kind: args.guidance.removeprefix("expr:")}
     init = np.load(args.init) if args.init else None
+    kwargs = dict(seed=args.seed, prompt=args.prompt, steps=args.steps, guidance=guidance,
+                  guidance_scale=args.guidance_scale, init_images=init, init_weight=args.init_weight,
+                  classifier=args.classifier)
     with _client(args) as client:
-        images = client.generate(args.job, args.count, seed=args.seed, prompt=args.prompt, steps=args.steps,
-                                 guidance=guidance, guidance_scale=args.guidance_scale, init_images=init,
-                                 init_weight=args.init_weight, classifier=args.classifier)
+        if args.no_progress:
+            images = client.generate(args.job, args.count, **kwargs)
+        else:  # the stream's steps as a progress bar on stderr, as `jobs create --wait` draws one
+            bar = GenerateBar(sys.stderr)
+            for item in client.generate_stream(args.job, args.count, **kwargs):
+                bar.update(item)
+            images = item.images
     out = pathlib.Path(args.output or f"{args.job.split('/')[-1]}-samples.png")
     save_image_grid(images, out, scale=args.scale)
     if args.npy:
@@ -339,6 +346,7 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p.add_argument("--init-weight", type=float, default=0.0, help="weight of init_weight/2 * mse(init, image) [0]")
     p.add_argument("--scale", type=int, default=4, help="pixels per image pixel in the PNG [4]")
     p.add_argument("--npy", help="also save the images as a .npy")
+    p.add_argument("--no-progress", action="store_true", help="draw no progress bar (steps, ETA) on stderr")
     p.add_argument("-o", "--output", help="the PNG [ID-samples.png]")
     p.set_defaults(func=cmd_jobs_generate)
 

@@ -179,6 +179,45 @@ class Dataset:
                    m.size_bytes, m.owner)
 
 
+@dataclasses.dataclass
+class GenerateProgress:
+    """One step of a generation, as ``generate_stream`` yields it: ``step``
+    of ``steps`` done, ``elapsed_seconds`` since the server began, and its
+    estimate of the seconds left. The last one (``step == steps``) holds the
+    ``images`` (float32 N x H x W x C in [0, 1]); the others hold None."""
+
+    step: int
+    steps: int
+    elapsed_seconds: float
+    eta_seconds: float
+    images: Optional[np.ndarray] = None
+
+    @property
+    def done(self) -> bool:
+        """Whether this is the last step, with the images."""
+        return self.images is not None
+
+
+class GenerateSteps:
+    """GenerateStream's messages as GenerateProgress: steps 1 .. N-1 as they
+    come, step N with the images of the result message that follows it."""
+
+    def __init__(self) -> None:
+        self._last: Optional[GenerateProgress] = None
+
+    def add(self, message: pb.GenerateStreamResponse) -> Optional[GenerateProgress]:
+        """The item ``message`` completes, or None (the last step waits for its images)."""
+        if message.WhichOneof("kind") == "result":
+            last = self._last or GenerateProgress(1, 1, 0.0, 0.0)
+            return dataclasses.replace(last, images=generated_images(message.result), eta_seconds=0.0)
+        p = message.progress
+        item = GenerateProgress(p.step, p.steps, p.elapsed_seconds, p.eta_seconds)
+        if p.step >= p.steps:
+            self._last = item
+            return None
+        return item
+
+
 def _format_seconds(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rest = divmod(seconds, 3600)
@@ -222,6 +261,16 @@ class ProgressBar:
                 self._last = time.monotonic()
                 self.file.write(line + "\n")
         self.file.flush()
+
+
+class GenerateBar(ProgressBar):
+    """``ProgressBar``'s line for a generation: steps, bar, elapsed time and ETA."""
+
+    def update(self, item: GenerateProgress) -> None:  # type: ignore[override]
+        filled = int(round(item.step / max(item.steps, 1) * self.width))
+        line = (f"step {item.step}/{item.steps} [{'#' * filled}{'.' * (self.width - filled)}] "
+                f"{_format_seconds(item.elapsed_seconds)} elapsed  ETA {_format_seconds(item.eta_seconds)}")
+        self._write(line, final=item.done)
 
 
 # -- requests and answers, shared by the sync and asyncio clients --------------
@@ -637,6 +686,29 @@ class TrainingMixin(_TrainingStub):
                              classifier=classifier), **self._call_args(timeout))
         return generated_images(response)
 
+    @translate_errors
+    def generate_stream(self, job: "Job | str", n: int, *, seed: int = 0, prompt: str = "", steps: int = 0,
+                        guidance: Any = None, guidance_scale: float = 0.0, init_images=None,
+                        init_weight: float = 0.0, classifier: "Job | str | None" = None,
+                        timeout: Optional[float] = None) -> Iterator[GenerateProgress]:
+        """Generates as ``generate`` does (same arguments, errors and images),
+        yielding a ``GenerateProgress`` after each sampling step; the last
+        one holds the images. Closing the iterator early (``break``) cancels
+        the call, and the server stops sampling at its next step.
+        """
+        request = generate_request(job, n, seed=seed, prompt=prompt, steps=steps, guidance=guidance,
+                                   guidance_scale=guidance_scale, init_images=init_images, init_weight=init_weight,
+                                   classifier=classifier)
+        call = self._training.GenerateStream(request, **self._call_args(timeout))
+        merged = GenerateSteps()
+        try:
+            for message in call:
+                item = merged.add(message)
+                if item is not None:
+                    yield item
+        finally:
+            call.cancel()  # no-op once the stream ended; frees the server's thread when the caller stopped early
+
 
 class AsyncTrainingMixin(_TrainingStub):
     """Training-job methods of ``lossd.aio.Client``: those of ``lossd.Client``
@@ -746,6 +818,25 @@ class AsyncTrainingMixin(_TrainingStub):
                              guidance_scale=guidance_scale, init_images=init_images, init_weight=init_weight,
                              classifier=classifier), **self._call_args(timeout))
         return generated_images(response)
+
+    @translate_errors_async
+    async def generate_stream(self, job: "Job | str", n: int, *, seed: int = 0, prompt: str = "", steps: int = 0,
+                              guidance: Any = None, guidance_scale: float = 0.0, init_images=None,
+                              init_weight: float = 0.0, classifier: "Job | str | None" = None,
+                              timeout: Optional[float] = None) -> AsyncIterator[GenerateProgress]:
+        """Refer to ``lossd.Client.generate_stream``."""
+        request = generate_request(job, n, seed=seed, prompt=prompt, steps=steps, guidance=guidance,
+                                   guidance_scale=guidance_scale, init_images=init_images, init_weight=init_weight,
+                                   classifier=classifier)
+        call = self._training.GenerateStream(request, **self._call_args(timeout))
+        merged = GenerateSteps()
+        try:
+            async for message in call:
+                item = merged.add(message)
+                if item is not None:
+                    yield item
+        finally:
+            call.cancel()
 
 
 def save_image_grid(images, path: "str | os.PathLike", *, columns: Optional[int] = None, scale: int = 4,

@@ -108,6 +108,16 @@ def test_streams_beyond_the_limit_are_refused_and_idle_ones_cannot_starve_health
         assert extra.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, extra.error
         assert reason_of(extra.error) == "TOO_MANY_STREAMS"
         assert "max_streams" in extra.error.details()
+        # GenerateStream takes a slot like any stream (refused before it looks
+        # the job up), while the unary Generate still answers.
+        training = tpb_grpc.TrainingServiceStub(channel)
+        request = tpb.GenerateRequest(name="jobs/none", count=1)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(training.GenerateStream(request, timeout=10))
+        assert reason_of(refused.value) == "TOO_MANY_STREAMS"
+        with pytest.raises(grpc.RpcError) as unary:
+            training.Generate(request, timeout=10)
+        assert reason_of(unary.value) == "JOB_NOT_FOUND"
         # Every stream slot is taken by an idle stream: unary calls still answer.
         latencies = [health_seconds(channel) for _ in range(20)]
         assert evaluate_mse(stub) == pytest.approx(1.0)

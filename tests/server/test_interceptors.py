@@ -202,6 +202,7 @@ METHOD_TYPES = {
     (TRAINING_SERVICE, "DownloadArtifact"): "server_stream",
     (TRAINING_SERVICE, "Predict"): "unary",
     (TRAINING_SERVICE, "Generate"): "unary",
+    (TRAINING_SERVICE, "GenerateStream"): "server_stream",
 }
 GRPC_TYPES = ("unary", "client_stream", "server_stream", "bidi_stream")
 

@@ -394,3 +394,22 @@ class GenerateResponse(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     images: _tensor_pb2.Tensor
     def __init__(self, images: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class GenerateStreamResponse(_message.Message):
+    __slots__ = ("progress", "result")
+    class Progress(_message.Message):
+        __slots__ = ("step", "steps", "elapsed_seconds", "eta_seconds")
+        STEP_FIELD_NUMBER: _ClassVar[int]
+        STEPS_FIELD_NUMBER: _ClassVar[int]
+        ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+        ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+        step: int
+        steps: int
+        elapsed_seconds: float
+        eta_seconds: float
+        def __init__(self, step: _Optional[int] = ..., steps: _Optional[int] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: GenerateStreamResponse.Progress
+    result: GenerateResponse
+    def __init__(self, progress: _Optional[_Union[GenerateStreamResponse.Progress, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...

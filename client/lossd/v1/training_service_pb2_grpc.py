@@ -96,6 +96,11 @@ class TrainingServiceStub:
                 request_serializer=lossd_dot_v1_dot_training__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=lossd_dot_v1_dot_training__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/lossd.v1.TrainingService/GenerateStream',
+                request_serializer=lossd_dot_v1_dot_training__service__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=lossd_dot_v1_dot_training__service__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -199,6 +204,18 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateStream(self, request, context):
+        """Generates as Generate does, with the same request, statuses and images
+        (the same seed gives the same images, bit for bit), and reports progress
+        on the way: one message per sampling step of a diffusion model (a model
+        that samples in one pass, such as `vae`, reports one step), then one with
+        the images. A call the client cancels, or whose deadline passes, stops
+        sampling at the next step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +273,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=lossd_dot_v1_dot_training__service__pb2.GenerateRequest.FromString,
                     response_serializer=lossd_dot_v1_dot_training__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=lossd_dot_v1_dot_training__service__pb2.GenerateRequest.FromString,
+                    response_serializer=lossd_dot_v1_dot_training__service__pb2.GenerateStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -561,6 +583,33 @@ class TrainingService:
             '/lossd.v1.TrainingService/Generate',
             lossd_dot_v1_dot_training__service__pb2.GenerateRequest.SerializeToString,
             lossd_dot_v1_dot_training__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lossd.v1.TrainingService/GenerateStream',
+            lossd_dot_v1_dot_training__service__pb2.GenerateRequest.SerializeToString,
+            lossd_dot_v1_dot_training__service__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -280,8 +280,8 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
         probabilities, class_names = self.manager.inference.predict(job, images)
         return pb.PredictResponse(probabilities=wire.from_numpy(probabilities), class_names=class_names)
 
-    @handle_errors
-    def Generate(self, request, context):
+    def _generation(self, request, context) -> tuple:
+        """A Generate request's job, count, seed and GenerateOptions."""
         caller = self.callers.of(context)
         job = self.manager.get_job(job_id(request.name), caller)
         options = GenerateOptions(
@@ -291,8 +291,27 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
             init_images=wire.to_numpy(request.init_images, field="init_images", max_elements=self.max_elements)
             if request.HasField("init_images") else None,
             classifier=self.manager.get_job(job_id(request.classifier), caller) if request.classifier else None)
-        images = self.manager.inference.generate(job, request.count, request.seed, options)
+        return job, request.count, request.seed, options
+
+    @handle_errors
+    def Generate(self, request, context):
+        # A client that cancels (or whose deadline passes) frees the thread at the next step.
+        images = self.manager.inference.generate(*self._generation(request, context), active=context.is_active)
         return pb.GenerateResponse(images=wire.from_numpy(images))
+
+    @handle_errors
+    def GenerateStream(self, request, context):
+        # Every check runs before the first message; each step is sent as it
+        # ends. grpc stops iterating a cancelled call, which stops sampling;
+        # the check below also catches a cancel that lands between sends.
+        for progress in self.manager.inference.generate_steps(*self._generation(request, context)):
+            yield pb.GenerateStreamResponse(progress=pb.GenerateStreamResponse.Progress(
+                step=progress.step, steps=progress.steps, elapsed_seconds=progress.elapsed_seconds,
+                eta_seconds=progress.eta_seconds))
+            if progress.images is not None:
+                yield pb.GenerateStreamResponse(result=pb.GenerateResponse(images=wire.from_numpy(progress.images)))
+            elif not context.is_active():
+                return
 
 
 def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: int,

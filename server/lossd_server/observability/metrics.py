@@ -374,6 +374,10 @@ class Metrics:
             "lossd_training_examples_per_second",
             "Training throughput summed over running jobs, in examples per second.",
             registry=r)
+        self.lossd_generation_steps_total = Counter(
+            "lossd_generation_steps_total",
+            "Sampling steps run by Generate and GenerateStream (one per DDIM step; a vae counts one per call).",
+            registry=r)
         self.lossd_training_loss = Gauge(
             "lossd_training_loss",
             "Loss of the last epoch reported by the most recent running job, by split.",
@@ -621,6 +625,10 @@ class Metrics:
         for split, key in zip(TRAINING_SPLITS, ("loss", "val_loss")):
             if key in epoch_metrics:
                 self.lossd_training_loss.labels(split).set(epoch_metrics[key])
+
+    def generation_step(self) -> None:
+        """Counts one sampling step of a generation."""
+        self.lossd_generation_steps_total.inc()
 
     def set_training_throughput(self, examples_per_second: float) -> None:
         """Sets the throughput summed over the running jobs (after one ends)."""

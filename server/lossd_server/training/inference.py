@@ -11,11 +11,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from typing import Any, Mapping, Optional
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 
-from lossd_server.errors import FailedPrecondition, InvalidArgument
+from lossd_server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from lossd_server.training import guidance, models
 from lossd_server.training.artifacts import Artifacts
 from lossd_server.training.store import SUCCEEDED, JobRecord
@@ -58,6 +59,25 @@ class GenerateOptions:
             ("init_weight", self.init_weight), ("classifier", self.classifier is not None)) if value]
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerateProgress:
+    """One finished step of a generation, as ``Inference.generate_steps`` yields it.
+
+    Attributes:
+        step: Steps done, from 1.
+        steps: Steps the generation takes (1 for a model that samples in one pass).
+        elapsed_seconds: Seconds since ``generate_steps`` was called.
+        eta_seconds: Estimated seconds left, from the mean time of the steps done.
+        images: float32 N x H x W x C in [0, 1] on the last step; None before.
+    """
+
+    step: int
+    steps: int
+    elapsed_seconds: float
+    eta_seconds: float
+    images: Optional[np.ndarray] = None
+
+
 class Inference:
     """Runs trained models, loading each once (at most ``cache_size`` kept).
 
@@ -67,8 +87,9 @@ class Inference:
     """
 
     def __init__(self, artifacts: Artifacts, cache_size: int = MODEL_CACHE_SIZE, *, evaluator=None,
-                 max_pixel_steps: int = DEFAULT_MAX_PIXEL_STEPS):
+                 max_pixel_steps: int = DEFAULT_MAX_PIXEL_STEPS, metrics=None):
         self.artifacts = artifacts
+        self.metrics = metrics  # counts generation steps, when set
         self.cache_size = cache_size
         self.evaluator = evaluator  # guidance losses run through Evaluate's compiled programs
         self.max_pixel_steps = max_pixel_steps
@@ -92,14 +113,44 @@ class Inference:
             out = _softmax(out)
         return out.astype(np.float32), list(job.runtime["class_names"])
 
-    def generate(self, job: JobRecord, count: int, seed: int = 0,
-                 options: GenerateOptions = GenerateOptions()) -> np.ndarray:
-        """``count`` new images (float32, N x H x W x C in [0, 1]) from a trained generator.
+    def generate(self, job: JobRecord, count: int, seed: int = 0, options: GenerateOptions = GenerateOptions(),
+                 *, active: Callable[[], bool] = lambda: True) -> np.ndarray:
+        """``count`` new images (float32, N x H x W x C in [0, 1]) from a
+        trained generator: ``generate_steps`` run to the end.
+
+        Args:
+            active: Asked before each step after the first; False stops
+                sampling (the call was cancelled or its deadline passed).
+
+        Raises:
+            DeadlineExceeded: ``active()`` said False (CALL_ENDED).
+            InvalidArgument, FailedPrecondition: as ``generate_steps``.
+        """
+        for progress in self.generate_steps(job, count, seed, options):
+            if progress.images is not None:
+                return progress.images
+            if not active():
+                raise DeadlineExceeded(
+                    f"The call ended after {progress.step} of {progress.steps} generation steps. Expected a "
+                    "call still waiting for its images. Received: a cancelled call or one past its deadline.",
+                    reason="CALL_ENDED")
+        raise AssertionError("a generation ended without images")  # pragma: no cover - sample_steps ends with them
+
+    def generate_steps(self, job: JobRecord, count: int, seed: int = 0,
+                       options: GenerateOptions = GenerateOptions()) -> Iterator[GenerateProgress]:
+        """New images from a trained generator, step by step: the one path of
+        Generate and GenerateStream.
 
         A diffusion model generates the prompted class (every class in turn
         without a prompt) with ``options.steps`` DDIM steps, each steered by
         the guidance loss's gradient when the options ask for guidance
-        (``lossd_server.training.guidance``).
+        (``lossd_server.training.guidance``); a ``vae`` samples in one step.
+        Every check runs here, before the iterator is returned; the steps
+        run as it is iterated, so a caller that stops iterating stops them.
+
+        Returns:
+            An iterator of ``GenerateProgress``, one per step; the last holds
+            the ``count`` images (float32, N x H x W x C in [0, 1]).
 
         Raises:
             InvalidArgument: a count outside [1, MAX_GENERATE] (BAD_COUNT);
@@ -110,6 +161,7 @@ class Inference:
             FailedPrecondition: the job (or the classifier job) has not
                 succeeded, or trained the other kind of model.
         """
+        start = time.monotonic()
         if not 1 <= count <= MAX_GENERATE:
             raise InvalidArgument(f"Invalid count. Expected 1 to {MAX_GENERATE}. Received: {count}.",
                                   reason="BAD_COUNT")
@@ -122,11 +174,24 @@ class Inference:
                     "steps or guidance. Expected only count and seed (or a `diffusion` job). Received: "
                     + ", ".join(options.diffusion_fields()) + ".",
                     reason="NOT_CONDITIONAL", metadata={"model": preset})
-            images = np.asarray(self._model(job).generate(count, seed=seed or None))
-            return np.clip(images, 0.0, 1.0).astype(np.float32)
-        return self._diffuse(job, count, seed, options)
+            model = self._model(job)
 
-    def _diffuse(self, job: JobRecord, count: int, seed: int, options: GenerateOptions) -> np.ndarray:
+            def one_pass():
+                images = np.asarray(model.generate(count, seed=seed or None))
+                yield 1, 1, np.clip(images, 0.0, 1.0).astype(np.float32)
+
+            return self._timed(one_pass(), start)
+        return self._timed(self._diffuse(job, count, seed, options), start)
+
+    def _timed(self, steps: Iterator[tuple], start: float) -> Iterator[GenerateProgress]:
+        """``(step, steps, images)`` as GenerateProgress, timed (and counted in metrics)."""
+        for step, total, images in steps:
+            elapsed = time.monotonic() - start
+            if self.metrics is not None:
+                self.metrics.generation_step()
+            yield GenerateProgress(step, total, elapsed, elapsed / step * (total - step), images)
+
+    def _diffuse(self, job: JobRecord, count: int, seed: int, options: GenerateOptions) -> Iterator[tuple]:
         class_names = list(job.runtime["class_names"])
         timesteps = int(job.spec["model"]["params"]["timesteps"])
         shape = tuple(job.runtime["image_shape"])
@@ -156,7 +221,7 @@ class Inference:
         if not np.isfinite(scale):
             raise InvalidArgument(f"Invalid guidance_scale. Expected a finite number. Received: {scale}.",
                                   reason="BAD_GUIDANCE")
-        return self._model(job).sample(classes, steps, seed=seed or None, guide=guide, guidance_scale=scale)
+        return self._model(job).sample_steps(classes, steps, seed=seed or None, guide=guide, guidance_scale=scale)
 
     def _guide(self, job: JobRecord, classes: np.ndarray, options: GenerateOptions, shape: tuple, count: int):
         """The guidance function of a request, or None; every check before a step runs."""

@@ -86,7 +86,8 @@ class TrainingManager:
         self.catalog = DatasetCatalog(settings, self.store, root / "datasets")
         self.scheduler = Scheduler(settings, self.store, self.artifacts, gpus=gpus, metrics=metrics)
         self.inference = Inference(self.artifacts, evaluator=evaluator,
-                                   max_pixel_steps=getattr(settings, "max_generate_pixel_steps", 1 << 25))
+                                   max_pixel_steps=getattr(settings, "max_generate_pixel_steps", 1 << 25),
+                                   metrics=metrics)
 
     def start(self) -> None:
         """Resumes what a previous server left unfinished and starts scheduling."""

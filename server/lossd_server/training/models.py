@@ -633,8 +633,12 @@ def _register_diffusion():
         def test_step(self, data):
             return self._update(self.compute_losses(data[0], data[1], training=False))
 
-        def sample(self, classes, steps: int, seed: Optional[int] = None, guide=None, guidance_scale: float = 1.0):
-            """Generates one image per class index in ``classes`` by DDIM.
+        def sample_steps(self, classes, steps: int, seed: Optional[int] = None, guide=None,
+                         guidance_scale: float = 1.0):
+            """Generates one image per class index in ``classes`` by DDIM, step by step.
+
+            A generator, so a caller can report progress between steps and
+            stop sampling by no longer iterating (a cancelled call).
 
             Args:
                 classes: N class indices.
@@ -648,8 +652,10 @@ def _register_diffusion():
                     image is formed from it.
                 guidance_scale: The step along the guide's gradient.
 
-            Returns:
-                float32 N x H x W x C in [0, 1].
+            Yields:
+                ``(step, steps, images)`` after each step, ``step`` from 1;
+                ``images`` (float32 N x H x W x C in [0, 1]) is None but on
+                the last step.
             """
             classes = np.asarray(classes, dtype="int32")
             n = len(classes)
@@ -671,7 +677,8 @@ def _register_diffusion():
                 # guidance gradient of 0 gives the unguided sample.
                 eps = (x - np.sqrt(ab) * x0) / np.sqrt(1.0 - ab)
                 x = (np.sqrt(ab_prev) * x0 + np.sqrt(1.0 - ab_prev) * eps).astype("float32")
-            return np.clip((x0 + 1.0) / 2.0, 0.0, 1.0).astype("float32")
+                last = i + 1 == len(ts)
+                yield i + 1, len(ts), np.clip((x0 + 1.0) / 2.0, 0.0, 1.0).astype("float32") if last else None
 
         def get_config(self):
             return {"image_shape": self.image_shape, "num_classes": self.num_classes, "filters": self.filters,

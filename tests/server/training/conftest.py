@@ -57,3 +57,23 @@ def cnn_job(training_address):
     with lossd.Client(training_address, timeout=180) as c:
         job = c.create_job("cnn", "digits", epochs=2, steps_per_epoch=6, batch_size=32, display_name="tiny cnn")
         return c.wait(job, progress=False, timeout=180)
+
+
+@pytest.fixture(scope="session")
+def diffusion_job(training_address):
+    """Two epochs of the default diffusion model on digits, finished."""
+    import lossd
+
+    with lossd.Client(training_address, timeout=180) as c:
+        job = c.create_job("diffusion", "digits", epochs=2, batch_size=64, learning_rate=2e-3,
+                           display_name="tiny diffusion")
+        return c.wait(job, progress=False, timeout=180)
+
+
+@pytest.fixture(scope="session")
+def vae_job(training_address):
+    """A vae trained for two batches: a generator without classes."""
+    import lossd
+
+    with lossd.Client(training_address, timeout=180) as c:
+        return c.wait(c.create_job("vae", "digits", epochs=1, steps_per_epoch=2), progress=False, timeout=180)

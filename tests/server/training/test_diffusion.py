@@ -12,15 +12,6 @@ import pytest
 import lossd
 
 
-@pytest.fixture(scope="module")
-def diffusion_job(training_address):
-    """Two epochs of the default diffusion model on digits, finished."""
-    with lossd.Client(training_address, timeout=180) as c:
-        job = c.create_job("diffusion", "digits", epochs=2, batch_size=64, learning_rate=2e-3,
-                           display_name="tiny diffusion")
-        return c.wait(job, progress=False, timeout=180)
-
-
 def test_diffusion_trains_through_a_job_and_its_loss_goes_down(tclient, diffusion_job, tmp_path):
     assert diffusion_job.state == "succeeded", diffusion_job.error
     assert diffusion_job.model_kind == "generator"
@@ -42,13 +33,6 @@ def test_diffusion_specs_are_checked_at_create_time(tclient, kwargs, reason):
         tclient.create_job("diffusion", "digits", **kwargs)
     assert exc.value.code == grpc.StatusCode.INVALID_ARGUMENT and exc.value.reason == reason
     assert "Expected" in exc.value.message
-
-
-@pytest.fixture(scope="module")
-def vae_job(training_address):
-    """A vae trained for two batches: a generator without classes."""
-    with lossd.Client(training_address, timeout=180) as c:
-        return c.wait(c.create_job("vae", "digits", epochs=1, steps_per_epoch=2), progress=False, timeout=180)
 
 
 GUIDANCE_SCALE = 1.0
@@ -130,13 +114,21 @@ def test_cli_generate_writes_a_grid(training_address, diffusion_job, tmp_path, c
     out, npy = tmp_path / "sevens.png", tmp_path / "sevens.npy"
     assert cli.main(["jobs", "generate", diffusion_job.name, "--address", training_address, "--prompt", "7",
                      "--count", "16", "--steps", "10", "--seed", "4", "-o", str(out), "--npy", str(npy)]) == 0
-    assert capsys.readouterr().out.strip() == str(out)
+    printed = capsys.readouterr()
+    assert printed.out.strip() == str(out)
+    # Progress on stderr (not a terminal: the first step, then the last when the images are in).
+    lines = printed.err.splitlines()
+    assert lines[0].startswith("step 1/10 [") and lines[-1].startswith("step 10/10 [" + "#" * 30 + "]"), lines
+    assert "ETA" in lines[0] and "elapsed" in lines[-1]
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (4 * 37, 4 * 37)  # 4x4 tiles of 8 px, 1 px padding, x4
     images = np.load(npy)
     with lossd.Client(training_address) as client:
         same = client.generate(diffusion_job, 16, seed=4, prompt="7", steps=10)
     np.testing.assert_array_equal(images, same)
+    assert cli.main(["jobs", "generate", diffusion_job.name, "--address", training_address, "--prompt", "7",
+                     "--count", "16", "--steps", "10", "--seed", "4", "-o", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_init_weight_pulls_samples_toward_their_init_images(tclient, diffusion_job):

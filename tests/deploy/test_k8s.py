@@ -551,7 +551,15 @@ def test_prometheus_annotations_name_the_metrics_port(objects):
 READ_ONLY_ROOT = r'''
 set -e
 mount --bind "$1" /srv
+# The pod's /tmp hides the host's, where this checkout and its virtual
+# environment may live (CI clones under /tmp): those stay at their paths.
+mkdir -p /srv/.host-tmp
+mount --bind /tmp /srv/.host-tmp
 mount --bind /srv/tmp /tmp
+for keep in $KEEP_UNDER_TMP; do
+  mkdir -p "$keep"
+  mount --bind "/srv/.host-tmp/${keep#/tmp/}" "$keep"
+done
 shift
 awk '{print $5, $6}' /proc/self/mountinfo | while read -r point options; do
   case "$point" in /proc*|/sys*|/dev*|/srv|/srv/*|/tmp) continue;; esac
@@ -561,6 +569,13 @@ awk '{print $5, $6}' /proc/self/mountinfo | while read -r point options; do
 done
 exec "$@"
 '''
+
+
+def _under_tmp(path: str) -> str:
+    """The folder right below /tmp that holds ``path`` (a checkout, a
+    virtual environment), or "" when it is not under /tmp."""
+    parts = Path(os.path.realpath(path)).parts
+    return str(Path(*parts[:3])) if len(parts) >= 3 and parts[:2] == ("/", "tmp") else ""
 
 
 def free_port() -> int:
@@ -605,7 +620,8 @@ def test_the_training_pod_serves_evaluates_and_trains_on_a_read_only_root(object
         env[key] = "/srv" + value if value.startswith("/") and not value.startswith("/tmp") else value
     ports = {"LOSSD_PORT": free_port(), "LOSSD_HEALTH_PORT": free_port(), "LOSSD_METRICS_PORT": free_port()}
     env.update({k: str(v) for k, v in ports.items()}, LOSSD_HOST="127.0.0.1", LOSSD_METRICS_HOST="127.0.0.1",
-               LOSSD_DRAIN_SECONDS="0", LOSSD_GRACE_SECONDS="0", PYTHONPATH=os.pathsep.join(sys.path))
+               LOSSD_DRAIN_SECONDS="0", LOSSD_GRACE_SECONDS="0", PYTHONPATH=os.pathsep.join(sys.path),
+               KEEP_UNDER_TMP=" ".join(sorted({_under_tmp(p) for p in (sys.prefix, sys.executable, *sys.path)} - {""})))
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen([shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--mount",

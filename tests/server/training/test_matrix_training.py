@@ -5,12 +5,12 @@ on resume; and it trains a cnn on digits as well as crossentropy does."""
 from __future__ import annotations
 
 import json
-import signal
 
 import numpy as np
 import pytest
 
 import lossd
+from servers import kill_group, serve_process
 
 pytestmark = pytest.mark.slow
 
@@ -70,11 +70,9 @@ def test_generators_refuse_the_matrix_loss(tclient):
 
 
 def test_killed_and_resumed_job_ends_with_the_same_matrix(tmp_path):
-    from test_restart import _start, _stop
-
     data_dir, log = tmp_path / "data", tmp_path / "server.log"
     spec = dict(loss="matrix_crossentropy", epochs=3, batch_size=16, seed=11)
-    server, address = _start(data_dir, log)
+    server, address = serve_process(data_dir, log)
     try:
         with lossd.Client(address, timeout=180) as client:
             whole = client.wait(client.create_job("cnn", "digits", **spec), progress=False)
@@ -85,11 +83,9 @@ def test_killed_and_resumed_job_ends_with_the_same_matrix(tmp_path):
                     break  # the first checkpoint, with the matrix, is on disk
         checkpoint = json.loads((data_dir / "jobs" / job.id / "checkpoint.json").read_text())
         assert np.asarray(checkpoint["loss_state"]["matrix"]).shape == (10, 10)
-        server.send_signal(signal.SIGKILL)
-        server.wait(10)
-        _stop(server)
+        kill_group(server)  # the server and its job process, as kill -9 of a machine would
 
-        server, address = _start(data_dir, log)
+        server, address = serve_process(data_dir, log)
         with lossd.Client(address, timeout=180) as client:
             resumed = client.wait(job, progress=False)
             assert resumed.state == "succeeded", resumed.error
@@ -99,4 +95,4 @@ def test_killed_and_resumed_job_ends_with_the_same_matrix(tmp_path):
         assert resumed.progress["metrics"]["val_loss"] == pytest.approx(whole.progress["metrics"]["val_loss"],
                                                                         rel=1e-5)
     finally:
-        _stop(server)
+        kill_group(server)

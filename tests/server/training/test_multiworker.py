@@ -1,0 +1,174 @@
+"""One job over several workers (``workers: N``, MultiWorkerMirroredStrategy):
+real TensorFlow, real worker processes talking gRPC collectives on loopback,
+CPU only, through a real server. Every process a test starts is stopped by
+the server it runs under (``srv.stop``) or by the test itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import lossd
+from servers import alive, lossd_servers
+
+pytestmark = pytest.mark.slow
+
+# A dense model without dropout: each worker's share of a batch then gives
+# exactly the gradient one process computes on the whole batch.
+MLP = {"hidden_units": [32], "dropout": 0.0}
+
+
+@pytest.fixture(scope="module")
+def mw_server(tmp_path_factory):
+    with lossd_servers(tmp_path_factory, max_concurrent_jobs=2, progress_every_batches=2, job_max_retries=0,
+                       job_collective_timeout_seconds=10) as start:
+        yield start()
+
+
+@pytest.fixture()
+def mw_client(mw_server):
+    with lossd.Client(f"127.0.0.1:{mw_server.port}", timeout=120) as c:
+        yield c
+
+
+def _weights(path):
+    import keras
+
+    return keras.models.load_model(path, compile=False).get_weights()
+
+
+def test_two_workers_train_the_model_one_process_trains(mw_server, mw_client):
+    """2 workers: the job succeeds with progress and epoch events, both
+    workers hold the same weights after every epoch, and the model equals,
+    within 1e-5, the one a single-process job (``model.fit``) trains with the
+    same global batch and seed."""
+    common = dict(model_params=MLP, epochs=2, steps_per_epoch=4, batch_size=32, seed=7, optimizer="sgd", learning_rate=0.05,
+                  validation_split=0.1)
+    job = mw_client.create_job("mlp", "digits", workers=2, **common)
+    single = mw_client.create_job("mlp", "digits", **common)
+    assert job.spec["workers"] == 2 and single.spec["workers"] == 1
+    done = mw_client.wait(job, progress=False, timeout=180)
+    assert done.state == "succeeded", done.error
+    assert mw_client.wait(single, progress=False, timeout=180).state == "succeeded"
+
+    events = list(mw_client.watch(job))
+    assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2]
+    progress = [e for e in events if e.kind == "progress"]
+    assert [(e.epoch, e.step) for e in progress] == [(1, 2), (1, 4), (2, 2), (2, 4)]  # the chief's alone
+    assert all(np.isfinite(e.loss) and e.examples_per_second > 0 for e in progress)
+
+    jobs_dir = mw_server.settings.data_dir / "jobs"
+    replicas = jobs_dir / job.id / "replicas"
+    digests = [json.loads((replicas / f"worker-{i}.json").read_text())["epochs"] for i in (0, 1)]
+    assert set(digests[0]) == {"1", "2"} and digests[0] == digests[1]
+    assert digests[0]["1"] != digests[0]["2"]  # it trained
+
+    history = json.loads((jobs_dir / job.id / "history.json").read_text())
+    assert len(history["loss"]) == 2 and len(history["val_loss"]) == 2
+    multi, one = _weights(jobs_dir / job.id / "model.keras"), _weights(jobs_dir / single.id / "model.keras")
+    assert len(multi) == len(one)
+    for a, b in zip(multi, one):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    initial = _initial_weights(mw_server, single)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(one, initial)) > 1e-3  # so 1e-5 says something
+
+
+def _initial_weights(srv, job):
+    """The untrained weights of ``job``'s model (same preset, params and seed)."""
+    import keras
+
+    from lossd_server.training import models
+
+    record = srv.training.store.get_job(job.id)
+    keras.utils.set_random_seed(record.spec["seed"])
+    model = models.build_model("mlp", record.spec["model"]["params"], record.runtime["image_shape"],
+                               len(record.runtime["class_names"]), seed=record.spec["seed"])
+    return model.get_weights()
+
+
+def test_killing_one_worker_ends_the_job_within_seconds(mw_server, mw_client):
+    """SIGKILL of worker 1 mid-training: the scheduler stops the chief and
+    (with no retries left) fails the job WORKER_CRASHED within 10 seconds;
+    no worker process is left."""
+    job = mw_client.create_job("mlp", "digits", workers=2, model_params=MLP, epochs=400, steps_per_epoch=10,
+                               batch_size=32)
+    job_dir = mw_server.settings.data_dir / "jobs" / job.id
+    for event in mw_client.watch(job, timeout=120):
+        if event.kind == "progress":
+            break
+    pids = [int((job_dir / name).read_text()) for name in ("worker.pid", "worker-1.pid")]
+    assert all(alive(pid) for pid in pids)
+    os.kill(pids[1], signal.SIGKILL)
+    killed = time.monotonic()
+    while mw_client.get_job(job).state not in ("failed", "succeeded", "cancelled"):
+        assert time.monotonic() - killed < 10, "the job did not end within 10 s of a worker's death"
+        time.sleep(0.1)
+    ended = mw_client.get_job(job)
+    assert ended.state == "failed" and ended.error.reason == "WORKER_CRASHED", ended.error
+    deadline = time.monotonic() + 5
+    while alive(pids[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(pids[0]), "the chief outlived its job"
+
+
+def test_a_worker_whose_peer_died_fails_within_the_collective_timeout(tmp_path, mw_server, mw_client):
+    """Without the scheduler: two worker processes of one job, worker 1
+    killed; worker 0 reports a failure (it never hangs) within the collective
+    timeout plus a margin."""
+    import multiprocessing
+
+    from lossd_server.training import multiworker, worker
+
+    job = mw_client.create_job("mlp", "digits", workers=2, model_params=MLP, epochs=400, steps_per_epoch=10,
+                               batch_size=32)
+    mw_client.cancel_job(job)  # only its record is used: its spec and runtime as the scheduler passes them
+    record = mw_server.training.store.get_job(job.id)
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    cluster = multiworker.free_addresses(2)
+    processes = []
+    for index in (0, 1):
+        config = {**mw_server.training.scheduler.process_config(record, None), "job_dir": str(tmp_path / "job"),
+                  "cluster": cluster, "worker_index": index, "collective_timeout": 5}
+        processes.append(ctx.Process(target=worker.run_job, args=(config, q), daemon=True))
+        processes[-1].start()
+    try:
+        report = q.get(timeout=120)
+        while report["kind"] != "progress":
+            report = q.get(timeout=120)
+        processes[1].kill()
+        killed = time.monotonic()
+        while True:
+            report = q.get(timeout=30)
+            if report["kind"] == "done":
+                break
+        assert report["worker"] == 0 and report["state"] == "failed", report
+        assert time.monotonic() - killed < 5 + 10
+        processes[0].join(10)
+        assert not processes[0].is_alive()
+    finally:
+        for process in processes:
+            process.kill()
+            process.join(5)
+
+
+@pytest.mark.parametrize("kwargs, code, reason, says", [
+    (dict(workers=-1), "INVALID_ARGUMENT", "BAD_JOB_SPEC", "Expected an integer in [1, 4]. Received: -1"),
+    (dict(workers=5), "INVALID_ARGUMENT", "BAD_JOB_SPEC", "Expected an integer in [1, 4]. Received: 5"),
+    (dict(workers=3), "FAILED_PRECONDITION", "NOT_ENOUGH_JOB_SLOTS", "Expected at most 2"),
+    (dict(workers=2, batch_size=1), "INVALID_ARGUMENT", "BAD_JOB_SPEC", "Expected at most batch_size=1 workers"),
+    (dict(workers=2, model="vae"), "INVALID_ARGUMENT", "BAD_JOB_SPEC", "Expected 1 for the `vae` preset"),
+    (dict(workers=2, loss={"terms": [{"loss": {"name": "sparse_categorical_crossentropy"}, "reduction": "sum"}]}), "INVALID_ARGUMENT",
+     "BAD_JOB_SPEC", "Expected 1 for a loss with a term reduced by 'sum'"),
+])
+def test_bad_workers_are_refused(mw_client, kwargs, code, reason, says):
+    kwargs = {"model": "mlp", "dataset": "digits", **kwargs}
+    with pytest.raises(lossd.LossdError) as info:
+        mw_client.create_job(**kwargs)
+    assert info.value.code.name == code and info.value.reason == reason
+    assert says in info.value.message and "Received" in info.value.message

@@ -90,9 +90,9 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
 
     from lossd_server.training import models
     from lossd_server.training.losses import PlanLoss, plan_stored
-    from lossd_server.training.worker import (HISTORY_FILE, LOGS_DIR, MODEL_FILE, NonFiniteLoss, _make_scalar_logger,
-                                              _replace_from_temp, _Reporter, _training_data, _write_json_atomic,
-                                              resume, training_batches)
+    from lossd_server.training.worker import (HISTORY_FILE, LOGS_DIR, MODEL_FILE, NonFiniteLoss, WorkerLost,
+                                              _make_scalar_logger, _replace_from_temp, _Reporter, _training_data,
+                                              _write_json_atomic, resume, training_batches)
 
     index, n_workers = int(config["worker_index"]), len(config["cluster"])
     chief = index == 0
@@ -177,11 +177,19 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
                          progress_every=config["progress_every"], loss=None)
     reporter.set_model(model)
     scalars = _make_scalar_logger(job_dir / LOGS_DIR) if chief else None
+    timeout = float(config["collective_timeout"])
+
+    def run_step() -> float:
+        try:
+            return float(train_step())
+        except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as exc:
+            raise WorkerLost(timeout, type(exc).__name__) from None  # TF's message is a page of graph nodes
+
     for epoch in range(initial_epoch, epochs):
         reporter.on_epoch_begin(epoch)
         total = 0.0
         for step in range(steps):
-            value = float(train_step())  # the same on every worker: the guard stops them all at one step
+            value = run_step()  # the same on every worker: the guard stops them all at one step
             total += value
             if not np.isfinite(value):
                 raise NonFiniteLoss(step=epoch * steps + step + 1, epoch=epoch + 1, value=value)

@@ -55,6 +55,16 @@ class NonFiniteLoss(Exception):
         self.step, self.epoch, self.value = step, epoch, value
 
 
+class WorkerLost(Exception):
+    """A worker of a multi-worker job got no answer from the others in a
+    collective operation within the collective timeout."""
+
+    def __init__(self, timeout: float, detail: str):
+        super().__init__(f"A worker of this multi-worker job stopped answering: the gradient all-reduce got no "
+                         f"reply within {timeout:g} s (job_collective_timeout_seconds). Expected every worker "
+                         f"process to stay alive and reachable. ({detail})")
+
+
 def _watch_parent(parent_pid: int) -> None:
     """Ends this process when the server dies (even by ``kill -9``), so a job
     is never trained twice: the restarted server resumes it from its checkpoint."""
@@ -140,6 +150,8 @@ def failure_report(exc: BaseException) -> dict:
     if isinstance(exc, NonFiniteLoss):
         return {"state": "failed", "code": "FAILED_PRECONDITION", "reason": "NON_FINITE_LOSS", "message": str(exc),
                 "metadata": {"step": exc.step, "epoch": exc.epoch}}
+    if isinstance(exc, WorkerLost):
+        return {"state": "failed", "code": "UNAVAILABLE", "reason": "WORKER_LOST", "message": str(exc)}
     if _is_disk_full(exc):
         return {"state": "failed", "code": "RESOURCE_EXHAUSTED", "reason": "DISK_FULL",
                 "message": "Training stopped: the server's disk is full, so the job's checkpoint or model could "

@@ -174,7 +174,7 @@ def test_a_resumed_job_finishes_its_epochs(mw_server, mw_client):
     """Worker 1 killed after the first checkpoint: the job resumes from it
     (the events say from which epoch) on two fresh workers and finishes every
     epoch, both workers ending with the same weights."""
-    job = mw_client.create_job("mlp", "digits", workers=2, model_params=MLP, epochs=20, steps_per_epoch=10,
+    job = mw_client.create_job("mlp", "digits", workers=2, model_params=MLP, epochs=40, steps_per_epoch=10,
                                batch_size=32)
     job_dir = mw_server.settings.data_dir / "jobs" / job.id
     for event in mw_client.watch(job, timeout=120):
@@ -189,11 +189,11 @@ def test_a_resumed_job_finishes_its_epochs(mw_server, mw_client):
     assert len(resumes) == 1
     first = int(resumes[0].message.split("epoch ")[1].split(";")[0]) + 1
     after = [e.epoch for e in events if e.kind == "epoch" and e.sequence > resumes[0].sequence]
-    assert 2 <= first and after == list(range(first, 21))
+    assert 2 <= first and after == list(range(first, 41))
     history = json.loads((job_dir / "history.json").read_text())
-    assert len(history["loss"]) == 20
+    assert len(history["loss"]) == 40
     digests = [json.loads((job_dir / "replicas" / f"worker-{i}.json").read_text())["epochs"] for i in (0, 1)]
-    assert digests[0]["20"] == digests[1]["20"]
+    assert digests[0]["40"] == digests[1]["40"]
 
 
 def test_cancel_stops_every_worker(mw_server, mw_client):

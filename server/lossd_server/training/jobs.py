@@ -180,7 +180,7 @@ def _whole(spec: Mapping[str, Any], field: str, default: int, lo: int, hi: int) 
     return int(value)
 
 
-def _workers(spec: Mapping[str, Any], settings, preset, loss, batch_size: int) -> int:
+def _workers(spec: Mapping[str, Any], settings, preset, loss, batch_size: int, metrics: list) -> int:
     """The job's worker count (1 by default), checked: at most
     ``max_job_workers``, no more than the batch has examples, and more than
     one only for a classifier with a stateless loss (the custom training
@@ -204,6 +204,10 @@ def _workers(spec: Mapping[str, Any], settings, preset, loss, batch_size: int) -
             f"Invalid workers. Expected 1 for a loss with a term reduced by {summed[0]!r}: the workers combine "
             f"their shares of a batch as means. Received: workers={workers}.",
             reason="BAD_JOB_SPEC", metadata={"field": "workers"})
+    if set(metrics) - {"accuracy"}:
+        raise InvalidArgument(
+            f"Invalid metrics for workers={workers}. Expected `accuracy` alone: the multi-worker loop computes "
+            f"loss and accuracy. Received: {metrics}.", reason="BAD_JOB_SPEC", metadata={"field": "metrics"})
     if batch_size < workers:
         raise InvalidArgument(
             f"Invalid workers. Expected at most batch_size={batch_size} workers, so that each takes a share of "
@@ -247,7 +251,7 @@ def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalo
     batch_size = _whole(spec, "batch_size", DEFAULT_BATCH_SIZE, 1, MAX_BATCH_SIZE)
     steps = _whole(spec, "steps_per_epoch", 0, 0, 1 << 30) if spec.get("steps_per_epoch") else 0
     seed = _whole(spec, "seed", 1, 0, 2**32 - 1)
-    workers = _workers(spec, settings, preset, loss, batch_size)
+    workers = _workers(spec, settings, preset, loss, batch_size, metrics)
     split = spec.get("validation_split")
     split = DEFAULT_VALIDATION_SPLIT if split is None else split
     if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0.0 <= split < 1.0:

@@ -147,20 +147,24 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
             scaled = model.optimizer.scale_loss(share)
         grads = tape.gradient(scaled, model.trainable_variables)
         model.optimizer.apply_gradients(zip(grads, model.trainable_variables))  # all-reduces the gradients
-        return share
+        return share, _correct(y, pred)
 
     @tf.function
     def train_step():
-        shares = strategy.run(replica_step, args=next(iterator))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, shares, axis=None)
+        shares, correct = strategy.run(replica_step, args=next(iterator))
+        return (strategy.reduce(tf.distribute.ReduceOp.SUM, shares, axis=None),
+                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+
+    def _correct(y, pred):
+        """How many rows the model classes right (Keras's ``accuracy`` for these labels)."""
+        labels = tf.argmax(y, axis=-1) if len(y.shape) > 1 else tf.cast(y, tf.int64)
+        return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(pred, axis=-1), labels), tf.float32))
 
     @tf.function
     def val_step(x, y):
         pred = model(x, training=False)
         n = tf.cast(tf.shape(x)[0], tf.float32)
-        labels = tf.argmax(y, axis=-1) if len(y.shape) > 1 else tf.cast(y, tf.int64)
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(pred, axis=-1), labels), tf.float32))
-        return tf.cast(loss(y, pred), tf.float32) * n, correct
+        return tf.cast(loss(y, pred), tf.float32) * n, _correct(y, pred)
 
     def validate() -> dict:
         if not len(x_val):
@@ -179,25 +183,26 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
     scalars = _make_scalar_logger(job_dir / LOGS_DIR) if chief else None
     timeout = float(config["collective_timeout"])
 
-    def run_step() -> float:
+    def run_step() -> tuple[float, float]:
         try:
-            return float(train_step())
+            value, correct = train_step()
+            return float(value), float(correct)
         except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as exc:
             raise WorkerLost(timeout, type(exc).__name__) from None  # TF's message is a page of graph nodes
 
     for epoch in range(initial_epoch, epochs):
         reporter.on_epoch_begin(epoch)
-        total = 0.0
+        total = right = 0.0
         for step in range(steps):
-            value = run_step()  # the same on every worker: the guard stops them all at one step
-            total += value
+            value, correct = run_step()  # the same on every worker: the guard stops them all at one step
+            total, right = total + value, right + correct
             if not np.isfinite(value):
                 raise NonFiniteLoss(step=epoch * steps + step + 1, epoch=epoch + 1, value=value)
             # Keras's running mean over the epoch, as model.fit reports it.
             reporter.on_train_batch_end(step, {"loss": total / (step + 1)})
         _record_digest(job_dir, index, epoch + 1, weights_digest(model))
         if chief:
-            logs = {"loss": total / steps, **validate()}
+            logs = {"loss": total / steps, "accuracy": right / examples_per_epoch, **validate()}
             reporter.on_epoch_end(epoch, logs)  # checkpoints, then reports the epoch
             scalars.on_epoch_end(epoch, logs)
     if scalars is not None:

@@ -72,7 +72,10 @@ def test_two_workers_train_the_model_one_process_trains(mw_server, mw_client):
     assert digests[0]["1"] != digests[0]["2"]  # it trained
 
     history = json.loads((jobs_dir / job.id / "history.json").read_text())
-    assert len(history["loss"]) == 2 and len(history["val_loss"]) == 2
+    single_history = json.loads((jobs_dir / single.id / "history.json").read_text())
+    assert set(history) == set(single_history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    for key, values in history.items():  # the same metrics, as model.fit computes them
+        np.testing.assert_allclose(values, single_history[key], atol=1e-5, rtol=0, err_msg=key)
     multi, one = _weights(jobs_dir / job.id / "model.keras"), _weights(jobs_dir / single.id / "model.keras")
     assert len(multi) == len(one)
     for a, b in zip(multi, one):
@@ -261,6 +264,7 @@ def test_a_worker_whose_peer_died_fails_within_the_collective_timeout(tmp_path, 
     (dict(workers=-1), "INVALID_ARGUMENT", "BAD_JOB_SPEC", "Expected an integer in [1, 4]. Received: -1"),
     (dict(workers=5), "INVALID_ARGUMENT", "BAD_JOB_SPEC", "Expected an integer in [1, 4]. Received: 5"),
     (dict(workers=3), "FAILED_PRECONDITION", "NOT_ENOUGH_JOB_SLOTS", "Expected at most 2"),
+    (dict(workers=2, metrics=["auc"]), "INVALID_ARGUMENT", "BAD_JOB_SPEC", "Expected `accuracy` alone"),
     (dict(workers=2, batch_size=1), "INVALID_ARGUMENT", "BAD_JOB_SPEC", "Expected at most batch_size=1 workers"),
     (dict(workers=2, model="vae"), "INVALID_ARGUMENT", "BAD_JOB_SPEC", "Expected 1 for the `vae` preset"),
     (dict(workers=2, loss={"terms": [{"loss": {"name": "sparse_categorical_crossentropy"}, "reduction": "sum"}]}), "INVALID_ARGUMENT",

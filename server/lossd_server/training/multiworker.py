@@ -92,8 +92,10 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
     from lossd_server.training.losses import PlanLoss, plan_stored
     from lossd_server.training.worker import (HISTORY_FILE, LOGS_DIR, MODEL_FILE, NonFiniteLoss, WorkerLost,
                                               _make_scalar_logger, _replace_from_temp, _Reporter, _training_data,
-                                              _write_json_atomic, resume, training_batches)
+                                              _write_json_atomic, configure_devices, resume,
+                                              training_batches)
 
+    configure_devices(config)  # before the strategy: it takes the devices as they are then
     index, n_workers = int(config["worker_index"]), len(config["cluster"])
     chief = index == 0
     options = tf.distribute.experimental.CommunicationOptions(

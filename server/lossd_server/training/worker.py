@@ -214,15 +214,10 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     import tensorflow as tf
     import keras
 
-    from lossd_server.evaluation.backend import physical_gpus
     from lossd_server.training import models
     from lossd_server.training.losses import PlanLoss, plan_stored
 
-    gpus = physical_gpus()  # the first probe: quiet where no GPU is expected, as in the server
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if config.get("mixed_precision") and gpus:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    gpus = configure_devices(config)
 
     spec, runtime = config["spec"], config["runtime"]
     seed = int(spec["seed"])
@@ -273,6 +268,22 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE), model.save)
     _write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")
+
+
+def configure_devices(config: dict) -> list:
+    """Memory growth on this process's GPUs, and mixed precision where the
+    job asks and a GPU exists; returns the GPUs."""
+    import keras
+    import tensorflow as tf
+
+    from lossd_server.evaluation.backend import physical_gpus
+
+    gpus = physical_gpus()  # the first probe: quiet where no GPU is expected, as in the server
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if config.get("mixed_precision") and gpus:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    return gpus
 
 
 def resume(model, job_dir: pathlib.Path, sample, loss_state: dict, send, epochs: int) -> tuple[int, dict]:

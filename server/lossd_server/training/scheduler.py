@@ -366,7 +366,10 @@ class Scheduler:
         processes = []
         try:
             for index in range(n_workers):
-                config = self.process_config(job, gpus[index] if index < len(gpus) else None)
+                gpu = gpus[index] if index < len(gpus) else None
+                if cluster and gpu is None and self.gpus:
+                    gpu = -1  # no GPU of its own left: CPU, rather than crowding the others' GPUs
+                config = self.process_config(job, gpu)
                 if cluster:
                     config.update(cluster=cluster, worker_index=index,
                                   collective_timeout=self.settings.job_collective_timeout_seconds)

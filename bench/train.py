@@ -13,7 +13,11 @@ start-up happens before it). The rate is total images / total seconds over
 epochs 2..N, measured the same way on both sides (epoch begin to the end of
 its last training batch). The script prints both and the ratio b / a.
 
-Usage: python bench/train.py [--model cnn] [--epochs 6] [--batch-size 32] [--repeat 1]
+With ``--workers N`` it compares, the same way, (b) a job of one worker
+(``model.fit``) with (c) the same job over N workers (MultiWorkerMirroredStrategy
+on this machine, loopback collectives), and prints the ratio c / b.
+
+Usage: python bench/train.py [--model cnn] [--epochs 6] [--batch-size 32] [--repeat 1] [--workers 1]
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def in_process(model_name: str, epochs: int, batch_size: int, seed: int) -> list
     return timer.epochs
 
 
-def through_lossd(model_name: str, epochs: int, batch_size: int, seed: int) -> tuple[list[tuple[int, float]], float]:
+def through_lossd(model_name: str, epochs: int, batch_size: int, seed: int, workers: int = 1
+                  ) -> tuple[list[tuple[int, float]], float]:
     """(examples, seconds) of each epoch as the job reported it, and its val accuracy."""
     from prometheus_client import CollectorRegistry
 
@@ -75,13 +80,14 @@ def through_lossd(model_name: str, epochs: int, batch_size: int, seed: int) -> t
     from lossd_server.config import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(port=0, metrics_port=None, data_dir=pathlib.Path(tmp), progress_every_batches=1000)
+        settings = Settings(port=0, metrics_port=None, data_dir=pathlib.Path(tmp), progress_every_batches=1000,
+                            max_concurrent_jobs=max(workers, 1))
         server = create_server(settings, metrics_registry=CollectorRegistry())
         server.start()
         try:
             with lossd.Client(f"127.0.0.1:{server.port}", timeout=3600) as client:
                 job = client.create_job(model_name, "digits", epochs=epochs, batch_size=batch_size, seed=seed,
-                                        validation_split=0.2)
+                                        validation_split=0.2, workers=workers)
                 epochs_seen = [(e.examples, e.examples / e.examples_per_second)
                                for e in client.watch(job) if e.kind == "epoch"]
                 job = client.get_job(job)
@@ -104,9 +110,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="alternate (a) and (b) this many times")
+    parser.add_argument("--workers", type=int, default=1, help="N > 1: compare a job of N workers with one of 1")
     args = parser.parse_args()
     if args.epochs < 2:
         raise SystemExit("--epochs must be at least 2 (the first epoch is not counted)")
+    if args.workers > 1:
+        return compare_workers(args)
 
     a_rates, b_rates = [], []
     for i in range(args.repeat):
@@ -122,6 +131,25 @@ def main() -> None:
     print(f"  (a) in-process model.fit : {a:10,.0f} images/s")
     print(f"  (b) lossd job            : {b:10,.0f} images/s")
     print(f"  ratio b / a              : {b / a:10.3f}")
+
+
+def compare_workers(args) -> None:
+    """(b) one worker against (c) ``args.workers`` workers, alternating."""
+    b_rates, c_rates = [], []
+    for i in range(args.repeat):
+        b_epochs, b_accuracy = through_lossd(args.model, args.epochs, args.batch_size, args.seed)
+        c_epochs, c_accuracy = through_lossd(args.model, args.epochs, args.batch_size, args.seed, args.workers)
+        b_rates.append(rate(b_epochs))
+        c_rates.append(rate(c_epochs))
+        print(f"run {i + 1}: 1 worker {b_rates[-1]:,.0f} images/s, {args.workers} workers {c_rates[-1]:,.0f} "
+              f"images/s, ratio {c_rates[-1] / b_rates[-1]:.3f}  (val_accuracy {b_accuracy:.4f} / "
+              f"{c_accuracy:.4f})", flush=True)
+    b, c = float(np.median(b_rates)), float(np.median(c_rates))
+    print(f"\n{args.model} on digits, global batch {args.batch_size}, epochs 2-{args.epochs}, median of "
+          f"{args.repeat}, {os.cpu_count()} cpus:")
+    print(f"  (b) lossd job, 1 worker (model.fit)  : {b:10,.0f} images/s")
+    print(f"  (c) lossd job, {args.workers} workers (custom loop): {c:10,.0f} images/s")
+    print(f"  ratio c / b                          : {c / b:10.3f}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def cmd_jobs_create(args) -> int:
             optimizer_params=_pairs(args.optimizer_param, "--optimizer-param"), epochs=args.epochs,
             batch_size=args.batch_size, validation_split=args.validation_split, metrics=args.metric or (),
             seed=args.seed, steps_per_epoch=args.steps_per_epoch, display_name=args.display_name,
-            request_id=args.request_id)
+            request_id=args.request_id, workers=args.workers)
         print(job.name)
         if args.wait:
             job = client.wait(job, progress=True)
@@ -299,6 +299,8 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p.add_argument("--metric", action="append", help="Keras metric name (repeatable) [accuracy]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on batches per epoch [all]")
+    p.add_argument("--workers", type=int, default=0,
+                   help="worker processes training one model together (MultiWorkerMirroredStrategy) [1]")
     p.add_argument("--display-name", default="")
     p.add_argument("--request-id", default=None, help="makes retries safe: same id, same job")
     p.add_argument("--wait", action="store_true", help="wait for the job, with a progress bar")

@@ -285,9 +285,9 @@ def create_job_request(model: str, dataset: str, *, loss: Any, loss_params: Opti
                        model_params: Optional[Mapping[str, Any]], optimizer: str, learning_rate: Optional[float],
                        optimizer_params: Optional[Mapping[str, Any]], epochs: int, batch_size: int,
                        validation_split: Optional[float], metrics: Sequence[str], seed: int, steps_per_epoch: int,
-                       display_name: str, request_id: Optional[str]) -> pb.CreateJobRequest:
+                       display_name: str, request_id: Optional[str], workers: int = 0) -> pb.CreateJobRequest:
     spec = pb.JobSpec(dataset=dataset, epochs=epochs, batch_size=batch_size, metrics=list(metrics), seed=seed,
-                      steps_per_epoch=steps_per_epoch)
+                      steps_per_epoch=steps_per_epoch, workers=workers)
     spec.model.preset = model
     _copy_struct(spec.model.params, model_params, "model_params")
     if validation_split is not None:
@@ -500,7 +500,7 @@ class TrainingMixin(_TrainingStub):
                    optimizer_params: Optional[Mapping[str, Any]] = None, epochs: int = 0, batch_size: int = 0,
                    validation_split: Optional[float] = None, metrics: Sequence[str] = (), seed: int = 0,
                    steps_per_epoch: int = 0, display_name: str = "", request_id: Optional[str] = None,
-                   timeout: Optional[float] = None) -> Job:
+                   workers: int = 0, timeout: Optional[float] = None) -> Job:
         """Creates a training job; the server checks everything before queueing it.
 
         Args:
@@ -521,6 +521,8 @@ class TrainingMixin(_TrainingStub):
             metrics: Keras metric names; empty for ``accuracy`` on classifiers.
             seed: 0 for the default (1).
             steps_per_epoch: Caps the batches per epoch; 0 for all.
+            workers: Worker processes training this one model together
+                (``MultiWorkerMirroredStrategy``; classifiers only); 0 for 1.
             display_name: A name for people.
             request_id: Makes retries safe: the same id returns the same job.
                 A fresh id is made when None.
@@ -537,7 +539,7 @@ class TrainingMixin(_TrainingStub):
             model, dataset, loss=loss, loss_params=loss_params, model_params=model_params, optimizer=optimizer,
             learning_rate=learning_rate, optimizer_params=optimizer_params, epochs=epochs, batch_size=batch_size,
             validation_split=validation_split, metrics=metrics, seed=seed, steps_per_epoch=steps_per_epoch,
-            display_name=display_name, request_id=request_id)
+            display_name=display_name, request_id=request_id, workers=workers)
         return Job.from_proto(self._training.CreateJob(request, **self._call_args(timeout)))
 
     @translate_errors
@@ -721,14 +723,14 @@ class AsyncTrainingMixin(_TrainingStub):
                          learning_rate: Optional[float] = None, optimizer_params: Optional[Mapping[str, Any]] = None,
                          epochs: int = 0, batch_size: int = 0, validation_split: Optional[float] = None,
                          metrics: Sequence[str] = (), seed: int = 0, steps_per_epoch: int = 0,
-                         display_name: str = "", request_id: Optional[str] = None,
+                         display_name: str = "", request_id: Optional[str] = None, workers: int = 0,
                          timeout: Optional[float] = None) -> Job:
         """Refer to ``lossd.Client.create_job``."""
         request = create_job_request(
             model, dataset, loss=loss, loss_params=loss_params, model_params=model_params, optimizer=optimizer,
             learning_rate=learning_rate, optimizer_params=optimizer_params, epochs=epochs, batch_size=batch_size,
             validation_split=validation_split, metrics=metrics, seed=seed, steps_per_epoch=steps_per_epoch,
-            display_name=display_name, request_id=request_id)
+            display_name=display_name, request_id=request_id, workers=workers)
         return Job.from_proto(await self._training.CreateJob(request, **self._call_args(timeout)))
 
     @translate_errors_async

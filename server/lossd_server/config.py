@@ -352,6 +352,19 @@ class Settings(BaseSettings):
     memory, exited without reporting an error) is started again from its last
     checkpoint before it fails with WORKER_CRASHED. Each retry is a job event."""
 
+    # One job over several worker processes (issue 15).
+
+    max_job_workers: int = Field(4, ge=1)
+    """Most worker processes one job may ask for (JobSpec ``workers``). A job
+    with ``workers: N`` also takes N of this replica's job slots
+    (``max_concurrent_jobs``), so it is refused when N exceeds them."""
+
+    job_collective_timeout_seconds: float = Field(30.0, gt=0)
+    """How long a worker of a multi-worker job waits in one collective
+    operation (the gradient all-reduce) for the other workers before it
+    fails; bounds how long a job whose worker died can hang. The scheduler
+    itself stops the others within a second of seeing one worker exit."""
+
     # Shared state for several replicas (issue 15).
 
     database_url: Optional[str] = None

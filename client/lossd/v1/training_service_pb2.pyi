@@ -27,7 +27,7 @@ ARTIFACT_HISTORY: Artifact
 ARTIFACT_TENSORBOARD: Artifact
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "dataset", "loss", "optimizer", "epochs", "batch_size", "validation_split", "metrics", "seed", "steps_per_epoch")
+    __slots__ = ("model", "dataset", "loss", "optimizer", "epochs", "batch_size", "validation_split", "metrics", "seed", "steps_per_epoch", "workers")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class JobSpec(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     dataset: str
     loss: _loss_pb2.LossSpec
@@ -48,7 +49,8 @@ class JobSpec(_message.Message):
     metrics: _containers.RepeatedScalarFieldContainer[str]
     seed: int
     steps_per_epoch: int
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., dataset: _Optional[str] = ..., loss: _Optional[_Union[_loss_pb2.LossSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., validation_split: _Optional[float] = ..., metrics: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ...) -> None: ...
+    workers: int
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., dataset: _Optional[str] = ..., loss: _Optional[_Union[_loss_pb2.LossSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., validation_split: _Optional[float] = ..., metrics: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., steps_per_epoch: _Optional[int] = ..., workers: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("preset", "params")

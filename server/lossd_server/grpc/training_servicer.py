@@ -84,7 +84,7 @@ def spec_to_proto(spec: dict) -> pb.JobSpec:
     """The stored (normalised) spec as a JobSpec message."""
     message = pb.JobSpec(dataset=spec["dataset"], epochs=spec["epochs"], batch_size=spec["batch_size"],
                          validation_split=spec["validation_split"], metrics=spec["metrics"], seed=spec["seed"],
-                         steps_per_epoch=spec["steps_per_epoch"])
+                         steps_per_epoch=spec["steps_per_epoch"], workers=spec.get("workers", 1))
     message.model.preset = spec["model"]["preset"]
     message.model.params.update(spec["model"]["params"])
     if spec.get("loss"):
@@ -106,6 +106,7 @@ def spec_from_proto(message: pb.JobSpec) -> dict[str, Any]:
         "epochs": message.epochs, "batch_size": message.batch_size,
         "validation_split": message.validation_split if message.HasField("validation_split") else None,
         "metrics": list(message.metrics), "seed": message.seed, "steps_per_epoch": message.steps_per_epoch,
+        "workers": message.workers,
     }
     if message.HasField("loss"):
         spec["loss"] = wire.spec_to_dict(message.loss)

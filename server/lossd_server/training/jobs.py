@@ -51,6 +51,12 @@ def lookup(store: Store, job_id: str, caller: Caller = ANONYMOUS) -> JobRecord:
     return job
 
 
+def workers_of(job: JobRecord) -> int:
+    """How many worker processes (and job slots) ``job`` takes: its spec's
+    ``workers``, absent (1) in the specs of single-process jobs."""
+    return int(job.spec.get("workers", 1))
+
+
 # What a stored spec and runtime hold (``_normalize`` writes them): a row
 # without them could not be shown by GetJob nor run by a worker.
 _SPEC_FIELDS = {"model": dict, "dataset": str, "loss": dict, "optimizer": dict, "epochs": int, "batch_size": int,
@@ -175,6 +181,41 @@ def _whole(spec: Mapping[str, Any], field: str, default: int, lo: int, hi: int) 
     return int(value)
 
 
+def _workers(spec: Mapping[str, Any], settings, preset, loss, batch_size: int, metrics: list) -> int:
+    """The job's worker count (1 by default), checked: at most
+    ``max_job_workers``, no more than the batch has examples, and more than
+    one only for a classifier with a stateless loss (the custom training
+    loop that multi-worker jobs run covers those)."""
+    limit = getattr(settings, "max_job_workers", 1)
+    workers = _whole(spec, "workers", 1, 1, limit)
+    if workers == 1:
+        return 1
+    if preset.kind != models.CLASSIFIER:
+        raise InvalidArgument(
+            f"Invalid workers. Expected 1 for the `{preset.name}` preset: multi-worker training covers classifiers "
+            f"(cnn, mlp). Received: workers={workers}.", reason="BAD_JOB_SPEC", metadata={"field": "workers"})
+    if loss is not None and loss.outputs:
+        raise InvalidArgument(
+            f"Invalid workers. Expected 1 for loss `{loss.metric_name}`, which keeps state across batches "
+            f"({', '.join(loss.outputs)}) that the workers would not share. Received: workers={workers}.",
+            reason="BAD_JOB_SPEC", metadata={"field": "workers"})
+    summed = sorted({t.reduction for t in loss.terms if t.reduction in ("sum", "none")}) if loss is not None else []
+    if summed:
+        raise InvalidArgument(
+            f"Invalid workers. Expected 1 for a loss with a term reduced by {summed[0]!r}: the workers combine "
+            f"their shares of a batch as means. Received: workers={workers}.",
+            reason="BAD_JOB_SPEC", metadata={"field": "workers"})
+    if set(metrics) - {"accuracy"}:
+        raise InvalidArgument(
+            f"Invalid metrics for workers={workers}. Expected `accuracy` alone: the multi-worker loop computes "
+            f"loss and accuracy. Received: {metrics}.", reason="BAD_JOB_SPEC", metadata={"field": "metrics"})
+    if batch_size < workers:
+        raise InvalidArgument(
+            f"Invalid workers. Expected at most batch_size={batch_size} workers, so that each takes a share of "
+            f"every batch. Received: workers={workers}.", reason="BAD_JOB_SPEC", metadata={"field": "workers"})
+    return workers
+
+
 def _check_bounds(settings, preset: str, params: Mapping[str, Any], info, epochs: int, steps: int,
                   batch_size: int, n_train: int) -> None:
     """Refuses a job whose steps or model size pass the settings, before anything is spent."""
@@ -211,6 +252,7 @@ def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalo
     batch_size = _whole(spec, "batch_size", DEFAULT_BATCH_SIZE, 1, MAX_BATCH_SIZE)
     steps = _whole(spec, "steps_per_epoch", 0, 0, 1 << 30) if spec.get("steps_per_epoch") else 0
     seed = _whole(spec, "seed", 1, 0, 2**32 - 1)
+    workers = _workers(spec, settings, preset, loss, batch_size, metrics)
     split = spec.get("validation_split")
     split = DEFAULT_VALIDATION_SPLIT if split is None else split
     if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0.0 <= split < 1.0:
@@ -230,6 +272,8 @@ def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalo
         "epochs": epochs, "batch_size": batch_size, "validation_split": float(split),
         "metrics": metrics, "seed": seed, "steps_per_epoch": steps,
     }
+    if workers > 1:  # absent means 1: specs stored before the field read the same
+        normalized["workers"] = workers
     runtime = {"dataset_source": info.source, "dataset_path": info.path, "image_shape": list(info.image_shape),
                "class_names": info.class_names, "logits": from_logits(loss)}
     return normalized, runtime, preset.kind

@@ -105,13 +105,23 @@ class TrainingManager:
         Raises:
             FailedPrecondition: NO_JOB_SLOTS, on a server that runs no jobs
                 (``max_concurrent_jobs`` 0) with a store no other replica
-                shares: nothing would ever run the job.
+                shares: nothing would ever run the job. NOT_ENOUGH_JOB_SLOTS,
+                ``workers`` beyond this server's slots (on a store no other
+                replica shares).
         """
         if self.scheduler.slots == 0 and not self.store.shared:
             raise FailedPrecondition(
                 "This server runs no training jobs (max_concurrent_jobs is 0) and shares its job queue with no "
                 "other replica. Expected a server with job slots, or one on a shared database "
                 "(LOSSD_DATABASE_URL). Received: a job.", reason="NO_JOB_SLOTS")
+        workers = spec.get("workers") or 1
+        slots = self.scheduler.slots
+        if (isinstance(workers, int) and slots < workers <= self.catalog.settings.max_job_workers and slots
+                and not self.store.shared):  # a bad count gets BAD_JOB_SPEC from jobs.create
+            raise FailedPrecondition(
+                f"Too many workers for this server. Expected at most {slots} (a job with workers N takes N of the "
+                f"server's max_concurrent_jobs slots, {slots} here). Received: workers={workers}.",
+                reason="NOT_ENOUGH_JOB_SLOTS", metadata={"workers": str(workers), "slots": str(slots)})
         with self.catalog.using(str(spec.get("dataset", ""))):
             job, created = jobs.create(self.store, self.planner, self.catalog, spec, caller=caller,
                                        display_name=display_name, request_id=request_id)

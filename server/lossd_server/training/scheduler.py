@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Optional
 from lossd_server.callers import Caller
 from lossd_server.errors import FailedPrecondition, ResourceExhausted, redact_paths
 from lossd_server.observability.logs import audited
-from lossd_server.training import jobs, worker
+from lossd_server.training import jobs, multiworker, worker
 from lossd_server.training.artifacts import Artifacts
 from lossd_server.training.store import (CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Event,
                                          JobRecord, Store)
@@ -76,6 +76,18 @@ class _Running:
     done: Optional[dict] = None
     rate: float = 0.0
     counted_examples: int = 0  # training examples of the current epoch already counted in metrics
+    # A multi-worker job: ``process`` is worker 0 (the chief), these the others.
+    others: list = dataclasses.field(default_factory=list)
+    others_done: dict = dataclasses.field(default_factory=dict)  # worker index -> its ``done`` report
+
+    @property
+    def slots(self) -> int:
+        """The job slots it takes: one per worker process."""
+        return 1 + len(self.others)
+
+    @property
+    def processes(self) -> list:
+        return [self.process, *self.others]
 
 
 class Scheduler:
@@ -114,7 +126,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._events = threading.Condition()
         self._running: dict[str, _Running] = {}
-        self._gpu_of: dict[str, Optional[int]] = {}
+        self._gpu_of: dict[str, list[int]] = {}  # job -> the GPUs its processes use
         self._cancel: set[str] = set()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
@@ -299,7 +311,7 @@ class Scheduler:
 
     def _launch(self) -> None:
         with self._lock:
-            free = self.slots - len(self._running)
+            free = self.slots - sum(run.slots for run in self._running.values())
             now = time.monotonic()
             if free <= 0 or now < self._next_claim:
                 return
@@ -308,12 +320,19 @@ class Scheduler:
             # other way, a refused write would leave a process for a job
             # still QUEUED, and the next loop would start it twice. A job
             # whose requeue is not stored yet waits until it is.
+            # A multi-worker job starts once as many slots as it has workers
+            # are free at once; jobs behind it that fit start meanwhile.
+            too_big = [job.id for job in self.store.jobs_in_states([QUEUED]) if jobs.workers_of(job) > free]
             claimed = self.store.claim_jobs(self.replica, free, self.lease_seconds,
-                                            skip=[*self._running, *self._unrecorded])
+                                            skip=[*self._running, *self._unrecorded, *too_big])
             try:
                 while claimed:
                     job, before = claimed[0]
+                    needs = jobs.workers_of(job)
+                    if needs > free:  # a multi-worker job waits for as many free slots as it has workers
+                        break
                     self._start_process(job, taken_over=before != QUEUED)
+                    free -= needs
                     claimed.pop(0)
             finally:
                 if claimed:  # not started: back in the queue for any replica
@@ -323,9 +342,11 @@ class Scheduler:
             self._events.notify_all()
 
     def _start_process(self, job: JobRecord, *, taken_over: bool) -> None:
-        """Starts the process of a job this replica claimed."""
-        used = set(self._gpu_of.values())
-        gpu = next((g for g in range(self.gpus) if g not in used), None) if self.gpus else None
+        """Starts the process of a job this replica claimed (one per worker
+        of a multi-worker job, each with its ``TF_CONFIG``)."""
+        n_workers = jobs.workers_of(job)
+        used = {g for gpus in self._gpu_of.values() for g in gpus}
+        gpus = [g for g in range(self.gpus) if g not in used][:n_workers]
         job_dir = self.artifacts.job_dir(job.id)
         try:
             job_dir.mkdir(parents=True, exist_ok=True)
@@ -340,21 +361,42 @@ class Scheduler:
                         + (f"it from the checkpoint of epoch {epoch}." if epoch else "it from the start (no "
                                                                                        "checkpoint yet)."),
                 "replica": self.replica})
-        config = {
-            "job_id": job.id, "job_dir": str(job_dir), "spec": job.spec, "runtime": job.runtime,
-            "model_kind": job.model_kind, "progress_every": self.settings.progress_every_batches,
+        q = self._ctx.Queue()  # one queue for all workers: their reports carry their index
+        cluster = multiworker.free_addresses(n_workers) if n_workers > 1 else None
+        processes = []
+        try:
+            for index in range(n_workers):
+                gpu = gpus[index] if index < len(gpus) else None
+                if cluster and gpu is None and self.gpus:
+                    gpu = -1  # no GPU of its own left: CPU, rather than crowding the others' GPUs
+                config = self.process_config(job, gpu)
+                if cluster:
+                    config.update(cluster=cluster, worker_index=index,
+                                  collective_timeout=self.settings.job_collective_timeout_seconds)
+                # Started from this long-lived thread: PR_SET_PDEATHSIG in the
+                # child fires when the thread that started it exits.
+                process = self._ctx.Process(target=worker.run_job, args=(config, q), daemon=True,
+                                            name=f"lossd-job-{job.id}" + (f"-worker-{index}" if cluster else ""))
+                process.start()  # OSError (no memory or pids left): _launch puts the job back in the queue
+                processes.append(process)
+        except BaseException:
+            for process in processes:
+                process.kill()
+            raise
+        self._running[job.id] = _Running(job.id, processes[0], q, time.time(), others=processes[1:])
+        self._gpu_of[job.id] = gpus
+        log.info("job %s started (pid %s%s)", job.id, ", ".join(str(p.pid) for p in processes),
+                 f", GPU {gpus}" if gpus else "")
+
+    def process_config(self, job: JobRecord, gpu: Optional[int]) -> dict:
+        """What ``worker.run_job`` needs to train ``job`` (one process's part)."""
+        return {
+            "job_id": job.id, "job_dir": str(self.artifacts.job_dir(job.id)), "spec": job.spec,
+            "runtime": job.runtime, "model_kind": job.model_kind,
+            "progress_every": self.settings.progress_every_batches,
             "mixed_precision": self.settings.mixed_precision, "gpu": gpu, "parent_pid": os.getpid(),
             "max_upload_bytes": self.settings.max_upload_bytes,
         }
-        q = self._ctx.Queue()
-        # Started from this long-lived thread: PR_SET_PDEATHSIG in the
-        # child fires when the thread that started it exits.
-        process = self._ctx.Process(target=worker.run_job, args=(config, q), name=f"lossd-job-{job.id}",
-                                    daemon=True)
-        process.start()  # OSError (no memory or pids left): _launch puts the job back in the queue
-        self._running[job.id] = _Running(job.id, process, q, time.time())
-        self._gpu_of[job.id] = gpu
-        log.info("job %s started (pid %d%s)", job.id, process.pid, f", GPU {gpu}" if gpu is not None else "")
 
     def _release(self, job_ids: list[str], text: Optional[str]) -> None:
         """Puts jobs this replica claimed back in the queue, lease dropped."""
@@ -395,9 +437,15 @@ class Scheduler:
                 self._cancel.discard(job_id)
                 self._finish(jobs.lookup(self.store, job_id), CANCELLED)
                 continue
+            if run.others and self._worker_ended(run):
+                continue
             if not run.process.is_alive():
                 run.process.join(1)
                 self._drain(run)
+                if (run.done or {}).get("state") == SUCCEEDED:
+                    for other in run.others:  # past the final barrier: they are ending too
+                        other.join(2.0)
+                self._kill(run)  # a multi-worker job ends with its chief
                 job = jobs.lookup(self.store, job_id)
                 done = run.done or {}
                 if done.get("state") == SUCCEEDED:
@@ -408,6 +456,33 @@ class Scheduler:
                                                "metadata": done.get("metadata", {})})
                 else:
                     self._crashed(job, run.process.exitcode)
+
+    def _worker_ended(self, run: _Running) -> bool:
+        """Handles a non-chief worker of a multi-worker job that ended first:
+        killed or crashed (no report), the job's other workers are stopped
+        and the job retried like any crashed job; failed (it reported why),
+        the job fails with its report. True when the job was ended here."""
+        for index, other in enumerate(run.others, start=1):
+            if other.is_alive():
+                continue
+            other.join(1)
+            self._drain(run)
+            done = run.others_done.get(index)
+            if done is not None and done.get("state") == SUCCEEDED:
+                continue  # it finished; the chief reports the job's end
+            self._kill(run)
+            self._drain(run)
+            job = jobs.lookup(self.store, run.job_id)
+            if done is None:
+                log.warning("job %s: worker %d ended without reporting; stopping the other workers", run.job_id,
+                            index)
+                self._crashed(job, other.exitcode)
+            else:
+                self._finish(job, FAILED, {"code": done.get("code", "INTERNAL"), "reason": done["reason"],
+                                           "message": redact_paths(done["message"]),
+                                           "metadata": done.get("metadata", {})})
+            return True
+        return False
 
     def _crashed(self, job: JobRecord, exitcode: Optional[int]) -> None:
         """A job whose process ended without reporting: queued again to resume
@@ -461,7 +536,10 @@ class Scheduler:
     def _on_report(self, run: _Running, report: dict) -> None:
         kind = report.pop("kind")
         job_id = run.job_id
-        if kind == "done":
+        index = report.pop("worker", 0)  # a multi-worker job's workers; only the chief reports progress
+        if kind == "done" and index:
+            run.others_done[index] = report
+        elif kind == "done":
             run.done = report
         elif kind == "message":
             self.store.append_event(job_id, "message", report)
@@ -495,12 +573,14 @@ class Scheduler:
     def _kill(self, run: _Running) -> None:
         # SIGTERM first (TensorFlow installs no handler, so it ends at once);
         # SIGKILL if it lingers, to stay within CancelJob's two seconds.
-        if run.process.is_alive():
-            run.process.terminate()
-            run.process.join(1.0)
-        if run.process.is_alive():
-            run.process.kill()
-            run.process.join(1.0)
+        for process in run.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in run.processes:
+            process.join(1.0)
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
 
     def _finish(self, job: JobRecord, state: str, error: Optional[dict] = None, *, recorded: bool = False) -> None:
         """Ends a job in ``state``: frees its slot, stores the state (unless

@@ -55,6 +55,16 @@ class NonFiniteLoss(Exception):
         self.step, self.epoch, self.value = step, epoch, value
 
 
+class WorkerLost(Exception):
+    """A worker of a multi-worker job got no answer from the others in a
+    collective operation within the collective timeout."""
+
+    def __init__(self, timeout: float, detail: str):
+        super().__init__(f"A worker of this multi-worker job stopped answering: the gradient all-reduce got no "
+                         f"reply within {timeout:g} s (job_collective_timeout_seconds). Expected every worker "
+                         f"process to stay alive and reachable. ({detail})")
+
+
 def _watch_parent(parent_pid: int) -> None:
     """Ends this process when the server dies (even by ``kill -9``), so a job
     is never trained twice: the restarted server resumes it from its checkpoint."""
@@ -140,6 +150,8 @@ def failure_report(exc: BaseException) -> dict:
     if isinstance(exc, NonFiniteLoss):
         return {"state": "failed", "code": "FAILED_PRECONDITION", "reason": "NON_FINITE_LOSS", "message": str(exc),
                 "metadata": {"step": exc.step, "epoch": exc.epoch}}
+    if isinstance(exc, WorkerLost):
+        return {"state": "failed", "code": "UNAVAILABLE", "reason": "WORKER_LOST", "message": str(exc)}
     if _is_disk_full(exc):
         return {"state": "failed", "code": "RESOURCE_EXHAUSTED", "reason": "DISK_FULL",
                 "message": "Training stopped: the server's disk is full, so the job's checkpoint or model could "
@@ -156,9 +168,12 @@ def run_job(config: dict, queue) -> None:
     Args:
         config: ``job_id``, ``job_dir``, ``spec``, ``runtime``, ``model_kind``,
             ``progress_every``, ``mixed_precision``, ``gpu`` (an index or None),
-            ``parent_pid``, ``max_upload_bytes``.
+            ``parent_pid``, ``max_upload_bytes``; for a worker of a
+            multi-worker job also ``cluster`` (the workers' addresses),
+            ``worker_index`` and ``collective_timeout`` (``multiworker.train``).
         queue: A ``multiprocessing`` queue; every report is a dict with a
-            ``kind``: ``message``, ``progress``, ``epoch`` or ``done``.
+            ``kind``: ``message``, ``progress``, ``epoch`` or ``done`` (and
+            the ``worker`` index in a multi-worker job).
     """
     _watch_parent(config["parent_pid"])
     job_dir = pathlib.Path(config["job_dir"])
@@ -166,15 +181,25 @@ def run_job(config: dict, queue) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(config["gpu"])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    index = config.get("worker_index")  # set for the workers of a multi-worker job
+    if index is not None:
+        from lossd_server.training import multiworker
+
+        os.environ["TF_CONFIG"] = multiworker.tf_config(config["cluster"], index)
+    tag = {} if index is None else {"worker": index}
 
     def send(kind: str, **payload) -> None:
-        queue.put({"kind": kind, **payload})
+        queue.put({"kind": kind, **payload, **tag})
 
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
-        remove_temp_files(job_dir)  # a previous process of this job may have been killed mid-write
-        (job_dir / PID_FILE).write_text(str(os.getpid()))
-        _train(config, job_dir, send)
+        if not index:  # the chief alone: another worker may already be writing
+            remove_temp_files(job_dir)  # a previous process of this job may have been killed mid-write
+        (job_dir / (PID_FILE if not index else f"worker-{index}.pid")).write_text(str(os.getpid()))
+        if index is None:
+            _train(config, job_dir, send)
+        else:
+            multiworker.train(config, job_dir, send)
     except Exception as exc:  # noqa: BLE001 - the job fails, the server lives on
         report = failure_report(exc)
         if report["reason"] == "TRAINING_ERROR":
@@ -186,39 +211,22 @@ def run_job(config: dict, queue) -> None:
 
 
 def _train(config: dict, job_dir: pathlib.Path, send) -> None:
-    import numpy as np
     import tensorflow as tf
     import keras
 
-    from lossd_server.evaluation.backend import physical_gpus
-    from lossd_server.training import datasets, models
-    from lossd_server.training.losses import ONE_HOT, PlanLoss, label_format, plan_stored
+    from lossd_server.training import models
+    from lossd_server.training.losses import PlanLoss, plan_stored
 
-    gpus = physical_gpus()  # the first probe: quiet where no GPU is expected, as in the server
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if config.get("mixed_precision") and gpus:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    gpus = configure_devices(config)
 
     spec, runtime = config["spec"], config["runtime"]
     seed = int(spec["seed"])
     keras.utils.set_random_seed(seed)
 
-    x, y, _ = datasets.load(runtime["dataset_source"], runtime["dataset_path"], config["max_upload_bytes"])
     plan = plan_stored(spec.get("loss"))  # the same program evaluation runs
-    if config["model_kind"] == models.CLASSIFIER and label_format(plan) == ONE_HOT:
-        # Expression and plugin losses compare y_pred with targets of its own shape.
-        y = np.eye(len(runtime["class_names"]), dtype="float32")[y]
-    # A seeded shuffle before the split: Keras's validation_split takes the
-    # last rows as they are, which for sorted datasets is one class.
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[order], y[order]
-    n_val = int(round(len(x) * spec["validation_split"]))
-    x_train, y_train, x_val, y_val = x[n_val:], y[n_val:], x[:n_val], y[:n_val]
+    x_train, y_train, x_val, y_val, steps, examples_per_epoch = _training_data(config, plan)
+    n_val = len(x_val)
     batch_size, epochs = spec["batch_size"], spec["epochs"]
-    full_steps = math.ceil(len(x_train) / batch_size)
-    steps = min(spec["steps_per_epoch"] or full_steps, full_steps)
-    examples_per_epoch = min(steps * batch_size, len(x_train))
 
     val = (tf.data.Dataset.from_tensor_slices((x_val, y_val)).batch(max(batch_size, 256)).prefetch(2)
            if n_val else None)
@@ -242,27 +250,7 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
         loss_state = loss.build_state((None, len(runtime["class_names"])))
         model.compile(optimizer=optimizer, loss=loss, metrics=list(spec["metrics"]))
 
-    ckpt_dir = job_dir / CHECKPOINT_DIR
-    ckpt_dir.mkdir(exist_ok=True)
-    history: dict[str, list[float]] = {}
-    initial_epoch = 0
-    checkpoint = read_checkpoint(job_dir)
-    if checkpoint is not None:
-        # Weights and optimizer slots must exist before they can be loaded.
-        model(x_train[:1], training=False)
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(ckpt_dir / checkpoint["weights"])
-        initial_epoch = int(checkpoint["epoch"])
-        history = checkpoint["history"]
-        for name, value in (checkpoint.get("loss_state") or {}).items():
-            if name in loss_state:
-                loss_state[name].assign(np.asarray(value, dtype=loss_state[name].dtype))
-        seeds = checkpoint.get("seed_states") or {}
-        for variable in seed_states(model):
-            if variable.path in seeds:
-                variable.assign(np.asarray(seeds[variable.path], dtype=variable.dtype))
-        send("message", text=f"Resuming from the checkpoint of epoch {initial_epoch}; "
-                             f"{epochs - initial_epoch} epochs to go.", resumed_from_epoch=initial_epoch)
+    initial_epoch, history = resume(model, job_dir, x_train[:1], loss_state, send, epochs)
     send("message", text=f"Training {model_spec['preset']} on {len(x_train)} images ({n_val} held out for "
                          f"validation), {steps} batches of {batch_size} per epoch, on "
                          f"{'GPU' if gpus else 'CPU'}.")
@@ -280,6 +268,76 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE), model.save)
     _write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")
+
+
+def configure_devices(config: dict) -> list:
+    """Memory growth on this process's GPUs, and mixed precision where the
+    job asks and a GPU exists; returns the GPUs."""
+    import keras
+    import tensorflow as tf
+
+    from lossd_server.evaluation.backend import physical_gpus
+
+    gpus = physical_gpus()  # the first probe: quiet where no GPU is expected, as in the server
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if config.get("mixed_precision") and gpus:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    return gpus
+
+
+def resume(model, job_dir: pathlib.Path, sample, loss_state: dict, send, epochs: int) -> tuple[int, dict]:
+    """Loads the job's latest checkpoint, if any, into ``model`` (weights,
+    optimizer slots, ``loss_state``, dropout's random states) and says so;
+    returns ``(initial_epoch, history)``, ``(0, {})`` without one. ``sample``:
+    one batch of inputs, to build the weights the checkpoint fills."""
+    import numpy as np
+
+    ckpt_dir = job_dir / CHECKPOINT_DIR
+    ckpt_dir.mkdir(exist_ok=True)
+    checkpoint = read_checkpoint(job_dir)
+    if checkpoint is None:
+        return 0, {}
+    # Weights and optimizer slots must exist before they can be loaded.
+    model(sample, training=False)
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(ckpt_dir / checkpoint["weights"])
+    initial_epoch = int(checkpoint["epoch"])
+    for name, value in (checkpoint.get("loss_state") or {}).items():
+        if name in loss_state:
+            loss_state[name].assign(np.asarray(value, dtype=loss_state[name].dtype))
+    seeds = checkpoint.get("seed_states") or {}
+    for variable in seed_states(model):
+        if variable.path in seeds:
+            variable.assign(np.asarray(seeds[variable.path], dtype=variable.dtype))
+    send("message", text=f"Resuming from the checkpoint of epoch {initial_epoch}; "
+                         f"{epochs - initial_epoch} epochs to go.", resumed_from_epoch=initial_epoch)
+    return initial_epoch, checkpoint["history"]
+
+
+def _training_data(config: dict, plan) -> tuple:
+    """``(x_train, y_train, x_val, y_val, steps, examples_per_epoch)`` of a
+    job: its dataset, labels in the format its loss takes, shuffled with the
+    job's seed and split; the same in every worker of a multi-worker job."""
+    import numpy as np
+
+    from lossd_server.training import datasets, models
+    from lossd_server.training.losses import ONE_HOT, label_format
+
+    spec, runtime = config["spec"], config["runtime"]
+    x, y, _ = datasets.load(runtime["dataset_source"], runtime["dataset_path"], config["max_upload_bytes"])
+    if config["model_kind"] == models.CLASSIFIER and label_format(plan) == ONE_HOT:
+        # Expression and plugin losses compare y_pred with targets of its own shape.
+        y = np.eye(len(runtime["class_names"]), dtype="float32")[y]
+    # A seeded shuffle before the split: Keras's validation_split takes the
+    # last rows as they are, which for sorted datasets is one class.
+    order = np.random.default_rng(int(spec["seed"])).permutation(len(x))
+    x, y = x[order], y[order]
+    n_val = int(round(len(x) * spec["validation_split"]))
+    x_train, y_train = x[n_val:], y[n_val:]
+    full_steps = math.ceil(len(x_train) / spec["batch_size"])
+    steps = min(spec["steps_per_epoch"] or full_steps, full_steps)
+    return x_train, y_train, x[:n_val], y[:n_val], steps, min(steps * spec["batch_size"], len(x_train))
 
 
 def seed_states(model) -> list:

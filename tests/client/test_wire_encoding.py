@@ -31,9 +31,14 @@ def arrays(draw):
     return array
 
 
+RESERVED = ("y_true", "y_pred", "sample_weight")
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(y_true=arrays(), y_pred=arrays(), sample_weight=st.none() | arrays(),
-       extra=st.dictionaries(st.text(min_size=1, max_size=8), arrays(), max_size=3),
+       # Extra tensors are named anything but the request's own fields (the server refuses those names).
+       extra=st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda n: n not in RESERVED), arrays(),
+                             max_size=3),
        reduction=st.sampled_from(sorted(wire.REDUCTIONS)), gradient=st.booleans(),
        loss=st.sampled_from(["mse", {"name": "huber", "params": {"delta": 2.5}},
                              {"expression": "mean(abs(y_true - y_pred))"}]))

@@ -1,5 +1,6 @@
 """The layers hold: TensorFlow is imported by the evaluation backend, the
-training worker and the inference module only; the core imports no gRPC.
+training job process (worker, and its multi-worker loop) and the inference
+module only; the core imports no gRPC.
 
 Every module of lossd_server is imported in a fresh interpreter whose import
 statements are watched (``builtins.__import__``), so an import of
@@ -53,7 +54,7 @@ WATCH = textwrap.dedent('''
 ''')
 
 TENSORFLOW_OWNERS = {"lossd_server.evaluation.backend", "lossd_server.training.worker",
-                     "lossd_server.training.inference"}
+                     "lossd_server.training.multiworker", "lossd_server.training.inference"}
 
 
 def _imports():

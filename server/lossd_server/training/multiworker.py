@@ -38,9 +38,10 @@ REPLICAS_DIR = "replicas"
 
 
 def free_addresses(n: int) -> list[str]:
-    """``n`` distinct ``127.0.0.1:<port>`` addresses free right now (the
-    sockets are closed before the workers bind them, a small race that a
-    failed start turns into a retried job)."""
+    """``n`` distinct ``127.0.0.1:<port>`` addresses free right now. The
+    sockets are closed before the workers bind them: if another process
+    takes a port in between, the job fails (TRAINING_ERROR) rather than
+    being retried, a known gap."""
     sockets = []
     try:
         for _ in range(n):

@@ -67,7 +67,8 @@ def test_bfloat16_and_lengths_of_several_varint_bytes_encode_too():
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(y_true=arrays(), y_pred=arrays(), sample_weight=st.none() | arrays(),
-       extra=st.dictionaries(st.text(min_size=1, max_size=8), arrays(), max_size=3),
+       extra=st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda n: n not in RESERVED), arrays(),
+                             max_size=3),
        gradient=st.booleans(), min_bytes=st.sampled_from([0, 1, 64]), hand=st.booleans())
 def test_a_lifted_parse_is_the_message_with_its_contents_beside_it(y_true, y_pred, sample_weight, extra, gradient,
                                                                    min_bytes, hand):

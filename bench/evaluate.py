@@ -23,6 +23,7 @@ Usage: python bench/evaluate.py [--quick] [--metrics-compare] [--sizes 640,1e6,1
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import socket
@@ -52,14 +53,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_echo_server(port: int, threads: int = 8, tensorflow: bool = False) -> None:
+def run_echo_server(port: int, threads: int = 8, tensorflow: bool = False, asyncio_server: bool = False) -> None:
     """The anchor server: lossd's gRPC set-up, a handler that does no work.
 
-    ``threads`` and ``tensorflow`` (imported, one op run) exist for
+    ``threads``, ``tensorflow`` (imported, one op run) and ``asyncio_server``
+    (grpc.aio's server, one event loop instead of a thread pool) exist for
     bench/where_time_goes.py, which measures what each costs the echo."""
     if tensorflow:
         import tensorflow as tf
         tf.constant(1.0) + 1.0
+    if asyncio_server:
+        asyncio.run(_run_asyncio_echo(port))
+        return
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
         "Call": grpc.unary_unary_rpc_method_handler(lambda request, context: b"\0" * 8,
                                                     request_deserializer=None, response_serializer=None)})
@@ -70,6 +75,20 @@ def run_echo_server(port: int, threads: int = 8, tensorflow: bool = False) -> No
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     server.wait_for_termination()
+
+
+async def _run_asyncio_echo(port: int) -> None:
+    async def call(request, context):
+        return b"\0" * 8
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Call": grpc.unary_unary_rpc_method_handler(call, request_deserializer=None, response_serializer=None)})
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 << 20),
+                                      ("grpc.max_send_message_length", 256 << 20)])
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
 
 
 @contextlib.contextmanager
@@ -185,9 +204,10 @@ def main() -> int:
     parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--echo-threads", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--echo-tensorflow", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-asyncio", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        run_echo_server(args.echo_server, args.echo_threads, args.echo_tensorflow)
+        run_echo_server(args.echo_server, args.echo_threads, args.echo_tensorflow, args.echo_asyncio)
         return 0
 
     import tensorflow as tf

@@ -6,6 +6,8 @@ blocks, with the same pre-serialized requests (issue 13's ragged Huber
 scenario) sent by the same asyncio client:
 
 - ``echo``: the anchor (8 threads, TensorFlow not imported);
+- ``echo aio``: the same echo on grpc.aio's server (one event loop, no
+  thread pool): whether an asyncio server would carry more here;
 - ``echo+tf+pool``: the same echo with TensorFlow imported and one op run,
   and lossd's default thread pool (``workers`` + ``max_streams`` threads):
   what lossd's process set-up alone costs a server that does nothing;
@@ -115,7 +117,7 @@ def main() -> int:
     pool = defaults.workers + defaults.max_streams
     levels = [int(c) for c in args.concurrency.split(",")]
     payloads = requests(16, np.random.default_rng(0))
-    ports = {name: free_port() for name in ("echo", "echo+tf+pool", "plumbing", "lossd", "lossd-b")}
+    ports = {name: free_port() for name in ("echo", "echo aio", "echo+tf+pool", "plumbing", "lossd", "lossd-b")}
     data_dir = os.path.join("/tmp", f"lossd-bench-{os.getpid()}")
     evaluate = os.path.join(os.path.dirname(__file__), "evaluate.py")
     print(f"# lossd bench/where_time_goes.py  cpus {os.cpu_count()}  16 ragged Huber requests (1-128 x 10, own "
@@ -129,6 +131,8 @@ def main() -> int:
         return lambda: wait_ready(f"127.0.0.1:{ports[name]}")
 
     with process([sys.executable, evaluate, "--echo-server", str(ports["echo"])], wait_for=ready("echo")), \
+            process([sys.executable, evaluate, "--echo-server", str(ports["echo aio"]), "--echo-asyncio"],
+                    wait_for=ready("echo aio")), \
             process([sys.executable, evaluate, "--echo-server", str(ports["echo+tf+pool"]), "--echo-threads",
                      str(pool), "--echo-tensorflow"], wait_for=ready("echo+tf+pool")), \
             process([sys.executable, __file__, "--plumbing-server", *serve("plumbing")], wait_for=ready("plumbing")), \
@@ -136,7 +140,7 @@ def main() -> int:
             process([sys.executable, "-m", "lossd.cli", *serve("lossd-b")], wait_for=ready("lossd-b")):
         def target(name: str) -> tuple[str, str]:
             return f"127.0.0.1:{ports[name]}", ECHO_METHOD if name.startswith("echo") else EVALUATE_METHOD
-        sides = {name: [target(name)] for name in ("echo", "echo+tf+pool", "plumbing", "lossd")}
+        sides = {name: [target(name)] for name in ("echo", "echo aio", "echo+tf+pool", "plumbing", "lossd")}
         sides["lossd x2"] = [target("lossd"), target("lossd-b")]
         asyncio.run(measure(sides, levels, args.blocks, args.block_seconds, payloads))
     return 0

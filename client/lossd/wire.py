@@ -461,8 +461,10 @@ def info(array: np.ndarray, *, field: str = "tensor") -> tensor_pb2.TensorInfo:
 # ---------------------------------------------------------------------------
 # Reductions
 
+#: The reduction that leaves the per-sample values unreduced (the loss is a tensor, not a scalar).
+REDUCTION_NONE = "none"
 #: Keras's reduction names, in the order of their enum values.
-REDUCTIONS: tuple[str, ...] = ("none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight")
+REDUCTIONS: tuple[str, ...] = (REDUCTION_NONE, "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight")
 DEFAULT_REDUCTION = "sum_over_batch_size"
 _REDUCTION_BY_NAME: dict[str, int] = {
     name: loss_pb2.Reduction.Value(f"REDUCTION_{name.upper()}") for name in REDUCTIONS}

@@ -21,12 +21,15 @@ import threading
 import uuid
 from typing import Any, Mapping
 
+from lossd.wire import DEFAULT_REDUCTION
 from lossd_server.callers import ANONYMOUS, Caller
 from lossd_server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from lossd_server.evaluation.chunks import reduction_divisor, term_row_structure
 from lossd_server.losses.plan import Planner
+from lossd_server.losses.registry import ROWS
 from lossd_server.training import models
 from lossd_server.training.catalog import DatasetCatalog
-from lossd_server.training.losses import from_logits, plan_training_loss
+from lossd_server.training.losses import SPARSE, from_logits, label_format, plan_training_loss
 from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, JobRecord, Store
 
 log = logging.getLogger(__name__)
@@ -181,11 +184,13 @@ def _whole(spec: Mapping[str, Any], field: str, default: int, lo: int, hi: int) 
     return int(value)
 
 
-def _workers(spec: Mapping[str, Any], settings, preset, loss, batch_size: int, metrics: list) -> int:
+def _workers(spec: Mapping[str, Any], settings, preset, loss, batch_size: int, metrics: list,
+             classes: int = 2) -> int:
     """The job's worker count (1 by default), checked: at most
     ``max_job_workers``, no more than the batch has examples, and more than
-    one only for a classifier with a stateless loss (the custom training
-    loop that multi-worker jobs run covers those)."""
+    one only for a classifier with a stateless loss whose every term splits
+    over the rows of a batch (``_check_rows_split``: the custom training loop
+    that multi-worker jobs run covers those)."""
     limit = getattr(settings, "max_job_workers", 1)
     workers = _whole(spec, "workers", 1, 1, limit)
     if workers == 1:
@@ -199,12 +204,8 @@ def _workers(spec: Mapping[str, Any], settings, preset, loss, batch_size: int, m
             f"Invalid workers. Expected 1 for loss `{loss.metric_name}`, which keeps state across batches "
             f"({', '.join(loss.outputs)}) that the workers would not share. Received: workers={workers}.",
             reason="BAD_JOB_SPEC", metadata={"field": "workers"})
-    summed = sorted({t.reduction for t in loss.terms if t.reduction in ("sum", "none")}) if loss is not None else []
-    if summed:
-        raise InvalidArgument(
-            f"Invalid workers. Expected 1 for a loss with a term reduced by {summed[0]!r}: the workers combine "
-            f"their shares of a batch as means. Received: workers={workers}.",
-            reason="BAD_JOB_SPEC", metadata={"field": "workers"})
+    if loss is not None:
+        _check_rows_split(loss, workers, classes)
     if set(metrics) - {"accuracy"}:
         raise InvalidArgument(
             f"Invalid metrics for workers={workers}. Expected `accuracy` alone: the multi-worker loop computes "
@@ -214,6 +215,34 @@ def _workers(spec: Mapping[str, Any], settings, preset, loss, batch_size: int, m
             f"Invalid workers. Expected at most batch_size={batch_size} workers, so that each takes a share of "
             f"every batch. Received: workers={workers}.", reason="BAD_JOB_SPEC", metadata={"field": "workers"})
     return workers
+
+
+def _check_rows_split(loss, workers: int, classes: int) -> None:
+    """Refuses a multi-worker job whose loss the workers' row shares cannot
+    reproduce (``multiworker.worker_share`` adds per-row sums): a term whose
+    values couple the rows of a batch (``chunks.term_row_structure``, the
+    test chunked evaluation and micro-batching use), one that maps labels by
+    the whole batch (hinge), or one that divides by the labels its
+    ``ignore_class`` leaves over the whole batch."""
+    pred_shape = (2 * workers, classes)
+    true_shape = pred_shape[:1] if label_format(loss) == SPARSE else pred_shape
+    for i, term in enumerate(loss.terms):
+        where = f"terms[{i}] (`{term.entry.name or 'expression'}`)" if loss.composite else \
+            f"loss `{term.entry.name or 'expression'}`"
+        structure = term_row_structure(term, true_shape, pred_shape)
+        why = None
+        if structure is None or structure.kind != ROWS:
+            why = "its values couple the rows of a batch (a reduction, normalisation or maximum over them)"
+        elif term.entry.hinge_labels:
+            why = "it maps {0, 1} labels to {-1, 1} only when every label of the batch is 0 or 1"
+        elif term.params.get("ignore_class") is not None and reduction_divisor(
+                term.reduction or DEFAULT_REDUCTION, None)[0]:
+            why = (f"with ignore_class and reduction `{term.reduction or DEFAULT_REDUCTION}` it divides by the "
+                   "labels not ignored over the whole batch")
+        if why:
+            raise InvalidArgument(
+                f"Invalid workers. Expected 1 for {where}: {why}, which the workers' shares of the batch cannot "
+                f"reproduce. Received: workers={workers}.", reason="BAD_JOB_SPEC", metadata={"field": "workers"})
 
 
 def _check_bounds(settings, preset: str, params: Mapping[str, Any], info, epochs: int, steps: int,
@@ -252,7 +281,7 @@ def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalo
     batch_size = _whole(spec, "batch_size", DEFAULT_BATCH_SIZE, 1, MAX_BATCH_SIZE)
     steps = _whole(spec, "steps_per_epoch", 0, 0, 1 << 30) if spec.get("steps_per_epoch") else 0
     seed = _whole(spec, "seed", 1, 0, 2**32 - 1)
-    workers = _workers(spec, settings, preset, loss, batch_size, metrics)
+    workers = _workers(spec, settings, preset, loss, batch_size, metrics, len(info.class_names))
     split = spec.get("validation_split")
     split = DEFAULT_VALIDATION_SPLIT if split is None else split
     if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0.0 <= split < 1.0:

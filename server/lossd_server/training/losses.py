@@ -31,6 +31,7 @@ from typing import Any, Mapping, Optional
 
 import keras
 
+from lossd.wire import DEFAULT_REDUCTION
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses.plan import Plan, Planner, Term, build_program
 from lossd_server.losses.registry import SHAPES_ANY, SHAPES_SAME, SHAPES_SPARSE
@@ -207,7 +208,7 @@ class PlanLoss(keras.losses.Loss):
         dtype: The dtype the loss computes in.
     """
 
-    def __init__(self, plan: Plan, reduction: str = "sum_over_batch_size", name: Optional[str] = None,
+    def __init__(self, plan: Plan, reduction: str = DEFAULT_REDUCTION, name: Optional[str] = None,
                  dtype: Optional[str] = "float32"):
         super().__init__(name=name or plan.metric_name, reduction=reduction, dtype=dtype)
         self.plan = plan

@@ -12,9 +12,13 @@ by the Keras optimizer's all-reduce, so every worker applies the same update.
 Keras 3's ``model.fit`` fails under multi-worker strategies with TensorFlow
 2.21 (keras-team/keras#20585), so these jobs train with a loop of our own:
 ``strategy.run`` of a GradientTape step over the same Keras model and the
-same ``PlanLoss`` (the program evaluation runs). Each worker's loss is its
-share's mean scaled by its share of the global batch, so the sum over the
-workers is the mean over the whole batch, as one process would compute it.
+same plan (the program evaluation runs, every term left unreduced). Each
+worker turns its rows' per-sample values into its share of the batch's loss
+(``worker_share``): per term, the sum of its values over the divisor Keras
+would use for the whole batch (``evaluation.chunks.reduction_divisor``, the
+owner chunked evaluation and micro-batching use), so the shares add up to the
+loss one process computes on the whole batch, and the gradients the
+all-reduce sums to that loss's gradient.
 
 Worker 0 is the chief: it alone reports progress, writes checkpoints (through
 the same reporter single-process jobs use, so the NaN guard, the events and
@@ -115,7 +119,7 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
         model = models.build_model(model_spec["preset"], model_spec["params"], runtime["image_shape"],
                                    len(runtime["class_names"]), logits=runtime.get("logits", False), seed=seed)
         loss = PlanLoss(plan)
-        per_sample = PlanLoss(_per_sample(plan), reduction="none")
+        program = per_sample_program(plan)
         # Compiled (never fitted) so that checkpoints and the saved model keep
         # the optimizer and the loss, as single-process jobs' do.
         model.compile(optimizer=models.build_optimizer(spec["optimizer"]), loss=loss)
@@ -140,23 +144,20 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
     def replica_step(x, y, total):
         with tf.GradientTape() as tape:
             pred = model(x, training=True)
-            # The per-sample values summed over this worker's rows, over the
-            # whole batch's count: the workers' shares add up to the batch's
-            # mean (Keras's own reductions would divide by the replica count
-            # instead, wrong for a short last batch). No rows: a share of 0.
-            values = tf.cast(per_sample(y, pred), tf.float32)
-            per_row = tf.cast(tf.reduce_prod(tf.shape(values)[1:]), tf.float32)
-            share = tf.math.divide_no_nan(tf.reduce_sum(values), total * per_row)
+            # Divided as the whole batch's loss (Keras's own reductions would
+            # divide by the replica count instead, wrong for a short last
+            # batch). No rows: a share of 0.
+            _, values, _ = program({"y_true": y, "y_pred": pred}, None)
+            share, reported = worker_share(plan, values, total)
             scaled = model.optimizer.scale_loss(share)
         grads = tape.gradient(scaled, model.trainable_variables)
         model.optimizer.apply_gradients(zip(grads, model.trainable_variables))  # all-reduces the gradients
-        return share, _correct(y, pred)
+        return reported, _correct(y, pred), tf.cast(tf.shape(x)[0], tf.float32)
 
     @tf.function
     def train_step():
-        shares, correct = strategy.run(replica_step, args=next(iterator))
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, shares, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+        reported, correct, rows = strategy.run(replica_step, args=next(iterator))
+        return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in (reported, correct, rows))
 
     def _correct(y, pred):
         """How many rows the model classes right (Keras's ``accuracy`` for these labels)."""
@@ -167,7 +168,9 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
     def val_step(x, y):
         pred = model(x, training=False)
         n = tf.cast(tf.shape(x)[0], tf.float32)
-        return tf.cast(loss(y, pred), tf.float32) * n, _correct(y, pred)
+        # Keras's loss tracker: the mean of the loss's values (one, unless a
+        # term is unreduced), weighted by the batch's rows.
+        return tf.reduce_mean(tf.cast(loss(y, pred), tf.float32)) * n, _correct(y, pred)
 
     def validate() -> dict:
         if not len(x_val):
@@ -186,26 +189,27 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
     scalars = _make_scalar_logger(job_dir / LOGS_DIR) if chief else None
     timeout = float(config["collective_timeout"])
 
-    def run_step() -> tuple[float, float]:
+    def run_step() -> tuple[float, float, float]:
         try:
-            value, correct = train_step()
-            return float(value), float(correct)
+            value, correct, rows = train_step()
+            return float(value), float(correct), float(rows)
         except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as exc:
             raise WorkerLost(timeout, type(exc).__name__) from None  # TF's message is a page of graph nodes
 
     for epoch in range(initial_epoch, epochs):
         reporter.on_epoch_begin(epoch)
-        total = right = 0.0
+        total = right = seen = 0.0
         for step in range(steps):
-            value, correct = run_step()  # the same on every worker: the guard stops them all at one step
-            total, right = total + value, right + correct
+            value, correct, rows = run_step()  # the same on every worker: the guard stops them all at one step
+            total, right, seen = total + value * rows, right + correct, seen + rows
             if not np.isfinite(value):
                 raise NonFiniteLoss(step=epoch * steps + step + 1, epoch=epoch + 1, value=value)
-            # Keras's running mean over the epoch, as model.fit reports it.
-            reporter.on_train_batch_end(step, {"loss": total / (step + 1)})
+            # Keras's running mean over the epoch, weighted by each batch's
+            # rows (a short last batch counts less), as model.fit reports it.
+            reporter.on_train_batch_end(step, {"loss": total / seen})
         _record_digest(job_dir, index, epoch + 1, weights_digest(model))
         if chief:
-            logs = {"loss": total / steps, "accuracy": right / examples_per_epoch, **validate()}
+            logs = {"loss": total / seen, "accuracy": right / examples_per_epoch, **validate()}
             reporter.on_epoch_end(epoch, logs)  # checkpoints, then reports the epoch
             scalars.on_epoch_end(epoch, logs)
     if scalars is not None:
@@ -217,14 +221,68 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
     send("done", state="succeeded")
 
 
-def _per_sample(plan):
-    """``plan`` with every term's reduction left to the loss (``none`` in a
-    per-sample ``PlanLoss``); jobs.py admits only mean-type reductions to
-    multi-worker jobs, which this loop then takes over the whole batch."""
+def per_sample_program(plan, dtype: str = "float32"):
+    """The program a worker runs on its rows (``plan.build_program``): the
+    plan's, with every term unreduced, so that it returns each term's
+    per-sample values (``worker_share`` reduces them)."""
     import dataclasses
 
+    from lossd.wire import REDUCTION_NONE
+    from lossd_server.losses.plan import build_program
+
     terms = tuple(dataclasses.replace(term, reduction=None) for term in plan.terms)
-    return dataclasses.replace(plan, terms=terms, key=f"{plan.key}|per-sample")
+    unreduced = dataclasses.replace(plan, terms=terms, key=f"{plan.key}|per-sample")
+    return build_program(unreduced, REDUCTION_NONE, dtype)
+
+
+def worker_share(plan, values, rows):
+    """One worker's share of a batch's loss, from its rows of the batch.
+
+    Keras's ``model.fit`` (the single-process path) trains on the gradient of
+    the sum of the loss's values ``L = sum_k weight_k * T_k`` (a scalar,
+    unless a term is unreduced: then TensorFlow's gradient of a tensor is
+    that of its sum) and reports their mean. Each term ``T_k`` is its
+    per-sample values' sum over ``reduction_divisor`` of the whole batch's
+    value count, a sum the workers' rows split exactly; an unreduced term is
+    the values themselves, broadcast against the other terms, so its sum
+    counts once per element of ``L`` that each value reaches.
+
+    Args:
+        plan: The job's plan (its terms' weights and reductions; a term that
+            sets none takes ``PlanLoss``'s, ``DEFAULT_REDUCTION``).
+        values: Per term, the per-sample values of this worker's rows, as
+            ``per_sample_program(plan)`` returns them (rows on the first axis).
+        rows: The whole batch's row count (over every worker).
+
+    Returns:
+        ``(gradient share, reported share)``: summed over the workers, the
+        sum of the one-piece loss's values (train on its gradient) and their
+        mean (what ``model.fit`` reports). Equal unless a term is unreduced.
+    """
+    import tensorflow as tf
+
+    from lossd.wire import DEFAULT_REDUCTION, REDUCTION_NONE
+    from lossd_server.evaluation.chunks import reduction_divisor
+
+    rows = tf.cast(rows, tf.float32)
+    reported = tf.constant(0.0, tf.float32)
+    elements = None  # the shape of L where a term is unreduced; None: L is a scalar
+    for term, value in zip(plan.terms, values):
+        reduction = term.reduction or DEFAULT_REDUCTION
+        value = tf.cast(value, tf.float32)
+        count = rows * tf.cast(tf.reduce_prod(tf.shape(value)[1:]), tf.float32)  # the whole batch's values
+        per_value, fixed = reduction_divisor(reduction, None)  # training passes no sample weights
+        part = tf.math.divide_no_nan(tf.reduce_sum(value), per_value * count + fixed) * term.weight
+        if reduction == REDUCTION_NONE:
+            # T_k is the batch's values: their mean, then, as each reaches
+            # size(L) / size(T_k) elements of L, size(L) times over.
+            part = tf.math.divide_no_nan(part, count)
+            shape = tf.concat([tf.reshape(tf.cast(rows, tf.int32), [1]), tf.shape(value)[1:]], axis=0)
+            elements = shape if elements is None else tf.broadcast_dynamic_shape(elements, shape)
+        reported = reported + part
+    if elements is None:
+        return reported, reported
+    return reported * tf.cast(tf.reduce_prod(elements), tf.float32), reported
 
 
 def _only_done(send):

@@ -275,7 +275,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                  reduction=args.reduction, gradient=bool(args.gradient_out), tensors=tensors)
     if args.gradient_out:
         np.save(args.gradient_out, result.gradient)
-    if args.outputs_dir and result.outputs:
+    if args.outputs_dir and not result.outputs:
+        print(f"note: {args.loss} returns no outputs; nothing saved in {args.outputs_dir}", file=sys.stderr)
+    elif args.outputs_dir:
         os.makedirs(args.outputs_dir, exist_ok=True)
         for name, value in result.outputs.items():
             if not name.isidentifier():  # the server names the file: never a path out of DIR

@@ -179,6 +179,7 @@ def test_eval_expression_reads_an_extra_tensor(capsys, address, arrays, tmp_path
                          "--y-pred", b, "--tensor", f"w={tmp_path / 'w.npy'}", "--gradient-out", g,
                          "--address", address)
     assert code == 0, err
+    assert "output" not in out and "note" not in err  # an expression returns no outputs
     t, p, w64 = (x.astype(np.float64) for x in (y_true, y_pred, w))
     # sum_over_batch_size of per-sample means over equal rows: the mean of every element.
     assert float(out.strip()) == pytest.approx(np.mean(w64 * (t - p) ** 2), rel=1e-6)
@@ -250,6 +251,16 @@ def test_eval_without_outputs_dir_prints_the_matrix_only(capsys, address, tmp_pa
     printed = out.split("output matrix:", 1)[1].replace("[", " ").replace("]", " ").split()
     np.testing.assert_allclose(np.array(printed, dtype=np.float64).reshape(3, 3), want_matrix, atol=1e-7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.npy", "t.npy"]
+
+
+def test_outputs_dir_with_a_loss_without_outputs_says_so(capsys, address, arrays, tmp_path):
+    _, _, a, b = arrays
+    code, out, err = run(capsys, "eval", "mse", "--y-true", a, "--y-pred", b, "--outputs-dir", tmp_path / "out",
+                         "--address", address)
+    assert code == 0, err
+    assert "output" not in out
+    assert err == f"note: mse returns no outputs; nothing saved in {tmp_path / 'out'}\n"
+    assert not (tmp_path / "out").exists()
 
 
 def _text_file(folder):

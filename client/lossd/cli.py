@@ -224,22 +224,76 @@ def cmd_losses(args: argparse.Namespace) -> int:
     return 0
 
 
+# The request's own tensors, each with a flag of its own rather than --tensor.
+_OWN_TENSOR_FLAGS = {"y_true": "--y-true", "y_pred": "--y-pred", "sample_weight": "--sample-weight"}
+
+
+def load_tensors(pairs: Optional[Sequence[str]]) -> dict[str, np.ndarray]:
+    """``["NAME=FILE.npy", ...]`` from the repeatable ``--tensor`` -> ``{NAME: array}``.
+
+    Raises ValueError, with what was expected and what was received, for a
+    pair without ``=`` or a name, a name given twice or that has its own
+    flag, and a file that is missing or not one ``.npy`` array."""
+    tensors: dict[str, np.ndarray] = {}
+    for pair in pairs or ():
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--tensor expects NAME=FILE.npy. Received: {pair!r}")
+        if name in _OWN_TENSOR_FLAGS:
+            raise ValueError(f"--tensor {name}: {name} has its own flag. Expected {_OWN_TENSOR_FLAGS[name]} "
+                             f"{path}. Received: --tensor {pair}")
+        if name in tensors:
+            raise ValueError(f"--tensor {name}: given twice. Expected each name once. Received: --tensor {pair}")
+        if not os.path.isfile(path):
+            raise ValueError(f"--tensor {name}: expected an existing .npy file. Received: {path!r} "
+                             f"({'a directory' if os.path.isdir(path) else 'no such file'})")
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:  # pickled, truncated or other bytes
+            raise ValueError(f"--tensor {name}: expected a .npy file (numpy.save). Received: {path!r}, "
+                             f"which numpy cannot read as one ({exc})") from None
+        if not isinstance(array, np.ndarray):  # an .npz archive of several arrays
+            array.close()
+            raise ValueError(f"--tensor {name}: expected a .npy file of one array. Received: {path!r}, "
+                             "an .npz archive; save each array with numpy.save")
+        tensors[name] = array
+    return tensors
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        tensors = load_tensors(args.tensor)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     y_true = np.load(args.y_true)
     y_pred = np.load(args.y_pred)
     sample_weight = np.load(args.sample_weight) if args.sample_weight else None
     loss: Any = {"expression": args.loss[len("expr:"):]} if args.loss.startswith("expr:") else args.loss
     with client_from(args) as client:
         result = client.evaluate(loss, y_true, y_pred, params=parse_pairs(args.param), sample_weight=sample_weight,
-                                 reduction=args.reduction, gradient=bool(args.gradient_out))
+                                 reduction=args.reduction, gradient=bool(args.gradient_out), tensors=tensors)
     if args.gradient_out:
         np.save(args.gradient_out, result.gradient)
+    if args.outputs_dir and not result.outputs:
+        print(f"note: {args.loss} returns no outputs; nothing saved in {args.outputs_dir}", file=sys.stderr)
+    elif args.outputs_dir:
+        os.makedirs(args.outputs_dir, exist_ok=True)
+        for name, value in result.outputs.items():
+            if not name.isidentifier():  # the server names the file: never a path out of DIR
+                print(f"error: the server returned an output named {name!r}. Expected an identifier, to save "
+                      f"it as DIR/NAME.npy; not saved", file=sys.stderr)
+                return 1
+            np.save(os.path.join(args.outputs_dir, f"{name}.npy"), value)
     if result.loss.ndim == 0:
         print(f"{result.loss.item():.8g}")
     else:
         print(np.array2string(result.loss, threshold=20))
     for label, value in result.terms.items():
         print(f"  {label}: {np.asarray(value).item() if np.asarray(value).ndim == 0 else value}")
+    for name, value in result.outputs.items():  # a stateful loss's next state, e.g. matrix_crossentropy's matrix
+        prefix = f"  output {name}: "
+        print(prefix + np.array2string(value, threshold=20, prefix=prefix))
     if result.non_finite:
         print("warning: inputs or result hold NaN or Inf", file=sys.stderr)
     return 0
@@ -360,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="KEY=VALUE", help="loss parameter (repeatable)")
     p.add_argument("--reduction", default=wire.DEFAULT_REDUCTION, choices=wire.REDUCTIONS)
     p.add_argument("--gradient-out", metavar="FILE.npy", help="also compute the gradient and save it here")
+    p.add_argument("--tensor", action="append", metavar="NAME=FILE.npy",
+                   help="an extra named tensor, for expressions and composite terms that read NAME, or a "
+                        "stateful loss's state such as matrix_crossentropy's matrix (repeatable)")
+    p.add_argument("--outputs-dir", metavar="DIR",
+                   help="save each tensor the loss returns besides its value (outputs, e.g. the updated "
+                        "matrix) as DIR/NAME.npy")
     p.set_defaults(func=cmd_eval)
 
     p = client_parser("health", "check the server's gRPC health (exit 0 when SERVING)")

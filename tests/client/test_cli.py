@@ -168,6 +168,138 @@ def test_eval_missing_file(capsys, address, arrays, tmp_path):
     assert err.startswith("error: ") and "missing.npy" in err
 
 
+# -- lossd eval --tensor: extra tensors in, a stateful loss's outputs out ------------------
+
+def test_eval_expression_reads_an_extra_tensor(capsys, address, arrays, tmp_path):
+    y_true, y_pred, a, b = arrays
+    w = RNG.uniform(0.0, 2.0, size=y_true.shape).astype(np.float32)
+    np.save(tmp_path / "w.npy", w)
+    g = tmp_path / "g.npy"
+    code, out, err = run(capsys, "eval", "expr:mean(w * square(y_true - y_pred), axis=-1)", "--y-true", a,
+                         "--y-pred", b, "--tensor", f"w={tmp_path / 'w.npy'}", "--gradient-out", g,
+                         "--address", address)
+    assert code == 0, err
+    assert "output" not in out and "note" not in err  # an expression returns no outputs
+    t, p, w64 = (x.astype(np.float64) for x in (y_true, y_pred, w))
+    # sum_over_batch_size of per-sample means over equal rows: the mean of every element.
+    assert float(out.strip()) == pytest.approx(np.mean(w64 * (t - p) ** 2), rel=1e-6)
+    assert float(out.strip()) != pytest.approx(np.mean((t - p) ** 2), rel=1e-3)  # w was read
+    np.testing.assert_allclose(np.load(g), -2 * w64 * (t - p) / t.size, rtol=1e-5, atol=1e-9)
+
+
+def matrix_crossentropy_reference(t, o, a, window=4):
+    """Mean over the batch of Σ_i [−t_i log2(o_i) + (A·t)_i exp(o_i) − t_i exp(o_i)],
+    and A moved 1/window of the way to the batch's row-normalised confusion
+    (rows of classes without samples unchanged), in float64 numpy."""
+    t, o, a = (np.asarray(x, np.float64) for x in (t, o, a))
+    log2 = np.log2(np.clip(o, 1e-7, 1 - 1e-7))
+    loss = np.sum(-t * log2 + (t @ a.T) * np.exp(o) - t * np.exp(o), axis=-1).mean()
+    counts = t.T @ np.eye(a.shape[0])[np.argmax(o, axis=-1)]
+    totals = t.sum(axis=0)[:, None]
+    moved = a + (np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0) - a) / window
+    return loss, np.where(totals > 0, moved, a)
+
+
+def test_eval_matrix_crossentropy_as_a_user_types_it(address, tmp_path):
+    """Two steps of the stateful loss through the installed ``lossd`` command:
+    the matrix goes in with --tensor, the updated one is printed and saved by
+    --outputs-dir, and the saved file is the next step's --tensor."""
+    classes, batch = 3, 8
+    env = {**os.environ, "LOSSD_ADDRESS": address}
+    a = RNG.uniform(0.1, 1.0, size=(classes, classes))
+    a = (a / a.sum(axis=1, keepdims=True)).astype(np.float32)
+    np.save(tmp_path / "A0.npy", a)
+    matrix_file = tmp_path / "A0.npy"
+    for step in range(2):
+        labels = np.array([0, 0, 1, 1, 1, 0, 1, 0]) if step == 0 else RNG.integers(0, classes, batch)
+        y_true = np.eye(classes, dtype=np.float32)[labels]  # step 0: class 2 absent, its row must stay
+        y_pred = RNG.dirichlet(np.ones(classes), batch).astype(np.float32)
+        np.save(tmp_path / f"t{step}.npy", y_true)
+        np.save(tmp_path / f"o{step}.npy", y_pred)
+        outputs = tmp_path / f"out{step}"
+        done = subprocess.run([lossd_executable(), "eval", "matrix_crossentropy", "--y-true", str(tmp_path / f"t{step}.npy"),
+                               "--y-pred", str(tmp_path / f"o{step}.npy"), "--tensor", f"matrix={matrix_file}",
+                               "--outputs-dir", str(outputs)], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        want_loss, want_matrix = matrix_crossentropy_reference(y_true, y_pred, np.load(matrix_file))
+        lines = done.stdout.splitlines()
+        assert float(lines[0]) == pytest.approx(want_loss, rel=1e-5)
+        assert lines[1].startswith("  output matrix: [[")
+        printed = np.array(" ".join(lines[1:]).split(":", 1)[1].replace("[", " ").replace("]", " ").split(),
+                           dtype=np.float64).reshape(classes, classes)
+        np.testing.assert_allclose(printed, want_matrix, rtol=1e-6, atol=1e-7)  # array2string's 8 digits
+        saved = np.load(outputs / "matrix.npy")
+        assert saved.shape == (classes, classes) and saved.dtype == np.float32
+        np.testing.assert_allclose(saved, want_matrix, rtol=1e-6, atol=1e-7)
+        if step == 0:
+            np.testing.assert_array_equal(saved[2], a[2])
+            assert not np.allclose(saved[:2], a[:2])
+        matrix_file = outputs / "matrix.npy"
+
+
+def test_eval_without_outputs_dir_prints_the_matrix_only(capsys, address, tmp_path):
+    y_true = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]
+    y_pred = RNG.dirichlet(np.ones(3), 4).astype(np.float32)
+    np.save(tmp_path / "t.npy", y_true)
+    np.save(tmp_path / "o.npy", y_pred)
+    code, out, err = run(capsys, "eval", "matrix_crossentropy", "--y-true", tmp_path / "t.npy", "--y-pred",
+                         tmp_path / "o.npy", "--param", "window=2", "--address", address)
+    assert code == 0, err
+    # Without --tensor the matrix starts as the identity.
+    want_loss, want_matrix = matrix_crossentropy_reference(y_true, y_pred, np.eye(3), window=2)
+    assert float(out.splitlines()[0]) == pytest.approx(want_loss, rel=1e-5)
+    printed = out.split("output matrix:", 1)[1].replace("[", " ").replace("]", " ").split()
+    np.testing.assert_allclose(np.array(printed, dtype=np.float64).reshape(3, 3), want_matrix, atol=1e-7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.npy", "t.npy"]
+
+
+def test_outputs_dir_with_a_loss_without_outputs_says_so(capsys, address, arrays, tmp_path):
+    _, _, a, b = arrays
+    code, out, err = run(capsys, "eval", "mse", "--y-true", a, "--y-pred", b, "--outputs-dir", tmp_path / "out",
+                         "--address", address)
+    assert code == 0, err
+    assert "output" not in out
+    assert err == f"note: mse returns no outputs; nothing saved in {tmp_path / 'out'}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def _text_file(folder):
+    (folder / "m.txt").write_text("1 0\n0 1\n")
+    return folder / "m.txt"
+
+
+def _npz_file(folder):
+    np.savez(folder / "m.npz", matrix=np.eye(3))
+    return folder / "m.npz"
+
+
+@pytest.mark.parametrize("value, says", [
+    (lambda d: "matrix", "error: --tensor expects NAME=FILE.npy. Received: 'matrix'"),
+    (lambda d: f"={d / 'a.npy'}", "error: --tensor expects NAME=FILE.npy. Received: '="),
+    (lambda d: "matrix=", "error: --tensor expects NAME=FILE.npy. Received: 'matrix='"),
+    (lambda d: f"matrix={d / 'missing.npy'}", "error: --tensor matrix: expected an existing .npy file. Received: '"),
+    (lambda d: f"matrix={d}", "(a directory)"),
+    (lambda d: f"matrix={_text_file(d)}", "error: --tensor matrix: expected a .npy file (numpy.save). Received: '"),
+    (lambda d: f"matrix={_npz_file(d)}", "an .npz archive; save each array with numpy.save"),
+    (lambda d: f"y_true={d / 'a.npy'}", "error: --tensor y_true: y_true has its own flag. Expected --y-true "),
+])
+def test_eval_malformed_tensor_says_what_it_expected(capsys, address, arrays, value, says):
+    _, _, a, b = arrays
+    code, out, err = run(capsys, "eval", "matrix_crossentropy", "--y-true", a, "--y-pred", b,
+                         "--tensor", value(a.parent), "--address", address)
+    assert code == 2
+    assert out == ""
+    assert says in err and err.startswith("error: ") and "Traceback" not in err, err
+
+
+def test_eval_tensor_named_twice_is_refused(capsys, address, arrays):
+    _, _, a, b = arrays
+    code, out, err = run(capsys, "eval", "expr:mean(w * y_pred, axis=-1)", "--y-true", a, "--y-pred", b,
+                         "--tensor", f"w={a}", "--tensor", f"w={b}", "--address", address)
+    assert code == 2 and out == ""
+    assert err.startswith("error: --tensor w: given twice. Expected each name once. Received: --tensor w="), err
+
+
 def test_eval_server_down(capsys, arrays):
     _, _, a, b = arrays
     code, _, err = run(capsys, "eval", "mse", "--y-true", a, "--y-pred", b, "--address", dead_address(),

@@ -471,6 +471,54 @@ def test_a_remote_looking_address_uses_grpc(address, server):
     assert server_regions(server) == held
 
 
+def test_two_replicas_with_shared_memory_are_used_over_grpc_and_every_call_is_right(tmp_path):
+    """README, Scaling out: shared-memory regions are each replica's own. A
+    client given two replicas' addresses (one round_robin channel) with
+    shared_memory=True opens no session on either: its calls spread over
+    both over gRPC, each answer right, and no region is registered or read,
+    though each replica alone does take the client's shared memory."""
+    def handled(srv) -> dict:
+        """Calls the replica answered, by (service, method, code)."""
+        return {(sample.labels["grpc_service"], sample.labels["grpc_method"], sample.labels["grpc_code"]):
+                sample.value for metric in srv.metrics.registry.collect() for sample in metric.samples
+                if sample.name == "grpc_server_handled_total"}
+
+    def new_calls(srv, before: dict) -> dict:
+        return {key: n - before.get(key, 0) for key, n in handled(srv).items() if n != before.get(key, 0)}
+
+    def shm_read(srv) -> float:
+        return srv.metrics.lossd_shared_memory_bytes_total.labels("read")._value.get()
+
+    settings = dict(metrics_port=0, metrics_cache_seconds=0)
+    with own_server(tmp_path / "a", **settings) as a, own_server(tmp_path / "b", **settings) as b:
+        y = RNG.normal(size=(64, 32)).astype(np.float32)
+        for srv in (a, b):  # the control: alone, each replica is reached through shared memory
+            with shm_client(f"127.0.0.1:{srv.port}") as alone:
+                alone.evaluate("mse", y, y + 1)
+                assert alone.shared_memory_active and shm_read(srv) == 2 * y.nbytes
+        assert wait_for(lambda: server_regions(a) == server_regions(b) == (0, 0))  # the controls' closed
+        before = [(handled(srv), shm_read(srv)) for srv in (a, b)]
+        calls = 24
+        with shm_client([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]) as client:
+            for _ in range(calls):
+                y_true = RNG.normal(size=(64, 32)).astype(np.float32)
+                y_pred = RNG.normal(size=(64, 32)).astype(np.float32)
+                result = client.evaluate("mse", y_true, y_pred, gradient=True)
+                t, p = y_true.astype(np.float64), y_pred.astype(np.float64)
+                assert result.loss == pytest.approx(np.mean((t - p) ** 2), rel=1e-5)
+                np.testing.assert_allclose(result.gradient, 2 * (p - t) / t.size, rtol=1e-4, atol=1e-9)
+            assert not client.shared_memory_active and client._shared_memory._session is None
+            assert server_regions(a) == server_regions(b) == (0, 0)
+        # Only Evaluate calls, all OK (none named a region the replica does not
+        # have), on both replicas; not one SharedMemoryService call.
+        served = [new_calls(srv, calls_before) for srv, (calls_before, _) in zip((a, b), before)]
+        for calls_there in served:
+            assert set(calls_there) == {("lossd.v1.LossService", "Evaluate", "OK")}, served
+        counts = [calls_there[("lossd.v1.LossService", "Evaluate", "OK")] for calls_there in served]
+        assert sum(counts) == calls and min(counts) >= calls // 4, counts  # round_robin reached both
+        assert [shm_read(srv) for srv in (a, b)] == [read for _, read in before]
+
+
 def test_a_server_without_shared_memory_is_used_over_grpc(tmp_path):
     with own_server(tmp_path, shm=False) as srv:
         before = lossd_regions()

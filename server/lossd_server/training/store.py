@@ -507,11 +507,10 @@ class Store:
         claimed = []
         with self._transaction("a job claim") as db:
             rows = db.execute(
-                "SELECT * FROM jobs WHERE (state = ? OR (state IN (?, ?) AND "
-                "(lease_expires IS NULL OR lease_expires < ?)))"
+                f"SELECT * FROM jobs WHERE {_CLAIMABLE}"
                 + (f" AND id NOT IN ({_marks(len(skip))})" if skip else "")
                 + f" ORDER BY n LIMIT ?{self.dialect.skip_locked}",
-                (QUEUED, RUNNING, CANCELLING, now, *skip, limit)).fetchall()
+                (*_claimable_args(now), *skip, limit)).fetchall()
             for row in rows:
                 job = self._job(row)
                 if job.state == CANCELLING:  # its replica died while cancelling it
@@ -663,8 +662,87 @@ class Store:
         return row["value"] if row is not None else 0
 
 
+    def look(self) -> "Look":
+        """Everything a replica polls the shared store for, in one query: the
+        version counters, the jobs by state and whether a job is claimable
+        now (queued, or leased by a replica whose lease ran out)."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT 'version' AS kind, name AS key, value AS n FROM versions"
+                " UNION ALL SELECT 'state', state, COUNT(*) FROM jobs GROUP BY state"
+                f" UNION ALL SELECT 'claimable', '', COUNT(*) FROM jobs WHERE {_CLAIMABLE}",
+                _claimable_args(time.time())).fetchall()
+        found: dict[str, dict[str, int]] = {"version": {}, "state": {}, "claimable": {}}
+        for row in rows:
+            found[row["kind"]][row["key"]] = int(row["n"])
+        return Look(found["version"], found["state"], found["claimable"].get("", 0) > 0)
+
+
 # The version counter of the registered losses (``Store.version``).
 LOSSES = "losses"
+
+# The jobs a replica may claim (``Store.claim_jobs``): queued ones, and running or cancelling
+# ones whose replica stopped renewing its lease. Its arguments: ``_claimable_args(now)``.
+_CLAIMABLE = "(state = ? OR (state IN (?, ?) AND (lease_expires IS NULL OR lease_expires < ?)))"
+
+
+def _claimable_args(now: float) -> tuple:
+    return QUEUED, RUNNING, CANCELLING, now
+
+
+@dataclasses.dataclass(frozen=True)
+class Look:
+    """One poll of a shared store (``Store.look``)."""
+
+    versions: dict[str, int]  # counter name (``LOSSES``) -> value; a counter never bumped is absent
+    counts: dict[str, int]    # job state -> how many jobs are in it
+    claimable: bool           # whether some job can be claimed now
+
+
+class Follower:
+    """Polls a shared store for what other replicas changed: one ``look``
+    (one query) every ``interval`` seconds on a thread of its own, handed to
+    every listener (the registered losses, the training scheduler). A failed
+    look (the database away) is logged once and tried again."""
+
+    def __init__(self, store: Store, interval: float):
+        self.store = store
+        self.interval = interval
+        self._listeners: list[Callable[[Look], None]] = []
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def listen(self, listener: Callable[[Look], None]) -> None:
+        """Calls ``listener(look)`` after every successful look."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._follow, name="store-follower", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        failing: set = set()  # the look (None) and the listeners whose last try failed: logged once
+        while not self._stop.wait(self.interval):
+            for step in (None, *self._listeners):
+                try:
+                    if step is None:
+                        look = self.store.look()
+                    else:
+                        step(look)
+                    failing.discard(step)
+                except Exception as exc:  # noqa: BLE001 - the next look may work
+                    if step not in failing:
+                        log.warning("could not %s: %s", "look for the changes of other replicas in the shared "
+                                    "store" if step is None else f"follow them ({step.__qualname__})", exc)
+                    failing.add(step)
+                    if step is None:
+                        break
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
 
 
 class SqliteStore(Store):

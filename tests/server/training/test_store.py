@@ -117,6 +117,25 @@ def test_an_expired_cancelling_job_is_cancelled_not_claimed(open_store):
     assert not store.cancel_queued("job1")
 
 
+def test_one_look_sees_the_versions_the_jobs_by_state_and_whether_a_claim_would_find_a_job(open_store):
+    a, b = open_store(), open_store()
+    empty = b.look()
+    assert (empty.versions, empty.counts, empty.claimable) == ({}, {}, False)
+    a.put_losses([("half", {"name": "half", "expression": "0.5 * y_pred"})])
+    a.create_job(_job(1))
+    a.create_job(_job(2))
+    seen = b.look()
+    assert seen.versions == {"losses": 1} and seen.counts == {"queued": 2} and seen.claimable
+    a.claim_jobs("replica-a", 1, lease_seconds=30)
+    a.claim_jobs("replica-a", 1, lease_seconds=0.3)
+    running = b.look()
+    assert running.counts == {"running": 2} and not running.claimable  # both leased
+    time.sleep(0.5)  # one lease ran out: the look says so, and a claim finds that job
+    assert b.look().claimable
+    [(taken, before)] = b.claim_jobs("replica-b", 5, lease_seconds=30)
+    assert (taken.id, before) == ("job2", "running") and not b.look().claimable
+
+
 def test_concurrent_claims_never_hand_one_job_to_two_replicas(open_store):
     replicas = [open_store() for _ in range(4)]
     for i in range(20):

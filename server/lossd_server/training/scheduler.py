@@ -41,7 +41,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 from lossd_server.callers import Caller
-from lossd_server.errors import FailedPrecondition, ResourceExhausted, redact_paths
+from lossd_server.errors import FailedPrecondition, ResourceExhausted, Unavailable, redact_paths
 from lossd_server.observability.logs import audited
 from lossd_server.training import jobs, multiworker, worker
 from lossd_server.training.artifacts import Artifacts
@@ -286,7 +286,7 @@ class Scheduler:
                         and time.monotonic() - self._fault_time > FAULT_QUIET_SECONDS):
                     log.info("training scheduler recovered from: %s", self._fault)
                     self._fault = None
-            except ResourceExhausted as exc:  # DISK_FULL: no traceback, it says all
+            except (ResourceExhausted, Unavailable) as exc:  # DISK_FULL, DATABASE_UNAVAILABLE: the message says all
                 self._report_fault(exc.message)
             except Exception as exc:  # noqa: BLE001 - the scheduler must outlive a bad job
                 self._report_fault(f"{type(exc).__name__}: {exc}", exc)

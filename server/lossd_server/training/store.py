@@ -731,7 +731,8 @@ class Follower:
                         step(look)
                     failing.discard(step)
                 except Exception as exc:  # noqa: BLE001 - the next look may work
-                    if step not in failing:
+                    # An unreachable database is logged once per outage by the store itself.
+                    if step not in failing and not isinstance(exc, Unavailable):
                         log.warning("could not %s: %s", "look for the changes of other replicas in the shared "
                                     "store" if step is None else f"follow them ({step.__qualname__})", exc)
                     failing.add(step)
@@ -859,6 +860,16 @@ class PostgresStore(Store):
 
         super().__init__(quarantine)
         self.url = url
+        # psycopg_pool warns at every failed reconnect while the database is
+        # down (a line a second, then further apart, for as long as it lasts);
+        # this store says once that the database went away and once that it
+        # is back (``_reachable``). The pool's errors still show, and a level
+        # someone set on its logger is left alone.
+        pool_log = logging.getLogger("psycopg.pool")
+        if pool_log.level == logging.NOTSET:
+            pool_log.setLevel(logging.ERROR)
+        self._outage = threading.Lock()
+        self._down_since: Optional[float] = None  # monotonic time the outage was first seen; None: up
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
                                     kwargs={"autocommit": True, "row_factory": dict_row},
                                     name="lossd-store")
@@ -891,7 +902,9 @@ class PostgresStore(Store):
     def _reachable(self, what: str) -> Iterator[None]:
         """A database that cannot be reached (down, restarting, the pool
         exhausted for its timeout) is UNAVAILABLE (DATABASE_UNAVAILABLE),
-        which clients retry; the pool replaces broken connections."""
+        which clients retry; the pool replaces broken connections. The
+        first failure of an outage is logged (a warning), and the first
+        success after it (an info line); the failures between are not."""
         import psycopg
         from psycopg_pool import PoolTimeout
 
@@ -900,10 +913,29 @@ class PostgresStore(Store):
         except (psycopg.OperationalError, PoolTimeout) as exc:
             if isinstance(exc, psycopg.errors.DiskFull):
                 raise
-            log.warning("the PostgreSQL database is unreachable while %s: %s", what, str(exc).strip()[:300])
+            self._went_away(what, exc)
             raise Unavailable(f"The shared database is unreachable: {what} failed. Expected the PostgreSQL server "
                               f"at {_redact_url(self.url)} to answer; retry shortly.",
                               reason="DATABASE_UNAVAILABLE") from None
+        if self._down_since is not None:
+            self._came_back()
+
+    def _went_away(self, what: str, exc: Exception) -> None:
+        with self._outage:
+            if self._down_since is not None:
+                return
+            self._down_since = time.monotonic()
+        log.warning("the PostgreSQL database at %s is unreachable (%s failed: %s); calls that need it are "
+                    "UNAVAILABLE (DATABASE_UNAVAILABLE) until it answers again, which will be logged",
+                    _redact_url(self.url), what, " ".join(str(exc).split())[:300])
+
+    def _came_back(self) -> None:
+        with self._outage:
+            if self._down_since is None:
+                return
+            seconds, self._down_since = time.monotonic() - self._down_since, None
+        log.info("the PostgreSQL database at %s answers again, after %.1f s unreachable", _redact_url(self.url),
+                 seconds)
 
     def close(self) -> None:
         self._pool.close()

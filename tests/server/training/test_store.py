@@ -4,6 +4,7 @@ schema's versions, and job leases."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -199,6 +200,50 @@ def test_an_unreachable_database_is_unavailable_and_a_restarted_one_is_used_agai
         job, _ = _until_available(lambda: store.get_job("job1"))
         assert job.id == "job1"
         store.close()
+
+
+def test_a_database_outage_is_one_warning_and_its_end_one_info_line(tmp_path, caplog, monkeypatch):
+    # A replica keeps polling through the outage (the Follower, every 0.1 s) and calls keep
+    # failing; psycopg_pool retries its connection meanwhile. Logged: one warning when the
+    # outage is first seen and one line when the database answers again, nothing from the pool.
+    import logging
+
+    from postgres import running_postgres
+
+    from lossd_server.errors import Unavailable
+    from lossd_server.training.store import Follower
+
+    monkeypatch.setattr(logging.getLogger("psycopg.pool"), "level", logging.NOTSET)  # as in a fresh process
+    caplog.set_level(logging.DEBUG, logger="lossd_server")
+    with running_postgres() as pg:
+        store = PostgresStore(pg.url(), quarantine=Quarantine(tmp_path / "quarantine"), connect_timeout=1)
+        follower = Follower(store, 0.1)
+        follower.start()
+        try:
+            store.create_job(_job(1))
+            pg.stop()
+            down = time.monotonic()
+            refused = 0
+            while time.monotonic() - down < 3.5:  # the pool's reconnects come 1 s and 2 s apart: two or three fail
+                with contextlib.suppress(Unavailable):
+                    store.get_job("job1")
+                    continue
+                refused += 1
+            pg.start()
+            _until_available(lambda: store.get_job("job1"), 30)
+            time.sleep(0.3)  # a few more looks, all answered
+        finally:
+            follower.stop()
+            store.close()
+    assert refused >= 2
+    records = [r for r in caplog.records if r.name.startswith(("lossd_server", "psycopg"))]
+    loud = [r for r in records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1, [r.getMessage() for r in loud]
+    assert loud[0].name == "lossd_server.training.store" and "is unreachable" in loud[0].getMessage() \
+        and "DATABASE_UNAVAILABLE" in loud[0].getMessage() and str(pg.port) in loud[0].getMessage()
+    back = [r for r in records if "answers again, after" in r.getMessage()]
+    assert len(back) == 1 and back[0].levelno == logging.INFO and back[0].created > loud[0].created
+    assert not [r for r in records if r.name.startswith("psycopg") and r.levelno >= logging.WARNING]
 
 
 def _until_available(call, seconds: float = 10.0):

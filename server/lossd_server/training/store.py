@@ -835,6 +835,10 @@ class SqliteStore(Store):
             self._db.close()
 
 
+# How long psycopg_pool retries one lost connection (1, 2, 2 s apart) before the next call starts over.
+RECONNECT_SECONDS = 5.0
+
+
 class PostgresStore(Store):
     """The shared store: one PostgreSQL database for every replica
     (``LOSSD_DATABASE_URL``), through a pool of psycopg 3 connections.
@@ -870,9 +874,15 @@ class PostgresStore(Store):
             pool_log.setLevel(logging.ERROR)
         self._outage = threading.Lock()
         self._down_since: Optional[float] = None  # monotonic time the outage was first seen; None: up
+        # psycopg_pool retries a lost connection 1, 2, 4, 8 ... s apart for
+        # reconnect_timeout (5 minutes by default): after an outage of a
+        # minute, a replica would stay UNAVAILABLE for up to another minute
+        # with the database back. Giving up after RECONNECT_SECONDS lets the
+        # next call (the Follower's look, twice a second) start over at once,
+        # so a replica answers within a few seconds of the database's return.
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
                                     kwargs={"autocommit": True, "row_factory": dict_row},
-                                    name="lossd-store")
+                                    name="lossd-store", reconnect_timeout=RECONNECT_SECONDS)
         self._pool.open()
         try:
             self._pool.wait(timeout=connect_timeout)

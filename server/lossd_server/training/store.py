@@ -702,8 +702,10 @@ class Look:
 class Follower:
     """Polls a shared store for what other replicas changed: one ``look``
     (one query) every ``interval`` seconds on a thread of its own, handed to
-    every listener (the registered losses, the training scheduler). A failed
-    look (the database away) is logged once and tried again."""
+    every listener (the registered losses, the training scheduler). A look
+    or listener that fails is tried again at the next interval and logged
+    once per run of failures; an unreachable database is left to the
+    store, which logs each outage once."""
 
     def __init__(self, store: Store, interval: float):
         self.store = store
@@ -717,6 +719,7 @@ class Follower:
         self._listeners.append(listener)
 
     def start(self) -> None:
+        """Starts looking, the first look one interval from now."""
         self._thread = threading.Thread(target=self._follow, name="store-follower", daemon=True)
         self._thread.start()
 
@@ -740,6 +743,7 @@ class Follower:
                         break
 
     def stop(self) -> None:
+        """Stops looking; returns once a look under way has ended (5 s at most)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)

@@ -44,6 +44,7 @@ from lossd_server.grpc.loss_servicer import LossServicer, add_loss_service
 from lossd_server.grpc.shm_servicer import add_shared_memory_service
 from lossd_server.grpc.training_servicer import add_training_service
 from lossd_server.training.manager import open_store
+from lossd_server.training.store import Follower
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,10 @@ class Server:
     metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
     admission: Optional[Admission] = None  # what evaluations may run now (evaluation/admission.py)
     shared_memory: object = None  # the SharedMemoryServicer, with settings.shm
-    # The registered losses (custom.ExpressionStore) when the store is shared
-    # with other replicas: it follows their registrations while the server runs.
-    followed_losses: object = None
+    # The poller of a store shared with other replicas (store.Follower): one
+    # query an interval tells the registered losses and the scheduler what
+    # the others changed.
+    follower: object = None
     services: list = dataclasses.field(default_factory=lambda: list(SERVICE_NAMES))  # offered: health reports them
     # What was moved to the quarantine at start (Quarantine.items); empty when healthy.
     quarantined: list = dataclasses.field(default_factory=list)
@@ -140,8 +142,8 @@ class Server:
             start_training = getattr(self.training, "start", None)
             if start_training is not None:
                 start_training()
-            if self.followed_losses is not None:
-                self.followed_losses.start_following(self.settings.shared_state_poll_seconds)
+            if self.follower is not None:
+                self.follower.start()
             if self.settings.warmup:
                 self.evaluator.warm_up(WARMUP)
         except BaseException:
@@ -203,8 +205,8 @@ class Server:
         if self.health_server is not None:
             self.health_server.stop(0).wait()
             self.health_executor.shutdown(wait=False)
-        if self.followed_losses is not None:
-            self.followed_losses.stop_following()
+        if self.follower is not None:
+            self.follower.stop()
         if self.training is not None:
             self.training.stop()
             self.training = None
@@ -364,6 +366,12 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     for name in [*services, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    follower = None
+    if state.shared:
+        follower = Follower(state, settings.shared_state_poll_seconds)
+        if store is not None:
+            follower.listen(store.follow)
+        follower.listen(training.scheduler.heard)
     health_server = health_executor = None
     if settings.health_port is not None:
         # Kubernetes' native gRPC probes cannot speak TLS: this port answers
@@ -378,7 +386,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                   quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
                   metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,
                   health_server=health_server, health_executor=health_executor,
-                  followed_losses=store if store is not None and state.shared else None)
+                  follower=follower)
 
 
 def serve(settings: Settings) -> int:

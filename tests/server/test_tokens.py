@@ -155,3 +155,34 @@ def test_lossd_serve_on_loopback_without_tokens_starts_without_the_warning(tmp_p
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_call_hashes_its_token_once(secured, monkeypatch):
+    """The interceptor's check is the only one: handlers that ask who calls
+    (evaluation, streams, training, registering) get the caller it found."""
+    from lossd_server.grpc import auth
+
+    hashed = []
+    real = auth.token_digest
+    monkeypatch.setattr(auth, "token_digest", lambda salt, token: hashed.append(token) or real(salt, token))
+    address, tokens, _ = secured
+
+    def hashes(call) -> int:
+        before = len(hashed)
+        call()
+        return len(hashed) - before
+
+    with lossd.Client(address, token=tokens["alice"], timeout=10) as alice, \
+            lossd.Client(address, token=tokens["bob"], timeout=10) as bob, \
+            lossd.Client(address, token=tokens["root"], timeout=10) as root:
+        assert hashes(lambda: alice.evaluate("mse", Y, Y + 1)) == 1
+        assert hashes(lambda: list(alice.evaluate_many([{"loss": "mse", "y_true": Y, "y_pred": Y + 1}] * 3))) == 1
+        assert hashes(lambda: bob.list_jobs()) == 1
+        assert hashes(lambda: root.register_loss("once", "mean(abs(y_true - y_pred))")) == 1
+        refused = []
+        assert hashes(lambda: refused.append(pytest.raises(lossd.LossdError, alice.list_jobs))) == 1
+        assert refused[0].value.code == grpc.StatusCode.PERMISSION_DENIED
+    with lossd.Client(address, token=tokens["alice"][:-2] + "xx", timeout=10) as forged:
+        assert hashes(lambda: refused.append(pytest.raises(lossd.LossdError, forged.evaluate, "mse", Y, Y + 1))) == 1
+        assert refused[1].value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert hashed and set(hashed) <= set(tokens.values()) | {tokens["alice"][:-2] + "xx"}

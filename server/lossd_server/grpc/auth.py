@@ -13,11 +13,15 @@ methods). Health and reflection stay open for probes.
 
 A token may also carry per-caller ``limits`` (``Limits``). Handlers learn who
 calls with ``Callers.of(context)``: the token's ``Caller``, or ``ANONYMOUS``
-(every scope, no limits) on a server without a tokens file.
+(every scope, no limits) on a server without a tokens file. The interceptor
+checks the token once per call and leaves the caller in a context variable
+for ``Callers.of``: grpcio runs a call's interceptors and its handler in one
+``contextvars.Context`` of its own, so the value is that call's and no other's.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import hmac
@@ -35,7 +39,7 @@ from lossd_server.errors import LossdError, PermissionDenied, Unauthenticated
 from lossd_server.grpc import status
 
 __all__ = ["ANONYMOUS", "SCOPES", "AuthInterceptor", "Caller", "Callers", "Limits", "TokenRecord", "create_token",
-           "load_tokens", "required_scope"]
+           "load_tokens", "required_scope", "token_digest"]
 
 TOKEN_PREFIX = "lsd_"
 
@@ -61,6 +65,16 @@ RATED_METHODS = (f"/{_LOSS_SERVICE}/Evaluate", f"/{_LOSS_SERVICE}/EvaluateChunke
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")
 
+# The caller AuthInterceptor found for the call running in this context (grpcio gives each
+# call a fresh contextvars.Context for its interceptors and handler, so it never leaks).
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("lossd_caller", default=None)
+
+
+def token_digest(salt: bytes, token: str) -> str:
+    """The salted SHA-256 of ``token`` that the tokens file stores: the one
+    hash a token check computes."""
+    return hashlib.sha256(salt + token.encode()).hexdigest()
+
 @dataclasses.dataclass(frozen=True)
 class TokenRecord:
     """One line of the tokens file."""
@@ -77,8 +91,7 @@ class TokenRecord:
         return Caller(self.name, self.scopes, self.limits)
 
     def matches(self, token: str) -> bool:
-        digest = hashlib.sha256(bytes.fromhex(self.salt) + token.encode()).hexdigest()
-        return hmac.compare_digest(digest, self.sha256)
+        return hmac.compare_digest(token_digest(bytes.fromhex(self.salt), token), self.sha256)
 
 
 def create_token(path: pathlib.Path, name: str, scopes: Iterable[str], limits: Limits = Limits()) -> str:
@@ -94,7 +107,7 @@ def create_token(path: pathlib.Path, name: str, scopes: Iterable[str], limits: L
     ident, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_bytes(16)
     token = f"{TOKEN_PREFIX}{ident}_{secret}"
     line = {"id": ident, "name": name, "scopes": scopes, "salt": salt.hex(),
-            "sha256": hashlib.sha256(salt + token.encode()).hexdigest()}
+            "sha256": token_digest(salt, token)}
     if limits.to_dict():
         line["limits"] = Limits.from_dict(limits.to_dict()).to_dict()
     path = pathlib.Path(path)
@@ -146,10 +159,13 @@ class Callers:
         return self.tokens is None
 
     def of(self, context) -> Caller:
-        """The caller of a call whose token ``AuthInterceptor`` let through."""
+        """The caller of a call whose token ``AuthInterceptor`` let through:
+        the one it found, or, for a handler called without it, the caller its
+        metadata's token names."""
         if self.tokens is None:
             return ANONYMOUS
-        return self.check(context.invocation_metadata())
+        caller = _CALLER.get()
+        return caller if caller is not None else self.check(context.invocation_metadata())
 
     def check(self, metadata) -> Caller:
         """The caller that ``metadata``'s bearer token names.
@@ -213,6 +229,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         except LossdError as error:
             handler = continuation(handler_call_details)
             return None if handler is None else _refusing(handler, error)
+        _CALLER.set(caller)  # for Callers.of: the token is hashed once per call
         return continuation(handler_call_details)
 
 

@@ -210,8 +210,8 @@ class ExpressionStore:
 
     Several replicas may share the store (PostgreSQL): ``refresh`` brings
     this replica's registry in line with what the others registered or
-    deleted, after one cheap version read, and ``start_following`` runs it
-    every few tenths of a second.
+    deleted, after one cheap version read; ``follow`` runs it on every poll of the
+    store's ``Follower``, which reads the version for it.
 
     Args:
         store: The server's store (``lossd_server.training.store.Store``:
@@ -230,8 +230,6 @@ class ExpressionStore:
         # as of the store's losses version ``_version`` (None: not loaded).
         self._records: dict[str, dict] = {}
         self._version: Optional[int] = None
-        self._stop = threading.Event()
-        self._follower: Optional[threading.Thread] = None
         self._listeners: list[Callable[[], None]] = []
 
     def on_change(self, listener: Callable[[], None]) -> None:
@@ -303,13 +301,15 @@ class ExpressionStore:
             raise ValueError("the record is not an object naming this loss")
         return record
 
-    def refresh(self) -> list[str]:
+    def refresh(self, version: Optional[int] = None) -> list[str]:
         """Registers what other replicas registered or replaced in the store
         since the last look, and unregisters what they deleted; returns the
-        names that changed. Costs one indexed read when nothing changed. A
-        row that cannot be loaded is logged and left to ``load`` (the next
-        start quarantines it)."""
-        version = self.store.version(LOSSES)
+        names that changed. ``version`` is the store's losses version if the
+        caller read it already (``follow``); else it costs one indexed read
+        when nothing changed. A row that cannot be loaded is logged and left
+        to ``load`` (the next start quarantines it)."""
+        if version is None:
+            version = self.store.version(LOSSES)
         if version == self._version:
             return []
         changed = []
@@ -342,29 +342,11 @@ class ExpressionStore:
             self._changed()
         return changed
 
-    def start_following(self, interval: float) -> None:
-        """Runs ``refresh`` every ``interval`` seconds on a thread of its own,
-        until ``stop_following``; a failed look (the database away) is logged
-        and tried again."""
-        def follow() -> None:
-            failing = False
-            while not self._stop.wait(interval):
-                try:
-                    self.refresh()
-                    failing = False
-                except Exception as exc:  # noqa: BLE001 - the next look may work
-                    if not failing:
-                        log.warning("could not look for registered losses of other replicas: %s", exc)
-                    failing = True
-
-        self._follower = threading.Thread(target=follow, name="loss-follower", daemon=True)
-        self._follower.start()
-
-    def stop_following(self) -> None:
-        self._stop.set()
-        if self._follower is not None:
-            self._follower.join(5)
-            self._follower = None
+    def follow(self, look) -> None:
+        """``refresh`` with what the shared store's ``Follower`` saw
+        (``lossd_server.training.store.Look``): no read of its own unless
+        the losses version changed."""
+        self.refresh(look.versions.get(LOSSES, 0))
 
     @staticmethod
     def _entry(record: Mapping[str, Any]) -> LossEntry:

@@ -41,7 +41,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 from lossd_server.callers import Caller
-from lossd_server.errors import FailedPrecondition, ResourceExhausted, redact_paths
+from lossd_server.errors import FailedPrecondition, ResourceExhausted, Unavailable, redact_paths
 from lossd_server.observability.logs import audited
 from lossd_server.training import jobs, multiworker, worker
 from lossd_server.training.artifacts import Artifacts
@@ -96,8 +96,7 @@ class Scheduler:
     Args:
         settings: ``lossd_server.config.Settings`` (``max_concurrent_jobs``,
             ``progress_every_batches``, ``mixed_precision``, ``max_upload_bytes``,
-            ``job_max_retries``, ``replica_id``, ``job_lease_seconds``,
-            ``shared_state_poll_seconds``).
+            ``job_max_retries``, ``replica_id``, ``job_lease_seconds``).
         store: Where jobs and their events live.
         artifacts: The job folders the processes write.
         gpus: How many GPUs there are: one job per GPU at a time by default,
@@ -115,10 +114,11 @@ class Scheduler:
         self.metrics = metrics
         self.replica = settings.replica_id or default_replica_id()
         self.lease_seconds = settings.job_lease_seconds
-        # How often the queue is looked at without being woken: other replicas
-        # create jobs too, and leases of dead replicas run out. Alone on its
-        # store, a scheduler is woken whenever a job is queued or a slot frees.
-        self.claim_every = settings.shared_state_poll_seconds if store.shared else IDLE_SECONDS
+        # How often the queue is looked at without being woken. A scheduler
+        # is woken whenever a job is queued here or a slot frees; on a shared
+        # store also by ``heard``, when the store's Follower sees a job that
+        # another replica queued or whose lease ran out.
+        self.claim_every = IDLE_SECONDS
         self._next_claim = 0.0  # monotonic time of the next claim; 0: at once
         self._renewed = 0.0  # monotonic time of the last lease renewal
         self._ctx = multiprocessing.get_context("spawn")
@@ -192,6 +192,16 @@ class Scheduler:
         self._count_jobs()
         self._next_claim = 0.0
         self._notify()
+
+    def heard(self, look) -> None:
+        """What the shared store's ``Follower`` saw (a ``store.Look``): the
+        jobs by state for the metrics, and a wake-up to claim when a job is
+        claimable (queued by another replica, or its replica's lease ran
+        out), so no claim is tried while there is nothing to claim."""
+        self._set_counts(look.counts)
+        if look.claimable and self.slots > 0:
+            self._next_claim = 0.0
+            self._notify()
 
     def cancel(self, job_id: str, caller: Caller) -> JobRecord:
         """Cancels a job ``caller`` owns (best effort); returns it, normally
@@ -276,7 +286,7 @@ class Scheduler:
                         and time.monotonic() - self._fault_time > FAULT_QUIET_SECONDS):
                     log.info("training scheduler recovered from: %s", self._fault)
                     self._fault = None
-            except ResourceExhausted as exc:  # DISK_FULL: no traceback, it says all
+            except (ResourceExhausted, Unavailable) as exc:  # DISK_FULL, DATABASE_UNAVAILABLE: the message says all
                 self._report_fault(exc.message)
             except Exception as exc:  # noqa: BLE001 - the scheduler must outlive a bad job
                 self._report_fault(f"{type(exc).__name__}: {exc}", exc)
@@ -605,10 +615,14 @@ class Scheduler:
             self._events.notify_all()
 
     def _count_jobs(self) -> None:
+        if self.metrics is not None:
+            self._set_counts(self.store.counts_by_state())
+
+    def _set_counts(self, by_state: dict[str, int]) -> None:
         if self.metrics is None:
             return
         counts: dict[str, int] = collections.Counter()
-        for state, n in self.store.counts_by_state().items():
+        for state, n in by_state.items():
             # lossd_training_jobs has no "cancelling": such a job still runs.
             counts[RUNNING if state == CANCELLING else state] += n
         self.metrics.set_training_jobs(dict(counts))

@@ -507,11 +507,10 @@ class Store:
         claimed = []
         with self._transaction("a job claim") as db:
             rows = db.execute(
-                "SELECT * FROM jobs WHERE (state = ? OR (state IN (?, ?) AND "
-                "(lease_expires IS NULL OR lease_expires < ?)))"
+                f"SELECT * FROM jobs WHERE {_CLAIMABLE}"
                 + (f" AND id NOT IN ({_marks(len(skip))})" if skip else "")
                 + f" ORDER BY n LIMIT ?{self.dialect.skip_locked}",
-                (QUEUED, RUNNING, CANCELLING, now, *skip, limit)).fetchall()
+                (*_claimable_args(now), *skip, limit)).fetchall()
             for row in rows:
                 job = self._job(row)
                 if job.state == CANCELLING:  # its replica died while cancelling it
@@ -663,8 +662,92 @@ class Store:
         return row["value"] if row is not None else 0
 
 
+    def look(self) -> "Look":
+        """Everything a replica polls the shared store for, in one query: the
+        version counters, the jobs by state and whether a job is claimable
+        now (queued, or leased by a replica whose lease ran out)."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT 'version' AS kind, name AS key, value AS n FROM versions"
+                " UNION ALL SELECT 'state', state, COUNT(*) FROM jobs GROUP BY state"
+                f" UNION ALL SELECT 'claimable', '', COUNT(*) FROM jobs WHERE {_CLAIMABLE}",
+                _claimable_args(time.time())).fetchall()
+        found: dict[str, dict[str, int]] = {"version": {}, "state": {}, "claimable": {}}
+        for row in rows:
+            found[row["kind"]][row["key"]] = int(row["n"])
+        return Look(found["version"], found["state"], found["claimable"].get("", 0) > 0)
+
+
 # The version counter of the registered losses (``Store.version``).
 LOSSES = "losses"
+
+# The jobs a replica may claim (``Store.claim_jobs``): queued ones, and running or cancelling
+# ones whose replica stopped renewing its lease. Its arguments: ``_claimable_args(now)``.
+_CLAIMABLE = "(state = ? OR (state IN (?, ?) AND (lease_expires IS NULL OR lease_expires < ?)))"
+
+
+def _claimable_args(now: float) -> tuple:
+    return QUEUED, RUNNING, CANCELLING, now
+
+
+@dataclasses.dataclass(frozen=True)
+class Look:
+    """One poll of a shared store (``Store.look``)."""
+
+    versions: dict[str, int]  # counter name (``LOSSES``) -> value; a counter never bumped is absent
+    counts: dict[str, int]    # job state -> how many jobs are in it
+    claimable: bool           # whether some job can be claimed now
+
+
+class Follower:
+    """Polls a shared store for what other replicas changed: one ``look``
+    (one query) every ``interval`` seconds on a thread of its own, handed to
+    every listener (the registered losses, the training scheduler). A look
+    or listener that fails is tried again at the next interval and logged
+    once per run of failures; an unreachable database is left to the
+    store, which logs each outage once."""
+
+    def __init__(self, store: Store, interval: float):
+        self.store = store
+        self.interval = interval
+        self._listeners: list[Callable[[Look], None]] = []
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def listen(self, listener: Callable[[Look], None]) -> None:
+        """Calls ``listener(look)`` after every successful look."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        """Starts looking, the first look one interval from now."""
+        self._thread = threading.Thread(target=self._follow, name="store-follower", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        failing: set = set()  # the look (None) and the listeners whose last try failed: logged once
+        while not self._stop.wait(self.interval):
+            for step in (None, *self._listeners):
+                try:
+                    if step is None:
+                        look = self.store.look()
+                    else:
+                        step(look)
+                    failing.discard(step)
+                except Exception as exc:  # noqa: BLE001 - the next look may work
+                    # An unreachable database is logged once per outage by the store itself.
+                    if step not in failing and not isinstance(exc, Unavailable):
+                        log.warning("could not %s: %s", "look for the changes of other replicas in the shared "
+                                    "store" if step is None else f"follow them ({step.__qualname__})", exc)
+                    failing.add(step)
+                    if step is None:
+                        break
+
+    def stop(self) -> None:
+        """Stops looking; returns once a look under way has ended (5 s at most)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
 
 
 class SqliteStore(Store):
@@ -756,6 +839,10 @@ class SqliteStore(Store):
             self._db.close()
 
 
+# How long psycopg_pool retries one lost connection (1, 2, 2 s apart) before the next call starts over.
+RECONNECT_SECONDS = 5.0
+
+
 class PostgresStore(Store):
     """The shared store: one PostgreSQL database for every replica
     (``LOSSD_DATABASE_URL``), through a pool of psycopg 3 connections.
@@ -781,9 +868,25 @@ class PostgresStore(Store):
 
         super().__init__(quarantine)
         self.url = url
+        # psycopg_pool warns at every failed reconnect while the database is
+        # down (a line a second, then further apart, for as long as it lasts);
+        # this store says once that the database went away and once that it
+        # is back (``_reachable``). The pool's errors still show, and a level
+        # someone set on its logger is left alone.
+        pool_log = logging.getLogger("psycopg.pool")
+        if pool_log.level == logging.NOTSET:
+            pool_log.setLevel(logging.ERROR)
+        self._outage = threading.Lock()
+        self._down_since: Optional[float] = None  # monotonic time the outage was first seen; None: up
+        # psycopg_pool retries a lost connection 1, 2, 4, 8 ... s apart for
+        # reconnect_timeout (5 minutes by default): after an outage of a
+        # minute, a replica would stay UNAVAILABLE for up to another minute
+        # with the database back. Giving up after RECONNECT_SECONDS lets the
+        # next call (the Follower's look, twice a second) start over at once,
+        # so a replica answers within a few seconds of the database's return.
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
                                     kwargs={"autocommit": True, "row_factory": dict_row},
-                                    name="lossd-store")
+                                    name="lossd-store", reconnect_timeout=RECONNECT_SECONDS)
         self._pool.open()
         try:
             self._pool.wait(timeout=connect_timeout)
@@ -813,7 +916,9 @@ class PostgresStore(Store):
     def _reachable(self, what: str) -> Iterator[None]:
         """A database that cannot be reached (down, restarting, the pool
         exhausted for its timeout) is UNAVAILABLE (DATABASE_UNAVAILABLE),
-        which clients retry; the pool replaces broken connections."""
+        which clients retry; the pool replaces broken connections. The
+        first failure of an outage is logged (a warning), and the first
+        success after it (an info line); the failures between are not."""
         import psycopg
         from psycopg_pool import PoolTimeout
 
@@ -822,10 +927,29 @@ class PostgresStore(Store):
         except (psycopg.OperationalError, PoolTimeout) as exc:
             if isinstance(exc, psycopg.errors.DiskFull):
                 raise
-            log.warning("the PostgreSQL database is unreachable while %s: %s", what, str(exc).strip()[:300])
+            self._went_away(what, exc)
             raise Unavailable(f"The shared database is unreachable: {what} failed. Expected the PostgreSQL server "
                               f"at {_redact_url(self.url)} to answer; retry shortly.",
                               reason="DATABASE_UNAVAILABLE") from None
+        if self._down_since is not None:
+            self._came_back()
+
+    def _went_away(self, what: str, exc: Exception) -> None:
+        with self._outage:
+            if self._down_since is not None:
+                return
+            self._down_since = time.monotonic()
+        log.warning("the PostgreSQL database at %s is unreachable (%s failed: %s); calls that need it are "
+                    "UNAVAILABLE (DATABASE_UNAVAILABLE) until it answers again, which will be logged",
+                    _redact_url(self.url), what, " ".join(str(exc).split())[:300])
+
+    def _came_back(self) -> None:
+        with self._outage:
+            if self._down_since is None:
+                return
+            seconds, self._down_since = time.monotonic() - self._down_since, None
+        log.info("the PostgreSQL database at %s answers again, after %.1f s unreachable", _redact_url(self.url),
+                 seconds)
 
     def close(self) -> None:
         self._pool.close()

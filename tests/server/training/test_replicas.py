@@ -268,3 +268,48 @@ def test_kill_9_of_the_replica_running_a_job_makes_another_resume_it(replica, sh
     assert [e.state for e in events if e.kind == "state"] == ["queued", "running", "running", "succeeded"]
     history = json.loads((pathlib.Path(shared["artifacts_dir"]) / "jobs" / job.id / "history.json").read_text())
     assert len(history["loss"]) == 2
+
+
+def _count_store_queries(srv) -> list:
+    """Wraps the store of ``srv`` so that each connection use (a read or a
+    transaction: one round trip or one transaction with the database) is
+    recorded; returns the list it appends the time of each to."""
+    store, used = srv.training.store, []
+    for name in ("_read", "_transaction"):
+        real = getattr(store, name)
+
+        def counting(*args, real=real):
+            used.append(time.monotonic())
+            return real(*args)
+
+        setattr(store, name, counting)
+    return used
+
+
+def test_an_idle_replica_polls_the_shared_database_once_per_interval_and_still_claims_within_it(replica):
+    # One look (one query) an interval serves the registered losses, the
+    # job claims and the jobs gauge; a claim is tried only when the look
+    # saw a claimable job. Interval 0.2 s (the fixture's shared_state_poll_seconds).
+    runners = [replica(replica_id=f"runner-{i}") for i in range(3)]
+    time.sleep(0.5)  # past their first claim at start
+    used = [_count_store_queries(srv) for srv in runners]
+    time.sleep(2.0)
+    per_replica = [len(u) for u in used]
+    # 10 intervals: 10 looks each (give or take one at each end), and at most one idle claim round
+    # (jobs_in_states, claim_jobs, counts_by_state every 5 s); two polls an interval would be 20+.
+    assert all(8 <= n <= 14 for n in per_replica), per_replica
+
+    # A job queued on a replica without slots is claimed by an idle runner within an interval or so.
+    evaluator = replica(max_concurrent_jobs=0, replica_id="evaluator")
+    with _client(evaluator, 120) as ce:
+        job = ce.create_job("mlp", "digits", epochs=1, steps_per_epoch=1, batch_size=16)
+        queued = time.monotonic()
+        _, took = _until(lambda: _assert_state(ce.get_job(job), ("running", "succeeded")), 10)
+        assert took < 2.0, took
+        ce.wait(job, progress=False)
+    assert time.monotonic() - queued < 120
+
+
+def _assert_state(job, states):
+    assert job.state in states, job.state
+    return job

@@ -4,6 +4,7 @@ schema's versions, and job leases."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -117,6 +118,25 @@ def test_an_expired_cancelling_job_is_cancelled_not_claimed(open_store):
     assert not store.cancel_queued("job1")
 
 
+def test_one_look_sees_the_versions_the_jobs_by_state_and_whether_a_claim_would_find_a_job(open_store):
+    a, b = open_store(), open_store()
+    empty = b.look()
+    assert (empty.versions, empty.counts, empty.claimable) == ({}, {}, False)
+    a.put_losses([("half", {"name": "half", "expression": "0.5 * y_pred"})])
+    a.create_job(_job(1))
+    a.create_job(_job(2))
+    seen = b.look()
+    assert seen.versions == {"losses": 1} and seen.counts == {"queued": 2} and seen.claimable
+    a.claim_jobs("replica-a", 1, lease_seconds=30)
+    a.claim_jobs("replica-a", 1, lease_seconds=0.3)
+    running = b.look()
+    assert running.counts == {"running": 2} and not running.claimable  # both leased
+    time.sleep(0.5)  # one lease ran out: the look says so, and a claim finds that job
+    assert b.look().claimable
+    [(taken, before)] = b.claim_jobs("replica-b", 5, lease_seconds=30)
+    assert (taken.id, before) == ("job2", "running") and not b.look().claimable
+
+
 def test_concurrent_claims_never_hand_one_job_to_two_replicas(open_store):
     replicas = [open_store() for _ in range(4)]
     for i in range(20):
@@ -180,6 +200,54 @@ def test_an_unreachable_database_is_unavailable_and_a_restarted_one_is_used_agai
         job, _ = _until_available(lambda: store.get_job("job1"))
         assert job.id == "job1"
         store.close()
+
+
+def test_a_database_outage_is_one_warning_and_its_end_one_info_line_seconds_after_it_is_back(tmp_path, caplog,
+                                                                                                monkeypatch):
+    # A replica keeps polling through the outage (the Follower, every 0.1 s) and calls keep
+    # failing; psycopg_pool retries its connection meanwhile. Logged: one warning when the
+    # outage is first seen and one line when the database answers again, nothing from the pool.
+    # An 8 s outage: the pool's own backoff (1, 2, 4, 8 s apart) would next try at 15 s.
+    import logging
+
+    from postgres import running_postgres
+
+    from lossd_server.errors import Unavailable
+    from lossd_server.training.store import Follower
+
+    monkeypatch.setattr(logging.getLogger("psycopg.pool"), "level", logging.NOTSET)  # as in a fresh process
+    caplog.set_level(logging.DEBUG, logger="lossd_server")
+    with running_postgres() as pg:
+        store = PostgresStore(pg.url(), quarantine=Quarantine(tmp_path / "quarantine"), connect_timeout=1)
+        follower = Follower(store, 0.1)
+        follower.start()
+        try:
+            store.create_job(_job(1))
+            pg.stop()
+            down = time.monotonic()
+            refused = 0
+            while time.monotonic() - down < 8:  # the pool retries meanwhile: a few of its reconnects fail
+                with contextlib.suppress(Unavailable):
+                    store.get_job("job1")
+                    continue
+                refused += 1
+            pg.start()
+            back = time.monotonic()
+            _, answered = _until_available(lambda: store.get_job("job1"), 30)
+            assert answered - back < 4
+            time.sleep(0.3)  # a few more looks, all answered
+        finally:
+            follower.stop()
+            store.close()
+    assert refused >= 2
+    records = [r for r in caplog.records if r.name.startswith(("lossd_server", "psycopg"))]
+    loud = [r for r in records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1, [r.getMessage() for r in loud]
+    assert loud[0].name == "lossd_server.training.store" and "is unreachable" in loud[0].getMessage() \
+        and "DATABASE_UNAVAILABLE" in loud[0].getMessage() and str(pg.port) in loud[0].getMessage()
+    back = [r for r in records if "answers again, after" in r.getMessage()]
+    assert len(back) == 1 and back[0].levelno == logging.INFO and back[0].created > loud[0].created
+    assert not [r for r in records if r.name.startswith("psycopg") and r.levelno >= logging.WARNING]
 
 
 def _until_available(call, seconds: float = 10.0):

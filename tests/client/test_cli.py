@@ -170,6 +170,8 @@ EXPECTED_PAIR = "expects KEY=VALUE. Expected a key, '=' and a value (JSON, else 
      f"error: --optimizer-param {EXPECTED_PAIR}'beta_1'"),
     (lambda a, b: ["jobs", "create", "--loss", "mse", "--loss-param", "=1"],
      f"error: --loss-param {EXPECTED_PAIR}'=1'"),
+    (lambda a, b: ["jobs", "generate", "jobs/some-vae", "--no-progress", "--init", _text_file(a.parent)],
+     "error: --init: expected a .npy file (numpy.save). Received: '"),
 ])
 def test_malformed_flag_says_what_it_expected_before_any_call(capsys, arrays, argv, says):
     """As --tensor does: "error: ... Expected ... Received ...", status 2, and

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 
 
-from lossd.cli import client_flags, client_from as _client, parse_pairs as _pairs
+from lossd.cli import client_flags, client_from as _client, load_npy, parse_pairs as _pairs
 
 
 def _job_line(job) -> str:
@@ -115,7 +115,7 @@ def cmd_jobs_generate(args) -> int:
     if args.guidance:
         kind = "expression" if args.guidance.startswith("expr:") else "name"
         guidance = {kind: args.guidance.removeprefix("expr:")}
-    init = np.load(args.init) if args.init else None
+    init = load_npy("--init", args.init) if args.init else None
     kwargs = dict(seed=args.seed, prompt=args.prompt, steps=args.steps, guidance=guidance,
                   guidance_scale=args.guidance_scale, init_images=init, init_weight=args.init_weight,
                   classifier=args.classifier)

@@ -41,15 +41,44 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+class UsageError(ValueError):
+    """A flag's value the command cannot use (malformed, or a file it cannot
+    read), said as "Expected ... Received ...". ``main`` prints it after
+    ``error:`` and exits 2, the status argparse gives its own usage errors."""
+
+
 def parse_pairs(pairs: Optional[Sequence[str]], flag: str = "--param") -> dict[str, Any]:
-    """``["k=v", ...]`` from a repeatable flag -> ``{k: v}`` with JSON-parsed values."""
+    """``["k=v", ...]`` from a repeatable flag -> ``{k: v}`` with JSON-parsed values.
+
+    Raises UsageError for a pair without ``=`` or without a key."""
     out = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: {flag} expects KEY=VALUE. Received: {pair!r}")
+            raise UsageError(f"{flag} expects KEY=VALUE. Expected a key, '=' and a value (JSON, else a string). "
+                             f"Received: {pair!r}")
         out[key] = _parse_value(value)
     return out
+
+
+def load_npy(flag: str, path: str) -> np.ndarray:
+    """The one array in the ``.npy`` file ``path`` that ``flag`` named.
+
+    Raises UsageError, with what was expected and what was received, for a
+    file that is missing, a directory, or not one ``.npy`` array."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag}: expected an existing .npy file. Received: {path!r} "
+                         f"({'a directory' if os.path.isdir(path) else 'no such file'})")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # pickled, truncated or other bytes
+        raise UsageError(f"{flag}: expected a .npy file (numpy.save). Received: {path!r}, "
+                         f"which numpy cannot read as one ({exc})") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive of several arrays
+        array.close()
+        raise UsageError(f"{flag}: expected a .npy file of one array. Received: {path!r}, "
+                         "an .npz archive; save each array with numpy.save")
+    return array
 
 
 # -- serve ------------------------------------------------------------------
@@ -193,8 +222,9 @@ files mode 644 (the containers' users read them), except {CA_KEY}""")
 
 
 def cmd_losses_register(args: argparse.Namespace) -> int:
+    params = parse_pairs(args.param)
     with client_from(args) as client:
-        info = client.register_loss(args.name, args.expression, params=parse_pairs(args.param),
+        info = client.register_loss(args.name, args.expression, params=params,
                                     inputs=args.input, doc=args.doc, replace=args.replace)
     print(f"registered {info.name}({', '.join(info.inputs)}): {info.expression}")
     return 0
@@ -231,47 +261,33 @@ _OWN_TENSOR_FLAGS = {"y_true": "--y-true", "y_pred": "--y-pred", "sample_weight"
 def load_tensors(pairs: Optional[Sequence[str]]) -> dict[str, np.ndarray]:
     """``["NAME=FILE.npy", ...]`` from the repeatable ``--tensor`` -> ``{NAME: array}``.
 
-    Raises ValueError, with what was expected and what was received, for a
+    Raises UsageError, with what was expected and what was received, for a
     pair without ``=`` or a name, a name given twice or that has its own
     flag, and a file that is missing or not one ``.npy`` array."""
     tensors: dict[str, np.ndarray] = {}
     for pair in pairs or ():
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"--tensor expects NAME=FILE.npy. Received: {pair!r}")
+            raise UsageError(f"--tensor expects NAME=FILE.npy. Received: {pair!r}")
         if name in _OWN_TENSOR_FLAGS:
-            raise ValueError(f"--tensor {name}: {name} has its own flag. Expected {_OWN_TENSOR_FLAGS[name]} "
+            raise UsageError(f"--tensor {name}: {name} has its own flag. Expected {_OWN_TENSOR_FLAGS[name]} "
                              f"{path}. Received: --tensor {pair}")
         if name in tensors:
-            raise ValueError(f"--tensor {name}: given twice. Expected each name once. Received: --tensor {pair}")
-        if not os.path.isfile(path):
-            raise ValueError(f"--tensor {name}: expected an existing .npy file. Received: {path!r} "
-                             f"({'a directory' if os.path.isdir(path) else 'no such file'})")
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:  # pickled, truncated or other bytes
-            raise ValueError(f"--tensor {name}: expected a .npy file (numpy.save). Received: {path!r}, "
-                             f"which numpy cannot read as one ({exc})") from None
-        if not isinstance(array, np.ndarray):  # an .npz archive of several arrays
-            array.close()
-            raise ValueError(f"--tensor {name}: expected a .npy file of one array. Received: {path!r}, "
-                             "an .npz archive; save each array with numpy.save")
-        tensors[name] = array
+            raise UsageError(f"--tensor {name}: given twice. Expected each name once. Received: --tensor {pair}")
+        tensors[name] = load_npy(f"--tensor {name}", path)
     return tensors
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        tensors = load_tensors(args.tensor)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    y_true = np.load(args.y_true)
-    y_pred = np.load(args.y_pred)
-    sample_weight = np.load(args.sample_weight) if args.sample_weight else None
+    # Every flag is read before the server is called: a typo costs no round trip.
+    tensors = load_tensors(args.tensor)
+    y_true = load_npy("--y-true", args.y_true)
+    y_pred = load_npy("--y-pred", args.y_pred)
+    sample_weight = load_npy("--sample-weight", args.sample_weight) if args.sample_weight else None
+    params = parse_pairs(args.param)
     loss: Any = {"expression": args.loss[len("expr:"):]} if args.loss.startswith("expr:") else args.loss
     with client_from(args) as client:
-        result = client.evaluate(loss, y_true, y_pred, params=parse_pairs(args.param), sample_weight=sample_weight,
+        result = client.evaluate(loss, y_true, y_pred, params=params, sample_weight=sample_weight,
                                  reduction=args.reduction, gradient=bool(args.gradient_out), tensors=tensors)
     if args.gradient_out:
         np.save(args.gradient_out, result.gradient)
@@ -452,6 +468,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except lossd.LossdError as error:
         print(f"error: {error.code.name}{f' {error.reason}' if error.reason else ''}: {error.message}", file=sys.stderr)
         return 1

@@ -17,7 +17,8 @@ import pytest
 from lossd import cli
 
 keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
+
+from keras_reference import value_and_gradient  # noqa: E402
 
 RNG = np.random.default_rng(21)
 
@@ -89,11 +90,7 @@ def test_eval_with_param_and_gradient_out(capsys, address, arrays, tmp_path):
     code, out, err = run(capsys, "eval", "huber", "--y-true", a, "--y-pred", b, "--param", "delta=2",
                          "--gradient-out", g, "--address", address)
     assert code == 0, err
-    pred = tf.constant(y_pred)
-    with tf.GradientTape() as tape:
-        tape.watch(pred)
-        expected = keras.losses.Huber(delta=2.0)(y_true, pred)
-    expected_gradient = tape.gradient(expected, pred).numpy()
+    expected, expected_gradient = value_and_gradient(keras.losses.Huber(delta=2.0), y_true, y_pred)
     assert float(out.strip()) == pytest.approx(float(expected), rel=1e-6)
     assert float(out.strip()) != pytest.approx(float(keras.losses.Huber()(y_true, y_pred)), rel=1e-3)
     gradient = np.load(g)
@@ -153,11 +150,47 @@ def test_eval_bad_parameter(capsys, address, arrays):
     assert "PARAMETER_OUT_OF_RANGE" in err and "Received: delta=-1" in err
 
 
-def test_eval_malformed_param(capsys, address, arrays):
+EXPECTED_PAIR = "expects KEY=VALUE. Expected a key, '=' and a value (JSON, else a string). Received: "
+
+
+@pytest.mark.parametrize("argv, says", [
+    (lambda a, b: ["eval", "huber", "--y-true", a, "--y-pred", b, "--param", "delta"],
+     f"error: --param {EXPECTED_PAIR}'delta'"),
+    (lambda a, b: ["eval", "huber", "--y-true", a, "--y-pred", b, "--param", "=2"],
+     f"error: --param {EXPECTED_PAIR}'=2'"),
+    (lambda a, b: ["eval", "huber", "--y-true", _text_file(a.parent), "--y-pred", b],
+     "error: --y-true: expected a .npy file (numpy.save). Received: '"),
+    (lambda a, b: ["eval", "huber", "--y-true", a, "--y-pred", a.parent],
+     "error: --y-pred: expected an existing .npy file. Received: "),
+    (lambda a, b: ["eval", "mse", "--y-true", a, "--y-pred", b, "--sample-weight", _npz_file(a.parent)],
+     "error: --sample-weight: expected a .npy file of one array. Received: "),
+    (lambda a, b: ["losses", "register", "scaled", "mean(k * y_pred)", "--param", "k"],
+     f"error: --param {EXPECTED_PAIR}'k'"),
+    (lambda a, b: ["jobs", "create", "--optimizer-param", "beta_1"],
+     f"error: --optimizer-param {EXPECTED_PAIR}'beta_1'"),
+    (lambda a, b: ["jobs", "create", "--loss", "mse", "--loss-param", "=1"],
+     f"error: --loss-param {EXPECTED_PAIR}'=1'"),
+    (lambda a, b: ["jobs", "generate", "jobs/some-vae", "--no-progress", "--init", _text_file(a.parent)],
+     "error: --init: expected a .npy file (numpy.save). Received: '"),
+])
+def test_malformed_flag_says_what_it_expected_before_any_call(capsys, arrays, argv, says):
+    """As --tensor does: "error: ... Expected ... Received ...", status 2, and
+    no call at all (the address has no server: a call would say UNAVAILABLE)."""
     _, _, a, b = arrays
-    with pytest.raises(SystemExit) as exc:
-        cli.main(["eval", "huber", "--y-true", str(a), "--y-pred", str(b), "--param", "delta", "--address", address])
-    assert "--param expects KEY=VALUE" in str(exc.value.code)
+    code, out, err = run(capsys, *argv(a, b), "--address", dead_address(), "--timeout", "2")
+    assert (code, out) == (2, ""), err
+    assert err.startswith(says) and "Traceback" not in err and "UNAVAILABLE" not in err, err
+
+
+def test_malformed_param_as_a_subprocess(arrays):
+    """The status and the words a shell sees."""
+    _, _, a, b = arrays
+    done = subprocess.run([lossd_executable(), "eval", "huber", "--y-true", str(a), "--y-pred", str(b),
+                           "--param", "delta:2", "--address", dead_address()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    assert done.stderr == f"error: --param {EXPECTED_PAIR}'delta:2'\n"
 
 
 def test_eval_missing_file(capsys, address, arrays, tmp_path):

@@ -2,8 +2,8 @@
 the in-flight budget plus a stated margin (issue 12, quotas). `lossd serve`
 runs as a user types it, with a small LOSSD_MAX_INFLIGHT_BYTES; the driver
 (tests/inflight_memory.py) is shared with bench/admission_memory.py, which
-also runs the anchor without the bound (figures in the README and
-bench/RESULTS.md)."""
+also runs lossd without the bound and a bare gRPC server as the anchor
+(figures in the README and bench/RESULTS.md)."""
 from __future__ import annotations
 
 import sys

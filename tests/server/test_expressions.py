@@ -36,6 +36,8 @@ from lossd_server.losses.expressions import (
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
+from keras_reference import value_and_gradient  # noqa: E402
+
 TENSORS = ("y_true", "y_pred")
 PARAMS = ("delta",)
 
@@ -66,17 +68,6 @@ def tolerances(dtype):
     return {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-7, "atol": 1e-9}
 
 
-def value_and_grad(fn, y_true, y_pred):
-    """Value of fn(y_true, y_pred) and the gradient of its sum w.r.t. y_pred."""
-    y_true = tf.constant(y_true)
-    y_pred = tf.constant(y_pred)
-    with tf.GradientTape() as tape:
-        tape.watch(y_pred)
-        value = fn(y_true, y_pred)
-        total = tf.reduce_sum(value)
-    return np.asarray(value), np.asarray(tape.gradient(total, y_pred))
-
-
 # --------------------------------------------------------------------------
 # Agreement with keras.losses
 # --------------------------------------------------------------------------
@@ -88,10 +79,10 @@ def test_huber_matches_keras_value_and_gradient(dtype, delta):
     expression = compile_loss(HUBER)
     y_true, y_pred = rng_inputs(dtype, seed=int(delta * 10))
 
-    ours, our_grad = value_and_grad(
+    ours, our_grad = value_and_gradient(
         lambda t, p: expression({"y_true": t, "y_pred": p}, {"delta": delta}), y_true, y_pred
     )
-    theirs, their_grad = value_and_grad(
+    theirs, their_grad = value_and_gradient(
         lambda t, p: keras.losses.huber(t, p, delta=delta), y_true, y_pred
     )
 
@@ -183,8 +174,8 @@ def test_common_losses_match_keras(name, dtype):
     assert expression.tensors_used == {"y_true", "y_pred"}
     y_true, y_pred = make_inputs(dtype, seed=3)
 
-    ours, our_grad = value_and_grad(lambda t, p: expression({"y_true": t, "y_pred": p}, {}), y_true, y_pred)
-    theirs, their_grad = value_and_grad(reference, y_true, y_pred)
+    ours, our_grad = value_and_gradient(lambda t, p: expression({"y_true": t, "y_pred": p}, {}), y_true, y_pred)
+    theirs, their_grad = value_and_gradient(reference, y_true, y_pred)
 
     assert ours.dtype == dtype
     np.testing.assert_allclose(ours, theirs, **tolerances(dtype))
@@ -206,7 +197,7 @@ def test_works_inside_tf_function_with_unknown_shapes():
     for shape in [(3, 4), (5, 2), (1, 7)]:
         y_true, y_pred = rng_inputs(np.float32, shape=shape, seed=sum(shape))
         loss, grad = loss_and_grad(tf.constant(y_true), tf.constant(y_pred))
-        theirs, their_grad = value_and_grad(lambda t, p: keras.losses.huber(t, p, delta=0.7), y_true, y_pred)
+        theirs, their_grad = value_and_gradient(lambda t, p: keras.losses.huber(t, p, delta=0.7), y_true, y_pred)
         np.testing.assert_allclose(loss.numpy(), theirs, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(grad.numpy(), their_grad, rtol=1e-5, atol=1e-6)
     # One trace serves all shapes.

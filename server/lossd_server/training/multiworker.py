@@ -39,13 +39,27 @@ import pathlib
 import socket
 
 REPLICAS_DIR = "replicas"
+PORT_TAKEN = "WORKER_PORT_TAKEN"  # the reason of a worker's PortTaken failure
+
+
+class PortTaken(Exception):
+    """A worker could not listen on its cluster address: another process
+    took the port between ``free_addresses`` and the worker binding it. The
+    scheduler starts the job's workers once more on new ports."""
+
+    def __init__(self, index: int, address: str):
+        super().__init__(f"Worker {index} of this multi-worker job could not listen on {address}: another process "
+                         "took that port after lossd chose it and before the worker bound it. Expected the port to "
+                         "stay free; it is a race with other programs on this machine, so creating the job again "
+                         "(a new job gets new ports) helps.")
+        self.index, self.address = index, address
 
 
 def free_addresses(n: int) -> list[str]:
     """``n`` distinct ``127.0.0.1:<port>`` addresses free right now. The
-    sockets are closed before the workers bind them: if another process
-    takes a port in between, the job fails (TRAINING_ERROR) rather than
-    being retried, a known gap."""
+    sockets are closed before the workers bind them: a port another process
+    takes in between makes its worker fail with ``PortTaken``, and the
+    scheduler starts the workers once more on new ports."""
     sockets = []
     try:
         for _ in range(n):
@@ -56,6 +70,18 @@ def free_addresses(n: int) -> list[str]:
     finally:
         for s in sockets:
             s.close()
+
+
+def port_in_use(address: str) -> bool:
+    """Whether the port of ``address`` cannot be bound on every interface,
+    as TensorFlow's gRPC server binds it (``0.0.0.0:<port>``)."""
+    port = int(address.rpartition(":")[2])
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
 
 
 def tf_config(cluster: list[str], index: int) -> str:
@@ -106,7 +132,12 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
     options = tf.distribute.experimental.CommunicationOptions(
         timeout_seconds=float(config["collective_timeout"]),
         implementation=tf.distribute.experimental.CommunicationImplementation.RING)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except tf.errors.UnknownError as exc:  # "Could not start gRPC server", with no text of its own
+        if port_in_use(config["cluster"][index]):
+            raise PortTaken(index, config["cluster"][index]) from exc
+        raise
 
     spec, runtime = config["spec"], config["runtime"]
     seed = int(spec["seed"])

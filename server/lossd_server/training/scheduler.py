@@ -79,6 +79,7 @@ class _Running:
     # A multi-worker job: ``process`` is worker 0 (the chief), these the others.
     others: list = dataclasses.field(default_factory=list)
     others_done: dict = dataclasses.field(default_factory=dict)  # worker index -> its ``done`` report
+    port_retried: bool = False  # its workers were started again after one lost its port (PortTaken)
 
     @property
     def slots(self) -> int:
@@ -103,6 +104,9 @@ class Scheduler:
             each job seeing only its own.
         metrics: Optional ``lossd_server.observability.metrics.Metrics``.
     """
+
+    # The loopback addresses of a multi-worker job's workers (tests pick their own).
+    pick_addresses = staticmethod(multiworker.free_addresses)
 
     def __init__(self, settings, store: Store, artifacts: Artifacts, *, gpus: int, metrics=None):
         self.settings = settings
@@ -351,9 +355,10 @@ class Scheduler:
         with self._events:
             self._events.notify_all()
 
-    def _start_process(self, job: JobRecord, *, taken_over: bool) -> None:
+    def _start_process(self, job: JobRecord, *, taken_over: bool, port_retried: bool = False) -> None:
         """Starts the process of a job this replica claimed (one per worker
-        of a multi-worker job, each with its ``TF_CONFIG``)."""
+        of a multi-worker job, each with its ``TF_CONFIG``; ``port_retried``:
+        the second start after a worker lost its port)."""
         n_workers = jobs.workers_of(job)
         used = {g for gpus in self._gpu_of.values() for g in gpus}
         gpus = [g for g in range(self.gpus) if g not in used][:n_workers]
@@ -372,7 +377,7 @@ class Scheduler:
                                                                                        "checkpoint yet)."),
                 "replica": self.replica})
         q = self._ctx.Queue()  # one queue for all workers: their reports carry their index
-        cluster = multiworker.free_addresses(n_workers) if n_workers > 1 else None
+        cluster = self.pick_addresses(n_workers) if n_workers > 1 else None
         processes = []
         try:
             for index in range(n_workers):
@@ -393,7 +398,8 @@ class Scheduler:
             for process in processes:
                 process.kill()
             raise
-        self._running[job.id] = _Running(job.id, processes[0], q, time.time(), others=processes[1:])
+        self._running[job.id] = _Running(job.id, processes[0], q, time.time(), others=processes[1:],
+                                         port_retried=port_retried)
         self._gpu_of[job.id] = gpus
         log.info("job %s started (pid %s%s)", job.id, ", ".join(str(p.pid) for p in processes),
                  f", GPU {gpus}" if gpus else "")
@@ -461,9 +467,7 @@ class Scheduler:
                 if done.get("state") == SUCCEEDED:
                     self._finish(job, SUCCEEDED)
                 elif done.get("state") == FAILED:
-                    self._finish(job, FAILED, {"code": done.get("code", "INTERNAL"), "reason": done["reason"],
-                                               "message": redact_paths(done["message"]),
-                                               "metadata": done.get("metadata", {})})
+                    self._failed(run, job, done)
                 else:
                     self._crashed(job, run.process.exitcode)
 
@@ -488,11 +492,34 @@ class Scheduler:
                             index)
                 self._crashed(job, other.exitcode)
             else:
-                self._finish(job, FAILED, {"code": done.get("code", "INTERNAL"), "reason": done["reason"],
-                                           "message": redact_paths(done["message"]),
-                                           "metadata": done.get("metadata", {})})
+                self._failed(run, job, done)
             return True
         return False
+
+    def _failed(self, run: _Running, job: JobRecord, done: dict) -> None:
+        """Ends a job whose process reported a failure (its processes already
+        stopped). A worker that lost its port to another program in the
+        moment between ``free_addresses`` and its bind (``PortTaken``) is no
+        fault of the job: its workers start once more on new ports, not
+        counted against ``job_max_retries``; a second loss fails the job
+        with the worker's message, which says so."""
+        error = {"code": done.get("code", "INTERNAL"), "reason": done["reason"],
+                 "message": redact_paths(done["message"]), "metadata": done.get("metadata", {})}
+        if done["reason"] != multiworker.PORT_TAKEN or run.port_retried:
+            self._finish(job, FAILED, error)
+            return
+        address = error["metadata"].get("address", "its address")
+        text = (f"Worker {error['metadata'].get('worker', '?')} could not listen on {address}: another program "
+                "took the port first. Starting the job's workers again on new ports (not counted as a retry).")
+        log.warning("job %s: %s", job.id, text)
+        self._running.pop(job.id, None)
+        self._gpu_of.pop(job.id, None)
+        try:
+            self.store.append_event(job.id, "message", {"text": text, "address": address})
+            self._start_process(job, taken_over=False, port_retried=True)
+        except Exception:  # noqa: BLE001 - no second start: the job ends with the worker's own report
+            log.warning("job %s: its workers could not be started again", job.id, exc_info=True)
+            self._finish(job, FAILED, error)
 
     def _crashed(self, job: JobRecord, exitcode: Optional[int]) -> None:
         """A job whose process ended without reporting: queued again to resume

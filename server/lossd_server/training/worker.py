@@ -152,6 +152,11 @@ def failure_report(exc: BaseException) -> dict:
                 "metadata": {"step": exc.step, "epoch": exc.epoch}}
     if isinstance(exc, WorkerLost):
         return {"state": "failed", "code": "UNAVAILABLE", "reason": "WORKER_LOST", "message": str(exc)}
+    from lossd_server.training.multiworker import PORT_TAKEN, PortTaken
+
+    if isinstance(exc, PortTaken):
+        return {"state": "failed", "code": "UNAVAILABLE", "reason": PORT_TAKEN, "message": str(exc),
+                "metadata": {"worker": str(exc.index), "address": exc.address}}
     if _is_disk_full(exc):
         return {"state": "failed", "code": "RESOURCE_EXHAUSTED", "reason": "DISK_FULL",
                 "message": "Training stopped: the server's disk is full, so the job's checkpoint or model could "

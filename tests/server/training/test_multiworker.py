@@ -5,15 +5,18 @@ the server it runs under (``srv.stop``) or by the test itself."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import time
 
 import numpy as np
 import pytest
 
 import lossd
+from lossd_server.training import multiworker
 from servers import alive, lossd_servers
 
 pytestmark = pytest.mark.slow
@@ -229,6 +232,65 @@ def test_a_resumed_job_finishes_its_epochs(mw_server, mw_client):
     assert len(history["loss"]) == 40
     digests = [json.loads((job_dir / "replicas" / f"worker-{i}.json").read_text())["epochs"] for i in (0, 1)]
     assert digests[0]["40"] == digests[1]["40"]
+
+
+@contextlib.contextmanager
+def _ports_taken(scheduler, starts: int):
+    """For the next ``starts`` multi-worker starts, another program (this
+    test's real listening socket) holds worker 1's port from the moment the
+    scheduler chose it: the race ``free_addresses`` cannot rule out, made
+    certain. Yields the addresses taken."""
+    taken, sockets = [], []
+
+    def pick(n):
+        addresses = multiworker.free_addresses(n)
+        if len(taken) < starts:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", int(addresses[1].rpartition(":")[2])))
+            sock.listen()
+            sockets.append(sock)
+            taken.append(addresses[1])
+        return addresses
+
+    scheduler.pick_addresses = pick
+    try:
+        yield taken
+    finally:
+        del scheduler.pick_addresses  # the class's own again
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_port_taken_before_its_worker_binds_it_starts_the_workers_again(mw_server, mw_client):
+    """Worker 1's port taken by another program: the worker cannot listen,
+    the scheduler starts both workers again on new ports, and the job
+    succeeds, with an event that says what happened and no retry spent."""
+    with _ports_taken(mw_server.training.scheduler, 1) as taken:
+        job = mw_client.create_job("mlp", "digits", workers=2, model_params=MLP, epochs=1, steps_per_epoch=2,
+                                   batch_size=32)
+        done = mw_client.wait(job, progress=False, timeout=120)
+    assert done.state == "succeeded", done.error
+    assert len(taken) == 1
+    messages = [e.message for e in mw_client.watch(job) if e.kind == "message"]
+    assert [m for m in messages if "could not listen" in m] == [
+        f"Worker 1 could not listen on {taken[0]}: another program took the port first. Starting the job's "
+        "workers again on new ports (not counted as a retry)."], messages
+    assert mw_server.training.store.get_job(job.id).retries == 0
+
+
+def test_a_port_taken_twice_fails_the_job_saying_so(mw_server, mw_client):
+    with _ports_taken(mw_server.training.scheduler, 2) as taken:
+        job = mw_client.create_job("mlp", "digits", workers=2, model_params=MLP, epochs=1, steps_per_epoch=2,
+                                   batch_size=32)
+        done = mw_client.wait(job, progress=False, timeout=120)
+    assert len(taken) == 2 and taken[0] != taken[1]
+    assert done.state == "failed", done
+    assert (done.error.code.name, done.error.reason) == ("UNAVAILABLE", "WORKER_PORT_TAKEN"), done.error
+    assert done.error.metadata == {"worker": "1", "address": taken[1]}
+    assert done.error.message.startswith(f"Worker 1 of this multi-worker job could not listen on {taken[1]}: "
+                                         "another process took that port"), done.error.message
+    assert "creating the job again (a new job gets new ports) helps" in done.error.message
+    assert mw_server.training.store.get_job(job.id).retries == 0
 
 
 def test_cancel_stops_every_worker(mw_server, mw_client):

@@ -4,7 +4,8 @@ PostgreSQL (tests/postgres.py). Retried creates make one job whichever
 replica they reach, a loss registered on one replica evaluates on the
 other within a second, a job created on one is watched from the other, and
 a replica killed with SIGKILL has its job resumed by another from the
-checkpoint."""
+checkpoint. A burst of creates spread over replicas in three processes
+admits exactly ``max_queued_jobs`` and a token's ``max_jobs``."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ import concurrent.futures
 import json
 import pathlib
 import subprocess
+import threading
 import time
 
+import grpc
 import numpy as np
 import psycopg
 import pytest
 
 import lossd
+from grpc_errors import reason_of
+from lossd.v1 import training_service_pb2 as tpb
+from lossd.v1 import training_service_pb2_grpc as tpb_grpc
 from servers import alive, kill_group, lossd_servers, serve_process
 
 # Short leases: a dead replica's job is taken over within seconds.
@@ -222,6 +228,74 @@ def test_a_replica_that_lost_its_lease_stops_its_copy_and_any_replica_can_cancel
     assert len(took_over) == 1
     assert [e.state for e in events if e.kind == "state"] == ["queued", "running", "running", "cancelling",
                                                               "cancelled"]
+
+
+# -- job limits hold across replicas ------------------------------------------------------------------------------
+
+QUEUE_LIMIT, ALICE_JOBS = 5, 3
+
+
+def _create_burst(addresses: list[str], token: str, n: int) -> tuple[list[str], list[tuple]]:
+    """``n`` CreateJob calls at once, spread round the ``addresses``; returns
+    the names of the jobs made and ``(code, reason)`` of each refusal."""
+    channels = [grpc.insecure_channel(a) for a in addresses]
+    try:
+        stubs = [tpb_grpc.TrainingServiceStub(c) for c in channels]
+        spec = tpb.JobSpec(dataset="digits", epochs=1, steps_per_epoch=1)
+        spec.model.preset = "mlp"
+        barrier = threading.Barrier(n)
+
+        def create(i: int):
+            barrier.wait(30)  # all at once: the count and the insert race, unless they are one step
+            try:
+                return stubs[i % len(stubs)].CreateJob(tpb.CreateJobRequest(spec=spec), timeout=60,
+                                                       metadata=[("authorization", f"Bearer {token}")]).name
+            except grpc.RpcError as exc:
+                return exc.code(), reason_of(exc)
+
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(create, range(n)))
+    finally:
+        for channel in channels:
+            channel.close()
+    return [r for r in results if isinstance(r, str)], [r for r in results if not isinstance(r, str)]
+
+
+def test_a_burst_of_creates_over_three_replica_processes_admits_exactly_the_job_limits(
+        postgres, tmp_path, tmp_path_factory, create_token):
+    # Three processes (one in this one, two `lossd serve`): a lock within one
+    # process cannot order the counts, only one in the shared database can.
+    # No job slots anywhere, so every admitted job stays queued.
+    url, tokens_file = postgres.create_database(), tmp_path / "tokens.jsonl"
+    tokens = {"alice": create_token(tokens_file, "alice", "train", "--max-jobs", str(ALICE_JOBS)),
+              "bob": create_token(tokens_file, "bob", "train")}
+    env = {"LOSSD_DATABASE_URL": url, "LOSSD_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+           "LOSSD_TOKENS_FILE": str(tokens_file), "LOSSD_MAX_CONCURRENT_JOBS": "0",
+           "LOSSD_MAX_QUEUED_JOBS": str(QUEUE_LIMIT)}
+    procs = []
+    try:
+        with lossd_servers(tmp_path_factory, database_url=url, artifacts_dir=tmp_path / "artifacts",
+                           tokens_file=tokens_file, max_concurrent_jobs=0, max_queued_jobs=QUEUE_LIMIT) as start:
+            addresses = [f"127.0.0.1:{start().port}"]
+            for i in range(2):
+                proc, address = serve_process(tmp_path / f"data-{i}", tmp_path / f"serve-{i}.log", env,
+                                              token=tokens["bob"])
+                procs.append(proc)
+                addresses.append(address)
+
+            made, refused = _create_burst(addresses, tokens["alice"], 24)
+            assert len(made) == ALICE_JOBS, made
+            assert set(refused) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "CALLER_JOB_LIMIT")}
+
+            made_by_bob, refused = _create_burst(addresses, tokens["bob"], 24)
+            assert len(made_by_bob) == QUEUE_LIMIT - ALICE_JOBS, made_by_bob
+            assert set(refused) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_JOBS")}
+        with psycopg.connect(url) as db:
+            stored = db.execute("SELECT owner, state, COUNT(*) FROM jobs GROUP BY owner, state").fetchall()
+        assert sorted(stored) == [("alice", "queued", ALICE_JOBS), ("bob", "queued", QUEUE_LIMIT - ALICE_JOBS)]
+    finally:
+        for proc in procs:
+            kill_group(proc)
 
 
 # -- a replica killed with SIGKILL -------------------------------------------------------------------------------

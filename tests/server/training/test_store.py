@@ -161,6 +161,47 @@ def test_concurrent_creates_with_one_request_id_make_one_job(open_store):
     assert replicas[0].counts_by_state() == {"queued": 10}
 
 
+
+class _Full(Exception):
+    pass
+
+
+def test_creates_on_four_stores_count_and_insert_as_one_step(open_store):
+    # Four stores on one database: for SQLite as four processes on one file
+    # (a connection and a lock each), for PostgreSQL as four replicas. The
+    # pause between the count and the insert is where a create on another
+    # store would slip in, were the two not one step.
+    replicas = [open_store() for _ in range(4)]
+    limit, alice_limit, made, refused = 5, 2, [], []
+
+    def admit_for(owner: str):
+        def admit(count) -> None:
+            queued, mine = count(["queued"]), count(["queued", "running"], owner)
+            time.sleep(0.02)
+            if queued >= limit or (owner == "alice" and mine >= alice_limit):
+                raise _Full(queued)
+        return admit
+
+    def create(n: int, who: str) -> None:
+        for k in range(4):
+            job = JobRecord(id=f"{who}{n}-{k}", spec={}, runtime={}, model_kind="classifier", owner=who)
+            try:
+                made.append(replicas[n].create_job(job, admit_for(who))[0].id)
+            except _Full:
+                refused.append(job.id)
+
+    threads = [threading.Thread(target=create, args=(n, who)) for n in range(4)
+               for who in ("alice", "bob")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(made) == limit and len(refused) == 32 - limit
+    assert sorted(replicas[1].counts_by_state().items()) == [("queued", limit)]
+    assert len([j for j in made if j.startswith("alice")]) <= alice_limit
+    assert replicas[2].get_job(made[0]) is not None and all(replicas[3].get_job(j) is None for j in refused)
+
+
 def test_an_unreachable_database_is_unavailable_and_a_restarted_one_is_used_again(tmp_path):
     from postgres import running_postgres
 

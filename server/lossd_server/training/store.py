@@ -11,6 +11,12 @@ versioned migrations (``MIGRATIONS``, recorded in ``schema_version``); what
 the two dialects write differently (a column type, a row lock, a JSON field)
 is in ``Dialect`` and nowhere else.
 
+Paths of files under the artifacts folder (an uploaded dataset's file, the
+dataset a job trains on) are stored relative to it and resolved, when read,
+against the artifacts folder of the process that reads them: replicas may
+mount the shared folder at different paths (``relative_path``,
+``resolve_path``).
+
 Everything a restart needs is here: a job's spec, state, times, error and
 latest progress, the lease of the replica running it, every event it
 emitted (WatchJob replays them), and each registered loss as one row.
@@ -102,6 +108,9 @@ CREATE TABLE versions (
     value INTEGER NOT NULL
 )
 """),
+    # Paths under the artifacts folder become relative to it: no SQL, the
+    # rows are rewritten by ``Store._relative_paths``.
+    (3, ""),
 )
 # Columns SQLite databases made before ``schema_version`` existed may lack;
 # they gain them before version 1 is recorded. Rows from before owners get
@@ -183,6 +192,31 @@ def _decode_token(token: str) -> int:
     except (ValueError, UnicodeDecodeError, binascii.Error):
         raise InvalidArgument(f"Invalid page_token. Expected the next_page_token of a previous ListJobs "
                               f"response. Received: {token[:64]!r}.", reason="BAD_PAGE_TOKEN") from None
+
+
+def relative_path(path: str, root: Optional[pathlib.Path]) -> str:
+    """``path`` (a file this process reaches, absolute or from its working
+    folder) as stored: relative to the artifacts folder ``root`` when it
+    lies under it (also when one of them is reached through a symlink),
+    else absolute (a folder dataset outside it), or as it is when no
+    ``root`` is known."""
+    if not path or root is None:
+        return path
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    for base, target in ((root, path), (os.path.realpath(root), os.path.realpath(path))):
+        try:
+            return pathlib.PurePath(target).relative_to(base).as_posix()
+        except ValueError:
+            continue
+    return path
+
+
+def resolve_path(stored: str, root: Optional[pathlib.Path]) -> str:
+    """A stored path as this process reaches it: under its artifacts folder
+    ``root`` when relative; an absolute one (outside it) as it is."""
+    if not stored or root is None or os.path.isabs(stored):
+        return stored
+    return os.path.join(os.path.abspath(root), stored)
 
 
 class Quarantine:
@@ -313,13 +347,18 @@ class Store:
         shared: Whether other processes (replicas) use the same database:
             then jobs are only ever taken over through expired leases,
             never because this process starts.
+        artifacts_root: This process's artifacts folder
+            (``artifacts.artifacts_root``): paths under it are stored
+            relative to it and read back under it. None stores paths as
+            given (a store that holds no artifacts' paths).
     """
 
     dialect: Dialect = SQLITE
     shared = False
 
-    def __init__(self, quarantine: Quarantine):
+    def __init__(self, quarantine: Quarantine, artifacts_root: Optional[pathlib.Path] = None):
         self.quarantine = quarantine
+        self.artifacts_root = pathlib.Path(artifacts_root) if artifacts_root is not None else None
 
     # -- what each backend provides ------------------------------------------------
 
@@ -356,9 +395,35 @@ class Store:
                         db.execute(statement)
                 if version == 1:
                     self._unversioned_columns(db)
+                if version == 3:
+                    self._relative_paths(db)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
                 have = version
         return have
+
+    def _relative_paths(self, db: _Connection) -> None:
+        """Version 3: the absolute paths under ``artifacts_root`` that older
+        servers stored (a dataset's ``path``, a job's ``dataset_path``)
+        become relative to it. A row that cannot be read is left for the
+        checks at open (``_drop_malformed_jobs``)."""
+        for table, key, column, field in (("datasets", "name", "info", "path"),
+                                          ("jobs", "id", "runtime", "dataset_path")):
+            for row in db.execute(f"SELECT {key}, {column} FROM {table}").fetchall():
+                try:
+                    value = json.loads(row[column])
+                    stored = relative_path(value[field], self.artifacts_root)
+                except (ValueError, TypeError, KeyError):
+                    continue
+                if stored != value[field]:
+                    db.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?",
+                               (json.dumps({**value, field: stored}), row[key]))
+
+    def _with_path(self, data: dict, field: str, convert: Callable[[str, Optional[pathlib.Path]], str]) -> dict:
+        """``data`` with its path ``field`` converted (``relative_path`` to
+        store, ``resolve_path`` to read); ``data`` itself is not changed."""
+        if not isinstance(data, dict) or not isinstance(data.get(field), str):
+            return data
+        return {**data, field: convert(data[field], self.artifacts_root)}
 
     def schema_version(self) -> int:
         with self._read() as db:
@@ -392,10 +457,10 @@ class Store:
 
     # -- jobs ------------------------------------------------------------------
 
-    @staticmethod
-    def _job(row) -> JobRecord:
+    def _job(self, row) -> JobRecord:
         return JobRecord(
-            id=row["id"], spec=json.loads(row["spec"]), runtime=json.loads(row["runtime"]),
+            id=row["id"], spec=json.loads(row["spec"]),
+            runtime=self._with_path(json.loads(row["runtime"]), "dataset_path", resolve_path),
             model_kind=row["model_kind"], state=row["state"], create_time=row["create_time"],
             start_time=row["start_time"], end_time=row["end_time"],
             error=json.loads(row["error"]) if row["error"] else None, progress=json.loads(row["progress"]),
@@ -440,7 +505,7 @@ class Store:
                 "INSERT INTO jobs (id, request_id, display_name, spec, runtime, model_kind, state, create_time,"
                 " progress, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (job.id, job.request_id or None, job.display_name, json.dumps(job.spec),
-                 json.dumps(job.runtime), job.model_kind, job.state, job.create_time, json.dumps(job.progress),
+                 json.dumps(self._with_path(job.runtime, "dataset_path", relative_path)), job.model_kind, job.state, job.create_time, json.dumps(job.progress),
                  job.owner)).rowcount
             if inserted:
                 self._append(db, job.id, "state", {"state": job.state}, job.create_time)
@@ -612,13 +677,14 @@ class Store:
             db.execute("INSERT INTO datasets (name, info, create_time, owner) VALUES (?, ?, ?, ?)"
                        " ON CONFLICT (name) DO UPDATE SET info = excluded.info, create_time = excluded.create_time,"
                        " owner = excluded.owner",
-                       (name, json.dumps(info), info.get("create_time") or time.time(), owner))
+                       (name, json.dumps(self._with_path(info, "path", relative_path)),
+                        info.get("create_time") or time.time(), owner))
 
     def get_dataset(self, name: str) -> Optional[dict]:
         """A dataset's info, with its ``owner``; None when there is none of that name."""
         with self._read() as db:
             row = db.execute("SELECT info, owner FROM datasets WHERE name = ?", (name,)).fetchone()
-        return {**json.loads(row["info"]), "owner": row["owner"] or NO_OWNER} if row is not None else None
+        return self._dataset(row) if row is not None else None
 
     def delete_dataset(self, name: str) -> bool:
         """Removes a dataset's record; returns whether there was one."""
@@ -639,7 +705,10 @@ class Store:
         """Every dataset's info, with its ``owner``, by name."""
         with self._read() as db:
             rows = db.execute("SELECT info, owner FROM datasets ORDER BY name").fetchall()
-        return [{**json.loads(r["info"]), "owner": r["owner"] or NO_OWNER} for r in rows]
+        return [self._dataset(r) for r in rows]
+
+    def _dataset(self, row) -> dict:
+        return {**self._with_path(json.loads(row["info"]), "path", resolve_path), "owner": row["owner"] or NO_OWNER}
 
     # -- registered losses -----------------------------------------------------
 
@@ -711,16 +780,17 @@ class SqliteStore(Store):
             quarantine at open. ``jobs.check_record`` in the server.
         quarantine: Where unreadable state goes; ``<folder of path>/quarantine``
             by default.
+        artifacts_root: As ``Store.artifacts_root``.
     """
 
     dialect = SQLITE
     shared = False
 
     def __init__(self, path: pathlib.Path, *, check_job: Optional[Callable[[JobRecord], None]] = None,
-                 quarantine: Optional[Quarantine] = None):
+                 quarantine: Optional[Quarantine] = None, artifacts_root: Optional[pathlib.Path] = None):
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        super().__init__(quarantine or Quarantine(path.parent / QUARANTINE_DIR))
+        super().__init__(quarantine or Quarantine(path.parent / QUARANTINE_DIR), artifacts_root)
         self.path = path
         self._lock = threading.RLock()
         try:
@@ -800,6 +870,7 @@ class PostgresStore(Store):
         check_job: As for ``SqliteStore``.
         pool_size: Most connections this replica opens.
         connect_timeout: How long opening waits for the database.
+        artifacts_root: As ``Store.artifacts_root``.
 
     Raises:
         ConnectionError: the database cannot be reached within ``connect_timeout``.
@@ -809,11 +880,11 @@ class PostgresStore(Store):
     shared = True
 
     def __init__(self, url: str, *, quarantine: Quarantine, check_job: Optional[Callable[[JobRecord], None]] = None,
-                 pool_size: int = 8, connect_timeout: float = 10.0):
+                 pool_size: int = 8, connect_timeout: float = 10.0, artifacts_root: Optional[pathlib.Path] = None):
         from psycopg.rows import dict_row  # the server extra: imported only when PostgreSQL is used
         from psycopg_pool import ConnectionPool, PoolTimeout
 
-        super().__init__(quarantine)
+        super().__init__(quarantine, artifacts_root)
         self.url = url
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
                                     kwargs={"autocommit": True, "row_factory": dict_row},

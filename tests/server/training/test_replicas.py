@@ -5,7 +5,9 @@ replica they reach, a loss registered on one replica evaluates on the
 other within a second, a job created on one is watched from the other, and
 a replica killed with SIGKILL has its job resumed by another from the
 checkpoint. A burst of creates spread over replicas in three processes
-admits exactly ``max_queued_jobs`` and a token's ``max_jobs``."""
+admits exactly ``max_queued_jobs`` and a token's ``max_jobs``. A dataset
+uploaded through a replica that mounts the artifacts at one path trains
+and is deleted through one that mounts them at another."""
 
 from __future__ import annotations
 
@@ -228,6 +230,48 @@ def test_a_replica_that_lost_its_lease_stops_its_copy_and_any_replica_can_cancel
     assert len(took_over) == 1
     assert [e.state for e in events if e.kind == "state"] == ["queued", "running", "running", "cancelling",
                                                               "cancelled"]
+
+
+# -- the artifacts folder at different paths ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_dataset_uploaded_where_the_artifacts_are_at_one_path_trains_where_they_are_at_another(
+        backend, request, tmp_path, tmp_path_factory):
+    # One folder, two mount points (symlinks): the first replica's is gone
+    # (unmounted) by the time the second trains on what it stored.
+    real = tmp_path / "volume"
+    real.mkdir()
+    mount_a, mount_b = tmp_path / "mount-a", tmp_path / "mount-b"
+    mount_a.symlink_to(real)
+    mount_b.symlink_to(real)
+    rng = np.random.default_rng(5)
+    upload = tmp_path / "shapes.npz"
+    np.savez(upload, x=rng.integers(0, 255, (24, 8, 8), dtype=np.uint8), y=np.arange(24) % 3)
+    # SQLite: one data directory (its database) for both; PostgreSQL: one each.
+    shared = {"data_dir": tmp_path / "data"} if backend == "sqlite" else \
+        {"database_url": request.getfixturevalue("postgres").create_database()}
+    with lossd_servers(tmp_path_factory, job_lease_seconds=LEASE_SECONDS, shared_state_poll_seconds=0.2) as start:
+        a = start(**shared, artifacts_dir=mount_a, max_concurrent_jobs=1 if backend == "sqlite" else 0)
+        with _client(a) as ca:
+            stored = ca.upload_dataset(upload, "shapes")
+            # On PostgreSQL the job is created here (no slots) and run by the other replica.
+            queued = ca.create_job("mlp", "shapes", epochs=1, steps_per_epoch=2, batch_size=8) \
+                if backend == "postgresql" else None
+        a.stop(0)  # SQLite: the database is one process's, so the second server comes after
+        mount_a.unlink()
+        b = start(**shared, artifacts_dir=mount_b, max_concurrent_jobs=1)
+        with _client(b, 120) as cb:
+            listed = {d.name: d for d in cb.list_datasets()}
+            assert listed["shapes"].examples == 24 and listed["shapes"].size_bytes == stored.size_bytes
+            job = queued or cb.create_job("mlp", "shapes", epochs=1, steps_per_epoch=2, batch_size=8)
+            finished = cb.wait(job, progress=False, timeout=120)
+            assert finished.state == "succeeded", finished.error
+            assert finished.spec["dataset"] == "shapes"
+            files = list((real / "datasets").glob("shapes@*.npz"))
+            assert len(files) == 1
+            cb.delete_dataset("shapes")  # the record, and the file through this replica's path
+            assert not files[0].exists()
+            assert "shapes" not in {d.name for d in cb.list_datasets()}
 
 
 # -- job limits hold across replicas ------------------------------------------------------------------------------

@@ -1,16 +1,22 @@
 """The job store, on both backends (SQLite and a real PostgreSQL): persistence
 across reopening, idempotent creates, stable paging, events in order, the
-schema's versions, and job leases."""
+schema's versions, job leases, and paths under the artifacts folder stored
+relative to it (version 3 rewrites what older versions stored absolute)."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from lossd_server.errors import InvalidArgument
-from lossd_server.training.store import MIGRATIONS, JobRecord, PostgresStore, Quarantine, SqliteStore
+from lossd_server.training import datasets
+from lossd_server.training.store import (MIGRATIONS, POSTGRES, SQLITE, JobRecord, PostgresStore, Quarantine,
+                                         SqliteStore)
 
 
 def _job(i: int, request_id=None) -> JobRecord:
@@ -247,3 +253,104 @@ def test_a_database_that_never_answers_is_one_clear_error_without_the_password(t
     message = str(refused.value)
     assert "cannot connect to the PostgreSQL database at postgresql://lossd:***@127.0.0.1:" in message, message
     assert "s3cret-pw" not in message
+
+
+# -- paths under the artifacts folder ---------------------------------------------------------------------------
+
+def _version_2_database(backend: str, request, tmp_path, rows: list[tuple[str, tuple]]):
+    """A database as version 2 wrote it (its migrations' SQL, then ``rows``
+    as ``(INSERT with ?, values)``); returns ``open(**options)`` for a store on it."""
+    dialect = SQLITE if backend == "sqlite" else POSTGRES
+    statements = [stmt for _, script in MIGRATIONS if _ <= 2 for stmt in script.format(**dialect.types).split(";")
+                  if stmt.strip()]
+    statements += ["CREATE TABLE schema_version (version INTEGER NOT NULL)",
+                   "INSERT INTO schema_version (version) VALUES (1)", "INSERT INTO schema_version (version) VALUES (2)"]
+    if backend == "sqlite":
+        path = tmp_path / "old.sqlite3"
+        with sqlite3.connect(path) as db:
+            for stmt in statements:
+                db.execute(stmt)
+            for sql, values in rows:
+                db.execute(sql, values)
+        db.close()
+        return lambda **options: SqliteStore(path, **options)
+    import psycopg
+
+    url = request.getfixturevalue("postgres").create_database()
+    with psycopg.connect(url) as db:
+        for stmt in statements:
+            db.execute(stmt)
+        for sql, values in rows:
+            db.execute(dialect.sql(sql), values)
+    return lambda **options: PostgresStore(url, quarantine=Quarantine(tmp_path / "quarantine"), **options)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_version_3_makes_absolute_paths_under_the_artifacts_folder_relative_and_readable_elsewhere(
+        backend, request, tmp_path):
+    # Version 2 stored the paths a replica reached the folder by (mount-a);
+    # the replica that migrates reaches it by mount-b, and mount-a is gone after.
+    real = tmp_path / "volume"
+    (real / "datasets").mkdir(parents=True)
+    mount_a, mount_b = tmp_path / "mount-a", tmp_path / "mount-b"
+    mount_a.symlink_to(real)
+    mount_b.symlink_to(real)
+    x, y = np.arange(6 * 4 * 4, dtype=np.uint8).reshape(6, 4, 4, 1), np.arange(6) % 2
+    datasets.save_arrays(real / "datasets" / "up@abc.npz", x, y, ["a", "b"])
+    old_path, outside = str(mount_a / "datasets" / "up@abc.npz"), str(tmp_path / "elsewhere" / "folder")
+    info = {"name": "up", "source": "upload", "examples": 6, "image_shape": [4, 4, 1], "class_names": ["a", "b"],
+            "create_time": 1.0, "size_bytes": 10, "path": old_path, "owner": ""}
+    insert_dataset = "INSERT INTO datasets (name, info, create_time, owner) VALUES (?, ?, ?, ?)"
+    insert_job = ("INSERT INTO jobs (id, spec, runtime, model_kind, state, create_time) "
+                  "VALUES (?, ?, ?, 'classifier', 'queued', 1.0)")
+    rows = [(insert_dataset, ("up", json.dumps(info), 1.0, "")),
+            (insert_dataset, ("far", json.dumps({**info, "name": "far", "source": "folder", "path": outside}), 1.0,
+                              "")),
+            (insert_job, ("j1", json.dumps({"dataset": "up"}), json.dumps({"dataset_source": "upload",
+                                                                           "dataset_path": old_path}))),
+            (insert_job, ("j2", "{}", "not json"))]  # left to the checks at open
+    opener = _version_2_database(backend, request, tmp_path, rows)
+    store = opener(artifacts_root=mount_b)
+    try:
+        assert store.schema_version() == 3
+        mount_a.unlink()
+        with store._read() as db:
+            raw = {r["name"]: json.loads(r["info"])["path"] for r in db.execute("SELECT name, info FROM datasets")}
+            runtime = db.execute("SELECT runtime FROM jobs WHERE id = 'j1'").fetchone()["runtime"]
+        assert raw == {"up": "datasets/up@abc.npz", "far": outside}
+        assert json.loads(runtime)["dataset_path"] == "datasets/up@abc.npz"
+        up = store.get_dataset("up")
+        assert up["path"] == str(mount_b / "datasets" / "up@abc.npz")
+        loaded_x, loaded_y, names = datasets.load_arrays(up["path"])
+        np.testing.assert_array_equal(loaded_x, x)
+        np.testing.assert_array_equal(loaded_y, y)
+        assert names == ["a", "b"]
+        assert store.get_job("j1").runtime["dataset_path"] == up["path"]
+        assert {d["name"]: d["path"] for d in store.list_datasets()} == {"up": up["path"], "far": outside}
+    finally:
+        store.close()
+    # Another replica, at yet another path, reads the same rows under its own.
+    again = opener(artifacts_root=real)
+    try:
+        assert again.get_dataset("up")["path"] == str(real / "datasets" / "up@abc.npz")
+        assert again.get_job("j1").runtime["dataset_path"] == str(real / "datasets" / "up@abc.npz")
+    finally:
+        again.close()
+
+
+def test_new_records_store_paths_relative_to_the_artifacts_folder(open_store, tmp_path):
+    root = tmp_path / "artifacts"
+    store = open_store()
+    store.artifacts_root = root  # as opened by a server with this artifacts folder
+    path = str(root / "datasets" / "new@x.npz")
+    store.put_dataset("new", {"name": "new", "path": path, "size_bytes": 1})
+    runtime = {"dataset_source": "upload", "dataset_path": path}
+    store.create_job(JobRecord(id="j", spec={}, runtime=runtime, model_kind="classifier"))
+    assert runtime["dataset_path"] == path  # the caller's dict is its own
+    with store._read() as db:
+        assert json.loads(db.execute("SELECT info FROM datasets").fetchone()["info"])["path"] == "datasets/new@x.npz"
+        assert json.loads(db.execute("SELECT runtime FROM jobs").fetchone()["runtime"])["dataset_path"] == \
+            "datasets/new@x.npz"
+    store.artifacts_root = tmp_path / "elsewhere"
+    assert store.get_dataset("new")["path"] == str(tmp_path / "elsewhere" / "datasets" / "new@x.npz")
+    assert store.get_job("j").runtime["dataset_path"] == str(tmp_path / "elsewhere" / "datasets" / "new@x.npz")

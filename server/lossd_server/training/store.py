@@ -12,10 +12,10 @@ the two dialects write differently (a column type, a row lock, a JSON field)
 is in ``Dialect`` and nowhere else.
 
 Paths of files under the artifacts folder (an uploaded dataset's file, the
-dataset a job trains on) are stored relative to it and resolved, when read,
-against the artifacts folder of the process that reads them: replicas may
-mount the shared folder at different paths (``relative_path``,
-``resolve_path``).
+dataset a job trains on) are stored relative to it, and those of folder
+datasets relative to the dataset root; when read they are resolved against
+the folders of the process that reads them, so replicas may mount the
+shared folders at different paths (``relative_path``, ``resolve_path``).
 
 Everything a restart needs is here: a job's spec, state, times, error and
 latest progress, the lease of the replica running it, every event it
@@ -112,6 +112,9 @@ CREATE TABLE versions (
     # rows are rewritten by ``Store._relative_paths``.
     (3, ""),
 )
+# The path fields of stored JSON (a dataset's info, a job's runtime) and the
+# field beside each that names the dataset's source (``Store._with_path``).
+_PATH_SOURCES = {"path": "source", "dataset_path": "dataset_source"}
 # Columns SQLite databases made before ``schema_version`` existed may lack;
 # they gain them before version 1 is recorded. Rows from before owners get
 # the owner '' (NO_OWNER): only admins see them (``Caller.owns``).
@@ -351,14 +354,18 @@ class Store:
             (``artifacts.artifacts_root``): paths under it are stored
             relative to it and read back under it. None stores paths as
             given (a store that holds no artifacts' paths).
+        dataset_root: This process's ``dataset_root``: the same for the
+            paths of folder datasets (source ``folder``).
     """
 
     dialect: Dialect = SQLITE
     shared = False
 
-    def __init__(self, quarantine: Quarantine, artifacts_root: Optional[pathlib.Path] = None):
+    def __init__(self, quarantine: Quarantine, artifacts_root: Optional[pathlib.Path] = None,
+                 dataset_root: Optional[pathlib.Path] = None):
         self.quarantine = quarantine
         self.artifacts_root = pathlib.Path(artifacts_root) if artifacts_root is not None else None
+        self.dataset_root = pathlib.Path(dataset_root) if dataset_root is not None else None
 
     # -- what each backend provides ------------------------------------------------
 
@@ -402,28 +409,30 @@ class Store:
         return have
 
     def _relative_paths(self, db: _Connection) -> None:
-        """Version 3: the absolute paths under ``artifacts_root`` that older
-        servers stored (a dataset's ``path``, a job's ``dataset_path``)
-        become relative to it. A row that cannot be read is left for the
-        checks at open (``_drop_malformed_jobs``)."""
+        """Version 3: the absolute paths under ``artifacts_root`` (and
+        ``dataset_root``) that older servers stored (a dataset's ``path``, a
+        job's ``dataset_path``) become relative to it. A row that cannot be
+        read is left for the checks at open (``_drop_malformed_jobs``)."""
         for table, key, column, field in (("datasets", "name", "info", "path"),
                                           ("jobs", "id", "runtime", "dataset_path")):
             for row in db.execute(f"SELECT {key}, {column} FROM {table}").fetchall():
                 try:
                     value = json.loads(row[column])
-                    stored = relative_path(value[field], self.artifacts_root)
-                except (ValueError, TypeError, KeyError):
+                    stored = self._with_path(value, field, relative_path)
+                except (ValueError, TypeError, KeyError, AttributeError):
                     continue
-                if stored != value[field]:
-                    db.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?",
-                               (json.dumps({**value, field: stored}), row[key]))
+                if stored != value:
+                    db.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (json.dumps(stored), row[key]))
 
     def _with_path(self, data: dict, field: str, convert: Callable[[str, Optional[pathlib.Path]], str]) -> dict:
-        """``data`` with its path ``field`` converted (``relative_path`` to
-        store, ``resolve_path`` to read); ``data`` itself is not changed."""
+        """``data`` (a dataset's info, a job's runtime) with its path
+        ``field`` converted (``relative_path`` to store, ``resolve_path`` to
+        read) against the root its source's files live under; ``data``
+        itself is not changed."""
         if not isinstance(data, dict) or not isinstance(data.get(field), str):
             return data
-        return {**data, field: convert(data[field], self.artifacts_root)}
+        source = data.get(_PATH_SOURCES[field])
+        return {**data, field: convert(data[field], self.dataset_root if source == "folder" else self.artifacts_root)}
 
     def schema_version(self) -> int:
         with self._read() as db:
@@ -505,7 +514,8 @@ class Store:
                 "INSERT INTO jobs (id, request_id, display_name, spec, runtime, model_kind, state, create_time,"
                 " progress, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (job.id, job.request_id or None, job.display_name, json.dumps(job.spec),
-                 json.dumps(self._with_path(job.runtime, "dataset_path", relative_path)), job.model_kind, job.state, job.create_time, json.dumps(job.progress),
+                 json.dumps(self._with_path(job.runtime, "dataset_path", relative_path)), job.model_kind,
+                 job.state, job.create_time, json.dumps(job.progress),
                  job.owner)).rowcount
             if inserted:
                 self._append(db, job.id, "state", {"state": job.state}, job.create_time)
@@ -780,17 +790,18 @@ class SqliteStore(Store):
             quarantine at open. ``jobs.check_record`` in the server.
         quarantine: Where unreadable state goes; ``<folder of path>/quarantine``
             by default.
-        artifacts_root: As ``Store.artifacts_root``.
+        artifacts_root, dataset_root: As for ``Store``.
     """
 
     dialect = SQLITE
     shared = False
 
     def __init__(self, path: pathlib.Path, *, check_job: Optional[Callable[[JobRecord], None]] = None,
-                 quarantine: Optional[Quarantine] = None, artifacts_root: Optional[pathlib.Path] = None):
+                 quarantine: Optional[Quarantine] = None, artifacts_root: Optional[pathlib.Path] = None,
+                 dataset_root: Optional[pathlib.Path] = None):
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        super().__init__(quarantine or Quarantine(path.parent / QUARANTINE_DIR), artifacts_root)
+        super().__init__(quarantine or Quarantine(path.parent / QUARANTINE_DIR), artifacts_root, dataset_root)
         self.path = path
         self._lock = threading.RLock()
         try:
@@ -870,7 +881,7 @@ class PostgresStore(Store):
         check_job: As for ``SqliteStore``.
         pool_size: Most connections this replica opens.
         connect_timeout: How long opening waits for the database.
-        artifacts_root: As ``Store.artifacts_root``.
+        artifacts_root, dataset_root: As for ``Store``.
 
     Raises:
         ConnectionError: the database cannot be reached within ``connect_timeout``.
@@ -880,11 +891,12 @@ class PostgresStore(Store):
     shared = True
 
     def __init__(self, url: str, *, quarantine: Quarantine, check_job: Optional[Callable[[JobRecord], None]] = None,
-                 pool_size: int = 8, connect_timeout: float = 10.0, artifacts_root: Optional[pathlib.Path] = None):
+                 pool_size: int = 8, connect_timeout: float = 10.0, artifacts_root: Optional[pathlib.Path] = None,
+                 dataset_root: Optional[pathlib.Path] = None):
         from psycopg.rows import dict_row  # the server extra: imported only when PostgreSQL is used
         from psycopg_pool import ConnectionPool, PoolTimeout
 
-        super().__init__(quarantine, artifacts_root)
+        super().__init__(quarantine, artifacts_root, dataset_root)
         self.url = url
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
                                     kwargs={"autocommit": True, "row_factory": dict_row},

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import pathlib
+import shutil
 import subprocess
 import threading
 import time
@@ -27,6 +28,7 @@ import lossd
 from grpc_errors import reason_of
 from lossd.v1 import training_service_pb2 as tpb
 from lossd.v1 import training_service_pb2_grpc as tpb_grpc
+from digit_files import write_class_folders
 from servers import alive, kill_group, lossd_servers, serve_process
 
 # Short leases: a dead replica's job is taken over within seconds.
@@ -237,13 +239,16 @@ def test_a_replica_that_lost_its_lease_stops_its_copy_and_any_replica_can_cancel
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_dataset_uploaded_where_the_artifacts_are_at_one_path_trains_where_they_are_at_another(
         backend, request, tmp_path, tmp_path_factory):
-    # One folder, two mount points (symlinks): the first replica's is gone
-    # (unmounted) by the time the second trains on what it stored.
-    real = tmp_path / "volume"
+    # The artifacts folder with two mount points (symlinks), and the dataset
+    # root at two paths (copies: the server stores a folder's real path, which
+    # a symlink would not change): the first replica's are gone (unmounted)
+    # by the time the second trains on what it stored.
+    real, pictures_a = tmp_path / "volume", write_class_folders(tmp_path / "pics-a" / "small", 30).parent
     real.mkdir()
+    pictures_b = shutil.copytree(pictures_a, tmp_path / "pics-b")
     mount_a, mount_b = tmp_path / "mount-a", tmp_path / "mount-b"
-    mount_a.symlink_to(real)
-    mount_b.symlink_to(real)
+    for link in (mount_a, mount_b):
+        link.symlink_to(real)
     rng = np.random.default_rng(5)
     upload = tmp_path / "shapes.npz"
     np.savez(upload, x=rng.integers(0, 255, (24, 8, 8), dtype=np.uint8), y=np.arange(24) % 3)
@@ -251,22 +256,24 @@ def test_a_dataset_uploaded_where_the_artifacts_are_at_one_path_trains_where_the
     shared = {"data_dir": tmp_path / "data"} if backend == "sqlite" else \
         {"database_url": request.getfixturevalue("postgres").create_database()}
     with lossd_servers(tmp_path_factory, job_lease_seconds=LEASE_SECONDS, shared_state_poll_seconds=0.2) as start:
-        a = start(**shared, artifacts_dir=mount_a, max_concurrent_jobs=1 if backend == "sqlite" else 0)
+        a = start(**shared, artifacts_dir=mount_a, dataset_root=pictures_a,
+                  max_concurrent_jobs=1 if backend == "sqlite" else 0)
+        tiny = dict(epochs=1, steps_per_epoch=2, batch_size=8)
         with _client(a) as ca:
             stored = ca.upload_dataset(upload, "shapes")
-            # On PostgreSQL the job is created here (no slots) and run by the other replica.
-            queued = ca.create_job("mlp", "shapes", epochs=1, steps_per_epoch=2, batch_size=8) \
-                if backend == "postgresql" else None
+            # On PostgreSQL the jobs are created here (no slots) and run by the other replica.
+            queued = [ca.create_job("mlp", ref, **tiny) for ref in ("shapes", "folder:small")] \
+                if backend == "postgresql" else []
         a.stop(0)  # SQLite: the database is one process's, so the second server comes after
         mount_a.unlink()
-        b = start(**shared, artifacts_dir=mount_b, max_concurrent_jobs=1)
+        shutil.rmtree(pictures_a)
+        b = start(**shared, artifacts_dir=mount_b, dataset_root=pictures_b, max_concurrent_jobs=2)
         with _client(b, 120) as cb:
             listed = {d.name: d for d in cb.list_datasets()}
             assert listed["shapes"].examples == 24 and listed["shapes"].size_bytes == stored.size_bytes
-            job = queued or cb.create_job("mlp", "shapes", epochs=1, steps_per_epoch=2, batch_size=8)
-            finished = cb.wait(job, progress=False, timeout=120)
-            assert finished.state == "succeeded", finished.error
-            assert finished.spec["dataset"] == "shapes"
+            for job in queued or [cb.create_job("mlp", ref, **tiny) for ref in ("shapes", "folder:small")]:
+                finished = cb.wait(job, progress=False, timeout=120)
+                assert finished.state == "succeeded", (finished.spec["dataset"], finished.error)
             files = list((real / "datasets").glob("shapes@*.npz"))
             assert len(files) == 1
             cb.delete_dataset("shapes")  # the record, and the file through this replica's path

@@ -298,6 +298,10 @@ def test_version_3_makes_absolute_paths_under_the_artifacts_folder_relative_and_
     x, y = np.arange(6 * 4 * 4, dtype=np.uint8).reshape(6, 4, 4, 1), np.arange(6) % 2
     datasets.save_arrays(real / "datasets" / "up@abc.npz", x, y, ["a", "b"])
     old_path, outside = str(mount_a / "datasets" / "up@abc.npz"), str(tmp_path / "elsewhere" / "folder")
+    pictures = tmp_path / "pictures"  # the dataset root, also reached by two paths
+    (pictures / "small").mkdir(parents=True)
+    (tmp_path / "pictures-a").symlink_to(pictures)
+    (tmp_path / "pictures-b").symlink_to(pictures)
     info = {"name": "up", "source": "upload", "examples": 6, "image_shape": [4, 4, 1], "class_names": ["a", "b"],
             "create_time": 1.0, "size_bytes": 10, "path": old_path, "owner": ""}
     insert_dataset = "INSERT INTO datasets (name, info, create_time, owner) VALUES (?, ?, ?, ?)"
@@ -308,17 +312,22 @@ def test_version_3_makes_absolute_paths_under_the_artifacts_folder_relative_and_
                               "")),
             (insert_job, ("j1", json.dumps({"dataset": "up"}), json.dumps({"dataset_source": "upload",
                                                                            "dataset_path": old_path}))),
-            (insert_job, ("j2", "{}", "not json"))]  # left to the checks at open
+            (insert_job, ("j2", "{}", "not json")),  # left to the checks at open
+            (insert_job, ("j3", json.dumps({"dataset": "folder:small"}), json.dumps(
+                {"dataset_source": "folder", "dataset_path": str(tmp_path / "pictures-a" / "small")})))]
     opener = _version_2_database(backend, request, tmp_path, rows)
-    store = opener(artifacts_root=mount_b)
+    store = opener(artifacts_root=mount_b, dataset_root=tmp_path / "pictures-b")
     try:
         assert store.schema_version() == 3
         mount_a.unlink()
+        (tmp_path / "pictures-a").unlink()
         with store._read() as db:
             raw = {r["name"]: json.loads(r["info"])["path"] for r in db.execute("SELECT name, info FROM datasets")}
-            runtime = db.execute("SELECT runtime FROM jobs WHERE id = 'j1'").fetchone()["runtime"]
+            runtimes = {r["id"]: json.loads(r["runtime"])["dataset_path"]
+                        for r in db.execute("SELECT id, runtime FROM jobs")}
         assert raw == {"up": "datasets/up@abc.npz", "far": outside}
-        assert json.loads(runtime)["dataset_path"] == "datasets/up@abc.npz"
+        assert runtimes == {"j1": "datasets/up@abc.npz", "j3": "small"}  # j2 went to the quarantine
+        assert store.get_job("j3").runtime["dataset_path"] == str(tmp_path / "pictures-b" / "small")
         up = store.get_dataset("up")
         assert up["path"] == str(mount_b / "datasets" / "up@abc.npz")
         loaded_x, loaded_y, names = datasets.load_arrays(up["path"])
@@ -330,15 +339,16 @@ def test_version_3_makes_absolute_paths_under_the_artifacts_folder_relative_and_
     finally:
         store.close()
     # Another replica, at yet another path, reads the same rows under its own.
-    again = opener(artifacts_root=real)
+    again = opener(artifacts_root=real, dataset_root=pictures)
     try:
         assert again.get_dataset("up")["path"] == str(real / "datasets" / "up@abc.npz")
         assert again.get_job("j1").runtime["dataset_path"] == str(real / "datasets" / "up@abc.npz")
+        assert again.get_job("j3").runtime["dataset_path"] == str(pictures / "small")
     finally:
         again.close()
 
 
-def test_new_records_store_paths_relative_to_the_artifacts_folder(open_store, tmp_path):
+def test_new_records_store_paths_relative_to_the_artifacts_folder_and_the_dataset_root(open_store, tmp_path):
     root = tmp_path / "artifacts"
     store = open_store()
     store.artifacts_root = root  # as opened by a server with this artifacts folder
@@ -351,6 +361,10 @@ def test_new_records_store_paths_relative_to_the_artifacts_folder(open_store, tm
         assert json.loads(db.execute("SELECT info FROM datasets").fetchone()["info"])["path"] == "datasets/new@x.npz"
         assert json.loads(db.execute("SELECT runtime FROM jobs").fetchone()["runtime"])["dataset_path"] == \
             "datasets/new@x.npz"
-    store.artifacts_root = tmp_path / "elsewhere"
+    store.dataset_root = tmp_path / "pictures"
+    store.create_job(JobRecord(id="f", spec={}, model_kind="classifier", runtime={
+        "dataset_source": "folder", "dataset_path": str(tmp_path / "pictures" / "small")}))
+    store.artifacts_root, store.dataset_root = tmp_path / "elsewhere", tmp_path / "pics"
     assert store.get_dataset("new")["path"] == str(tmp_path / "elsewhere" / "datasets" / "new@x.npz")
     assert store.get_job("j").runtime["dataset_path"] == str(tmp_path / "elsewhere" / "datasets" / "new@x.npz")
+    assert store.get_job("f").runtime["dataset_path"] == str(tmp_path / "pics" / "small")

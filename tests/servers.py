@@ -49,12 +49,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_process(data_dir: pathlib.Path, log: pathlib.Path, env: Optional[dict] = None
-                  ) -> tuple[subprocess.Popen, str]:
+def serve_process(data_dir: pathlib.Path, log: pathlib.Path, env: Optional[dict] = None, *,
+                  token: Optional[str] = None) -> tuple[subprocess.Popen, str]:
     """Starts the real `lossd serve` command on a free port, with ``data_dir``,
     in a process group of its own (``kill_group`` ends it with its job
     processes), its output appended to ``log``; ``env`` adds variables
-    (``LOSSD_*`` settings). Returns the process and its address once it answers."""
+    (``LOSSD_*`` settings). Returns the process and its address once it
+    answers (asked with ``token``, for a server with a tokens file)."""
     import lossd
 
     port = free_port()
@@ -65,7 +66,7 @@ def serve_process(data_dir: pathlib.Path, log: pathlib.Path, env: Optional[dict]
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 90
-    with lossd.Client(address, timeout=2) as client:
+    with lossd.Client(address, timeout=2, token=token) as client:
         while True:
             try:
                 client.list_jobs(limit=1)

@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-import threading
 import uuid
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from lossd.wire import DEFAULT_REDUCTION
 from lossd_server.callers import ANONYMOUS, Caller
@@ -40,7 +39,6 @@ DEFAULT_VALIDATION_SPLIT = 0.2
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 65_536
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
-_queue_lock = threading.Lock()  # the queued-jobs count and the insert, as one step
 
 
 def lookup(store: Store, job_id: str, caller: Caller = ANONYMOUS) -> JobRecord:
@@ -123,20 +121,24 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
                     request_id=request_id or None, display_name=display_name[:200],
                     progress={"epochs_completed": 0, "epochs": normalized["epochs"]}, owner=caller.name)
     catalog.require_free_space("the new job")
-    with _queue_lock:
-        if request_id:  # a retry of a create that won meanwhile gets its job, whatever the limits
-            existing = _retried(store, request_id, caller)
-            if existing is not None:
-                return existing, False
-        queued = len(store.jobs_in_states([QUEUED]))
-        limit = getattr(settings, "max_queued_jobs", None)
-        if limit is not None and queued >= limit:
-            raise ResourceExhausted(
-                f"Too many queued jobs. Expected at most {limit} (max_queued_jobs) waiting to run. "
-                f"Received: a job while {queued} are queued; wait for some to finish or cancel some.",
-                reason="TOO_MANY_JOBS", metadata={"queued": str(queued), "limit": str(limit)})
-        _check_caller_jobs(store, caller)
-        job, created = store.create_job(job)  # a concurrent create with the same request_id may win
+    limit = getattr(settings, "max_queued_jobs", None)
+
+    def admit(count) -> None:
+        # In the insert's transaction, after the store's create lock: the
+        # counts are of every replica's committed jobs, and no create on any
+        # replica inserts between this count and this insert.
+        if limit is not None:
+            queued = count([QUEUED])
+            if queued >= limit:
+                raise ResourceExhausted(
+                    f"Too many queued jobs. Expected at most {limit} (max_queued_jobs) waiting to run. "
+                    f"Received: a job while {queued} are queued; wait for some to finish or cancel some.",
+                    reason="TOO_MANY_JOBS", metadata={"queued": str(queued), "limit": str(limit)})
+        _check_caller_jobs(count, caller)
+
+    # A retry of a create that won meanwhile gets its job, whatever the limits;
+    # a concurrent create with the same request_id may win.
+    job, created = store.create_job(job, admit)
     if not created:
         _check_request_id_owner(job, caller)
     if created:
@@ -144,12 +146,13 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
     return job, created
 
 
-def _check_caller_jobs(store: Store, caller: Caller) -> None:
-    """Refuses a job past the caller's ``max_jobs`` (call under ``_queue_lock``)."""
+def _check_caller_jobs(count: Callable[..., int], caller: Caller) -> None:
+    """Refuses a job past the caller's ``max_jobs``; ``count`` is the one
+    ``Store.create_job`` gives its ``admit``."""
     limit = caller.limits.max_jobs
     if limit is None:
         return
-    active = store.count_jobs([QUEUED, RUNNING, CANCELLING], caller.name)
+    active = count([QUEUED, RUNNING, CANCELLING], caller.name)
     if active >= limit:
         raise ResourceExhausted(
             f"Too many jobs of yours. Expected at most {limit} queued or running at once (the max_jobs of "

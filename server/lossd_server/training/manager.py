@@ -33,18 +33,21 @@ STORE_FILE = "lossd.sqlite3"
 
 def open_store(settings) -> Store:
     """The server's store: PostgreSQL at ``settings.database_url`` when set,
-    else SQLite under ``settings.data_dir``. Unreadable state found at open
+    else SQLite under ``settings.data_dir``; paths under the artifacts folder
+    (``artifacts_root``) and the dataset root are stored relative to them. Unreadable state found at open
     is in ``store.quarantine`` (a job row is checked by ``jobs.check_record``).
 
     Raises:
         StartupError: the database cannot be reached.
     """
-    data_dir = pathlib.Path(settings.data_dir)
+    data_dir, root = pathlib.Path(settings.data_dir), artifacts_root(settings)
     if not settings.database_url:
-        return SqliteStore(data_dir / STORE_FILE, check_job=jobs.check_record)
+        return SqliteStore(data_dir / STORE_FILE, check_job=jobs.check_record, artifacts_root=root,
+                           dataset_root=settings.dataset_root)
     try:
         return PostgresStore(settings.database_url, quarantine=Quarantine(data_dir / QUARANTINE_DIR),
-                             check_job=jobs.check_record, pool_size=settings.database_pool_size)
+                             check_job=jobs.check_record, pool_size=settings.database_pool_size,
+                             artifacts_root=root, dataset_root=settings.dataset_root)
     except ConnectionError as exc:
         raise StartupError(f"{exc} (set LOSSD_DATABASE_URL or --database-url)") from None
 

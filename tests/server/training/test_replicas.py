@@ -4,21 +4,31 @@ PostgreSQL (tests/postgres.py). Retried creates make one job whichever
 replica they reach, a loss registered on one replica evaluates on the
 other within a second, a job created on one is watched from the other, and
 a replica killed with SIGKILL has its job resumed by another from the
-checkpoint."""
+checkpoint. A burst of creates spread over replicas in three processes
+admits exactly ``max_queued_jobs`` and a token's ``max_jobs``. A dataset
+uploaded through a replica that mounts the artifacts at one path trains
+and is deleted through one that mounts them at another."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
 import pathlib
+import shutil
 import subprocess
+import threading
 import time
 
+import grpc
 import numpy as np
 import psycopg
 import pytest
 
 import lossd
+from grpc_errors import reason_of
+from lossd.v1 import training_service_pb2 as tpb
+from lossd.v1 import training_service_pb2_grpc as tpb_grpc
+from digit_files import write_class_folders
 from servers import alive, kill_group, lossd_servers, serve_process
 
 # Short leases: a dead replica's job is taken over within seconds.
@@ -222,6 +232,121 @@ def test_a_replica_that_lost_its_lease_stops_its_copy_and_any_replica_can_cancel
     assert len(took_over) == 1
     assert [e.state for e in events if e.kind == "state"] == ["queued", "running", "running", "cancelling",
                                                               "cancelled"]
+
+
+# -- the artifacts folder at different paths ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_dataset_uploaded_where_the_artifacts_are_at_one_path_trains_where_they_are_at_another(
+        backend, request, tmp_path, tmp_path_factory):
+    # The artifacts folder with two mount points (symlinks), and the dataset
+    # root at two paths (copies: the server stores a folder's real path, which
+    # a symlink would not change): the first replica's are gone (unmounted)
+    # by the time the second trains on what it stored.
+    real, pictures_a = tmp_path / "volume", write_class_folders(tmp_path / "pics-a" / "small", 30).parent
+    real.mkdir()
+    pictures_b = shutil.copytree(pictures_a, tmp_path / "pics-b")
+    mount_a, mount_b = tmp_path / "mount-a", tmp_path / "mount-b"
+    for link in (mount_a, mount_b):
+        link.symlink_to(real)
+    rng = np.random.default_rng(5)
+    upload = tmp_path / "shapes.npz"
+    np.savez(upload, x=rng.integers(0, 255, (24, 8, 8), dtype=np.uint8), y=np.arange(24) % 3)
+    # SQLite: one data directory (its database) for both; PostgreSQL: one each.
+    shared = {"data_dir": tmp_path / "data"} if backend == "sqlite" else \
+        {"database_url": request.getfixturevalue("postgres").create_database()}
+    with lossd_servers(tmp_path_factory, job_lease_seconds=LEASE_SECONDS, shared_state_poll_seconds=0.2) as start:
+        a = start(**shared, artifacts_dir=mount_a, dataset_root=pictures_a,
+                  max_concurrent_jobs=1 if backend == "sqlite" else 0)
+        tiny = dict(epochs=1, steps_per_epoch=2, batch_size=8)
+        with _client(a) as ca:
+            stored = ca.upload_dataset(upload, "shapes")
+            # On PostgreSQL the jobs are created here (no slots) and run by the other replica.
+            queued = [ca.create_job("mlp", ref, **tiny) for ref in ("shapes", "folder:small")] \
+                if backend == "postgresql" else []
+        a.stop(0)  # SQLite: the database is one process's, so the second server comes after
+        mount_a.unlink()
+        shutil.rmtree(pictures_a)
+        b = start(**shared, artifacts_dir=mount_b, dataset_root=pictures_b, max_concurrent_jobs=2)
+        with _client(b, 120) as cb:
+            listed = {d.name: d for d in cb.list_datasets()}
+            assert listed["shapes"].examples == 24 and listed["shapes"].size_bytes == stored.size_bytes
+            for job in queued or [cb.create_job("mlp", ref, **tiny) for ref in ("shapes", "folder:small")]:
+                finished = cb.wait(job, progress=False, timeout=120)
+                assert finished.state == "succeeded", (finished.spec["dataset"], finished.error)
+            files = list((real / "datasets").glob("shapes@*.npz"))
+            assert len(files) == 1
+            cb.delete_dataset("shapes")  # the record, and the file through this replica's path
+            assert not files[0].exists()
+            assert "shapes" not in {d.name for d in cb.list_datasets()}
+
+
+# -- job limits hold across replicas ------------------------------------------------------------------------------
+
+QUEUE_LIMIT, ALICE_JOBS = 5, 3
+
+
+def _create_burst(addresses: list[str], token: str, n: int) -> tuple[list[str], list[tuple]]:
+    """``n`` CreateJob calls at once, spread round the ``addresses``; returns
+    the names of the jobs made and ``(code, reason)`` of each refusal."""
+    channels = [grpc.insecure_channel(a) for a in addresses]
+    try:
+        stubs = [tpb_grpc.TrainingServiceStub(c) for c in channels]
+        spec = tpb.JobSpec(dataset="digits", epochs=1, steps_per_epoch=1)
+        spec.model.preset = "mlp"
+        barrier = threading.Barrier(n)
+
+        def create(i: int):
+            barrier.wait(30)  # all at once: the count and the insert race, unless they are one step
+            try:
+                return stubs[i % len(stubs)].CreateJob(tpb.CreateJobRequest(spec=spec), timeout=60,
+                                                       metadata=[("authorization", f"Bearer {token}")]).name
+            except grpc.RpcError as exc:
+                return exc.code(), reason_of(exc)
+
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(create, range(n)))
+    finally:
+        for channel in channels:
+            channel.close()
+    return [r for r in results if isinstance(r, str)], [r for r in results if not isinstance(r, str)]
+
+
+def test_a_burst_of_creates_over_three_replica_processes_admits_exactly_the_job_limits(
+        postgres, tmp_path, tmp_path_factory, create_token):
+    # Three processes (one in this one, two `lossd serve`): a lock within one
+    # process cannot order the counts, only one in the shared database can.
+    # No job slots anywhere, so every admitted job stays queued.
+    url, tokens_file = postgres.create_database(), tmp_path / "tokens.jsonl"
+    tokens = {"alice": create_token(tokens_file, "alice", "train", "--max-jobs", str(ALICE_JOBS)),
+              "bob": create_token(tokens_file, "bob", "train")}
+    env = {"LOSSD_DATABASE_URL": url, "LOSSD_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+           "LOSSD_TOKENS_FILE": str(tokens_file), "LOSSD_MAX_CONCURRENT_JOBS": "0",
+           "LOSSD_MAX_QUEUED_JOBS": str(QUEUE_LIMIT)}
+    procs = []
+    try:
+        with lossd_servers(tmp_path_factory, database_url=url, artifacts_dir=tmp_path / "artifacts",
+                           tokens_file=tokens_file, max_concurrent_jobs=0, max_queued_jobs=QUEUE_LIMIT) as start:
+            addresses = [f"127.0.0.1:{start().port}"]
+            for i in range(2):
+                proc, address = serve_process(tmp_path / f"data-{i}", tmp_path / f"serve-{i}.log", env,
+                                              token=tokens["bob"])
+                procs.append(proc)
+                addresses.append(address)
+
+            made, refused = _create_burst(addresses, tokens["alice"], 24)
+            assert len(made) == ALICE_JOBS, made
+            assert set(refused) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "CALLER_JOB_LIMIT")}
+
+            made_by_bob, refused = _create_burst(addresses, tokens["bob"], 24)
+            assert len(made_by_bob) == QUEUE_LIMIT - ALICE_JOBS, made_by_bob
+            assert set(refused) == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_JOBS")}
+        with psycopg.connect(url) as db:
+            stored = db.execute("SELECT owner, state, COUNT(*) FROM jobs GROUP BY owner, state").fetchall()
+        assert sorted(stored) == [("alice", "queued", ALICE_JOBS), ("bob", "queued", QUEUE_LIMIT - ALICE_JOBS)]
+    finally:
+        for proc in procs:
+            kill_group(proc)
 
 
 # -- a replica killed with SIGKILL -------------------------------------------------------------------------------

@@ -1,17 +1,23 @@
 """The job store, on both backends (SQLite and a real PostgreSQL): persistence
 across reopening, idempotent creates, stable paging, events in order, the
-schema's versions, and job leases."""
+schema's versions, job leases, and paths under the artifacts folder stored
+relative to it (version 3 rewrites what older versions stored absolute)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import sqlite3
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from lossd_server.errors import InvalidArgument
-from lossd_server.training.store import MIGRATIONS, JobRecord, PostgresStore, Quarantine, SqliteStore
+from lossd_server.training import datasets
+from lossd_server.training.store import (MIGRATIONS, POSTGRES, SQLITE, JobRecord, PostgresStore, Quarantine,
+                                         SqliteStore)
 
 
 def _job(i: int, request_id=None) -> JobRecord:
@@ -181,6 +187,47 @@ def test_concurrent_creates_with_one_request_id_make_one_job(open_store):
     assert replicas[0].counts_by_state() == {"queued": 10}
 
 
+
+class _Full(Exception):
+    pass
+
+
+def test_creates_on_four_stores_count_and_insert_as_one_step(open_store):
+    # Four stores on one database: for SQLite as four processes on one file
+    # (a connection and a lock each), for PostgreSQL as four replicas. The
+    # pause between the count and the insert is where a create on another
+    # store would slip in, were the two not one step.
+    replicas = [open_store() for _ in range(4)]
+    limit, alice_limit, made, refused = 5, 2, [], []
+
+    def admit_for(owner: str):
+        def admit(count) -> None:
+            queued, mine = count(["queued"]), count(["queued", "running"], owner)
+            time.sleep(0.02)
+            if queued >= limit or (owner == "alice" and mine >= alice_limit):
+                raise _Full(queued)
+        return admit
+
+    def create(n: int, who: str) -> None:
+        for k in range(4):
+            job = JobRecord(id=f"{who}{n}-{k}", spec={}, runtime={}, model_kind="classifier", owner=who)
+            try:
+                made.append(replicas[n].create_job(job, admit_for(who))[0].id)
+            except _Full:
+                refused.append(job.id)
+
+    threads = [threading.Thread(target=create, args=(n, who)) for n in range(4)
+               for who in ("alice", "bob")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(made) == limit and len(refused) == 32 - limit
+    assert sorted(replicas[1].counts_by_state().items()) == [("queued", limit)]
+    assert len([j for j in made if j.startswith("alice")]) <= alice_limit
+    assert replicas[2].get_job(made[0]) is not None and all(replicas[3].get_job(j) is None for j in refused)
+
+
 def test_an_unreachable_database_is_unavailable_and_a_restarted_one_is_used_again(tmp_path):
     from postgres import running_postgres
 
@@ -274,3 +321,118 @@ def test_a_database_that_never_answers_is_one_clear_error_without_the_password(t
     message = str(refused.value)
     assert "cannot connect to the PostgreSQL database at postgresql://lossd:***@127.0.0.1:" in message, message
     assert "s3cret-pw" not in message
+
+
+# -- paths under the artifacts folder ---------------------------------------------------------------------------
+
+def _version_2_database(backend: str, request, tmp_path, rows: list[tuple[str, tuple]]):
+    """A database as version 2 wrote it (its migrations' SQL, then ``rows``
+    as ``(INSERT with ?, values)``); returns ``open(**options)`` for a store on it."""
+    dialect = SQLITE if backend == "sqlite" else POSTGRES
+    statements = [stmt for _, script in MIGRATIONS if _ <= 2 for stmt in script.format(**dialect.types).split(";")
+                  if stmt.strip()]
+    statements += ["CREATE TABLE schema_version (version INTEGER NOT NULL)",
+                   "INSERT INTO schema_version (version) VALUES (1)", "INSERT INTO schema_version (version) VALUES (2)"]
+    if backend == "sqlite":
+        path = tmp_path / "old.sqlite3"
+        with sqlite3.connect(path) as db:
+            for stmt in statements:
+                db.execute(stmt)
+            for sql, values in rows:
+                db.execute(sql, values)
+        db.close()
+        return lambda **options: SqliteStore(path, **options)
+    import psycopg
+
+    url = request.getfixturevalue("postgres").create_database()
+    with psycopg.connect(url) as db:
+        for stmt in statements:
+            db.execute(stmt)
+        for sql, values in rows:
+            db.execute(dialect.sql(sql), values)
+    return lambda **options: PostgresStore(url, quarantine=Quarantine(tmp_path / "quarantine"), **options)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_version_3_makes_absolute_paths_under_the_artifacts_folder_relative_and_readable_elsewhere(
+        backend, request, tmp_path):
+    # Version 2 stored the paths a replica reached the folder by (mount-a);
+    # the replica that migrates reaches it by mount-b, and mount-a is gone after.
+    real = tmp_path / "volume"
+    (real / "datasets").mkdir(parents=True)
+    mount_a, mount_b = tmp_path / "mount-a", tmp_path / "mount-b"
+    mount_a.symlink_to(real)
+    mount_b.symlink_to(real)
+    x, y = np.arange(6 * 4 * 4, dtype=np.uint8).reshape(6, 4, 4, 1), np.arange(6) % 2
+    datasets.save_arrays(real / "datasets" / "up@abc.npz", x, y, ["a", "b"])
+    old_path, outside = str(mount_a / "datasets" / "up@abc.npz"), str(tmp_path / "elsewhere" / "folder")
+    pictures = tmp_path / "pictures"  # the dataset root, also reached by two paths
+    (pictures / "small").mkdir(parents=True)
+    (tmp_path / "pictures-a").symlink_to(pictures)
+    (tmp_path / "pictures-b").symlink_to(pictures)
+    info = {"name": "up", "source": "upload", "examples": 6, "image_shape": [4, 4, 1], "class_names": ["a", "b"],
+            "create_time": 1.0, "size_bytes": 10, "path": old_path, "owner": ""}
+    insert_dataset = "INSERT INTO datasets (name, info, create_time, owner) VALUES (?, ?, ?, ?)"
+    insert_job = ("INSERT INTO jobs (id, spec, runtime, model_kind, state, create_time) "
+                  "VALUES (?, ?, ?, 'classifier', 'queued', 1.0)")
+    rows = [(insert_dataset, ("up", json.dumps(info), 1.0, "")),
+            (insert_dataset, ("far", json.dumps({**info, "name": "far", "source": "folder", "path": outside}), 1.0,
+                              "")),
+            (insert_job, ("j1", json.dumps({"dataset": "up"}), json.dumps({"dataset_source": "upload",
+                                                                           "dataset_path": old_path}))),
+            (insert_job, ("j2", "{}", "not json")),  # left to the checks at open
+            (insert_job, ("j3", json.dumps({"dataset": "folder:small"}), json.dumps(
+                {"dataset_source": "folder", "dataset_path": str(tmp_path / "pictures-a" / "small")})))]
+    opener = _version_2_database(backend, request, tmp_path, rows)
+    store = opener(artifacts_root=mount_b, dataset_root=tmp_path / "pictures-b")
+    try:
+        assert store.schema_version() == 3
+        mount_a.unlink()
+        (tmp_path / "pictures-a").unlink()
+        with store._read() as db:
+            raw = {r["name"]: json.loads(r["info"])["path"] for r in db.execute("SELECT name, info FROM datasets")}
+            runtimes = {r["id"]: json.loads(r["runtime"])["dataset_path"]
+                        for r in db.execute("SELECT id, runtime FROM jobs")}
+        assert raw == {"up": "datasets/up@abc.npz", "far": outside}
+        assert runtimes == {"j1": "datasets/up@abc.npz", "j3": "small"}  # j2 went to the quarantine
+        assert store.get_job("j3").runtime["dataset_path"] == str(tmp_path / "pictures-b" / "small")
+        up = store.get_dataset("up")
+        assert up["path"] == str(mount_b / "datasets" / "up@abc.npz")
+        loaded_x, loaded_y, names = datasets.load_arrays(up["path"])
+        np.testing.assert_array_equal(loaded_x, x)
+        np.testing.assert_array_equal(loaded_y, y)
+        assert names == ["a", "b"]
+        assert store.get_job("j1").runtime["dataset_path"] == up["path"]
+        assert {d["name"]: d["path"] for d in store.list_datasets()} == {"up": up["path"], "far": outside}
+    finally:
+        store.close()
+    # Another replica, at yet another path, reads the same rows under its own.
+    again = opener(artifacts_root=real, dataset_root=pictures)
+    try:
+        assert again.get_dataset("up")["path"] == str(real / "datasets" / "up@abc.npz")
+        assert again.get_job("j1").runtime["dataset_path"] == str(real / "datasets" / "up@abc.npz")
+        assert again.get_job("j3").runtime["dataset_path"] == str(pictures / "small")
+    finally:
+        again.close()
+
+
+def test_new_records_store_paths_relative_to_the_artifacts_folder_and_the_dataset_root(open_store, tmp_path):
+    root = tmp_path / "artifacts"
+    store = open_store()
+    store.artifacts_root = root  # as opened by a server with this artifacts folder
+    path = str(root / "datasets" / "new@x.npz")
+    store.put_dataset("new", {"name": "new", "path": path, "size_bytes": 1})
+    runtime = {"dataset_source": "upload", "dataset_path": path}
+    store.create_job(JobRecord(id="j", spec={}, runtime=runtime, model_kind="classifier"))
+    assert runtime["dataset_path"] == path  # the caller's dict is its own
+    with store._read() as db:
+        assert json.loads(db.execute("SELECT info FROM datasets").fetchone()["info"])["path"] == "datasets/new@x.npz"
+        assert json.loads(db.execute("SELECT runtime FROM jobs").fetchone()["runtime"])["dataset_path"] == \
+            "datasets/new@x.npz"
+    store.dataset_root = tmp_path / "pictures"
+    store.create_job(JobRecord(id="f", spec={}, model_kind="classifier", runtime={
+        "dataset_source": "folder", "dataset_path": str(tmp_path / "pictures" / "small")}))
+    store.artifacts_root, store.dataset_root = tmp_path / "elsewhere", tmp_path / "pics"
+    assert store.get_dataset("new")["path"] == str(tmp_path / "elsewhere" / "datasets" / "new@x.npz")
+    assert store.get_job("j").runtime["dataset_path"] == str(tmp_path / "elsewhere" / "datasets" / "new@x.npz")
+    assert store.get_job("f").runtime["dataset_path"] == str(tmp_path / "pics" / "small")

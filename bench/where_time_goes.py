@@ -18,19 +18,24 @@ scenario) sent by the same asyncio client:
 - ``lossd``: ``lossd serve`` with its defaults;
 - ``lossd x2``: two ``lossd serve`` processes, the client's concurrency split
   between them (each gets half the requests in flight): what a second GIL
-  buys, as replicas on one host would.
+  buys, as replicas on one host would;
+- ``--variant NAME:KEY=VALUE,...`` (repeatable): ``lossd serve`` with those
+  settings in its environment, e.g. a smaller thread pool
+  (``pool4:LOSSD_WORKERS=2,LOSSD_MAX_STREAMS=2``).
 
 Each ratio is requests/s over the echo's. The memo exists only in this
 benchmark's server process (``--plumbing-server``), patched in before
 ``lossd serve`` starts.
 
 Usage: python bench/where_time_goes.py [--concurrency 1,64] [--blocks 3] [--block-seconds 4]
+       [--variant NAME:KEY=VALUE,...]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 
@@ -106,6 +111,8 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,64", help="requests in flight, comma-separated")
     parser.add_argument("--blocks", type=int, default=3, help="blocks per side and concurrency")
     parser.add_argument("--block-seconds", type=float, default=4.0)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="also lossd serve with these LOSSD_* settings in its environment (repeatable)")
     parser.add_argument("--plumbing-server", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plumbing_server is not None:
@@ -117,7 +124,15 @@ def main() -> int:
     pool = defaults.workers + defaults.max_streams
     levels = [int(c) for c in args.concurrency.split(",")]
     payloads = requests(16, np.random.default_rng(0))
-    ports = {name: free_port() for name in ("echo", "echo aio", "echo+tf+pool", "plumbing", "lossd", "lossd-b")}
+    variants = {}
+    for text in args.variant:
+        name, _, pairs = text.partition(":")
+        settings = [pair.split("=", 1) for pair in pairs.split(",") if pair]
+        if not name or not settings or any(len(pair) != 2 for pair in settings):
+            parser.error(f"--variant expects NAME:KEY=VALUE,... Received: {text!r}")
+        variants[name] = dict(settings)
+    ports = {name: free_port() for name in ("echo", "echo aio", "echo+tf+pool", "plumbing", "lossd", "lossd-b",
+                                            *variants)}
     data_dir = os.path.join("/tmp", f"lossd-bench-{os.getpid()}")
     evaluate = os.path.join(os.path.dirname(__file__), "evaluate.py")
     print(f"# lossd bench/where_time_goes.py  cpus {os.cpu_count()}  16 ragged Huber requests (1-128 x 10, own "
@@ -137,11 +152,17 @@ def main() -> int:
                      str(pool), "--echo-tensorflow"], wait_for=ready("echo+tf+pool")), \
             process([sys.executable, __file__, "--plumbing-server", *serve("plumbing")], wait_for=ready("plumbing")), \
             process([sys.executable, "-m", "lossd.cli", *serve("lossd")], wait_for=ready("lossd")), \
-            process([sys.executable, "-m", "lossd.cli", *serve("lossd-b")], wait_for=ready("lossd-b")):
+            process([sys.executable, "-m", "lossd.cli", *serve("lossd-b")], wait_for=ready("lossd-b")), \
+            contextlib.ExitStack() as stack:
+        for name, env in variants.items():
+            stack.enter_context(process([sys.executable, "-m", "lossd.cli", *serve(name)], env=env,
+                                        wait_for=ready(name)))
+
         def target(name: str) -> tuple[str, str]:
             return f"127.0.0.1:{ports[name]}", ECHO_METHOD if name.startswith("echo") else EVALUATE_METHOD
         sides = {name: [target(name)] for name in ("echo", "echo aio", "echo+tf+pool", "plumbing", "lossd")}
         sides["lossd x2"] = [target("lossd"), target("lossd-b")]
+        sides.update({name: [target(name)] for name in variants})
         asyncio.run(measure(sides, levels, args.blocks, args.block_seconds, payloads))
     return 0
 

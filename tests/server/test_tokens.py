@@ -186,3 +186,33 @@ def test_a_call_hashes_its_token_once(secured, monkeypatch):
         assert hashes(lambda: refused.append(pytest.raises(lossd.LossdError, forged.evaluate, "mse", Y, Y + 1))) == 1
         assert refused[1].value.code == grpc.StatusCode.UNAUTHENTICATED
     assert hashed and set(hashed) <= set(tokens.values()) | {tokens["alice"][:-2] + "xx"}
+
+
+def test_a_caller_found_for_one_call_never_answers_for_another(secured):
+    """``Callers.of`` takes the interceptor's caller only with the metadata
+    object of the call it was found for; any other call's metadata (another
+    token, or an equal copy) is checked on its own. So a caller cannot pass
+    from one call to the next, whatever grpcio does with contexts."""
+    from lossd_server.grpc import auth
+
+    _, tokens, path = secured
+    callers = auth.Callers(auth.load_tokens(path))
+
+    class Call:  # the one method of a servicer context that Callers.of reads
+        def __init__(self, metadata):
+            self.metadata = metadata
+
+        def invocation_metadata(self):
+            return self.metadata
+
+    alice = (("authorization", f"Bearer {tokens['alice']}"),)
+    bob = (("authorization", f"Bearer {tokens['bob']}"),)
+    found = auth._CALLER.set((alice, callers.check(alice)))
+    try:
+        assert callers.of(Call(alice)).name == "alice"
+        assert callers.of(Call(bob)).name == "bob"
+        assert callers.of(Call(tuple(list(alice)))).name == "alice"
+        with pytest.raises(auth.Unauthenticated):
+            callers.of(Call(()))
+    finally:
+        auth._CALLER.reset(found)

@@ -65,9 +65,11 @@ RATED_METHODS = (f"/{_LOSS_SERVICE}/Evaluate", f"/{_LOSS_SERVICE}/EvaluateChunke
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")
 
-# The caller AuthInterceptor found for the call running in this context (grpcio gives each
-# call a fresh contextvars.Context for its interceptors and handler, so it never leaks).
-_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("lossd_caller", default=None)
+# The caller AuthInterceptor found for the call running in this context, beside that call's
+# metadata object: grpcio gives each call a fresh contextvars.Context for its interceptors and
+# handler, and Callers.of also checks that the metadata is its own call's (the same object), so
+# a caller can never pass to another call even if a context were shared.
+_CALLER: contextvars.ContextVar[tuple[object, Caller] | None] = contextvars.ContextVar("lossd_caller", default=None)
 
 
 def token_digest(salt: bytes, token: str) -> str:
@@ -164,8 +166,11 @@ class Callers:
         metadata's token names."""
         if self.tokens is None:
             return ANONYMOUS
-        caller = _CALLER.get()
-        return caller if caller is not None else self.check(context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        found = _CALLER.get()
+        if found is not None and found[0] is metadata:
+            return found[1]
+        return self.check(metadata)
 
     def check(self, metadata) -> Caller:
         """The caller that ``metadata``'s bearer token names.
@@ -229,7 +234,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         except LossdError as error:
             handler = continuation(handler_call_details)
             return None if handler is None else _refusing(handler, error)
-        _CALLER.set(caller)  # for Callers.of: the token is hashed once per call
+        _CALLER.set((handler_call_details.invocation_metadata, caller))  # for Callers.of: one hash per call
         return continuation(handler_call_details)
 
 

@@ -118,6 +118,7 @@ def main() -> int:
     if args.plumbing_server is not None:
         return run_plumbing_server(args.plumbing_server)
 
+    from lossd.cli import unknown_variables
     from lossd_server.config import Settings
 
     defaults = Settings()
@@ -130,6 +131,10 @@ def main() -> int:
         settings = [pair.split("=", 1) for pair in pairs.split(",") if pair]
         if not name or not settings or any(len(pair) != 2 for pair in settings):
             parser.error(f"--variant expects NAME:KEY=VALUE,... Received: {text!r}")
+        # The server would only warn on its stderr, which is not shown here.
+        misspelt = unknown_variables(dict(settings), Settings.model_fields)
+        if misspelt:
+            parser.error(f"--variant {name}: {'; '.join(misspelt)}")
         variants[name] = dict(settings)
     ports = {name: free_port() for name in ("echo", "echo aio", "echo+tf+pool", "plumbing", "lossd", "lossd-b",
                                             *variants)}

@@ -187,6 +187,7 @@ class Supervisor:
         self._reports = None
         self._procs: dict[int, Any] = {}  # index -> multiprocessing.Process
         self._deaths: list[float] = []  # monotonic times of deaths while serving
+        self._serving: set[int] = set()  # the indexes of the processes that reported SERVING and live
         self._quarantined: Optional[list] = None  # what the first process quarantined, once it opened the store
         self._store_ready: dict[int, Any] = {}  # index -> the supervisor's end of its pipe, until sent
         self._held: list[socket.socket] = []
@@ -330,6 +331,7 @@ class Supervisor:
                 self._say_store_ready()
             elif kind == "serving":
                 waiting.discard(index)
+                self._serving.add(index)
             elif kind == "failed":
                 raise StartupError(value)
         self._set_alive()
@@ -354,10 +356,11 @@ class Supervisor:
                 return self._stop_all(hurry=False)
             sentinels = [p.sentinel for p in self._procs.values()]
             multiprocessing.connection.wait(sentinels, timeout=0.5)
-            self._drop_reports()
+            self._read_reports()
             for index, proc in list(self._procs.items()):
                 if proc.is_alive():
                     continue
+                self._serving.discard(index)
                 proc.join()
                 self._forget(proc)
                 now = time.monotonic()
@@ -411,6 +414,7 @@ class Supervisor:
                 log.error("process %d (pid %d) %s", index, proc.pid, _how(proc.exitcode))
                 code = 1
             self._forget(proc)
+        self._serving.clear()
         self._set_alive()
         if code == 0:
             log.info("stopped")
@@ -430,10 +434,12 @@ class Supervisor:
         except queue_module.Empty:
             return None
 
-    def _drop_reports(self) -> None:
-        """Reads what restarted processes report (nothing waits for it)."""
-        while self._next_report(0) is not None:
-            pass
+    def _read_reports(self) -> None:
+        """Reads what restarted processes report: when they serve again."""
+        while (report := self._next_report(0)) is not None:
+            if report[1] == "serving" and self._procs[report[0]].is_alive():
+                self._serving.add(report[0])
+        self._set_alive()
 
     def _failure(self, timeout: float) -> Optional[str]:
         """The StartupError a process reported before it exited, if any."""
@@ -454,7 +460,7 @@ class Supervisor:
 
     def _set_alive(self) -> None:
         if self.metrics is not None:
-            self.metrics.set_serving_processes(sum(p.is_alive() for p in self._procs.values()))
+            self.metrics.set_serving_processes(len(self._serving))
 
     def _close(self) -> None:
         if self._metrics_http is not None:

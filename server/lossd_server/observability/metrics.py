@@ -719,9 +719,9 @@ class SupervisorMetrics:
         self._collector = _SupervisorCollector(processes)
         self.registry.register(self._collector)
 
-    def set_serving_processes(self, alive: int) -> None:
-        """Sets how many serving processes run now (of ``--processes``)."""
-        self._collector.alive = alive
+    def set_serving_processes(self, serving: int) -> None:
+        """Sets how many processes serve now: started, SERVING and alive (of ``--processes``)."""
+        self._collector.serving = serving
 
     def process_restarted(self) -> None:
         """Counts one serving process that died and was started again."""
@@ -732,17 +732,18 @@ class SupervisorMetrics:
 class _SupervisorCollector(Collector):
     def __init__(self, processes: int):
         self.processes = processes
-        self.alive = 0
+        self.serving = 0
         self.restarts = 0
         self.lock = threading.Lock()
 
     def collect(self) -> Iterator:
-        alive = GaugeMetricFamily("lossd_serving_processes", "Serving processes running now, by state: "
-                                  "\"alive\" now, \"configured\" by --processes (LOSSD_PROCESSES).",
-                                  labels=("state",))
-        alive.add_metric(("alive",), self.alive)
-        alive.add_metric(("configured",), self.processes)
-        yield alive
+        processes = GaugeMetricFamily(
+            "lossd_serving_processes", "Serving processes: state=\"serving\" those that started, report SERVING "
+            "and live now; state=\"configured\" as many as --processes (LOSSD_PROCESSES) asks for.",
+            labels=("state",))
+        processes.add_metric(("serving",), self.serving)
+        processes.add_metric(("configured",), self.processes)
+        yield processes
         restarts = CounterMetricFamily("lossd_serving_process_restarts", "Serving processes that died "
                                        "(killed, out of memory, a crash) and were started again by the supervisor.")
         restarts.add_metric((), self.restarts)

@@ -165,7 +165,7 @@ class Server:
                 tls=self.metrics_tls, basic_auth=self.metrics_auth)
         except OSError as error:
             raise StartupError(bind_failure("metrics", host, port, error.errno, "metrics_host",
-                                             "metrics_port")) from error
+                                            "metrics_port")) from error
 
     def _bind(self, server: grpc.Server, port: int, what: str, port_setting: str, credentials=None) -> int:
         """Binds ``server`` to ``port`` on ``host``; a StartupError naming
@@ -186,7 +186,7 @@ class Server:
             return server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as error:  # taken since the probe, or refused for a reason the probe missed
             raise StartupError(bind_failure(what, host, port, bind_errno(host, port), "host",
-                                             port_setting)) from error
+                                            port_setting)) from error
 
     def drain(self, seconds: float, interrupted: Optional[threading.Event] = None) -> None:
         """Health turns NOT_SERVING for every service while the port stays

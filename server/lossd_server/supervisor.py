@@ -18,9 +18,10 @@ The supervisor (this process) imports neither TensorFlow nor the server:
 2. It serves the one ``/metrics`` of all processes from prometheus_client's
    multiprocess files, in a directory made fresh for this start
    (``observability.metrics.SupervisorMetrics``).
-3. It starts the first process alone; that one opens the store (migrations,
-   the quarantine) and resumes the jobs a previous server left, and says
-   so; then the others start. Only the first runs jobs (the others take
+3. It starts every process at once (their TensorFlow imports overlap), but
+   the first opens the store alone (migrations, the quarantine, resuming
+   the jobs a previous server left) and the others open it once it says
+   it has. Only the first runs jobs (the others take
    CreateJob into the shared queue, which the first claims from), and
    every process follows the others' registered losses in the store
    (``store.Follower``).
@@ -28,9 +29,10 @@ The supervisor (this process) imports neither TensorFlow nor the server:
    port for ``drain_seconds``, then ``grace_seconds``); a second signal ends
    the drains early. The processes ignore SIGINT (Ctrl-C reaches the whole
    group) and drain once however many SIGTERMs reach them (systemd signals
-   every process of a unit); the supervisor ends their drains with SIGUSR1. SIGHUP: each reloads its certificates, and the
-   supervisor the metrics port's. The supervisor exits 0 when every process
-   stopped cleanly, 1 otherwise.
+   every process of a unit); the supervisor ends their drains with SIGUSR1.
+   SIGHUP: each reloads its certificates, and the supervisor the metrics
+   port's. The supervisor exits 0 when every process stopped cleanly, 1
+   otherwise.
 5. A process that dies while serving (killed, out of memory) is reported
    and started again: the others serve meanwhile, and the port keeps
    accepting. More than ``MAX_RESTARTS`` deaths within ``RESTART_WINDOW``

@@ -164,9 +164,11 @@ def test_a_killed_process_is_reported_and_started_again(served):
     served.wait_for_log(f"(pid {victim}) was killed by SIGKILL; starting it again", 1, seconds=10)
     served.wait_for_log("listening on", 4)  # two at start, the restarted one, and the supervisor's line
     assert victim not in served.children() and len(served.children()) == 2
-    text = served.scrape()
+    deadline = time.monotonic() + 10  # the supervisor hears it within 0.5 s; /metrics is at most 1 s old
+    while exposed(text := served.scrape(), "lossd_serving_processes", state="serving") != 2:
+        assert time.monotonic() < deadline, text
+        time.sleep(0.2)
     assert exposed(text, "lossd_serving_process_restarts_total") == 1
-    assert exposed(text, "lossd_serving_processes", state="serving") == 2
     with lossd.Client(served.address, timeout=60, connections=4) as client:
         for _ in range(8):
             assert client.evaluate("mse", np.zeros(3, np.float32), np.ones(3, np.float32)).loss == 1.0

@@ -88,6 +88,7 @@ class ProcessRole:
     # process opened the store, with what it moved to the quarantine: every
     # process reports that (health's lossd.state, lossd_state_quarantined_items).
     store_ready: Any = None
+    supervisor: int = 0  # the supervisor's pid (it may be 1, in a container)
 
     @property
     def runs_jobs(self) -> bool:
@@ -140,7 +141,7 @@ def run(settings: Settings) -> int:
 
 def _child(settings: Settings, role: ProcessRole) -> None:
     """A serving process's main (started with multiprocessing's spawn)."""
-    _end_with_parent()
+    _end_with_parent(role.supervisor)
     # Ctrl-C reaches the whole process group: the supervisor alone answers
     # it (with SIGTERM to each process), so a drain is not cut short by a
     # second signal; SIGHUP waits for serve()'s handler.
@@ -164,14 +165,14 @@ def _child(settings: Settings, role: ProcessRole) -> None:
     os._exit(code)
 
 
-def _end_with_parent() -> None:
+def _end_with_parent(supervisor: int) -> None:
     """SIGTERM (a drain) to this process when the supervisor dies, even by
     ``kill -9``: no serving process outlives it."""
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
+    if os.getppid() != supervisor:  # the supervisor died before prctl took effect
         os._exit(1)
 
 
@@ -194,9 +195,10 @@ class Supervisor:
         self._store_ready: dict[int, Any] = {}  # index -> the supervisor's end of its pipe, until sent
         self._held: list[socket.socket] = []
         self._signals: list[int] = []
-        self._stopping = False
-        self.metrics = None
+        self.metrics = None  # SupervisorMetrics, with a metrics port
+        self.metrics_port: Optional[int] = None
         self._metrics_http = None
+        self._metrics_tls = None
         self._multiproc_dir: Optional[str] = None
 
     # -- ports -----------------------------------------------------------------
@@ -282,7 +284,7 @@ class Supervisor:
         if index > 0:
             receive, send = self._ctx.Pipe(duplex=False)
             self._store_ready[index] = send, receive
-        role = ProcessRole(index, self.count, self._reports, receive)
+        role = ProcessRole(index, self.count, self._reports, receive, os.getpid())
         proc = self._ctx.Process(target=_child, args=(self._settings_of(index), role), name=f"lossd-serve-{index}")
         proc.start()
         self._procs[index] = proc
@@ -379,7 +381,7 @@ class Supervisor:
 
     def _reload(self) -> None:
         log.info("received SIGHUP: reloading certificates in %d processes", self.count)
-        if getattr(self, "_metrics_tls", None) is not None:
+        if self._metrics_tls is not None:
             self._metrics_tls.reload()
         self._send(signal.SIGHUP)
 
@@ -389,7 +391,6 @@ class Supervisor:
         SIGTERM sent to the whole group must not count twice); kills those still
         running after the drain, the grace and a margin. Returns 0 when each
         exited 0, else 1."""
-        self._stopping = True
         self._send(signal.SIGTERM)
         if hurry:
             self._send(signal.SIGUSR1)

@@ -208,6 +208,15 @@ def health_statuses(address: str, connections: int) -> set:
     return statuses
 
 
+def test_sighup_reaches_every_process_and_stops_none(served):
+    pids = served.children()
+    served.proc.send_signal(signal.SIGHUP)
+    served.wait_for_log("received SIGHUP: reloading certificates in 2 processes", 1, seconds=10)
+    time.sleep(1)  # SIGHUP's default action would end a process that did not expect it
+    assert served.children() == pids and served.proc.poll() is None
+    assert health_statuses(served.address, 4) == {"SERVING"}
+
+
 def test_sigterm_drains_both_processes_and_the_supervisor_exits_0(served):
     pids = served.children()
     assert health_statuses(served.address, 8) == {"SERVING"}

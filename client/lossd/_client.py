@@ -98,8 +98,10 @@ class _ChannelOwner:
         # Evaluations take the channels in turn: (stub, Evaluate with a request
         # serialized by hand, _requests.evaluate_request_bytes, its answer read in
         # place, _requests.parse_response_bytes) per channel.
-        self._evaluators = [(loss_service_pb2_grpc.LossServiceStub(channel), channel.unary_unary(
-            "/lossd.v1.LossService/Evaluate", request_serializer=None, response_deserializer=None))
+        self._evaluators = [
+            (self._losses if channel is self._channel else loss_service_pb2_grpc.LossServiceStub(channel),
+             channel.unary_unary("/lossd.v1.LossService/Evaluate", request_serializer=None,
+                                 response_deserializer=None))
             for channel in self._channels]
         self._turn = itertools.count()  # next() on it is atomic under the GIL: no lock per call
         self._shared_memory = (_shm.SharedMemoryPath(self._channel, address, self.metadata or None,

@@ -25,9 +25,10 @@ scenario) sent by the same asyncio client:
 
 ``--steps`` prints instead where one small Huber request's time goes in
 process, single-threaded, with no network: microseconds per step, each
-step timed alone (the least of 7 rounds), then the whole Evaluate handler from
-the request's bytes to the answer's, and what of it is lossd's Python
-outside the compiled TensorFlow call. It runs against whichever lossd the
+step timed alone (the least of 7 rounds; wall time and the calling
+thread's CPU time, which a busy machine disturbs less), then the whole
+Evaluate handler from the request's bytes to the answer's, and what of it
+is lossd's own work around the compiled TensorFlow call. It runs against whichever lossd the
 PYTHONPATH names, so the same command measures a tree before and after a
 change.
 
@@ -100,19 +101,21 @@ class _Context:
         raise RuntimeError(f"the handler failed: {status}")
 
 
-def _timed(step, repeats: int, rounds: int = 7) -> float:
-    """The least over ``rounds`` of the microseconds one call of ``step``
-    takes (as timeit advises: on a shared machine, slower rounds measure
-    the neighbours)."""
+def _timed(step, repeats: int, rounds: int = 7) -> tuple[float, float]:
+    """Microseconds one call of ``step`` takes: wall time and this thread's
+    CPU time, each the least over ``rounds`` (as timeit advises: on a shared
+    machine, slower rounds measure the neighbours; the CPU time leaves out
+    the time other processes hold the cores)."""
     import time
 
-    times = []
+    wall, cpu = [], []
     for _ in range(rounds):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         for _ in range(repeats):
             step()
-        times.append((time.perf_counter() - start) / repeats * 1e6)
-    return min(times)
+        cpu.append((time.thread_time() - start_cpu) / repeats * 1e6)
+        wall.append((time.perf_counter() - start) / repeats * 1e6)
+    return min(wall), min(cpu)
 
 
 def step_table(rows: int, repeats: int) -> None:
@@ -179,8 +182,13 @@ def step_table(rows: int, repeats: int) -> None:
         with admission.admit("", None, elements=y_pred.size, nbytes=y_pred.nbytes * 2, wait_seconds=None):
             pass
 
+    # The request's own tensors: views of the message's bytes, as the handler decodes them.
+    decoded = {"y_true": wire.to_numpy(message.y_true, field="y_true"),
+               "y_pred": wire.to_numpy(message.y_pred, field="y_pred")}
+    decoded_arrays = [decoded[n] for n in sorted(decoded)]
     steps = [
-        ("the compiled TensorFlow call", lambda: compiled(arrays)),
+        ("the compiled TensorFlow call", lambda: compiled(decoded_arrays)),
+        ("the same on fresh numpy arrays", lambda: compiled(arrays)),
         ("parse the request (deserializer)", lambda: loss_servicer.receive(raw)),
         ("interceptor wrapper around a no-op handler", lambda: bare.unary_unary(b"", context)),
         ("plan cache lookup", lambda: plans.get(message.loss, ("y_true", "y_pred"))),
@@ -189,23 +197,25 @@ def step_table(rows: int, repeats: int) -> None:
                                         wire.to_numpy(message.y_pred, field="y_pred"))),
         ("evaluator.check", lambda: evaluator.check(plan, tensors, None, "sum_over_batch_size")),
         ("evaluate_checked (program lookup, call, NaN flags)",
-         lambda: evaluator.evaluate_checked(plan, tensors, reduction="sum_over_batch_size")),
+         lambda: evaluator.evaluate_checked(plan, decoded, reduction="sum_over_batch_size")),
         ("NaN/Inf flags", lambda: any_non_finite([total, *terms, grad, *outputs.values(), *arrays])),
         ("metering", metering),
         ("encode the answer", lambda: loss_servicer.Answer(
             loss_servicer.loss_service_pb2.EvaluateResponse(non_finite=False), {"loss": total}).serialized()),
     ]
     print(f"# lossd bench/where_time_goes.py --steps  {tree}  Huber {rows} x 10 float32, reduced, no gradient, "
-          f"metrics on, no tokens, batching off  µs per step (least of 7 rounds of {repeats})")
-    print(f"{'step':<52} {'µs':>8}")
+          f"metrics on, no tokens, batching off  µs per step (least of 7 rounds of {repeats}; CPU: this "
+          "thread's, TensorFlow's own threads left out)")
+    print(f"{'step':<52} {'wall µs':>8} {'CPU µs':>8}")
     measured = {}
     for name, step in steps:
         measured[name] = _timed(step, repeats)
-        print(f"{name:<52} {measured[name]:>8.1f}")
-    total_us = _timed(whole, repeats)
-    print(f"{'whole Evaluate handler, request bytes to answer bytes':<52} {total_us:>8.1f}")
-    outside = total_us - measured["the compiled TensorFlow call"]
-    print(f"{'lossd Python outside the compiled call':<52} {outside:>8.1f}")
+        print(f"{name:<52} {measured[name][0]:>8.1f} {measured[name][1]:>8.1f}")
+    whole_us = _timed(whole, repeats)
+    print(f"{'whole Evaluate handler, request bytes to answer bytes':<52} {whole_us[0]:>8.1f} {whole_us[1]:>8.1f}")
+    call = measured["the compiled TensorFlow call"]
+    print(f"{'whole less the compiled call: lossd around TensorFlow':<52} {whole_us[0] - call[0]:>8.1f} "
+          f"{whole_us[1] - call[1]:>8.1f}")
     evaluator.close()
 
 

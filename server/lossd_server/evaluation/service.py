@@ -10,7 +10,7 @@ What a request goes through here, in order, each step once:
 1. **Plan**: the spec (a ``LossSpec`` message or its dict form) and the
    names of the tensors the request carries become a ``Plan``
    (``Planner.plan``), cached by the spec's bytes, so a repeated spec skips
-   parsing and validation. Extra tensors' names are checked here: an
+   parsing and validation. Extra tensors' names are checked first: an
    identifier other than ``y_true``, ``y_pred`` and ``sample_weight``.
 2. **Declared sizes**: every tensor's declared dtype and shape are checked
    against ``max_elements`` and summed, without decoding anything.
@@ -215,13 +215,13 @@ class EvaluationService:
                 raise InvalidArgument(f"{name} is required. Expected a Tensor. Received: none.",
                                       reason="BAD_TENSOR")
         extras = tuple(sorted(name for name in tensors if name not in _REQUIRED))
-        plan = self.plans.get(request.loss, _REQUIRED + extras)
-        reduction = wire.check_reduction(request.reduction)
-        for name in extras:
+        for name in extras:  # before planning: a plan is cached by its tensor names
             if not _TENSOR_NAME.match(name) or name in RESERVED_TENSORS:
                 raise InvalidArgument(
                     f"Invalid tensor name {name[:64]!r}. Expected an identifier other than "
                     f"{sorted(RESERVED_TENSORS)}.", reason="BAD_TENSOR")
+        plan = self.plans.get(request.loss, _REQUIRED + extras)
+        reduction = wire.check_reduction(request.reduction)
         # Declared sizes, before anything is decoded.
         max_elements = self.max_elements
         nbytes = 0

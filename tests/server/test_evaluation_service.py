@@ -166,3 +166,19 @@ def test_one_metering_point_counts_each_evaluation_once_and_usage_once_admitted(
     assert _sample(registry, "lossd_caller_requests_total", caller="alice") == 2
     assert _sample(registry, "lossd_caller_elements_total", caller="alice") == 12 + 15
     assert svc.admission.inflight_bytes == 0  # every admitted request gave its bytes back
+
+
+def test_a_reduction_comes_as_a_name_or_a_lossd_v1_enum_and_a_bad_one_is_metered(evaluator):
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, loss_names=["mean_squared_error"], version="t", process_metrics=False)
+    svc = service(evaluator, metrics=metrics)
+    y = np.arange(6, dtype=np.float32).reshape(3, 2)
+    by_name = svc.evaluate(request({"name": "mse"}, y, y + 1, reduction="sum"))
+    by_enum = svc.evaluate(request({"name": "mse"}, y, y + 1, reduction=wire.reduction_enum("sum")))
+    assert float(by_name.loss) == float(by_enum.loss) == pytest.approx(3.0)
+    for bad in (99, "average"):
+        with pytest.raises(wire.WireError) as refused:
+            svc.evaluate(request({"name": "mse"}, y, y + 1, reduction=bad))
+        assert refused.value.reason == "BAD_REDUCTION"
+    assert _sample(registry, "lossd_loss_evaluations_total", loss="mean_squared_error",
+                   outcome="invalid_argument") == 2

@@ -90,14 +90,16 @@ class EvaluationRequest:
             (required), and the extra tensors an expression or stateful loss
             reads (identifiers, not ``sample_weight``).
         sample_weight: Optional per-sample weights.
-        reduction: A ``lossd.wire.REDUCTIONS`` name.
+        reduction: A ``lossd.wire.REDUCTIONS`` name, or a lossd.v1
+            ``Reduction`` enum value (checked here, so a bad one is metered
+            as the request's refusal).
         gradient: Whether to return the gradient with respect to y_pred.
     """
 
     loss: Optional[LossLike]
     tensors: Mapping[str, Incoming]
     sample_weight: Optional[Incoming] = None
-    reduction: str = wire.DEFAULT_REDUCTION
+    reduction: Union[str, int] = wire.DEFAULT_REDUCTION
     gradient: bool = False
 
 
@@ -221,7 +223,8 @@ class EvaluationService:
                     f"Invalid tensor name {name[:64]!r}. Expected an identifier other than "
                     f"{sorted(RESERVED_TENSORS)}.", reason="BAD_TENSOR")
         plan = self.plans.get(request.loss, _REQUIRED + extras)
-        reduction = wire.check_reduction(request.reduction)
+        reduction = request.reduction
+        reduction = wire.reduction_name(reduction) if isinstance(reduction, int) else wire.check_reduction(reduction)
         # Declared sizes, before anything is decoded.
         max_elements = self.max_elements
         nbytes = 0

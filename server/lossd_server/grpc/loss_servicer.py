@@ -200,7 +200,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             loss=message.loss if message.HasField("loss") else None, tensors=tensors,
             sample_weight=incoming(message.sample_weight, "sample_weight") if message.HasField("sample_weight")
             else None,
-            reduction=wire.reduction_name(message.reduction), gradient=message.gradient)
+            reduction=message.reduction, gradient=message.gradient)  # the service checks the enum
 
     def _evaluate(self, message: loss_service_pb2.EvaluateRequest, caller: Caller, context,
                   contents: Optional[dict] = None) -> Answer:

@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import grpc
 import numpy as np
 from lossd import wire
-from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
+from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
 from lossd_server.errors import FailedPrecondition, InvalidArgument
 from lossd_server.evaluation.evaluator import Result
 from lossd_server.evaluation.service import EvaluationRequest, EvaluationService, Incoming

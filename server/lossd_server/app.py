@@ -27,6 +27,7 @@ from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
 from lossd_server.evaluation.admission import Admission
 from lossd_server.evaluation.batching import Batcher
+from lossd_server.evaluation.service import EvaluationService
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
@@ -343,12 +344,11 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     regions = (SharedMemoryRegions(max_regions=settings.shm_max_regions, max_bytes=settings.shm_max_bytes,
                                    max_total_bytes=settings.shm_max_total_bytes, metrics=metrics)
                if settings.shm else None)
-    add_loss_service(
-        LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
-                     callers=callers, admission=admission, shared_memory=regions,
-                     batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us,
-                                     max_elements=settings.batch_max_elements,
-                                     max_requests=settings.batch_max_requests, metrics=metrics)), server)
+    evaluation = EvaluationService(
+        evaluator, admission, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
+        batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us, max_elements=settings.batch_max_elements,
+                        max_requests=settings.batch_max_requests, metrics=metrics))
+    add_loss_service(LossServicer(evaluation, callers=callers, store=store, shared_memory=regions), server)
     shared_memory = add_shared_memory_service(server, regions, callers) if regions is not None else None
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers, evaluator=evaluator)

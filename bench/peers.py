@@ -167,15 +167,16 @@ def _oip_params(params) -> dict[str, list]:
     return out
 
 
-def _oip_losses(functions: dict, y_true: np.ndarray, y_pred: np.ndarray, params) -> np.ndarray:
-    """The loss of each request in (possibly merged) inputs, repeated over
-    its rows: the per-row output MLServer's batcher can split back."""
+def _oip_losses(functions: dict, y_true: np.ndarray, y_pred: np.ndarray, params, per_row: bool) -> np.ndarray:
+    """The loss of each request in (possibly merged) inputs; ``per_row``:
+    repeated over its rows, the output MLServer's batcher can split back."""
     p = _oip_params(params)
     out, start = [], 0
     for loss, delta, rows in zip(p["loss"], p["delta"], p["rows"]):
         rows = int(rows)
-        value = functions[loss](y_true[start:start + rows], y_pred[start:start + rows], np.float32(delta)).numpy()
-        out.append(np.full(rows, value, np.float32))
+        value = functions[loss](y_true[start:start + rows], y_pred[start:start + rows],
+                                np.float32(float(delta))).numpy()
+        out.append(np.full(rows if per_row else 1, value, np.float32))
         start += rows
     return np.concatenate(out)
 
@@ -193,18 +194,20 @@ def _mlserver_runtime():
         request parameters (the last request's win); parameters of inputs
         it does merge into one list per request. So each request carries
         its loss name, delta and row count as parameters of its ``y_pred``
-        input, and the runtime answers each row with its request's loss,
-        which the batcher splits back by rows."""
+        input, and with batching on the runtime answers each row with its
+        request's loss, which the batcher splits back by rows (off, one
+        value, as the other sides answer)."""
 
         async def load(self) -> bool:
             self._functions = loss_functions()
+            self._per_row = self.settings.max_batch_size > 1 and self.settings.max_batch_time > 0
             return True
 
         async def predict(self, payload):
             inputs = {i.name: i for i in payload.inputs}
             y_true = NumpyCodec.decode_input(inputs["y_true"]).astype(np.float32, copy=False)
             y_pred = NumpyCodec.decode_input(inputs["y_pred"]).astype(np.float32, copy=False)
-            losses = _oip_losses(self._functions, y_true, y_pred, inputs["y_pred"].parameters)
+            losses = _oip_losses(self._functions, y_true, y_pred, inputs["y_pred"].parameters, self._per_row)
             return InferenceResponse(model_name=self.name, outputs=[NumpyCodec.encode_output("loss", losses)])
 
     return LossRuntime
@@ -252,9 +255,9 @@ def run_kserve_server(port: int, http_port: int) -> None:
         async def predict(self, payload, headers=None, response_headers=None):
             y_pred = payload.get_input_by_name("y_pred")
             losses = _oip_losses(self.functions, payload.get_input_by_name("y_true").as_numpy(), y_pred.as_numpy(),
-                                 y_pred.parameters)
+                                 y_pred.parameters, per_row=False)
             return InferResponse(response_id=payload.id, model_name=self.name,
-                                 infer_outputs=[InferOutput("loss", [1], "FP32", data=losses[:1])])
+                                 infer_outputs=[InferOutput("loss", [1], "FP32", data=losses)])
 
     model = LossModel()
     server = kserve.ModelServer(http_port=http_port, grpc_port=port, enable_latency_logging=False)
@@ -292,7 +295,7 @@ def oip_encode(folder: str) -> None:
             request.inputs.add(name=name, datatype="FP32", shape=array.shape)
         params = request.inputs[1].parameters  # see LossRuntime: inputs' parameters survive MLServer's batching
         params["loss"].string_param = loss
-        params["delta"].double_param = delta
+        params["delta"].string_param = repr(delta)  # MLServer's OIP has no double_param; repr round-trips
         params["rows"].int64_param = len(y_true)
         out.append(request.SerializeToString())
     write_frames(os.path.join(folder, "requests.bin"), out)
@@ -330,8 +333,8 @@ def peer_python(name: str, root: pathlib.Path) -> pathlib.Path:
         return python
     print(f"# installing {name} into {venv}: {' '.join(PEER_PACKAGES[name])} (once; minutes)", flush=True)
     root.mkdir(parents=True, exist_ok=True)
-    for step in ([sys.executable, "-m", "venv", "--clear", str(venv)],
-                 [str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES[name]]):
+    steps = [] if python.exists() else [[sys.executable, "-m", "venv", str(venv)]]
+    for step in steps + [[str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES[name]]]:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode:
             lines = [line for line in (done.stdout + done.stderr).splitlines() if "is ignored" not in line]
@@ -340,20 +343,26 @@ def peer_python(name: str, root: pathlib.Path) -> pathlib.Path:
     return python
 
 
-def tree_pids(root: int) -> list[int]:
-    """``root`` and every process below it, from /proc."""
-    parents: dict[int, list[int]] = {}
+def process_children() -> dict[int, list[int]]:
+    """Each process's children, from one pass over /proc."""
+    children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 with open(f"/proc/{entry.name}/stat") as f:
                     ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                parents.setdefault(ppid, []).append(int(entry.name))
+                children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def tree_pids(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """``root`` and every process below it."""
+    children = process_children() if children is None else children
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
         out.append(pid)
-        todo += parents.get(pid, [])
+        todo += children.get(pid, [])
     return out
 
 
@@ -373,9 +382,9 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / TICK
 
 
-def tree_rss_bytes(root: int) -> int:
+def tree_rss_bytes(root: int, children: dict[int, list[int]]) -> int:
     total = 0
-    for pid in tree_pids(root):
+    for pid in tree_pids(root, children):
         with contextlib.suppress(OSError):
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * PAGE
@@ -384,7 +393,8 @@ def tree_rss_bytes(root: int) -> int:
 
 class RssGuard(threading.Thread):
     """Kills a server's process group when its tree's resident memory passes
-    ``limit`` bytes; ``tripped`` says which and how much."""
+    ``limit`` bytes; ``tripped`` says which and how much. It looks once a
+    second (one pass over /proc), so that it costs the client little."""
 
     def __init__(self, servers: dict[str, int], limit: int):
         super().__init__(daemon=True)
@@ -392,11 +402,12 @@ class RssGuard(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
-        while not self.halt.wait(0.5):
+        while not self.halt.wait(1.0):
+            children = process_children()
             for side, pid in self.servers.items():
-                rss = tree_rss_bytes(pid)
+                rss = tree_rss_bytes(pid, children)
                 if rss > self.limit:
-                    self.tripped = f"{side}: {rss / 2**20:,.0f} MiB resident, over --max-rss-mib {self.limit / 2**20:,.0f}"
+                    self.tripped = f"{side}: {rss / 2**20:,.0f} MiB resident, over --max-rss-mib {self.limit >> 20:,}"
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(pid, 9)
                     return
@@ -692,16 +703,27 @@ def main() -> int:
         del y_true, y_pred
 
     with tempfile.TemporaryDirectory(prefix="lossd-peers-") as work, contextlib.ExitStack() as stack:
+        max_message = max(256 << 20, 2 * LARGE_BYTES)
+        sides, missing = make_sides(names, work, peers_dir, max_message)
+        for name, why in missing.items():
+            print(f"# {name} left out: {why}", flush=True)
+
+        def log_of(name: str) -> str:
+            with open(os.path.join(work, f"{name}.log"), errors="replace") as f:
+                return "".join(f.readlines()[-20:])
+
+        # All start at once, each in its own process group that is killed
+        # when the with block ends; TensorFlow imports take a while here, so
+        # the requests and Keras's values are made meanwhile.
+        for side in sides.values():
+            side.pid = stack.enter_context(process(side.command, env=side.env,
+                                                   log=os.path.join(work, f"{side.name}.log"))).pid
         references = {}
         for load, load_cases in cases.items():
             folder = os.path.join(work, f"reference-{load}")
             os.makedirs(folder)
             write_cases(folder, load_cases)
             references[load] = run_json([sys.executable, __file__, "--reference", folder])
-        max_message = max(256 << 20, 2 * LARGE_BYTES)
-        sides, missing = make_sides(names, work, peers_dir, max_message)
-        for name, why in missing.items():
-            print(f"# {name} left out: {why}", flush=True)
         for side in sides.values():
             if side.method == OIP_METHOD:
                 python = str(peers_dir / PEER_SIDES[side.name] / "bin" / "python")
@@ -712,16 +734,6 @@ def main() -> int:
         print(f"# lossd bench/peers.py  cpus {os.cpu_count()}  load average {os.getloadavg()[0]:.1f}  sides "
               f"{', '.join(sides)}  small: 16 ragged Huber requests (1-128 x 10 float32, own delta)"
               + (f"  large: MSE of {large:.0e} float32 elements per tensor" if large else ""), flush=True)
-
-        def log_of(name: str) -> str:
-            with open(os.path.join(work, f"{name}.log"), errors="replace") as f:
-                return "".join(f.readlines()[-20:])
-
-        # All start at once (TensorFlow imports take a while here); each in
-        # its own process group, killed when the with block ends.
-        for side in sides.values():
-            side.pid = stack.enter_context(process(side.command, env=side.env,
-                                                   log=os.path.join(work, f"{side.name}.log"))).pid
         guard = RssGuard({name: side.pid for name, side in sides.items()}, args.max_rss_mib << 20)
         guard.start()
         stack.callback(guard.halt.set)

@@ -643,16 +643,16 @@ def main() -> int:
     global LARGE_BYTES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {', '.join(SIDES)}")
-    parser.add_argument("--concurrency", default="1,8,64,256", help="requests in flight, comma-separated")
-    parser.add_argument("--blocks", type=int, default=3, help="blocks per side and level")
-    parser.add_argument("--block-seconds", type=float, default=4.0)
-    parser.add_argument("--large", type=float, default=1e7,
-                        help="float32 elements per tensor of the MSE case (0: leave it out)")
+    parser.add_argument("--concurrency", help="requests in flight, comma-separated (default 1,8,64,256)")
+    parser.add_argument("--blocks", type=int, help="blocks per side and level (default 3)")
+    parser.add_argument("--block-seconds", type=float, help="default 4")
+    parser.add_argument("--large", type=float,
+                        help="float32 elements per tensor of the MSE case (default 1e7; 0 leaves it out)")
     parser.add_argument("--peers-dir", default=os.path.expanduser("~/.cache/lossd-bench"),
                         help="where the peers' virtual environments live")
     parser.add_argument("--max-rss-mib", type=int, default=4096, help="stop a server whose processes pass this")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: concurrency 1,8, 2 blocks of 0.5 s, a 1e5-element large case")
+                        help="a smoke run; its defaults: concurrency 1,8, 2 blocks of 0.5 s, a 1e5-element large case")
     parser.add_argument("--serve-tf", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-kserve", type=int, nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--oip-encode", help=argparse.SUPPRESS)
@@ -680,8 +680,10 @@ def main() -> int:
     unknown = sorted(set(names) - set(SIDES))
     if unknown:
         parser.error(f"--sides: unknown {', '.join(unknown)}. Expected some of {', '.join(SIDES)}")
-    if args.quick:
-        args.concurrency, args.blocks, args.block_seconds, args.large = "1,8", 2, 0.5, min(args.large, 1e5)
+    for key, normal, quick in (("concurrency", "1,8,64,256", "1,8"), ("blocks", 3, 2), ("block_seconds", 4.0, 0.5),
+                               ("large", 1e7, 1e5)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else normal)
     levels = [("small", int(c)) for c in args.concurrency.split(",")]
     large = int(args.large)
     if large:

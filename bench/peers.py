@@ -65,6 +65,7 @@ import contextlib
 import json
 import os
 import pathlib
+import signal
 import struct
 import subprocess
 import sys
@@ -224,13 +225,17 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def run_kserve_server(port: int, http_port: int) -> None:
+def run_kserve_server(port: int, http_port: int, max_message: int) -> None:
     """The ``kserve`` side: KServe's ModelServer with a custom Model, its
     defaults except per-request log lines (off, as lossd runs at WARNING)
     and the listening addresses: KServe binds every interface ([::] for
     gRPC, 0.0.0.0 for REST) with no setting to choose, so they are
-    rewritten to 127.0.0.1 here."""
+    rewritten to 127.0.0.1 here. Its gRPC message limit (8 MiB by default)
+    is raised to ``max_message`` through the flags it reads from argv."""
     import logging
+
+    sys.argv[1:] = ["--grpc_max_receive_message_length", str(max_message), "--grpc_max_send_message_length",
+                    str(max_message)]
 
     import grpc
     import kserve
@@ -493,7 +498,7 @@ def make_sides(names: list[str], work: str, peers_dir: pathlib.Path, max_message
                 missing[name] = str(error)
                 continue
             if name == "kserve":
-                command = [str(python), __file__, "--serve-kserve", str(port), str(free_port())]
+                command = [str(python), __file__, "--serve-kserve", str(port), str(free_port()), str(max_message)]
             else:
                 command = [str(python.parent / "mlserver"), "start", mlserver_folder(name, work, port, max_message)]
             sides[name] = Side(name, command, address, OIP_METHOD, env={"PYTHONPATH": str(BENCH)})
@@ -629,15 +634,16 @@ def print_level(load: str, concurrency: int, rows: dict[str, dict[str, float]], 
     what = f"{load} load" if load != "large" else "large MSE request"
     print(f"\n## {what}, concurrency {concurrency}, {blocks} blocks x {seconds:g} s per side; "
           f"ratios: the side's value over the {anchor}'s (x{anchor}) and lossd's (xlossd)")
-    head = "MB/s" if load == "large" else "req/s"
-    print(f"{'side':<15}{head:>9}{'x' + anchor:>7}{'xlossd':>7}{'p50 µs':>10}{'x' + anchor:>7}{'xlossd':>7}"
-          f"{'p99 µs':>10}{'x' + anchor:>7}{'xlossd':>7}{'CPU µs/req':>12}{'x' + anchor:>7}{'xlossd':>7}")
+    large = load == "large"
+    unit, per = ("ms", 1e-3) if large else ("µs", 1.0)  # a large request takes seconds
+    print(f"{'side':<15}{'MB/s' if large else 'req/s':>9}{'x' + anchor:>7}{'xlossd':>7}{'p50 ' + unit:>11}"
+          f"{'x' + anchor:>7}{'xlossd':>7}{'p99 ' + unit:>11}{'x' + anchor:>7}{'xlossd':>7}"
+          f"{f'CPU {unit}/req':>12}{'x' + anchor:>7}{'xlossd':>7}")
     for name, r in rows.items():
-        scale = LARGE_BYTES / 1e6 if load == "large" else 1.0
-        line = f"{name:<15}{r['rate'] * scale:>9,.1f}" if load == "large" else f"{name:<15}{r['rate']:>9,.0f}"
+        line = f"{name:<15}{r['rate'] * LARGE_BYTES / 1e6:>9,.1f}" if large else f"{name:<15}{r['rate']:>9,.0f}"
         line += ratio(r["rate"], a and a["rate"]).rjust(7) + ratio(r["rate"], lossd and lossd["rate"]).rjust(7)
-        for key, width in (("p50", 10), ("p99", 10), ("cpu", 12)):
-            line += f"{r[key]:>{width},.0f}" + ratio(r[key], a and a[key]).rjust(7)
+        for key, width in (("p50", 11), ("p99", 11), ("cpu", 12)):
+            line += f"{r[key] * per:>{width},.0f}" + ratio(r[key], a and a[key]).rjust(7)
             line += ratio(r[key], lossd and lossd[key]).rjust(7)
         print(line, flush=True)
 
@@ -660,7 +666,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run; its defaults: concurrency 1,8, 2 blocks of 0.5 s, a 1e5-element large case")
     parser.add_argument("--serve-tf", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--serve-kserve", type=int, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-kserve", type=int, nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--oip-encode", help=argparse.SUPPRESS)
     parser.add_argument("--oip-decode", help=argparse.SUPPRESS)
     parser.add_argument("--reference", help=argparse.SUPPRESS)
@@ -675,6 +681,9 @@ def main() -> int:
         return oip_decode(args.oip_decode)
     if args.reference:
         return keras_reference(args.reference)
+    # SIGTERM (timeout, kill) ends the run as Ctrl-C does: through the with
+    # blocks that stop every server started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     sys.path.insert(0, str(BENCH))
     from concurrency import requests

@@ -643,7 +643,7 @@ def print_level(load: str, concurrency: int, rows: dict[str, dict[str, float]], 
         line = f"{name:<15}{r['rate'] * LARGE_BYTES / 1e6:>9,.1f}" if large else f"{name:<15}{r['rate']:>9,.0f}"
         line += ratio(r["rate"], a and a["rate"]).rjust(7) + ratio(r["rate"], lossd and lossd["rate"]).rjust(7)
         for key, width in (("p50", 11), ("p99", 11), ("cpu", 12)):
-            line += f"{r[key] * per:>{width},.0f}" + ratio(r[key], a and a[key]).rjust(7)
+            line += f"{r[key] * per:>{width},.{1 if large else 0}f}" + ratio(r[key], a and a[key]).rjust(7)
             line += ratio(r[key], lossd and lossd[key]).rjust(7)
         print(line, flush=True)
 

@@ -513,7 +513,8 @@ def mlserver_folder(name: str, work: str, port: int, max_message: int) -> str:
     folder = os.path.join(work, name)
     os.makedirs(os.path.join(folder, OIP_MODEL))
     settings = {"host": "127.0.0.1", "grpc_port": port, "http_port": free_port(), "metrics_port": free_port(),
-                "debug": False, "grpc_max_message_length": max_message}
+                "debug": False, "grpc_max_message_length": max_message,
+                "metrics_dir": os.path.join(folder, ".metrics")}  # its default, the working directory, is the repo
     model = {"name": OIP_MODEL, "implementation": "peers.LossRuntime",
              **(MLSERVER_BATCH if name == "mlserver-batch" else {})}
     with open(os.path.join(folder, "settings.json"), "w") as f:

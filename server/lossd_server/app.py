@@ -32,7 +32,7 @@ from lossd_server.evaluation.batching import Batcher
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
-from lossd_server.grpc.auth import AuthInterceptor, Callers, load_tokens
+from lossd_server.grpc.auth import AuthInterceptor, Callers
 from lossd_server.grpc.health_port import CheckOnlyHealth
 from lossd_server.grpc.tls import CertificateReloader
 from lossd_server.losses import custom
@@ -97,6 +97,7 @@ class Server:
     metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
     admission: Optional[Admission] = None  # what evaluations may run now (evaluation/admission.py)
     shared_memory: object = None  # the SharedMemoryServicer, with settings.shm
+    callers: object = None  # grpc.auth.Callers: the tokens file, reloaded on change and on SIGHUP
     # The poller of a store shared with other replicas (store.Follower): one
     # query an interval tells the registered losses and the scheduler what
     # the others changed.
@@ -279,7 +280,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     # Certificates are checked first: a bad one is a StartupError before anything is built.
     tls = (CertificateReloader(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
            if settings.tls_cert is not None else None)
-    callers = Callers(load_tokens(settings.tokens_file) if settings.tokens_file is not None else None)
+    callers = Callers.from_file(settings.tokens_file) if settings.tokens_file is not None else Callers(None)
     metrics_tls = metrics_auth = None
     if settings.metrics_port is not None:
         try:
@@ -385,6 +386,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
                   quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
                   metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,
+                  callers=callers,
                   health_server=health_server, health_executor=health_executor,
                   follower=follower)
 
@@ -412,8 +414,8 @@ def serve(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    reloaders = [r for r in (server.tls, server.metrics_tls) if r is not None]
-    if reloaders:  # SIGHUP: read the certificates again for new connections
+    reloaders = [r for r in (server.tls, server.metrics_tls, server.callers) if r is not None]
+    if reloaders:  # SIGHUP: read the certificates again for new connections, the tokens file for new calls
         signal.signal(signal.SIGHUP, lambda signum, frame: [r.reload() for r in reloaders])
     server.start()
     warning = open_access_warning(settings, server.port)

@@ -160,7 +160,8 @@ class Server:
         try:
             self._metrics_http, self.metrics_port = start_metrics_server(
                 self.metrics, host, port, cache_seconds=self.settings.metrics_cache_seconds,
-                tls=self.metrics_tls, basic_auth=self.metrics_auth)
+                tls=self.metrics_tls, basic_auth=self.metrics_auth,
+                rate_per_address=self.settings.metrics_rate_per_address)
         except OSError as error:
             raise StartupError(_bind_failure("metrics", host, port, error.errno, "metrics_host",
                                              "metrics_port")) from error
@@ -348,7 +349,9 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                                           thread_name_prefix="rpc")
     interceptors = [ObservabilityInterceptor(metrics),
                     *([] if callers.open else [AuthInterceptor(callers, admission)]),
-                    StreamLimiter(settings.max_streams, settings.stream_idle_seconds)]
+                    StreamLimiter(settings.max_streams, settings.stream_idle_seconds,
+                                  per_caller=settings.max_streams_per_caller,
+                                  unauthenticated=settings.max_unauthenticated_streams, open_server=callers.open)]
     server = grpc.server(executor, interceptors=interceptors, options=options)
     regions = (SharedMemoryRegions(max_regions=settings.shm_max_regions, max_bytes=settings.shm_max_bytes,
                                    max_total_bytes=settings.shm_max_total_bytes, metrics=metrics)
@@ -359,7 +362,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                      batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us,
                                      max_elements=settings.batch_max_elements,
                                      max_requests=settings.batch_max_requests, metrics=metrics)), server)
-    shared_memory = add_shared_memory_service(server, regions, callers) if regions is not None else None
+    shared_memory = (add_shared_memory_service(server, regions, callers, idle_seconds=settings.stream_idle_seconds)
+                     if regions is not None else None)
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers, evaluator=evaluator)
     health_servicer = health.HealthServicer()

@@ -46,7 +46,7 @@ ITERATIONS = 600_000
 REALM = "lossd metrics"
 # Failed PBKDF2 checks an address may make at once, then one per FAILURE_SECONDS.
 FAILURE_BURST = 5
-FAILURE_SECONDS = 5.0
+FAILURE_SECONDS = 10.0
 # Addresses whose failures are remembered; a full table forgets the oldest.
 FAILURE_ADDRESSES = 10_000
 # What BasicAuth.check answers for an address over its budget of failures.

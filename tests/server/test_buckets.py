@@ -377,3 +377,42 @@ def test_xla_off_has_no_buckets(evaluator):
     ev = Evaluator(evaluator.registry, evaluator.device, xla="off")
     assert ev.buckets is None
     ev.close()
+
+
+def test_through_a_server_with_xla(tmp_path):
+    """``LOSSD_XLA=auto`` through a real gRPC server: ragged Huber requests
+    with their own deltas, after their buckets compiled, are answered by
+    the buckets and equal Keras."""
+    import lossd
+    from prometheus_client import CollectorRegistry
+
+    from lossd_server.app import create_server
+    from lossd_server.config import Settings
+
+    settings = Settings(host="127.0.0.1", port=0, metrics_port=None, data_dir=tmp_path, grace_seconds=0, xla="auto")
+    srv = create_server(settings, metrics_registry=CollectorRegistry())
+    srv.start()
+    try:
+        rng = np.random.default_rng(9)
+        calls = []
+        for rows in (1, 7, 8, 9, 30):
+            delta = float(rng.uniform(0.5, 2.0))
+            calls.append(dict(loss="huber", spec={"name": "huber", "params": {"delta": delta}},
+                              params={"delta": delta},
+                              tensors={"y_true": rng.normal(size=(rows, 10)).astype(np.float32),
+                                       "y_pred": rng.normal(size=(rows, 10)).astype(np.float32)},
+                              sample_weight=None, reduction=wire.REDUCTIONS[rows % 5], gradient=True))
+        with lossd.Client(f"127.0.0.1:{srv.port}", timeout=60) as client:
+            def ask(call):
+                return client.evaluate("huber", call["tensors"]["y_true"], call["tensors"]["y_pred"],
+                                       params=call["params"], reduction=call["reduction"], gradient=True)
+
+            for call in calls:
+                ask(call)
+            assert srv.evaluator.wait_compiled()
+            before = srv.evaluator.buckets.calls
+            for call in calls:
+                _check(call, ask(call))
+        assert srv.evaluator.buckets.calls == before + len(calls)
+    finally:
+        srv.stop(0)

@@ -18,7 +18,9 @@ TensorFlow's default pool (``inter0``), asynchronous eager execution
 (``async``: ``tf.config.experimental.set_synchronous_execution(False)``)
 and the single-threaded function executor (``single``). The parent hands
 blocks to the processes in turn, every side in every block, and prints the
-median of the blocks in µs per request and the ratios.
+median of the blocks in µs per request, of the worker process's CPU time
+(all its threads: robust to a loaded machine) and of wall-clock time, and
+the ratios.
 
 Usage: python bench/xla.py [--elements 1e7] [--repeats 5]
        python bench/xla.py --small [--blocks 5] [--block-calls 300] [--executors default,inter0,async,single]
@@ -165,19 +167,20 @@ def small_worker(executor: str) -> int:
         loss, side, kind, count = line.split()
         ev, calls, batcher, batches = work[loss, side]
         before = ev.buckets.calls if ev.buckets else 0
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if kind == "one":
             for k in range(int(count)):
                 plan, tensors = calls[k % len(calls)]
                 ev.evaluate(plan, tensors, gradient=True)
-            per = (time.perf_counter() - start) / int(count)
+            done = int(count)
         else:
             rounds = max(1, int(count) // BATCH)
             for k in range(rounds):
                 batcher._run(batches[k % len(batches)])
-            per = (time.perf_counter() - start) / (rounds * BATCH)
+            done = rounds * BATCH
+        wall, cpu = (time.perf_counter() - start) / done, (time.process_time() - cpu) / done
         bucketed = (ev.buckets.calls if ev.buckets else 0) - before
-        print(json.dumps({"us": per * 1e6, "bucketed": bucketed}), flush=True)
+        print(json.dumps({"us": wall * 1e6, "cpu_us": cpu * 1e6, "bucketed": bucketed}), flush=True)
     return 0
 
 
@@ -203,24 +206,27 @@ def small(args) -> int:
                         proc.stdin.write(f"{loss} {side} {kind} {args.block_calls}\n")
                         proc.stdin.flush()
                         answer = json.loads(proc.stdout.readline())
-                        samples.setdefault((name, loss, kind, side), []).append(answer["us"])
+                        samples.setdefault((name, loss, kind, side, "wall"), []).append(answer["us"])
+                        samples.setdefault((name, loss, kind, side, "cpu"), []).append(answer["cpu_us"])
                         unbucketed += side == "xla" and answer["bucketed"] == 0
     for proc in workers.values():
         proc.stdin.close()
         proc.wait()
     print(f"# bench/xla.py --small  {args.blocks} blocks of {args.block_calls} requests, in-process, "
           f"µs per request (median of blocks); xla blocks served by no bucket: {unbucketed}")
-    print(f"{'executor':<9} {'loss':<26} {'call':<6} {'graph':>8} {'xla':>8} {'xla/graph':>10} "
-          f"{'graph/dflt':>11} {'xla/dflt':>9}")
-    for name in executors:
-        for loss in SMALL_LOSSES:
-            for kind in kinds:
-                g = statistics.median(samples[name, loss, kind, "graph"])
-                x = statistics.median(samples[name, loss, kind, "xla"])
-                base_g = statistics.median(samples[executors[0], loss, kind, "graph"])
-                base_x = statistics.median(samples[executors[0], loss, kind, "xla"])
-                print(f"{name:<9} {loss:<26} {kind:<6} {g:>8.1f} {x:>8.1f} {x / g:>10.2f} {g / base_g:>11.2f} "
-                      f"{x / base_x:>9.2f}")
+    for measure in ("cpu", "wall"):
+        print(f"# {measure}: " + ("CPU time of the whole process (every TensorFlow thread)" if measure == "cpu"
+                                  else "wall-clock time"))
+        print(f"{'executor':<9} {'loss':<26} {'call':<6} {'graph':>8} {'xla':>8} {'xla/graph':>10} "
+              f"{'graph/dflt':>11} {'xla/dflt':>9}")
+        for name in executors:
+            for loss in SMALL_LOSSES:
+                for kind in kinds:
+                    g, x, base_g, base_x = (statistics.median(samples[e, loss, kind, side, measure])
+                                            for e, side in ((name, "graph"), (name, "xla"),
+                                                            (executors[0], "graph"), (executors[0], "xla")))
+                    print(f"{name:<9} {loss:<26} {kind:<6} {g:>8.1f} {x:>8.1f} {x / g:>10.2f} {g / base_g:>11.2f} "
+                          f"{x / base_x:>9.2f}")
     return 0
 
 

@@ -251,10 +251,10 @@ class Batcher:
     def _run_together(self, items: list[_Item]) -> bool:
         """Evaluates the items in one call; False while its program compiles."""
         first = items[0]
-        arrays = rows_arrays(items)
         buckets = self.evaluator.buckets
-        if buckets is not None and buckets.run(items, arrays):  # XLA, once its executable is ready
+        if buckets is not None and buckets.run(items):  # XLA, once its executable is ready
             return True
+        arrays = rows_arrays(items)
         names = sorted(arrays)
         specs = [backend.InputSpec(n, dtype_name(arrays[n].dtype), backend.signature_shape(arrays[n].shape))
                  for n in names]
@@ -267,26 +267,39 @@ class Batcher:
         return True
 
 
-def rows_arrays(items: list[_Item]) -> dict[str, np.ndarray]:
+def rows_arrays(items: list[_Item], size: Optional[int] = None, requests: Optional[int] = None
+                ) -> dict[str, np.ndarray]:
     """The inputs of a rows program (``plan.build_rows_program``) for requests
     of one family: their rows concatenated, each row's request, parameters
-    and weights, and each request's divisor (``chunks.reduction_divisor``)."""
+    and weights, and each request's divisor (``chunks.reduction_divisor``).
+
+    ``size`` and ``requests`` pad them to that many rows and requests (an
+    XLA bucket, ``buckets``): padding rows are zeros with the last row's
+    parameters and belong to the first padding request; padding requests
+    divide by 0, so they count for nothing (``build_rows_program`` with
+    ``padded``)."""
     first = items[0]
     dtype = dtype_name(first.tensors["y_pred"].dtype)
     rows = np.array([i.rows for i in items], dtype=np.int64)
-    y_true = np.concatenate([i.tensors["y_true"] for i in items])
-    y_pred = np.concatenate([i.tensors["y_pred"] for i in items])
-    arrays = {"y_true": y_true, "y_pred": y_pred,
-              ROW_SEGMENTS: np.repeat(np.arange(len(items), dtype=np.int32), rows)}
+    total = int(rows.sum())
+    size = size or total
+    segments = np.full(size, len(items), np.int32)
+    segments[:total] = np.repeat(np.arange(len(items), dtype=np.int32), rows)
+    arrays = {"y_true": _stack([i.tensors["y_true"] for i in items], size),
+              "y_pred": _stack([i.tensors["y_pred"] for i in items], size), ROW_SEGMENTS: segments}
     # The rank the loss sees y_pred with (Keras aligns a trailing 1): one
     # value per row broadcasts against it.
-    rank = len(align_ranks(y_true.shape, y_pred.shape)[1]) if first.plan.terms[0].entry.shapes == SHAPES_SAME \
-        else y_pred.ndim
+    true_shape, pred_shape = first.tensors["y_true"].shape, first.tensors["y_pred"].shape
+    rank = len(align_ranks(true_shape, pred_shape)[1]) if first.plan.terms[0].entry.shapes == SHAPES_SAME \
+        else len(pred_shape)
     for name in first.row_params:
         values = np.array([i.plan.terms[0].params[name] for i in items], dtype=dtype)
-        arrays[ROW_PARAMETER_PREFIX + name] = np.repeat(values, rows).reshape((-1,) + (1,) * (rank - 1))
-    divisor_rows = np.zeros(len(items), np.float64)
-    divisor_fixed = np.ones(len(items), np.float64)
+        per_row = np.empty(size, dtype)
+        per_row[:total] = np.repeat(values, rows)
+        per_row[total:] = values[-1]  # in the parameter's range
+        arrays[ROW_PARAMETER_PREFIX + name] = per_row.reshape((-1,) + (1,) * (rank - 1))
+    divisor_rows = np.zeros(requests or len(items), np.float64)
+    divisor_fixed = np.zeros(requests or len(items), np.float64)
     for r, item in enumerate(items):
         # Keras divides by the sum of the weights as given (not broadcast).
         weight_sum = (None if item.sample_weight is None
@@ -296,9 +309,20 @@ def rows_arrays(items: list[_Item]) -> dict[str, np.ndarray]:
     arrays[ROW_DIVISOR_ROWS], arrays[ROW_DIVISOR_FIXED] = divisor_rows, divisor_fixed
     if any(i.weights is not None for i in items):
         rest = next(i.values_shape[1:] for i in items if i.weights is not None)
-        arrays["sample_weight"] = np.concatenate(
-            [i.weights if i.weights is not None else np.ones((i.rows, *rest), dtype) for i in items])
+        arrays["sample_weight"] = _stack(
+            [i.weights if i.weights is not None else np.ones((i.rows, *rest), dtype) for i in items], size)
     return arrays
+
+
+def _stack(parts: list[np.ndarray], size: int) -> np.ndarray:
+    """The parts concatenated along the first axis, then zero rows up to ``size``."""
+    total = sum(len(p) for p in parts)
+    if len(parts) == 1 and total == size:
+        return parts[0]
+    out = np.empty((size, *parts[0].shape[1:]), np.result_type(*parts))
+    np.concatenate(parts, out=out[:total])
+    out[total:] = 0
+    return out
 
 
 def split_results(items: list[_Item], reduced: np.ndarray, values: np.ndarray, grad: Optional[np.ndarray]) -> None:

@@ -33,6 +33,7 @@ against Keras by tests/server/test_buckets.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from typing import Mapping, Optional
@@ -43,7 +44,7 @@ from lossd.wire import dtype_name
 from lossd_server.evaluation import backend
 from lossd_server.evaluation.batching import row_item, rows_arrays, split_results
 from lossd_server.evaluation.evaluator import Evaluator, Result
-from lossd_server.losses.plan import ROW_DIVISOR_FIXED, ROW_DIVISOR_ROWS, ROW_PARAMETER_PREFIX, ROW_SEGMENTS, Plan
+from lossd_server.losses.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ MIN_ROWS = 8
 # on the current path (and, under ``xla=auto``, on XLA for the losses it
 # speeds up at 1e6 elements and more: ``Evaluator._use_xla``).
 MAX_ELEMENTS = 1 << 16
+_UNKNOWN = object()
 
 
 def bucket(count: int, least: int = 1) -> int:
@@ -79,37 +81,70 @@ class Buckets:
         self.calls = 0
         self.requests = 0
         self._lock = threading.Lock()
+        # What row_item said for a kind of request (see _kind): None or an
+        # item to copy; and each bucket's input specs. Both are asked per
+        # request and computed once.
+        self._kinds: dict[tuple, object] = {}
+        self._specs: dict[tuple, list[backend.InputSpec]] = {}
 
     def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray],
                  reduction: str, gradient: bool) -> Optional[Result]:
         """One checked request (``Evaluator.check``) through its bucket's
         executable; None where it does not qualify or its executable is not
         ready (then it is being compiled, unless XLA failed on it before)."""
-        item = row_item(plan, tensors, sample_weight, reduction, gradient, self.max_elements)
-        if item is None or not self.run([item], rows_arrays([item])):
+        kind = _kind(plan, tensors, sample_weight, reduction, gradient)
+        if kind is None:
+            return None
+        y_true, y_pred = tensors["y_true"], tensors["y_pred"]
+        rows = y_pred.shape[0] if y_pred.ndim else 0
+        if not 0 < y_pred.size <= self.max_elements or y_true.ndim < 1 or y_true.shape[0] != rows:
+            return None
+        template = self._kinds.get(kind, _UNKNOWN)
+        if template is _UNKNOWN:
+            # row_item's answer depends on the kind alone once the sizes
+            # above are checked: asked once per kind.
+            item = row_item(plan, tensors, sample_weight, reduction, gradient, self.max_elements)
+            self._remember(self._kinds, kind, item)
+        elif template is None:
+            return None
+        else:
+            shape = template.values_shape
+            item = dataclasses.replace(
+                template, tensors=tensors, sample_weight=sample_weight, rows=rows, elements=int(y_pred.size),
+                values_shape=None if shape is None else (rows, *shape[1:]), result=None, error=None)
+            if sample_weight is not None:
+                item.weights = np.broadcast_to(sample_weight.astype(y_pred.dtype, copy=False), item.values_shape)
+        if item is None or not self.run([item]):
             return None
         return item.result
 
-    def run(self, items: list, arrays: dict[str, np.ndarray]) -> bool:
-        """Evaluates the items of one rows call (``batching.row_item``, their
-        inputs ``batching.rows_arrays``) padded to their bucket, giving each
-        its result; False, and nothing changed, where the bucket does not
-        serve them (too large, not compiled yet, or refused at run time: the
-        caller's path then gives each request its own answer or error)."""
-        rows = len(arrays["y_pred"])
+    def run(self, items: list) -> bool:
+        """Evaluates the items of one rows call (``batching.row_item``)
+        padded to their bucket, giving each its result; False, and nothing
+        changed, where the bucket does not serve them (too large, not
+        compiled yet, or refused at run time: the caller's path then gives
+        each request its own answer or error)."""
+        rows = sum(i.rows for i in items)
         size = bucket(rows, MIN_ROWS)
-        if size * (arrays["y_pred"].size // rows) > self.max_elements:
-            return False
-        padded = _pad(arrays, rows, size, bucket(len(items) + 1))
-        names = sorted(padded)
-        specs = [backend.InputSpec(n, dtype_name(padded[n].dtype), padded[n].shape) for n in names]
         first = items[0]
+        y_pred = first.tensors["y_pred"]
+        if size * (y_pred.size // first.rows) > self.max_elements:
+            return False
+        requests = bucket(len(items) + 1)
+        weighted = any(i.weights is not None for i in items)
+        spec_key = (first.key, size, requests, weighted)
+        specs = self._specs.get(spec_key)
+        arrays = rows_arrays(items, size, requests)
+        names = sorted(arrays)
+        if specs is None:
+            specs = [backend.InputSpec(n, dtype_name(arrays[n].dtype), arrays[n].shape) for n in names]
+            self._remember(self._specs, spec_key, specs)
         compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs, first.key[2],
                                                first.gradient, padded=True)
         if compiled is None:
             return False
         try:
-            _, (reduced, values), grad, _ = compiled([padded[n] for n in names])
+            _, (reduced, values), grad, _ = compiled([arrays[n] for n in names])
         except backend.INPUT_ERRORS as exc:  # the current path raises it as this request's own error
             log.debug("bucketed call of %d requests refused (%s); taking the current path", len(items), exc)
             return False
@@ -119,26 +154,23 @@ class Buckets:
             self.requests += len(items)
         return True
 
+    def _remember(self, table: dict, key: tuple, value) -> None:
+        # Bounded like the program cache: a flood of new kinds starts over.
+        if len(table) >= 4 * self.evaluator.cache_size:
+            table.clear()
+        table[key] = value
 
-def _pad(arrays: dict[str, np.ndarray], rows: int, size: int, requests: int) -> dict[str, np.ndarray]:
-    """The rows call's inputs padded to ``size`` rows and ``requests``
-    requests. Padding rows are zeros (their row parameters are the last
-    row's, so they lie in the parameter's range) and belong to the first
-    padding request; padding requests divide by 0, so they count for
-    nothing (``plan.build_rows_program``)."""
-    count = len(arrays[ROW_DIVISOR_ROWS])
-    out = {}
-    for name, array in arrays.items():
-        if name in (ROW_DIVISOR_ROWS, ROW_DIVISOR_FIXED):
-            full = np.zeros((requests,), array.dtype)
-            full[:count] = array
-        elif name == ROW_SEGMENTS:
-            full = np.full((size,), count, array.dtype)
-            full[:rows] = array
-        else:
-            full = np.zeros((size, *array.shape[1:]), array.dtype)
-            full[:rows] = array
-            if name.startswith(ROW_PARAMETER_PREFIX):
-                full[rows:] = array[rows - 1]
-        out[name] = full
-    return out
+
+def _kind(plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray], reduction: str,
+          gradient: bool) -> Optional[tuple]:
+    """What ``batching.row_item``'s answer depends on, besides the size: the
+    plan, reduction and gradient, and every input's dtype and shape past the
+    first axis (and whether that axis is 1, which broadcasts). None where
+    the request has other tensors than y_true and y_pred."""
+    if len(tensors) != 2 or "y_true" not in tensors or "y_pred" not in tensors:
+        return None
+    y_true, y_pred = tensors["y_true"], tensors["y_pred"]
+    weights = None if sample_weight is None else (sample_weight.dtype, sample_weight.shape[1:],
+                                                  sample_weight.shape[:1] == (1,), sample_weight.ndim)
+    return (plan.key, reduction, gradient, y_true.dtype, y_true.shape[1:], y_true.shape[:1] == (1,),
+            y_true.ndim, y_pred.dtype, y_pred.shape[1:], y_pred.shape[:1] == (1,), y_pred.ndim, weights)

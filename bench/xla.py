@@ -141,8 +141,8 @@ def small_worker(executor: str) -> int:
 
     device = backend.select_device("cpu")
     registry = custom.full_registry(plugins=False)
-    evaluators = {side: Evaluator(registry, device, xla="off" if side == "graph" else "auto", max_pending_compiles=64)
-                  for side in SIDES}
+    evaluators = {side: Evaluator(registry, device, xla="off" if side == "graph" else "auto", max_pending_compiles=64,
+                                  compile_timeout=600) for side in SIDES}
     batchers = {side: Batcher(ev, max_delay_us=1, max_elements=1 << 16, max_requests=BATCH)
                 for side, ev in evaluators.items()}
     rng = np.random.default_rng(0)

@@ -55,7 +55,7 @@ ROWS = (1, 2, MIN_ROWS - 1, MIN_ROWS, MIN_ROWS + 1, 15, 16, 17, 31, 33)
 @pytest.fixture(scope="module")
 def evaluator():
     ev = Evaluator(custom.full_registry(plugins=False), backend.select_device("cpu"), xla="auto",
-                   expression_compiler=custom.inline_entry, max_pending_compiles=64)
+                   expression_compiler=custom.inline_entry, max_pending_compiles=64, compile_timeout=600)
     yield ev
     ev.close()
 
@@ -299,7 +299,7 @@ def test_padding_never_shows(evaluator):
 def test_a_request_never_waits_for_xla(evaluator):
     """A new bucket's first request takes the graph path while XLA compiles
     in the background; the next one of that bucket uses the executable."""
-    ev = Evaluator(evaluator.registry, evaluator.device, xla="auto")
+    ev = Evaluator(evaluator.registry, evaluator.device, xla="auto", compile_timeout=600)
     try:
         plan = ev.planner.plan({"name": "huber", "params": {"delta": 0.7}})
         tensors = {"y_true": np.zeros((5, 3), np.float32), "y_pred": np.ones((5, 3), np.float32)}
@@ -351,7 +351,7 @@ def test_a_program_xla_cannot_compile_is_not_tried_again(evaluator, caplog):
     registry.register(LossEntry("numpy_mse", (), "MSE through numpy.", (),
                                 lambda params, reduction, dtype: NumpyMSE(reduction=reduction, dtype=dtype),
                                 source="builtin", row_structure=mse.row_structure))
-    ev = Evaluator(registry, evaluator.device, xla="auto")
+    ev = Evaluator(registry, evaluator.device, xla="auto", compile_timeout=600)
     try:
         plan = ev.planner.plan({"name": "numpy_mse"})
         y = np.arange(12, dtype=np.float32).reshape(4, 3)

@@ -22,7 +22,7 @@ Which requests qualify is ``batching.row_item``'s rule, the one batches
 follow (each row's values depend on that row alone: not composites, not the
 hinge losses, not ``ignore_class``, not ctc...), on CPU, for y_pred of at
 most ``MAX_ELEMENTS`` elements. Executables compile on the evaluator's
-compile threads (``Evaluator.rows_program``), within its cache and its
+XLA compile thread (``Evaluator.rows_program``), within its cache and its
 bounds; a request never waits for one: until it is ready, and where XLA
 cannot compile a program (an op it lacks), the request takes the path it
 took before. A program XLA failed to compile is not tried again.
@@ -145,7 +145,7 @@ class Buckets:
             return False
         try:
             _, (reduced, values), grad, _ = compiled([arrays[n] for n in names])
-        except backend.INPUT_ERRORS as exc:  # the current path raises it as this request's own error
+        except (*backend.INPUT_ERRORS, *backend.MEMORY_ERRORS) as exc:  # the current path answers it as its own
             log.debug("bucketed call of %d requests refused (%s); taking the current path", len(items), exc)
             return False
         split_results(items, reduced, values, grad)

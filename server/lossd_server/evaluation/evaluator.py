@@ -71,7 +71,8 @@ class Evaluator:
             executables of bucketed shapes (``buckets``), and tensors of at
             least ``XLA_MIN_ELEMENTS`` as XLA programs where their losses are
             in ``xla_losses``; ``"on"``: the buckets, and XLA for every other
-            program too; ``"off"``: no XLA. See docs/xla.md.
+            program too; ``"off"`` (the default here; the server's
+            ``LOSSD_XLA`` defaults to ``auto``): no XLA. See docs/xla.md.
         expression_compiler: Turns an inline expression into a registry
             entry (``custom.inline_entry``); None refuses expressions.
         max_broadcast_elements: Most elements any value inside a loss may
@@ -120,6 +121,9 @@ class Evaluator:
         self._waiting = 0  # requests waiting for a trace
         self._lock = threading.Lock()  # guards _cache, _cache_ops, _pending and compilations
         self._compile_pool = futures.ThreadPoolExecutor(max_workers=compile_workers, thread_name_prefix="compile")
+        # XLA buckets compile on a thread of their own: no request waits for
+        # them, and a request waiting for its own program never queues behind them.
+        self._xla_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-xla")
         self.compilations = 0
         # Padded programs XLA could not compile (by program, any bucket): never tried again.
         self._xla_failed: collections.OrderedDict[tuple, None] = collections.OrderedDict()
@@ -171,6 +175,7 @@ class Evaluator:
     def close(self) -> None:
         """Stops the compile threads (traces in progress finish first)."""
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
+        self._xla_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- evaluation ----------------------------------------------------------
 
@@ -337,8 +342,9 @@ class Evaluator:
         holds its requests' RPC threads for a compilation.
 
         ``padded``: the XLA program of the bucket whose static shapes
-        ``specs`` are (``buckets``), compiled by XLA on the compile thread
-        (``backend.Compiled`` runs it once there). Where XLA fails on it,
+        ``specs`` are (``buckets``), compiled by XLA on a compile thread of
+        its own (``backend.Compiled`` runs it once there), so that requests
+        waiting for their programs never queue behind it. Where XLA fails on it,
         the program is remembered and None returned from then on, for any
         bucket, without another try.
         """
@@ -352,7 +358,8 @@ class Evaluator:
             elif padded and _program(key) in self._xla_failed:
                 return None
             elif key not in self._pending and len(self._pending) < self.max_pending_compiles:
-                self._pending[key] = self._compile_pool.submit(
+                pool = self._xla_pool if padded else self._compile_pool
+                self._pending[key] = pool.submit(
                     self._compile, key, plan, specs,
                     lambda: build_rows_program(plan, dtype, row_params, padded=padded), has_sw, gradient, padded)
         self._count_lookup("hit" if compiled is not None else "miss")

@@ -24,3 +24,18 @@ def value_and_gradient(fn: Callable[[tf.Tensor, tf.Tensor], Any], y_true, y_pred
         value = fn(y_true, y_pred)
         total = tf.reduce_sum(value)
     return np.asarray(value), tape.gradient(total, y_pred).numpy()
+
+
+def reduced_magnitude(values: np.ndarray, reduction: str, sample_weight, floor: float = 0.0) -> float:
+    """What a reduced loss's rounding is relative to: the request's
+    reduction of its absolute weighted per-sample ``values`` (reduction
+    ``none``), each at least ``floor``. A path that adds the values in
+    another order or precision than Keras agrees with it to a relative
+    tolerance of this, not of a loss that cancels to about 0."""
+    total = float(np.sum(np.maximum(np.abs(values.astype(np.float64)), floor)))
+    if reduction == "sum":
+        return total
+    if reduction == "mean_with_sample_weight" and sample_weight is not None:
+        weights = abs(float(np.sum(np.asarray(sample_weight).astype(values.dtype), dtype=np.float64)))
+        return total / weights if weights else 0.0
+    return total / values.size

@@ -318,7 +318,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                                    server_streaming=method.server_streaming)
 
     evaluator = Evaluator(registry, device, cache_size=settings.cache_size, metrics=metrics,
-                          jit_compile=settings.jit_compile, xla_losses=XLA_LOSSES,
+                          xla=settings.xla, xla_losses=XLA_LOSSES,
                           expression_compiler=custom.inline_entry,
                           max_broadcast_elements=settings.max_broadcast_elements,
                           max_composite_terms=settings.max_composite_terms,

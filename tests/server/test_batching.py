@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 keras = pytest.importorskip("keras")
 
+from keras_reference import reduced_magnitude  # noqa: E402
+
 from lossd import wire  # noqa: E402
 from lossd_server.errors import InvalidArgument  # noqa: E402
 from lossd_server.evaluation import backend  # noqa: E402
@@ -121,14 +123,7 @@ def _magnitude(evaluator, call) -> float:
     values = evaluator.evaluate(call["plan"], call["tensors"], sample_weight=call["sample_weight"],
                                 reduction="none").loss
     weight = 1.0 if call["sample_weight"] is None else float(np.max(np.abs(call["sample_weight"]), initial=0.0))
-    floor = _cancelling_scale(call) * weight / 1e-6
-    total = float(np.sum(np.maximum(np.abs(values.astype(np.float64)), floor)))
-    if call["reduction"] == "sum":
-        return total
-    if call["reduction"] == "mean_with_sample_weight" and call["sample_weight"] is not None:
-        weights = abs(float(np.sum(call["sample_weight"].astype(values.dtype), dtype=np.float64)))
-        return total / weights if weights else 0.0
-    return total / values.size
+    return reduced_magnitude(values, call["reduction"], call["sample_weight"], _cancelling_scale(call) * weight / 1e-6)
 
 
 def _assert_same(evaluator, call, got, want, exact: bool):

@@ -18,6 +18,11 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 # TensorFlow's C++ start-up chatter is noise in a server log; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# XLA's CPU max and min reductions skip NaN by default ("fast min/max"):
+# categorical_hinge of an Inf y_pred would be 0 under XLA where Keras says
+# NaN. Read when TensorFlow loads; a flag the operator set is kept.
+if "xla_cpu_enable_fast_min_max" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_min_max=false").strip()
 
 
 @contextlib.contextmanager
@@ -302,6 +307,12 @@ class Compiled:
         # program's memory grows with its operations.
         self.ops = len(self._concrete.graph.get_operations())
         self._direct = _DirectCall.make(self._concrete, HOST_DEVICE)
+        if jit_compile and all(None not in s.shape for s in specs):
+            # XLA compiles on a function's first call, not when it is traced:
+            # with every shape known, that call is made here (on zeros), so
+            # the compile thread pays it and no request does. An op XLA lacks
+            # raises here too.
+            self([np.zeros(s.shape, tf.dtypes.as_dtype(s.dtype).as_numpy_dtype) for s in specs])
 
     def __call__(self, arrays: Sequence[np.ndarray]):
         """Runs on numpy arrays (in ``specs`` order); returns numpy results:

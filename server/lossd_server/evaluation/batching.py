@@ -175,46 +175,7 @@ class Batcher:
     def _item(self, plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray],
               reduction: str, gradient: bool) -> Optional[_Item]:
         """The request as a batch member, or None where it is not batched."""
-        family = row_family(plan)
-        if family is None:
-            return None
-        term = plan.terms[0]
-        y_true, y_pred = tensors["y_true"], tensors["y_pred"]
-        dtype = dtype_name(y_pred.dtype)
-        if (term.inputs != DEFAULT_INPUTS or plan.tensor_names != frozenset(DEFAULT_INPUTS)
-                or term.entry.hinge_labels or term.params.get("ignore_class") is not None
-                or dtype not in BATCHED_DTYPES or y_true.ndim < 1 or y_pred.ndim < 1
-                or y_true.shape[0] != y_pred.shape[0] or y_pred.size == 0 or y_true.size == 0
-                or y_pred.size > self.max_elements):
-            return None
-        if term.entry.shapes == SHAPES_CTC or (term.entry.shapes == SHAPES_SPARSE and y_pred.shape[-1] == 1):
-            # CTC is never batched (issue 13); sparse labels against a single
-            # class broadcast rows against rows once Keras aligns their ranks.
-            return None
-        structure = term_row_structure(term, y_true.shape, y_pred.shape)
-        if structure is None or structure.kind != ROWS:
-            return None
-        rows = int(y_pred.shape[0])
-        shape = _values_shape(term, y_true.shape, y_pred.shape)
-        if shape is not None and (len(shape) < 1 or shape[0] != rows or 0 in shape):
-            return None
-        key = (family[0], dtype_name(y_true.dtype), dtype, y_true.shape[1:], y_pred.shape[1:], gradient,
-               None if shape is None else shape[1:])
-        item = _Item(plan, tensors, sample_weight, reduction, gradient, key, family[1], rows, int(y_pred.size),
-                     shape)
-        if sample_weight is not None:
-            # Keras aligns ranks that differ by one (squeeze_or_expand_to_same_rank)
-            # by the static shapes of the traced program, which a batch does not
-            # share; other ranks broadcast as numpy does.
-            if shape is None or sample_weight.size == 0 or abs(sample_weight.ndim - len(shape)) == 1:
-                return None
-            try:
-                if np.broadcast_shapes(shape, sample_weight.shape) != shape:
-                    return None
-            except ValueError:
-                return None
-            item.weights = np.broadcast_to(sample_weight.astype(dtype, copy=False), shape)
-        return item
+        return row_item(plan, tensors, sample_weight, reduction, gradient, self.max_elements)
 
     # -- forming batches -----------------------------------------------------------
 
@@ -297,53 +258,141 @@ class Batcher:
     def _run_together(self, items: list[_Item]) -> bool:
         """Evaluates the items in one call; False while its program compiles."""
         first = items[0]
-        dtype = dtype_name(first.tensors["y_pred"].dtype)
-        rows = np.array([i.rows for i in items], dtype=np.int64)
-        y_true = np.concatenate([i.tensors["y_true"] for i in items])
-        y_pred = np.concatenate([i.tensors["y_pred"] for i in items])
-        arrays = {"y_true": y_true, "y_pred": y_pred,
-                  ROW_SEGMENTS: np.repeat(np.arange(len(items), dtype=np.int32), rows)}
-        # The rank the loss sees y_pred with (Keras aligns a trailing 1): one
-        # value per row broadcasts against it.
-        rank = len(align_ranks(y_true.shape, y_pred.shape)[1]) if first.plan.terms[0].entry.shapes == SHAPES_SAME \
-            else y_pred.ndim
-        for name in first.row_params:
-            values = np.array([i.plan.terms[0].params[name] for i in items], dtype=dtype)
-            arrays[ROW_PARAMETER_PREFIX + name] = np.repeat(values, rows).reshape((-1,) + (1,) * (rank - 1))
-        divisor_rows = np.zeros(len(items), np.float64)
-        divisor_fixed = np.ones(len(items), np.float64)
-        for r, item in enumerate(items):
-            # Keras divides by the sum of the weights as given (not broadcast).
-            weight_sum = (None if item.sample_weight is None
-                          else np.sum(item.sample_weight.astype(dtype, copy=False), dtype=np.float64))
-            per_value, divisor_fixed[r] = reduction_divisor(item.reduction, weight_sum)
-            divisor_rows[r] = per_value * item.rows  # times the values per row, in the program
-        arrays[ROW_DIVISOR_ROWS], arrays[ROW_DIVISOR_FIXED] = divisor_rows, divisor_fixed
-        weighted = any(i.weights is not None for i in items)
-        if weighted:
-            rest = next(i.values_shape[1:] for i in items if i.weights is not None)
-            arrays["sample_weight"] = np.concatenate(
-                [i.weights if i.weights is not None else np.ones((i.rows, *rest), dtype) for i in items])
+        buckets = self.evaluator.buckets
+        if buckets is not None and buckets.run(items):  # XLA, once its executable is ready
+            return True
+        arrays = rows_arrays(items)
         names = sorted(arrays)
         specs = [backend.InputSpec(n, dtype_name(arrays[n].dtype), backend.signature_shape(arrays[n].shape))
                  for n in names]
-        compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs, dtype,
-                                               first.gradient)
+        compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs,
+                                               first.key[2], first.gradient)
         if compiled is None:
             return False
         _, (reduced, values), grad, _ = compiled([arrays[n] for n in names])
-        start = 0
-        for r, item in enumerate(items):
-            stop = start + item.rows
-            if item.reduction == "none":
-                loss = values[start:stop]
-            else:
-                loss = np.asarray(reduced[r])
-            g = grad[start:stop] if item.gradient else None
-            inputs = [item.tensors["y_true"], item.tensors["y_pred"], item.sample_weight]
-            item.result = Result(loss, g, [], any_non_finite([loss, g, *inputs]))
-            start = stop
+        split_results(items, reduced, values, grad)
         return True
+
+
+def rows_arrays(items: list[_Item], size: Optional[int] = None, requests: Optional[int] = None
+                ) -> dict[str, np.ndarray]:
+    """The inputs of a rows program (``plan.build_rows_program``) for requests
+    of one family: their rows concatenated, each row's request, parameters
+    and weights, and each request's divisor (``chunks.reduction_divisor``).
+
+    ``size`` and ``requests`` pad them to that many rows and requests (an
+    XLA bucket, ``buckets``): padding rows are zeros with the last row's
+    parameters and belong to the first padding request; padding requests
+    divide by 0, so they count for nothing (``build_rows_program`` with
+    ``padded``)."""
+    first = items[0]
+    dtype = dtype_name(first.tensors["y_pred"].dtype)
+    rows = np.array([i.rows for i in items], dtype=np.int64)
+    total = int(rows.sum())
+    size = size or total
+    segments = np.full(size, len(items), np.int32)
+    segments[:total] = np.repeat(np.arange(len(items), dtype=np.int32), rows)
+    arrays = {"y_true": _stack([i.tensors["y_true"] for i in items], size),
+              "y_pred": _stack([i.tensors["y_pred"] for i in items], size), ROW_SEGMENTS: segments}
+    # The rank the loss sees y_pred with (Keras aligns a trailing 1): one
+    # value per row broadcasts against it.
+    true_shape, pred_shape = first.tensors["y_true"].shape, first.tensors["y_pred"].shape
+    rank = len(align_ranks(true_shape, pred_shape)[1]) if first.plan.terms[0].entry.shapes == SHAPES_SAME \
+        else len(pred_shape)
+    for name in first.row_params:
+        values = np.array([i.plan.terms[0].params[name] for i in items], dtype=dtype)
+        per_row = np.empty(size, dtype)
+        per_row[:total] = np.repeat(values, rows)
+        per_row[total:] = values[-1]  # in the parameter's range
+        arrays[ROW_PARAMETER_PREFIX + name] = per_row.reshape((-1,) + (1,) * (rank - 1))
+    divisor_rows = np.zeros(requests or len(items), np.float64)
+    divisor_fixed = np.zeros(requests or len(items), np.float64)
+    for r, item in enumerate(items):
+        # Keras divides by the sum of the weights as given (not broadcast).
+        weight_sum = (None if item.sample_weight is None
+                      else np.sum(item.sample_weight.astype(dtype, copy=False), dtype=np.float64))
+        per_value, divisor_fixed[r] = reduction_divisor(item.reduction, weight_sum)
+        divisor_rows[r] = per_value * item.rows  # times the values per row, in the program
+    arrays[ROW_DIVISOR_ROWS], arrays[ROW_DIVISOR_FIXED] = divisor_rows, divisor_fixed
+    if any(i.weights is not None for i in items):
+        rest = next(i.values_shape[1:] for i in items if i.weights is not None)
+        arrays["sample_weight"] = _stack(
+            [i.weights if i.weights is not None else np.ones((i.rows, *rest), dtype) for i in items], size)
+    return arrays
+
+
+def _stack(parts: list[np.ndarray], size: int) -> np.ndarray:
+    """The parts concatenated along the first axis, then zero rows up to ``size``."""
+    total = sum(len(p) for p in parts)
+    if len(parts) == 1 and total == size:
+        return parts[0]
+    out = np.empty((size, *parts[0].shape[1:]), np.result_type(*parts))
+    np.concatenate(parts, out=out[:total])
+    out[total:] = 0
+    return out
+
+
+def split_results(items: list[_Item], reduced: np.ndarray, values: np.ndarray, grad: Optional[np.ndarray]) -> None:
+    """Gives each item its own result from a rows program's outputs: its
+    values (reduction ``none``) or reduced loss, its gradient rows and its
+    NaN/Inf flag, from its own rows and inputs only (rows past the items',
+    such as a bucket's padding, are never read)."""
+    start = 0
+    for r, item in enumerate(items):
+        stop = start + item.rows
+        loss = values[start:stop] if item.reduction == "none" else np.asarray(reduced[r])
+        g = grad[start:stop] if item.gradient else None
+        inputs = [item.tensors["y_true"], item.tensors["y_pred"], item.sample_weight]
+        item.result = Result(loss, g, [], any_non_finite([loss, g, *inputs]))
+        start = stop
+
+
+def row_item(plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray], reduction: str,
+             gradient: bool, max_elements: int) -> Optional[_Item]:
+    """A request as a member of a rows call (``plan.build_rows_program``), or
+    None where its rows are not independent (see the module's docstring) or
+    its y_pred has more than ``max_elements`` elements. The one test of what
+    a rows call may serve: batches and XLA buckets (``buckets``) both ask it."""
+    family = row_family(plan)
+    if family is None:
+        return None
+    term = plan.terms[0]
+    y_true, y_pred = tensors["y_true"], tensors["y_pred"]
+    dtype = dtype_name(y_pred.dtype)
+    if (term.inputs != DEFAULT_INPUTS or plan.tensor_names != frozenset(DEFAULT_INPUTS)
+            or term.entry.hinge_labels or term.params.get("ignore_class") is not None
+            or dtype not in BATCHED_DTYPES or y_true.ndim < 1 or y_pred.ndim < 1
+            or y_true.shape[0] != y_pred.shape[0] or y_pred.size == 0 or y_true.size == 0
+            or y_pred.size > max_elements):
+        return None
+    if term.entry.shapes == SHAPES_CTC or (term.entry.shapes == SHAPES_SPARSE and y_pred.shape[-1] == 1):
+        # CTC is never batched (issue 13); sparse labels against a single
+        # class broadcast rows against rows once Keras aligns their ranks.
+        return None
+    structure = term_row_structure(term, y_true.shape, y_pred.shape)
+    if structure is None or structure.kind != ROWS:
+        return None
+    rows = int(y_pred.shape[0])
+    shape = _values_shape(term, y_true.shape, y_pred.shape)
+    if shape is not None and (len(shape) < 1 or shape[0] != rows or 0 in shape):
+        return None
+    key = (family[0], dtype_name(y_true.dtype), dtype, y_true.shape[1:], y_pred.shape[1:], gradient,
+           None if shape is None else shape[1:])
+    item = _Item(plan, tensors, sample_weight, reduction, gradient, key, family[1], rows, int(y_pred.size),
+                 shape)
+    if sample_weight is not None:
+        # Keras aligns ranks that differ by one (squeeze_or_expand_to_same_rank)
+        # by the static shapes of the traced program, which a batch does not
+        # share; other ranks broadcast as numpy does.
+        if shape is None or sample_weight.size == 0 or abs(sample_weight.ndim - len(shape)) == 1:
+            return None
+        try:
+            if np.broadcast_shapes(shape, sample_weight.shape) != shape:
+                return None
+        except ValueError:
+            return None
+        item.weights = np.broadcast_to(sample_weight.astype(dtype, copy=False), shape)
+    return item
 
 
 def _values_shape(term, true_shape: tuple, pred_shape: tuple) -> Optional[tuple]:

@@ -67,8 +67,12 @@ class Evaluator:
         cache_size: Most compiled programs kept; the least recently used goes.
         metrics: Optional ``lossd_server.observability.metrics.Metrics`` for cache and
             compilation counts.
-        jit_compile: ``"auto"`` (XLA for the losses in ``xla_losses``),
-            ``"on"`` or ``"off"``.
+        xla: ``"auto"``: small row-separable requests on CPU run as XLA
+            executables of bucketed shapes (``buckets``), and tensors of at
+            least ``XLA_MIN_ELEMENTS`` as XLA programs where their losses are
+            in ``xla_losses``; ``"on"``: the buckets, and XLA for every other
+            program too; ``"off"`` (the default here; the server's
+            ``LOSSD_XLA`` defaults to ``auto``): no XLA. See docs/xla.md.
         expression_compiler: Turns an inline expression into a registry
             entry (``custom.inline_entry``); None refuses expressions.
         max_broadcast_elements: Most elements any value inside a loss may
@@ -93,7 +97,7 @@ class Evaluator:
     """
 
     def __init__(self, registry: LossRegistry, device: backend.Device, *, cache_size: int = 256,
-                 metrics=None, jit_compile: str = "auto", xla_losses: Sequence[str] = (),
+                 metrics=None, xla: str = "off", xla_losses: Sequence[str] = (),
                  expression_compiler: Optional[ExpressionCompiler] = None,
                  max_broadcast_elements: Optional[int] = None, max_composite_terms: Optional[int] = None,
                  max_program_nodes: Optional[int] = None, compile_workers: int = 2,
@@ -106,7 +110,7 @@ class Evaluator:
         self.device = device
         self.cache_size = cache_size
         self.metrics = metrics
-        self.jit_compile = jit_compile
+        self.xla = xla
         self.xla_losses = frozenset(xla_losses)
         self.max_pending_compiles = max_pending_compiles
         self.compile_timeout = compile_timeout
@@ -117,7 +121,18 @@ class Evaluator:
         self._waiting = 0  # requests waiting for a trace
         self._lock = threading.Lock()  # guards _cache, _cache_ops, _pending and compilations
         self._compile_pool = futures.ThreadPoolExecutor(max_workers=compile_workers, thread_name_prefix="compile")
+        # XLA buckets compile on a thread of their own: no request waits for
+        # them, and a request waiting for its own program never queues behind them.
+        self._xla_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="compile-xla")
         self.compilations = 0
+        # Padded programs XLA could not compile (by program, any bucket): never tried again.
+        self._xla_failed: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+        self.buckets = None
+        if xla != "off" and device.device_type == "CPU":
+            # Imported here: buckets builds on batching's row rules, which import this module.
+            from lossd_server.evaluation.buckets import Buckets
+
+            self.buckets = Buckets(self)
 
     def wait_compiled(self, timeout: float = 60.0) -> bool:
         """Waits until no program is being traced (at most ``timeout``
@@ -160,6 +175,7 @@ class Evaluator:
     def close(self) -> None:
         """Stops the compile threads (traces in progress finish first)."""
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
+        self._xla_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- evaluation ----------------------------------------------------------
 
@@ -205,6 +221,10 @@ class Evaluator:
                          sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
                          gradient: bool = False) -> Result:
         """``evaluate`` for inputs that passed ``check``."""
+        if self.buckets is not None:  # XLA, where its bucket's executable is ready
+            bucketed = self.buckets.evaluate(plan, tensors, sample_weight, reduction, gradient)
+            if bucketed is not None:
+                return bucketed
         y_pred = tensors["y_pred"]
         compute_dtype = dtype_name(y_pred.dtype)
         names = sorted(plan.tensor_names | {"y_pred"} | (plan.optional_tensor_names & tensors.keys()))
@@ -310,7 +330,7 @@ class Evaluator:
                             [f"{t.label}: {list(o)}" for t, o in zip(plan.terms, outputs)])
 
     def rows_program(self, plan: Plan, family: str, row_params: Sequence[str], specs: Sequence[backend.InputSpec],
-                     dtype: str, gradient: bool) -> Optional[backend.Compiled]:
+                     dtype: str, gradient: bool, *, padded: bool = False) -> Optional[backend.Compiled]:
         """The compiled program that evaluates many requests of one program
         family at once (``plan.build_rows_program``), from the same cache and
         compile threads as every other program.
@@ -320,18 +340,28 @@ class Evaluator:
         traces are already under way (then a later batch starts it). The
         caller evaluates the requests one by one meanwhile, so a batch never
         holds its requests' RPC threads for a compilation.
+
+        ``padded``: the XLA program of the bucket whose static shapes
+        ``specs`` are (``buckets``), compiled by XLA on a compile thread of
+        its own (``backend.Compiled`` runs it once there), so that requests
+        waiting for their programs never queue behind it. Where XLA fails on it,
+        the program is remembered and None returned from then on, for any
+        bucket, without another try.
         """
         specs = tuple(specs)
-        key = ("rows", family, tuple(row_params), gradient, specs)
+        key = ("rows", family, tuple(row_params), gradient, padded, specs)
         has_sw = any(s.name == "sample_weight" for s in specs)
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
                 self._cache.move_to_end(key)
+            elif padded and _program(key) in self._xla_failed:
+                return None
             elif key not in self._pending and len(self._pending) < self.max_pending_compiles:
-                self._pending[key] = self._compile_pool.submit(
-                    self._compile, key, plan, specs, lambda: build_rows_program(plan, dtype, row_params), has_sw,
-                    gradient, False)
+                pool = self._xla_pool if padded else self._compile_pool
+                self._pending[key] = pool.submit(
+                    self._compile, key, plan, specs,
+                    lambda: build_rows_program(plan, dtype, row_params, padded=padded), has_sw, gradient, padded)
         self._count_lookup("hit" if compiled is not None else "miss")
         return compiled
 
@@ -370,14 +400,26 @@ class Evaluator:
                 self._waiting -= 1
 
     def _compile(self, key, plan: Plan, specs, build: Callable[[], Program], has_sw: bool, gradient: bool,
-                 xla: bool) -> backend.Compiled:
+                 xla: bool) -> Optional[backend.Compiled]:
         """Traces one program on a compile thread and caches it (a trace that
-        raises caches nothing: the same key traces again next time)."""
+        raises caches nothing: the same key traces again next time, except a
+        padded XLA program, which is remembered as failed)."""
         try:
-            compiled = backend.Compiled(
-                build(), specs, has_sample_weight=has_sw, gradient=gradient,
-                device=self.device, jit_compile=xla, on_trace=lambda: self._on_trace(plan),
-                outputs=plan.outputs)
+            try:
+                compiled = backend.Compiled(
+                    build(), specs, has_sample_weight=has_sw, gradient=gradient,
+                    device=self.device, jit_compile=xla, on_trace=lambda: self._on_trace(plan),
+                    outputs=plan.outputs)
+            except Exception as exc:  # noqa: BLE001 - an op XLA lacks, or a loss it cannot trace
+                if key[0] != "rows" or not key[4]:
+                    raise
+                with self._lock:
+                    self._xla_failed[_program(key)] = None
+                    while len(self._xla_failed) > self.cache_size:
+                        self._xla_failed.popitem(last=False)
+                log.debug("XLA cannot compile %s (%s); its requests take the graph path",
+                          plan.metric_name, backend.error_text(exc))
+                return None
             with self._lock:
                 self._cache[key] = compiled
                 self._cache_ops += compiled.ops
@@ -399,9 +441,9 @@ class Evaluator:
         shape-polymorphic, XLA's kernels are not), so ``auto`` uses it only
         for large tensors, where one compilation pays for itself at once,
         and only for the losses measured faster with it (bench/xla.py)."""
-        if self.jit_compile == "on":
+        if self.xla == "on":
             return True
-        if self.jit_compile == "off":
+        if self.xla == "off":
             return False
         return elements >= XLA_MIN_ELEMENTS and all(t.entry.name in self.xla_losses for t in plan.terms)
 
@@ -415,6 +457,12 @@ class Evaluator:
         log.debug("compiling %s", plan.metric_name)
         if self.metrics is not None:
             self.metrics.observe_compilation(plan.metric_name)
+
+
+def _program(key: tuple) -> tuple:
+    """A padded rows program's key without its bucket (the first axis of
+    each input): what an XLA failure is remembered by."""
+    return key[:5] + (tuple((s.name, s.dtype, s.shape[1:]) for s in key[5]),)
 
 
 def any_non_finite(arrays) -> bool:

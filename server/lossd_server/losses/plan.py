@@ -318,7 +318,7 @@ def row_family(plan: Plan) -> Optional[tuple[str, tuple[str, ...]]]:
     return key, names
 
 
-def build_rows_program(plan: Plan, dtype: str, row_params: Sequence[str]) -> Program:
+def build_rows_program(plan: Plan, dtype: str, row_params: Sequence[str], *, padded: bool = False) -> Program:
     """The program that evaluates several requests of one family (``row_family``)
     in one call, their rows concatenated along the first axis.
 
@@ -331,6 +331,15 @@ def build_rows_program(plan: Plan, dtype: str, row_params: Sequence[str]) -> Pro
     the requests' reduced losses: its gradient with respect to the
     concatenated y_pred is, in each request's rows, that request's own
     gradient. Returns ``(total, [reduced loss per request, weighted values], {})``.
+
+    ``padded``: the call's rows and requests are padded to fixed counts
+    (``evaluation.buckets``), so that one XLA executable of static shapes
+    serves any smaller call. The padding rows form requests of their own
+    whose divisor is 0, which ``divide_no_nan`` turns into 0 whatever their
+    values (NaN included): they add nothing to the total, to its gradient or
+    to any real request's loss. The number of requests is then the
+    divisors' static length, not the data's largest segment id, which XLA
+    could not compile.
     """
     from keras import ops
 
@@ -345,9 +354,13 @@ def build_rows_program(plan: Plan, dtype: str, row_params: Sequence[str]) -> Pro
         if sample_weight is not None:
             values = values * sample_weight
         per_row = ops.reshape(ops.cast(values, "float64"), (ops.shape(values)[0], -1))
-        sums = ops.segment_sum(ops.sum(per_row, axis=1), tensors[ROW_SEGMENTS], sorted=True)
         divisors = (tensors[ROW_DIVISOR_ROWS] * ops.cast(ops.shape(per_row)[1], "float64")
                     + tensors[ROW_DIVISOR_FIXED])
+        if padded:
+            sums = ops.segment_sum(ops.sum(per_row, axis=1), tensors[ROW_SEGMENTS],
+                                   num_segments=ops.shape(divisors)[0])
+        else:
+            sums = ops.segment_sum(ops.sum(per_row, axis=1), tensors[ROW_SEGMENTS], sorted=True)
         reduced = ops.cast(ops.divide_no_nan(sums, divisors), dtype)
         return ops.sum(reduced), [reduced, values], {}
 

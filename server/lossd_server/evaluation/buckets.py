@@ -1,0 +1,176 @@
+"""XLA shape buckets: small row-separable requests run as XLA executables of
+a few fixed shapes.
+
+An XLA-compiled call of a small loss takes about 30 µs here, against 100-220 µs
+for the same graph on TensorFlow's executor (bench/RESULTS.md), but XLA
+compiles one executable per concrete shape, and requests come with any number
+of rows. So a request (or a micro-batch of the ``Batcher``) is padded to a
+*bucket*: its rows to the next power of two (at least ``MIN_ROWS``), its
+requests to the next power of two above their count, and one executable
+serves every call that pads to the same bucket.
+
+What runs is the plan's own rows program (``plan.build_rows_program`` with
+``padded=True``), the program micro-batches already use: the Keras loss with
+reduction ``none`` over all rows, then each request's values summed and
+divided by its divisor (``chunks.reduction_divisor``). The padding rows form
+requests of their own whose divisor is 0, which ``divide_no_nan`` makes 0
+whatever their values are: they take no part in any request's loss, weights,
+gradient, NaN/Inf flag or values (``batching.split_results`` reads the real
+rows only). Nothing here computes a reduction.
+
+Which requests qualify is ``batching.row_item``'s rule, the one batches
+follow (each row's values depend on that row alone: not composites, not the
+hinge losses, not ``ignore_class``, not ctc...), on CPU, for y_pred of at
+most ``MAX_ELEMENTS`` elements. Executables compile on the evaluator's
+XLA compile thread (``Evaluator.rows_program``), within its cache and its
+bounds; a request never waits for one: until it is ready, and where XLA
+cannot compile a program (an op it lacks), the request takes the path it
+took before. A program XLA failed to compile is not tried again.
+
+What differs from the one-piece path is documented in docs/xla.md and checked
+against Keras by tests/server/test_buckets.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Mapping, Optional
+
+import numpy as np
+
+from lossd.wire import dtype_name
+from lossd_server.evaluation import backend
+from lossd_server.evaluation.batching import row_item, rows_arrays, split_results
+from lossd_server.evaluation.evaluator import Evaluator, Result
+from lossd_server.losses.plan import Plan
+
+log = logging.getLogger(__name__)
+
+# Fewest rows of a bucket: one executable serves 1 to 8 rows.
+MIN_ROWS = 8
+# Most y_pred elements of a bucket (padding included): the small requests
+# whose TensorFlow call costs more than their arithmetic. Larger ones run
+# on the current path (and, under ``xla=auto``, on XLA for the losses it
+# speeds up at 1e6 elements and more: ``Evaluator._use_xla``).
+MAX_ELEMENTS = 1 << 16
+_UNKNOWN = object()
+
+
+def bucket(count: int, least: int = 1) -> int:
+    """The power of two at or above ``count`` (and at or above ``least``)."""
+    return max(least, 1 << max(0, count - 1).bit_length())
+
+
+class Buckets:
+    """Evaluates small row-separable requests with XLA executables of bucketed shapes.
+
+    Args:
+        evaluator: Whose compile threads, cache and bounds the executables use.
+        max_elements: Most y_pred elements of a padded call.
+
+    Attributes:
+        calls: Calls served by a bucketed executable (one per request or batch).
+        requests: Requests those calls answered.
+    """
+
+    def __init__(self, evaluator: Evaluator, max_elements: int = MAX_ELEMENTS):
+        self.evaluator = evaluator
+        self.max_elements = max_elements
+        self.calls = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+        # What row_item said for a kind of request (see _kind): None or an
+        # item to copy; and each bucket's input specs. Both are asked per
+        # request and computed once.
+        self._kinds: dict[tuple, object] = {}
+        self._specs: dict[tuple, list[backend.InputSpec]] = {}
+
+    def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray],
+                 reduction: str, gradient: bool) -> Optional[Result]:
+        """One checked request (``Evaluator.check``) through its bucket's
+        executable; None where it does not qualify or its executable is not
+        ready (then it is being compiled, unless XLA failed on it before)."""
+        kind = _kind(plan, tensors, sample_weight, reduction, gradient)
+        if kind is None:
+            return None
+        y_true, y_pred = tensors["y_true"], tensors["y_pred"]
+        rows = y_pred.shape[0] if y_pred.ndim else 0
+        if not 0 < y_pred.size <= self.max_elements or y_true.ndim < 1 or y_true.shape[0] != rows:
+            return None
+        template = self._kinds.get(kind, _UNKNOWN)
+        if template is _UNKNOWN:
+            # row_item's answer depends on the kind alone once the sizes
+            # above are checked: asked once per kind.
+            item = row_item(plan, tensors, sample_weight, reduction, gradient, self.max_elements)
+            self._remember(self._kinds, kind, item)
+        elif template is None:
+            return None
+        else:
+            shape = template.values_shape
+            item = dataclasses.replace(
+                template, tensors=tensors, sample_weight=sample_weight, rows=rows, elements=int(y_pred.size),
+                values_shape=None if shape is None else (rows, *shape[1:]), result=None, error=None)
+            if sample_weight is not None:
+                item.weights = np.broadcast_to(sample_weight.astype(y_pred.dtype, copy=False), item.values_shape)
+        if item is None or not self.run([item]):
+            return None
+        return item.result
+
+    def run(self, items: list) -> bool:
+        """Evaluates the items of one rows call (``batching.row_item``)
+        padded to their bucket, giving each its result; False, and nothing
+        changed, where the bucket does not serve them (too large, not
+        compiled yet, or refused at run time: the caller's path then gives
+        each request its own answer or error)."""
+        rows = sum(i.rows for i in items)
+        size = bucket(rows, MIN_ROWS)
+        first = items[0]
+        y_pred = first.tensors["y_pred"]
+        if size * (y_pred.size // first.rows) > self.max_elements:
+            return False
+        requests = bucket(len(items) + 1)
+        weighted = any(i.weights is not None for i in items)
+        spec_key = (first.key, size, requests, weighted)
+        specs = self._specs.get(spec_key)
+        arrays = rows_arrays(items, size, requests)
+        names = sorted(arrays)
+        if specs is None:
+            specs = [backend.InputSpec(n, dtype_name(arrays[n].dtype), arrays[n].shape) for n in names]
+            self._remember(self._specs, spec_key, specs)
+        compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs, first.key[2],
+                                               first.gradient, padded=True)
+        if compiled is None:
+            return False
+        try:
+            _, (reduced, values), grad, _ = compiled([arrays[n] for n in names])
+        except (*backend.INPUT_ERRORS, *backend.MEMORY_ERRORS) as exc:  # the current path answers it as its own
+            log.debug("bucketed call of %d requests refused (%s); taking the current path", len(items), exc)
+            return False
+        split_results(items, reduced, values, grad)
+        with self._lock:
+            self.calls += 1
+            self.requests += len(items)
+        return True
+
+    def _remember(self, table: dict, key: tuple, value) -> None:
+        # Bounded like the program cache: a flood of new kinds starts over.
+        if len(table) >= 4 * self.evaluator.cache_size:
+            table.clear()
+        table[key] = value
+
+
+def _kind(plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray], reduction: str,
+          gradient: bool) -> Optional[tuple]:
+    """What ``batching.row_item``'s answer depends on, besides the size: the
+    plan, reduction and gradient, and every input's dtype and shape past the
+    first axis (and whether that axis is 1, which broadcasts). None where
+    the request has other tensors than y_true and y_pred."""
+    if len(tensors) != 2 or "y_true" not in tensors or "y_pred" not in tensors:
+        return None
+    y_true, y_pred = tensors["y_true"], tensors["y_pred"]
+    weights = None if sample_weight is None else (sample_weight.dtype, sample_weight.shape[1:],
+                                                  sample_weight.shape[:1] == (1,), sample_weight.ndim)
+    return (plan.key, reduction, gradient, y_true.dtype, y_true.shape[1:], y_true.shape[:1] == (1,),
+            y_true.ndim, y_pred.dtype, y_pred.shape[1:], y_pred.shape[:1] == (1,), y_pred.ndim, weights)

@@ -29,6 +29,7 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
+from servers import free_port
 from test_deploy import DEPLOY, DOCKERFILE, require
 from test_readme_deploy import shell
 
@@ -576,14 +577,6 @@ def _under_tmp(path: str) -> str:
     virtual environment), or "" when it is not under /tmp."""
     parts = Path(os.path.realpath(path)).parts
     return str(Path(*parts[:3])) if len(parts) >= 3 and parts[:2] == ("/", "tmp") else ""
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -58,6 +58,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from servers import free_port
 from test_deploy import (ALERTS, COMPOSE, DASHBOARD, DOCKERFILE, PROMETHEUS_CONFIG, compose_config,
                          dashboard_exprs, find_tool, require, secret_paths, yaml_scalars)
 
@@ -164,12 +165,6 @@ def dockerfile_only_env() -> dict[str, str]:
 
 
 # -- addresses -----------------------------------------------------------------
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
 
 def _bindable(address: str) -> bool:
     try:

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
+from servers import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVICE = "lossd.v1.LossService"
@@ -49,12 +50,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def threads_left(before: set, timeout: float = 10.0) -> list:

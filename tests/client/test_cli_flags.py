@@ -125,3 +125,12 @@ def test_a_client_flag_before_a_server_command_is_refused():
     done = lossd("--address", "localhost:1", "secrets", "init", "nowhere")
     assert done.returncode == 2
     assert "--address: a client flag" in done.stderr and "before `secrets`" in done.stderr, done.stderr
+
+
+def test_uploading_a_missing_file_says_so_before_calling(tmp_path):
+    done = lossd("datasets", "upload", tmp_path / "nothere.zip")  # LOSSD_ADDRESS is a closed port
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("(no such file)"), done.stderr
+    assert "expected an existing .npz, .zip or .tar file" in done.stderr and "Errno" not in done.stderr
+    done = lossd("datasets", "upload", tmp_path)
+    assert done.returncode == 2 and "(a directory)" in done.stderr, done.stderr

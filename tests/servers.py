@@ -43,6 +43,12 @@ def lossd_servers(tmp_path_factory, **defaults) -> Iterator:
             srv.stop(0)
 
 
+# How long a test waits for what only a busy machine makes slow: a `lossd serve`
+# process starting (importing TensorFlow), a tiny training job finishing. A
+# deadline against a hang, not a bound on speed: in a parallel run on this
+# loaded 2-core machine, starts took over 90 s and tiny jobs over 180 s.
+PATIENCE = 600.0
+
 # free_port's ports: below the kernel's ephemeral range, a block per pytest-xdist worker.
 PORTS_FROM = 12_000
 PORTS_PER_WORKER = 800
@@ -104,7 +110,7 @@ def serve_process(data_dir: pathlib.Path, log: pathlib.Path, env: Optional[dict]
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
     address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + PATIENCE
     with lossd.Client(address, timeout=2, token=token) as client:
         while True:
             try:

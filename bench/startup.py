@@ -64,12 +64,12 @@ def start_server(folder: pathlib.Path) -> tuple[subprocess.Popen, str]:
                              "--data-dir", str(folder / "data"), "--warmup", "false", "--grace-seconds", "0"],
                             stdout=open(folder / "serve.log", "wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # TensorFlow's import alone takes minutes on a loaded machine
     while subprocess.run([LOSSD, "health", "--address", address, "--timeout", "2"],
                          capture_output=True).returncode != 0:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"lossd serve did not start:\n{(folder / 'serve.log').read_text()[-2000:]}")
+            raise RuntimeError(f"lossd serve did not start (exit {proc.poll()}):\n{(folder / 'serve.log').read_text()[-2000:]}")
         time.sleep(0.5)
     return proc, address
 

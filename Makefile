@@ -50,9 +50,13 @@ test-tools:
 	    && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends $(missing_packages) >/dev/null \
 	    && { (systemctl stop prometheus postgresql || { service prometheus stop; service postgresql stop; }) >/dev/null 2>&1 || true; },:)
 
-# Install what is needed and run the whole test suite.
+# Install what is needed and run the whole test suite, in parallel
+# (pytest-xdist; docs/testing.md). More workers than cores pay: most tests
+# wait on subprocesses and sockets. --dist loadfile keeps each file on one
+# worker, so a module's servers start once.
+TEST_WORKERS ?= 4
 test: test-tools $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Regenerate the gRPC stubs in client/lossd/v1 from proto/ (tests fail when stale).
 proto: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
 import os
@@ -40,6 +41,23 @@ def server(tmp_path_factory):
     srv.start()
     yield srv
     srv.stop(0)
+
+
+@pytest.fixture
+def memory_heavy(tmp_path_factory):
+    """Holds the suite's memory lock while the test runs: a test that moves
+    hundreds of MB (1e8 elements, eight near-maximum requests) never runs
+    beside another such test in another pytest-xdist worker, so the run's
+    total RSS stays within the machine's. The lock is a file in the folder
+    all workers' temporary folders share (the run's own folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    folder = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with open(folder / "memory-heavy.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")

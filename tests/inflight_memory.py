@@ -19,7 +19,6 @@ import dataclasses
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 
 import lossd
+from servers import free_port
 
 MiB = 1 << 20
 
@@ -51,12 +51,6 @@ def _status_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/{pid}/status has no {field}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def arrays(request_bytes: int):
@@ -121,7 +115,7 @@ def measure_running(pid: int, call: Callable[[], str], *, concurrent: int = 8,
 def measure(data_dir: pathlib.Path, *, inflight_bytes: int, request_bytes: int, concurrent: int = 8,
             extra_env: dict | None = None, log=None, ceiling_bytes: Optional[int] = None) -> Reading:
     """Runs one server with ``inflight_bytes`` and measures it (see the module docstring)."""
-    port = _free_port()
+    port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}, "TF_CPP_MIN_LOG_LEVEL": "2",
            "LOSSD_MAX_INFLIGHT_BYTES": str(inflight_bytes), **(extra_env or {})}
     server = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--port", str(port), "--metrics-port",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -42,11 +43,55 @@ def lossd_servers(tmp_path_factory, **defaults) -> Iterator:
             srv.stop(0)
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# How long a test waits for what only a busy machine makes slow: a `lossd serve`
+# process starting (importing TensorFlow), a tiny training job finishing. A
+# deadline against a hang, not a bound on speed: in a parallel run on this
+# loaded 2-core machine, starts took over 90 s and tiny jobs over 180 s.
+PATIENCE = 600.0
+
+# free_port's ports: below the kernel's ephemeral range, a block per pytest-xdist worker.
+PORTS_FROM = 12_000
+PORTS_PER_WORKER = 800
+_next_port: dict[str, int] = {}
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the IANA range's start
+        return 49152
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port of ``host`` free right now, for a server started after
+    this returns (a ``lossd serve`` process, PostgreSQL, Prometheus).
+
+    Not port 0's pick: between this call and the server's bind, a port from
+    the ephemeral range can go to another worker's ``free_port`` or to any
+    outgoing connection, and the server then fails to start. The ports come
+    from below the ephemeral range, in a block of ``PORTS_PER_WORKER`` per
+    pytest-xdist worker (``PYTEST_XDIST_WORKER``, gw0, gw1, ...), handed out
+    in turn from a random start (another test run on the machine starts
+    elsewhere), each checked by binding it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    first = PORTS_FROM + index * PORTS_PER_WORKER
+    if first + PORTS_PER_WORKER > _ephemeral_start():  # too many workers for the range: the kernel picks
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    key = f"{worker}/{host}"
+    for _ in range(PORTS_PER_WORKER):
+        offset = _next_port.get(key, random.randrange(PORTS_PER_WORKER))
+        _next_port[key] = (offset + 1) % PORTS_PER_WORKER
+        port = first + offset
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:  # in use (or in TIME_WAIT): the next one
+                continue
+            return port
+    raise RuntimeError(f"no free port of {host} in {first}-{first + PORTS_PER_WORKER - 1}")
 
 
 def serve_process(data_dir: pathlib.Path, log: pathlib.Path, env: Optional[dict] = None, *,
@@ -66,7 +111,7 @@ def serve_process(data_dir: pathlib.Path, log: pathlib.Path, env: Optional[dict]
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
     address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + PATIENCE
     with lossd.Client(address, timeout=2, token=token) as client:
         while True:
             try:

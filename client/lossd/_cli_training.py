@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 
 
-from lossd.cli import client_flags, client_from as _client, load_npy, parse_pairs as _pairs
+from lossd.cli import UsageError, client_flags, client_from as _client, load_npy, parse_pairs as _pairs
 
 
 def _job_line(job) -> str:
@@ -85,11 +85,42 @@ def cmd_jobs_cancel(args) -> int:
     return 0
 
 
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+
+
 def cmd_jobs_download(args) -> int:
+    out = pathlib.Path(args.output)
+    if args.artifact == "tensorboard" and not out.is_dir() and not out.name.endswith(ARCHIVE_SUFFIXES):
+        # `-o tb`: a folder of logs for `tensorboard --logdir tb`, not an archive named tb.
+        print(download_tensorboard_folder(args, out))
+        return 0
     with _client(args) as client:
         path = client.download(args.job, args.output, artifact=args.artifact)
     print(path)
     return 0
+
+
+def download_tensorboard_folder(args, folder: pathlib.Path) -> pathlib.Path:
+    """Downloads a job's TensorBoard archive beside ``folder`` and unpacks it
+    into ``folder`` (made if missing); returns the folder."""
+    import tarfile
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _client(args) as client, tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        archive = client.download(args.job, tmp, artifact="tensorboard")
+        folder.mkdir(exist_ok=True)
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):  # Python 3.10.12+: no links out, no absolute paths
+                tar.extractall(folder, filter="data")
+            else:  # pragma: no cover - older Pythons
+                for member in tar.getmembers():
+                    if member.name.startswith("/") or ".." in pathlib.PurePath(member.name).parts or \
+                            not (member.isfile() or member.isdir()):
+                        raise UsageError(f"the server's TensorBoard archive holds {member.name!r}. Expected "
+                                         "files and folders inside it")
+                tar.extractall(folder)
+    return folder
 
 
 def cmd_jobs_plot(args) -> int:
@@ -246,6 +277,10 @@ def _plot_with_pillow(series: dict, path: pathlib.Path, title: str, heat_maps: O
 
 
 def cmd_datasets_upload(args) -> int:
+    path = pathlib.Path(args.path)
+    if not path.is_file():  # said before any connection, not as a bare [Errno 2]
+        raise UsageError(f"datasets upload: expected an existing .npz, .zip or .tar file. Received: {args.path!r} "
+                         f"({'a directory' if path.is_dir() else 'no such file'})")
     with _client(args) as client:
         info = client.upload_dataset(args.path, name=args.name, replace=args.replace)
     print(f"{info.name}: {info.examples} images of {'x'.join(map(str, info.image_shape))}, "
@@ -323,7 +358,9 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p = jsub.add_parser("download", parents=[common], help="download a job's model, history or TensorBoard logs")
     p.add_argument("job", help="jobs/ID or ID")
     p.add_argument("--artifact", choices=["model", "history", "tensorboard"], default="model")
-    p.add_argument("-o", "--output", default=".", help="a folder or file [.]")
+    p.add_argument("-o", "--output", default=".",
+                   help="a folder or file [.]; for tensorboard, a path not ending in .tar.gz or .tgz "
+                        "gets the logs unpacked into it (tensorboard --logdir PATH)")
     p.set_defaults(func=cmd_jobs_download)
 
     p = jsub.add_parser("plot", parents=[common],

@@ -7,12 +7,13 @@ every other command only talks to a server.
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import json
 import logging
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -26,6 +27,8 @@ ADDRESS_ENV = "LOSSD_ADDRESS"
 TLS_FLAGS = {"tls_ca": "LOSSD_TLS_CA", "tls_cert": "LOSSD_TLS_CERT", "tls_key": "LOSSD_TLS_KEY"}
 # LOSSD_* variables the client commands read: not server settings, but no
 # mistake in a shell that runs both.
+# Where the client flags given before the command land (``_take_global_flags``).
+GLOBAL_PREFIX = "before_command_"
 CLIENT_ENV = frozenset({ADDRESS_ENV, "LOSSD_TOKEN", *TLS_FLAGS.values()})
 
 
@@ -83,9 +86,28 @@ def load_npy(flag: str, path: str) -> np.ndarray:
 
 # -- serve ------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that can fill itself in only when it is used:
+    ``before_parse(parser)`` runs once, the first time the parser parses
+    (its command was typed). ``lossd serve``'s flags come from the server's
+    Settings, whose import (pydantic, the server package) would otherwise
+    slow every other command and ``lossd --help``."""
+
+    def __init__(self, *args, before_parse: Optional[Callable[[argparse.ArgumentParser], None]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._before_parse = before_parse
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._before_parse is not None:
+            fill, self._before_parse = self._before_parse, None
+            fill(self)
+        return super().parse_known_args(args, namespace)
+
+
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per server setting, generated from the Settings class so the
-    flags, the LOSSD_* variables and the README table cannot drift apart."""
+    flags, the LOSSD_* variables and the README table cannot drift apart.
+    Runs when ``lossd serve`` is parsed, not before (``_Parser``)."""
     try:
         from lossd_server.config import Settings
     except ImportError:
@@ -410,12 +432,18 @@ def client_flags() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lossd", description="Evaluate Keras losses and train models over gRPC.")
+    parser = _Parser(prog="lossd", description="Evaluate Keras losses and train models over gRPC.")
     parser.add_argument("--version", action="version", version=f"lossd {lossd.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # The client flags before the command too (lossd --address H health), in
+    # dests of their own: ``main`` hands them to a client command, and refuses
+    # them for the server's commands, whose own flags share some names (--tls-cert).
+    first = parser.add_argument_group("client flags, also accepted after the command")
+    for action in client_flags()._actions:
+        first._add_action(copy.copy(action)).dest = GLOBAL_PREFIX + action.dest
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    serve = sub.add_parser("serve", help="run the server (settings also from LOSSD_* variables)")
-    _add_settings_flags(serve)
+    serve = sub.add_parser("serve", help="run the server (settings also from LOSSD_* variables)",
+                           before_parse=_add_settings_flags)
     serve.set_defaults(func=cmd_serve)
 
     tokens = sub.add_parser("tokens", help="manage the server's bearer tokens (on the server's machine)")
@@ -505,8 +533,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_global_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Moves the client flags given before the command into ``args`` where the
+    command's own (given after it) did not set them; a parser error for a
+    command that is not a client command."""
+    given = {name[len(GLOBAL_PREFIX):]: value for name, value in vars(args).items() if name.startswith(GLOBAL_PREFIX)}
+    for name in given:
+        delattr(args, GLOBAL_PREFIX + name)
+    if given and not getattr(args, "client_command", False):
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        parser.error(f"{flags}: a client flag. Expected it with a command that calls a server (losses, eval, "
+                     f"health, jobs, datasets, ...). Received: it before `{args.command}`")
+    for name, value in given.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _take_global_flags(parser, args)
     if getattr(args, "client_command", False):
         if getattr(args, "address", None) is None:
             args.address = _address_default()

@@ -24,6 +24,7 @@ client raises it as a ``LossdError``. Imports numpy and protobuf only.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
@@ -57,12 +58,11 @@ _NUMPY_BY_ENUM: dict[int, np.dtype] = {
     DataType.DATA_TYPE_UINT8: np.dtype("u1"),
     DataType.DATA_TYPE_BOOL: np.dtype("?"),
 }
-try:  # bfloat16 comes with ml_dtypes (a TensorFlow dependency); the thin client may lack it.
-    import ml_dtypes
-
-    _NUMPY_BY_ENUM[DataType.DATA_TYPE_BFLOAT16] = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - depends on the environment
-    pass
+# bfloat16 comes with ml_dtypes (a TensorFlow dependency); the thin client may
+# lack it. Importing it costs about a second, so it is only looked for here
+# (find_spec reads no module) and imported when a bfloat16 tensor is first
+# met, by ``_bfloat16``: ``import lossd`` and every CLI call stay fast.
+_BFLOAT16_AVAILABLE = importlib.util.find_spec("ml_dtypes") is not None
 
 # Short names, as numpy and Keras spell them, for every enum value.
 _ENUM_BY_NAME: dict[str, int] = {
@@ -70,13 +70,28 @@ _ENUM_BY_NAME: dict[str, int] = {
     for enum in DataType.values() if enum != DataType.DATA_TYPE_UNSPECIFIED
 }
 SUPPORTED_DTYPES: tuple[str, ...] = tuple(sorted(
-    name for name, enum in _ENUM_BY_NAME.items() if enum in _NUMPY_BY_ENUM))
+    name for name, enum in _ENUM_BY_NAME.items()
+    if enum in _NUMPY_BY_ENUM or enum == DataType.DATA_TYPE_BFLOAT16 and _BFLOAT16_AVAILABLE))
 # The dtypes a loss is computed in (y_pred's): Keras losses are floating-point.
 FLOAT_DTYPES: tuple[str, ...] = tuple(name for name in ("float16", "bfloat16", "float32", "float64")
                                       if name in _ENUM_BY_NAME)
 # Exact dtype -> enum, the fast path: ``dtype.name`` is rebuilt on each access.
 _ENUM_BY_DTYPE: dict[np.dtype, int] = {dt: enum for enum, dt in _NUMPY_BY_ENUM.items()}
 _DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def _bfloat16(enum: int) -> Optional[np.dtype]:
+    """Adds bfloat16 to the dtype tables the first time it is met (``enum``
+    is BFLOAT16 and ml_dtypes is installed) and returns its numpy dtype;
+    None for any other enum or without ml_dtypes."""
+    if enum != DataType.DATA_TYPE_BFLOAT16 or not _BFLOAT16_AVAILABLE:
+        return None
+    import ml_dtypes
+
+    dt = np.dtype(ml_dtypes.bfloat16)
+    _NUMPY_BY_ENUM[enum] = dt
+    _ENUM_BY_DTYPE[dt] = enum
+    return dt
 
 
 def dtype_name(dtype: np.dtype) -> str:
@@ -105,7 +120,7 @@ def enum_name(enum: int) -> str:
 
 def numpy_dtype(enum: int, *, field: str = "tensor") -> np.dtype:
     """The numpy dtype of a DataType enum value; raises WireError when unsupported."""
-    dt = _NUMPY_BY_ENUM.get(enum)
+    dt = _NUMPY_BY_ENUM.get(enum) or _bfloat16(enum)
     if dt is None:
         raise WireError(
             f"{field}: unsupported dtype. Expected one of {', '.join(SUPPORTED_DTYPES)}. "
@@ -118,7 +133,7 @@ def dtype_enum(dtype: np.dtype, *, field: str = "tensor") -> int:
     enum = _ENUM_BY_DTYPE.get(dtype)
     if enum is None:
         enum = _ENUM_BY_NAME.get(np.dtype(dtype).name)
-        if enum not in _NUMPY_BY_ENUM:
+        if enum not in _NUMPY_BY_ENUM and _bfloat16(enum) is None:
             enum = None
     if enum is None:
         raise WireError(

@@ -109,3 +109,28 @@ def test_a_reader_that_closes_at_once(address):
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "LOSSD": lossd_executable()})
     assert done.stderr.strip() == "status=141", done.stderr
+
+
+def test_the_client_flags_before_the_command(address):
+    # lossd --address A health: the flags before the command, as before a sub-command
+    done = lossd("--address", address, "--timeout", "10", "health")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "SERVING"
+    # after the command, the command's own flag wins
+    done = lossd("--address", dead_address(), "health", "--address", address, "--timeout", "10")
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_client_flag_before_a_server_command_is_refused():
+    done = lossd("--address", "localhost:1", "secrets", "init", "nowhere")
+    assert done.returncode == 2
+    assert "--address: a client flag" in done.stderr and "before `secrets`" in done.stderr, done.stderr
+
+
+def test_uploading_a_missing_file_says_so_before_calling(tmp_path):
+    done = lossd("datasets", "upload", tmp_path / "nothere.zip")  # LOSSD_ADDRESS is a closed port
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("(no such file)"), done.stderr
+    assert "expected an existing .npz, .zip or .tar file" in done.stderr and "Errno" not in done.stderr
+    done = lossd("datasets", "upload", tmp_path)
+    assert done.returncode == 2 and "(a directory)" in done.stderr, done.stderr

@@ -29,6 +29,7 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
+from servers import PATIENCE, free_port
 from test_deploy import DEPLOY, DOCKERFILE, ROOT, require
 from test_readme_deploy import shell
 
@@ -614,14 +615,6 @@ def _under_tmp(path: str) -> str:
     return str(Path(*parts[:3])) if len(parts) >= 3 and parts[:2] == ("/", "tmp") else ""
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_the_training_pod_serves_evaluates_and_trains_on_a_read_only_root(objects, tmp_path, create_token):
     """`lossd serve` with the training container's environment (warm-up on,
@@ -664,7 +657,7 @@ def test_the_training_pod_serves_evaluates_and_trains_on_a_read_only_root(object
                                  "sh", "-c", READ_ONLY_ROOT, "sh", str(pod), sys.executable, "-m", "lossd.cli",
                                  "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + PATIENCE
         with grpc.insecure_channel(f"127.0.0.1:{ports['LOSSD_HEALTH_PORT']}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -678,13 +671,13 @@ def test_the_training_pod_serves_evaluates_and_trains_on_a_read_only_root(object
                 time.sleep(0.2)
         tls = lossd.TLS(ca=str(pod / "run" / "secrets" / "ca.pem"))
         # "localhost" is one of the certificate's names.
-        with lossd.Client(f"localhost:{ports['LOSSD_PORT']}", tls=tls, token=token, timeout=180) as client:
+        with lossd.Client(f"localhost:{ports['LOSSD_PORT']}", tls=tls, token=token, timeout=PATIENCE) as client:
             y = np.linspace(0, 1, 1 << 20, dtype=np.float32).reshape(-1, 1)   # Huber runs under XLA from 1M
             assert np.isfinite(client.evaluate("huber", y, y + 1, gradient=True).loss)
             client.register_loss("twice_mse", "2 * mean(square(y_true - y_pred), axis=-1)")
             assert client.evaluate("twice_mse", y[:8], y[:8] + 1).loss == pytest.approx(2.0)
             job = client.create_job("cnn", "digits", epochs=1, steps_per_epoch=3, batch_size=16)
-            done = client.wait(job, progress=False, timeout=180)
+            done = client.wait(job, progress=False, timeout=PATIENCE)
             assert done.state == "succeeded", done
         assert any((pod / "data").rglob("*.keras")), "the job wrote no model on the data volume"
         proc.send_signal(signal.SIGTERM)

@@ -80,7 +80,7 @@ def test_ci_runs_make_test_with_skips_as_failures(tmp_path):
     assert result.stdout.strip().splitlines()[-1] == "make test LOSSD_FAIL_ON_SKIP=1", result.stdout
 
 
-def _pytest_with_skip(tmp_path: Path, fail_on_skip: bool) -> subprocess.CompletedProcess:
+def _pytest_with_skip(tmp_path: Path, fail_on_skip: bool, *options: str) -> subprocess.CompletedProcess:
     (tmp_path / "test_one_skip.py").write_text(
         "import pytest\n\n"
         "def test_runs():\n    pass\n\n"
@@ -91,7 +91,7 @@ def _pytest_with_skip(tmp_path: Path, fail_on_skip: bool) -> subprocess.Complete
         env["LOSSD_FAIL_ON_SKIP"] = "1"
     # The repository's conftest as a plugin, on a test file of our own.
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                           "-p", "conftest", "test_one_skip.py"],
+                           "-p", "conftest", *options, "test_one_skip.py"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -99,6 +99,14 @@ def test_a_skip_fails_the_ci_run(tmp_path):
     result = _pytest_with_skip(tmp_path, fail_on_skip=True)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "LOSSD_FAIL_ON_SKIP=1: 1 skipped test(s) fail this run" in result.stdout, result.stdout
+
+
+def test_a_skip_fails_the_ci_run_in_parallel_too(tmp_path):
+    # make test runs pytest-xdist: the skip happens in a worker, the verdict is the controller's.
+    result = _pytest_with_skip(tmp_path, True, "-n", "2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "LOSSD_FAIL_ON_SKIP=1: 1 skipped test(s) fail this run" in result.stdout, result.stdout
+    assert "1 passed, 1 skipped" in result.stdout, result.stdout
 
 
 def test_a_skip_is_only_a_skip_locally(tmp_path):

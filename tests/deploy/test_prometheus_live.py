@@ -58,15 +58,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from servers import PATIENCE, free_port
 from test_deploy import (ALERTS, COMPOSE, DASHBOARD, DOCKERFILE, PROMETHEUS_CONFIG, compose_config,
                          dashboard_exprs, find_tool, require, secret_paths, yaml_scalars)
 
 SERVICE = "lossd.v1.LossService"
 JOB = "lossd"
 UNKNOWN_LOSS = "no_such_loss_xyz"
-START_WAIT_S = 180.0   # lossd imports TensorFlow before it listens; the machine may be busy
+START_WAIT_S = PATIENCE  # lossd imports TensorFlow before it listens; the machine may be busy
 SCRAPE_WAIT_S = 60.0   # the deployment scrapes every 15 s: a sample lands within ~20 s
-JOB_WAIT_S = 300.0     # a 2-step CNN job: its process imports TensorFlow first
+JOB_WAIT_S = PATIENCE    # a 2-step CNN job: its process imports TensorFlow first
 WINDOW = "1m"          # longer than the whole module runs: every sample is in range
 
 # Calls per kind: (warm-up wave, main wave).
@@ -164,12 +165,6 @@ def dockerfile_only_env() -> dict[str, str]:
 
 
 # -- addresses -----------------------------------------------------------------
-
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
 
 def _bindable(address: str) -> bool:
     try:

@@ -25,6 +25,7 @@ REQUEST = 60 * MiB  # near the largest the budget admits (larger is REQUEST_TOO_
 MARGIN = 8 * 2 * REQUEST + 128 * MiB
 
 
+@pytest.mark.usefixtures("memory_heavy")  # never beside another such test (tests/conftest.py)
 def test_eight_near_maximum_requests_stay_within_the_budget_plus_margin(tmp_path):
     with open(tmp_path / "server.log", "wb") as log:
         reading = inflight_memory.measure(tmp_path / "data", inflight_bytes=BUDGET, request_bytes=REQUEST,

@@ -14,7 +14,6 @@ import contextlib
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +23,11 @@ import numpy as np
 import pytest
 
 import lossd
+from servers import free_port
 
 pytest.importorskip("tensorflow")
 
 DISK = "16m"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

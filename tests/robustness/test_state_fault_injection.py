@@ -17,7 +17,6 @@ import os
 import pathlib
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd
-from servers import alive
+from servers import alive, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +36,6 @@ SEED = 11
 KILLS = 10
 EPOCHS = 3
 SQUARED = "mean(square(y_true - y_pred), axis=-1)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Server:
@@ -54,7 +47,7 @@ class _Server:
         self.address = ""
 
     def start(self) -> None:
-        port = _free_port()
+        port = free_port()
         command = [str(pathlib.Path(sys.executable).with_name("lossd")), "serve", "--port", str(port),
                    "--metrics-port", "off", "--data-dir", str(self.data_dir), "--grace-seconds", "0", "--drain-seconds", "0",
                    "--max-concurrent-jobs", "1", "--job-max-retries", str(KILLS), "--progress-every-batches", "1"]

@@ -32,7 +32,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from servers import lossd_servers
+from servers import PATIENCE, lossd_servers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd
@@ -371,21 +371,21 @@ def _wait_for(predicate, timeout: float, what: str):
 @pytest.mark.slow
 def test_a_job_ending_on_a_full_disk_frees_its_slot_logs_once_and_is_recorded_later(tmp_path, serve, caplog):
     srv = serve(tmp_path, max_concurrent_jobs=1, progress_every_batches=1)
-    with lossd.Client(_address(srv), timeout=120) as client:
+    with lossd.Client(_address(srv), timeout=PATIENCE) as client:
         job = client.create_job("mlp", "digits", epochs=2, steps_per_epoch=20, batch_size=8)
-        _wait_for(lambda: client.get_job(job).state == "running", 120, "the job to run")
+        _wait_for(lambda: client.get_job(job).state == "running", PATIENCE, "the job to run")
         scheduler = srv.training.scheduler
         with caplog.at_level(logging.INFO, logger="lossd_server.training.scheduler"):
             _fill_database(srv)
             _exhaust_events(srv)
             try:
                 # The process ends; its final state cannot be stored, but its slot is free.
-                _wait_for(lambda: not scheduler._running and scheduler._unrecorded, 120, "the job to end")
+                _wait_for(lambda: not scheduler._running and scheduler._unrecorded, PATIENCE, "the job to end")
                 time.sleep(1.5)  # 15 scheduler loops on the full disk
                 assert client.get_job(job).state == "running"  # what the store still says
             finally:
                 _unfill_database(srv)
-            finished = client.wait(job, progress=False, timeout=30)
+            finished = client.wait(job, progress=False, timeout=PATIENCE)
         assert finished.state == "succeeded", finished.error
     faults = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(faults) == 1 and "disk is full" in faults[0].getMessage(), [r.getMessage() for r in faults]
@@ -397,7 +397,7 @@ def test_a_job_ending_on_a_full_disk_frees_its_slot_logs_once_and_is_recorded_la
 def _kill_worker(data_dir: pathlib.Path, job_id: str, after_pid: int = 0) -> int:
     pid_file = data_dir / "jobs" / job_id / "worker.pid"
     pid = _wait_for(lambda: pid_file.exists() and int(pid_file.read_text() or 0) not in (0, after_pid)
-                    and int(pid_file.read_text()), 120, "a job process")
+                    and int(pid_file.read_text()), PATIENCE, "a job process")
     os.kill(pid, signal.SIGKILL)
     return pid
 
@@ -405,7 +405,7 @@ def _kill_worker(data_dir: pathlib.Path, job_id: str, after_pid: int = 0) -> int
 @pytest.mark.slow
 def test_a_killed_job_process_is_retried_from_its_checkpoint_then_fails_past_the_limit(tmp_path, serve):
     srv = serve(tmp_path, max_concurrent_jobs=1, job_max_retries=1, progress_every_batches=1)
-    with lossd.Client(_address(srv), timeout=180) as client:
+    with lossd.Client(_address(srv), timeout=PATIENCE) as client:
         job = client.create_job("cnn", "digits", epochs=20, steps_per_epoch=4, batch_size=8)
         seen = []
         for event in client.watch(job):
@@ -424,7 +424,7 @@ def test_a_killed_job_process_is_retried_from_its_checkpoint_then_fails_past_the
             r"killer\); retry 1 of 1, from the checkpoint of epoch [1-9]\d*\.", retry[0]), retry
         assert str(tmp_path) not in " ".join(e.message for e in resumed)
         _kill_worker(tmp_path, job.id, after_pid=first)  # the second crash is past job_max_retries=1
-        failed = client.wait(job, progress=False, timeout=60)
+        failed = client.wait(job, progress=False, timeout=PATIENCE)
         assert failed.state == "failed" and failed.error.reason == "WORKER_CRASHED"
         assert "after 1 retries" in failed.error.message and str(tmp_path) not in failed.error.message
         states = [e.state for e in client.watch(job) if e.kind == "state"]
@@ -437,7 +437,7 @@ def test_a_killed_job_process_is_retried_from_its_checkpoint_then_fails_past_the
             if event.kind == "epoch" and event.epoch == 1:
                 break
         _kill_worker(tmp_path, job.id)
-        done = client.wait(job, progress=False, timeout=180)
+        done = client.wait(job, progress=False, timeout=PATIENCE)
         assert done.state == "succeeded", done.error
         events = list(client.watch(job))
     epochs = [e.epoch for e in events if e.kind == "epoch"]

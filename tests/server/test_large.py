@@ -4,7 +4,6 @@ server's memory stays bounded by a few chunks, not by the 800 MB of tensors."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,10 @@ import pytest
 keras = pytest.importorskip("keras")
 
 import lossd  # noqa: E402
+from lossd import _chunks  # noqa: E402
+from servers import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _peak_rss_bytes(pid: int) -> int:
@@ -35,8 +30,14 @@ def _peak_rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc to read peak memory")
+@pytest.mark.usefixtures("memory_heavy")  # never beside another such test (tests/conftest.py)
 def test_1e8_elements_with_bounded_server_memory(tmp_path):
-    port = _free_port()
+    """The 800 MB request in chunks costs the server less peak memory than
+    "a few chunks" (eight) of the same tensors sent in one message, measured
+    on the same server in the same run. A fixed figure failed under a loaded
+    machine (170 MiB against 128 MiB): gRPC buffers more received bytes when
+    the server reads late, and it does so for both requests alike."""
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lossd.cli", "serve", "--port", str(port), "--metrics-port", "",
                              "--data-dir", str(tmp_path), "--log-level", "WARNING", "--drain-seconds", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -63,14 +64,20 @@ def test_1e8_elements_with_bounded_server_memory(tmp_path):
             before = _peak_rss_bytes(proc.pid)
             result = client.evaluate("mse", y_true, y_pred)
             grown = _peak_rss_bytes(proc.pid) - before
+            # The baseline: eight chunks' worth of rows (y_true and y_pred together)
+            # in one message, which the server must hold whole. It runs after, as
+            # the peak mark only rises.
+            few = 8 * client.chunk_bytes // (2 * cols * y_pred.itemsize)
+            assert not _chunks.needs_chunks({"y_true": y_true[:few], "y_pred": y_pred[:few]}, client.max_message_bytes)
+            before = _peak_rss_bytes(proc.pid)
+            client.evaluate("mse", y_true[:few], y_pred[:few])
+            baseline = _peak_rss_bytes(proc.pid) - before
         want = keras.losses.MeanSquaredError()(y_true, y_pred).numpy()
         np.testing.assert_allclose(result.loss, want, rtol=1e-5)
         tensors = y_true.nbytes + y_pred.nbytes
-        # "A few chunks": gRPC may hold several received chunks in its buffers
-        # while one is evaluated; eight chunks is a sixth of the tensors.
-        limit = 8 * client.chunk_bytes
-        assert grown < limit, (f"server peak memory grew by {grown / 2**20:.0f} MiB for "
-                               f"{tensors / 2**20:.0f} MiB of tensors (limit {limit / 2**20:.0f} MiB)")
+        assert grown < baseline, (f"server peak memory grew by {grown / 2**20:.0f} MiB for {tensors / 2**20:.0f} "
+                                  f"MiB of tensors in chunks, more than the {baseline / 2**20:.0f} MiB of eight "
+                                  f"chunks' worth ({8 * client.chunk_bytes / 2**20:.0f} MiB) in one message")
     finally:
         proc.terminate()
         try:

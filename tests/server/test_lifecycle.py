@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
+from servers import PATIENCE, free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVICE = "lossd.v1.LossService"
@@ -49,12 +50,6 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def threads_left(before: set, timeout: float = 10.0) -> list:
@@ -218,7 +213,7 @@ def test_generated_stubs_are_not_stale(tmp_path):
     # crashes (SIGSEGV) in a process that has already loaded TensorFlow.
     out = tmp_path / "v1"
     done = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=PATIENCE, cwd=ROOT)
     assert done.returncode == 0, f"proto/generate.py failed ({done.returncode}): {done.stderr}"
     committed_dir = ROOT / "client" / "lossd" / "v1"
     fresh = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -305,7 +300,7 @@ def test_signal_drains_then_exits_zero(tmp_path, sig):
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     channel = None
     try:
-        match = wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=90)
+        match = wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=PATIENCE)
         port = int(match.group(1))
         assert port > 0
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -365,7 +360,7 @@ def test_sigterm_with_no_drain_or_grace_exits_at_once(tmp_path):
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=serve_env(), cwd=tmp_path)
     try:
-        wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=90)
+        wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=PATIENCE)
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         assert proc.wait(timeout=30) == 0
@@ -385,7 +380,7 @@ def test_a_misspelt_setting_is_named_in_a_warning(tmp_path):
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
-        wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=90)
+        wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=PATIENCE)
         warnings = [line for line in log_path.read_text().splitlines() if " WARNING " in line]
         assert len(warnings) == 1, warnings
         assert ("LOSSD_MAX_INFLIGHT_BYTE is not a setting of lossd serve and changes nothing; "
@@ -434,7 +429,7 @@ def test_drain_says_not_serving_on_an_open_port_then_exits_zero(tmp_path):
     y_true, y_pred = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
     channel = None
     try:
-        port = int(wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=90).group(1))
+        port = int(wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=PATIENCE).group(1))
         address = f"127.0.0.1:{port}"
         channel = grpc.insecure_channel(address)
         health = health_pb2_grpc.HealthStub(channel)
@@ -490,7 +485,7 @@ def test_a_port_in_use_is_one_line_and_status_2(tmp_path, which):
         if which == "metrics_port":
             settings["metrics_host"] = "127.0.0.1"
         proc, log_path = start_serve(tmp_path, **settings)
-        returncode = proc.wait(timeout=120)
+        returncode = proc.wait(timeout=PATIENCE)
     output = log_path.read_text()
     what = "gRPC" if which == "port" else "metrics"
     flag = which.replace("_", "-")
@@ -504,7 +499,7 @@ def test_a_port_in_use_is_one_line_and_status_2(tmp_path, which):
 def test_start_up_on_a_cpu_machine_is_quiet_and_names_the_device(tmp_path):
     proc, log_path = start_serve(tmp_path, drain_seconds="0", grace_seconds="0")
     try:
-        wait_for_log(log_path, r"listening on 127\.0\.0\.1:\d+ \(gRPC\)", proc, timeout=90)
+        wait_for_log(log_path, r"listening on 127\.0\.0\.1:\d+ \(gRPC\)", proc, timeout=PATIENCE)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
@@ -521,7 +516,7 @@ def test_start_up_on_a_cpu_machine_is_quiet_and_names_the_device(tmp_path):
                     reason="this machine may have a GPU")
 def test_device_gpu_without_a_gpu_is_one_error_line_and_status_2(tmp_path):
     proc, log_path = start_serve(tmp_path, device="gpu")
-    returncode = proc.wait(timeout=120)
+    returncode = proc.wait(timeout=PATIENCE)
     output = log_path.read_text()
     assert returncode == 2, output
     assert output.strip().splitlines()[-1] == ("error: LOSSD_DEVICE=gpu but TensorFlow sees no GPU "

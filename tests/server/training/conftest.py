@@ -9,6 +9,7 @@ import pathlib
 import pytest
 
 from digit_files import write_class_folders
+from servers import PATIENCE
 
 
 @pytest.fixture(scope="session")
@@ -54,9 +55,9 @@ def cnn_job(training_address):
     """A tiny cnn job on digits (2 epochs of 6 batches), finished."""
     import lossd
 
-    with lossd.Client(training_address, timeout=180) as c:
+    with lossd.Client(training_address, timeout=PATIENCE) as c:
         job = c.create_job("cnn", "digits", epochs=2, steps_per_epoch=6, batch_size=32, display_name="tiny cnn")
-        return c.wait(job, progress=False, timeout=180)
+        return c.wait(job, progress=False, timeout=PATIENCE)
 
 
 @pytest.fixture(scope="session")
@@ -64,10 +65,10 @@ def diffusion_job(training_address):
     """Two epochs of the default diffusion model on digits, finished."""
     import lossd
 
-    with lossd.Client(training_address, timeout=180) as c:
+    with lossd.Client(training_address, timeout=PATIENCE) as c:
         job = c.create_job("diffusion", "digits", epochs=2, batch_size=64, learning_rate=2e-3,
                            display_name="tiny diffusion")
-        return c.wait(job, progress=False, timeout=180)
+        return c.wait(job, progress=False, timeout=PATIENCE)
 
 
 @pytest.fixture(scope="session")
@@ -75,5 +76,5 @@ def vae_job(training_address):
     """A vae trained for two batches: a generator without classes."""
     import lossd
 
-    with lossd.Client(training_address, timeout=180) as c:
-        return c.wait(c.create_job("vae", "digits", epochs=1, steps_per_epoch=2), progress=False, timeout=180)
+    with lossd.Client(training_address, timeout=PATIENCE) as c:
+        return c.wait(c.create_job("vae", "digits", epochs=1, steps_per_epoch=2), progress=False, timeout=PATIENCE)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 import lossd
+from servers import PATIENCE
 
 # Cross-entropy written by hand over one-hot targets (expression losses on a
 # classifier get y_true one-hot, shaped like the softmax output).
@@ -22,7 +23,7 @@ def test_registered_expression_loss_trains_a_cnn(tclient):
                              learning_rate=3e-3)
     # The job keeps the definition it was created with, even if the loss goes away.
     tclient.delete_loss("hand_ce")
-    done = tclient.wait(job, progress=False, timeout=240)
+    done = tclient.wait(job, progress=False, timeout=PATIENCE)
     assert done.state == "succeeded", done.error
     losses = _epoch_losses(tclient, job)
     assert len(losses) == 3 and losses[-1] < losses[0], losses
@@ -35,7 +36,7 @@ def test_composite_loss_trains_a_cnn(tclient):
     loss = {"terms": [{"name": "sparse_categorical_crossentropy"},
                       {"name": "categorical_generalized_cross_entropy", "params": {"q": 0.7}, "weight": 0.5}]}
     job = tclient.create_job("cnn", "digits", loss=loss, epochs=2, steps_per_epoch=10, batch_size=32)
-    done = tclient.wait(job, progress=False, timeout=240)
+    done = tclient.wait(job, progress=False, timeout=PATIENCE)
     assert done.state == "succeeded", done.error
     losses = _epoch_losses(tclient, job)
     assert len(losses) == 2 and losses[-1] < losses[0], losses
@@ -55,7 +56,7 @@ def test_a_chosen_reconstruction_loss_trains_the_vae(tclient):
     """The VAE's reconstruction term is the planned loss with reduction none (per pixel)."""
     job = tclient.create_job("vae", "digits", loss="mse", epochs=2, steps_per_epoch=8, batch_size=64,
                              learning_rate=3e-3)
-    done = tclient.wait(job, progress=False, timeout=240)
+    done = tclient.wait(job, progress=False, timeout=PATIENCE)
     assert done.state == "succeeded", done.error
     epochs = [e.metrics for e in tclient.watch(job) if e.kind == "epoch"]
     assert len(epochs) == 2 and epochs[-1]["reconstruction_loss"] < epochs[0]["reconstruction_loss"], epochs

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import lossd
+from servers import PATIENCE
 
 
 def test_diffusion_trains_through_a_job_and_its_loss_goes_down(tclient, diffusion_job, tmp_path):
@@ -146,8 +147,8 @@ def test_init_weight_pulls_samples_toward_their_init_images(tclient, diffusion_j
 @pytest.fixture(scope="module")
 def digit_classifier(training_address):
     """A cnn trained for three epochs on digits: confident enough to steer by."""
-    with lossd.Client(training_address, timeout=180) as c:
-        return c.wait(c.create_job("cnn", "digits", epochs=3, batch_size=32), progress=False, timeout=180)
+    with lossd.Client(training_address, timeout=PATIENCE) as c:
+        return c.wait(c.create_job("cnn", "digits", epochs=3, batch_size=32), progress=False, timeout=PATIENCE)
 
 
 def test_classifier_guidance_raises_the_classifiers_confidence(tclient, diffusion_job, digit_classifier):

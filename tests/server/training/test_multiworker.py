@@ -17,7 +17,7 @@ import pytest
 
 import lossd
 from lossd_server.training import multiworker
-from servers import alive, lossd_servers
+from servers import PATIENCE, alive, lossd_servers
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +58,9 @@ def test_two_workers_train_the_model_one_process_trains(mw_server, mw_client):
     job = mw_client.create_job("mlp", "digits", workers=2, **common)
     single = mw_client.create_job("mlp", "digits", **common)
     assert job.spec["workers"] == 2 and single.spec["workers"] == 1
-    done = mw_client.wait(job, progress=False, timeout=180)
+    done = mw_client.wait(job, progress=False, timeout=PATIENCE)
     assert done.state == "succeeded", done.error
-    assert mw_client.wait(single, progress=False, timeout=180).state == "succeeded"
+    assert mw_client.wait(single, progress=False, timeout=PATIENCE).state == "succeeded"
 
     events = list(mw_client.watch(job))
     assert [e.epoch for e in events if e.kind == "epoch"] == [1, 2]
@@ -102,9 +102,9 @@ def test_summed_and_unreduced_terms_train_as_one_process_does(mw_server, mw_clie
                   validation_split=0.1, loss=loss)
     job = mw_client.create_job("mlp", "digits", workers=2, **common)
     single = mw_client.create_job("mlp", "digits", **common)
-    done = mw_client.wait(job, progress=False, timeout=180)
+    done = mw_client.wait(job, progress=False, timeout=PATIENCE)
     assert done.state == "succeeded", done.error
-    assert mw_client.wait(single, progress=False, timeout=180).state == "succeeded"
+    assert mw_client.wait(single, progress=False, timeout=PATIENCE).state == "succeeded"
 
     jobs_dir = mw_server.settings.data_dir / "jobs"
     history = json.loads((jobs_dir / job.id / "history.json").read_text())
@@ -219,7 +219,7 @@ def test_a_resumed_job_finishes_its_epochs(mw_server, mw_client):
         if event.kind == "epoch":
             break
     os.kill(_pids(job_dir)[1], signal.SIGKILL)
-    done = mw_client.wait(job, progress=False, timeout=180)
+    done = mw_client.wait(job, progress=False, timeout=PATIENCE)
     assert done.state == "succeeded", done.error
     events = list(mw_client.watch(job))
     assert sum("retry 1 of 1" in e.message for e in events if e.kind == "message") == 1
@@ -268,7 +268,7 @@ def test_a_port_taken_before_its_worker_binds_it_starts_the_workers_again(mw_ser
     with _ports_taken(mw_server.training.scheduler, 1) as taken:
         job = mw_client.create_job("mlp", "digits", workers=2, model_params=MLP, epochs=1, steps_per_epoch=2,
                                    batch_size=32)
-        done = mw_client.wait(job, progress=False, timeout=120)
+        done = mw_client.wait(job, progress=False, timeout=PATIENCE)
     assert done.state == "succeeded", done.error
     assert len(taken) == 1
     messages = [e.message for e in mw_client.watch(job) if e.kind == "message"]
@@ -282,7 +282,7 @@ def test_a_port_taken_twice_fails_the_job_saying_so(mw_server, mw_client):
     with _ports_taken(mw_server.training.scheduler, 2) as taken:
         job = mw_client.create_job("mlp", "digits", workers=2, model_params=MLP, epochs=1, steps_per_epoch=2,
                                    batch_size=32)
-        done = mw_client.wait(job, progress=False, timeout=120)
+        done = mw_client.wait(job, progress=False, timeout=PATIENCE)
     assert len(taken) == 2 and taken[0] != taken[1]
     assert done.state == "failed", done
     assert (done.error.code.name, done.error.reason) == ("UNAVAILABLE", "WORKER_PORT_TAKEN"), done.error
@@ -308,7 +308,7 @@ def test_cancel_stops_every_worker(mw_server, mw_client):
 def test_a_non_finite_loss_stops_the_job(mw_client):
     job = mw_client.create_job("mlp", "digits", workers=2, model_params=MLP, epochs=3, steps_per_epoch=10,
                                batch_size=32, optimizer="sgd", learning_rate=1e30)
-    done = mw_client.wait(job, progress=False, timeout=180)
+    done = mw_client.wait(job, progress=False, timeout=PATIENCE)
     assert done.state == "failed" and done.error.reason == "NON_FINITE_LOSS", done.error
 
 

@@ -29,7 +29,7 @@ from grpc_errors import reason_of
 from lossd.v1 import training_service_pb2 as tpb
 from lossd.v1 import training_service_pb2_grpc as tpb_grpc
 from digit_files import write_class_folders
-from servers import alive, kill_group, lossd_servers, serve_process
+from servers import PATIENCE, alive, kill_group, lossd_servers, serve_process
 
 # Short leases: a dead replica's job is taken over within seconds.
 LEASE_SECONDS = 2.0
@@ -272,7 +272,7 @@ def test_a_dataset_uploaded_where_the_artifacts_are_at_one_path_trains_where_the
             listed = {d.name: d for d in cb.list_datasets()}
             assert listed["shapes"].examples == 24 and listed["shapes"].size_bytes == stored.size_bytes
             for job in queued or [cb.create_job("mlp", ref, **tiny) for ref in ("shapes", "folder:small")]:
-                finished = cb.wait(job, progress=False, timeout=120)
+                finished = cb.wait(job, progress=False, timeout=PATIENCE)
                 assert finished.state == "succeeded", (finished.spec["dataset"], finished.error)
             files = list((real / "datasets").glob("shapes@*.npz"))
             assert len(files) == 1

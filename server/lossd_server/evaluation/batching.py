@@ -151,7 +151,7 @@ class Batcher:
             if self._active <= 1 and not self._open:  # an idle server: no one to wait for
                 return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
                                                gradient=gradient)
-            self.evaluator.check(plan, tensors, sample_weight, reduction)  # its own error, before joining
+            self.evaluator.check(plan, tensors, sample_weight, reduction, gradient)  # its own error, before joining
             item = self._item(plan, tensors, sample_weight, reduction, gradient)
             if item is None:
                 return self.evaluator.evaluate_checked(plan, tensors, sample_weight=sample_weight,

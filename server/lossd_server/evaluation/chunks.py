@@ -194,6 +194,11 @@ class ChunkedSession:
     def __init__(self, evaluator: Evaluator, plan: Plan, infos: Mapping[str, tuple[str, tuple]], *,
                  reduction: str, gradient: bool):
         self.layout = chunk_layout(plan, infos, reduction)
+        # Each chunk's cost is checked as it is evaluated; a request whose
+        # single row costs too much could send no chunk, so it is refused
+        # here, before any chunk is uploaded.
+        one_row = {name: (1, *shape[1:]) for name, (_, shape) in infos.items() if name != "sample_weight"}
+        evaluator.check_cost(plan, one_row, np.dtype(infos["y_pred"][0]).itemsize, gradient)
         self.evaluator, self.plan, self.reduction, self.gradient = evaluator, plan, reduction, gradient
         self.infos = dict(infos)
         self.rows = self.layout.rows

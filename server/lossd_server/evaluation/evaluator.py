@@ -34,6 +34,7 @@ import numpy as np
 from lossd.wire import FLOAT_DTYPES, check_reduction, dtype_name
 from lossd_server.errors import InvalidArgument, ResourceExhausted
 from lossd_server.evaluation import backend
+from lossd_server.losses.cost import Cost, CostLimits
 from lossd_server.losses.expressions import ShapeError, broadcast_shapes
 from lossd_server.losses.plan import (ExpressionCompiler, Plan, Planner, Program, build_program,
                                       build_rows_program)
@@ -87,6 +88,9 @@ class Evaluator:
             the trace goes on, so a retry finds the program cached.
         cache_max_ops: Most graph operations the cached programs may hold
             together; least recently used programs go first.
+        cost_limits: The most one evaluation may cost, estimated from the
+            shapes before anything is traced (``lossd_server.losses.cost``);
+            None is unlimited.
 
     Attributes:
         planner: The ``Planner`` every front end turns specs into plans with.
@@ -98,11 +102,12 @@ class Evaluator:
                  max_broadcast_elements: Optional[int] = None, max_composite_terms: Optional[int] = None,
                  max_program_nodes: Optional[int] = None, compile_workers: int = 2,
                  max_pending_compiles: int = 4, compile_timeout: float = 30.0,
-                 cache_max_ops: Optional[int] = None):
+                 cache_max_ops: Optional[int] = None, cost_limits: Optional[CostLimits] = None):
         self.registry = registry
         self.planner = Planner(registry, expression_compiler, max_terms=max_composite_terms,
                                max_nodes=max_program_nodes)
         self.max_broadcast_elements = max_broadcast_elements
+        self.cost_limits = cost_limits or CostLimits()
         self.device = device
         self.cache_size = cache_size
         self.metrics = metrics
@@ -172,16 +177,18 @@ class Evaluator:
             InvalidArgument: dtypes, shapes, labels or sample weights that do
                 not fit the loss, or inputs TensorFlow refuses.
         """
-        self.check(plan, tensors, sample_weight, reduction)
+        self.check(plan, tensors, sample_weight, reduction, gradient)
         return self.evaluate_checked(plan, tensors, sample_weight=sample_weight, reduction=reduction,
                                      gradient=gradient)
 
     def check(self, plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray],
-              reduction: str) -> None:
-        """Everything ``evaluate`` checks before it compiles or runs anything.
+              reduction: str, gradient: bool = True) -> None:
+        """Everything ``evaluate`` checks before it compiles or runs anything
+        (its cost as if with the gradient, unless ``gradient`` is False).
 
         Raises:
             InvalidArgument: as ``evaluate``.
+            ResourceExhausted: an evaluation above ``cost_limits``.
         """
         check_reduction(reduction)
         y_pred = tensors.get("y_pred")
@@ -200,6 +207,16 @@ class Evaluator:
                 reason="MISSING_TENSOR")
         self._check_inputs(plan, tensors, sample_weight, reduction)
         self._check_intermediates(plan, tensors, sample_weight, reduction)
+        self.check_cost(plan, {name: array.shape for name, array in tensors.items()}, y_pred.dtype.itemsize,
+                        gradient)
+
+    def check_cost(self, plan: Plan, shapes: Mapping[str, tuple], itemsize: int, gradient: bool) -> Cost:
+        """The cost of evaluating ``plan`` on tensors of ``shapes`` in a
+        dtype of ``itemsize`` bytes (``cost.estimate``), refused above
+        ``cost_limits`` (ResourceExhausted, ``COST_TOO_HIGH`` or
+        ``MEMORY_TOO_HIGH``): from the shapes, so EvaluateChunked checks
+        its chunks before they arrive."""
+        return self.cost_limits.check(plan, shapes, itemsize, gradient)
 
     def evaluate_checked(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
                          sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",

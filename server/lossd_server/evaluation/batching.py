@@ -140,22 +140,25 @@ class Batcher:
 
     def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
                  sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
-                 gradient: bool = False) -> Result:
-        """``Evaluator.evaluate``, batched with concurrent requests of its family."""
+                 gradient: bool = False, cancellation=None) -> Result:
+        """``Evaluator.evaluate``, batched with concurrent requests of its
+        family. ``cancellation`` stops the request where it runs alone; a
+        batch, which answers other requests too, runs to its end."""
         if not self.enabled:
             return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
-                                           gradient=gradient)
+                                           gradient=gradient, cancellation=cancellation)
         with self.in_flight():
             # Read without the lock: a stale answer only decides whether this
             # request looks for company, and a batch with none closes at once.
             if self._active <= 1 and not self._open:  # an idle server: no one to wait for
                 return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
-                                               gradient=gradient)
+                                               gradient=gradient, cancellation=cancellation)
             self.evaluator.check(plan, tensors, sample_weight, reduction, gradient)  # its own error, before joining
             item = self._item(plan, tensors, sample_weight, reduction, gradient)
             if item is None:
                 return self.evaluator.evaluate_checked(plan, tensors, sample_weight=sample_weight,
-                                                       reduction=reduction, gradient=gradient)
+                                                       reduction=reduction, gradient=gradient,
+                                                       cancellation=cancellation)
             batch, leader = self._join(item)
             if leader:
                 self._lead(batch)

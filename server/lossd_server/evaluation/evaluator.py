@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from lossd.wire import FLOAT_DTYPES, check_reduction, dtype_name
-from lossd_server.errors import InvalidArgument, ResourceExhausted
+from lossd_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from lossd_server.evaluation import backend
 from lossd_server.losses.cost import Cost, CostLimits
 from lossd_server.losses.expressions import ShapeError, broadcast_shapes
@@ -170,16 +170,29 @@ class Evaluator:
 
     def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
                  sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
-                 gradient: bool = False) -> Result:
+                 gradient: bool = False, cancellation: Optional[backend.Cancellation] = None) -> Result:
         """Evaluates a plan on named tensors (``y_true``, ``y_pred`` and extras).
+
+        ``cancellation`` (``new_cancellation``), once cancelled, stops the
+        evaluation between two of its operations: the transport cancels it
+        when its call ends, so a cancelled or timed-out call stops using the
+        server.
 
         Raises:
             InvalidArgument: dtypes, shapes, labels or sample weights that do
                 not fit the loss, or inputs TensorFlow refuses.
+            ResourceExhausted: an evaluation above ``cost_limits``.
+            DeadlineExceeded: ``cancellation`` was cancelled (``EVALUATION_CANCELLED``).
         """
         self.check(plan, tensors, sample_weight, reduction, gradient)
         return self.evaluate_checked(plan, tensors, sample_weight=sample_weight, reduction=reduction,
-                                     gradient=gradient)
+                                     gradient=gradient, cancellation=cancellation)
+
+    @staticmethod
+    def new_cancellation() -> backend.Cancellation:
+        """A switch for ``evaluate(..., cancellation=)``: its ``cancel`` stops
+        the evaluations given it (``backend.Cancellation``)."""
+        return backend.Cancellation()
 
     def check(self, plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray],
               reduction: str, gradient: bool = True) -> None:
@@ -220,7 +233,7 @@ class Evaluator:
 
     def evaluate_checked(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
                          sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
-                         gradient: bool = False) -> Result:
+                         gradient: bool = False, cancellation: Optional[backend.Cancellation] = None) -> Result:
         """``evaluate`` for inputs that passed ``check``."""
         y_pred = tensors["y_pred"]
         compute_dtype = dtype_name(y_pred.dtype)
@@ -240,7 +253,12 @@ class Evaluator:
             # runs: a refusal from either is about this request's inputs.
             compiled = self._compiled(key, plan, specs, lambda: build_program(plan, reduction, compute_dtype),
                                       sample_weight is not None, gradient, xla)
-            total, terms, grad, outputs = compiled(arrays)
+            total, terms, grad, outputs = compiled(arrays, cancellation)
+        except backend.CANCELLED:
+            raise DeadlineExceeded(
+                f"Loss `{plan.metric_name}` was stopped before it finished: its call was cancelled or passed its "
+                "deadline. Expected a call that waits for its answer. Received: a call that ended first.",
+                reason="EVALUATION_CANCELLED", metadata={"loss": plan.metric_name}) from None
         except backend.INPUT_ERRORS as exc:
             raise _refused(exc, plan) from exc
         except backend.MEMORY_ERRORS:

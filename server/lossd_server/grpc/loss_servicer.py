@@ -219,14 +219,26 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                 record.outcome = "invalid_argument"
                 raise
 
-    def _evaluate(self, request: loss_service_pb2.EvaluateRequest, caller: Caller, context,
-                  contents: Optional[dict] = None) -> "Answer":
-        """Evaluates a request; ``contents`` holds the tensors' bytes that
-        ``receive`` lifted out of it, by field name."""
-        with self._metered(self._metric_name(request.loss)) as record:
-            return self._evaluate_unmetered(request, record, caller, context, contents or {})
+    def _cancellation(self, context):
+        """A switch that stops this call's evaluations when the call ends
+        (cancelled, past its deadline, or done), so an abandoned call stops
+        using the server (``Evaluator.evaluate``)."""
+        cancellation = self.evaluator.new_cancellation()
+        if not context.add_callback(cancellation.cancel):  # the call is over already
+            cancellation.cancel()
+        return cancellation
 
-    def _evaluate_unmetered(self, request, record, caller: Caller, context, contents: dict) -> "Answer":
+    def _evaluate(self, request: loss_service_pb2.EvaluateRequest, caller: Caller, context,
+                  contents: Optional[dict] = None, cancellation=None) -> "Answer":
+        """Evaluates a request; ``contents`` holds the tensors' bytes that
+        ``receive`` lifted out of it, by field name; ``cancellation`` is the
+        stream's (a unary call gets its own)."""
+        with self._metered(self._metric_name(request.loss)) as record:
+            return self._evaluate_unmetered(request, record, caller, context, contents or {},
+                                            cancellation or self._cancellation(context))
+
+    def _evaluate_unmetered(self, request, record, caller: Caller, context, contents: dict,
+                            cancellation) -> "Answer":
         if not request.HasField("loss"):
             raise InvalidArgument("loss is required. Expected a LossSpec with a name, an expression or "
                                   "terms. Received: none.", reason="BAD_LOSS_SPEC")
@@ -248,17 +260,19 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         with self.admission.admit(caller.name, caller.limits.elements_per_second, elements=elements,
                                   nbytes=nbytes, wait_seconds=context.time_remaining()):
             self._usage(caller, elements)
-            return self._evaluate_admitted(request, record, plan, reduction, caller, contents)
+            return self._evaluate_admitted(request, record, plan, reduction, caller, contents, cancellation)
 
     def _evaluate_admitted(self, request, record, plan: Plan, reduction: str, caller: Caller,
-                           contents: dict) -> "Answer":
+                           contents: dict, cancellation) -> "Answer":
         if self.batcher is None:
-            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.evaluator, contents)
+            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.evaluator, contents,
+                                             cancellation)
         with self.batcher.in_flight():  # counted from now, so a batch may wait for it
-            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.batcher, contents)
+            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.batcher, contents,
+                                             cancellation)
 
     def _decode_and_evaluate(self, request, record, plan: Plan, reduction: str, caller: Caller,
-                             evaluator, contents: dict) -> "Answer":
+                             evaluator, contents: dict, cancellation) -> "Answer":
         regions = self.shared_memory.access(caller.name) if self.shared_memory is not None else None
 
         def decode(tensor, field: str) -> np.ndarray:
@@ -277,7 +291,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             record.nbytes = sum(a.nbytes for a in tensors.values()) + (
                 sample_weight.nbytes if sample_weight is not None else 0)
         result = evaluator.evaluate(plan, tensors, sample_weight=sample_weight,
-                                    reduction=reduction, gradient=request.gradient)
+                                    reduction=reduction, gradient=request.gradient, cancellation=cancellation)
         answer = Answer(loss_service_pb2.EvaluateResponse(non_finite=result.non_finite), {"loss": result.loss})
         if result.gradient is not None:
             if gradient_output is None:
@@ -331,10 +345,12 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         # Per-request failures travel in the response (a refusal with its
         # retry delay too); the stream goes on.
         caller = self.callers.of(context)
+        cancellation = self._cancellation(context)
         for item in request_iterator:
             out = loss_service_pb2.EvaluateStreamResponse(request_id=item.request_id)
             try:
-                out.response.CopyFrom(self._evaluate(item.request, caller, context).message())
+                out.response.CopyFrom(self._evaluate(item.request, caller, context,
+                                                     cancellation=cancellation).message())
             except Exception as exc:  # noqa: BLE001 - to_status logs unexpected ones
                 out.error.CopyFrom(to_status(exc))
             yield out
@@ -365,7 +381,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             enums[name] = info.dtype
             infos[name] = (dt.name, shape)
         session = ChunkedSession(self.evaluator, plan, infos, reduction=wire.reduction_name(header.reduction),
-                                 gradient=header.gradient)
+                                 gradient=header.gradient, cancellation=self._cancellation(context))
         # The caller's rate is charged the whole request once, from the
         # header; the in-flight budget holds one chunk at a time, from its
         # declared rows, while it is decoded and evaluated.

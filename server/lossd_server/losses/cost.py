@@ -91,7 +91,7 @@ MATRIX_LIVE = 3
 # units per element); alive at once are a few of the largest values, or
 # with the gradient every node's value and a gradient of each.
 EXPRESSION = 1.0
-EXPRESSION_LIVE = 3
+EXPRESSION_LIVE = 6
 
 
 @dataclasses.dataclass(frozen=True)

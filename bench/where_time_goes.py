@@ -23,12 +23,22 @@ scenario) sent by the same asyncio client:
   settings in its environment, e.g. a smaller thread pool
   (``pool4:LOSSD_WORKERS=2,LOSSD_MAX_STREAMS=2``).
 
+``--steps`` prints instead where one small Huber request's time goes in
+process, single-threaded, with no network: microseconds per step, each
+step timed alone (the least of 7 rounds; wall time and the calling
+thread's CPU time, which a busy machine disturbs less), then the whole
+Evaluate handler from the request's bytes to the answer's, and what of it
+is lossd's own work around the compiled TensorFlow call. It runs against whichever lossd the
+PYTHONPATH names, so the same command measures a tree before and after a
+change.
+
 Each ratio is requests/s over the echo's. The memo exists only in this
 benchmark's server process (``--plumbing-server``), patched in before
 ``lossd serve`` starts.
 
 Usage: python bench/where_time_goes.py [--concurrency 1,64] [--blocks 3] [--block-seconds 4]
        [--variant NAME:KEY=VALUE,...]
+       python bench/where_time_goes.py --steps [--rows 16]
 """
 
 from __future__ import annotations
@@ -66,6 +76,147 @@ def run_plumbing_server(argv: list[str]) -> int:
 
     loss_servicer.LossServicer._evaluate = memoized
     return cli_main(argv)
+
+
+class _Context:
+    """The servicer context of a call with no metadata and no deadline,
+    still active: what the in-process step table hands the handler."""
+
+    def invocation_metadata(self):
+        return ()
+
+    def time_remaining(self):
+        return None
+
+    def is_active(self) -> bool:
+        return True
+
+    def code(self):
+        return None
+
+    def details(self):
+        return None
+
+    def abort_with_status(self, status):
+        raise RuntimeError(f"the handler failed: {status}")
+
+
+def _timed(step, repeats: int, rounds: int = 7) -> tuple[float, float]:
+    """Microseconds one call of ``step`` takes: wall time and this thread's
+    CPU time, each the least over ``rounds`` (as timeit advises: on a shared
+    machine, slower rounds measure the neighbours; the CPU time leaves out
+    the time other processes hold the cores)."""
+    import time
+
+    wall, cpu = [], []
+    for _ in range(rounds):
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        for _ in range(repeats):
+            step()
+        cpu.append((time.thread_time() - start_cpu) / repeats * 1e6)
+        wall.append((time.perf_counter() - start) / repeats * 1e6)
+    return min(wall), min(cpu)
+
+
+def step_table(rows: int, repeats: int) -> None:
+    """Prints where one small Huber request's time goes, in process (``--steps``)."""
+    import tempfile
+
+    from prometheus_client import CollectorRegistry
+
+    from lossd import _requests, wire
+    from lossd_server.app import create_server
+    from lossd_server.config import Settings
+    from lossd_server.evaluation.evaluator import any_non_finite
+    from lossd_server.grpc import loss_servicer
+    from lossd_server.grpc.interceptors import _wrap
+
+    settings = Settings(host="127.0.0.1", port=0, metrics_port=0, data_dir=tempfile.mkdtemp(prefix="lossd-steps-"),
+                        warmup=False)
+    server = create_server(settings, metrics_registry=CollectorRegistry())
+    evaluator, metrics, admission = server.evaluator, server.metrics, server.admission
+    try:
+        from lossd_server.evaluation.service import EvaluationService
+        service = EvaluationService(evaluator, admission, max_elements=settings.max_tensor_elements, metrics=metrics)
+        servicer, plans, tree = loss_servicer.LossServicer(service), service.plans, "evaluation service"
+    except ImportError:  # a tree from before evaluation/service.py
+        servicer = loss_servicer.LossServicer(evaluator, max_elements=settings.max_tensor_elements,
+                                              admission=admission, metrics=metrics)
+        plans, service, tree = servicer.plans, None, "servicer with its own plan cache"
+    handler = grpc.unary_unary_rpc_method_handler(servicer.Evaluate, request_deserializer=loss_servicer.receive,
+                                                  response_serializer=loss_servicer._serialize)
+    method = "/lossd.v1.LossService/Evaluate"
+    wrapped = _wrap(handler, method, metrics)
+    bare = _wrap(grpc.unary_unary_rpc_method_handler(lambda request, context: b""), method, metrics)
+    context = _Context()
+
+    rng = np.random.default_rng(0)
+    y_true = rng.normal(size=(rows, 10)).astype("float32")
+    y_pred = rng.normal(size=(rows, 10)).astype("float32")
+    spec = wire.spec_from_dict("huber", {"delta": 1.5})
+    message = _requests.evaluate_request(spec, {"y_true": y_true, "y_pred": y_pred}, "sum_over_batch_size", False)
+    raw = message.SerializeToString()
+
+    def whole():
+        return wrapped.response_serializer(wrapped.unary_unary(wrapped.request_deserializer(raw), context))
+
+    for _ in range(50):  # compiles the program, fills the caches
+        whole()
+    assert evaluator.wait_compiled()
+    plan = plans.get(message.loss, ("y_true", "y_pred"))
+    tensors = {"y_true": y_true, "y_pred": y_pred}
+    compiled = next(iter(evaluator._cache.values()))  # the one program this request uses
+    arrays = [tensors[n] for n in sorted(tensors)]  # the order evaluate_checked passes them in
+    total, terms, grad, outputs = compiled(arrays)
+
+    def metering():
+        if service is not None:  # one point: the evaluation and the caller's usage
+            metrics.observe_evaluation("huber", "ok", 1e-4, y_pred.size, y_pred.nbytes * 2)
+            metrics.caller_usage("", requests=1, elements=y_pred.size)
+        else:
+            with metrics.time_evaluation("huber") as record:
+                record.elements, record.nbytes = y_pred.size, y_pred.nbytes * 2
+            metrics.caller_usage("", requests=1, elements=y_pred.size)
+
+    def admit():
+        with admission.admit("", None, elements=y_pred.size, nbytes=y_pred.nbytes * 2, wait_seconds=None):
+            pass
+
+    # The request's own tensors: views of the message's bytes, as the handler decodes them.
+    decoded = {"y_true": wire.to_numpy(message.y_true, field="y_true"),
+               "y_pred": wire.to_numpy(message.y_pred, field="y_pred")}
+    decoded_arrays = [decoded[n] for n in sorted(decoded)]
+    steps = [
+        ("the compiled TensorFlow call", lambda: compiled(decoded_arrays)),
+        ("the same on fresh numpy arrays", lambda: compiled(arrays)),
+        ("parse the request (deserializer)", lambda: loss_servicer.receive(raw)),
+        ("interceptor wrapper around a no-op handler", lambda: bare.unary_unary(b"", context)),
+        ("plan cache lookup", lambda: plans.get(message.loss, ("y_true", "y_pred"))),
+        ("admission enter + exit", admit),
+        ("decode two tensors", lambda: (wire.to_numpy(message.y_true, field="y_true"),
+                                        wire.to_numpy(message.y_pred, field="y_pred"))),
+        ("evaluator.check", lambda: evaluator.check(plan, tensors, None, "sum_over_batch_size")),
+        ("evaluate_checked (program lookup, call, NaN flags)",
+         lambda: evaluator.evaluate_checked(plan, decoded, reduction="sum_over_batch_size")),
+        ("NaN/Inf flags", lambda: any_non_finite([total, *terms, grad, *outputs.values(), *arrays])),
+        ("metering", metering),
+        ("encode the answer", lambda: loss_servicer.Answer(
+            loss_servicer.loss_service_pb2.EvaluateResponse(non_finite=False), {"loss": total}).serialized()),
+    ]
+    print(f"# lossd bench/where_time_goes.py --steps  {tree}  Huber {rows} x 10 float32, reduced, no gradient, "
+          f"metrics on, no tokens, batching off  µs per step (least of 7 rounds of {repeats}; CPU: this "
+          "thread's, TensorFlow's own threads left out)")
+    print(f"{'step':<52} {'wall µs':>8} {'CPU µs':>8}")
+    measured = {}
+    for name, step in steps:
+        measured[name] = _timed(step, repeats)
+        print(f"{name:<52} {measured[name][0]:>8.1f} {measured[name][1]:>8.1f}")
+    whole_us = _timed(whole, repeats)
+    print(f"{'whole Evaluate handler, request bytes to answer bytes':<52} {whole_us[0]:>8.1f} {whole_us[1]:>8.1f}")
+    call = measured["the compiled TensorFlow call"]
+    print(f"{'whole less the compiled call: lossd around TensorFlow':<52} {whole_us[0] - call[0]:>8.1f} "
+          f"{whole_us[1] - call[1]:>8.1f}")
+    evaluator.close()
 
 
 def split(calls: list, count: int):
@@ -113,10 +264,17 @@ def main() -> int:
     parser.add_argument("--block-seconds", type=float, default=4.0)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="also lossd serve with these LOSSD_* settings in its environment (repeatable)")
+    parser.add_argument("--steps", action="store_true",
+                        help="print the in-process per-step table of one small request instead")
+    parser.add_argument("--rows", type=int, default=16, help="rows of the --steps request (x 10 columns)")
+    parser.add_argument("--repeats", type=int, default=2000, help="calls per round of each --steps step")
     parser.add_argument("--plumbing-server", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plumbing_server is not None:
         return run_plumbing_server(args.plumbing_server)
+    if args.steps:
+        step_table(args.rows, args.repeats)
+        return 0
 
     from lossd.cli import unknown_variables
     from lossd_server.config import Settings

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 
 @contextlib.contextmanager
@@ -50,18 +50,19 @@ def free_port() -> int:
 
 
 def serve_process(data_dir: pathlib.Path, log: pathlib.Path, env: Optional[dict] = None, *,
-                  token: Optional[str] = None) -> tuple[subprocess.Popen, str]:
+                  token: Optional[str] = None, args: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
     """Starts the real `lossd serve` command on a free port, with ``data_dir``,
     in a process group of its own (``kill_group`` ends it with its job
     processes), its output appended to ``log``; ``env`` adds variables
-    (``LOSSD_*`` settings). Returns the process and its address once it
+    (``LOSSD_*`` settings) and ``args`` more flags (a repeated flag's last
+    value wins: ``--metrics-port N`` serves metrics). Returns the process and its address once it
     answers (asked with ``token``, for a server with a tokens file)."""
     import lossd
 
     port = free_port()
     lossd_cmd = pathlib.Path(sys.executable).with_name("lossd")
     proc = subprocess.Popen([str(lossd_cmd), "serve", "--port", str(port), "--metrics-port", "off",
-                             "--data-dir", str(data_dir), "--grace-seconds", "0"],
+                             "--data-dir", str(data_dir), "--grace-seconds", "0", *args],
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
     address = f"127.0.0.1:{port}"

@@ -66,7 +66,10 @@ class _ChannelOwner:
                  credentials: Optional[grpc.ChannelCredentials] = None,
                  metadata: Optional[Iterable[tuple[str, str]]] = None, tls: Union[bool, TLS, None] = None,
                  token: Optional[str] = None, options: Optional[Iterable[tuple[str, Any]]] = None,
-                 shared_memory: bool = False, shared_memory_min_bytes: int = _shm.DEFAULT_MIN_BYTES):
+                 shared_memory: bool = False, shared_memory_min_bytes: int = _shm.DEFAULT_MIN_BYTES,
+                 connections: int = 1):
+        if isinstance(connections, bool) or not isinstance(connections, int) or not 1 <= connections <= 256:
+            raise client_error(f"Invalid connections. Expected an int from 1 to 256. Received: {connections!r}.")
         if shared_memory and not self._shared_memory_supported:
             raise client_error("shared_memory is available on lossd.Client only, not yet on lossd.aio.Client.")
         if tls:
@@ -81,13 +84,26 @@ class _ChannelOwner:
         self.metadata = list(metadata or ())
         if token:
             self.metadata.append(("authorization", f"Bearer {token}"))
-        self._channel = (self._secure_channel(address, credentials, options) if credentials
-                         else self._insecure_channel(address, options))
+        if connections > 1:
+            # Channels with equal arguments share gRPC's global subchannel
+            # pool, hence one TCP connection: a local pool each makes each
+            # channel connect on its own (to any process of the server).
+            options = [*options, ("grpc.use_local_subchannel_pool", 1)]
+        self._channels = [self._secure_channel(address, credentials, options) if credentials
+                          else self._insecure_channel(address, options) for _ in range(connections)]
+        # The first channel carries what holds state in one server process
+        # (shared-memory sessions) and the calls that are not evaluations.
+        self._channel = self._channels[0]
         self._losses = loss_service_pb2_grpc.LossServiceStub(self._channel)
-        # Evaluate with a request serialized by hand (_requests.evaluate_request_bytes),
-        # its answer read in place (_requests.parse_response_bytes).
-        self._evaluate_serialized = self._channel.unary_unary(
-            "/lossd.v1.LossService/Evaluate", request_serializer=None, response_deserializer=None)
+        # Evaluations take the channels in turn: (stub, Evaluate with a request
+        # serialized by hand, _requests.evaluate_request_bytes, its answer read in
+        # place, _requests.parse_response_bytes) per channel.
+        self._evaluators = [
+            (self._losses if channel is self._channel else loss_service_pb2_grpc.LossServiceStub(channel),
+             channel.unary_unary("/lossd.v1.LossService/Evaluate", request_serializer=None,
+                                 response_deserializer=None))
+            for channel in self._channels]
+        self._turn = itertools.count()  # next() on it is atomic under the GIL: no lock per call
         self._shared_memory = (_shm.SharedMemoryPath(self._channel, address, self.metadata or None,
                                                      shared_memory_min_bytes) if shared_memory else None)
 
@@ -97,6 +113,11 @@ class _ChannelOwner:
         server is local and the handshake proved it maps the client's memory
         (it happens at the first evaluation large enough to use it)."""
         return self._shared_memory is not None and self._shared_memory.active
+
+    def _next_evaluator(self) -> tuple:
+        """The (stub, serialized Evaluate) of the channel whose turn it is."""
+        evaluators = self._evaluators
+        return evaluators[next(self._turn) % len(evaluators)] if len(evaluators) > 1 else evaluators[0]
 
     def _call_args(self, timeout: Optional[float]) -> dict:
         return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata or None}
@@ -202,6 +223,14 @@ class Client(_ChannelOwner, TrainingMixin):
             See the README, "Shared memory".
         shared_memory_min_bytes: Requests with fewer tensor bytes go over
             gRPC even with ``shared_memory``.
+        connections: How many channels, each its own TCP connection, to open
+            to ``address``. Evaluations (``evaluate``, and each
+            ``evaluate_many`` stream) take them in turn, so a server of
+            several processes (``lossd serve --processes N``) serves one
+            client's calls in all of them: one HTTP/2 connection stays with
+            one process. Everything else (losses, training, and the
+            shared-memory session with the evaluations it carries) uses the
+            first. See docs/scaling.md.
 
     ``address`` may be a list of ``ip:port`` replicas, which calls are spread
     over (``round_robin``); a ``dns:///host:port`` address with
@@ -277,9 +306,10 @@ class Client(_ChannelOwner, TrainingMixin):
             if result is not None:
                 return result
         request, assembler = self._evaluate_messages(spec, arrays, reduction, gradient)
+        stub, evaluate_serialized = self._next_evaluator()
         if assembler is None:
-            return _requests.parse_response_bytes(self._evaluate_serialized(request, **self._call_args(timeout)))
-        for message in self._losses.EvaluateChunked(request, **self._call_args(timeout)):
+            return _requests.parse_response_bytes(evaluate_serialized(request, **self._call_args(timeout)))
+        for message in stub.EvaluateChunked(request, **self._call_args(timeout)):
             assembler.add(message)
         return _chunked_result(assembler)
 
@@ -303,7 +333,7 @@ class Client(_ChannelOwner, TrainingMixin):
                 window.acquire()
                 yield message
 
-        call = self._losses.EvaluateStream(messages(), **self._call_args(timeout))
+        call = self._next_evaluator()[0].EvaluateStream(messages(), **self._call_args(timeout))
         try:
             for answer in call:
                 window.release()
@@ -316,10 +346,11 @@ class Client(_ChannelOwner, TrainingMixin):
             window.release(_requests.STREAM_WINDOW)
 
     def close(self) -> None:
-        """Closes the channel (and unlinks the shared-memory regions, if any)."""
+        """Closes the channels (and unlinks the shared-memory regions, if any)."""
         if self._shared_memory is not None:
             self._shared_memory.close()
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> "Client":
         return self

@@ -47,12 +47,38 @@ def client_error(message: str, reason: str = "CLIENT") -> LossdError:
 
 
 def unavailable_hint(address: str, details: str) -> str:
-    """The message for an UNAVAILABLE call to ``address``: what was tried and
-    what to check, then gRPC's own ``details``."""
+    """The message for an UNAVAILABLE call to ``address``: the likely cause,
+    read from gRPC's own ``details``, what to check, then those details.
+
+    A failed TLS handshake, a certificate for another name and a refused
+    connection all reach the client as UNAVAILABLE; each gets its own cause
+    rather than one "is lossd serve running there?"."""
+    host = address.rsplit(":", 1)[0] if ":" in address else address
     if "Failed parsing HTTP/2" in details:
-        return (f"{address} answers in HTTP/1, not gRPC: it is probably the metrics port. Expected the "
-                f"address of lossd's gRPC port (`lossd serve --port`, 50051 by default). Received: {details}")
-    return f"Cannot reach a lossd server at {address}: is `lossd serve` running there? Received: {details}"
+        cause = (f"{address} answers in HTTP/1, not gRPC: it is probably the metrics port. Expected the "
+                 "address of lossd's gRPC port (`lossd serve --port`, 50051 by default).")
+    elif "Hostname Verification" in details or "No match found for server name" in details:
+        cause = (f"The server at {address} presents a TLS certificate that does not name {host}. Expected a "
+                 "certificate whose subject alternative names include the host you connect to: connect by a "
+                 f"name it lists, or issue it for {host} (`lossd secrets init --host {host}`).")
+    elif "CERTIFICATE_VERIFY_FAILED" in details:
+        cause = (f"The server at {address} presents a TLS certificate that the client does not trust. Expected "
+                 "a certificate signed by the CA the client is given (`tls=lossd.TLS(ca=...)`, `--tls-ca`, "
+                 "LOSSD_TLS_CA) or by the system's roots, and not expired.")
+    elif "WRONG_VERSION_NUMBER" in details or "TSI_PROTOCOL_FAILURE" in details:
+        cause = (f"The server at {address} does not speak TLS: the TLS handshake got a plain-text answer. "
+                 "Expected a server started with a certificate (LOSSD_TLS_CERT), or connect without TLS "
+                 "(no `tls=`, no `--tls`).")
+    elif "Socket closed" in details:
+        cause = (f"The server at {address} closed the connection during set-up, as a TLS server does to a "
+                 "plain-text client. Expected `tls=True` or `tls=lossd.TLS(ca=...)` (`--tls`, `--tls-ca`) "
+                 "for a server with TLS.")
+    elif "Connection refused" in details:
+        cause = (f"Nothing listens at {address} (connection refused). Expected `lossd serve` running there, "
+                 "on that port (50051 by default).")
+    else:
+        cause = f"Cannot reach a lossd server at {address}: is `lossd serve` running there?"
+    return f"{cause} Received: {details}"
 
 
 def from_rpc_error(error: grpc.RpcError, address: Optional[str] = None) -> LossdError:

@@ -60,9 +60,10 @@ class Client(_ChannelOwner, AsyncTrainingMixin):
         """Refer to ``lossd.Client.evaluate``."""
         request, assembler = self._evaluate_call(loss, y_true, y_pred, params, sample_weight, reduction, gradient,
                                                  tensors)
+        stub, evaluate_serialized = self._next_evaluator()
         if assembler is None:
-            return _requests.parse_response_bytes(await self._evaluate_serialized(request, **self._call_args(timeout)))
-        async for message in self._losses.EvaluateChunked(request, **self._call_args(timeout)):
+            return _requests.parse_response_bytes(await evaluate_serialized(request, **self._call_args(timeout)))
+        async for message in stub.EvaluateChunked(request, **self._call_args(timeout)):
             assembler.add(message)
         return _chunked_result(assembler)
 
@@ -80,7 +81,7 @@ class Client(_ChannelOwner, AsyncTrainingMixin):
 
         args = self._call_args(timeout)
         deadline = None if args["timeout"] is None else asyncio.get_running_loop().time() + args["timeout"]
-        call = self._losses.EvaluateStream(messages(), **args)
+        call = self._next_evaluator()[0].EvaluateStream(messages(), **args)
         try:
             async for answer in call:
                 window.release()
@@ -101,8 +102,9 @@ class Client(_ChannelOwner, AsyncTrainingMixin):
             call.cancel()  # a caller that stops early ends the call
 
     async def close(self) -> None:
-        """Closes the channel."""
-        await self._channel.close()
+        """Closes the channels."""
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> "Client":
         return self

@@ -114,8 +114,8 @@ def unknown_variables(environ, settings) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from lossd_server.observability import logs
-        from lossd_server.app import serve
         from lossd_server.config import Settings, StartupError
+        from lossd_server.supervisor import run as serve  # imports TensorFlow only once the ports are checked
     except ImportError as exc:
         print(f"error: `lossd serve` needs the server: pip install \"lossd[server]\" ({exc})", file=sys.stderr)
         return 2

@@ -245,11 +245,15 @@ def _tensor_parts(array, field: str) -> tuple[bytes, np.ndarray]:
     return head, array.reshape(-1).view(np.uint8)
 
 
-def serialize_with_tensors(message, tensors: Mapping[str, Any] = {}, entries: Mapping[str, Mapping[str, Any]] = {}
-                           ) -> bytes:
+def serialize_with_tensors(message, tensors: Mapping[str, Any] = {}, entries: Mapping[str, Mapping[str, Any]] = {},
+                           *, within: Optional[tuple[Any, str]] = None) -> bytes:
     """``message`` serialized with ``tensors`` as its Tensor fields and
     ``entries`` as its ``map<string, Tensor>`` fields, encoded by hand so
     that each tensor's bytes are copied once, into the result.
+
+    With ``within=(outer, field)``, the result is ``outer`` serialized with
+    all that as its message field ``field`` (an EvaluateStreamResponse's
+    ``response``), still one copy of each tensor.
 
     Building the Tensor messages and serializing them would copy each
     tensor three times (``tobytes``, into the message, into the serialized
@@ -271,6 +275,11 @@ def serialize_with_tensors(message, tensors: Mapping[str, Any] = {}, entries: Ma
             value = _length_delimited(2, len(head) + content.nbytes)
             parts.extend((_length_delimited(fields[map_name].number, len(key_field) + len(value) + len(head)
                                             + content.nbytes), key_field, value, head, content))
+    if within is not None:
+        outer, field = within
+        length = sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in parts)
+        parts[:0] = (outer.SerializeToString(), _length_delimited(outer.DESCRIPTOR.fields_by_name[field].number,
+                                                                  length))
     return b"".join(parts)
 
 
@@ -451,6 +460,48 @@ def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_fi
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or a bad UTF-8 string
         raise WireError(f"Malformed message: {exc}", reason="BAD_MESSAGE") from None
     return message, contents
+
+
+def parse_lifted_within(raw, outer_class, field: str, message_class, tensor_fields: tuple[str, ...] = (),
+                        map_field: Optional[str] = None, min_bytes: int = LIFT_MIN_BYTES):
+    """``parse_lifted`` for a message nested in the message field ``field``
+    of an ``outer_class`` (an EvaluateStreamRequest's ``request``): returns
+    the outer message without that field, the inner message without its
+    large tensors' contents, and those contents (views of ``raw``).
+
+    Raises:
+        WireError: as ``parse_lifted``.
+    """
+    def whole():
+        try:
+            outer = outer_class.FromString(bytes(raw))
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or a bad UTF-8 string
+            raise WireError(f"Malformed message: {exc}", reason="BAD_MESSAGE") from None
+        inner = getattr(outer, field) if outer.HasField(field) else None
+        outer.ClearField(field)
+        return outer, inner, {}
+
+    if len(raw) < min_bytes:  # nothing to lift: protobuf parses it faster
+        return whole()
+    buf = memoryview(raw)
+    number = outer_class.DESCRIPTOR.fields_by_name[field].number
+    rest: list = []
+    found = None
+    for field_number, f_start, f_end, v_start, v_end in _fields(buf, 0, len(buf)):
+        if field_number != number:
+            rest.append(buf[f_start:f_end])
+        elif found is None:
+            found = (v_start, v_end)
+        else:  # protobuf merges a repeated message field; rare enough to parse whole
+            return whole()
+    try:
+        outer = outer_class.FromString(b"".join(rest))
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or a bad UTF-8 string
+        raise WireError(f"Malformed message: {exc}", reason="BAD_MESSAGE") from None
+    if found is None:
+        return outer, None, {}
+    inner, contents = parse_lifted(buf[found[0]:found[1]], message_class, tensor_fields, map_field, min_bytes)
+    return outer, inner, contents
 
 
 def info(array: np.ndarray, *, field: str = "tensor") -> tensor_pb2.TensorInfo:

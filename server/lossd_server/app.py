@@ -9,9 +9,7 @@ import dataclasses
 import errno
 import gc
 import logging
-import os
 import signal
-import socket
 import threading
 from concurrent import futures
 from typing import Optional
@@ -29,6 +27,7 @@ from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
 from lossd_server.evaluation.admission import Admission
 from lossd_server.evaluation.batching import Batcher
+from lossd_server.evaluation.service import EvaluationService
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
@@ -41,6 +40,8 @@ from lossd_server.losses.custom import full_registry
 from lossd_server.losses.registry import LossRegistry
 from lossd_server.observability.metrics import Metrics, start_metrics_server
 from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLContext, SecurityFileError
+from lossd_server.ports import bind_errno, bind_failure
+from lossd_server.supervisor import ProcessRole
 from lossd_server.grpc.loss_servicer import LossServicer, add_loss_service
 from lossd_server.grpc.shm_servicer import add_shared_memory_service
 from lossd_server.grpc.training_servicer import add_training_service
@@ -111,6 +112,9 @@ class Server:
     health_port: Optional[int] = dataclasses.field(default=None, init=False)  # with settings.health_port
     health_server: Optional[grpc.Server] = None  # plain-text grpc.health.v1 only, with settings.health_port
     health_executor: Optional[futures.ThreadPoolExecutor] = None  # the health server's threads
+    # One of `lossd serve --processes N`'s processes (supervisor.py): it binds
+    # its ports with SO_REUSEPORT and leaves /metrics to the supervisor.
+    process: Optional[ProcessRole] = None
     _metrics_http: Optional[WSGIServer] = dataclasses.field(default=None, init=False)
     _started: bool = dataclasses.field(default=False, init=False)
 
@@ -131,7 +135,7 @@ class Server:
             raise RuntimeError("The server was started already. Build a new one with create_server().")
         self._started = True
         try:
-            if self.metrics is not None:
+            if self.metrics is not None and self.process is None:
                 self._start_metrics()
             self.port = self._bind(self.grpc_server, self.settings.port, "gRPC", "port",
                                    self.tls.credentials() if self.tls is not None else None)
@@ -162,8 +166,8 @@ class Server:
                 self.metrics, host, port, cache_seconds=self.settings.metrics_cache_seconds,
                 tls=self.metrics_tls, basic_auth=self.metrics_auth)
         except OSError as error:
-            raise StartupError(_bind_failure("metrics", host, port, error.errno, "metrics_host",
-                                             "metrics_port")) from error
+            raise StartupError(bind_failure("metrics", host, port, error.errno, "metrics_host",
+                                            "metrics_port")) from error
 
     def _bind(self, server: grpc.Server, port: int, what: str, port_setting: str, credentials=None) -> int:
         """Binds ``server`` to ``port`` on ``host``; a StartupError naming
@@ -173,16 +177,18 @@ class Server:
         host = self.settings.host
         # A plain socket tries first: gRPC would log its own error line and
         # then say only "Failed to bind", not why.
-        code = _bind_errno(host, port) if port else None
+        # Processes of one supervisor share the port, which it checked and holds.
+        shared = self.process is not None and self.process.reuse_port
+        code = bind_errno(host, port) if port and not shared else None
         if code in (errno.EADDRINUSE, errno.EACCES):
-            raise StartupError(_bind_failure(what, host, port, code, "host", port_setting))
+            raise StartupError(bind_failure(what, host, port, code, "host", port_setting))
         try:
             if credentials is not None:
                 return server.add_secure_port(f"{host}:{port}", credentials)
             return server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as error:  # taken since the probe, or refused for a reason the probe missed
-            raise StartupError(_bind_failure(what, host, port, _bind_errno(host, port), "host",
-                                             port_setting)) from error
+            raise StartupError(bind_failure(what, host, port, bind_errno(host, port), "host",
+                                            port_setting)) from error
 
     def drain(self, seconds: float, interrupted: Optional[threading.Event] = None) -> None:
         """Health turns NOT_SERVING for every service while the port stays
@@ -235,38 +241,9 @@ def open_access_warning(settings: Settings, port: int) -> Optional[str]:
             "delete (make tokens with `lossd tokens create` and set LOSSD_TOKENS_FILE)")
 
 
-def _bind_errno(host: str, port: int) -> Optional[int]:
-    """Why ``host:port`` cannot be bound, as an errno (None if it can be now)."""
-    try:
-        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return errno.EADDRNOTAVAIL
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            return error.errno
-    return None
-
-
-def _bind_failure(what: str, host: str, port: int, code: Optional[int], host_setting: str,
-                  port_setting: str) -> str:
-    """One line naming the port and the setting to change."""
-    def flags(name: str) -> str:
-        return f"LOSSD_{name.upper()} or --{name.replace('_', '-')}"
-
-    if code == errno.EADDRINUSE:
-        return f"{what} port {port} is in use on {host} (set {flags(port_setting)})"
-    if code == errno.EACCES:
-        return f"{what} port {port} needs privileges to bind (set {flags(port_setting)} to 1024 or above)"
-    reason = os.strerror(code) if code else "the address cannot be bound"
-    return f"cannot serve {what} on {host}:{port}: {reason} (set {flags(host_setting)}, {flags(port_setting)})"
-
-
 def create_server(settings: Optional[Settings] = None, *, registry: Optional[LossRegistry] = None,
-                  metrics_registry: Optional[CollectorRegistry] = None) -> Server:
+                  metrics_registry: Optional[CollectorRegistry] = None,
+                  process: Optional[ProcessRole] = None) -> Server:
     """Builds a server from settings; it binds and starts nothing (call
     ``start()`` on the result).
 
@@ -275,6 +252,9 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     ``registry`` the server loads Keras's losses, lossd's built-in terms, the
     installed plugins and the losses registered in the data directory (and
     lets clients register more).
+
+    ``process``: this server is one of ``lossd serve --processes N``'s
+    (``supervisor``): it shares its ports and store with its siblings.
     """
     settings = settings or Settings()
     # Certificates are checked first: a bad one is a StartupError before anything is built.
@@ -291,7 +271,15 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         except SecurityFileError as exc:
             raise StartupError(str(exc)) from exc
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    earlier = process.wait_for_store() if process is not None else []  # the first process opens it first
     state = open_store(settings)  # jobs, datasets and registered losses
+    quarantined = list(state.quarantine.items) or earlier
+    if process is not None:
+        process.store_opened(quarantined)
+        if not process.runs_jobs:
+            # The first process runs the jobs: this one queues them for it,
+            # as a replica without job slots does on a shared database.
+            state.shared = True
     store = None
     if registry is None:
         registry = full_registry(plugins=True)
@@ -311,14 +299,16 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         # Registered losses are client input: they get label values of their
         # own only up to max_loss_labels (see Metrics.loss_label).
         fixed = [entry.name for entry in registry.entries() if entry.source != "expression"]
+        versions = backend.versions()
+        # With siblings, process and GC metrics are this process's alone,
+        # which the supervisor's /metrics cannot read (metrics.py).
         metrics = Metrics(metrics_registry if metrics_registry is not None else CollectorRegistry(),
                           loss_names=fixed, version=lossd_server.__version__,
-                          max_registered_labels=settings.max_loss_labels)
-        versions = backend.versions()
-        metrics.set_build_info(lossd_server.__version__, versions["tensorflow"], versions["keras"])
+                          tensorflow_version=versions["tensorflow"], keras_version=versions["keras"],
+                          process_metrics=process is None, max_registered_labels=settings.max_loss_labels)
         metrics.set_device_info([(device.device_type, device.physical)])
         metrics.set_gpu_memory_source(backend.gpu_memory)
-        metrics.set_quarantined_items(len(state.quarantine.items))
+        metrics.set_quarantined_items(len(quarantined))
         metrics.known_callers(sorted({record.name for record in (callers.tokens or {}).values()})
                               if not callers.open else [""])
         for service in SERVICES:
@@ -339,8 +329,10 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        # One port per server: without this a second server could bind the same port.
-        ("grpc.so_reuseport", 0),
+        # One port per server: without this a second server could bind the
+        # same port. Only a supervisor's processes share theirs (it holds the
+        # port against everyone else: supervisor.py).
+        ("grpc.so_reuseport", int(process is not None and process.reuse_port)),
     ]
     admission = Admission(settings.max_inflight_bytes, settings.max_queued_requests, settings.max_queue_seconds)
     # Streams are capped at max_streams (StreamLimiter), so however many are
@@ -354,12 +346,11 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     regions = (SharedMemoryRegions(max_regions=settings.shm_max_regions, max_bytes=settings.shm_max_bytes,
                                    max_total_bytes=settings.shm_max_total_bytes, metrics=metrics)
                if settings.shm else None)
-    add_loss_service(
-        LossServicer(evaluator, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
-                     callers=callers, admission=admission, shared_memory=regions,
-                     batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us,
-                                     max_elements=settings.batch_max_elements,
-                                     max_requests=settings.batch_max_requests, metrics=metrics)), server)
+    evaluation = EvaluationService(
+        evaluator, admission, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
+        batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us, max_elements=settings.batch_max_elements,
+                        max_requests=settings.batch_max_requests, metrics=metrics))
+    add_loss_service(LossServicer(evaluation, callers=callers, store=store, shared_memory=regions), server)
     shared_memory = add_shared_memory_service(server, regions, callers) if regions is not None else None
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers, evaluator=evaluator)
@@ -369,7 +360,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     follower = None
-    if state.shared:
+    if state.shared or process is not None:  # siblings register losses and queue jobs too
         follower = Follower(state, settings.shared_state_poll_seconds)
         if store is not None:
             follower.listen(store.follow)
@@ -379,32 +370,40 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         # Kubernetes' native gRPC probes cannot speak TLS: this port answers
         # health in plain text, the same statuses, and nothing else.
         health_executor = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
-        health_server = grpc.server(health_executor, options=[("grpc.so_reuseport", 0)])
+        health_server = grpc.server(health_executor, options=[
+            ("grpc.so_reuseport", int(process is not None and process.reuse_port))])
         health_pb2_grpc.add_HealthServicer_to_server(CheckOnlyHealth(health_servicer), health_server)
     reflection.enable_server_reflection(
         [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
-                  quarantined=list(state.quarantine.items), tls=tls, metrics_tls=metrics_tls,
+                  quarantined=quarantined, tls=tls, metrics_tls=metrics_tls,
                   metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,
                   health_server=health_server, health_executor=health_executor,
-                  follower=follower)
+                  follower=follower, process=process)
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, process: Optional[ProcessRole] = None) -> int:
     """Runs the server until SIGTERM or SIGINT, then drains: health says
     NOT_SERVING on the open port for ``drain_seconds``, in-flight calls get
     ``grace_seconds``; returns the exit code. A second signal ends the drain early.
 
+    ``process``: one of ``lossd serve --processes N``'s processes, which its
+    supervisor drains with SIGTERM (another SIGTERM changes nothing: it may
+    be a copy sent to the whole process group) and hurries with SIGUSR1;
+    SIGINT is the supervisor's to answer.
+
     Raises ``StartupError`` when a setting keeps the server from starting.
     """
-    server = create_server(settings)
+    server = create_server(settings, process=process)
     stop = threading.Event()
     hurry = threading.Event()
 
     def on_signal(signum, frame):
         name = signal.Signals(signum).name
-        if stop.is_set():
+        if process is not None and stop.is_set() and signum == signal.SIGTERM:
+            return  # the supervisor's copy of a SIGTERM sent to the whole group (systemd does): one drain
+        if stop.is_set() or signum == signal.SIGUSR1:  # SIGUSR1: the supervisor's second signal
             log.info("received %s again: ending the drain", name)
             hurry.set()
             return
@@ -412,20 +411,24 @@ def serve(settings: Settings) -> int:
                  settings.drain_seconds, settings.grace_seconds)
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGUSR1) if process is not None else (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     reloaders = [r for r in (server.tls, server.metrics_tls) if r is not None]
-    if reloaders:  # SIGHUP: read the certificates again for new connections
+    if reloaders or process is not None:  # SIGHUP: read the certificates again for new connections
         signal.signal(signal.SIGHUP, lambda signum, frame: [r.reload() for r in reloaders])
     server.start()
+    if process is not None:
+        process.serving(server.port)
     warning = open_access_warning(settings, server.port)
-    if warning:
+    if warning and (process is None or process.index == 0):  # once per server, not once per process
         log.warning("%s", warning)
-    log.info("lossd %s listening on %s:%d (gRPC)%s; metrics %s; evaluating on %s (%s); data dir %s",
-             lossd_server.__version__, settings.host, server.port,
+    log.info("lossd %s%s listening on %s:%d (gRPC)%s; metrics %s; evaluating on %s (%s); data dir %s",
+             lossd_server.__version__, f" process {process.index}" if process is not None else "",
+             settings.host, server.port,
              f", health on {settings.host}:{server.health_port} (plain text)" if server.health_port else "",
              f"on {'https' if server.metrics_tls else 'http'}://{settings.metrics_host}:{server.metrics_port}/metrics"
-             f"{' (basic auth)' if server.metrics_auth else ''}" if server.metrics_port else "off",
+             f"{' (basic auth)' if server.metrics_auth else ''}" if server.metrics_port
+             else "from the supervisor" if process is not None and settings.metrics_port is not None else "off",
              server.evaluator.device.name, server.evaluator.device.physical, settings.data_dir)
     stop.wait()
     server.drain(settings.drain_seconds, hurry)

@@ -98,6 +98,15 @@ class Settings(BaseSettings):
     workers: int = Field(8, ge=1)
     """Threads serving RPCs. TensorFlow releases the GIL while it computes."""
 
+    processes: int = Field(1, ge=1, le=256)
+    """Serving processes on the one gRPC port (Linux ``SO_REUSEPORT``: the
+    kernel spreads connections over them). Each has its own GIL, threads,
+    compiled programs and per-process bounds; a small supervisor checks the
+    ports, serves the one ``/metrics`` of all of them, forwards signals and
+    restarts a process that dies. Jobs run in the first process only. A
+    client spreads its calls with ``lossd.Client(..., connections=K)``.
+    1 (the default): one process, no supervisor. See docs/scaling.md."""
+
     cache_size: int = Field(256, ge=1)
     """Most compiled loss programs kept (least recently used go first)."""
 

@@ -1,5 +1,6 @@
 """A client pointed at the wrong place says where it tried and what to check:
-a closed port (no server), and lossd's own metrics port (HTTP, not gRPC).
+a closed port (no server), and lossd's own metrics port (HTTP, not gRPC);
+tests/server/test_tls.py checks the TLS mismatches.
 Both clients, sync and asyncio, over real sockets."""
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def test_no_server_names_the_address(flavour, call):
     error = FAILURES[flavour](address, call)
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert error.reason == ""
-    assert f"Cannot reach a lossd server at {address}: is `lossd serve` running there?" in error.message
+    assert f"Nothing listens at {address} (connection refused). Expected `lossd serve` running there" \
+        in error.message, error.message
     assert "Connection refused" in error.message, "gRPC's own words stay, after the hint"
     assert address in str(error)
 

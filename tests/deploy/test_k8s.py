@@ -29,7 +29,7 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
-from test_deploy import DEPLOY, DOCKERFILE, require
+from test_deploy import DEPLOY, DOCKERFILE, ROOT, require
 from test_readme_deploy import shell
 
 K8S = DEPLOY / "k8s"
@@ -202,6 +202,42 @@ def test_a_missing_secret_file_stops_the_render_with_its_name(checkout, tmp_path
     result = subprocess.run([kubectl(), "kustomize", str(copy / "overlays" / "cpu")], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode != 0 and "database-url" in result.stderr, result.stderr
+
+
+def test_the_render_and_apply_block_runs_as_written_with_kubectl_alone(checkout, tmp_path):
+    # deploy/k8s/README.md's block after the secrets: every line as written,
+    # in a copy of the checkout, with only kubectl on PATH besides the
+    # shell's tools; `kubectl apply` needs a cluster and is left out.
+    root = tmp_path / "repo"
+    shutil.copytree(checkout, root)
+    blocks = [b for b in re.findall(r"```sh\n(.*?)```", K8S_README.read_text(), flags=re.S)
+              if "kubectl apply" in b]
+    assert len(blocks) == 1, "deploy/k8s/README.md needs one ```sh block that applies an overlay"
+    lines = [line for line in blocks[0].splitlines() if line.strip()]
+    assert not any(line.lstrip().startswith("kustomize ") or " kustomize edit" in line for line in lines), \
+        "the block needs the standalone kustomize"
+    script = "\n".join(line for line in lines if not line.startswith("kubectl apply"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").symlink_to(kubectl())
+    result = subprocess.run(["/bin/sh", "-e", "-c", script], cwd=root, capture_output=True, text=True,
+                            timeout=120, env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    applied = [line.split()[-1] for line in lines if line.startswith("kubectl apply -k ")]
+    assert applied, "the block applies an overlay"
+    images = {c["image"] for o in yaml.safe_load_all(result.stdout) if o and o["kind"] == "Deployment"
+              for c in o["spec"]["template"]["spec"]["containers"]}
+    assert images == {"registry.example.com/lossd:gpu"}, images
+    # What it printed is what the applied overlay renders.
+    assert render(root / applied[0]) == result.stdout
+
+
+def test_the_main_readme_sends_kubernetes_users_to_the_one_tested_sequence():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Kubernetes"):readme.index("## Scaling out")]
+    assert "deploy/k8s/README.md" in section
+    assert "secrets init" not in section and "kubectl apply" not in section, \
+        "a second, untested sequence in the main README"
 
 
 # -- pods ----------------------------------------------------------------------

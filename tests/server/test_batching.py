@@ -103,7 +103,7 @@ def _run_threads(batcher, calls):
     def worker(k):
         with batcher.in_flight():
             barrier.wait()
-            out[k] = _call(batcher.evaluate, **calls[k])
+            out[k] = _call(batcher.evaluate_in_flight, **calls[k])
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(calls))]
     for t in threads:

@@ -64,6 +64,37 @@ def test_tls_refuses_plain_text_a_wrong_ca_and_an_expired_certificate(tmp_path, 
     assert not works(expired_address, lossd.TLS(ca=ca.pem))
 
 
+def failure(address: str, tls) -> lossd.LossdError:
+    with lossd.Client(address, tls=tls, timeout=10) as client:
+        with pytest.raises(lossd.LossdError) as caught:
+            client.losses()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    return caught.value
+
+
+def test_each_tls_mismatch_names_its_cause(tmp_path, start):
+    # Plain text against TLS, TLS against plain text, a certificate for
+    # another name and one from an untrusted CA: each message says which,
+    # not "is lossd serve running there?", and keeps gRPC's own words.
+    ca, other = Authority(tmp_path, "ca"), Authority(tmp_path, "other-ca")
+    cert, key = ca.issue("server", hosts=("127.0.0.1",))
+    _, tls_address = start(tls_cert=cert, tls_key=key)
+    _, plain_address = start()
+    port = tls_address.rsplit(":", 1)[1]
+    cases = {
+        "plain client": (failure(tls_address, None), "closed the connection during set-up, as a TLS server does"),
+        "plain server": (failure(plain_address, lossd.TLS(ca=ca.pem)), "does not speak TLS"),
+        "another name": (failure(f"localhost:{port}", lossd.TLS(ca=ca.pem)),
+                         "presents a TLS certificate that does not name localhost"),
+        "untrusted CA": (failure(tls_address, lossd.TLS(ca=other.pem)),
+                         "presents a TLS certificate that the client does not trust"),
+    }
+    for case, (error, cause) in cases.items():
+        assert cause in error.message, (case, error.message)
+        assert "running there" not in error.message, (case, error.message)
+        assert "Received: failed to connect" in error.message, (case, error.message)
+
+
 def test_mtls_refuses_a_client_without_a_certificate_of_the_client_ca(tmp_path, start):
     ca, clients, strangers = Authority(tmp_path, "ca"), Authority(tmp_path, "clients"), Authority(tmp_path, "x")
     cert, key = ca.issue("server")

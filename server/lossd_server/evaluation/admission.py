@@ -36,11 +36,10 @@ This module imports neither gRPC nor TensorFlow.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 from lossd_server.errors import InvalidArgument, ResourceExhausted
 
@@ -106,7 +105,8 @@ class Admission:
         self.max_queued_requests = max_queued_requests
         self.max_queue_seconds = max_queue_seconds
         self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # waiters for bytes wait on it
         self._inflight = 0  # declared bytes of the running evaluations
         self._running = 0
         self._waiting: list[int] = []  # the waiters' byte counts, in arrival order (identity: a list per waiter)
@@ -170,11 +170,11 @@ class Admission:
         if wait > 0:
             raise _rate_limited(caller, rate, wait, "its earlier requests' elements to be paid for")
 
-    @contextlib.contextmanager
     def hold(self, nbytes: int, *, wait_seconds: Optional[float] = None,
-             what: str = "This request") -> Iterator[None]:
-        """Holds ``nbytes`` of the in-flight budget for the body, waiting for
-        them as the module docstring says.
+             what: str = "This request") -> "_Held":
+        """Holds ``nbytes`` of the in-flight budget, waiting for them as the
+        module docstring says, until the returned context exits (use it in a
+        ``with`` at once).
 
         Args:
             nbytes: The declared bytes of the tensors the body decodes.
@@ -182,24 +182,22 @@ class Admission:
                 ``max_queue_seconds`` if sooner or None.
         """
         self.check_size(nbytes, what)
-        self._acquire(nbytes, self._wait(wait_seconds))
-        with self._held(nbytes):
-            yield
+        self._acquire(nbytes, wait_seconds)
+        return _Held(self, nbytes)
 
-    @contextlib.contextmanager
     def admit(self, caller: str, rate: Optional[float], *, elements: int, nbytes: int,
-              wait_seconds: Optional[float] = None) -> Iterator[None]:
+              wait_seconds: Optional[float] = None) -> "_Held":
         """All three bounds for one evaluation: its size, its caller's rate,
-        then its bytes, held for the body."""
+        then its bytes, held until the returned context exits (use it in a
+        ``with`` at once)."""
         self.check_size(nbytes)
         give_back = self.charge(caller, rate, elements)
         try:
-            self._acquire(nbytes, self._wait(wait_seconds))
+            self._acquire(nbytes, wait_seconds)
         except ResourceExhausted:
             give_back()
             raise
-        with self._held(nbytes):
-            yield
+        return _Held(self, nbytes)
 
     # -- the in-flight budget ------------------------------------------------
 
@@ -207,14 +205,6 @@ class Admission:
         if wait_seconds is None:
             return self.max_queue_seconds
         return max(0.0, min(wait_seconds, self.max_queue_seconds))
-
-    @contextlib.contextmanager
-    def _held(self, nbytes: int) -> Iterator[None]:
-        start = self._clock()
-        try:
-            yield
-        finally:
-            self._release(nbytes, self._clock() - start)
 
     def _fits(self, nbytes: int) -> bool:
         return self._inflight + nbytes <= self.max_inflight_bytes
@@ -225,7 +215,17 @@ class Admission:
         delay = self._hold_seconds * (1 + len(self._waiting)) / max(1, self._running)
         return min(MAX_RETRY_DELAY, max(MIN_RETRY_DELAY, delay))
 
-    def _acquire(self, nbytes: int, wait_seconds: float) -> None:
+    def _acquire(self, nbytes: int, wait_seconds: Optional[float]) -> None:
+        # The common path: the bytes fit. It takes the bare
+        # lock (the condition's own, uncontended: one C call) and nothing else;
+        # the budget check and the take are one step under it, so the bound
+        # holds exactly whatever the threads do.
+        with self._lock:
+            if self._inflight + nbytes <= self.max_inflight_bytes:
+                self._inflight += nbytes
+                self._running += 1
+                return
+        wait_seconds = self._wait(wait_seconds)
         with self._cond:
             if self._fits(nbytes):
                 self._take(nbytes)
@@ -272,16 +272,38 @@ class Admission:
         self._running += 1
 
     def _release(self, nbytes: int, held_seconds: float) -> None:
-        with self._cond:
+        with self._lock:
             self._inflight -= nbytes
             self._running -= 1
             self._hold_seconds += 0.2 * (held_seconds - self._hold_seconds)
-            self._cond.notify_all()
+            if self._waiting:  # only waiters need waking; notify_all costs microseconds even without
+                self._cond.notify_all()
 
     @property
     def inflight_bytes(self) -> int:
         """Declared bytes of the evaluations running now."""
         return self._inflight
+
+
+class _Held:
+    """Bytes of the in-flight budget that ``Admission.hold``/``admit`` took:
+    given back when the ``with`` block exits, however it exits. A plain
+    class rather than a generator context manager: it is entered on every
+    request."""
+
+    __slots__ = ("_admission", "_nbytes", "_start")
+
+    def __init__(self, admission: Admission, nbytes: int):
+        self._admission = admission
+        self._nbytes = nbytes
+        self._start = admission._clock()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        admission = self._admission
+        admission._release(self._nbytes, admission._clock() - self._start)
 
 
 def _rate_limited(caller: str, rate: float, wait: float, expected: str, **metadata) -> ResourceExhausted:

@@ -112,7 +112,6 @@ class Batcher:
         self._active = 0   # requests in flight: arriving (in_flight) or inside evaluate
         self._queued = 0   # requests in open batches: they cannot join another
         self._leading = 0  # leaders waiting for company: whom a change must wake
-        self._local = threading.local()
         self.batches = 0   # batched calls of two or more requests (for tests)
 
     # -- counting ---------------------------------------------------------------
@@ -120,17 +119,16 @@ class Batcher:
     @contextlib.contextmanager
     def in_flight(self) -> Iterator[None]:
         """Counts a request from its arrival (before its tensors are decoded),
-        so a batch waits for requests that are about to join it."""
-        if not self.enabled or getattr(self._local, "counted", False):
+        so a batch waits for requests that are about to join it. Inside it,
+        evaluate with ``evaluate_in_flight``: the one entry, counted once."""
+        if not self.enabled:
             yield
             return
         with self._cond:
             self._active += 1
-        self._local.counted = True
         try:
             yield
         finally:
-            self._local.counted = False
             with self._cond:
                 self._active -= 1
                 if self._leading:
@@ -142,28 +140,36 @@ class Batcher:
                  sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
                  gradient: bool = False, cancellation=None) -> Result:
         """``Evaluator.evaluate``, batched with concurrent requests of its
-        family. ``cancellation`` stops the request where it runs alone; a
+        family: ``evaluate_in_flight`` counted in flight for its duration."""
+        with self.in_flight():
+            return self.evaluate_in_flight(plan, tensors, sample_weight=sample_weight, reduction=reduction,
+                                           gradient=gradient, cancellation=cancellation)
+
+    def evaluate_in_flight(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
+                           sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
+                           gradient: bool = False, cancellation=None) -> Result:
+        """``evaluate`` for a request already counted by ``in_flight`` (the
+        evaluation service counts it from before its decode). ``cancellation``
+        (``Evaluator.evaluate``'s) stops the request where it runs alone; a
         batch, which answers other requests too, runs to its end."""
         if not self.enabled:
             return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
                                            gradient=gradient, cancellation=cancellation)
-        with self.in_flight():
-            # Read without the lock: a stale answer only decides whether this
-            # request looks for company, and a batch with none closes at once.
-            if self._active <= 1 and not self._open:  # an idle server: no one to wait for
-                return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
-                                               gradient=gradient, cancellation=cancellation)
-            self.evaluator.check(plan, tensors, sample_weight, reduction, gradient)  # its own error, before joining
-            item = self._item(plan, tensors, sample_weight, reduction, gradient)
-            if item is None:
-                return self.evaluator.evaluate_checked(plan, tensors, sample_weight=sample_weight,
-                                                       reduction=reduction, gradient=gradient,
-                                                       cancellation=cancellation)
-            batch, leader = self._join(item)
-            if leader:
-                self._lead(batch)
-            else:
-                batch.done.wait()
+        # Read without the lock: a stale answer only decides whether this
+        # request looks for company, and a batch with none closes at once.
+        if self._active <= 1 and not self._open:  # an idle server: no one to wait for
+            return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
+                                           gradient=gradient, cancellation=cancellation)
+        self.evaluator.check(plan, tensors, sample_weight, reduction, gradient)  # its own error, before joining
+        item = self._item(plan, tensors, sample_weight, reduction, gradient)
+        if item is None:
+            return self.evaluator.evaluate_checked(plan, tensors, sample_weight=sample_weight,
+                                                   reduction=reduction, gradient=gradient, cancellation=cancellation)
+        batch, leader = self._join(item)
+        if leader:
+            self._lead(batch)
+        else:
+            batch.done.wait()
         if item.error is not None:
             raise item.error
         return item.result

@@ -17,7 +17,7 @@ import grpc
 from lossd_server.errors import DeadlineExceeded, ResourceExhausted
 from lossd_server.grpc import status
 from lossd_server.observability.metrics import Metrics, RpcMethodMetrics
-from lossd_server.observability.requestid import METADATA_KEY, clean_request_id, reset_request_id, set_request_id
+from lossd_server.observability.requestid import call_request_id, reset_request_id, set_request_id
 
 log = logging.getLogger("lossd_server.access")
 
@@ -26,8 +26,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
     """Request ids, RPC metrics and access logs for the synchronous server.
 
     The wrapped handler of each method is built once and reused: per call it
-    only reads the request id from the call's metadata, so the per-request
-    cost stays a few label-free counter updates.
+    only keeps the call's metadata for a request id made if a log line asks
+    for one, so the per-request cost stays a few label-free counter updates.
     """
 
     def __init__(self, metrics: Optional[Metrics] = None):
@@ -63,13 +63,6 @@ def _wrap(handler, full_method: str, metrics: Optional[Metrics]):
     wrapped = observer.stream(behavior) if handler.response_streaming else observer.unary(behavior)
     return factory(wrapped, request_deserializer=handler.request_deserializer,
                    response_serializer=handler.response_serializer)
-
-
-def _request_id(context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == METADATA_KEY:
-            return clean_request_id(value)
-    return clean_request_id(None)
 
 
 class _Observer:
@@ -115,7 +108,7 @@ class _Observer:
 
     def unary(self, behavior):
         def wrapper(request, context):
-            token = set_request_id(_request_id(context))
+            token = set_request_id(call_request_id(context.invocation_metadata()))
             counting = status.count_refusals(self.count_rejection)
             start = self._start()
             exc = None
@@ -137,7 +130,7 @@ class _Observer:
         def wrapper(request, context):
             # gRPC resumes a response generator from its own threads: set the
             # id again after every yield rather than resetting a token.
-            request_id = _request_id(context)
+            request_id = call_request_id(context.invocation_metadata())
             set_request_id(request_id)
             status.count_refusals(self.count_rejection)
             start = self._start()

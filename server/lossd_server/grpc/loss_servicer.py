@@ -1,28 +1,22 @@
-"""gRPC servicers: thin adapters that decode requests, call the core and
-encode results. Validation and numerics live in the core modules."""
+"""The ``lossd.v1.LossService`` servicer: it decodes requests, calls the
+evaluation service (``lossd_server.evaluation.service``) and encodes its
+results. Plans, tensor names, admission, batching and metering live there."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
 import json
 import logging
-import re
-import threading
 from typing import Iterator, Optional
 
 import grpc
 import numpy as np
 from lossd import wire
-from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
-from lossd_server.errors import FailedPrecondition, InvalidArgument, LossdError
-from lossd_server.evaluation.admission import Admission
-from lossd_server.evaluation.batching import Batcher
-from lossd_server.evaluation.chunks import ChunkedSession
+from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
+from lossd_server.errors import FailedPrecondition, InvalidArgument
+from lossd_server.evaluation.evaluator import Result
+from lossd_server.evaluation.service import EvaluationRequest, EvaluationService, Incoming
 from lossd_server.grpc.auth import Caller, Callers
-from lossd_server.evaluation.evaluator import Evaluator
-from lossd_server.losses.plan import Plan
 from lossd_server.observability.logs import audited
 from lossd_server.grpc.status import handle_errors, to_status
 
@@ -35,9 +29,6 @@ _SOURCES = {
     "expression": loss_service_pb2.LossDescription.SOURCE_EXPRESSION,
 }
 
-_TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_RESERVED_TENSORS = {"y_true", "y_pred", "sample_weight"}
-
 
 def describe(entry) -> loss_service_pb2.LossDescription:
     return loss_service_pb2.LossDescription(
@@ -45,35 +36,6 @@ def describe(entry) -> loss_service_pb2.LossDescription:
         inputs=entry.inputs, expression=entry.expression,
         parameters=[loss_service_pb2.LossParameter(name=p.name, type=p.type, default_json=json.dumps(p.default),
                                                    doc=p.doc) for p in entry.parameters])
-
-
-class _PlanCache:
-    """Serialized LossSpec -> Plan, so a repeated spec skips parsing and
-    validation (a few tens of microseconds per request)."""
-
-    def __init__(self, evaluator: Evaluator, size: int = 1024):
-        self.evaluator = evaluator
-        self.size = size
-        self._plans: collections.OrderedDict[tuple, Plan] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, spec: loss_pb2.LossSpec, tensor_names: tuple[str, ...] = ("y_true", "y_pred")) -> Plan:
-        key = (spec.SerializeToString(deterministic=True), tensor_names)
-        with self._lock:
-            plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-                return plan
-        plan = self.evaluator.planner.plan(wire.spec_to_dict(spec), tensor_names)
-        with self._lock:
-            self._plans[key] = plan
-            while len(self._plans) > self.size:
-                self._plans.popitem(last=False)
-        return plan
-
-    def clear(self) -> None:
-        with self._lock:
-            self._plans.clear()
 
 
 _OWN_TENSORS = ("y_true", "y_pred", "sample_weight")
@@ -88,16 +50,23 @@ class Answer:
     head: loss_service_pb2.EvaluateResponse
     tensors: dict
 
-    def serialized(self, min_bytes: int = wire.LIFT_MIN_BYTES) -> bytes:
+    def serialized(self, min_bytes: int = wire.LIFT_MIN_BYTES, within=None) -> bytes:
         """The EvaluateResponse's bytes, each tensor copied once
         (``wire.serialize_with_tensors``); below ``min_bytes`` of tensors,
-        protobuf serializes it (faster when small)."""
+        protobuf serializes it (faster when small). ``within=(outer,
+        field)``: ``outer``'s bytes with the response as its ``field``
+        (an EvaluateStreamResponse), the same one copy."""
         if sum(np.asarray(a).nbytes for a in self.tensors.values()) < min_bytes:
-            return self.message().SerializeToString()
-        return wire.serialize_with_tensors(self.head, self.tensors)
+            message = self.message()
+            if within is None:
+                return message.SerializeToString()
+            outer, field = within
+            getattr(outer, field).CopyFrom(message)
+            return outer.SerializeToString()
+        return wire.serialize_with_tensors(self.head, self.tensors, within=within)
 
     def message(self) -> loss_service_pb2.EvaluateResponse:
-        """The EvaluateResponse as a message (for EvaluateStream's items)."""
+        """The EvaluateResponse as a message (small answers, tests)."""
         for name, array in self.tensors.items():
             getattr(self.head, name).CopyFrom(wire.from_numpy(array, field=name))
         return self.head
@@ -107,11 +76,13 @@ class Answer:
 class Received:
     """An EvaluateRequest as Evaluate receives it (``receive``): the message
     without its large tensors' contents, which are views of the received
-    bytes beside it, or why the bytes are not such a message."""
+    bytes beside it, or why the bytes are not such a message. On a stream,
+    ``outer`` is the EvaluateStreamRequest around it (without it)."""
 
     message: Optional[loss_service_pb2.EvaluateRequest]
     contents: dict
     error: Optional[wire.WireError] = None
+    outer: Optional[loss_service_pb2.EvaluateStreamRequest] = None
 
 
 def receive(raw: bytes) -> Received:
@@ -122,6 +93,20 @@ def receive(raw: bytes) -> Received:
         return Received(*wire.parse_lifted(raw, loss_service_pb2.EvaluateRequest, _OWN_TENSORS, "tensors"))
     except wire.WireError as error:
         return Received(None, {}, error)
+
+
+def receive_stream_item(raw: bytes) -> Received:
+    """EvaluateStream's request deserializer: ``receive`` for the request
+    inside each EvaluateStreamRequest (its tensors' contents lifted, not
+    copied). Never raises: a malformed item is answered with its error, and
+    the stream goes on."""
+    try:
+        outer, message, contents = wire.parse_lifted_within(
+            raw, loss_service_pb2.EvaluateStreamRequest, "request", loss_service_pb2.EvaluateRequest,
+            _OWN_TENSORS, "tensors")
+    except wire.WireError as error:
+        return Received(None, {}, error)
+    return Received(message, contents, None, outer)
 
 
 def _serialize(response) -> bytes:
@@ -141,169 +126,101 @@ class _Handlers:
 
 def add_loss_service(servicer: "LossServicer", server) -> None:
     """Adds LossService to ``server`` as the generated code would, except
-    that Evaluate's request is parsed without copying its tensors (``receive``)
-    and its answer may be bytes already serialized (``Answer.serialized``)."""
+    that Evaluate's and EvaluateStream's requests are parsed without copying
+    their tensors (``receive``, ``receive_stream_item``) and their answers
+    may be bytes already serialized (``Answer.serialized``)."""
     made = _Handlers()
     loss_service_pb2_grpc.add_LossServiceServicer_to_server(servicer, made)
     handlers = dict(made.handlers)
-    evaluate = handlers["Evaluate"]
     handlers["Evaluate"] = grpc.unary_unary_rpc_method_handler(
-        evaluate.unary_unary, request_deserializer=receive, response_serializer=_serialize)
+        handlers["Evaluate"].unary_unary, request_deserializer=receive, response_serializer=_serialize)
+    handlers["EvaluateStream"] = grpc.stream_stream_rpc_method_handler(
+        handlers["EvaluateStream"].stream_stream, request_deserializer=receive_stream_item,
+        response_serializer=_serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(made.service, handlers),))
     server.add_registered_method_handlers(made.service, handlers)
 
 
 class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
-    """Implements ``lossd.v1.LossService`` over an Evaluator."""
+    """Implements ``lossd.v1.LossService`` over an ``EvaluationService``.
 
-    def __init__(self, evaluator: Evaluator, *, max_elements: int, admission: Admission, metrics=None,
-                 store=None, callers: Callers = Callers(None), shared_memory=None,
-                 batcher: Optional[Batcher] = None):
-        self.evaluator = evaluator
-        # Evaluate and EvaluateStream items go through the batcher (micro-batching), when there is one.
-        self.batcher = batcher
-        self.callers = callers  # who calls: Callers.of(context)
-        self.admission = admission  # what may run now: sizes, caller rates, bytes in flight
-        self.registry = evaluator.registry
-        self.max_elements = max_elements
-        self.metrics = metrics
-        self.store = store  # custom.ExpressionStore, or None where registration is off
-        self.plans = _PlanCache(evaluator)
-        if store is not None:
-            # Plans that named an old definition must not be reused, whichever
-            # replica registered, replaced or deleted it.
-            store.on_change(self.plans.clear)
-        self.shared_memory = shared_memory  # SharedMemoryRegions, or None where shared memory is off
+    Args:
+        service: Evaluates (plans, admission, batching, metering).
+        callers: Who calls (``Callers.of(context)``).
+        store: ``custom.ExpressionStore``, or None where registration is off.
+        shared_memory: ``SharedMemoryRegions``, or None where shared memory is off.
+    """
 
-    # -- helpers -------------------------------------------------------------
+    def __init__(self, service: EvaluationService, *, callers: Callers = Callers(None), store=None,
+                 shared_memory=None):
+        self.service = service
+        self.registry = service.registry
+        self.callers = callers
+        self.store = store
+        self.shared_memory = shared_memory
 
-    def _metric_name(self, spec: loss_pb2.LossSpec) -> str:
-        if spec.terms:
-            return "composite"
-        if spec.expression:
-            return "expression"
-        return self.registry.canonical(spec.name) or "other"
+    # -- decoding and encoding -------------------------------------------------
 
-    def _decode(self, tensor, field: str, regions=None, content=None) -> np.ndarray:
-        if regions is not None:  # the caller's shared-memory regions (RegionAccess)
-            return regions.read(tensor, field=field, max_elements=self.max_elements, content=content)
-        return wire.to_numpy(tensor, field=field, max_elements=self.max_elements, content=content)
+    def _request(self, message: loss_service_pb2.EvaluateRequest, contents: dict, regions
+                 ) -> EvaluationRequest:
+        """The service's request: each tensor's declared dtype and shape, and
+        how to decode it (a view of the received bytes, or the caller's
+        shared memory) once admitted."""
+        max_elements = self.service.max_elements
+        gradient_output = message.gradient_output if message.gradient and message.HasField("gradient_output") \
+            else None
 
-    def _declared(self, fields) -> tuple[int, int]:
-        """Elements of y_pred and bytes of all tensors, from the ``(field,
-        dtype enum, shape)`` the request declares: nothing is decoded."""
-        elements = nbytes = 0
-        for field, dtype, shape in fields:
-            count = wire.check_shape(shape, field=field, max_elements=self.max_elements)
-            nbytes += count * wire.numpy_dtype(dtype, field=field).itemsize
-            if field == "y_pred":
-                elements = count
-        return elements, nbytes
+        def incoming(tensor, field: str, check_output: bool = False) -> Incoming:
+            content = contents.get(field)
+            if regions is not None:
+                def decode():
+                    array = regions.read(tensor, field=field, max_elements=max_elements, content=content)
+                    if check_output:  # the gradient's destination, checked before the work
+                        wire.region_range(gradient_output, regions, field="gradient_output")
+                        regions.check_output(gradient_output, array.nbytes, field="gradient_output")
+                    return array
+            elif check_output:
+                def decode():
+                    array = wire.to_numpy(tensor, field=field, max_elements=max_elements, content=content)
+                    wire.region_range(gradient_output, None, field="gradient_output")  # refuses: no shared memory
+                    return array
+            else:
+                def decode():
+                    return wire.to_numpy(tensor, field=field, max_elements=max_elements, content=content)
+            return Incoming(tensor.dtype, tensor.shape, decode)
 
-    def _usage(self, caller: Caller, elements: int) -> None:
-        if self.metrics is not None:
-            self.metrics.caller_usage(caller.name, requests=1, elements=elements)
-
-    @contextlib.contextmanager
-    def _metered(self, metric_name: str):
-        """Times one evaluation (yields its metrics record, or None without
-        metrics); a client error counts as ``invalid_argument``, anything else
-        raised as ``error``."""
-        if self.metrics is None:
-            yield None
-            return
-        with self.metrics.time_evaluation(metric_name) as record:
-            try:
-                yield record
-            except (LossdError, wire.WireError):
-                record.outcome = "invalid_argument"
-                raise
+        tensors = {}
+        if message.HasField("y_true"):
+            tensors["y_true"] = incoming(message.y_true, "y_true")
+        if message.HasField("y_pred"):
+            tensors["y_pred"] = incoming(message.y_pred, "y_pred", gradient_output is not None)
+        for name, tensor in message.tensors.items():
+            tensors[name] = incoming(tensor, f"tensors[{name}]")
+        return EvaluationRequest(
+            loss=message.loss if message.HasField("loss") else None, tensors=tensors,
+            sample_weight=incoming(message.sample_weight, "sample_weight") if message.HasField("sample_weight")
+            else None,
+            reduction=message.reduction, gradient=message.gradient)  # the service checks the enum
 
     def _cancellation(self, context):
         """A switch that stops this call's evaluations when the call ends
         (cancelled, past its deadline, or done), so an abandoned call stops
-        using the server (``Evaluator.evaluate``)."""
-        cancellation = self.evaluator.new_cancellation()
+        using the server (``EvaluationService.evaluate``)."""
+        cancellation = self.service.new_cancellation()
         if not context.add_callback(cancellation.cancel):  # the call is over already
             cancellation.cancel()
         return cancellation
 
-    def _evaluate(self, request: loss_service_pb2.EvaluateRequest, caller: Caller, context,
-                  contents: Optional[dict] = None, cancellation=None) -> "Answer":
-        """Evaluates a request; ``contents`` holds the tensors' bytes that
-        ``receive`` lifted out of it, by field name; ``cancellation`` is the
-        stream's (a unary call gets its own)."""
-        with self._metered(self._metric_name(request.loss)) as record:
-            return self._evaluate_unmetered(request, record, caller, context, contents or {},
-                                            cancellation or self._cancellation(context))
-
-    def _evaluate_unmetered(self, request, record, caller: Caller, context, contents: dict,
-                            cancellation) -> "Answer":
-        if not request.HasField("loss"):
-            raise InvalidArgument("loss is required. Expected a LossSpec with a name, an expression or "
-                                  "terms. Received: none.", reason="BAD_LOSS_SPEC")
-        for field in ("y_true", "y_pred"):
-            if not request.HasField(field):
-                raise InvalidArgument(f"{field} is required. Expected a Tensor. Received: none.",
-                                      reason="BAD_TENSOR")
-        plan = self.plans.get(request.loss, ("y_true", "y_pred", *sorted(request.tensors)))
-        reduction = wire.reduction_name(request.reduction)
-        for name in request.tensors:
-            if not _TENSOR_NAME.match(name) or name in _RESERVED_TENSORS:
-                raise InvalidArgument(
-                    f"Invalid tensor name {name[:64]!r}. Expected an identifier other than "
-                    f"{sorted(_RESERVED_TENSORS)}.", reason="BAD_TENSOR")
-        declared = [("y_true", request.y_true), ("y_pred", request.y_pred),
-                    *((f"tensors[{name}]", t) for name, t in request.tensors.items()),
-                    *([("sample_weight", request.sample_weight)] if request.HasField("sample_weight") else [])]
-        elements, nbytes = self._declared((field, t.dtype, t.shape) for field, t in declared)
-        with self.admission.admit(caller.name, caller.limits.elements_per_second, elements=elements,
-                                  nbytes=nbytes, wait_seconds=context.time_remaining()):
-            self._usage(caller, elements)
-            return self._evaluate_admitted(request, record, plan, reduction, caller, contents, cancellation)
-
-    def _evaluate_admitted(self, request, record, plan: Plan, reduction: str, caller: Caller,
-                           contents: dict, cancellation) -> "Answer":
-        if self.batcher is None:
-            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.evaluator, contents,
-                                             cancellation)
-        with self.batcher.in_flight():  # counted from now, so a batch may wait for it
-            return self._decode_and_evaluate(request, record, plan, reduction, caller, self.batcher, contents,
-                                             cancellation)
-
-    def _decode_and_evaluate(self, request, record, plan: Plan, reduction: str, caller: Caller,
-                             evaluator, contents: dict, cancellation) -> "Answer":
+    def _evaluate(self, message: loss_service_pb2.EvaluateRequest, caller: Caller, context,
+                  contents: Optional[dict] = None, cancellation=None) -> Answer:
+        """Evaluates one EvaluateRequest; ``contents`` holds the tensors'
+        bytes that ``receive`` lifted out of it, by field name;
+        ``cancellation`` is the stream's (a unary call gets its own)."""
         regions = self.shared_memory.access(caller.name) if self.shared_memory is not None else None
-
-        def decode(tensor, field: str) -> np.ndarray:
-            return self._decode(tensor, field, regions, contents.get(field))
-
-        tensors = {"y_true": decode(request.y_true, "y_true"), "y_pred": decode(request.y_pred, "y_pred")}
-        for name, tensor in request.tensors.items():
-            tensors[name] = decode(tensor, f"tensors[{name}]")
-        sample_weight = decode(request.sample_weight, "sample_weight") if request.HasField("sample_weight") else None
-        gradient_output = request.gradient_output if request.gradient and request.HasField("gradient_output") else None
-        if gradient_output is not None:  # checked before the work
-            wire.region_range(gradient_output, regions, field="gradient_output")
-            regions.check_output(gradient_output, tensors["y_pred"].nbytes, field="gradient_output")
-        if record is not None:
-            record.elements = int(tensors["y_pred"].size)
-            record.nbytes = sum(a.nbytes for a in tensors.values()) + (
-                sample_weight.nbytes if sample_weight is not None else 0)
-        result = evaluator.evaluate(plan, tensors, sample_weight=sample_weight,
-                                    reduction=reduction, gradient=request.gradient, cancellation=cancellation)
-        answer = Answer(loss_service_pb2.EvaluateResponse(non_finite=result.non_finite), {"loss": result.loss})
-        if result.gradient is not None:
-            if gradient_output is None:
-                answer.tensors["gradient"] = result.gradient
-            else:
-                answer.head.gradient.CopyFrom(regions.write(result.gradient, gradient_output,
-                                                            field="gradient_output"))
-        for label, value, weight in result.terms:
-            answer.head.terms.add(label=label, value=wire.from_numpy(value), weight=weight)
-        for name, value in result.outputs.items():  # a loss's state: small, written into the head
-            answer.head.outputs[name].CopyFrom(wire.from_numpy(value, field=f"outputs[{name}]"))
-        return answer
+        request = self._request(message, contents or {}, regions)
+        result = self.service.evaluate(request, caller, wait_seconds=context.time_remaining(),
+                                       cancellation=cancellation or self._cancellation(context))
+        return _answer(result, message, regions)
 
     # -- RPCs ----------------------------------------------------------------
 
@@ -341,26 +258,33 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             raise received.error
         return self._evaluate(received.message, self.callers.of(context), context, received.contents).serialized()
 
-    def EvaluateStream(self, request_iterator, context) -> Iterator[loss_service_pb2.EvaluateStreamResponse]:
+    def EvaluateStream(self, request_iterator, context) -> Iterator[bytes]:
         # Per-request failures travel in the response (a refusal with its
-        # retry delay too); the stream goes on.
+        # retry delay too); the stream goes on. Items arrive as Evaluate's
+        # do (`receive_stream_item`) and leave as its bytes do.
         caller = self.callers.of(context)
         cancellation = self._cancellation(context)
         for item in request_iterator:
-            out = loss_service_pb2.EvaluateStreamResponse(request_id=item.request_id)
+            received = item if isinstance(item, Received) else _received_item(item)
+            out = loss_service_pb2.EvaluateStreamResponse(
+                request_id=received.outer.request_id if received.outer is not None else "")
             try:
-                out.response.CopyFrom(self._evaluate(item.request, caller, context,
-                                                     cancellation=cancellation).message())
+                if received.error is not None:  # bytes that are no message: that item's error, with no id
+                    raise received.error
+                message = received.message if received.message is not None else loss_service_pb2.EvaluateRequest()
+                answer = self._evaluate(message, caller, context, received.contents, cancellation)
             except Exception as exc:  # noqa: BLE001 - to_status logs unexpected ones
                 out.error.CopyFrom(to_status(exc))
-            yield out
+                yield out.SerializeToString()
+                continue
+            yield answer.serialized(within=(out, "response"))
 
     @handle_errors
     def EvaluateChunked(self, request_iterator, context):
         first = next(request_iterator, None)
         header = first.header if first is not None and first.WhichOneof("kind") == "header" else None
         # The whole stream is one evaluation in the metrics, refused or not.
-        with self._metered(self._metric_name(header.loss) if header is not None else "other") as record:
+        with self.service.metered(header.loss if header is not None else None) as record:
             if header is None:
                 raise InvalidArgument("EvaluateChunked starts with a header. Expected a ChunkedHeader first. "
                                       f"Received: {first.WhichOneof('kind') if first else 'nothing'}.",
@@ -368,37 +292,26 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             yield from self._evaluate_chunked(header, request_iterator, record, self.callers.of(context), context)
 
     def _evaluate_chunked(self, header, request_iterator, record, caller: Caller, context):
-        plan = self.plans.get(header.loss)
-        infos: dict[str, tuple[str, tuple]] = {}
-        enums: dict[str, int] = {}
-        for name in ("y_true", "y_pred", "sample_weight"):
-            if not header.HasField(name):
-                continue
-            info = getattr(header, name)
-            dt = wire.numpy_dtype(info.dtype, field=name)
-            shape = tuple(info.shape)
-            wire.check_shape(shape, field=name, max_elements=self.max_elements)
-            enums[name] = info.dtype
-            infos[name] = (dt.name, shape)
-        session = ChunkedSession(self.evaluator, plan, infos, reduction=wire.reduction_name(header.reduction),
-                                 gradient=header.gradient, cancellation=self._cancellation(context))
-        # The caller's rate is charged the whole request once, from the
-        # header; the in-flight budget holds one chunk at a time, from its
-        # declared rows, while it is decoded and evaluated.
-        elements, _ = self._declared((name, enums[name], infos[name][1]) for name in enums)
-        self.admission.charge(caller.name, caller.limits.elements_per_second, elements)
-        self._usage(caller, elements)
+        declared = {name: (getattr(header, name).dtype, tuple(getattr(header, name).shape))
+                    for name in ("y_true", "y_pred", "sample_weight") if header.HasField(name)}
+        evaluation = self.service.chunked(header.loss, declared, reduction=wire.reduction_name(header.reduction),
+                                          gradient=header.gradient, caller=caller, record=record,
+                                          cancellation=self._cancellation(context))
         for message in request_iterator:
             if message.WhichOneof("kind") != "chunk":
                 raise InvalidArgument("Only chunks may follow the header. Received a second header.",
                                       reason="BAD_CHUNK")
             chunk = message.chunk
-            shapes = {name: (chunk.rows, *session.row_shape(name)) for name in enums}
-            _, nbytes = self._declared((f"chunk {name}", enums[name], shapes[name]) for name in enums)
-            with self.admission.hold(nbytes, wait_seconds=context.time_remaining(), what="This chunk"):
-                result = self._feed(session, chunk, enums, shapes, record)
+            values, grad = evaluation.feed(chunk.start, chunk.rows,
+                                           {name: getattr(chunk, name) for name in declared},
+                                           wait_seconds=context.time_remaining())
+            result = loss_service_pb2.ChunkResult(start=chunk.start)
+            if values is not None:
+                result.loss.CopyFrom(wire.from_numpy(values))
+            if grad is not None:
+                result.gradient.CopyFrom(wire.from_numpy(grad))
             yield loss_service_pb2.EvaluateChunkedResponse(chunk=result)
-        done = session.finish()
+        done = evaluation.finish()
         summary = loss_service_pb2.ChunkedSummary(
             gradient_scale=done.gradient_scale, non_finite=done.non_finite,
             y_true_gradient_coefficient=done.y_true_gradient_coefficient,
@@ -407,18 +320,27 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             summary.loss.CopyFrom(wire.from_numpy(done.loss))
         yield loss_service_pb2.EvaluateChunkedResponse(summary=summary)
 
-    def _feed(self, session: ChunkedSession, chunk, enums: dict[str, int], shapes: dict[str, tuple],
-              record) -> loss_service_pb2.ChunkResult:
-        arrays = {name: wire.from_bytes(getattr(chunk, name), enum, shapes[name], field=f"chunk {name}",
-                                        max_elements=self.max_elements)
-                  for name, enum in enums.items()}
-        values, grad = session.feed(chunk.start, arrays)
-        if record is not None:
-            record.elements += int(arrays["y_pred"].size)
-            record.nbytes += sum(a.nbytes for a in arrays.values())
-        result = loss_service_pb2.ChunkResult(start=chunk.start)
-        if values is not None:
-            result.loss.CopyFrom(wire.from_numpy(values))
-        if grad is not None:
-            result.gradient.CopyFrom(wire.from_numpy(grad))
-        return result
+
+def _received_item(item: loss_service_pb2.EvaluateStreamRequest) -> Received:
+    """A stream item parsed by protobuf (a servicer called without
+    ``add_loss_service``), as ``receive_stream_item`` would give it."""
+    return Received(item.request if item.HasField("request") else None, {}, None,
+                    loss_service_pb2.EvaluateStreamRequest(request_id=item.request_id))
+
+
+def _answer(result: Result, message: loss_service_pb2.EvaluateRequest, regions) -> Answer:
+    """The EvaluateResponse of a result: its large tensors kept apart for
+    ``Answer.serialized``, a gradient written to shared memory where the
+    request asked for it."""
+    answer = Answer(loss_service_pb2.EvaluateResponse(non_finite=result.non_finite), {"loss": result.loss})
+    if result.gradient is not None:
+        if message.HasField("gradient_output"):
+            answer.head.gradient.CopyFrom(regions.write(result.gradient, message.gradient_output,
+                                                        field="gradient_output"))
+        else:
+            answer.tensors["gradient"] = result.gradient
+    for label, value, weight in result.terms:
+        answer.head.terms.add(label=label, value=wire.from_numpy(value), weight=weight)
+    for name, value in result.outputs.items():  # a loss's state: small, written into the head
+        answer.head.outputs[name].CopyFrom(wire.from_numpy(value, field=f"outputs[{name}]"))
+    return answer

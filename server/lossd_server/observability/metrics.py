@@ -21,6 +21,26 @@ refusals is an ErrorInfo reason the server's code spells, never client text.
 not one each; optionally over TLS and behind HTTP basic auth
 (``metrics_security``).
 
+With ``lossd serve --processes N`` (N > 1) every serving process records
+into prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``,
+a fresh directory per start that the supervisor makes), and the supervisor
+alone serves ``/metrics`` from them (``multiprocess_registry``). Counters and
+histograms are summed over the processes, those that died included, so they
+never go down. Each gauge says how its processes' values combine
+(``multiprocess_mode``), and only live processes count:
+
+- ``livesum`` for what each process holds on its own: RPCs in flight,
+  compiled programs cached, shared-memory regions mapped, training
+  throughput (only the process that runs jobs sets it);
+- ``livemostrecent`` for what every process reads from the shared store
+  (jobs by state) and the last epoch's training loss: the newest reading;
+- ``livemax`` for values every process sets alike: build and device info
+  (always 1), and the items quarantined at start.
+
+``lossd_gpu_memory_bytes`` and the ``process_*``/``python_*`` metrics are
+read at scrape time inside one process, which the multiprocess files cannot
+carry: with N > 1 they are not exported (docs/scaling.md).
+
 This module imports neither gRPC nor TensorFlow: the transport passes status
 code names as strings and the backend passes device and version strings.
 """
@@ -47,7 +67,8 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from lossd_server.observability.metrics_security import REALM, BasicAuth, ReloadingSSLContext
@@ -235,6 +256,10 @@ class Metrics:
             ``loss`` label, initialised at zero. Resolve aliases such as
             ``"mse"`` before calling.
         version: The lossd version, exported by ``lossd_build_info``.
+        tensorflow_version, keras_version: The backend's versions, exported
+            by ``lossd_build_info`` too. Given here, the one sample is
+            written once: in multiprocess mode a replaced sample would stay
+            in the files.
         process_metrics: Also export ``process_*`` and ``python_*`` metrics.
         max_registered_labels: How many other names (losses clients
             registered) may become ``loss`` label values, the first ones
@@ -244,8 +269,10 @@ class Metrics:
     """
 
     def __init__(self, registry: CollectorRegistry, *, loss_names: Iterable[str],
-                 version: str, process_metrics: bool = True, max_registered_labels: int = 0):
+                 version: str, tensorflow_version: str = "", keras_version: str = "",
+                 process_metrics: bool = True, max_registered_labels: int = 0):
         self.registry = registry
+        self._written: set = set()  # the info gauges set once (see _replace)
         self._evaluation_children: dict[tuple[str, str], tuple] = {}
         self._rpc_methods: dict[tuple[str, str], RpcMethodMetrics] = {}
         self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, EXPRESSION_LOSS, OTHER_LOSS}
@@ -283,7 +310,7 @@ class Metrics:
         self.lossd_grpc_in_flight_requests = Gauge(
             "lossd_grpc_in_flight_requests",
             "RPCs started and not yet finished.",
-            ("grpc_service", "grpc_method"), registry=r)
+            ("grpc_service", "grpc_method"), registry=r, multiprocess_mode="livesum")
 
         # Loss evaluation.
         self.lossd_loss_evaluations_total = Counter(
@@ -313,7 +340,7 @@ class Metrics:
         self.lossd_loss_cache_entries = Gauge(
             "lossd_loss_cache_entries",
             "Compiled loss functions held in the cache.",
-            registry=r)
+            registry=r, multiprocess_mode="livesum")
 
         # Admission and per-caller usage.
         self.lossd_rejected_requests_total = Counter(
@@ -357,7 +384,7 @@ class Metrics:
         self.lossd_training_jobs = Gauge(
             "lossd_training_jobs",
             "Training jobs known to the server, by state.",
-            ("state",), registry=r)
+            ("state",), registry=r, multiprocess_mode="livemostrecent")
         self.lossd_training_job_duration_seconds = Histogram(
             "lossd_training_job_duration_seconds",
             "Wall-clock time of finished training jobs, by final state, in seconds.",
@@ -373,7 +400,7 @@ class Metrics:
         self.lossd_training_examples_per_second = Gauge(
             "lossd_training_examples_per_second",
             "Training throughput summed over running jobs, in examples per second.",
-            registry=r)
+            registry=r, multiprocess_mode="livesum")
         self.lossd_generation_steps_total = Counter(
             "lossd_generation_steps_total",
             "Sampling steps run by Generate and GenerateStream (one per DDIM step; a vae counts one per call).",
@@ -381,7 +408,7 @@ class Metrics:
         self.lossd_training_loss = Gauge(
             "lossd_training_loss",
             "Loss of the last epoch reported by the most recent running job, by split.",
-            ("split",), registry=r)
+            ("split",), registry=r, multiprocess_mode="livemostrecent")
 
         # Shared memory (clients on the server's host, evaluation/shared_memory.py).
         self.lossd_shared_memory_bytes_total = Counter(
@@ -392,11 +419,11 @@ class Metrics:
         self.lossd_shared_memory_regions = Gauge(
             "lossd_shared_memory_regions",
             "Shared-memory regions registered by clients now.",
-            registry=r)
+            registry=r, multiprocess_mode="livesum")
         self.lossd_shared_memory_mapped_bytes = Gauge(
             "lossd_shared_memory_mapped_bytes",
             "Bytes of the shared-memory regions registered now.",
-            registry=r)
+            registry=r, multiprocess_mode="livesum")
         for direction in SHARED_MEMORY_DIRECTIONS:
             self.lossd_shared_memory_bytes_total.labels(direction)
 
@@ -405,24 +432,24 @@ class Metrics:
             "lossd_state_quarantined_items",
             "Files or rows of persisted state moved to the data directory's quarantine/ at start "
             "because they could not be read; 0 when all state loaded.",
-            registry=r)
+            registry=r, multiprocess_mode="livemax")
 
         # Device and build.
         self.lossd_device_info = Gauge(
             "lossd_device_info",
             "Devices TensorFlow can place work on; the value is always 1.",
-            ("device_type", "device"), registry=r)
+            ("device_type", "device"), registry=r, multiprocess_mode="livemax")
         self._gpu_memory = _GpuMemoryCollector()
         r.register(self._gpu_memory)
         self.lossd_build_info = Gauge(
             "lossd_build_info",
             "Versions lossd was built with; the value is always 1.",
-            ("version", "tensorflow_version", "keras_version"), registry=r)
+            ("version", "tensorflow_version", "keras_version"), registry=r, multiprocess_mode="livemax")
 
         self._preinitialise()
         self._cache_hits = self.lossd_loss_cache_lookups_total.labels("hit")
         self._cache_misses = self.lossd_loss_cache_lookups_total.labels("miss")
-        self.set_build_info(version)
+        self.set_build_info(version, tensorflow_version, keras_version)
 
     def _preinitialise(self) -> None:
         # Known label values get a zero sample now, so rate() and increase()
@@ -651,17 +678,24 @@ class Metrics:
         """Sets how many items of persisted state the server quarantined at start."""
         self.lossd_state_quarantined_items.set(count)
 
+    def _replace(self, gauge: Gauge) -> None:
+        # Only a gauge written before is cleared: prometheus_client warns on
+        # any clear() in multiprocess mode, where each is written once.
+        if gauge in self._written:
+            gauge.clear()
+        self._written.add(gauge)
+
     def set_device_info(self, devices: Iterable[tuple[str, str]]) -> None:
         """Replaces the device list with ``(device_type, device)`` pairs,
         e.g. ``("GPU", "/physical_device:GPU:0")``."""
-        self.lossd_device_info.clear()
+        self._replace(self.lossd_device_info)
         for device_type, device in devices:
             self.lossd_device_info.labels(device_type.upper(), device).set(1)
 
     def set_build_info(self, version: str, tensorflow_version: str = "",
                        keras_version: str = "") -> None:
         """Replaces the single ``lossd_build_info`` sample."""
-        self.lossd_build_info.clear()
+        self._replace(self.lossd_build_info)
         self.lossd_build_info.labels(version, tensorflow_version, keras_version).set(1)
 
     def set_gpu_memory_source(self, fn: GpuMemorySource | None) -> None:
@@ -671,6 +705,49 @@ class Metrics:
         logged warning) instead of failing the scrape.
         """
         self._gpu_memory.source = fn
+
+
+class SupervisorMetrics:
+    """The registry ``/metrics`` serves with ``lossd serve --processes N``:
+    every serving process's metrics from the multiprocess files in ``path``
+    (see the module's docstring), and the supervisor's own two, kept in this
+    process and read at scrape time."""
+
+    def __init__(self, path: str, processes: int):
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=path)
+        self._collector = _SupervisorCollector(processes)
+        self.registry.register(self._collector)
+
+    def set_serving_processes(self, serving: int) -> None:
+        """Sets how many processes serve now: started, SERVING and alive (of ``--processes``)."""
+        self._collector.serving = serving
+
+    def process_restarted(self) -> None:
+        """Counts one serving process that died and was started again."""
+        with self._collector.lock:
+            self._collector.restarts += 1
+
+
+class _SupervisorCollector(Collector):
+    def __init__(self, processes: int):
+        self.processes = processes
+        self.serving = 0
+        self.restarts = 0
+        self.lock = threading.Lock()
+
+    def collect(self) -> Iterator:
+        processes = GaugeMetricFamily(
+            "lossd_serving_processes", "Serving processes: state=\"serving\" those that started, report SERVING "
+            "and live now; state=\"configured\" as many as --processes (LOSSD_PROCESSES) asks for.",
+            labels=("state",))
+        processes.add_metric(("serving",), self.serving)
+        processes.add_metric(("configured",), self.processes)
+        yield processes
+        restarts = CounterMetricFamily("lossd_serving_process_restarts", "Serving processes that died "
+                                       "(killed, out of memory, a crash) and were started again by the supervisor.")
+        restarts.add_metric((), self.restarts)
+        yield restarts
 
 
 class _CachedExposition:
@@ -760,7 +837,7 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
         logger.debug("metrics request from %s failed", client_address[0], exc_info=True)
 
 
-def start_metrics_server(metrics: Metrics, host: str, port: int, cache_seconds: float = 1.0, *,
+def start_metrics_server(metrics: "Metrics | SupervisorMetrics", host: str, port: int, cache_seconds: float = 1.0, *,
                          tls: Optional[ReloadingSSLContext] = None,
                          basic_auth: Optional[BasicAuth] = None) -> tuple[WSGIServer, int]:
     """Serves ``metrics.registry`` over HTTP on a daemon thread, rendered at

@@ -1,5 +1,10 @@
 """The id of the request being served, for logs: taken from the client's
-``x-request-id`` metadata or made up, and kept in a context variable."""
+``x-request-id`` metadata or made up, and kept in a context variable.
+
+A call's id is made only when something reads it (a log line, an INTERNAL
+status): the interceptor stores the call's metadata (``set_call_request_id``),
+and ``current_request_id`` cleans the client's id, or draws a new one, on its
+first read. A call that logs nothing pays for neither."""
 
 from __future__ import annotations
 
@@ -8,11 +13,36 @@ import uuid
 
 METADATA_KEY = "x-request-id"
 
-_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("lossd_request_id", default="-")
+
+class _CallRequestId:
+    """A call's request id, made from its metadata when first read."""
+
+    __slots__ = ("metadata", "value")
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+        self.value = None
+
+    def get(self) -> str:
+        value = self.value
+        if value is None:
+            sent = None
+            for key, item in self.metadata or ():
+                if key == METADATA_KEY:
+                    sent = item
+                    break
+            # Two threads of one streaming call may race here; both make an
+            # id and one is kept: every read after that sees the same one.
+            value = self.value = clean_request_id(sent)
+        return value
+
+
+_request_id: contextvars.ContextVar = contextvars.ContextVar("lossd_request_id", default="-")
 
 
 def current_request_id() -> str:
-    return _request_id.get()
+    value = _request_id.get()
+    return value if value.__class__ is str else value.get()
 
 
 def clean_request_id(value: str | None) -> str:
@@ -21,7 +51,14 @@ def clean_request_id(value: str | None) -> str:
     return value or uuid.uuid4().hex[:16]
 
 
-def set_request_id(value: str) -> contextvars.Token:
+def call_request_id(metadata) -> _CallRequestId:
+    """The request id of a call with this invocation metadata, unmade yet:
+    pass it to ``set_request_id``."""
+    return _CallRequestId(metadata)
+
+
+def set_request_id(value) -> contextvars.Token:
+    """Makes ``value`` (a string, or a ``call_request_id``) the current id."""
     return _request_id.set(value)
 
 

@@ -697,8 +697,36 @@ def diffusion_class() -> type:
     return _defined(_register_diffusion)
 
 
+def save_model(model, path) -> None:
+    """Saves a trained model as the job's ``model.keras`` artifact: its
+    architecture and weights, without its compile configuration.
+
+    The compile configuration names the training loss (``lossd>PlanLoss``),
+    which plain Keras cannot resolve: with it, ``keras.models.load_model``
+    fails outside lossd. Without it, a classifier (cnn, mlp, ...) loads in
+    any Keras 3 as an uncompiled model, to predict with or to compile with a
+    loss of the user's own; the VAE and Diffusion presets are classes of
+    lossd's and load with ``load_model`` below (``lossd[server]`` installed).
+    Checkpoints keep the compiled state: this is only the downloadable file.
+    """
+    compile_config = model.__dict__.get("_compile_config")
+    if compile_config is not None:
+        # Keras writes ``get_compile_config()`` when the attribute is there;
+        # hidden for the write only, so the model in memory stays compiled.
+        del model._compile_config
+    try:
+        model.save(path)
+    finally:
+        if compile_config is not None:
+            model._compile_config = compile_config
+
+
 def load_model(path):
-    """Loads a trained ``.keras`` model (any preset), without compiling it."""
+    """Loads a trained ``.keras`` model (any preset), without compiling it.
+
+    For the classifier presets ``keras.models.load_model(path)`` does the
+    same without lossd (``save_model``); the VAE and Diffusion presets need
+    their classes, which this registers first."""
     import keras
 
     vae_class()  # registers lossd>VAE and lossd>Diffusion for deserialization

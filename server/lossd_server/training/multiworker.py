@@ -247,7 +247,8 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
         scalars.on_train_end()
     _barrier(strategy)  # every worker has recorded its last digest before the chief reports success
     if chief:
-        _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE), model.save)
+        _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE),
+                           lambda tmp: models.save_model(model, tmp))
         _write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")
 

@@ -270,7 +270,8 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
         model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch, verbose=0, shuffle=False,
                   steps_per_epoch=steps, callbacks=callbacks)
 
-    _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE), model.save)
+    _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE),
+                       lambda tmp: models.save_model(model, tmp))
     _write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")
 

@@ -79,6 +79,32 @@ def test_artifacts_download(tclient, cnn_job, tmp_path):
     assert any("validation/events.out.tfevents" in n for n in names)
 
 
+def test_downloaded_model_loads_in_plain_keras(tclient, cnn_job, tmp_path):
+    # A fresh interpreter that imports only Keras and numpy (nothing of
+    # lossd's registers a class there) loads the file with Keras's default
+    # call, and its outputs are those of the model the server loads.
+    import subprocess
+    import sys
+
+    model = tclient.download(cnn_job, tmp_path, artifact="model")
+    x, _ = digits_uint8(16)
+    np.save(tmp_path / "x.npy", (x / 255.0).astype(np.float32)[..., None])
+    script = (
+        "import sys, numpy as np, keras\n"
+        "m = keras.models.load_model(sys.argv[1])\n"
+        "assert not [k for k in sys.modules if k.startswith('lossd')], 'lossd was imported'\n"
+        "np.save(sys.argv[3], m.predict(np.load(sys.argv[2]), verbose=0))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(model), str(tmp_path / "x.npy"),
+                           str(tmp_path / "p.npy")], capture_output=True, text=True, timeout=180,
+                          env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    from lossd_server.training.models import load_model
+
+    served = load_model(model).predict(np.load(tmp_path / "x.npy"), verbose=0)
+    assert served.shape == (16, 10)
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), served, atol=1e-6)
+
+
 def test_predict_returns_probabilities(tclient, cnn_job):
     x, y = digits_uint8(64)
     probabilities = tclient.predict(cnn_job, x)  # uint8, no channel axis

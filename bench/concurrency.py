@@ -60,9 +60,11 @@ def requests(count: int, rng) -> list[bytes]:
     return out
 
 
-async def run_block(call, payloads: list[bytes], concurrency: int, seconds: float) -> tuple[int, list[bytes]]:
-    """Calls ``call`` from ``concurrency`` tasks for ``seconds``; the number
-    of answers, and a few of them to check."""
+async def run_block(call, payloads: list[bytes], concurrency: int, seconds: float,
+                    latencies: list[float] | None = None) -> tuple[int, list[bytes]]:
+    """Calls ``call`` from ``concurrency`` tasks for ``seconds`` (each task at
+    least once); the number of answers, and a few of them to check. Each
+    call's seconds are appended to ``latencies`` when it is given."""
     done = 0
     kept: list[bytes] = []
     stop = time.perf_counter() + seconds
@@ -70,12 +72,18 @@ async def run_block(call, payloads: list[bytes], concurrency: int, seconds: floa
     async def worker(offset: int) -> None:
         nonlocal done
         i = offset
-        while time.perf_counter() < stop:
+        while True:
+            start = time.perf_counter()
             answer = await call(payloads[i % len(payloads)])
+            end = time.perf_counter()
+            if latencies is not None:
+                latencies.append(end - start)
             done += 1
             if len(kept) < 64:
                 kept.append(answer)
             i += 1
+            if end >= stop:
+                return
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return done, kept

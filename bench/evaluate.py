@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -53,12 +54,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_echo_server(port: int, threads: int = 8, tensorflow: bool = False, asyncio_server: bool = False) -> None:
+def run_echo_server(port: int, threads: int = 8, tensorflow: bool = False, asyncio_server: bool = False,
+                    answer_bytes: int = 8) -> None:
     """The anchor server: lossd's gRPC set-up, a handler that does no work.
 
     ``threads``, ``tensorflow`` (imported, one op run) and ``asyncio_server``
     (grpc.aio's server, one event loop instead of a thread pool) exist for
-    bench/where_time_goes.py, which measures what each costs the echo."""
+    bench/where_time_goes.py, which measures what each costs the echo;
+    ``answer_bytes`` 0 makes it bench/peers.py's sink (answers empty)."""
+    answer = b"\0" * answer_bytes
     if tensorflow:
         import tensorflow as tf
         tf.constant(1.0) + 1.0
@@ -66,7 +70,7 @@ def run_echo_server(port: int, threads: int = 8, tensorflow: bool = False, async
         asyncio.run(_run_asyncio_echo(port))
         return
     handler = grpc.method_handlers_generic_handler("bench.Echo", {
-        "Call": grpc.unary_unary_rpc_method_handler(lambda request, context: b"\0" * 8,
+        "Call": grpc.unary_unary_rpc_method_handler(lambda request, context: answer,
                                                     request_deserializer=None, response_serializer=None)})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads),
                          options=[("grpc.max_receive_message_length", 256 << 20),
@@ -92,19 +96,30 @@ async def _run_asyncio_echo(port: int) -> None:
 
 
 @contextlib.contextmanager
-def process(args, env=None, wait_for=None):
-    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+def process(args, env=None, wait_for=None, log=None):
+    """Runs ``args`` as a server for the ``with`` block, then stops it and
+    every process it started (its own process group), also on errors and
+    Ctrl-C. ``log``: a file for its stdout and stderr (a server that logs
+    every request would block on a pipe nobody reads)."""
+    out = open(log, "w") if log else None
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=out or subprocess.DEVNULL,
+                            stderr=out or subprocess.PIPE, text=True, start_new_session=True)
     try:
         if wait_for:
             wait_for()
         yield proc
     finally:
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            pass
+        with contextlib.suppress(ProcessLookupError):  # what ignored SIGTERM, children included
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if out:
+            out.close()
 
 
 def wait_ready(address: str, timeout: float = 120.0) -> None:
@@ -205,9 +220,11 @@ def main() -> int:
     parser.add_argument("--echo-threads", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--echo-tensorflow", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--echo-asyncio", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-answer-bytes", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        run_echo_server(args.echo_server, args.echo_threads, args.echo_tensorflow, args.echo_asyncio)
+        run_echo_server(args.echo_server, args.echo_threads, args.echo_tensorflow, args.echo_asyncio,
+                        args.echo_answer_bytes)
         return 0
 
     import tensorflow as tf

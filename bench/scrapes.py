@@ -1,26 +1,43 @@
-"""What scraping ``/metrics`` costs evaluation (a benchmark, not a test).
+"""What abusing ``/metrics`` costs evaluation (a benchmark, not a test).
 
-Two lossd servers run side by side, one rendering ``/metrics`` on every
-scrape (``--metrics-cache-seconds 0``, as before issue 11) and one serving a
-rendering at most one second old (the default). Small Evaluate calls (MSE on
-64x10 float32) alternate between them in blocks, first with nobody scraping,
-then while a separate process scrapes each server's ``/metrics`` from 16
-threads without pause. It prints the median Evaluate time of each server in
-each phase, and how much the scrapers slowed each one down.
+Each side is a ``lossd serve`` process: ``lossd`` runs this source tree,
+and with ``--baseline SRC`` a second side runs the source tree at SRC (for
+example a checkout of an older commit) the same way. Client threads in this
+process call Evaluate (MSE on 64x10 float32) without pause in blocks of
+``--seconds``; the blocks alternate between the sides, and for each side
+between quiet and attacked, so a slow spell of this shared machine hits every
+column alike. A separate attacker process attacks only the side being timed:
 
-Usage: python bench/scrapes.py [--scrapers 16] [--blocks 6] [--block 300]
+- ``--attack scrape``: ``--scrapers`` threads scrape ``/metrics`` without pause
+  (from 127.0.0.2, another address than this process's valid scrapes);
+- ``--attack password``: they send a wrong basic-auth password without pause,
+  while a "prometheus" thread scrapes with the right one every 0.25 s and the
+  users file is re-read (touched) every 2 s; the valid scrapes' p50 and
+  worst latency are printed.
+
+It prints each side's Evaluate requests/s quiet and attacked, their ratio,
+and the attacker's answered requests/s.
+
+Usage: python bench/scrapes.py [--attack scrape|password] [--scrapers 32] [--rounds 4] [--seconds 3]
+                               [--clients 4] [--baseline SRC]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import http.client
 import multiprocessing
 import os
+import pathlib
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,75 +48,168 @@ import numpy as np  # noqa: E402
 import lossd  # noqa: E402
 from evaluate import free_port, process, wait_ready  # noqa: E402
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-def scrape_forever(urls: list[str], threads: int, stop) -> None:
-    """Scrapes every url from ``threads`` threads each until ``stop`` is set."""
-    def loop(url):
+
+def attack_forever(urls: list[str], threads: int, target, answered, password: str | None, stop) -> None:
+    """Requests ``urls[target.value]`` from ``threads`` threads without pause
+    (none while ``target.value`` is -1) until ``stop`` is set, counting
+    answers in ``answered``. With ``password`` each request carries a wrong
+    one for the user ``prometheus``."""
+    headers = {}
+    if password is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"prometheus:{password}x".encode()).decode()
+
+    def loop():
         while not stop.is_set():
-            with urllib.request.urlopen(url, timeout=30) as response:
-                response.read()
+            index = target.value
+            if index < 0:
+                time.sleep(0.01)
+                continue
+            url = urllib.parse.urlsplit(urls[index])
+            # From 127.0.0.2: another host than the valid scraper's 127.0.0.1, as an attacker would be.
+            connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30,
+                                                    source_address=("127.0.0.2", 0))
+            try:
+                connection.request("GET", url.path, headers=headers)
+                connection.getresponse().read()
+            except OSError:  # a connection the server closed at once (its queue was full)
+                continue
+            finally:
+                connection.close()
+            with answered.get_lock():
+                answered.value += 1
 
-    workers = [threading.Thread(target=loop, args=(url,), daemon=True) for url in urls for _ in range(threads)]
+    workers = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
     for w in workers:
         w.start()
     stop.wait()
 
 
-def timed_blocks(clients: dict, y_true, y_pred, blocks: int, block: int) -> dict[str, float]:
-    samples = {label: [] for label in clients}
-    for _ in range(blocks):
-        for label, client in clients.items():
-            for _ in range(block):
-                start = time.perf_counter()
-                client.evaluate("mse", y_true, y_pred)
-                samples[label].append(time.perf_counter() - start)
-    return {label: statistics.median(s) for label, s in samples.items()}
+def evaluate_block(client, y_true, y_pred, clients: int, seconds: float) -> float:
+    """Evaluate requests/s of ``clients`` threads calling without pause for ``seconds``."""
+    done = [0] * clients
+    end = time.perf_counter() + seconds
+
+    def loop(i):
+        while time.perf_counter() < end:
+            client.evaluate("mse", y_true, y_pred)
+            done[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.perf_counter() - start)
+
+
+def valid_scrapes(url: str, password: str, users_file: pathlib.Path, stop: threading.Event,
+                  latencies: list[float]) -> None:
+    """Scrapes with the right password every 0.25 s, touching the users file
+    every 2 s so the server re-reads it."""
+    headers = {"Authorization": "Basic " + base64.b64encode(f"prometheus:{password}".encode()).decode()}
+    touched = time.monotonic()
+    while not stop.wait(0.25):
+        if time.monotonic() - touched > 2:
+            users_file.write_text(users_file.read_text())
+            touched = time.monotonic()
+        start = time.perf_counter()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response:
+                response.read()
+            latencies.append(time.perf_counter() - start)
+        except OSError as error:
+            latencies.append(float("inf"))
+            print(f"# a valid scrape failed: {error}", file=sys.stderr)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scrapers", type=int, default=16, help="scraping threads per server")
-    parser.add_argument("--blocks", type=int, default=6)
-    parser.add_argument("--block", type=int, default=300, help="calls per block")
+    parser.add_argument("--attack", choices=("scrape", "password"), default="scrape")
+    parser.add_argument("--scrapers", type=int, default=32, help="attacking threads")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of (quiet, attacked) blocks per side")
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per block")
+    parser.add_argument("--clients", type=int, default=4, help="Evaluate client threads")
+    parser.add_argument("--baseline", metavar="SRC", help="a source tree (with client/ and server/) to run as a "
+                                                          "second side, e.g. a checkout of an older commit")
     args = parser.parse_args()
 
+    sides = {"lossd": ROOT} | ({"baseline": pathlib.Path(args.baseline).resolve()} if args.baseline else {})
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="lossd-scrapes-"))
+    users_file = folder / "metrics-users"
+    password = None
+    if args.attack == "password":
+        made = subprocess.run([sys.executable, "-m", "lossd.cli", "metrics-auth", "create", "prometheus",
+                               "--file", str(users_file)], capture_output=True, text=True, check=True)
+        password = made.stdout.strip()
     servers = {}
     with contextlib.ExitStack() as stack:
-        for label, cache in (("cached", "1"), ("uncached", "0")):
+        for label, src in sides.items():
             port, metrics_port = free_port(), free_port()
+            env = {"PYTHONPATH": f"{src / 'client'}{os.pathsep}{src / 'server'}"}
             cmd = [sys.executable, "-m", "lossd.cli", "serve", "--port", str(port), "--metrics-port",
-                   str(metrics_port), "--metrics-cache-seconds", cache, "--data-dir",
-                   f"/tmp/lossd-scrapes-{os.getpid()}-{label}", "--log-level", "WARNING"]
-            stack.enter_context(process(cmd, wait_for=lambda p=port: wait_ready(f"127.0.0.1:{p}")))
+                   str(metrics_port), "--data-dir", str(folder / label), "--log-level", "WARNING"]
+            if password is not None:
+                cmd += ["--metrics-basic-auth-file", str(users_file)]
+            stack.enter_context(process(cmd, env=env, wait_for=lambda p=port: wait_ready(f"127.0.0.1:{p}")))
             client = stack.enter_context(lossd.Client(f"127.0.0.1:{port}"))
             servers[label] = (client, f"http://127.0.0.1:{metrics_port}/metrics")
-        clients = {label: client for label, (client, _) in servers.items()}
+        labels = list(servers)
         rng = np.random.default_rng(0)
         y_true, y_pred = rng.random((64, 10), dtype=np.float32), rng.random((64, 10), dtype=np.float32)
-        for client in clients.values():
-            for _ in range(200):
-                client.evaluate("mse", y_true, y_pred)
+        for client, _ in servers.values():
+            for _ in range(20):
+                client.evaluate("mse", y_true, y_pred)  # compiled before the threads start
+            evaluate_block(client, y_true, y_pred, args.clients, 1.0)
 
-        quiet = timed_blocks(clients, y_true, y_pred, args.blocks, args.block)
+        target, answered = multiprocessing.Value("i", -1), multiprocessing.Value("l", 0)
         stop = multiprocessing.Event()
-        scraper = multiprocessing.Process(target=scrape_forever,
-                                          args=([url for _, url in servers.values()], args.scrapers, stop))
-        scraper.start()
-        time.sleep(2)
+        attacker = multiprocessing.Process(target=attack_forever, args=(
+            [url for _, url in servers.values()], args.scrapers, target, answered, password, stop))
+        attacker.start()
+        rps = {(label, phase): [] for label in labels for phase in ("quiet", "attacked")}
+        answers = {label: [] for label in labels}
+        latencies = {label: [] for label in labels}
         try:
-            scraped = timed_blocks(clients, y_true, y_pred, args.blocks, args.block)
+            for _ in range(args.rounds):
+                for index, label in enumerate(labels):
+                    client, url = servers[label]
+                    rps[label, "quiet"].append(evaluate_block(client, y_true, y_pred, args.clients, args.seconds))
+                    target.value = index
+                    time.sleep(0.5)  # the attack under way
+                    checker_stop = threading.Event()
+                    checker = threading.Thread(target=valid_scrapes, args=(
+                        url, password, users_file, checker_stop, latencies[label])) if password else None
+                    if checker:
+                        checker.start()
+                    before, start = answered.value, time.perf_counter()
+                    rps[label, "attacked"].append(evaluate_block(client, y_true, y_pred, args.clients, args.seconds))
+                    answers[label].append((answered.value - before) / (time.perf_counter() - start))
+                    target.value = -1
+                    if checker:
+                        checker_stop.set()
+                        checker.join()
+                    time.sleep(0.5)  # the attack's requests drained
         finally:
             stop.set()
-            scraper.join(10)
-            if scraper.is_alive():
-                scraper.kill()
+            attacker.join(10)
+            if attacker.is_alive():
+                attacker.kill()
 
-    print(f"# lossd bench/scrapes.py  cpus {os.cpu_count()}  {args.scrapers} scraping threads per server, "
-          f"{args.blocks} blocks of {args.block} calls")
-    print(f"{'server':<10} {'p50 quiet':>10} {'p50 scraped':>12} {'scraped/quiet':>14}")
-    for label in clients:
-        print(f"{label:<10} {quiet[label] * 1e3:>7.2f} ms {scraped[label] * 1e3:>9.2f} ms "
-              f"{scraped[label] / quiet[label]:>14.2f}")
+    print(f"# lossd bench/scrapes.py --attack {args.attack}  cpus {os.cpu_count()}  {args.scrapers} attacking "
+          f"threads, {args.clients} Evaluate threads, {args.rounds} rounds of {args.seconds:g} s blocks")
+    print(f"{'side':<10} {'quiet req/s':>12} {'attacked req/s':>15} {'attacked/quiet':>15} {'attack answers/s':>17}"
+          + (f" {'valid scrape p50':>17} {'max':>8}" if password else ""))
+    for label in labels:
+        quiet, attacked = statistics.median(rps[label, "quiet"]), statistics.median(rps[label, "attacked"])
+        line = (f"{label:<10} {quiet:>12.0f} {attacked:>15.0f} {attacked / quiet:>15.2f} "
+                f"{statistics.median(answers[label]):>17.0f}")
+        if password:
+            valid = latencies[label] or [float("nan")]
+            line += f" {statistics.median(valid) * 1e3:>14.1f} ms {max(valid):>6.2f} s"
+        print(line)
     return 0
 
 

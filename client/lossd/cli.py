@@ -187,6 +187,56 @@ def cmd_tokens_create(args: argparse.Namespace) -> int:
     return _create_secret(args, "tokens", "LOSSD_TOKENS_FILE", "tokens", create)
 
 
+def _on_tokens_file(args: argparse.Namespace, run) -> int:
+    """Runs ``run(path, auth)`` on the tokens file of ``--file`` or
+    LOSSD_TOKENS_FILE, with the server's ``lossd_server.grpc.auth`` imported
+    lazily; a file that is not a tokens file, or a refusal, is one line on
+    stderr and exit status 2."""
+    path = args.file or os.environ.get("LOSSD_TOKENS_FILE")
+    if not path:
+        print("error: no tokens file: set --file or LOSSD_TOKENS_FILE", file=sys.stderr)
+        return 2
+    try:
+        from lossd_server.config import StartupError
+        from lossd_server.grpc import auth
+    except ImportError:
+        print('error: `lossd tokens` needs the server: pip install "lossd[server]"', file=sys.stderr)
+        return 2
+    try:
+        return run(path, auth)
+    except (StartupError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    """Prints the tokens file's tokens: name, id, scopes and limits; never a
+    secret (the file holds none, and its salted hashes are not shown)."""
+    def run(path, auth):
+        records = sorted(auth.load_tokens(path).values(), key=lambda r: (r.name, r.id))
+        rows = [("NAME", "ID", "SCOPES", "LIMITS")] + [
+            (r.name, r.id, ",".join(sorted(r.scopes)),
+             " ".join(f"{k}={v:g}" for k, v in r.limits.to_dict().items()) or "-") for r in records]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+        return 0
+
+    return _on_tokens_file(args, run)
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    """Removes every token of a caller from the tokens file; a running server
+    refuses them within a second (it re-reads the file when it changes)."""
+    def run(path, auth):
+        removed = auth.revoke_tokens(path, args.name)
+        print(f"revoked {removed} token(s) of {args.name!r} in {path}; a running server refuses them within a "
+              "second", file=sys.stderr)
+        return 0
+
+    return _on_tokens_file(args, run)
+
+
 def cmd_metrics_auth_create(args: argparse.Namespace) -> int:
     """Appends a metrics user's PBKDF2 hash to the basic-auth file and prints its password, once."""
     def create(path):
@@ -381,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--max-upload-bytes", type=int, metavar="BYTES",
                         help="most bytes of datasets this caller may store (default: no limit)")
     create.set_defaults(func=cmd_tokens_create)
+    listing = tokens_sub.add_parser("list", help="show each token's name, id, scopes and limits (never a secret)")
+    listing.add_argument("--file", help="the tokens file [env LOSSD_TOKENS_FILE]")
+    listing.set_defaults(func=cmd_tokens_list)
+    revoke = tokens_sub.add_parser("revoke", help="remove every token of NAME; a running server refuses them "
+                                                  "within a second")
+    revoke.add_argument("name", help="the caller's name, as `lossd tokens list` shows it")
+    revoke.add_argument("--file", help="the tokens file [env LOSSD_TOKENS_FILE]")
+    revoke.set_defaults(func=cmd_tokens_revoke)
 
     auth = sub.add_parser("metrics-auth", help="manage the users of /metrics basic auth (on the server's machine)")
     auth_sub = auth.add_subparsers(dest="metrics_auth_command", required=True)

@@ -31,7 +31,7 @@ from lossd_server.evaluation.service import EvaluationService
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
-from lossd_server.grpc.auth import AuthInterceptor, Callers, load_tokens
+from lossd_server.grpc.auth import AuthInterceptor, Callers
 from lossd_server.grpc.health_port import CheckOnlyHealth
 from lossd_server.grpc.tls import CertificateReloader
 from lossd_server.losses import custom
@@ -99,6 +99,7 @@ class Server:
     metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
     admission: Optional[Admission] = None  # what evaluations may run now (evaluation/admission.py)
     shared_memory: object = None  # the SharedMemoryServicer, with settings.shm
+    callers: object = None  # grpc.auth.Callers: the tokens file, reloaded on change and on SIGHUP
     # The poller of a store shared with other replicas (store.Follower): one
     # query an interval tells the registered losses and the scheduler what
     # the others changed.
@@ -164,7 +165,8 @@ class Server:
         try:
             self._metrics_http, self.metrics_port = start_metrics_server(
                 self.metrics, host, port, cache_seconds=self.settings.metrics_cache_seconds,
-                tls=self.metrics_tls, basic_auth=self.metrics_auth)
+                tls=self.metrics_tls, basic_auth=self.metrics_auth,
+                rate_per_address=self.settings.metrics_rate_per_address)
         except OSError as error:
             raise StartupError(bind_failure("metrics", host, port, error.errno, "metrics_host",
                                             "metrics_port")) from error
@@ -260,7 +262,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     # Certificates are checked first: a bad one is a StartupError before anything is built.
     tls = (CertificateReloader(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
            if settings.tls_cert is not None else None)
-    callers = Callers(load_tokens(settings.tokens_file) if settings.tokens_file is not None else None)
+    callers = Callers.from_file(settings.tokens_file) if settings.tokens_file is not None else Callers(None)
     metrics_tls = metrics_auth = None
     if settings.metrics_port is not None:
         try:
@@ -341,7 +343,9 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                                           thread_name_prefix="rpc")
     interceptors = [ObservabilityInterceptor(metrics),
                     *([] if callers.open else [AuthInterceptor(callers, admission)]),
-                    StreamLimiter(settings.max_streams, settings.stream_idle_seconds)]
+                    StreamLimiter(settings.max_streams, settings.stream_idle_seconds,
+                                  per_caller=settings.max_streams_per_caller,
+                                  unauthenticated=settings.max_unauthenticated_streams, open_server=callers.open)]
     server = grpc.server(executor, interceptors=interceptors, options=options)
     regions = (SharedMemoryRegions(max_regions=settings.shm_max_regions, max_bytes=settings.shm_max_bytes,
                                    max_total_bytes=settings.shm_max_total_bytes, metrics=metrics)
@@ -351,7 +355,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us, max_elements=settings.batch_max_elements,
                         max_requests=settings.batch_max_requests, metrics=metrics))
     add_loss_service(LossServicer(evaluation, callers=callers, store=store, shared_memory=regions), server)
-    shared_memory = add_shared_memory_service(server, regions, callers) if regions is not None else None
+    shared_memory = (add_shared_memory_service(server, regions, callers, idle_seconds=settings.stream_idle_seconds)
+                     if regions is not None else None)
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers, evaluator=evaluator)
     health_servicer = health.HealthServicer()
@@ -379,6 +384,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
                   quarantined=quarantined, tls=tls, metrics_tls=metrics_tls,
                   metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,
+                  callers=callers,
                   health_server=health_server, health_executor=health_executor,
                   follower=follower, process=process)
 
@@ -413,8 +419,8 @@ def serve(settings: Settings, process: Optional[ProcessRole] = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1) if process is not None else (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    reloaders = [r for r in (server.tls, server.metrics_tls) if r is not None]
-    if reloaders or process is not None:  # SIGHUP: read the certificates again for new connections
+    reloaders = [r for r in (server.tls, server.metrics_tls, server.callers) if r is not None]
+    if reloaders or process is not None:  # SIGHUP: the certificates for new connections, the tokens for new calls
         signal.signal(signal.SIGHUP, lambda signum, frame: [r.reload() for r in reloaders])
     server.start()
     if process is not None:

@@ -272,6 +272,15 @@ class Settings(BaseSettings):
     the ``workers`` that serve unary calls and health, so streams cannot
     starve them; one more is RESOURCE_EXHAUSTED (TOO_MANY_STREAMS)."""
 
+    max_streams_per_caller: int = Field(8, ge=1)
+    """Most of the ``max_streams`` one token's caller may hold at once, so one
+    caller cannot take every other token holder's streams. Not applied on a
+    server without tokens (there is no caller to tell apart)."""
+
+    max_unauthenticated_streams: int = Field(4, ge=1)
+    """Most of the ``max_streams`` held at once by callers without a token:
+    health watches, reflection, and calls refused for want of one."""
+
     stream_idle_seconds: float = Field(60.0, gt=0)
     """A stream on which the client sends nothing (or WatchJob has nothing to
     send) for this long is closed with DEADLINE_EXCEEDED (STREAM_IDLE);
@@ -369,6 +378,11 @@ class Settings(BaseSettings):
     metrics_cache_seconds: float = Field(1.0, ge=0)
     """``/metrics`` is rendered at most once per this many seconds and served
     from that rendering, so many scrapers cost evaluation nothing more."""
+
+    metrics_rate_per_address: float = Field(10.0, gt=0)
+    """Most HTTP requests per second the metrics port answers for one client
+    address; more wait their turn, so a scraper in a loop costs evaluation
+    no more than this (Prometheus scrapes once per interval)."""
 
     max_loss_labels: int = Field(100, ge=0)
     """Most registered losses that get a ``loss`` label value of their own in

@@ -238,7 +238,8 @@ class Supervisor:
         try:
             self._metrics_http, port = start_metrics_server(self.metrics, s.metrics_host, s.metrics_port,
                                                             cache_seconds=s.metrics_cache_seconds, tls=tls,
-                                                            basic_auth=auth)
+                                                            basic_auth=auth,
+                                                            rate_per_address=s.metrics_rate_per_address)
         except OSError as error:
             raise StartupError(bind_failure("metrics", s.metrics_host, s.metrics_port, error.errno, "metrics_host",
                                             "metrics_port")) from error

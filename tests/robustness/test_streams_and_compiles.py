@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from grpc_errors import reason_of
+from held_streams import IdleChunked
 import lossd
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
@@ -54,38 +55,6 @@ def evaluate_mse(stub) -> float:
     request = loss_service_pb2.EvaluateRequest(loss=loss_pb2.LossSpec(name="mse"), y_true=wire.from_numpy(Y),
                                                y_pred=wire.from_numpy(Y + 1))
     return float(wire.to_numpy(stub.Evaluate(request, timeout=10).loss))
-
-
-class IdleChunked:
-    """An EvaluateChunked call that sends its header and then nothing."""
-
-    def __init__(self, stub):
-        self.release = threading.Event()
-        header = loss_service_pb2.ChunkedHeader(
-            loss=loss_pb2.LossSpec(name="mse"), y_true=tensor_pb2.TensorInfo(dtype=F32, shape=[1000, 3]),
-            y_pred=tensor_pb2.TensorInfo(dtype=F32, shape=[1000, 3]))
-
-        def requests():
-            yield loss_service_pb2.EvaluateChunkedRequest(header=header)
-            self.release.wait(60)
-
-        self.call = stub.EvaluateChunked(requests(), timeout=60)
-        self.error: grpc.RpcError | None = None
-        self.ended = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self):
-        try:
-            for _ in self.call:
-                pass
-        except grpc.RpcError as error:
-            self.error = error
-        finally:
-            self.ended.set()
-
-    def close(self):
-        self.release.set()
-        self.call.cancel()
 
 
 @pytest.fixture(scope="module")

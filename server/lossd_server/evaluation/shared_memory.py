@@ -41,6 +41,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from typing import Optional
 
 import numpy as np
@@ -72,6 +73,7 @@ class Session:
     caller: str
     regions: dict[str, Region] = dataclasses.field(default_factory=dict)
     closed: bool = False
+    used: float = dataclasses.field(default_factory=time.monotonic)  # last call that used it (the idle limit)
 
 
 class SharedMemoryRegions:
@@ -116,6 +118,7 @@ class SharedMemoryRegions:
         if session is None or session.caller != caller:
             raise NotFound(f"No open shared-memory session {session_id[:64]!r} of this caller. Expected the id "
                            "OpenSession sent, on a stream that is still open.", reason="SHM_SESSION_NOT_FOUND")
+        session.used = time.monotonic()
         return session
 
     # -- regions -------------------------------------------------------------
@@ -268,6 +271,9 @@ class SharedMemoryRegions:
         if size < 0 or self._regions.get(name) is not region:
             raise NotFound(f"The shared-memory region {name[:64]!r} was unregistered during the call.",
                            reason="SHM_REGION_NOT_FOUND")
+        session = self._sessions.get(region.session)
+        if session is not None:
+            session.used = time.monotonic()  # an evaluation uses the session: not idle
         if size < region.size:
             raise InvalidArgument(f"The shared-memory region {name!r} shrank below its registered "
                                   f"{region.size:,} bytes.", reason="SHM_BAD_SIZE")

@@ -17,19 +17,32 @@ calls with ``Callers.of(context)``: the token's ``Caller``, or ``ANONYMOUS``
 checks the token once per call and leaves the caller in a context variable
 for ``Callers.of``: grpcio runs a call's interceptors and its handler in one
 ``contextvars.Context`` of its own, so the value is that call's and no other's.
+
+The tokens file is re-read when it changes (``security.reload.FileWatch``,
+looked at no more than every ``TOKENS_CHECK_SECONDS``) or after SIGHUP: a
+removed token is refused, and a changed scope or limit applies, from the next
+call on, within a second. A file that does not parse keeps the tokens loaded
+before, with a warning; a reload never opens the server. ``lossd tokens
+revoke`` rewrites the file by an atomic replace, so the server never reads it
+half written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
+import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import pathlib
 import secrets
-from typing import Iterable
+import tempfile
+import threading
+from typing import Iterable, Iterator
 
 import grpc
 
@@ -37,11 +50,19 @@ from lossd_server.callers import ANONYMOUS, SCOPES, Caller, Limits
 from lossd_server.config import StartupError
 from lossd_server.errors import LossdError, PermissionDenied, Unauthenticated
 from lossd_server.grpc import status
+from lossd_server.security.reload import FileWatch
 
-__all__ = ["ANONYMOUS", "SCOPES", "AuthInterceptor", "Caller", "Callers", "Limits", "TokenRecord", "create_token",
-           "load_tokens", "required_scope", "token_digest"]
+__all__ = ["ANONYMOUS", "SCOPES", "AuthInterceptor", "Caller", "Callers", "Limits", "TokenRecord",
+           "authenticated_caller", "create_token", "load_tokens", "required_scope", "revoke_tokens",
+           "token_digest"]
+
+log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "lsd_"
+# A call looks at the tokens file's stamp no more often than this: a removed
+# token is refused within it (plus a reload's few milliseconds), and the
+# other calls pay one clock read.
+TOKENS_CHECK_SECONDS = 0.25
 
 # The scope each lossd method needs; admin holds every scope.
 _LOSS_SERVICE = "lossd.v1.LossService"
@@ -112,11 +133,66 @@ def create_token(path: pathlib.Path, name: str, scopes: Iterable[str], limits: L
             "sha256": token_digest(salt, token)}
     if limits.to_dict():
         line["limits"] = Limits.from_dict(limits.to_dict()).to_dict()
-    path = pathlib.Path(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    with os.fdopen(fd, "a") as f:
-        f.write(json.dumps(line) + "\n")
+    with _locked(pathlib.Path(path)) as fd:
+        os.write(fd, (json.dumps(line) + "\n").encode())
     return token
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path) -> Iterator[int]:
+    """The tokens file opened for appending (created with mode 0600) under an
+    exclusive ``flock``, so ``create_token`` and ``revoke_tokens`` run one
+    at a time. Revoking replaces the file, so a writer that got the lock on a
+    replaced file opens the new one and locks again."""
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                yield fd
+                return
+        finally:
+            os.close(fd)  # also releases the lock
+
+
+def revoke_tokens(path: pathlib.Path, name: str) -> int:
+    """Removes every token of the caller ``name`` from the tokens file and
+    returns how many were removed. The file is replaced atomically (same
+    mode), so a server re-reading it sees the old or the new one, never a
+    part; it refuses the removed tokens from the next change check on.
+
+    Raises:
+        ValueError: the file holds no token named ``name``.
+        StartupError: the file is not a tokens file.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        load_tokens(path)  # says what is missing, and creates nothing
+    with _locked(path):
+        load_tokens(path)  # the whole file parses: nothing is dropped that we could not read
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if not line.strip() or json.loads(line).get("name") != name]
+        removed = len(lines) - len(kept)
+        if not removed:
+            names = sorted({record.name for record in load_tokens(path).values()})
+            raise ValueError(f"{path} has no token named {name!r}; it has: {', '.join(names) or 'none'}")
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(temporary, path.stat().st_mode & 0o777)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+    return removed
 
 
 def load_tokens(path: pathlib.Path) -> dict[str, TokenRecord]:
@@ -151,20 +227,76 @@ def load_tokens(path: pathlib.Path) -> dict[str, TokenRecord]:
 
 class Callers:
     """The one owner of "who is calling": checks bearer tokens against the
-    tokens file, or lets everyone in as ``ANONYMOUS`` without one."""
+    tokens file, or lets everyone in as ``ANONYMOUS`` without one.
+
+    Built with ``from_file`` it re-reads the file when it changes (looked at
+    no more than every ``check_seconds``, by whichever call comes first) or
+    after ``reload()``.
+    """
 
     def __init__(self, tokens: dict[str, TokenRecord] | None):
-        self.tokens = tokens
+        self._tokens = tokens
+        self._watch: FileWatch | None = None
+        self._path: pathlib.Path | None = None
+        self._reloading = threading.Lock()
+        self.reloads = 0  # how many times the file was re-read successfully (tests read it)
+
+    @classmethod
+    def from_file(cls, path: pathlib.Path, check_seconds: float = TOKENS_CHECK_SECONDS) -> "Callers":
+        """Callers of the tokens file ``path``, kept up to date with it.
+
+        Raises:
+            StartupError: the file is missing or a line is malformed.
+        """
+        path = pathlib.Path(path)
+        try:
+            watch = FileWatch([path], check_seconds)  # stamped before the read: a change meanwhile is seen
+        except OSError:
+            watch = None  # load_tokens says what is wrong
+        callers = cls(load_tokens(path))
+        callers._watch, callers._path = watch, path
+        return callers
 
     @property
     def open(self) -> bool:
-        return self.tokens is None
+        return self._tokens is None
+
+    @property
+    def tokens(self) -> dict[str, TokenRecord] | None:
+        """The tokens by id, re-read first when the file changed."""
+        watch = self._watch
+        if watch is not None and watch.due():
+            self._refresh(watch)
+        return self._tokens
+
+    def reload(self) -> None:
+        """Re-reads the tokens file at the next call, changed or not (SIGHUP)."""
+        if self._watch is not None:
+            self._watch.force()
+
+    def _refresh(self, watch: FileWatch) -> None:
+        # One thread re-reads; calls arriving meanwhile use the tokens loaded before.
+        if not self._reloading.acquire(blocking=False):
+            return
+        try:
+            if not watch.changed():
+                return
+            try:
+                tokens = load_tokens(self._path)
+            except StartupError as exc:
+                log.warning("tokens file not reloaded, the previous %d token(s) stay: %s", len(self._tokens), exc)
+                return
+            self._tokens = tokens
+            self.reloads += 1
+            log.info("tokens file %s reloaded (%d token(s))", self._path.name, len(tokens))
+        finally:
+            self._reloading.release()
 
     def of(self, context) -> Caller:
         """The caller of a call whose token ``AuthInterceptor`` let through:
         the one it found, or, for a handler called without it, the caller its
         metadata's token names."""
-        if self.tokens is None:
+        if self._tokens is None:
             return ANONYMOUS
         metadata = context.invocation_metadata()
         found = _CALLER.get()
@@ -179,7 +311,8 @@ class Callers:
             Unauthenticated: no ``authorization`` metadata, or a token the
                 file does not hold.
         """
-        if self.tokens is None:
+        tokens = self.tokens  # one snapshot for the whole check
+        if tokens is None:
             return ANONYMOUS
         values = [v for k, v in metadata or () if k == "authorization"]
         if not values:
@@ -190,12 +323,20 @@ class Callers:
         record = None
         if scheme.lower() == "bearer" and token.startswith(TOKEN_PREFIX):
             ident = token[len(TOKEN_PREFIX):].partition("_")[0]
-            record = self.tokens.get(ident)
+            record = tokens.get(ident)
         if record is None or not record.matches(token):
             raise Unauthenticated("The token is not valid on this server. Expected a token that "
                                   "`lossd tokens create` made for it. Received: an unknown token.",
                                   reason="BAD_TOKEN")
         return record.caller
+
+
+def authenticated_caller(metadata) -> Caller | None:
+    """The caller whose token ``AuthInterceptor`` accepted for the running
+    call (the one whose metadata object is ``metadata``), or None: a server
+    without tokens, an open service (health, reflection), or a refused call."""
+    found = _CALLER.get()
+    return found[1] if found is not None and found[0] is metadata else None
 
 
 def required_scope(method: str) -> str:

@@ -16,6 +16,7 @@ import grpc
 
 from lossd_server.errors import DeadlineExceeded, ResourceExhausted
 from lossd_server.grpc import status
+from lossd_server.grpc.auth import OPEN_SERVICES, authenticated_caller
 from lossd_server.observability.metrics import Metrics, RpcMethodMetrics
 from lossd_server.observability.requestid import call_request_id, reset_request_id, set_request_id
 
@@ -178,7 +179,7 @@ def _details_of(context) -> str:
 
 
 class StreamLimiter(grpc.ServerInterceptor):
-    """Keeps streaming calls from starving unary calls and health.
+    """Keeps streaming calls from starving unary calls, health, and each other.
 
     The synchronous server gives every call a thread for its whole life, and
     a stream can live for hours doing nothing (a WatchJob on a queued job, an
@@ -188,18 +189,33 @@ class StreamLimiter(grpc.ServerInterceptor):
       at once with RESOURCE_EXHAUSTED (``TOO_MANY_STREAMS``). The server's
       pool has ``workers + max_streams`` threads, so ``workers`` threads are
       always left for unary calls and health checks;
+    - of those, one token's caller holds at most ``per_caller``, and callers
+      without a token (health watches, reflection, calls the token check
+      refuses) at most ``unauthenticated`` together, so neither can take the
+      slots of every token holder. A server without tokens has no callers to
+      tell apart: its own methods share ``max_streams``, while health and
+      reflection still get only ``unauthenticated``;
     - a request stream on which the client sends nothing for
       ``idle_seconds`` ends with DEADLINE_EXCEEDED (``STREAM_IDLE``). Its
       messages are read by a reader thread of the stream's own, handing over
-      one message at a time (flow control still holds the client back).
+      one message at a time (flow control still holds the client back). A
+      health watch that has nothing to send for ``idle_seconds`` ends the
+      same way (the client watches again); WatchJob and OpenSession end
+      themselves when idle, as only they know what counts as use.
 
     Unary methods pass through untouched.
     """
 
-    def __init__(self, max_streams: int, idle_seconds: float):
+    def __init__(self, max_streams: int, idle_seconds: float, *, per_caller: Optional[int] = None,
+                 unauthenticated: Optional[int] = None, open_server: bool = True):
         self.max_streams = max_streams
         self.idle_seconds = idle_seconds
-        self._slots = threading.BoundedSemaphore(max_streams)
+        self.per_caller = per_caller or max_streams
+        self.unauthenticated = unauthenticated or max_streams
+        self.open_server = open_server
+        self._lock = threading.Lock()
+        self._open = 0
+        self._held: dict[tuple, int] = {}  # ("caller", name) or ("unauthenticated",) -> streams open
         self._handlers: dict[str, tuple] = {}
 
     def intercept_service(self, continuation, handler_call_details):
@@ -209,23 +225,41 @@ class StreamLimiter(grpc.ServerInterceptor):
         cached = self._handlers.get(handler_call_details.method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = self._wrap(handler)
+        wrapped = self._wrap(handler, handler_call_details.method.lstrip("/").partition("/")[0] in OPEN_SERVICES)
         self._handlers[handler_call_details.method] = (handler, wrapped)
         return wrapped
 
-    def _admit(self, context) -> None:
-        """Takes a stream slot, or ends the call (raises) when none is free."""
-        if self._slots.acquire(blocking=False):
-            return
+    def _budget(self, context, open_service: bool) -> tuple[Optional[tuple], int, str]:
+        """``(key, limit, what)`` of the budget a call's stream counts against."""
+        caller = None if open_service else authenticated_caller(context.invocation_metadata())
+        if caller is not None:
+            return ("caller", caller.name), self.per_caller, f"one caller ({caller.name!r}; max_streams_per_caller)"
+        if open_service or not self.open_server:
+            return ("unauthenticated",), self.unauthenticated, \
+                "callers without a token, health watches included (max_unauthenticated_streams)"
+        return None, self.max_streams, "the server (the server's max_streams)"
+
+    def _admit(self, context, open_service: bool) -> Optional[tuple]:
+        """Takes a stream slot and returns its budget's key, or ends the call
+        (raises) when the server or the caller's budget has none free."""
+        key, limit, what = self._budget(context, open_service)
+        with self._lock:
+            held = self._held.get(key, 0)
+            if self._open < self.max_streams and (key is None or held < limit):
+                self._open += 1
+                if key is not None:
+                    self._held[key] = held + 1
+                return key
+            if self._open >= self.max_streams:
+                limit, what = self.max_streams, "the server (the server's max_streams)"
         status.abort(context, ResourceExhausted(
-            f"The server has {self.max_streams} streams open. Expected at most {self.max_streams} at once "
-            "(the server's max_streams); close one or retry later.", reason="TOO_MANY_STREAMS",
-            metadata={"limit": str(self.max_streams)}))
+            f"Too many streams open. Expected at most {limit} at once for {what}; close one or retry later.",
+            reason="TOO_MANY_STREAMS", metadata={"limit": str(limit)}))
 
     def _requests(self, request, streaming: bool):
         return _IdleLimitedRequests(request, self.idle_seconds) if streaming else request
 
-    def _wrap(self, handler):
+    def _wrap(self, handler, open_service: bool):
         if handler.request_streaming and handler.response_streaming:
             behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
         elif handler.request_streaming:
@@ -233,34 +267,47 @@ class StreamLimiter(grpc.ServerInterceptor):
         else:
             behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
         streaming_requests = handler.request_streaming
+        # Health.Watch sends only on a change: idle-limited on its responses.
+        idle_responses = open_service and not streaming_requests
 
         if handler.response_streaming:
             def wrapper(request, context):
-                self._admit(context)
+                key = self._admit(context, open_service)
                 requests = self._requests(request, streaming_requests)
+                responses = None
                 try:
-                    yield from behavior(requests, context)
+                    responses = behavior(requests, context)
+                    if idle_responses:
+                        responses = _IdleLimitedRequests(responses, self.idle_seconds, what="nothing was sent")
+                    yield from responses
                 except _StreamIdle as exc:  # raised where no handle_errors turned it into a status
                     status.abort(context, exc)
                 finally:
-                    self._release(requests)
+                    if isinstance(responses, _IdleLimitedRequests):
+                        responses.close()
+                    self._release(requests, key)
         else:
             def wrapper(request, context):
-                self._admit(context)
+                key = self._admit(context, open_service)
                 requests = self._requests(request, streaming_requests)
                 try:
                     return behavior(requests, context)
                 except _StreamIdle as exc:
                     status.abort(context, exc)
                 finally:
-                    self._release(requests)
+                    self._release(requests, key)
         return factory(wrapper, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
 
-    def _release(self, requests) -> None:
+    def _release(self, requests, key: Optional[tuple]) -> None:
         if isinstance(requests, _IdleLimitedRequests):
             requests.close()
-        self._slots.release()
+        with self._lock:
+            self._open -= 1
+            if key is not None:
+                self._held[key] -= 1
+                if not self._held[key]:
+                    del self._held[key]
 
 
 class _StreamIdle(DeadlineExceeded):
@@ -281,9 +328,10 @@ class _IdleLimitedRequests:
     _END = object()
     _CLOSE = object()
 
-    def __init__(self, requests, idle_seconds: float):
+    def __init__(self, requests, idle_seconds: float, what: str = "no message arrived"):
         self._requests = requests
         self._idle_seconds = idle_seconds
+        self._what = what
         self._asks: queue.SimpleQueue = queue.SimpleQueue()
         self._answers: queue.SimpleQueue = queue.SimpleQueue()
         self._reader: Optional[threading.Thread] = None
@@ -304,8 +352,8 @@ class _IdleLimitedRequests:
         except queue.Empty:
             self._ended = True
             raise _StreamIdle(
-                f"No message arrived on this stream for {self._idle_seconds:g} s. Expected the next message "
-                "within the server's stream_idle_seconds; open a new stream to go on.",
+                f"On this stream {self._what} for {self._idle_seconds:g} s. Expected the next message "
+                "within the server's stream_idle_seconds (LOSSD_STREAM_IDLE_SECONDS); open a new stream to go on.",
                 reason="STREAM_IDLE", metadata={"idle_seconds": f"{self._idle_seconds:g}"}) from None
         if item is self._END:
             self._ended = True

@@ -5,19 +5,25 @@ server's host. Thin: the table, its bounds and its checks are
 from __future__ import annotations
 
 import threading
+import time
 
 from lossd import wire
 from lossd.v1 import shared_memory_service_pb2 as pb
 from lossd.v1 import shared_memory_service_pb2_grpc as pb_grpc
+from lossd_server.errors import DeadlineExceeded
 from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.status import handle_errors
 
 
 class SharedMemoryServicer(pb_grpc.SharedMemoryServiceServicer):
-    def __init__(self, regions: SharedMemoryRegions, callers: Callers = Callers(None)):
+    def __init__(self, regions: SharedMemoryRegions, callers: Callers = Callers(None),
+                 idle_seconds: float = float("inf")):
         self.regions = regions
         self.callers = callers
+        # A session no call used (registering, unregistering, reading or
+        # writing one of its regions) for this long ends, with its stream.
+        self.idle_seconds = idle_seconds
         self._open: dict[str, threading.Event] = {}  # session id -> set to end its stream
         self._lock = threading.Lock()
 
@@ -37,7 +43,13 @@ class SharedMemoryServicer(pb_grpc.SharedMemoryServiceServicer):
                 return
             yield pb.OpenSessionResponse(session_id=session.id, name_prefix=wire.SHM_PREFIX,
                                          max_regions=self.regions.max_regions, max_bytes=self.regions.max_bytes)
-            ended.wait()
+            while not ended.wait(min(self.idle_seconds - (time.monotonic() - session.used), 3600)):
+                if time.monotonic() - session.used >= self.idle_seconds:
+                    raise DeadlineExceeded(
+                        f"No call used this shared-memory session for {self.idle_seconds:g} s. Expected a "
+                        "RegisterRegion, UnregisterRegion or Evaluate with one of its regions within the server's "
+                        "stream_idle_seconds (LOSSD_STREAM_IDLE_SECONDS); open a new session to go on.",
+                        reason="STREAM_IDLE", metadata={"idle_seconds": f"{self.idle_seconds:g}"})
         finally:
             with self._lock:
                 self._open.pop(session.id, None)
@@ -73,7 +85,8 @@ class SharedMemoryServicer(pb_grpc.SharedMemoryServiceServicer):
                 ended.set()
 
 
-def add_shared_memory_service(server, regions: SharedMemoryRegions, callers: Callers) -> SharedMemoryServicer:
-    servicer = SharedMemoryServicer(regions, callers)
+def add_shared_memory_service(server, regions: SharedMemoryRegions, callers: Callers,
+                              idle_seconds: float = float("inf")) -> SharedMemoryServicer:
+    servicer = SharedMemoryServicer(regions, callers, idle_seconds)
     pb_grpc.add_SharedMemoryServiceServicer_to_server(servicer, server)
     return servicer

@@ -12,7 +12,6 @@ file, a key that does not match) is logged and the previous one kept.
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import ssl
 import threading
@@ -21,6 +20,7 @@ from typing import Optional
 import grpc
 
 from lossd_server.config import StartupError
+from lossd_server.security.reload import FileWatch
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,9 @@ class CertificateReloader:
 
     def __init__(self, cert: pathlib.Path, key: pathlib.Path, client_ca: Optional[pathlib.Path] = None):
         self.cert, self.key, self.client_ca = pathlib.Path(cert), pathlib.Path(key), client_ca
-        self._forced = threading.Event()
         self._lock = threading.Lock()
         try:
-            self._stamp = self._stamps()
+            self._watch = FileWatch(self._paths())
             self.initial = self._configuration()
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise StartupError(f"cannot load the TLS certificate {self.cert.name} and key {self.key.name}: "
@@ -59,34 +58,24 @@ class CertificateReloader:
 
     def reload(self) -> None:
         """Loads the files again at the next handshake, changed or not (SIGHUP)."""
-        self._forced.set()
+        self._watch.force()
 
     def __call__(self) -> Optional[grpc.ServerCertificateConfiguration]:
         # gRPC's certificate_configuration_fetcher: None keeps the current one.
         with self._lock:
-            try:
-                stamp = self._stamps()
-            except OSError:
-                return None  # a file is being replaced: keep what works
-            if stamp == self._stamp and not self._forced.is_set():
+            if not self._watch.changed():  # unchanged, or a file is being replaced: keep what works
                 return None
-            self._forced.clear()
             try:
                 configuration = self._configuration()
             except (OSError, ssl.SSLError, ValueError) as exc:
                 log.error("TLS certificate not reloaded, the previous one stays: %s", exc)
-                self._stamp = stamp  # not retried until the files change again
-                return None
-            self._stamp = stamp
+                return None  # not retried until the files change again
             self.loads += 1
             log.info("TLS certificate %s reloaded", self.cert.name)
             return configuration
 
     def _paths(self) -> list[pathlib.Path]:
         return [self.cert, self.key] + ([pathlib.Path(self.client_ca)] if self.client_ca else [])
-
-    def _stamps(self) -> tuple:
-        return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in map(os.stat, self._paths()))
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         # The ssl module checks that the key belongs to the certificate: gRPC

@@ -10,7 +10,14 @@ pair that does not load is logged and the previous one kept.
 unpadded URL-safe base64), made by ``lossd metrics-auth create``; the file is
 re-read when it changes. PBKDF2 because Prometheus sends the password itself on
 every scrape, so the file must not hold it, and an operator may choose a weak
-one. A scrape that repeats a verified password costs one HMAC, not the PBKDF2.
+one. A scrape that repeats a verified password costs one HMAC, not the PBKDF2,
+also after the file was re-read if that user's line did not change.
+
+A password that needs its PBKDF2 and fails counts against the client's
+address: past ``FAILURE_BURST`` failures, an address gets one more check per
+``FAILURE_SECONDS`` and ``LIMITED`` (429) for the rest, without hashing. A
+valid scrape that repeats a verified password is never limited, so a flood of
+wrong passwords from Prometheus's own address does not slow its scrapes.
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ import pathlib
 import secrets
 import ssl
 import threading
+import time
 from typing import Optional
+
+from lossd_server.security.reload import FileWatch
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +44,18 @@ SCHEME = "pbkdf2_sha256"
 # paid once per password a scraper sends, not per scrape.
 ITERATIONS = 600_000
 REALM = "lossd metrics"
+# Failed PBKDF2 checks an address may make at once, then one per FAILURE_SECONDS.
+FAILURE_BURST = 5
+FAILURE_SECONDS = 10.0
+# Addresses whose failures are remembered; a full table forgets the oldest.
+FAILURE_ADDRESSES = 10_000
+# What BasicAuth.check answers for an address over its budget of failures.
+LIMITED = "<limited>"
 
 
 class SecurityFileError(ValueError):
     """A certificate, key or basic-auth file that cannot be used; the message
     names the file and the setting, never a secret."""
-
-
-def _stamp(paths) -> tuple:
-    return tuple((s.st_mtime_ns, s.st_size, s.st_ino) for s in map(os.stat, paths))
 
 
 class ReloadingSSLContext:
@@ -56,9 +69,8 @@ class ReloadingSSLContext:
     def __init__(self, cert: pathlib.Path, key: pathlib.Path):
         self.cert, self.key = pathlib.Path(cert), pathlib.Path(key)
         self._lock = threading.Lock()
-        self._forced = False
         try:
-            self._stamp = _stamp((self.cert, self.key))
+            self._watch = FileWatch((self.cert, self.key))
             self._context = self._load()
         except (OSError, ssl.SSLError) as exc:
             raise SecurityFileError(
@@ -69,19 +81,12 @@ class ReloadingSSLContext:
 
     def reload(self) -> None:
         """Loads the files again for the next connection, changed or not."""
-        with self._lock:
-            self._forced = True
+        self._watch.force()
 
     def context(self) -> ssl.SSLContext:
         """The context for a new connection."""
         with self._lock:
-            try:
-                stamp = _stamp((self.cert, self.key))
-            except OSError:
-                return self._context  # a file is being replaced: keep what works
-            if stamp != self._stamp or self._forced:
-                self._forced = False
-                self._stamp = stamp  # a bad pair is not retried until the files change again
+            if self._watch.changed():  # a bad pair is not retried until the files change again
                 try:
                     self._context = self._load()
                     self.loads += 1
@@ -196,9 +201,11 @@ class BasicAuth:
         # A per-process key: the HMAC of a password verified once stands in for
         # its PBKDF2 on the next scrapes, and is worthless outside this process.
         self._key = secrets.token_bytes(32)
-        self._verified: dict[str, bytes] = {}
+        # user -> (HMAC of the verified password, the user's line it was verified against)
+        self._verified: dict[str, tuple[bytes, tuple[int, bytes, bytes]]] = {}
+        self._failures = _FailureBudget()
         try:
-            self._stamp = _stamp((self.path,))
+            self._watch = FileWatch((self.path,))
             self._users = parse_users(self.path.read_text(), self.path.name)
         except OSError as exc:
             raise SecurityFileError(f"cannot read the metrics basic-auth file {self.path.name}: {exc.strerror} "
@@ -208,22 +215,18 @@ class BasicAuth:
 
     def _current(self) -> dict[str, tuple[int, bytes, bytes]]:
         with self._lock:
-            try:
-                stamp = _stamp((self.path,))
-            except OSError:
-                return self._users
-            if stamp != self._stamp:
-                self._stamp = stamp
+            if self._watch.changed():
                 try:
                     self._users = parse_users(self.path.read_text(), self.path.name)
-                    self._verified = {}
                     log.info("metrics basic-auth file %s reloaded (%d users)", self.path.name, len(self._users))
                 except (OSError, SecurityFileError) as exc:
                     log.error("metrics basic-auth file not reloaded, the previous users stay: %s", exc)
             return self._users
 
-    def check(self, authorization: str) -> Optional[str]:
-        """The user an ``Authorization`` header value authenticates, or None."""
+    def check(self, authorization: str, address: str = "") -> Optional[str]:
+        """The user an ``Authorization`` header value authenticates, None, or
+        ``LIMITED`` when ``address`` is over its budget of failed checks and
+        the password is not one verified before."""
         scheme, _, encoded = (authorization or "").strip().partition(" ")
         if scheme.lower() != "basic":
             return None
@@ -234,17 +237,47 @@ class BasicAuth:
         if not sep:
             return None
         users = self._current()
+        entry = users.get(user)
         tag = hmac.new(self._key, password.encode(), hashlib.sha256).digest()
         with self._lock:
             remembered = self._verified.get(user)
-        if remembered is not None and hmac.compare_digest(remembered, tag) and user in users:
+        if remembered is not None and hmac.compare_digest(remembered[0], tag) and remembered[1] == entry:
             return user
-        iterations, salt, digest = users.get(user, self._dummy)
+        if not self._failures.allows(address):
+            return LIMITED
+        iterations, salt, digest = entry or self._dummy
         with self._hashing:
             candidate = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-        if not (hmac.compare_digest(candidate, digest) and user in users):
+        if not (hmac.compare_digest(candidate, digest) and entry is not None):
+            self._failures.failed(address)
             return None
         with self._lock:
-            if self._users is users:  # not reloaded meanwhile (a reload forgets what was verified)
-                self._verified[user] = tag
+            self._verified[user] = (tag, entry)
         return user
+
+
+class _FailureBudget:
+    """Failed password checks per client address: ``FAILURE_BURST`` at
+    once, then one per ``FAILURE_SECONDS`` (a token bucket per address)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, at), oldest first
+
+    def _tokens(self, address: str, now: float) -> float:
+        tokens, at = self._buckets.get(address, (FAILURE_BURST, now))
+        return min(FAILURE_BURST, tokens + (now - at) / FAILURE_SECONDS)
+
+    def allows(self, address: str) -> bool:
+        """Whether ``address`` may have a password hashed now."""
+        with self._lock:
+            return self._tokens(address, time.monotonic()) >= 1
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            tokens = self._tokens(address, now) - 1
+            self._buckets.pop(address, None)  # re-inserted last: the table stays oldest first
+            self._buckets[address] = (tokens, now)
+            while len(self._buckets) > FAILURE_ADDRESSES:
+                del self._buckets[next(iter(self._buckets))]

@@ -125,12 +125,30 @@ class TrainingManager:
                 f"Too many workers for this server. Expected at most {slots} (a job with workers N takes N of the "
                 f"server's max_concurrent_jobs slots, {slots} here). Received: workers={workers}.",
                 reason="NOT_ENOUGH_JOB_SLOTS", metadata={"workers": str(workers), "slots": str(slots)})
+        if (isinstance(workers, int) and 0 < workers <= self.catalog.settings.max_job_workers and self.store.shared):
+            self._check_live_slots(workers)
         with self.catalog.using(str(spec.get("dataset", ""))):
             job, created = jobs.create(self.store, self.planner, self.catalog, spec, caller=caller,
                                        display_name=display_name, request_id=request_id)
         if created:
             self.scheduler.submitted()
         return job
+
+    def _check_live_slots(self, workers: int) -> None:
+        """On a shared store: refuses a job of ``workers`` workers that no live
+        replica has the slots for, while some live replica has slots (with
+        none, as when only evaluator replicas run, the job waits for one).
+
+        Raises:
+            FailedPrecondition: NOT_ENOUGH_JOB_SLOTS, naming the most slots of a live replica.
+        """
+        largest = max(self.store.live_replicas().values(), default=0)
+        if 0 < largest < workers:
+            raise FailedPrecondition(
+                f"Too many workers for the live replicas. Expected at most {largest} (a job with workers N takes N "
+                f"job slots of one replica, and the live replica with the most has {largest}: its "
+                f"max_concurrent_jobs). Received: workers={workers}.", reason="NOT_ENOUGH_JOB_SLOTS",
+                metadata={"workers": str(workers), "slots": str(largest)})
 
     def get_job(self, job_id: str, caller: Caller) -> JobRecord:
         """The job, if ``caller`` owns it; raises NotFound (JOB_NOT_FOUND)

@@ -125,6 +125,8 @@ class Scheduler:
         self.claim_every = IDLE_SECONDS
         self._next_claim = 0.0  # monotonic time of the next claim; 0: at once
         self._renewed = 0.0  # monotonic time of the last lease renewal
+        self._published = 0.0  # monotonic time this replica last published its job slots (shared store)
+        self._unrunnable: dict[str, int] = {}  # queued job -> the largest live slot count it was told of
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.RLock()
         self._wake = threading.Condition()
@@ -148,6 +150,12 @@ class Scheduler:
             raise RuntimeError("The training scheduler was started already.")
         if not self.store.shared:
             self._recover()
+        else:
+            try:
+                self._publish()  # before the first CreateJob: this replica's slots are live
+            except (ResourceExhausted, Unavailable) as exc:  # the loop publishes once the database answers
+                self._published = 0.0
+                self._report_fault(exc.message)
         self._count_jobs()
         self._thread = threading.Thread(target=self._loop, name="training-scheduler", daemon=True)
         self._thread.start()
@@ -185,6 +193,11 @@ class Scheduler:
         if self.store.shared and self._running:
             self._release(list(self._running), f"Replica {self.replica} stopped; the job waits for another replica, "
                                                "which resumes it from its last checkpoint.")
+        if self.store.shared:
+            try:
+                self.store.withdraw_replica(self.replica)
+            except (ResourceExhausted, Unavailable) as exc:  # its publication expires by itself
+                log.warning("replica %s could not withdraw its job slots: %s", self.replica, exc.message)
         self._running.clear()
         with self._events:
             self._events.notify_all()
@@ -282,6 +295,7 @@ class Scheduler:
             try:
                 self._record_unrecorded()
                 self._renew()
+                self._publish()
                 self._pump()
                 self._launch()
                 # Writes may fail on and off while a disk is nearly full: it
@@ -443,6 +457,37 @@ class Scheduler:
                 self._gpu_of.pop(job_id, None)
             elif state == CANCELLING:
                 self._cancel.add(job_id)
+
+    def _publish(self) -> None:
+        """On a shared store: publishes this replica's job slots, renewed as
+        its jobs' leases are, so CreateJob on any replica knows what the live
+        ones can run. The live replica with the smallest id then tells each
+        queued job that no live replica can run (more workers than the most
+        slots of one live replica) why it waits, once per change."""
+        now = time.monotonic()
+        if not self.store.shared or now - self._published < min(self.lease_seconds / 3, RENEW_SECONDS):
+            return
+        self._published = now
+        self.store.publish_replica(self.replica, self.slots, self.lease_seconds)
+        live = self.store.live_replicas()
+        if min(live, default=self.replica) != self.replica:
+            self._unrunnable.clear()  # another replica reports
+            return
+        largest = max(live.values(), default=0)
+        queued = self.store.jobs_in_states([QUEUED])
+        waiting = {job.id for job in queued}
+        for job_id in list(self._unrunnable):
+            if job_id not in waiting:
+                del self._unrunnable[job_id]
+        for job in queued:
+            needs = jobs.workers_of(job)
+            if needs <= largest:
+                self._unrunnable.pop(job.id, None)
+            elif self._unrunnable.get(job.id) != largest:
+                self._unrunnable[job.id] = largest
+                self.store.append_event(job.id, "message", {
+                    "text": unrunnable_text(needs, largest), "reason": "NOT_ENOUGH_JOB_SLOTS",
+                    "workers": needs, "slots": largest, "replica": self.replica})
 
     def _pump(self) -> None:
         for job_id, run in list(self._running.items()):
@@ -653,6 +698,17 @@ class Scheduler:
             # lossd_training_jobs has no "cancelling": such a job still runs.
             counts[RUNNING if state == CANCELLING else state] += n
         self.metrics.set_training_jobs(dict(counts))
+
+
+def unrunnable_text(workers: int, largest: int) -> str:
+    """Why a job of ``workers`` workers cannot run on replicas whose most job
+    slots are ``largest``."""
+    if largest == 0:
+        return (f"No live replica has job slots (max_concurrent_jobs), so no replica can run this job of "
+                f"{workers} worker(s) now. It waits in the queue until a replica with at least {workers} joins.")
+    return (f"No live replica can run this job: it needs {workers} job slots (workers={workers}) and the live "
+            f"replica with the most has {largest} (max_concurrent_jobs). It waits in the queue until a replica with "
+            f"at least {workers} joins; cancel it, or create it with workers={largest} or fewer.")
 
 
 def _exit_description(exitcode: Optional[int]) -> str:

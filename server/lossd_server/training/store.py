@@ -111,6 +111,16 @@ CREATE TABLE versions (
     # Paths under the artifacts folder become relative to it: no SQL, the
     # rows are rewritten by ``Store._relative_paths``.
     (3, ""),
+    # Replicas and their job slots, each with a lease it renews as it renews
+    # its jobs' (``Store.publish_replica``): CreateJob refuses a job that no
+    # live replica could run.
+    (4, """
+CREATE TABLE replicas (
+    id        TEXT PRIMARY KEY,
+    job_slots INTEGER NOT NULL,
+    expires   {float} NOT NULL
+)
+"""),
 )
 # The path fields of stored JSON (a dataset's info, a job's runtime) and the
 # field beside each that names the dataset's source (``Store._with_path``).
@@ -789,6 +799,31 @@ class Store:
         for row in rows:
             found[row["kind"]][row["key"]] = int(row["n"])
         return Look(found["version"], found["state"], found["claimable"].get("", 0) > 0)
+
+
+    # -- replicas: the job slots that are live ----------------------------------
+
+    def publish_replica(self, replica: str, job_slots: int, lease_seconds: float) -> None:
+        """Records that ``replica`` runs up to ``job_slots`` job slots, until
+        ``lease_seconds`` from now unless published again. Rows of replicas
+        gone for a day are dropped."""
+        now = time.time()
+        with self._transaction("a replica's job slots") as db:
+            db.execute("INSERT INTO replicas (id, job_slots, expires) VALUES (?, ?, ?) ON CONFLICT (id)"
+                       " DO UPDATE SET job_slots = excluded.job_slots, expires = excluded.expires",
+                       (replica, job_slots, now + lease_seconds))
+            db.execute("DELETE FROM replicas WHERE expires < ?", (now - 86400,))
+
+    def withdraw_replica(self, replica: str) -> None:
+        """``replica`` stops: its slots are no longer live."""
+        with self._transaction("a replica's job slots") as db:
+            db.execute("DELETE FROM replicas WHERE id = ?", (replica,))
+
+    def live_replicas(self) -> dict[str, int]:
+        """The job slots of each replica whose publication has not expired."""
+        with self._read() as db:
+            rows = db.execute("SELECT id, job_slots FROM replicas WHERE expires >= ?", (time.time(),)).fetchall()
+        return {r["id"]: int(r["job_slots"]) for r in rows}
 
 
 # The version counter of the registered losses (``Store.version``).

@@ -386,7 +386,7 @@ def test_version_3_makes_absolute_paths_under_the_artifacts_folder_relative_and_
     opener = _version_2_database(backend, request, tmp_path, rows)
     store = opener(artifacts_root=mount_b, dataset_root=tmp_path / "pictures-b")
     try:
-        assert store.schema_version() == 3
+        assert store.schema_version() == MIGRATIONS[-1][0]  # 3 and every later one
         mount_a.unlink()
         (tmp_path / "pictures-a").unlink()
         with store._read() as db:

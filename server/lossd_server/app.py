@@ -35,6 +35,7 @@ from lossd_server.grpc.auth import AuthInterceptor, Callers
 from lossd_server.grpc.health_port import CheckOnlyHealth
 from lossd_server.grpc.tls import CertificateReloader
 from lossd_server.losses import custom
+from lossd_server.losses.cost import CostLimits
 from lossd_server.losses.custom import full_registry
 from lossd_server.losses.registry import LossRegistry
 from lossd_server.observability.metrics import Metrics, start_metrics_server
@@ -324,7 +325,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                           max_composite_terms=settings.max_composite_terms,
                           max_program_nodes=settings.max_program_nodes, compile_workers=settings.compile_workers,
                           max_pending_compiles=settings.max_pending_compiles,
-                          compile_timeout=settings.compile_timeout_seconds, cache_max_ops=settings.cache_max_ops)
+                          compile_timeout=settings.compile_timeout_seconds, cache_max_ops=settings.cache_max_ops,
+                          cost_limits=CostLimits(settings.max_evaluation_cost, settings.max_evaluation_memory_bytes))
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),

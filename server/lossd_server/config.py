@@ -70,6 +70,27 @@ class Settings(BaseSettings):
     float32 elements are 400 MB per intermediate, well above any real
     per-batch loss, and far below what would exhaust the host."""
 
+    max_evaluation_cost: float = Field(5e9, gt=0)
+    """Most work one evaluation may take, estimated from its shapes and dtypes
+    before anything is compiled or allocated (``lossd_server.losses.cost``,
+    docs/limits.md), in cost units of about one nanosecond of one core of the
+    2-core reference machine: the default is about 5 s of CPU there. It
+    counts what each loss's kernels walk: elements for elementwise losses,
+    batch squared for ``circle``, time x batch x (2 x label length)^2 for
+    ``ctc``, classes squared for ``matrix_crossentropy``, every node of an
+    expression, the sum of a composite's terms; times 3 with the gradient.
+    More is RESOURCE_EXHAUSTED (COST_TOO_HIGH). EvaluateChunked checks each
+    chunk, and one row of the whole at its header."""
+
+    max_evaluation_memory_bytes: int = Field(4 * GiB, ge=MiB)
+    """Most bytes of intermediate values one evaluation may hold at once,
+    estimated with ``max_evaluation_cost`` (the largest intermediates a
+    loss computes, times about 3 with the gradient). 4 GiB admits an
+    elementwise loss on a y_pred of up to 1 GiB (340 MiB, 89M float32
+    elements, with its gradient), ``circle`` on up to about 9,000 rows and
+    ``matrix_crossentropy`` on up to about 18,000 classes in float32; more
+    is RESOURCE_EXHAUSTED (MEMORY_TOO_HIGH)."""
+
     max_composite_terms: int = Field(16, ge=1)
     """Most terms one composite loss may have (evaluation and training jobs);
     each term adds to the compiled program, and compiling holds a lock."""

@@ -174,6 +174,35 @@ INPUT_ERRORS = (tf.errors.InvalidArgumentError, ValueError, TypeError)
 # for more memory than the device has free now (not a bug of ours).
 MEMORY_ERRORS = (tf.errors.ResourceExhaustedError, MemoryError)
 
+# What a compiled call raises once its Cancellation is cancelled.
+CANCELLED = tf.errors.CancelledError
+
+
+class Cancellation:
+    """Stops a running compiled call (``Compiled.__call__(..., cancellation)``)
+    from another thread: TensorFlow's cancellation manager, which its
+    executor checks between operations, so a long graph (ctc's scans over
+    time) stops within one operation of ``cancel`` and frees what it held.
+    One operation still runs to its end (a single huge kernel cannot be
+    interrupted; the cost limits bound those). Once cancelled it stays
+    cancelled: use one per call (or per stream)."""
+
+    __slots__ = ("_manager",)
+
+    def __init__(self):
+        from tensorflow.python.eager import cancellation
+
+        self._manager = cancellation.CancellationManager()
+
+    def cancel(self, *_) -> None:
+        """Cancels the calls running with it and any later one (gRPC's
+        ``context.add_callback`` calls it when the RPC ends)."""
+        self._manager.start_cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._manager.is_cancelled
+
 
 def error_text(exc: BaseException) -> str:
     """The first line of an input error, without TensorFlow's graph context."""
@@ -233,6 +262,7 @@ class _DirectCall:
         ctx = context.context()
         ctx.ensure_initialized()
         self._execute = pywrap_tfe.TFE_Py_Execute
+        self._execute_cancelable = pywrap_tfe.TFE_Py_ExecuteCancelable
         self._handle = ctx._handle
         self._name = atomic.name.decode() if isinstance(atomic.name, bytes) else atomic.name
         self._num_outputs = len(atomic.function_type.flat_outputs)
@@ -252,11 +282,14 @@ class _DirectCall:
             log.warning("TensorFlow's direct call path is unavailable (%s); using concrete functions", exc)
             return None
 
-    def __call__(self, arrays: Sequence[np.ndarray]):
+    def __call__(self, arrays: Sequence[np.ndarray], cancellation: Optional[Cancellation] = None):
         # Inputs are wrapped on the host, where the request's bytes already
         # are; the runtime copies them to the device the ops were placed on.
         tensors = [self._tensor(a, self._host, None) for a in arrays]
         try:
+            if cancellation is not None:
+                return self._execute_cancelable(self._handle, None, self._name, tensors, self._attrs,
+                                                cancellation._manager._impl, self._num_outputs)
             return self._execute(self._handle, None, self._name, tensors, self._attrs, self._num_outputs)
         except self._status_error as exc:
             raise self._to_exception(exc) from None
@@ -314,13 +347,18 @@ class Compiled:
             # raises here too.
             self([np.zeros(s.shape, tf.dtypes.as_dtype(s.dtype).as_numpy_dtype) for s in specs])
 
-    def __call__(self, arrays: Sequence[np.ndarray]):
+    def __call__(self, arrays: Sequence[np.ndarray], cancellation: Optional[Cancellation] = None):
         """Runs on numpy arrays (in ``specs`` order); returns numpy results:
-        ``(total, term values, gradient or None, {output name: value})``."""
+        ``(total, term values, gradient or None, {output name: value})``.
+
+        Raises:
+            CANCELLED: ``cancellation`` was cancelled before or while it ran
+                (on the direct call path; the public fallback cannot be).
+        """
         # The ops were placed on the device when the graph was traced; the
         # inputs start on the host and the runtime copies them where needed.
         if self._direct is not None:
-            outputs = self._direct(arrays)
+            outputs = self._direct(arrays, cancellation)
         else:
             outputs = self._concrete(*[tf.convert_to_tensor(a) for a in arrays])
         total, grad, *rest = outputs

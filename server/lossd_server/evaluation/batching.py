@@ -138,31 +138,33 @@ class Batcher:
 
     def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
                  sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
-                 gradient: bool = False) -> Result:
+                 gradient: bool = False, cancellation=None) -> Result:
         """``Evaluator.evaluate``, batched with concurrent requests of its
         family: ``evaluate_in_flight`` counted in flight for its duration."""
         with self.in_flight():
             return self.evaluate_in_flight(plan, tensors, sample_weight=sample_weight, reduction=reduction,
-                                           gradient=gradient)
+                                           gradient=gradient, cancellation=cancellation)
 
     def evaluate_in_flight(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
                            sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
-                           gradient: bool = False) -> Result:
+                           gradient: bool = False, cancellation=None) -> Result:
         """``evaluate`` for a request already counted by ``in_flight`` (the
-        evaluation service counts it from before its decode)."""
+        evaluation service counts it from before its decode). ``cancellation``
+        (``Evaluator.evaluate``'s) stops the request where it runs alone; a
+        batch, which answers other requests too, runs to its end."""
         if not self.enabled:
             return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
-                                           gradient=gradient)
+                                           gradient=gradient, cancellation=cancellation)
         # Read without the lock: a stale answer only decides whether this
         # request looks for company, and a batch with none closes at once.
         if self._active <= 1 and not self._open:  # an idle server: no one to wait for
             return self.evaluator.evaluate(plan, tensors, sample_weight=sample_weight, reduction=reduction,
-                                           gradient=gradient)
-        self.evaluator.check(plan, tensors, sample_weight, reduction)  # its own error, before joining
+                                           gradient=gradient, cancellation=cancellation)
+        self.evaluator.check(plan, tensors, sample_weight, reduction, gradient)  # its own error, before joining
         item = self._item(plan, tensors, sample_weight, reduction, gradient)
         if item is None:
             return self.evaluator.evaluate_checked(plan, tensors, sample_weight=sample_weight,
-                                                   reduction=reduction, gradient=gradient)
+                                                   reduction=reduction, gradient=gradient, cancellation=cancellation)
         batch, leader = self._join(item)
         if leader:
             self._lead(batch)

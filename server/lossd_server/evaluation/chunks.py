@@ -192,8 +192,14 @@ class ChunkedSession:
     """
 
     def __init__(self, evaluator: Evaluator, plan: Plan, infos: Mapping[str, tuple[str, tuple]], *,
-                 reduction: str, gradient: bool):
+                 reduction: str, gradient: bool, cancellation=None):
         self.layout = chunk_layout(plan, infos, reduction)
+        self.cancellation = cancellation  # Evaluator.evaluate's: stops a chunk when the call ends
+        # Each chunk's cost is checked as it is evaluated; a request whose
+        # single row costs too much could send no chunk, so it is refused
+        # here, before any chunk is uploaded.
+        one_row = {name: (1, *shape[1:]) for name, (_, shape) in infos.items() if name != "sample_weight"}
+        evaluator.check_cost(plan, one_row, np.dtype(infos["y_pred"][0]).itemsize, gradient)
         self.evaluator, self.plan, self.reduction, self.gradient = evaluator, plan, reduction, gradient
         self.infos = dict(infos)
         self.rows = self.layout.rows
@@ -229,7 +235,7 @@ class ChunkedSession:
             return None, None
         if self.layout.mode == ROWS:
             result = self.evaluator.evaluate(self.plan, tensors, sample_weight=sample_weight,
-                                             reduction="none", gradient=self.gradient)
+                                             reduction="none", gradient=self.gradient, cancellation=self.cancellation)
             if sample_weight is not None and not _weights_follow_rows(sample_weight.shape, result.loss.shape):
                 raise _refuse(
                     f"sample_weight of shape {list(self.infos['sample_weight'][1])} weighs the last axes of the "
@@ -245,7 +251,8 @@ class ChunkedSession:
                 if sample_weight is not None:
                     self.weight_sum += float(np.sum(sample_weight, dtype=np.float64))
         else:
-            result = self.evaluator.evaluate(self.plan, tensors, reduction=self.reduction, gradient=self.gradient)
+            result = self.evaluator.evaluate(self.plan, tensors, reduction=self.reduction, gradient=self.gradient,
+                                             cancellation=self.cancellation)
             weight = rows / self.rows if self.layout.mode == ROWS_MEAN else 1.0
             self._add(result.loss, weight)
             gradient = result.gradient

@@ -32,8 +32,9 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from lossd.wire import FLOAT_DTYPES, check_reduction, dtype_name
-from lossd_server.errors import InvalidArgument, ResourceExhausted
+from lossd_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from lossd_server.evaluation import backend
+from lossd_server.losses.cost import Cost, CostLimits
 from lossd_server.losses.expressions import ShapeError, broadcast_shapes
 from lossd_server.losses.plan import (ExpressionCompiler, Plan, Planner, Program, build_program,
                                       build_rows_program)
@@ -91,6 +92,9 @@ class Evaluator:
             the trace goes on, so a retry finds the program cached.
         cache_max_ops: Most graph operations the cached programs may hold
             together; least recently used programs go first.
+        cost_limits: The most one evaluation may cost, estimated from the
+            shapes before anything is traced (``lossd_server.losses.cost``);
+            None is unlimited.
 
     Attributes:
         planner: The ``Planner`` every front end turns specs into plans with.
@@ -102,11 +106,12 @@ class Evaluator:
                  max_broadcast_elements: Optional[int] = None, max_composite_terms: Optional[int] = None,
                  max_program_nodes: Optional[int] = None, compile_workers: int = 2,
                  max_pending_compiles: int = 4, compile_timeout: float = 30.0,
-                 cache_max_ops: Optional[int] = None):
+                 cache_max_ops: Optional[int] = None, cost_limits: Optional[CostLimits] = None):
         self.registry = registry
         self.planner = Planner(registry, expression_compiler, max_terms=max_composite_terms,
                                max_nodes=max_program_nodes)
         self.max_broadcast_elements = max_broadcast_elements
+        self.cost_limits = cost_limits or CostLimits()
         self.device = device
         self.cache_size = cache_size
         self.metrics = metrics
@@ -181,23 +186,38 @@ class Evaluator:
 
     def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
                  sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
-                 gradient: bool = False) -> Result:
+                 gradient: bool = False, cancellation: Optional[backend.Cancellation] = None) -> Result:
         """Evaluates a plan on named tensors (``y_true``, ``y_pred`` and extras).
+
+        ``cancellation`` (``new_cancellation``), once cancelled, stops the
+        evaluation between two of its operations: the transport cancels it
+        when its call ends, so a cancelled or timed-out call stops using the
+        server.
 
         Raises:
             InvalidArgument: dtypes, shapes, labels or sample weights that do
                 not fit the loss, or inputs TensorFlow refuses.
+            ResourceExhausted: an evaluation above ``cost_limits``.
+            DeadlineExceeded: ``cancellation`` was cancelled (``EVALUATION_CANCELLED``).
         """
-        self.check(plan, tensors, sample_weight, reduction)
+        self.check(plan, tensors, sample_weight, reduction, gradient)
         return self.evaluate_checked(plan, tensors, sample_weight=sample_weight, reduction=reduction,
-                                     gradient=gradient)
+                                     gradient=gradient, cancellation=cancellation)
+
+    @staticmethod
+    def new_cancellation() -> backend.Cancellation:
+        """A switch for ``evaluate(..., cancellation=)``: its ``cancel`` stops
+        the evaluations given it (``backend.Cancellation``)."""
+        return backend.Cancellation()
 
     def check(self, plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray],
-              reduction: str) -> None:
-        """Everything ``evaluate`` checks before it compiles or runs anything.
+              reduction: str, gradient: bool = True) -> None:
+        """Everything ``evaluate`` checks before it compiles or runs anything
+        (its cost as if with the gradient, unless ``gradient`` is False).
 
         Raises:
             InvalidArgument: as ``evaluate``.
+            ResourceExhausted: an evaluation above ``cost_limits``.
         """
         check_reduction(reduction)
         y_pred = tensors.get("y_pred")
@@ -216,10 +236,20 @@ class Evaluator:
                 reason="MISSING_TENSOR")
         self._check_inputs(plan, tensors, sample_weight, reduction)
         self._check_intermediates(plan, tensors, sample_weight, reduction)
+        self.check_cost(plan, {name: array.shape for name, array in tensors.items()}, y_pred.dtype.itemsize,
+                        gradient)
+
+    def check_cost(self, plan: Plan, shapes: Mapping[str, tuple], itemsize: int, gradient: bool) -> Cost:
+        """The cost of evaluating ``plan`` on tensors of ``shapes`` in a
+        dtype of ``itemsize`` bytes (``cost.estimate``), refused above
+        ``cost_limits`` (ResourceExhausted, ``COST_TOO_HIGH`` or
+        ``MEMORY_TOO_HIGH``): from the shapes, so EvaluateChunked checks
+        its chunks before they arrive."""
+        return self.cost_limits.check(plan, shapes, itemsize, gradient)
 
     def evaluate_checked(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
                          sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
-                         gradient: bool = False) -> Result:
+                         gradient: bool = False, cancellation: Optional[backend.Cancellation] = None) -> Result:
         """``evaluate`` for inputs that passed ``check``."""
         if self.buckets is not None:  # XLA, where its bucket's executable is ready
             bucketed = self.buckets.evaluate(plan, tensors, sample_weight, reduction, gradient)
@@ -243,7 +273,12 @@ class Evaluator:
             # runs: a refusal from either is about this request's inputs.
             compiled = self._compiled(key, plan, specs, lambda: build_program(plan, reduction, compute_dtype),
                                       sample_weight is not None, gradient, xla)
-            total, terms, grad, outputs = compiled(arrays)
+            total, terms, grad, outputs = compiled(arrays, cancellation)
+        except backend.CANCELLED:
+            raise DeadlineExceeded(
+                f"Loss `{plan.metric_name}` was stopped before it finished: its call was cancelled or passed its "
+                "deadline. Expected a call that waits for its answer. Received: a call that ended first.",
+                reason="EVALUATION_CANCELLED", metadata={"loss": plan.metric_name}) from None
         except backend.INPUT_ERRORS as exc:
             raise _refused(exc, plan) from exc
         except backend.MEMORY_ERRORS:

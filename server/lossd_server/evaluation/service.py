@@ -165,7 +165,7 @@ class EvaluationService:
     # -- the use case ----------------------------------------------------------
 
     def evaluate(self, request: EvaluationRequest, caller: Caller = ANONYMOUS, *,
-                 wait_seconds: Optional[float] = None) -> Result:
+                 wait_seconds: Optional[float] = None, cancellation=None) -> Result:
         """Evaluates one request.
 
         Args:
@@ -174,6 +174,9 @@ class EvaluationService:
             wait_seconds: The most this request may wait for admission (the
                 call's remaining deadline); None waits at most the server's
                 ``max_queue_seconds``.
+            cancellation: A ``new_cancellation()`` the front end cancels when
+                its call ends: the evaluation then stops between two of its
+                operations (``Evaluator.evaluate``).
 
         Returns:
             The ``Result``: loss, gradient, composite terms, the NaN/Inf flag
@@ -188,12 +191,12 @@ class EvaluationService:
         """
         metrics = self.metrics
         if metrics is None:
-            return self._evaluate(request, caller, wait_seconds, None)
+            return self._evaluate(request, caller, wait_seconds, None, cancellation)
         metered = [0, 0, None]  # y_pred elements and bytes decoded; elements charged once admitted
         outcome = "ok"
         start = time.perf_counter()
         try:
-            return self._evaluate(request, caller, wait_seconds, metered)
+            return self._evaluate(request, caller, wait_seconds, metered, cancellation)
         except (LossdError, wire.WireError):
             outcome = "invalid_argument"
             raise
@@ -207,7 +210,7 @@ class EvaluationService:
                 metrics.caller_usage(caller.name, requests=1, elements=metered[2])
 
     def _evaluate(self, request: EvaluationRequest, caller: Caller, wait_seconds: Optional[float],
-                  metered: Optional[list]) -> Result:
+                  metered: Optional[list], cancellation=None) -> Result:
         if request.loss is None:
             raise InvalidArgument("loss is required. Expected a LossSpec with a name, an expression or "
                                   "terms. Received: none.", reason="BAD_LOSS_SPEC")
@@ -247,11 +250,11 @@ class EvaluationService:
             if batcher is None:
                 arrays, weights = self._decode(request, metered)
                 return self.evaluator.evaluate(plan, arrays, sample_weight=weights, reduction=reduction,
-                                               gradient=request.gradient)
+                                               gradient=request.gradient, cancellation=cancellation)
             with batcher.in_flight():  # counted from before the decode, so a batch may wait for it
                 arrays, weights = self._decode(request, metered)
                 return batcher.evaluate_in_flight(plan, arrays, sample_weight=weights, reduction=reduction,
-                                                  gradient=request.gradient)
+                                                  gradient=request.gradient, cancellation=cancellation)
 
     @staticmethod
     def _decode(request: EvaluationRequest, metered: Optional[list]):
@@ -281,14 +284,14 @@ class EvaluationService:
 
     def chunked(self, loss: LossLike, declared: Mapping[str, tuple[int, tuple]], *, reduction: str,
                 gradient: bool, caller: Caller = ANONYMOUS,
-                record: Optional[EvaluationRecord] = None) -> "ChunkedEvaluation":
+                record: Optional[EvaluationRecord] = None, cancellation=None) -> "ChunkedEvaluation":
         """Starts an evaluation whose tensors arrive as row slices.
 
         Args:
             loss: As ``EvaluationRequest.loss``.
             declared: ``y_true``, ``y_pred`` and optionally ``sample_weight``,
                 each as ``(wire dtype enum, whole shape)``.
-            reduction, gradient, caller: As for ``evaluate``.
+            reduction, gradient, caller, cancellation: As for ``evaluate``.
 
         The caller's rate is charged the whole request once, here; the
         in-flight budget holds one chunk at a time (``ChunkedEvaluation.feed``).
@@ -303,13 +306,17 @@ class EvaluationService:
             if name == "y_pred":
                 elements = count
         session = ChunkedSession(self.evaluator, plan, infos, reduction=wire.check_reduction(reduction),
-                                 gradient=gradient)
+                                 gradient=gradient, cancellation=cancellation)
         self.admission.charge(caller.name, caller.limits.elements_per_second, elements)
         if self.metrics is not None:
             self.metrics.caller_usage(caller.name, requests=1, elements=elements)
         return ChunkedEvaluation(self, session, {name: dtype for name, (dtype, _) in declared.items()}, record)
 
     # -- helpers ---------------------------------------------------------------
+
+    def new_cancellation(self):
+        """A switch for ``evaluate`` and ``chunked`` (``Evaluator.new_cancellation``)."""
+        return self.evaluator.new_cancellation()
 
     def metric_name(self, loss: Optional[LossLike]) -> str:
         """The ``loss`` label of a request's evaluation metrics: the loss's

@@ -202,13 +202,24 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
             else None,
             reduction=message.reduction, gradient=message.gradient)  # the service checks the enum
 
+    def _cancellation(self, context):
+        """A switch that stops this call's evaluations when the call ends
+        (cancelled, past its deadline, or done), so an abandoned call stops
+        using the server (``EvaluationService.evaluate``)."""
+        cancellation = self.service.new_cancellation()
+        if not context.add_callback(cancellation.cancel):  # the call is over already
+            cancellation.cancel()
+        return cancellation
+
     def _evaluate(self, message: loss_service_pb2.EvaluateRequest, caller: Caller, context,
-                  contents: Optional[dict] = None) -> Answer:
+                  contents: Optional[dict] = None, cancellation=None) -> Answer:
         """Evaluates one EvaluateRequest; ``contents`` holds the tensors'
-        bytes that ``receive`` lifted out of it, by field name."""
+        bytes that ``receive`` lifted out of it, by field name;
+        ``cancellation`` is the stream's (a unary call gets its own)."""
         regions = self.shared_memory.access(caller.name) if self.shared_memory is not None else None
         request = self._request(message, contents or {}, regions)
-        result = self.service.evaluate(request, caller, wait_seconds=context.time_remaining())
+        result = self.service.evaluate(request, caller, wait_seconds=context.time_remaining(),
+                                       cancellation=cancellation or self._cancellation(context))
         return _answer(result, message, regions)
 
     # -- RPCs ----------------------------------------------------------------
@@ -252,6 +263,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         # retry delay too); the stream goes on. Items arrive as Evaluate's
         # do (`receive_stream_item`) and leave as its bytes do.
         caller = self.callers.of(context)
+        cancellation = self._cancellation(context)
         for item in request_iterator:
             received = item if isinstance(item, Received) else _received_item(item)
             out = loss_service_pb2.EvaluateStreamResponse(
@@ -260,7 +272,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                 if received.error is not None:  # bytes that are no message: that item's error, with no id
                     raise received.error
                 message = received.message if received.message is not None else loss_service_pb2.EvaluateRequest()
-                answer = self._evaluate(message, caller, context, received.contents)
+                answer = self._evaluate(message, caller, context, received.contents, cancellation)
             except Exception as exc:  # noqa: BLE001 - to_status logs unexpected ones
                 out.error.CopyFrom(to_status(exc))
                 yield out.SerializeToString()
@@ -283,7 +295,8 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         declared = {name: (getattr(header, name).dtype, tuple(getattr(header, name).shape))
                     for name in ("y_true", "y_pred", "sample_weight") if header.HasField(name)}
         evaluation = self.service.chunked(header.loss, declared, reduction=wire.reduction_name(header.reduction),
-                                          gradient=header.gradient, caller=caller, record=record)
+                                          gradient=header.gradient, caller=caller, record=record,
+                                          cancellation=self._cancellation(context))
         for message in request_iterator:
             if message.WhichOneof("kind") != "chunk":
                 raise InvalidArgument("Only chunks may follow the header. Received a second header.",

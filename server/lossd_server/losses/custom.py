@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import keras
 
 from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from lossd_server.losses import cost as costs
 from lossd_server.losses.expressions import (ExpressionError, compile_expression, row_structure,
                                              value_shapes)
 from lossd_server.losses.matrix import matrix_entry
@@ -131,7 +132,8 @@ def expression_entry(expression: str, *, params: Mapping[str, Any], inputs: Sequ
         parameters=tuple(Parameter(k, "float", v, "") for k, v in defaults.items()),
         build=build, source=source, inputs=inputs, shapes=SHAPES_ANY,
         row_structure=lambda p, ranks: row_structure(expression, ranks, params=defaults), expression=expression,
-        value_shapes=lambda shapes: value_shapes(expression, shapes))
+        value_shapes=lambda shapes: value_shapes(expression, shapes),
+        cost=costs.expression(lambda shapes: value_shapes(expression, shapes)))
 
 
 def inline_entry(expression: str, params: Mapping[str, Any], tensor_names: Sequence[str]) -> LossEntry:

@@ -1187,11 +1187,13 @@ class ShapeError(ValueError):
 
 class ValueShapes(NamedTuple):
     """What a loss computes on inputs of given shapes: the element count of
-    the largest value (inputs, intermediates and result) and the result's
-    shape."""
+    the largest value (inputs, intermediates and result), the result's
+    shape, and the element counts of every value summed over the tree (what
+    evaluating it walks: ``lossd_server.losses.cost``)."""
 
     largest: int
     shape: tuple[int, ...]
+    total: int = 0
 
 
 def value_shapes(source: str, shapes: Mapping[str, Sequence[int]]) -> ValueShapes:
@@ -1211,7 +1213,7 @@ def value_shapes(source: str, shapes: Mapping[str, Sequence[int]]) -> ValueShape
     """
     analysis = _ShapeAnalysis({k: tuple(int(d) for d in v) for k, v in shapes.items()})
     shape = analysis.visit(_parsed(source))
-    return ValueShapes(analysis.largest, shape)
+    return ValueShapes(analysis.largest, shape, analysis.total)
 
 
 def size(source: str) -> int:
@@ -1234,9 +1236,12 @@ class _ShapeAnalysis:
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
         self.shapes = shapes
         self.largest = 0
+        self.total = 0
 
     def _seen(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        self.largest = max(self.largest, math.prod(shape))
+        elements = math.prod(shape)
+        self.largest = max(self.largest, elements)
+        self.total += elements
         return shape
 
     def visit(self, node: ast.AST) -> tuple[int, ...]:
@@ -1245,7 +1250,7 @@ class _ShapeAnalysis:
         if isinstance(node, ast.Name):
             return self._seen(self.shapes.get(node.id, ()))
         if isinstance(node, ast.UnaryOp):
-            return self.visit(node.operand)
+            return self._seen(self.visit(node.operand))
         if isinstance(node, ast.BinOp):
             return self._broadcast([self.visit(node.left), self.visit(node.right)], node)
         if isinstance(node, ast.Compare):

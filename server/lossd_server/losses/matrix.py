@@ -42,6 +42,7 @@ from keras import ops
 
 from lossd.wire import FLOAT_DTYPES, dtype_name
 from lossd_server.errors import InvalidArgument
+from lossd_server.losses import cost as costs
 from lossd_server.losses.registry import SHAPES_SAME, LossEntry, Parameter
 
 NAME = "matrix_crossentropy"
@@ -167,4 +168,5 @@ def matrix_entry() -> LossEntry:
                               "Length of the matrix's moving average: each batch moves a class's row "
                               "1/window of the way to its confusion.", minimum=1),),
         build=build, source="builtin", inputs=("y_true", "y_pred", MATRIX), shapes=SHAPES_SAME,
-        optional_inputs=frozenset({MATRIX}), outputs=(MATRIX,), check_tensors=check_tensors)
+        optional_inputs=frozenset({MATRIX}), outputs=(MATRIX,), check_tensors=check_tensors,
+        cost=costs.matrix_crossentropy)

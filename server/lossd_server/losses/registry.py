@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from lossd_server.errors import InvalidArgument
+from lossd_server.losses import cost as costs
 # How per-sample values depend on the rows of the inputs (LossEntry.row_structure);
 # the expression language owns the analysis, the Keras table declares it.
 from lossd_server.losses.expressions import ROWS, ROWS_COSINE, ROWS_MEAN, ROWS_SUM, RowStructure  # noqa: F401
@@ -113,6 +114,11 @@ class LossEntry:
             present by the entry's own input names, refuses those the shape
             conventions cannot judge (a state of the wrong shape or dtype)
             with InvalidArgument, before anything is traced.
+        cost: ``cost(params, shapes, itemsize, gradient) -> cost.Cost``: the
+            work and memory evaluating the loss takes on inputs of these
+            shapes (by the entry's own input names), from the shapes alone
+            (``lossd_server.losses.cost``). Linear in the elements unless
+            the entry declares otherwise.
     """
 
     name: str
@@ -132,6 +138,7 @@ class LossEntry:
     optional_inputs: frozenset[str] = frozenset()
     outputs: tuple[str, ...] = ()
     check_tensors: Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], None] = lambda params, tensors: None
+    cost: costs.CostFunction = costs.elementwise
 
     def describe(self) -> dict:
         """A JSON-friendly description, as ListLosses returns it."""
@@ -239,7 +246,7 @@ def keras_parameters(name: str, cls: type) -> tuple[Parameter, ...]:
 
 def _keras_entry(name: str, cls: type, aliases: Sequence[str] = (), *, shapes: str = SHAPES_SAME,
                  over_rows: Optional[str] = None, coupled: bool = False, hinge_labels: bool = False,
-                 row_parameters: Sequence[str] = ()) -> LossEntry:
+                 row_parameters: Sequence[str] = (), cost: costs.CostFunction = costs.elementwise) -> LossEntry:
     """An entry for a Keras loss class.
 
     ``over_rows`` is how the loss combines rows when it reduces over the row
@@ -249,7 +256,7 @@ def _keras_entry(name: str, cls: type, aliases: Sequence[str] = (), *, shapes: s
     similarity (a function of three sums over the rows), None when the
     reduction couples the rows otherwise (normalisation, max, ratios of sums). ``coupled`` marks a
     loss whose samples always depend on each other (circle). ``row_parameters``
-    is ``LossEntry.row_parameters``.
+    is ``LossEntry.row_parameters``; ``cost`` is ``LossEntry.cost``.
     """
     def build(params: Mapping[str, Any], reduction: str, dtype: str):
         return cls(**params, reduction=reduction, dtype=dtype)
@@ -272,7 +279,7 @@ def _keras_entry(name: str, cls: type, aliases: Sequence[str] = (), *, shapes: s
     all_aliases = tuple(dict.fromkeys([cls.__name__, *aliases]))
     return LossEntry(name=name, aliases=all_aliases, doc=_first_sentence(cls.__doc__ or name),
                      parameters=parameters, build=build, shapes=shapes, row_structure=row_structure,
-                     hinge_labels=hinge_labels, row_parameters=frozenset(row_parameters))
+                     hinge_labels=hinge_labels, row_parameters=frozenset(row_parameters), cost=cost)
 
 
 def keras_entries() -> list[LossEntry]:
@@ -311,9 +318,9 @@ def keras_entries() -> list[LossEntry]:
         _keras_entry("dice", kl.Dice),
         _keras_entry("tversky", kl.Tversky),
         # Similarity: each sample's value depends on the whole batch.
-        _keras_entry("circle", kl.Circle, shapes=SHAPES_LABELS, coupled=True),
+        _keras_entry("circle", kl.Circle, shapes=SHAPES_LABELS, coupled=True, cost=costs.circle),
         # Sequence
-        _keras_entry("ctc", kl.CTC, shapes=SHAPES_CTC),
+        _keras_entry("ctc", kl.CTC, shapes=SHAPES_CTC, cost=costs.ctc),
     ]
 
 

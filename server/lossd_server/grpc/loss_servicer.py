@@ -20,6 +20,7 @@ from lossd_server.errors import FailedPrecondition, InvalidArgument, LossdError
 from lossd_server.evaluation.admission import Admission
 from lossd_server.evaluation.batching import Batcher
 from lossd_server.evaluation.chunks import ChunkedSession
+from lossd_server.grpc import parsing
 from lossd_server.grpc.auth import Caller, Callers
 from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.losses.plan import Plan
@@ -128,29 +129,16 @@ def _serialize(response) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-class _Handlers:
-    """Stands in for a server to collect the method handlers a generated
-    ``add_*_to_server`` function makes."""
-
-    def add_generic_rpc_handlers(self, handlers) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self.service, self.handlers = service, handlers
-
-
 def add_loss_service(servicer: "LossServicer", server) -> None:
     """Adds LossService to ``server`` as the generated code would, except
-    that Evaluate's request is parsed without copying its tensors (``receive``)
-    and its answer may be bytes already serialized (``Answer.serialized``)."""
-    made = _Handlers()
-    loss_service_pb2_grpc.add_LossServiceServicer_to_server(servicer, made)
-    handlers = dict(made.handlers)
-    evaluate = handlers["Evaluate"]
+    that every request is parsed inside its handler (``parsing.tolerant``),
+    Evaluate's without copying its tensors (``receive``), and Evaluate's
+    answer may be bytes already serialized (``Answer.serialized``)."""
+    service, handlers = parsing.handlers_of(loss_service_pb2_grpc.add_LossServiceServicer_to_server, servicer,
+                                            loss_service_pb2.DESCRIPTOR.services_by_name["LossService"])
     handlers["Evaluate"] = grpc.unary_unary_rpc_method_handler(
-        evaluate.unary_unary, request_deserializer=receive, response_serializer=_serialize)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(made.service, handlers),))
-    server.add_registered_method_handlers(made.service, handlers)
+        servicer.Evaluate, request_deserializer=receive, response_serializer=_serialize)
+    parsing.register(server, service, handlers)
 
 
 class LossServicer(loss_service_pb2_grpc.LossServiceServicer):

@@ -15,6 +15,7 @@ from lossd import wire
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
 from lossd_server.errors import DOMAIN, DeadlineExceeded, InvalidArgument, NotFound
+from lossd_server.grpc import parsing
 from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.status import handle_errors
 from lossd_server.training.inference import GenerateOptions
@@ -334,7 +335,8 @@ def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: 
         when the server stops.
     """
     manager = TrainingManager(settings, planner, metrics, gpus=gpus, store=store, evaluator=evaluator)
-    pb_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(manager, max_elements=settings.max_tensor_elements,
-                         stream_idle_seconds=settings.stream_idle_seconds, callers=callers), grpc_server)
+    servicer = TrainingServicer(manager, max_elements=settings.max_tensor_elements,
+                                stream_idle_seconds=settings.stream_idle_seconds, callers=callers)
+    parsing.add_tolerant(pb_grpc.add_TrainingServiceServicer_to_server, servicer,
+                         pb.DESCRIPTOR.services_by_name["TrainingService"], grpc_server)
     return manager

@@ -4,7 +4,9 @@ INTERNAL "Exception deserializing request!".
 
 grpcio calls a method's request deserializer before the handler runs, and
 answers any exception it raises with INTERNAL, a status that says the server
-is at fault. ``tolerant`` wraps every method handler of a service so that
+is at fault. A message that parses but holds a NUL character in any text
+(a job's or dataset's name, a display name, a loss name, a parameter) is
+refused the same way (``NUL_CHARACTER``): no store keeps such text. ``tolerant`` wraps every method handler of a service so that
 its deserializer never raises: it returns a ``Malformed`` marker instead,
 and the handler refuses the call with a status that says what was expected
 (for a request stream, at the message that does not parse). Evaluate's own
@@ -14,7 +16,10 @@ tensors.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import grpc
+from google.protobuf import message as message_lib
 
 from lossd_server.errors import InvalidArgument
 from lossd_server.grpc.status import abort
@@ -33,15 +38,56 @@ class Malformed:
         self.error = error
 
 
+def nul_in_text(message, prefix: str = "") -> Optional[tuple[str, str]]:
+    """The first string of ``message`` (any field, list, map key or value,
+    nested message or Struct) that holds a NUL character, as ``(field path,
+    value)``; None when there is none. No store can keep such a name:
+    PostgreSQL refuses NUL in text and in JSON."""
+    for fd, value in message.ListFields():
+        path = f"{prefix}{fd.name}"
+        if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+            for key, item in value.items():
+                if isinstance(key, str) and "\0" in key:
+                    return f"{path} (a key)", key
+                found = _nul_in_item(item, f"{path}[{key!r}]")
+                if found:
+                    return found
+        elif fd.is_repeated:
+            for i, item in enumerate(value):
+                found = _nul_in_item(item, f"{path}[{i}]")
+                if found:
+                    return found
+        else:
+            found = _nul_in_item(value, path)
+            if found:
+                return found
+    return None
+
+
+def _nul_in_item(item, path: str) -> Optional[tuple[str, str]]:
+    if isinstance(item, str):
+        return (path, item) if "\0" in item else None
+    if isinstance(item, message_lib.Message):
+        return nul_in_text(item, f"{path}.")
+    return None
+
+
 def _deserializer(deserialize, message_name: str):
     def parse(raw: bytes):
         try:
-            return deserialize(raw)
+            message = deserialize(raw)
         except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, and others for odd bytes
             return Malformed(BadRequest(
                 f"The request is not a valid {message_name} message ({type(exc).__name__}). Expected the "
                 f"serialized {message_name}. Received: {len(raw):,} bytes that do not parse.",
                 reason="BAD_REQUEST"))
+        found = nul_in_text(message)
+        if found is not None:
+            path, value = found
+            return Malformed(BadRequest(
+                f"{path}: a NUL character (\\x00) at position {value.index(chr(0))}. Expected text without NUL "
+                f"characters. Received: {value[:64]!r}.", reason="NUL_CHARACTER"))
+        return message
     return parse
 
 

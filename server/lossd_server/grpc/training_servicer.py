@@ -159,6 +159,20 @@ def event_to_proto(event: Event) -> pb.JobEvent:
     return message
 
 
+def _readable_event(event: Event):
+    """The JobEvent for ``event``; None, with a warning, for one whose
+    payload cannot be read (garbage written into the store): a watcher
+    skips it and goes on with the next."""
+    try:
+        if event.payload is None:  # the store could not parse it
+            raise ValueError("the payload is not a JSON object")
+        return event_to_proto(event)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("WatchJob skips event %s of job %s: it cannot be read (%s: %s)", event.seq, event.job_id,
+                    type(exc).__name__, str(exc)[:200])
+        return None
+
+
 def dataset_to_proto(info) -> pb.Dataset:
     return pb.Dataset(name=info.name, source=info.source, examples=info.examples, image_shape=info.image_shape,
                       class_names=info.class_names, create_time=_timestamp(info.create_time) if info.create_time
@@ -215,7 +229,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
         for event in self.manager.scheduler.watch(ident, caller, after, active):
             last_event, after = time.monotonic(), event.seq
-            yield event_to_proto(event)
+            message = _readable_event(event)
+            if message is not None:
+                yield message
         if context.is_active() and not self.manager.get_job(ident, caller).final \
                 and time.monotonic() - last_event >= self.stream_idle_seconds:
             raise DeadlineExceeded(

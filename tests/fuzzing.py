@@ -45,11 +45,17 @@ from google.protobuf import message_factory, struct_pb2, text_format
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from lossd.v1 import loss_pb2, loss_service_pb2, tensor_pb2, training_service_pb2
+from lossd.v1 import loss_pb2, loss_service_pb2, shared_memory_service_pb2, tensor_pb2, training_service_pb2
 
 FD = _descriptor.FieldDescriptor
 SERVICES = (loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
-            training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"])
+            training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
+            shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"])
+# Server streams that stay open until the client ends them: the first
+# response is read, then the call is cancelled (as a client that closes).
+OPEN_ENDED = {"OpenSession"}
+# Bytes no request message parses (each method must answer INVALID_ARGUMENT).
+UNDECODABLE = [b"\xff" * 11, b"\x0a\x7f\x01", b"\x0f", b"\x12\x05ab", b"\x08\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80"]
 METHODS = [method for service in SERVICES for method in service.methods]
 BAD_CODES = ("INTERNAL", "UNKNOWN")
 
@@ -758,7 +764,15 @@ def _near_valid_base_uncached(method: str, ctx: Context) -> st.SearchStrategy[li
         return one(st.builds(lambda n, c, s: training_service_pb2.GenerateRequest(name=n, count=c, seed=s),
                              st.one_of(_pick(lambda: ctx.generator_jobs), jobs), st.integers(-1, 70),
                              st.integers(*_INT_BOUNDS[64])))
-    # ListLosses, ListDatasets: nothing to be near.
+    if method in ("RegisterRegion", "UnregisterRegion"):
+        cls = getattr(shared_memory_service_pb2, f"{method}Request")
+        names = st.sampled_from(["lossd_x", "lossd_nl\n", "lossd_../etc/passwd", "lossd_a/b", "lossd_" + "x" * 300,
+                                 "psm_1", "lossd_\x00", "lossd_0123456789abcdef_r"])
+        fields = dict(session_id=st.sampled_from(["", "0" * 32, "nope"]), name=names)
+        if method == "RegisterRegion":
+            fields["byte_size"] = st.sampled_from([0, -1, 1, 4096, 2**40, 2**63 - 1])
+        return one(st.builds(cls, **fields))
+    # ListLosses, ListDatasets, OpenSession: nothing to be near.
     return one(st.just(_message_class(_method(method).input_type)()))
 
 
@@ -802,7 +816,7 @@ class Call:
     stream), and how they were made."""
 
     method: _descriptor.MethodDescriptor
-    requests: list
+    requests: list  # messages, or bytes sent as they are (``UNDECODABLE``)
     how: str
 
     def to_json(self) -> dict:
@@ -810,16 +824,27 @@ class Call:
         base64 wire bytes (exact: JSON has no Inf for Struct numbers); a
         reproducer ``replay()`` can send."""
         return {"method": f"/{self.method.containing_service.full_name}/{self.method.name}", "how": self.how,
-                "requests": [text_format.MessageToString(m, as_utf8=True) for m in self.requests],
-                "requests_base64": [base64.b64encode(m.SerializeToString()).decode() for m in self.requests]}
+                "requests": [repr(m) if isinstance(m, bytes) else text_format.MessageToString(m, as_utf8=True)
+                             for m in self.requests],
+                "requests_base64": [base64.b64encode(request_bytes(m)).decode() for m in self.requests]}
 
     @classmethod
     def from_json(cls, data: dict) -> "Call":
         service, name = data["method"].strip("/").split("/")
         method = next(m for m in METHODS if m.name == name and m.containing_service.full_name == service)
         request_class = _message_class(method.input_type)
-        requests = [request_class.FromString(base64.b64decode(r)) for r in data["requests_base64"]]
+        requests = []
+        for raw in data["requests_base64"]:
+            try:
+                requests.append(request_class.FromString(base64.b64decode(raw)))
+            except Exception:  # noqa: BLE001 - an undecodable call is replayed as its bytes
+                requests.append(base64.b64decode(raw))
         return cls(method, requests, data.get("how", "replay"))
+
+
+def request_bytes(request) -> bytes:
+    """A request as it goes on the wire (bytes go as they are)."""
+    return request if isinstance(request, bytes) else request.SerializeToString()
 
 
 @st.composite
@@ -852,11 +877,18 @@ def _near_valid_call(draw, method, ctx: Context) -> Call:
     return Call(method, requests, "near-valid: " + draw(mutate(requests[index], 4, ctx.words)))
 
 
+def _undecodable_call(method) -> st.SearchStrategy[Call]:
+    return st.sampled_from(UNDECODABLE).map(lambda raw: Call(method, [raw], "undecodable"))
+
+
 def calls(ctx: Context, methods=None) -> st.SearchStrategy[Call]:
-    """One call of any method (or of ``methods``): random or near-valid, half each."""
+    """One call of any method (or of ``methods``): random or near-valid,
+    about half each, and one in twenty of bytes that do not parse."""
     methods = list(methods or METHODS)
     table = {m.full_name: _cached(("call", m.full_name, id(ctx)),
-                                  lambda m=m: st.one_of(_random_call(m, ctx), _near_valid_call(m, ctx)))
+                                  lambda m=m: st.integers(0, 19).flatmap(
+                                      lambda k, m=m: _undecodable_call(m) if k == 0 else
+                                      st.one_of(_random_call(m, ctx), _near_valid_call(m, ctx))))
              for m in methods}
     return st.sampled_from(methods).flatmap(lambda m: table[m.full_name])
 
@@ -896,7 +928,14 @@ def _invoke(channel: grpc.Channel, call: Call, timeout: float):
     method = call.method
     path = f"/{method.containing_service.full_name}/{method.name}"
     response_class = _message_class(method.output_type)
-    kwargs = dict(request_serializer=lambda m: m.SerializeToString(), response_deserializer=response_class.FromString)
+    kwargs = dict(request_serializer=request_bytes, response_deserializer=response_class.FromString)
+    if method.name in OPEN_ENDED:
+        stream = channel.unary_stream(path, **kwargs)(call.requests[0], timeout=timeout)
+        try:
+            first = next(stream, None)
+            return [] if first is None else [first]
+        finally:
+            stream.cancel()
     if method.client_streaming and method.server_streaming:
         return list(channel.stream_stream(path, **kwargs)(iter(call.requests), timeout=timeout))
     if method.client_streaming:

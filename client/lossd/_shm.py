@@ -19,7 +19,6 @@ import dataclasses
 import inspect
 import ipaddress
 import logging
-import os
 import secrets
 import threading
 from multiprocessing import resource_tracker, shared_memory
@@ -105,8 +104,8 @@ class _Region:
             pass
 
 
-def _create(size: int) -> _Region:
-    name = f"{wire.SHM_PREFIX}{os.getpid()}_{secrets.token_hex(16)}"
+def _create(prefix: str, size: int) -> _Region:
+    name = f"{prefix}{secrets.token_hex(16)}"  # the server registers only names under the session's prefix
     if _TRACK_PARAMETER:
         memory = shared_memory.SharedMemory(name=name, create=True, size=size, track=False)
     else:
@@ -126,6 +125,7 @@ class _Session:
         self._call = self._stub.OpenSession(pb.OpenSessionRequest(), metadata=metadata)
         first = next(self._call)
         self.id = first.session_id
+        self.name_prefix = first.name_prefix
         self.max_bytes = first.max_bytes
         self.max_regions = min(MAX_REGIONS, first.max_regions)
         self.regions: list[_Region] = []
@@ -142,7 +142,7 @@ class _Session:
 
     def register(self, size: int) -> _Region:
         """A new region of ``size`` bytes, registered after the nonce check."""
-        region = _create(size)
+        region = _create(self.name_prefix, size)
         try:
             nonce = secrets.token_bytes(_NONCE_BYTES)
             region.memory.buf[:_NONCE_BYTES] = nonce

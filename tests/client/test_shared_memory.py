@@ -15,13 +15,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from multiprocessing import resource_tracker, shared_memory
 
 import grpc
 import numpy as np
 import pytest
 
 from grpc_errors import reason_of
+from shm_regions import region
 import lossd
 from lossd import _shm, wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
@@ -58,29 +58,16 @@ def wait_for(predicate, seconds: float = 15.0) -> bool:
 
 @contextlib.contextmanager
 def raw_session(address: str, metadata=None):
-    """An OpenSession stream, its id and the service's stub, cancelled at the end."""
+    """An OpenSession stream: the service's stub, the session's id, the
+    channel and the session's name prefix; cancelled at the end."""
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.SharedMemoryServiceStub(channel)
         call = stub.OpenSession(pb.OpenSessionRequest(), metadata=metadata)
         first = next(call)
         try:
-            yield stub, first.session_id, channel
+            yield stub, first.session_id, channel, first.name_prefix
         finally:
             call.cancel()
-
-
-@contextlib.contextmanager
-def region(size: int, name: str | None = None):
-    """A POSIX shared-memory region made here, unlinked at the end if still there."""
-    memory = shared_memory.SharedMemory(name=name, create=True, size=size)
-    try:
-        yield memory
-    finally:
-        memory.close()
-        if (SHM / memory.name).exists():
-            memory.unlink()
-        else:  # the server unlinked it, as it does when a session ends
-            resource_tracker.unregister(memory._name, "shared_memory")
 
 
 @contextlib.contextmanager
@@ -168,7 +155,7 @@ def test_close_unregisters_and_unlinks(address, server):
     client = shm_client(address)
     client.evaluate("mse", y, y, gradient=True)
     mine = lossd_regions() - before
-    assert len(mine) == 1 and next(iter(mine)).startswith(f"lossd_{os.getpid()}_")
+    assert len(mine) == 1 and next(iter(mine)).startswith(client._shared_memory._session.name_prefix)
     assert server_regions(server)[0] == held + 1
     assert server.metrics.lossd_shared_memory_regions._value.get() == held + 1
     ok = {"grpc_type": "server_stream", "grpc_service": "lossd.v1.SharedMemoryService",
@@ -251,7 +238,7 @@ def evaluate_request(name: str, y_true_ref, y_pred_ref, shape=(4, 4), gradient_o
     ((2 ** 62, 2 ** 62), "offset=4,611,686,018,427,387,904"),  # would overflow a C int64 sum
 ])
 def test_ranges_out_of_the_region_are_invalid_argument(address, y_pred_ref, expected):
-    with raw_session(address) as (stub, session_id, channel), region(4096, f"lossd_test_{os.getpid()}_r") as memory:
+    with raw_session(address) as (stub, session_id, channel, prefix), region(4096, f"{prefix}test_r") as memory:
         registered(stub, session_id, memory)
         losses = loss_service_pb2_grpc.LossServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:
@@ -263,7 +250,7 @@ def test_ranges_out_of_the_region_are_invalid_argument(address, y_pred_ref, expe
 
 
 def test_a_range_that_does_not_match_the_shape_is_invalid_argument(address):
-    with raw_session(address) as (stub, session_id, channel), region(4096, f"lossd_test_{os.getpid()}_s") as memory:
+    with raw_session(address) as (stub, session_id, channel, prefix), region(4096, f"{prefix}test_s") as memory:
         registered(stub, session_id, memory)
         with pytest.raises(grpc.RpcError) as err:
             loss_service_pb2_grpc.LossServiceStub(channel).Evaluate(
@@ -274,7 +261,7 @@ def test_a_range_that_does_not_match_the_shape_is_invalid_argument(address):
 
 def test_a_gradient_output_too_small_is_refused_before_evaluating(address, server):
     evaluations = server.metrics.lossd_loss_evaluated_elements_total.labels("mean_squared_error")._value.get()
-    with raw_session(address) as (stub, session_id, channel), region(4096, f"lossd_test_{os.getpid()}_g") as memory:
+    with raw_session(address) as (stub, session_id, channel, prefix), region(4096, f"{prefix}test_g") as memory:
         registered(stub, session_id, memory)
         losses = loss_service_pb2_grpc.LossServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:
@@ -295,9 +282,9 @@ def test_a_gradient_output_too_small_is_refused_before_evaluating(address, serve
 
 
 @pytest.mark.parametrize("name", ["psm_0123abcd", "lossd", "lossd_../etc/passwd", "lossd_a/b", "/lossd_abc",
-                                  "lossd_" + "x" * 200, "LOSSD_abc"])
+                                  "lossd_" + "x" * 200, "LOSSD_abc", "lossd_nl\n", "lossd_a b", "lossd_\x00"])
 def test_a_name_without_the_lossd_prefix_is_refused(address, name):
-    with raw_session(address) as (stub, session_id, _), pytest.raises(grpc.RpcError) as err:
+    with raw_session(address) as (stub, session_id, _, prefix), pytest.raises(grpc.RpcError) as err:
         stub.RegisterRegion(pb.RegisterRegionRequest(session_id=session_id, name=name, byte_size=4096), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason_of(err.value) == "SHM_BAD_NAME"
@@ -306,7 +293,7 @@ def test_a_name_without_the_lossd_prefix_is_refused(address, name):
 
 def test_a_region_outside_the_prefix_is_neither_mapped_nor_unlinked(address, server):
     with region(4096) as memory:  # Python names it psm_...
-        with raw_session(address) as (stub, session_id, _), pytest.raises(grpc.RpcError) as err:
+        with raw_session(address) as (stub, session_id, _, prefix), pytest.raises(grpc.RpcError) as err:
             registered(stub, session_id, memory)
         assert reason_of(err.value) == "SHM_BAD_NAME"
         assert (SHM / memory.name).exists()
@@ -315,26 +302,27 @@ def test_a_region_outside_the_prefix_is_neither_mapped_nor_unlinked(address, ser
 def test_a_symlink_under_the_prefix_is_refused(address, tmp_path):
     target = tmp_path / "precious"
     target.write_bytes(b"x" * 4096)
-    link = SHM / f"lossd_test_{os.getpid()}_link"
-    link.symlink_to(target)
-    try:
-        with raw_session(address) as (stub, session_id, _), pytest.raises(grpc.RpcError) as err:
-            stub.RegisterRegion(pb.RegisterRegionRequest(session_id=session_id, name=link.name, byte_size=4096),
-                                timeout=10)
-        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert reason_of(err.value) == "SHM_REGION_DENIED"
-    finally:
-        link.unlink()
+    with raw_session(address) as (stub, session_id, _, prefix):
+        link = SHM / f"{prefix}test_link"
+        link.symlink_to(target)
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.RegisterRegion(pb.RegisterRegionRequest(session_id=session_id, name=link.name,
+                                                             byte_size=4096), timeout=10)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert reason_of(err.value) == "SHM_REGION_DENIED"
+        finally:
+            link.unlink()
     assert target.read_bytes() == b"x" * 4096
 
 
 def test_missing_and_too_small_regions(address):
-    with raw_session(address) as (stub, session_id, _):
+    with raw_session(address) as (stub, session_id, _, prefix):
         with pytest.raises(grpc.RpcError) as err:
-            stub.RegisterRegion(pb.RegisterRegionRequest(session_id=session_id, name="lossd_nothing_here",
+            stub.RegisterRegion(pb.RegisterRegionRequest(session_id=session_id, name=f"{prefix}nothing_here",
                                                          byte_size=4096), timeout=10)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and reason_of(err.value) == "SHM_REGION_NOT_FOUND"
-        with region(4096, f"lossd_test_{os.getpid()}_small") as memory, pytest.raises(grpc.RpcError) as err:
+        with region(4096, f"{prefix}test_small") as memory, pytest.raises(grpc.RpcError) as err:
             registered(stub, session_id, memory, size=8192)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason_of(err.value) == "SHM_BAD_SIZE"
         assert "Expected at least 8,192 bytes. Received: a region of 4,096 bytes" in err.value.details()
@@ -397,11 +385,12 @@ def test_a_caller_reaches_only_its_own_regions(secured):
                 evaluate_request(name, (0, 64), (64, 64)), metadata=bearer(tokens["carol"]), timeout=30)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and reason_of(err.value) == "SHM_REGION_NOT_FOUND"
         # ... nor register another caller's region, or use its session.
-        with raw_session(address, bearer(tokens["carol"])) as (stub, session_id, _), \
+        with raw_session(address, bearer(tokens["carol"])) as (stub, session_id, _, prefix), \
                 pytest.raises(grpc.RpcError) as err:
             stub.RegisterRegion(pb.RegisterRegionRequest(session_id=session_id, name=name, byte_size=4096),
                                 metadata=bearer(tokens["carol"]), timeout=10)
-        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert reason_of(err.value) == "SHM_NOT_IN_SESSION"
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.SharedMemoryServiceStub(alice._channel).UnregisterRegion(
                 pb.UnregisterRegionRequest(session_id=alice._shared_memory._session.id, name=name),
@@ -418,10 +407,10 @@ def test_a_caller_reaches_only_its_own_regions(secured):
 def test_regions_and_bytes_per_caller_are_bounded(secured):
     address, tokens, srv = secured
     metadata = bearer(tokens["carol"])
-    with raw_session(address, metadata) as (stub, session_id, _), \
-            region(1 << 20, f"lossd_test_{os.getpid()}_b1") as one, \
-            region(1 << 20, f"lossd_test_{os.getpid()}_b2") as two, \
-            region(4 << 20, f"lossd_test_{os.getpid()}_b3") as big:
+    with raw_session(address, metadata) as (stub, session_id, _, prefix), \
+            region(1 << 20, f"{prefix}test_b1") as one, \
+            region(1 << 20, f"{prefix}test_b2") as two, \
+            region(4 << 20, f"{prefix}test_b3") as big:
         with pytest.raises(grpc.RpcError) as err:
             stub.RegisterRegion(pb.RegisterRegionRequest(session_id=session_id, name=big.name, byte_size=4 << 20),
                                 metadata=metadata, timeout=10)

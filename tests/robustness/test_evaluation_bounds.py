@@ -243,3 +243,15 @@ def test_create_job_with_too_many_terms_is_refused(client):
         client.create_job("cnn", "digits", loss=loss, epochs=1, steps_per_epoch=1)
     assert err.value.reason == "TOO_MANY_TERMS", err.value.message
     assert "at most 16 terms" in err.value.message
+
+
+# -- issue 23: sample_weight rank -----------------------------------------------
+
+@pytest.mark.parametrize("rank", [4, 33, 64])
+def test_a_sample_weight_of_too_many_dimensions_is_invalid_argument(channel, stub, rank):
+    # A weight of shape [1] * 64 was INTERNAL: numpy's broadcast raised a RuntimeError.
+    req = request(loss_pb2.LossSpec(name="mse"), np.zeros((4, 3)), np.ones((4, 3)))
+    req.sample_weight.CopyFrom(tensor(np.ones([1] * rank)))
+    refused(stub, req, "SAMPLE_WEIGHT_MISMATCH", "too many dimensions", "Expected at most rank 2",
+            f"(rank {rank})")
+    assert_serving(channel, stub)

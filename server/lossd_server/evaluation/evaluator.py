@@ -525,13 +525,18 @@ def check_sample_weight(sw_shape: tuple, values: tuple, loss: str) -> None:
     """Refuses a sample_weight that does not broadcast to the per-sample values
     (after Keras's rule that aligns ranks differing by a trailing 1)."""
     sw, vals = tuple(sw_shape), tuple(values)
+    if len(sw) > len(vals) + 1:  # before numpy, which fails on many dimensions with a RuntimeError
+        raise InvalidArgument(
+            f"sample_weight has too many dimensions for the per-sample losses of `{loss}`. Expected at most "
+            f"rank {len(vals) + 1} (the losses' shape is {list(values)}). Received: "
+            f"sample_weight.shape={list(sw_shape)} (rank {len(sw)}).", reason="SAMPLE_WEIGHT_MISMATCH")
     if len(sw) == len(vals) + 1 and sw[-1:] == (1,):
         sw = sw[:-1]
     elif len(vals) == len(sw) + 1 and vals[-1:] == (1,):
         vals = vals[:-1]
     try:
         ok = np.broadcast_shapes(sw, vals) == vals
-    except ValueError:
+    except (ValueError, RuntimeError):  # RuntimeError: more dimensions than numpy handles
         ok = False
     if not ok:
         raise InvalidArgument(

@@ -1,31 +1,39 @@
 """Shared-memory regions of clients on the server's host: the one table of
-what is mapped, by whom, within which bounds.
+what is registered, by whom, within which bounds.
 
-A client creates a POSIX shared-memory object named under ``lossd_``,
-registers it in a session (``SharedMemoryService``), and names ranges of it
-in its requests; ``lossd.wire`` reads and writes those ranges through the
-resolver this table hands out (``access``), after checking each range
-against the region.
+A client opens a session (``SharedMemoryService``), creates a POSIX
+shared-memory object named under the session's own prefix
+(``lossd_<random>_``, sent in OpenSessionResponse.name_prefix), registers it
+in that session, and names ranges of it in its requests; ``lossd.wire``
+checks each range against the region (``region_range``) and this module
+reads and writes the bytes (``RegionAccess``).
 
 Safety:
 
-* names: only ``lossd_`` followed by ``[A-Za-z0-9_-]`` (no path
-  separators); opened with ``O_NOFOLLOW`` and refused unless a regular file
-  owned by the server's own user. A process of that user could stop the
-  server with a signal anyway, so nothing a region's owner can do to it
-  (such as shrinking it under the server, which the size check before each
-  use narrows to a race) gives a client more than it had;
-* bounds before mapping: regions and bytes per caller and in total
+* names: the session's prefix followed by ``[A-Za-z0-9_-]`` (no path
+  separators, no newline: the whole name is matched); opened with
+  ``O_NOFOLLOW`` and refused unless a regular file owned by the server's own
+  user;
+* binding: a name can be registered only in the session whose prefix it
+  carries, a session only by the caller that opened it, and a request
+  resolves only regions its own caller registered. Another caller who learns
+  a name can neither register it (so the server never maps, reads, writes
+  or unlinks it for them) nor name it in a request;
+* no signal from a region the client changes: the server never maps a
+  region. It reads the bytes of each request with ``preadv`` into memory of
+  its own (counted by admission, as gRPC bytes are) and writes outputs with
+  ``pwrite``, so a region shrunk under the server gives a short read and the
+  call is refused (``SHM_BAD_SIZE``) instead of a SIGBUS; the check cannot
+  race, since it is the read itself. Each read and write uses its own
+  duplicate of the region's descriptor, taken under the lock while the
+  region is registered, so an unregistration meanwhile cannot make it read
+  another file that reused the number;
+* bounds before opening: regions and bytes per caller and in total
   (``max_regions``, ``max_bytes``, ``max_total_bytes``), reserved under the
   lock before anything is opened;
 * lifetime: a region belongs to one session of one caller; the session ends
   with its gRPC stream (the client closed it, or died and its connection
-  dropped), and then every region of it is unmapped and unlinked;
-* access: a request resolves only regions its own caller registered.
-
-Arrays decoded from a region are views of the mapping; an unregistered
-region's mapping is closed at once when no view is left, else when the last
-one is collected. Its name is unlinked at once either way.
+  dropped), and then every region of it is closed and unlinked.
 
 Linux only (``/dev/shm``); elsewhere registration fails and clients fall
 back to gRPC. This module imports neither gRPC nor TensorFlow.
@@ -35,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import mmap
 import os
 import re
 import secrets
@@ -52,8 +59,11 @@ from lossd_server.errors import AlreadyExists, InvalidArgument, NotFound, Permis
 log = logging.getLogger(__name__)
 
 SHM_DIRECTORY = "/dev/shm"
-NAME_PATTERN = re.compile(rf"^{wire.SHM_PREFIX}[A-Za-z0-9_-]{{1,{200 - len(wire.SHM_PREFIX)}}}$")
+MAX_NAME = 200
+NAME_PATTERN = re.compile(rf"{wire.SHM_PREFIX}[A-Za-z0-9_-]{{1,{MAX_NAME - len(wire.SHM_PREFIX)}}}")
+"""What every region name fully matches (``fullmatch``: a trailing newline is no match)."""
 PREFIX_BYTES = 16  # what RegisterRegion reads back from the region's start
+_SESSION_PREFIX_HEX = 16  # random hex digits in a session's name prefix
 
 
 @dataclasses.dataclass(eq=False)
@@ -62,15 +72,14 @@ class Region:
     caller: str
     session: str
     size: int
-    fd: int
-    mapping: mmap.mmap
-    buffer: memoryview
+    fd: int  # open while registered; read and written through duplicates (``SharedMemoryRegions.duplicate``)
 
 
 @dataclasses.dataclass(eq=False)
 class Session:
-    id: str
+    id: str  # secret: whoever holds it may register in the session (with its caller's credentials)
     caller: str
+    prefix: str  # every region of the session is named under it
     regions: dict[str, Region] = dataclasses.field(default_factory=dict)
     closed: bool = False
     used: float = dataclasses.field(default_factory=time.monotonic)  # last call that used it (the idle limit)
@@ -95,7 +104,8 @@ class SharedMemoryRegions:
     # -- sessions ------------------------------------------------------------
 
     def open_session(self, caller: str) -> Session:
-        session = Session(secrets.token_hex(16), caller)
+        session = Session(secrets.token_hex(16), caller,
+                          f"{wire.SHM_PREFIX}{secrets.token_hex(_SESSION_PREFIX_HEX // 2)}_")
         with self._lock:
             self._sessions[session.id] = session
         return session
@@ -124,17 +134,17 @@ class SharedMemoryRegions:
     # -- regions -------------------------------------------------------------
 
     def register(self, caller: str, session_id: str, name: str, byte_size: int) -> bytes:
-        """Maps ``byte_size`` bytes of the region ``name`` into the server for
-        the session; returns the region's first bytes."""
-        if not NAME_PATTERN.match(name):
+        """Opens the region ``name`` for the session, after checking that it
+        holds ``byte_size`` bytes; returns the region's first bytes."""
+        if not NAME_PATTERN.fullmatch(name):
             raise InvalidArgument(
                 f"Invalid shared-memory region name {name[:64]!r}. Expected {wire.SHM_PREFIX!r} followed by "
-                f"letters, digits, '_' or '-', at most 200 characters.", reason="SHM_BAD_NAME")
+                f"letters, digits, '_' or '-', at most {MAX_NAME} characters.", reason="SHM_BAD_NAME")
         if byte_size <= 0:
             raise InvalidArgument(f"byte_size must be positive. Received: {byte_size}.", reason="SHM_BAD_SIZE")
         self._reserve(caller, session_id, name, byte_size)
         try:
-            region = self._open(caller, session_id, name, byte_size)
+            region, prefix = self._open(caller, session_id, name, byte_size)
         except BaseException:
             self._release(caller, byte_size)
             raise
@@ -148,7 +158,7 @@ class SharedMemoryRegions:
             self._regions[name] = region
             session.regions[name] = region
         self._gauges()
-        return bytes(region.buffer[:PREFIX_BYTES])
+        return prefix
 
     def unregister(self, caller: str, session_id: str, name: str) -> None:
         with self._lock:
@@ -161,7 +171,12 @@ class SharedMemoryRegions:
 
     def _reserve(self, caller: str, session_id: str, name: str, byte_size: int) -> None:
         with self._lock:
-            self.session(caller, session_id)
+            session = self.session(caller, session_id)
+            if not name.startswith(session.prefix):
+                raise PermissionDenied(
+                    f"The shared-memory region {name[:64]!r} is not named under this session's prefix. Expected "
+                    f"a name starting with {session.prefix!r} (OpenSessionResponse.name_prefix): a region can be "
+                    "registered only in the session it was created for.", reason="SHM_NOT_IN_SESSION")
             if name in self._regions:
                 raise AlreadyExists(f"The shared-memory region {name[:64]!r} is registered already.",
                                     reason="SHM_REGION_EXISTS")
@@ -196,7 +211,7 @@ class SharedMemoryRegions:
         if held[0] == 0:
             del self._reserved[caller]
 
-    def _open(self, caller: str, session_id: str, name: str, byte_size: int) -> Region:
+    def _open(self, caller: str, session_id: str, name: str, byte_size: int) -> tuple[Region, bytes]:
         path = os.path.join(self.directory, name)
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -217,18 +232,18 @@ class SharedMemoryRegions:
                 raise InvalidArgument(f"The shared-memory region {name!r} is smaller than byte_size. Expected at "
                                       f"least {byte_size:,} bytes. Received: a region of {info.st_size:,} bytes.",
                                       reason="SHM_BAD_SIZE")
-            mapping = mmap.mmap(fd, byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            prefix = os.pread(fd, min(PREFIX_BYTES, byte_size), 0)
         except BaseException:
             os.close(fd)
             raise
-        return Region(name, caller, session_id, byte_size, fd, mapping, memoryview(mapping))
+        return Region(name, caller, session_id, byte_size, fd), prefix
 
     def _remove(self, region: Region) -> None:
         with self._lock:
             if self._regions.get(region.name) is not region:
                 return
             del self._regions[region.name]
-            self._sessions.get(region.session, Session("", "")).regions.pop(region.name, None)
+            self._sessions.get(region.session, Session("", "", "")).regions.pop(region.name, None)
             self._release_locked(region.caller, region.size)
         self._close(region, unlink=True)
         self._gauges()
@@ -239,12 +254,7 @@ class SharedMemoryRegions:
                 os.unlink(os.path.join(self.directory, region.name))
             except FileNotFoundError:  # the client unlinked it first
                 pass
-        os.close(region.fd)
-        region.buffer.release()
-        try:
-            region.mapping.close()
-        except BufferError:  # arrays of a running evaluation still view it; they unmap it when collected
-            pass
+        os.close(region.fd)  # reads and writes in progress hold duplicates of their own
 
     def close(self) -> None:
         """Ends every session (the server stops)."""
@@ -258,26 +268,27 @@ class SharedMemoryRegions:
     def access(self, caller: str) -> "RegionAccess":
         return RegionAccess(self, caller)
 
+    def _not_found(self, name: str) -> NotFound:
+        return NotFound(f"No shared-memory region {name[:64]!r} registered by this caller. Expected a region "
+                        "registered with RegisterRegion in an open session.", reason="SHM_REGION_NOT_FOUND")
+
     def _resolve(self, caller: str, name: str) -> Region:
         region = self._regions.get(name)
         if region is None or region.caller != caller:
-            raise NotFound(f"No shared-memory region {name[:64]!r} registered by this caller. Expected a region "
-                           "registered with RegisterRegion in an open session.", reason="SHM_REGION_NOT_FOUND")
-        # A region shrunk under the mapping would fault on access (SIGBUS).
-        try:
-            size = os.fstat(region.fd).st_size
-        except OSError:  # closed since it was looked up: unregistered meanwhile
-            size = -1
-        if size < 0 or self._regions.get(name) is not region:
-            raise NotFound(f"The shared-memory region {name[:64]!r} was unregistered during the call.",
-                           reason="SHM_REGION_NOT_FOUND")
+            raise self._not_found(name)
         session = self._sessions.get(region.session)
         if session is not None:
             session.used = time.monotonic()  # an evaluation uses the session: not idle
-        if size < region.size:
-            raise InvalidArgument(f"The shared-memory region {name!r} shrank below its registered "
-                                  f"{region.size:,} bytes.", reason="SHM_BAD_SIZE")
         return region
+
+    def duplicate(self, region: Region) -> int:
+        """A descriptor of its own for one read or write of ``region`` (the
+        caller closes it), taken while the region is still registered."""
+        with self._lock:
+            if self._regions.get(region.name) is not region:
+                raise NotFound(f"The shared-memory region {region.name[:64]!r} was unregistered during the call.",
+                               reason="SHM_REGION_NOT_FOUND")
+            return os.dup(region.fd)
 
     def stats(self) -> tuple[int, int]:
         """(regions, bytes) registered now."""
@@ -289,36 +300,62 @@ class SharedMemoryRegions:
             self.metrics.set_shared_memory_regions(*self.stats())
 
 
+class Extent:
+    """A range of a region as ``wire.region_range`` sees it: a length, and
+    slicing to a sub-range. It holds no bytes: ``RegionAccess`` reads and
+    writes them with ``preadv`` and ``pwrite``."""
+
+    __slots__ = ("region", "offset", "size")
+
+    def __init__(self, region: Region, offset: int, size: int):
+        self.region, self.offset, self.size = region, offset, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: slice) -> "Extent":
+        start, stop, step = index.indices(self.size)
+        if step != 1:
+            raise TypeError("an Extent slices with step 1 only")
+        return Extent(self.region, self.offset + start, max(0, stop - start))
+
+
+def _shrank(region: Region, got: int, wanted: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"The shared-memory region {region.name[:64]!r} shrank below its registered {region.size:,} bytes during "
+        f"the call. Expected {wanted:,} bytes of the range. Received: {got:,}.", reason="SHM_BAD_SIZE")
+
+
 class RegionAccess:
     """One call's way into its caller's regions: the resolver ``lossd.wire``
-    reads and writes ranges through, counting the bytes served."""
+    checks ranges through, and the reads and writes of those ranges,
+    counting the bytes served."""
 
     def __init__(self, regions: SharedMemoryRegions, caller: str):
         self._regions = regions
         self._caller = caller
-        self._views: dict[str, memoryview] = {}
 
-    def __call__(self, name: str) -> memoryview:
-        # One view per region for the whole call: it (and the arrays made
-        # from it) keeps the mapping alive, so a call that has read its
-        # inputs also writes its outputs even if the session ends meanwhile.
-        view = self._views.get(name)
-        if view is None:
-            region = self._regions._resolve(self._caller, name)
-            try:
-                view = memoryview(region.mapping)
-            except ValueError:  # closed since it was resolved: unregistered meanwhile
-                raise NotFound(f"The shared-memory region {name[:64]!r} was unregistered during the call.",
-                               reason="SHM_REGION_NOT_FOUND") from None
-            self._views[name] = view
-        return view
+    def __call__(self, name: str) -> Extent:
+        region = self._regions._resolve(self._caller, name)
+        return Extent(region, 0, region.size)
 
     def read(self, tensor: tensor_pb2.Tensor, *, field: str, max_elements: Optional[int],
              content=None) -> np.ndarray:
-        """``wire.to_numpy`` of a tensor, from a region where it refers to one
-        (``content``: its bytes where they were lifted out of the message)."""
-        array = wire.to_numpy(tensor, field=field, max_elements=max_elements, regions=self, content=content)
-        if tensor.HasField("shared_memory") and self._regions.metrics is not None:
+        """``wire.to_numpy`` of a tensor; where it refers to a region, its
+        bytes are read (copied) from there (``content``: its bytes where they
+        were lifted out of the message)."""
+        if not tensor.HasField("shared_memory"):
+            return wire.to_numpy(tensor, field=field, max_elements=max_elements, content=content)
+        if tensor.content:  # wire refuses content and a region together, before resolving the region
+            wire.to_numpy(tensor, field=field, max_elements=max_elements, regions=self)
+        extent = wire.region_range(tensor.shared_memory, self, field=field)
+        # Untouched pages cost nothing: checking the shape against the range
+        # on the buffer before reading leaves a refused request free.
+        buffer = np.empty(extent.size, np.uint8)
+        array = wire.from_bytes(buffer, tensor.dtype, tensor.shape, field=field, max_elements=max_elements)
+        self._transfer(extent, buffer, write=False)
+        array.flags.writeable = False  # as the bytes path is
+        if self._regions.metrics is not None:
             self._regions.metrics.shared_memory_bytes("read", array.nbytes)
         return array
 
@@ -330,7 +367,35 @@ class RegionAccess:
                                   f"Received: byte_size={available:,}.", reason="SHM_OUT_OF_RANGE")
 
     def write(self, array: np.ndarray, ref: tensor_pb2.SharedMemoryRef, *, field: str) -> tensor_pb2.Tensor:
-        tensor = wire.to_region(array, ref, self, field=field)
+        """Writes ``array`` (row-major, little-endian) at the start of the range
+        and returns the Tensor that refers to the bytes written."""
+        enum = wire.dtype_enum(np.asarray(array).dtype, field=field)
+        array = np.ascontiguousarray(array, dtype=wire.numpy_dtype(enum, field=field))
+        self.check_output(ref, array.nbytes, field=field)
+        extent = wire.region_range(ref, self, field=field)
+        self._transfer(extent, array.reshape(-1).view(np.uint8), write=True)
         if self._regions.metrics is not None:
-            self._regions.metrics.shared_memory_bytes("written", tensor.shared_memory.byte_size)
-        return tensor
+            self._regions.metrics.shared_memory_bytes("written", array.nbytes)
+        return tensor_pb2.Tensor(dtype=enum, shape=array.shape, shared_memory=tensor_pb2.SharedMemoryRef(
+            region=ref.region, offset=ref.offset, byte_size=array.nbytes))
+
+    def _transfer(self, extent: Extent, buffer: np.ndarray, *, write: bool) -> None:
+        """Reads the extent into ``buffer`` or writes ``buffer`` at it, with
+        the file calls: a region shrunk meanwhile gives a short read (an
+        error here), never a signal; a write past its end grows it back
+        within the registered size."""
+        view = memoryview(buffer).cast("B")
+        fd = self._regions.duplicate(extent.region)
+        try:
+            done, wanted = 0, len(view)
+            while done < wanted:
+                if write:
+                    n = os.pwrite(fd, view[done:], extent.offset + done)
+                else:
+                    n = os.preadv(fd, [view[done:]], extent.offset + done)
+                if n <= 0:
+                    raise _shrank(extent.region, done, wanted)
+                done += n
+        finally:
+            os.close(fd)
+

@@ -16,6 +16,7 @@ from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
 from lossd_server.errors import FailedPrecondition, InvalidArgument
 from lossd_server.evaluation.evaluator import Result
 from lossd_server.evaluation.service import EvaluationRequest, EvaluationService, Incoming
+from lossd_server.grpc import parsing
 from lossd_server.grpc.auth import Caller, Callers
 from lossd_server.observability.logs import audited
 from lossd_server.grpc.status import handle_errors, to_status
@@ -113,32 +114,19 @@ def _serialize(response) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-class _Handlers:
-    """Stands in for a server to collect the method handlers a generated
-    ``add_*_to_server`` function makes."""
-
-    def add_generic_rpc_handlers(self, handlers) -> None:
-        pass
-
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        self.service, self.handlers = service, handlers
-
-
 def add_loss_service(servicer: "LossServicer", server) -> None:
     """Adds LossService to ``server`` as the generated code would, except
-    that Evaluate's and EvaluateStream's requests are parsed without copying
-    their tensors (``receive``, ``receive_stream_item``) and their answers
-    may be bytes already serialized (``Answer.serialized``)."""
-    made = _Handlers()
-    loss_service_pb2_grpc.add_LossServiceServicer_to_server(servicer, made)
-    handlers = dict(made.handlers)
+    that every request is parsed inside its handler (``parsing.tolerant``),
+    Evaluate's and EvaluateStream's without copying their tensors
+    (``receive``, ``receive_stream_item``), and their answers may be bytes
+    already serialized (``Answer.serialized``)."""
+    service, handlers = parsing.handlers_of(loss_service_pb2_grpc.add_LossServiceServicer_to_server, servicer,
+                                            loss_service_pb2.DESCRIPTOR.services_by_name["LossService"])
     handlers["Evaluate"] = grpc.unary_unary_rpc_method_handler(
-        handlers["Evaluate"].unary_unary, request_deserializer=receive, response_serializer=_serialize)
+        servicer.Evaluate, request_deserializer=receive, response_serializer=_serialize)
     handlers["EvaluateStream"] = grpc.stream_stream_rpc_method_handler(
-        handlers["EvaluateStream"].stream_stream, request_deserializer=receive_stream_item,
-        response_serializer=_serialize)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(made.service, handlers),))
-    server.add_registered_method_handlers(made.service, handlers)
+        servicer.EvaluateStream, request_deserializer=receive_stream_item, response_serializer=_serialize)
+    parsing.register(server, service, handlers)
 
 
 class LossServicer(loss_service_pb2_grpc.LossServiceServicer):

@@ -7,11 +7,11 @@ from __future__ import annotations
 import threading
 import time
 
-from lossd import wire
 from lossd.v1 import shared_memory_service_pb2 as pb
 from lossd.v1 import shared_memory_service_pb2_grpc as pb_grpc
 from lossd_server.errors import DeadlineExceeded
 from lossd_server.evaluation.shared_memory import SharedMemoryRegions
+from lossd_server.grpc import parsing
 from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.status import handle_errors
 
@@ -41,7 +41,7 @@ class SharedMemoryServicer(pb_grpc.SharedMemoryServiceServicer):
         try:
             if not context.add_callback(end):  # over already
                 return
-            yield pb.OpenSessionResponse(session_id=session.id, name_prefix=wire.SHM_PREFIX,
+            yield pb.OpenSessionResponse(session_id=session.id, name_prefix=session.prefix,
                                          max_regions=self.regions.max_regions, max_bytes=self.regions.max_bytes)
             while not ended.wait(min(self.idle_seconds - (time.monotonic() - session.used), 3600)):
                 if time.monotonic() - session.used >= self.idle_seconds:
@@ -88,5 +88,6 @@ class SharedMemoryServicer(pb_grpc.SharedMemoryServiceServicer):
 def add_shared_memory_service(server, regions: SharedMemoryRegions, callers: Callers,
                               idle_seconds: float = float("inf")) -> SharedMemoryServicer:
     servicer = SharedMemoryServicer(regions, callers, idle_seconds)
-    pb_grpc.add_SharedMemoryServiceServicer_to_server(servicer, server)
+    parsing.add_tolerant(pb_grpc.add_SharedMemoryServiceServicer_to_server, servicer,
+                         pb.DESCRIPTOR.services_by_name["SharedMemoryService"], server)
     return servicer

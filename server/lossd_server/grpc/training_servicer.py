@@ -15,6 +15,7 @@ from lossd import wire
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
 from lossd_server.errors import DOMAIN, DeadlineExceeded, InvalidArgument, NotFound
+from lossd_server.grpc import parsing
 from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.status import handle_errors
 from lossd_server.training.inference import GenerateOptions
@@ -158,6 +159,20 @@ def event_to_proto(event: Event) -> pb.JobEvent:
     return message
 
 
+def _readable_event(event: Event):
+    """The JobEvent for ``event``; None, with a warning, for one whose
+    payload cannot be read (garbage written into the store): a watcher
+    skips it and goes on with the next."""
+    try:
+        if event.payload is None:  # the store could not parse it
+            raise ValueError("the payload is not a JSON object")
+        return event_to_proto(event)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("WatchJob skips event %s of job %s: it cannot be read (%s: %s)", event.seq, event.job_id,
+                    type(exc).__name__, str(exc)[:200])
+        return None
+
+
 def dataset_to_proto(info) -> pb.Dataset:
     return pb.Dataset(name=info.name, source=info.source, examples=info.examples, image_shape=info.image_shape,
                       class_names=info.class_names, create_time=_timestamp(info.create_time) if info.create_time
@@ -214,7 +229,9 @@ class TrainingServicer(pb_grpc.TrainingServiceServicer):
 
         for event in self.manager.scheduler.watch(ident, caller, after, active):
             last_event, after = time.monotonic(), event.seq
-            yield event_to_proto(event)
+            message = _readable_event(event)
+            if message is not None:
+                yield message
         if context.is_active() and not self.manager.get_job(ident, caller).final \
                 and time.monotonic() - last_event >= self.stream_idle_seconds:
             raise DeadlineExceeded(
@@ -334,7 +351,8 @@ def add_training_service(grpc_server, settings, planner, metrics=None, *, gpus: 
         when the server stops.
     """
     manager = TrainingManager(settings, planner, metrics, gpus=gpus, store=store, evaluator=evaluator)
-    pb_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(manager, max_elements=settings.max_tensor_elements,
-                         stream_idle_seconds=settings.stream_idle_seconds, callers=callers), grpc_server)
+    servicer = TrainingServicer(manager, max_elements=settings.max_tensor_elements,
+                                stream_idle_seconds=settings.stream_idle_seconds, callers=callers)
+    parsing.add_tolerant(pb_grpc.add_TrainingServiceServicer_to_server, servicer,
+                         pb.DESCRIPTOR.services_by_name["TrainingService"], grpc_server)
     return manager

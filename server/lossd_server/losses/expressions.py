@@ -138,6 +138,7 @@ import functools
 import math
 import re
 import string
+import threading
 from dataclasses import dataclass, field
 from keyword import iskeyword
 from types import MappingProxyType
@@ -182,6 +183,31 @@ _SNIPPET_LENGTH = 40
 # The two static types of a sub-expression.
 _NUMBER = "number"
 _BOOLEAN = "boolean"
+
+
+# CPython 3.11 and 3.12 keep the AST constructor's recursion depth in
+# interpreter-wide state, set from the calling thread's stack depth: two
+# threads converting trees at once (one of them letting the other run, as a
+# garbage collection inside ast.parse can) fail with SystemError "AST
+# constructor recursion depth mismatch", and a valid expression would be
+# refused. Our own parses take turns under this lock; a parse that still
+# collides with one elsewhere in the process (TensorFlow's autograph parses
+# source too) is retried, since the text was never at fault.
+_PARSE_LOCK = threading.Lock()
+_PARSE_TRIES = 3
+
+
+def parse(text: str) -> ast.Expression:
+    """``ast.parse(text, mode="eval")``, safe to call from many threads."""
+    for _ in range(_PARSE_TRIES - 1):
+        try:
+            with _PARSE_LOCK:
+                return ast.parse(text, mode="eval")
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc):
+                raise
+    with _PARSE_LOCK:
+        return ast.parse(text, mode="eval")
 
 
 class ExpressionError(ValueError):
@@ -692,7 +718,7 @@ class _Compiler:
             if char == "\n":
                 self.line_starts.append(offset + 1)
         try:
-            tree = ast.parse(text, mode="eval")
+            tree = parse(text)
         except SyntaxError as exc:
             # SyntaxError.offset is 1-based.
             offset = self._offset(exc.lineno, (exc.offset or 1) - 1)
@@ -1036,7 +1062,7 @@ def row_structure(source: str, ranks: Mapping[str, int], params: Collection[str]
     The answer is conservative: None means "not proven separable", and the
     caller refuses to split such an expression.
     """
-    tree = ast.parse(source.strip(), mode="eval")
+    tree = parse(source.strip())
     try:
         kind = _RowAnalysis(ranks, frozenset(params)).visit(tree.body)
     except _Coupled:
@@ -1164,7 +1190,7 @@ def rename_tensors(source: str, mapping: Mapping[str, str]) -> str:
     for writing a registered expression out over the tensors a composite term
     maps it to. Raises ExpressionError when a new name is already used for
     something else in the expression."""
-    tree = ast.parse(source.strip(), mode="eval")
+    tree = parse(source.strip())
     used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
     clashes = sorted((set(mapping.values()) & used) - set(mapping))
     if clashes:
@@ -1226,7 +1252,7 @@ def size(source: str) -> int:
 def _parsed(source: str) -> ast.AST:
     """The body of a checked expression's tree, parsed once per text: the
     shape analysis runs on every evaluation and only reads the tree."""
-    return ast.parse(source.strip(), mode="eval").body
+    return parse(source.strip()).body
 
 
 class _ShapeAnalysis:

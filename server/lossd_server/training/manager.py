@@ -21,6 +21,7 @@ from lossd_server.losses.plan import Planner
 from lossd_server.training import jobs
 from lossd_server.training.artifacts import Artifacts, artifacts_root
 from lossd_server.training.catalog import DatasetCatalog
+from lossd_server.training.datasets import DatasetInfo
 from lossd_server.training.inference import Inference
 from lossd_server.training.scheduler import Scheduler
 from lossd_server.training.store import (QUARANTINE_DIR, JobRecord, PostgresStore, Quarantine, SqliteStore,
@@ -42,11 +43,12 @@ def open_store(settings) -> Store:
     """
     data_dir, root = pathlib.Path(settings.data_dir), artifacts_root(settings)
     if not settings.database_url:
-        return SqliteStore(data_dir / STORE_FILE, check_job=jobs.check_record, artifacts_root=root,
-                           dataset_root=settings.dataset_root)
+        return SqliteStore(data_dir / STORE_FILE, check_job=jobs.check_record, check_dataset=DatasetInfo.from_dict,
+                           artifacts_root=root, dataset_root=settings.dataset_root)
     try:
         return PostgresStore(settings.database_url, quarantine=Quarantine(data_dir / QUARANTINE_DIR),
-                             check_job=jobs.check_record, pool_size=settings.database_pool_size,
+                             check_job=jobs.check_record, check_dataset=DatasetInfo.from_dict,
+                             pool_size=settings.database_pool_size,
                              artifacts_root=root, dataset_root=settings.dataset_root)
     except ConnectionError as exc:
         raise StartupError(f"{exc} (set LOSSD_DATABASE_URL or --database-url)") from None

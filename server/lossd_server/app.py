@@ -275,13 +275,10 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     earlier = process.wait_for_store() if process is not None else []  # the first process opens it first
     state = open_store(settings)  # jobs, datasets and registered losses
-    quarantined = list(state.quarantine.items) or earlier
-    if process is not None:
-        process.store_opened(quarantined)
-        if not process.runs_jobs:
-            # The first process runs the jobs: this one queues them for it,
-            # as a replica without job slots does on a shared database.
-            state.shared = True
+    if process is not None and not process.runs_jobs:
+        # The first process runs the jobs: this one queues them for it,
+        # as a replica without job slots does on a shared database.
+        state.shared = True
     store = None
     if registry is None:
         registry = full_registry(plugins=True)
@@ -293,6 +290,11 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         loaded = store.load()
         if loaded:
             log.info("loaded %d registered losses: %s", len(loaded), ", ".join(loaded))
+    # Taken after the registered losses loaded: a bad losses.json or loss row
+    # is quarantined there, and counts too.
+    quarantined = list(state.quarantine.items) or earlier
+    if process is not None:
+        process.store_opened(quarantined)
     backend.configure_threads(settings.inter_op_threads or None)
     device = backend.select_device(settings.device)
 

@@ -430,11 +430,13 @@ def test_registered_losses_get_at_most_max_loss_labels_label_values(tmp_path_fac
 
 
 def test_an_allocation_tensorflow_cannot_make_is_resource_exhausted_not_internal(start_server):
-    # With the broadcast bound lifted, (N, 1) - (1, N) asks TensorFlow for
-    # N*N*4 = 144 TB: more than any process's address space, so the
-    # allocation fails at once on every machine (after TensorFlow's own
-    # retry wait of about 10 s) instead of paging anything in.
-    address = start_server(max_broadcast_elements=10**15)
+    # With the broadcast and cost bounds lifted (they refuse this request
+    # before any work: tests/robustness/test_cost_bounds.py), (N, 1) - (1, N)
+    # asks TensorFlow for N*N*4 = 144 TB: more than any process's address
+    # space, so the allocation fails at once on every machine (after
+    # TensorFlow's own retry wait of about 10 s) instead of paging anything in.
+    address = start_server(max_broadcast_elements=10**15, max_evaluation_cost=10**30,
+                           max_evaluation_memory_bytes=10**30)
     n = 6_000_000
     client = lossd.Client(address)
     with pytest.raises(lossd.LossdError) as err:

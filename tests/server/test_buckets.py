@@ -52,9 +52,18 @@ ROW_PARAMETER_VALUES = {"delta": (0.3, 3.0), "gamma": (0.0, 4.0), "alpha": (0.0,
 ROWS = (1, 2, MIN_ROWS - 1, MIN_ROWS, MIN_ROWS + 1, 15, 16, 17, 31, 33)
 
 
+def every_loss(registry) -> list[str]:
+    """``xla_losses`` naming every loss: ``auto`` then buckets a lone request
+    of any loss (the server's list names only those measured faster), so the
+    exactness checks below reach every bucketable loss ("" is an inline
+    expression's entry, which has no name)."""
+    return ["", *(entry.name for entry in registry.entries())]
+
+
 @pytest.fixture(scope="module")
 def evaluator():
-    ev = Evaluator(custom.full_registry(plugins=False), backend.select_device("cpu"), xla="auto",
+    registry = custom.full_registry(plugins=False)
+    ev = Evaluator(registry, backend.select_device("cpu"), xla="auto", xla_losses=every_loss(registry),
                    expression_compiler=custom.inline_entry, max_pending_compiles=64, compile_timeout=600)
     yield ev
     ev.close()
@@ -299,7 +308,7 @@ def test_padding_never_shows(evaluator):
 def test_a_request_never_waits_for_xla(evaluator):
     """A new bucket's first request takes the graph path while XLA compiles
     in the background; the next one of that bucket uses the executable."""
-    ev = Evaluator(evaluator.registry, evaluator.device, xla="auto", compile_timeout=600)
+    ev = Evaluator(evaluator.registry, evaluator.device, xla="auto", xla_losses=("huber",), compile_timeout=600)
     try:
         plan = ev.planner.plan({"name": "huber", "params": {"delta": 0.7}})
         tensors = {"y_true": np.zeros((5, 3), np.float32), "y_pred": np.ones((5, 3), np.float32)}
@@ -351,7 +360,7 @@ def test_a_program_xla_cannot_compile_is_not_tried_again(evaluator, caplog):
     registry.register(LossEntry("numpy_mse", (), "MSE through numpy.", (),
                                 lambda params, reduction, dtype: NumpyMSE(reduction=reduction, dtype=dtype),
                                 source="builtin", row_structure=mse.row_structure))
-    ev = Evaluator(registry, evaluator.device, xla="auto", compile_timeout=600)
+    ev = Evaluator(registry, evaluator.device, xla="auto", xla_losses=("numpy_mse",), compile_timeout=600)
     try:
         plan = ev.planner.plan({"name": "numpy_mse"})
         y = np.arange(12, dtype=np.float32).reshape(4, 3)
@@ -416,3 +425,30 @@ def test_through_a_server_with_xla(tmp_path):
         assert srv.evaluator.buckets.calls == before + len(calls)
     finally:
         srv.stop(0)
+
+
+def test_auto_buckets_a_lone_request_only_for_the_losses_measured_faster(evaluator):
+    """Under the server's ``auto`` a lone MSE request (measured slower
+    bucketed) keeps the graph; a lone Huber request (measured faster) is
+    bucketed once its executable is ready. Both answer as Keras does."""
+    import keras
+
+    from lossd_server.app import XLA_LOSSES
+
+    ev = Evaluator(evaluator.registry, evaluator.device, xla="auto", xla_losses=XLA_LOSSES, compile_timeout=600)
+    try:
+        rng = np.random.default_rng(4)
+        y_true, y_pred = rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=(6, 3)).astype(np.float32)
+        for name, bucketed in (("mean_squared_error", False), ("huber", True)):
+            plan = ev.planner.plan({"name": name})
+            for _ in range(2):  # the first call starts the bucket's compilation, if any
+                ev.evaluate(plan, {"y_true": y_true, "y_pred": y_pred}, reduction="sum")
+                assert ev.wait_compiled()
+            before = ev.buckets.calls
+            result = ev.evaluate(plan, {"y_true": y_true, "y_pred": y_pred}, reduction="sum")
+            assert (ev.buckets.calls == before + 1) is bucketed, name
+            expected = {"mean_squared_error": keras.losses.MeanSquaredError(reduction="sum"),
+                        "huber": keras.losses.Huber(reduction="sum")}[name](y_true, y_pred)
+            np.testing.assert_allclose(result.loss, np.asarray(expected), rtol=1e-6)
+    finally:
+        ev.close()

@@ -92,6 +92,13 @@ class Buckets:
         """One checked request (``Evaluator.check``) through its bucket's
         executable; None where it does not qualify or its executable is not
         ready (then it is being compiled, unless XLA failed on it before)."""
+        if self.evaluator.xla == "auto" and not all(t.entry.name in self.evaluator.xla_losses for t in plan.terms):
+            # A lone request pays the bucket's padding and Python: measured
+            # slower than the graph for MSE (bench/xla.py --small, 1.17x CPU),
+            # faster for Huber and the crossentropies. ``auto`` buckets a lone
+            # request only for the losses measured faster (app.XLA_LOSSES);
+            # micro-batches (``run``) gain for every loss and are bucketed all.
+            return None
         kind = _kind(plan, tensors, sample_weight, reduction, gradient)
         if kind is None:
             return None

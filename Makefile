@@ -54,7 +54,7 @@ test-tools:
 # (pytest-xdist; docs/testing.md). More workers than cores pay: most tests
 # wait on subprocesses and sockets. --dist loadfile keeps each file on one
 # worker, so a module's servers start once.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 2
 test: test-tools $(STAMP)
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 

@@ -19,7 +19,10 @@ from servers import kill_group, serve_process
 
 pytest.importorskip("tensorflow")
 
-LEASE_SECONDS = 2.0
+# Long enough that a replica starved of CPU while another one loads TensorFlow
+# (the suite runs in parallel) still renews its publication in time; the
+# orphaned job below hears why within a lease of the kill.
+LEASE_SECONDS = 6.0
 
 
 def _env(url: str, folder, slots: int) -> dict:

@@ -48,11 +48,19 @@ def error_status(error: dict | None) -> status_pb2.Status | None:
     """A stored job error as a ``google.rpc.Status`` with an ErrorInfo."""
     if not error:
         return None
-    info = error_details_pb2.ErrorInfo(reason=error["reason"], domain=DOMAIN,
-                                       metadata={k: str(v) for k, v in error.get("metadata", {}).items()})
+    # A stored error is state, which may be damaged (tests/robustness/test_store_faults.py):
+    # what it lacks is filled in, never a KeyError that turns GetJob into INTERNAL.
+    if not isinstance(error, dict):
+        error = {"message": str(error)}
+    metadata = error.get("metadata")
+    info = error_details_pb2.ErrorInfo(
+        reason=str(error.get("reason") or "JOB_FAILED"), domain=DOMAIN,
+        metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {})
     detail = any_pb2.Any()
     detail.Pack(info)
-    return status_pb2.Status(code=code_pb2.Code.Value(error.get("code", "INTERNAL")), message=error["message"],
+    code = error.get("code")
+    code = code if isinstance(code, str) and code in code_pb2.Code.keys() else "INTERNAL"
+    return status_pb2.Status(code=code_pb2.Code.Value(code), message=str(error.get("message", "")),
                              details=[detail])
 
 

@@ -104,6 +104,19 @@ async def warm_crowd(call, payloads: list[bytes]) -> None:
     raise SystemExit("requests still refused after the warm-up")
 
 
+async def alternate(calls: dict, payloads: list[bytes], concurrency: int, blocks: int,
+                    seconds: float) -> dict[str, float]:
+    """Requests/s of each side of ``calls`` (name -> a ``run_block``-like
+    coroutine function), measured in ``blocks`` rounds that visit every side
+    in turn, so drift in the machine's speed falls on all of them alike."""
+    totals = dict.fromkeys(calls, 0)
+    for _ in range(blocks):
+        for name, run in calls.items():
+            done, _ = await run(payloads, concurrency, seconds)
+            totals[name] += done
+    return {name: totals[name] / (blocks * seconds) for name in calls}
+
+
 async def measure(echo_address: str, lossd_address: str, off_address: str, levels: list[int], blocks: int,
                   seconds: float, payloads: list[bytes]) -> None:
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]

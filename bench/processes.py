@@ -45,7 +45,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from concurrency import EVALUATE_METHOD, requests, warm_crowd  # noqa: E402
+from concurrency import EVALUATE_METHOD, alternate, requests, warm_crowd  # noqa: E402
 from evaluate import ECHO_METHOD, free_port, process, wait_ready  # noqa: E402
 from where_time_goes import split  # noqa: E402
 
@@ -84,12 +84,7 @@ async def measure(sides: dict[str, list[tuple[str, str]]], levels: list[int], bl
         print(f"{'concurrency':>11} " + " ".join(f"{n + ' req/s':>15}" for n in names) + " "
               + " ".join(f"{n + '/echo':>14}" for n in names[1:]) + f" {'k4/p1':>6} {'k8/p1':>6}")
         for concurrency in levels:
-            totals = dict.fromkeys(names, 0)
-            for _ in range(blocks):
-                for name, run in calls.items():
-                    done, _ = await run(payloads, concurrency, seconds)
-                    totals[name] += done
-            rates = {n: totals[n] / (blocks * seconds) for n in names}
+            rates = await alternate(calls, payloads, concurrency, blocks, seconds)
             print(f"{concurrency:>11} " + " ".join(f"{rates[n]:>15,.0f}" for n in names) + " "
                   + " ".join(f"{rates[n] / rates['echo']:>14.2f}" for n in names[1:])
                   + f" {rates['p2 k4'] / rates['p1']:>6.2f} {rates['p2 k8'] / rates['p1']:>6.2f}", flush=True)

@@ -55,7 +55,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from concurrency import EVALUATE_METHOD, requests, run_block, warm_crowd  # noqa: E402
+from concurrency import EVALUATE_METHOD, alternate, requests, run_block, warm_crowd  # noqa: E402
 from evaluate import ECHO_METHOD, free_port, process, wait_ready  # noqa: E402
 
 
@@ -244,12 +244,7 @@ async def measure(sides: dict[str, list[tuple[str, str]]], levels: list[int], bl
         print(f"{'concurrency':>11} " + " ".join(f"{n + ' req/s':>19}" for n in names) + " "
               + " ".join(f"{n + '/echo':>19}" for n in names[1:]))
         for concurrency in levels:
-            totals = dict.fromkeys(names, 0)
-            for _ in range(blocks):
-                for name, run in calls.items():
-                    done, _ = await run(payloads, concurrency, seconds)
-                    totals[name] += done
-            rates = {n: totals[n] / (blocks * seconds) for n in names}
+            rates = await alternate(calls, payloads, concurrency, blocks, seconds)
             print(f"{concurrency:>11} " + " ".join(f"{rates[n]:>19,.0f}" for n in names) + " "
                   + " ".join(f"{rates[n] / rates['echo']:>19.2f}" for n in names[1:]), flush=True)
     finally:

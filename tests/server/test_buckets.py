@@ -252,6 +252,23 @@ def test_bucketed_request_equals_keras(evaluator, data):
     event(_check(call, result).split(" rows=")[0].split(" ")[0])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_subnormal_parameter_answers_as_keras(evaluator, dtype):
+    """A subnormal float64 parameter (which TensorFlow's kernels flush to zero
+    and XLA's keep) gets Keras's eager answer from a bucket: before the planner
+    flushed it, gamma=2.2e-309 with an Inf prediction answered NaN bucketed
+    and 1.97 in Keras."""
+    y_true = np.array([[0.87148002, 0.5959722], [0.7065469, 0.53926249]], dtype)
+    y_pred = np.array([[0.62326552, 0.29280804], [0.08687617, np.inf]], dtype)
+    params = {"alpha": 0.0, "gamma": 2.225073858507203e-309, "apply_class_balancing": True}
+    call = dict(loss="binary_focal_crossentropy", spec={"name": "binary_focal_crossentropy", "params": params},
+                params=params, tensors={"y_true": y_true, "y_pred": y_pred}, sample_weight=None,
+                reduction="none", gradient=False)
+    result = _bucketed(evaluator, call)
+    _check(call, result)
+    assert np.isfinite(result.loss).all()
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_bucketed_batch_equals_keras(evaluator, data):

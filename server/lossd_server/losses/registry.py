@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import re
+import sys
 import threading
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -397,6 +398,12 @@ def coerce_parameter(loss: str, param: Parameter, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise _type_error(loss, param, value)
         value = float(value)
+        if abs(value) < sys.float_info.min:
+            # TensorFlow's kernels flush subnormal numbers to zero and XLA's
+            # keep them, so gamma=1e-309 answered like 0 eagerly and like
+            # itself in an XLA bucket (NaN where the focal factor's base is
+            # NaN). Flushed here, every path answers as Keras's eager kernels do.
+            value = 0.0
     _check_range(loss, param, value)
     return value
 

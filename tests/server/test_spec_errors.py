@@ -54,6 +54,7 @@ BAD_SPECS = [
     ("param as a bool", spec("huber", params={"delta": True}), "BAD_PARAMETER"),
     ("negative delta", spec("huber", params={"delta": -1.0}), "PARAMETER_OUT_OF_RANGE"),
     ("zero delta", spec("huber", params={"delta": 0.0}), "PARAMETER_OUT_OF_RANGE"),
+    ("subnormal delta (zero to TensorFlow)", spec("huber", params={"delta": 1e-309}), "PARAMETER_OUT_OF_RANGE"),
     ("NaN param", spec("huber", params={"delta": math.nan}), "BAD_PARAMETER"),
     ("Inf param", spec("huber", params={"delta": math.inf}), "BAD_PARAMETER"),
     ("-Inf param", spec("huber", params={"delta": -math.inf}), "BAD_PARAMETER"),

@@ -398,12 +398,21 @@ def coerce_parameter(loss: str, param: Parameter, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise _type_error(loss, param, value)
         value = float(value)
-        if abs(value) < sys.float_info.min:
+        if value != 0.0 and abs(value) < sys.float_info.min:
             # TensorFlow's kernels flush subnormal numbers to zero and XLA's
             # keep them, so gamma=1e-309 answered like 0 eagerly and like
             # itself in an XLA bucket (NaN where the focal factor's base is
             # NaN). Flushed here, every path answers as Keras's eager kernels do.
-            value = 0.0
+            _check_range(loss, param, value)
+            try:
+                _check_range(loss, param, 0.0)
+            except InvalidArgument:
+                raise InvalidArgument(
+                    f"Invalid value for parameter `{param.name}` of loss `{loss}`. Expected a value that is "
+                    f"not subnormal (TensorFlow computes {value:g} as 0, which this parameter does not take). "
+                    f"Received: {param.name}={value:g}.", reason="PARAMETER_OUT_OF_RANGE",
+                    metadata={"loss": loss, "parameter": param.name}) from None
+            return 0.0
     _check_range(loss, param, value)
     return value
 

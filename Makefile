@@ -58,9 +58,11 @@ TEST_WORKERS ?= 2
 test: test-tools $(STAMP)
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# Regenerate the gRPC stubs in client/lossd/v1 from proto/ (tests fail when stale).
+# Regenerate the gRPC stubs in client/lossd/v1 and server/lossd_server/grpc/oip
+# from proto/ (tests fail when stale).
 proto: $(STAMP)
 	$(PY) proto/generate.py client/lossd/v1
+	$(PY) proto/generate.py server/lossd_server/grpc/oip lossd_server/grpc/oip
 
 bench: $(STAMP)
 	$(PY) bench/evaluate.py

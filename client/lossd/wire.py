@@ -142,6 +142,40 @@ def dtype_enum(dtype: np.dtype, *, field: str = "tensor") -> int:
     return enum
 
 
+# The Open Inference Protocol's (KServe v2) datatype names, for the server's
+# OIP front end: the same dtypes under the protocol's spelling.
+_OIP_BY_ENUM: dict[int, str] = {
+    DataType.DATA_TYPE_FLOAT16: "FP16",
+    DataType.DATA_TYPE_BFLOAT16: "BF16",
+    DataType.DATA_TYPE_FLOAT32: "FP32",
+    DataType.DATA_TYPE_FLOAT64: "FP64",
+    DataType.DATA_TYPE_INT8: "INT8",
+    DataType.DATA_TYPE_INT16: "INT16",
+    DataType.DATA_TYPE_INT32: "INT32",
+    DataType.DATA_TYPE_INT64: "INT64",
+    DataType.DATA_TYPE_UINT8: "UINT8",
+    DataType.DATA_TYPE_BOOL: "BOOL",
+}
+_ENUM_BY_OIP: dict[str, int] = {name: enum for enum, name in _OIP_BY_ENUM.items()}
+
+
+def oip_datatype(enum: int) -> str:
+    """The Open Inference Protocol's name (``FP32``) of a DataType enum value."""
+    return _OIP_BY_ENUM[enum]
+
+
+def oip_dtype_enum(datatype: str, *, field: str = "tensor") -> int:
+    """The DataType enum value of an Open Inference Protocol datatype name;
+    raises WireError (UNSUPPORTED_DTYPE) for one lossd does not take
+    (``BYTES``, the unsigned types but ``UINT8``)."""
+    enum = _ENUM_BY_OIP.get(datatype)
+    if enum is None or enum not in _NUMPY_BY_ENUM and _bfloat16(enum) is None:
+        supported = [name for e, name in _OIP_BY_ENUM.items() if enum_name(e) in SUPPORTED_DTYPES]
+        raise WireError(f"{field}: unsupported datatype. Expected one of {', '.join(supported)}. "
+                        f"Received: {datatype[:64]!r}.", reason="UNSUPPORTED_DTYPE")
+    return enum
+
+
 # ---------------------------------------------------------------------------
 # Tensors
 

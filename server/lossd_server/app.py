@@ -42,6 +42,7 @@ from lossd_server.observability.metrics import Metrics, start_metrics_server
 from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLContext, SecurityFileError
 from lossd_server.ports import bind_errno, bind_failure
 from lossd_server.supervisor import ProcessRole
+from lossd_server.grpc import oip_servicer
 from lossd_server.grpc.loss_servicer import LossServicer, add_loss_service
 from lossd_server.grpc.shm_servicer import add_shared_memory_service
 from lossd_server.grpc.training_servicer import add_training_service
@@ -73,6 +74,7 @@ SERVICES = (
     loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
     training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
     shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"],
+    oip_servicer.SERVICE,
 )
 SERVICE_NAMES = [service.full_name for service in SERVICES]
 SHARED_MEMORY_SERVICE = "lossd.v1.SharedMemoryService"  # offered only with settings.shm
@@ -362,6 +364,13 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers, evaluator=evaluator)
     health_servicer = health.HealthServicer()
+
+    def serving() -> bool:  # the Open Inference Protocol's readiness is health's
+        check = health_servicer.Check(health_pb2.HealthCheckRequest(service=""), None)
+        return check.status == health_pb2.HealthCheckResponse.SERVING
+
+    oip_servicer.add_oip_service(oip_servicer.OipServicer(evaluation, ready=serving, callers=callers,
+                                                          version=lossd_server.__version__), server)
     services = [name for name in SERVICE_NAMES if shared_memory is not None or name != SHARED_MEMORY_SERVICE]
     for name in [*services, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -11,10 +11,12 @@ import pytest
 from grpc_errors import reason_of
 
 from lossd.v1 import loss_service_pb2, shared_memory_service_pb2, training_service_pb2
+from lossd_server.grpc import oip_servicer
 
 SERVICES = [loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
             training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
-            shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"]]
+            shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"],
+            oip_servicer.SERVICE]
 METHODS = [(service, method) for service in SERVICES for method in service.methods]
 # Bytes no protobuf message parses: a field key whose varint never ends, a
 # length past the end, and a key with the reserved wire type 7.

@@ -208,19 +208,22 @@ def test_grpcurl_can_call_list_losses(grpcurl, address):
 
 # -- generated stubs -----------------------------------------------------------------
 
-def test_generated_stubs_are_not_stale(tmp_path):
+@pytest.mark.parametrize("package, committed", [("lossd/v1", "client/lossd/v1"),
+                                                 ("lossd_server/grpc/oip", "server/lossd_server/grpc/oip")])
+def test_generated_stubs_are_not_stale(tmp_path, package, committed):
     # proto/generate.py's generate() runs in a fresh interpreter: grpc_tools' protoc
     # crashes (SIGSEGV) in a process that has already loaded TensorFlow.
-    out = tmp_path / "v1"
-    done = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), str(out)],
+    out = tmp_path / "stubs"
+    done = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), str(out), package],
                           capture_output=True, text=True, timeout=PATIENCE, cwd=ROOT)
     assert done.returncode == 0, f"proto/generate.py failed ({done.returncode}): {done.stderr}"
-    committed_dir = ROOT / "client" / "lossd" / "v1"
+    committed_dir = ROOT / committed
     fresh = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    committed = {p.name: p.read_bytes() for p in committed_dir.iterdir() if p.is_file()}
-    hint = "the generated stubs in client/lossd/v1 are stale: run `make proto` and commit the result"
-    assert sorted(committed) == sorted(fresh), f"{hint} (files differ: {sorted(set(committed) ^ set(fresh))})"
-    stale = [name for name in sorted(fresh) if fresh[name] != committed[name]]
+    committed_files = {p.name: p.read_bytes() for p in committed_dir.iterdir() if p.is_file()}
+    hint = f"the generated stubs in {committed} are stale: run `make proto` and commit the result"
+    assert sorted(committed_files) == sorted(fresh), \
+        f"{hint} (files differ: {sorted(set(committed_files) ^ set(fresh))})"
+    stale = [name for name in sorted(fresh) if fresh[name] != committed_files[name]]
     assert not stale, f"{hint} (content differs: {stale})"
 
 

@@ -68,6 +68,7 @@ TOKENS_CHECK_SECONDS = 0.25
 _LOSS_SERVICE = "lossd.v1.LossService"
 _TRAINING_SERVICE = "lossd.v1.TrainingService"
 _SHARED_MEMORY_SERVICE = "lossd.v1.SharedMemoryService"
+_OIP_SERVICE = "inference.GRPCInferenceService"
 METHOD_SCOPES = {
     f"/{_LOSS_SERVICE}/ListLosses": "evaluate",
     f"/{_LOSS_SERVICE}/Evaluate": "evaluate",
@@ -79,10 +80,13 @@ METHOD_SCOPES = {
     f"/{_SHARED_MEMORY_SERVICE}/RegisterRegion": "evaluate",
     f"/{_SHARED_MEMORY_SERVICE}/UnregisterRegion": "evaluate",
     f"/{_SHARED_MEMORY_SERVICE}/CloseSession": "evaluate",
+    # The Open Inference Protocol (grpc/oip_servicer.py): every method evaluates or describes losses.
+    **{f"/{_OIP_SERVICE}/{method}": "evaluate" for method in (
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")},
 }
 # Methods refused at once while their caller is in debt of its rate (an
 # EvaluateStream's items are charged one by one, each refusal in its place).
-RATED_METHODS = (f"/{_LOSS_SERVICE}/Evaluate", f"/{_LOSS_SERVICE}/EvaluateChunked")
+RATED_METHODS = (f"/{_LOSS_SERVICE}/Evaluate", f"/{_LOSS_SERVICE}/EvaluateChunked", f"/{_OIP_SERVICE}/ModelInfer")
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")
 

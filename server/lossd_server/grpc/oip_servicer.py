@@ -1,0 +1,133 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: ``inference.GRPCInferenceService``
+on lossd's port, beside ``lossd.v1``.
+
+It only decodes and encodes: ``evaluation.inference_protocol`` says what a
+model, a parameter and an output are, and ``EvaluationService`` evaluates
+(plans, admission, batching, metering), exactly as for ``lossd.v1``
+Evaluate, so the same request gets the same answer, bit for bit. Tokens,
+scopes and rates are the interceptors' (``grpc/auth.py``), as for every
+method; ModelInfer needs the ``evaluate`` scope.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from lossd import wire
+from lossd_server.evaluation import inference_protocol as oip
+from lossd_server.evaluation.service import EvaluationService
+from lossd_server.grpc import parsing
+from lossd_server.grpc.auth import Callers
+from lossd_server.grpc.oip import grpc_predict_v2_pb2 as pb
+from lossd_server.grpc.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from lossd_server.grpc.status import handle_errors
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+
+# The typed-contents field of each datatype that has one (FP16 and BF16
+# travel as raw contents only, as the protocol says).
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+             "INT64": "int64_contents", "UINT8": "uint_contents", "FP32": "fp32_contents",
+             "FP64": "fp64_contents"}
+_EXTENSIONS = ("parameters",)
+
+
+def parameter_value(parameter: pb.InferParameter):
+    """An InferParameter's Python value (None when none is set)."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(parameter, kind)
+
+
+def _inputs(request: pb.ModelInferRequest) -> list[oip.Input]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise wire.WireError(f"raw_input_contents holds one entry per input. Expected {len(request.inputs)}. "
+                             f"Received: {len(raw)}.")
+    inputs = []
+    for index, tensor in enumerate(request.inputs):
+        field = _CONTENTS.get(tensor.datatype)
+        values = getattr(tensor.contents, field) if field is not None else None
+        if raw:
+            if tensor.HasField("contents") and values:
+                raise wire.WireError(f"inputs[{tensor.name[:64]}]: both contents and raw_input_contents are set. "
+                                     "Expected one of them.")
+            inputs.append(oip.Input(tensor.name, tensor.datatype, tensor.shape, raw=raw[index]))
+        else:
+            inputs.append(oip.Input(tensor.name, tensor.datatype, tensor.shape, values=values))
+    return inputs
+
+
+def add_oip_service(servicer: "OipServicer", server) -> None:
+    """Adds GRPCInferenceService to ``server``, each request parsed inside
+    its handler (``parsing.tolerant``): bytes that do not parse are
+    INVALID_ARGUMENT, never INTERNAL."""
+    service, handlers = parsing.handlers_of(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE)
+    parsing.register(server, service, handlers)
+
+
+class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Implements ``inference.GRPCInferenceService`` over an ``EvaluationService``.
+
+    Args:
+        service: Evaluates (plans, admission, batching, metering).
+        ready: Whether the server serves (health SERVING).
+        callers: Who calls (``Callers.of(context)``).
+        version: The server's version, for ServerMetadata.
+    """
+
+    def __init__(self, service: EvaluationService, *, ready: Callable[[], bool], callers: Callers = Callers(None),
+                 version: str = ""):
+        self.service = service
+        self.registry = service.registry
+        self.ready = ready
+        self.callers = callers
+        self.version = version
+
+    @handle_errors
+    def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @handle_errors
+    def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.ready())
+
+    @handle_errors
+    def ModelReady(self, request, context):
+        # An unknown name is not ready (as Triton answers), rather than an error.
+        known = request.name == oip.SPEC_MODEL or self.registry.canonical(request.name) is not None
+        return pb.ModelReadyResponse(ready=known and request.version in ("", *oip.VERSIONS) and self.ready())
+
+    @handle_errors
+    def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="lossd", version=self.version, extensions=_EXTENSIONS)
+
+    @handle_errors
+    def ModelMetadata(self, request, context):
+        metadata = oip.model_metadata(self.registry, request.name, request.version)
+        tensors = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=metadata.name, versions=metadata.versions, platform=metadata.platform,
+            inputs=[tensors(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.inputs],
+            outputs=[tensors(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.outputs])
+
+    @handle_errors
+    def ModelInfer(self, request: pb.ModelInferRequest, context):
+        parameters = {name: parameter_value(value) for name, value in request.parameters.items()}
+        inference = oip.inference(self.registry, request.model_name, request.model_version, parameters,
+                                  _inputs(request), [output.name for output in request.outputs],
+                                  max_elements=self.service.max_elements)
+        cancellation = self.service.new_cancellation()
+        if not context.add_callback(cancellation.cancel):  # the call is over already
+            cancellation.cancel()
+        result = self.service.evaluate(inference.request, self.callers.of(context),
+                                       wait_seconds=context.time_remaining(), cancellation=cancellation)
+        response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                         id=request.id)
+        response.parameters["non_finite"].bool_param = result.non_finite
+        for name, array in oip.outputs_of(result, inference.outputs):
+            array = np.asarray(array)
+            response.outputs.add(name=name, datatype=wire.oip_datatype(wire.dtype_enum(array.dtype)),
+                                 shape=array.shape)
+            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        return response

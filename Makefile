@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard proto/lossd/v1/*.proto)
 
-.PHONY: serve test test-tools install proto bench lint clean
+.PHONY: serve test test-tools test-clients install proto bench lint clean
 
 # Create the virtual environment and install the server with test tools.
 $(STAMP): pyproject.toml
@@ -55,8 +55,20 @@ test-tools:
 # wait on subprocesses and sockets. --dist loadfile keeps each file on one
 # worker, so a module's servers start once.
 TEST_WORKERS ?= 2
-test: test-tools $(STAMP)
+test: test-tools test-clients $(STAMP)
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The Open Inference Protocol's published clients, which the tests drive lossd
+# with (tests/server/test_oip_clients.py): tritonclient and KServe's clients pin
+# an older protobuf than lossd's, so they live in a virtual environment of their own.
+CLIENTS_VENV ?= .venv-clients
+OIP_CLIENTS ?= tritonclient[grpc]==2.73.0 kserve==0.21.0
+$(CLIENTS_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/pip install --quiet $(foreach p,$(OIP_CLIENTS),"$(p)")
+	touch $@
+
+test-clients: $(CLIENTS_VENV)/.installed
 
 # Regenerate the gRPC stubs in client/lossd/v1 and server/lossd_server/grpc/oip
 # from proto/ (tests fail when stale).
@@ -68,4 +80,4 @@ bench: $(STAMP)
 	$(PY) bench/evaluate.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(CLIENTS_VENV) build *.egg-info

@@ -1,0 +1,97 @@
+"""Runs in the published OIP clients' own virtual environment (``make
+test`` makes it: tritonclient pins an older protobuf than lossd's), never
+in lossd's: it calls a lossd server as a Triton or KServe user would and
+prints what it got as JSON, for tests/server/test_oip_clients.py to compare
+with Keras.
+
+Usage: python oip_call.py CLIENT ADDRESS < calls.json
+CLIENT is ``tritonclient.grpc`` or ``kserve.grpc`` (KServe's InferenceGRPCClient). Each call: model, inputs ({name: [datatype,
+shape, flat values]}), parameters, outputs. It prints one JSON list: per
+call, {"outputs": {name: [datatype, shape, flat values]}} or {"error":
+[status, message]}; plus the server's liveness, readiness and a model's
+metadata as the client reports them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+
+def triton_grpc(address: str, calls: list, token: str | None) -> dict:
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    client = grpcclient.InferenceServerClient(url=address)
+    done = {"live": client.is_server_live(headers=headers), "ready": client.is_server_ready(headers=headers),
+            "metadata": client.get_model_metadata("huber", headers=headers, as_json=True), "results": []}
+    for call in calls:
+        inputs = []
+        for name, (datatype, shape, values) in call["inputs"].items():
+            tensor = grpcclient.InferInput(name, shape, datatype)
+            dtype = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}[datatype]
+            tensor.set_data_from_numpy(np.asarray(values, dtype).reshape(shape))
+            inputs.append(tensor)
+        outputs = [grpcclient.InferRequestedOutput(name) for name in call.get("outputs", [])]
+        try:
+            result = client.infer(call["model"], inputs, outputs=outputs or None,
+                                  parameters=call.get("parameters") or None, headers=headers)
+        except InferenceServerException as error:
+            done["results"].append({"error": [error.status(), error.message()]})
+            continue
+        response = result.get_response(as_json=True)
+        got = {}
+        for output in response["outputs"]:
+            array = result.as_numpy(output["name"])
+            got[output["name"]] = [output["datatype"], list(array.shape), array.ravel().tolist()]
+        done["results"].append({"outputs": got})
+    return done
+
+
+def kserve_grpc(address: str, calls: list, token: str | None) -> dict:
+    import asyncio
+
+    import grpc
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+    from kserve.protocol.infer_type import RequestedOutput
+
+    headers = (("authorization", f"Bearer {token}"),) if token else None
+
+    async def run() -> dict:
+        client = InferenceGRPCClient(address, retries=0)
+        done = {"live": await client.is_server_live(headers=headers),
+                "ready": await client.is_server_ready(headers=headers), "results": []}
+        for call in calls:
+            inputs = []
+            for name, (datatype, shape, values) in call["inputs"].items():
+                dtype = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}[datatype]
+                tensor = InferInput(name, shape, datatype)
+                tensor.set_data_from_numpy(np.asarray(values, dtype).reshape(shape))
+                inputs.append(tensor)
+            request = InferRequest(call["model"], inputs, parameters=call.get("parameters") or None,
+                                   request_outputs=[RequestedOutput(n) for n in call.get("outputs", [])] or None)
+            try:
+                response = await client.infer(request, headers=headers)
+            except grpc.RpcError as error:
+                done["results"].append({"error": [str(error.code()), error.details()]})
+                continue
+            got = {}
+            for output in response.outputs:
+                array = output.as_numpy()
+                got[output.name] = [output.datatype, list(array.shape), array.ravel().tolist()]
+            done["results"].append({"outputs": got})
+        await client.close()
+        return done
+
+    return asyncio.run(run())
+
+
+CLIENTS = {"tritonclient.grpc": triton_grpc, "kserve.grpc": kserve_grpc}
+
+if __name__ == "__main__":
+    client, address = sys.argv[1], sys.argv[2]
+    token = sys.argv[3] if len(sys.argv) > 3 else None
+    print(json.dumps(CLIENTS[client](address, json.load(sys.stdin), token)))

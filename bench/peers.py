@@ -20,6 +20,10 @@ each the same load in alternating blocks (echo, sink, tf, ..., lossd, echo,
 - ``kserve``: KServe 0.21's ``ModelServer`` with a custom ``Model`` computing
   the same loss, over gRPC v2, its defaults otherwise;
 - ``lossd``: ``lossd serve`` with its defaults.
+- ``lossd-oip``: the same server called through its Open Inference Protocol
+  front end (``ModelInfer`` on model ``huber``, ``delta`` a request
+  parameter, raw contents), serialized with lossd's own stubs of the
+  protocol; the issue's goal is 0.9 of ``lossd``'s requests/s.
 
 The load is issue 13's ragged mixed-delta Huber scenario
 (``bench/concurrency.py``): 16 requests of 1-128 rows of 10 float32, each
@@ -52,7 +56,7 @@ left out. Every server binds 127.0.0.1 on a free port, runs in its own
 process group that is killed on exit (errors and Ctrl-C included), and is
 stopped if its process tree's resident memory passes ``--max-rss-mib``.
 
-Usage: python bench/peers.py [--sides echo,sink,tf,mlserver,mlserver-batch,kserve,lossd]
+Usage: python bench/peers.py [--sides echo,sink,tf,mlserver,mlserver-batch,kserve,lossd,lossd-oip]
            [--concurrency 1,8,64,256] [--blocks 3] [--block-seconds 4] [--large 1e7]
            [--peers-dir ~/.cache/lossd-bench] [--max-rss-mib 4096] [--quick]
 """
@@ -78,7 +82,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 BENCH = pathlib.Path(__file__).resolve().parent
-SIDES = ("echo", "sink", "tf", "mlserver", "mlserver-batch", "kserve", "lossd")
+SIDES = ("echo", "sink", "tf", "mlserver", "mlserver-batch", "kserve", "lossd", "lossd-oip")
 PEER_SIDES = {"mlserver": "mlserver", "mlserver-batch": "mlserver", "kserve": "kserve"}  # side -> its venv
 PEER_PACKAGES = {
     "mlserver": ("mlserver==1.7.*", "uvloop==0.21.*", "tensorflow==2.21.*"),
@@ -487,10 +491,11 @@ def make_sides(names: list[str], work: str, peers_dir: pathlib.Path, max_message
                                ECHO_METHOD)
         elif name == "tf":
             sides[name] = Side(name, [sys.executable, __file__, "--serve-tf", str(port)], address, EVALUATE_METHOD)
-        elif name == "lossd":
+        elif name in ("lossd", "lossd-oip"):
             sides[name] = Side(name, [sys.executable, "-m", "lossd.cli", "serve", "--port", str(port),
-                                      "--metrics-port", "", "--data-dir", os.path.join(work, "lossd-data"),
-                                      "--log-level", "WARNING"], address, EVALUATE_METHOD)
+                                      "--metrics-port", "", "--data-dir", os.path.join(work, f"{name}-data"),
+                                      "--log-level", "WARNING"], address,
+                               EVALUATE_METHOD if name == "lossd" else OIP_METHOD)
         else:
             try:
                 python = peer_python(PEER_SIDES[name], peers_dir)
@@ -535,8 +540,29 @@ def oip_payloads(python: str, work: str, load: str, cases) -> list[bytes]:
     return read_frames(os.path.join(folder, "requests.bin"))
 
 
+def lossd_oip_payloads(cases) -> list[bytes]:
+    """ModelInferRequests for lossd's OIP front end: the loss is the model,
+    ``delta`` a request parameter (docs/oip.md)."""
+    from lossd_server.grpc.oip import grpc_predict_v2_pb2 as pb2
+
+    out = []
+    for y_true, y_pred, loss, delta in cases:
+        request = pb2.ModelInferRequest(model_name=loss, raw_input_contents=[y_true.tobytes(), y_pred.tobytes()])
+        for name, array in (("y_true", y_true), ("y_pred", y_pred)):
+            request.inputs.add(name=name, datatype="FP32", shape=array.shape)
+        if loss == "huber":
+            request.parameters["delta"].double_param = delta
+        out.append(request.SerializeToString())
+    return out
+
+
 def decode_answers(side: Side, answers: list[bytes], work: str, peers_dir: pathlib.Path) -> list[float]:
     """The loss in each of ``side``'s answers."""
+    if side.name == "lossd-oip":
+        from lossd_server.grpc.oip import grpc_predict_v2_pb2 as pb2
+
+        return [float(np.frombuffer(pb2.ModelInferResponse.FromString(raw).raw_output_contents[0], np.float32)[0])
+                for raw in answers]
     if side.method == OIP_METHOD:
         path = os.path.join(work, f"answers-{side.name}.bin")
         write_frames(path, answers)
@@ -743,7 +769,9 @@ def main() -> int:
             write_cases(folder, load_cases)
             references[load] = run_json([sys.executable, __file__, "--reference", folder])
         for side in sides.values():
-            if side.method == OIP_METHOD:
+            if side.name == "lossd-oip":
+                side.payloads = {load: lossd_oip_payloads(load_cases) for load, load_cases in cases.items()}
+            elif side.method == OIP_METHOD:
                 python = str(peers_dir / PEER_SIDES[side.name] / "bin" / "python")
                 side.payloads = {load: oip_payloads(python, work, load, load_cases)
                                  for load, load_cases in cases.items()}

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import peers  # noqa: E402
 
-SIDES = ("echo", "sink", "tf", "lossd")
+SIDES = ("echo", "sink", "tf", "lossd", "lossd-oip")
 
 
 def test_quick_run_prints_every_side_with_ratios(tmp_path):
@@ -26,7 +26,7 @@ def test_quick_run_prints_every_side_with_ratios(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    for side in ("tf", "lossd"):  # echo and sink answer no loss
+    for side in ("tf", "lossd", "lossd-oip"):  # echo and sink answer no loss
         assert f"# {side}: small answers checked against Keras" in out
         assert f"# {side}: large answers checked against Keras" in out
     assert "WRONG" not in out

@@ -62,7 +62,7 @@ test: test-tools test-clients $(STAMP)
 # with (tests/server/test_oip_clients.py): tritonclient and KServe's clients pin
 # an older protobuf than lossd's, so they live in a virtual environment of their own.
 CLIENTS_VENV ?= .venv-clients
-OIP_CLIENTS ?= tritonclient[grpc]==2.73.0 kserve==0.21.0
+OIP_CLIENTS ?= tritonclient[grpc,http]==2.73.0 kserve==0.21.0
 $(CLIENTS_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(CLIENTS_VENV)
 	$(CLIENTS_VENV)/bin/pip install --quiet $(foreach p,$(OIP_CLIENTS),"$(p)")

@@ -43,6 +43,7 @@ from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLC
 from lossd_server.ports import bind_errno, bind_failure
 from lossd_server.supervisor import ProcessRole
 from lossd_server.grpc import oip_servicer
+from lossd_server.http.oip_rest import OipRestApp, start_oip_http
 from lossd_server.grpc.loss_servicer import LossServicer, add_loss_service
 from lossd_server.grpc.shm_servicer import add_shared_memory_service
 from lossd_server.grpc.training_servicer import add_training_service
@@ -118,6 +119,9 @@ class Server:
     # One of `lossd serve --processes N`'s processes (supervisor.py): it binds
     # its ports with SO_REUSEPORT and leaves /metrics to the supervisor.
     process: Optional[ProcessRole] = None
+    oip_http: Optional[OipRestApp] = None  # the OIP REST app, with settings.http_port
+    http_port: Optional[int] = dataclasses.field(default=None, init=False)  # its bound port, once started
+    _oip_http_server: Optional[WSGIServer] = dataclasses.field(default=None, init=False)
     _metrics_http: Optional[WSGIServer] = dataclasses.field(default=None, init=False)
     _started: bool = dataclasses.field(default=False, init=False)
 
@@ -147,6 +151,8 @@ class Server:
                 self.health_port = self._bind(self.health_server, self.settings.health_port, "health",
                                               "health_port")
                 self.health_server.start()
+            if self.oip_http is not None:
+                self._start_oip_http()
             start_training = getattr(self.training, "start", None)
             if start_training is not None:
                 start_training()
@@ -172,6 +178,15 @@ class Server:
         except OSError as error:
             raise StartupError(bind_failure("metrics", host, port, error.errno, "metrics_host",
                                             "metrics_port")) from error
+
+    def _start_oip_http(self) -> None:
+        host, port = self.settings.host, self.settings.http_port
+        tls = ReloadingSSLContext(self.settings.tls_cert, self.settings.tls_key) if self.tls is not None else None
+        try:
+            self._oip_http_server, self.http_port = start_oip_http(self.oip_http, host, port,
+                                                                   threads=self.settings.workers, tls=tls)
+        except OSError as error:
+            raise StartupError(bind_failure("OIP REST", host, port, error.errno, "host", "http_port")) from error
 
     def _bind(self, server: grpc.Server, port: int, what: str, port_setting: str, credentials=None) -> int:
         """Binds ``server`` to ``port`` on ``host``; a StartupError naming
@@ -223,6 +238,10 @@ class Server:
             self.training = None
         self.executor.shutdown(wait=False)  # grpc_server.stop() leaves its threads running
         self.evaluator.close()
+        if self._oip_http_server is not None:
+            self._oip_http_server.shutdown()
+            self._oip_http_server.server_close()
+            self._oip_http_server = None
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()  # shutdown() alone leaves the port accepting
@@ -397,7 +416,11 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                   metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,
                   callers=callers,
                   health_server=health_server, health_executor=health_executor,
-                  follower=follower, process=process)
+                  follower=follower, process=process,
+                  oip_http=OipRestApp(evaluation, ready=serving, callers=callers,
+                                      admission=None if callers.open else admission,
+                                      version=lossd_server.__version__, max_body_bytes=settings.max_message_bytes)
+                  if settings.http_port is not None and (process is None or process.index == 0) else None)
 
 
 def serve(settings: Settings, process: Optional[ProcessRole] = None) -> int:

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     speak TLS: Kubernetes' native gRPC probes. Unset (empty): none; 0 picks a
     free one."""
 
+    http_port: Optional[int] = Field(None, ge=0, le=65535)
+    """Port (on ``host``) of the Open Inference Protocol's REST form,
+    ``/v2/...`` (docs/oip.md), with the gRPC port's TLS certificate and
+    tokens. Unset (empty): off; 0 picks a free one."""
     warmup: bool = True
     """Before health turns SERVING, compile the losses most requests name
     (``lossd_server.app.WARMUP``: MSE, Huber and categorical crossentropy in
@@ -140,7 +144,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """``json`` writes one JSON object per line, for log collectors."""
 
-    @field_validator("metrics_port", "health_port", "max_concurrent_jobs", "dataset_root", "inter_op_threads", "tls_cert",
+    @field_validator("metrics_port", "health_port", "http_port", "max_concurrent_jobs", "dataset_root", "inter_op_threads", "tls_cert",
                      "tls_key", "tls_client_ca", "tokens_file", "metrics_tls_cert", "metrics_tls_key",
                      "metrics_basic_auth_file", "database_url", "artifacts_dir", mode="before",
                      check_fields=False)
@@ -190,6 +194,10 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together: set both (LOSSD_TLS_CERT and LOSSD_TLS_KEY) or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs TLS: set tls_cert and tls_key too")
+        if self.tls_client_ca is not None and self.http_port is not None:
+            # The REST port checks tokens but not client certificates: it would be a way around mTLS.
+            raise ValueError("http_port does not check client certificates (tls_client_ca) yet: unset "
+                             "LOSSD_HTTP_PORT, or LOSSD_TLS_CLIENT_CA")
         if (self.metrics_tls_cert is None) != (self.metrics_tls_key is None):
             raise ValueError("metrics_tls_cert and metrics_tls_key go together: set both (LOSSD_METRICS_TLS_CERT "
                              "and LOSSD_METRICS_TLS_KEY) or neither")

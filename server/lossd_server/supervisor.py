@@ -127,9 +127,14 @@ class ProcessRole:
 def run(settings: Settings) -> int:
     """``lossd serve``: the server itself with one process, else the
     supervisor of ``settings.processes``. Returns the exit code."""
+    # The OIP REST port (served by the first process) is checked here: a
+    # port in use is refused in a moment, not after TensorFlow's import.
+    if settings.http_port:
+        code = bind_errno(settings.host, settings.http_port)
+        if code is not None:
+            raise StartupError(bind_failure("OIP REST", settings.host, settings.http_port, code, "host", "http_port"))
     if settings.processes == 1:
-        # The port first, as the supervisor checks it: a port in use is
-        # refused in a moment, not after TensorFlow's import.
+        # The port first, as the supervisor checks it.
         code = bind_errno(settings.host, settings.port) if settings.port else None
         if code is not None:
             raise StartupError(bind_failure("gRPC", settings.host, settings.port, code, "host", "port"))

@@ -5,7 +5,9 @@ prints what it got as JSON, for tests/server/test_oip_clients.py to compare
 with Keras.
 
 Usage: python oip_call.py CLIENT ADDRESS < calls.json
-CLIENT is ``tritonclient.grpc`` or ``kserve.grpc`` (KServe's InferenceGRPCClient). Each call: model, inputs ({name: [datatype,
+CLIENT is ``tritonclient.grpc``, ``tritonclient.http``, ``kserve.grpc``
+(KServe's InferenceGRPCClient) or ``kserve.rest`` (its InferenceRESTClient);
+ADDRESS is the gRPC port's, or the REST port's for the HTTP clients. Each call: model, inputs ({name: [datatype,
 shape, flat values]}), parameters, outputs. It prints one JSON list: per
 call, {"outputs": {name: [datatype, shape, flat values]}} or {"error":
 [status, message]}; plus the server's liveness, readiness and a model's
@@ -89,7 +91,83 @@ def kserve_grpc(address: str, calls: list, token: str | None) -> dict:
     return asyncio.run(run())
 
 
-CLIENTS = {"tritonclient.grpc": triton_grpc, "kserve.grpc": kserve_grpc}
+def _numpy_inputs(call: dict):
+    for name, (datatype, shape, values) in call["inputs"].items():
+        dtype = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}[datatype]
+        yield name, datatype, shape, np.asarray(values, dtype).reshape(shape)
+
+
+def triton_http(address: str, calls: list, token: str | None) -> dict:
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    client = httpclient.InferenceServerClient(url=address)
+    done = {"live": client.is_server_live(headers=headers), "ready": client.is_server_ready(headers=headers),
+            "metadata": client.get_model_metadata("huber", headers=headers), "results": []}
+    for call in calls:
+        inputs = []
+        for name, datatype, shape, array in _numpy_inputs(call):
+            tensor = httpclient.InferInput(name, shape, datatype)
+            tensor.set_data_from_numpy(array, binary_data=True)
+            inputs.append(tensor)
+        outputs = [httpclient.InferRequestedOutput(name, binary_data=True) for name in call.get("outputs", [])]
+        try:
+            result = client.infer(call["model"], inputs, outputs=outputs or None,
+                                  parameters=call.get("parameters") or None, headers=headers)
+        except InferenceServerException as error:
+            done["results"].append({"error": [str(error.status()), error.message()]})
+            continue
+        got = {}
+        for output in result.get_response()["outputs"]:
+            array = result.as_numpy(output["name"])
+            got[output["name"]] = [output["datatype"], list(array.shape), array.ravel().tolist()]
+        done["results"].append({"outputs": got})
+    client.close()
+    return done
+
+
+def kserve_rest(address: str, calls: list, token: str | None) -> dict:
+    import asyncio
+
+    import httpx
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+    from kserve.protocol.infer_type import RequestedOutput
+
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    base = f"http://{address}"
+
+    async def run() -> dict:
+        client = InferenceRESTClient(RESTConfig(protocol="v2", retries=0))
+        done = {"live": await client.is_server_live(base, headers=headers), "results": []}
+        for call in calls:
+            inputs = []
+            for name, datatype, shape, array in _numpy_inputs(call):
+                tensor = InferInput(name, shape, datatype)
+                tensor.set_data_from_numpy(array, binary_data=True)
+                inputs.append(tensor)
+            request = InferRequest(call["model"], inputs, parameters=call.get("parameters") or None,
+                                   request_outputs=[RequestedOutput(n, {"binary_data": True})
+                                                    for n in call.get("outputs", [])] or None)
+            try:
+                response = await client.infer(base, request, model_name=call["model"], headers=dict(headers or {}))
+            except httpx.HTTPStatusError as error:
+                done["results"].append({"error": [str(error.response.status_code), error.response.text]})
+                continue
+            got = {}
+            for output in response.outputs:
+                array = output.as_numpy()
+                got[output.name] = [output.datatype, list(array.shape), array.ravel().tolist()]
+            done["results"].append({"outputs": got})
+        done["ready"] = done["live"]
+        await client.close()
+        return done
+
+    return asyncio.run(run())
+
+
+CLIENTS = {"tritonclient.grpc": triton_grpc, "kserve.grpc": kserve_grpc, "tritonclient.http": triton_http,
+           "kserve.rest": kserve_rest}
 
 if __name__ == "__main__":
     client, address = sys.argv[1], sys.argv[2]

@@ -1,0 +1,1 @@
+"""HTTP front ends: the Open Inference Protocol's REST form (``oip_rest``)."""

@@ -1,0 +1,157 @@
+"""The Open Inference Protocol's REST form (``LOSSD_HTTP_PORT``), through a
+real port: JSON tensors and the binary tensor data extension, compared with
+Keras and with the gRPC form (the same answer, bit for bit), tokens and
+scopes, errors with HTTP statuses and reasons, bounds on the body.
+tests/server/test_oip_clients.py drives it with tritonclient.http too."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import urllib.error
+import urllib.request
+
+import grpc
+import keras
+import numpy as np
+import pytest
+from test_oip import infer_request, outputs
+
+from lossd_server.grpc.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+
+
+@pytest.fixture(scope="module")
+def rest(serve_with_tokens):
+    """(base URL, gRPC address, tokens) of a server with tokens and the REST port on."""
+    address, tokens, _ = serve_with_tokens({"alice": ("evaluate",), "trainer": ("train",)}, http_port=0,
+                                           max_message_bytes=1 << 20)
+    srv = serve_with_tokens.server(address)
+    assert srv.http_port
+    return f"http://127.0.0.1:{srv.http_port}", address, tokens
+
+
+def call(url: str, token=None, body=None, headers=None, method=None):
+    """(status, headers, body bytes) of one HTTP request."""
+    request = urllib.request.Request(url, data=body, method=method, headers={
+        **({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def test_health_and_metadata(rest):
+    base, _, tokens = rest
+    token = tokens["alice"]
+    assert call(f"{base}/v2/health/live", token)[0] == 200
+    status, _, body = call(f"{base}/v2/health/ready", token)
+    assert status == 200 and json.loads(body) == {"ready": True}
+    meta = json.loads(call(f"{base}/v2", token)[2])
+    assert meta["name"] == "lossd" and "binary_tensor_data" in meta["extensions"]
+    model = json.loads(call(f"{base}/v2/models/huber", token)[2])
+    assert [t["name"] for t in model["inputs"]] == ["y_true", "y_pred", "sample_weight"]
+    assert call(f"{base}/v2/models/huber/versions/1/ready", token)[0] == 200
+    status, _, body = call(f"{base}/v2/models/hubber", token)
+    assert status == 404 and json.loads(body)["reason"] == "UNKNOWN_MODEL" and "huber" in json.loads(body)["error"]
+
+
+def test_tokens_and_scopes(rest):
+    base, _, tokens = rest
+    status, _, body = call(f"{base}/v2/models/huber")
+    assert status == 401 and json.loads(body)["reason"] == "UNAUTHENTICATED"
+    status, _, body = call(f"{base}/v2/models/huber", "lsd_nope_nope")
+    assert status == 401 and json.loads(body)["reason"] == "BAD_TOKEN"
+    status, _, body = call(f"{base}/v2/models/huber", tokens["trainer"])
+    assert status == 403 and json.loads(body)["reason"] == "MISSING_SCOPE"
+
+
+def test_json_inference_equals_keras_and_grpc(rest):
+    base, address, tokens = rest
+    rng = np.random.default_rng(0)
+    y_true = rng.normal(size=(4, 3)).astype(np.float32)
+    y_pred = rng.normal(size=(4, 3)).astype(np.float32)
+    request = {"id": "q1", "parameters": {"delta": 0.7, "reduction": "none", "gradient": True},
+               "inputs": [{"name": "y_true", "datatype": "FP32", "shape": [4, 3], "data": y_true.tolist()},
+                          {"name": "y_pred", "datatype": "FP32", "shape": [4, 3],
+                           "data": y_pred.ravel().tolist()}]}
+    status, _, body = call(f"{base}/v2/models/huber/infer", tokens["alice"], json.dumps(request).encode())
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["id"] == "q1" and answer["model_name"] == "huber"
+    got = {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in answer["outputs"]}
+    np.testing.assert_allclose(got["loss"], np.asarray(keras.losses.Huber(delta=0.7, reduction="none")(y_true, y_pred)),
+                               rtol=1e-6)
+    with grpc.insecure_channel(address) as channel:
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            infer_request("huber", {"y_true": y_true, "y_pred": y_pred},
+                          {"delta": 0.7, "reduction": "none", "gradient": True}),
+            metadata=[("authorization", f"Bearer {tokens['alice']}")])
+    by_grpc = outputs(response)
+    for name in ("loss", "gradient"):
+        assert got[name].tobytes() == by_grpc[name].tobytes(), name
+
+
+def test_binary_extension_in_and_out(rest):
+    base, _, tokens = rest
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, 6).astype(np.int64)
+    probs = rng.uniform(0.1, 1.0, (6, 5)).astype(np.float64)
+    head = json.dumps({"inputs": [
+        {"name": "y_true", "datatype": "INT64", "shape": [6], "parameters": {"binary_data_size": labels.nbytes}},
+        {"name": "y_pred", "datatype": "FP64", "shape": [6, 5], "parameters": {"binary_data_size": probs.nbytes}}],
+        "outputs": [{"name": "loss", "parameters": {"binary_data": True}}]}).encode()
+    status, headers, body = call(f"{base}/v2/models/sparse_categorical_crossentropy/infer", tokens["alice"],
+                                 head + labels.tobytes() + probs.tobytes(),
+                                 {"Inference-Header-Content-Length": str(len(head)),
+                                  "Content-Type": "application/octet-stream"})
+    assert status == 200, body
+    split = int(headers["Inference-Header-Content-Length"])
+    answer = json.loads(body[:split])
+    (output,) = answer["outputs"]
+    assert output["name"] == "loss" and output["parameters"]["binary_data_size"] == 8
+    value = struct.unpack("<d", body[split:split + 8])[0]
+    want = float(keras.losses.SparseCategoricalCrossentropy(dtype="float64")(labels, probs))
+    assert abs(value - want) <= 1e-12 * abs(want)
+
+
+@pytest.mark.parametrize("body, headers, status, reason", [
+    (b"{not json", {}, 400, "BAD_REQUEST"),
+    (b'{"inputs": 3}', {}, 400, "BAD_REQUEST"),
+    (json.dumps({"inputs": [{"name": "y_true", "datatype": "FP32", "shape": [2], "data": [1, 2]},
+                            {"name": "y_pred", "datatype": "FP32", "shape": [2], "data": [1]}]}).encode(),
+     {}, 400, "BAD_TENSOR"),
+    (json.dumps({"parameters": {"delta": -2.0},
+                 "inputs": [{"name": "y_true", "datatype": "FP32", "shape": [2], "data": [1, 2]},
+                            {"name": "y_pred", "datatype": "FP32", "shape": [2], "data": [1, 2]}]}).encode(),
+     {}, 400, "PARAMETER_OUT_OF_RANGE"),
+    (json.dumps({"inputs": [{"name": "y_true", "datatype": "FP32", "shape": [2],
+                             "parameters": {"binary_data_size": 99}}]}).encode(),
+     {"Inference-Header-Content-Length": "0"}, 400, "BAD_TENSOR"),
+    (b"x" * 10, {"Inference-Header-Content-Length": "11"}, 400, "BAD_REQUEST"),
+])
+def test_bad_requests(rest, body, headers, status, reason):
+    base, _, tokens = rest
+    if headers.get("Inference-Header-Content-Length") == "0":
+        headers = {"Inference-Header-Content-Length": str(len(body))}
+    got_status, _, got = call(f"{base}/v2/models/huber/infer", tokens["alice"], body, headers)
+    assert (got_status, json.loads(got)["reason"]) == (status, reason), got
+
+
+def test_body_bound_and_methods(rest):
+    base, _, tokens = rest
+    # A body past max_message_bytes (1 MiB here) is refused from its header: nothing of it is read.
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(f"POST /v2/models/huber/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tokens['alice']}"
+                     f"\r\nContent-Length: {2 << 20}\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"413" and json.loads(body)["reason"] == "REQUEST_TOO_LARGE"
+    status, _, body = call(f"{base}/v2/models/huber/infer", tokens["alice"])
+    assert status == 405
+    status, _, _ = call(f"{base}/v1/whatever", tokens["alice"])
+    assert status == 404

@@ -7,6 +7,7 @@ import ipaddress
 import itertools
 import os
 import pathlib
+import sys
 import threading
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -50,6 +51,22 @@ class TLS:
 
         return grpc.ssl_channel_credentials(root_certificates=read(self.ca), private_key=read(self.key),
                                             certificate_chain=read(self.cert))
+
+
+def _trace_context() -> list[tuple[str, str]]:
+    """The caller's current OpenTelemetry context as W3C ``traceparent`` (and
+    ``tracestate``) metadata, so the server's span joins the caller's trace.
+    Empty unless the application has imported OpenTelemetry: lossd does not
+    depend on it, and a process that never imported it has no span to carry."""
+    if "opentelemetry.propagate" not in sys.modules and "opentelemetry.trace" not in sys.modules:
+        return []
+    try:
+        from opentelemetry import propagate
+    except ImportError:  # pragma: no cover - a half-installed OpenTelemetry
+        return []
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
 
 
 class _ChannelOwner:
@@ -120,7 +137,11 @@ class _ChannelOwner:
         return evaluators[next(self._turn) % len(evaluators)] if len(evaluators) > 1 else evaluators[0]
 
     def _call_args(self, timeout: Optional[float]) -> dict:
-        return {"timeout": self.timeout if timeout is None else timeout, "metadata": self.metadata or None}
+        metadata = self.metadata
+        trace = _trace_context()
+        if trace:
+            metadata = [*metadata, *trace]
+        return {"timeout": self.timeout if timeout is None else timeout, "metadata": metadata or None}
 
     def _evaluate_call(self, loss, y_true, y_pred, params, sample_weight, reduction, gradient, tensors
                        ) -> tuple[Union[bytes, Iterator], Optional[_chunks.ChunkAssembler]]:

@@ -12,7 +12,7 @@ import logging
 import signal
 import threading
 from concurrent import futures
-from typing import Optional
+from typing import Any, Optional
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -38,11 +38,14 @@ from lossd_server.losses import custom
 from lossd_server.losses.cost import CostLimits
 from lossd_server.losses.custom import full_registry
 from lossd_server.losses.registry import LossRegistry
+from lossd_server.observability import tracing as tracing_module
 from lossd_server.observability.metrics import Metrics, start_metrics_server
+from lossd_server.observability.tracing import Tracing
 from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLContext, SecurityFileError
 from lossd_server.ports import bind_errno, bind_failure
 from lossd_server.supervisor import ProcessRole
 from lossd_server.grpc import oip_servicer
+from lossd_server.grpc.tracing import TracingInterceptor
 from lossd_server.http.oip_rest import OipRestApp, start_oip_http
 from lossd_server.grpc.loss_servicer import LossServicer, add_loss_service
 from lossd_server.grpc.shm_servicer import add_shared_memory_service
@@ -120,6 +123,7 @@ class Server:
     # its ports with SO_REUSEPORT and leaves /metrics to the supervisor.
     process: Optional[ProcessRole] = None
     oip_http: Optional[OipRestApp] = None  # the OIP REST app, with settings.http_port
+    tracing: Any = tracing_module.OFF  # observability.tracing: spans, when OTEL_* configures an exporter
     http_port: Optional[int] = dataclasses.field(default=None, init=False)  # its bound port, once started
     _oip_http_server: Optional[WSGIServer] = dataclasses.field(default=None, init=False)
     _metrics_http: Optional[WSGIServer] = dataclasses.field(default=None, init=False)
@@ -238,6 +242,9 @@ class Server:
             self.training = None
         self.executor.shutdown(wait=False)  # grpc_server.stop() leaves its threads running
         self.evaluator.close()
+        self.tracing.shutdown()  # exports the spans still buffered
+        if tracing_module.current is self.tracing:
+            tracing_module.current = tracing_module.OFF
         if self._oip_http_server is not None:
             self._oip_http_server.shutdown()
             self._oip_http_server.server_close()
@@ -364,7 +371,10 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     # open, `workers` threads are left for unary calls and health checks.
     executor = futures.ThreadPoolExecutor(max_workers=settings.workers + settings.max_streams,
                                           thread_name_prefix="rpc")
-    interceptors = [ObservabilityInterceptor(metrics),
+    tracing = Tracing.from_environment()
+    tracing_module.current = tracing
+    interceptors = [*([TracingInterceptor(tracing)] if tracing.enabled else []),  # first: the span holds the call
+                    ObservabilityInterceptor(metrics),
                     *([] if callers.open else [AuthInterceptor(callers, admission)]),
                     StreamLimiter(settings.max_streams, settings.stream_idle_seconds,
                                   per_caller=settings.max_streams_per_caller,
@@ -417,7 +427,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                   callers=callers,
                   health_server=health_server, health_executor=health_executor,
                   follower=follower, process=process,
-                  oip_http=OipRestApp(evaluation, ready=serving, callers=callers,
+                  tracing=tracing,
+                  oip_http=OipRestApp(evaluation, ready=serving, callers=callers, tracing=tracing,
                                       admission=None if callers.open else admission,
                                       version=lossd_server.__version__, max_body_bytes=settings.max_message_bytes)
                   if settings.http_port is not None and (process is None or process.index == 0) else None)

@@ -28,6 +28,7 @@ from lossd import wire
 from lossd_server.errors import InvalidArgument, LossdError, PermissionDenied
 from lossd_server.evaluation import inference_protocol as oip
 from lossd_server.evaluation.service import EvaluationService
+from lossd_server.observability import tracing as tracing_module
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,12 @@ class OipRestApp:
         version: The server's version, for the server metadata.
         max_body_bytes: The largest request body read (the gRPC port's
             ``max_message_bytes``).
+        tracing: ``observability.tracing``: a SERVER span per request (the
+            child of a W3C ``traceparent`` header's), when on.
     """
 
     def __init__(self, service: EvaluationService, *, ready: Callable[[], bool], callers, admission=None,
-                 version: str = "", max_body_bytes: int = 256 << 20):
+                 version: str = "", max_body_bytes: int = 256 << 20, tracing=tracing_module.OFF):
         self.service = service
         self.registry = service.registry
         self.ready = ready
@@ -71,8 +74,19 @@ class OipRestApp:
         self.admission = admission
         self.version = version
         self.max_body_bytes = max_body_bytes
+        self.tracing = tracing
 
     def __call__(self, environ, start_response):
+        if not self.tracing.enabled:
+            return self._answer(environ, start_response, None)
+        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
+        carrier = {key[5:].lower().replace("_", "-"): value for key, value in environ.items()
+                   if key in ("HTTP_TRACEPARENT", "HTTP_TRACESTATE")}
+        with self.tracing.server_span(f"{method} {path[:100]}", carrier,
+                                      {"http.request.method": method, "url.path": path[:200]}) as span:
+            return self._answer(environ, start_response, span)
+
+    def _answer(self, environ, start_response, span):
         start = time.perf_counter()
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
         try:
@@ -93,6 +107,10 @@ class OipRestApp:
         if not any(name == "Content-Type" for name, _ in headers):
             headers.append(("Content-Type", "application/json"))
         headers.append(("Content-Length", str(len(body))))
+        if span is not None:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 400:
+                self.tracing.error(span, str(status), body.decode(errors="replace"))
         start_response(f"{status} {_REASONS.get(status, '')}", headers)
         if status >= 400:
             log.debug("OIP REST %s %s %d %.2f ms", method, path[:200], status, (time.perf_counter() - start) * 1e3)

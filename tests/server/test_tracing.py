@@ -1,0 +1,142 @@
+"""OpenTelemetry traces, exported over OTLP to a real receiver.
+
+The receiver is the OTLP trace service from ``opentelemetry-proto``, served
+by a gRPC server in this test; the lossd server is configured only by the
+standard ``OTEL_*`` variables. The test calls lossd inside a span of its own
+(the client propagates it as ``traceparent``) and asserts the span tree the
+receiver got: lossd.v1 Evaluate, an OIP ModelInfer over gRPC and over REST,
+and a failed call with its status.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from servers import lossd_servers
+from test_oip import infer_request
+
+import lossd
+from lossd_server.grpc.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from lossd_server.observability import tracing
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """Keeps every span exported to it."""
+
+    def __init__(self):
+        self.spans = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            for resource in request.resource_spans:
+                service = {a.key: a.value.string_value for a in resource.resource.attributes}.get("service.name")
+                for scope in resource.scope_spans:
+                    self.spans.extend((service, span) for span in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def wait_for(self, name: str, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                found = [span for _, span in self.spans if span.name == name]
+            if found:
+                return found
+            time.sleep(0.05)
+        with self.lock:
+            names = sorted({span.name for _, span in self.spans})
+        pytest.fail(f"no span {name!r} exported within {timeout} s; got {names}")
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield receiver, port
+    server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def traced(receiver, tmp_path_factory):
+    """A server that exports its spans to the receiver, as OTEL_* says."""
+    _, port = receiver
+    patch = pytest.MonkeyPatch()
+    for name, value in {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                        "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_SERVICE_NAME": "lossd-under-test",
+                        "OTEL_BSP_SCHEDULE_DELAY": "50"}.items():
+        patch.setenv(name, value)
+    try:
+        with lossd_servers(tmp_path_factory, http_port=0) as start:
+            srv = start()
+            assert srv.tracing.enabled
+            yield srv
+    finally:
+        patch.undo()
+
+
+def test_off_without_otel_variables():
+    assert not tracing.configured({})
+    assert not tracing.configured({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317"})
+    assert not tracing.configured({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4317"})
+    assert tracing.configured({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://x:4317"})
+    assert tracing.Tracing.from_environment({}) is tracing.OFF
+
+
+def test_spans_join_the_callers_trace(receiver, traced):
+    receiver, _ = receiver
+    tracer = TracerProvider().get_tracer("test")
+    address = f"127.0.0.1:{traced.port}"
+    y = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    with tracer.start_as_current_span("caller") as caller:
+        with lossd.Client(address) as client:
+            client.evaluate("huber", y, y * 0.5)
+            with pytest.raises(lossd.LossdError):
+                client.evaluate("huber", y, y, params={"delta": -1.0})
+    trace_id = caller.get_span_context().trace_id.to_bytes(16, "big")
+    caller_id = caller.get_span_context().span_id.to_bytes(8, "big")
+
+    spans = receiver.wait_for("lossd.v1.LossService/Evaluate")
+    ours = [s for s in spans if s.trace_id == trace_id]
+    assert len(ours) == 2, [s.name for s in spans]
+    for span in ours:
+        assert span.parent_span_id == caller_id and span.kind == span.SPAN_KIND_SERVER
+    attributes = [{a.key: a.value.string_value for a in s.attributes} for s in ours]
+    assert sorted(a["rpc.grpc.status_code"] for a in attributes) == ["INVALID_ARGUMENT", "OK"]
+    failed = next(s for s, a in zip(ours, attributes) if a["rpc.grpc.status_code"] != "OK")
+    assert failed.status.code == failed.status.STATUS_CODE_ERROR and "delta" in failed.status.message
+    services = {service for service, span in receiver.spans if span.trace_id == trace_id}
+    assert services == {"lossd-under-test"}
+
+
+def test_oip_grpc_and_rest_calls_have_spans(receiver, traced):
+    receiver, _ = receiver
+    tracer = TracerProvider().get_tracer("test")
+    from opentelemetry.propagate import inject
+
+    y = np.random.default_rng(1).normal(size=(2, 2)).astype(np.float32)
+    with tracer.start_as_current_span("caller") as caller:
+        carrier = {}
+        inject(carrier)
+        with grpc.insecure_channel(f"127.0.0.1:{traced.port}") as channel:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request("mse", {"y_true": y, "y_pred": y}),
+                                                                 metadata=list(carrier.items()))
+        request = urllib.request.Request(f"http://127.0.0.1:{traced.http_port}/v2/models/mse", headers=carrier)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+    trace_id = caller.get_span_context().trace_id.to_bytes(16, "big")
+    infer = [s for s in receiver.wait_for("inference.GRPCInferenceService/ModelInfer") if s.trace_id == trace_id]
+    rest = [s for s in receiver.wait_for("GET /v2/models/mse") if s.trace_id == trace_id]
+    assert len(infer) == 1 and len(rest) == 1
+    status = {a.key: a.value.int_value for a in rest[0].attributes}["http.response.status_code"]
+    assert status == 200

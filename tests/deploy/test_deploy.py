@@ -517,3 +517,26 @@ def test_dashboard_structure(dashboard):
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
+
+
+def test_compose_tracing_override_sends_lossd_spans_to_its_collector():
+    """deploy/compose.tracing.yaml validates, turns lossd's tracing on (as
+    lossd reads its environment) and points it at the collector's OTLP gRPC
+    receiver, which feeds a traces pipeline."""
+    import yaml
+
+    from lossd_server.observability import tracing
+
+    override = DEPLOY / "compose.tracing.yaml"
+    result = compose("-f", str(COMPOSE), "-f", str(override), "config", "-q")
+    assert result.returncode == 0, result.stderr
+    config = compose_config(COMPOSE, override)
+    environment = config["services"]["lossd"]["environment"]
+    assert tracing.configured(environment)
+    host, port = environment["OTEL_EXPORTER_OTLP_ENDPOINT"].removeprefix("http://").split(":")
+    assert host in config["services"]
+    collector = yaml.safe_load((DEPLOY / "otel" / "collector.yaml").read_text())
+    assert collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(f":{port}")
+    assert "otlp" in collector["service"]["pipelines"]["traces"]["receivers"]
+    mounted = config["services"][host]["volumes"][0]
+    assert Path(mounted["source"]).resolve() == (DEPLOY / "otel" / "collector.yaml").resolve()

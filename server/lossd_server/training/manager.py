@@ -24,7 +24,7 @@ from lossd_server.training.catalog import DatasetCatalog
 from lossd_server.training.datasets import DatasetInfo
 from lossd_server.training.inference import Inference
 from lossd_server.training.scheduler import Scheduler
-from lossd_server.training.store import (QUARANTINE_DIR, JobRecord, PostgresStore, Quarantine, SqliteStore,
+from lossd_server.state.store import (QUARANTINE_DIR, JobRecord, PostgresStore, Quarantine, SqliteStore,
                                          Store)
 
 MAX_PAGE_SIZE = 1000

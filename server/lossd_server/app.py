@@ -46,7 +46,7 @@ from lossd_server.grpc.loss_servicer import LossServicer, add_loss_service
 from lossd_server.grpc.shm_servicer import add_shared_memory_service
 from lossd_server.grpc.training_servicer import add_training_service
 from lossd_server.training.manager import open_store
-from lossd_server.state.store import Follower
+from lossd_server.state.follower import Follower
 
 log = logging.getLogger(__name__)
 

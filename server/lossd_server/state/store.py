@@ -1,15 +1,15 @@
-"""The store: jobs, their events, datasets and registered losses, behind one
-interface with two backends.
+"""The store: jobs, their events, datasets, registered losses and replicas,
+behind one interface (``Store``) with two backends.
 
-- ``SqliteStore``, the embedded default: one SQLite database under the data
-  directory (WAL mode, so readers never wait on the writer), one process.
-- ``PostgresStore`` (``LOSSD_DATABASE_URL=postgresql://...``): one PostgreSQL
-  database that several replicas share, through a psycopg 3 connection pool.
+- ``SqliteStore`` (``state.sqlite``), the embedded default: one SQLite
+  database under the data directory, one process.
+- ``PostgresStore`` (``state.postgres``, ``LOSSD_DATABASE_URL=postgresql://...``):
+  one PostgreSQL database that several replicas share.
 
 Both run the same SQL (``Store``) over the same schema, built by the same
-versioned migrations (``MIGRATIONS``, recorded in ``schema_version``); what
-the two dialects write differently (a column type, a row lock, a JSON field)
-is in ``Dialect`` and nowhere else.
+versioned migrations (``state.schema``); what the two dialects write
+differently (a column type, a row lock, a JSON field) is in
+``state.dialect.Dialect`` and nowhere else.
 
 Paths of files under the artifacts folder (an uploaded dataset's file, the
 dataset a job trains on) are stored relative to it, and those of folder
@@ -21,15 +21,11 @@ Everything a restart needs is here: a job's spec, state, times, error and
 latest progress, the lease of the replica running it, every event it
 emitted (WatchJob replays them), and each registered loss as one row.
 
-State that cannot be read never stops the server: at open, a damaged SQLite
-file (or a directory where the file should be) is moved whole into
-``<data_dir>/quarantine/`` and a fresh one created, a missing table is
-created again (empty), and a malformed row of jobs, events or datasets is
-copied there as JSON and removed (see ``Quarantine``); an event whose
-payload cannot be read later is skipped with a warning. A database whose
-``schema_version`` is newer than this code is refused (``StartupError``,
-``lossd serve`` exits 2) and left as it is. A full disk is ``ResourceExhausted`` (DISK_FULL), never a
-bare database error.
+State that cannot be read never stops the server: a malformed row of jobs,
+events or datasets found at open is copied to the quarantine
+(``state.quarantine``) as JSON and removed; an event whose payload cannot be
+read later is skipped with a warning. A full disk is ``ResourceExhausted``
+(DISK_FULL), never a bare database error.
 """
 
 from __future__ import annotations
@@ -38,19 +34,18 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
 import pathlib
-import re
-import sqlite3
-import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from lossd_server.config import StartupError
-from lossd_server.errors import InvalidArgument, Unavailable, disk_full, disk_full_error
+from lossd_server.errors import InvalidArgument
+from lossd_server.state import schema
+from lossd_server.state.dialect import Connection, Dialect, marks
+from lossd_server.state.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
 
@@ -59,112 +54,12 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLING, CANCELLED = (
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLING, CANCELLED)
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 
-# The schema, one migration per version; ``{serial}``, ``{float}`` and the
-# like are filled in by ``Dialect.types``. A database records the version it
-# has in ``schema_version``; opening it applies the migrations after that
-# one, in one transaction. Append new versions; never edit a released one.
-MIGRATIONS: tuple[tuple[int, str], ...] = (
-    (1, """
-CREATE TABLE IF NOT EXISTS jobs (
-    n            {serial},
-    id           TEXT NOT NULL UNIQUE,
-    request_id   TEXT UNIQUE,
-    display_name TEXT NOT NULL DEFAULT '',
-    spec         TEXT NOT NULL,
-    runtime      TEXT NOT NULL,
-    model_kind   TEXT NOT NULL,
-    state        TEXT NOT NULL,
-    create_time  {float} NOT NULL,
-    start_time   {float},
-    end_time     {float},
-    error        TEXT,
-    progress     TEXT NOT NULL DEFAULT '{{}}',
-    retries      INTEGER NOT NULL DEFAULT 0,
-    owner        TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE TABLE IF NOT EXISTS events (
-    job_id  TEXT NOT NULL,
-    seq     INTEGER NOT NULL,
-    time    {float} NOT NULL,
-    kind    TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    PRIMARY KEY (job_id, seq)
-);
-CREATE TABLE IF NOT EXISTS datasets (
-    name        TEXT PRIMARY KEY,
-    info        TEXT NOT NULL,
-    create_time {float} NOT NULL,
-    owner       TEXT NOT NULL DEFAULT ''
-);
-CREATE TABLE IF NOT EXISTS losses (
-    name        TEXT PRIMARY KEY,
-    record      TEXT NOT NULL,
-    update_time {float} NOT NULL
-)
-"""),
-    # Leases: the replica running a job and until when its claim holds
-    # (``Store.claim_jobs``); a version counter per kind of shared state, so
-    # replicas notice a change with one cheap read (``Store.version``).
-    (2, """
-ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
-ALTER TABLE jobs ADD COLUMN lease_expires {float};
-CREATE TABLE versions (
-    name  TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-)
-"""),
-    # Paths under the artifacts folder become relative to it: no SQL, the
-    # rows are rewritten by ``Store._relative_paths``.
-    (3, ""),
-    # Replicas and their job slots, each with a lease it renews as it renews
-    # its jobs' (``Store.publish_replica``): CreateJob refuses a job that no
-    # live replica could run.
-    (4, """
-CREATE TABLE replicas (
-    id        TEXT PRIMARY KEY,
-    job_slots INTEGER NOT NULL,
-    expires   {float} NOT NULL
-)
-"""),
-)
-NEWEST_SCHEMA = MIGRATIONS[-1][0]
-# The table each migration statement creates, changes or indexes: a table
-# found missing at open is made again from its statements, in order.
-_STATEMENT_TABLE = re.compile(r"^\s*(?:CREATE TABLE(?: IF NOT EXISTS)?|ALTER TABLE|CREATE INDEX(?: IF NOT EXISTS)? \w+ ON)"
-                              r"\s+(\w+)", re.IGNORECASE)
-# Migration statements that fail when what they make exists already.
-_CREATE_TABLE = re.compile(r"^\s*CREATE TABLE\s+(\w+)\s*\(", re.IGNORECASE)
-_ADD_COLUMN = re.compile(r"^\s*ALTER TABLE\s+(\w+)\s+ADD COLUMN\s+(\w+)", re.IGNORECASE)
-# A dataset's stored info: its fields and their types, as
-# ``datasets.DatasetInfo`` has them (tests/robustness/test_store_faults.py
-# checks the two agree). The store needs only the name; the server checks
-# the rest with ``check_dataset`` (``DatasetInfo.from_dict``).
-DATASET_FIELDS: dict[str, tuple[type, ...]] = {
-    "name": (str,), "source": (str,), "examples": (int,), "image_shape": (list,), "class_names": (list,),
-    "create_time": (int, float), "size_bytes": (int,), "path": (str,), "owner": (str,)}
-_DATASET_REQUIRED = ("name",)
-_MIN_TIME, _MAX_TIME = -62135596800, 253402300799  # what google.protobuf.Timestamp holds
-# A job row's scalar columns and the types they may hold (None: NULL allowed).
-_JOB_COLUMNS: dict[str, tuple[Any, ...]] = {
-    "id": (str,), "request_id": (str, None), "display_name": (str,), "model_kind": (str,), "state": (str,),
-    "create_time": (int, float), "start_time": (int, float, None), "end_time": (int, float, None),
-    "retries": (int, None), "owner": (str, None), "lease_owner": (str, None), "lease_expires": (int, float, None)}
 # The path fields of stored JSON (a dataset's info, a job's runtime) and the
 # field beside each that names the dataset's source (``Store._with_path``).
 _PATH_SOURCES = {"path": "source", "dataset_path": "dataset_source"}
-# Columns SQLite databases made before ``schema_version`` existed may lack;
-# they gain them before version 1 is recorded. Rows from before owners get
-# the owner '' (NO_OWNER): only admins see them (``Caller.owns``).
-_UNVERSIONED_COLUMNS = {"jobs": {"retries": "INTEGER NOT NULL DEFAULT 0", "owner": "TEXT NOT NULL DEFAULT ''"},
-                        "datasets": {"owner": "TEXT NOT NULL DEFAULT ''"}}
 # The owner of what was made before owners were recorded, or by the
 # anonymous caller of a server without tokens.
 NO_OWNER = ""
-QUARANTINE_DIR = "quarantine"
-
-# SQLite primary result codes (the low byte of sqlite_errorcode).
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 
 @dataclasses.dataclass
@@ -260,151 +155,6 @@ def resolve_path(stored: str, root: Optional[pathlib.Path]) -> str:
     return os.path.join(os.path.abspath(root), stored)
 
 
-class Quarantine:
-    """``<data_dir>/quarantine/``: persisted state the server could not read.
-
-    Nothing unreadable is deleted: a damaged file is moved here whole, a
-    malformed row is written here as JSON before it leaves its table. Each
-    item logs one WARNING line saying what moved and why (no traceback), and
-    ``items`` lists them for health and metrics.
-    """
-
-    def __init__(self, folder: pathlib.Path):
-        self.folder = pathlib.Path(folder)
-        self.items: list[str] = []
-
-    def _target(self, name: str) -> pathlib.Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        target = self.folder / f"{stamp}-{name}"
-        n = 1
-        while target.exists():
-            n += 1
-            target = self.folder / f"{stamp}-{n}-{name}"
-        return target
-
-    def move(self, path: pathlib.Path, why: str, *, companions: Iterable[pathlib.Path] = ()) -> pathlib.Path:
-        """Moves ``path`` (and the ``companions`` that exist, such as SQLite's
-        -wal and -shm files, beside it under the same stamp) here."""
-        target = self._target(path.name)
-        os.replace(path, target)
-        for extra in companions:
-            if extra.exists():
-                os.replace(extra, target.with_name(target.name + extra.name[len(path.name):]))
-        self._note(f"moved {path} to {target}: {why}")
-        return target
-
-    def save(self, name: str, data: Any, why: str) -> pathlib.Path:
-        """Writes ``data`` as ``<stamp>-<name>.json`` here."""
-        target = self._target(f"{name}.json")
-        target.write_text(json.dumps(data, indent=2, default=str))
-        self._note(f"moved {name} to {target}: {why}")
-        return target
-
-    def note(self, line: str) -> None:
-        """Records (and logs) something repaired in place, such as a missing table made again."""
-        self._note(line)
-
-    def _note(self, line: str) -> None:
-        self.items.append(line)
-        log.warning("quarantine: %s; the server goes on without it", line)
-
-
-@dataclasses.dataclass(frozen=True)
-class Dialect:
-    """What SQLite and PostgreSQL write differently, in one place; every
-    other statement is written once, with ``?`` placeholders.
-
-    Attributes:
-        name: ``sqlite`` or ``postgresql``.
-        types: What the migrations' ``{serial}`` and ``{float}`` become.
-        lock_row: Appended to a SELECT of one job row that a write follows
-            (PostgreSQL locks it; SQLite's ``BEGIN IMMEDIATE`` already
-            serialises every writer).
-        skip_locked: Appended to the SELECT that claims jobs: rows another
-            replica is claiming are skipped, not waited for.
-        migration_lock: Run first in the migrating transaction, so replicas
-            starting together migrate one after the other ('' for SQLite).
-        create_lock: Run first in the transaction that counts jobs and
-            inserts one (``Store.create_job`` with ``admit``), so creates on
-            all replicas count and insert one after the other. PostgreSQL
-            takes a transaction-scoped advisory lock: it orders creates only
-            (claims, progress and lease renewals never wait on it), costs no
-            retries (unlike SERIALIZABLE, whose count-then-insert conflicts
-            abort and must be run again) and is released by COMMIT or
-            ROLLBACK, also of a replica that dies. SQLite needs nothing:
-            ``BEGIN IMMEDIATE`` takes the database's one write lock first,
-            for every process that opens the file, and the reads after it
-            see the newest commit.
-        placeholder: The driver's parameter marker.
-        json_number: ``json_number.format(column=..., key=...)`` reads a
-            number from a JSON text column.
-    """
-
-    name: str
-    types: dict
-    lock_row: str
-    skip_locked: str
-    migration_lock: str
-    create_lock: str
-    placeholder: str
-    json_number: str
-    tables: str = ""
-
-    def sql(self, text: str) -> str:
-        """``text`` with this driver's placeholders (our SQL has no literal ``?`` or ``%``)."""
-        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
-
-
-SQLITE = Dialect("sqlite", {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "float": "REAL"}, lock_row="",
-                 skip_locked="", migration_lock="", create_lock="", placeholder="?",
-                 json_number="json_extract({column}, '$.{key}')",
-                 tables="SELECT name FROM sqlite_master WHERE type = 'table'")
-POSTGRES = Dialect("postgresql", {"serial": "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
-                                  "float": "DOUBLE PRECISION"},
-                   lock_row=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED",
-                   # Any constant: the key of lossd's migration lock.
-                   migration_lock="SELECT pg_advisory_xact_lock(7432100)",
-                   create_lock="SELECT pg_advisory_xact_lock(7432101)", placeholder="%s",
-                   json_number="CAST(CAST({column} AS jsonb)->>'{key}' AS BIGINT)",
-                   tables="SELECT table_name AS name FROM information_schema.tables "
-                          "WHERE table_schema = current_schema()")
-
-
-class _Connection:
-    """A connection that takes our ``?`` SQL and returns rows read by column name."""
-
-    def __init__(self, raw, dialect: Dialect):
-        self.raw = raw
-        self.dialect = dialect
-
-    def execute(self, sql: str, args: Iterable[Any] = ()):
-        return self.raw.execute(self.dialect.sql(sql), tuple(args))
-
-
-def _marks(n: int) -> str:
-    return ", ".join("?" * n)
-
-
-def _why_unreadable(check: Callable[[], None]) -> Optional[str]:
-    """None when ``check()`` passes; else what it found, in a line."""
-    try:
-        check()
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError) as exc:
-        return f"{type(exc).__name__}: {str(exc)[:200]}"
-    return None
-
-
-def _check_types(values: dict, types: dict[str, tuple[Any, ...]]) -> None:
-    for key, allowed in types.items():
-        value = values.get(key)
-        if value is None and None in allowed:
-            continue
-        if isinstance(value, bool) or not isinstance(value, tuple(t for t in allowed if t is not None)):
-            raise TypeError(f"{key} is {type(value).__name__} {str(value)[:40]!r}; expected "
-                            f"{' or '.join('null' if t is None else t.__name__ for t in allowed)}")
-
-
 def _payload(row) -> Optional[dict]:
     """An event's payload; None, with a warning, where it cannot be read
     (written after the checks at open, by hand or by another replica):
@@ -417,77 +167,6 @@ def _payload(row) -> Optional[dict]:
         log.warning("event %s of job %s has an unreadable payload; it is skipped", row["seq"], row["job_id"])
         return None
     return payload
-
-
-def _check_times(values: dict, *keys: str) -> None:
-    """Times must be what a protobuf Timestamp holds (years 1 to 9999), or null."""
-    for key in keys:
-        value = values.get(key)
-        if value is not None and not _MIN_TIME <= value <= _MAX_TIME:  # NaN fails both
-            raise ValueError(f"{key} is {value!r}; expected seconds since the epoch in years 1 to 9999")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _newest_version(values: Iterable[Any]) -> int:
-    """The newest schema version recorded, ignoring what is not a number (0: none)."""
-    return max((v for v in values if _is_int(v)), default=0)
-
-
-def _check_event_row(row: dict) -> None:
-    _check_types(row, {"job_id": (str,), "seq": (int,), "time": (int, float), "kind": (str,)})
-    _check_times(row, "time")
-    if not isinstance(json.loads(row["payload"]), dict):
-        raise ValueError("the payload is not an object")
-
-
-def check_dataset_info(info: Any) -> None:
-    """Raises ``TypeError``/``ValueError`` for a dataset's info that is not
-    what ``DATASET_FIELDS`` says (a field missing, unknown or of a wrong type)."""
-    if not isinstance(info, dict):
-        raise TypeError(f"the info is {type(info).__name__}, not an object")
-    missing = [k for k in _DATASET_REQUIRED if k not in info]
-    if missing:
-        raise ValueError(f"the info lacks {', '.join(missing)}")
-    unknown = sorted(set(info) - set(DATASET_FIELDS))
-    if unknown:
-        raise ValueError(f"the info has unknown fields {', '.join(map(str, unknown))[:100]}")
-    _check_types({k: v for k, v in info.items()}, {k: DATASET_FIELDS[k] for k in info})
-    shape = info.get("image_shape", [1, 1, 1])
-    if len(shape) != 3 or not all(_is_int(d) and d > 0 for d in shape):
-        raise ValueError(f"image_shape is {str(shape)[:60]}; expected 3 positive integers")
-    if not all(isinstance(c, str) for c in info.get("class_names", ())):
-        raise ValueError("class_names holds something other than text")
-
-
-def _check_dataset_row(row: dict, check_dataset: Optional[Callable[[dict], Any]]) -> None:
-    _check_types(row, {"name": (str,), "create_time": (int, float), "owner": (str, None)})
-    _check_times(row, "create_time")
-    info = json.loads(row["info"])
-    check_dataset_info(info)
-    _check_times(info, "create_time")
-    if check_dataset is not None:
-        check_dataset(info)
-    if info["name"] != row["name"]:
-        raise ValueError(f"the info names {info['name'][:64]!r}, the row {row['name'][:64]!r}")
-
-
-@functools.lru_cache(maxsize=1)
-def _reference_columns() -> dict[str, frozenset[str]]:
-    """Each table's columns, as the migrations make them (in an in-memory SQLite database)."""
-    db = sqlite3.connect(":memory:")
-    try:
-        for _, script in MIGRATIONS:
-            for statement in script.format(**SQLITE.types).split(";"):
-                if statement.strip():
-                    db.execute(statement)
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {t: frozenset(r[1] for r in db.execute(f"PRAGMA table_info({t})")) for t in tables
-                if not t.startswith("sqlite_")}
-    finally:
-        db.close()
 
 
 class Store:
@@ -508,7 +187,7 @@ class Store:
             paths of folder datasets (source ``folder``).
     """
 
-    dialect: Dialect = SQLITE
+    dialect: Dialect  # each backend's
     shared = False
 
     def __init__(self, quarantine: Quarantine, artifacts_root: Optional[pathlib.Path] = None,
@@ -519,11 +198,11 @@ class Store:
 
     # -- what each backend provides ------------------------------------------------
 
-    def _read(self) -> contextlib.AbstractContextManager[_Connection]:
+    def _read(self) -> contextlib.AbstractContextManager[Connection]:
         """A connection to read with."""
         raise NotImplementedError
 
-    def _transaction(self, what: str) -> contextlib.AbstractContextManager[_Connection]:
+    def _transaction(self, what: str) -> contextlib.AbstractContextManager[Connection]:
         """One write transaction; a full disk becomes ``ResourceExhausted``
         (DISK_FULL) after the rollback."""
         raise NotImplementedError
@@ -531,93 +210,26 @@ class Store:
     def close(self) -> None:
         raise NotImplementedError
 
-    def _unversioned_columns(self, db: _Connection) -> None:
+    def _unversioned_columns(self, db: Connection) -> None:
         """Adds the columns a database from before ``schema_version`` lacks."""
 
     # -- schema ----------------------------------------------------------------
 
     def _migrate(self) -> int:
-        """Brings the schema to the newest version; returns it."""
+        """Brings the schema to the newest version (``schema.migrate``), in
+        one transaction; returns it."""
         with self._transaction("the schema") as db:
-            if self.dialect.migration_lock:
-                db.execute(self.dialect.migration_lock)
-            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            rows = [r["version"] for r in db.execute("SELECT version FROM schema_version").fetchall()]
-            have = _newest_version(rows)
-            if len(rows) != sum(_is_int(v) for v in rows):  # only SQLite, which has no column types, lets them in
-                db.execute("DELETE FROM schema_version")
-                db.execute("INSERT INTO schema_version (version) VALUES (?)", (have,))
-                self.quarantine.note(f"schema_version held values other than version numbers "
-                                     f"({', '.join(repr(v)[:40] for v in rows if not _is_int(v))}); kept {have}")
-            if have > NEWEST_SCHEMA:
-                raise StartupError(
-                    f"the database has schema version {have}, newer than this lossd's {NEWEST_SCHEMA}: a newer "
-                    f"lossd wrote it. Expected version {NEWEST_SCHEMA} or older. Run the newer lossd, or restore a "
-                    "backup from this version; the database was left as it is")
-            for version, script in MIGRATIONS:
-                if version <= have:
-                    continue
-                for statement in script.format(**self.dialect.types).split(";"):
-                    if statement.strip() and not self._done_already(db, statement):
-                        db.execute(statement)
-                if version == 1:
-                    self._unversioned_columns(db)
-                if version == 3:
-                    self._relative_paths(db)
-                db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-                have = version
-            self._repair_tables(db)
-        return have
-
-    def _done_already(self, db: _Connection, statement: str) -> bool:
-        """Whether a migration statement's table or column exists already: a
-        ``schema_version`` row lost or lowered by hand makes the migrations
-        after it run again, and they must not fail on what they made."""
-        made = _CREATE_TABLE.match(statement)
-        added = _ADD_COLUMN.match(statement)
-        if not made and not added:
-            return False
-        tables = {r["name"] for r in db.execute(self.dialect.tables).fetchall()}
-        if made:
-            return made.group(1) in tables
-        table, column = added.groups()
-        return table in tables and column in self._column_names(db, table)
-
-    @staticmethod
-    def _column_names(db: _Connection, table: str) -> set[str]:
-        return {d[0] for d in db.execute(f"SELECT * FROM {table} LIMIT 0").description}
-
-    def _repair_tables(self, db: _Connection) -> None:
-        """Makes a table the migrations made, found missing (dropped by hand,
-        say), again from its statements, empty; a table that lacks one of
-        its columns cannot be used (``_damaged``)."""
-        expected: dict[str, list[str]] = {}
-        for _, script in MIGRATIONS:
-            for statement in script.format(**self.dialect.types).split(";"):
-                match = _STATEMENT_TABLE.match(statement)
-                if match:
-                    expected.setdefault(match.group(1), []).append(statement)
-        present = {r["name"] for r in db.execute(self.dialect.tables).fetchall()}
-        for table, statements in expected.items():
-            if table not in present:
-                for statement in statements:
-                    db.execute(statement)
-                self.quarantine.note(f"the table {table} was missing; made again, empty")
-        reference = _reference_columns()
-        for table in expected:
-            have = self._column_names(db, table)
-            missing = sorted(reference[table] - have)
-            if missing:
-                raise self._damaged(f"the table {table} lacks the column(s) {', '.join(missing)}")
+            return schema.migrate(db, self.quarantine, after={1: self._unversioned_columns, 3: self._relative_paths},
+                                  damaged=self._damaged)
 
     def _damaged(self, why: str) -> Exception:
         """The error for a schema this code cannot use: ``SqliteStore``
         moves the file to the quarantine and starts afresh; a shared
         database is not moved, and the server does not start."""
         return StartupError(f"the database's schema cannot be used: {why}. Expected the schema lossd made "
-                            f"(version {NEWEST_SCHEMA}); the database was left as it is")
+                            f"(version {schema.NEWEST_SCHEMA}); the database was left as it is")
 
-    def _relative_paths(self, db: _Connection) -> None:
+    def _relative_paths(self, db: Connection) -> None:
         """Version 3: the absolute paths under ``artifacts_root`` (and
         ``dataset_root``) that older servers stored (a dataset's ``path``, a
         job's ``dataset_path``) become relative to it. A row that cannot be
@@ -645,7 +257,7 @@ class Store:
 
     def schema_version(self) -> int:
         with self._read() as db:
-            return _newest_version([r["version"] for r in db.execute("SELECT version FROM schema_version")])
+            return schema.newest_version([r["version"] for r in db.execute("SELECT version FROM schema_version")])
 
     def _drop_malformed_rows(self, check_job: Optional[Callable[[JobRecord], None]],
                              check_dataset: Optional[Callable[[dict], Any]] = None) -> None:
@@ -655,7 +267,7 @@ class Store:
         with self._read() as db:
             jobs = [dict(r) for r in db.execute("SELECT * FROM jobs").fetchall()]
         for row in jobs:
-            why = _why_unreadable(lambda: self._check_job_row(row, check_job))
+            why = schema.why_unreadable(lambda: self._check_job_row(row, check_job))
             if why is not None:
                 with self._read() as db:
                     events = [dict(r) for r in db.execute("SELECT * FROM events WHERE job_id = ?", (row["id"],))]
@@ -667,7 +279,7 @@ class Store:
         with self._read() as db:
             events = [dict(r) for r in db.execute("SELECT * FROM events").fetchall()]
         for row in events:
-            why = _why_unreadable(lambda: _check_event_row(row))
+            why = schema.why_unreadable(lambda: schema.check_event_row(row))
             if why is not None:
                 self.quarantine.save(f"event-{str(row['job_id'])[:48]}-{str(row['seq'])[:12]}",
                                      {"table": "events", "row": row}, f"the event row is malformed ({why})")
@@ -676,7 +288,7 @@ class Store:
         with self._read() as db:
             counters = [dict(r) for r in db.execute("SELECT * FROM versions").fetchall()]
         for row in counters:  # change counters: a bad one is set back to 0 (replicas then reload once)
-            if not (isinstance(row["name"], str) and _is_int(row["value"])):
+            if not (isinstance(row["name"], str) and schema.is_int(row["value"])):
                 self.quarantine.save(f"version-{str(row['name'])[:64]}", {"table": "versions", "row": row},
                                      "the change counter is malformed; set to 0")
                 with self._transaction("repairing a change counter") as db:
@@ -686,7 +298,7 @@ class Store:
         with self._read() as db:
             datasets = [dict(r) for r in db.execute("SELECT * FROM datasets").fetchall()]
         for row in datasets:
-            why = _why_unreadable(lambda: _check_dataset_row(row, check_dataset))
+            why = schema.why_unreadable(lambda: schema.check_dataset_row(row, check_dataset))
             if why is not None:
                 self.quarantine.save(f"dataset-{str(row['name'])[:64]}", {"table": "datasets", "row": row},
                                      f"the dataset row is malformed ({why})")
@@ -694,8 +306,8 @@ class Store:
                     db.execute("DELETE FROM datasets WHERE name = ?", (row["name"],))
 
     def _check_job_row(self, row: dict, check_job: Optional[Callable[[JobRecord], None]]) -> None:
-        _check_types(row, _JOB_COLUMNS)
-        _check_times(row, "create_time", "start_time", "end_time")
+        schema.check_types(row, schema.JOB_COLUMNS)
+        schema.check_times(row, "create_time", "start_time", "end_time")
         job = self._job(row)
         if job.state not in STATES:
             raise ValueError(f"unknown state {job.state!r}")
@@ -793,7 +405,7 @@ class Store:
             where.append("owner = ?")
             args.append(owner)
         if states:
-            where.append(f"state IN ({_marks(len(states))})")
+            where.append(f"state IN ({marks(len(states))})")
             args.extend(states)
         if page_token:
             where.append("n < ?")
@@ -810,15 +422,15 @@ class Store:
         """Jobs in the given states, oldest first."""
         states = list(states)
         with self._read() as db:
-            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({_marks(len(states))}) ORDER BY n",
+            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({marks(len(states))}) ORDER BY n",
                               states).fetchall()
         return [self._job(r) for r in rows]
 
     @staticmethod
-    def _count(db: _Connection, states: Iterable[str], owner: Optional[str] = None) -> int:
+    def _count(db: Connection, states: Iterable[str], owner: Optional[str] = None) -> int:
         """How many jobs (``owner``'s, when it is not None) are in ``states``."""
         states = list(states)
-        sql = f"SELECT COUNT(*) AS c FROM jobs WHERE state IN ({_marks(len(states))})"
+        sql = f"SELECT COUNT(*) AS c FROM jobs WHERE state IN ({marks(len(states))})"
         if owner is None:
             return db.execute(sql, states).fetchone()["c"]
         return db.execute(sql + " AND owner = ?", (*states, owner)).fetchone()["c"]
@@ -860,7 +472,7 @@ class Store:
         with self._transaction("a job claim") as db:
             rows = db.execute(
                 f"SELECT * FROM jobs WHERE {_CLAIMABLE}"
-                + (f" AND id NOT IN ({_marks(len(skip))})" if skip else "")
+                + (f" AND id NOT IN ({marks(len(skip))})" if skip else "")
                 + f" ORDER BY n LIMIT ?{self.dialect.skip_locked}",
                 (*_claimable_args(now), *skip, limit)).fetchall()
             for row in rows:
@@ -885,9 +497,9 @@ class Store:
         if not job_ids:
             return {}
         with self._transaction("a lease renewal") as db:
-            db.execute(f"UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND id IN ({_marks(len(job_ids))})"
+            db.execute(f"UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND id IN ({marks(len(job_ids))})"
                        f" AND state IN (?, ?)", (time.time() + lease_seconds, owner, *job_ids, RUNNING, CANCELLING))
-            rows = db.execute(f"SELECT id, state FROM jobs WHERE lease_owner = ? AND id IN ({_marks(len(job_ids))})"
+            rows = db.execute(f"SELECT id, state FROM jobs WHERE lease_owner = ? AND id IN ({marks(len(job_ids))})"
                               " AND state IN (?, ?)", (owner, *job_ids, RUNNING, CANCELLING)).fetchall()
         return {r["id"]: r["state"] for r in rows}
 
@@ -904,7 +516,7 @@ class Store:
 
     # -- events ----------------------------------------------------------------
 
-    def _append(self, db: _Connection, job_id: str, kind: str, payload: dict, when: float) -> int:
+    def _append(self, db: Connection, job_id: str, kind: str, payload: dict, when: float) -> int:
         # The job's row lock (PostgreSQL) orders two replicas appending to one job.
         db.execute(f"SELECT n FROM jobs WHERE id = ?{self.dialect.lock_row}", (job_id,))
         row = db.execute("SELECT COALESCE(MAX(seq), 0) AS top FROM events WHERE job_id = ?", (job_id,)).fetchone()
@@ -1006,7 +618,7 @@ class Store:
     # -- versions: has another replica changed something? -------------------------
 
     @staticmethod
-    def _bump(db: _Connection, name: str) -> None:
+    def _bump(db: Connection, name: str) -> None:
         db.execute("INSERT INTO versions (name, value) VALUES (?, 1)"
                    " ON CONFLICT (name) DO UPDATE SET value = versions.value + 1", (name,))
 
@@ -1078,280 +690,3 @@ class Look:
     versions: dict[str, int]  # counter name (``LOSSES``) -> value; a counter never bumped is absent
     counts: dict[str, int]    # job state -> how many jobs are in it
     claimable: bool           # whether some job can be claimed now
-
-
-class Follower:
-    """Polls a shared store for what other replicas changed: one ``look``
-    (one query) every ``interval`` seconds on a thread of its own, handed to
-    every listener (the registered losses, the training scheduler). A look
-    or listener that fails is tried again at the next interval and logged
-    once per run of failures; an unreachable database is left to the
-    store, which logs each outage once."""
-
-    def __init__(self, store: Store, interval: float):
-        self.store = store
-        self.interval = interval
-        self._listeners: list[Callable[[Look], None]] = []
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def listen(self, listener: Callable[[Look], None]) -> None:
-        """Calls ``listener(look)`` after every successful look."""
-        self._listeners.append(listener)
-
-    def start(self) -> None:
-        """Starts looking, the first look one interval from now."""
-        self._thread = threading.Thread(target=self._follow, name="store-follower", daemon=True)
-        self._thread.start()
-
-    def _follow(self) -> None:
-        failing: set = set()  # the look (None) and the listeners whose last try failed: logged once
-        while not self._stop.wait(self.interval):
-            for step in (None, *self._listeners):
-                try:
-                    if step is None:
-                        look = self.store.look()
-                    else:
-                        step(look)
-                    failing.discard(step)
-                except Exception as exc:  # noqa: BLE001 - the next look may work
-                    # An unreachable database is logged once per outage by the store itself.
-                    if step not in failing and not isinstance(exc, Unavailable):
-                        log.warning("could not %s: %s", "look for the changes of other replicas in the shared "
-                                    "store" if step is None else f"follow them ({step.__qualname__})", exc)
-                    failing.add(step)
-                    if step is None:
-                        break
-
-    def stop(self) -> None:
-        """Stops looking; returns once a look under way has ended (5 s at most)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-
-class SqliteStore(Store):
-    """The embedded store: ``<data_dir>/lossd.sqlite3``, for one server process.
-
-    Args:
-        path: The database file; its folder is created.
-        check_job: Raises ``ValueError`` (or ``KeyError``/``TypeError``) for a
-            job record the server could not serve; such rows are moved to the
-            quarantine at open. ``jobs.check_record`` in the server.
-        check_dataset: The same for a dataset's info (``DatasetInfo.from_dict``
-            in the server).
-        quarantine: Where unreadable state goes; ``<folder of path>/quarantine``
-            by default.
-        artifacts_root, dataset_root: As for ``Store``.
-    """
-
-    dialect = SQLITE
-    shared = False
-
-    def __init__(self, path: pathlib.Path, *, check_job: Optional[Callable[[JobRecord], None]] = None,
-                 check_dataset: Optional[Callable[[dict], Any]] = None,
-                 quarantine: Optional[Quarantine] = None, artifacts_root: Optional[pathlib.Path] = None,
-                 dataset_root: Optional[pathlib.Path] = None):
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        super().__init__(quarantine or Quarantine(path.parent / QUARANTINE_DIR), artifacts_root, dataset_root)
-        self.path = path
-        self._lock = threading.RLock()
-        if path.exists() and not path.is_file():  # a directory (or a socket...) where the file should be
-            self.quarantine.move(path, "it is not a file; a new, empty database replaces it",
-                                 companions=[path.with_name(path.name + s) for s in ("-wal", "-shm")])
-        try:
-            self._db = self._open()
-        except sqlite3.DatabaseError as exc:
-            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
-                raise
-            self.quarantine.move(path, f"the SQLite database is damaged ({exc}); a new, empty one replaces it",
-                                 companions=[path.with_name(path.name + s) for s in ("-wal", "-shm")])
-            self._db = self._open()
-        self._drop_malformed_rows(check_job, check_dataset)
-
-    def _open(self) -> sqlite3.Connection:
-        # One connection shared by the server's threads, serialised by the lock;
-        # autocommit (isolation_level=None) with explicit transactions.
-        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            # quick_check reads every page (not the index-to-table cross checks
-            # of integrity_check): a torn or overwritten file fails here, at
-            # open, not in the middle of some later request.
-            problems = [r[0] for r in db.execute("PRAGMA quick_check(5)").fetchall()]
-            if problems != ["ok"]:
-                raise sqlite3.DatabaseError("; ".join(problems)[:300])
-            self._db = db
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            db.close()
-            if not getattr(exc, "sqlite_errorcode", 0):
-                exc.sqlite_errorcode = _SQLITE_CORRUPT  # quick_check's findings
-            raise
-        return db
-
-    def _damaged(self, why: str) -> Exception:
-        exc = sqlite3.DatabaseError(why)
-        exc.sqlite_errorcode = _SQLITE_CORRUPT  # so the file moves to the quarantine, as a torn one does
-        return exc
-
-    def _unversioned_columns(self, db: _Connection) -> None:
-        for table, columns in _UNVERSIONED_COLUMNS.items():
-            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
-            for name, definition in columns.items():
-                if name not in have:
-                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[_Connection]:
-        with self._lock:
-            yield _Connection(self._db, SQLITE)
-
-    @contextlib.contextmanager
-    def _transaction(self, what: str) -> Iterator[_Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield _Connection(self._db, SQLITE)
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-            except (sqlite3.OperationalError, OSError) as exc:
-                if disk_full(exc):
-                    raise disk_full_error(what) from exc
-                raise
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-# How long psycopg_pool retries one lost connection (1, 2, 2 s apart) before the next call starts over.
-RECONNECT_SECONDS = 5.0
-
-
-class PostgresStore(Store):
-    """The shared store: one PostgreSQL database for every replica
-    (``LOSSD_DATABASE_URL``), through a pool of psycopg 3 connections.
-
-    Args:
-        url: A libpq connection string or URL (``postgresql://user@host/db``).
-        quarantine: Where unreadable rows go (this replica's data directory).
-        check_job: As for ``SqliteStore``.
-        pool_size: Most connections this replica opens.
-        connect_timeout: How long opening waits for the database.
-        artifacts_root, dataset_root: As for ``Store``.
-
-    Raises:
-        ConnectionError: the database cannot be reached within ``connect_timeout``.
-    """
-
-    dialect = POSTGRES
-    shared = True
-
-    def __init__(self, url: str, *, quarantine: Quarantine, check_job: Optional[Callable[[JobRecord], None]] = None,
-                 check_dataset: Optional[Callable[[dict], Any]] = None,
-                 pool_size: int = 8, connect_timeout: float = 10.0, artifacts_root: Optional[pathlib.Path] = None,
-                 dataset_root: Optional[pathlib.Path] = None):
-        from psycopg.rows import dict_row  # the server extra: imported only when PostgreSQL is used
-        from psycopg_pool import ConnectionPool, PoolTimeout
-
-        super().__init__(quarantine, artifacts_root, dataset_root)
-        self.url = url
-        # psycopg_pool warns at every failed reconnect while the database is
-        # down (a line a second, then further apart, for as long as it lasts);
-        # this store says once that the database went away and once that it
-        # is back (``_reachable``). The pool's errors still show, and a level
-        # someone set on its logger is left alone.
-        pool_log = logging.getLogger("psycopg.pool")
-        if pool_log.level == logging.NOTSET:
-            pool_log.setLevel(logging.ERROR)
-        self._outage = threading.Lock()
-        self._down_since: Optional[float] = None  # monotonic time the outage was first seen; None: up
-        # psycopg_pool retries a lost connection 1, 2, 4, 8 ... s apart for
-        # reconnect_timeout (5 minutes by default): after an outage of a
-        # minute, a replica would stay UNAVAILABLE for up to another minute
-        # with the database back. Giving up after RECONNECT_SECONDS lets the
-        # next call (the Follower's look, twice a second) start over at once,
-        # so a replica answers within a few seconds of the database's return.
-        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, open=False, timeout=connect_timeout,
-                                    kwargs={"autocommit": True, "row_factory": dict_row},
-                                    name="lossd-store", reconnect_timeout=RECONNECT_SECONDS)
-        self._pool.open()
-        try:
-            self._pool.wait(timeout=connect_timeout)
-        except PoolTimeout:
-            self._pool.close()
-            raise ConnectionError(f"cannot connect to the PostgreSQL database at {_redact_url(url)} within "
-                                  f"{connect_timeout:g} s") from None
-        self._migrate()
-        self._drop_malformed_rows(check_job, check_dataset)
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[_Connection]:
-        with self._reachable("reading the shared state"), self._pool.connection() as raw:
-            yield _Connection(raw, POSTGRES)
-
-    @contextlib.contextmanager
-    def _transaction(self, what: str) -> Iterator[_Connection]:
-        from psycopg import errors
-
-        try:
-            with self._reachable(f"saving {what}"), self._pool.connection() as raw, raw.transaction():
-                yield _Connection(raw, POSTGRES)
-        except errors.DiskFull as exc:
-            raise disk_full_error(what) from exc
-
-    @contextlib.contextmanager
-    def _reachable(self, what: str) -> Iterator[None]:
-        """A database that cannot be reached (down, restarting, the pool
-        exhausted for its timeout) is UNAVAILABLE (DATABASE_UNAVAILABLE),
-        which clients retry; the pool replaces broken connections. The
-        first failure of an outage is logged (a warning), and the first
-        success after it (an info line); the failures between are not."""
-        import psycopg
-        from psycopg_pool import PoolTimeout
-
-        try:
-            yield
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            if isinstance(exc, psycopg.errors.DiskFull):
-                raise
-            self._went_away(what, exc)
-            raise Unavailable(f"The shared database is unreachable: {what} failed. Expected the PostgreSQL server "
-                              f"at {_redact_url(self.url)} to answer; retry shortly.",
-                              reason="DATABASE_UNAVAILABLE") from None
-        if self._down_since is not None:
-            self._came_back()
-
-    def _went_away(self, what: str, exc: Exception) -> None:
-        with self._outage:
-            if self._down_since is not None:
-                return
-            self._down_since = time.monotonic()
-        log.warning("the PostgreSQL database at %s is unreachable (%s failed: %s); calls that need it are "
-                    "UNAVAILABLE (DATABASE_UNAVAILABLE) until it answers again, which will be logged",
-                    _redact_url(self.url), what, " ".join(str(exc).split())[:300])
-
-    def _came_back(self) -> None:
-        with self._outage:
-            if self._down_since is None:
-                return
-            seconds, self._down_since = time.monotonic() - self._down_since, None
-        log.info("the PostgreSQL database at %s answers again, after %.1f s unreachable", _redact_url(self.url),
-                 seconds)
-
-    def close(self) -> None:
-        self._pool.close()
-
-
-def _redact_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)

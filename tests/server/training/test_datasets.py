@@ -255,7 +255,7 @@ def test_the_sweep_keeps_every_file_a_record_might_need(tmp_path):
 def _catalog(tmp_path, **settings):
     from lossd_server.config import Settings
     from lossd_server.training.catalog import DatasetCatalog
-    from lossd_server.state.store import SqliteStore
+    from lossd_server.state.sqlite import SqliteStore
 
     store = SqliteStore(tmp_path / "lossd.sqlite3")
     return DatasetCatalog(Settings(data_dir=tmp_path, **settings), store, tmp_path / "datasets"), store

@@ -262,7 +262,7 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 def cmd_metrics_auth_create(args: argparse.Namespace) -> int:
     """Appends a metrics user's PBKDF2 hash to the basic-auth file and prints its password, once."""
     def create(path):
-        from lossd_server.observability.metrics_security import create_user
+        from lossd_server.security.basic_auth import create_user
 
         return create_user(path, args.name), f"password of metrics user {args.name!r}"
 
@@ -273,7 +273,7 @@ def cmd_secrets_init(args: argparse.Namespace) -> int:
     """Makes the secrets folder of a deployment: a CA, the server's certificate,
     the metrics user and its password, an empty tokens file. Prints no secret."""
     try:
-        from lossd_server.deploy_secrets import CA_KEY, SERVER_DAYS, init_secrets
+        from lossd_server.security.secrets import CA_KEY, SERVER_DAYS, init_secrets
     except ImportError:
         print('error: `lossd secrets init` needs the server: pip install "lossd[server]"', file=sys.stderr)
         return 2

@@ -225,7 +225,7 @@ class Supervisor:
 
     def _start_metrics(self) -> None:
         from lossd_server.observability.metrics import SupervisorMetrics, start_metrics_server
-        from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLContext, SecurityFileError
+        from lossd_server.security.basic_auth import BasicAuth, ReloadingSSLContext, SecurityFileError
 
         s = self.settings
         try:

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from certificates import Authority
 from lossd_server.observability.metrics import Metrics, start_metrics_server
-from lossd_server.observability.metrics_security import (BasicAuth, ReloadingSSLContext, SecurityFileError,
+from lossd_server.security.basic_auth import (BasicAuth, ReloadingSSLContext, SecurityFileError,
                                                          create_user, hash_password)
 
 

@@ -39,7 +39,9 @@ from lossd_server.losses.cost import CostLimits
 from lossd_server.losses.custom import full_registry
 from lossd_server.losses.registry import LossRegistry
 from lossd_server.observability.metrics import Metrics, start_metrics_server
-from lossd_server.security.basic_auth import BasicAuth, ReloadingSSLContext, SecurityFileError
+from lossd_server.security.basic_auth import BasicAuth
+from lossd_server.security.certificates import ReloadingSSLContext
+from lossd_server.security.reload import SecurityFileError
 from lossd_server.ports import bind_errno, bind_failure
 from lossd_server.supervisor import ProcessRole
 from lossd_server.grpc.loss_servicer import LossServicer, add_loss_service

@@ -76,10 +76,13 @@ def test_tensorflow_and_grpc_are_imported_where_the_layers_say():
 
 
 # Which packages of lossd_server each package must not import: shared state
-# sits below both the losses and training, and losses below training.
+# sits below both the losses and training, and losses below training;
+# security is shared by the gRPC port and the metrics endpoint, below both.
 FORBIDDEN = {"lossd_server.state": ("lossd_server.losses", "lossd_server.training", "lossd_server.evaluation",
                                     "lossd_server.grpc"),
-             "lossd_server.losses": ("lossd_server.training",)}
+             "lossd_server.losses": ("lossd_server.training",),
+             "lossd_server.security": ("lossd_server.losses", "lossd_server.training", "lossd_server.evaluation",
+                                       "lossd_server.grpc", "lossd_server.state", "lossd_server.observability")}
 
 
 def _package_imports(package: str) -> set[tuple[str, str]]:
@@ -101,7 +104,7 @@ def _package_imports(package: str) -> set[tuple[str, str]]:
     return found
 
 
-def test_state_and_losses_do_not_import_the_layers_above_them():
+def test_state_losses_and_security_do_not_import_the_layers_above_them():
     for package, forbidden in FORBIDDEN.items():
         imports = _package_imports(package)
         assert any(name.startswith("lossd_server.") for _, name in imports), package  # the walk does see imports

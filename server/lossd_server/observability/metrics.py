@@ -71,7 +71,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from lossd_server.security.basic_auth import LIMITED, REALM, BasicAuth, ReloadingSSLContext
+from lossd_server.security.basic_auth import LIMITED, REALM, BasicAuth
+from lossd_server.security.certificates import ReloadingSSLContext
 
 logger = logging.getLogger(__name__)
 

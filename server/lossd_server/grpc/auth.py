@@ -71,6 +71,12 @@ class Callers:
     Built with ``from_file`` it re-reads the file when it changes (looked at
     no more than every ``check_seconds``, by whichever call comes first) or
     after ``reload()``.
+
+    Args:
+        tokens: The tokens by id; None for a server without tokens, whose
+            every caller is ``ANONYMOUS``.
+        file: The tokens file they came from (``security.tokens.tokens_file``),
+            read again when it changes; None keeps ``tokens`` as they are.
     """
 
     def __init__(self, tokens: dict[str, TokenRecord] | None, file: Reloader | None = None):
@@ -89,6 +95,7 @@ class Callers:
 
     @property
     def open(self) -> bool:
+        """Whether the server has no tokens: every caller is ``ANONYMOUS``."""
         return self._tokens is None
 
     @property

@@ -73,7 +73,9 @@ def open_store(request, tmp_path):
     """``open_store()`` opens a store on this test's database (a new SQLite
     file, or a new PostgreSQL database); call it again to reopen the same
     database, as another process or replica would. Every store is closed at the end."""
-    from lossd_server.training.store import PostgresStore, Quarantine, SqliteStore
+    from lossd_server.state.postgres import PostgresStore
+    from lossd_server.state.quarantine import Quarantine
+    from lossd_server.state.sqlite import SqliteStore
 
     opened = []
     if request.param == "sqlite":

@@ -199,7 +199,7 @@ def _create_secret(args: argparse.Namespace, command: str, env: str, what: str, 
 def cmd_tokens_create(args: argparse.Namespace) -> int:
     """Appends a token's salted hash to the tokens file and prints the token, once."""
     def create(path):
-        from lossd_server.grpc.auth import Limits, create_token
+        from lossd_server.security.tokens import Limits, create_token
 
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
         limits = Limits(elements_per_second=args.rate, max_jobs=args.max_jobs,
@@ -220,7 +220,7 @@ def _on_tokens_file(args: argparse.Namespace, run) -> int:
         return 2
     try:
         from lossd_server.config import StartupError
-        from lossd_server.grpc import auth
+        from lossd_server.security import tokens as auth
     except ImportError:
         print('error: `lossd tokens` needs the server: pip install "lossd[server]"', file=sys.stderr)
         return 2
@@ -262,7 +262,7 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 def cmd_metrics_auth_create(args: argparse.Namespace) -> int:
     """Appends a metrics user's PBKDF2 hash to the basic-auth file and prints its password, once."""
     def create(path):
-        from lossd_server.observability.metrics_security import create_user
+        from lossd_server.security.basic_auth import create_user
 
         return create_user(path, args.name), f"password of metrics user {args.name!r}"
 
@@ -273,7 +273,7 @@ def cmd_secrets_init(args: argparse.Namespace) -> int:
     """Makes the secrets folder of a deployment: a CA, the server's certificate,
     the metrics user and its password, an empty tokens file. Prints no secret."""
     try:
-        from lossd_server.deploy_secrets import CA_KEY, SERVER_DAYS, init_secrets
+        from lossd_server.security.secrets import CA_KEY, SERVER_DAYS, init_secrets
     except ImportError:
         print('error: `lossd secrets init` needs the server: pip install "lossd[server]"', file=sys.stderr)
         return 2

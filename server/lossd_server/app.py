@@ -41,7 +41,9 @@ from lossd_server.losses.registry import LossRegistry
 from lossd_server.observability import tracing as tracing_module
 from lossd_server.observability.metrics import Metrics, start_metrics_server
 from lossd_server.observability.tracing import Tracing
-from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLContext, SecurityFileError
+from lossd_server.security.basic_auth import BasicAuth
+from lossd_server.security.certificates import ReloadingSSLContext
+from lossd_server.security.reload import SecurityFileError
 from lossd_server.ports import bind_errno, bind_failure
 from lossd_server.supervisor import ProcessRole
 from lossd_server.grpc import oip_servicer
@@ -51,7 +53,7 @@ from lossd_server.grpc.loss_servicer import LossServicer, add_loss_service
 from lossd_server.grpc.shm_servicer import add_shared_memory_service
 from lossd_server.grpc.training_servicer import add_training_service
 from lossd_server.training.manager import open_store
-from lossd_server.training.store import Follower
+from lossd_server.state.follower import Follower
 
 log = logging.getLogger(__name__)
 

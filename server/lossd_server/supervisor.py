@@ -230,7 +230,9 @@ class Supervisor:
 
     def _start_metrics(self) -> None:
         from lossd_server.observability.metrics import SupervisorMetrics, start_metrics_server
-        from lossd_server.observability.metrics_security import BasicAuth, ReloadingSSLContext, SecurityFileError
+        from lossd_server.security.basic_auth import BasicAuth
+        from lossd_server.security.certificates import ReloadingSSLContext
+        from lossd_server.security.reload import SecurityFileError
 
         s = self.settings
         try:

@@ -343,7 +343,7 @@ def test_a_region_not_registered_is_not_found(address):
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
-    from lossd_server.grpc.auth import create_token
+    from lossd_server.security.tokens import create_token
 
     folder = tmp_path_factory.mktemp("shm-tokens")
     path = folder / "tokens.jsonl"

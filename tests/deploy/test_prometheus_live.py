@@ -198,8 +198,8 @@ class Secrets:
     file, and one token with the evaluate and train scopes."""
 
     def __init__(self, folder: Path, other_address: str):
-        from lossd_server.deploy_secrets import init_secrets
-        from lossd_server.grpc.auth import create_token
+        from lossd_server.security.secrets import init_secrets
+        from lossd_server.security.tokens import create_token
 
         self.folder = folder
         init_secrets(folder, hosts=("127.0.0.1", other_address))

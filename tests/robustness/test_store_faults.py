@@ -49,7 +49,7 @@ def _sql(data_dir: pathlib.Path, *statements, args=()) -> None:
 
 def test_the_dataset_fields_the_store_checks_are_datasetinfo_s():
     from lossd_server.training.datasets import DatasetInfo
-    from lossd_server.training.store import DATASET_FIELDS
+    from lossd_server.state.schema import DATASET_FIELDS
 
     assert set(DATASET_FIELDS) == {f.name for f in dataclasses.fields(DatasetInfo)}
     DatasetInfo.from_dict(DATASET_INFO)  # the good row below is one DatasetInfo reads
@@ -79,7 +79,7 @@ def test_a_dropped_table_is_made_again_and_the_server_serves(tmp_path, serve, ta
         client.register_loss("kept", "mean(square(y_true - y_pred), axis=-1)")
     srv.stop(0)
     _sql(tmp_path, f"DROP TABLE {table}")
-    with caplog.at_level(logging.WARNING, logger="lossd_server.training.store"):
+    with caplog.at_level(logging.WARNING, logger="lossd_server.state.quarantine"):
         again = serve(tmp_path, max_concurrent_jobs=1)
     assert f"the table {table} was missing; made again, empty" in caplog.text
     _assert_serves_evaluation(again)
@@ -161,9 +161,9 @@ def populated(tmp_path_factory):
 
 
 def _columns() -> list[tuple[str, str]]:
-    from lossd_server.training.store import _reference_columns
+    from lossd_server.state.schema import reference_columns
 
-    return sorted((t, c) for t, cols in _reference_columns().items() for c in cols) + [("schema_version", "version")]
+    return sorted((t, c) for t, cols in reference_columns().items() for c in cols) + [("schema_version", "version")]
 
 
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 63, 2 ** 63 - 1), st.floats(allow_nan=True),
@@ -176,7 +176,8 @@ def _read_everything(path: pathlib.Path, quarantine: pathlib.Path) -> None:
     """Opens the store as the server does and reads, and converts, all it holds."""
     from lossd_server.grpc import training_servicer
     from lossd_server.training import jobs
-    from lossd_server.training.store import Quarantine, SqliteStore
+    from lossd_server.state.quarantine import Quarantine
+    from lossd_server.state.sqlite import SqliteStore
 
     store = SqliteStore(path, check_job=jobs.check_record, quarantine=Quarantine(quarantine))
     try:
@@ -212,7 +213,7 @@ def test_random_values_in_any_column_never_stop_the_store(populated, tmp_path_fa
         except sqlite3.IntegrityError:  # NOT NULL or UNIQUE: SQLite itself keeps such a value out
             pass
     from lossd_server.config import StartupError
-    from lossd_server.training.store import NEWEST_SCHEMA
+    from lossd_server.state.schema import NEWEST_SCHEMA
 
     if table == "schema_version" and isinstance(value, int) and not isinstance(value, bool) \
             and value > NEWEST_SCHEMA:

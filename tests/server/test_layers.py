@@ -73,3 +73,40 @@ def test_tensorflow_and_grpc_are_imported_where_the_layers_say():
     grpc_users = {importer for importer, name in imports if name.split(".")[0] != "tensorflow"}
     outside = {m for m in grpc_users if not (m.startswith("lossd_server.grpc") or m == "lossd_server.app")}
     assert not outside, f"gRPC imported by the core: {outside}"
+
+
+# Which packages of lossd_server each package must not import: shared state
+# sits below both the losses and training, and losses below training;
+# security is shared by the gRPC port and the metrics endpoint, below both.
+FORBIDDEN = {"lossd_server.state": ("lossd_server.losses", "lossd_server.training", "lossd_server.evaluation",
+                                    "lossd_server.grpc"),
+             "lossd_server.losses": ("lossd_server.training",),
+             "lossd_server.security": ("lossd_server.losses", "lossd_server.training", "lossd_server.evaluation",
+                                       "lossd_server.grpc", "lossd_server.state", "lossd_server.observability")}
+
+
+def _package_imports(package: str) -> set[tuple[str, str]]:
+    """``(module, imported)`` for every absolute import in ``package``'s
+    sources, those inside functions too."""
+    import ast
+    import importlib
+    import pathlib
+
+    folder = pathlib.Path(importlib.import_module(package).__file__).parent
+    found = set()
+    for path in sorted(folder.rglob("*.py")):
+        module = ".".join((package, *path.relative_to(folder).with_suffix("").parts))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found.update((module, alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add((module, node.module))
+    return found
+
+
+def test_state_losses_and_security_do_not_import_the_layers_above_them():
+    for package, forbidden in FORBIDDEN.items():
+        imports = _package_imports(package)
+        assert any(name.startswith("lossd_server.") for _, name in imports), package  # the walk does see imports
+        wrong = sorted((m, n) for m, n in imports if any(n == f or n.startswith(f + ".") for f in forbidden))
+        assert not wrong, f"{package} imports a layer above it: {wrong}"

@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from lossd_server.observability import metrics_security
+from lossd_server.security import basic_auth
 from lossd_server.observability.metrics import Metrics, start_metrics_server
-from lossd_server.observability.metrics_security import BasicAuth, hash_password
+from lossd_server.security.basic_auth import BasicAuth, hash_password
 
 
 class _ThreadRecorder(Collector):
@@ -132,17 +132,17 @@ def test_a_wrong_password_flood_is_refused_without_hashing_and_valid_scrapes_sta
     port, _, _ = serve(basic_auth=BasicAuth(users), rate_per_address=1000)
     hashed = []
     real = hashlib.pbkdf2_hmac
-    monkeypatch.setattr(metrics_security.hashlib, "pbkdf2_hmac", lambda *a: hashed.append(a[1]) or real(*a))
+    monkeypatch.setattr(basic_auth.hashlib, "pbkdf2_hmac", lambda *a: hashed.append(a[1]) or real(*a))
     assert request(port, user="prometheus", password="right")[0] == 200  # verified once: one PBKDF2
     assert len(hashed) == 1
     statuses = [request(port, source="127.0.0.2", user="prometheus", password=f"guess{i}")[0] for i in range(40)]
-    assert statuses[:metrics_security.FAILURE_BURST] == [401] * metrics_security.FAILURE_BURST
-    assert set(statuses[metrics_security.FAILURE_BURST:]) == {429}
-    assert len(hashed) == 1 + metrics_security.FAILURE_BURST  # the 429s hashed nothing
+    assert statuses[:basic_auth.FAILURE_BURST] == [401] * basic_auth.FAILURE_BURST
+    assert set(statuses[basic_auth.FAILURE_BURST:]) == {429}
+    assert len(hashed) == 1 + basic_auth.FAILURE_BURST  # the 429s hashed nothing
     users.write_text(users.read_text() + grafana)  # the server re-reads the file
     for _ in range(3):
         status, _, seconds = request(port, user="prometheus", password="right")
         assert status == 200 and seconds < 0.5
-    assert len(hashed) == 1 + metrics_security.FAILURE_BURST  # still verified after the reload: no PBKDF2
+    assert len(hashed) == 1 + basic_auth.FAILURE_BURST  # still verified after the reload: no PBKDF2
     # Another address keeps its own budget: a wrong password there is checked (401), not refused.
     assert request(port, source="127.0.0.3", user="prometheus", password="wrong")[0] == 401

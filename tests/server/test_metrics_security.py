@@ -20,8 +20,9 @@ from prometheus_client import CollectorRegistry
 
 from certificates import Authority
 from lossd_server.observability.metrics import Metrics, start_metrics_server
-from lossd_server.observability.metrics_security import (BasicAuth, ReloadingSSLContext, SecurityFileError,
-                                                         create_user, hash_password)
+from lossd_server.security.basic_auth import BasicAuth, create_user, hash_password
+from lossd_server.security.certificates import ReloadingSSLContext
+from lossd_server.security.reload import SecurityFileError
 
 
 @pytest.fixture

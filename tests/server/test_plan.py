@@ -10,7 +10,7 @@ keras = pytest.importorskip("keras")
 from lossd_server.errors import InvalidArgument  # noqa: E402
 from lossd_server.losses import custom  # noqa: E402
 from lossd_server.losses.plan import Planner, build_program  # noqa: E402
-from lossd_server.training.store import SqliteStore  # noqa: E402
+from lossd_server.state.sqlite import SqliteStore  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,9 @@ def test_the_command_line_sends_the_token(secured):
 
 
 def test_a_token_carries_the_limits_it_was_made_with(tmp_path):
-    from lossd_server.grpc.auth import Callers, Limits, load_tokens
+    from lossd_server.callers import Limits
+    from lossd_server.grpc.auth import Callers
+    from lossd_server.security.tokens import load_tokens
 
     path = tmp_path / "tokens.jsonl"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
@@ -109,7 +111,8 @@ def test_a_token_carries_the_limits_it_was_made_with(tmp_path):
 
 
 def test_a_server_without_tokens_treats_every_caller_as_an_anonymous_admin():
-    from lossd_server.grpc.auth import ANONYMOUS, Callers
+    from lossd_server.callers import ANONYMOUS
+    from lossd_server.grpc.auth import Callers
 
     caller = Callers(None).check([])
     assert caller is ANONYMOUS and caller.admin and caller.owns("anyone")
@@ -162,11 +165,11 @@ def test_lossd_serve_on_loopback_without_tokens_starts_without_the_warning(tmp_p
 def test_a_call_hashes_its_token_once(secured, monkeypatch):
     """The interceptor's check is the only one: handlers that ask who calls
     (evaluation, streams, training, registering) get the caller it found."""
-    from lossd_server.grpc import auth
+    from lossd_server.security import tokens as token_records
 
     hashed = []
-    real = auth.token_digest
-    monkeypatch.setattr(auth, "token_digest", lambda salt, token: hashed.append(token) or real(salt, token))
+    real = token_records.token_digest
+    monkeypatch.setattr(token_records, "token_digest", lambda salt, token: hashed.append(token) or real(salt, token))
     address, tokens, _ = secured
 
     def hashes(call) -> int:
@@ -196,9 +199,10 @@ def test_a_caller_found_for_one_call_never_answers_for_another(secured):
     token, or an equal copy) is checked on its own. So a caller cannot pass
     from one call to the next, whatever grpcio does with contexts."""
     from lossd_server.grpc import auth
+    from lossd_server.security.tokens import load_tokens
 
     _, tokens, path = secured
-    callers = auth.Callers(auth.load_tokens(path))
+    callers = auth.Callers(load_tokens(path))
 
     class Call:  # the one method of a servicer context that Callers.of reads
         def __init__(self, metadata):

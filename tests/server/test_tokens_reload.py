@@ -95,7 +95,7 @@ def test_a_bad_file_keeps_the_previous_tokens_and_an_empty_one_opens_nothing(sec
     address, tokens, path = secured
     good = path.read_text()
     with lossd.Client(address, token=tokens["bob"], timeout=10) as bob, \
-            caplog.at_level(logging.WARNING, logger="lossd_server.grpc.auth"):
+            caplog.at_level(logging.WARNING, logger="lossd_server.security.reload"):
         path.write_text(good + "{not json\n")
         time.sleep(0.6)  # two change checks
         assert bob.evaluate("mse", Y, Y + 1).loss == pytest.approx(1.0)
@@ -154,7 +154,7 @@ def test_tokens_list_shows_names_scopes_and_limits_never_a_secret(tmp_path, crea
 def test_creating_and_revoking_at_once_loses_no_token(tmp_path):
     """create_token appends under the lock revoke_tokens rewrites under, and
     follows the file revoke replaced: every token made survives."""
-    from lossd_server.grpc.auth import create_token, load_tokens, revoke_tokens
+    from lossd_server.security.tokens import create_token, load_tokens, revoke_tokens
 
     path = tmp_path / "tokens.jsonl"
     for i in range(20):

@@ -20,7 +20,7 @@ from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.status import handle_errors
 from lossd_server.training.inference import GenerateOptions
 from lossd_server.training.manager import TrainingManager
-from lossd_server.training.store import Event, JobRecord
+from lossd_server.state.store import Event, JobRecord
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Expressions are checked and compiled by ``lossd_server.losses.expressions`` (nev
 evaluated by Python); here they become ``keras.losses.Loss`` objects, so
 reductions, sample weights and dtypes follow Keras exactly as for the
 built-in losses. Registered expression losses are kept one row each in the
-server's store (``lossd_server.training.store.Store``) and survive restarts;
+server's store (``lossd_server.state.store.Store``) and survive restarts;
 a ``losses.json`` written by an older server is imported once.
 """
 
@@ -31,7 +31,7 @@ from lossd_server.losses.expressions import (ExpressionError, compile_expression
 from lossd_server.losses.matrix import matrix_entry
 from lossd_server.losses.registry import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
                                  _first_sentence, _param_type, default_registry)
-from lossd_server.training.store import LOSSES
+from lossd_server.state.store import LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class ExpressionStore:
     store's ``Follower``, which reads the version for it.
 
     Args:
-        store: The server's store (``lossd_server.training.store.Store``:
+        store: The server's store (``lossd_server.state.store.Store``:
             ``losses``, ``count_losses``, ``put_losses``, ``delete_loss``,
             ``quarantine_loss``, ``quarantine``).
         registry: Where loaded and registered losses become visible.
@@ -346,7 +346,7 @@ class ExpressionStore:
 
     def follow(self, look) -> None:
         """``refresh`` with what the shared store's ``Follower`` saw
-        (``lossd_server.training.store.Look``): no read of its own unless
+        (``lossd_server.state.store.Look``): no read of its own unless
         the losses version changed."""
         self.refresh(look.versions.get(LOSSES, 0))
 

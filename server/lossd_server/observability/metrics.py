@@ -19,7 +19,7 @@ refusals is an ErrorInfo reason the server's code spells, never client text.
 ``/metrics`` is served from a rendering at most ``cache_seconds`` old (see
 ``start_metrics_server``), so many scrapers cost one rendering per interval,
 not one each; optionally over TLS and behind HTTP basic auth
-(``metrics_security``).
+(``lossd_server.security.basic_auth``).
 
 With ``lossd serve --processes N`` (N > 1) every serving process records
 into prometheus_client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``,
@@ -71,7 +71,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from lossd_server.observability.metrics_security import LIMITED, REALM, BasicAuth, ReloadingSSLContext
+from lossd_server.security.basic_auth import LIMITED, REALM, BasicAuth
+from lossd_server.security.certificates import ReloadingSSLContext
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,10 @@
 - ``artifacts``: job folders and the files clients download.
 - ``inference``: Predict and Generate with trained models.
 - ``losses``: the training checks on a planned loss, and ``PlanLoss``.
-- ``models``: model presets and optimizers; ``store``: the SQLite job store;
-  ``worker``: what runs inside a job's process.
+- ``models``: model presets and optimizers; ``worker``: what runs inside a
+  job's process.
+
+Jobs, events and datasets are stored by ``lossd_server.state``.
 
 Nothing here imports gRPC (the servicer is ``lossd_server.grpc.training_servicer``).
 TensorFlow is imported only by ``worker`` (inside the job process) and

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from lossd_server.errors import FailedPrecondition, InvalidArgument
 from lossd_server.training import worker
-from lossd_server.training.store import JobRecord
+from lossd_server.state.store import JobRecord
 
 ARTIFACTS = ("model", "history", "tensorboard")
 CHUNK_BYTES = 1 << 20

@@ -39,7 +39,7 @@ from lossd_server.errors import (AlreadyExists, FailedPrecondition, InvalidArgum
 from lossd_server.observability.logs import audited
 from lossd_server.training import datasets
 from lossd_server.training.artifacts import artifacts_root
-from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, Store
+from lossd_server.state.store import CANCELLING, QUEUED, RUNNING, Store
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 from lossd_server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from lossd_server.training import guidance, models
 from lossd_server.training.artifacts import Artifacts
-from lossd_server.training.store import SUCCEEDED, JobRecord
+from lossd_server.state.store import SUCCEEDED, JobRecord
 
 MAX_PREDICT = 65_536   # images per Predict
 MAX_GENERATE = 1024    # images per Generate

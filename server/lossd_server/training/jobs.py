@@ -29,7 +29,7 @@ from lossd_server.losses.registry import ROWS
 from lossd_server.training import models
 from lossd_server.training.catalog import DatasetCatalog
 from lossd_server.training.losses import SPARSE, from_logits, label_format, plan_training_loss
-from lossd_server.training.store import CANCELLING, QUEUED, RUNNING, JobRecord, Store
+from lossd_server.state.store import CANCELLING, QUEUED, RUNNING, JobRecord, Store
 
 log = logging.getLogger(__name__)
 

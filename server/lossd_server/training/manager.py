@@ -24,8 +24,10 @@ from lossd_server.training.catalog import DatasetCatalog
 from lossd_server.training.datasets import DatasetInfo
 from lossd_server.training.inference import Inference
 from lossd_server.training.scheduler import Scheduler
-from lossd_server.training.store import (QUARANTINE_DIR, JobRecord, PostgresStore, Quarantine, SqliteStore,
-                                         Store)
+from lossd_server.state.postgres import PostgresStore
+from lossd_server.state.quarantine import QUARANTINE_DIR, Quarantine
+from lossd_server.state.sqlite import SqliteStore
+from lossd_server.state.store import JobRecord, Store
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50

@@ -45,8 +45,8 @@ from lossd_server.errors import FailedPrecondition, ResourceExhausted, Unavailab
 from lossd_server.observability.logs import audited
 from lossd_server.training import jobs, multiworker, worker
 from lossd_server.training.artifacts import Artifacts
-from lossd_server.training.store import (CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Event,
-                                         JobRecord, Store)
+from lossd_server.state.store import (CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Event, JobRecord,
+                                      Store)
 
 log = logging.getLogger(__name__)
 

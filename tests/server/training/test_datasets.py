@@ -255,7 +255,7 @@ def test_the_sweep_keeps_every_file_a_record_might_need(tmp_path):
 def _catalog(tmp_path, **settings):
     from lossd_server.config import Settings
     from lossd_server.training.catalog import DatasetCatalog
-    from lossd_server.training.store import SqliteStore
+    from lossd_server.state.sqlite import SqliteStore
 
     store = SqliteStore(tmp_path / "lossd.sqlite3")
     return DatasetCatalog(Settings(data_dir=tmp_path, **settings), store, tmp_path / "datasets"), store
@@ -265,7 +265,7 @@ def _catalog(tmp_path, **settings):
 def test_a_dataset_is_in_use_until_its_jobs_end(tmp_path, state):
     from lossd_server.callers import ANONYMOUS
     from lossd_server.errors import FailedPrecondition
-    from lossd_server.training.store import JobRecord
+    from lossd_server.state.store import JobRecord
 
     catalog, store = _catalog(tmp_path)
     np.savez(tmp_path / "d.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.arange(4) % 2)

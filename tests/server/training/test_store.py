@@ -16,8 +16,12 @@ import pytest
 
 from lossd_server.errors import InvalidArgument
 from lossd_server.training import datasets
-from lossd_server.training.store import (MIGRATIONS, POSTGRES, SQLITE, JobRecord, PostgresStore, Quarantine,
-                                         SqliteStore)
+from lossd_server.state.dialect import POSTGRES, SQLITE
+from lossd_server.state.postgres import PostgresStore
+from lossd_server.state.quarantine import Quarantine
+from lossd_server.state.schema import MIGRATIONS
+from lossd_server.state.sqlite import SqliteStore
+from lossd_server.state.store import JobRecord
 
 
 def _job(i: int, request_id=None) -> JobRecord:
@@ -260,7 +264,7 @@ def test_a_database_outage_is_one_warning_and_its_end_one_info_line_seconds_afte
     from postgres import running_postgres
 
     from lossd_server.errors import Unavailable
-    from lossd_server.training.store import Follower
+    from lossd_server.state.follower import Follower
 
     monkeypatch.setattr(logging.getLogger("psycopg.pool"), "level", logging.NOTSET)  # as in a fresh process
     caplog.set_level(logging.DEBUG, logger="lossd_server")
@@ -290,7 +294,7 @@ def test_a_database_outage_is_one_warning_and_its_end_one_info_line_seconds_afte
     records = [r for r in caplog.records if r.name.startswith(("lossd_server", "psycopg"))]
     loud = [r for r in records if r.levelno >= logging.WARNING]
     assert len(loud) == 1, [r.getMessage() for r in loud]
-    assert loud[0].name == "lossd_server.training.store" and "is unreachable" in loud[0].getMessage() \
+    assert loud[0].name == "lossd_server.state.postgres" and "is unreachable" in loud[0].getMessage() \
         and "DATABASE_UNAVAILABLE" in loud[0].getMessage() and str(pg.port) in loud[0].getMessage()
     back = [r for r in records if "answers again, after" in r.getMessage()]
     assert len(back) == 1 and back[0].levelno == logging.INFO and back[0].created > loud[0].created

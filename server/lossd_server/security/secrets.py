@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lossd_server.observability.metrics_security import create_user
+from lossd_server.security.basic_auth import create_user
 
 # File name -> mode. The names are the ones deploy/compose.yaml mounts (and
 # ca.key, which it must not).

@@ -1,14 +1,9 @@
-"""TLS and HTTP basic auth for the ``/metrics`` endpoint.
-
-``ReloadingSSLContext`` gives each new connection an ``ssl.SSLContext`` for the
-certificate and key on disk, loaded anew when their files change or after
-``reload()`` (SIGHUP), as ``lossd_server.grpc.tls`` does for the gRPC port: a
-pair that does not load is logged and the previous one kept.
+"""HTTP basic auth for the ``/metrics`` endpoint, and its users.
 
 ``BasicAuth`` checks ``Authorization: Basic`` against a file of
 ``user:pbkdf2_sha256$<iterations>$<salt>$<hash>`` lines (the salt and hash in
 unpadded URL-safe base64), made by ``lossd metrics-auth create``; the file is
-re-read when it changes. PBKDF2 because Prometheus sends the password itself on
+re-read when it changes (``security.reload.Reloader``). PBKDF2 because Prometheus sends the password itself on
 every scrape, so the file must not hold it, and an operator may choose a weak
 one. A scrape that repeats a verified password costs one HMAC, not the PBKDF2,
 also after the file was re-read if that user's line did not change.
@@ -26,18 +21,15 @@ import base64
 import binascii
 import hashlib
 import hmac
-import logging
 import os
 import pathlib
 import secrets
-import ssl
 import threading
 import time
 from typing import Optional
 
-from lossd_server.security.reload import FileWatch
+from lossd_server.security.reload import Reloader, SecurityFileError
 
-log = logging.getLogger(__name__)
 
 SCHEME = "pbkdf2_sha256"
 # OWASP's 2023 figure for PBKDF2-HMAC-SHA256; about 0.15 s on one core here,
@@ -51,55 +43,6 @@ FAILURE_SECONDS = 10.0
 FAILURE_ADDRESSES = 10_000
 # What BasicAuth.check answers for an address over its budget of failures.
 LIMITED = "<limited>"
-
-
-class SecurityFileError(ValueError):
-    """A certificate, key or basic-auth file that cannot be used; the message
-    names the file and the setting, never a secret."""
-
-
-class ReloadingSSLContext:
-    """A server-side ``SSLContext`` for ``cert``/``key``, built anew when
-    either file changes (checked at each ``context()``) or after ``reload()``.
-
-    Raises:
-        SecurityFileError: the pair does not load at construction.
-    """
-
-    def __init__(self, cert: pathlib.Path, key: pathlib.Path):
-        self.cert, self.key = pathlib.Path(cert), pathlib.Path(key)
-        self._lock = threading.Lock()
-        try:
-            self._watch = FileWatch((self.cert, self.key))
-            self._context = self._load()
-        except (OSError, ssl.SSLError) as exc:
-            raise SecurityFileError(
-                f"cannot load the metrics TLS certificate {self.cert.name} and key {self.key.name}: "
-                f"{getattr(exc, 'strerror', None) or exc} (set LOSSD_METRICS_TLS_CERT/--metrics-tls-cert "
-                "and LOSSD_METRICS_TLS_KEY/--metrics-tls-key)") from exc
-        self.loads = 1  # how many contexts were built (tests read it)
-
-    def reload(self) -> None:
-        """Loads the files again for the next connection, changed or not."""
-        self._watch.force()
-
-    def context(self) -> ssl.SSLContext:
-        """The context for a new connection."""
-        with self._lock:
-            if self._watch.changed():  # a bad pair is not retried until the files change again
-                try:
-                    self._context = self._load()
-                    self.loads += 1
-                    log.info("metrics TLS certificate %s reloaded", self.cert.name)
-                except (OSError, ssl.SSLError) as exc:
-                    log.error("metrics TLS certificate not reloaded, the previous one stays: %s", exc)
-            return self._context
-
-    def _load(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.cert, self.key)
-        return context
 
 
 def _b64(data: bytes) -> str:
@@ -205,23 +148,14 @@ class BasicAuth:
         self._verified: dict[str, tuple[bytes, tuple[int, bytes, bytes]]] = {}
         self._failures = _FailureBudget()
         try:
-            self._watch = FileWatch((self.path,))
-            self._users = parse_users(self.path.read_text(), self.path.name)
+            self._users = Reloader((self.path,), lambda: parse_users(self.path.read_text(), self.path.name),
+                                   what="metrics basic-auth file", errors=(OSError, SecurityFileError),
+                                   describe=lambda users: f" ({len(users)} users)")
         except OSError as exc:
             raise SecurityFileError(f"cannot read the metrics basic-auth file {self.path.name}: {exc.strerror} "
                                     "(set LOSSD_METRICS_BASIC_AUTH_FILE or --metrics-basic-auth-file)") from exc
         # Unknown users cost the same PBKDF2 as known ones.
         self._dummy = (ITERATIONS, secrets.token_bytes(16), secrets.token_bytes(32))
-
-    def _current(self) -> dict[str, tuple[int, bytes, bytes]]:
-        with self._lock:
-            if self._watch.changed():
-                try:
-                    self._users = parse_users(self.path.read_text(), self.path.name)
-                    log.info("metrics basic-auth file %s reloaded (%d users)", self.path.name, len(self._users))
-                except (OSError, SecurityFileError) as exc:
-                    log.error("metrics basic-auth file not reloaded, the previous users stay: %s", exc)
-            return self._users
 
     def check(self, authorization: str, address: str = "") -> Optional[str]:
         """The user an ``Authorization`` header value authenticates, None, or
@@ -236,7 +170,7 @@ class BasicAuth:
             return None
         if not sep:
             return None
-        users = self._current()
+        users = self._users.current()
         entry = users.get(user)
         tag = hmac.new(self._key, password.encode(), hashlib.sha256).digest()
         with self._lock:

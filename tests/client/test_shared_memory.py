@@ -464,7 +464,7 @@ def test_a_remote_looking_address_uses_grpc(address, server):
 
 
 def test_two_replicas_with_shared_memory_are_used_over_grpc_and_every_call_is_right(tmp_path):
-    """README, Scaling out: shared-memory regions are each replica's own. A
+    """docs/scaling-out.md: shared-memory regions are each replica's own. A
     client given two replicas' addresses (one round_robin channel) with
     shared_memory=True opens no session on either: its calls spread over
     both over gRPC, each answer right, and no region is registered or read,

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 import lossd_server
+from lossd.addresses import loopback_host
 from lossd.v1 import loss_service_pb2, shared_memory_service_pb2, training_service_pb2
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
@@ -227,17 +228,10 @@ class Server:
             self._metrics_http = None
 
 
-def _loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address or name only this machine reaches."""
-    from lossd._shm import loopback_host  # the client's test of a local server, the same question
-
-    return loopback_host(host)
-
-
 def open_access_warning(settings: Settings, port: int) -> Optional[str]:
     """The warning a server without a tokens file logs at start, unless it
     binds only loopback (where only this machine's users reach it)."""
-    if settings.tokens_file is not None or _loopback(settings.host):
+    if settings.tokens_file is not None or loopback_host(settings.host):
         return None
     return (f"no tokens file: any client that reaches {settings.host}:{port} may evaluate, train, register and "
             "delete (make tokens with `lossd tokens create` and set LOSSD_TOKENS_FILE)")

@@ -70,3 +70,14 @@ def test_readme_python_examples_run(index, address):
     page, block = PYTHON_BLOCKS[index]
     code = block.replace('"localhost:50051"', repr(address))
     exec(compile(code, f"{page} python block {index}", "exec"), {"__name__": "readme"})
+
+
+def test_every_example_that_registers_a_loss_runs_twice():
+    """Running a README block again (the training walk-through, which no test
+    runs whole) must not stop at ALREADY_EXISTS: every register_loss call in
+    an example replaces."""
+    calls = [call for page in EXAMPLE_PAGES for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+             for call in re.findall(r"register_loss\((.*?)\)\n", block, flags=re.S)]
+    assert len(calls) >= 2
+    for call in calls:
+        assert "replace=True" in call, call

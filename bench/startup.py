@@ -16,7 +16,7 @@ anchor, ...), so a slow spell of this shared machine hits all of them alike.
 It prints each side's median wall time and its excess over the anchor.
 Goals (issue 24): import at most 150 ms, help and health at most 300 ms.
 
-Usage: python bench/startup.py [--rounds 10] [--block 3] [--address HOST:PORT]
+Usage: python bench/startup.py [--rounds 10] [--block 3] [--address HOST:PORT] [--baseline BIN_DIR]
 """
 
 from __future__ import annotations
@@ -35,14 +35,22 @@ LOSSD = str(pathlib.Path(sys.executable).with_name("lossd"))
 GOALS_MS = {"import lossd": 150, "lossd --help": 300, "lossd health": 300}
 
 
-def sides(address: str) -> dict[str, list[str]]:
-    return {
+def sides(address: str, baseline: str | None = None) -> dict[str, list[str]]:
+    found = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "import numpy, grpc": [sys.executable, "-c", "import numpy, grpc"],
         "import lossd": [sys.executable, "-c", "import lossd"],
         "lossd --help": [LOSSD, "--help"],
         "lossd health": [LOSSD, "health", "--address", address, "--timeout", "10"],
     }
+    if baseline:  # another install (its bin folder), e.g. the code before a change, in the same blocks
+        python, lossd = str(pathlib.Path(baseline, "python")), str(pathlib.Path(baseline, "lossd"))
+        found.update({
+            "import lossd [base]": [python, "-c", "import lossd"],
+            "lossd --help [base]": [lossd, "--help"],
+            "lossd health [base]": [lossd, "health", "--address", address, "--timeout", "10"],
+        })
+    return found
 
 
 def timed(cmd: list[str]) -> float:
@@ -79,6 +87,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10, help="alternating rounds")
     parser.add_argument("--block", type=int, default=3, help="runs of each side per round")
     parser.add_argument("--address", help="a running server for `lossd health` (default: start one)")
+    parser.add_argument("--baseline", metavar="BIN_DIR",
+                        help="also time `import lossd`, `--help` and `health` of the install whose python and "
+                             "lossd are in BIN_DIR (another venv: the code before a change), in the same blocks")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lossd-startup-") as tmp:
@@ -87,7 +98,7 @@ def main() -> int:
         if address is None:
             proc, address = start_server(pathlib.Path(tmp))
         try:
-            commands = sides(address)
+            commands = sides(address, args.baseline)
             times: dict[str, list[float]] = {name: [] for name in commands}
             for cmd in commands.values():  # one untimed run each: the page cache, .pyc files
                 timed(cmd)

@@ -271,7 +271,7 @@ def main() -> int:
         step_table(args.rows, args.repeats)
         return 0
 
-    from lossd.cli import unknown_variables
+    from lossd_server.cli import unknown_variables
     from lossd_server.config import Settings
 
     defaults = Settings()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import ipaddress
 import logging
 import secrets
 import threading
@@ -28,6 +27,7 @@ import grpc
 
 from lossd import _requests, wire
 from lossd._errors import from_rpc_error
+from lossd.addresses import is_local
 from lossd.v1 import loss_pb2, loss_service_pb2, shared_memory_service_pb2 as pb
 from lossd.v1 import shared_memory_service_pb2_grpc as pb_grpc
 from lossd.v1 import tensor_pb2
@@ -44,33 +44,6 @@ _NONCE_BYTES = 16
 # the call is answered over gRPC and the next one opens a new session.
 _SESSION_LOST = {"SHM_REGION_NOT_FOUND", "SHM_SESSION_NOT_FOUND", "SHM_UNAVAILABLE"}
 _TRACK_PARAMETER = "track" in inspect.signature(shared_memory.SharedMemory).parameters  # Python 3.13+
-
-
-def is_local(target: str) -> bool:
-    """Whether a gRPC target names this host: a unix socket, ``localhost``
-    or one loopback address."""
-    if target.startswith(("unix:", "unix-abstract:")):
-        return True
-    for scheme in ("dns:///", "ipv4:", "ipv6:"):
-        target = target.removeprefix(scheme)
-    if "," in target or "/" in target:
-        return False
-    return loopback_host(target.rpartition(":")[0] if (target.count(":") == 1 or target.startswith("["))
-                         else target)
-
-
-def loopback_host(host: str) -> bool:
-    """Whether ``host`` (a name or an address, IPv6 with or without
-    brackets) is ``localhost`` or a loopback address."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1
-    return (mapped or address).is_loopback
 
 
 def _aligned(n: int) -> int:

@@ -20,6 +20,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Mapping, Optional, Se
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from lossd import wire
 from lossd._errors import LossdError, client_error, status_error, translate_errors, translate_errors_async
@@ -43,6 +44,51 @@ def _time(ts) -> Optional[datetime.datetime]:
     if ts is None or (ts.seconds == 0 and ts.nanos == 0):
         return None
     return ts.ToDatetime(tzinfo=datetime.timezone.utc)
+
+
+
+# protobuf's JSON mapping writes 64-bit integers as strings (seed "1"), and a
+# Struct holds every number as a double (filters 32.0).
+_INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+                          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64})
+
+
+def _integral_as_int(value):
+    """A Struct's value with whole numbers as ints, as a user writes them."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_as_int(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral_as_int(v) for k, v in value.items()}
+    return value
+
+
+def message_to_plain_dict(message) -> dict:
+    """``message`` as protobuf's JSON mapping gives it (field names as in
+    the .proto), but with 64-bit integers as ints and the whole numbers of
+    its Structs (a preset's or a loss's params) as ints: ``"seed": 1``,
+    ``"filters": [32, 64]``, not ``"1"`` and ``[32.0, 64.0]``. Other
+    numbers are unchanged (``"dropout": 0.25``)."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    _plain_fields(message, data)
+    return data
+
+
+def _plain_fields(message, data: dict) -> None:
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in data:
+            continue
+        value = getattr(message, field.name)
+        repeated = field.is_repeated
+        kind = field.message_type
+        if kind is not None and kind.full_name == "google.protobuf.Struct":
+            data[field.name] = _integral_as_int(data[field.name])
+        elif kind is not None and not kind.GetOptions().map_entry:
+            for item, item_data in zip(value, data[field.name]) if repeated else [(value, data[field.name])]:
+                _plain_fields(item, item_data)
+        elif field.type in _INT64_TYPES:
+            data[field.name] = [int(v) for v in data[field.name]] if repeated else int(data[field.name])
 
 
 @dataclasses.dataclass
@@ -91,7 +137,7 @@ class Job:
         p = message.progress
         return cls(
             name=message.name, state=_state_name(message.state),
-            spec=json_format.MessageToDict(message.spec, preserving_proto_field_name=True),
+            spec=message_to_plain_dict(message.spec),
             create_time=_time(message.create_time), start_time=_time(message.start_time),
             end_time=_time(message.end_time),
             error=status_error(message.error) if message.HasField("error") else None,

@@ -1,25 +1,34 @@
 """The ``lossd`` command line.
 
-``lossd serve`` needs the server extra (``pip install "lossd[server]"``);
-every other command only talks to a server.
+The client commands (``losses``, ``eval``, ``health``, ``jobs``, ...) live
+here and only talk to a server. The server's own commands (``serve``,
+``tokens``, ``metrics-auth``, ``secrets``) live in the server package and
+join through the ``lossd.commands`` entry point (``lossd_server.cli``), so
+this module imports nothing from the server.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import difflib
-import json
-import logging
 import os
-import sys
-from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
+# gRPC's C core reads GRPC_VERBOSITY once, when grpc is imported, and would
+# print its own lines (a failed TLS handshake, a refused connection) on the
+# user's terminal, where the command's one error line already says what
+# went wrong. So it is set before anything below imports grpc (``import
+# lossd`` does not); a value the user set wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-import lossd
-from lossd import wire
-from lossd._errors import unavailable_hint
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from typing import Any, Callable, Optional, Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import lossd  # noqa: E402
+from lossd import wire  # noqa: E402
+from lossd._errors import unavailable_hint  # noqa: E402
 
 ADDRESS_ENV = "LOSSD_ADDRESS"
 # The client's TLS files: the flag, else this variable (as the server's
@@ -84,9 +93,18 @@ def load_npy(flag: str, path: str) -> np.ndarray:
     return array
 
 
-# -- serve ------------------------------------------------------------------
+# -- parsers -----------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
+ENTRY_POINT_GROUP = "lossd.commands"
+"""Entry points of this group add commands to ``lossd``: each names a
+callable that takes the sub-command action of the ``lossd`` parser (its
+``add_parser`` makes a LazyParser, so it takes ``before_parse=``). The
+server's commands come this way (``lossd_server.cli:register``)."""
+SERVER_COMMANDS = ("serve", "tokens", "metrics-auth", "secrets")
+SERVER_HINT = 'the server\'s commands ({}) come with the server: pip install "lossd[server]"'
+
+
+class LazyParser(argparse.ArgumentParser):
     """An ArgumentParser that can fill itself in only when it is used:
     ``before_parse(parser)`` runs once, the first time the parser parses
     (its command was typed). ``lossd serve``'s flags come from the server's
@@ -104,61 +122,6 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per server setting, generated from the Settings class so the
-    flags, the LOSSD_* variables and the README table cannot drift apart.
-    Runs when ``lossd serve`` is parsed, not before (``_Parser``)."""
-    try:
-        from lossd_server.config import Settings
-    except ImportError:
-        return
-    for name, field in Settings.model_fields.items():
-        doc = (field.description or "").strip()
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                            help=f"{doc} [env LOSSD_{name.upper()}; default {field.default}]")
-
-
-def unknown_variables(environ, settings) -> list[str]:
-    """A warning for each ``LOSSD_*`` variable in ``environ`` that is neither
-    one of ``settings`` nor read by the client commands: the settings'
-    reader passes such names over, so a misspelt one would change nothing
-    without a word."""
-    known = {f"LOSSD_{name.upper()}" for name in settings}
-    warnings = []
-    for name in sorted(environ):
-        if name.startswith("LOSSD_") and name not in known and name not in CLIENT_ENV:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            warnings.append(f"{name} is not a setting of lossd serve and changes nothing"
-                            f"{f'; did you mean {close[0]}?' if close else ' (see lossd serve --help)'}")
-    return warnings
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from lossd_server.observability import logs
-        from lossd_server.config import Settings, StartupError
-        from lossd_server.supervisor import run as serve  # imports TensorFlow only once the ports are checked
-    except ImportError as exc:
-        print(f"error: `lossd serve` needs the server: pip install \"lossd[server]\" ({exc})", file=sys.stderr)
-        return 2
-    import pydantic
-
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    try:
-        settings = Settings(**overrides)
-    except pydantic.ValidationError as exc:
-        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
-    logs.configure(settings.log_level, settings.log_format)
-    for warning in unknown_variables(os.environ, Settings.model_fields):
-        logging.getLogger("lossd_server.app").warning("%s", warning)
-    try:
-        return serve(settings)
-    except StartupError as exc:  # a port in use, no GPU for LOSSD_DEVICE=gpu: one line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
 # -- client commands --------------------------------------------------------
 
 def client_tls(args: argparse.Namespace) -> "lossd.TLS | None":
@@ -173,124 +136,6 @@ def client_from(args: argparse.Namespace) -> "lossd.Client":
     """The client a command's flags describe: address, deadline and TLS."""
     return lossd.Client(args.address, timeout=args.timeout, tls=client_tls(args),
                         token=getattr(args, "token", None) or os.environ.get("LOSSD_TOKEN") or None)
-
-
-def _create_secret(args: argparse.Namespace, command: str, env: str, what: str, create) -> int:
-    """Runs ``create(path)`` (which imports the server lazily) on the file of
-    ``--file`` or ``env``, and prints the secret it returns once: on stdout,
-    so it can be piped into a file, with a note on stderr."""
-    path = args.file or os.environ.get(env)
-    if not path:
-        print(f"error: no {what} file: set --file or {env}", file=sys.stderr)
-        return 2
-    try:
-        secret, note = create(path)
-    except ImportError:
-        print(f'error: `lossd {command}` needs the server: pip install "lossd[server]"', file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(secret)
-    print(f"# {note}; shown once, only its hash is in {path}", file=sys.stderr)
-    return 0
-
-
-def cmd_tokens_create(args: argparse.Namespace) -> int:
-    """Appends a token's salted hash to the tokens file and prints the token, once."""
-    def create(path):
-        from lossd_server.security.tokens import Limits, create_token
-
-        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
-        limits = Limits(elements_per_second=args.rate, max_jobs=args.max_jobs,
-                        max_upload_bytes=args.max_upload_bytes)
-        return create_token(path, args.name, scopes, limits), f"token of {args.name!r} ({args.scopes})"
-
-    return _create_secret(args, "tokens", "LOSSD_TOKENS_FILE", "tokens", create)
-
-
-def _on_tokens_file(args: argparse.Namespace, run) -> int:
-    """Runs ``run(path, auth)`` on the tokens file of ``--file`` or
-    LOSSD_TOKENS_FILE, with the server's ``lossd_server.grpc.auth`` imported
-    lazily; a file that is not a tokens file, or a refusal, is one line on
-    stderr and exit status 2."""
-    path = args.file or os.environ.get("LOSSD_TOKENS_FILE")
-    if not path:
-        print("error: no tokens file: set --file or LOSSD_TOKENS_FILE", file=sys.stderr)
-        return 2
-    try:
-        from lossd_server.config import StartupError
-        from lossd_server.security import tokens as auth
-    except ImportError:
-        print('error: `lossd tokens` needs the server: pip install "lossd[server]"', file=sys.stderr)
-        return 2
-    try:
-        return run(path, auth)
-    except (StartupError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-def cmd_tokens_list(args: argparse.Namespace) -> int:
-    """Prints the tokens file's tokens: name, id, scopes and limits; never a
-    secret (the file holds none, and its salted hashes are not shown)."""
-    def run(path, auth):
-        records = sorted(auth.load_tokens(path).values(), key=lambda r: (r.name, r.id))
-        rows = [("NAME", "ID", "SCOPES", "LIMITS")] + [
-            (r.name, r.id, ",".join(sorted(r.scopes)),
-             " ".join(f"{k}={v:g}" for k, v in r.limits.to_dict().items()) or "-") for r in records]
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        for row in rows:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
-        return 0
-
-    return _on_tokens_file(args, run)
-
-
-def cmd_tokens_revoke(args: argparse.Namespace) -> int:
-    """Removes every token of a caller from the tokens file; a running server
-    refuses them within a second (it re-reads the file when it changes)."""
-    def run(path, auth):
-        removed = auth.revoke_tokens(path, args.name)
-        print(f"revoked {removed} token(s) of {args.name!r} in {path}; a running server refuses them within a "
-              "second", file=sys.stderr)
-        return 0
-
-    return _on_tokens_file(args, run)
-
-
-def cmd_metrics_auth_create(args: argparse.Namespace) -> int:
-    """Appends a metrics user's PBKDF2 hash to the basic-auth file and prints its password, once."""
-    def create(path):
-        from lossd_server.security.basic_auth import create_user
-
-        return create_user(path, args.name), f"password of metrics user {args.name!r}"
-
-    return _create_secret(args, "metrics-auth", "LOSSD_METRICS_BASIC_AUTH_FILE", "basic-auth", create)
-
-
-def cmd_secrets_init(args: argparse.Namespace) -> int:
-    """Makes the secrets folder of a deployment: a CA, the server's certificate,
-    the metrics user and its password, an empty tokens file. Prints no secret."""
-    try:
-        from lossd_server.security.secrets import CA_KEY, SERVER_DAYS, init_secrets
-    except ImportError:
-        print('error: `lossd secrets init` needs the server: pip install "lossd[server]"', file=sys.stderr)
-        return 2
-    try:
-        made = init_secrets(args.folder, args.host or ())
-    except (ValueError, OSError) as exc:  # an existing secret (named), a bad --host, an unwritable folder
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    tokens = made.path("tokens.jsonl")
-    print(f"""made {made.folder} (mode 700):
-  ca.pem, {CA_KEY}          a new CA; clients trust ca.pem ({CA_KEY} stays here, mode 600)
-  server.pem, server.key  its certificate for {', '.join(made.hosts)}, valid {SERVER_DAYS} days (to {made.not_after:%Y-%m-%d})
-  metrics-users           the "prometheus" user of /metrics basic auth
-  metrics-password        its password, for Prometheus
-  tokens.jsonl            no tokens yet: lossd tokens create NAME --scopes evaluate,train --file {tokens}
-files mode 644 (the containers' users read them), except {CA_KEY}""")
-    return 0
 
 
 def cmd_losses_register(args: argparse.Namespace) -> int:
@@ -431,61 +276,41 @@ def client_flags() -> argparse.ArgumentParser:
     return flags
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lossd", description="Evaluate Keras losses and train models over gRPC.")
+def add_entry_point_commands(parser: argparse.ArgumentParser) -> None:
+    """Runs every ``lossd.commands`` entry point on the commands of
+    ``parser`` (``build_parser``'s). One that cannot be loaded (its package
+    gone, or without its dependencies) adds nothing and says so on stderr,
+    so the client commands still work. Without the server's commands,
+    ``--help`` says how to get them."""
+    from importlib.metadata import entry_points  # about 20 ms: only when a command may come from one
+
+    sub = parser.get_default("commands")
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            point.load()(sub)
+        except ImportError as exc:
+            print(f"note: the command(s) of {point.value} are missing: {exc}", file=sys.stderr)
+    missing = [name for name in SERVER_COMMANDS if name not in sub.choices]
+    if missing:
+        parser.epilog = SERVER_HINT.format(", ".join(missing))
+
+
+def build_parser(with_plugins: bool = True) -> argparse.ArgumentParser:
+    """The ``lossd`` parser: the client commands, and with ``with_plugins``
+    those of the ``lossd.commands`` entry points (the server's)."""
+    parser = LazyParser(prog="lossd", description="Evaluate Keras losses and train models over gRPC.")
     parser.add_argument("--version", action="version", version=f"lossd {lossd.__version__}")
     # The client flags before the command too (lossd --address H health), in
     # dests of their own: ``main`` hands them to a client command, and refuses
     # them for the server's commands, whose own flags share some names (--tls-cert).
     first = parser.add_argument_group("client flags, also accepted after the command")
     for action in client_flags()._actions:
-        first._add_action(copy.copy(action)).dest = GLOBAL_PREFIX + action.dest
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    serve = sub.add_parser("serve", help="run the server (settings also from LOSSD_* variables)",
-                           before_parse=_add_settings_flags)
-    serve.set_defaults(func=cmd_serve)
-
-    tokens = sub.add_parser("tokens", help="manage the server's bearer tokens (on the server's machine)")
-    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
-    create = tokens_sub.add_parser("create", help="make a token, print it once, append its hash to the file")
-    create.add_argument("name", help="the caller's name (appears in logs and metrics)")
-    create.add_argument("--scopes", required=True, help="comma-separated: evaluate, train, admin")
-    create.add_argument("--file", help="the tokens file [env LOSSD_TOKENS_FILE]")
-    create.add_argument("--rate", type=float, metavar="ELEMENTS_PER_S",
-                        help="most tensor elements per second this caller may evaluate (default: no limit)")
-    create.add_argument("--max-jobs", type=int, metavar="N",
-                        help="most training jobs this caller may have queued or running (default: no limit)")
-    create.add_argument("--max-upload-bytes", type=int, metavar="BYTES",
-                        help="most bytes of datasets this caller may store (default: no limit)")
-    create.set_defaults(func=cmd_tokens_create)
-    listing = tokens_sub.add_parser("list", help="show each token's name, id, scopes and limits (never a secret)")
-    listing.add_argument("--file", help="the tokens file [env LOSSD_TOKENS_FILE]")
-    listing.set_defaults(func=cmd_tokens_list)
-    revoke = tokens_sub.add_parser("revoke", help="remove every token of NAME; a running server refuses them "
-                                                  "within a second")
-    revoke.add_argument("name", help="the caller's name, as `lossd tokens list` shows it")
-    revoke.add_argument("--file", help="the tokens file [env LOSSD_TOKENS_FILE]")
-    revoke.set_defaults(func=cmd_tokens_revoke)
-
-    auth = sub.add_parser("metrics-auth", help="manage the users of /metrics basic auth (on the server's machine)")
-    auth_sub = auth.add_subparsers(dest="metrics_auth_command", required=True)
-    create = auth_sub.add_parser("create", help="make a user with a random password, print the password once, "
-                                                "append its hash to the file")
-    create.add_argument("name", help="the user name the scraper sends (e.g. prometheus)")
-    create.add_argument("--file", help="the basic-auth file [env LOSSD_METRICS_BASIC_AUTH_FILE]")
-    create.set_defaults(func=cmd_metrics_auth_create)
-
-    secrets = sub.add_parser("secrets", help="make a deployment's secrets (on the server's machine)")
-    secrets_sub = secrets.add_subparsers(dest="secrets_command", required=True)
-    init = secrets_sub.add_parser(
-        "init", help="make FOLDER (mode 700) with a CA, the server's certificate and key, the metrics user and "
-                     "its password, and an empty tokens file, as deploy/compose.yaml mounts them")
-    init.add_argument("folder", metavar="FOLDER", help="the secrets folder, e.g. deploy/secrets")
-    init.add_argument("--host", action="append", metavar="NAME",
-                      help="a DNS name or IP address clients use to reach the server (repeatable); "
-                           "the certificate always holds lossd and localhost")
-    init.set_defaults(func=cmd_secrets_init)
+        action = copy.copy(action)
+        if action.nargs != 0 and action.metavar is None:
+            action.metavar = action.dest.upper()  # ADDRESS, not the dest below
+        first._add_action(action).dest = GLOBAL_PREFIX + action.dest
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=LazyParser)
+    parser.set_defaults(commands=sub)  # add_entry_point_commands adds to it
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, parents=[client_flags()])
@@ -530,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     from lossd import _cli_training
 
     _cli_training.register(sub, client_parser)
+    if with_plugins:
+        add_entry_point_commands(parser)
     return parser
 
 
@@ -549,9 +376,32 @@ def _take_global_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
             setattr(args, name, value)
 
 
+def command_of(argv: Sequence[str]) -> Optional[str]:
+    """The command word of ``argv``: its first argument that is neither a
+    flag before the command nor such a flag's value."""
+    valued = {option for action in client_flags()._actions if action.nargs != 0 for option in action.option_strings}
+    words = iter(argv)
+    for word in words:
+        if word in valued:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(with_plugins=False)
+    if command_of(argv) not in parser.get_default("commands").choices:
+        # Not a client command: perhaps an entry point's. Client commands
+        # skip reading the entry points (importlib.metadata, ~20-40 ms).
+        add_entry_point_commands(parser)
+        if command_of(argv) in SERVER_COMMANDS and command_of(argv) not in parser.get_default("commands").choices:
+            print(f"error: `lossd {command_of(argv)}`: {SERVER_HINT.format(', '.join(SERVER_COMMANDS))}",
+                  file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
+    del args.commands
     _take_global_flags(parser, args)
     if getattr(args, "client_command", False):
         if getattr(args, "address", None) is None:

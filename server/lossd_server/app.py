@@ -11,6 +11,7 @@ import gc
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from typing import Any, Optional
 from wsgiref.simple_server import WSGIServer
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 import lossd_server
+from lossd.addresses import loopback_host
 from lossd.v1 import loss_service_pb2, shared_memory_service_pb2, training_service_pb2
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
@@ -88,6 +90,8 @@ SHARED_MEMORY_SERVICE = "lossd.v1.SharedMemoryService"  # offered only with sett
 # something was moved to the quarantine at start. The server and its services
 # stay SERVING (evaluation works), so probes on "" do not restart a pod for it.
 STATE_HEALTH = "lossd.state"
+# How often a drain begun by Ctrl-C looks whether calls are still in flight.
+IDLE_POLL_SECONDS = 0.05
 
 
 @dataclasses.dataclass
@@ -121,6 +125,8 @@ class Server:
     health_port: Optional[int] = dataclasses.field(default=None, init=False)  # with settings.health_port
     health_server: Optional[grpc.Server] = None  # plain-text grpc.health.v1 only, with settings.health_port
     health_executor: Optional[futures.ThreadPoolExecutor] = None  # the health server's threads
+    # The interceptor every call passes: it counts the calls in flight (drain).
+    observer: Optional[ObservabilityInterceptor] = None
     # One of `lossd serve --processes N`'s processes (supervisor.py): it binds
     # its ports with SO_REUSEPORT and leaves /metrics to the supervisor.
     process: Optional[ProcessRole] = None
@@ -215,14 +221,28 @@ class Server:
             raise StartupError(bind_failure(what, host, port, bind_errno(host, port), "host",
                                             port_setting)) from error
 
-    def drain(self, seconds: float, interrupted: Optional[threading.Event] = None) -> None:
+    def drain(self, seconds: float, interrupted: Optional[threading.Event] = None, until_idle: bool = False) -> None:
         """Health turns NOT_SERVING for every service while the port stays
         open and new calls are still served, for ``seconds`` (or until
         ``interrupted`` is set), so load balancers and Kubernetes probes see
-        it and stop routing here before ``stop()`` closes the port."""
+        it and stop routing here before ``stop()`` closes the port.
+
+        ``until_idle``: end as soon as no call is in flight, for a Ctrl-C at
+        a terminal, where no load balancer routes and nothing would wait for
+        the window but the user."""
         self.health.enter_graceful_shutdown()
-        if seconds > 0:
-            (interrupted or threading.Event()).wait(seconds)
+        if seconds <= 0:
+            return
+        interrupted = interrupted or threading.Event()
+        if not until_idle or self.observer is None:
+            interrupted.wait(seconds)
+            return
+        deadline = time.monotonic() + seconds
+        while self.observer.in_flight() and not interrupted.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            interrupted.wait(min(IDLE_POLL_SECONDS, left))
 
     def stop(self, grace: Optional[float] = None) -> None:
         """Stops: health turns NOT_SERVING (if ``drain()`` has not already
@@ -257,17 +277,10 @@ class Server:
             self._metrics_http = None
 
 
-def _loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address or name only this machine reaches."""
-    from lossd._shm import loopback_host  # the client's test of a local server, the same question
-
-    return loopback_host(host)
-
-
 def open_access_warning(settings: Settings, port: int) -> Optional[str]:
     """The warning a server without a tokens file logs at start, unless it
     binds only loopback (where only this machine's users reach it)."""
-    if settings.tokens_file is not None or _loopback(settings.host):
+    if settings.tokens_file is not None or loopback_host(settings.host):
         return None
     return (f"no tokens file: any client that reaches {settings.host}:{port} may evaluate, train, register and "
             "delete (make tokens with `lossd tokens create` and set LOSSD_TOKENS_FILE)")
@@ -375,8 +388,9 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                                           thread_name_prefix="rpc")
     tracing = Tracing.from_environment()
     tracing_module.current = tracing
+    observer = ObservabilityInterceptor(metrics)  # Server.observer: the calls in flight, for the drain
     interceptors = [*([TracingInterceptor(tracing)] if tracing.enabled else []),  # first: the span holds the call
-                    ObservabilityInterceptor(metrics),
+                    observer,
                     *([] if callers.open else [AuthInterceptor(callers, admission)]),
                     StreamLimiter(settings.max_streams, settings.stream_idle_seconds,
                                   per_caller=settings.max_streams_per_caller,
@@ -428,7 +442,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                   metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,
                   callers=callers,
                   health_server=health_server, health_executor=health_executor,
-                  follower=follower, process=process,
+                  follower=follower, process=process, observer=observer,
                   tracing=tracing,
                   oip_http=OipRestApp(evaluation, ready=serving, callers=callers, tracing=tracing,
                                       admission=None if callers.open else admission,
@@ -451,6 +465,7 @@ def serve(settings: Settings, process: Optional[ProcessRole] = None) -> int:
     server = create_server(settings, process=process)
     stop = threading.Event()
     hurry = threading.Event()
+    first = []  # the signal that began the drain
 
     def on_signal(signum, frame):
         name = signal.Signals(signum).name
@@ -462,6 +477,9 @@ def serve(settings: Settings, process: Optional[ProcessRole] = None) -> int:
             return
         log.info("received %s: draining (health NOT_SERVING for %.1f s, then grace %.1f s)", name,
                  settings.drain_seconds, settings.grace_seconds)
+        if signum == signal.SIGINT and settings.drain_seconds > 0:
+            log.info("SIGINT: the drain ends as soon as no call is in flight")
+        first.append(signum)
         stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGUSR1) if process is not None else (signal.SIGTERM, signal.SIGINT):
@@ -484,7 +502,9 @@ def serve(settings: Settings, process: Optional[ProcessRole] = None) -> int:
              else "from the supervisor" if process is not None and settings.metrics_port is not None else "off",
              server.evaluator.device.name, server.evaluator.device.physical, settings.data_dir)
     stop.wait()
-    server.drain(settings.drain_seconds, hurry)
+    # SIGINT is Ctrl-C at a terminal: no load balancer needs the window.
+    # SIGTERM (an orchestrator's stop) keeps all of it, whatever is in flight.
+    server.drain(settings.drain_seconds, hurry, until_idle=first[:1] == [signal.SIGINT])
     server.stop()
     log.info("stopped")
     # Interpreter shutdown would collect TensorFlow's and Keras's objects one

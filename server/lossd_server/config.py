@@ -133,7 +133,8 @@ class Settings(BaseSettings):
 
     drain_seconds: float = Field(5.0, ge=0)
     """On SIGTERM/SIGINT, how long health says NOT_SERVING while the port stays
-    open and new calls are still served, so load balancers stop routing here."""
+    open and new calls are still served, so load balancers stop routing here.
+    After SIGINT (Ctrl-C at a terminal) it ends as soon as no call is in flight."""
 
     grace_seconds: float = Field(10.0, ge=0)
     """After the drain, how long in-flight calls may take to finish."""

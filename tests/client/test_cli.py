@@ -368,8 +368,8 @@ def test_serve_has_a_flag_per_setting():
     from lossd_server.config import Settings
 
     parser = cli.build_parser()
-    parser.parse_args(["serve"])  # serve's flags are made when it is parsed (cli._Parser)
-    serve = parser._subparsers._group_actions[0].choices["serve"]
+    parser.parse_args(["serve"])  # serve's flags are made when it is parsed (cli.LazyParser)
+    serve = parser.get_default("commands").choices["serve"]
     flags = {option for action in serve._actions for option in action.option_strings}
     for name in Settings.model_fields:
         assert f"--{name.replace('_', '-')}" in flags, name

@@ -23,7 +23,7 @@ import pytest
 from grpc_errors import reason_of
 from shm_regions import region
 import lossd
-from lossd import _shm, wire
+from lossd import _shm, addresses, wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
 from lossd.v1 import shared_memory_service_pb2 as pb
 from lossd.v1 import shared_memory_service_pb2_grpc as pb_grpc
@@ -447,7 +447,7 @@ def test_regions_and_bytes_per_caller_are_bounded(secured):
     ("ipv4:127.0.0.1:1,127.0.0.1:2", False), ("dns:///lossd:50051", False), ("192.168.0.10", False),
 ])
 def test_only_loopback_and_unix_addresses_count_as_local(target, local):
-    assert _shm.is_local(target) is local
+    assert addresses.is_local(target) is local
 
 
 def test_a_remote_looking_address_uses_grpc(address, server):
@@ -464,7 +464,7 @@ def test_a_remote_looking_address_uses_grpc(address, server):
 
 
 def test_two_replicas_with_shared_memory_are_used_over_grpc_and_every_call_is_right(tmp_path):
-    """README, Scaling out: shared-memory regions are each replica's own. A
+    """docs/scaling-out.md: shared-memory regions are each replica's own. A
     client given two replicas' addresses (one round_robin channel) with
     shared_memory=True opens no session on either: its calls spread over
     both over gRPC, each answer right, and no region is registered or read,

@@ -37,9 +37,32 @@ def test_import_lossd_loads_nothing_heavy():
     assert loaded_after("import lossd; from lossd import wire, aio") == []
 
 
-def test_parsing_a_client_command_loads_nothing_heavy():
-    # The whole parser is built (every command) and a client command parsed, as `lossd health` does.
-    assert loaded_after("from lossd import cli; cli.build_parser().parse_args(['health', '--address', 'h:1'])") == []
+def test_import_lossd_alone_loads_neither_grpc_nor_numpy():
+    # Its names load on first use, so `lossd.cli` sets GRPC_VERBOSITY before gRPC's core reads it.
+    out = run_fresh("""
+        import sys, lossd
+        print(sorted({m.split(".")[0] for m in sys.modules} & {"grpc", "numpy"}))
+        print(lossd.Client.__module__, lossd.wire.__name__, "grpc" in sys.modules)
+    """)
+    assert out.splitlines() == ["[]", "lossd._client lossd.wire True"]
+
+
+def test_a_client_command_loads_nothing_heavy():
+    # As `lossd health` runs: the client's parser, no entry point read, the command run (nothing listens at :1).
+    assert loaded_after("from lossd import cli; cli.main(['health', '--address', '127.0.0.1:1', '--timeout', '1'])"
+                        ) == []
+
+
+def test_the_whole_parser_loads_only_the_server_commands_module():
+    # As `lossd --help` builds it: the entry point's module (lossd_server.cli) and its package, nothing they
+    # would import to run a command (the settings, pydantic, TensorFlow).
+    out = run_fresh("""
+        import sys
+        from lossd import cli
+        cli.build_parser().parse_args(['health', '--address', 'h:1'])
+        print(sorted(m for m in sys.modules if m.split(".")[0] in %r))
+    """ % (HEAVY,))
+    assert eval(out.strip().splitlines()[-1]) == ["lossd_server", "lossd_server.cli"]
 
 
 def test_parsing_serve_loads_the_settings_and_gives_their_flags():

@@ -233,12 +233,12 @@ def test_the_render_and_apply_block_runs_as_written_with_kubectl_alone(checkout,
     assert render(root / applied[0]) == result.stdout
 
 
-def test_the_main_readme_sends_kubernetes_users_to_the_one_tested_sequence():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Kubernetes"):readme.index("## Scaling out")]
+def test_the_deploy_page_sends_kubernetes_users_to_the_one_tested_sequence():
+    page = (ROOT / "docs" / "deploy.md").read_text()
+    section = page[page.index("## Kubernetes"):]
     assert "deploy/k8s/README.md" in section
     assert "secrets init" not in section and "kubectl apply" not in section, \
-        "a second, untested sequence in the main README"
+        "a second, untested sequence in docs/deploy.md"
 
 
 # -- pods ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The README's deploy section, run as written: the commands that make
+"""The deploy page (docs/deploy.md), run as written: the commands that make
 deploy/secrets (`lossd secrets init` for the CA, the server's certificate
 and the metrics password, `lossd tokens create` for the team: four commands
 at most, as issue 12 asks), then a server configured as
@@ -22,14 +22,14 @@ import pytest
 
 from test_deploy import COMPOSE, PROMETHEUS_CONFIG, ROOT, compose_config, find_tool, secret_paths
 
-README = (ROOT / "README.md").read_text()
+PAGES = {"deploy": ROOT / "docs" / "deploy.md", "metrics": ROOT / "docs" / "metrics.md"}
 SECRETS = "/run/secrets/"
 README_ADDRESS = "lossd.example.com:50051"
 
 
-def block(language: str, marker: str) -> str:
-    found = [b for b in re.findall(rf"```{language}\n(.*?)```", README, flags=re.S) if marker in b]
-    assert len(found) == 1, f"expected one ```{language} block of README.md with {marker!r}, found {len(found)}"
+def block(language: str, marker: str, page: str = "deploy") -> str:
+    found = [b for b in re.findall(rf"```{language}\n(.*?)```", PAGES[page].read_text(), flags=re.S) if marker in b]
+    assert len(found) == 1, f"expected one ```{language} block of docs/{page}.md with {marker!r}, found {len(found)}"
     return found[0]
 
 
@@ -135,8 +135,8 @@ def test_prometheus_password_and_the_ca_scrape_the_metrics(deployed):
         assert response.status == 200 and b"lossd_build_info" in response.read()
 
 
-def test_the_readme_scrape_job_is_the_shipped_one():
-    job = block("yaml", "job_name: lossd")
+def test_the_documented_scrape_job_is_the_shipped_one():
+    job = block("yaml", "job_name: lossd", page="metrics")
     shipped = [line.strip() for line in PROMETHEUS_CONFIG.read_text().splitlines()
                if line.strip() and not line.strip().startswith("#")]
     lines = [line.strip() for line in job.splitlines() if line.strip()]

@@ -476,6 +476,46 @@ def test_drain_seconds_is_a_flag_and_a_setting():
     assert build_parser().parse_args(["serve", "--drain-seconds", "0"]).drain_seconds == "0"
 
 
+def test_ctrl_c_ends_the_drain_once_no_call_is_in_flight(tmp_path):
+    """SIGINT (Ctrl-C at a terminal) drains like SIGTERM, health NOT_SERVING
+    with calls still served, but only while a call is in flight: with a 60 s
+    drain, the server keeps running while a stream is open, and exits within
+    seconds of its end instead of waiting the whole drain."""
+    drain = 60.0
+    proc, log_path = start_serve(tmp_path, drain_seconds=str(drain), grace_seconds="5")
+    y_true, y_pred = np.zeros((2, 3), np.float32), np.ones((2, 3), np.float32)
+    channel = None
+    try:
+        port = int(wait_for_log(log_path, r"listening on 127\.0\.0\.1:(\d+) \(gRPC\)", proc, timeout=PATIENCE).group(1))
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == SERVING
+        requests: queue.Queue = queue.Queue()
+        stream = loss_service_pb2_grpc.LossServiceStub(channel).EvaluateStream(
+            iter(requests.get, None), timeout=120)
+        requests.put(evaluate_item("before", y_true, y_pred))
+        check_answer(next(stream), "before", y_true, y_pred)
+
+        proc.send_signal(signal.SIGINT)
+        wait_for_log(log_path, r"SIGINT: the drain ends as soon as no call is in flight", proc, timeout=30)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == NOT_SERVING
+        time.sleep(2.0)  # 40 polls of the in-flight count: the open stream holds the drain
+        assert proc.poll() is None, "the drain ended with a call in flight"
+        requests.put(evaluate_item("during", y_true, y_pred))
+        check_answer(next(stream), "during", y_true, y_pred)
+
+        requests.put(None)
+        assert list(stream) == []
+        ended = time.monotonic()
+        assert proc.wait(timeout=drain) == 0
+        assert time.monotonic() - ended < 15, "the drain went on with nothing in flight"
+        assert "stopped" in log_path.read_text().splitlines()[-1]
+    finally:
+        if channel is not None:
+            channel.close()
+        kill_if_running(proc)
+
+
 # -- start-up failures and noise ----------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["port", "metrics_port"])

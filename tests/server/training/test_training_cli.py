@@ -19,6 +19,9 @@ def test_jobs_list_get_and_plot(training_address, cnn_job, tmp_path, capsys):
     assert cli.main(["jobs", "--address", training_address, "get", cnn_job.name]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["state"] == "succeeded" and got["spec"]["model"]["preset"] == "cnn"
+    assert got["spec"]["seed"] == 1  # an int, not protobuf's JSON string "1"
+    filters = got["spec"]["model"]["params"].get("filters", [])
+    assert all(type(f) is int for f in filters), filters  # not 32.0, as a Struct holds it
     out = tmp_path / "loss.png"
     assert cli.main(["jobs", "plot", cnn_job.id, "--address", training_address, "-o", str(out)]) == 0
     from PIL import Image

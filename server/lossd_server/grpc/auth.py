@@ -83,6 +83,9 @@ METHOD_SCOPES = {
 # Methods refused at once while their caller is in debt of its rate (an
 # EvaluateStream's items are charged one by one, each refusal in its place).
 RATED_METHODS = (f"/{_LOSS_SERVICE}/Evaluate", f"/{_LOSS_SERVICE}/EvaluateChunked")
+# Refused at once, too, while its caller is at its share of the evaluation
+# slots with its queue full (Admission.refuse_at_share).
+_EVALUATE = f"/{_LOSS_SERVICE}/Evaluate"
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")
 
@@ -354,8 +357,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, callers: Callers, admission=None):
         self.callers = callers
-        # evaluation.admission.Admission: a caller in debt of its rate is refused here, before
-        # its request is read.
+        # evaluation.admission.Admission: a caller in debt of its rate, or at its share of the
+        # evaluation slots with its queue full, is refused here, before its request is read.
         self.admission = admission
 
     def intercept_service(self, continuation, handler_call_details):
@@ -372,6 +375,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     metadata={"scope": needed, "caller": caller.name})
             if self.admission is not None and method in RATED_METHODS:
                 self.admission.refuse_in_debt(caller.name, caller.limits.elements_per_second)
+                if method == _EVALUATE:
+                    self.admission.refuse_at_share(caller.name)
         except LossdError as error:
             handler = continuation(handler_call_details)
             return None if handler is None else _refusing(handler, error)

@@ -82,6 +82,9 @@ FAIR_LINGER_SECONDS = 1.0
 # caller: the evaluator's compile slots. None: no caller known (one bucket).
 _EVALUATION_CALLER: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
     "lossd_evaluation_caller", default=None)
+# The caller whose evaluation slot the transport took before reading the
+# request (``Admission.slot_first``): ``admit`` then takes no second one.
+_SLOT_TAKEN: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lossd_slot_taken", default=None)
 
 
 def evaluation_caller() -> str:
@@ -456,6 +459,8 @@ class Admission:
         self.check_size(nbytes)
         give_back = self.charge(caller, rate, elements)
         slots = self.slots
+        if slots is not None and _SLOT_TAKEN.get() == caller:
+            slots = None  # the transport holds this call's slot (slot_first)
         try:
             if slots is not None:
                 start = self._clock()
@@ -481,6 +486,26 @@ class Admission:
         large requests past its share costs it no receiving or parsing."""
         if self.slots is not None:
             self.slots.refuse_if_full(caller)
+
+    def busy(self, caller: str) -> bool:
+        """Whether ``caller`` holds or waits for an evaluation slot now (never
+        on a server that shares none). A read without the lock: a hint for
+        ``slot_first``, which the slots themselves keep exact."""
+        slots = self.slots
+        return slots is not None and (caller in slots._held or caller in slots._queues)
+
+    def slot_first(self, caller: str, wait_seconds: Optional[float] = None) -> "_SlotFirst":
+        """Takes ``caller``'s evaluation slot before its request is read, for
+        the transport to hold around reading and evaluating it: a caller with
+        evaluations in flight (``busy``) so has at most its share of requests
+        being received and parsed, not only evaluated. ``admit`` inside the
+        returned context takes no second slot.
+
+        Raises:
+            ResourceExhausted: ``CALLER_SHARE_FULL`` (``FairSlots.acquire``).
+        """
+        self.slots.acquire(caller, wait_seconds)
+        return _SlotFirst(self, caller)
 
     # -- the in-flight budget ------------------------------------------------
 
@@ -607,6 +632,27 @@ class _Held:
         admission._release(self._nbytes, held, self._caller)
         if self._slot:
             admission.slots.release(self._caller, held)
+
+
+class _SlotFirst:
+    """An evaluation slot ``Admission.slot_first`` took: marks the context so
+    ``admit`` takes no other, and gives it back when the ``with`` exits."""
+
+    __slots__ = ("_admission", "_caller", "_start", "_token")
+
+    def __init__(self, admission: Admission, caller: str):
+        self._admission = admission
+        self._caller = caller
+        self._start = admission._clock()
+        self._token = None
+
+    def __enter__(self) -> None:
+        self._token = _SLOT_TAKEN.set(self._caller)
+
+    def __exit__(self, *exc) -> None:
+        _SLOT_TAKEN.reset(self._token)
+        admission = self._admission
+        admission.slots.release(self._caller, admission._clock() - self._start)
 
 
 def _rate_limited(caller: str, rate: float, wait: float, expected: str, **metadata) -> ResourceExhausted:

@@ -27,7 +27,7 @@ from lossd.v1 import loss_service_pb2, shared_memory_service_pb2, training_servi
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
-from lossd_server.evaluation.admission import Admission
+from lossd_server.evaluation.admission import Admission, FairSlots
 from lossd_server.evaluation.batching import Batcher
 from lossd_server.evaluation.service import EvaluationService
 from lossd_server.evaluation.evaluator import Evaluator
@@ -381,7 +381,19 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         # port against everyone else: supervisor.py).
         ("grpc.so_reuseport", int(process is not None and process.reuse_port)),
     ]
-    admission = Admission(settings.max_inflight_bytes, settings.max_queued_requests, settings.max_queue_seconds)
+    # With tokens, evaluation and compile slots are shared fairly between
+    # callers; without, there is one caller and no one to share with.
+    fair = not callers.open
+    admission = Admission(settings.max_inflight_bytes, settings.max_queued_requests, settings.max_queue_seconds,
+                          evaluation_slots=settings.evaluation_slots if fair else None,
+                          min_caller_slots=settings.min_caller_slots, max_caller_queued=settings.max_caller_queued,
+                          metrics=metrics)
+    if fair:
+        evaluator.compile_slots = FairSlots(
+            settings.max_pending_compiles, what="compile slots", setting="max_pending_compiles",
+            reason="COMPILE_BUSY", min_share=settings.min_caller_slots,
+            max_queued_per_caller=settings.max_caller_queued, max_wait_seconds=settings.max_queue_seconds,
+            metrics=metrics)
     # Streams are capped at max_streams (StreamLimiter), so however many are
     # open, `workers` threads are left for unary calls and health checks.
     executor = futures.ThreadPoolExecutor(max_workers=settings.workers + settings.max_streams,

@@ -32,7 +32,7 @@ SETTING_GROUPS = (
     ("evaluation", ("warmup", "device", "inter_op_threads", "xla", "cache_", "batch_", "compile_",
                     "max_pending_compiles", "shm")),
     ("network", ("host", "port", "health_port", "http_port", "max_message_bytes", "workers", "processes", "drain_", "grace_")),
-    ("limits", ("max_", "min_", "stream_")),
+    ("limits", ("max_", "min_", "stream_", "evaluation_slots")),
 )
 OTHER_GROUP = "other"
 # The order ``lossd serve --help`` shows the groups in.

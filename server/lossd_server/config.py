@@ -368,6 +368,26 @@ class Settings(BaseSettings):
     """Longest an evaluation waits for room (or less, to its deadline); then
     RESOURCE_EXHAUSTED (INFLIGHT_BYTES_FULL) with a retry delay."""
 
+    # Fair sharing between callers (issue 23; docs/limits.md, "Fair sharing").
+
+    evaluation_slots: int = Field(6, ge=1)
+    """Evaluations (Evaluate calls, EvaluateStream items) that run at once on a
+    server with tokens, shared fairly between callers: each caller's share is
+    this divided by the callers active now, at least ``min_caller_slots``; a
+    caller alone may use them all. Keep it below ``workers``, so a caller
+    arriving while another holds every slot, and health, find a thread. Not
+    applied on a server without tokens (there is no caller to tell apart)."""
+
+    min_caller_slots: int = Field(1, ge=1)
+    """The least share of ``evaluation_slots`` (and of ``max_pending_compiles``)
+    a caller has, however many callers are active."""
+
+    max_caller_queued: int = Field(1, ge=1)
+    """Most evaluations (and compile waits) of one caller waiting for a slot
+    past its share, each at most ``max_queue_seconds``; one more is
+    RESOURCE_EXHAUSTED (CALLER_SHARE_FULL, or COMPILE_BUSY) with a retry
+    delay, refused before its message is read."""
+
     # Shared memory for clients on the server's host (issue 13,
     # lossd_server.evaluation.shared_memory).
 

@@ -34,6 +34,7 @@ import numpy as np
 from lossd.wire import FLOAT_DTYPES, check_reduction, dtype_name
 from lossd_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from lossd_server.evaluation import backend
+from lossd_server.evaluation.admission import evaluation_caller
 from lossd_server.losses.cost import Cost, CostLimits
 from lossd_server.losses.expressions import ShapeError, broadcast_shapes
 from lossd_server.losses.plan import (ExpressionCompiler, Plan, Planner, Program, build_program,
@@ -138,6 +139,10 @@ class Evaluator:
             from lossd_server.evaluation.buckets import Buckets
 
             self.buckets = Buckets(self)
+        # admission.FairSlots sharing the max_pending_compiles waits between
+        # callers (set by the server when it has tokens); None: first come,
+        # first served, the one bound below.
+        self.compile_slots = None
 
     def wait_compiled(self, timeout: float = 60.0) -> bool:
         """Waits until no program is being traced (at most ``timeout``
@@ -402,6 +407,22 @@ class Evaluator:
 
     def _compiled(self, key, plan: Plan, specs, build: Callable[[], Program], has_sw: bool,
                   gradient: bool, xla: bool) -> backend.Compiled:
+        slots = self.compile_slots
+        if slots is None:
+            return self._compiled_waiting(key, plan, specs, build, has_sw, gradient, xla, bounded=True)
+        with self._lock:
+            cached = key in self._cache  # a cached program takes no compile slot
+        if cached:
+            return self._compiled_waiting(key, plan, specs, build, has_sw, gradient, xla, bounded=False)
+        caller = evaluation_caller()
+        slots.acquire(caller)  # COMPILE_BUSY past the caller's share of the waits
+        try:
+            return self._compiled_waiting(key, plan, specs, build, has_sw, gradient, xla, bounded=False)
+        finally:
+            slots.release(caller)
+
+    def _compiled_waiting(self, key, plan: Plan, specs, build: Callable[[], Program], has_sw: bool,
+                          gradient: bool, xla: bool, *, bounded: bool) -> backend.Compiled:
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
@@ -409,7 +430,7 @@ class Evaluator:
             else:
                 # Each waiting request holds one of the server's RPC threads:
                 # bounding them keeps threads free for compiled programs and health.
-                if self._waiting >= self.max_pending_compiles:
+                if bounded and self._waiting >= self.max_pending_compiles:
                     raise ResourceExhausted(
                         f"{self._waiting} requests are waiting for loss programs to compile. Expected at most "
                         f"{self.max_pending_compiles} at once (the server's max_pending_compiles); retry in a "

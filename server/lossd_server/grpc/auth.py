@@ -28,7 +28,7 @@ import pathlib
 import grpc
 
 from lossd_server.callers import ANONYMOUS, Caller
-from lossd_server.errors import LossdError, PermissionDenied, Unauthenticated
+from lossd_server.errors import InvalidArgument, LossdError, PermissionDenied, Unauthenticated
 from lossd_server.grpc import status
 from lossd_server.security.reload import Reloader
 from lossd_server.security.tokens import TOKENS_CHECK_SECONDS, TokenRecord, find_token, tokens_file
@@ -58,6 +58,9 @@ METHOD_SCOPES = {
 # Methods refused at once while their caller is in debt of its rate (an
 # EvaluateStream's items are charged one by one, each refusal in its place).
 RATED_METHODS = (f"/{_LOSS_SERVICE}/Evaluate", f"/{_LOSS_SERVICE}/EvaluateChunked", f"/{_OIP_SERVICE}/ModelInfer")
+# Refused at once, too, while its caller is at its share of the evaluation
+# slots with its queue full (Admission.refuse_at_share).
+_EVALUATE = f"/{_LOSS_SERVICE}/Evaluate"
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")
 
@@ -179,8 +182,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, callers: Callers, admission=None):
         self.callers = callers
-        # evaluation.admission.Admission: a caller in debt of its rate is refused here, before
-        # its request is read.
+        # evaluation.admission.Admission: a caller in debt of its rate, or at its share of the
+        # evaluation slots with its queue full, is refused here, before its request is read.
         self.admission = admission
 
     def intercept_service(self, continuation, handler_call_details):
@@ -195,13 +198,46 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     f"{method.lstrip('/')} needs the scope `{needed}`. Expected a token with it. Received: a "
                     f"token of {caller.name!r} with {', '.join(sorted(caller.scopes))}.", reason="MISSING_SCOPE",
                     metadata={"scope": needed, "caller": caller.name})
+            slot_first = False
             if self.admission is not None and method in RATED_METHODS:
                 self.admission.refuse_in_debt(caller.name, caller.limits.elements_per_second)
+                if method == _EVALUATE:
+                    self.admission.refuse_at_share(caller.name)
+                    slot_first = self.admission.busy(caller.name)
         except LossdError as error:
             handler = continuation(handler_call_details)
             return None if handler is None else _refusing(handler, error)
         _CALLER.set((handler_call_details.invocation_metadata, caller))  # for Callers.of: one hash per call
-        return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if slot_first and handler is not None:
+            # A caller with evaluations in flight takes this one's slot before
+            # its message is read: at most its share of its requests are being
+            # received and parsed. A caller's first goes the usual way.
+            return _slot_first(handler, self.admission, caller.name)
+        return handler
+
+
+def _slot_first(handler, admission, caller: str):
+    """Evaluate's handler as a request-streaming one that takes its caller's
+    evaluation slot (``Admission.slot_first``, which may wait or refuse)
+    before it reads the one request, and gives it back when the call ends.
+    Request-streaming, as ``_refusing``: gRPC reads a unary request in full
+    before it calls a unary handler."""
+    unary = handler.unary_unary
+
+    def evaluate(requests, context):
+        try:
+            held = admission.slot_first(caller, context.time_remaining())
+        except LossdError as error:
+            status.abort(context, error)
+        with held:
+            for request in requests:
+                return unary(request, context)
+        status.abort(context, InvalidArgument("Evaluate takes one request message. Received: none.",
+                                              reason="BAD_REQUEST"))
+
+    return grpc.stream_unary_rpc_method_handler(evaluate, request_deserializer=handler.request_deserializer,
+                                                response_serializer=handler.response_serializer)
 
 
 def _refusing(handler, error: LossdError):

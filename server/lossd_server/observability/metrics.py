@@ -92,7 +92,7 @@ SHARED_MEMORY_DIRECTIONS = ("read", "written")
 # RESOURCE_EXHAUSTED reasons the server sends, pre-initialised at zero; a
 # reason missing here is still counted when it happens.
 REJECTION_REASONS = (
-    "INFLIGHT_BYTES_FULL", "QUEUE_FULL", "CALLER_RATE_LIMIT",  # evaluation admission
+    "INFLIGHT_BYTES_FULL", "QUEUE_FULL", "CALLER_RATE_LIMIT", "CALLER_SHARE_FULL",  # evaluation admission
     "TOO_MANY_STREAMS", "COMPILE_BUSY", "COMPILE_TIMEOUT", "OUT_OF_MEMORY",  # evaluation
     "TOO_MANY_JOBS", "TOO_MANY_LOSSES", "DECODE_BUDGET_EXHAUSTED", "DATASET_STORAGE_FULL",  # training, storage
     "DISK_FULL",
@@ -366,6 +366,22 @@ class Metrics:
             "(max_upload_bytes) counts.",
             ("caller",), registry=r)
         self._caller_children: dict[str, tuple] = {}
+        # Fair sharing between callers (admission.FairSlots): the ``slots``
+        # label is the kind of slot ("evaluation slots", "compile slots").
+        self.lossd_fair_share_waits_total = Counter(
+            "lossd_fair_share_waits_total",
+            "Requests that waited for a slot shared fairly between callers and got one, by caller and kind "
+            "of slot (evaluation or compile).",
+            ("caller", "slots"), registry=r)
+        self.lossd_fair_share_wait_seconds = Histogram(
+            "lossd_fair_share_wait_seconds",
+            "How long requests waited for a slot shared fairly between callers, by kind of slot.",
+            ("slots",), buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0), registry=r)
+        self.lossd_fair_share_refusals_total = Counter(
+            "lossd_fair_share_refusals_total",
+            "Requests refused (RESOURCE_EXHAUSTED: CALLER_SHARE_FULL, COMPILE_BUSY) because their caller was "
+            "at its fair share of a kind of slot, by caller and kind of slot.",
+            ("caller", "slots"), registry=r)
 
         # Micro-batching of evaluations.
         self.lossd_batch_size_requests = Histogram(
@@ -593,6 +609,18 @@ class Metrics:
             element_total.inc(elements)
         if upload_bytes:
             upload_total.inc(upload_bytes)
+
+    def fair_share_wait(self, caller: str, slots: str, seconds: float) -> None:
+        """Records a request of ``caller`` (a token's name, or "") that waited
+        ``seconds`` for one of ``slots`` ("evaluation slots", "compile
+        slots") and got it."""
+        kind = slots.partition(" ")[0]
+        self.lossd_fair_share_waits_total.labels(caller or ANONYMOUS_CALLER, kind).inc()
+        self.lossd_fair_share_wait_seconds.labels(kind).observe(seconds)
+
+    def fair_share_refusal(self, caller: str, slots: str) -> None:
+        """Counts a request of ``caller`` refused at its share of ``slots``."""
+        self.lossd_fair_share_refusals_total.labels(caller or ANONYMOUS_CALLER, slots.partition(" ")[0]).inc()
 
     # Micro-batching.
 

@@ -33,7 +33,7 @@ from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers
 from lossd_server.grpc import parsing
-from lossd_server.grpc.health_port import CheckOnlyHealth
+from lossd_server.grpc.health_port import CheckOnlyHealth, Health
 from lossd_server.grpc.tls import CertificateReloader
 from lossd_server.losses import custom
 from lossd_server.losses.cost import CostLimits
@@ -363,7 +363,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                      if regions is not None else None)
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers, evaluator=evaluator)
-    health_servicer = health.HealthServicer()
+    health_servicer = Health()
     services = [name for name in SERVICE_NAMES if shared_memory is not None or name != SHARED_MEMORY_SERVICE]
     for name in [*services, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -84,8 +84,21 @@ def test_a_good_request_still_works(channel):
     assert {"lossd.v1.LossService", "grpc.health.v1.Health"} <= names, names
 
 
+def test_health_list_answers_every_status_without_a_traceback(channel, caplog):
+    """bench/fuzz.py: grpcio's health servicer left List to the generated
+    base class, which answered UNIMPLEMENTED by raising: a traceback in the
+    log for each call, which any caller (health needs no token) could repeat."""
+    with caplog.at_level("ERROR", logger="grpc._server"):
+        answer = health_pb2.HealthListResponse.FromString(channel.unary_unary("/grpc.health.v1.Health/List")(
+            health_pb2.HealthListRequest().SerializeToString(), timeout=30))
+    assert answer.statuses[""].status == health_pb2.HealthCheckResponse.SERVING
+    assert answer.statuses["lossd.v1.LossService"].status == health_pb2.HealthCheckResponse.SERVING
+    assert not [r for r in caplog.records if r.name == "grpc._server"], caplog.text
+
+
 def test_the_plain_health_port_refuses_undecodable_bytes(tmp_path_factory):
-    """The plain-text health port (``health_port``, for Kubernetes probes) parses in the handler too."""
+    """The plain-text health port (``health_port``, for Kubernetes probes)
+    parses in the handler too, answers List, and refuses Watch."""
     with lossd_servers(tmp_path_factory) as start:
         server = start(health_port=0)
         with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
@@ -97,3 +110,10 @@ def test_the_plain_health_port_refuses_undecodable_bytes(tmp_path_factory):
             answer = health_pb2.HealthCheckResponse.FromString(
                 check(health_pb2.HealthCheckRequest().SerializeToString(), timeout=30))
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            listed = health_pb2.HealthListResponse.FromString(channel.unary_unary("/grpc.health.v1.Health/List")(
+                health_pb2.HealthListRequest().SerializeToString(), timeout=30))
+            assert listed.statuses[""].status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as watch:
+                list(channel.unary_stream("/grpc.health.v1.Health/Watch")(
+                    health_pb2.HealthCheckRequest().SerializeToString(), timeout=30))
+            assert watch.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -305,9 +305,17 @@ def fuzz_process(address: str, known: dict, count: int, clients: int, deadline: 
     def progress(tally: fuzzing.Tally) -> None:
         sent.value = tally.count
 
-    tally = fuzzing.run(address, ctx, count, clients=clients, timeout=deadline, seed_=seed_, stop=ended,
-                        progress=progress)
-    ended.set()
+    tally = fuzzing.Tally()
+    try:
+        fuzzing.run(address, ctx, count, clients=clients, timeout=deadline, seed_=seed_, stop=ended, tally=tally,
+                    progress=progress)
+    finally:  # whatever ends it, its tally so far goes back
+        ended.set()
+        report(tally, results)
+
+
+def report(tally: fuzzing.Tally, results) -> None:
+    """Puts a client process's tally on ``results`` as JSON-able data."""
     bad = [{"code": f.code, "details": f.details, **f.call.to_json()} for f in tally.findings]
     hangs = [{"code": f.code, "details": f.details, **f.call.to_json()} for f in tally.hangs]
     results.put({"codes": {m: dict(c) for m, c in tally.codes.items()},

@@ -10,15 +10,18 @@ from the same generators:
 * ``messages(descriptor)``: any message of a proto descriptor, every field
   drawn from its type (boundary integers, NaN, unicode, unknown enum values,
   long strings, nested messages, maps, oneofs);
-* ``calls(ctx)``: one call of any method of ``lossd.v1.LossService`` or
-  ``lossd.v1.TrainingService`` (streaming ones included): half fully random
+* ``calls(ctx)``: one call of any method of ``lossd.v1.LossService``,
+  ``lossd.v1.TrainingService``, ``lossd.v1.SharedMemoryService`` or
+  ``grpc.health.v1.Health`` or server reflection (streaming ones included): half fully random
   messages, half "near-valid" ones (a valid request with one field mutated:
   wrong dtype, shape against content, huge or negative dims, NaN, unicode
   names, deep or long expressions, empty values), so requests get past the
   first validation into the code behind it;
 * ``run()``: sends drawn calls from a few threads, each with a deadline, and
   tallies status codes per method, keeping every INTERNAL/UNKNOWN (also those
-  EvaluateStream returns inside a response) with the request as JSON.
+  EvaluateStream returns inside a response) with the request as JSON. Against
+  a server with tokens (``Context.tokens``), each call also draws the
+  credential it is sent with (``CREDENTIALS``).
 
 Imports neither TensorFlow nor the server, so the bench's client process
 stays small.
@@ -43,17 +46,29 @@ import numpy as np
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message_factory, struct_pb2, text_format
 from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis.errors import FlakyStrategyDefinition
 from hypothesis import strategies as st
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from lossd.v1 import loss_pb2, loss_service_pb2, shared_memory_service_pb2, tensor_pb2, training_service_pb2
 
 FD = _descriptor.FieldDescriptor
 SERVICES = (loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
             training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
-            shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"])
+            shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
 # Server streams that stay open until the client ends them: the first
 # response is read, then the call is cancelled (as a client that closes).
-OPEN_ENDED = {"OpenSession"}
+OPEN_ENDED = {"OpenSession", "Watch"}
+# The credential each call is sent with, by label, against a server with
+# tokens (``Context.tokens`` maps a label to its token): mostly one with every
+# scope lossd's methods need, so requests reach the handlers; sometimes a
+# token without the method's scope, none at all, or one the server never
+# issued. ``"none"`` and an empty label send no ``authorization`` metadata.
+CREDENTIALS = ["user"] * 6 + ["admin"] * 2 + ["evaluate", "none", "bad"]
+FORGED_TOKEN = "lsd_000000000000_" + "A" * 43  # the shape of a real one
 # Bytes no request message parses (each method must answer INVALID_ARGUMENT).
 UNDECODABLE = [b"\xff" * 11, b"\x0a\x7f\x01", b"\x0f", b"\x12\x05ab", b"\x08\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80"]
 METHODS = [method for service in SERVICES for method in service.methods]
@@ -483,6 +498,7 @@ class Context:
     datasets: list[str] = dataclasses.field(default_factory=lambda: ["digits"])
     loss_names_registered: list[str] = dataclasses.field(default_factory=lambda: ["fuzz_a", "fuzz_b", "fuzz_c"])
     cancel_created: bool = True  # cancel each job CreateJob makes, right away
+    tokens: dict[str, str] = dataclasses.field(default_factory=dict)  # CREDENTIALS label -> token; {}: none
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def __post_init__(self):
@@ -491,6 +507,13 @@ class Context:
 
     def _words(self) -> list[str]:
         return self.loss_names + self.jobs + self.datasets + self.loss_names_registered
+
+    def metadata(self, credential: str) -> tuple:
+        """The call metadata a ``CREDENTIALS`` label stands for on this server."""
+        if credential == "bad":
+            return (("authorization", f"Bearer {FORGED_TOKEN}"),)
+        token = self.tokens.get(credential)
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     def add_job(self, name: str) -> None:
         with self.lock:
@@ -671,7 +694,10 @@ def upload_streams(draw, ctx: Context) -> list:
         data = _zip_bytes(rng, draw(st.integers(1, 6)), draw(st.booleans()))
     header = training_service_pb2.DatasetHeader(name=draw(st.sampled_from(["fuzzset", "fuzzset2", "digits", ""])),
                                                 format=fmt, size_bytes=len(data), replace=draw(st.booleans()))
-    size = draw(st.integers(1, 8192))
+    # At most 256 chunks: a stream of 100k one-byte messages costs seconds of
+    # both sides' Python and tests nothing a few hundred do not (the bound on
+    # a stream's messages is its deadline and max_upload_bytes).
+    size = max(draw(st.integers(1, 8192)), -(-len(data) // 256))
     chunks = [training_service_pb2.UploadDatasetRequest(chunk=data[i:i + size]) for i in range(0, len(data), size)]
     return [training_service_pb2.UploadDatasetRequest(header=header), *chunks]
 
@@ -772,6 +798,18 @@ def _near_valid_base_uncached(method: str, ctx: Context) -> st.SearchStrategy[li
         if method == "RegisterRegion":
             fields["byte_size"] = st.sampled_from([0, -1, 1, 4096, 2**40, 2**63 - 1])
         return one(st.builds(cls, **fields))
+    if method in ("Check", "Watch"):  # grpc.health.v1
+        return one(st.sampled_from(["", "lossd.v1.LossService", "lossd.v1.TrainingService", "lossd.state", "nope",
+                                    "\u202e", "x" * 300]).map(lambda n: health_pb2.HealthCheckRequest(service=n)))
+    if method == "ServerReflectionInfo":
+        symbols = st.sampled_from(["lossd.v1.LossService", "lossd.v1.Tensor", "lossd.v1.LossService.Evaluate",
+                                   "grpc.health.v1.Health", "", "nope", "lossd.v1." + "x" * 300])
+        one_request = st.one_of(
+            st.just(reflection_pb2.ServerReflectionRequest(list_services="")),
+            symbols.map(lambda n: reflection_pb2.ServerReflectionRequest(file_containing_symbol=n)),
+            st.sampled_from(["lossd/v1/loss.proto", "google/protobuf/struct.proto", "../etc/passwd", ""]).map(
+                lambda n: reflection_pb2.ServerReflectionRequest(file_by_filename=n)))
+        return st.lists(one_request, min_size=1, max_size=3)
     # ListLosses, ListDatasets, OpenSession: nothing to be near.
     return one(st.just(_message_class(_method(method).input_type)()))
 
@@ -818,12 +856,14 @@ class Call:
     method: _descriptor.MethodDescriptor
     requests: list  # messages, or bytes sent as they are (``UNDECODABLE``)
     how: str
+    credential: str = ""  # a CREDENTIALS label; "" sends none
 
     def to_json(self) -> dict:
         """The call as JSON: each request as text proto (to read) and as
         base64 wire bytes (exact: JSON has no Inf for Struct numbers); a
         reproducer ``replay()`` can send."""
         return {"method": f"/{self.method.containing_service.full_name}/{self.method.name}", "how": self.how,
+                "credential": self.credential,
                 "requests": [repr(m) if isinstance(m, bytes) else text_format.MessageToString(m, as_utf8=True)
                              for m in self.requests],
                 "requests_base64": [base64.b64encode(request_bytes(m)).decode() for m in self.requests]}
@@ -839,7 +879,7 @@ class Call:
                 requests.append(request_class.FromString(base64.b64decode(raw)))
             except Exception:  # noqa: BLE001 - an undecodable call is replayed as its bytes
                 requests.append(base64.b64decode(raw))
-        return cls(method, requests, data.get("how", "replay"))
+        return cls(method, requests, data.get("how", "replay"), data.get("credential", ""))
 
 
 def request_bytes(request) -> bytes:
@@ -899,10 +939,12 @@ def draw_calls(ctx: Context, count: int, sink: Callable[[Call], None], *, seed_:
 
     Hypothesis drives the drawing (its biased choices find edge values that
     uniform sampling misses) in batches of ``batch``, each with its own seed,
-    so its per-run bookkeeping stays small however long the run.
+    so its per-run bookkeeping stays small however long the run. A batch
+    Hypothesis abandons (``FlakyStrategyDefinition``) ends early.
     """
     drawn = 0
     batch_index = 0
+    credentials = st.sampled_from(CREDENTIALS) if ctx.tokens else st.just("")
     while drawn < count and not (stop and stop.is_set()):
         size = min(batch, count - drawn)
         emitted = []
@@ -910,39 +952,47 @@ def draw_calls(ctx: Context, count: int, sink: Callable[[Call], None], *, seed_:
         @settings(max_examples=size, database=None, phases=[Phase.generate], deadline=None,
                   suppress_health_check=list(HealthCheck), derandomize=False)
         @seed(seed_ * 1_000_003 + batch_index)
-        @given(call=calls(ctx, methods))
-        def generate(call):
+        @given(call=calls(ctx, methods), credential=credentials)
+        def generate(call, credential):
             if len(emitted) < size and not (stop and stop.is_set()):
                 emitted.append(1)
+                call.credential = credential
                 sink(call)
 
-        generate()
+        try:
+            generate()
+        except FlakyStrategyDefinition:
+            # The lists ``_pick`` reads (jobs, names) grow during a run, so a
+            # prefix Hypothesis replays can draw differently and it gives up
+            # the batch; the calls it emitted were sent, the next batch goes on.
+            pass
         drawn += len(emitted)
         batch_index += 1
 
 
 # -- sending and tallying -------------------------------------------------------
 
-def _invoke(channel: grpc.Channel, call: Call, timeout: float):
-    """Sends ``call``; returns the responses (raises grpc.RpcError)."""
+def _invoke(channel: grpc.Channel, call: Call, timeout: float, metadata: tuple = ()):
+    """Sends ``call`` with ``metadata``; returns the responses (raises grpc.RpcError)."""
     method = call.method
     path = f"/{method.containing_service.full_name}/{method.name}"
     response_class = _message_class(method.output_type)
     kwargs = dict(request_serializer=request_bytes, response_deserializer=response_class.FromString)
+    options = dict(timeout=timeout, metadata=metadata)
     if method.name in OPEN_ENDED:
-        stream = channel.unary_stream(path, **kwargs)(call.requests[0], timeout=timeout)
+        stream = channel.unary_stream(path, **kwargs)(call.requests[0], **options)
         try:
             first = next(stream, None)
             return [] if first is None else [first]
         finally:
             stream.cancel()
     if method.client_streaming and method.server_streaming:
-        return list(channel.stream_stream(path, **kwargs)(iter(call.requests), timeout=timeout))
+        return list(channel.stream_stream(path, **kwargs)(iter(call.requests), **options))
     if method.client_streaming:
-        return [channel.stream_unary(path, **kwargs)(iter(call.requests), timeout=timeout)]
+        return [channel.stream_unary(path, **kwargs)(iter(call.requests), **options)]
     if method.server_streaming:
-        return list(channel.unary_stream(path, **kwargs)(call.requests[0], timeout=timeout))
-    return [channel.unary_unary(path, **kwargs)(call.requests[0], timeout=timeout)]
+        return list(channel.unary_stream(path, **kwargs)(call.requests[0], **options))
+    return [channel.unary_unary(path, **kwargs)(call.requests[0], **options)]
 
 
 @dataclasses.dataclass
@@ -990,8 +1040,9 @@ class Tally:
 def send(channel: grpc.Channel, call: Call, timeout: float, tally: Tally, ctx: Context) -> str:
     """Sends one call and records its code (an EvaluateStream response that
     carries INTERNAL/UNKNOWN counts as that code); remembers created jobs."""
+    metadata = ctx.metadata(call.credential)
     try:
-        responses = _invoke(channel, call, timeout)
+        responses = _invoke(channel, call, timeout, metadata)
     except grpc.RpcError as error:
         code = error.code().name if error.code() is not None else "UNKNOWN"
         tally.record(call, code, error.details() or "")
@@ -1008,17 +1059,17 @@ def send(channel: grpc.Channel, call: Call, timeout: float, tally: Tally, ctx: C
         if isinstance(response, training_service_pb2.Job):
             ctx.add_job(response.name)
             if call.method.name == "CreateJob" and ctx.cancel_created:
-                _cancel(channel, response.name, timeout, tally)
+                _cancel(channel, response.name, timeout, tally, metadata)
     tally.record(call, code, details)
     return code
 
 
-def _cancel(channel: grpc.Channel, name: str, timeout: float, tally: Tally) -> None:
+def _cancel(channel: grpc.Channel, name: str, timeout: float, tally: Tally, metadata: tuple = ()) -> None:
     # Cancelled at once, a job's process dies while it is still importing:
     # training is not what this fuzzes, and the machine has two cores.
     call = Call(_method("CancelJob"), [training_service_pb2.CancelJobRequest(name=name)], "cleanup")
     try:
-        _invoke(channel, call, timeout)
+        _invoke(channel, call, timeout, metadata)
         code, details = "OK", ""
     except grpc.RpcError as error:
         code, details = error.code().name, error.details() or ""
@@ -1073,13 +1124,14 @@ def run(address: str, ctx: Context, count: int, *, clients: int = 2, timeout: fl
     return tally
 
 
-def replay(address: str, path: str, timeout: float = 10.0) -> str:
-    """Sends a saved reproducer again; returns the status code."""
+def replay(address: str, path: str, timeout: float = 10.0, tokens: Optional[dict] = None) -> str:
+    """Sends a saved reproducer again (with the token ``tokens`` maps its
+    credential label to); returns the status code."""
     with open(path, encoding="utf-8") as f:
         call = Call.from_json(json.load(f))
     tally = Tally()
     with grpc.insecure_channel(address) as channel:
-        code = send(channel, call, timeout, tally, Context())
+        code = send(channel, call, timeout, tally, Context(tokens=dict(tokens or {})))
     return code
 
 

@@ -17,8 +17,8 @@ from typing import Any, Optional
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 import lossd_server
@@ -34,7 +34,8 @@ from lossd_server.evaluation.evaluator import Evaluator
 from lossd_server.evaluation.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers
-from lossd_server.grpc.health_port import CheckOnlyHealth
+from lossd_server.grpc import parsing
+from lossd_server.grpc.health_port import CheckOnlyHealth, Health
 from lossd_server.grpc.tls import CertificateReloader
 from lossd_server.losses import custom
 from lossd_server.losses.cost import CostLimits
@@ -76,6 +77,7 @@ XLA_LOSSES = ("binary_crossentropy", "binary_focal_crossentropy", "categorical_c
 WARMUP = (("mean_squared_error", (2,)), ("mean_squared_error", (2, 1)), ("huber", (2, 1)),
           ("categorical_crossentropy", (2, 10)))
 
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 # The services lossd defines: health reports them, reflection lists them and
 # metrics pre-initialise every one of their methods.
 SERVICES = (
@@ -420,7 +422,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                      if regions is not None else None)
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers, evaluator=evaluator)
-    health_servicer = health.HealthServicer()
+    health_servicer = Health()
 
     def serving() -> bool:  # the Open Inference Protocol's readiness is health's
         check = health_servicer.Check(health_pb2.HealthCheckRequest(service=""), None)
@@ -431,7 +433,10 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     services = [name for name in SERVICE_NAMES if shared_memory is not None or name != SHARED_MEMORY_SERVICE]
     for name in [*services, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Health and reflection parse their requests inside the handler, as lossd's
+    # services do: bytes that do not parse get INVALID_ARGUMENT, not grpcio's
+    # INTERNAL "Exception deserializing request!" (found by bench/fuzz.py).
+    parsing.add_tolerant(health_pb2_grpc.add_HealthServicer_to_server, health_servicer, HEALTH_SERVICE, server)
     follower = None
     if state.shared or process is not None:  # siblings register losses and queue jobs too
         follower = Follower(state, settings.shared_state_poll_seconds)
@@ -445,10 +450,12 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         health_executor = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
         health_server = grpc.server(health_executor, options=[
             ("grpc.so_reuseport", int(process is not None and process.reuse_port))])
-        health_pb2_grpc.add_HealthServicer_to_server(CheckOnlyHealth(health_servicer), health_server)
-    reflection.enable_server_reflection(
-        [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+        parsing.add_tolerant(health_pb2_grpc.add_HealthServicer_to_server, CheckOnlyHealth(health_servicer),
+                             HEALTH_SERVICE, health_server)
+    # What reflection.enable_server_reflection does, parsing inside the handler.
+    parsing.add_tolerant(reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+                         reflection.ReflectionServicer([*services, HEALTH_SERVICE.full_name, reflection.SERVICE_NAME]),
+                         reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], server)
     return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
                   quarantined=quarantined, tls=tls, metrics_tls=metrics_tls,
                   metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,

@@ -261,6 +261,24 @@ class Settings(BaseSettings):
     """Most parameters a job's model may have, counted from its preset's
     parameters and the dataset's image shape before anything is built."""
 
+    max_training_cost: float = Field(1e16, gt=0)
+    """Most multiply-adds one training job may take, estimated at CreateJob
+    from its model, image shape, batch size, steps and epochs before it is
+    queued (``lossd_server.training.cost``, docs/limits.md): three forward
+    passes' worth (forward and backward) for every example trained on, plus
+    one forward pass of the validation examples each epoch. The default,
+    1e16, admits 100 epochs of the default ``diffusion`` on 50,000 32x32
+    RGB images (9.9e14, batch 64) and refuses, say, 100,000 epochs in batches of
+    65,536; the reference machine's ``cnn`` job trains at about 8.7e9
+    multiply-adds/s. More is RESOURCE_EXHAUSTED (TRAINING_COST_TOO_HIGH)."""
+
+    max_training_memory_bytes: int = Field(8 * GiB, ge=MiB)
+    """Most bytes of activations and weights one training job may hold,
+    estimated with ``max_training_cost``: one batch's layer outputs (kept for
+    the backward pass, with their gradients) and the weights with their
+    gradients and two optimizer slots, in float32. More is
+    RESOURCE_EXHAUSTED (TRAINING_MEMORY_TOO_HIGH)."""
+
     max_generate_pixel_steps: int = Field(1 << 25, ge=1)
     """Most work one Generate may ask of a diffusion model: count × steps ×
     the image's values (height × width × channels). Larger requests are

@@ -6,6 +6,7 @@ bench/RESULTS.md)."""
 
 from __future__ import annotations
 
+import collections
 import json
 from concurrent import futures
 
@@ -45,6 +46,24 @@ def test_fuzzing_every_rpc_gives_no_internal(fuzz_address):
     assert len(tally.codes) >= 12, report
     assert tally.codes["Evaluate"]["OK"] + tally.items["EvaluateStream"]["OK"] > 0, report
     assert sum(c["INVALID_ARGUMENT"] for c in tally.codes.values()) > 0, report
+
+
+def test_fuzzing_with_tokens_gives_no_internal(serve_with_tokens):
+    """As bench/fuzz.py runs: a server with tokens, each call sent with a
+    drawn credential (a token with the scopes, one without, none, a forged one)."""
+    address, tokens, _ = serve_with_tokens({"user": ("evaluate,train",), "admin": ("admin",),
+                                            "evaluate": ("evaluate",)}, **fuzzing.SMALL_LIMITS)
+    ctx = fuzzing.Context(tokens=tokens)
+    tally = fuzzing.run(address, ctx, CALLS // 2, clients=2, timeout=30, seed_=12)
+    report = "\n".join(f"{m}: {n} ({codes})" for m, n, codes in fuzzing.summary_rows(tally))
+    assert tally.count == CALLS // 2, report
+    assert not tally.findings, "\n\n".join(
+        f"{f.code} {f.details}\n{json.dumps(f.call.to_json(), ensure_ascii=False)[:2000]}" for f in tally.findings)
+    codes = collections.Counter()
+    for counts in tally.codes.values():
+        codes.update(counts)
+    # Every kind of credential was drawn and answered as such, and tokens let calls through.
+    assert codes["UNAUTHENTICATED"] and codes["PERMISSION_DENIED"] and codes["OK"], report
 
 
 def test_a_reproducer_sends_the_same_bytes():

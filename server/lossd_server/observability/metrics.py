@@ -876,11 +876,12 @@ class _BasicAuthGate:
         self.app, self.auth = app, auth
 
     def __call__(self, environ, start_response):
-        user = self.auth.check(environ.get("HTTP_AUTHORIZATION", ""), environ.get("REMOTE_ADDR", ""))
+        address = environ.get("REMOTE_ADDR", "")
+        user = self.auth.check(environ.get("HTTP_AUTHORIZATION", ""), address)
         if user is LIMITED:
             body = b"Too Many Requests: too many failed logins from this address; retry later\n"
             start_response("429 Too Many Requests", [
-                ("Retry-After", "1"), ("Content-Type", "text/plain; charset=utf-8"),
+                ("Retry-After", str(self.auth.retry_after(address))), ("Content-Type", "text/plain; charset=utf-8"),
                 ("Content-Length", str(len(body)))])
             return [body]
         if user is None:

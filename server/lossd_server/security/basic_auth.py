@@ -21,6 +21,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import os
 import pathlib
 import secrets
@@ -36,9 +37,16 @@ SCHEME = "pbkdf2_sha256"
 # paid once per password a scraper sends, not per scrape.
 ITERATIONS = 600_000
 REALM = "lossd metrics"
-# Failed PBKDF2 checks an address may make at once, then one per FAILURE_SECONDS.
+# Failed PBKDF2 checks an address may make at once; then one more after
+# FAILURE_SECONDS, the wait doubling with each further failure up to
+# FAILURE_MAX_SECONDS; an address without a failure for FAILURE_FORGET_SECONDS
+# (or that logs in) starts afresh. A flood from one address costs a few
+# PBKDF2s, then one every FAILURE_MAX_SECONDS: bench/scrapes.py measured a
+# steady one per 10 s still costing Evaluate a tenth of its rate.
 FAILURE_BURST = 5
 FAILURE_SECONDS = 10.0
+FAILURE_MAX_SECONDS = 300.0
+FAILURE_FORGET_SECONDS = 3600.0
 # Addresses whose failures are remembered; a full table forgets the oldest.
 FAILURE_ADDRESSES = 10_000
 # What BasicAuth.check answers for an address over its budget of failures.
@@ -157,6 +165,10 @@ class BasicAuth:
         # Unknown users cost the same PBKDF2 as known ones.
         self._dummy = (ITERATIONS, secrets.token_bytes(16), secrets.token_bytes(32))
 
+    def retry_after(self, address: str) -> int:
+        """Whole seconds until ``address``, refused as ``LIMITED``, may try a password again."""
+        return max(1, math.ceil(self._failures.wait(address)))
+
     def check(self, authorization: str, address: str = "") -> Optional[str]:
         """The user an ``Authorization`` header value authenticates, None, or
         ``LIMITED`` when ``address`` is over its budget of failed checks and
@@ -185,6 +197,7 @@ class BasicAuth:
         if not (hmac.compare_digest(candidate, digest) and entry is not None):
             self._failures.failed(address)
             return None
+        self._failures.succeeded(address)
         with self._lock:
             self._verified[user] = (tag, entry)
         return user
@@ -192,26 +205,43 @@ class BasicAuth:
 
 class _FailureBudget:
     """Failed password checks per client address: ``FAILURE_BURST`` at
-    once, then one per ``FAILURE_SECONDS`` (a token bucket per address)."""
+    once, then one more each time a wait has passed since the last failure,
+    the wait doubling from ``FAILURE_SECONDS`` with each failure past the
+    burst, up to ``FAILURE_MAX_SECONDS``. ``clock`` is the time source."""
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, at), oldest first
+        self._clock = clock
+        self._failures: dict[str, tuple[int, float]] = {}  # address -> (failures, last at), oldest first
 
-    def _tokens(self, address: str, now: float) -> float:
-        tokens, at = self._buckets.get(address, (FAILURE_BURST, now))
-        return min(FAILURE_BURST, tokens + (now - at) / FAILURE_SECONDS)
+    def _current(self, address: str, now: float) -> tuple[int, float]:
+        failures, at = self._failures.get(address, (0, now))
+        return (0, now) if now - at >= FAILURE_FORGET_SECONDS else (failures, at)
+
+    def wait(self, address: str) -> float:
+        """Seconds until ``address`` may have a password hashed (0: now)."""
+        now = self._clock()
+        with self._lock:
+            failures, at = self._current(address, now)
+        if failures < FAILURE_BURST:
+            return 0.0
+        pause = min(FAILURE_SECONDS * 2 ** min(failures - FAILURE_BURST, 16), FAILURE_MAX_SECONDS)
+        return max(0.0, at + pause - now)
 
     def allows(self, address: str) -> bool:
         """Whether ``address`` may have a password hashed now."""
-        with self._lock:
-            return self._tokens(address, time.monotonic()) >= 1
+        return self.wait(address) == 0.0
 
     def failed(self, address: str) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
-            tokens = self._tokens(address, now) - 1
-            self._buckets.pop(address, None)  # re-inserted last: the table stays oldest first
-            self._buckets[address] = (tokens, now)
-            while len(self._buckets) > FAILURE_ADDRESSES:
-                del self._buckets[next(iter(self._buckets))]
+            failures, _ = self._current(address, now)
+            self._failures.pop(address, None)  # re-inserted last: the table stays oldest first
+            self._failures[address] = (failures + 1, now)
+            while len(self._failures) > FAILURE_ADDRESSES:
+                del self._failures[next(iter(self._failures))]
+
+    def succeeded(self, address: str) -> None:
+        """A password from ``address`` verified: its failures are forgiven."""
+        with self._lock:
+            self._failures.pop(address, None)

@@ -15,7 +15,6 @@ its existence does not leak.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import uuid
 from typing import Any, Callable, Mapping
@@ -26,7 +25,7 @@ from lossd_server.errors import AlreadyExists, InvalidArgument, NotFound, Resour
 from lossd_server.evaluation.chunks import reduction_divisor, term_row_structure
 from lossd_server.losses.plan import Planner
 from lossd_server.losses.registry import ROWS
-from lossd_server.training import models
+from lossd_server.training import cost, models
 from lossd_server.training.catalog import DatasetCatalog
 from lossd_server.training.losses import SPARSE, from_logits, label_format, plan_training_loss
 from lossd_server.state.store import CANCELLING, QUEUED, RUNNING, JobRecord, Store
@@ -249,10 +248,11 @@ def _check_rows_split(loss, workers: int, classes: int) -> None:
 
 
 def _check_bounds(settings, preset: str, params: Mapping[str, Any], info, epochs: int, steps: int,
-                  batch_size: int, n_train: int) -> None:
-    """Refuses a job whose steps or model size pass the settings, before anything is spent."""
+                  batch_size: int, n_train: int, n_val: int) -> None:
+    """Refuses a job whose steps, model size, cost or memory pass the
+    settings, before anything is spent (``training/cost.py``)."""
     max_steps = getattr(settings, "max_training_steps", None)
-    per_epoch = steps or math.ceil(n_train / batch_size)
+    per_epoch = cost.steps_per_epoch(steps, n_train, batch_size)
     if max_steps is not None and epochs * per_epoch > max_steps:
         how = f"steps_per_epoch={steps}" if steps else f"{per_epoch} batches of {batch_size} per epoch"
         raise InvalidArgument(
@@ -267,6 +267,8 @@ def _check_bounds(settings, preset: str, params: Mapping[str, Any], info, epochs
             f"Received: model `{preset}` with {count} parameters on images of shape {tuple(info.image_shape)}.",
             reason="MODEL_TOO_LARGE", metadata={"model": preset, "parameters": str(count),
                                                 "limit": str(max_params)})
+    cost.TrainingLimits.from_settings(settings).check(cost.JobShape(
+        preset, params, info.image_shape, len(info.class_names), epochs, per_epoch, batch_size, n_val))
 
 
 def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalog, caller: Caller,
@@ -294,7 +296,7 @@ def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalo
     if info.examples - n_val < 1:
         raise InvalidArgument(f"validation_split={split:g} leaves no training images out of {info.examples}.",
                               reason="BAD_JOB_SPEC", metadata={"field": "validation_split"})
-    _check_bounds(settings, preset.name, params, info, epochs, steps, batch_size, info.examples - n_val)
+    _check_bounds(settings, preset.name, params, info, epochs, steps, batch_size, info.examples - n_val, n_val)
     normalized = {
         "model": {"preset": preset.name, "params": params},
         "dataset": spec.get("dataset"),

@@ -265,6 +265,88 @@ def count_parameters(name: str, params: Mapping[str, Any], image_shape: Sequence
     raise AssertionError(name)
 
 
+def count_work(name: str, params: Mapping[str, Any], image_shape: Sequence[int], num_classes: int
+               ) -> tuple[int, int]:
+    """``(multiply-adds, values)`` of one example's forward pass through the
+    model ``build_model`` would make, by arithmetic as ``count_parameters``:
+    the multiply-adds of its convolutions (kernel x output positions; a
+    transposed convolution, kernel x input positions) and dense layers
+    (kernel), and the values those layers output. ``training/cost.py``
+    turns them into a job's cost."""
+    h, w, c = (int(d) for d in image_shape)
+    macs = values = 0
+
+    def layer(kernel: int, positions: int, outputs: int) -> None:
+        nonlocal macs, values
+        macs += kernel * positions
+        values += outputs
+
+    if name == "cnn":
+        k = params["kernel_size"]
+        for filters in params["filters"]:
+            layer(k * k * c * filters, h * w, h * w * filters)
+            c = filters
+            if h >= 2 and w >= 2:
+                h, w = h // 2, w // 2
+        features = h * w * c
+        if params["dense_units"]:
+            layer(features * params["dense_units"], 1, params["dense_units"])
+            features = params["dense_units"]
+        layer(features * num_classes, 1, num_classes)
+        return macs, values
+    if name == "mlp":
+        features = h * w * c
+        for units in params["hidden_units"]:
+            layer(features * units, 1, units)
+            features = units
+        layer(features * num_classes, 1, num_classes)
+        return macs, values
+    if name == "vae":
+        filters, latent, dense = list(params["filters"]), params["latent_dim"], params["dense_units"]
+        factor = 2 ** len(filters)
+        rows, cols, channels = h, w, c
+        for f in filters:  # 3x3 stride-2 "same" convs: ceil(n / 2) positions each way
+            rows, cols = -(-rows // 2), -(-cols // 2)
+            layer(9 * channels * f, rows * cols, rows * cols * f)
+            channels = f
+        layer(rows * cols * channels * dense, 1, dense)
+        layer(2 * dense * latent, 1, 2 * latent)
+        rows, cols, channels = h // factor, w // factor, filters[-1]
+        layer(latent * rows * cols * channels, 1, rows * cols * channels)
+        for f in reversed(filters):  # 3x3 stride-2 transposed convs
+            layer(9 * channels * f, rows * cols, 4 * rows * cols * f)
+            rows, cols, channels = 2 * rows, 2 * cols, f
+        layer(9 * channels * c, rows * cols, rows * cols * c)
+        return macs, values
+    if name == "diffusion":
+        filters, e = list(params["filters"]), params["embed_dim"]
+        layer(2 * e * e, 1, 2 * e)  # time MLP (the class embedding is a lookup)
+        layer(9 * c * filters[0], h * w, h * w * filters[0])  # stem
+
+        def block(c_in: int, f: int, positions: int) -> None:
+            layer(9 * c_in * f, positions, positions * f)
+            layer(e * f, 1, f)
+            layer(9 * f * f, positions, positions * f)
+            if c_in != f:
+                layer(c_in * f, positions, positions * f)
+
+        rows, cols, channels = h, w, filters[0]
+        sizes = []
+        for i, f in enumerate(filters):
+            block(channels, f, rows * cols)
+            channels = f
+            if i < len(filters) - 1:
+                sizes.append((rows, cols))
+                rows, cols = rows // 2, cols // 2
+        for i in reversed(range(len(filters) - 1)):
+            rows, cols = sizes[i]
+            block(channels + filters[i], filters[i], rows * cols)
+            channels = filters[i]
+        layer(9 * channels * c, h * w, h * w * c)
+        return macs, values
+    raise AssertionError(name)
+
+
 # ---------------------------------------------------------------------------
 # Building models (needs Keras).
 

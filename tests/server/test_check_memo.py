@@ -1,10 +1,13 @@
-"""``Evaluator.check`` runs its shape-only checks once per kind of request
+"""The per-request shortcuts of the evaluator, each proven equal to what it
+shortcuts. ``Evaluator.check`` runs its shape-only checks once per kind of request
 (plan, reduction, gradient flag, inputs' names, dtypes and shapes) and its
 value checks on every request. Proven equal to the full check: after any
 first request of the same kind, a second request is refused, or passes,
 exactly as a fresh evaluator's full check refuses or passes it."""
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import pytest
@@ -102,3 +105,25 @@ def test_a_new_plan_of_the_same_kind_is_checked_in_full(registry):
         evaluator.check(plan, {"y_true": np.array([[0], [7]], np.int32), "y_pred": tensors["y_pred"]}, None,
                         "sum")
     assert refused.value.reason == "LABEL_OUT_OF_RANGE"
+
+
+@settings(max_examples=300, deadline=None)
+@given(dtype=st.sampled_from(["float16", "float32", "float64", "bfloat16"]),
+       shape=st.sampled_from([(), (1,), (7,), (16, 10), (3, 1, 2)]),
+       values=st.lists(st.sampled_from([0.0, 1.0, -2.5, 6e4, -6e4, 3e38, -3e38, 1e300, float("inf"),
+                                        float("-inf"), float("nan")]), min_size=160, max_size=160))
+def test_the_nan_inf_flag_equals_isfinite(dtype, shape, values):
+    """``any_non_finite``'s shortcuts (a scalar's ``math.isfinite``, min and
+    max of large arrays) flag exactly the arrays ``numpy.isfinite`` flags,
+    in every floating dtype, without a numpy warning."""
+    import ml_dtypes
+
+    from lossd_server.evaluation.evaluator import any_non_finite
+
+    size = int(np.prod(shape))
+    with np.errstate(over="ignore", invalid="ignore"):  # the casts of values too large for the dtype
+        array = np.asarray(values[:size], np.float64).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    array = array.reshape(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert any_non_finite([array]) == (not np.isfinite(array.astype(np.float64)).all())

@@ -533,12 +533,18 @@ def any_non_finite(arrays) -> bool:
     for 1e7 float32 elements against 5 ms, and against 7 ms for the same
     check inside the TensorFlow graph (which also cost 170 µs on a small
     request). For small arrays ``isfinite().all()`` is one call instead of
-    two (3 µs against 8 µs at 640 elements).
+    two (3 µs against 8 µs at 640 elements). A scalar (a reduced loss) is
+    one ``math.isfinite``: 0.04 µs against 1.4 µs. (A finite sum would
+    prove a small array finite in 0.9 µs against 1.3, but numpy warns when
+    a sum overflows or adds Inf to -Inf.)
     """
     for a in arrays:
         if a is None or a.size == 0 or a.dtype.kind != "f" and dtype_name(a.dtype) != "bfloat16":
             continue
-        if a.size <= ISFINITE_MAX_ELEMENTS:
+        if a.ndim == 0:
+            if not math.isfinite(a):
+                return True
+        elif a.size <= ISFINITE_MAX_ELEMENTS:
             if not np.isfinite(a).all():
                 return True
         elif not (np.isfinite(a.min()) and np.isfinite(a.max())):

@@ -28,7 +28,12 @@ process, single-threaded, with no network: microseconds per step, each
 step timed alone (the least of 7 rounds; wall time and the calling
 thread's CPU time, which a busy machine disturbs less), then the whole
 Evaluate handler from the request's bytes to the answer's, and what of it
-is lossd's own work around the compiled TensorFlow call. It runs against whichever lossd the
+is lossd's own work around the compiled TensorFlow call: the whole less
+the call timed alone, and the whole again with TensorFlow's execute
+answered from a memo of the request's outputs (lossd's Python alone; the
+first figure also holds what the TensorFlow runtime's threads cost the
+calling thread inside the whole, which grows with the machine's load).
+It runs against whichever lossd the
 PYTHONPATH names, so the same command measures a tree before and after a
 change.
 
@@ -240,6 +245,14 @@ def step_table(rows: int, repeats: int) -> None:
     call = measured[steps[0][0]]
     print(f"{'whole less the compiled call: lossd around TensorFlow':<52} {whole_us[0] - call[0]:>8.1f} "
           f"{whole_us[1] - call[1]:>8.1f}")
+    if getattr(compiled, "_direct", None) is not None:
+        # The same handler with TensorFlow's execute answered from a memo of
+        # this request's outputs: lossd's own Python alone, without the
+        # TensorFlow runtime's threads, which a loaded machine makes spin.
+        outputs = compiled._direct(decoded_arrays)
+        compiled._direct = lambda arrays, cancellation=None: outputs
+        ours = _timed(whole, repeats)
+        print(f"{'whole, TensorFlow execute memoized: lossd Python':<52} {ours[0]:>8.1f} {ours[1]:>8.1f}")
     evaluator.close()
 
 

@@ -28,7 +28,12 @@ process, single-threaded, with no network: microseconds per step, each
 step timed alone (the least of 7 rounds; wall time and the calling
 thread's CPU time, which a busy machine disturbs less), then the whole
 Evaluate handler from the request's bytes to the answer's, and what of it
-is lossd's own work around the compiled TensorFlow call. It runs against whichever lossd the
+is lossd's own work around the compiled TensorFlow call: the whole less
+the call timed alone, and the whole again with TensorFlow's execute
+answered from a memo of the request's outputs (lossd's Python alone; the
+first figure also holds what the TensorFlow runtime's threads cost the
+calling thread inside the whole, which grows with the machine's load).
+It runs against whichever lossd the
 PYTHONPATH names, so the same command measures a tree before and after a
 change.
 
@@ -90,6 +95,9 @@ class _Context:
 
     def is_active(self) -> bool:
         return True
+
+    def add_callback(self, callback) -> bool:
+        return True  # the call goes on: the callback would run when it ends
 
     def code(self):
         return None
@@ -165,9 +173,29 @@ def step_table(rows: int, repeats: int) -> None:
     assert evaluator.wait_compiled()
     plan = plans.get(message.loss, ("y_true", "y_pred"))
     tensors = {"y_true": y_true, "y_pred": y_pred}
-    compiled = next(iter(evaluator._cache.values()))  # the one program this request uses
-    arrays = [tensors[n] for n in sorted(tensors)]  # the order evaluate_checked passes them in
+    # The program this request runs: its XLA bucket's where the server
+    # buckets it (LOSSD_XLA=auto, Huber), else the graph program.
+    buckets = evaluator.buckets
+    served = buckets.calls if buckets is not None else 0
+    whole()
+    bucketed = buckets is not None and buckets.calls > served
+    if bucketed:
+        from lossd_server.evaluation import batching
+        from lossd_server.evaluation.buckets import MIN_ROWS, bucket
+
+        def call_inputs(given):
+            item = batching.row_item(plan, given, None, "sum_over_batch_size", False, buckets.max_elements)
+            padded = batching.rows_arrays([item], bucket(rows, MIN_ROWS), 2)
+            return [padded[n] for n in sorted(padded)]
+        compiled = next(c for k, c in evaluator._cache.items() if k[0] == "rows" and k[4])
+    else:
+        def call_inputs(given):
+            return [given[n] for n in sorted(given)]  # the order evaluate_checked passes them in
+        compiled = next(c for k, c in evaluator._cache.items() if k[0] != "rows")
+    arrays = call_inputs(tensors)
     total, terms, grad, outputs = compiled(arrays)
+    if bucketed:
+        total, terms, grad, outputs = np.asarray(terms[0][0]), [], None, {}  # the request's reduced loss
 
     def metering():
         if service is not None:  # one point: the evaluation and the caller's usage
@@ -185,9 +213,9 @@ def step_table(rows: int, repeats: int) -> None:
     # The request's own tensors: views of the message's bytes, as the handler decodes them.
     decoded = {"y_true": wire.to_numpy(message.y_true, field="y_true"),
                "y_pred": wire.to_numpy(message.y_pred, field="y_pred")}
-    decoded_arrays = [decoded[n] for n in sorted(decoded)]
+    decoded_arrays = call_inputs(decoded)
     steps = [
-        ("the compiled TensorFlow call", lambda: compiled(decoded_arrays)),
+        ("the compiled TensorFlow call" + (" (XLA bucket)" if bucketed else ""), lambda: compiled(decoded_arrays)),
         ("the same on fresh numpy arrays", lambda: compiled(arrays)),
         ("parse the request (deserializer)", lambda: loss_servicer.receive(raw)),
         ("interceptor wrapper around a no-op handler", lambda: bare.unary_unary(b"", context)),
@@ -198,6 +226,7 @@ def step_table(rows: int, repeats: int) -> None:
         ("evaluator.check", lambda: evaluator.check(plan, tensors, None, "sum_over_batch_size")),
         ("evaluate_checked (program lookup, call, NaN flags)",
          lambda: evaluator.evaluate_checked(plan, decoded, reduction="sum_over_batch_size")),
+        *([("bucket padding (rows_arrays)", lambda: call_inputs(decoded))] if bucketed else []),
         ("NaN/Inf flags", lambda: any_non_finite([total, *terms, grad, *outputs.values(), *arrays])),
         ("metering", metering),
         ("encode the answer", lambda: loss_servicer.Answer(
@@ -213,9 +242,17 @@ def step_table(rows: int, repeats: int) -> None:
         print(f"{name:<52} {measured[name][0]:>8.1f} {measured[name][1]:>8.1f}")
     whole_us = _timed(whole, repeats)
     print(f"{'whole Evaluate handler, request bytes to answer bytes':<52} {whole_us[0]:>8.1f} {whole_us[1]:>8.1f}")
-    call = measured["the compiled TensorFlow call"]
+    call = measured[steps[0][0]]
     print(f"{'whole less the compiled call: lossd around TensorFlow':<52} {whole_us[0] - call[0]:>8.1f} "
           f"{whole_us[1] - call[1]:>8.1f}")
+    if getattr(compiled, "_direct", None) is not None:
+        # The same handler with TensorFlow's execute answered from a memo of
+        # this request's outputs: lossd's own Python alone, without the
+        # TensorFlow runtime's threads, which a loaded machine makes spin.
+        outputs = compiled._direct(decoded_arrays)
+        compiled._direct = lambda arrays, cancellation=None: outputs
+        ours = _timed(whole, repeats)
+        print(f"{'whole, TensorFlow execute memoized: lossd Python':<52} {ours[0]:>8.1f} {ours[1]:>8.1f}")
     evaluator.close()
 
 

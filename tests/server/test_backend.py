@@ -81,3 +81,24 @@ def test_direct_path_raises_tensorflow_errors():
     compiled = _compiled("float32", gradient=False)
     with pytest.raises(tf.errors.InvalidArgumentError):
         compiled([np.zeros((3, 4), "float32"), np.zeros((2, 4), "float32")])
+
+
+def test_a_switch_cancelled_before_its_first_call_stops_that_call():
+    """``Cancellation`` makes TensorFlow's manager when a call first takes
+    it: a cancel that came earlier (the RPC ended before its evaluation
+    ran) still stops the call; an unused switch stops nothing."""
+    compiled = _compiled("float32", gradient=False)
+    y = np.ones((3, 4), np.float32)
+    unused = backend.Cancellation()
+    compiled([y, y], unused)  # runs: never cancelled
+    assert not unused.cancelled
+    early = backend.Cancellation()
+    early.cancel()
+    assert early.cancelled
+    with pytest.raises(backend.CANCELLED):
+        compiled([y, y], early)
+    late = backend.Cancellation()
+    compiled([y, y], late)  # its manager exists now: cancel reaches it
+    late.cancel()
+    with pytest.raises(backend.CANCELLED):
+        compiled([y, y], late)

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 # TensorFlow's C++ start-up chatter is noise in a server log; errors still show.
@@ -185,23 +186,49 @@ class Cancellation:
     time) stops within one operation of ``cancel`` and frees what it held.
     One operation still runs to its end (a single huge kernel cannot be
     interrupted; the cost limits bound those). Once cancelled it stays
-    cancelled: use one per call (or per stream)."""
+    cancelled: use one per call (or per stream).
 
-    __slots__ = ("_manager",)
+    The manager is made when a call first runs with it (``handle``), not
+    with the switch: every RPC gets a switch, and most small requests run
+    as XLA buckets that never take one, so they pay for no manager."""
+
+    __slots__ = ("_manager", "_cancelled")
 
     def __init__(self):
-        from tensorflow.python.eager import cancellation
-
-        self._manager = cancellation.CancellationManager()
+        self._manager = None
+        self._cancelled = False
 
     def cancel(self, *_) -> None:
         """Cancels the calls running with it and any later one (gRPC's
         ``context.add_callback`` calls it when the RPC ends)."""
-        self._manager.start_cancel()
+        # The flag first: a manager made after this read sees it (``handle``).
+        self._cancelled = True
+        manager = self._manager
+        if manager is not None:
+            manager.start_cancel()
+
+    def handle(self):
+        """The TensorFlow cancellation manager's handle, for the C API's
+        cancellable execute; made on first use, already cancelled where
+        ``cancel`` came first."""
+        manager = self._manager
+        if manager is None:
+            with _MANAGER_LOCK:  # two threads of one stream: one manager
+                manager = self._manager
+                if manager is None:
+                    from tensorflow.python.eager import cancellation
+
+                    manager = self._manager = cancellation.CancellationManager()
+            if self._cancelled:  # ``cancel`` ran before the manager existed
+                manager.start_cancel()
+        return manager._impl
 
     @property
     def cancelled(self) -> bool:
-        return self._manager.is_cancelled
+        return self._cancelled
+
+
+_MANAGER_LOCK = threading.Lock()
 
 
 def error_text(exc: BaseException) -> str:
@@ -289,7 +316,7 @@ class _DirectCall:
         try:
             if cancellation is not None:
                 return self._execute_cancelable(self._handle, None, self._name, tensors, self._attrs,
-                                                cancellation._manager._impl, self._num_outputs)
+                                                cancellation.handle(), self._num_outputs)
             return self._execute(self._handle, None, self._name, tensors, self._attrs, self._num_outputs)
         except self._status_error as exc:
             raise self._to_exception(exc) from None

@@ -33,7 +33,6 @@ against Keras by tests/server/test_buckets.py.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from typing import Mapping, Optional
@@ -116,9 +115,7 @@ class Buckets:
             return None
         else:
             shape = template.values_shape
-            item = dataclasses.replace(
-                template, tensors=tensors, sample_weight=sample_weight, rows=rows, elements=int(y_pred.size),
-                values_shape=None if shape is None else (rows, *shape[1:]), result=None, error=None)
+            item = template.like(tensors, sample_weight, rows, None if shape is None else (rows, *shape[1:]))
             if sample_weight is not None:
                 item.weights = np.broadcast_to(sample_weight.astype(y_pred.dtype, copy=False), item.values_shape)
         if item is None or not self.run([item]):

@@ -219,7 +219,8 @@ class EvaluationService:
             if name not in tensors:
                 raise InvalidArgument(f"{name} is required. Expected a Tensor. Received: none.",
                                       reason="BAD_TENSOR")
-        extras = tuple(sorted(name for name in tensors if name not in _REQUIRED))
+        # Two tensors are y_true and y_pred (checked above): no extras to sort.
+        extras = () if len(tensors) == 2 else tuple(sorted(name for name in tensors if name not in _REQUIRED))
         for name in extras:  # before planning: a plan is cached by its tensor names
             if not _TENSOR_NAME.match(name) or name in RESERVED_TENSORS:
                 raise InvalidArgument(

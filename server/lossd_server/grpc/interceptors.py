@@ -1,5 +1,5 @@
-"""Server interceptors: one for what every RPC needs (a request id in a
-context variable, Prometheus RPC metrics with failures counted and timed too,
+"""Server interceptors: one for what every RPC needs (a request id and
+refusal counter in one context variable, Prometheus RPC metrics with failures counted and timed too,
 refusals counted by reason where their statuses are made (``status.py``),
 one log line per request at DEBUG or per failure at WARNING), and one that
 bounds streaming calls so they cannot starve unary calls (``StreamLimiter``)."""
@@ -121,8 +121,8 @@ class _Observer:
 
     def unary(self, behavior):
         def wrapper(request, context):
-            token = set_request_id(call_request_id(context.invocation_metadata()))
-            counting = status.count_refusals(self.count_rejection)
+            # One context variable per call: its request id and refusal counter.
+            token = set_request_id(call_request_id(context.invocation_metadata(), self.count_rejection))
             start = self._start()
             exc = None
             try:
@@ -135,7 +135,6 @@ class _Observer:
                 raise
             finally:
                 self._finish(context, start, exc)
-                status.reset_refusal_counter(counting)
                 reset_request_id(token)
         return wrapper
 
@@ -143,9 +142,8 @@ class _Observer:
         def wrapper(request, context):
             # gRPC resumes a response generator from its own threads: set the
             # id again after every yield rather than resetting a token.
-            request_id = call_request_id(context.invocation_metadata())
+            request_id = call_request_id(context.invocation_metadata(), self.count_rejection)
             set_request_id(request_id)
-            status.count_refusals(self.count_rejection)
             start = self._start()
             exc = None
             try:
@@ -154,7 +152,6 @@ class _Observer:
                         self.rpc.sent()
                     yield response
                     set_request_id(request_id)
-                    status.count_refusals(self.count_rejection)
             except BaseException as e:
                 exc = e
                 raise

@@ -6,15 +6,13 @@ Every RESOURCE_EXHAUSTED status is made here, so here is where refusals are
 counted (``lossd_rejected_requests_total{reason}``): the code that refuses
 (admission, job limits, storage, stream limits) raises and knows nothing of
 metrics; the ObservabilityInterceptor names the counter for the call it serves
-(``count_refusals``)."""
+(in the call's context: ``requestid.call_request_id``)."""
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import logging
-from typing import Callable, Optional
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -23,7 +21,7 @@ from grpc_status import rpc_status
 
 from lossd.wire import WireError
 from lossd_server.errors import DOMAIN, InvalidArgument, LossdError
-from lossd_server.observability.requestid import current_request_id
+from lossd_server.observability.requestid import current_request_id, refusal_counter
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +40,6 @@ CODES: dict[str, grpc.StatusCode] = {
 
 # What counts a refusal of the call being served: set per call by the
 # ObservabilityInterceptor (None with metrics off, or outside a call).
-_refusal_counter: contextvars.ContextVar[Optional[Callable[[str], None]]] = contextvars.ContextVar(
-    "lossd_refusal_counter", default=None)
-
-
-def count_refusals(counter: Optional[Callable[[str], None]]) -> contextvars.Token:
-    """Makes ``counter(reason)`` count the RESOURCE_EXHAUSTED statuses made
-    in this context from now on; returns the token to reset it with."""
-    return _refusal_counter.set(counter)
-
-
-def reset_refusal_counter(token: contextvars.Token) -> None:
-    _refusal_counter.reset(token)
-
-
 def retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     """A RetryInfo saying to wait ``seconds`` (at least a millisecond)."""
     delay = duration_pb2.Duration()
@@ -82,7 +66,7 @@ def to_status(exc: BaseException) -> status_pb2.Status:
     if isinstance(exc, LossdError) and exc.retry_delay is not None:
         details.append(retry_info(exc.retry_delay))
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        counter = _refusal_counter.get()
+        counter = refusal_counter()
         if counter is not None:
             counter(info.reason)
     packed = []

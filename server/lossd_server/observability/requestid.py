@@ -2,26 +2,33 @@
 ``x-request-id`` metadata or made up, and kept in a context variable.
 
 A call's id is made only when something reads it (a log line, an INTERNAL
-status): the interceptor stores the call's metadata (``set_call_request_id``),
+status): the interceptor stores the call's metadata (``call_request_id``),
 and ``current_request_id`` cleans the client's id, or draws a new one, on its
-first read. A call that logs nothing pays for neither."""
+first read. A call that logs nothing pays for neither.
+
+The same object is the call's one context variable: it also carries what
+counts the call's refusals (``refusal_counter``, read where statuses are
+made), so a call sets and resets one context variable, not one per concern."""
 
 from __future__ import annotations
 
 import contextvars
 import uuid
+from typing import Callable, Optional
 
 METADATA_KEY = "x-request-id"
 
 
 class _CallRequestId:
-    """A call's request id, made from its metadata when first read."""
+    """A call's request id, made from its metadata when first read, and the
+    call's refusal counter (see the module's docstring)."""
 
-    __slots__ = ("metadata", "value")
+    __slots__ = ("metadata", "value", "count_refusal")
 
-    def __init__(self, metadata):
+    def __init__(self, metadata, count_refusal=None):
         self.metadata = metadata
         self.value = None
+        self.count_refusal = count_refusal
 
     def get(self) -> str:
         value = self.value
@@ -51,10 +58,17 @@ def clean_request_id(value: str | None) -> str:
     return value or uuid.uuid4().hex[:16]
 
 
-def call_request_id(metadata) -> _CallRequestId:
-    """The request id of a call with this invocation metadata, unmade yet:
-    pass it to ``set_request_id``."""
-    return _CallRequestId(metadata)
+def call_request_id(metadata, count_refusal: Optional[Callable[[str], None]] = None) -> _CallRequestId:
+    """The request id of a call with this invocation metadata, unmade yet,
+    and ``count_refusal(reason)``, which counts the RESOURCE_EXHAUSTED
+    statuses made for the call: pass it to ``set_request_id``."""
+    return _CallRequestId(metadata, count_refusal)
+
+
+def refusal_counter() -> Optional[Callable[[str], None]]:
+    """What counts the current call's refusals (``call_request_id``), or None."""
+    value = _request_id.get()
+    return None if value.__class__ is str else value.count_refusal
 
 
 def set_request_id(value) -> contextvars.Token:

@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import queue
 import socket
 import threading
 import time

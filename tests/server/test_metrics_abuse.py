@@ -153,7 +153,7 @@ def test_a_wrong_password_flood_is_refused_without_hashing_and_valid_scrapes_sta
             "Authorization": "Basic " + base64.b64encode(b"prometheus:again").decode()})
         response = connection.getresponse()
         assert response.status == 429
-        assert 1 <= int(response.getheader("Retry-After")) <= metrics_security.FAILURE_SECONDS
+        assert 1 <= int(response.getheader("Retry-After")) <= basic_auth.FAILURE_SECONDS
     finally:
         connection.close()
 
@@ -162,11 +162,11 @@ def test_an_address_that_keeps_failing_waits_twice_as_long_each_time_until_it_lo
     """bench/scrapes.py: one PBKDF2 per 10 s for a flooding address still cost
     Evaluate a tenth of its rate; the waits now double up to FAILURE_MAX_SECONDS."""
     now = [1000.0]
-    budget = metrics_security._FailureBudget(clock=lambda: now[0])
-    for _ in range(metrics_security.FAILURE_BURST):
+    budget = basic_auth._FailureBudget(clock=lambda: now[0])
+    for _ in range(basic_auth.FAILURE_BURST):
         assert budget.allows("a")
         budget.failed("a")
-    assert not budget.allows("a") and budget.wait("a") == metrics_security.FAILURE_SECONDS
+    assert not budget.allows("a") and budget.wait("a") == basic_auth.FAILURE_SECONDS
     waits = []
     for _ in range(7):
         now[0] += budget.wait("a") - 0.5
@@ -175,14 +175,14 @@ def test_an_address_that_keeps_failing_waits_twice_as_long_each_time_until_it_lo
         assert budget.allows("a")
         budget.failed("a")
         waits.append(budget.wait("a"))
-    assert waits == [20, 40, 80, 160, metrics_security.FAILURE_MAX_SECONDS, metrics_security.FAILURE_MAX_SECONDS,
-                     metrics_security.FAILURE_MAX_SECONDS]
+    assert waits == [20, 40, 80, 160, basic_auth.FAILURE_MAX_SECONDS, basic_auth.FAILURE_MAX_SECONDS,
+                     basic_auth.FAILURE_MAX_SECONDS]
     assert budget.allows("b")  # another address has its own budget
     budget.succeeded("a")  # a verified password forgives the address
     assert budget.wait("a") == 0
-    for _ in range(metrics_security.FAILURE_BURST + 3):
+    for _ in range(basic_auth.FAILURE_BURST + 3):
         budget.failed("a")
-    now[0] += metrics_security.FAILURE_FORGET_SECONDS  # an hour without a failure: afresh
+    now[0] += basic_auth.FAILURE_FORGET_SECONDS  # an hour without a failure: afresh
     assert budget.wait("a") == 0
     budget.failed("a")
     assert budget.allows("a")  # the fresh burst, not one more step of the old waits

@@ -98,13 +98,30 @@ def through_lossd(model_name: str, epochs: int, batch_size: int, seed: int, work
                 job = client.create_job(model_name, "digits", epochs=epochs, batch_size=batch_size, seed=seed,
                                         validation_split=0.2, workers=workers)
                 epochs_seen = [(e.examples, e.examples / e.examples_per_second)
-                               for e in client.watch(job) if e.kind == "epoch"]
+                               for e in watch_all(client, job) if e.kind == "epoch"]
                 job = client.get_job(job)
                 if job.state != "succeeded":
                     raise SystemExit(f"the job failed: {job.error}")
                 return epochs_seen, job.progress["metrics"].get("val_accuracy", float("nan"))
         finally:
             server.stop(0)
+
+
+def watch_all(client, job) -> list:
+    """Every event of the job until it ends, watching again after a stream
+    the server ended as idle (a job process still starting on a busy host
+    may send nothing for longer than stream_idle_seconds)."""
+    import lossd
+
+    events = []
+    while True:
+        try:
+            for event in client.watch(job, after_sequence=events[-1].sequence if events else 0):
+                events.append(event)
+            return events
+        except lossd.LossdError as error:
+            if error.reason != "STREAM_IDLE":
+                raise
 
 
 def rate(epochs: list[tuple[int, float]]) -> float:

@@ -114,3 +114,24 @@ def test_a_compiled_gradient_is_written_to_the_region_from_its_own_buffer():
                            field="gradient_output")
         assert list(out.shape) == list(grad.shape)
         np.testing.assert_array_equal(np.frombuffer(memory.buf, np.float32, grad.size).reshape(grad.shape), grad)
+
+
+def test_read_memory_is_reused_only_once_released():
+    rows = 300_000  # 4.8 MB a tensor: the pooled size
+    first_values = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+    with registered(2 * first_values.nbytes) as (access, memory):
+        memory.buf[:first_values.nbytes] = first_values.tobytes()
+        memory.buf[first_values.nbytes:] = (-first_values).tobytes()
+        first = access.read(tensor(memory.name, 0, (rows, 4)), field="y_true", max_elements=None)
+        second = access.read(tensor(memory.name, first_values.nbytes, (rows, 4)), field="y_pred",
+                             max_elements=None)
+        assert not np.shares_memory(first, second)  # both alive: two mappings
+        np.testing.assert_array_equal(first, first_values)
+        address = first.ctypes.data
+        del first
+        again = access.read(tensor(memory.name, first_values.nbytes, (rows, 4)), field="y_pred",
+                            max_elements=None)
+        assert again.ctypes.data == address  # the released mapping, faulted in already
+        np.testing.assert_array_equal(again, -first_values)  # and every byte of it read anew
+        np.testing.assert_array_equal(second, -first_values)  # the live one untouched
+        del second, again

@@ -51,6 +51,7 @@ import secrets
 import stat
 import threading
 import time
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -307,26 +308,82 @@ TENSOR_ALIGNMENT = 64
 ``EIGEN_MAX_ALIGN_BYTES``) as a tensor without copying it, and copies any
 other; numpy's own allocations of a few MB start 16 bytes past a page."""
 _HUGE_PAGE = 2 << 20
+POOL_MAX_BYTES = 256 << 20
+"""Most idle read memory ``host_buffer`` keeps for reuse (two 1e7-float32
+pairs' worth); more is unmapped at once."""
+POOL_IDLE_SECONDS = 30.0
+"""Idle read memory older than this is unmapped at the next read or release."""
+
+
+class _BufferPool:
+    """Anonymous mappings that earlier reads faulted in, kept for the next
+    read of a similar size: faulting fresh memory (the kernel zeroing each
+    page) cost as much as the copy itself, and several times more on a busy
+    host (40 MB: 220-320 ms at load 30, with huge pages or without). A
+    mapping comes back when the last array over it (and the tensor wrapping
+    it) is collected, so it is never handed out while in use."""
+
+    def __init__(self, max_bytes: int = POOL_MAX_BYTES, idle_seconds: float = POOL_IDLE_SECONDS):
+        self.max_bytes = max_bytes
+        self.idle_seconds = idle_seconds
+        # A finalizer may run on any thread, including one inside take():
+        # re-entrant, and take() works on a snapshot.
+        self._lock = threading.RLock()
+        self._idle: list[tuple[float, mmap.mmap]] = []  # (released at, mapping)
+        self._bytes = 0
+
+    def take(self, nbytes: int) -> np.ndarray:
+        size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
+        with self._lock:
+            self._expire()
+            fits = [entry for entry in list(self._idle) if size <= len(entry[1]) <= 2 * size]
+            memory = None
+            if fits:
+                entry = min(fits, key=lambda e: len(e[1]))
+                self._idle.remove(entry)
+                self._bytes -= len(entry[1])
+                memory = entry[1]
+        if memory is None:
+            memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if hasattr(mmap, "MADV_HUGEPAGE"):  # fewer faults where the kernel allows them
+                memory.madvise(mmap.MADV_HUGEPAGE)
+        whole = np.frombuffer(memory, np.uint8)
+        weakref.finalize(whole, self._give_back, memory)
+        return whole[:nbytes]
+
+    def _give_back(self, memory: mmap.mmap) -> None:
+        with self._lock:
+            self._expire()
+            if self._bytes + len(memory) <= self.max_bytes:
+                self._idle.append((time.monotonic(), memory))
+                self._bytes += len(memory)
+                return
+        # Not kept: unmapped once its last export (being collected now) is gone.
+
+    def _expire(self) -> None:
+        limit = time.monotonic() - self.idle_seconds
+        for entry in [e for e in self._idle if e[0] < limit]:
+            self._idle.remove(entry)
+            self._bytes -= len(entry[1])
+
+
+_POOL = _BufferPool()
 
 
 def host_buffer(nbytes: int) -> np.ndarray:
-    """Fresh, uninitialised memory of ``nbytes`` for a region's bytes:
-    aligned to ``TENSOR_ALIGNMENT``, so that the ``preadv`` into it is the
-    read's only copy (TensorFlow computes on these very bytes).
+    """Uninitialised memory of ``nbytes`` for a region's bytes, aligned to
+    ``TENSOR_ALIGNMENT``, so that the ``preadv`` into it is the read's only
+    copy (TensorFlow computes on these very bytes).
 
-    From 2 MiB on, an anonymous mapping of its own with transparent huge
-    pages asked for (``MADV_HUGEPAGE``; a no-op where the kernel has them
-    off): the first touch of fresh memory faults page by page, and 4 KiB
-    pages are 10,000 faults per 40 MB. The mapping is unmapped when the
-    array (and the tensor wrapping it) is collected."""
+    From 2 MiB on, memory an earlier read faulted in where there is some
+    (``_BufferPool``), else an anonymous mapping of its own with transparent
+    huge pages asked for (``MADV_HUGEPAGE``; a no-op where the kernel has
+    them off)."""
     if nbytes < _HUGE_PAGE:
         raw = np.empty(nbytes + TENSOR_ALIGNMENT, np.uint8)
         start = -raw.ctypes.data % TENSOR_ALIGNMENT
         return raw[start:start + nbytes]
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        memory.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(memory, np.uint8)
+    return _POOL.take(nbytes)
 
 
 class Extent:

@@ -17,14 +17,23 @@ With ``--workers N`` it compares, the same way, (b) a job of one worker
 (``model.fit``) with (c) the same job over N workers (MultiWorkerMirroredStrategy
 on this machine, loopback collectives), and prints the ratio c / b.
 
+With ``--baseline-tree DIR`` each run also trains (b@base): the same job on
+a server run from another checkout (its ``client`` and ``server`` folders on
+PYTHONPATH, in a process of its own, the job's process inheriting it), e.g.
+the tree before a change, and prints b / b@base.
+
 Usage: python bench/train.py [--model cnn] [--epochs 6] [--batch-size 32] [--repeat 1] [--workers 1]
+                             [--baseline-tree DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -89,13 +98,30 @@ def through_lossd(model_name: str, epochs: int, batch_size: int, seed: int, work
                 job = client.create_job(model_name, "digits", epochs=epochs, batch_size=batch_size, seed=seed,
                                         validation_split=0.2, workers=workers)
                 epochs_seen = [(e.examples, e.examples / e.examples_per_second)
-                               for e in client.watch(job) if e.kind == "epoch"]
+                               for e in watch_all(client, job) if e.kind == "epoch"]
                 job = client.get_job(job)
                 if job.state != "succeeded":
                     raise SystemExit(f"the job failed: {job.error}")
                 return epochs_seen, job.progress["metrics"].get("val_accuracy", float("nan"))
         finally:
             server.stop(0)
+
+
+def watch_all(client, job) -> list:
+    """Every event of the job until it ends, watching again after a stream
+    the server ended as idle (a job process still starting on a busy host
+    may send nothing for longer than stream_idle_seconds)."""
+    import lossd
+
+    events = []
+    while True:
+        try:
+            for event in client.watch(job, after_sequence=events[-1].sequence if events else 0):
+                events.append(event)
+            return events
+        except lossd.LossdError as error:
+            if error.reason != "STREAM_IDLE":
+                raise
 
 
 def rate(epochs: list[tuple[int, float]]) -> float:
@@ -111,26 +137,49 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1, help="alternate (a) and (b) this many times")
     parser.add_argument("--workers", type=int, default=1, help="N > 1: compare a job of N workers with one of 1")
+    parser.add_argument("--baseline-tree", help="a checkout to run (b@base) from (its client and server)")
+    parser.add_argument("--job-only", action="store_true", help=argparse.SUPPRESS)  # (b@base)'s process
     args = parser.parse_args()
     if args.epochs < 2:
         raise SystemExit("--epochs must be at least 2 (the first epoch is not counted)")
+    if args.job_only:
+        epochs, accuracy = through_lossd(args.model, args.epochs, args.batch_size, args.seed)
+        print(json.dumps({"rate": rate(epochs), "accuracy": accuracy}))
+        return None
     if args.workers > 1:
         return compare_workers(args)
 
-    a_rates, b_rates = [], []
+    a_rates, b_rates, base_rates = [], [], []
     for i in range(args.repeat):
         a = rate(in_process(args.model, args.epochs, args.batch_size, args.seed))
         b_epochs, accuracy = through_lossd(args.model, args.epochs, args.batch_size, args.seed)
         b = rate(b_epochs)
         a_rates.append(a)
         b_rates.append(b)
-        print(f"run {i + 1}: in-process {a:,.0f} images/s, lossd job {b:,.0f} images/s, ratio {b / a:.3f}"
-              f"  (job val_accuracy {accuracy:.4f})", flush=True)
+        line = f"run {i + 1}: in-process {a:,.0f} images/s, lossd job {b:,.0f} images/s, ratio {b / a:.3f}"
+        if args.baseline_tree:
+            base_rates.append(baseline_job(args))
+            line += f", job@base {base_rates[-1]:,.0f} images/s, b / b@base {b / base_rates[-1]:.3f}"
+        print(f"{line}  (job val_accuracy {accuracy:.4f})", flush=True)
     a, b = float(np.median(a_rates)), float(np.median(b_rates))
     print(f"\n{args.model} on digits, batch {args.batch_size}, epochs 2-{args.epochs}, median of {args.repeat}:")
     print(f"  (a) in-process model.fit : {a:10,.0f} images/s")
     print(f"  (b) lossd job            : {b:10,.0f} images/s")
     print(f"  ratio b / a              : {b / a:10.3f}")
+    if base_rates:
+        base = float(np.median(base_rates))
+        print(f"  (b@base) job, baseline   : {base:10,.0f} images/s")
+        print(f"  ratio b / b@base         : {b / base:10.3f}")
+
+
+def baseline_job(args) -> float:
+    """(b)'s images/s with the server and the job run from ``--baseline-tree``."""
+    tree = os.path.abspath(args.baseline_tree)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(tree, "client"), os.path.join(tree, "server")])}
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--job-only", "--model", args.model,
+                          "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--seed",
+                          str(args.seed)], env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["rate"]
 
 
 def compare_workers(args) -> None:

@@ -391,8 +391,22 @@ class Compiled:
         total, grad, *rest = outputs
         split = len(rest) - len(self.outputs)
         terms, named = rest[:split], rest[split:]
-        return (total.numpy(), [t.numpy() for t in terms], grad.numpy() if self.gradient else None,
-                {name: value.numpy() for name, value in zip(self.outputs, named)})
+        return (host_array(total), [host_array(t) for t in terms], host_array(grad) if self.gradient else None,
+                {name: host_array(value) for name, value in zip(self.outputs, named)})
+
+
+def host_array(tensor: tf.Tensor) -> np.ndarray:
+    """A result tensor's values as a read-only numpy array that shares the
+    tensor's host buffer: ``Tensor.numpy()`` copies it (40 MB for a gradient
+    of 1e7 float32), and the answer is written from it once anyway (into the
+    response, or into shared memory). Read-only, since the buffer may be one
+    the runtime hands out again (a constant output); a tensor on a GPU is
+    copied to the host once, as ``numpy()`` does."""
+    view = getattr(tensor, "_numpy", None)  # what numpy() returns before its copy (private: may move)
+    array = view() if view is not None else tensor.numpy()
+    if isinstance(array, np.ndarray):
+        array.flags.writeable = False
+    return array
 
 
 def gpu_count() -> int:

@@ -178,3 +178,44 @@ def test_a_zero_divisor_gives_zero_whatever_the_sum_as_keras(reduction):
         assert float(got) == 0.0 == float(want)
     elif reduction != REDUCTION_NONE:
         assert np.isnan(float(got)) and np.isnan(float(want))
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    from lossd_server.evaluation import backend
+    from lossd_server.evaluation.evaluator import Evaluator
+    from lossd_server.losses import custom
+
+    return Evaluator(custom.full_registry(plugins=False), backend.select_device("cpu"))
+
+
+@settings(max_examples=15, deadline=None)
+@given(loss=st.sampled_from(["binary_crossentropy", "mean_squared_error", "mean_absolute_error"]),
+       middle=st.sampled_from([(), (1,), (3,), (1, 1), (2, 1)]), last=st.sampled_from([1, 2]),
+       rows=st.integers(1, 5), weights_rank=st.integers(-1, 1), reduction=st.sampled_from(REDUCTIONS),
+       seed=st.integers(0, 2**16))
+def test_the_one_piece_program_weighs_as_keras(evaluator, loss, middle, last, rows, weights_rank, reduction, seed):
+    """The compiled one-piece program aligns a sample weight with the values
+    as Keras does on the request's shapes, though it is traced for any batch
+    size: values that end in an axis of 1 (binary crossentropy of shape
+    (N, 1, 1) gives (N, 1)) meet weights of one rank fewer, which Keras
+    lines up instead of broadcasting rows against rows. And the bound on the
+    weighted values (``max_broadcast_elements``) counts what it computes."""
+    rng = np.random.default_rng(seed)
+    shape = (rows, *middle, last)
+    y_true = rng.uniform(0.05, 0.95, shape).astype("float32")
+    y_pred = rng.uniform(0.05, 0.95, shape).astype("float32")
+    values = shape[:-1]  # these losses reduce the last axis
+    sample_weight = rng.uniform(0.0, 2.0, values[:max(1, len(values) + weights_rank)]).astype("float32")
+    try:
+        reductions.check_sample_weight(sample_weight.shape, values, loss)
+    except InvalidArgument:
+        return  # refused before anything runs
+    keras_loss = {"binary_crossentropy": keras.losses.BinaryCrossentropy, "mean_squared_error":
+                  keras.losses.MeanSquaredError, "mean_absolute_error": keras.losses.MeanAbsoluteError}[loss]
+    want = keras_loss(reduction=reduction)(y_true, y_pred, sample_weight=sample_weight)
+    got = evaluator.evaluate(evaluator.planner.plan({"name": loss}), {"y_true": y_true, "y_pred": y_pred},
+                             sample_weight=sample_weight, reduction=reduction)
+    assert got.loss.shape == tuple(want.shape)
+    assert got.loss.size <= np.prod(reductions.weighted_shape(values, sample_weight.shape))
+    np.testing.assert_allclose(got.loss, np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -154,12 +154,10 @@ def weights_follow_rows(weights: tuple, values: tuple) -> bool:
 def weights_for_values(sample_weight: np.ndarray, values: tuple, dtype: Any) -> Optional[np.ndarray]:
     """The sample weight as Keras multiplies it into values of shape
     ``values``, broadcast to that shape (a view, in ``dtype``), so that rows
-    of several requests can be weighted in one call; None where a rows call
-    cannot reproduce it: where the ranks differ by one, since a compiled
-    program aligns them by its traced static shapes
-    (``backend.signature_shape`` leaves all axes but the last unknown),
-    which the requests of a call do not share; and where Keras's product
-    does not keep the values' shape."""
+    of several requests can be weighted in one call; None where the ranks
+    differ by one (Keras aligns those; a rows call multiplies by numpy's
+    broadcast and leaves them to the one-piece program) or where Keras's
+    product does not keep the values' shape."""
     values = tuple(values)
     if abs(sample_weight.ndim - len(values)) == 1 or weighted_shape(values, sample_weight.shape) != values:
         return None

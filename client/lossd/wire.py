@@ -563,9 +563,18 @@ def info(array: np.ndarray, *, field: str = "tensor") -> tensor_pb2.TensorInfo:
 
 #: The reduction that leaves the per-sample values unreduced (the loss is a tensor, not a scalar).
 REDUCTION_NONE = "none"
+#: The sum of the weighted per-sample values.
+REDUCTION_SUM = "sum"
+#: Their sum over the number of values (Keras's default).
+REDUCTION_SUM_OVER_BATCH_SIZE = "sum_over_batch_size"
+#: The same as ``sum_over_batch_size`` in Keras 3.
+REDUCTION_MEAN = "mean"
+#: Their sum over the sum of the sample weights (over the number of values without weights).
+REDUCTION_MEAN_WITH_SAMPLE_WEIGHT = "mean_with_sample_weight"
 #: Keras's reduction names, in the order of their enum values.
-REDUCTIONS: tuple[str, ...] = (REDUCTION_NONE, "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight")
-DEFAULT_REDUCTION = "sum_over_batch_size"
+REDUCTIONS: tuple[str, ...] = (REDUCTION_NONE, REDUCTION_SUM, REDUCTION_SUM_OVER_BATCH_SIZE, REDUCTION_MEAN,
+                               REDUCTION_MEAN_WITH_SAMPLE_WEIGHT)
+DEFAULT_REDUCTION = REDUCTION_SUM_OVER_BATCH_SIZE
 _REDUCTION_BY_NAME: dict[str, int] = {
     name: loss_pb2.Reduction.Value(f"REDUCTION_{name.upper()}") for name in REDUCTIONS}
 _NAME_BY_REDUCTION: dict[int, str] = {

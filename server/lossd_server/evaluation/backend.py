@@ -160,10 +160,14 @@ def versions() -> dict[str, str]:
 def signature_shape(shape: Sequence[int]) -> tuple[Optional[int], ...]:
     """The shape a compiled function is traced for: batch-like axes left
     unknown so a new batch size reuses the trace; the last axis of a rank >= 2
-    tensor (classes, features) kept, because Keras's losses read it statically
-    (e.g. to align a trailing axis of size 1)."""
+    tensor (classes, features) kept, and its other axes of size 1 but the
+    first, because Keras reads them statically: to align a trailing axis of
+    size 1 (``squeeze_or_expand_to_same_rank``). Left unknown, a sample weight
+    of shape (N,) met per-sample values of shape (N, 1) (binary crossentropy
+    of (N, 1, 1)) unaligned and broadcast rows against rows: (N, N) values,
+    past the bound on their size, where Keras gives (N, 1)."""
     if len(shape) >= 2:
-        return (None,) * (len(shape) - 1) + (int(shape[-1]),)
+        return (None,) + tuple(1 if d == 1 else None for d in shape[1:-1]) + (int(shape[-1]),)
     return (None,) * len(shape)
 
 

@@ -11,7 +11,7 @@ per-sample values computed once, then each request's own weights, own
 reduction, own gradient rows and own error. A request alone in the server
 never waits: it is evaluated at once, by the one-piece path.
 
-Only row-separable requests are batched, as ``chunks.term_row_structure``
+Only row-separable requests are batched, as ``reductions.row_structure``
 decides (each row's values depend on that row alone); not composites, not
 the hinge losses (their label conversion looks at the whole batch), not a
 loss with ``ignore_class`` (its mask divides by a count over the batch),
@@ -45,11 +45,11 @@ from typing import Iterator, Mapping, Optional
 
 import numpy as np
 
-from lossd.wire import dtype_name
+from lossd.wire import DEFAULT_REDUCTION, REDUCTION_NONE, dtype_name
 from lossd_server.errors import LossdError
 from lossd_server.evaluation import backend
-from lossd_server.evaluation.chunks import reduction_divisor, term_row_structure
 from lossd_server.evaluation.evaluator import Evaluator, Result, any_non_finite
+from lossd_server.losses import reductions
 from lossd_server.losses.plan import (DEFAULT_INPUTS, ROW_DIVISOR_FIXED, ROW_DIVISOR_ROWS, ROW_PARAMETER_PREFIX,
                                       ROW_SEGMENTS, Plan, row_family)
 from lossd_server.losses.registry import ROWS, SHAPES_CTC, SHAPES_SAME, SHAPES_SPARSE, align_ranks, values_shape
@@ -145,7 +145,7 @@ class Batcher:
     # -- evaluation ---------------------------------------------------------------
 
     def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
-                 sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
+                 sample_weight: Optional[np.ndarray] = None, reduction: str = DEFAULT_REDUCTION,
                  gradient: bool = False, cancellation=None) -> Result:
         """``Evaluator.evaluate``, batched with concurrent requests of its
         family: ``evaluate_in_flight`` counted in flight for its duration."""
@@ -154,7 +154,7 @@ class Batcher:
                                            gradient=gradient, cancellation=cancellation)
 
     def evaluate_in_flight(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
-                           sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
+                           sample_weight: Optional[np.ndarray] = None, reduction: str = DEFAULT_REDUCTION,
                            gradient: bool = False, cancellation=None) -> Result:
         """``evaluate`` for a request already counted by ``in_flight`` (the
         evaluation service counts it from before its decode). ``cancellation``
@@ -288,7 +288,7 @@ def rows_arrays(items: list[_Item], size: Optional[int] = None, requests: Option
                 ) -> dict[str, np.ndarray]:
     """The inputs of a rows program (``plan.build_rows_program``) for requests
     of one family: their rows concatenated, each row's request, parameters
-    and weights, and each request's divisor (``chunks.reduction_divisor``).
+    and weights, and each request's divisor (``reductions.divisor``).
 
     ``size`` and ``requests`` pad them to that many rows and requests (an
     XLA bucket, ``buckets``): padding rows are zeros with the last row's
@@ -325,8 +325,9 @@ def rows_arrays(items: list[_Item], size: Optional[int] = None, requests: Option
         # Keras divides by the sum of the weights as given (not broadcast).
         weight_sum = (None if item.sample_weight is None
                       else np.sum(item.sample_weight.astype(dtype, copy=False), dtype=np.float64))
-        per_value, divisor_fixed[r] = reduction_divisor(item.reduction, weight_sum)
-        divisor_rows[r] = per_value * item.rows  # times the values per row, in the program
+        divisor = reductions.divisor(item.reduction, weight_sum)
+        divisor_rows[r] = divisor.per_value * item.rows  # times the values per row, in the program
+        divisor_fixed[r] = divisor.fixed
     arrays[ROW_DIVISOR_ROWS], arrays[ROW_DIVISOR_FIXED] = divisor_rows, divisor_fixed
     if any(i.weights is not None for i in items):
         rest = next(i.values_shape[1:] for i in items if i.weights is not None)
@@ -354,7 +355,7 @@ def split_results(items: list[_Item], reduced: np.ndarray, values: np.ndarray, g
     start = 0
     for r, item in enumerate(items):
         stop = start + item.rows
-        loss = values[start:stop] if item.reduction == "none" else np.asarray(reduced[r])
+        loss = values[start:stop] if item.reduction == REDUCTION_NONE else np.asarray(reduced[r])
         g = grad[start:stop] if item.gradient else None
         inputs = [item.tensors["y_true"], item.tensors["y_pred"], item.sample_weight]
         item.result = Result(loss, g, [], any_non_finite([loss, g, *inputs]))
@@ -383,7 +384,7 @@ def row_item(plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optio
         # CTC is never batched (issue 13); sparse labels against a single
         # class broadcast rows against rows once Keras aligns their ranks.
         return None
-    structure = term_row_structure(term, y_true.shape, y_pred.shape)
+    structure = reductions.row_structure(term, y_true.shape, y_pred.shape)
     if structure is None or structure.kind != ROWS:
         return None
     rows = int(y_pred.shape[0])
@@ -395,17 +396,14 @@ def row_item(plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optio
     item = _Item(plan, tensors, sample_weight, reduction, gradient, key, family[1], rows, int(y_pred.size),
                  shape)
     if sample_weight is not None:
-        # Keras aligns ranks that differ by one (squeeze_or_expand_to_same_rank)
-        # by the static shapes of the traced program, which a batch does not
-        # share; other ranks broadcast as numpy does.
-        if shape is None or sample_weight.size == 0 or abs(sample_weight.ndim - len(shape)) == 1:
+        # The rows program multiplies each row by its weights broadcast to the
+        # values' shape; where it cannot weigh them as the one-piece program
+        # does, that program answers.
+        if shape is None or sample_weight.size == 0:
             return None
-        try:
-            if np.broadcast_shapes(shape, sample_weight.shape) != shape:
-                return None
-        except ValueError:
+        item.weights = reductions.weights_for_values(sample_weight, shape, dtype)
+        if item.weights is None:
             return None
-        item.weights = np.broadcast_to(sample_weight.astype(dtype, copy=False), shape)
     return item
 
 

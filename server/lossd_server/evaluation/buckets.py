@@ -12,7 +12,7 @@ serves every call that pads to the same bucket.
 What runs is the plan's own rows program (``plan.build_rows_program`` with
 ``padded=True``), the program micro-batches already use: the Keras loss with
 reduction ``none`` over all rows, then each request's values summed and
-divided by its divisor (``chunks.reduction_divisor``). The padding rows form
+divided by its divisor (``reductions.divisor``). The padding rows form
 requests of their own whose divisor is 0, which ``divide_no_nan`` makes 0
 whatever their values are: they take no part in any request's loss, weights,
 gradient, NaN/Inf flag or values (``batching.split_results`` reads the real
@@ -43,6 +43,7 @@ from lossd.wire import dtype_name
 from lossd_server.evaluation import backend
 from lossd_server.evaluation.batching import row_item, rows_arrays, split_results
 from lossd_server.evaluation.evaluator import Evaluator, Result
+from lossd_server.losses import reductions
 from lossd_server.losses.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,10 @@ class Buckets:
         else:
             shape = template.values_shape
             item = template.like(tensors, sample_weight, rows, None if shape is None else (rows, *shape[1:]))
-            if sample_weight is not None:
-                item.weights = np.broadcast_to(sample_weight.astype(y_pred.dtype, copy=False), item.values_shape)
+            if sample_weight is not None:  # the kind's template took weights of this rank and trailing shape
+                item.weights = reductions.weights_for_values(sample_weight, item.values_shape, y_pred.dtype)
+                if item.weights is None:
+                    return None
         if item is None or not self.run([item]):
             return None
         return item.result

@@ -26,10 +26,11 @@ loss's values depend on the rows of its inputs (``LossEntry.row_structure``):
 * anything else is refused with ``NOT_CHUNKABLE`` before a chunk is read.
 
 The numbers always come from the compiled Keras program; what this module
-adds is only the linear combination, whose rules mirror Keras's
-``reduce_values`` (sum, then divide by the number of values, or by the sum
-of the sample weights). A property test (tests/server/test_chunks.py)
-compares every registered loss split in pieces with the one-piece answer.
+adds is only the linear combination, whose rules (Keras's ``reduce_values``:
+sum, then divide by the number of values, or by the sum of the sample
+weights) are ``losses.reductions``'. A property test
+(tests/server/test_chunks.py) compares every registered loss split in
+pieces with the one-piece answer.
 """
 
 from __future__ import annotations
@@ -40,49 +41,21 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from lossd.wire import REDUCTIONS, check_reduction, is_float
+from lossd.wire import REDUCTION_NONE, check_reduction, is_float
 from lossd_server.errors import InvalidArgument
-from lossd_server.evaluation.evaluator import Evaluator, check_sample_weight
-from lossd_server.losses.plan import DEFAULT_INPUTS, Plan, Term
-from lossd_server.losses.registry import (ROWS, ROWS_COSINE, ROWS_MEAN, ROWS_SUM, SHAPES_SAME, RowStructure,
-                                          align_ranks, values_shape)
+from lossd_server.evaluation.evaluator import Evaluator
+from lossd_server.losses import reductions
+from lossd_server.losses.plan import DEFAULT_INPUTS, Plan
+from lossd_server.losses.registry import ROWS, ROWS_COSINE, ROWS_MEAN, ROWS_SUM, values_shape
 
 NOT_CHUNKABLE = "NOT_CHUNKABLE"
 _CHUNK_TENSORS = ("y_true", "y_pred", "sample_weight")
-# Reductions whose divisor Keras computes from a loss's mask (see apply_mask),
-# which only the whole batch knows.
-_MASK_DIVIDED = tuple(r for r in REDUCTIONS if r not in ("none", "sum"))
-
-
-def reduction_divisor(reduction: str, weight_sum: Optional[float]) -> tuple[float, float]:
-    """What Keras's reduce_values divides a reduced loss's sum by, as
-    ``(per value, fixed)``: the divisor is ``per_value * values + fixed``
-    (with divide_no_nan: 0 when it is 0). ``sum`` divides by 1, and so does
-    ``none`` (its gradient is the gradient of the values' sum),
-    ``mean_with_sample_weight`` with sample weights by their sum
-    (``weight_sum``; None without weights), the others by the number of
-    values. Chunks and batches both combine partial sums with it."""
-    if reduction in ("sum", "none"):
-        return 0.0, 1.0
-    if reduction == "mean_with_sample_weight" and weight_sum is not None:
-        return 0.0, float(weight_sum)
-    return 1.0, 0.0
 
 
 def _refuse(message: str, **metadata: str) -> InvalidArgument:
     return InvalidArgument(
         f"{message} Send it with Evaluate instead (raise --max-message-bytes on the client and the "
         "server if it does not fit one message).", reason=NOT_CHUNKABLE, metadata=metadata)
-
-
-def term_row_structure(term: Term, true_shape: tuple, pred_shape: tuple) -> Optional[RowStructure]:
-    """How a term reading (y_true, y_pred) of these shapes depends on their
-    rows (``LossEntry.row_structure`` after Keras's trailing-1 alignment);
-    None when the rows are coupled. The one test of row-separability:
-    chunked evaluation and micro-batching (``batching``) both ask it."""
-    if term.entry.shapes == SHAPES_SAME:
-        true_shape, pred_shape = align_ranks(true_shape, pred_shape)
-    return term.entry.row_structure(term.params, {"y_true": len(true_shape), "y_pred": len(pred_shape)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +112,7 @@ def chunk_layout(plan: Plan, infos: Mapping[str, tuple[str, tuple]], reduction: 
             raise InvalidArgument(message, reason="SHAPE_MISMATCH")
     true_shape = infos["y_true"][1]
     shape = values_shape(term.entry, term.params, true_shape, pred_shape)  # SHAPE_MISMATCH first
-    structure = term_row_structure(term, true_shape, pred_shape)
+    structure = reductions.row_structure(term, true_shape, pred_shape)
     mode = structure.kind if structure is not None else None
     if mode == ROWS_COSINE and shape != ():
         mode = None  # the sums would be per column: not supported, refused below
@@ -155,17 +128,17 @@ def chunk_layout(plan: Plan, infos: Mapping[str, tuple[str, tuple]], reduction: 
             raise _refuse(
                 f"Loss `{loss}` reduces over the rows, so its sample_weight cannot be sliced by rows.", loss=loss)
         if shape is not None:
-            check_sample_weight(infos["sample_weight"][1], shape, loss)
+            reductions.check_sample_weight(infos["sample_weight"][1], shape, loss)
         # Where only the rank of the values is known, ask for weights of that rank.
         known = shape if shape is not None else (None,) * (structure.values_rank or 0)
         if shape is not None or structure.values_rank is not None:
-            if not _weights_follow_rows(infos["sample_weight"][1], known):
+            if not reductions.weights_follow_rows(infos["sample_weight"][1], known):
                 raise _refuse(
                     f"sample_weight of shape {list(infos['sample_weight'][1])} weighs the last axes of the "
                     f"per-sample values (of rank {len(known)}; Keras broadcasts it from the right), not their "
                     "rows, so it cannot be sliced by rows. Expected a sample_weight whose first axis is the "
                     "rows' axis.", loss=loss)
-    if term.params.get("ignore_class") is not None and reduction in _MASK_DIVIDED:
+    if term.params.get("ignore_class") is not None and reduction in reductions.MASK_DIVIDED:
         raise _refuse(
             f"Loss `{loss}` with ignore_class divides by the number of labels not ignored over the whole "
             f"batch for reduction `{reduction}`. Expected reduction `none` or `sum` for a chunked request.",
@@ -235,15 +208,16 @@ class ChunkedSession:
             return None, None
         if self.layout.mode == ROWS:
             result = self.evaluator.evaluate(self.plan, tensors, sample_weight=sample_weight,
-                                             reduction="none", gradient=self.gradient, cancellation=self.cancellation)
-            if sample_weight is not None and not _weights_follow_rows(sample_weight.shape, result.loss.shape):
+                                             reduction=REDUCTION_NONE, gradient=self.gradient,
+                                             cancellation=self.cancellation)
+            if sample_weight is not None and not reductions.weights_follow_rows(sample_weight.shape, result.loss.shape):
                 raise _refuse(
                     f"sample_weight of shape {list(self.infos['sample_weight'][1])} weighs the last axes of the "
                     "per-sample values (Keras broadcasts it from the right), not their rows, so it cannot be "
                     "sliced by rows. Expected a sample_weight whose first axis is the rows' axis.",
                     loss=self.plan.metric_name)
             gradient = result.gradient
-            if self.reduction == "none":
+            if self.reduction == REDUCTION_NONE:
                 streamed = result.loss
             else:
                 self._add(np.sum(result.loss, dtype=np.float64), 1.0)
@@ -278,16 +252,16 @@ class ChunkedSession:
             loss = np.asarray(loss, dtype=dtype)
             non_finite = self._cosine.non_finite or not bool(np.isfinite(loss))
             return Summary(loss, 0.0, non_finite, a if self.gradient else 0.0, b if self.gradient else 0.0)
-        if self.layout.mode == ROWS and self.reduction == "none":
+        if self.layout.mode == ROWS and self.reduction == REDUCTION_NONE:
             return Summary(None, 1.0, self.non_finite)
         if self.layout.mode != ROWS:
             loss = np.asarray(self.total, dtype=dtype)
             return Summary(loss, 1.0, self.non_finite or not bool(np.all(np.isfinite(loss))))
-        per_value, fixed = reduction_divisor(self.reduction, self.weight_sum if "sample_weight" in self.infos else None)
-        divisor = per_value * self.count + fixed
-        total = float(self.total)
-        loss = np.asarray(total / divisor if divisor else 0.0, dtype=dtype)
-        scale = 1.0 / divisor if divisor else 0.0
+        weight_sum = self.weight_sum if "sample_weight" in self.infos else None
+        loss = np.asarray(float(reductions.combine(np.float64(self.total), self.count, self.reduction, weight_sum)),
+                          dtype=dtype)
+        # Each gradient row is d(sum)/d(row): the loss's gradient divides it by the same divisor.
+        scale = float(reductions.combine(1.0, self.count, self.reduction, weight_sum))
         return Summary(loss, scale, self.non_finite or not bool(np.isfinite(loss)))
 
 
@@ -328,18 +302,6 @@ class _CosineSums:
         a = -inv_t * inv_p
         b = self.tp * inv_t * self.pp ** -1.5 if inv_p < cap else 0.0
         return loss, a, b
-
-
-def _weights_follow_rows(weights: tuple, values: tuple) -> bool:
-    """Whether Keras lines sample weights up with the values' first axis:
-    ranks equal, or differing by one trailing axis of size 1 (Keras's
-    ``squeeze_or_expand_to_same_rank``); otherwise it broadcasts them against
-    the values' last axes."""
-    if len(weights) == len(values):
-        return True
-    if len(weights) == len(values) + 1:
-        return weights[-1] == 1
-    return len(values) == len(weights) + 1 and values[-1] == 1
 
 
 class _HingeLabels:

@@ -31,10 +31,11 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from lossd.wire import FLOAT_DTYPES, check_reduction, dtype_name
+from lossd.wire import DEFAULT_REDUCTION, FLOAT_DTYPES, REDUCTION_NONE, check_reduction, dtype_name
 from lossd_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from lossd_server.evaluation import backend
 from lossd_server.evaluation.admission import evaluation_caller
+from lossd_server.losses import reductions
 from lossd_server.losses.cost import Cost, CostLimits
 from lossd_server.losses.expressions import ShapeError, broadcast_shapes
 from lossd_server.losses.plan import (ExpressionCompiler, Plan, Planner, Program, build_program,
@@ -194,7 +195,7 @@ class Evaluator:
     # -- evaluation ----------------------------------------------------------
 
     def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
-                 sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
+                 sample_weight: Optional[np.ndarray] = None, reduction: str = DEFAULT_REDUCTION,
                  gradient: bool = False, cancellation: Optional[backend.Cancellation] = None) -> Result:
         """Evaluates a plan on named tensors (``y_true``, ``y_pred`` and extras).
 
@@ -280,7 +281,7 @@ class Evaluator:
         return self.cost_limits.check(plan, shapes, itemsize, gradient)
 
     def evaluate_checked(self, plan: Plan, tensors: Mapping[str, np.ndarray], *,
-                         sample_weight: Optional[np.ndarray] = None, reduction: str = "sum_over_batch_size",
+                         sample_weight: Optional[np.ndarray] = None, reduction: str = DEFAULT_REDUCTION,
                          gradient: bool = False, cancellation: Optional[backend.Cancellation] = None) -> Result:
         """``evaluate`` for inputs that passed ``check``."""
         if self.buckets is not None:  # XLA, where its bucket's executable is ready
@@ -341,8 +342,8 @@ class Evaluator:
             shapes.append(shape)
             term_reduction = term.reduction or reduction
             if sample_weight is not None and shape is not None:
-                check_sample_weight(sample_weight.shape, shape, term.entry.name)
-            if term_reduction == "none" and plan.composite and shape is not None:
+                reductions.check_sample_weight(sample_weight.shape, shape, term.entry.name)
+            if term_reduction == REDUCTION_NONE and plan.composite and shape is not None:
                 known = [s for s, t in zip(shapes, plan.terms) if s is not None]
                 if known and known[0] != shape:
                     raise InvalidArgument(
@@ -381,13 +382,13 @@ class Evaluator:
                 out = values_shape(term.entry, term.params, tensors[term.inputs[0]].shape,
                                    tensors[term.inputs[1]].shape)
             if out is not None and sample_weight is not None:
-                out = _weighted_shape(out, tuple(sample_weight.shape)) or out
+                out = reductions.weighted_shape(out, tuple(sample_weight.shape)) or out
                 largest = max(largest, math.prod(out))
             received = [f"{given}.shape={list(tensors[given].shape)}" for given in term.inputs if given in tensors]
             if sample_weight is not None:
                 received.append(f"sample_weight.shape={list(sample_weight.shape)}")
             _check_size(loss, largest, limit, received)
-            outputs.append(out if (term.reduction or reduction) == "none" else ())
+            outputs.append(out if (term.reduction or reduction) == REDUCTION_NONE else ())
         if plan.composite and all(o is not None for o in outputs):
             total = broadcast_shapes(outputs)
             if total is not None:
@@ -581,43 +582,6 @@ def _check_term_values(term, tensors: Mapping[str, np.ndarray]) -> None:
         check_labels(term.entry, term.params, tensors[true_name], tensors[pred_name].shape)
     term.entry.check_tensors(term.params, {own: tensors[given] for own, given in
                                            zip(term.entry.inputs, term.inputs) if given in tensors})
-
-
-def check_sample_weight(sw_shape: tuple, values: tuple, loss: str) -> None:
-    """Refuses a sample_weight that does not broadcast to the per-sample values
-    (after Keras's rule that aligns ranks differing by a trailing 1)."""
-    sw, vals = tuple(sw_shape), tuple(values)
-    if len(sw) > len(vals) + 1:  # before numpy, which fails on many dimensions with a RuntimeError
-        raise InvalidArgument(
-            f"sample_weight has too many dimensions for the per-sample losses of `{loss}`. Expected at most "
-            f"rank {len(vals) + 1} (the losses' shape is {list(values)}). Received: "
-            f"sample_weight.shape={list(sw_shape)} (rank {len(sw)}).", reason="SAMPLE_WEIGHT_MISMATCH")
-    if len(sw) == len(vals) + 1 and sw[-1:] == (1,):
-        sw = sw[:-1]
-    elif len(vals) == len(sw) + 1 and vals[-1:] == (1,):
-        vals = vals[:-1]
-    try:
-        ok = np.broadcast_shapes(sw, vals) == vals
-    except (ValueError, RuntimeError):  # RuntimeError: more dimensions than numpy handles
-        ok = False
-    if not ok:
-        raise InvalidArgument(
-            f"sample_weight does not broadcast to the per-sample losses of `{loss}`. Expected a "
-            f"shape that broadcasts to {list(values)}. Received: sample_weight.shape={list(sw_shape)}.",
-            reason="SAMPLE_WEIGHT_MISMATCH")
-
-
-def _weighted_shape(values: tuple, sw: tuple) -> Optional[tuple]:
-    """The shape of per-sample values times a sample weight, after Keras's
-    ``squeeze_or_expand_to_same_rank`` (ranks differing by one with a
-    trailing 1); None when they do not broadcast (Keras refuses those)."""
-    if len(values) == len(sw) + 1 and values[-1:] == (1,):
-        values = values if len(sw) == 1 else values[:-1]
-        sw = sw + (1,) if len(sw) == 1 else sw
-    elif len(sw) == len(values) + 1 and sw[-1:] == (1,):
-        sw = sw if len(values) == 1 else sw[:-1]
-        values = values + (1,) if len(values) == 1 else values
-    return broadcast_shapes([values, sw])
 
 
 def _check_size(loss: str, elements: int, limit: Optional[int], received: Sequence[str]) -> None:

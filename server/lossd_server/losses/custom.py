@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import keras
 
+from lossd.wire import DEFAULT_REDUCTION
 from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from lossd_server.losses import cost as costs
 from lossd_server.losses.expressions import (ExpressionError, compile_expression, row_structure,
@@ -58,7 +59,7 @@ class ExpressionLoss(keras.losses.Loss):
     """
 
     def __init__(self, expression: str, inputs: Sequence[str] = DEFAULT_INPUTS,
-                 params: Optional[Mapping[str, float]] = None, reduction="sum_over_batch_size",
+                 params: Optional[Mapping[str, float]] = None, reduction=DEFAULT_REDUCTION,
                  name: str = "expression", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.expression = expression

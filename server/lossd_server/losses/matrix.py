@@ -40,7 +40,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from lossd.wire import FLOAT_DTYPES, dtype_name
+from lossd.wire import DEFAULT_REDUCTION, FLOAT_DTYPES, dtype_name
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses import cost as costs
 from lossd_server.losses.registry import SHAPES_SAME, LossEntry, Parameter
@@ -94,7 +94,7 @@ class MatrixCrossentropy(keras.losses.Loss):
             of ``A`` ``1 / window`` of the way to its confusion.
     """
 
-    def __init__(self, window: int = DEFAULT_WINDOW, reduction="sum_over_batch_size", name: str = NAME,
+    def __init__(self, window: int = DEFAULT_WINDOW, reduction=DEFAULT_REDUCTION, name: str = NAME,
                  dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.window = int(window)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from lossd import wire
 from lossd_server.errors import InvalidArgument
-from lossd_server.losses import expressions
+from lossd_server.losses import expressions, reductions
 from lossd_server.losses.expressions import rename_tensors
 from lossd_server.losses.registry import LossEntry, LossRegistry, resolve_parameters
 
@@ -275,17 +275,13 @@ def build_program(plan: Plan, reduction: str, dtype: str) -> Program:
     def program(tensors, sample_weight):
         values = []
         outputs = {}
-        total = None
         for term, obj in built:
             # Every entry's loss takes its inputs positionally, in entry.inputs order.
             inputs = [tensors.get(n) for n in term.inputs]
-            value = obj(*inputs, sample_weight=sample_weight)
-            values.append(value)
+            values.append(obj(*inputs, sample_weight=sample_weight))
             if term.entry.outputs:
                 outputs.update(obj.outputs(*inputs))
-            weighted = value if term.weight == 1.0 else value * term.weight
-            total = weighted if total is None else total + weighted
-        return total, values, outputs
+        return weighted_sum(plan.terms, values), values, outputs
 
     def initial_outputs(y_pred_shape):
         return {name: value for term, obj in built if term.entry.outputs
@@ -293,6 +289,17 @@ def build_program(plan: Plan, reduction: str, dtype: str) -> Program:
 
     program.initial_outputs = initial_outputs
     return program
+
+
+def weighted_sum(terms: Sequence[Term], values: Sequence[Any]):
+    """A composite's total: each term's value times its weight, summed (a
+    weight of 1 multiplies nothing). The one composite weighting: programs
+    and a multi-worker job's shares (``multiworker.worker_share``) use it."""
+    total = None
+    for term, value in zip(terms, values):
+        weighted = value if term.weight == 1.0 else value * term.weight
+        total = weighted if total is None else total + weighted
+    return total
 
 
 # The inputs of a rows program besides y_true, y_pred and sample_weight.
@@ -326,8 +333,8 @@ def build_rows_program(plan: Plan, dtype: str, row_params: Sequence[str], *, pad
     once, the ``row_params`` read from tensors of one value per row; the
     values are weighted, and each request's are summed (in float64) and
     divided by its own divisor ``divisor_rows * values per row +
-    divisor_fixed`` (Keras's ``divide_no_nan``), as Keras's
-    ``reduce_values`` does for that request alone. The total is the sum of
+    divisor_fixed`` (``reductions.divisor``, with ``reductions.divide``), as
+    Keras's ``reduce_values`` does for that request alone. The total is the sum of
     the requests' reduced losses: its gradient with respect to the
     concatenated y_pred is, in each request's rows, that request's own
     gradient. Returns ``(total, [reduced loss per request, weighted values], {})``.
@@ -349,7 +356,7 @@ def build_rows_program(plan: Plan, dtype: str, row_params: Sequence[str], *, pad
         params = dict(term.params)
         for name in row_params:
             params[name] = tensors[ROW_PARAMETER_PREFIX + name]
-        loss = term.entry.build(params, "none", dtype)
+        loss = term.entry.build(params, wire.REDUCTION_NONE, dtype)
         values = loss(*[tensors[n] for n in term.inputs])
         if sample_weight is not None:
             values = values * sample_weight
@@ -361,7 +368,7 @@ def build_rows_program(plan: Plan, dtype: str, row_params: Sequence[str], *, pad
                                    num_segments=ops.shape(divisors)[0])
         else:
             sums = ops.segment_sum(ops.sum(per_row, axis=1), tensors[ROW_SEGMENTS], sorted=True)
-        reduced = ops.cast(ops.divide_no_nan(sums, divisors), dtype)
+        reduced = ops.cast(reductions.divide(sums, divisors), dtype)
         return ops.sum(reduced), [reduced, values], {}
 
     return program

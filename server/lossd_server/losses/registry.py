@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from lossd.wire import REDUCTION_NONE
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses import cost as costs
 # How per-sample values depend on the rows of the inputs (LossEntry.row_structure);
@@ -642,7 +643,7 @@ class LossRegistry:
         out = {}
         for entry in self._entries.values():
             if entry.source == "keras":
-                cls = type(entry.build({p.name: p.default for p in entry.parameters}, "none", "float32"))
+                cls = type(entry.build({p.name: p.default for p in entry.parameters}, REDUCTION_NONE, "float32"))
                 out[cls.__name__] = cls
         return out
 

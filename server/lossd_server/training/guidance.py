@@ -32,12 +32,13 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from lossd.wire import REDUCTION_SUM
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses.plan import Plan, Planner
 
 IMAGE, INIT, CLASSIFIER, LABEL = "y_pred", "y_true", "classifier", "label"
 GUIDANCE_TENSORS = (IMAGE, INIT, CLASSIFIER, LABEL)
-REDUCTION = "sum"
+REDUCTION = REDUCTION_SUM
 DEFAULT_CLASSIFIER_TERM = {"label": "classifier", "loss": {"name": "sparse_categorical_crossentropy"},
                            "inputs": [LABEL, CLASSIFIER]}
 

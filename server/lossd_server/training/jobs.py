@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 from lossd.wire import DEFAULT_REDUCTION
 from lossd_server.callers import ANONYMOUS, Caller
 from lossd_server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from lossd_server.evaluation.chunks import reduction_divisor, term_row_structure
+from lossd_server.losses import reductions
 from lossd_server.losses.plan import Planner
 from lossd_server.losses.registry import ROWS
 from lossd_server.training import cost, models
@@ -222,7 +222,7 @@ def _workers(spec: Mapping[str, Any], settings, preset, loss, batch_size: int, m
 def _check_rows_split(loss, workers: int, classes: int) -> None:
     """Refuses a multi-worker job whose loss the workers' row shares cannot
     reproduce (``multiworker.worker_share`` adds per-row sums): a term whose
-    values couple the rows of a batch (``chunks.term_row_structure``, the
+    values couple the rows of a batch (``reductions.row_structure``, the
     test chunked evaluation and micro-batching use), one that maps labels by
     the whole batch (hinge), or one that divides by the labels its
     ``ignore_class`` leaves over the whole batch."""
@@ -231,14 +231,14 @@ def _check_rows_split(loss, workers: int, classes: int) -> None:
     for i, term in enumerate(loss.terms):
         where = f"terms[{i}] (`{term.entry.name or 'expression'}`)" if loss.composite else \
             f"loss `{term.entry.name or 'expression'}`"
-        structure = term_row_structure(term, true_shape, pred_shape)
+        structure = reductions.row_structure(term, true_shape, pred_shape)
         why = None
         if structure is None or structure.kind != ROWS:
             why = "its values couple the rows of a batch (a reduction, normalisation or maximum over them)"
         elif term.entry.hinge_labels:
             why = "it maps {0, 1} labels to {-1, 1} only when every label of the batch is 0 or 1"
-        elif term.params.get("ignore_class") is not None and reduction_divisor(
-                term.reduction or DEFAULT_REDUCTION, None)[0]:
+        elif term.params.get("ignore_class") is not None and (
+                term.reduction or DEFAULT_REDUCTION) in reductions.MASK_DIVIDED:
             why = (f"with ignore_class and reduction `{term.reduction or DEFAULT_REDUCTION}` it divides by the "
                    "labels not ignored over the whole batch")
         if why:

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional
 
 import keras
 
-from lossd.wire import DEFAULT_REDUCTION
+from lossd.wire import DEFAULT_REDUCTION, REDUCTION_NONE
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses.plan import Plan, Planner, Term, build_program
 from lossd_server.losses.registry import SHAPES_ANY, SHAPES_SAME, SHAPES_SPARSE
@@ -40,6 +40,7 @@ from lossd_server.training.models import CLASSIFIER
 DEFAULT_CLASSIFIER_LOSS = "sparse_categorical_crossentropy"
 DIFFUSION = "diffusion"
 DEFAULT_DIFFUSION_LOSS = "mse"  # on the noise: DDPM's "simple" loss
+DEFAULT_VAE_LOSS = "binary_crossentropy"  # per pixel, as the classic Keras VAE
 SPARSE, ONE_HOT = "sparse", "one_hot"
 TRAINING_INPUTS = ("y_true", "y_pred")
 _SPARSE_TWINS = {"categorical_crossentropy": "sparse_categorical_crossentropy"}
@@ -66,7 +67,8 @@ def plan_training_loss(planner: Planner, spec: Optional[Mapping[str, Any]], mode
             noise and takes composites).
 
     Returns:
-        The plan; None for the vae's own default loss.
+        The plan; None for the vae's own default loss (``reconstruction_loss``
+        plans it in the job's process).
 
     Raises:
         InvalidArgument: whatever the planner refuses (with its reasons), or
@@ -248,3 +250,10 @@ class PlanLoss(keras.losses.Loss):
     def from_config(cls, config):
         config = dict(config)
         return cls(plan_stored(config.pop("spec")), **config)
+
+
+def reconstruction_loss(plan: Optional[Plan]) -> PlanLoss:
+    """The VAE's reconstruction loss: the job's plan, or where it has none
+    the preset's default (``DEFAULT_VAE_LOSS``, planned as a stored spec is),
+    unreduced: the VAE sums each image's per-pixel values itself."""
+    return PlanLoss(plan if plan is not None else plan_stored({"name": DEFAULT_VAE_LOSS}), reduction=REDUCTION_NONE)

@@ -480,10 +480,14 @@ def _register_vae():
 
         def compile(self, optimizer="adam", reconstruction_loss=None, **kwargs):
             """Compiles with ``reconstruction_loss``: a Keras loss with reduction
-            ``none`` (binary crossentropy when None)."""
+            ``none``; None takes the preset's default, binary crossentropy
+            planned as any job's loss is (``losses.reconstruction_loss``)."""
             super().compile(optimizer=optimizer, **kwargs)
-            self.reconstruction_loss_fn = reconstruction_loss or keras.losses.BinaryCrossentropy(
-                reduction="none")
+            if reconstruction_loss is None:
+                from lossd_server.training.losses import reconstruction_loss as default  # it imports this module
+
+                reconstruction_loss = default(None)
+            self.reconstruction_loss_fn = reconstruction_loss
 
         def sample(self, z_mean, z_log_var):
             eps = keras.random.normal(ops.shape(z_mean), seed=self.seed_generator)
@@ -498,7 +502,7 @@ def _register_vae():
             images = ops.cast(images, "float32")
             z_mean, z_log_var = self.encoder(images, training=training)
             reconstruction = self.decoder(self.sample(z_mean, z_log_var), training=training)
-            per_pixel = self.reconstruction_loss_fn(images, reconstruction)  # reduction "none"
+            per_pixel = self.reconstruction_loss_fn(images, reconstruction)  # unreduced
             batch = ops.shape(images)[0]
             # Reconstruction: sum over each image's pixels, mean over the batch.
             rec = ops.mean(ops.sum(ops.reshape(ops.cast(per_pixel, "float32"), (batch, -1)), axis=1))

@@ -15,8 +15,8 @@ Keras 3's ``model.fit`` fails under multi-worker strategies with TensorFlow
 same plan (the program evaluation runs, every term left unreduced). Each
 worker turns its rows' per-sample values into its share of the batch's loss
 (``worker_share``): per term, the sum of its values over the divisor Keras
-would use for the whole batch (``evaluation.chunks.reduction_divisor``, the
-owner chunked evaluation and micro-batching use), so the shares add up to the
+would use for the whole batch (``losses.reductions``, the owner chunked
+evaluation and micro-batching use), so the shares add up to the
 loss one process computes on the whole batch, and the gradients the
 all-reduce sums to that loss's gradient.
 
@@ -255,16 +255,17 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
 
 def per_sample_program(plan, dtype: str = "float32"):
     """The program a worker runs on its rows (``plan.build_program``): the
-    plan's, with every term unreduced, so that it returns each term's
+    plan's spec planned again (``training.losses.job_planner``, as the job's
+    own plan was) with every term unreduced, so that it returns each term's
     per-sample values (``worker_share`` reduces them)."""
-    import dataclasses
-
     from lossd.wire import REDUCTION_NONE
     from lossd_server.losses.plan import build_program
+    from lossd_server.training.losses import TRAINING_INPUTS, job_planner
 
-    terms = tuple(dataclasses.replace(term, reduction=None) for term in plan.terms)
-    unreduced = dataclasses.replace(plan, terms=terms, key=f"{plan.key}|per-sample")
-    return build_program(unreduced, REDUCTION_NONE, dtype)
+    spec = plan.to_spec()  # a single loss sets no reduction of its own
+    if plan.composite:
+        spec = {"terms": [{**term, "reduction": None} for term in spec["terms"]]}
+    return build_program(job_planner().plan(spec, TRAINING_INPUTS), REDUCTION_NONE, dtype)
 
 
 def worker_share(plan, values, rows):
@@ -274,10 +275,12 @@ def worker_share(plan, values, rows):
     the sum of the loss's values ``L = sum_k weight_k * T_k`` (a scalar,
     unless a term is unreduced: then TensorFlow's gradient of a tensor is
     that of its sum) and reports their mean. Each term ``T_k`` is its
-    per-sample values' sum over ``reduction_divisor`` of the whole batch's
-    value count, a sum the workers' rows split exactly; an unreduced term is
-    the values themselves, broadcast against the other terms, so its sum
-    counts once per element of ``L`` that each value reaches.
+    per-sample values' sum over the divisor of the whole batch's value count
+    (``reductions.combine``), a sum the workers' rows split exactly; an
+    unreduced term is the values themselves, broadcast against the other
+    terms, so its sum counts once per element of ``L`` that each value
+    reaches. The terms are weighted as the program weighs them
+    (``plan.weighted_sum``).
 
     Args:
         plan: The job's plan (its terms' weights and reductions; a term that
@@ -293,25 +296,26 @@ def worker_share(plan, values, rows):
     """
     import tensorflow as tf
 
-    from lossd.wire import DEFAULT_REDUCTION, REDUCTION_NONE
-    from lossd_server.evaluation.chunks import reduction_divisor
+    from lossd.wire import DEFAULT_REDUCTION, REDUCTION_MEAN, REDUCTION_NONE
+    from lossd_server.losses import reductions
+    from lossd_server.losses.plan import weighted_sum
 
     rows = tf.cast(rows, tf.float32)
-    reported = tf.constant(0.0, tf.float32)
+    shares = []
     elements = None  # the shape of L where a term is unreduced; None: L is a scalar
     for term, value in zip(plan.terms, values):
         reduction = term.reduction or DEFAULT_REDUCTION
         value = tf.cast(value, tf.float32)
         count = rows * tf.cast(tf.reduce_prod(tf.shape(value)[1:]), tf.float32)  # the whole batch's values
-        per_value, fixed = reduction_divisor(reduction, None)  # training passes no sample weights
-        part = tf.math.divide_no_nan(tf.reduce_sum(value), per_value * count + fixed) * term.weight
         if reduction == REDUCTION_NONE:
-            # T_k is the batch's values: their mean, then, as each reaches
-            # size(L) / size(T_k) elements of L, size(L) times over.
-            part = tf.math.divide_no_nan(part, count)
+            # T_k is the batch's values: L's mean takes their mean (each
+            # reaches size(L) / size(T_k) elements of L), its sum size(L) times that.
+            reduction = REDUCTION_MEAN
             shape = tf.concat([tf.reshape(tf.cast(rows, tf.int32), [1]), tf.shape(value)[1:]], axis=0)
             elements = shape if elements is None else tf.broadcast_dynamic_shape(elements, shape)
-        reported = reported + part
+        # Training passes no sample weights.
+        shares.append(reductions.combine(tf.reduce_sum(value), count, reduction))
+    reported = weighted_sum(plan.terms, shares)
     if elements is None:
         return reported, reported
     return reported * tf.cast(tf.reduce_prod(elements), tf.float32), reported

@@ -220,7 +220,7 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
     import keras
 
     from lossd_server.training import models
-    from lossd_server.training.losses import PlanLoss, plan_stored
+    from lossd_server.training.losses import PlanLoss, plan_stored, reconstruction_loss
 
     gpus = configure_devices(config)
 
@@ -245,9 +245,7 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
         # The noise-prediction loss, reduced as the plan says (sum_over_batch_size by default).
         model.compile(optimizer=optimizer, noise_loss=PlanLoss(plan))
     elif config["model_kind"] == models.GENERATOR:
-        # Per-pixel values (reduction none): the VAE sums them over each image.
-        recon = PlanLoss(plan, reduction="none") if plan is not None else None
-        model.compile(optimizer=optimizer, reconstruction_loss=recon)
+        model.compile(optimizer=optimizer, reconstruction_loss=reconstruction_loss(plan))
     else:
         loss = PlanLoss(plan)
         # A stateful loss (matrix_crossentropy) keeps its state as variables

@@ -28,7 +28,7 @@ loss's values depend on the rows of its inputs (``LossEntry.row_structure``):
 The numbers always come from the compiled Keras program; what this module
 adds is only the linear combination, whose rules mirror Keras's
 ``reduce_values`` (sum, then divide by the number of values, or by the sum
-of the sample weights). A property test (tests/server/test_chunks.py)
+of the sample weights). A property test (tests/server/evaluation/test_chunks.py)
 compares every registered loss split in pieces with the one-piece answer.
 """
 

@@ -22,7 +22,7 @@ import lossd  # noqa: E402
 from lossd_server.app import create_server  # noqa: E402
 from lossd_server.config import Settings  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 HUBER = ("mean(where(abs(y_true - y_pred) <= delta, 0.5 * square(y_true - y_pred), "
          "delta * (abs(y_true - y_pred) - 0.5 * delta)), axis=-1)")
 REDUCTIONS = ["none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight"]

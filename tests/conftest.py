@@ -21,8 +21,8 @@ os.environ.setdefault("LOSSD_WARMUP", "false")
 os.environ.setdefault("LOSSD_XLA", "off")
 
 import pytest
-from postgres import running_postgres
-from servers import lossd_servers
+from tests.postgres import running_postgres
+from tests.servers import lossd_servers
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from grpc_errors import reason_of
+from tests.grpc_errors import reason_of
 
 from lossd.v1 import loss_service_pb2, shared_memory_service_pb2, training_service_pb2
 

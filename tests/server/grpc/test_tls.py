@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import lossd
-from certificates import Authority
+from tests.certificates import Authority
 
 pytest.importorskip("tensorflow")
 

@@ -17,6 +17,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from tests.keras_reference import value_and_gradient  # noqa: E402
+from tests.servers import PATIENCE  # noqa: E402
 
 import lossd  # noqa: E402
 from lossd_server.app import create_server  # noqa: E402
@@ -191,7 +192,7 @@ def test_plugin_is_loaded_listed_and_evaluated(plugin_path, tmp_path):
         "    print(json.dumps({'source': info.source, 'params': {p.name: p.default for p in info.parameters},\n"
         "                      'doc': info.doc, 'got': float(r.loss), 'want': want, 'grad': list(r.gradient.shape)}))\n"
         "s.stop(0)\n")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 0, out.stderr[-3000:]
     import json
 

@@ -53,10 +53,11 @@ test-tools:
 # Install what is needed and run the whole test suite, in parallel
 # (pytest-xdist; docs/testing.md). More workers than cores pay: most tests
 # wait on subprocesses and sockets. --dist loadfile keeps each file on one
-# worker, so a module's servers start once.
+# worker, so a module's servers start once. --durations=25 lists the slowest
+# tests at the end, so a CI log shows where the time went.
 TEST_WORKERS ?= 2
 test: test-tools test-clients $(STAMP)
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # The Open Inference Protocol's published clients, which the tests drive lossd
 # with (tests/server/test_oip_clients.py): tritonclient and KServe's clients pin

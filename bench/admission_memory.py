@@ -21,7 +21,7 @@ line says so. The three run in alternating blocks (echo, bounded, unbounded,
 echo, ...); the output gives each run, each side's median growth and peak,
 and the ratios of lossd's to the echo's.
 
-Usage: python bench/admission_memory.py [--rounds 2] [--ceiling-mib 6144]
+Usage: python -m bench.admission_memory [--rounds 2] [--ceiling-mib 6144]
 """
 
 from __future__ import annotations
@@ -35,13 +35,9 @@ import tempfile
 
 import grpc
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
-sys.path.insert(0, os.path.dirname(__file__))
-
-import inflight_memory  # noqa: E402
-from evaluate import ECHO_METHOD, free_port, process, wait_ready  # noqa: E402
-
-from lossd import _requests, wire  # noqa: E402
+from bench.evaluate import ECHO_METHOD, free_port, process, wait_ready
+from lossd import _requests, wire
+from tests import inflight_memory
 
 MiB = inflight_memory.MiB
 REQUEST = 60 * MiB

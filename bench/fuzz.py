@@ -24,9 +24,9 @@ reproducer (``findings/*.json``, with the server's traceback beside it).
 Exits 1 on any INTERNAL/UNKNOWN, a server that died or passed the RSS
 ceiling, or health that stopped answering SERVING.
 
-Usage: python bench/fuzz.py [--requests 100000] [--processes 3] [--clients 2] [--deadline 5] [--seed 0]
-                            [--minutes 30] [--rss-ceiling 2] [--no-tokens] [--out DIR]
-       python bench/fuzz.py --replay findings/0001-Evaluate.json [--address HOST:PORT] [--tokens OUT/tokens.json]
+Usage: python -m bench.fuzz [--requests 100000] [--processes 3] [--clients 2] [--deadline 5] [--seed 0]
+                           [--minutes 30] [--rss-ceiling 2] [--no-tokens] [--out DIR]
+       python -m bench.fuzz --replay findings/0001-Evaluate.json [--address HOST:PORT] [--tokens OUT/tokens.json]
 """
 
 from __future__ import annotations
@@ -49,11 +49,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-import fuzzing  # noqa: E402
+from tests import fuzzing  # noqa: E402
 from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc  # noqa: E402
 from lossd.v1 import training_service_pb2 as tpb  # noqa: E402
 from lossd.v1 import training_service_pb2_grpc  # noqa: E402

@@ -17,12 +17,12 @@ os.environ.setdefault("LOSSD_WARMUP", "false")
 # its executable is compiled in the background, then by XLA, and the two may
 # differ in the last place: tests that compare two answers bit for bit would
 # depend on that timing. Servers in tests run without XLA;
-# tests/server/test_buckets.py tests it, through a server too.
+# tests/server/evaluation/test_buckets.py tests it, through a server too.
 os.environ.setdefault("LOSSD_XLA", "off")
 
 import pytest
-from postgres import running_postgres
-from servers import lossd_servers
+from tests.postgres import running_postgres
+from tests.servers import lossd_servers
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from the same generators:
 * Hypothesis strategies for ``google.protobuf.Struct`` values (``STRUCT_VALUES``,
   ``structs()``) and hostile loss expressions (``HOSTILE_CORE``,
   ``generated_hostile()``, ``nested_calls``, ``balanced_sum``), used by
-  ``tests/server/test_spec_errors.py`` and ``test_expressions.py`` too;
+  ``tests/server/losses/test_spec_errors.py`` and ``test_expressions.py`` too;
 * ``messages(descriptor)``: any message of a proto descriptor, every field
   drawn from its type (boundary integers, NaN, unicode, unknown enum values,
   long strings, nested messages, maps, oneofs);

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 
 import lossd
-from servers import free_port
+from tests.servers import free_port
 
 MiB = 1 << 20
 

@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Iterator, Optional
 
-from servers import free_port
+from tests.servers import free_port
 
 # The user that runs the cluster when the tests run as root.
 UNPRIVILEGED_USER = "nobody"

@@ -11,10 +11,9 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import peers
 
-import peers  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SIDES = ("echo", "sink", "tf", "lossd", "lossd-oip")
 

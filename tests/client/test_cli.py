@@ -18,7 +18,7 @@ from lossd import cli
 
 keras = pytest.importorskip("keras")
 
-from keras_reference import value_and_gradient  # noqa: E402
+from tests.keras_reference import value_and_gradient  # noqa: E402
 
 RNG = np.random.default_rng(21)
 

@@ -14,7 +14,7 @@ import lossd
 
 keras = pytest.importorskip("keras")
 
-from keras_reference import value_and_gradient  # noqa: E402
+from tests.keras_reference import value_and_gradient  # noqa: E402
 
 RNG = np.random.default_rng(11)
 MiB = 1 << 20

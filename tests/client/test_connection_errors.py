@@ -1,6 +1,6 @@
 """A client pointed at the wrong place says where it tried and what to check:
 a closed port (no server), and lossd's own metrics port (HTTP, not gRPC);
-tests/server/test_tls.py checks the TLS mismatches.
+tests/server/grpc/test_tls.py checks the TLS mismatches.
 Both clients, sync and asyncio, over real sockets."""
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def test_spread_calls_answer_as_one_connection(address, rows, columns, loss, red
         assert mine.gradient.tobytes() == theirs.gradient.tobytes()
     # Calls in flight together may be micro-batched (the test server batches),
     # whose reduced values are summed in float64: equal to rtol 1e-6, as
-    # evaluation/batching.py says and tests/server/test_batching.py checks.
+    # evaluation/batching.py says and tests/server/evaluation/test_batching.py checks.
     for results in (streamed, asyncio.run(asynchronous())):
         for mine, theirs in zip(results, expected, strict=True):
             np.testing.assert_allclose(mine.loss, theirs.loss, rtol=1e-6, atol=1e-7)

@@ -20,14 +20,14 @@ import grpc
 import numpy as np
 import pytest
 
-from grpc_errors import reason_of
-from shm_regions import region
+from tests.grpc_errors import reason_of
+from tests.shm_regions import region
 import lossd
 from lossd import _shm, addresses, wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
 from lossd.v1 import shared_memory_service_pb2 as pb
 from lossd.v1 import shared_memory_service_pb2_grpc as pb_grpc
-from keras_reference import value_and_gradient
+from tests.keras_reference import value_and_gradient
 
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")

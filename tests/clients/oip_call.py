@@ -1,7 +1,7 @@
 """Runs in the published OIP clients' own virtual environment (``make
 test`` makes it: tritonclient pins an older protobuf than lossd's), never
 in lossd's: it calls a lossd server as a Triton or KServe user would and
-prints what it got as JSON, for tests/server/test_oip_clients.py to compare
+prints what it got as JSON, for tests/server/grpc/test_oip_clients.py to compare
 with Keras.
 
 Usage: python oip_call.py CLIENT ADDRESS < calls.json

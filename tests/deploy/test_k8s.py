@@ -29,7 +29,7 @@ import pytest
 import yaml
 from pydantic import TypeAdapter
 
-from servers import PATIENCE, free_port
+from tests.servers import PATIENCE, free_port
 from test_deploy import DEPLOY, DOCKERFILE, ROOT, require
 from test_readme_deploy import shell
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TESTS = ROOT / "tests"
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
@@ -86,12 +85,12 @@ def _pytest_with_skip(tmp_path: Path, fail_on_skip: bool, *options: str) -> subp
         "def test_runs():\n    pass\n\n"
         "def test_skips():\n    pytest.skip('promtool is not installed')\n")
     env = {k: v for k, v in os.environ.items() if k != "LOSSD_FAIL_ON_SKIP"}
-    env["PYTHONPATH"] = str(TESTS)
+    env["PYTHONPATH"] = str(ROOT)  # the tests package, whose conftest imports tests.<helper>
     if fail_on_skip:
         env["LOSSD_FAIL_ON_SKIP"] = "1"
     # The repository's conftest as a plugin, on a test file of our own.
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                           "-p", "conftest", *options, "test_one_skip.py"],
+                           "-p", "tests.conftest", *options, "test_one_skip.py"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 

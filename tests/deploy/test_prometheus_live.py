@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from servers import PATIENCE, free_port
+from tests.servers import PATIENCE, free_port
 from test_deploy import (ALERTS, COMPOSE, DASHBOARD, DOCKERFILE, PROMETHEUS_CONFIG, compose_config,
                          dashboard_exprs, find_tool, require, secret_paths, yaml_scalars)
 

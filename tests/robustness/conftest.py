@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from servers import lossd_servers
+from tests.servers import lossd_servers
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
-from servers import kill_group, serve_process
+from tests.servers import kill_group, serve_process
 
 pytest.importorskip("tensorflow")
 

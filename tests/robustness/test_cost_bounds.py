@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from grpc_errors import error_info, status_of
+from tests.grpc_errors import error_info, status_of
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
-from servers import kill_group, serve_process
+from tests.servers import kill_group, serve_process
 
 pytest.importorskip("tensorflow")
 

@@ -42,7 +42,7 @@ import zipfile
 import grpc
 import numpy as np
 import pytest
-from servers import lossd_servers
+from tests.servers import lossd_servers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd

@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import status_pb2
 
-import fuzzing
+from tests import fuzzing
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
 
 CALLS = 300

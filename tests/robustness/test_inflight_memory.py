@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import inflight_memory
+from tests import inflight_memory
 
 pytest.importorskip("tensorflow")
 pytestmark = [pytest.mark.slow,

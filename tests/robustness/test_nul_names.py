@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from grpc_errors import reason_of
-from servers import lossd_servers
+from tests.grpc_errors import reason_of
+from tests.servers import lossd_servers
 
 from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
 from lossd.v1 import training_service_pb2 as pb

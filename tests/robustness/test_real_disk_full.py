@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import lossd
-from servers import free_port
+from tests.servers import free_port
 
 pytest.importorskip("tensorflow")
 

@@ -22,9 +22,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from grpc_errors import reason_of
-from servers import kill_group, serve_process
-from shm_regions import region
+from tests.grpc_errors import reason_of
+from tests.servers import kill_group, serve_process
+from tests.shm_regions import region
 
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
 from lossd.v1 import shared_memory_service_pb2 as pb

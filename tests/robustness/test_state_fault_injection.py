@@ -28,7 +28,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd
-from servers import alive, free_port
+from tests.servers import alive, free_port
 
 pytestmark = pytest.mark.slow
 

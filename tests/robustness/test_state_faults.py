@@ -32,7 +32,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from servers import PATIENCE, lossd_servers
+from tests.servers import PATIENCE, lossd_servers
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd

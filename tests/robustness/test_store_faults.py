@@ -146,7 +146,7 @@ def test_watchjob_skips_an_unreadable_event_with_a_warning(tmp_path, serve, capl
 @pytest.fixture(scope="module")
 def populated(tmp_path_factory):
     """A database a real server wrote: jobs with events, a dataset, losses."""
-    from servers import lossd_servers
+    from tests.servers import lossd_servers
 
     folder = tmp_path_factory.mktemp("populated")
     with lossd_servers(tmp_path_factory) as start:

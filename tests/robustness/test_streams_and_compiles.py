@@ -29,8 +29,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from grpc_errors import reason_of
-from held_streams import IdleChunked
+from tests.grpc_errors import reason_of
+from tests.held_streams import IdleChunked
 import lossd
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from grpc_errors import reason_of
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
-from servers import lossd_servers
+
+from tests.grpc_errors import reason_of
+from tests.servers import lossd_servers
 
 from lossd.v1 import loss_service_pb2, shared_memory_service_pb2, training_service_pb2
 from lossd_server.grpc import oip_servicer

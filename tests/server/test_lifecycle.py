@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
-from servers import PATIENCE, free_port
+from tests.servers import PATIENCE, free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVICE = "lossd.v1.LossService"

@@ -25,8 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.multiprocess import MultiProcessCollector
 
 import lossd
-from keras_reference import value_and_gradient
-from servers import alive, free_port, kill_group, serve_process
+from tests.keras_reference import value_and_gradient
+from tests.servers import alive, free_port, kill_group, serve_process
 
 pytestmark = pytest.mark.slow
 

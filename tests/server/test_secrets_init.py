@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import lossd
-from certificates import Authority
+from tests.certificates import Authority
 
 x509 = pytest.importorskip("cryptography.x509")
 

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd
-from certificates import Authority
+from tests.certificates import Authority
 
 pytest.importorskip("tensorflow")
 

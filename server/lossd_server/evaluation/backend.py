@@ -278,7 +278,7 @@ class _DirectCall:
     It uses TensorFlow's private Python bindings (the layer its generated op
     wrappers call). ``make`` returns None when they are missing, and
     ``Compiled`` then falls back to the public concrete function;
-    tests/server/test_backend.py fails if the fast path is ever lost.
+    tests/server/evaluation/test_backend.py fails if the fast path is ever lost.
     """
 
     def __init__(self, concrete, host_device: str):

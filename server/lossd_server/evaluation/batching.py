@@ -27,7 +27,7 @@ vectorised log, exp and pow round an element by its position in the tensor
 reduced loss sums the request's values in float64, where Keras sums them in
 the loss's dtype, so it agrees to rtol 1e-6 of the sum of their magnitudes;
 so do the gradients of ``mean_with_sample_weight`` with weights, whose
-divisor is the weights' sum (tests/server/test_batching.py checks all of
+divisor is the weights' sum (tests/server/evaluation/test_batching.py checks all of
 this against the one-piece path). If the batched call fails, every request of the batch is
 evaluated on its own, so each gets its own answer or its own error; so it
 is while a family's batched program compiles (in the background: a batch

@@ -28,7 +28,7 @@ cannot compile a program (an op it lacks), the request takes the path it
 took before. A program XLA failed to compile is not tried again.
 
 What differs from the one-piece path is documented in docs/xla.md and checked
-against Keras by tests/server/test_buckets.py.
+against Keras by tests/server/evaluation/test_buckets.py.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ The numbers always come from the compiled Keras program; what this module
 adds is only the linear combination, whose rules (Keras's ``reduce_values``:
 sum, then divide by the number of values, or by the sum of the sample
 weights) are ``losses.reductions``'. A property test
-(tests/server/test_chunks.py) compares every registered loss split in
-pieces with the one-piece answer.
+(tests/server/evaluation/test_chunks.py) compares every registered loss split
+in pieces with the one-piece answer.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class LossEntry:
             the loss accepts a tensor of one value per row in their place
             (``lossd_server.evaluation.batching`` evaluates requests with
             different values in one call). An explicit allow-list, checked
-            against Keras by tests/server/test_batching.py; a parameter Keras
+            against Keras by tests/server/evaluation/test_batching.py; a parameter Keras
             branches on in Python (``if label_smoothing:``) is never in it.
         optional_inputs: Those of ``inputs`` a request may leave out: the
             loss then starts from a documented default (a stateful loss's

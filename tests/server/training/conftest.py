@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 from digit_files import write_class_folders
-from servers import PATIENCE
+from tests.servers import PATIENCE
 
 
 @pytest.fixture(scope="session")

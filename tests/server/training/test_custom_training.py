@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 import lossd
-from servers import PATIENCE
+from tests.servers import PATIENCE
 
 # Cross-entropy written by hand over one-hot targets (expression losses on a
 # classifier get y_true one-hot, shaped like the softmax output).

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lossd
-from servers import PATIENCE
+from tests.servers import PATIENCE
 
 
 def test_diffusion_trains_through_a_job_and_its_loss_goes_down(tclient, diffusion_job, tmp_path):

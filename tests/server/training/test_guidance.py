@@ -56,7 +56,7 @@ def test_classifier_crossentropy_gradient_goes_back_through_the_classifier(evalu
     import keras
     import tensorflow as tf
 
-    from keras_reference import value_and_gradient
+    from tests.keras_reference import value_and_gradient
 
     keras.utils.set_random_seed(3)
     model = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Flatten(),

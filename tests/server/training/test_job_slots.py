@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 import lossd
-from servers import kill_group, serve_process
+from tests.servers import kill_group, serve_process
 
 pytest.importorskip("tensorflow")
 

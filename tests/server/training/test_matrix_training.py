@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lossd
-from servers import kill_group, serve_process
+from tests.servers import kill_group, serve_process
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import pytest
 
 import lossd
 from lossd_server.training import multiworker
-from servers import PATIENCE, alive, lossd_servers
+from tests.servers import PATIENCE, alive, lossd_servers
 
 pytestmark = pytest.mark.slow
 

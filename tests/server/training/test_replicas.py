@@ -25,11 +25,11 @@ import psycopg
 import pytest
 
 import lossd
-from grpc_errors import reason_of
+from tests.grpc_errors import reason_of
 from lossd.v1 import training_service_pb2 as tpb
 from lossd.v1 import training_service_pb2_grpc as tpb_grpc
 from digit_files import write_class_folders
-from servers import PATIENCE, alive, kill_group, lossd_servers, serve_process
+from tests.servers import PATIENCE, alive, kill_group, lossd_servers, serve_process
 
 # Short leases: a dead replica's job is taken over within seconds.
 LEASE_SECONDS = 2.0

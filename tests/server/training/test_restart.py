@@ -12,7 +12,7 @@ import time
 import pytest
 
 import lossd
-from servers import alive, kill_group, serve_process
+from tests.servers import alive, kill_group, serve_process
 
 pytestmark = pytest.mark.slow
 

@@ -233,7 +233,7 @@ def test_creates_on_four_stores_count_and_insert_as_one_step(open_store):
 
 
 def test_an_unreachable_database_is_unavailable_and_a_restarted_one_is_used_again(tmp_path):
-    from postgres import running_postgres
+    from tests.postgres import running_postgres
 
     from lossd_server.errors import Unavailable
 
@@ -261,7 +261,7 @@ def test_a_database_outage_is_one_warning_and_its_end_one_info_line_seconds_afte
     # An 8 s outage: the pool's own backoff (1, 2, 4, 8 s apart) would next try at 15 s.
     import logging
 
-    from postgres import running_postgres
+    from tests.postgres import running_postgres
 
     from lossd_server.errors import Unavailable
     from lossd_server.state.follower import Follower
@@ -315,7 +315,7 @@ def _until_available(call, seconds: float = 10.0):
 
 
 def test_a_database_that_never_answers_is_one_clear_error_without_the_password(tmp_path):
-    from servers import free_port
+    from tests.servers import free_port
 
     url = f"postgresql://lossd:s3cret-pw@127.0.0.1:{free_port()}/lossd"  # nothing listens there
     started = time.monotonic()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from google.protobuf import struct_pb2
 
-from grpc_errors import error_info, status_of
+from tests.grpc_errors import error_info, status_of
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc
 from lossd.v1 import training_service_pb2 as tpb

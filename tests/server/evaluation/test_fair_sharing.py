@@ -19,7 +19,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from servers import lossd_servers
+from tests.servers import lossd_servers
 from test_admission import create_token
 
 import lossd

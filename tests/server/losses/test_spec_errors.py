@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grpc_errors import error_info, status_of
-from fuzzing import PARAM_NAMES, STRUCT_VALUES
-from fuzzing import make_struct as _struct
+from tests.grpc_errors import error_info, status_of
+from tests.fuzzing import PARAM_NAMES, STRUCT_VALUES
+from tests.fuzzing import make_struct as _struct
 from lossd import wire
 from lossd.v1 import (loss_pb2, loss_service_pb2, loss_service_pb2_grpc, training_service_pb2,
                       training_service_pb2_grpc)

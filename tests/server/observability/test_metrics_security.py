@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry
 
-from certificates import Authority
+from tests.certificates import Authority
 from lossd_server.observability.metrics import Metrics, start_metrics_server
 from lossd_server.security.basic_auth import BasicAuth, create_user, hash_password
 from lossd_server.security.certificates import ReloadingSSLContext

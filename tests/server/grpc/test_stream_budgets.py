@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd
-from grpc_errors import reason_of
-from held_streams import IdleChunked
+from tests.grpc_errors import reason_of
+from tests.held_streams import IdleChunked
 from lossd.v1 import loss_service_pb2_grpc
 from lossd.v1 import shared_memory_service_pb2 as shm_pb
 from lossd.v1 import shared_memory_service_pb2_grpc as shm_grpc

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 keras = pytest.importorskip("keras")
 
-from keras_reference import value_and_gradient  # noqa: E402
+from tests.keras_reference import value_and_gradient  # noqa: E402
 from lossd import wire  # noqa: E402
 from lossd_server.callers import Caller, Limits  # noqa: E402
 from lossd_server.errors import InvalidArgument, LossdError, ResourceExhausted  # noqa: E402

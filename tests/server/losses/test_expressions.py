@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzzing import HOSTILE_CORE, balanced_sum, generated_hostile, nested_calls
+from tests.fuzzing import HOSTILE_CORE, balanced_sum, generated_hostile, nested_calls
 from lossd_server.losses import expressions
 from lossd_server.losses.expressions import (
     FUNCTIONS,
@@ -36,7 +36,7 @@ from lossd_server.losses.expressions import (
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from keras_reference import value_and_gradient  # noqa: E402
+from tests.keras_reference import value_and_gradient  # noqa: E402
 
 TENSORS = ("y_true", "y_pred")
 PARAMS = ("delta",)

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
-from servers import lossd_servers
-from test_oip import infer_request
+from tests.servers import lossd_servers
+from tests.oip_requests import infer_request
 
 import lossd
 from lossd_server.grpc.oip import grpc_predict_v2_pb2_grpc as pb_grpc

@@ -15,7 +15,7 @@ keras = pytest.importorskip("keras")
 
 import lossd  # noqa: E402
 from lossd import _chunks  # noqa: E402
-from servers import free_port  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -20,9 +20,9 @@ import subprocess
 import keras
 import numpy as np
 import pytest
-from servers import PATIENCE
+from tests.servers import PATIENCE
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 VENV = pathlib.Path(os.environ.get("OIP_CLIENTS_VENV", ROOT / ".venv-clients"))
 SCRIPT = ROOT / "tests" / "clients" / "oip_call.py"
 

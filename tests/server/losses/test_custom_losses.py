@@ -16,13 +16,14 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from keras_reference import value_and_gradient  # noqa: E402
+from tests.keras_reference import value_and_gradient  # noqa: E402
+from tests.servers import PATIENCE  # noqa: E402
 
 import lossd  # noqa: E402
 from lossd_server.app import create_server  # noqa: E402
 from lossd_server.config import Settings  # noqa: E402
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 HUBER = ("mean(where(abs(y_true - y_pred) <= delta, 0.5 * square(y_true - y_pred), "
          "delta * (abs(y_true - y_pred) - 0.5 * delta)), axis=-1)")
 REDUCTIONS = ["none", "sum", "sum_over_batch_size", "mean", "mean_with_sample_weight"]
@@ -191,7 +192,7 @@ def test_plugin_is_loaded_listed_and_evaluated(plugin_path, tmp_path):
         "    print(json.dumps({'source': info.source, 'params': {p.name: p.default for p in info.parameters},\n"
         "                      'doc': info.doc, 'got': float(r.loss), 'want': want, 'grad': list(r.gradient.shape)}))\n"
         "s.stop(0)\n")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=PATIENCE)
     assert out.returncode == 0, out.stderr[-3000:]
     import json
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import lossd
-from certificates import Authority
+from tests.certificates import Authority
+from tests.servers import PATIENCE, free_port
 
 pytest.importorskip("tensorflow")
 
@@ -161,16 +162,13 @@ def test_the_command_line_serves_and_calls_over_tls(tmp_path):
     """`lossd serve --tls-cert/--tls-key` as a user types it, then client
     commands with --tls-ca, with LOSSD_TLS_CA, and without TLS (refused)."""
     import os
-    import socket
     import subprocess
     import sys
     import time
 
     ca = Authority(tmp_path, "ca")
     cert, key = ca.issue("server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # not port 0's pick, which another worker's pick can take before the server binds it
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOSSD_")}
     lossd_cmd = [sys.executable, "-m", "lossd.cli"]
     server = subprocess.Popen([*lossd_cmd, "serve", "--port", str(port), "--metrics-port", "", "--data-dir",
@@ -184,7 +182,7 @@ def test_the_command_line_serves_and_calls_over_tls(tmp_path):
                               env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
 
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + PATIENCE  # the start imports TensorFlow: minutes on a loaded machine
         while (health := cli("health", "--tls-ca", str(ca.pem))).returncode != 0:
             assert server.poll() is None, server.stderr.read()
             assert time.monotonic() < deadline, health.stderr

@@ -15,7 +15,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from keras_reference import value_and_gradient  # noqa: E402
+from tests.keras_reference import value_and_gradient  # noqa: E402
 
 import lossd  # noqa: E402
 from lossd_server.errors import InvalidArgument  # noqa: E402

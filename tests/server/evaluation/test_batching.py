@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 keras = pytest.importorskip("keras")
 
-from keras_reference import reduced_magnitude  # noqa: E402
+from tests.keras_reference import reduced_magnitude  # noqa: E402
 
 from lossd import wire  # noqa: E402
 from lossd_server.errors import InvalidArgument  # noqa: E402

@@ -18,7 +18,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from servers import lossd_servers
+from tests.servers import lossd_servers
 
 import lossd
 

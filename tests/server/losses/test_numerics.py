@@ -11,7 +11,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from keras_reference import value_and_gradient  # noqa: E402
+from tests.keras_reference import value_and_gradient  # noqa: E402
 
 from lossd_server.losses.registry import default_registry  # noqa: E402
 

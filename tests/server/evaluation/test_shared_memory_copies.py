@@ -17,8 +17,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from keras_reference import value_and_gradient  # noqa: E402
-from shm_regions import region  # noqa: E402
+from tests.keras_reference import value_and_gradient  # noqa: E402
+from tests.shm_regions import region  # noqa: E402
 
 from lossd.v1 import tensor_pb2  # noqa: E402
 from lossd_server.errors import InvalidArgument  # noqa: E402

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 keras = pytest.importorskip("keras")
 
-from keras_reference import reduced_magnitude, value_and_gradient  # noqa: E402
+from tests.keras_reference import reduced_magnitude, value_and_gradient  # noqa: E402
 
 from lossd import wire  # noqa: E402
 from lossd_server.evaluation import backend  # noqa: E402

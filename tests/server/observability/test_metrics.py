@@ -132,7 +132,7 @@ def test_observe_evaluation_rejects_unknown_outcome(metrics):
         metrics.observe_evaluation("huber", "fine", 0.1, 1, 1)
 
 
-# RPC methods (the interceptor's side; tests/server/test_interceptors.py drives
+# RPC methods (the interceptor's side; tests/server/grpc/test_interceptors.py drives
 # them through a real server).
 
 

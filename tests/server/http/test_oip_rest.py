@@ -2,7 +2,7 @@
 real port: JSON tensors and the binary tensor data extension, compared with
 Keras and with the gRPC form (the same answer, bit for bit), tokens and
 scopes, errors with HTTP statuses and reasons, bounds on the body.
-tests/server/test_oip_clients.py drives it with tritonclient.http too."""
+tests/server/grpc/test_oip_clients.py drives it with tritonclient.http too."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import grpc
 import keras
 import numpy as np
 import pytest
-from test_oip import infer_request, outputs
+from tests.oip_requests import infer_request, outputs
 
 from lossd_server.grpc.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 

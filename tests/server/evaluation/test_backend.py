@@ -10,7 +10,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from keras_reference import value_and_gradient  # noqa: E402
+from tests.keras_reference import value_and_gradient  # noqa: E402
 
 from lossd_server.evaluation import backend  # noqa: E402
 

@@ -28,7 +28,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import lossd
-from tests.servers import alive, free_port
+from tests.servers import PATIENCE, alive, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -88,8 +88,10 @@ class _Server:
                 health_pb2.HealthCheckRequest(service="lossd.state"), timeout=10).status
 
 
-def _running_worker(server: _Server, killed: set[int], timeout: float = 90) -> tuple[str, int]:
-    """A running job and its live process (one not killed before)."""
+def _running_worker(server: _Server, killed: set[int], timeout: float = PATIENCE) -> tuple[str, int]:
+    """A running job and its live process (one not killed before). The wait
+    is a deadline against a hang (PATIENCE): a retried job's new process
+    imports TensorFlow, which took past 90 s beside the other xdist worker."""
     deadline = time.monotonic() + timeout
     with server.client() as client:
         while time.monotonic() < deadline:

@@ -49,6 +49,7 @@ Usage: python bench/where_time_goes.py [--concurrency 1,64] [--blocks 3] [--bloc
 from __future__ import annotations
 
 import argparse
+import collections
 import asyncio
 import contextlib
 import os
@@ -154,8 +155,8 @@ def step_table(rows: int, repeats: int) -> None:
     handler = grpc.unary_unary_rpc_method_handler(servicer.Evaluate, request_deserializer=loss_servicer.receive,
                                                   response_serializer=loss_servicer._serialize)
     method = "/lossd.v1.LossService/Evaluate"
-    wrapped = _wrap(handler, method, metrics)
-    bare = _wrap(grpc.unary_unary_rpc_method_handler(lambda request, context: b""), method, metrics)
+    wrapped = _wrap(handler, method, metrics, collections.deque())
+    bare = _wrap(grpc.unary_unary_rpc_method_handler(lambda request, context: b""), method, metrics, collections.deque())
     context = _Context()
 
     rng = np.random.default_rng(0)

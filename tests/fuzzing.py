@@ -52,13 +52,15 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from lossd.v1 import loss_pb2, loss_service_pb2, shared_memory_service_pb2, tensor_pb2, training_service_pb2
+from lossd_server.grpc import oip_servicer
 
 FD = _descriptor.FieldDescriptor
 SERVICES = (loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
             training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
             shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"],
             health_pb2.DESCRIPTOR.services_by_name["Health"],
-            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
+            reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
+            oip_servicer.SERVICE)  # the Open Inference Protocol's inference.GRPCInferenceService
 # Server streams that stay open until the client ends them: the first
 # response is read, then the call is cancelled (as a client that closes).
 OPEN_ENDED = {"OpenSession", "Watch"}

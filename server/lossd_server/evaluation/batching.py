@@ -53,6 +53,7 @@ from lossd_server.losses import reductions
 from lossd_server.losses.plan import (DEFAULT_INPUTS, ROW_DIVISOR_FIXED, ROW_DIVISOR_ROWS, ROW_PARAMETER_PREFIX,
                                       ROW_SEGMENTS, Plan, row_family)
 from lossd_server.losses.registry import ROWS, SHAPES_CTC, SHAPES_SAME, SHAPES_SPARSE, align_ranks, values_shape
+from lossd_server.observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +174,14 @@ class Batcher:
         if item is None:
             return self.evaluator.evaluate_checked(plan, tensors, sample_weight=sample_weight,
                                                    reduction=reduction, gradient=gradient, cancellation=cancellation)
-        batch, leader = self._join(item)
-        if leader:
-            self._lead(batch)
-        else:
-            batch.done.wait()
+        with tracing.span("lossd.batch", leader=False) as span:
+            batch, leader = self._join(item)
+            if leader:
+                self._lead(batch)
+            else:
+                batch.done.wait()
+            if span is not None:
+                span.set_attribute("leader", leader)
         if item.error is not None:
             raise item.error
         return item.result

@@ -41,6 +41,7 @@ from lossd_server.losses.expressions import ShapeError, broadcast_shapes
 from lossd_server.losses.plan import (ExpressionCompiler, Plan, Planner, Program, build_program,
                                       build_rows_program)
 from lossd_server.losses.registry import LossRegistry, check_labels, values_shape
+from lossd_server.observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,8 @@ class Evaluator:
                          gradient: bool = False, cancellation: Optional[backend.Cancellation] = None) -> Result:
         """``evaluate`` for inputs that passed ``check``."""
         if self.buckets is not None:  # XLA, where its bucket's executable is ready
-            bucketed = self.buckets.evaluate(plan, tensors, sample_weight, reduction, gradient)
+            with tracing.span("lossd.xla_bucket"):
+                bucketed = self.buckets.evaluate(plan, tensors, sample_weight, reduction, gradient)
             if bucketed is not None:
                 return bucketed
         y_pred = tensors["y_pred"]
@@ -304,9 +306,11 @@ class Evaluator:
         try:
             # Keras checks shapes while the program is traced, TensorFlow while it
             # runs: a refusal from either is about this request's inputs.
-            compiled = self._compiled(key, plan, specs, lambda: build_program(plan, reduction, compute_dtype),
-                                      sample_weight is not None, gradient, xla)
-            total, terms, grad, outputs = compiled(arrays, cancellation)
+            with tracing.span("lossd.compile"):  # a cache lookup, or the wait for a compilation
+                compiled = self._compiled(key, plan, specs, lambda: build_program(plan, reduction, compute_dtype),
+                                          sample_weight is not None, gradient, xla)
+            with tracing.span("lossd.tensorflow"):
+                total, terms, grad, outputs = compiled(arrays, cancellation)
         except backend.CANCELLED:
             raise DeadlineExceeded(
                 f"Loss `{plan.metric_name}` was stopped before it finished: its call was cancelled or passed its "

@@ -50,6 +50,7 @@ from lossd_server.evaluation.chunks import ChunkedSession
 from lossd_server.evaluation.evaluator import Evaluator, Result
 from lossd_server.losses.plan import Plan
 from lossd_server.observability.metrics import EvaluationRecord
+from lossd_server.observability import tracing
 
 __all__ = ["Incoming", "EvaluationRequest", "EvaluationService", "Result"]
 
@@ -243,8 +244,10 @@ class EvaluationService:
         if sample_weight is not None:
             count = wire.check_shape(sample_weight.shape, field="sample_weight", max_elements=max_elements)
             nbytes += count * wire.numpy_dtype(sample_weight.dtype, field="sample_weight").itemsize
-        with self.admission.admit(caller.name, caller.limits.elements_per_second, elements=elements,
-                                  nbytes=nbytes, wait_seconds=wait_seconds):
+        with tracing.span("lossd.admission"):  # the wait for room, when traced
+            held = self.admission.admit(caller.name, caller.limits.elements_per_second, elements=elements,
+                                        nbytes=nbytes, wait_seconds=wait_seconds)
+        with held:
             if metered is not None:
                 metered[2] = elements
             batcher = self.batcher
@@ -259,8 +262,9 @@ class EvaluationService:
 
     @staticmethod
     def _decode(request: EvaluationRequest, metered: Optional[list]):
-        arrays = {name: incoming.decode() for name, incoming in request.tensors.items()}
-        weights = request.sample_weight.decode() if request.sample_weight is not None else None
+        with tracing.span("lossd.decode"):
+            arrays = {name: incoming.decode() for name, incoming in request.tensors.items()}
+            weights = request.sample_weight.decode() if request.sample_weight is not None else None
         if metered is not None:
             metered[0] = int(arrays["y_pred"].size)
             metered[1] = sum(a.nbytes for a in arrays.values()) + (weights.nbytes if weights is not None else 0)

@@ -18,6 +18,7 @@ from lossd_server.evaluation.evaluator import Result
 from lossd_server.evaluation.service import EvaluationRequest, EvaluationService, Incoming
 from lossd_server.grpc import parsing
 from lossd_server.grpc.auth import Caller, Callers
+from lossd_server.observability import tracing
 from lossd_server.observability.logs import audited
 from lossd_server.grpc.status import handle_errors, to_status
 
@@ -244,7 +245,9 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
         received = request if isinstance(request, Received) else Received(request, {})
         if received.error is not None:
             raise received.error
-        return self._evaluate(received.message, self.callers.of(context), context, received.contents).serialized()
+        answer = self._evaluate(received.message, self.callers.of(context), context, received.contents)
+        with tracing.span("lossd.encode"):
+            return answer.serialized()
 
     def EvaluateStream(self, request_iterator, context) -> Iterator[bytes]:
         # Per-request failures travel in the response (a refusal with its

@@ -22,6 +22,7 @@ from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.oip import grpc_predict_v2_pb2 as pb
 from lossd_server.grpc.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from lossd_server.grpc.status import handle_errors
+from lossd_server.observability import tracing
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
@@ -124,10 +125,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                                        wait_seconds=context.time_remaining(), cancellation=cancellation)
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
                                          id=request.id)
-        response.parameters["non_finite"].bool_param = result.non_finite
-        for name, array in oip.outputs_of(result, inference.outputs):
-            array = np.asarray(array)
-            response.outputs.add(name=name, datatype=wire.oip_datatype(wire.dtype_enum(array.dtype)),
-                                 shape=array.shape)
-            response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+        with tracing.span("lossd.encode"):
+            response.parameters["non_finite"].bool_param = result.non_finite
+            for name, array in oip.outputs_of(result, inference.outputs):
+                array = np.asarray(array)
+                response.outputs.add(name=name, datatype=wire.oip_datatype(wire.dtype_enum(array.dtype)),
+                                     shape=array.shape)
+                response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
         return response

@@ -4,14 +4,16 @@ The receiver is the OTLP trace service from ``opentelemetry-proto``, served
 by a gRPC server in this test; the lossd server is configured only by the
 standard ``OTEL_*`` variables. The test calls lossd inside a span of its own
 (the client propagates it as ``traceparent``) and asserts the span tree the
-receiver got: lossd.v1 Evaluate, an OIP ModelInfer over gRPC and over REST,
-and a failed call with its status.
+receiver got: lossd.v1 Evaluate with its steps (admission, decode,
+compilation, the TensorFlow call, encoding), a batched Evaluate, an OIP
+ModelInfer over gRPC and over REST, and a failed call with its status.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.request
 from concurrent import futures
 
@@ -43,11 +45,13 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                     self.spans.extend((service, span) for span in scope.spans)
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    def wait_for(self, name: str, timeout: float = 60.0):
+    def wait_for(self, name: str, trace_id: bytes = None, timeout: float = 60.0):
+        """The spans named ``name`` (of trace ``trace_id``), once there is one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                found = [span for _, span in self.spans if span.name == name]
+                found = [span for _, span in self.spans
+                         if span.name == name and trace_id in (None, span.trace_id)]
             if found:
                 return found
             time.sleep(0.05)
@@ -77,7 +81,7 @@ def traced(receiver, tmp_path_factory):
                         "OTEL_BSP_SCHEDULE_DELAY": "50"}.items():
         patch.setenv(name, value)
     try:
-        with lossd_servers(tmp_path_factory, http_port=0) as start:
+        with lossd_servers(tmp_path_factory, http_port=0, batch_max_delay_us=3000) as start:
             srv = start()
             assert srv.tracing.enabled
             yield srv
@@ -140,3 +144,68 @@ def test_oip_grpc_and_rest_calls_have_spans(receiver, traced):
     assert len(infer) == 1 and len(rest) == 1
     status = {a.key: a.value.int_value for a in rest[0].attributes}["http.response.status_code"]
     assert status == 200
+
+
+def _children(receiver, parent) -> dict:
+    """The names of ``parent``'s child spans, and the spans, as exported so far."""
+    with receiver.lock:
+        return {span.name: span for _, span in receiver.spans if span.parent_span_id == parent.span_id
+                and span.trace_id == parent.trace_id}
+
+
+def test_an_evaluate_span_holds_its_steps(receiver, traced):
+    """Admission, decode, compilation, the TensorFlow call and encoding are
+    child spans of the call's span."""
+    receiver, _ = receiver
+    tracer = TracerProvider().get_tracer("test")
+    y = np.random.default_rng(2).normal(size=(3, 4)).astype(np.float32)
+    with tracer.start_as_current_span("caller") as caller:
+        with lossd.Client(f"127.0.0.1:{traced.port}") as client:
+            client.evaluate("log_cosh", y, y * 0.3)
+    trace_id = caller.get_span_context().trace_id.to_bytes(16, "big")
+    (evaluate,) = receiver.wait_for("lossd.v1.LossService/Evaluate", trace_id)
+    wanted = {"lossd.admission", "lossd.decode", "lossd.compile", "lossd.tensorflow", "lossd.encode"}
+    deadline = time.monotonic() + 60
+    while not wanted <= set(_children(receiver, evaluate)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = _children(receiver, evaluate)
+    assert wanted <= set(children), sorted(children)
+    for name in wanted:  # each inside the call's span
+        assert evaluate.start_time_unix_nano <= children[name].start_time_unix_nano
+        assert children[name].end_time_unix_nano <= evaluate.end_time_unix_nano
+
+
+def test_a_batched_evaluate_has_a_batch_span(receiver, traced):
+    """Concurrent calls on a batching server: the calls that joined a batch
+    show it as a child span (``lossd.batch``, with ``leader``)."""
+    receiver, _ = receiver
+    tracer = TracerProvider().get_tracer("test")
+    rng = np.random.default_rng(3)
+    calls = [(rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=(4, 5)).astype(np.float32))
+             for _ in range(64)]
+    with tracer.start_as_current_span("caller") as caller:
+        context = __import__("opentelemetry.context", fromlist=["get_current"]).get_current()
+        with lossd.Client(f"127.0.0.1:{traced.port}") as client:
+            client.evaluate("mse", *calls[0])  # compiled before the crowd
+
+            def one(pair):
+                token = __import__("opentelemetry.context", fromlist=["attach"]).attach(context)
+                try:
+                    return client.evaluate("mse", *pair)
+                finally:
+                    __import__("opentelemetry.context", fromlist=["detach"]).detach(token)
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(one, calls))
+    trace_id = caller.get_span_context().trace_id.to_bytes(16, "big")
+    batches = receiver.wait_for("lossd.batch", trace_id)
+    assert batches, "no call of 64 concurrent ones joined a batch"
+    deadline = time.monotonic() + 60  # an Evaluate span ends, so is exported, after its batch's
+    while True:
+        evaluates = {s.span_id for s in receiver.wait_for("lossd.v1.LossService/Evaluate", trace_id)}
+        if all(b.parent_span_id in evaluates for b in batches) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert all(b.parent_span_id in evaluates for b in batches)
+    leaders = [{a.key: a.value.bool_value for a in b.attributes}.get("leader") for b in batches]
+    assert True in leaders

@@ -32,10 +32,9 @@ def triton_grpc(address: str, calls: list, token: str | None) -> dict:
             "metadata": client.get_model_metadata("huber", headers=headers, as_json=True), "results": []}
     for call in calls:
         inputs = []
-        for name, (datatype, shape, values) in call["inputs"].items():
+        for name, datatype, shape, array in _numpy_inputs(call):
             tensor = grpcclient.InferInput(name, shape, datatype)
-            dtype = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}[datatype]
-            tensor.set_data_from_numpy(np.asarray(values, dtype).reshape(shape))
+            tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         outputs = [grpcclient.InferRequestedOutput(name) for name in call.get("outputs", [])]
         try:
@@ -68,10 +67,9 @@ def kserve_grpc(address: str, calls: list, token: str | None) -> dict:
                 "ready": await client.is_server_ready(headers=headers), "results": []}
         for call in calls:
             inputs = []
-            for name, (datatype, shape, values) in call["inputs"].items():
-                dtype = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}[datatype]
+            for name, datatype, shape, array in _numpy_inputs(call):
                 tensor = InferInput(name, shape, datatype)
-                tensor.set_data_from_numpy(np.asarray(values, dtype).reshape(shape))
+                tensor.set_data_from_numpy(array)
                 inputs.append(tensor)
             request = InferRequest(call["model"], inputs, parameters=call.get("parameters") or None,
                                    request_outputs=[RequestedOutput(n) for n in call.get("outputs", [])] or None)
@@ -80,15 +78,20 @@ def kserve_grpc(address: str, calls: list, token: str | None) -> dict:
             except grpc.RpcError as error:
                 done["results"].append({"error": [str(error.code()), error.details()]})
                 continue
-            got = {}
-            for output in response.outputs:
-                array = output.as_numpy()
-                got[output.name] = [output.datatype, list(array.shape), array.ravel().tolist()]
-            done["results"].append({"outputs": got})
+            done["results"].append({"outputs": _kserve_outputs(response)})
         await client.close()
         return done
 
     return asyncio.run(run())
+
+
+def _kserve_outputs(response) -> dict:
+    """A KServe InferResponse's outputs as [datatype, shape, flat values], by name."""
+    got = {}
+    for output in response.outputs:
+        array = output.as_numpy()
+        got[output.name] = [output.datatype, list(array.shape), array.ravel().tolist()]
+    return got
 
 
 def _numpy_inputs(call: dict):
@@ -154,11 +157,7 @@ def kserve_rest(address: str, calls: list, token: str | None) -> dict:
             except httpx.HTTPStatusError as error:
                 done["results"].append({"error": [str(error.response.status_code), error.response.text]})
                 continue
-            got = {}
-            for output in response.outputs:
-                array = output.as_numpy()
-                got[output.name] = [output.datatype, list(array.shape), array.ravel().tolist()]
-            done["results"].append({"outputs": got})
+            done["results"].append({"outputs": _kserve_outputs(response)})
         done["ready"] = done["live"]
         await client.close()
         return done

@@ -56,16 +56,22 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         return wrapped
 
 
+def handler_parts(handler: grpc.RpcMethodHandler):
+    """``(behavior, factory)`` of a method handler: the function its kind
+    calls, and the ``grpc.*_rpc_method_handler`` that builds a handler of the
+    same kind around a wrapper of it (every interceptor that wraps handlers)."""
+    if handler.request_streaming and handler.response_streaming:
+        return handler.stream_stream, grpc.stream_stream_rpc_method_handler
+    if handler.request_streaming:
+        return handler.stream_unary, grpc.stream_unary_rpc_method_handler
+    if handler.response_streaming:
+        return handler.unary_stream, grpc.unary_stream_rpc_method_handler
+    return handler.unary_unary, grpc.unary_unary_rpc_method_handler
+
+
 def _wrap(handler, full_method: str, metrics: Optional[Metrics], calls: collections.deque):
     service, _, method = full_method.lstrip("/").partition("/")  # "/lossd.v1.LossService/Evaluate"
-    if handler.request_streaming and handler.response_streaming:
-        behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    else:
-        behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    behavior, factory = handler_parts(handler)
     rpc = None if metrics is None else metrics.rpc_method(
         service, method, client_streaming=handler.request_streaming, server_streaming=handler.response_streaming)
     observer = _Observer(rpc, f"{service}/{method}", handler.request_streaming,
@@ -269,12 +275,7 @@ class StreamLimiter(grpc.ServerInterceptor):
         return _IdleLimitedRequests(request, self.idle_seconds) if streaming else request
 
     def _wrap(self, handler, open_service: bool):
-        if handler.request_streaming and handler.response_streaming:
-            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        else:
-            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        behavior, factory = handler_parts(handler)  # a streaming method: never unary-unary
         streaming_requests = handler.request_streaming
         # Health.Watch sends only on a change: idle-limited on its responses.
         idle_responses = open_service and not streaming_requests

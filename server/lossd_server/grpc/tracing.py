@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import grpc
 
+from lossd_server.grpc.interceptors import handler_parts
 from lossd_server.observability.tracing import Tracing
 
 
@@ -44,14 +45,7 @@ class TracingInterceptor(grpc.ServerInterceptor):
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         span_name = method.lstrip("/")
         tracing = self.tracing
-        if handler.request_streaming and handler.response_streaming:
-            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        elif handler.response_streaming:
-            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        else:
-            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        behavior, factory = handler_parts(handler)
 
         def carrier(context) -> dict:
             return {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
@@ -60,13 +54,12 @@ class TracingInterceptor(grpc.ServerInterceptor):
             code = _status_name(context)
             if error is not None and code == "OK":
                 code = "UNKNOWN"
+            span.set_attribute("rpc.grpc.status_code", code)
             if code != "OK":
                 details = context.details() if hasattr(context, "details") else None
                 if isinstance(details, bytes):  # grpcio keeps what abort() was given, encoded
                     details = details.decode(errors="replace")
-                tracing.error(span, code, details or str(error or ""))
-            else:
-                span.set_attribute("rpc.grpc.status_code", "OK")
+                tracing.error(span, details or str(error or ""))
 
         if handler.response_streaming:
             def wrapper(request, context):

@@ -110,7 +110,7 @@ class OipRestApp:
         if span is not None:
             span.set_attribute("http.response.status_code", status)
             if status >= 400:
-                self.tracing.error(span, str(status), body.decode(errors="replace"))
+                self.tracing.error(span, body.decode(errors="replace"))
         start_response(f"{status} {_REASONS.get(status, '')}", headers)
         if status >= 400:
             log.debug("OIP REST %s %s %d %.2f ms", method, path[:200], status, (time.perf_counter() - start) * 1e3)
@@ -244,7 +244,8 @@ class OipRestApp:
         all_binary = parameters.get("binary_data_output") is True
         inference = oip.inference(self.registry, name, version, parameters, inputs, requested,
                                   max_elements=self.service.max_elements)
-        result = self.service.evaluate(inference.request, caller, cancellation=self.service.new_cancellation())
+        # No cancellation: a WSGI app learns of no client hanging up.
+        result = self.service.evaluate(inference.request, caller)
         outputs, chunks = [], []
         for output_name, array in oip.outputs_of(result, inference.outputs):
             array = np.ascontiguousarray(array)

@@ -99,11 +99,10 @@ class Tracing:
             return _NULL
         return self.tracer.start_as_current_span(name, attributes=attributes or None)
 
-    def error(self, span, code: str, message: str) -> None:
-        """Marks ``span`` failed with a status ``code`` name and message."""
+    def error(self, span, message: str) -> None:
+        """Marks ``span`` failed, with ``message``."""
         from opentelemetry.trace import Status, StatusCode
 
-        span.set_attribute("rpc.grpc.status_code", code)
         span.set_status(Status(StatusCode.ERROR, message[:500]))
 
     def trace_id(self) -> Optional[str]:
@@ -127,7 +126,7 @@ class _Off:
     def span(self, name, **attributes):
         return _NULL
 
-    def error(self, span, code, message) -> None:
+    def error(self, span, message) -> None:
         pass
 
     def trace_id(self) -> None:

@@ -11,7 +11,6 @@ this shared machine runs them.
 """
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 import urllib.request
@@ -20,13 +19,11 @@ import grpc
 import numpy as np
 import pytest
 from tests.servers import lossd_servers
-from test_admission import create_token
+from test_admission import _slow_loss, create_token  # a new program that traces for a second or more
 
 import lossd
 
 pytest.importorskip("tensorflow")
-
-_fresh = itertools.count()
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +36,6 @@ def start(tmp_path_factory):
 def tokens(tmp_path_factory):
     path = tmp_path_factory.mktemp("tokens") / "tokens.jsonl"
     return path, {"alice": create_token(path, "alice"), "bob": create_token(path, "bob")}
-
-
-def _slow_loss() -> dict:
-    """A new program that traces for a second or more here (eight terms of
-    eight exponentials, with the gradient): its request holds an
-    evaluation slot and a compile slot all along."""
-    k = next(_fresh)
-
-    def tree(parts):  # balanced sums: expressions limit their nesting
-        half = len(parts) // 2
-        return parts[0] if len(parts) == 1 else f"({tree(parts[:half])} + {tree(parts[half:])})"
-
-    return {"terms": [{"expression": "mean(" + tree([f"exp(y_pred * {k}.{j}{i} - y_true)" for i in range(8)]) + ")"}
-                      for j in range(8)]}
 
 
 def _wait_for(predicate, what: str, timeout: float = 60.0) -> None:

@@ -20,6 +20,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from tests.servers import lossd_servers
@@ -184,16 +185,16 @@ def test_a_batched_evaluate_has_a_batch_span(receiver, traced):
     calls = [(rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=(4, 5)).astype(np.float32))
              for _ in range(64)]
     with tracer.start_as_current_span("caller") as caller:
-        context = __import__("opentelemetry.context", fromlist=["get_current"]).get_current()
+        context = otel_context.get_current()
         with lossd.Client(f"127.0.0.1:{traced.port}") as client:
             client.evaluate("mse", *calls[0])  # compiled before the crowd
 
             def one(pair):
-                token = __import__("opentelemetry.context", fromlist=["attach"]).attach(context)
+                token = otel_context.attach(context)
                 try:
                     return client.evaluate("mse", *pair)
                 finally:
-                    __import__("opentelemetry.context", fromlist=["detach"]).detach(token)
+                    otel_context.detach(token)
 
             with ThreadPoolExecutor(16) as pool:
                 list(pool.map(one, calls))

@@ -16,6 +16,8 @@ import grpc
 import keras
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tests.oip_requests import infer_request, outputs
 
 from lossd_server.grpc.oip import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -67,26 +69,50 @@ def test_tokens_and_scopes(rest):
     assert status == 403 and json.loads(body)["reason"] == "MISSING_SCOPE"
 
 
-def test_json_inference_equals_keras_and_grpc(rest):
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rows=st.integers(1, 12), cols=st.integers(1, 5), delta=st.floats(0.1, 5.0),
+       reduction=st.sampled_from(["none", "sum", "sum_over_batch_size", "mean"]),
+       dtype=st.sampled_from([np.float32, np.float64]), binary=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_rest_inference_equals_keras_and_grpc(rest, rows, cols, delta, reduction, dtype, binary, seed):
+    """A REST inference, JSON or binary both ways, answers Keras's Huber and
+    exactly what the gRPC form answers for the same tensors and parameters."""
     base, address, tokens = rest
-    rng = np.random.default_rng(0)
-    y_true = rng.normal(size=(4, 3)).astype(np.float32)
-    y_pred = rng.normal(size=(4, 3)).astype(np.float32)
-    request = {"id": "q1", "parameters": {"delta": 0.7, "reduction": "none", "gradient": True},
-               "inputs": [{"name": "y_true", "datatype": "FP32", "shape": [4, 3], "data": y_true.tolist()},
-                          {"name": "y_pred", "datatype": "FP32", "shape": [4, 3],
-                           "data": y_pred.ravel().tolist()}]}
-    status, _, body = call(f"{base}/v2/models/huber/infer", tokens["alice"], json.dumps(request).encode())
+    rng = np.random.default_rng(seed)
+    y_true = rng.normal(size=(rows, cols)).astype(dtype)
+    y_pred = rng.normal(size=(rows, cols)).astype(dtype)
+    datatype = {np.float32: "FP32", np.float64: "FP64"}[dtype]
+    parameters = {"delta": delta, "reduction": reduction, "gradient": True}
+    inputs = [{"name": name, "datatype": datatype, "shape": [rows, cols]} for name in ("y_true", "y_pred")]
+    headers, tail = {}, b""
+    if binary:
+        for tensor, array in zip(inputs, (y_true, y_pred)):
+            tensor["parameters"] = {"binary_data_size": array.nbytes}
+        parameters["binary_data_output"] = True
+        tail = y_true.tobytes() + y_pred.tobytes()
+    else:
+        inputs[0]["data"], inputs[1]["data"] = y_true.tolist(), y_pred.ravel().tolist()  # nested and flat
+    head = json.dumps({"id": "q1", "parameters": parameters, "inputs": inputs}).encode()
+    if binary:
+        headers = {"Inference-Header-Content-Length": str(len(head))}
+    status, answer_headers, body = call(f"{base}/v2/models/huber/infer", tokens["alice"], head + tail, headers)
     assert status == 200, body
-    answer = json.loads(body)
+    split = int(answer_headers.get("Inference-Header-Content-Length", len(body)))
+    answer = json.loads(body[:split])
     assert answer["id"] == "q1" and answer["model_name"] == "huber"
-    got = {o["name"]: np.asarray(o["data"], np.float32).reshape(o["shape"]) for o in answer["outputs"]}
-    np.testing.assert_allclose(got["loss"], np.asarray(keras.losses.Huber(delta=0.7, reduction="none")(y_true, y_pred)),
-                               rtol=1e-6)
+    got, offset = {}, split
+    for output in answer["outputs"]:
+        if binary:
+            size = output["parameters"]["binary_data_size"]
+            got[output["name"]] = np.frombuffer(body[offset:offset + size], dtype).reshape(output["shape"])
+            offset += size
+        else:
+            got[output["name"]] = np.asarray(output["data"], dtype).reshape(output["shape"])
+    want = keras.losses.Huber(delta=delta, reduction=reduction, dtype=np.dtype(dtype).name)(y_true, y_pred)
+    np.testing.assert_allclose(got["loss"], np.asarray(want), rtol=1e-6, atol=1e-7)
     with grpc.insecure_channel(address) as channel:
         response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
             infer_request("huber", {"y_true": y_true, "y_pred": y_pred},
-                          {"delta": 0.7, "reduction": "none", "gradient": True}),
+                          {"delta": delta, "reduction": reduction, "gradient": True}),
             metadata=[("authorization", f"Bearer {tokens['alice']}")])
     by_grpc = outputs(response)
     for name in ("loss", "gradient"):

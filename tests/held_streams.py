@@ -3,6 +3,7 @@ call that sends its header and then nothing."""
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 
@@ -41,3 +42,23 @@ class IdleChunked:
     def close(self):
         self.release.set()
         self.call.cancel()
+
+
+def open_idle_streams(stub, count, metadata=None, patience=10.0):
+    """Open `count` idle streams once the server has room for all of them.
+
+    A stream a previous test cancelled frees its server slot a moment after the
+    client sees it end, so a test that needs every slot first waits until none
+    of its own streams is refused for TOO_MANY_STREAMS."""
+    deadline = time.monotonic() + patience
+    while True:
+        streams = [IdleChunked(stub, metadata) for _ in range(count)]
+        time.sleep(0.3)  # a refusal arrives in well under a millisecond
+        refused = [s for s in streams if s.ended.is_set() and s.error is not None
+                   and s.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        if not refused:
+            return streams
+        for s in streams:
+            s.close()
+        assert time.monotonic() < deadline, "earlier streams never gave their slots back"
+        time.sleep(0.2)

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.grpc_errors import reason_of
-from tests.held_streams import IdleChunked
+from tests.held_streams import IdleChunked, open_idle_streams
 import lossd
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
@@ -101,8 +101,8 @@ def test_an_idle_request_stream_ends_with_stream_idle_and_frees_its_slot(small):
     address, channel = small
     stub = loss_service_pb2_grpc.LossServiceStub(channel)
     readers_before = sum(t.name.startswith("stream-reader") for t in threading.enumerate())
-    idle = [IdleChunked(stub) for _ in range(3)]
     start = time.monotonic()
+    idle = open_idle_streams(stub, 3)  # the previous test's cancelled streams may still hold slots
     for call in idle:
         assert call.ended.wait(30)
     waited = time.monotonic() - start

@@ -140,7 +140,8 @@ def cmd_jobs_plot(args) -> int:
 def cmd_jobs_generate(args) -> int:
     import numpy as np
 
-    from lossd._training import GenerateBar, save_image_grid
+    from lossd._images import save_image_grid
+    from lossd._progress import GenerateBar
 
     guidance = None
     if args.guidance:

@@ -131,7 +131,7 @@ def test_vae_lowers_its_loss_and_generates(tclient, tmp_path):
     images = tclient.generate(job, 16, seed=3)
     assert images.shape == (16, 8, 8, 1) and images.dtype == np.float32
     assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.01
-    grid = lossd._training.save_image_grid(images, tmp_path / "grid.png")
+    grid = lossd.save_image_grid(images, tmp_path / "grid.png")
     from PIL import Image
 
     assert Image.open(grid).size == (4 * 37, 4 * 37)  # 4x4 tiles of 8 px, 1 px padding, scale 4

@@ -31,7 +31,7 @@ from lossd_server.evaluation.admission import Admission, FairSlots
 from lossd_server.evaluation.batching import Batcher
 from lossd_server.evaluation.service import EvaluationService
 from lossd_server.evaluation.evaluator import Evaluator
-from lossd_server.evaluation.shared_memory import SharedMemoryRegions
+from lossd_server.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers
 from lossd_server.grpc import parsing

@@ -407,7 +407,7 @@ class Settings(BaseSettings):
     delay, refused before its message is read."""
 
     # Shared memory for clients on the server's host (issue 13,
-    # lossd_server.evaluation.shared_memory).
+    # lossd_server.shared_memory).
 
     shm: bool = True
     """Let clients on this host hand tensors over through POSIX shared memory

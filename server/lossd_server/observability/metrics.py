@@ -426,7 +426,7 @@ class Metrics:
             "Loss of the last epoch reported by the most recent running job, by split.",
             ("split",), registry=r, multiprocess_mode="livemostrecent")
 
-        # Shared memory (clients on the server's host, evaluation/shared_memory.py).
+        # Shared memory (clients on the server's host, shared_memory.py).
         self.lossd_shared_memory_bytes_total = Counter(
             "lossd_shared_memory_bytes_total",
             "Tensor bytes served through shared-memory regions instead of the socket: read from requests, "

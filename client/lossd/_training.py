@@ -61,10 +61,12 @@ class TrainingMixin(_TrainingStub):
             loss_params: Loss parameters under Keras's names.
             model_params: Preset parameters, e.g. ``{"filters": [16, 32]}``.
             optimizer: A Keras optimizer name (``adam``, ``sgd``, ...).
-            learning_rate: None for the optimizer's default.
+            learning_rate: None for the preset's default with Adam (``diffusion``: 2e-3), else the
+                optimizer's own.
             optimizer_params: Other optimizer parameters, e.g. ``{"momentum": 0.9}``.
-            epochs: 0 for the server's default (10).
-            batch_size: 0 for the default (32).
+            epochs: 0 for the preset's default (10; ``vae`` 60, ``diffusion`` 100), chosen so the
+                default job on digits gives a usable model.
+            batch_size: 0 for the preset's default (32; ``diffusion`` 64).
             validation_split: Held-out fraction; None for the default (0.2).
             metrics: Keras metric names; empty for ``accuracy`` on classifiers.
             seed: 0 for the default (1).

@@ -32,8 +32,6 @@ from lossd_server.state.store import CANCELLING, QUEUED, RUNNING, JobRecord, Sto
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EPOCHS = 10
-DEFAULT_BATCH_SIZE = 32
 DEFAULT_VALIDATION_SPLIT = 0.2
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 65_536
@@ -280,10 +278,10 @@ def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalo
     params = models.resolve_model_params(preset.name, model.get("params"), info.image_shape)
     # The planner evaluation uses: a bad loss gets the error Evaluate gives.
     loss = plan_training_loss(planner, spec.get("loss"), preset.kind, preset.name)
-    optimizer = models.resolve_optimizer(spec.get("optimizer"))
+    optimizer = models.resolve_optimizer(spec.get("optimizer"), preset.defaults.learning_rate)
     metrics = models.resolve_metrics(spec.get("metrics") or [], preset.kind)
-    epochs = _whole(spec, "epochs", DEFAULT_EPOCHS, 1, MAX_EPOCHS)
-    batch_size = _whole(spec, "batch_size", DEFAULT_BATCH_SIZE, 1, MAX_BATCH_SIZE)
+    epochs = _whole(spec, "epochs", preset.defaults.epochs, 1, MAX_EPOCHS)
+    batch_size = _whole(spec, "batch_size", preset.defaults.batch_size, 1, MAX_BATCH_SIZE)
     steps = _whole(spec, "steps_per_epoch", 0, 0, 1 << 30) if spec.get("steps_per_epoch") else 0
     seed = _whole(spec, "seed", 1, 0, 2**32 - 1)
     workers = _workers(spec, settings, preset, loss, batch_size, metrics, len(info.class_names))

@@ -429,7 +429,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         return check.status == health_pb2.HealthCheckResponse.SERVING
 
     oip_servicer.add_oip_service(oip_servicer.OipServicer(evaluation, ready=serving, callers=callers,
-                                                          version=lossd_server.__version__), server)
+                                                          version=lossd_server.__version__, shared_memory=regions),
+                                 server)
     services = [name for name in SERVICE_NAMES if shared_memory is not None or name != SHARED_MEMORY_SERVICE]
     for name in [*services, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

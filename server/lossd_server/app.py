@@ -463,7 +463,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                   health_server=health_server, health_executor=health_executor,
                   follower=follower, process=process, observer=observer,
                   tracing=tracing,
-                  oip_http=OipRestApp(evaluation, ready=serving, callers=callers, tracing=tracing,
+                  oip_http=OipRestApp(evaluation, ready=serving, callers=callers, tracing=tracing, metrics=metrics,
                                       admission=None if callers.open else admission,
                                       version=lossd_server.__version__, max_body_bytes=settings.max_message_bytes)
                   if settings.http_port is not None and (process is None or process.index == 0) else None)

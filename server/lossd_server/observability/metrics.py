@@ -135,6 +135,10 @@ JOB_DURATION_BUCKETS = (
 )
 
 _RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+_HTTP_LABELS = ("http_request_method", "http_route")
+# The ``http_request_method`` values kept as they are; any other method a
+# client sends is counted as ``_OTHER`` (as OpenTelemetry spells it).
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 # Micro-batching (lossd_server.evaluation.batching): requests and y_pred
 # elements per batched call, and how long each request waited for company.
@@ -245,6 +249,33 @@ class RpcMethodMetrics:
         self._handling.observe(seconds)
 
 
+class HttpRouteMetrics:
+    """The HTTP metrics of one (method, route template), children resolved once.
+
+    Get it from ``Metrics.http_route``; the REST front end calls
+    ``started()`` when a request arrives and ``finished()`` once it is answered.
+    """
+
+    def __init__(self, metrics: "Metrics", method: str, route: str):
+        self._labels = (method, route)
+        self._duration_family = metrics.http_server_request_duration_seconds
+        self._active = metrics.http_server_active_requests.labels(method, route)
+        self._duration: dict[int, Histogram] = {}
+
+    def started(self) -> None:
+        """Counts a request as in flight."""
+        self._active.inc()
+
+    def finished(self, status: int, seconds: float) -> None:
+        """Records the answer of a started request: its HTTP status (one the
+        server chose, so the label stays bounded) and how long it took."""
+        self._active.dec()
+        duration = self._duration.get(status)
+        if duration is None:
+            duration = self._duration.setdefault(status, self._duration_family.labels(*self._labels, str(status)))
+        duration.observe(seconds)
+
+
 class Metrics:
     """All of lossd's metrics, registered on one registry.
 
@@ -275,6 +306,7 @@ class Metrics:
         self._written: set = set()  # the info gauges set once (see _replace)
         self._evaluation_children: dict[tuple[str, str], tuple] = {}
         self._rpc_methods: dict[tuple[str, str], RpcMethodMetrics] = {}
+        self._http_routes: dict[tuple[str, str], HttpRouteMetrics] = {}
         self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, EXPRESSION_LOSS, OTHER_LOSS}
         self._registered_labels: set[str] = set()
         self._registered_lock = threading.Lock()
@@ -311,6 +343,17 @@ class Metrics:
             "lossd_grpc_in_flight_requests",
             "RPCs started and not yet finished.",
             ("grpc_service", "grpc_method"), registry=r, multiprocess_mode="livesum")
+        # HTTP level (the Open Inference Protocol's REST port), named as
+        # OpenTelemetry's HTTP semantic conventions export them to Prometheus.
+        self.http_server_request_duration_seconds = Histogram(
+            "http_server_request_duration_seconds",
+            "Time from an HTTP request's arrival to its answer, by method, route template and status code; "
+            "its _count counts the requests.",
+            _HTTP_LABELS + ("http_response_status_code",), buckets=RPC_BUCKETS, registry=r)
+        self.http_server_active_requests = Gauge(
+            "http_server_active_requests",
+            "HTTP requests started and not yet answered.",
+            _HTTP_LABELS, registry=r, multiprocess_mode="livesum")
 
         # Loss evaluation.
         self.lossd_loss_evaluations_total = Counter(
@@ -645,6 +688,17 @@ class Metrics:
         if found is None:
             found = self._rpc_methods.setdefault(key, RpcMethodMetrics(
                 self, grpc_type(client_streaming, server_streaming), service, method))
+        return found
+
+    def http_route(self, method: str, route: str) -> HttpRouteMetrics:
+        """The metrics of one HTTP method on one route template (such as
+        ``/v2/models/{name}/infer``, never a raw path: the caller bounds the
+        routes), made on the first request and shared after. A method not in
+        ``HTTP_METHODS`` is counted as ``_OTHER``."""
+        key = (method if method in HTTP_METHODS else "_OTHER", route)  # a client's method never grows this
+        found = self._http_routes.get(key)
+        if found is None:
+            found = self._http_routes.setdefault(key, HttpRouteMetrics(self, *key))
         return found
 
     # Training: recorded by the job scheduler (lossd_server.training.scheduler).

@@ -141,7 +141,7 @@ def test_oip_grpc_and_rest_calls_have_spans(receiver, traced):
             assert response.status == 200
     trace_id = caller.get_span_context().trace_id.to_bytes(16, "big")
     infer = [s for s in receiver.wait_for("inference.GRPCInferenceService/ModelInfer") if s.trace_id == trace_id]
-    rest = [s for s in receiver.wait_for("GET /v2/models/mse") if s.trace_id == trace_id]
+    rest = [s for s in receiver.wait_for("GET /v2/models/{name}") if s.trace_id == trace_id]
     assert len(infer) == 1 and len(rest) == 1
     status = {a.key: a.value.int_value for a in rest[0].attributes}["http.response.status_code"]
     assert status == 200

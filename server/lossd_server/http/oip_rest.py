@@ -105,6 +105,17 @@ class OipRestApp:
     def __call__(self, environ, start_response):
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
         route = route_of(path)
+        if not self.tracing.enabled:
+            return self._serve(environ, start_response, method, path, route, None)
+        carrier = {key[5:].lower().replace("_", "-"): value for key, value in environ.items()
+                   if key in ("HTTP_TRACEPARENT", "HTTP_TRACESTATE")}
+        known = method if method in HTTP_METHODS else "_OTHER"
+        # The span holds the metrics too: the latency histogram's exemplar is its trace.
+        with self.tracing.server_span(f"{known} {route}", carrier, {
+                "http.request.method": known, "http.route": route, "url.path": path[:200]}) as span:
+            return self._serve(environ, start_response, method, path, route, span)
+
+    def _serve(self, environ, start_response, method: str, path: str, route: str, span):
         http = None if self.metrics is None else self.metrics.http_route(method, route)
         sent_id = environ.get("HTTP_X_REQUEST_ID")
         token = set_request_id(call_request_id(((METADATA_KEY, sent_id),) if sent_id is not None else (),
@@ -114,18 +125,11 @@ class OipRestApp:
         start = time.perf_counter()
         status, message = 500, "the request ended before its answer"
         try:
-            if not self.tracing.enabled:
-                status, headers, body, message = self._answer(environ, method, path)
-            else:
-                carrier = {key[5:].lower().replace("_", "-"): value for key, value in environ.items()
-                           if key in ("HTTP_TRACEPARENT", "HTTP_TRACESTATE")}
-                known = method if method in HTTP_METHODS else "_OTHER"
-                with self.tracing.server_span(f"{known} {route}", carrier, {
-                        "http.request.method": known, "http.route": route, "url.path": path[:200]}) as span:
-                    status, headers, body, message = self._answer(environ, method, path)
-                    span.set_attribute("http.response.status_code", status)
-                    if message is not None:
-                        self.tracing.error(span, message)
+            status, headers, body, message = self._answer(environ, method, path)
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                if message is not None:
+                    self.tracing.error(span, message)
             start_response(f"{status} {_REASONS.get(status, '')}", headers)
             return [body]
         finally:

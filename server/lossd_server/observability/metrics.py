@@ -219,7 +219,7 @@ class RpcMethodMetrics:
         self._in_flight = metrics.lossd_grpc_in_flight_requests.labels(service, method)
         self._received = metrics.grpc_server_msg_received_total.labels(*self._labels)
         self._sent = metrics.grpc_server_msg_sent_total.labels(*self._labels)
-        self._handling = metrics.grpc_server_handling_seconds.labels(*self._labels)
+        self._handling = metrics.latency(metrics.grpc_server_handling_seconds.labels(*self._labels))
         self._handled = {"OK": self._handled_total.labels(*self._labels, "OK")}
 
     def started(self) -> None:
@@ -249,6 +249,18 @@ class RpcMethodMetrics:
         self._handling.observe(seconds)
 
 
+class _WithExemplar:
+    """A histogram child whose observations carry the current trace as their exemplar."""
+
+    __slots__ = ("_child", "_exemplar")
+
+    def __init__(self, child, exemplar: Callable[[], Optional[dict]]):
+        self._child, self._exemplar = child, exemplar
+
+    def observe(self, amount: float) -> None:
+        self._child.observe(amount, self._exemplar())
+
+
 class HttpRouteMetrics:
     """The HTTP metrics of one (method, route template), children resolved once.
 
@@ -259,6 +271,7 @@ class HttpRouteMetrics:
     def __init__(self, metrics: "Metrics", method: str, route: str):
         self._labels = (method, route)
         self._duration_family = metrics.http_server_request_duration_seconds
+        self._latency = metrics.latency
         self._active = metrics.http_server_active_requests.labels(method, route)
         self._duration: dict[int, Histogram] = {}
 
@@ -272,7 +285,8 @@ class HttpRouteMetrics:
         self._active.dec()
         duration = self._duration.get(status)
         if duration is None:
-            duration = self._duration.setdefault(status, self._duration_family.labels(*self._labels, str(status)))
+            duration = self._duration.setdefault(status, self._latency(
+                self._duration_family.labels(*self._labels, str(status))))
         duration.observe(seconds)
 
 
@@ -307,6 +321,7 @@ class Metrics:
         self._evaluation_children: dict[tuple[str, str], tuple] = {}
         self._rpc_methods: dict[tuple[str, str], RpcMethodMetrics] = {}
         self._http_routes: dict[tuple[str, str], HttpRouteMetrics] = {}
+        self._exemplar: Optional[Callable[[], Optional[dict]]] = None  # see exemplars_from
         self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, EXPRESSION_LOSS, OTHER_LOSS}
         self._registered_labels: set[str] = set()
         self._registered_lock = threading.Lock()
@@ -527,6 +542,28 @@ class Metrics:
         for reason in REJECTION_REASONS:
             self.lossd_rejected_requests_total.labels(reason)
 
+    # Exemplars: the latency histograms' link to traces.
+
+    def exemplars_from(self, exemplar: Callable[[], Optional[dict]]) -> None:
+        """Makes the latency histograms (``grpc_server_handling_seconds``,
+        ``http_server_request_duration_seconds``,
+        ``lossd_loss_evaluation_duration_seconds``) keep, with each bucket's
+        latest observation, ``exemplar()``: the current span's
+        ``{"trace_id", "span_id"}``, or None outside a sampled span. Served in
+        the OpenMetrics format only (a scrape that asks for it).
+
+        Call it before the histograms' children are made (``create_server``
+        does, right after making the metrics, when tracing is on): only
+        children made after it carry exemplars, so a server without tracing
+        observes as before, at no cost. In multiprocess mode
+        prometheus_client keeps no exemplars."""
+        self._exemplar = exemplar
+
+    def latency(self, child):
+        """``child`` (a histogram's labelled child), observing with an
+        exemplar when ``exemplars_from`` was called."""
+        return child if self._exemplar is None else _WithExemplar(child, self._exemplar)
+
     # Loss evaluation.
 
     def loss_label(self, name: str) -> str:
@@ -565,7 +602,7 @@ class Metrics:
         if children is None:
             loss = self.loss_label(loss_name)
             children = (self.lossd_loss_evaluations_total.labels(loss, outcome),
-                        self.lossd_loss_evaluation_duration_seconds.labels(loss),
+                        self.latency(self.lossd_loss_evaluation_duration_seconds.labels(loss)),
                         self.lossd_loss_evaluated_elements_total.labels(loss),
                         self.lossd_loss_evaluated_bytes_total.labels(loss))
             if len(self._evaluation_children) < 4096:  # unknown names are many; "other" needs no cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 import urllib.error
 import urllib.request
 
@@ -213,10 +214,15 @@ def test_requests_are_counted_by_route_template_and_logged(rest, serve_with_toke
     status, _, _ = call(f"{base}/v2/models/mse/infer", tokens["alice"], body, {"X-Request-Id": "rest-1"})
     assert status == 200
     assert call(f"{base}/v2/models/hubber/versions/1", tokens["alice"], headers={"X-Request-Id": "rest-2"})[0] == 404
-    after = _http_requests(srv.metrics_port)
-    moved = {key: value - before.get(key, 0) for key, value in after.items() if value != before.get(key, 0)}
-    assert moved == {("POST", "/v2/models/{name}/infer", "200"): 1,
-                     ("GET", "/v2/models/{name}/versions/{version}", "404"): 1}, moved
+    wanted = {("POST", "/v2/models/{name}/infer", "200"): 1, ("GET", "/v2/models/{name}/versions/{version}", "404"): 1}
+    deadline = time.monotonic() + 30  # /metrics serves a rendering up to a second old
+    while True:
+        after = _http_requests(srv.metrics_port)
+        moved = {key: value - before.get(key, 0) for key, value in after.items() if value != before.get(key, 0)}
+        if moved == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert moved == wanted, moved
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     access = {r["request_id"]: r for r in records if r["logger"] == "lossd_server.access"}
     assert access["rest-1"]["level"] == "DEBUG" and access["rest-1"]["message"].startswith(

@@ -40,8 +40,9 @@ def parameter_value(parameter: pb.InferParameter):
     return None if kind is None else getattr(parameter, kind)
 
 
-def _inputs(request: pb.ModelInferRequest) -> list[oip.Input]:
-    raw = request.raw_input_contents
+def _inputs(request: pb.ModelInferRequest, raw) -> list[oip.Input]:
+    """The request's inputs; ``raw``: its raw_input_contents (views of the
+    received bytes where ``parsing.lifted_unary`` lifted them)."""
     if raw and len(raw) != len(request.inputs):
         raise wire.WireError(f"raw_input_contents holds one entry per input. Expected {len(request.inputs)}. "
                              f"Received: {len(raw)}.")
@@ -64,6 +65,9 @@ def add_oip_service(servicer: "OipServicer", server) -> None:
     its handler (``parsing.tolerant``): bytes that do not parse are
     INVALID_ARGUMENT, never INTERNAL."""
     service, handlers = parsing.handlers_of(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE)
+    # ModelInfer's raw contents are views of the received bytes, and its raw
+    # outputs are written once, into the answer's bytes (lossd.v1's codec).
+    handlers["ModelInfer"] = parsing.lifted_unary(servicer.ModelInfer, pb.ModelInferRequest, "raw_input_contents")
     parsing.register(server, service, handlers)
 
 
@@ -113,10 +117,16 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensors(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.outputs])
 
     @handle_errors
-    def ModelInfer(self, request: pb.ModelInferRequest, context):
+    def ModelInfer(self, request, context):
+        # add_oip_service registers ModelInfer with the raw contents lifted
+        # out of the request (parsing.Lifted), and a serializer that passes
+        # the answer's bytes through.
+        lifted = request if isinstance(request, parsing.Lifted) else parsing.Lifted(request)
+        request = lifted.message
+        raw = lifted.entries if lifted.entries is not None else request.raw_input_contents
         parameters = {name: parameter_value(value) for name, value in request.parameters.items()}
         inference = oip.inference(self.registry, request.model_name, request.model_version, parameters,
-                                  _inputs(request), [output.name for output in request.outputs],
+                                  _inputs(request, raw), [output.name for output in request.outputs],
                                   max_elements=self.service.max_elements)
         cancellation = self.service.new_cancellation()
         if not context.add_callback(cancellation.cancel):  # the call is over already
@@ -127,9 +137,14 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                                          id=request.id)
         with tracing.span("lossd.encode"):
             response.parameters["non_finite"].bool_param = result.non_finite
+            arrays = []
             for name, array in oip.outputs_of(result, inference.outputs):
                 array = np.asarray(array)
                 response.outputs.add(name=name, datatype=wire.oip_datatype(wire.dtype_enum(array.dtype)),
                                      shape=array.shape)
+                arrays.append(array)
+            if sum(array.nbytes for array in arrays) >= wire.LIFT_MIN_BYTES:  # each copied once, into the answer
+                return wire.serialize_with_tensors(response, raw={"raw_output_contents": arrays})
+            for array in arrays:  # small: protobuf's own serializer is faster
                 response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
         return response

@@ -29,7 +29,8 @@ histograms are summed over the processes, those that died included, so they
 never go down. Each gauge says how its processes' values combine
 (``multiprocess_mode``), and only live processes count:
 
-- ``livesum`` for what each process holds on its own: RPCs in flight,
+- ``livesum`` for what each process holds on its own: RPCs and REST
+  requests in flight (only the first process serves the REST port),
   compiled programs cached, shared-memory regions mapped, training
   throughput (only the process that runs jobs sets it);
 - ``livemostrecent`` for what every process reads from the shared store

@@ -523,8 +523,10 @@ def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_fi
                     rest.append(_length_delimited(number, len(entry) + len(head)) + entry + head)
         if head is None:
             rest.append(buf[f_start:f_end])
+    # Nothing lifted (a big request of typed contents): the bytes as received, not a joined copy.
+    whole = not contents and not entries and isinstance(raw, bytes)
     try:
-        message = message_class.FromString(b"".join(rest))
+        message = message_class.FromString(raw if whole else b"".join(rest))
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or a bad UTF-8 string
         raise WireError(f"Malformed message: {exc}", reason="BAD_MESSAGE") from None
     if bytes_field:

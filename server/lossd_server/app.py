@@ -343,6 +343,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     backend.configure_threads(settings.inter_op_threads or None)
     device = backend.select_device(settings.device)
 
+    tracing = Tracing.from_environment()
+    tracing_module.current = tracing
     metrics = None
     if settings.metrics_port is not None:
         # Registered losses are client input: they get label values of their
@@ -355,6 +357,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                           loss_names=fixed, version=lossd_server.__version__,
                           tensorflow_version=versions["tensorflow"], keras_version=versions["keras"],
                           process_metrics=process is None, max_registered_labels=settings.max_loss_labels)
+        if tracing.enabled:  # before the RPC metrics are made: latency histograms link to traces
+            metrics.exemplars_from(tracing.exemplar)
         metrics.set_device_info([(device.device_type, device.physical)])
         metrics.set_gpu_memory_source(backend.gpu_memory)
         metrics.set_quarantined_items(len(quarantined))
@@ -400,8 +404,6 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     # open, `workers` threads are left for unary calls and health checks.
     executor = futures.ThreadPoolExecutor(max_workers=settings.workers + settings.max_streams,
                                           thread_name_prefix="rpc")
-    tracing = Tracing.from_environment()
-    tracing_module.current = tracing
     observer = ObservabilityInterceptor(metrics)  # Server.observer: the calls in flight, for the drain
     interceptors = [*([TracingInterceptor(tracing)] if tracing.enabled else []),  # first: the span holds the call
                     observer,
@@ -464,7 +466,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                   health_server=health_server, health_executor=health_executor,
                   follower=follower, process=process, observer=observer,
                   tracing=tracing,
-                  oip_http=OipRestApp(evaluation, ready=serving, callers=callers, tracing=tracing,
+                  oip_http=OipRestApp(evaluation, ready=serving, callers=callers, tracing=tracing, metrics=metrics,
                                       admission=None if callers.open else admission,
                                       version=lossd_server.__version__, max_body_bytes=settings.max_message_bytes)
                   if settings.http_port is not None and (process is None or process.index == 0) else None)

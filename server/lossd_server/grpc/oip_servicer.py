@@ -36,6 +36,7 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "INT64": "int64_contents", "UINT8": "uint_contents", "FP32": "fp32_contents",
              "FP64": "fp64_contents"}
 _EXTENSIONS = ("parameters",)
+_EMPTY = np.empty(0, np.uint8)  # the raw entry of an output written to shared memory
 
 
 def parameter_value(parameter: pb.InferParameter):
@@ -48,10 +49,11 @@ def _parameters(parameters) -> dict:
     return {name: parameter_value(value) for name, value in parameters.items()}
 
 
-def _inputs(request: pb.ModelInferRequest) -> list[oip.Input]:
+def _inputs(request: pb.ModelInferRequest, raw) -> list[oip.Input]:
+    """The request's inputs; ``raw``: its raw_input_contents (views of the
+    received bytes where ``parsing.lifted_unary`` lifted them)."""
     regions = [oip.region_of(_parameters(t.parameters), f"inputs[{t.name[:64]}]") if t.parameters else None
                for t in request.inputs]
-    raw = request.raw_input_contents
     in_memory = sum(region is None for region in regions)  # a tensor in shared memory has no raw entry
     if raw and len(raw) != in_memory:
         raise wire.WireError(f"raw_input_contents holds one entry per input not in shared memory. Expected "
@@ -78,6 +80,9 @@ def add_oip_service(servicer: "OipServicer", server) -> None:
     its handler (``parsing.tolerant``): bytes that do not parse are
     INVALID_ARGUMENT, never INTERNAL."""
     service, handlers = parsing.handlers_of(pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer, SERVICE)
+    # ModelInfer's raw contents are views of the received bytes, and its raw
+    # outputs are written once, into the answer's bytes (lossd.v1's codec).
+    handlers["ModelInfer"] = parsing.lifted_unary(servicer.ModelInfer, pb.ModelInferRequest, "raw_input_contents")
     parsing.register(server, service, handlers)
 
 
@@ -131,14 +136,20 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensors(name=t.name, datatype=t.datatype, shape=t.shape) for t in metadata.outputs])
 
     @handle_errors
-    def ModelInfer(self, request: pb.ModelInferRequest, context):
+    def ModelInfer(self, request, context):
+        # add_oip_service registers ModelInfer with the raw contents lifted
+        # out of the request (parsing.Lifted), and a serializer that passes
+        # the answer's bytes through.
+        lifted = request if isinstance(request, parsing.Lifted) else parsing.Lifted(request)
+        request = lifted.message
+        raw = lifted.entries if lifted.entries is not None else request.raw_input_contents
         parameters = _parameters(request.parameters)
         caller = self.callers.of(context)
         regions = self.shared_memory.access(caller.name, named=True) if self.shared_memory is not None else None
         output_regions = {output.name: oip.region_of(_parameters(output.parameters), f"outputs[{output.name[:64]}]")
                           for output in request.outputs if output.parameters}
         inference = oip.inference(self.registry, request.model_name, request.model_version, parameters,
-                                  _inputs(request), [output.name for output in request.outputs],
+                                  _inputs(request, raw), [output.name for output in request.outputs],
                                   max_elements=self.service.max_elements, regions=regions,
                                   output_regions={k: v for k, v in output_regions.items() if v is not None})
         cancellation = self.service.new_cancellation()
@@ -150,13 +161,14 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                                          id=request.id)
         with tracing.span("lossd.encode"):
             response.parameters["non_finite"].bool_param = result.non_finite
+            arrays = []
             for name, array in oip.outputs_of(result, inference.outputs):
                 array = np.asarray(array)
                 output = response.outputs.add(name=name, datatype=wire.oip_datatype(wire.dtype_enum(array.dtype)),
                                               shape=array.shape)
                 ref = inference.output_regions.get(name)
                 if ref is None:
-                    response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
+                    arrays.append(array)
                     continue
                 # Written to the caller's region; an empty entry keeps the
                 # raw contents in step with the outputs, as clients index them.
@@ -164,7 +176,11 @@ class OipServicer(pb_grpc.GRPCInferenceServiceServicer):
                 output.parameters[oip.SHM_REGION].string_param = ref.region
                 output.parameters[oip.SHM_BYTE_SIZE].int64_param = written
                 output.parameters[oip.SHM_OFFSET].int64_param = ref.offset
-                response.raw_output_contents.append(b"")
+                arrays.append(_EMPTY)
+            if sum(array.nbytes for array in arrays) >= wire.LIFT_MIN_BYTES:  # each copied once, into the answer
+                return wire.serialize_with_tensors(response, raw={"raw_output_contents": arrays})
+            for array in arrays:  # small: protobuf's own serializer is faster
+                response.raw_output_contents.append(np.ascontiguousarray(array).tobytes())
         return response
 
     # -- Triton's system shared-memory extension --------------------------------

@@ -29,8 +29,13 @@ from lossd_server.errors import InvalidArgument, LossdError, PermissionDenied
 from lossd_server.evaluation import inference_protocol as oip
 from lossd_server.evaluation.service import EvaluationService
 from lossd_server.observability import tracing as tracing_module
+from lossd_server.observability.logs import ACCESS_LOGGER, one_line
+from lossd_server.observability.metrics import HTTP_METHODS
+from lossd_server.observability.requestid import (METADATA_KEY, call_request_id, current_request_id, refusal_counter,
+                                                   reset_request_id, set_request_id)
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ("parameters", "binary_tensor_data")
@@ -42,6 +47,21 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
             429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
             504: "Gateway Timeout"}
 _MODEL_ROUTE = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
+_FIXED_ROUTES = ("/v2", "/v2/health/live", "/v2/health/ready")
+# The route of a path that matches none: metrics and span names never carry a raw path.
+OTHER_ROUTE = "_OTHER"
+
+
+def route_of(path: str) -> str:
+    """The route template a path matches (``/v2/models/{name}/infer``,
+    ``/v2/health/ready``), or ``OTHER_ROUTE``: the bounded ``http_route`` of
+    metrics and span names."""
+    if path in _FIXED_ROUTES:
+        return path
+    match = _MODEL_ROUTE.match(path)
+    if match is None:
+        return OTHER_ROUTE
+    return "/v2/models/{name}" + ("/versions/{version}" if match["version"] else "") + (match["rest"] or "")
 
 
 class HttpError(Exception):
@@ -63,10 +83,15 @@ class OipRestApp:
             ``max_message_bytes``).
         tracing: ``observability.tracing``: a SERVER span per request (the
             child of a W3C ``traceparent`` header's), when on.
+        metrics: ``observability.metrics.Metrics``: the HTTP request metrics
+            by method and route template, and refusals by reason; None: none.
+
+    Every request writes the access log's line (``lossd_server.access``), as
+    a gRPC call does, with its ``X-Request-Id`` header as the request id.
     """
 
     def __init__(self, service: EvaluationService, *, ready: Callable[[], bool], callers, admission=None,
-                 version: str = "", max_body_bytes: int = 256 << 20, tracing=tracing_module.OFF):
+                 version: str = "", max_body_bytes: int = 256 << 20, tracing=tracing_module.OFF, metrics=None):
         self.service = service
         self.registry = service.registry
         self.ready = ready
@@ -75,46 +100,82 @@ class OipRestApp:
         self.version = version
         self.max_body_bytes = max_body_bytes
         self.tracing = tracing
+        self.metrics = metrics
 
     def __call__(self, environ, start_response):
-        if not self.tracing.enabled:
-            return self._answer(environ, start_response, None)
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
+        route = route_of(path)
+        if not self.tracing.enabled:
+            return self._serve(environ, start_response, method, path, route, None)
         carrier = {key[5:].lower().replace("_", "-"): value for key, value in environ.items()
                    if key in ("HTTP_TRACEPARENT", "HTTP_TRACESTATE")}
-        with self.tracing.server_span(f"{method} {path[:100]}", carrier,
-                                      {"http.request.method": method, "url.path": path[:200]}) as span:
-            return self._answer(environ, start_response, span)
+        known = method if method in HTTP_METHODS else "_OTHER"
+        # The span holds the metrics too: the latency histogram's exemplar is its trace.
+        with self.tracing.server_span(f"{known} {route}", carrier, {
+                "http.request.method": known, "http.route": route, "url.path": path[:200]}) as span:
+            return self._serve(environ, start_response, method, path, route, span)
 
-    def _answer(self, environ, start_response, span):
+    def _serve(self, environ, start_response, method: str, path: str, route: str, span):
+        http = None if self.metrics is None else self.metrics.http_route(method, route)
+        sent_id = environ.get("HTTP_X_REQUEST_ID")
+        token = set_request_id(call_request_id(((METADATA_KEY, sent_id),) if sent_id is not None else (),
+                                               None if self.metrics is None else self.metrics.count_rejection))
+        if http is not None:
+            http.started()
         start = time.perf_counter()
-        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
+        status, message = 500, "the request ended before its answer"
+        try:
+            status, headers, body, message = self._answer(environ, method, path)
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                if message is not None:
+                    self.tracing.error(span, message)
+            start_response(f"{status} {_REASONS.get(status, '')}", headers)
+            return [body]
+        finally:
+            seconds = time.perf_counter() - start
+            if http is not None:
+                http.finished(status, seconds)
+            # The access log line, as the gRPC interceptor writes it: DEBUG when
+            # answered, WARNING with the error's message when refused or failed.
+            if message is None:
+                if access_log.isEnabledFor(logging.DEBUG):
+                    access_log.debug("%s %s %d %.2f ms", one_line(method[:16]), one_line(path[:200]), status,
+                                     seconds * 1e3)
+            else:
+                access_log.warning("%s %s %d %.2f ms: %s", one_line(method[:16]), one_line(path[:200]), status,
+                                   seconds * 1e3, one_line(message))
+            reset_request_id(token)
+
+    def _answer(self, environ, method: str, path: str):
+        """``(status, headers, body, error message or None)`` of one request."""
+        message = None
         try:
             status, headers, body = self._route(environ, method, path)
         except HttpError as error:
-            status, headers, body = error.status, [], self._error_body(error.message, error.reason)
+            status, headers, body, message = error.status, [], self._error_body(error.message, error.reason), \
+                error.message
         except (LossdError, wire.WireError) as error:
             kind = getattr(error, "kind", "invalid_argument")
             status = _HTTP_STATUS.get(kind, 400)
             headers = []
             delay = getattr(error, "retry_delay", None)
-            if status == 429 and delay is not None:
-                headers.append(("Retry-After", str(max(1, int(delay + 0.999)))))
-            body = self._error_body(getattr(error, "message", str(error)), error.reason)
+            if status == 429:
+                counter = refusal_counter()  # lossd_rejected_requests_total, as for a gRPC call
+                if counter is not None:
+                    counter(error.reason)
+                if delay is not None:
+                    headers.append(("Retry-After", str(max(1, int(delay + 0.999)))))
+            message = getattr(error, "message", str(error))
+            body = self._error_body(message, error.reason)
         except Exception:  # noqa: BLE001 - every failure gets an answer, and a log line
-            log.exception("OIP REST %s %s failed", method, path[:200])
-            status, headers, body = 500, [], self._error_body("Internal error; the server logged it.", "INTERNAL")
+            log.exception("OIP REST %s %s failed", method[:16], path[:200])
+            message = f"Internal error; the server logged it with request id {current_request_id()}."
+            status, headers, body = 500, [], self._error_body(message, "INTERNAL")
         if not any(name == "Content-Type" for name, _ in headers):
             headers.append(("Content-Type", "application/json"))
         headers.append(("Content-Length", str(len(body))))
-        if span is not None:
-            span.set_attribute("http.response.status_code", status)
-            if status >= 400:
-                self.tracing.error(span, body.decode(errors="replace"))
-        start_response(f"{status} {_REASONS.get(status, '')}", headers)
-        if status >= 400:
-            log.debug("OIP REST %s %s %d %.2f ms", method, path[:200], status, (time.perf_counter() - start) * 1e3)
-        return [body]
+        return status, headers, body, message
 
     @staticmethod
     def _error_body(message: str, reason: str) -> bytes:

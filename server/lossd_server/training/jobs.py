@@ -23,6 +23,7 @@ from lossd.wire import DEFAULT_REDUCTION
 from lossd_server.callers import ANONYMOUS, Caller
 from lossd_server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from lossd_server.losses import reductions
+from lossd_server.observability import tracing
 from lossd_server.losses.plan import Planner
 from lossd_server.losses.registry import ROWS
 from lossd_server.training import cost, models
@@ -114,6 +115,9 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
             return existing, False
     settings = catalog.settings
     normalized, runtime, kind = _normalize(spec, planner, catalog, caller, settings)
+    traceparent = tracing.current.new_job_trace()  # None with tracing off
+    if traceparent is not None:  # the job's own trace, kept with it for every process that runs it
+        runtime["traceparent"] = traceparent
     job = JobRecord(id=uuid.uuid4().hex[:16], spec=normalized, runtime=runtime, model_kind=kind,
                     request_id=request_id or None, display_name=display_name[:200],
                     progress={"epochs_completed": 0, "epochs": normalized["epochs"]}, owner=caller.name)
@@ -136,6 +140,7 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
     # A retry of a create that won meanwhile gets its job, whatever the limits;
     # a concurrent create with the same request_id may win.
     job, created = store.create_job(job, admit)
+    tracing.current.job(job.runtime.get("traceparent")).link_current()  # a retry links to the job it returns
     if not created:
         _check_request_id_owner(job, caller)
     if created:

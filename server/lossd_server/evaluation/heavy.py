@@ -353,7 +353,8 @@ class HeavyLane:
                 _recv_array(sock, loss), None if grad is None else _recv_array(sock, grad),
                 [(label, _recv_array(sock, d), weight) for label, d, weight in terms], non_finite,
                 {name: _recv_array(sock, d) for name, d in outputs})
-        except (WorkerDied, OSError, EOFError, pickle.UnpicklingError):
+        except (WorkerDied, OSError, EOFError, ValueError, pickle.UnpicklingError):
+            # ValueError: select on a socket ``close`` shut meanwhile.
             status = self._kill(worker, "died")
             raise self._died(plan, status) from None
 

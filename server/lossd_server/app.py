@@ -419,11 +419,13 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                if settings.shm else None)
     heavy = None
     if settings.heavy_workers:
-        # One caller without tokens: its queue is the lane's whole queue.
+        # A caller's waiters for the lane are bounded by its share of the
+        # evaluation slots (each holds one) and by the lane's whole queue: a
+        # tighter bound of its own would refuse them after their messages
+        # were read, where waiting costs the server nothing.
         heavy = HeavyLane(
             evaluator, threshold=settings.heavy_evaluation_cost, processes=settings.heavy_workers,
-            max_queued=settings.heavy_max_queued,
-            max_caller_queued=settings.max_caller_queued if fair else max(1, settings.heavy_max_queued),
+            max_queued=settings.heavy_max_queued, max_caller_queued=max(1, settings.heavy_max_queued),
             min_caller_share=settings.min_caller_slots, queue_seconds=settings.heavy_queue_seconds,
             nice=settings.heavy_nice, metrics=metrics,
             worker_config={"device": settings.device, "inter_op_threads": settings.inter_op_threads,

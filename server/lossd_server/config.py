@@ -422,8 +422,9 @@ class Settings(BaseSettings):
 
     heavy_max_queued: int = Field(4, ge=0)
     """Most heavy evaluations waiting for a worker, all callers together
-    (each caller at most ``max_caller_queued`` on a server with tokens); one
-    more is RESOURCE_EXHAUSTED (HEAVY_LANE_FULL) with a retry delay."""
+    (each caller's also within its share of ``evaluation_slots``, since each
+    holds one); one more is RESOURCE_EXHAUSTED (HEAVY_LANE_FULL) with a
+    retry delay."""
 
     heavy_queue_seconds: float = Field(30.0, ge=0)
     """Longest a heavy evaluation waits for a worker (or less, to its

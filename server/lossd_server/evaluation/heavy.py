@@ -43,7 +43,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import math
 import os
 import pickle
 import select
@@ -54,7 +53,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -62,6 +61,7 @@ from lossd import wire
 from lossd_server import errors
 from lossd_server.errors import DeadlineExceeded, LossdError, ResourceExhausted, Unavailable
 from lossd_server.evaluation.admission import FairSlots, evaluation_caller
+from lossd_server.losses.cost import estimate
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +242,6 @@ class HeavyLane:
         key = (plan.key, gradient, tuple([(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]))
         claimed = self._claims.get(key)
         if claimed is None:
-            from lossd_server.losses.cost import estimate
-
             try:
                 itemsize = wire.numpy_dtype(tensors["y_pred"].dtype).itemsize
                 work = estimate(plan, {name: tuple(t.shape) for name, t in tensors.items()}, itemsize,
@@ -274,8 +272,6 @@ class HeavyLane:
             Unavailable: ``HEAVY_WORKER_DIED``/``HEAVY_LANE_STARTING``: the
                 worker ended without an answer, or none could be started.
         """
-        from lossd_server.losses.cost import estimate
-
         evaluator = self.evaluator
         evaluator.check(plan, tensors, sample_weight, reduction, gradient)
         cost = estimate(plan, {name: a.shape for name, a in tensors.items()}, tensors["y_pred"].dtype.itemsize,
@@ -347,6 +343,8 @@ class HeavyLane:
                     cls = Unavailable
                 raise cls(message, reason=reason, metadata=metadata, retry_delay=retry_delay)
             _, loss, grad, terms, non_finite, outputs = reply
+            # Imported here: the evaluator imports TensorFlow, which this
+            # module leaves to the worker (and to the server, which has it).
             from lossd_server.evaluation.evaluator import Result
 
             return Result(

@@ -14,6 +14,8 @@ a small MSE (about 50 units) stays in the server's process:
   new worker takes its place, and a light caller's evaluations keep
   answering while four heavy ones run and queue (a fifth is refused with
   HEAVY_LANE_FULL and a retry delay);
+* a worker past its memory ceiling is killed and its caller gets
+  RESOURCE_EXHAUSTED (HEAVY_MEMORY_EXCEEDED);
 * a worker killed from outside gives its caller a clear status
   (RESOURCE_EXHAUSTED for SIGKILL, as the out-of-memory killer sends it;
   UNAVAILABLE for another end), and the next heavy call works.
@@ -42,7 +44,9 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from lossd_server.evaluation import backend  # noqa: E402 - after the skip
+from lossd_server.errors import ResourceExhausted  # noqa: E402
 from lossd_server.evaluation.evaluator import Evaluator  # noqa: E402
+from lossd_server.evaluation.heavy import HeavyLane  # noqa: E402
 from lossd_server.losses import custom  # noqa: E402
 from tests.keras_reference import value_and_gradient  # noqa: E402
 
@@ -269,3 +273,24 @@ def test_a_worker_that_dies_gives_a_clear_status_and_the_next_call_works(served,
     reply = served.stub.Evaluate(_heavy(steps=20), timeout=CALL_SECONDS)
     assert np.isfinite(wire.to_numpy(reply.loss)).all()
     assert served.proc.poll() is None
+
+
+def test_a_worker_past_its_memory_ceiling_is_killed_and_replaced(in_process):
+    # A ceiling below what the worker holds idle: the watcher's first look
+    # while the evaluation runs (about 1 s of ctc) finds it past.
+    lane = HeavyLane(in_process, threshold=0, worker_config={"device": "cpu"}, memory_slack_bytes=-(64 << 30))
+    try:
+        plan = in_process.planner.plan({"name": "ctc"})
+        labels = np.ones((1, LABELS), np.int32)
+        labels[0, ::2] = 2
+        small = {"y_true": labels[:, :4], "y_pred": np.zeros((1, 20, 3), np.float32)}
+        heavy = {"y_true": labels, "y_pred": np.zeros((1, STEPS, 3), np.float32)}
+        with pytest.raises(ResourceExhausted) as refused:
+            lane.evaluate(plan, heavy)
+        assert refused.value.reason == "HEAVY_MEMORY_EXCEEDED"
+        assert {"rss", "limit", "loss"} <= refused.value.metadata.keys()
+        lane.memory_slack_bytes = 512 << 20
+        want = in_process.evaluate(plan, small)
+        np.testing.assert_allclose(lane.evaluate(plan, small).loss, want.loss, rtol=1e-6)  # a new worker
+    finally:
+        lane.close()

@@ -200,6 +200,9 @@ class HeavyLane:
             ``inter_op_threads``, ``xla``, ``max_broadcast_elements``,
             ``max_composite_terms``, ``max_program_nodes``).
         metrics: Optional ``Metrics``: queue length, runs, kills.
+        memory_slack_bytes: What a worker may hold past its idle memory and
+            ``MEMORY_FACTOR`` times the cost model's estimate before it is
+            killed.
 
     Workers start on the first evaluation that needs one (most servers never
     see a heavy request), and a killed worker is replaced at once.
@@ -207,12 +210,14 @@ class HeavyLane:
 
     def __init__(self, evaluator, *, threshold: float, processes: int = 1, max_queued: int = 4,
                  max_caller_queued: int = 1, min_caller_share: int = 1, queue_seconds: float = 30.0,
-                 nice: int = 10, worker_config: Optional[Mapping[str, Any]] = None, metrics=None):
+                 nice: int = 10, worker_config: Optional[Mapping[str, Any]] = None, metrics=None,
+                 memory_slack_bytes: int = MEMORY_SLACK_BYTES):
         self.evaluator = evaluator
         self.threshold = threshold
         self.processes = processes
         self.queue_seconds = queue_seconds
         self.metrics = metrics
+        self.memory_slack_bytes = memory_slack_bytes
         self.config = {"nice": nice, **(worker_config or {})}
         self.slots = FairSlots(processes, what="heavy lane workers", setting="heavy_workers",
                                reason="HEAVY_LANE_FULL", min_share=min_caller_share,
@@ -309,7 +314,7 @@ class HeavyLane:
         header = (plan.to_spec(), names, [_describe(a) for a in arrays], sample_weight is not None,
                   reduction, gradient)
         sock = worker.sock
-        ceiling = worker.idle_rss + MEMORY_FACTOR * cost.memory + MEMORY_SLACK_BYTES
+        ceiling = worker.idle_rss + MEMORY_FACTOR * cost.memory + self.memory_slack_bytes
         try:
             _send_header(sock, header)
             for array in arrays:

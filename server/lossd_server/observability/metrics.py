@@ -30,8 +30,9 @@ never go down. Each gauge says how its processes' values combine
 (``multiprocess_mode``), and only live processes count:
 
 - ``livesum`` for what each process holds on its own: RPCs in flight,
-  compiled programs cached, shared-memory regions mapped, training
-  throughput (only the process that runs jobs sets it);
+  compiled programs cached, shared-memory regions mapped, evaluations
+  waiting for its heavy lane, training throughput (only the process that
+  runs jobs sets it);
 - ``livemostrecent`` for what every process reads from the shared store
   (jobs by state) and the last epoch's training loss: the newest reading;
 - ``livemax`` for values every process sets alike: build and device info
@@ -385,7 +386,7 @@ class Metrics:
         # cost threshold, run in worker processes that can be killed.
         self.lossd_heavy_lane_queued = Gauge(
             "lossd_heavy_lane_queued",
-            "Evaluations waiting for a heavy-lane worker process now.", registry=r)
+            "Evaluations waiting for a heavy-lane worker process now.", registry=r, multiprocess_mode="livesum")
         self.lossd_heavy_lane_runs_total = Counter(
             "lossd_heavy_lane_runs_total",
             "Evaluations run in a heavy-lane worker process, by outcome: ok, error (refused by the worker), "

@@ -11,7 +11,8 @@ a small MSE (about 50 units) stays in the server's process:
   requests went there);
 * a heavy evaluation whose call passes its deadline or is cancelled has its
   worker process gone within about a second (its pid, read from /proc), a
-  new worker takes its place, and a light caller's evaluations keep
+  new worker takes its place, a cancelled call waiting for a worker
+  leaves the queue, and a light caller's evaluations keep
   answering while four heavy ones run and queue (a fifth is refused with
   HEAVY_LANE_FULL and a retry delay);
 * a worker past its memory ceiling is killed and its caller gets
@@ -218,6 +219,22 @@ def test_a_cancelled_heavy_call_kills_its_worker(served):
     ended = time.monotonic()
     _assert_gone_within_a_second(served, worker, ended)
     assert _one_worker(served) != worker
+
+
+def test_a_cancelled_call_waiting_for_a_worker_leaves_the_queue(served):
+    served.stub.Evaluate(_heavy(steps=20), timeout=CALL_SECONDS)
+    worker = _one_worker(served)
+    running = served.stub.Evaluate.future(_heavy(steps=20 * STEPS), timeout=CALL_SECONDS)
+    waiting = served.stub.Evaluate.future(_heavy(steps=20), timeout=CALL_SECONDS)
+    served.wait_metric("lossd_heavy_lane_queued", 1)
+    waiting.cancel()
+    ended = time.monotonic()
+    while served.metric("lossd_heavy_lane_queued") > 0:
+        assert time.monotonic() - ended < 1.5, "the cancelled call still waits for a worker"
+        time.sleep(0.05)
+    assert alive(worker) and not running.done()  # the running one was not disturbed
+    running.cancel()
+    _assert_gone_within_a_second(served, worker, time.monotonic())
 
 
 def test_a_light_caller_keeps_answering_while_heavy_ones_run_and_queue(served):

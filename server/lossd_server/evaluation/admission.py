@@ -66,7 +66,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from lossd_server.errors import InvalidArgument, ResourceExhausted
+from lossd_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 # Bounds of the retry delays the in-flight bound suggests, in seconds.
 MIN_RETRY_DELAY = 0.01
@@ -76,6 +76,9 @@ MAX_RETRY_DELAY = 30.0
 # between its calls, and without it a flooder would take that slot back in
 # the gap.
 FAIR_LINGER_SECONDS = 1.0
+# How often a request waiting for a slot reads whether its call ended
+# (``FairSlots.acquire(cancelled=)``): it leaves the queue within this.
+CANCEL_POLL_SECONDS = 0.2
 
 # The caller of the evaluation this context runs (``Admission.admit`` sets
 # it), for the parts below the service that share their own slots by
@@ -250,12 +253,18 @@ class FairSlots:
             if not self._may_take(caller, share):
                 raise self._refusal(caller, share, active, waited=None)
 
-    def acquire(self, caller: str, wait_seconds: Optional[float] = None) -> None:
+    def acquire(self, caller: str, wait_seconds: Optional[float] = None,
+                cancelled: Optional[Callable[[], bool]] = None) -> None:
         """Takes one slot for ``caller``, waiting for it as the class says.
+
+        ``cancelled``: read while the request waits (at least every
+        ``CANCEL_POLL_SECONDS``); once it is true the request leaves the queue.
 
         Raises:
             ResourceExhausted: ``reason``: the caller's queue is full, or its
                 wait ran out; with a retry delay.
+            DeadlineExceeded: ``EVALUATION_CANCELLED``: ``cancelled`` turned
+                true while it waited (its call ended).
         """
         with self._lock:
             now = self._clock()
@@ -280,13 +289,19 @@ class FairSlots:
             self._waiters += 1
             self._serve(now)
             deadline = now + wait
+            # Woken by a slot given back, or after at most a linger: an idle
+            # caller stops counting, which may raise the shares; sooner when
+            # the call may end meanwhile.
+            poll = self.linger_seconds if cancelled is None else min(self.linger_seconds, CANCEL_POLL_SECONDS)
+            gone = False
             while not ticket[0]:
                 left = deadline - self._clock()
                 if left <= 0:
                     break
-                # Woken by a slot given back, or after at most a linger: an
-                # idle caller stops counting, which may raise the shares.
-                self._cond.wait(min(left, self.linger_seconds))
+                if cancelled is not None and cancelled():
+                    gone = True
+                    break
+                self._cond.wait(min(left, poll))
                 if not ticket[0]:
                     self._serve(self._clock())
             if ticket[0]:
@@ -298,6 +313,11 @@ class FairSlots:
             if not queue:
                 del self._queues[caller]
                 self._turns.remove(caller)
+            if gone:
+                raise DeadlineExceeded(
+                    f"The call ended while its request waited for one of the server's {self.what}. Expected a "
+                    "call that waits for its answer. Received: a call that ended first.",
+                    reason="EVALUATION_CANCELLED", metadata={"caller": caller, "setting": self.setting})
             active = self._active(self._clock())
             raise self._refusal(caller, self.share(active), active, waited=wait)
 

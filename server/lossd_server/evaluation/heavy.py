@@ -286,7 +286,7 @@ class HeavyLane:
         wait = self.queue_seconds if wait_seconds is None else min(self.queue_seconds, max(0.0, wait_seconds))
         self._queued(+1)
         try:
-            self.slots.acquire(caller, wait)
+            self.slots.acquire(caller, wait, None if cancellation is None else lambda: cancellation.cancelled)
         finally:
             self._queued(-1)
         try:

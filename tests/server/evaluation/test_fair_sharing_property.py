@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lossd_server.errors import ResourceExhausted
+from lossd_server.errors import DeadlineExceeded, ResourceExhausted
 from lossd_server.evaluation.admission import Admission, FairSlots
 
 CALLERS = ("alice", "bob", "carol", "dave")
@@ -283,3 +283,27 @@ def test_the_queue_of_all_callers_is_bounded_and_refused_with_a_retry_delay():
     assert slots.queued() == 0
     for thread in run.threads:
         thread.join(10)
+
+
+def test_a_waiter_whose_call_ends_leaves_the_queue():
+    slots = FairSlots(1, what="heavy lane workers", setting="heavy_workers", reason="HEAVY_LANE_FULL",
+                      max_wait_seconds=60, linger_seconds=3600)
+    slots.acquire("alice")
+    ended = threading.Event()
+    outcome = []
+
+    def wait():
+        try:
+            slots.acquire("bob", cancelled=ended.is_set)
+            outcome.append("granted")
+        except DeadlineExceeded as exc:
+            outcome.append(exc.reason)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    _wait_until(lambda: slots.queued("bob") == 1)
+    ended.set()
+    thread.join(10)  # within CANCEL_POLL_SECONDS, not the 60 s wait
+    assert outcome == ["EVALUATION_CANCELLED"] and slots.queued() == 0
+    slots.release("alice")
+    slots.acquire("bob", wait_seconds=0)  # the slot was not given to the one that left

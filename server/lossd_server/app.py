@@ -31,6 +31,7 @@ from lossd_server.evaluation.admission import Admission, FairSlots
 from lossd_server.evaluation.batching import Batcher
 from lossd_server.evaluation.service import EvaluationService
 from lossd_server.evaluation.evaluator import Evaluator
+from lossd_server.evaluation.heavy import HeavyLane
 from lossd_server.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers
@@ -133,6 +134,7 @@ class Server:
     # its ports with SO_REUSEPORT and leaves /metrics to the supervisor.
     process: Optional[ProcessRole] = None
     oip_http: Optional[OipRestApp] = None  # the OIP REST app, with settings.http_port
+    heavy: Optional[HeavyLane] = None  # the heavy lane's worker processes, with settings.heavy_workers
     tracing: Any = tracing_module.OFF  # observability.tracing: spans, when OTEL_* configures an exporter
     http_port: Optional[int] = dataclasses.field(default=None, init=False)  # its bound port, once started
     _oip_http_server: Optional[WSGIServer] = dataclasses.field(default=None, init=False)
@@ -266,6 +268,8 @@ class Server:
             self.training = None
         self.executor.shutdown(wait=False)  # grpc_server.stop() leaves its threads running
         self.evaluator.close()
+        if self.heavy is not None:
+            self.heavy.close()
         self.tracing.shutdown()  # exports the spans still buffered
         if tracing_module.current is self.tracing:
             tracing_module.current = tracing_module.OFF
@@ -415,8 +419,24 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     regions = (SharedMemoryRegions(max_regions=settings.shm_max_regions, max_bytes=settings.shm_max_bytes,
                                    max_total_bytes=settings.shm_max_total_bytes, metrics=metrics)
                if settings.shm else None)
+    heavy = None
+    if settings.heavy_workers:
+        # A caller's waiters for the lane are bounded by its share of the
+        # evaluation slots (each holds one) and by the lane's whole queue: a
+        # tighter bound of its own would refuse them after their messages
+        # were read, where waiting costs the server nothing.
+        heavy = HeavyLane(
+            evaluator, threshold=settings.heavy_evaluation_cost, processes=settings.heavy_workers,
+            max_queued=settings.heavy_max_queued, max_caller_queued=max(1, settings.heavy_max_queued),
+            min_caller_share=settings.min_caller_slots, queue_seconds=settings.heavy_queue_seconds,
+            nice=settings.heavy_nice, metrics=metrics,
+            worker_config={"device": settings.device, "inter_op_threads": settings.inter_op_threads,
+                           "xla": settings.xla, "xla_losses": XLA_LOSSES,
+                           "max_broadcast_elements": settings.max_broadcast_elements,
+                           "max_composite_terms": settings.max_composite_terms,
+                           "max_program_nodes": settings.max_program_nodes})
     evaluation = EvaluationService(
-        evaluator, admission, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
+        evaluator, admission, max_elements=settings.max_tensor_elements, metrics=metrics, store=store, heavy=heavy,
         batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us, max_elements=settings.batch_max_elements,
                         max_requests=settings.batch_max_requests, metrics=metrics))
     add_loss_service(LossServicer(evaluation, callers=callers, store=store, shared_memory=regions), server)
@@ -465,7 +485,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                   callers=callers,
                   health_server=health_server, health_executor=health_executor,
                   follower=follower, process=process, observer=observer,
-                  tracing=tracing,
+                  tracing=tracing, heavy=heavy,
                   oip_http=OipRestApp(evaluation, ready=serving, callers=callers, tracing=tracing, metrics=metrics,
                                       admission=None if callers.open else admission,
                                       version=lossd_server.__version__, max_body_bytes=settings.max_message_bytes)

@@ -31,8 +31,9 @@ never go down. Each gauge says how its processes' values combine
 
 - ``livesum`` for what each process holds on its own: RPCs and REST
   requests in flight (only the first process serves the REST port),
-  compiled programs cached, shared-memory regions mapped, training
-  throughput (only the process that runs jobs sets it);
+  compiled programs cached, shared-memory regions mapped, evaluations
+  waiting for its heavy lane, training throughput (only the process that
+  runs jobs sets it);
 - ``livemostrecent`` for what every process reads from the shared store
   (jobs by state) and the last epoch's training loss: the newest reading;
 - ``livemax`` for values every process sets alike: build and device info
@@ -440,6 +441,25 @@ class Metrics:
             "Requests refused (RESOURCE_EXHAUSTED: CALLER_SHARE_FULL, COMPILE_BUSY) because their caller was "
             "at its fair share of a kind of slot, by caller and kind of slot.",
             ("caller", "slots"), registry=r)
+        # The heavy lane (evaluation/heavy.py): evaluations above the heavy
+        # cost threshold, run in worker processes that can be killed.
+        self.lossd_heavy_lane_queued = Gauge(
+            "lossd_heavy_lane_queued",
+            "Evaluations waiting for a heavy-lane worker process now.", registry=r, multiprocess_mode="livesum")
+        self.lossd_heavy_lane_runs_total = Counter(
+            "lossd_heavy_lane_runs_total",
+            "Evaluations run in a heavy-lane worker process, by outcome: ok, error (refused by the worker), "
+            "cancelled (the call ended first), memory (past its memory ceiling), died (the worker ended).",
+            ("outcome",), registry=r)
+        self.lossd_heavy_lane_kills_total = Counter(
+            "lossd_heavy_lane_kills_total",
+            "Heavy-lane worker processes killed (SIGKILL) or found dead while they held an evaluation, by "
+            "reason: cancelled, memory, died.",
+            ("reason",), registry=r)
+        self.lossd_heavy_lane_starts_total = Counter(
+            "lossd_heavy_lane_starts_total",
+            "Heavy-lane worker processes started (the first, and each replacement of a killed one).",
+            registry=r)
 
         # Micro-batching of evaluations.
         self.lossd_batch_size_requests = Histogram(
@@ -701,6 +721,25 @@ class Metrics:
     def fair_share_refusal(self, caller: str, slots: str) -> None:
         """Counts a request of ``caller`` refused at its share of ``slots``."""
         self.lossd_fair_share_refusals_total.labels(caller or ANONYMOUS_CALLER, slots.partition(" ")[0]).inc()
+
+    # The heavy lane.
+
+    def heavy_lane_queued(self, waiting: int) -> None:
+        """Sets how many evaluations wait for a heavy-lane worker."""
+        self.lossd_heavy_lane_queued.set(waiting)
+
+    def heavy_lane_run(self, outcome: str) -> None:
+        """Counts one heavy-lane evaluation's ``outcome`` (ok, error,
+        cancelled, memory, died)."""
+        self.lossd_heavy_lane_runs_total.labels(outcome).inc()
+
+    def heavy_lane_kill(self, reason: str) -> None:
+        """Counts a heavy-lane worker killed or found dead (cancelled, memory, died)."""
+        self.lossd_heavy_lane_kills_total.labels(reason).inc()
+
+    def heavy_lane_started(self) -> None:
+        """Counts a heavy-lane worker process that started."""
+        self.lossd_heavy_lane_starts_total.inc()
 
     # Micro-batching.
 

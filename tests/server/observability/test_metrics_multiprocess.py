@@ -21,6 +21,7 @@ GAUGE_MODES = {
     "lossd_training_examples_per_second": "livesum",
     "lossd_shared_memory_regions": "livesum",
     "lossd_shared_memory_mapped_bytes": "livesum",
+    "lossd_heavy_lane_queued": "livesum",
     "lossd_training_jobs": "livemostrecent",
     "lossd_training_loss": "livemostrecent",
     "lossd_state_quarantined_items": "livemax",

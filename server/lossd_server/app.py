@@ -488,7 +488,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                   tracing=tracing, heavy=heavy,
                   oip_http=OipRestApp(evaluation, ready=serving, callers=callers, tracing=tracing, metrics=metrics,
                                       admission=None if callers.open else admission,
-                                      version=lossd_server.__version__, max_body_bytes=settings.max_message_bytes)
+                                      version=lossd_server.__version__, max_body_bytes=settings.max_message_bytes,
+                                      shared_memory=regions)
                   if settings.http_port is not None and (process is None or process.index == 0) else None)
 
 

@@ -165,19 +165,21 @@ def kserve_rest(address: str, calls: list, token: str | None) -> dict:
     return asyncio.run(run())
 
 
-def triton_grpc_shm(address: str, calls: list, token: str | None) -> dict:
-    """tritonclient.grpc with every input and requested output in system
-    shared memory (tritonclient.utils.shared_memory), as its examples do.
-    Besides the results: the regions the server listed while registered."""
+def triton_shm(address: str, calls: list, token: str | None, protocol: str = "grpc") -> dict:
+    """tritonclient (gRPC or HTTP) with every input and requested output in
+    system shared memory (tritonclient.utils.shared_memory), as its examples
+    do. Besides the results: the regions the server listed while registered."""
+    import importlib
     import os
 
-    import tritonclient.grpc as grpcclient
     import tritonclient.utils.shared_memory as shm
     from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
+    grpcclient = importlib.import_module(f"tritonclient.{protocol}")
+    as_json = {"as_json": True} if protocol == "grpc" else {}
     headers = {"authorization": f"Bearer {token}"} if token else None
     client = grpcclient.InferenceServerClient(url=address)
-    done = {"extensions": client.get_server_metadata(headers=headers, as_json=True).get("extensions", []),
+    done = {"extensions": client.get_server_metadata(headers=headers, **as_json).get("extensions", []),
             "results": [], "status": []}
     for number, call in enumerate(calls):
         handles, inputs, outputs = [], [], []
@@ -203,7 +205,7 @@ def triton_grpc_shm(address: str, calls: list, token: str | None) -> dict:
                 output = grpcclient.InferRequestedOutput(name)
                 output.set_shared_memory(region, size)
                 outputs.append(output)
-            done["status"].append(client.get_system_shared_memory_status(headers=headers, as_json=True))
+            done["status"].append(_region_names(client.get_system_shared_memory_status(headers=headers, **as_json)))
             try:
                 result = client.infer(call["model"], inputs, outputs=outputs or None,
                                       parameters=call.get("parameters") or None, headers=headers)
@@ -211,7 +213,7 @@ def triton_grpc_shm(address: str, calls: list, token: str | None) -> dict:
                 done["results"].append({"error": [error.status(), error.message()]})
                 continue
             got = {}
-            for output in result.get_response(as_json=True)["outputs"]:
+            for output in result.get_response(**as_json)["outputs"]:
                 shape = [int(d) for d in output.get("shape", [])]
                 array = shm.get_contents_as_numpy(out_handles[output["name"]],
                                                   triton_to_np_dtype(output["datatype"]), shape)
@@ -221,12 +223,20 @@ def triton_grpc_shm(address: str, calls: list, token: str | None) -> dict:
             client.unregister_system_shared_memory(headers=headers)  # every region of this caller
             for handle in handles:
                 shm.destroy_shared_memory_region(handle)
-    done["status"].append(client.get_system_shared_memory_status(headers=headers, as_json=True))
+    done["status"].append(_region_names(client.get_system_shared_memory_status(headers=headers, **as_json)))
     return done
 
 
+def _region_names(status) -> list:
+    """The region names of a status answer: gRPC's {"regions": {name: ...}} or REST's [{"name": ...}]."""
+    if isinstance(status, list):
+        return sorted(region["name"] for region in status)
+    return sorted(status.get("regions", {}))
+
+
 CLIENTS = {"tritonclient.grpc": triton_grpc, "kserve.grpc": kserve_grpc, "tritonclient.http": triton_http,
-           "kserve.rest": kserve_rest, "tritonclient.grpc.shm": triton_grpc_shm}
+           "kserve.rest": kserve_rest, "tritonclient.grpc.shm": triton_shm,
+           "tritonclient.http.shm": lambda address, calls, token: triton_shm(address, calls, token, "http")}
 
 if __name__ == "__main__":
     client, address = sys.argv[1], sys.argv[2]

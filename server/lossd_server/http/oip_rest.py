@@ -19,13 +19,14 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from concurrent import futures
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 from lossd import wire
-from lossd_server.errors import InvalidArgument, LossdError, PermissionDenied
+from lossd_server.errors import FailedPrecondition, InvalidArgument, LossdError, PermissionDenied
 from lossd_server.evaluation import inference_protocol as oip
 from lossd_server.evaluation.service import EvaluationService
 from lossd_server.observability import tracing as tracing_module
@@ -47,7 +48,10 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
             429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
             504: "Gateway Timeout"}
 _MODEL_ROUTE = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
-_FIXED_ROUTES = ("/v2", "/v2/health/live", "/v2/health/ready")
+_FIXED_ROUTES = ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/systemsharedmemory/status",
+                 "/v2/systemsharedmemory/unregister")
+# Triton's system shared-memory extension: one region's status, registration and its end.
+_REGION_ROUTE = re.compile(r"^/v2/systemsharedmemory/region/(?P<name>[^/]+)/(?P<action>status|register|unregister)$")
 # The route of a path that matches none: metrics and span names never carry a raw path.
 OTHER_ROUTE = "_OTHER"
 
@@ -58,6 +62,9 @@ def route_of(path: str) -> str:
     metrics and span names."""
     if path in _FIXED_ROUTES:
         return path
+    region = _REGION_ROUTE.match(path)
+    if region is not None:
+        return "/v2/systemsharedmemory/region/{name}/" + region["action"]
     match = _MODEL_ROUTE.match(path)
     if match is None:
         return OTHER_ROUTE
@@ -85,14 +92,19 @@ class OipRestApp:
             child of a W3C ``traceparent`` header's), when on.
         metrics: ``observability.metrics.Metrics``: the HTTP request metrics
             by method and route template, and refusals by reason; None: none.
+        shared_memory: The server's shared-memory regions (``LOSSD_SHM``):
+            Triton's system shared-memory extension, as over gRPC.
 
     Every request writes the access log's line (``lossd_server.access``), as
     a gRPC call does, with its ``X-Request-Id`` header as the request id.
     """
 
     def __init__(self, service: EvaluationService, *, ready: Callable[[], bool], callers, admission=None,
-                 version: str = "", max_body_bytes: int = 256 << 20, tracing=tracing_module.OFF, metrics=None):
+                 version: str = "", max_body_bytes: int = 256 << 20, tracing=tracing_module.OFF, metrics=None,
+                 shared_memory=None):
         self.service = service
+        self.shared_memory = shared_memory
+        self.extensions = (*EXTENSIONS, *([oip.SHM_EXTENSION] if shared_memory is not None else []))
         self.registry = service.registry
         self.ready = ready
         self.callers = callers
@@ -193,7 +205,9 @@ class OipRestApp:
                 ready = self.ready()
                 return (200 if ready else 503), [], json.dumps({"ready": ready}).encode()
             return 200, [], json.dumps({"name": "lossd", "version": self.version,
-                                        "extensions": list(EXTENSIONS)}).encode()
+                                        "extensions": list(self.extensions)}).encode()
+        if path.startswith("/v2/systemsharedmemory/"):
+            return self._shared_memory(environ, method, path, caller)
         match = _MODEL_ROUTE.match(path)
         if match is None:
             raise HttpError(404, f"No such route. Expected /v2, /v2/health/live|ready or /v2/models/NAME[/versions/V]"
@@ -216,6 +230,42 @@ class OipRestApp:
         if self.admission is not None:
             self.admission.refuse_in_debt(caller.name, caller.limits.elements_per_second)
         return self._infer(environ, name, version, caller)
+
+    def _shared_memory(self, environ, method: str, path: str, caller):
+        """Triton's system shared-memory extension over REST: the same
+        registrations as over gRPC (``SharedMemoryRegions.register_named``)."""
+        if self.shared_memory is None:
+            raise FailedPrecondition("This server has no shared memory. Expected a server started with LOSSD_SHM=1 "
+                                     "on the client's host.", reason="SHM_DISABLED")
+        region = _REGION_ROUTE.match(path)
+        if region is None and path not in _FIXED_ROUTES:
+            raise HttpError(404, f"No such route. Expected /v2/systemsharedmemory/status, .../unregister or "
+                                 f".../region/NAME/status|register|unregister. Received: {path[:200]!r}.", "NOT_FOUND")
+        name = urllib.parse.unquote(region["name"]) if region is not None else ""
+        action = region["action"] if region is not None else path.rsplit("/", 1)[1]
+        if action == "status":
+            self._only(method, "GET")
+            return 200, [], json.dumps([{"name": r.label, "key": r.name, "offset": r.base, "byte_size": r.size}
+                                        for r in self.shared_memory.named(caller.name, name)]).encode()
+        self._only(method, "POST")
+        if action == "unregister":
+            self.shared_memory.unregister_named(caller.name, name)
+            return 200, [], b""
+        body = _object(self._json(self._body(environ), "registration"), "registration")
+        key, offset, byte_size = body.get("key"), body.get("offset", 0), body.get("byte_size")
+        if not isinstance(key, str) or any(isinstance(v, bool) or not isinstance(v, int) for v in (offset, byte_size)):
+            raise InvalidArgument(f"A registration is {{\"key\": a string, \"offset\": an integer, \"byte_size\": "
+                                  f"an integer}}. Received: {json.dumps(body)[:200]}.", reason="SHM_BAD_PARAMETERS")
+        self.shared_memory.register_named(caller.name, name, key, offset, byte_size)
+        return 200, [], b""
+
+    @staticmethod
+    def _json(head: bytes, what: str):
+        try:
+            return json.loads(head)
+        except ValueError as error:
+            raise InvalidArgument(f"The {what} is not JSON. Expected the protocol's {what} object. "
+                                  f"Received: {str(error)[:200]}.", reason="BAD_REQUEST") from None
 
     @staticmethod
     def _only(method: str, allowed: str) -> None:
@@ -266,11 +316,7 @@ class OipRestApp:
             head, binary = body[:split], memoryview(body)[split:]
         else:
             head, binary = body, memoryview(b"")
-        try:
-            request = json.loads(head)
-        except ValueError as error:
-            raise InvalidArgument(f"The inference request is not JSON. Expected the protocol's request object. "
-                                  f"Received: {str(error)[:200]}.", reason="BAD_REQUEST") from None
+        request = self._json(head, "inference request")
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
             raise InvalidArgument("The inference request has no inputs. Expected an object with an `inputs` list. "
                                   f"Received: {type(request).__name__}.", reason="BAD_REQUEST")
@@ -284,8 +330,12 @@ class OipRestApp:
                 raise InvalidArgument(f"inputs[{index}] needs `name` (a string), `datatype` (a string) and `shape` "
                                       f"(a list of integers). Received: {json.dumps(tensor)[:200]}.",
                                       reason="BAD_TENSOR")
-            size = _object(tensor.get("parameters"), f"inputs[{index}].parameters").get("binary_data_size")
-            if size is not None:
+            tensor_parameters = _object(tensor.get("parameters"), f"inputs[{index}].parameters")
+            size = tensor_parameters.get("binary_data_size")
+            region = oip.region_of(tensor_parameters, f"inputs[{tensor_name[:64]}]")
+            if region is not None:
+                inputs.append(oip.Input(tensor_name, datatype, shape, values=tensor.get("data"), region=region))
+            elif size is not None:
                 if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                     raise InvalidArgument(f"inputs[{tensor_name[:64]}]: binary_data_size {size!r} does not fit the "
                                           f"{len(binary):,} bytes after the JSON header.", reason="BAD_TENSOR")
@@ -293,18 +343,24 @@ class OipRestApp:
                 offset += size
             else:
                 inputs.append(oip.Input(tensor_name, datatype, shape, values=_flat(tensor.get("data"), tensor_name)))
-        requested, binary_outputs = [], set()
+        requested, binary_outputs, output_regions = [], set(), {}
         for index, output in enumerate(request.get("outputs") or []):
             output = _object(output, f"outputs[{index}]")
             if not isinstance(output.get("name"), str):
                 raise InvalidArgument(f"outputs[{index}] needs a `name`. Received: {json.dumps(output)[:200]}.",
                                       reason="BAD_REQUEST")
             requested.append(output["name"])
-            if _object(output.get("parameters"), f"outputs[{index}].parameters").get("binary_data"):
+            output_parameters = _object(output.get("parameters"), f"outputs[{index}].parameters")
+            if output_parameters.get("binary_data"):
                 binary_outputs.add(output["name"])
+            region = oip.region_of(output_parameters, f"outputs[{output['name'][:64]}]")
+            if region is not None:
+                output_regions[output["name"]] = region
         all_binary = parameters.get("binary_data_output") is True
+        regions = self.shared_memory.access(caller.name, named=True) if self.shared_memory is not None else None
         inference = oip.inference(self.registry, name, version, parameters, inputs, requested,
-                                  max_elements=self.service.max_elements)
+                                  max_elements=self.service.max_elements, regions=regions,
+                                  output_regions=output_regions)
         # No cancellation: a WSGI app learns of no client hanging up.
         result = self.service.evaluate(inference.request, caller)
         outputs, chunks = [], []
@@ -312,7 +368,11 @@ class OipRestApp:
             array = np.ascontiguousarray(array)
             entry = {"name": output_name, "datatype": wire.oip_datatype(wire.dtype_enum(array.dtype)),
                      "shape": list(array.shape)}
-            if all_binary or output_name in binary_outputs:
+            ref = inference.output_regions.get(output_name)
+            if ref is not None:  # written to the caller's region: no data in the answer
+                entry["parameters"] = {oip.SHM_REGION: ref.region, oip.SHM_OFFSET: ref.offset,
+                                       oip.SHM_BYTE_SIZE: oip.write_output(regions, output_name, array, ref)}
+            elif all_binary or output_name in binary_outputs:
                 data = array.tobytes()
                 entry["parameters"] = {"binary_data_size": len(data)}
                 chunks.append(data)

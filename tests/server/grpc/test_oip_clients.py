@@ -99,7 +99,8 @@ def test_published_clients_get_keras_answers(served, client):
     assert status in ("StatusCode.NOT_FOUND", "404") and "huber" in message
 
 
-def test_tritonclient_shared_memory_helpers_work_unchanged(served):
+@pytest.mark.parametrize("client", ["tritonclient.grpc.shm", "tritonclient.http.shm"])
+def test_tritonclient_shared_memory_helpers_work_unchanged(served, client):
     """tritonclient.utils.shared_memory's regions, registered with
     register_system_shared_memory and named by set_shared_memory on inputs
     and outputs, as Triton's own examples do: Keras's answers come back in
@@ -111,11 +112,11 @@ def test_tritonclient_shared_memory_helpers_work_unchanged(served):
                                            "y_pred": ["FP32", [6, 3], y_pred.ravel().tolist()]},
               "parameters": {"delta": 2, "reduction": "none", "gradient": True},
               "outputs": ["loss", "gradient"], "output_bytes": 256}]
-    got = call("tritonclient.grpc.shm", addresses["grpc"], calls, tokens["alice"])
+    got = call(client, addresses["http" if ".http" in client else "grpc"], calls, tokens["alice"])
     assert "system_shared_memory" in got["extensions"]
     registered, after = got["status"]
-    assert sorted(registered["regions"]) == ["in_0_y_pred", "in_0_y_true", "out_0_gradient", "out_0_loss"]
-    assert not after.get("regions")  # unregister_system_shared_memory() took every one back
+    assert registered == ["in_0_y_pred", "in_0_y_true", "out_0_gradient", "out_0_loss"]
+    assert after == []  # unregister_system_shared_memory() took every one back
     outputs = got["results"][0]["outputs"]
     value, gradient = value_and_gradient(keras.losses.Huber(delta=2.0, reduction="none"), y_true, y_pred)
     np.testing.assert_allclose(array(outputs["loss"]), value, rtol=1e-6)

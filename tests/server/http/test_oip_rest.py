@@ -239,3 +239,54 @@ def test_route_templates_are_bounded():
     assert route_of("/v2/models/x/versions/7/ready") == "/v2/models/{name}/versions/{version}/ready"
     assert route_of("/v2/health/ready") == "/v2/health/ready"
     assert route_of("/v2/models/a/b/c") == route_of("/anything") == OTHER_ROUTE
+
+
+def test_system_shared_memory_over_rest(rest):
+    """Triton's extension over REST: a registration, an inference whose
+    inputs and loss live in regions (the same bits as inline), the caller's
+    status, refusals with their reasons, and the end of the registrations."""
+    from tests.shm_regions import region
+
+    base, _, tokens = rest
+    token = tokens["alice"]
+    y_true = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    y_pred = y_true[::-1].copy()
+    inline = {"inputs": [{"name": n, "datatype": "FP32", "shape": [4, 3], "data": a.ravel().tolist()}
+                         for n, a in (("y_true", y_true), ("y_pred", y_pred))], "parameters": {"reduction": "none"}}
+    status, _, body = call(f"{base}/v2/models/mse/infer", token, json.dumps(inline).encode())
+    assert status == 200, body
+    want = np.asarray(json.loads(body)["outputs"][0]["data"], np.float32)
+    with region(96) as inputs, region(64) as results:
+        inputs.buf[:48], inputs.buf[48:96] = y_true.tobytes(), y_pred.tobytes()
+        for name, memory in (("in", inputs), ("out", results)):
+            status, _, body = call(f"{base}/v2/systemsharedmemory/region/{name}/register", token, json.dumps(
+                {"key": f"/{memory.name}", "offset": 0, "byte_size": memory.size}).encode())
+            assert status == 200, body
+        status, _, body = call(f"{base}/v2/systemsharedmemory/status", token)
+        assert sorted(r["name"] for r in json.loads(body)) == ["in", "out"]
+        shm = {"inputs": [{"name": n, "datatype": "FP32", "shape": [4, 3], "parameters": {
+            "shared_memory_region": "in", "shared_memory_offset": at, "shared_memory_byte_size": 48}}
+            for n, at in (("y_true", 0), ("y_pred", 48))], "parameters": {"reduction": "none"},
+            "outputs": [{"name": "loss", "parameters": {"shared_memory_region": "out",
+                                                        "shared_memory_byte_size": 64}}]}
+        status, _, body = call(f"{base}/v2/models/mse/infer", token, json.dumps(shm).encode())
+        assert status == 200, body
+        loss = json.loads(body)["outputs"][0]
+        assert "data" not in loss and loss["parameters"]["shared_memory_byte_size"] == 16
+        assert bytes(results.buf[:16]) == want.tobytes()
+        # A range past the registration, and an object that is not there.
+        shm["inputs"][1]["parameters"]["shared_memory_offset"] = 64
+        status, _, body = call(f"{base}/v2/models/mse/infer", token, json.dumps(shm).encode())
+        assert status == 400 and json.loads(body)["reason"] == "SHM_OUT_OF_RANGE", body
+        status, _, body = call(f"{base}/v2/systemsharedmemory/region/x/register", token,
+                               json.dumps({"key": "/oip_rest_not_there", "offset": 0, "byte_size": 8}).encode())
+        assert status == 404 and json.loads(body)["reason"] == "SHM_REGION_NOT_FOUND", body
+        status, _, body = call(f"{base}/v2/systemsharedmemory/region/x/register", token, b'{"key": 7}')
+        assert status == 400 and json.loads(body)["reason"] == "SHM_BAD_PARAMETERS", body
+        status, _, _ = call(f"{base}/v2/systemsharedmemory/region/in/unregister", token, b"")
+        assert status == 200
+        status, _, body = call(f"{base}/v2/systemsharedmemory/region/in/status", token)
+        assert status == 404 and json.loads(body)["reason"] == "SHM_REGION_NOT_FOUND", body
+        status, _, _ = call(f"{base}/v2/systemsharedmemory/unregister", token, b"")
+        status, _, body = call(f"{base}/v2/systemsharedmemory/status", token)
+        assert status == 200 and json.loads(body) == []

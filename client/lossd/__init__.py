@@ -26,15 +26,17 @@ _EXPORTS = {
     "EvaluateResult": "lossd._requests", "LossInfo": "lossd._requests", "LossParameter": "lossd._requests",
     "Dataset": "lossd._training", "GenerateProgress": "lossd._training", "Job": "lossd._training",
     "JobEvent": "lossd._training", "save_image_grid": "lossd._training",
+    "Monitor": "lossd._monitors", "WindowReport": "lossd._monitors", "Observed": "lossd._monitors",
 }
 
 __all__ = ["Client", "TLS", "LossdError", "EvaluateResult", "LossInfo", "LossParameter", "Job", "JobEvent", "GenerateProgress", "Dataset",
-           "save_image_grid", "__version__"]
+           "save_image_grid", "Monitor", "WindowReport", "Observed", "__version__"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ loads them
     from lossd._client import TLS, Client
     from lossd._errors import LossdError
     from lossd._requests import EvaluateResult, LossInfo, LossParameter
+    from lossd._monitors import Monitor, Observed, WindowReport
     from lossd._training import Dataset, GenerateProgress, Job, JobEvent, save_image_grid
 
 

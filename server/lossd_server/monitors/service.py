@@ -37,6 +37,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from lossd import wire
+from lossd._monitors import window_label  # the gauges' window label, as the CLI shows it
 from lossd_server.callers import ANONYMOUS, Caller
 from lossd_server.errors import InvalidArgument, LossdError, NotFound, ResourceExhausted, Unavailable
 from lossd_server.evaluation.service import EvaluationRequest, EvaluationService, Incoming
@@ -64,15 +65,6 @@ def monitor_id(name: str) -> str:
         raise NotFound(f"Monitor {name[:80]!r} does not exist. Expected a name of the form `monitors/{{monitor}}`.",
                        reason="MONITOR_NOT_FOUND", metadata={"monitor": name[:100]})
     return ident
-
-
-def window_label(seconds: float) -> str:
-    """A window as Prometheus writes durations: ``5m``, ``1h``, ``90s``."""
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 class Report:

@@ -33,7 +33,7 @@ def _number(value: float, digits: int = 4) -> str:
 def _monitor_json(monitor) -> dict:
     return {"name": monitor.name, "display_name": monitor.display_name, "owner": monitor.owner, "loss": monitor.loss,
             "windows": list(monitor.windows), "segment_keys": list(monitor.segment_keys),
-            "retention": monitor.retention,
+            "retention": monitor.retention, "max_loss": monitor.max_loss,
             "create_time": monitor.create_time.isoformat() if monitor.create_time else None,
             "reference_time": monitor.reference_time.isoformat() if monitor.reference_time else None,
             "reference_window": monitor.reference_window, "pending": monitor.pending, "expired": monitor.expired,
@@ -76,7 +76,7 @@ def cmd_monitors_create(args) -> int:
     keys = [k for k in (args.segment_keys or "").split(",") if k]
     with _client(args) as client:
         monitor = client.create_monitor(args.name, loss, windows, segment_keys=keys, retention=retention,
-                                        display_name=args.display_name)
+                                        display_name=args.display_name, max_loss=args.max_loss)
     print(monitor.name)
     return 0
 
@@ -150,6 +150,8 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p.add_argument("--windows", default="5m,1h", help="comma-separated durations such as 5m,1h [5m,1h]")
     p.add_argument("--segment-keys", help="comma-separated keys observations may set, such as model_version")
     p.add_argument("--retention", help="how long a prediction waits for its label, such as 1d [1d]")
+    p.add_argument("--max-loss", type=float, default=None,
+                   help="the mean loss above which the LossdMonitorLossHigh alert fires [none]")
     p.add_argument("--display-name", default="")
     p.set_defaults(func=cmd_monitors_create)
 

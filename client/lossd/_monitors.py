@@ -102,6 +102,7 @@ class Monitor:
         windows: In seconds, shortest first.
         segment_keys: The keys observations' segments may set.
         retention: Seconds a half waits for its other half.
+        max_loss: The mean loss the LossdMonitorLossHigh alert compares with; None: unset.
         owner: The token that created it ("" on a server without tokens).
         reference_time, reference_window: When the reference was captured,
             and from which window; None before.
@@ -120,6 +121,7 @@ class Monitor:
     reference_time: Optional[datetime.datetime] = None
     reference_window: Optional[float] = None
     windows_report: tuple = ()
+    max_loss: Optional[float] = None
     pending: dict = dataclasses.field(default_factory=dict)
     expired: dict = dataclasses.field(default_factory=dict)
 
@@ -133,6 +135,7 @@ class Monitor:
                    message.reference_window.ToTimedelta().total_seconds()
                    if message.HasField("reference_window") else None,
                    tuple(WindowReport.from_proto(w) for w in report.windows),
+                   message.max_loss if message.HasField("max_loss") else None,
                    {"predictions": report.pending_predictions, "labels": report.pending_labels},
                    {"predictions": report.expired_predictions, "labels": report.expired_labels})
 
@@ -165,11 +168,13 @@ class Observed:
 
 def create_monitor_request(name: str, loss: Any, windows: Sequence[Seconds], *, loss_params=None,
                            segment_keys: Sequence[str] = (), retention: Optional[Seconds] = None,
-                           display_name: str = "") -> pb.CreateMonitorRequest:
+                           display_name: str = "", max_loss: Optional[float] = None) -> pb.CreateMonitorRequest:
     monitor = pb.Monitor(loss=wire.spec_from_dict(loss, loss_params), display_name=display_name,
                          windows=[_duration(w, "windows") for w in windows], segment_keys=list(segment_keys))
     if retention is not None:
         monitor.retention.CopyFrom(_duration(retention, "retention"))
+    if max_loss is not None:
+        monitor.max_loss = max_loss
     ident = name.removeprefix("monitors/")
     return pb.CreateMonitorRequest(monitor_id=ident, monitor=monitor)
 
@@ -211,7 +216,7 @@ class MonitorMixin(_MonitorStub):
     def create_monitor(self, name: str, loss: Any, windows: Sequence[Seconds] = (300, 3600), *,
                        loss_params: Optional[Mapping[str, Any]] = None, segment_keys: Sequence[str] = (),
                        retention: Optional[Seconds] = None, display_name: str = "",
-                       timeout: Optional[float] = None) -> Monitor:
+                       max_loss: Optional[float] = None, timeout: Optional[float] = None) -> Monitor:
         """Creates the monitor ``monitors/NAME``.
 
         Args:
@@ -221,13 +226,14 @@ class MonitorMixin(_MonitorStub):
             windows: Durations (seconds or ``timedelta``) the loss is reported over.
             segment_keys: Keys observations' ``segments`` may set, such as ``model_version``.
             retention: How long a half waits for its other half; None: one day.
+            max_loss: The mean loss above which the LossdMonitorLossHigh alert fires.
 
         Raises:
             LossdError: ALREADY_EXISTS (MONITOR_EXISTS), RESOURCE_EXHAUSTED
                 (TOO_MANY_MONITORS), INVALID_ARGUMENT for a bad field.
         """
         request = create_monitor_request(name, loss, windows, loss_params=loss_params, segment_keys=segment_keys,
-                                         retention=retention, display_name=display_name)
+                                         retention=retention, display_name=display_name, max_loss=max_loss)
         return Monitor.from_proto(self._monitors.CreateMonitor(request, **self._call_args(timeout)))
 
     @translate_errors
@@ -295,10 +301,10 @@ class AsyncMonitorMixin(_MonitorStub):
     async def create_monitor(self, name: str, loss: Any, windows: Sequence[Seconds] = (300, 3600), *,
                              loss_params: Optional[Mapping[str, Any]] = None, segment_keys: Sequence[str] = (),
                              retention: Optional[Seconds] = None, display_name: str = "",
-                             timeout: Optional[float] = None) -> Monitor:
+                             max_loss: Optional[float] = None, timeout: Optional[float] = None) -> Monitor:
         """Refer to ``lossd.Client.create_monitor``."""
         request = create_monitor_request(name, loss, windows, loss_params=loss_params, segment_keys=segment_keys,
-                                         retention=retention, display_name=display_name)
+                                         retention=retention, display_name=display_name, max_loss=max_loss)
         return Monitor.from_proto(await self._monitors.CreateMonitor(request, **self._call_args(timeout)))
 
     @translate_errors_async

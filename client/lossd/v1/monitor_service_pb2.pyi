@@ -15,7 +15,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Monitor(_message.Message):
-    __slots__ = ("name", "display_name", "loss", "windows", "segment_keys", "retention", "owner", "create_time", "reference_time", "reference_window", "report")
+    __slots__ = ("name", "display_name", "loss", "windows", "segment_keys", "retention", "owner", "create_time", "reference_time", "reference_window", "report", "max_loss")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class Monitor(_message.Message):
     REFERENCE_TIME_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_WINDOW_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOSS_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     loss: _loss_pb2.LossSpec
@@ -38,7 +39,8 @@ class Monitor(_message.Message):
     reference_time: _timestamp_pb2.Timestamp
     reference_window: _duration_pb2.Duration
     report: MonitorReport
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., loss: _Optional[_Union[_loss_pb2.LossSpec, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]]] = ..., segment_keys: _Optional[_Iterable[str]] = ..., retention: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reference_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reference_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., report: _Optional[_Union[MonitorReport, _Mapping]] = ...) -> None: ...
+    max_loss: float
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., loss: _Optional[_Union[_loss_pb2.LossSpec, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]]] = ..., segment_keys: _Optional[_Iterable[str]] = ..., retention: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reference_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reference_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., report: _Optional[_Union[MonitorReport, _Mapping]] = ..., max_loss: _Optional[float] = ...) -> None: ...
 
 class MonitorReport(_message.Message):
     __slots__ = ("time", "windows", "pending_predictions", "pending_labels", "expired_predictions", "expired_labels")

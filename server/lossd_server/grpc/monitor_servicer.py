@@ -39,7 +39,8 @@ def monitor_to_proto(record: MonitorRecord, report: Report | None = None) -> pb.
         windows=[_duration(w) for w in record.windows], segment_keys=record.segment_keys,
         retention=_duration(record.retention), owner=record.owner, create_time=_timestamp(record.create_time),
         reference_time=_timestamp(record.reference_time),
-        reference_window=_duration(record.reference_window) if record.reference_window else None)
+        reference_window=_duration(record.reference_window) if record.reference_window else None,
+        max_loss=record.max_loss)
     if report is not None:
         message.report.CopyFrom(report_to_proto(report))
     return message
@@ -80,7 +81,8 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
         record = self.service.create(
             request.monitor_id, loss=wire.spec_to_dict(monitor.loss) if monitor.HasField("loss") else None,
             windows=windows, segment_keys=list(monitor.segment_keys), retention=retention,
-            display_name=monitor.display_name, caller=self.callers.of(context))
+            display_name=monitor.display_name,
+            max_loss=monitor.max_loss if monitor.HasField("max_loss") else None, caller=self.callers.of(context))
         return monitor_to_proto(record)
 
     @handle_errors

@@ -118,7 +118,7 @@ class MonitorService:
 
     def create(self, ident: str, *, loss: Optional[Mapping], windows: Sequence[float],
                segment_keys: Sequence[str] = (), retention: Optional[float] = None, display_name: str = "",
-               caller: Caller = ANONYMOUS) -> MonitorRecord:
+               max_loss: Optional[float] = None, caller: Caller = ANONYMOUS) -> MonitorRecord:
         """Creates the monitor ``monitors/{ident}`` after checking every field.
 
         Raises:
@@ -151,8 +151,11 @@ class MonitorService:
         if len(display_name) > 256:
             raise InvalidArgument(f"display_name is too long. Expected at most 256 characters. Received: "
                                   f"{len(display_name)}.", reason="BAD_DISPLAY_NAME")
+        if max_loss is not None and not math.isfinite(max_loss):
+            raise InvalidArgument(f"Invalid monitor.max_loss. Expected a finite number. Received: {max_loss!r}.",
+                                  reason="BAD_MAX_LOSS")
         record = MonitorRecord(ident, dict(loss), sorted(windows), keys, retention, display_name, caller.name,
-                               self.clock())
+                               self.clock(), max_loss=max_loss)
         return self.state.create(record, self.max_monitors)
 
     def get(self, name: str, caller: Caller = ANONYMOUS) -> MonitorRecord:
@@ -411,7 +414,7 @@ class MonitorService:
                 self.metrics.set_monitor_report(record.name, [
                     (window_label(s.window), s.segment, _gauge_values(s)) for s in report.windows],
                     pending=(report.pending_predictions, report.pending_labels),
-                    expired=(report.expired_predictions, report.expired_labels))
+                    expired=(report.expired_predictions, report.expired_labels), max_loss=record.max_loss)
         for gone in self._reported - set(names):
             self._forget(gone)
         self._reported = set(names)

@@ -64,10 +64,11 @@ class MonitorRecord:
     samples: int = 0
     reference_time: Optional[float] = None
     reference_window: Optional[float] = None
+    max_loss: Optional[float] = None  # the gauge LossdMonitorLossHigh compares the mean loss with
 
     def spec(self) -> dict:
         return {"loss": self.loss, "windows": self.windows, "segment_keys": self.segment_keys,
-                "retention": self.retention, "display_name": self.display_name}
+                "retention": self.retention, "display_name": self.display_name, "max_loss": self.max_loss}
 
     @classmethod
     def from_row(cls, row) -> "MonitorRecord":
@@ -78,7 +79,8 @@ class MonitorRecord:
                    create_time=row["create_time"], pending_predictions=int(row["pending_predictions"]),
                    pending_labels=int(row["pending_labels"]), expired_predictions=int(row["expired_predictions"]),
                    expired_labels=int(row["expired_labels"]), samples=int(row["samples"]),
-                   reference_time=row["reference_time"], reference_window=row["reference_window"])
+                   reference_time=row["reference_time"], reference_window=row["reference_window"],
+                   max_loss=None if spec.get("max_loss") is None else float(spec["max_loss"]))
 
 
 @dataclasses.dataclass(frozen=True)

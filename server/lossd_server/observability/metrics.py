@@ -486,6 +486,10 @@ class Metrics:
             "lossd_monitor_expired", "Halves of a monitor that expired without their other half since it was "
             "created, by half (a prediction never labelled, a label never predicted).", ("monitor", "half"),
             registry=r, multiprocess_mode="livemostrecent")
+        self.lossd_monitor_max_loss = Gauge(
+            "lossd_monitor_max_loss", "The mean loss above which a monitor's loss counts as too high (its "
+            "max_loss; the alert LossdMonitorLossHigh compares lossd_monitor_loss with it); absent when unset.",
+            ("monitor",), registry=r, multiprocess_mode="livemostrecent")
         self._monitor_series: dict[str, set[tuple]] = {}
 
         # Device and build.
@@ -780,13 +784,15 @@ class Metrics:
         self.lossd_monitors.set(count)
 
     def set_monitor_report(self, monitor: str, windows: Iterable[tuple[str, str, Mapping[str, float]]], *,
-                           pending: tuple[int, int], expired: tuple[int, int]) -> None:
+                           pending: tuple[int, int], expired: tuple[int, int],
+                           max_loss: Optional[float] = None) -> None:
         """Sets a monitor's gauges from its report: ``(window, segment,
         values)`` per window and segment, where ``values`` holds ``mean``,
         ``count``, ``p50``/``p90``/``p99``, ``labelled_fraction``,
         ``label_delay`` and, once a reference exists, ``drift_statistic`` and
         ``drift_p_value``; and its pending and expired predictions and
-        labels. Series of windows or segments no longer reported are removed."""
+        labels; and its ``max_loss`` (None: no series). Series of windows or
+        segments no longer reported are removed."""
         series: set[tuple] = set()
         for window, segment, values in windows:
             for key, value in values.items():
@@ -800,12 +806,19 @@ class Metrics:
         for half, p, e in zip(("prediction", "label"), pending, expired):
             self.lossd_monitor_pending_ids.labels(monitor, half).set(p)
             self.lossd_monitor_expired.labels(monitor, half).set(e)
+        if max_loss is not None:
+            self.lossd_monitor_max_loss.labels(monitor).set(max_loss)
+        else:
+            with contextlib.suppress(KeyError):
+                self.lossd_monitor_max_loss.remove(monitor)
         self._remove_monitor_series(self._monitor_series.get(monitor, set()) - series)
         self._monitor_series[monitor] = series
 
     def remove_monitor(self, monitor: str) -> None:
         """Removes every series of a deleted monitor."""
         self._remove_monitor_series(self._monitor_series.pop(monitor, set()))
+        with contextlib.suppress(KeyError):
+            self.lossd_monitor_max_loss.remove(monitor)
         for half in ("prediction", "label"):
             for gauge in (self.lossd_monitor_pending_ids, self.lossd_monitor_expired):
                 with contextlib.suppress(KeyError):

@@ -42,7 +42,7 @@ from lossd_server.callers import ANONYMOUS, Caller
 from lossd_server.errors import InvalidArgument, LossdError, NotFound, ResourceExhausted, Unavailable
 from lossd_server.evaluation.service import EvaluationRequest, EvaluationService, Incoming
 from lossd_server.monitors import stats
-from lossd_server.monitors.state import Bounds, Changed, Half, MonitorRecord, MonitorState, Pending, Write, Written
+from lossd_server.monitors.state import Bounds, Changed, MonitorRecord, MonitorState, Pending, Rows, Write, Written
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +209,13 @@ class MonitorService:
                                   "(a label takes its prediction's segment). Received: labels only.",
                                   reason="BAD_SEGMENTS")
         segment = self._segment(record, segments or {})
+        if y_pred is not None and y_true is not None:  # every id pairs, whatever is stored: nothing to read
+            losses = dict(zip(ids, self._evaluate(record, y_pred, y_true, caller)))
+            write = Write(ids, halves["y_pred"], halves["y_true"], segment, losses, None)
+            return self.state.write(record, write, self.clock(), self.bounds)
         for _ in range(_WRITE_TRIES):
             stored = self.state.pending(record.name, ids)
-            new = sum(1 for i in ids if i not in stored)
-            if y_pred is None or y_true is None:
-                self._check_room(record, new)
+            self._check_room(record, sum(1 for i in ids if i not in stored))
             losses = self._losses(record, ids, y_pred, y_true, stored, caller)
             write = Write(ids, halves.get("y_pred"), halves.get("y_true"), segment, losses,
                           {i: p.times for i, p in stored.items()})
@@ -254,7 +256,7 @@ class MonitorService:
             raise InvalidArgument(f"Repeated id {twice[:MAX_ID]!r}. Expected distinct ids in one call. Received: "
                                   f"{len(ids)} ids, {len(seen) + len(set(ids) - seen)} distinct.", reason="BAD_IDS")
 
-    def _rows(self, field: str, array: np.ndarray, n: int, now: float) -> list[Half]:
+    def _rows(self, field: str, array: np.ndarray, n: int, now: float) -> Rows:
         if array.ndim == 0 or array.shape[0] != n:
             raise InvalidArgument(f"{field} has {array.shape[0] if array.ndim else 'no'} rows. Expected one row per "
                                   f"id: shape ({n}, ...). Received: shape {list(array.shape)}.",
@@ -265,10 +267,7 @@ class MonitorService:
                                     f"{self.max_row_bytes:,} (max_monitor_row_bytes). Received: shape "
                                     f"{list(array.shape)} of {array.dtype}.", reason="ROW_TOO_LARGE",
                                     metadata={"limit": str(self.max_row_bytes), "setting": "max_monitor_row_bytes"})
-        dtype = wire.dtype_enum(array.dtype, field=field)
-        shape = tuple(int(d) for d in array.shape[1:])
-        contiguous = np.ascontiguousarray(array)
-        return [Half(dtype, shape, contiguous[i].tobytes(), now) for i in range(n)]
+        return Rows(wire.dtype_enum(array.dtype, field=field), array, now)
 
     def _segment(self, record: MonitorRecord, segments: Mapping[str, str]) -> str:
         unknown = sorted(set(segments) - set(record.segment_keys))
@@ -295,9 +294,7 @@ class MonitorService:
 
     def _losses(self, record: MonitorRecord, ids: list, y_pred, y_true, stored: Mapping[str, Pending],
                 caller: Caller) -> dict[str, float]:
-        """The per-sample loss of every id that has both halves now, by id."""
-        if y_pred is not None and y_true is not None:
-            return dict(zip(ids, self._evaluate(record, y_pred, y_true, caller)))
+        """The per-sample loss of every id whose other half is stored, by id."""
         # One half in the request, the other stored: rows grouped by the stored half's dtype and shape.
         groups: dict[tuple, list[int]] = {}
         for i, ident in enumerate(ids):

@@ -18,10 +18,11 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import json
 import logging
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -97,6 +98,21 @@ class Half:
         return np.frombuffer(self.content, numpy_dtype).reshape(self.shape)
 
 
+class Rows:
+    """One half of a request's rows (its ``y_pred`` or ``y_true``), received
+    at ``time``: row ``i`` becomes a ``Half`` (its bytes copied) only when it
+    is kept pending; a row paired at once is never copied."""
+
+    def __init__(self, dtype: int, array: np.ndarray, time: float):
+        self.dtype = dtype
+        self.array = np.ascontiguousarray(array)
+        self.shape = tuple(int(d) for d in array.shape[1:])
+        self.time = time
+
+    def __getitem__(self, i: int) -> Half:
+        return Half(self.dtype, self.shape, self.array[i].tobytes(), self.time)
+
+
 @dataclasses.dataclass(frozen=True)
 class Pending:
     """One id waiting for its other half."""
@@ -130,15 +146,16 @@ class Write:
         segment: The predictions' segment.
         losses: The per-sample loss of each id paired now, computed from the
             halves ``seen`` (id -> ``Pending.times`` when read); the
-            transaction checks they are still what is stored.
+            transaction checks they are still what is stored. None when the
+            call brings both halves: whatever is stored, every id pairs.
     """
 
     ids: Sequence[str]
-    predictions: Optional[Sequence[Half]]
-    labels: Optional[Sequence[Half]]
+    predictions: Optional[Rows]
+    labels: Optional[Rows]
     segment: str
     losses: dict
-    seen: dict
+    seen: Optional[dict]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +173,26 @@ class Changed(Exception):
 def _half(dtype, shape, content, when) -> Optional[Half]:
     if content is None:
         return None
-    return Half(int(dtype), tuple(json.loads(shape)), bytes(content), float(when))
+    return Half(int(dtype), _shape(shape), bytes(content), float(when))
+
+
+@functools.lru_cache(maxsize=256)
+def _shape(text: str) -> tuple[int, ...]:
+    """A stored row shape (a monitor's rows mostly share one): parsed once."""
+    return tuple(json.loads(text))
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return json.dumps(list(shape))
+
+
+class _Stored(NamedTuple):
+    """What a write needs of a pending id: its segment and its halves' times (None: absent)."""
+
+    segment: str
+    observe_time: Optional[float]
+    label_time: Optional[float]
 
 
 def _encode_token(name: str) -> str:
@@ -194,8 +230,13 @@ def _not_found(name: str) -> NotFound:
 class MonitorState:
     """The monitors' tables, through a ``Store``'s connections."""
 
+    # Writes expire a monitor's halves at most this often (the reporter does too):
+    # three range queries per call otherwise.
+    EXPIRE_EVERY_SECONDS = 1.0
+
     def __init__(self, store: Store):
         self.store = store
+        self._expired_at: dict[str, float] = {}
 
     # -- the resource ------------------------------------------------------------
 
@@ -295,14 +336,16 @@ class MonitorState:
             if db.execute(f"SELECT n FROM monitors WHERE name = ?{self.store.dialect.lock_row}",
                           (name,)).fetchone() is None:
                 raise _not_found(name)
-            self._expire(db, monitor, now)
+            if now - self._expired_at.get(name, -math.inf) >= self.EXPIRE_EVERY_SECONDS:
+                self._expire(db, monitor, now)
+                self._expired_at[name] = now
             done = {r["id"] for r in db.execute(f"SELECT id FROM monitor_samples WHERE monitor = ? AND id IN "
                                                 f"({marks(len(ids))})", (name, *ids)).fetchall()}
-            stored = {r["id"]: self._pending(r) for r in db.execute(
-                f"SELECT {_PENDING_COLUMNS} FROM monitor_pending WHERE monitor = ? AND id IN ({marks(len(ids))})",
-                (name, *ids)).fetchall()}
-            for ident in ids:
-                if ident not in done and (stored[ident].times if ident in stored else (None, None)) \
+            stored = {r["id"]: _Stored(r["segment"], r["observe_time"], r["label_time"]) for r in db.execute(
+                f"SELECT id, segment, observe_time, label_time FROM monitor_pending WHERE monitor = ? "
+                f"AND id IN ({marks(len(ids))})", (name, *ids)).fetchall()}
+            for ident in ids if write.seen is not None else ():
+                if ident not in done and (stored[ident][1:] if ident in stored else (None, None)) \
                         != write.seen.get(ident, (None, None)):
                     raise Changed(ident)
             if write.predictions is not None:
@@ -312,27 +355,27 @@ class MonitorState:
             for i, ident in enumerate(ids):
                 if ident in done:
                     continue
-                prediction = write.predictions[i] if write.predictions is not None else None
-                label = write.labels[i] if write.labels is not None else None
                 before = stored.get(ident)
                 if ident in write.losses:
-                    prediction = prediction or before.prediction
-                    label = label or before.label
+                    observed = write.predictions.time if write.predictions is not None else before.observe_time
+                    labelled = write.labels.time if write.labels is not None else before.label_time
                     segment = write.segment if write.predictions is not None else before.segment
                     loss = write.losses[ident]
-                    paired_rows.append((name, ident, segment, now, prediction.time, label.time,
+                    paired_rows.append((name, ident, segment, now, observed, labelled,
                                         None if math.isnan(loss) else loss))  # NULL with a label_time: NaN
                     if before is not None:
-                        freed[0] += before.prediction is not None
-                        freed[1] += before.label is not None
+                        freed[0] += before.observe_time is not None
+                        freed[1] += before.label_time is not None
                     continue
                 # Kept waiting: a new row, or this half replacing the same half of an earlier call.
+                prediction = write.predictions[i] if write.predictions is not None else None
+                label = write.labels[i] if write.labels is not None else None
                 if before is None:
                     new_pending[0 if prediction is not None else 1] += 1
                 pending_rows.append((name, ident, write.segment if prediction is not None else "",
-                                     *((prediction.dtype, json.dumps(prediction.shape), prediction.content,
+                                     *((prediction.dtype, _shape_text(prediction.shape), prediction.content,
                                         prediction.time) if prediction else (None,) * 4),
-                                     *((label.dtype, json.dumps(label.shape), label.content, label.time)
+                                     *((label.dtype, _shape_text(label.shape), label.content, label.time)
                                        if label else (None,) * 4)))
             held = monitor_counts(db, name)
             pending_after = held["pending_predictions"] + held["pending_labels"] + sum(new_pending) - sum(freed)

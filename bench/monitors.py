@@ -21,8 +21,8 @@ machine's drift falls on all of them; the table gives rows per second (a
 row: one pair; for ``late``, its two calls count once) and the ratios.
 
 Then the memory of pending ids: ``--pending`` predictions observed and left
-unlabelled, with the store's bytes in use (after a WAL checkpoint) and the
-server's resident memory before and after, per pending id.
+unlabelled, with the store's bytes in use (after a WAL checkpoint) per
+pending id, and the server's resident memory before and after.
 """
 
 from __future__ import annotations
@@ -170,9 +170,11 @@ def pending_memory(client: lossd.Client, pid: int, data_dir: pathlib.Path, count
     after_disk, after_rss = store_bytes(data_dir), rss_bytes(pid)
     pending = client.monitor("pending").pending["predictions"]
     row_bytes = y_pred[0].nbytes
+    # The server's resident memory moves with TensorFlow's and the allocator's
+    # own pools by tens of MB either way; it is shown, not divided.
     print(f"# pending ids: {pending:,} ({row_bytes} bytes of prediction each); store +{after_disk - before_disk:,} B "
-          f"= {(after_disk - before_disk) / count:,.0f} B per pending id; server RSS +{after_rss - before_rss:,} B "
-          f"= {(after_rss - before_rss) / count:,.0f} B per pending id")
+          f"= {(after_disk - before_disk) / count:,.0f} B per pending id; server RSS {before_rss / 2**20:,.0f} MiB "
+          f"before, {after_rss / 2**20:,.0f} MiB after (the pending rows live in the store)")
 
 
 def main() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pathlib
 import re
 import sys
 import time
@@ -136,6 +137,30 @@ def cmd_monitors_watch(args) -> int:
     return 0
 
 
+def cmd_monitors_plot(args) -> int:
+    """A PNG of each window's mean loss over the longest window, from the
+    server's stored pairs (``GetMonitor`` with ``history_points``)."""
+    from lossd._cli_training import plot_history
+
+    with _client(args) as client:
+        monitor = client.monitor(args.monitor, history_points=args.points)
+    if not monitor.history:
+        raise UsageError(f"{monitor.name} has no history. Expected pairs within its longest window. "
+                         "Received: none.")
+    now = max(when for when, *_ in monitor.history)
+    times = sorted({when for when, *_ in monitor.history})
+    series = {f"{duration_text(w)} mean loss": [mean for when, window, _, mean in monitor.history if window == w]
+              for w in monitor.windows}
+    span = max(monitor.windows)
+    unit, size = ("seconds", 1) if span < 180 else ("minutes", 60) if span < 3 * 3600 else ("hours", 3600)
+    ago = [round((t - now).total_seconds() / size, 1) for t in times]
+    out = pathlib.Path(args.output or f"{monitor.name.split('/')[-1]}-loss.png")
+    plot_history(series, out, title=f"{monitor.name} (loss at each point over the window before it)",
+                 x_label=f"{unit} from now", x_values=ago)
+    print(out)
+    return 0
+
+
 def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentParser]) -> None:
     """Adds ``monitors`` (with its sub-commands) to the ``lossd`` parser."""
     common = client_flags()
@@ -178,3 +203,9 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p.add_argument("--interval", type=float, default=2.0, help="seconds between reports [2]")
     p.add_argument("--count", type=int, default=None, help="stop after this many reports [never]")
     p.set_defaults(func=cmd_monitors_watch)
+
+    p = msub.add_parser("plot", parents=[common], help="write a PNG of each window's loss over time")
+    p.add_argument("monitor", help="monitors/NAME or NAME")
+    p.add_argument("--points", type=int, default=120, help="points over the longest window [120]")
+    p.add_argument("-o", "--output", help="the PNG [NAME-loss.png]")
+    p.set_defaults(func=cmd_monitors_plot)

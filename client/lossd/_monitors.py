@@ -108,6 +108,8 @@ class Monitor:
             and from which window; None before.
         report: One ``WindowReport`` per window and segment (empty from
             ``monitors()``), and ``pending``/``expired`` predictions and labels.
+        history: ``(time, window, count, mean_loss)`` of each window at each
+            point ``monitor(name, history_points=N)`` asked for.
     """
 
     name: str
@@ -122,22 +124,27 @@ class Monitor:
     reference_window: Optional[float] = None
     windows_report: tuple = ()
     max_loss: Optional[float] = None
+    history: tuple = ()
     pending: dict = dataclasses.field(default_factory=dict)
     expired: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, message: pb.Monitor) -> "Monitor":
         report = message.report
-        return cls(message.name, wire.spec_to_dict(message.loss),
-                   tuple(w.ToTimedelta().total_seconds() for w in message.windows), tuple(message.segment_keys),
-                   message.retention.ToTimedelta().total_seconds(), message.display_name, message.owner,
-                   _time(message.create_time), _time(message.reference_time),
-                   message.reference_window.ToTimedelta().total_seconds()
-                   if message.HasField("reference_window") else None,
-                   tuple(WindowReport.from_proto(w) for w in report.windows),
-                   message.max_loss if message.HasField("max_loss") else None,
-                   {"predictions": report.pending_predictions, "labels": report.pending_labels},
-                   {"predictions": report.expired_predictions, "labels": report.expired_labels})
+        return cls(
+            name=message.name, loss=wire.spec_to_dict(message.loss),
+            windows=tuple(w.ToTimedelta().total_seconds() for w in message.windows),
+            segment_keys=tuple(message.segment_keys), retention=message.retention.ToTimedelta().total_seconds(),
+            display_name=message.display_name, owner=message.owner, create_time=_time(message.create_time),
+            reference_time=_time(message.reference_time),
+            reference_window=message.reference_window.ToTimedelta().total_seconds()
+            if message.HasField("reference_window") else None,
+            windows_report=tuple(WindowReport.from_proto(w) for w in report.windows),
+            max_loss=message.max_loss if message.HasField("max_loss") else None,
+            pending={"predictions": report.pending_predictions, "labels": report.pending_labels},
+            expired={"predictions": report.expired_predictions, "labels": report.expired_labels},
+            history=tuple((_time(p.time), p.window.ToTimedelta().total_seconds(), p.count, p.mean_loss)
+                          for p in report.history))
 
     def window(self, seconds: Seconds, segment: str = "") -> WindowReport:
         """The report of one window and segment."""
@@ -237,10 +244,13 @@ class MonitorMixin(_MonitorStub):
         return Monitor.from_proto(self._monitors.CreateMonitor(request, **self._call_args(timeout)))
 
     @translate_errors
-    def monitor(self, name: "Monitor | str", *, timeout: Optional[float] = None) -> Monitor:
-        """The monitor with its report now (``Monitor.window(seconds, segment)``)."""
-        return Monitor.from_proto(self._monitors.GetMonitor(pb.GetMonitorRequest(name=monitor_name(name)),
-                                                            **self._call_args(timeout)))
+    def monitor(self, name: "Monitor | str", *, history_points: int = 0,
+                timeout: Optional[float] = None) -> Monitor:
+        """The monitor with its report now (``Monitor.window(seconds, segment)``),
+        and with ``history_points``, each window's mean loss at that many
+        times over the longest window (``Monitor.history``)."""
+        request = pb.GetMonitorRequest(name=monitor_name(name), history_points=history_points)
+        return Monitor.from_proto(self._monitors.GetMonitor(request, **self._call_args(timeout)))
 
     @translate_errors
     def monitors(self, *, page_size: int = 100, timeout: Optional[float] = None) -> list[Monitor]:
@@ -308,10 +318,11 @@ class AsyncMonitorMixin(_MonitorStub):
         return Monitor.from_proto(await self._monitors.CreateMonitor(request, **self._call_args(timeout)))
 
     @translate_errors_async
-    async def monitor(self, name: "Monitor | str", *, timeout: Optional[float] = None) -> Monitor:
+    async def monitor(self, name: "Monitor | str", *, history_points: int = 0,
+                      timeout: Optional[float] = None) -> Monitor:
         """Refer to ``lossd.Client.monitor``."""
-        return Monitor.from_proto(await self._monitors.GetMonitor(pb.GetMonitorRequest(name=monitor_name(name)),
-                                                                  **self._call_args(timeout)))
+        request = pb.GetMonitorRequest(name=monitor_name(name), history_points=history_points)
+        return Monitor.from_proto(await self._monitors.GetMonitor(request, **self._call_args(timeout)))
 
     @translate_errors_async
     async def monitors(self, *, page_size: int = 100, timeout: Optional[float] = None) -> list[Monitor]:

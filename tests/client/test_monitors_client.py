@@ -96,7 +96,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_command_line(capsys, address, client):
+def test_command_line(capsys, address, client, tmp_path):
     name = next(_names)
     code, out, err = run(capsys, "monitors", "create", name, "--loss", "mse", "--windows", "1m,1h",
                          "--segment-keys", "region", "--retention", "1d", "--address", address)
@@ -120,6 +120,15 @@ def test_command_line(capsys, address, client):
     assert lines[1].split() == ["WINDOW", "SEGMENT", "PAIRS", "MEAN", "P50", "P90", "P99", "LABELLED", "DELAY",
                                 "DRIFT_P"]
     assert lines[2].split()[:3] == ["1m", "(all)", "8"] and lines[2].split()[-1] == "1"
+    history = client.monitor(name, history_points=6).history
+    assert len(history) == 12 and [h[1] for h in history[:2]] == [60.0, 3600.0]
+    assert history[-1][2:] == (8, pytest.approx(report[2]["mean_loss"]))  # now: the hour's mean
+    code, out, err = run(capsys, "monitors", "plot", name, "-o", tmp_path / "loss.png", "--address", address)
+    assert code == 0 and out.strip() == str(tmp_path / "loss.png"), err
+    from PIL import Image
+
+    with Image.open(tmp_path / "loss.png") as image:
+        assert image.format == "PNG" and image.width >= 600
     code, out, err = run(capsys, "monitors", "create", "x", "--loss", "mse", "--windows", "5q", "--address", address)
     assert code == 2 and "--windows expects durations" in err
     code, out, err = run(capsys, "monitors", "delete", name, "--address", address)

@@ -30,7 +30,7 @@ from lossd.v1 import loss_pb2 as lossd_dot_v1_dot_loss__pb2
 from lossd.v1 import tensor_pb2 as lossd_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elossd/v1/monitor_service.proto\x12\x08lossd.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x13lossd/v1/loss.proto\x1a\x15lossd/v1/tensor.proto\"\xb5\x03\n\x07Monitor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12 \n\x04loss\x18\x03 \x01(\x0b\x32\x12.lossd.v1.LossSpec\x12*\n\x07windows\x18\x04 \x03(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0csegment_keys\x18\x05 \x03(\t\x12,\n\tretention\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0ereference_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x10reference_window\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x06report\x18\x0b \x01(\x0b\x32\x17.lossd.v1.MonitorReport\x12\x15\n\x08max_loss\x18\x0c \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_max_loss\"\xcc\x01\n\rMonitorReport\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x07windows\x18\x02 \x03(\x0b\x32\x16.lossd.v1.WindowReport\x12\x1b\n\x13pending_predictions\x18\x03 \x01(\x03\x12\x16\n\x0epending_labels\x18\x04 \x01(\x03\x12\x1b\n\x13\x65xpired_predictions\x18\x05 \x01(\x03\x12\x16\n\x0e\x65xpired_labels\x18\x06 \x01(\x03\"\x81\x02\n\x0cWindowReport\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x11\n\tmean_loss\x18\x04 \x01(\x01\x12\x10\n\x08p50_loss\x18\x05 \x01(\x01\x12\x10\n\x08p90_loss\x18\x06 \x01(\x01\x12\x10\n\x08p99_loss\x18\x07 \x01(\x01\x12\x19\n\x11labelled_fraction\x18\x08 \x01(\x01\x12\"\n\x1amedian_label_delay_seconds\x18\t \x01(\x01\x12\x1e\n\x05\x64rift\x18\n \x01(\x0b\x32\x0f.lossd.v1.Drift\"D\n\x05\x44rift\x12\x11\n\tstatistic\x18\x01 \x01(\x01\x12\x0f\n\x07p_value\x18\x02 \x01(\x01\x12\x17\n\x0freference_count\x18\x03 \x01(\x03\"N\n\x14\x43reateMonitorRequest\x12\x12\n\nmonitor_id\x18\x01 \x01(\t\x12\"\n\x07monitor\x18\x02 \x01(\x0b\x32\x11.lossd.v1.Monitor\"!\n\x11GetMonitorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x13ListMonitorsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListMonitorsResponse\x12#\n\x08monitors\x18\x01 \x03(\x0b\x32\x11.lossd.v1.Monitor\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14\x44\x65leteMonitorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xdd\x01\n\x0eObserveRequest\x12\x0f\n\x07monitor\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12 \n\x06y_pred\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06y_true\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x38\n\x08segments\x18\x05 \x03(\x0b\x32&.lossd.v1.ObserveRequest.SegmentsEntry\x1a/\n\rSegmentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x0cLabelRequest\x12\x0f\n\x07monitor\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12 \n\x06y_true\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\"{\n\x0fObserveResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x0e\n\x06paired\x18\x02 \x01(\x03\x12\x0f\n\x07pending\x18\x03 \x01(\x03\x12\x12\n\nduplicates\x18\x04 \x01(\x03\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\"R\n\x17\x43\x61ptureReferenceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration2\xba\x04\n\x0eMonitorService\x12\x42\n\rCreateMonitor\x12\x1e.lossd.v1.CreateMonitorRequest\x1a\x11.lossd.v1.Monitor\x12<\n\nGetMonitor\x12\x1b.lossd.v1.GetMonitorRequest\x1a\x11.lossd.v1.Monitor\x12M\n\x0cListMonitors\x12\x1d.lossd.v1.ListMonitorsRequest\x1a\x1e.lossd.v1.ListMonitorsResponse\x12G\n\rDeleteMonitor\x12\x1e.lossd.v1.DeleteMonitorRequest\x1a\x16.google.protobuf.Empty\x12>\n\x07Observe\x12\x18.lossd.v1.ObserveRequest\x1a\x19.lossd.v1.ObserveResponse\x12:\n\x05Label\x12\x16.lossd.v1.LabelRequest\x1a\x19.lossd.v1.ObserveResponse\x12H\n\rObserveStream\x12\x18.lossd.v1.ObserveRequest\x1a\x19.lossd.v1.ObserveResponse(\x01\x30\x01\x12H\n\x10\x43\x61ptureReference\x12!.lossd.v1.CaptureReferenceRequest\x1a\x11.lossd.v1.MonitorB\x10\n\x0c\x64\x65v.lossd.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elossd/v1/monitor_service.proto\x12\x08lossd.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x13lossd/v1/loss.proto\x1a\x15lossd/v1/tensor.proto\"\xb5\x03\n\x07Monitor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12 \n\x04loss\x18\x03 \x01(\x0b\x32\x12.lossd.v1.LossSpec\x12*\n\x07windows\x18\x04 \x03(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0csegment_keys\x18\x05 \x03(\t\x12,\n\tretention\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05owner\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0ereference_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x10reference_window\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x06report\x18\x0b \x01(\x0b\x32\x17.lossd.v1.MonitorReport\x12\x15\n\x08max_loss\x18\x0c \x01(\x01H\x00\x88\x01\x01\x42\x0b\n\t_max_loss\"\xf5\x01\n\rMonitorReport\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x07windows\x18\x02 \x03(\x0b\x32\x16.lossd.v1.WindowReport\x12\x1b\n\x13pending_predictions\x18\x03 \x01(\x03\x12\x16\n\x0epending_labels\x18\x04 \x01(\x03\x12\x1b\n\x13\x65xpired_predictions\x18\x05 \x01(\x03\x12\x16\n\x0e\x65xpired_labels\x18\x06 \x01(\x03\x12\'\n\x07history\x18\x07 \x03(\x0b\x32\x16.lossd.v1.HistoryPoint\"\x85\x01\n\x0cHistoryPoint\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x11\n\tmean_loss\x18\x04 \x01(\x01\"\x81\x02\n\x0cWindowReport\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\x11\n\tmean_loss\x18\x04 \x01(\x01\x12\x10\n\x08p50_loss\x18\x05 \x01(\x01\x12\x10\n\x08p90_loss\x18\x06 \x01(\x01\x12\x10\n\x08p99_loss\x18\x07 \x01(\x01\x12\x19\n\x11labelled_fraction\x18\x08 \x01(\x01\x12\"\n\x1amedian_label_delay_seconds\x18\t \x01(\x01\x12\x1e\n\x05\x64rift\x18\n \x01(\x0b\x32\x0f.lossd.v1.Drift\"D\n\x05\x44rift\x12\x11\n\tstatistic\x18\x01 \x01(\x01\x12\x0f\n\x07p_value\x18\x02 \x01(\x01\x12\x17\n\x0freference_count\x18\x03 \x01(\x03\"N\n\x14\x43reateMonitorRequest\x12\x12\n\nmonitor_id\x18\x01 \x01(\t\x12\"\n\x07monitor\x18\x02 \x01(\x0b\x32\x11.lossd.v1.Monitor\"9\n\x11GetMonitorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0ehistory_points\x18\x02 \x01(\x05\"<\n\x13ListMonitorsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListMonitorsResponse\x12#\n\x08monitors\x18\x01 \x03(\x0b\x32\x11.lossd.v1.Monitor\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x14\x44\x65leteMonitorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xdd\x01\n\x0eObserveRequest\x12\x0f\n\x07monitor\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12 \n\x06y_pred\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12 \n\x06y_true\x18\x04 \x01(\x0b\x32\x10.lossd.v1.Tensor\x12\x38\n\x08segments\x18\x05 \x03(\x0b\x32&.lossd.v1.ObserveRequest.SegmentsEntry\x1a/\n\rSegmentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x0cLabelRequest\x12\x0f\n\x07monitor\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12 \n\x06y_true\x18\x03 \x01(\x0b\x32\x10.lossd.v1.Tensor\"{\n\x0fObserveResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x0e\n\x06paired\x18\x02 \x01(\x03\x12\x0f\n\x07pending\x18\x03 \x01(\x03\x12\x12\n\nduplicates\x18\x04 \x01(\x03\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\"R\n\x17\x43\x61ptureReferenceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration2\xba\x04\n\x0eMonitorService\x12\x42\n\rCreateMonitor\x12\x1e.lossd.v1.CreateMonitorRequest\x1a\x11.lossd.v1.Monitor\x12<\n\nGetMonitor\x12\x1b.lossd.v1.GetMonitorRequest\x1a\x11.lossd.v1.Monitor\x12M\n\x0cListMonitors\x12\x1d.lossd.v1.ListMonitorsRequest\x1a\x1e.lossd.v1.ListMonitorsResponse\x12G\n\rDeleteMonitor\x12\x1e.lossd.v1.DeleteMonitorRequest\x1a\x16.google.protobuf.Empty\x12>\n\x07Observe\x12\x18.lossd.v1.ObserveRequest\x1a\x19.lossd.v1.ObserveResponse\x12:\n\x05Label\x12\x16.lossd.v1.LabelRequest\x1a\x19.lossd.v1.ObserveResponse\x12H\n\rObserveStream\x12\x18.lossd.v1.ObserveRequest\x1a\x19.lossd.v1.ObserveResponse(\x01\x30\x01\x12H\n\x10\x43\x61ptureReference\x12!.lossd.v1.CaptureReferenceRequest\x1a\x11.lossd.v1.MonitorB\x10\n\x0c\x64\x65v.lossd.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,31 +43,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MONITOR']._serialized_start=208
   _globals['_MONITOR']._serialized_end=645
   _globals['_MONITORREPORT']._serialized_start=648
-  _globals['_MONITORREPORT']._serialized_end=852
-  _globals['_WINDOWREPORT']._serialized_start=855
-  _globals['_WINDOWREPORT']._serialized_end=1112
-  _globals['_DRIFT']._serialized_start=1114
-  _globals['_DRIFT']._serialized_end=1182
-  _globals['_CREATEMONITORREQUEST']._serialized_start=1184
-  _globals['_CREATEMONITORREQUEST']._serialized_end=1262
-  _globals['_GETMONITORREQUEST']._serialized_start=1264
-  _globals['_GETMONITORREQUEST']._serialized_end=1297
-  _globals['_LISTMONITORSREQUEST']._serialized_start=1299
-  _globals['_LISTMONITORSREQUEST']._serialized_end=1359
-  _globals['_LISTMONITORSRESPONSE']._serialized_start=1361
-  _globals['_LISTMONITORSRESPONSE']._serialized_end=1445
-  _globals['_DELETEMONITORREQUEST']._serialized_start=1447
-  _globals['_DELETEMONITORREQUEST']._serialized_end=1483
-  _globals['_OBSERVEREQUEST']._serialized_start=1486
-  _globals['_OBSERVEREQUEST']._serialized_end=1707
-  _globals['_OBSERVEREQUEST_SEGMENTSENTRY']._serialized_start=1660
-  _globals['_OBSERVEREQUEST_SEGMENTSENTRY']._serialized_end=1707
-  _globals['_LABELREQUEST']._serialized_start=1709
-  _globals['_LABELREQUEST']._serialized_end=1787
-  _globals['_OBSERVERESPONSE']._serialized_start=1789
-  _globals['_OBSERVERESPONSE']._serialized_end=1912
-  _globals['_CAPTUREREFERENCEREQUEST']._serialized_start=1914
-  _globals['_CAPTUREREFERENCEREQUEST']._serialized_end=1996
-  _globals['_MONITORSERVICE']._serialized_start=1999
-  _globals['_MONITORSERVICE']._serialized_end=2569
+  _globals['_MONITORREPORT']._serialized_end=893
+  _globals['_HISTORYPOINT']._serialized_start=896
+  _globals['_HISTORYPOINT']._serialized_end=1029
+  _globals['_WINDOWREPORT']._serialized_start=1032
+  _globals['_WINDOWREPORT']._serialized_end=1289
+  _globals['_DRIFT']._serialized_start=1291
+  _globals['_DRIFT']._serialized_end=1359
+  _globals['_CREATEMONITORREQUEST']._serialized_start=1361
+  _globals['_CREATEMONITORREQUEST']._serialized_end=1439
+  _globals['_GETMONITORREQUEST']._serialized_start=1441
+  _globals['_GETMONITORREQUEST']._serialized_end=1498
+  _globals['_LISTMONITORSREQUEST']._serialized_start=1500
+  _globals['_LISTMONITORSREQUEST']._serialized_end=1560
+  _globals['_LISTMONITORSRESPONSE']._serialized_start=1562
+  _globals['_LISTMONITORSRESPONSE']._serialized_end=1646
+  _globals['_DELETEMONITORREQUEST']._serialized_start=1648
+  _globals['_DELETEMONITORREQUEST']._serialized_end=1684
+  _globals['_OBSERVEREQUEST']._serialized_start=1687
+  _globals['_OBSERVEREQUEST']._serialized_end=1908
+  _globals['_OBSERVEREQUEST_SEGMENTSENTRY']._serialized_start=1861
+  _globals['_OBSERVEREQUEST_SEGMENTSENTRY']._serialized_end=1908
+  _globals['_LABELREQUEST']._serialized_start=1910
+  _globals['_LABELREQUEST']._serialized_end=1988
+  _globals['_OBSERVERESPONSE']._serialized_start=1990
+  _globals['_OBSERVERESPONSE']._serialized_end=2113
+  _globals['_CAPTUREREFERENCEREQUEST']._serialized_start=2115
+  _globals['_CAPTUREREFERENCEREQUEST']._serialized_end=2197
+  _globals['_MONITORSERVICE']._serialized_start=2200
+  _globals['_MONITORSERVICE']._serialized_end=2770
 # @@protoc_insertion_point(module_scope)

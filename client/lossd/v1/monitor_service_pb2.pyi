@@ -43,20 +43,34 @@ class Monitor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., loss: _Optional[_Union[_loss_pb2.LossSpec, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]]] = ..., segment_keys: _Optional[_Iterable[str]] = ..., retention: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., owner: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reference_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reference_window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., report: _Optional[_Union[MonitorReport, _Mapping]] = ..., max_loss: _Optional[float] = ...) -> None: ...
 
 class MonitorReport(_message.Message):
-    __slots__ = ("time", "windows", "pending_predictions", "pending_labels", "expired_predictions", "expired_labels")
+    __slots__ = ("time", "windows", "pending_predictions", "pending_labels", "expired_predictions", "expired_labels", "history")
     TIME_FIELD_NUMBER: _ClassVar[int]
     WINDOWS_FIELD_NUMBER: _ClassVar[int]
     PENDING_PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     PENDING_LABELS_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_LABELS_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     time: _timestamp_pb2.Timestamp
     windows: _containers.RepeatedCompositeFieldContainer[WindowReport]
     pending_predictions: int
     pending_labels: int
     expired_predictions: int
     expired_labels: int
-    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[WindowReport, _Mapping]]] = ..., pending_predictions: _Optional[int] = ..., pending_labels: _Optional[int] = ..., expired_predictions: _Optional[int] = ..., expired_labels: _Optional[int] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[HistoryPoint]
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., windows: _Optional[_Iterable[_Union[WindowReport, _Mapping]]] = ..., pending_predictions: _Optional[int] = ..., pending_labels: _Optional[int] = ..., expired_predictions: _Optional[int] = ..., expired_labels: _Optional[int] = ..., history: _Optional[_Iterable[_Union[HistoryPoint, _Mapping]]] = ...) -> None: ...
+
+class HistoryPoint(_message.Message):
+    __slots__ = ("time", "window", "count", "mean_loss")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    window: _duration_pb2.Duration
+    count: int
+    mean_loss: float
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., count: _Optional[int] = ..., mean_loss: _Optional[float] = ...) -> None: ...
 
 class WindowReport(_message.Message):
     __slots__ = ("window", "segment", "count", "mean_loss", "p50_loss", "p90_loss", "p99_loss", "labelled_fraction", "median_label_delay_seconds", "drift")
@@ -101,10 +115,12 @@ class CreateMonitorRequest(_message.Message):
     def __init__(self, monitor_id: _Optional[str] = ..., monitor: _Optional[_Union[Monitor, _Mapping]] = ...) -> None: ...
 
 class GetMonitorRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "history_points")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_POINTS_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    history_points: int
+    def __init__(self, name: _Optional[str] = ..., history_points: _Optional[int] = ...) -> None: ...
 
 class ListMonitorsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")

@@ -60,6 +60,8 @@ def report_to_proto(report: Report) -> pb.MonitorReport:
             entry.drift.statistic = s.drift.statistic
             entry.drift.p_value = s.drift.p_value
             entry.drift.reference_count = s.drift.reference_count
+    for when, window, count, mean in report.history:
+        message.history.add(time=_timestamp(when), window=_duration(window), count=count, mean_loss=mean)
     return message
 
 
@@ -88,7 +90,7 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
     @handle_errors
     def GetMonitor(self, request, context):
         record = self.service.get(request.name, self.callers.of(context))
-        return monitor_to_proto(record, self.service.report(record))
+        return monitor_to_proto(record, self.service.report(record, request.history_points))
 
     @handle_errors
     def ListMonitors(self, request, context):

@@ -67,12 +67,22 @@ def monitor_id(name: str) -> str:
     return ident
 
 
-class Report:
-    """What a monitor measures now (``MonitorReport`` on the wire)."""
+MAX_HISTORY_POINTS = 1000
 
-    def __init__(self, time: float, windows: list[stats.Summary], record: MonitorRecord):
+
+class Report:
+    """What a monitor measures now (``MonitorReport`` on the wire).
+
+    Attributes:
+        history: ``(time, window, count, mean)`` of each window at each of
+            the points asked for, every segment together.
+    """
+
+    def __init__(self, time: float, windows: list[stats.Summary], record: MonitorRecord,
+                 history: Sequence[tuple] = ()):
         self.time = time
         self.windows = windows
+        self.history = list(history)
         self.pending_predictions = record.pending_predictions
         self.pending_labels = record.pending_labels
         self.expired_predictions = record.expired_predictions
@@ -343,9 +353,14 @@ class MonitorService:
         self.state.capture_reference(record, window, self.clock())
         return self.state.get(record.name) or record
 
-    def report(self, record: MonitorRecord) -> Report:
+    def report(self, record: MonitorRecord, history_points: int = 0) -> Report:
         """Expires what is due, then summarises every window: over every
-        segment together first, then each segment."""
+        segment together first, then each segment; with ``history_points``,
+        also each window's mean loss at that many times over the longest
+        window (``stats.history``)."""
+        if not 0 <= history_points <= MAX_HISTORY_POINTS:
+            raise InvalidArgument(f"Invalid history_points. Expected 0 to {MAX_HISTORY_POINTS}. Received: "
+                                  f"{history_points}.", reason="BAD_HISTORY_POINTS")
         now = self.clock()
         self.state.expire(record, now)
         record = self.state.get(record.name) or record
@@ -373,7 +388,12 @@ class MonitorService:
                     ref = reference["loss"] if segment == "" else reference["loss"][reference["segment"] == segment]
                 summaries.append(stats.summarize(window, segment, losses, delays, observed,
                                                  int((in_window & labelled).sum()), ref))
-        return Report(now, summaries, record)
+        history = ()
+        if history_points:
+            paired = ~np.isnan(samples["label_time"])
+            times = now - longest + longest * np.arange(1, history_points + 1) / history_points
+            history = stats.history(samples["time"][paired], samples["loss"][paired], times, record.windows)
+        return Report(now, summaries, record, history)
 
     # -- the gauges ------------------------------------------------------------------
 

@@ -75,6 +75,27 @@ def drift(losses: np.ndarray, reference: np.ndarray) -> Drift:
     return Drift(d, ks_p_value(d, losses.size, reference.size), int(reference.size))
 
 
+def history(times: np.ndarray, losses: np.ndarray, at: np.ndarray, windows) -> list[tuple]:
+    """Each window's mean loss as it stood at each time of ``at``: the losses
+    whose ``times`` lie in ``(t - window, t]``; ``(t, window, count, mean)``
+    per time and window (mean NaN with no losses, or with a NaN loss among
+    them, as the window's own mean would be)."""
+    order = np.argsort(times, kind="stable")
+    times, losses = times[order], losses[order].astype(np.float64)
+    nan = np.isnan(losses)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(nan, 0.0, losses))])
+    nans = np.concatenate([[0], np.cumsum(nan)])
+    out = []
+    for t in at:
+        end = np.searchsorted(times, t, side="right")
+        for window in windows:
+            start = np.searchsorted(times, t - window, side="right")
+            count = int(end - start)
+            mean = math.nan if count == 0 or nans[end] > nans[start] else float((sums[end] - sums[start]) / count)
+            out.append((float(t), float(window), count, mean))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Summary:
     """One window of one segment (``WindowReport`` on the wire)."""

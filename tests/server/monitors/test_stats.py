@@ -102,3 +102,20 @@ def test_summary_of_a_window():
     empty = stats.summarize(60, "", np.array([]), np.array([]), observed=0, labelled=0, reference=None)
     assert empty.count == 0 and math.isnan(empty.mean) and math.isnan(empty.labelled_fraction)
     assert empty.drift is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 100), st.floats(0, 10) | st.just(math.nan)), max_size=30),
+       st.lists(st.integers(0, 110), min_size=1, max_size=8), st.sets(st.integers(1, 50), min_size=1, max_size=3))
+def test_history_is_each_windows_mean_by_its_definition(pairs, at, windows):
+    times = np.array([float(t) for t, _ in pairs])
+    losses = np.array([v for _, v in pairs], dtype=np.float64)
+    got = stats.history(times, losses, np.array(at, dtype=np.float64), sorted(windows))
+    expected = []
+    for t in at:
+        for w in sorted(windows):
+            inside = [v for time, v in pairs if t - w < time <= t]
+            expected.append((float(t), float(w), len(inside), float(np.mean(inside)) if inside else math.nan))
+    assert [(t, w, c) for t, w, c, _ in got] == [(t, w, c) for t, w, c, _ in expected]
+    for (*_, mean), (*_, want) in zip(got, expected):
+        assert (math.isnan(mean) and math.isnan(want)) or mean == pytest.approx(want, rel=1e-9, abs=1e-12)

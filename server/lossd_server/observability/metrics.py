@@ -475,7 +475,7 @@ class Metrics:
             "drift_statistic": Gauge("lossd_monitor_drift_statistic", "Two-sample Kolmogorov-Smirnov statistic of "
                                      "the window's losses against the monitor's reference.", monitor_labels,
                                      registry=r, multiprocess_mode="livemostrecent"),
-            "drift_p_value": Gauge("lossd_monitor_drift_p_value", "p-value of the drift test: small when the "
+            "drift_p_value": Gauge("lossd_monitor_drift_p_value", "The p-value of the drift test: small when the "
                                    "window's losses no longer look like the reference's.", monitor_labels,
                                    registry=r, multiprocess_mode="livemostrecent"),
         }

@@ -285,7 +285,7 @@ def register(commands) -> None:
     tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
     create = tokens_sub.add_parser("create", help="make a token, print it once, append its hash to the file")
     create.add_argument("name", help="the caller's name (appears in logs and metrics)")
-    create.add_argument("--scopes", required=True, help="comma-separated: evaluate, train, admin")
+    create.add_argument("--scopes", required=True, help="comma-separated: evaluate, train, monitor, admin")
     create.add_argument("--file", help="the tokens file [env LOSSD_TOKENS_FILE]")
     create.add_argument("--rate", type=float, metavar="ELEMENTS_PER_S",
                         help="most tensor elements per second this caller may evaluate (default: no limit)")

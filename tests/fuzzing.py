@@ -51,13 +51,15 @@ from hypothesis import strategies as st
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from lossd.v1 import loss_pb2, loss_service_pb2, shared_memory_service_pb2, tensor_pb2, training_service_pb2
+from lossd.v1 import (loss_pb2, loss_service_pb2, monitor_service_pb2, shared_memory_service_pb2, tensor_pb2,
+                      training_service_pb2)
 from lossd_server.grpc import oip_servicer
 
 FD = _descriptor.FieldDescriptor
 SERVICES = (loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
             training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
             shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"],
+            monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"],
             health_pb2.DESCRIPTOR.services_by_name["Health"],
             reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"],
             oip_servicer.SERVICE)  # the Open Inference Protocol's inference.GRPCInferenceService

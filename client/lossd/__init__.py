@@ -26,10 +26,11 @@ _EXPORTS = {
     "EvaluateResult": "lossd._requests", "LossInfo": "lossd._requests", "LossParameter": "lossd._requests",
     "Dataset": "lossd._jobs", "GenerateProgress": "lossd._jobs", "Job": "lossd._jobs",
     "JobEvent": "lossd._jobs", "save_image_grid": "lossd._images",
+    "Monitor": "lossd._monitors", "WindowReport": "lossd._monitors", "Observed": "lossd._monitors",
 }
 
 __all__ = ["Client", "TLS", "LossdError", "EvaluateResult", "LossInfo", "LossParameter", "Job", "JobEvent", "GenerateProgress", "Dataset",
-           "save_image_grid", "__version__"]
+           "save_image_grid", "Monitor", "WindowReport", "Observed", "__version__"]
 
 if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ loads them
     from lossd._client import TLS, Client
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ l
     from lossd._requests import EvaluateResult, LossInfo, LossParameter
     from lossd._images import save_image_grid
     from lossd._jobs import Dataset, GenerateProgress, Job, JobEvent
+    from lossd._monitors import Monitor, Observed, WindowReport
 
 
 def __getattr__(name: str):

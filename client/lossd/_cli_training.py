@@ -168,12 +168,14 @@ def cmd_jobs_generate(args) -> int:
 
 
 def plot_history(history: dict, path: pathlib.Path, *, title: str = "",
-                 heat_maps: Optional[dict] = None) -> pathlib.Path:
+                 heat_maps: Optional[dict] = None, x_label: str = "epoch",
+                 x_values: Optional[list] = None) -> pathlib.Path:
     """Draws loss curves (``loss``/``val_loss`` and any other ``*loss``) to a PNG,
     with matplotlib when installed, else with Pillow; and, right of them, a
     heat map of each 2-d array in ``heat_maps`` (a stateful loss's state,
     such as ``matrix_crossentropy``'s matrix: rows the true classes, columns
-    the predicted ones, 0 white to 1 dark)."""
+    the predicted ones, 0 white to 1 dark). The points stand at
+    ``x_values`` (epochs 1, 2, ... by default); a NaN value is a gap."""
     series = {k: v for k, v in history.items() if k.endswith("loss") and v}
     if not series:
         raise SystemExit("error: the history holds no loss values yet")
@@ -184,7 +186,7 @@ def plot_history(history: dict, path: pathlib.Path, *, title: str = "",
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return _plot_with_pillow(series, path, title, maps)
+        return _plot_with_pillow(series, path, title, maps, x_label, x_values)
     fig, axes = plt.subplots(1, 1 + len(maps), figsize=(7 + 4 * len(maps), 4.5), squeeze=False,
                              gridspec_kw={"width_ratios": [7] + [4] * len(maps)})
     ax = axes[0][0]
@@ -195,8 +197,8 @@ def plot_history(history: dict, path: pathlib.Path, *, title: str = "",
         heat_ax.set_ylabel("true class")
         fig.colorbar(image, ax=heat_ax, fraction=0.046)
     for name, values in sorted(series.items()):
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
-    ax.set_xlabel("epoch")
+        ax.plot(x_values or range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set_xlabel(x_label)
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()
@@ -220,7 +222,8 @@ def heat_color(value: float) -> tuple[int, int, int]:
     return tuple(round(255 + (dark - 255) * v) for dark in _HEAT_DARK)
 
 
-def _plot_with_pillow(series: dict, path: pathlib.Path, title: str, heat_maps: Optional[dict] = None) -> pathlib.Path:
+def _plot_with_pillow(series: dict, path: pathlib.Path, title: str, heat_maps: Optional[dict] = None,
+                      x_label: str = "epoch", x_values: Optional[list] = None) -> pathlib.Path:
     try:
         from PIL import Image, ImageDraw
     except ImportError:
@@ -229,7 +232,7 @@ def _plot_with_pillow(series: dict, path: pathlib.Path, title: str, heat_maps: O
     width, height, left, right, top, bottom = 700, 450, 60, 20, 30, 40
     image = Image.new("RGB", (width + (HEAT_MAP_SIZE + 60) * len(heat_maps), height), "white")
     draw = ImageDraw.Draw(image)
-    values = [v for vs in series.values() for v in vs]
+    values = [v for vs in series.values() for v in vs if v == v] or [0.0]  # NaN (v != v): a gap
     lo, hi = min(values), max(values)
     if hi == lo:
         hi = lo + 1.0
@@ -250,15 +253,17 @@ def _plot_with_pillow(series: dict, path: pathlib.Path, title: str, heat_maps: O
         x, _ = xy(i, lo)
         draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
         if epochs <= 20 or i % max(epochs // 10, 1) == 0:
-            draw.text((x - 4, height - bottom + 6), str(i + 1), fill="black")
-    draw.text((width // 2 - 20, height - 16), "epoch", fill="black")
+            draw.text((x - 4, height - bottom + 6), str(i + 1) if x_values is None else f"{x_values[i]:g}",
+                      fill="black")
+    draw.text((width // 2 - 20, height - 16), x_label, fill="black")
     draw.text((left, 8), title, fill="black")
     for n, (name, vs) in enumerate(sorted(series.items())):
         color = _COLORS[n % len(_COLORS)]
-        points = [xy(i, v) for i, v in enumerate(vs)]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=2)
-        for x, y in points:
+        points = [xy(i, v) if v == v else None for i, v in enumerate(vs)]
+        for a, b in zip(points, points[1:]):
+            if a is not None and b is not None:
+                draw.line([a, b], fill=color, width=2)
+        for x, y in (p for p in points if p is not None):
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
         draw.text((width - right - 150, top + 8 + 14 * n), f"- {name}", fill=color)
     for n, (name, matrix) in enumerate(sorted(heat_maps.items())):

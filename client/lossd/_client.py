@@ -16,6 +16,7 @@ import grpc
 from lossd import _chunks, _requests, _shm, wire
 from lossd._errors import LossdError, client_error, translate_errors
 from lossd._requests import EvaluateResult, LossInfo, LossLike
+from lossd._monitors import MonitorMixin
 from lossd._training import TrainingMixin
 from lossd.v1 import loss_service_pb2, loss_service_pb2_grpc
 
@@ -216,7 +217,7 @@ def _chunked_result(assembler: _chunks.ChunkAssembler) -> EvaluateResult:
     return assembler.result
 
 
-class Client(_ChannelOwner, TrainingMixin):
+class Client(_ChannelOwner, TrainingMixin, MonitorMixin):
     """A connection to a lossd server.
 
     Args:

@@ -20,13 +20,14 @@ from lossd import _requests
 from lossd._client import _ChannelOwner, _chunked_result
 from lossd._errors import LossdError, translate_errors_async
 from lossd._requests import EvaluateResult, LossInfo, LossLike
+from lossd._monitors import AsyncMonitorMixin
 from lossd._training import AsyncTrainingMixin
 from lossd.v1 import loss_service_pb2
 
 __all__ = ["Client"]
 
 
-class Client(_ChannelOwner, AsyncTrainingMixin):
+class Client(_ChannelOwner, AsyncTrainingMixin, AsyncMonitorMixin):
     """An asyncio connection to a lossd server; arguments as for ``lossd.Client``."""
 
     _secure_channel = staticmethod(grpc.aio.secure_channel)

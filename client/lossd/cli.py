@@ -1,6 +1,6 @@
 """The ``lossd`` command line.
 
-The client commands (``losses``, ``eval``, ``health``, ``jobs``, ...) live
+The client commands (``losses``, ``eval``, ``health``, ``jobs``, ``monitors``, ...) live
 here and only talk to a server. The server's own commands (``serve``,
 ``tokens``, ``metrics-auth``, ``secrets``) live in the server package and
 join through the ``lossd.commands`` entry point (``lossd_server.cli``), so
@@ -355,6 +355,9 @@ def build_parser(with_plugins: bool = True) -> argparse.ArgumentParser:
     from lossd import _cli_training
 
     _cli_training.register(sub, client_parser)
+    from lossd import _cli_monitors
+
+    _cli_monitors.register(sub, client_parser)
     if with_plugins:
         add_entry_point_commands(parser)
     return parser

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 import lossd_server
 from lossd.addresses import loopback_host
-from lossd.v1 import loss_service_pb2, shared_memory_service_pb2, training_service_pb2
+from lossd.v1 import loss_service_pb2, monitor_service_pb2, shared_memory_service_pb2, training_service_pb2
 from lossd_server.evaluation import backend
 from lossd_server.config import Settings, StartupError
 from lossd_server.errors import ResourceExhausted
@@ -56,6 +56,9 @@ from lossd_server.http.oip_rest import OipRestApp, start_oip_http
 from lossd_server.grpc.loss_servicer import LossServicer, add_loss_service
 from lossd_server.grpc.shm_servicer import add_shared_memory_service
 from lossd_server.grpc.training_servicer import add_training_service
+from lossd_server.grpc.monitor_servicer import add_monitor_service
+from lossd_server.monitors.service import MonitorService
+from lossd_server.monitors.state import Bounds, MonitorState
 from lossd_server.training.manager import open_store
 from lossd_server.state.follower import Follower
 
@@ -84,6 +87,7 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 SERVICES = (
     loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
     training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
+    monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"],
     shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"],
     oip_servicer.SERVICE,
 )
@@ -109,6 +113,7 @@ class Server:
     metrics: Optional[Metrics]
     settings: Settings
     training: object = None  # the TrainingManager
+    monitors: object = None  # the MonitorService: its reporter thread starts and stops with the server
     tls: Optional[CertificateReloader] = None  # with tls_cert set: the port's rotating certificate
     metrics_tls: Optional[ReloadingSSLContext] = None  # with metrics_tls_cert set
     metrics_auth: Optional[BasicAuth] = None  # with metrics_basic_auth_file set
@@ -174,6 +179,8 @@ class Server:
                 start_training()
             if self.follower is not None:
                 self.follower.start()
+            if self.monitors is not None:
+                self.monitors.start()
             if self.settings.warmup:
                 self.evaluator.warm_up(WARMUP)
         except BaseException:
@@ -263,6 +270,8 @@ class Server:
             self.health_executor.shutdown(wait=False)
         if self.follower is not None:
             self.follower.stop()
+        if self.monitors is not None:  # before training, which closes the store
+            self.monitors.stop()
         if self.training is not None:
             self.training.stop()
             self.training = None
@@ -444,6 +453,12 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                      if regions is not None else None)
     training = add_training_service(server, settings, evaluator.planner, metrics, gpus=backend.gpu_count(),
                                     store=state, callers=callers, evaluator=evaluator)
+    monitors = MonitorService(
+        MonitorState(state), evaluation, max_monitors=settings.max_monitors,
+        bounds=Bounds(settings.max_pending_ids, settings.max_monitor_segments, settings.max_monitor_samples),
+        max_ids=settings.max_monitor_ids_per_call, max_row_bytes=settings.max_monitor_row_bytes,
+        max_elements=settings.max_tensor_elements, metrics=metrics, report_seconds=settings.monitor_report_seconds)
+    add_monitor_service(server, monitors, callers)
     health_servicer = Health()
 
     def serving() -> bool:  # the Open Inference Protocol's readiness is health's
@@ -479,7 +494,7 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     parsing.add_tolerant(reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
                          reflection.ReflectionServicer([*services, HEALTH_SERVICE.full_name, reflection.SERVICE_NAME]),
                          reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], server)
-    return Server(server, executor, health_servicer, evaluator, metrics, settings, training,
+    return Server(server, executor, health_servicer, evaluator, metrics, settings, training, monitors=monitors,
                   quarantined=quarantined, tls=tls, metrics_tls=metrics_tls,
                   metrics_auth=metrics_auth, admission=admission, shared_memory=shared_memory, services=services,
                   callers=callers,

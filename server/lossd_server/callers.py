@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-SCOPES = ("evaluate", "train", "admin")
+SCOPES = ("evaluate", "train", "monitor", "admin")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,7 @@ SETTING_GROUPS = (
     ("training", ("job_", "max_job_", "dataset_", "max_dataset_", "max_upload_", "max_decoding_", "max_archive_",
                   "max_training_", "max_model_", "max_generate_", "max_queued_jobs", "max_concurrent_jobs",
                   "mixed_precision", "progress_")),
+    ("monitors", ("max_monitors", "max_monitor_", "max_pending_ids", "monitor_")),
     ("state", ("data_dir", "database_", "artifacts_dir", "replica_id", "shared_state_")),
     ("evaluation", ("warmup", "device", "inter_op_threads", "xla", "cache_", "batch_", "compile_",
                     "max_pending_compiles", "shm", "heavy_")),
@@ -36,7 +37,8 @@ SETTING_GROUPS = (
 )
 OTHER_GROUP = "other"
 # The order ``lossd serve --help`` shows the groups in.
-GROUP_ORDER = ("network", "TLS", "auth", "limits", "evaluation", "training", "state", "observability", OTHER_GROUP)
+GROUP_ORDER = ("network", "TLS", "auth", "limits", "evaluation", "training", "monitors", "state", "observability",
+               OTHER_GROUP)
 
 _LITERAL = re.compile(r"``([^`]*)``")
 _FIRST_SENTENCE = re.compile(r"(.+?[.!?])(?=\s+[A-Z(]|$)")
@@ -283,7 +285,7 @@ def register(commands) -> None:
     tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
     create = tokens_sub.add_parser("create", help="make a token, print it once, append its hash to the file")
     create.add_argument("name", help="the caller's name (appears in logs and metrics)")
-    create.add_argument("--scopes", required=True, help="comma-separated: evaluate, train, admin")
+    create.add_argument("--scopes", required=True, help="comma-separated: evaluate, train, monitor, admin")
     create.add_argument("--file", help="the tokens file [env LOSSD_TOKENS_FILE]")
     create.add_argument("--rate", type=float, metavar="ELEMENTS_PER_S",
                         help="most tensor elements per second this caller may evaluate (default: no limit)")

@@ -297,6 +297,43 @@ class Settings(BaseSettings):
     """Most registered expression losses; a new one beyond it is RESOURCE_EXHAUSTED
     (TOO_MANY_LOSSES). Replacing a registered loss is always allowed."""
 
+    # Loss monitors (issue 26): what monitors may hold, checked before work.
+
+    max_monitors: int = Field(100, ge=1)
+    """Most loss monitors on the server; CreateMonitor beyond it is
+    RESOURCE_EXHAUSTED (TOO_MANY_MONITORS). Each monitor has a set of gauges
+    per window and segment."""
+
+    max_monitor_segments: int = Field(64, ge=1)
+    """Most segments (distinct combinations of segment values) one monitor
+    may have; an Observe with one more is RESOURCE_EXHAUSTED
+    (TOO_MANY_SEGMENTS). Bounds the gauges' ``segment`` label."""
+
+    max_pending_ids: int = Field(100_000, ge=1)
+    """Most ids of one monitor waiting for their other half (predictions
+    unlabelled, labels without prediction); an Observe or Label that would
+    pass it is RESOURCE_EXHAUSTED (TOO_MANY_PENDING_IDS) before anything is
+    evaluated or stored. Each holds its row in the store until it pairs or
+    expires."""
+
+    max_monitor_ids_per_call: int = Field(4096, ge=1)
+    """Most ids one Observe or Label (or one ObserveStream message) may
+    carry; more is RESOURCE_EXHAUSTED (TOO_MANY_IDS)."""
+
+    max_monitor_row_bytes: int = Field(16384, ge=1)
+    """Most bytes of one id's prediction or label row; a larger row is
+    RESOURCE_EXHAUSTED (ROW_TOO_LARGE). With ``max_pending_ids`` it bounds
+    what one monitor's pending rows hold."""
+
+    max_monitor_samples: int = Field(1_000_000, ge=1)
+    """Most per-sample losses one monitor keeps for its windows and its
+    reference; past it the oldest go, so a window then covers its newest
+    samples only."""
+
+    monitor_report_seconds: float = Field(5.0, gt=0)
+    """How often the server expires monitors' unpaired halves and updates
+    their gauges (GetMonitor always reports afresh)."""
+
     # Threads, compilation and metrics (issue 11): what streams, new programs
     # and scrapes may take from the threads that serve evaluation.
 

@@ -147,7 +147,8 @@ def test_serve_help_is_grouped_with_one_plain_sentence_per_flag():
     assert done.returncode == 0, done.stderr
     text = done.stdout
     headings = re.findall(r"^(\w+) settings:$", text, re.M)
-    assert headings == ["network", "TLS", "auth", "limits", "evaluation", "training", "state", "observability"]
+    assert headings == ["network", "TLS", "auth", "limits", "evaluation", "training", "monitors", "state",
+                        "observability"]
     assert "``" not in text and ":ref:" not in text  # reStructuredText stays in docs/settings.md
     assert "tests/" not in text and "test suite" not in text  # so do notes about the suite
     for name in Settings.model_fields:

@@ -36,7 +36,8 @@ GRAFANA_DASHBOARDS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "lossd
 GRAFANA_FIRST_START = DEPLOY / "grafana" / "first-start.sh"
 
 ALERT_NAMES = {"LossdHighErrorRate", "LossdHighLatencyP99", "LossdSlowInferenceP99", "LossdRequestsRejected",
-               "LossdStateQuarantined", "LossdTrainingJobsFailing", "LossdDown"}
+               "LossdStateQuarantined", "LossdTrainingJobsFailing", "LossdDown", "LossdMonitorLossHigh",
+               "LossdMonitorDrift", "LossdMonitorFewLabels"}
 
 
 def find_tool(name: str) -> str | None:

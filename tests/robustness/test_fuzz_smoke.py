@@ -51,7 +51,7 @@ def test_fuzzing_every_rpc_gives_no_internal(fuzz_address):
 def test_fuzzing_with_tokens_gives_no_internal(serve_with_tokens):
     """As bench/fuzz.py runs: a server with tokens, each call sent with a
     drawn credential (a token with the scopes, one without, none, a forged one)."""
-    address, tokens, _ = serve_with_tokens({"user": ("evaluate,train",), "admin": ("admin",),
+    address, tokens, _ = serve_with_tokens({"user": ("evaluate,train,monitor",), "admin": ("admin",),
                                             "evaluate": ("evaluate",)}, **fuzzing.SMALL_LIMITS)
     ctx = fuzzing.Context(tokens=tokens)
     tally = fuzzing.run(address, ctx, CALLS // 2, clients=2, timeout=30, seed_=12)

@@ -15,12 +15,13 @@ from grpc_reflection.v1alpha import reflection_pb2
 from tests.grpc_errors import reason_of
 from tests.servers import lossd_servers
 
-from lossd.v1 import loss_service_pb2, shared_memory_service_pb2, training_service_pb2
+from lossd.v1 import loss_service_pb2, monitor_service_pb2, shared_memory_service_pb2, training_service_pb2
 from lossd_server.grpc import oip_servicer
 
 SERVICES = [loss_service_pb2.DESCRIPTOR.services_by_name["LossService"],
             training_service_pb2.DESCRIPTOR.services_by_name["TrainingService"],
             shared_memory_service_pb2.DESCRIPTOR.services_by_name["SharedMemoryService"],
+            monitor_service_pb2.DESCRIPTOR.services_by_name["MonitorService"],
             oip_servicer.SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"],
             reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]]

@@ -6,7 +6,7 @@ interceptor that checks each call's token before its handler runs, and
 ``Callers``, which tells a handler who calls.
 
 Scopes: ``evaluate`` (evaluation, ListLosses and shared memory), ``train`` (the training
-service) and ``admin`` (registering and deleting losses; every scope's
+service), ``monitor`` (the monitor service) and ``admin`` (registering and deleting losses; every scope's
 methods). Health and reflection stay open for probes.
 
 A token may also carry per-caller ``limits`` (``Limits``). Handlers learn who
@@ -39,6 +39,7 @@ __all__ = ["AuthInterceptor", "Callers", "authenticated_caller", "required_scope
 _LOSS_SERVICE = "lossd.v1.LossService"
 _TRAINING_SERVICE = "lossd.v1.TrainingService"
 _SHARED_MEMORY_SERVICE = "lossd.v1.SharedMemoryService"
+_MONITOR_SERVICE = "lossd.v1.MonitorService"
 _OIP_SERVICE = "inference.GRPCInferenceService"
 METHOD_SCOPES = {
     f"/{_LOSS_SERVICE}/ListLosses": "evaluate",
@@ -170,7 +171,12 @@ def authenticated_caller(metadata) -> Caller | None:
 
 def required_scope(method: str) -> str:
     """The scope a lossd method needs (admin for anything not listed)."""
-    return METHOD_SCOPES.get(method) or ("train" if method.startswith(f"/{_TRAINING_SERVICE}/") else "admin")
+    found = METHOD_SCOPES.get(method)
+    if found:
+        return found
+    if method.startswith(f"/{_TRAINING_SERVICE}/"):
+        return "train"
+    return "monitor" if method.startswith(f"/{_MONITOR_SERVICE}/") else "admin"
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -529,6 +529,48 @@ class Metrics:
             "because they could not be read; 0 when all state loaded.",
             registry=r, multiprocess_mode="livemax")
 
+        # Loss monitors (lossd_server.monitors): every process reads the same
+        # reports from the store, so the newest reading stands. Labels are
+        # bounded: monitors by max_monitors, windows by 8 a monitor, segments
+        # by max_monitor_segments.
+        monitor_labels = ("monitor", "window", "segment")
+        self.lossd_monitors = Gauge(
+            "lossd_monitors", "Loss monitors on the server.", registry=r, multiprocess_mode="livemostrecent")
+        self._monitor_gauges = {
+            "mean": Gauge("lossd_monitor_loss", "Mean per-sample loss of a monitor's pairs completed within the "
+                          "window, by segment (empty: every segment).", monitor_labels, registry=r,
+                          multiprocess_mode="livemostrecent"),
+            "quantile": Gauge("lossd_monitor_loss_quantile", "Percentiles (0.5, 0.9, 0.99) of a monitor's "
+                              "per-sample losses within the window.", (*monitor_labels, "quantile"), registry=r,
+                              multiprocess_mode="livemostrecent"),
+            "count": Gauge("lossd_monitor_pairs", "Pairs of prediction and label completed within the window.",
+                           monitor_labels, registry=r, multiprocess_mode="livemostrecent"),
+            "labelled_fraction": Gauge("lossd_monitor_labelled_fraction", "Of the predictions observed within the "
+                                       "window, the fraction labelled so far.", monitor_labels, registry=r,
+                                       multiprocess_mode="livemostrecent"),
+            "label_delay": Gauge("lossd_monitor_label_delay_seconds", "Median time from a prediction to its label "
+                                 "over the window's pairs, in seconds.", monitor_labels, registry=r,
+                                 multiprocess_mode="livemostrecent"),
+            "drift_statistic": Gauge("lossd_monitor_drift_statistic", "Two-sample Kolmogorov-Smirnov statistic of "
+                                     "the window's losses against the monitor's reference.", monitor_labels,
+                                     registry=r, multiprocess_mode="livemostrecent"),
+            "drift_p_value": Gauge("lossd_monitor_drift_p_value", "The p-value of the drift test: small when the "
+                                   "window's losses no longer look like the reference's.", monitor_labels,
+                                   registry=r, multiprocess_mode="livemostrecent"),
+        }
+        self.lossd_monitor_pending_ids = Gauge(
+            "lossd_monitor_pending_ids", "Ids of a monitor waiting for their other half, by the half held "
+            "(prediction or label).", ("monitor", "half"), registry=r, multiprocess_mode="livemostrecent")
+        self.lossd_monitor_expired = Gauge(
+            "lossd_monitor_expired", "Halves of a monitor that expired without their other half since it was "
+            "created, by half (a prediction never labelled, a label never predicted).", ("monitor", "half"),
+            registry=r, multiprocess_mode="livemostrecent")
+        self.lossd_monitor_max_loss = Gauge(
+            "lossd_monitor_max_loss", "The mean loss above which a monitor's loss counts as too high (its "
+            "max_loss; the alert LossdMonitorLossHigh compares lossd_monitor_loss with it); absent when unset.",
+            ("monitor",), registry=r, multiprocess_mode="livemostrecent")
+        self._monitor_series: dict[str, set[tuple]] = {}
+
         # Device and build.
         self.lossd_device_info = Gauge(
             "lossd_device_info",
@@ -864,6 +906,59 @@ class Metrics:
         logged warning) instead of failing the scrape.
         """
         self._gpu_memory.source = fn
+
+
+    # Loss monitors: set by MonitorService.publish from each monitor's report.
+
+    def set_monitors(self, count: int) -> None:
+        """Sets how many monitors the server has."""
+        self.lossd_monitors.set(count)
+
+    def set_monitor_report(self, monitor: str, windows: Iterable[tuple[str, str, Mapping[str, float]]], *,
+                           pending: tuple[int, int], expired: tuple[int, int],
+                           max_loss: Optional[float] = None) -> None:
+        """Sets a monitor's gauges from its report: ``(window, segment,
+        values)`` per window and segment, where ``values`` holds ``mean``,
+        ``count``, ``p50``/``p90``/``p99``, ``labelled_fraction``,
+        ``label_delay`` and, once a reference exists, ``drift_statistic`` and
+        ``drift_p_value``; and its pending and expired predictions and
+        labels; and its ``max_loss`` (None: no series). Series of windows or
+        segments no longer reported are removed."""
+        series: set[tuple] = set()
+        for window, segment, values in windows:
+            for key, value in values.items():
+                if key.startswith("p") and key[1:].isdigit():
+                    quantile = str(int(key[1:]) / 100)
+                    self._monitor_gauges["quantile"].labels(monitor, window, segment, quantile).set(value)
+                    series.add(("quantile", monitor, window, segment, quantile))
+                else:
+                    self._monitor_gauges[key].labels(monitor, window, segment).set(value)
+                    series.add((key, monitor, window, segment))
+        for half, p, e in zip(("prediction", "label"), pending, expired):
+            self.lossd_monitor_pending_ids.labels(monitor, half).set(p)
+            self.lossd_monitor_expired.labels(monitor, half).set(e)
+        if max_loss is not None:
+            self.lossd_monitor_max_loss.labels(monitor).set(max_loss)
+        else:
+            with contextlib.suppress(KeyError):
+                self.lossd_monitor_max_loss.remove(monitor)
+        self._remove_monitor_series(self._monitor_series.get(monitor, set()) - series)
+        self._monitor_series[monitor] = series
+
+    def remove_monitor(self, monitor: str) -> None:
+        """Removes every series of a deleted monitor."""
+        self._remove_monitor_series(self._monitor_series.pop(monitor, set()))
+        with contextlib.suppress(KeyError):
+            self.lossd_monitor_max_loss.remove(monitor)
+        for half in ("prediction", "label"):
+            for gauge in (self.lossd_monitor_pending_ids, self.lossd_monitor_expired):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(monitor, half)
+
+    def _remove_monitor_series(self, series: Iterable[tuple]) -> None:
+        for key, *labels in series:
+            with contextlib.suppress(KeyError):
+                self._monitor_gauges[key].remove(*labels)
 
 
 class SupervisorMetrics:

@@ -89,6 +89,64 @@ CREATE TABLE replicas (
     expires   {float} NOT NULL
 )
 """),
+    # Loss monitors (``lossd_server.monitors``): each monitor with its
+    # counters, the halves of ids waiting for their other half, the pairs'
+    # per-sample losses (and the predictions that expired unlabelled), the
+    # segments seen and the frozen reference losses.
+    (5, """
+CREATE TABLE monitors (
+    n                   {serial},
+    name                TEXT NOT NULL UNIQUE,
+    spec                TEXT NOT NULL,
+    owner               TEXT NOT NULL DEFAULT '',
+    create_time         {float} NOT NULL,
+    pending_predictions BIGINT NOT NULL DEFAULT 0,
+    pending_labels      BIGINT NOT NULL DEFAULT 0,
+    expired_predictions BIGINT NOT NULL DEFAULT 0,
+    expired_labels      BIGINT NOT NULL DEFAULT 0,
+    samples             BIGINT NOT NULL DEFAULT 0,
+    reference_time      {float},
+    reference_window    {float}
+);
+CREATE TABLE monitor_pending (
+    monitor      TEXT NOT NULL,
+    id           TEXT NOT NULL,
+    segment      TEXT NOT NULL DEFAULT '',
+    pred_dtype   INTEGER,
+    pred_shape   TEXT,
+    pred         {blob},
+    observe_time {float},
+    true_dtype   INTEGER,
+    true_shape   TEXT,
+    label        {blob},
+    label_time   {float},
+    PRIMARY KEY (monitor, id)
+);
+CREATE INDEX IF NOT EXISTS monitor_pending_observed ON monitor_pending(monitor, observe_time);
+CREATE INDEX IF NOT EXISTS monitor_pending_labelled ON monitor_pending(monitor, label_time);
+CREATE TABLE monitor_samples (
+    monitor      TEXT NOT NULL,
+    id           TEXT NOT NULL,
+    segment      TEXT NOT NULL,
+    time         {float} NOT NULL,
+    observe_time {float} NOT NULL,
+    label_time   {float},
+    loss         {float},
+    PRIMARY KEY (monitor, id)
+);
+CREATE INDEX IF NOT EXISTS monitor_samples_time ON monitor_samples(monitor, time);
+CREATE TABLE monitor_segments (
+    monitor TEXT NOT NULL,
+    segment TEXT NOT NULL,
+    PRIMARY KEY (monitor, segment)
+);
+CREATE TABLE monitor_reference (
+    monitor TEXT NOT NULL,
+    segment TEXT NOT NULL,
+    loss    {float} NOT NULL
+);
+CREATE INDEX IF NOT EXISTS monitor_reference_monitor ON monitor_reference(monitor)
+"""),
 )
 NEWEST_SCHEMA = MIGRATIONS[-1][0]
 # The table each migration statement creates, changes or indexes: a table

@@ -27,6 +27,12 @@ GAUGE_MODES = {
     "lossd_state_quarantined_items": "livemax",
     "lossd_device_info": "livemax",
     "lossd_build_info": "livemax",
+    # Every process reads the monitors' reports from the one store: the newest reading.
+    **{name: "livemostrecent" for name in (
+        "lossd_monitors", "lossd_monitor_loss", "lossd_monitor_loss_quantile", "lossd_monitor_pairs",
+        "lossd_monitor_labelled_fraction", "lossd_monitor_label_delay_seconds", "lossd_monitor_drift_statistic",
+        "lossd_monitor_drift_p_value", "lossd_monitor_max_loss", "lossd_monitor_pending_ids",
+        "lossd_monitor_expired")},
 }
 
 # One serving process's recording: argv[1] calls, argv[2] cache entries, then
@@ -54,7 +60,8 @@ sys.stdin.readline()
 
 def test_every_gauge_declares_how_processes_combine():
     metrics = Metrics(CollectorRegistry(), loss_names=["mse"], version="test", process_metrics=False)
-    gauges = {value._name: value._multiprocess_mode for value in vars(metrics).values() if isinstance(value, Gauge)}
+    held = [*vars(metrics).values(), *(g for v in vars(metrics).values() if isinstance(v, dict) for g in v.values())]
+    gauges = {value._name: value._multiprocess_mode for value in held if isinstance(value, Gauge)}
     assert gauges == GAUGE_MODES
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from lossd.wire import dtype_name
 from lossd_server.evaluation import backend
-from lossd_server.evaluation.batching import row_item, rows_arrays, split_results
+from lossd_server.evaluation.batching import RowsBuffers, row_item, rows_arrays, split_results
 from lossd_server.evaluation.evaluator import Evaluator, Result
 from lossd_server.losses import reductions
 from lossd_server.losses.plan import Plan
@@ -55,6 +55,11 @@ MIN_ROWS = 8
 # on the current path (and, under ``xla=auto``, on XLA for the losses it
 # speeds up at 1e6 elements and more: ``Evaluator._use_xla``).
 MAX_ELEMENTS = 1 << 16
+# Most sets of input buffers kept per bucket for reuse (``Buckets.run``):
+# one per call of that bucket running at once, up to this many.
+FREE_BUFFERS = 4
+# Most bytes those buffers may hold together, over every bucket.
+FREE_BUFFER_BYTES = 32 << 20
 _UNKNOWN = object()
 
 
@@ -86,6 +91,11 @@ class Buckets:
         # request and computed once.
         self._kinds: dict[tuple, object] = {}
         self._specs: dict[tuple, list[backend.InputSpec]] = {}
+        # Each bucket's input buffers not in use now, written in place by
+        # its next call (``batching.RowsBuffers``).
+        self._free: dict[tuple, list[RowsBuffers]] = {}
+        self._kept_bytes = 0  # bytes of the buffers counted as kept (in ``_free`` or in use)
+        self._generation = 0  # bumped when ``_free`` starts over
 
     def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray],
                  reduction: str, gradient: bool) -> Optional[Result]:
@@ -140,26 +150,63 @@ class Buckets:
         requests = bucket(len(items) + 1)
         weighted = any(i.weights is not None for i in items)
         spec_key = (first.key, size, requests, weighted)
-        specs = self._specs.get(spec_key)
-        arrays = rows_arrays(items, size, requests)
-        names = sorted(arrays)
-        if specs is None:
-            specs = [backend.InputSpec(n, dtype_name(arrays[n].dtype), arrays[n].shape) for n in names]
-            self._remember(self._specs, spec_key, specs)
-        compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs, first.key[2],
-                                               first.gradient, padded=True)
-        if compiled is None:
-            return False
+        free = self._free.get(spec_key)
         try:
-            _, (reduced, values), grad, _ = compiled([arrays[n] for n in names])
-        except (*backend.INPUT_ERRORS, *backend.MEMORY_ERRORS) as exc:  # the current path answers it as its own
-            log.debug("bucketed call of %d requests refused (%s); taking the current path", len(items), exc)
-            return False
+            buffers = free.pop()  # atomic: no two calls write one buffer
+        except (AttributeError, IndexError):  # no list yet, or every buffer of the bucket in use
+            buffers = None
+        if buffers is None:
+            arrays = rows_arrays(items, size, requests)
+            buffers = RowsBuffers({n: np.array(a) for n, a in arrays.items()})  # owned copies, written again later
+            buffers.rows, buffers.requests = rows, len(items)
+        else:
+            rows_arrays(items, size, requests, into=buffers)
+        try:
+            specs = self._specs.get(spec_key)
+            if specs is None:
+                arrays = buffers.arrays
+                specs = [backend.InputSpec(n, dtype_name(arrays[n].dtype), arrays[n].shape) for n in sorted(arrays)]
+                self._remember(self._specs, spec_key, specs)
+            compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs,
+                                                   first.key[2], first.gradient, padded=True)
+            if compiled is None:
+                return False
+            try:
+                # The call has returned its outputs before the buffers are
+                # given back: XLA's outputs never alias its inputs.
+                _, (reduced, values), grad, _ = compiled(buffers.ordered)
+            except (*backend.INPUT_ERRORS, *backend.MEMORY_ERRORS) as exc:  # the current path answers it
+                log.debug("bucketed call of %d requests refused (%s); taking the current path", len(items), exc)
+                return False
+        finally:
+            self._give_back(spec_key, free, buffers)
         split_results(items, reduced, values, grad)
         with self._lock:
             self.calls += 1
             self.requests += len(items)
         return True
+
+    def _give_back(self, spec_key: tuple, free: Optional[list], buffers: RowsBuffers) -> None:
+        """Keeps a bucket's buffers for its next call: at most ``FREE_BUFFERS``
+        sets per bucket (as many as calls of it ran at once), and at most
+        ``FREE_BUFFER_BYTES`` in all; a flood of new buckets starts over."""
+        if free is None:
+            free = []
+            with self._lock:
+                if len(self._free) >= 4 * self.evaluator.cache_size:
+                    self._free.clear()
+                    self._kept_bytes = 0
+                    self._generation += 1
+                free = self._free.setdefault(spec_key, free)
+        if len(free) >= FREE_BUFFERS:
+            return
+        if buffers.kept != self._generation:  # not counted since the last start-over
+            with self._lock:
+                if self._kept_bytes + buffers.nbytes > FREE_BUFFER_BYTES:
+                    return
+                self._kept_bytes += buffers.nbytes
+                buffers.kept = self._generation
+        free.append(buffers)
 
     def _remember(self, table: dict, key: tuple, value) -> None:
         # Bounded like the program cache: a flood of new kinds starts over.

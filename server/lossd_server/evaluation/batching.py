@@ -450,7 +450,7 @@ def split_results(items: list[_Item], reduced: np.ndarray, values: np.ndarray, g
     start = 0
     for r, item in enumerate(items):
         stop = start + item.rows
-        loss = values[start:stop] if item.reduction == REDUCTION_NONE else np.asarray(reduced[r])
+        loss = values[start:stop] if item.reduction == REDUCTION_NONE else reduced[r, ...]  # a 0-d view
         g = grad[start:stop] if item.gradient else None
         inputs = [item.tensors["y_true"], item.tensors["y_pred"], item.sample_weight]
         item.result = Result(loss, g, [], any_non_finite([loss, g, *inputs]))

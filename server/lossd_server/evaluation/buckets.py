@@ -90,7 +90,7 @@ class Buckets:
         # item to copy; and each bucket's input specs. Both are asked per
         # request and computed once.
         self._kinds: dict[tuple, object] = {}
-        self._specs: dict[tuple, list[backend.InputSpec]] = {}
+        self._specs: dict[tuple, tuple[backend.InputSpec, ...]] = {}
         # Each bucket's input buffers not in use now, written in place by
         # its next call (``batching.RowsBuffers``).
         self._free: dict[tuple, list[RowsBuffers]] = {}
@@ -102,13 +102,6 @@ class Buckets:
         """One checked request (``Evaluator.check``) through its bucket's
         executable; None where it does not qualify or its executable is not
         ready (then it is being compiled, unless XLA failed on it before)."""
-        if self.evaluator.xla == "auto" and not all(t.entry.name in self.evaluator.xla_losses for t in plan.terms):
-            # A lone request pays the bucket's padding and Python: measured
-            # slower than the graph for MSE (bench/xla.py --small, 1.17x CPU),
-            # faster for Huber and the crossentropies. ``auto`` buckets a lone
-            # request only for the losses measured faster (app.XLA_LOSSES);
-            # micro-batches (``run``) gain for every loss and are bucketed all.
-            return None
         kind = _kind(plan, tensors, sample_weight, reduction, gradient)
         if kind is None:
             return None
@@ -118,9 +111,18 @@ class Buckets:
             return None
         template = self._kinds.get(kind, _UNKNOWN)
         if template is _UNKNOWN:
-            # row_item's answer depends on the kind alone once the sizes
-            # above are checked: asked once per kind.
-            item = row_item(plan, tensors, sample_weight, reduction, gradient, self.max_elements)
+            # Both answers below depend on the kind alone (its plan) once the
+            # sizes above are checked: asked once per kind.
+            evaluator = self.evaluator
+            if evaluator.xla == "auto" and not all(t.entry.name in evaluator.xla_losses for t in plan.terms):
+                # A lone request pays the bucket's padding and Python: measured
+                # slower than the graph for MSE (bench/xla.py --small, 1.17x CPU),
+                # faster for Huber and the crossentropies. ``auto`` buckets a lone
+                # request only for the losses measured faster (app.XLA_LOSSES);
+                # micro-batches (``run``) gain for every loss and are bucketed all.
+                item = None
+            else:
+                item = row_item(plan, tensors, sample_weight, reduction, gradient, self.max_elements)
             self._remember(self._kinds, kind, item)
         elif template is None:
             return None
@@ -141,14 +143,15 @@ class Buckets:
         changed, where the bucket does not serve them (too large, not
         compiled yet, or refused at run time: the caller's path then gives
         each request its own answer or error)."""
-        rows = sum(i.rows for i in items)
-        size = bucket(rows, MIN_ROWS)
         first = items[0]
+        lone = len(items) == 1
+        rows = first.rows if lone else sum(i.rows for i in items)
+        size = bucket(rows, MIN_ROWS)
         y_pred = first.tensors["y_pred"]
         if size * (y_pred.size // first.rows) > self.max_elements:
             return False
         requests = bucket(len(items) + 1)
-        weighted = any(i.weights is not None for i in items)
+        weighted = first.weights is not None if lone else any(i.weights is not None for i in items)
         spec_key = (first.key, size, requests, weighted)
         free = self._free.get(spec_key)
         try:
@@ -165,7 +168,8 @@ class Buckets:
             specs = self._specs.get(spec_key)
             if specs is None:
                 arrays = buffers.arrays
-                specs = [backend.InputSpec(n, dtype_name(arrays[n].dtype), arrays[n].shape) for n in sorted(arrays)]
+                specs = tuple(backend.InputSpec(n, dtype_name(arrays[n].dtype), arrays[n].shape)
+                              for n in sorted(arrays))
                 self._remember(self._specs, spec_key, specs)
             compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs,
                                                    first.key[2], first.gradient, padded=True)

@@ -81,3 +81,33 @@ def test_reused_buffers_hold_what_new_arrays_hold(planner, data):
             np.testing.assert_array_equal(got[name], array, err_msg=name)
         # What the compiled program is handed: the same arrays in sorted name order.
         assert all(a is got[n] for a, n in zip(buffers.ordered, sorted(got)))
+
+
+def test_an_answer_outlives_the_next_call_of_its_bucket():
+    """A bucket's buffers are written again by its next call as soon as a
+    call returns: an answer (per-sample values, gradient) must not be a
+    view of them. Two requests of one bucket, the first answer copied
+    before the second runs, then compared with itself."""
+    from lossd_server.evaluation import backend
+    from lossd_server.evaluation.evaluator import Evaluator
+
+    registry = full_registry(plugins=False)
+    evaluator = Evaluator(registry, backend.select_device("cpu"), xla="auto", xla_losses=("huber",),
+                          compile_timeout=600)
+    try:
+        plan = evaluator.planner.plan({"name": "huber", "params": {"delta": 0.5}})
+        rng = np.random.default_rng(0)
+        first, second = ({"y_true": rng.normal(size=(5, 3)).astype(np.float32),
+                          "y_pred": rng.normal(size=(5, 3)).astype(np.float32)} for _ in range(2))
+        evaluator.evaluate(plan, first, reduction="none", gradient=True)  # starts the bucket's compilation
+        assert evaluator.wait_compiled()
+        calls = evaluator.buckets.calls
+        answer = evaluator.evaluate(plan, first, reduction="none", gradient=True)
+        kept = answer.loss.copy(), answer.gradient.copy()
+        other = evaluator.evaluate(plan, second, reduction="none", gradient=True)
+        assert evaluator.buckets.calls == calls + 2  # both served by the bucket, through its buffers
+        assert not np.array_equal(other.loss, kept[0])
+        np.testing.assert_array_equal(answer.loss, kept[0])
+        np.testing.assert_array_equal(answer.gradient, kept[1])
+    finally:
+        evaluator.close()

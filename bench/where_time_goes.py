@@ -152,8 +152,11 @@ def step_table(rows: int, repeats: int) -> None:
         servicer = loss_servicer.LossServicer(evaluator, max_elements=settings.max_tensor_elements,
                                               admission=admission, metrics=metrics)
         plans, service, tree = servicer.plans, None, "servicer with its own plan cache"
+    from lossd_server.grpc import parsing
+    # A tree from before grpc/parsing.py's `serialized` has loss_servicer's own.
+    serialize = getattr(parsing, "serialized", None) or getattr(loss_servicer, "_serialize")
     handler = grpc.unary_unary_rpc_method_handler(servicer.Evaluate, request_deserializer=loss_servicer.receive,
-                                                  response_serializer=loss_servicer._serialize)
+                                                  response_serializer=serialize)
     method = "/lossd.v1.LossService/Evaluate"
     wrapped = _wrap(handler, method, metrics, collections.deque())
     bare = _wrap(grpc.unary_unary_rpc_method_handler(lambda request, context: b""), method, metrics, collections.deque())

@@ -24,8 +24,8 @@ _EXPORTS = {
     "Client": "lossd._client", "TLS": "lossd._client",
     "LossdError": "lossd._errors",
     "EvaluateResult": "lossd._requests", "LossInfo": "lossd._requests", "LossParameter": "lossd._requests",
-    "Dataset": "lossd._training", "GenerateProgress": "lossd._training", "Job": "lossd._training",
-    "JobEvent": "lossd._training", "save_image_grid": "lossd._training",
+    "Dataset": "lossd._jobs", "GenerateProgress": "lossd._jobs", "Job": "lossd._jobs",
+    "JobEvent": "lossd._jobs", "save_image_grid": "lossd._images",
 }
 
 __all__ = ["Client", "TLS", "LossdError", "EvaluateResult", "LossInfo", "LossParameter", "Job", "JobEvent", "GenerateProgress", "Dataset",
@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs read; at run time __getattr__ l
     from lossd._client import TLS, Client
     from lossd._errors import LossdError
     from lossd._requests import EvaluateResult, LossInfo, LossParameter
-    from lossd._training import Dataset, GenerateProgress, Job, JobEvent, save_image_grid
+    from lossd._images import save_image_grid
+    from lossd._jobs import Dataset, GenerateProgress, Job, JobEvent
 
 
 def __getattr__(name: str):

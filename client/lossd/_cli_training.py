@@ -140,7 +140,8 @@ def cmd_jobs_plot(args) -> int:
 def cmd_jobs_generate(args) -> int:
     import numpy as np
 
-    from lossd._training import GenerateBar, save_image_grid
+    from lossd._images import save_image_grid
+    from lossd._progress import GenerateBar
 
     guidance = None
     if args.guidance:
@@ -326,10 +327,11 @@ def register(subparsers, client_parser: Callable[[str, str], argparse.ArgumentPa
     p.add_argument("--loss", help="a registered loss name, or expr:EXPRESSION [the model's default]")
     p.add_argument("--loss-param", action="append", metavar="KEY=VALUE", help="loss parameter (repeatable)")
     p.add_argument("--optimizer", default="adam", help="Keras optimizer name [adam]")
-    p.add_argument("--learning-rate", type=float, default=None)
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="[the preset's with adam (diffusion 2e-3), else the optimizer's own]")
     p.add_argument("--optimizer-param", action="append", metavar="KEY=VALUE", help="optimizer parameter")
-    p.add_argument("--epochs", type=int, default=0, help="[10]")
-    p.add_argument("--batch-size", type=int, default=0, help="[32]")
+    p.add_argument("--epochs", type=int, default=0, help="[the preset's: 10, vae 60, diffusion 100]")
+    p.add_argument("--batch-size", type=int, default=0, help="[the preset's: 32, diffusion 64]")
     p.add_argument("--validation-split", type=float, default=None, help="[0.2]")
     p.add_argument("--metric", action="append", help="Keras metric name (repeatable) [accuracy]")
     p.add_argument("--seed", type=int, default=0)

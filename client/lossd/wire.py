@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from google.protobuf import struct_pb2
@@ -330,10 +330,14 @@ def _tensor_parts(array, field: str) -> tuple[bytes, np.ndarray]:
 
 
 def serialize_with_tensors(message, tensors: Mapping[str, Any] = {}, entries: Mapping[str, Mapping[str, Any]] = {},
-                           *, within: Optional[tuple[Any, str]] = None) -> bytes:
+                           *, within: Optional[tuple[Any, str]] = None,
+                           raw: Mapping[str, Sequence[Any]] = {}) -> bytes:
     """``message`` serialized with ``tensors`` as its Tensor fields and
     ``entries`` as its ``map<string, Tensor>`` fields, encoded by hand so
-    that each tensor's bytes are copied once, into the result.
+    that each tensor's bytes are copied once, into the result. ``raw``:
+    arrays whose bytes (row-major, little-endian) are the entries of a
+    ``repeated bytes`` field, after any ``message`` holds (the Open
+    Inference Protocol's ``raw_output_contents``), copied once too.
 
     With ``within=(outer, field)``, the result is ``outer`` serialized with
     all that as its message field ``field`` (an EvaluateStreamResponse's
@@ -359,6 +363,10 @@ def serialize_with_tensors(message, tensors: Mapping[str, Any] = {}, entries: Ma
             value = _length_delimited(2, len(head) + content.nbytes)
             parts.extend((_length_delimited(fields[map_name].number, len(key_field) + len(value) + len(head)
                                             + content.nbytes), key_field, value, head, content))
+    for name, arrays in raw.items():
+        for array in arrays:
+            content = _wire_array(array, name)[1].reshape(-1).view(np.uint8)
+            parts.extend((_length_delimited(fields[name].number, content.nbytes), content))
     if within is not None:
         outer, field = within
         length = sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in parts)
@@ -480,12 +488,16 @@ LIFT_MIN_BYTES = 1 << 16
 
 
 def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_field: Optional[str] = None,
-                 min_bytes: int = LIFT_MIN_BYTES):
+                 min_bytes: int = LIFT_MIN_BYTES, bytes_field: Optional[str] = None):
     """Parses ``raw`` into a ``message_class`` whose Tensor fields (named in
     ``tensor_fields``, and the values of the ``map<string, Tensor>`` field
     ``map_field``) keep their dtype and shape but not contents of at least
     ``min_bytes``: those are returned as views of ``raw``, by field name
     (``tensors[key]`` for the map), for ``to_numpy(..., content=...)``.
+    ``bytes_field`` names a ``repeated bytes`` field (the Open Inference
+    Protocol's ``raw_input_contents``): when ``raw`` is ``min_bytes`` or
+    more, every entry of it is lifted, in order, as a list of views under
+    that name, and the message holds none.
 
     Parsing the message whole would copy each tensor twice (into the message,
     then out of it); this copies none. The message parses from the other
@@ -504,8 +516,10 @@ def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_fi
     buf = memoryview(raw)
     numbers = {message_class.DESCRIPTOR.fields_by_name[name].number: name for name in tensor_fields}
     map_number = message_class.DESCRIPTOR.fields_by_name[map_field].number if map_field else None
+    bytes_number = message_class.DESCRIPTOR.fields_by_name[bytes_field].number if bytes_field else None
     rest: list = []
-    contents: dict[str, memoryview] = {}
+    contents: dict = {}
+    entries: list[memoryview] = []
 
     def lifted(name: str, start: int, end: int) -> Optional[bytes]:
         head, content = _lift_tensor(buf, start, end, name)
@@ -518,6 +532,11 @@ def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_fi
 
     for number, f_start, f_end, v_start, v_end in _fields(buf, 0, len(buf)):
         head = None
+        if number == bytes_number:
+            if _varint_at(buf, f_start, f_end)[0] & 7 != 2:  # its key's wire type: not length-delimited
+                raise WireError(f"{bytes_field}: an entry is not bytes.", reason="BAD_MESSAGE")
+            entries.append(buf[v_start:v_end])
+            continue
         if number in numbers:
             head = lifted(numbers[number], v_start, v_end)
             if head is not None:
@@ -539,10 +558,14 @@ def parse_lifted(raw, message_class, tensor_fields: tuple[str, ...] = (), map_fi
                     rest.append(_length_delimited(number, len(entry) + len(head)) + entry + head)
         if head is None:
             rest.append(buf[f_start:f_end])
+    # Nothing lifted (a big request of typed contents): the bytes as received, not a joined copy.
+    whole = not contents and not entries and isinstance(raw, bytes)
     try:
-        message = message_class.FromString(b"".join(rest))
+        message = message_class.FromString(raw if whole else b"".join(rest))
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, or a bad UTF-8 string
         raise WireError(f"Malformed message: {exc}", reason="BAD_MESSAGE") from None
+    if bytes_field:
+        contents[bytes_field] = entries
     return message, contents
 
 

@@ -31,7 +31,8 @@ from lossd_server.evaluation.admission import Admission, FairSlots
 from lossd_server.evaluation.batching import Batcher
 from lossd_server.evaluation.service import EvaluationService
 from lossd_server.evaluation.evaluator import Evaluator
-from lossd_server.evaluation.shared_memory import SharedMemoryRegions
+from lossd_server.evaluation.heavy import HeavyLane
+from lossd_server.shared_memory import SharedMemoryRegions
 from lossd_server.grpc.interceptors import ObservabilityInterceptor, StreamLimiter
 from lossd_server.grpc.auth import AuthInterceptor, Callers
 from lossd_server.grpc import parsing
@@ -133,6 +134,7 @@ class Server:
     # its ports with SO_REUSEPORT and leaves /metrics to the supervisor.
     process: Optional[ProcessRole] = None
     oip_http: Optional[OipRestApp] = None  # the OIP REST app, with settings.http_port
+    heavy: Optional[HeavyLane] = None  # the heavy lane's worker processes, with settings.heavy_workers
     tracing: Any = tracing_module.OFF  # observability.tracing: spans, when OTEL_* configures an exporter
     http_port: Optional[int] = dataclasses.field(default=None, init=False)  # its bound port, once started
     _oip_http_server: Optional[WSGIServer] = dataclasses.field(default=None, init=False)
@@ -266,6 +268,8 @@ class Server:
             self.training = None
         self.executor.shutdown(wait=False)  # grpc_server.stop() leaves its threads running
         self.evaluator.close()
+        if self.heavy is not None:
+            self.heavy.close()
         self.tracing.shutdown()  # exports the spans still buffered
         if tracing_module.current is self.tracing:
             tracing_module.current = tracing_module.OFF
@@ -343,6 +347,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     backend.configure_threads(settings.inter_op_threads or None)
     device = backend.select_device(settings.device)
 
+    tracing = Tracing.from_environment()
+    tracing_module.current = tracing
     metrics = None
     if settings.metrics_port is not None:
         # Registered losses are client input: they get label values of their
@@ -355,6 +361,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                           loss_names=fixed, version=lossd_server.__version__,
                           tensorflow_version=versions["tensorflow"], keras_version=versions["keras"],
                           process_metrics=process is None, max_registered_labels=settings.max_loss_labels)
+        if tracing.enabled:  # before the RPC metrics are made: latency histograms link to traces
+            metrics.exemplars_from(tracing.exemplar)
         metrics.set_device_info([(device.device_type, device.physical)])
         metrics.set_gpu_memory_source(backend.gpu_memory)
         metrics.set_quarantined_items(len(quarantined))
@@ -400,8 +408,6 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     # open, `workers` threads are left for unary calls and health checks.
     executor = futures.ThreadPoolExecutor(max_workers=settings.workers + settings.max_streams,
                                           thread_name_prefix="rpc")
-    tracing = Tracing.from_environment()
-    tracing_module.current = tracing
     observer = ObservabilityInterceptor(metrics)  # Server.observer: the calls in flight, for the drain
     interceptors = [*([TracingInterceptor(tracing)] if tracing.enabled else []),  # first: the span holds the call
                     observer,
@@ -413,8 +419,24 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
     regions = (SharedMemoryRegions(max_regions=settings.shm_max_regions, max_bytes=settings.shm_max_bytes,
                                    max_total_bytes=settings.shm_max_total_bytes, metrics=metrics)
                if settings.shm else None)
+    heavy = None
+    if settings.heavy_workers:
+        # A caller's waiters for the lane are bounded by its share of the
+        # evaluation slots (each holds one) and by the lane's whole queue: a
+        # tighter bound of its own would refuse them after their messages
+        # were read, where waiting costs the server nothing.
+        heavy = HeavyLane(
+            evaluator, threshold=settings.heavy_evaluation_cost, processes=settings.heavy_workers,
+            max_queued=settings.heavy_max_queued, max_caller_queued=max(1, settings.heavy_max_queued),
+            min_caller_share=settings.min_caller_slots, queue_seconds=settings.heavy_queue_seconds,
+            nice=settings.heavy_nice, metrics=metrics,
+            worker_config={"device": settings.device, "inter_op_threads": settings.inter_op_threads,
+                           "xla": settings.xla, "xla_losses": XLA_LOSSES,
+                           "max_broadcast_elements": settings.max_broadcast_elements,
+                           "max_composite_terms": settings.max_composite_terms,
+                           "max_program_nodes": settings.max_program_nodes})
     evaluation = EvaluationService(
-        evaluator, admission, max_elements=settings.max_tensor_elements, metrics=metrics, store=store,
+        evaluator, admission, max_elements=settings.max_tensor_elements, metrics=metrics, store=store, heavy=heavy,
         batcher=Batcher(evaluator, max_delay_us=settings.batch_max_delay_us, max_elements=settings.batch_max_elements,
                         max_requests=settings.batch_max_requests, metrics=metrics))
     add_loss_service(LossServicer(evaluation, callers=callers, store=store, shared_memory=regions), server)
@@ -429,7 +451,8 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
         return check.status == health_pb2.HealthCheckResponse.SERVING
 
     oip_servicer.add_oip_service(oip_servicer.OipServicer(evaluation, ready=serving, callers=callers,
-                                                          version=lossd_server.__version__), server)
+                                                          version=lossd_server.__version__, shared_memory=regions),
+                                 server)
     services = [name for name in SERVICE_NAMES if shared_memory is not None or name != SHARED_MEMORY_SERVICE]
     for name in [*services, "", STATE_HEALTH]:  # until start() has started everything
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -462,10 +485,11 @@ def create_server(settings: Optional[Settings] = None, *, registry: Optional[Los
                   callers=callers,
                   health_server=health_server, health_executor=health_executor,
                   follower=follower, process=process, observer=observer,
-                  tracing=tracing,
-                  oip_http=OipRestApp(evaluation, ready=serving, callers=callers, tracing=tracing,
+                  tracing=tracing, heavy=heavy,
+                  oip_http=OipRestApp(evaluation, ready=serving, callers=callers, tracing=tracing, metrics=metrics,
                                       admission=None if callers.open else admission,
-                                      version=lossd_server.__version__, max_body_bytes=settings.max_message_bytes)
+                                      version=lossd_server.__version__, max_body_bytes=settings.max_message_bytes,
+                                      shared_memory=regions)
                   if settings.http_port is not None and (process is None or process.index == 0) else None)
 
 

@@ -30,7 +30,7 @@ SETTING_GROUPS = (
                   "mixed_precision", "progress_")),
     ("state", ("data_dir", "database_", "artifacts_dir", "replica_id", "shared_state_")),
     ("evaluation", ("warmup", "device", "inter_op_threads", "xla", "cache_", "batch_", "compile_",
-                    "max_pending_compiles", "shm")),
+                    "max_pending_compiles", "shm", "heavy_")),
     ("network", ("host", "port", "health_port", "http_port", "max_message_bytes", "workers", "processes", "drain_", "grace_")),
     ("limits", ("max_", "min_", "stream_", "evaluation_slots")),
 )

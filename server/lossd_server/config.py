@@ -406,8 +406,37 @@ class Settings(BaseSettings):
     RESOURCE_EXHAUSTED (CALLER_SHARE_FULL, or COMPILE_BUSY) with a retry
     delay, refused before its message is read."""
 
+    # The heavy lane (issue 23; docs/limits.md, "The heavy lane").
+
+    heavy_evaluation_cost: float = Field(1e9, ge=0)
+    """Cost units (``LOSSD_MAX_EVALUATION_COST``'s, about a nanosecond of one
+    reference core each) above which an evaluation runs in a heavy-lane
+    worker process, at a lower CPU priority, killed when its call is
+    cancelled or passes its deadline. The default, about a second of CPU, is
+    far above any small request (an MSE on a million elements costs 2e6)."""
+
+    heavy_workers: int = Field(1, ge=0)
+    """Heavy-lane worker processes (heavy evaluations running at once), each
+    started on first use and holding its own TensorFlow (a few hundred MiB);
+    0 runs heavy evaluations in the server's process, as small ones."""
+
+    heavy_max_queued: int = Field(4, ge=0)
+    """Most heavy evaluations waiting for a worker, all callers together
+    (each caller's also within its share of ``evaluation_slots``, since each
+    holds one); one more is RESOURCE_EXHAUSTED (HEAVY_LANE_FULL) with a
+    retry delay."""
+
+    heavy_queue_seconds: float = Field(30.0, ge=0)
+    """Longest a heavy evaluation waits for a worker (or less, to its
+    deadline); then RESOURCE_EXHAUSTED (HEAVY_LANE_FULL) with a retry delay."""
+
+    heavy_nice: int = Field(10, ge=0, le=19)
+    """What each heavy-lane worker adds to its CPU niceness (``os.nice``), so
+    the server's own threads, serving small evaluations and health, run first
+    when the cores are busy."""
+
     # Shared memory for clients on the server's host (issue 13,
-    # lossd_server.evaluation.shared_memory).
+    # lossd_server.shared_memory).
 
     shm: bool = True
     """Let clients on this host hand tensors over through POSIX shared memory

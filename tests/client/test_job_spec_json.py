@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from hypothesis import given, settings, strategies as st
 
 from lossd import wire
-from lossd._training import message_to_plain_dict
+from lossd._jobs import message_to_plain_dict
 from lossd.v1 import training_service_pb2 as pb
 
 numbers = st.one_of(st.integers(-2 ** 52, 2 ** 52), st.floats(allow_nan=False, allow_infinity=False, width=64))

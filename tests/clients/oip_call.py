@@ -165,8 +165,78 @@ def kserve_rest(address: str, calls: list, token: str | None) -> dict:
     return asyncio.run(run())
 
 
+def triton_shm(address: str, calls: list, token: str | None, protocol: str = "grpc") -> dict:
+    """tritonclient (gRPC or HTTP) with every input and requested output in
+    system shared memory (tritonclient.utils.shared_memory), as its examples
+    do. Besides the results: the regions the server listed while registered."""
+    import importlib
+    import os
+
+    import tritonclient.utils.shared_memory as shm
+    from tritonclient.utils import InferenceServerException, triton_to_np_dtype
+
+    grpcclient = importlib.import_module(f"tritonclient.{protocol}")
+    as_json = {"as_json": True} if protocol == "grpc" else {}
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    client = grpcclient.InferenceServerClient(url=address)
+    done = {"extensions": client.get_server_metadata(headers=headers, **as_json).get("extensions", []),
+            "results": [], "status": []}
+    for number, call in enumerate(calls):
+        handles, inputs, outputs = [], [], []
+        try:
+            for name, datatype, shape, array in _numpy_inputs(call):
+                region = f"in_{number}_{name}"
+                handle = shm.create_shared_memory_region(region, f"/oiptest_{os.getpid()}_{region}", array.nbytes)
+                handles.append(handle)
+                shm.set_shared_memory_region(handle, [array])
+                client.register_system_shared_memory(region, f"/oiptest_{os.getpid()}_{region}", array.nbytes,
+                                                     headers=headers)
+                tensor = grpcclient.InferInput(name, shape, datatype)
+                tensor.set_shared_memory(region, array.nbytes)
+                inputs.append(tensor)
+            out_handles = {}
+            for name in call.get("outputs", []):
+                region, size = f"out_{number}_{name}", int(call["output_bytes"])
+                handle = shm.create_shared_memory_region(region, f"/oiptest_{os.getpid()}_{region}", size)
+                handles.append(handle)
+                out_handles[name] = handle
+                client.register_system_shared_memory(region, f"/oiptest_{os.getpid()}_{region}", size,
+                                                     headers=headers)
+                output = grpcclient.InferRequestedOutput(name)
+                output.set_shared_memory(region, size)
+                outputs.append(output)
+            done["status"].append(_region_names(client.get_system_shared_memory_status(headers=headers, **as_json)))
+            try:
+                result = client.infer(call["model"], inputs, outputs=outputs or None,
+                                      parameters=call.get("parameters") or None, headers=headers)
+            except InferenceServerException as error:
+                done["results"].append({"error": [error.status(), error.message()]})
+                continue
+            got = {}
+            for output in result.get_response(**as_json)["outputs"]:
+                shape = [int(d) for d in output.get("shape", [])]
+                array = shm.get_contents_as_numpy(out_handles[output["name"]],
+                                                  triton_to_np_dtype(output["datatype"]), shape)
+                got[output["name"]] = [output["datatype"], shape, np.asarray(array).ravel().tolist()]
+            done["results"].append({"outputs": got})
+        finally:
+            client.unregister_system_shared_memory(headers=headers)  # every region of this caller
+            for handle in handles:
+                shm.destroy_shared_memory_region(handle)
+    done["status"].append(_region_names(client.get_system_shared_memory_status(headers=headers, **as_json)))
+    return done
+
+
+def _region_names(status) -> list:
+    """The region names of a status answer: gRPC's {"regions": {name: ...}} or REST's [{"name": ...}]."""
+    if isinstance(status, list):
+        return sorted(region["name"] for region in status)
+    return sorted(status.get("regions", {}))
+
+
 CLIENTS = {"tritonclient.grpc": triton_grpc, "kserve.grpc": kserve_grpc, "tritonclient.http": triton_http,
-           "kserve.rest": kserve_rest}
+           "kserve.rest": kserve_rest, "tritonclient.grpc.shm": triton_shm,
+           "tritonclient.http.shm": lambda address, calls, token: triton_shm(address, calls, token, "http")}
 
 if __name__ == "__main__":
     client, address = sys.argv[1], sys.argv[2]

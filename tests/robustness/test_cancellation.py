@@ -50,8 +50,12 @@ SMALL = loss_service_pb2.EvaluateRequest(loss=loss_pb2.LossSpec(name="mse"),
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     data = tmp_path_factory.mktemp("cancel-data")
+    # The heavy lane off: this proves the server's own cancellation, which
+    # every evaluation under the lane's threshold relies on
+    # (test_heavy_lane.py proves the lane's).
     proc, address = serve_process(data, data / "server.log", {"LOSSD_WARMUP": "false",
-                                                               "LOSSD_MAX_EVALUATION_COST": "1e12"})
+                                                               "LOSSD_MAX_EVALUATION_COST": "1e12",
+                                                               "LOSSD_HEAVY_WORKERS": "0"})
     try:
         with grpc.insecure_channel(address) as channel:
             stub = loss_service_pb2_grpc.LossServiceStub(channel)

@@ -31,7 +31,7 @@ from lossd_server.config import Settings  # noqa: E402
 from lossd_server.errors import ResourceExhausted  # noqa: E402
 from lossd_server.losses import cost  # noqa: E402
 from lossd_server.losses.custom import full_registry, inline_entry  # noqa: E402
-from lossd_server.losses.expressions import ShapeError  # noqa: E402
+from lossd_server.losses.expression_shapes import ShapeError  # noqa: E402
 from lossd_server.losses.plan import Planner  # noqa: E402
 
 DEFAULTS = Settings()

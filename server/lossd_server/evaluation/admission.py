@@ -66,7 +66,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from lossd_server.errors import InvalidArgument, ResourceExhausted
+from lossd_server.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 # Bounds of the retry delays the in-flight bound suggests, in seconds.
 MIN_RETRY_DELAY = 0.01
@@ -76,6 +76,9 @@ MAX_RETRY_DELAY = 30.0
 # between its calls, and without it a flooder would take that slot back in
 # the gap.
 FAIR_LINGER_SECONDS = 1.0
+# How often a request waiting for a slot reads whether its call ended
+# (``FairSlots.acquire(cancelled=)``): it leaves the queue within this.
+CANCEL_POLL_SECONDS = 0.2
 
 # The caller of the evaluation this context runs (``Admission.admit`` sets
 # it), for the parts below the service that share their own slots by
@@ -154,6 +157,9 @@ class FairSlots:
         reason: The ErrorInfo reason of a refusal.
         min_share: The least share of a caller however many are active.
         max_queued_per_caller: Most requests of one caller waiting at once.
+        max_queued: Most requests waiting at once, all callers together
+            (None: only the per-caller bound); one more is refused as one
+            past ``max_queued_per_caller`` is.
         max_wait_seconds: Longest a request waits (less if its deadline is sooner).
         linger_seconds: How long a caller stays active after its last slot.
         metrics: Optional ``Metrics``: waits and refusals by caller.
@@ -161,7 +167,7 @@ class FairSlots:
     """
 
     def __init__(self, capacity: int, *, what: str, setting: str, reason: str, min_share: int = 1,
-                 max_queued_per_caller: int = 1, max_wait_seconds: float = 2.0,
+                 max_queued_per_caller: int = 1, max_queued: Optional[int] = None, max_wait_seconds: float = 2.0,
                  linger_seconds: float = FAIR_LINGER_SECONDS, metrics=None,
                  clock: Callable[[], float] = time.monotonic):
         self.capacity = capacity
@@ -170,6 +176,7 @@ class FairSlots:
         self.reason = reason
         self.min_share = min_share
         self.max_queued_per_caller = max_queued_per_caller
+        self.max_queued = max_queued
         self.max_wait_seconds = max_wait_seconds
         self.linger_seconds = linger_seconds
         self.metrics = metrics
@@ -180,6 +187,7 @@ class FairSlots:
         self._total = 0
         self._queues: dict[str, collections.deque] = {}  # caller -> its waiters' tickets, in arrival order
         self._turns: collections.deque[str] = collections.deque()  # callers with waiters, in serving order
+        self._waiters = 0  # tickets in every queue
         self._seen: dict[str, float] = {}  # caller -> when it last gave a slot back
         self._hold_seconds = 0.05  # moving average of how long a slot is held, for retry delays
 
@@ -216,6 +224,7 @@ class FairSlots:
                 if self._may_take(caller, share):
                     queue = self._queues[caller]
                     ticket = queue.popleft()
+                    self._waiters -= 1
                     ticket[0] = True
                     self._take(caller)
                     given = True
@@ -244,12 +253,18 @@ class FairSlots:
             if not self._may_take(caller, share):
                 raise self._refusal(caller, share, active, waited=None)
 
-    def acquire(self, caller: str, wait_seconds: Optional[float] = None) -> None:
+    def acquire(self, caller: str, wait_seconds: Optional[float] = None,
+                cancelled: Optional[Callable[[], bool]] = None) -> None:
         """Takes one slot for ``caller``, waiting for it as the class says.
+
+        ``cancelled``: read while the request waits (at least every
+        ``CANCEL_POLL_SECONDS``); once it is true the request leaves the queue.
 
         Raises:
             ResourceExhausted: ``reason``: the caller's queue is full, or its
                 wait ran out; with a retry delay.
+            DeadlineExceeded: ``EVALUATION_CANCELLED``: ``cancelled`` turned
+                true while it waited (its call ended).
         """
         with self._lock:
             now = self._clock()
@@ -262,6 +277,8 @@ class FairSlots:
                 return
             if queue is not None and len(queue) >= self.max_queued_per_caller:
                 raise self._refusal(caller, share, active, waited=None)
+            if self.max_queued is not None and self._waiters >= self.max_queued:
+                raise self._refusal(caller, share, active, waited=None, everyone=True)
             wait = self.max_wait_seconds if wait_seconds is None else max(0.0, min(wait_seconds,
                                                                                    self.max_wait_seconds))
             ticket = [False]
@@ -269,15 +286,22 @@ class FairSlots:
                 queue = self._queues[caller] = collections.deque()
                 self._turns.append(caller)
             queue.append(ticket)
+            self._waiters += 1
             self._serve(now)
             deadline = now + wait
+            # Woken by a slot given back, or after at most a linger: an idle
+            # caller stops counting, which may raise the shares; sooner when
+            # the call may end meanwhile.
+            poll = self.linger_seconds if cancelled is None else min(self.linger_seconds, CANCEL_POLL_SECONDS)
+            gone = False
             while not ticket[0]:
                 left = deadline - self._clock()
                 if left <= 0:
                     break
-                # Woken by a slot given back, or after at most a linger: an
-                # idle caller stops counting, which may raise the shares.
-                self._cond.wait(min(left, self.linger_seconds))
+                if cancelled is not None and cancelled():
+                    gone = True
+                    break
+                self._cond.wait(min(left, poll))
                 if not ticket[0]:
                     self._serve(self._clock())
             if ticket[0]:
@@ -285,9 +309,15 @@ class FairSlots:
                     self.metrics.fair_share_wait(caller, self.what, self._clock() - now)
                 return
             queue.remove(ticket)
+            self._waiters -= 1
             if not queue:
                 del self._queues[caller]
                 self._turns.remove(caller)
+            if gone:
+                raise DeadlineExceeded(
+                    f"The call ended while its request waited for one of the server's {self.what}. Expected a "
+                    "call that waits for its answer. Received: a call that ended first.",
+                    reason="EVALUATION_CANCELLED", metadata={"caller": caller, "setting": self.setting})
             active = self._active(self._clock())
             raise self._refusal(caller, self.share(active), active, waited=wait)
 
@@ -307,17 +337,22 @@ class FairSlots:
             if self._turns:
                 self._serve(now)
 
-    def _refusal(self, caller: str, share: int, active: int, waited: Optional[float]) -> ResourceExhausted:
+    def _refusal(self, caller: str, share: int, active: int, waited: Optional[float],
+                 everyone: bool = False) -> ResourceExhausted:
         held = self._held.get(caller, 0)
         queued = len(self._queues.get(caller, ()))
         # A slot of this caller's comes back about one hold time away for
-        # each slot it holds past its share, and for each of its waiters.
-        delay = self._hold_seconds * (1 + max(0, held - share) + queued)
+        # each slot it holds past its share, and for each of its waiters
+        # (for a full queue: each waiter's turn, shared by the slots).
+        ahead = self._waiters / self.capacity if everyone else max(0, held - share) + queued
+        delay = self._hold_seconds * (1 + ahead)
         delay = min(MAX_RETRY_DELAY, max(MIN_RETRY_DELAY, delay))
         if self.metrics is not None:
             self.metrics.fair_share_refusal(caller, self.what)
         who = f"Caller {caller!r}" if caller else "The caller"
         why = (f"its request waited {waited:.2f} s for one and none came" if waited is not None else
+               f"{self._waiters} requests of all callers already wait for one (at most {self.max_queued})"
+               if everyone else
                f"{queued} of its requests already wait for one (at most {self.max_queued_per_caller})")
         return ResourceExhausted(
             f"{who} holds {held} of the server's {self.capacity} {self.what} ({self.setting}), and its fair "

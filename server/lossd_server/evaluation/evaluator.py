@@ -37,7 +37,7 @@ from lossd_server.evaluation import backend
 from lossd_server.evaluation.admission import evaluation_caller
 from lossd_server.losses import reductions
 from lossd_server.losses.cost import Cost, CostLimits
-from lossd_server.losses.expressions import ShapeError, broadcast_shapes
+from lossd_server.losses.expression_shapes import ShapeError, broadcast_shapes
 from lossd_server.losses.plan import (ExpressionCompiler, Plan, Planner, Program, build_program,
                                       build_rows_program)
 from lossd_server.losses.registry import LossRegistry, check_labels, values_shape

@@ -12,6 +12,12 @@ Request parameters carry the loss's own parameters (``delta``), the
 asking for the ``gradient`` output also turns it on). They are validated by
 the planner, exactly as lossd.v1's ``params`` are.
 
+A tensor's parameters ``shared_memory_region``, ``shared_memory_byte_size``
+and ``shared_memory_offset`` (Triton's system shared-memory extension) name
+a range of a region its caller registered: an input is read from there and
+an output written there, through ``lossd_server.shared_memory``, as
+lossd.v1's shared-memory tensors are.
+
 This module turns the protocol's pieces (names, datatypes, parameters,
 requested outputs) into an ``EvaluationRequest`` and a ``Result`` back into
 named outputs. It imports neither gRPC nor HTTP: the gRPC servicer
@@ -26,6 +32,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from lossd import wire
+from lossd.v1 import tensor_pb2
 from lossd_server.errors import InvalidArgument, NotFound
 from lossd_server.evaluation.evaluator import Result
 from lossd_server.evaluation.service import EvaluationRequest, Incoming
@@ -129,6 +136,33 @@ def model_metadata(registry: LossRegistry, name: str, version: str = "") -> Mode
     return ModelMetadata(entry.name, tuple(inputs), tuple(outputs))
 
 
+SHM_REGION = "shared_memory_region"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+SHM_OFFSET = "shared_memory_offset"
+SHM_PARAMETERS = (SHM_REGION, SHM_BYTE_SIZE, SHM_OFFSET)
+SHM_EXTENSION = "system_shared_memory"
+"""The extension's name in ServerMetadata, where the server offers it."""
+
+
+def region_of(parameters: Mapping[str, Any], field: str) -> Optional[tensor_pb2.SharedMemoryRef]:
+    """The shared-memory range a tensor's parameters name, or None when they
+    name none (Triton's parameters, as lossd.v1's ``SharedMemoryRef``)."""
+    region = parameters.get(SHM_REGION)
+    if region is None:
+        stray = [name for name in SHM_PARAMETERS if name in parameters]
+        if stray:
+            raise InvalidArgument(f"{field}: {stray[0]} without {SHM_REGION}. Expected a region name with it.",
+                                  reason="SHM_BAD_PARAMETERS")
+        return None
+    byte_size, offset = parameters.get(SHM_BYTE_SIZE), parameters.get(SHM_OFFSET, 0)
+    if not isinstance(region, str) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0
+                                          for v in (byte_size, offset)):
+        raise InvalidArgument(f"{field}: a shared-memory range is {SHM_REGION} (a string), {SHM_BYTE_SIZE} and "
+                              f"{SHM_OFFSET} (integers >= 0). Received: {region!r}, {byte_size!r}, {offset!r}.",
+                              reason="SHM_BAD_PARAMETERS")
+    return tensor_pb2.SharedMemoryRef(region=region, offset=offset, byte_size=byte_size)
+
+
 @dataclasses.dataclass(frozen=True)
 class Input:
     """One input tensor as a front end received it: its protocol datatype
@@ -142,6 +176,7 @@ class Input:
     shape: Sequence[int]
     raw: Optional[bytes] = None
     values: Optional[Sequence] = None
+    region: Optional[tensor_pb2.SharedMemoryRef] = None  # its bytes are in a registered region
 
 
 @dataclasses.dataclass
@@ -151,6 +186,7 @@ class Inference:
 
     request: EvaluationRequest
     outputs: Optional[tuple[str, ...]]
+    output_regions: Mapping[str, tensor_pb2.SharedMemoryRef] = dataclasses.field(default_factory=dict)
 
 
 def _parameter_value(name: str, value: Any) -> Any:
@@ -162,7 +198,9 @@ def _parameter_value(name: str, value: Any) -> Any:
 
 
 def inference(registry: LossRegistry, model: str, version: str, parameters: Mapping[str, Any],
-              inputs: Sequence[Input], requested: Sequence[str], *, max_elements: int) -> Inference:
+              inputs: Sequence[Input], requested: Sequence[str], *, max_elements: int,
+              output_regions: Optional[Mapping[str, tensor_pb2.SharedMemoryRef]] = None,
+              regions=None) -> Inference:
     """The evaluation an OIP inference asks for.
 
     Args:
@@ -174,6 +212,11 @@ def inference(registry: LossRegistry, model: str, version: str, parameters: Mapp
         inputs: The input tensors, in the request's order.
         requested: The output names the request asks for (empty: all).
         max_elements: Most elements one tensor may declare.
+        output_regions: Where requested outputs go instead of the answer,
+            by output name.
+        regions: The caller's named shared-memory registrations
+            (``SharedMemoryRegions.access(caller, named=True)``); None where
+            the server has no shared memory.
 
     Raises:
         NotFound: an unknown model or version.
@@ -228,13 +271,16 @@ def inference(registry: LossRegistry, model: str, version: str, parameters: Mapp
         if tensor.name in tensors or tensor.name == "sample_weight" and sample_weight is not None:
             raise InvalidArgument(f"Input {tensor.name[:64]!r} appears twice. Expected each input once.",
                                   reason="DUPLICATE_TENSOR", metadata={"tensor": tensor.name[:64]})
-        incoming = _incoming(tensor, max_elements)
+        incoming = _incoming(tensor, max_elements, regions)
         if tensor.name == "sample_weight":
             sample_weight = incoming
         else:
             tensors[tensor.name] = incoming  # the service checks the names against the plan
+    output_regions = dict(output_regions or {})
+    for name, ref in output_regions.items():  # each range exists before anything is spent
+        wire.region_range(ref, regions, field=f"outputs[{name[:64]}]")
     return Inference(EvaluationRequest(loss=loss, tensors=tensors, sample_weight=sample_weight, reduction=reduction,
-                                       gradient=gradient), outputs)
+                                       gradient=gradient), outputs, output_regions)
 
 
 def _spec(value: Any, model: str) -> dict:
@@ -253,12 +299,21 @@ def _spec(value: Any, model: str) -> dict:
     return spec
 
 
-def _incoming(tensor: Input, max_elements: int) -> Incoming:
+def _incoming(tensor: Input, max_elements: int, regions=None) -> Incoming:
     field = f"inputs[{tensor.name[:64]}]"
     enum = wire.oip_dtype_enum(tensor.datatype, field=field)
     shape = tuple(int(d) for d in tensor.shape)
     count = wire.check_shape(shape, field=field, max_elements=max_elements)
-    if tensor.raw is not None:
+    if tensor.region is not None:
+        if tensor.raw is not None or tensor.values:
+            raise wire.WireError(f"{field}: both data and a shared-memory region are given. Expected one of them.")
+        wire.region_range(tensor.region, regions, field=field)  # the range exists before admission
+        # lossd.v1's shared-memory tensor: the same range check and read.
+        reference = tensor_pb2.Tensor(dtype=enum, shape=shape, shared_memory=tensor.region)
+
+        def decode() -> np.ndarray:
+            return regions.read(reference, field=field, max_elements=max_elements)
+    elif tensor.raw is not None:
         def decode() -> np.ndarray:
             return wire.from_bytes(tensor.raw, enum, shape, field=field, max_elements=max_elements)
     else:
@@ -298,6 +353,11 @@ def _from_values(values: Sequence, enum: int, shape: tuple, count: int, field: s
             raise
         raise wire.WireError(f"{field}: the data are not {dtype.name} values. Expected a flat list of numbers. "
                              f"Received: {str(error)[:200]}.") from None
+
+
+def write_output(regions, name: str, array: np.ndarray, ref: tensor_pb2.SharedMemoryRef) -> int:
+    """Writes an output into its shared-memory range; returns the bytes written."""
+    return regions.write(array, ref, field=f"outputs[{name[:64]}]").shared_memory.byte_size
 
 
 def outputs_of(result: Result, wanted: Optional[tuple[str, ...]]) -> list[tuple[str, np.ndarray]]:

@@ -149,10 +149,12 @@ class EvaluationService:
         batcher: Optional ``Batcher``; off (or None) evaluates one by one.
         store: Optional ``custom.ExpressionStore``: plans naming a stored loss
             are dropped when any replica changes one.
+        heavy: Optional ``heavy.HeavyLane``: evaluations it claims (their
+            declared cost above its threshold) run in its worker processes.
     """
 
     def __init__(self, evaluator: Evaluator, admission: Admission, *, max_elements: int, metrics=None,
-                 batcher: Optional[Batcher] = None, store=None):
+                 batcher: Optional[Batcher] = None, store=None, heavy=None):
         self.evaluator = evaluator
         self.admission = admission
         self.max_elements = max_elements
@@ -160,6 +162,7 @@ class EvaluationService:
         self.batcher = batcher if batcher is not None and batcher.enabled else None
         self.registry = evaluator.registry
         self.plans = _PlanCache(evaluator)
+        self.heavy = heavy
         if store is not None:
             store.on_change(self.plans.clear)
 
@@ -250,6 +253,11 @@ class EvaluationService:
         with held:
             if metered is not None:
                 metered[2] = elements
+            heavy = self.heavy
+            if heavy is not None and heavy.claims(plan, tensors, request.gradient):  # in a process that can be killed
+                arrays, weights = self._decode(request, metered)
+                return heavy.evaluate(plan, arrays, sample_weight=weights, reduction=reduction,
+                                      gradient=request.gradient, cancellation=cancellation, wait_seconds=wait_seconds)
             batcher = self.batcher
             if batcher is None:
                 arrays, weights = self._decode(request, metered)

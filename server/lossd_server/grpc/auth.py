@@ -53,7 +53,8 @@ METHOD_SCOPES = {
     f"/{_SHARED_MEMORY_SERVICE}/CloseSession": "evaluate",
     # The Open Inference Protocol (grpc/oip_servicer.py): every method evaluates or describes losses.
     **{f"/{_OIP_SERVICE}/{method}": "evaluate" for method in (
-        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer")},
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister")},
 }
 # Methods refused at once while their caller is in debt of its rate (an
 # EvaluateStream's items are charged one by one, each refusal in its place).

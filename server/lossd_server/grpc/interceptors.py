@@ -18,6 +18,7 @@ import grpc
 from lossd_server.errors import DeadlineExceeded, ResourceExhausted
 from lossd_server.grpc import status
 from lossd_server.grpc.auth import OPEN_SERVICES, authenticated_caller
+from lossd_server.observability.logs import one_line as _one_line
 from lossd_server.observability.metrics import Metrics, RpcMethodMetrics
 from lossd_server.observability.requestid import call_request_id, reset_request_id, set_request_id
 
@@ -179,13 +180,6 @@ def _code_of(context, exc: Optional[BaseException]) -> str:
     if code is not None:
         return code.name
     return "OK" if exc is None else "UNKNOWN"
-
-
-def _one_line(text: str) -> str:
-    """``text`` with its control characters escaped: an error's details may
-    quote what a client sent (a loss name with a newline), which must not
-    split the access-log line or forge another."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _details_of(context) -> str:

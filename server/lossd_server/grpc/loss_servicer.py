@@ -111,10 +111,6 @@ def receive_stream_item(raw: bytes) -> Received:
     return Received(message, contents, None, outer)
 
 
-def _serialize(response) -> bytes:
-    return response if isinstance(response, bytes) else response.SerializeToString()
-
-
 def add_loss_service(servicer: "LossServicer", server) -> None:
     """Adds LossService to ``server`` as the generated code would, except
     that every request is parsed inside its handler (``parsing.tolerant``),
@@ -124,9 +120,9 @@ def add_loss_service(servicer: "LossServicer", server) -> None:
     service, handlers = parsing.handlers_of(loss_service_pb2_grpc.add_LossServiceServicer_to_server, servicer,
                                             loss_service_pb2.DESCRIPTOR.services_by_name["LossService"])
     handlers["Evaluate"] = grpc.unary_unary_rpc_method_handler(
-        servicer.Evaluate, request_deserializer=receive, response_serializer=_serialize)
+        servicer.Evaluate, request_deserializer=receive, response_serializer=parsing.serialized)
     handlers["EvaluateStream"] = grpc.stream_stream_rpc_method_handler(
-        servicer.EvaluateStream, request_deserializer=receive_stream_item, response_serializer=_serialize)
+        servicer.EvaluateStream, request_deserializer=receive_stream_item, response_serializer=parsing.serialized)
     parsing.register(server, service, handlers)
 
 

@@ -20,6 +20,7 @@ from typing import Optional
 
 import grpc
 from google.protobuf import message as message_lib
+from lossd import wire
 
 from lossd_server.errors import InvalidArgument
 from lossd_server.grpc.status import abort
@@ -72,6 +73,36 @@ def _nul_in_item(item, path: str) -> Optional[tuple[str, str]]:
     return None
 
 
+class Lifted:
+    """A request whose ``repeated bytes`` field's entries were lifted out of
+    it as views of the received bytes (``wire.parse_lifted``), not copied:
+    ``message`` without them, and ``entries``, or None where the request was
+    small enough for protobuf to parse whole (the message holds them then)."""
+
+    __slots__ = ("message", "entries")
+
+    def __init__(self, message, entries: Optional[list] = None):
+        self.message, self.entries = message, entries
+
+
+def serialized(response) -> bytes:
+    """A response serializer that passes bytes already serialized through."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def lifted_unary(behavior, message_class, bytes_field: str) -> grpc.RpcMethodHandler:
+    """A unary method handler whose request arrives as ``Lifted`` (the
+    entries of ``bytes_field`` lifted out), parsed inside the handler as
+    ``tolerant`` parses, and whose answer may be bytes already serialized."""
+    def deserialize(raw):
+        message, contents = wire.parse_lifted(raw, message_class, bytes_field=bytes_field)
+        return Lifted(message, contents.get(bytes_field))
+
+    return grpc.unary_unary_rpc_method_handler(
+        _unary(behavior), request_deserializer=_deserializer(deserialize, message_class.DESCRIPTOR.name),
+        response_serializer=serialized)
+
+
 def _deserializer(deserialize, message_name: str):
     def parse(raw: bytes):
         try:
@@ -81,7 +112,7 @@ def _deserializer(deserialize, message_name: str):
                 f"The request is not a valid {message_name} message ({type(exc).__name__}). Expected the "
                 f"serialized {message_name}. Received: {len(raw):,} bytes that do not parse.",
                 reason="BAD_REQUEST"))
-        found = nul_in_text(message)
+        found = nul_in_text(message.message if isinstance(message, Lifted) else message)
         if found is not None:
             path, value = found
             return Malformed(BadRequest(

@@ -1,6 +1,6 @@
 """``lossd.v1.SharedMemoryService``: sessions and regions of clients on the
 server's host. Thin: the table, its bounds and its checks are
-``evaluation/shared_memory.py``; Evaluate reads the regions through it."""
+``shared_memory.py``; Evaluate reads the regions through it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from lossd.v1 import shared_memory_service_pb2 as pb
 from lossd.v1 import shared_memory_service_pb2_grpc as pb_grpc
 from lossd_server.errors import DeadlineExceeded
-from lossd_server.evaluation.shared_memory import SharedMemoryRegions
+from lossd_server.shared_memory import SharedMemoryRegions
 from lossd_server.grpc import parsing
 from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.status import handle_errors

@@ -19,18 +19,24 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from concurrent import futures
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 from lossd import wire
-from lossd_server.errors import InvalidArgument, LossdError, PermissionDenied
+from lossd_server.errors import FailedPrecondition, InvalidArgument, LossdError, PermissionDenied
 from lossd_server.evaluation import inference_protocol as oip
 from lossd_server.evaluation.service import EvaluationService
 from lossd_server.observability import tracing as tracing_module
+from lossd_server.observability.logs import ACCESS_LOGGER, one_line
+from lossd_server.observability.metrics import HTTP_METHODS
+from lossd_server.observability.requestid import (METADATA_KEY, call_request_id, current_request_id, refusal_counter,
+                                                   reset_request_id, set_request_id)
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ("parameters", "binary_tensor_data")
@@ -42,6 +48,27 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
             429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
             504: "Gateway Timeout"}
 _MODEL_ROUTE = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$")
+_FIXED_ROUTES = ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/systemsharedmemory/status",
+                 "/v2/systemsharedmemory/unregister")
+# Triton's system shared-memory extension: one region's status, registration and its end.
+_REGION_ROUTE = re.compile(r"^/v2/systemsharedmemory/region/(?P<name>[^/]+)/(?P<action>status|register|unregister)$")
+# The route of a path that matches none: metrics and span names never carry a raw path.
+OTHER_ROUTE = "_OTHER"
+
+
+def route_of(path: str) -> str:
+    """The route template a path matches (``/v2/models/{name}/infer``,
+    ``/v2/health/ready``), or ``OTHER_ROUTE``: the bounded ``http_route`` of
+    metrics and span names."""
+    if path in _FIXED_ROUTES:
+        return path
+    region = _REGION_ROUTE.match(path)
+    if region is not None:
+        return "/v2/systemsharedmemory/region/{name}/" + region["action"]
+    match = _MODEL_ROUTE.match(path)
+    if match is None:
+        return OTHER_ROUTE
+    return "/v2/models/{name}" + ("/versions/{version}" if match["version"] else "") + (match["rest"] or "")
 
 
 class HttpError(Exception):
@@ -63,11 +90,21 @@ class OipRestApp:
             ``max_message_bytes``).
         tracing: ``observability.tracing``: a SERVER span per request (the
             child of a W3C ``traceparent`` header's), when on.
+        metrics: ``observability.metrics.Metrics``: the HTTP request metrics
+            by method and route template, and refusals by reason; None: none.
+        shared_memory: The server's shared-memory regions (``LOSSD_SHM``):
+            Triton's system shared-memory extension, as over gRPC.
+
+    Every request writes the access log's line (``lossd_server.access``), as
+    a gRPC call does, with its ``X-Request-Id`` header as the request id.
     """
 
     def __init__(self, service: EvaluationService, *, ready: Callable[[], bool], callers, admission=None,
-                 version: str = "", max_body_bytes: int = 256 << 20, tracing=tracing_module.OFF):
+                 version: str = "", max_body_bytes: int = 256 << 20, tracing=tracing_module.OFF, metrics=None,
+                 shared_memory=None):
         self.service = service
+        self.shared_memory = shared_memory
+        self.extensions = (*EXTENSIONS, *([oip.SHM_EXTENSION] if shared_memory is not None else []))
         self.registry = service.registry
         self.ready = ready
         self.callers = callers
@@ -75,46 +112,82 @@ class OipRestApp:
         self.version = version
         self.max_body_bytes = max_body_bytes
         self.tracing = tracing
+        self.metrics = metrics
 
     def __call__(self, environ, start_response):
-        if not self.tracing.enabled:
-            return self._answer(environ, start_response, None)
         method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
+        route = route_of(path)
+        if not self.tracing.enabled:
+            return self._serve(environ, start_response, method, path, route, None)
         carrier = {key[5:].lower().replace("_", "-"): value for key, value in environ.items()
                    if key in ("HTTP_TRACEPARENT", "HTTP_TRACESTATE")}
-        with self.tracing.server_span(f"{method} {path[:100]}", carrier,
-                                      {"http.request.method": method, "url.path": path[:200]}) as span:
-            return self._answer(environ, start_response, span)
+        known = method if method in HTTP_METHODS else "_OTHER"
+        # The span holds the metrics too: the latency histogram's exemplar is its trace.
+        with self.tracing.server_span(f"{known} {route}", carrier, {
+                "http.request.method": known, "http.route": route, "url.path": path[:200]}) as span:
+            return self._serve(environ, start_response, method, path, route, span)
 
-    def _answer(self, environ, start_response, span):
+    def _serve(self, environ, start_response, method: str, path: str, route: str, span):
+        http = None if self.metrics is None else self.metrics.http_route(method, route)
+        sent_id = environ.get("HTTP_X_REQUEST_ID")
+        token = set_request_id(call_request_id(((METADATA_KEY, sent_id),) if sent_id is not None else (),
+                                               None if self.metrics is None else self.metrics.count_rejection))
+        if http is not None:
+            http.started()
         start = time.perf_counter()
-        method, path = environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", "")
+        status, message = 500, "the request ended before its answer"
+        try:
+            status, headers, body, message = self._answer(environ, method, path)
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                if message is not None:
+                    self.tracing.error(span, message)
+            start_response(f"{status} {_REASONS.get(status, '')}", headers)
+            return [body]
+        finally:
+            seconds = time.perf_counter() - start
+            if http is not None:
+                http.finished(status, seconds)
+            # The access log line, as the gRPC interceptor writes it: DEBUG when
+            # answered, WARNING with the error's message when refused or failed.
+            if message is None:
+                if access_log.isEnabledFor(logging.DEBUG):
+                    access_log.debug("%s %s %d %.2f ms", one_line(method[:16]), one_line(path[:200]), status,
+                                     seconds * 1e3)
+            else:
+                access_log.warning("%s %s %d %.2f ms: %s", one_line(method[:16]), one_line(path[:200]), status,
+                                   seconds * 1e3, one_line(message))
+            reset_request_id(token)
+
+    def _answer(self, environ, method: str, path: str):
+        """``(status, headers, body, error message or None)`` of one request."""
+        message = None
         try:
             status, headers, body = self._route(environ, method, path)
         except HttpError as error:
-            status, headers, body = error.status, [], self._error_body(error.message, error.reason)
+            status, headers, body, message = error.status, [], self._error_body(error.message, error.reason), \
+                error.message
         except (LossdError, wire.WireError) as error:
             kind = getattr(error, "kind", "invalid_argument")
             status = _HTTP_STATUS.get(kind, 400)
             headers = []
             delay = getattr(error, "retry_delay", None)
-            if status == 429 and delay is not None:
-                headers.append(("Retry-After", str(max(1, int(delay + 0.999)))))
-            body = self._error_body(getattr(error, "message", str(error)), error.reason)
+            if status == 429:
+                counter = refusal_counter()  # lossd_rejected_requests_total, as for a gRPC call
+                if counter is not None:
+                    counter(error.reason)
+                if delay is not None:
+                    headers.append(("Retry-After", str(max(1, int(delay + 0.999)))))
+            message = getattr(error, "message", str(error))
+            body = self._error_body(message, error.reason)
         except Exception:  # noqa: BLE001 - every failure gets an answer, and a log line
-            log.exception("OIP REST %s %s failed", method, path[:200])
-            status, headers, body = 500, [], self._error_body("Internal error; the server logged it.", "INTERNAL")
+            log.exception("OIP REST %s %s failed", method[:16], path[:200])
+            message = f"Internal error; the server logged it with request id {current_request_id()}."
+            status, headers, body = 500, [], self._error_body(message, "INTERNAL")
         if not any(name == "Content-Type" for name, _ in headers):
             headers.append(("Content-Type", "application/json"))
         headers.append(("Content-Length", str(len(body))))
-        if span is not None:
-            span.set_attribute("http.response.status_code", status)
-            if status >= 400:
-                self.tracing.error(span, body.decode(errors="replace"))
-        start_response(f"{status} {_REASONS.get(status, '')}", headers)
-        if status >= 400:
-            log.debug("OIP REST %s %s %d %.2f ms", method, path[:200], status, (time.perf_counter() - start) * 1e3)
-        return [body]
+        return status, headers, body, message
 
     @staticmethod
     def _error_body(message: str, reason: str) -> bytes:
@@ -132,7 +205,9 @@ class OipRestApp:
                 ready = self.ready()
                 return (200 if ready else 503), [], json.dumps({"ready": ready}).encode()
             return 200, [], json.dumps({"name": "lossd", "version": self.version,
-                                        "extensions": list(EXTENSIONS)}).encode()
+                                        "extensions": list(self.extensions)}).encode()
+        if path.startswith("/v2/systemsharedmemory/"):
+            return self._shared_memory(environ, method, path, caller)
         match = _MODEL_ROUTE.match(path)
         if match is None:
             raise HttpError(404, f"No such route. Expected /v2, /v2/health/live|ready or /v2/models/NAME[/versions/V]"
@@ -155,6 +230,42 @@ class OipRestApp:
         if self.admission is not None:
             self.admission.refuse_in_debt(caller.name, caller.limits.elements_per_second)
         return self._infer(environ, name, version, caller)
+
+    def _shared_memory(self, environ, method: str, path: str, caller):
+        """Triton's system shared-memory extension over REST: the same
+        registrations as over gRPC (``SharedMemoryRegions.register_named``)."""
+        if self.shared_memory is None:
+            raise FailedPrecondition("This server has no shared memory. Expected a server started with LOSSD_SHM=1 "
+                                     "on the client's host.", reason="SHM_DISABLED")
+        region = _REGION_ROUTE.match(path)
+        if region is None and path not in _FIXED_ROUTES:
+            raise HttpError(404, f"No such route. Expected /v2/systemsharedmemory/status, .../unregister or "
+                                 f".../region/NAME/status|register|unregister. Received: {path[:200]!r}.", "NOT_FOUND")
+        name = urllib.parse.unquote(region["name"]) if region is not None else ""
+        action = region["action"] if region is not None else path.rsplit("/", 1)[1]
+        if action == "status":
+            self._only(method, "GET")
+            return 200, [], json.dumps([{"name": r.label, "key": r.name, "offset": r.base, "byte_size": r.size}
+                                        for r in self.shared_memory.named(caller.name, name)]).encode()
+        self._only(method, "POST")
+        if action == "unregister":
+            self.shared_memory.unregister_named(caller.name, name)
+            return 200, [], b""
+        body = _object(self._json(self._body(environ), "registration"), "registration")
+        key, offset, byte_size = body.get("key"), body.get("offset", 0), body.get("byte_size")
+        if not isinstance(key, str) or any(isinstance(v, bool) or not isinstance(v, int) for v in (offset, byte_size)):
+            raise InvalidArgument(f"A registration is {{\"key\": a string, \"offset\": an integer, \"byte_size\": "
+                                  f"an integer}}. Received: {json.dumps(body)[:200]}.", reason="SHM_BAD_PARAMETERS")
+        self.shared_memory.register_named(caller.name, name, key, offset, byte_size)
+        return 200, [], b""
+
+    @staticmethod
+    def _json(head: bytes, what: str):
+        try:
+            return json.loads(head)
+        except ValueError as error:
+            raise InvalidArgument(f"The {what} is not JSON. Expected the protocol's {what} object. "
+                                  f"Received: {str(error)[:200]}.", reason="BAD_REQUEST") from None
 
     @staticmethod
     def _only(method: str, allowed: str) -> None:
@@ -205,11 +316,7 @@ class OipRestApp:
             head, binary = body[:split], memoryview(body)[split:]
         else:
             head, binary = body, memoryview(b"")
-        try:
-            request = json.loads(head)
-        except ValueError as error:
-            raise InvalidArgument(f"The inference request is not JSON. Expected the protocol's request object. "
-                                  f"Received: {str(error)[:200]}.", reason="BAD_REQUEST") from None
+        request = self._json(head, "inference request")
         if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
             raise InvalidArgument("The inference request has no inputs. Expected an object with an `inputs` list. "
                                   f"Received: {type(request).__name__}.", reason="BAD_REQUEST")
@@ -223,8 +330,12 @@ class OipRestApp:
                 raise InvalidArgument(f"inputs[{index}] needs `name` (a string), `datatype` (a string) and `shape` "
                                       f"(a list of integers). Received: {json.dumps(tensor)[:200]}.",
                                       reason="BAD_TENSOR")
-            size = _object(tensor.get("parameters"), f"inputs[{index}].parameters").get("binary_data_size")
-            if size is not None:
+            tensor_parameters = _object(tensor.get("parameters"), f"inputs[{index}].parameters")
+            size = tensor_parameters.get("binary_data_size")
+            region = oip.region_of(tensor_parameters, f"inputs[{tensor_name[:64]}]")
+            if region is not None:
+                inputs.append(oip.Input(tensor_name, datatype, shape, values=tensor.get("data"), region=region))
+            elif size is not None:
                 if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                     raise InvalidArgument(f"inputs[{tensor_name[:64]}]: binary_data_size {size!r} does not fit the "
                                           f"{len(binary):,} bytes after the JSON header.", reason="BAD_TENSOR")
@@ -232,18 +343,24 @@ class OipRestApp:
                 offset += size
             else:
                 inputs.append(oip.Input(tensor_name, datatype, shape, values=_flat(tensor.get("data"), tensor_name)))
-        requested, binary_outputs = [], set()
+        requested, binary_outputs, output_regions = [], set(), {}
         for index, output in enumerate(request.get("outputs") or []):
             output = _object(output, f"outputs[{index}]")
             if not isinstance(output.get("name"), str):
                 raise InvalidArgument(f"outputs[{index}] needs a `name`. Received: {json.dumps(output)[:200]}.",
                                       reason="BAD_REQUEST")
             requested.append(output["name"])
-            if _object(output.get("parameters"), f"outputs[{index}].parameters").get("binary_data"):
+            output_parameters = _object(output.get("parameters"), f"outputs[{index}].parameters")
+            if output_parameters.get("binary_data"):
                 binary_outputs.add(output["name"])
+            region = oip.region_of(output_parameters, f"outputs[{output['name'][:64]}]")
+            if region is not None:
+                output_regions[output["name"]] = region
         all_binary = parameters.get("binary_data_output") is True
+        regions = self.shared_memory.access(caller.name, named=True) if self.shared_memory is not None else None
         inference = oip.inference(self.registry, name, version, parameters, inputs, requested,
-                                  max_elements=self.service.max_elements)
+                                  max_elements=self.service.max_elements, regions=regions,
+                                  output_regions=output_regions)
         # No cancellation: a WSGI app learns of no client hanging up.
         result = self.service.evaluate(inference.request, caller)
         outputs, chunks = [], []
@@ -251,7 +368,11 @@ class OipRestApp:
             array = np.ascontiguousarray(array)
             entry = {"name": output_name, "datatype": wire.oip_datatype(wire.dtype_enum(array.dtype)),
                      "shape": list(array.shape)}
-            if all_binary or output_name in binary_outputs:
+            ref = inference.output_regions.get(output_name)
+            if ref is not None:  # written to the caller's region: no data in the answer
+                entry["parameters"] = {oip.SHM_REGION: ref.region, oip.SHM_OFFSET: ref.offset,
+                                       oip.SHM_BYTE_SIZE: oip.write_output(regions, output_name, array, ref)}
+            elif all_binary or output_name in binary_outputs:
                 data = array.tobytes()
                 entry["parameters"] = {"binary_data_size": len(data)}
                 chunks.append(data)

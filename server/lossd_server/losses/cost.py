@@ -187,7 +187,7 @@ def matrix_crossentropy(params: Mapping[str, Any], shapes: Mapping[str, tuple], 
 
 def expression(value_shapes: Callable[[Mapping[str, tuple]], Any]) -> CostFunction:
     """The cost of an expression loss, from its shape analysis
-    (``expressions.value_shapes``): every node walks its value once
+    (``expression_shapes.value_shapes``): every node walks its value once
     (``total`` elements over the tree); alive at once are a few of the
     largest values, or, with the gradient, every node's value and a
     gradient of each."""

@@ -27,8 +27,9 @@ import keras
 from lossd.wire import DEFAULT_REDUCTION
 from lossd_server.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from lossd_server.losses import cost as costs
-from lossd_server.losses.expressions import (ExpressionError, compile_expression, row_structure,
-                                             value_shapes)
+from lossd_server.losses.expression_rows import row_structure
+from lossd_server.losses.expression_shapes import value_shapes
+from lossd_server.losses.expressions import ExpressionError, compile_expression
 from lossd_server.losses.matrix import matrix_entry
 from lossd_server.losses.registry import (SHAPES_ANY, LossEntry, LossRegistry, Parameter, _docstring_args,
                                  _first_sentence, _param_type, default_registry)

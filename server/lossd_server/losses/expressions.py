@@ -142,7 +142,7 @@ import threading
 from dataclasses import dataclass, field
 from keyword import iskeyword
 from types import MappingProxyType
-from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Mapping
 
 __all__ = [
     "MAX_DEPTH",
@@ -1023,328 +1023,35 @@ def _constant_reason(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Row structure: how an expression's value depends on the rows of its inputs.
+# What the analyses of a checked tree share (expression_rows, expression_shapes).
 
-ROWS, ROWS_MEAN, ROWS_SUM = "rows", "mean", "sum"
-# Cosine similarity over the rows: a function of the sums of y_true * y_pred,
-# y_true ** 2 and y_pred ** 2 over every row (declared by the Keras table only).
-ROWS_COSINE = "cosine"
+REDUCING_FUNCTIONS = frozenset(f.name for f in _FUNCTION_LIST if "keepdims" in f.keywords)
+"""Functions that reduce ``x`` over ``axis`` (``mean``, ``sum``, ``max``, ``min``, ``logsumexp``)."""
 
-_REDUCTIONS = frozenset({"mean", "sum", "max", "min", "logsumexp"})
-_ALONG_AXIS = frozenset({"softmax", "log_softmax"})
-_LINEAR_REDUCTIONS = {"mean": ROWS_MEAN, "sum": ROWS_SUM}
+ALONG_AXIS_FUNCTIONS = frozenset(f.name for f in _FUNCTION_LIST if "axis" in f.keywords and not f.axis_tuple)
+"""Functions that keep ``x``'s shape and couple values along one ``axis`` (``softmax``, ``log_softmax``)."""
 
 
-class RowStructure(NamedTuple):
-    """How values depend on rows (``ROWS``, ``ROWS_MEAN`` or ``ROWS_SUM``),
-    and the rank of the values where it is known."""
-
-    kind: str
-    values_rank: int | None = None
-
-
-def row_structure(source: str, ranks: Mapping[str, int], params: Collection[str] = ()) -> RowStructure | None:
-    """How the value of a checked expression depends on the rows (the first
-    axis) of its input tensors, given each tensor's rank.
-
-    Returns:
-        A ``RowStructure`` whose kind is ``"rows"`` when the value keeps the
-        row axis and each row's values
-        depend on that row of the inputs alone; ``"mean"`` or ``"sum"`` when
-        the expression is, at its top, a mean or sum over axes that include
-        the row axis of something row-wise (so the value over all rows is the
-        row-count-weighted mean, or the sum, of the values over any split of
-        the rows); None when rows are coupled in any other way (a max over
-        the rows, a softmax along them, tensors of different ranks
-        broadcasting against each other, an operation applied after a
-        reduction over the rows...).
-
-    The answer is conservative: None means "not proven separable", and the
-    caller refuses to split such an expression.
-    """
-    tree = parse(source.strip())
-    try:
-        kind = _RowAnalysis(ranks, frozenset(params)).visit(tree.body)
-    except _Coupled:
-        return None
-    if kind[0] == "rows" and kind[1] >= 1:
-        return RowStructure(ROWS, kind[1])
-    if kind[0] == "reduced":
-        return RowStructure(kind[2], kind[1])
+def axis_literal(node: ast.AST) -> int | None:
+    """The int an axis node of a checked tree spells (``-1``, ``+2``, ``0``),
+    or None when it is not an int literal."""
+    sign = 1
+    while isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign = -sign if isinstance(node.op, ast.USub) else sign
+        node = node.operand
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return sign * node.value
     return None
 
 
-class _Coupled(Exception):
-    """Raised inside the analysis when rows are (or may be) coupled."""
-
-
-class _RowAnalysis:
-    """Walks a checked expression tree. Each node is one of:
-
-    * ``("const",)``: a scalar that depends on no tensor (numbers, parameters);
-    * ``("rows", rank)``: axis 0 is the row axis, row i depends on row i only;
-    * ``("reduced", rank, "mean" | "sum")``: a linear reduction over the rows
-      of a row-wise value; only scaling by constants may follow it.
-    """
-
-    def __init__(self, ranks: Mapping[str, int], params: frozenset[str]):
-        self.ranks = ranks
-        self.params = params
-
-    def visit(self, node: ast.AST) -> tuple:
-        if isinstance(node, ast.Constant):
-            return ("const",)
-        if isinstance(node, ast.Name):
-            if node.id in self.ranks:
-                rank = self.ranks[node.id]
-                if rank < 1:
-                    raise _Coupled
-                return ("rows", rank)
-            return ("const",)  # a parameter or a named constant (pi, e)
-        if isinstance(node, ast.UnaryOp):
-            operand = self.visit(node.operand)
-            return operand  # -x and +x are linear; `not` acts on booleans, which are row-wise
-        if isinstance(node, ast.BinOp):
-            left, right = self.visit(node.left), self.visit(node.right)
-            linear = isinstance(node.op, (ast.Add, ast.Sub)) and left[0] == right[0] == "reduced"
-            if linear and left[1:] == right[1:]:
-                return left  # mean(a) + mean(b) over the same rows: still a weighted mean of row-wise terms
-            if "reduced" in (left[0], right[0]):
-                other = right if left[0] == "reduced" else left
-                reduced = left if left[0] == "reduced" else right
-                scaling = isinstance(node.op, ast.Mult) or (isinstance(node.op, ast.Div) and right is other)
-                if other[0] == "const" and scaling:
-                    return reduced
-                raise _Coupled
-            return self._elementwise([left, right])
-        if isinstance(node, ast.Compare):
-            return self._elementwise([self.visit(node.left), *[self.visit(c) for c in node.comparators]])
-        if isinstance(node, ast.BoolOp):
-            return self._elementwise([self.visit(v) for v in node.values])
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            return self._call(node)
-        raise _Coupled  # not produced by a checked expression; be safe
-
-    def _elementwise(self, kinds: list[tuple]) -> tuple:
-        if any(k[0] == "reduced" for k in kinds):
-            raise _Coupled
-        rows = {k[1] for k in kinds if k[0] == "rows"}
-        if not rows:
-            return ("const",)
-        if len(rows) > 1:
-            raise _Coupled  # ranks differ: broadcasting would not align the row axes
-        return ("rows", rows.pop())
-
-    def _call(self, node: ast.Call) -> tuple:
-        name = node.func.id
-        args = [self.visit(a) for a in node.args]
-        options = {k.arg: k.value for k in node.keywords}
-        if name in _REDUCTIONS or name in _ALONG_AXIS:
-            (x,) = args
-            if x[0] == "const":
-                return x
-            if x[0] == "reduced":
-                raise _Coupled
-            rank = x[1]
-            axes = self._axes(options.get("axis"), rank)
-            if name in _ALONG_AXIS:
-                if 0 in axes:
-                    raise _Coupled
-                return x
-            keepdims = isinstance(options.get("keepdims"), ast.Constant) and options["keepdims"].value is True
-            out_rank = rank if keepdims else rank - len(axes)
-            if 0 not in axes:
-                return ("rows", out_rank)
-            if name in _LINEAR_REDUCTIONS:
-                return ("reduced", out_rank, _LINEAR_REDUCTIONS[name])
-            raise _Coupled
-        return self._elementwise(args)
-
-    @staticmethod
-    def _axes(node: ast.AST | None, rank: int) -> set[int]:
-        if node is None:
-            values: list[Any] = [-1]
-        elif isinstance(node, ast.Constant) and node.value is None:
-            return set(range(rank))
-        elif isinstance(node, ast.Tuple):
-            values = [_axis_value(e) for e in node.elts]
-        else:
-            values = [_axis_value(node)]
-        if any(not -rank <= v < rank for v in values):
-            raise _Coupled  # the evaluation itself will refuse this axis
-        return {v % rank for v in values}
-
-
-def _axis_value(node: ast.AST) -> int:
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_axis_value(node.operand)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.UAdd):
-        return _axis_value(node.operand)
-    if isinstance(node, ast.Constant) and isinstance(node.value, int):
-        return node.value
-    raise _Coupled
-
-
-def rename_tensors(source: str, mapping: Mapping[str, str]) -> str:
-    """The expression with its tensor names replaced (``{"a": "y_true"}``),
-    for writing a registered expression out over the tensors a composite term
-    maps it to. Raises ExpressionError when a new name is already used for
-    something else in the expression."""
-    tree = parse(source.strip())
-    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
-    clashes = sorted((set(mapping.values()) & used) - set(mapping))
-    if clashes:
-        raise ExpressionError(f"cannot rename tensors: {clashes[0]!r} already names something else")
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id in mapping:
-            node.id = mapping[node.id]
-    return ast.unparse(tree.body)
-
-
-class ShapeError(ValueError):
-    """An expression that cannot be evaluated on the given shapes: tensors
-    that do not broadcast (``reason`` ``SHAPE_MISMATCH``) or an axis outside
-    a value's rank (``BAD_EXPRESSION``)."""
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-class ValueShapes(NamedTuple):
-    """What a loss computes on inputs of given shapes: the element count of
-    the largest value (inputs, intermediates and result), the result's
-    shape, and the element counts of every value summed over the tree (what
-    evaluating it walks: ``lossd_server.losses.cost``)."""
-
-    largest: int
-    shape: tuple[int, ...]
-    total: int = 0
-
-
-def value_shapes(source: str, shapes: Mapping[str, Sequence[int]]) -> ValueShapes:
-    """The largest value a checked expression computes (its inputs, every
-    intermediate and its result) and its result's shape, given each input
-    tensor's shape; names not in ``shapes`` (parameters, constants) are
-    scalars.
-
-    Shapes follow numpy's rules: elementwise operations broadcast their
-    operands, reductions drop (or with ``keepdims`` keep as 1) their axes,
-    ``softmax``/``log_softmax`` keep the shape. Nothing is traced or
-    allocated, so the evaluator can refuse a request whose broadcasting
-    would be huge (``(N, 1) - (1, N)``) before TensorFlow tries.
-
-    Raises:
-        ShapeError: operands that do not broadcast, or an out-of-range axis.
-    """
-    analysis = _ShapeAnalysis({k: tuple(int(d) for d in v) for k, v in shapes.items()})
-    shape = analysis.visit(_parsed(source))
-    return ValueShapes(analysis.largest, shape, analysis.total)
+@functools.lru_cache(maxsize=1024)
+def parsed_body(source: str) -> ast.AST:
+    """The body of a checked expression's tree, parsed once per text: the
+    analyses run on every evaluation and only read the tree."""
+    return parse(source.strip()).body
 
 
 def size(source: str) -> int:
     """How many parts (sub-expressions) a checked expression has: the
     measure of :data:`MAX_NODES`, and what a plan's compile cost grows with."""
-    return sum(isinstance(node, ast.expr) for node in ast.walk(_parsed(source)))
-
-
-@functools.lru_cache(maxsize=1024)
-def _parsed(source: str) -> ast.AST:
-    """The body of a checked expression's tree, parsed once per text: the
-    shape analysis runs on every evaluation and only reads the tree."""
-    return parse(source.strip()).body
-
-
-class _ShapeAnalysis:
-    """Walks a checked expression tree (as ``_RowAnalysis`` does), computing
-    each node's shape and remembering the largest element count seen."""
-
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]):
-        self.shapes = shapes
-        self.largest = 0
-        self.total = 0
-
-    def _seen(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        elements = math.prod(shape)
-        self.largest = max(self.largest, elements)
-        self.total += elements
-        return shape
-
-    def visit(self, node: ast.AST) -> tuple[int, ...]:
-        if isinstance(node, ast.Constant):
-            return self._seen(())
-        if isinstance(node, ast.Name):
-            return self._seen(self.shapes.get(node.id, ()))
-        if isinstance(node, ast.UnaryOp):
-            return self._seen(self.visit(node.operand))
-        if isinstance(node, ast.BinOp):
-            return self._broadcast([self.visit(node.left), self.visit(node.right)], node)
-        if isinstance(node, ast.Compare):
-            return self._broadcast([self.visit(node.left), *[self.visit(c) for c in node.comparators]], node)
-        if isinstance(node, ast.BoolOp):
-            return self._broadcast([self.visit(v) for v in node.values], node)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            return self._call(node)
-        raise ShapeError(f"cannot analyse {ast.unparse(node)[:40]!r}", "BAD_EXPRESSION")
-
-    def _broadcast(self, shapes: list[tuple[int, ...]], node: ast.AST) -> tuple[int, ...]:
-        shape = broadcast_shapes(shapes)
-        if shape is None:
-            raise ShapeError(
-                f"operands of {ast.unparse(node)[:60]!r} do not broadcast together. Expected shapes that "
-                f"broadcast (equal, or 1, along each axis). Received: "
-                f"{', '.join(str(list(s)) for s in shapes)}.", "SHAPE_MISMATCH")
-        return self._seen(shape)
-
-    def _call(self, node: ast.Call) -> tuple[int, ...]:
-        name = node.func.id
-        args = [self.visit(a) for a in node.args]
-        options = {k.arg: k.value for k in node.keywords}
-        if name in _REDUCTIONS or name in _ALONG_AXIS:
-            (x,) = args
-            axes = self._axes(options.get("axis"), x, name)
-            if name in _ALONG_AXIS:
-                return self._seen(x)
-            keepdims = isinstance(options.get("keepdims"), ast.Constant) and options["keepdims"].value is True
-            if keepdims:
-                return self._seen(tuple(1 if i in axes else d for i, d in enumerate(x)))
-            return self._seen(tuple(d for i, d in enumerate(x) if i not in axes))
-        if not args:
-            return self._seen(())  # epsilon()
-        return self._broadcast(args, node)
-
-    @staticmethod
-    def _axes(node: ast.AST | None, shape: tuple[int, ...], name: str) -> set[int]:
-        rank = len(shape)
-        if isinstance(node, ast.Constant) and node.value is None:
-            return set(range(rank))
-        if node is None:
-            values: list[int] = [-1]
-        else:
-            try:
-                values = [_axis_value(e) for e in node.elts] if isinstance(node, ast.Tuple) else [_axis_value(node)]
-            except _Coupled:
-                raise ShapeError(f"{name}: axis is an integer, a tuple of integers or None.",
-                                 "BAD_EXPRESSION") from None
-        bad = [v for v in values if not -rank <= v < rank]
-        if bad:
-            raise ShapeError(
-                f"{name}: axis {bad[0]} is out of range for a value of rank {rank} (shape {list(shape)}). "
-                f"Expected an axis in [{-rank}, {rank - 1}]." if rank else
-                f"{name}: axis {bad[0]} is out of range for a scalar (rank 0). Expected axis=None.",
-                "BAD_EXPRESSION")
-        return {v % rank for v in values}
-
-
-def broadcast_shapes(shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...] | None:
-    """numpy's broadcast of ``shapes``, or None when they do not broadcast."""
-    rank = max((len(s) for s in shapes), default=0)
-    out = [1] * rank
-    for shape in shapes:
-        for i, d in enumerate(shape, start=rank - len(shape)):
-            if d == out[i] or d == 1:
-                continue
-            if out[i] != 1:
-                return None
-            out[i] = d
-    return tuple(out)
+    return sum(isinstance(node, ast.expr) for node in ast.walk(parsed_body(source)))

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from lossd import wire
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses import expressions, reductions
-from lossd_server.losses.expressions import rename_tensors
+from lossd_server.losses.expression_rows import rename_tensors
 from lossd_server.losses.registry import LossEntry, LossRegistry, resolve_parameters
 
 DEFAULT_INPUTS = ("y_true", "y_pred")

@@ -39,7 +39,7 @@ import numpy as np
 from lossd.wire import (REDUCTION_MEAN, REDUCTION_MEAN_WITH_SAMPLE_WEIGHT, REDUCTION_NONE, REDUCTION_SUM,
                         REDUCTION_SUM_OVER_BATCH_SIZE)
 from lossd_server.errors import InvalidArgument
-from lossd_server.losses.expressions import broadcast_shapes
+from lossd_server.losses.expression_shapes import broadcast_shapes
 from lossd_server.losses.registry import SHAPES_SAME, RowStructure, align_ranks
 
 if TYPE_CHECKING:

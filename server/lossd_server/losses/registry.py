@@ -30,7 +30,7 @@ from lossd_server.errors import InvalidArgument
 from lossd_server.losses import cost as costs
 # How per-sample values depend on the rows of the inputs (LossEntry.row_structure);
 # the expression language owns the analysis, the Keras table declares it.
-from lossd_server.losses.expressions import ROWS, ROWS_COSINE, ROWS_MEAN, ROWS_SUM, RowStructure  # noqa: F401
+from lossd_server.losses.expression_rows import ROWS, ROWS_COSINE, ROWS_MEAN, ROWS_SUM, RowStructure  # noqa: F401
 
 
 # Keras constructor arguments that lossd sets itself, never the client.
@@ -89,9 +89,9 @@ class LossEntry:
             of the whole batch that a split must preserve.
         expression: Source text, for expression losses.
         value_shapes: ``value_shapes(shapes)``, given each input's shape by
-            the entry's own input names, is an ``expressions.ValueShapes``:
+            the entry's own input names, is an ``expression_shapes.ValueShapes``:
             the element count of the largest value the loss computes and
-            the per-sample values' shape (raising ``expressions.ShapeError``
+            the per-sample values' shape (raising ``expression_shapes.ShapeError``
             when the shapes cannot work), or None when unknown. Expression
             entries answer it from the expression tree, so the evaluator
             refuses a huge broadcast before tracing.

@@ -17,6 +17,16 @@ AUDIT_LOGGER = "lossd_server.audit"
 _audit = logging.getLogger(AUDIT_LOGGER)
 
 
+ACCESS_LOGGER = "lossd_server.access"
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped: an error's details may
+    quote what a client sent (a loss name with a newline), which must not
+    split the access-log line or forge another."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = current_request_id()

@@ -29,9 +29,11 @@ histograms are summed over the processes, those that died included, so they
 never go down. Each gauge says how its processes' values combine
 (``multiprocess_mode``), and only live processes count:
 
-- ``livesum`` for what each process holds on its own: RPCs in flight,
-  compiled programs cached, shared-memory regions mapped, training
-  throughput (only the process that runs jobs sets it);
+- ``livesum`` for what each process holds on its own: RPCs and REST
+  requests in flight (only the first process serves the REST port),
+  compiled programs cached, shared-memory regions mapped, evaluations
+  waiting for its heavy lane, training throughput (only the process that
+  runs jobs sets it);
 - ``livemostrecent`` for what every process reads from the shared store
   (jobs by state) and the last epoch's training loss: the newest reading;
 - ``livemax`` for values every process sets alike: build and device info
@@ -135,6 +137,10 @@ JOB_DURATION_BUCKETS = (
 )
 
 _RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+_HTTP_LABELS = ("http_request_method", "http_route")
+# The ``http_request_method`` values kept as they are; any other method a
+# client sends is counted as ``_OTHER`` (as OpenTelemetry spells it).
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 
 # Micro-batching (lossd_server.evaluation.batching): requests and y_pred
 # elements per batched call, and how long each request waited for company.
@@ -228,7 +234,7 @@ class RpcMethodMetrics:
         self._in_flight = _adder(metrics.lossd_grpc_in_flight_requests.labels(service, method))
         self._received = _adder(metrics.grpc_server_msg_received_total.labels(*self._labels))
         self._sent = _adder(metrics.grpc_server_msg_sent_total.labels(*self._labels))
-        self._handling = metrics.grpc_server_handling_seconds.labels(*self._labels)
+        self._handling = metrics.latency(metrics.grpc_server_handling_seconds.labels(*self._labels))
         self._handled = {"OK": _adder(self._handled_total.labels(*self._labels, "OK"))}
 
     def started(self) -> None:
@@ -256,6 +262,47 @@ class RpcMethodMetrics:
             handled = self._handled.setdefault(code, _adder(self._handled_total.labels(*self._labels, code)))
         handled(1)
         self._handling.observe(seconds)
+
+
+class _WithExemplar:
+    """A histogram child whose observations carry the current trace as their exemplar."""
+
+    __slots__ = ("_child", "_exemplar")
+
+    def __init__(self, child, exemplar: Callable[[], Optional[dict]]):
+        self._child, self._exemplar = child, exemplar
+
+    def observe(self, amount: float) -> None:
+        self._child.observe(amount, self._exemplar())
+
+
+class HttpRouteMetrics:
+    """The HTTP metrics of one (method, route template), children resolved once.
+
+    Get it from ``Metrics.http_route``; the REST front end calls
+    ``started()`` when a request arrives and ``finished()`` once it is answered.
+    """
+
+    def __init__(self, metrics: "Metrics", method: str, route: str):
+        self._labels = (method, route)
+        self._duration_family = metrics.http_server_request_duration_seconds
+        self._latency = metrics.latency
+        self._active = metrics.http_server_active_requests.labels(method, route)
+        self._duration: dict[int, Histogram] = {}
+
+    def started(self) -> None:
+        """Counts a request as in flight."""
+        self._active.inc()
+
+    def finished(self, status: int, seconds: float) -> None:
+        """Records the answer of a started request: its HTTP status (one the
+        server chose, so the label stays bounded) and how long it took."""
+        self._active.dec()
+        duration = self._duration.get(status)
+        if duration is None:
+            duration = self._duration.setdefault(status, self._latency(
+                self._duration_family.labels(*self._labels, str(status))))
+        duration.observe(seconds)
 
 
 class Metrics:
@@ -288,6 +335,8 @@ class Metrics:
         self._written: set = set()  # the info gauges set once (see _replace)
         self._evaluation_children: dict[tuple[str, str], tuple] = {}
         self._rpc_methods: dict[tuple[str, str], RpcMethodMetrics] = {}
+        self._http_routes: dict[tuple[str, str], HttpRouteMetrics] = {}
+        self._exemplar: Optional[Callable[[], Optional[dict]]] = None  # see exemplars_from
         self._loss_labels = frozenset(loss_names) | {COMPOSITE_LOSS, EXPRESSION_LOSS, OTHER_LOSS}
         self._registered_labels: set[str] = set()
         self._registered_lock = threading.Lock()
@@ -324,6 +373,17 @@ class Metrics:
             "lossd_grpc_in_flight_requests",
             "RPCs started and not yet finished.",
             ("grpc_service", "grpc_method"), registry=r, multiprocess_mode="livesum")
+        # HTTP level (the Open Inference Protocol's REST port), named as
+        # OpenTelemetry's HTTP semantic conventions export them to Prometheus.
+        self.http_server_request_duration_seconds = Histogram(
+            "http_server_request_duration_seconds",
+            "Time from an HTTP request's arrival to its answer, by method, route template and status code; "
+            "its _count counts the requests.",
+            _HTTP_LABELS + ("http_response_status_code",), buckets=RPC_BUCKETS, registry=r)
+        self.http_server_active_requests = Gauge(
+            "http_server_active_requests",
+            "HTTP requests started and not yet answered.",
+            _HTTP_LABELS, registry=r, multiprocess_mode="livesum")
 
         # Loss evaluation.
         self.lossd_loss_evaluations_total = Counter(
@@ -394,6 +454,25 @@ class Metrics:
             "Requests refused (RESOURCE_EXHAUSTED: CALLER_SHARE_FULL, COMPILE_BUSY) because their caller was "
             "at its fair share of a kind of slot, by caller and kind of slot.",
             ("caller", "slots"), registry=r)
+        # The heavy lane (evaluation/heavy.py): evaluations above the heavy
+        # cost threshold, run in worker processes that can be killed.
+        self.lossd_heavy_lane_queued = Gauge(
+            "lossd_heavy_lane_queued",
+            "Evaluations waiting for a heavy-lane worker process now.", registry=r, multiprocess_mode="livesum")
+        self.lossd_heavy_lane_runs_total = Counter(
+            "lossd_heavy_lane_runs_total",
+            "Evaluations run in a heavy-lane worker process, by outcome: ok, error (refused by the worker), "
+            "cancelled (the call ended first), memory (past its memory ceiling), died (the worker ended).",
+            ("outcome",), registry=r)
+        self.lossd_heavy_lane_kills_total = Counter(
+            "lossd_heavy_lane_kills_total",
+            "Heavy-lane worker processes killed (SIGKILL) or found dead while they held an evaluation, by "
+            "reason: cancelled, memory, died.",
+            ("reason",), registry=r)
+        self.lossd_heavy_lane_starts_total = Counter(
+            "lossd_heavy_lane_starts_total",
+            "Heavy-lane worker processes started (the first, and each replacement of a killed one).",
+            registry=r)
 
         # Micro-batching of evaluations.
         self.lossd_batch_size_requests = Histogram(
@@ -439,7 +518,7 @@ class Metrics:
             "Loss of the last epoch reported by the most recent running job, by split.",
             ("split",), registry=r, multiprocess_mode="livemostrecent")
 
-        # Shared memory (clients on the server's host, evaluation/shared_memory.py).
+        # Shared memory (clients on the server's host, shared_memory.py).
         self.lossd_shared_memory_bytes_total = Counter(
             "lossd_shared_memory_bytes_total",
             "Tensor bytes served through shared-memory regions instead of the socket: read from requests, "
@@ -497,6 +576,28 @@ class Metrics:
         for reason in REJECTION_REASONS:
             self.lossd_rejected_requests_total.labels(reason)
 
+    # Exemplars: the latency histograms' link to traces.
+
+    def exemplars_from(self, exemplar: Callable[[], Optional[dict]]) -> None:
+        """Makes the latency histograms (``grpc_server_handling_seconds``,
+        ``http_server_request_duration_seconds``,
+        ``lossd_loss_evaluation_duration_seconds``) keep, with each bucket's
+        latest observation, ``exemplar()``: the current span's
+        ``{"trace_id", "span_id"}``, or None outside a sampled span. Served in
+        the OpenMetrics format only (a scrape that asks for it).
+
+        Call it before the histograms' children are made (``create_server``
+        does, right after making the metrics, when tracing is on): only
+        children made after it carry exemplars, so a server without tracing
+        observes as before, at no cost. In multiprocess mode
+        prometheus_client keeps no exemplars."""
+        self._exemplar = exemplar
+
+    def latency(self, child):
+        """``child`` (a histogram's labelled child), observing with an
+        exemplar when ``exemplars_from`` was called."""
+        return child if self._exemplar is None else _WithExemplar(child, self._exemplar)
+
     # Loss evaluation.
 
     def loss_label(self, name: str) -> str:
@@ -535,7 +636,7 @@ class Metrics:
         if children is None:
             loss = self.loss_label(loss_name)
             children = (_adder(self.lossd_loss_evaluations_total.labels(loss, outcome)),
-                        self.lossd_loss_evaluation_duration_seconds.labels(loss),
+                        self.latency(self.lossd_loss_evaluation_duration_seconds.labels(loss)),
                         _adder(self.lossd_loss_evaluated_elements_total.labels(loss)),
                         _adder(self.lossd_loss_evaluated_bytes_total.labels(loss)))
             if len(self._evaluation_children) < 4096:  # unknown names are many; "other" needs no cache
@@ -634,6 +735,25 @@ class Metrics:
         """Counts a request of ``caller`` refused at its share of ``slots``."""
         self.lossd_fair_share_refusals_total.labels(caller or ANONYMOUS_CALLER, slots.partition(" ")[0]).inc()
 
+    # The heavy lane.
+
+    def heavy_lane_queued(self, waiting: int) -> None:
+        """Sets how many evaluations wait for a heavy-lane worker."""
+        self.lossd_heavy_lane_queued.set(waiting)
+
+    def heavy_lane_run(self, outcome: str) -> None:
+        """Counts one heavy-lane evaluation's ``outcome`` (ok, error,
+        cancelled, memory, died)."""
+        self.lossd_heavy_lane_runs_total.labels(outcome).inc()
+
+    def heavy_lane_kill(self, reason: str) -> None:
+        """Counts a heavy-lane worker killed or found dead (cancelled, memory, died)."""
+        self.lossd_heavy_lane_kills_total.labels(reason).inc()
+
+    def heavy_lane_started(self) -> None:
+        """Counts a heavy-lane worker process that started."""
+        self.lossd_heavy_lane_starts_total.inc()
+
     # Micro-batching.
 
     def observe_batch(self, requests: int, elements: int, waits: Iterable[float]) -> None:
@@ -658,6 +778,17 @@ class Metrics:
         if found is None:
             found = self._rpc_methods.setdefault(key, RpcMethodMetrics(
                 self, grpc_type(client_streaming, server_streaming), service, method))
+        return found
+
+    def http_route(self, method: str, route: str) -> HttpRouteMetrics:
+        """The metrics of one HTTP method on one route template (such as
+        ``/v2/models/{name}/infer``, never a raw path: the caller bounds the
+        routes), made on the first request and shared after. A method not in
+        ``HTTP_METHODS`` is counted as ``_OTHER``."""
+        key = (method if method in HTTP_METHODS else "_OTHER", route)  # a client's method never grows this
+        found = self._http_routes.get(key)
+        if found is None:
+            found = self._http_routes.setdefault(key, HttpRouteMetrics(self, *key))
         return found
 
     # Training: recorded by the job scheduler (lossd_server.training.scheduler).

@@ -23,6 +23,7 @@ from lossd.wire import DEFAULT_REDUCTION
 from lossd_server.callers import ANONYMOUS, Caller
 from lossd_server.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from lossd_server.losses import reductions
+from lossd_server.observability import tracing
 from lossd_server.losses.plan import Planner
 from lossd_server.losses.registry import ROWS
 from lossd_server.training import cost, models
@@ -32,8 +33,6 @@ from lossd_server.state.store import CANCELLING, QUEUED, RUNNING, JobRecord, Sto
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EPOCHS = 10
-DEFAULT_BATCH_SIZE = 32
 DEFAULT_VALIDATION_SPLIT = 0.2
 MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 65_536
@@ -116,6 +115,9 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
             return existing, False
     settings = catalog.settings
     normalized, runtime, kind = _normalize(spec, planner, catalog, caller, settings)
+    traceparent = tracing.current.new_job_trace()  # None with tracing off
+    if traceparent is not None:  # the job's own trace, kept with it for every process that runs it
+        runtime["traceparent"] = traceparent
     job = JobRecord(id=uuid.uuid4().hex[:16], spec=normalized, runtime=runtime, model_kind=kind,
                     request_id=request_id or None, display_name=display_name[:200],
                     progress={"epochs_completed": 0, "epochs": normalized["epochs"]}, owner=caller.name)
@@ -138,6 +140,7 @@ def create(store: Store, planner: Planner, catalog: DatasetCatalog, spec: Mappin
     # A retry of a create that won meanwhile gets its job, whatever the limits;
     # a concurrent create with the same request_id may win.
     job, created = store.create_job(job, admit)
+    tracing.current.job(job.runtime.get("traceparent")).link_current()  # a retry links to the job it returns
     if not created:
         _check_request_id_owner(job, caller)
     if created:
@@ -280,10 +283,10 @@ def _normalize(spec: Mapping[str, Any], planner: Planner, catalog: DatasetCatalo
     params = models.resolve_model_params(preset.name, model.get("params"), info.image_shape)
     # The planner evaluation uses: a bad loss gets the error Evaluate gives.
     loss = plan_training_loss(planner, spec.get("loss"), preset.kind, preset.name)
-    optimizer = models.resolve_optimizer(spec.get("optimizer"))
+    optimizer = models.resolve_optimizer(spec.get("optimizer"), preset.defaults.learning_rate)
     metrics = models.resolve_metrics(spec.get("metrics") or [], preset.kind)
-    epochs = _whole(spec, "epochs", DEFAULT_EPOCHS, 1, MAX_EPOCHS)
-    batch_size = _whole(spec, "batch_size", DEFAULT_BATCH_SIZE, 1, MAX_BATCH_SIZE)
+    epochs = _whole(spec, "epochs", preset.defaults.epochs, 1, MAX_EPOCHS)
+    batch_size = _whole(spec, "batch_size", preset.defaults.batch_size, 1, MAX_BATCH_SIZE)
     steps = _whole(spec, "steps_per_epoch", 0, 0, 1 << 30) if spec.get("steps_per_epoch") else 0
     seed = _whole(spec, "seed", 1, 0, 2**32 - 1)
     workers = _workers(spec, settings, preset, loss, batch_size, metrics, len(info.class_names))

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from lossd_server.callers import Caller
 from lossd_server.errors import FailedPrecondition, ResourceExhausted, Unavailable, redact_paths
+from lossd_server.observability import tracing
 from lossd_server.observability.logs import audited
 from lossd_server.training import jobs, multiworker, worker
 from lossd_server.training.artifacts import Artifacts
@@ -351,6 +352,7 @@ class Scheduler:
             # A multi-worker job starts once as many slots as it has workers
             # are free at once; jobs behind it that fit start meanwhile.
             too_big = [job.id for job in self.store.jobs_in_states([QUEUED]) if jobs.workers_of(job) > free]
+            claim_time = time.time()  # a start_time from this claim on is the job's first start
             claimed = self.store.claim_jobs(self.replica, free, self.lease_seconds,
                                             skip=[*self._running, *self._unrecorded, *too_big])
             try:
@@ -360,6 +362,9 @@ class Scheduler:
                     if needs > free:  # a multi-worker job waits for as many free slots as it has workers
                         break
                     self._start_process(job, taken_over=before != QUEUED)
+                    if job.start_time is not None and job.start_time >= claim_time:
+                        tracing.current.job(job.runtime.get("traceparent")).record(
+                            "lossd.job.queued", job.create_time, job.start_time, **{"lossd.job.id": job.id})
                     free -= needs
                     claimed.pop(0)
             finally:
@@ -678,6 +683,9 @@ class Scheduler:
                 job.id, state=state, end_time=end, error=error, lease_owner=None,
                 event=("state", {"state": state, **({"error": error} if error else {})})))
         log.info("job %s %s%s", job.id, state, f": {error['reason']}: {error['message']}" if error else "")
+        tracing.current.job(job.runtime.get("traceparent")).root(
+            "lossd.job", job.create_time, end, error=f"{error['reason']}: {error['message']}" if error else None,
+            **{"lossd.job.id": job.id, "lossd.job.state": state})
         if self.metrics is not None:
             self.metrics.observe_job_finished(state, end - (job.start_time or job.create_time))
             if run is not None:

@@ -30,6 +30,8 @@ import threading
 import time
 from typing import Any, Optional
 
+from lossd_server.observability import tracing as tracing_module
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
@@ -196,13 +198,18 @@ def run_job(config: dict, queue) -> None:
     def send(kind: str, **payload) -> None:
         queue.put({"kind": kind, **payload, **tag})
 
+    # The job's trace, exported as the server's OTEL_* variables (this
+    # process's environment is the server's) say; a multi-worker job's
+    # workers record none.
+    traceparent = config["runtime"].get("traceparent") if index is None else None
+    tracing = tracing_module.Tracing.from_environment() if traceparent else tracing_module.OFF
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
         if not index:  # the chief alone: another worker may already be writing
             remove_temp_files(job_dir)  # a previous process of this job may have been killed mid-write
         (job_dir / (PID_FILE if not index else f"worker-{index}.pid")).write_text(str(os.getpid()))
         if index is None:
-            _train(config, job_dir, send)
+            _train(config, job_dir, send, tracing.job(traceparent))
         else:
             multiworker.train(config, job_dir, send)
     except Exception as exc:  # noqa: BLE001 - the job fails, the server lives on
@@ -211,11 +218,12 @@ def run_job(config: dict, queue) -> None:
             log.error("job %s failed", config["job_id"], exc_info=True)
         send("done", **report)
     finally:
+        tracing.shutdown()  # exports the spans still buffered
         queue.close()
         queue.join_thread()  # flush everything before the process exits
 
 
-def _train(config: dict, job_dir: pathlib.Path, send) -> None:
+def _train(config: dict, job_dir: pathlib.Path, send, trace=tracing_module.OFF_JOB) -> None:
     import tensorflow as tf
     import keras
 
@@ -260,16 +268,20 @@ def _train(config: dict, job_dir: pathlib.Path, send) -> None:
 
     reporter = _Reporter(send, job_dir, history, epochs=epochs, steps=steps, batch_size=batch_size,
                          examples_per_epoch=examples_per_epoch, n_train=len(x_train),
-                         progress_every=config["progress_every"], loss=loss)
+                         progress_every=config["progress_every"], loss=loss, trace=trace)
     callbacks = [reporter, _make_scalar_logger(job_dir / LOGS_DIR)]
     if initial_epoch < epochs:
         train = training_batches(x_train, y_train, seed=seed, batch_size=batch_size, steps=steps,
                                  epochs=range(initial_epoch, epochs))
-        model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch, verbose=0, shuffle=False,
-                  steps_per_epoch=steps, callbacks=callbacks)
+        try:
+            model.fit(train, validation_data=val, epochs=epochs, initial_epoch=initial_epoch, verbose=0,
+                      shuffle=False, steps_per_epoch=steps, callbacks=callbacks)
+        finally:
+            reporter.end_epoch_span()  # an epoch that raised (a non-finite loss) still shows, cut short
 
-    _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE),
-                       lambda tmp: models.save_model(model, tmp))
+    with trace.span("lossd.save_model"):
+        _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE),
+                           lambda tmp: models.save_model(model, tmp))
     _write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")
 
@@ -443,8 +455,11 @@ def _make_reporter_class():
         checkpoints then reports at every epoch's end."""
 
         def __init__(self, send, job_dir: pathlib.Path, history: dict, *, epochs: int, steps: int,
-                     batch_size: int, examples_per_epoch: int, n_train: int, progress_every: int, loss=None):
+                     batch_size: int, examples_per_epoch: int, n_train: int, progress_every: int, loss=None,
+                     trace=tracing_module.OFF_JOB):
             super().__init__()
+            # observability.tracing.JobTrace: a span per epoch, with its checkpoint write inside.
+            self.trace, self.epoch_span = trace, None
             self.send, self.job_dir, self.history = send, job_dir, history
             # A stateful loss (``PlanLoss.build_state``): its state updates on
             # training batches only, and is checkpointed and reported.
@@ -470,6 +485,7 @@ def _make_reporter_class():
             return {name: v.tolist() for name, v in values.items() if limit is None or v.size <= limit}
 
         def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_span = self.trace.start("lossd.epoch", **{"lossd.epoch": epoch + 1})
             self.epoch = epoch
             self.epoch_start = self.mark_time = time.perf_counter()
             self.mark_examples = 0
@@ -504,11 +520,19 @@ def _make_reporter_class():
             metrics = {k: float(v) for k, v in (logs or {}).items() if _finite(v)}
             for key, value in metrics.items():
                 self.history.setdefault(key, []).append(value)
-            self._checkpoint(epoch + 1)
+            with self.trace.span("lossd.checkpoint", self.epoch_span, **{"lossd.epoch": epoch + 1}):
+                self._checkpoint(epoch + 1)
+            self.end_epoch_span()
             train_seconds = (self.train_end or now) - self.epoch_start
             self.send("epoch", epoch=epoch + 1, epochs=self.epochs, metrics=metrics, seconds=now - self.epoch_start,
                       examples=self.examples_per_epoch,
                       examples_per_second=self.examples_per_epoch / train_seconds if train_seconds > 0 else 0.0)
+
+        def end_epoch_span(self) -> None:
+            """Ends the current epoch's span, if one is open."""
+            if self.epoch_span is not None:
+                self.epoch_span.end()
+                self.epoch_span = None
 
         def _checkpoint(self, epoch: int) -> None:
             # New file, then the pointer: a kill at any moment leaves the

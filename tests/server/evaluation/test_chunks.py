@@ -20,7 +20,7 @@ keras = pytest.importorskip("keras")
 
 import lossd  # noqa: E402
 from lossd import wire  # noqa: E402
-from lossd_server.losses.expressions import ROWS, ROWS_MEAN, ROWS_SUM, RowStructure, row_structure  # noqa: E402
+from lossd_server.losses.expression_rows import ROWS, ROWS_MEAN, ROWS_SUM, RowStructure, row_structure  # noqa: E402
 from lossd_server.losses.registry import SHAPES_CTC, SHAPES_LABELS, SHAPES_SPARSE  # noqa: E402
 
 # Under the client's 64 KiB allowance for a message's other fields, so every

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lossd_server.errors import ResourceExhausted
+from lossd_server.errors import DeadlineExceeded, ResourceExhausted
 from lossd_server.evaluation.admission import Admission, FairSlots
 
 CALLERS = ("alice", "bob", "carol", "dave")
@@ -258,3 +258,52 @@ def test_a_wait_that_runs_out_is_refused_and_leaves_the_queue():
     assert slots.queued() == 0
     slots.release("alice")
     slots.acquire("bob", wait_seconds=0)  # free now: taken at once
+
+
+def test_the_queue_of_all_callers_is_bounded_and_refused_with_a_retry_delay():
+    """``max_queued`` (the heavy lane's ``LOSSD_HEAVY_MAX_QUEUED``) bounds the
+    waiters of every caller together, beside each caller's own bound."""
+    slots = FairSlots(1, what="heavy lane workers", setting="heavy_workers", reason="HEAVY_LANE_FULL",
+                      max_queued_per_caller=5, max_queued=2, max_wait_seconds=60, linger_seconds=3600)
+    slots.acquire("alice")
+    run = _Run(slots)
+    run.arrive("alice")
+    run.arrive("bob")
+    assert slots.queued() == 2
+    with pytest.raises(ResourceExhausted) as refused:
+        slots.acquire("carol")  # under her share and her own bound, but the queue is full
+    assert refused.value.reason == "HEAVY_LANE_FULL" and refused.value.retry_delay > 0
+    assert "2 requests of all callers already wait" in refused.value.message
+    run.finish("alice")  # the slot goes to a waiter; one place in the queue is free again
+    assert slots.queued() == 1
+    run.arrive("carol")
+    assert slots.queued() == 2
+    while slots.held():  # each waiter gets the slot in turn
+        run.finish(next(c for c in ("alice", "bob", "carol") if slots.held(c)))
+    assert slots.queued() == 0
+    for thread in run.threads:
+        thread.join(10)
+
+
+def test_a_waiter_whose_call_ends_leaves_the_queue():
+    slots = FairSlots(1, what="heavy lane workers", setting="heavy_workers", reason="HEAVY_LANE_FULL",
+                      max_wait_seconds=60, linger_seconds=3600)
+    slots.acquire("alice")
+    ended = threading.Event()
+    outcome = []
+
+    def wait():
+        try:
+            slots.acquire("bob", cancelled=ended.is_set)
+            outcome.append("granted")
+        except DeadlineExceeded as exc:
+            outcome.append(exc.reason)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    _wait_until(lambda: slots.queued("bob") == 1)
+    ended.set()
+    thread.join(10)  # within CANCEL_POLL_SECONDS, not the 60 s wait
+    assert outcome == ["EVALUATION_CANCELLED"] and slots.queued() == 0
+    slots.release("alice")
+    slots.acquire("bob", wait_seconds=0)  # the slot was not given to the one that left

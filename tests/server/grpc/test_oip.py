@@ -75,10 +75,15 @@ def keras_huber(y_true, y_pred, delta, reduction):
 @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
 @given(rows=st.integers(1, 12), cols=st.integers(1, 5), delta=st.floats(0.1, 5.0),
        reduction=st.sampled_from(["none", "sum", "sum_over_batch_size", "mean"]), raw=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-def test_model_infer_equals_keras_and_evaluate(stub, client, rows, cols, delta, reduction, raw, seed):
+       big=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_model_infer_equals_keras_and_evaluate(stub, client, rows, cols, delta, reduction, raw, big, seed):
     """ModelInfer answers Keras's Huber, and exactly what lossd.v1 Evaluate
-    answers for the same tensors and spec (one evaluation service under both)."""
+    answers for the same tensors and spec (one evaluation service under both).
+    ``big``: the raw contents are past wire.LIFT_MIN_BYTES, so they are read
+    as views of the received bytes and the gradient written into the answer
+    by hand (typed contents that big take protobuf's path all the same)."""
+    if big:
+        rows += 16_384  # 64 KiB of gradient at one column
     rng = np.random.default_rng(seed)
     y_true = rng.normal(size=(rows, cols)).astype(np.float32)
     y_pred = rng.normal(size=(rows, cols)).astype(np.float32)

@@ -20,6 +20,7 @@ import subprocess
 import keras
 import numpy as np
 import pytest
+from tests.keras_reference import value_and_gradient
 from tests.servers import PATIENCE
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -96,6 +97,30 @@ def test_published_clients_get_keras_answers(served, client):
     assert status in ("StatusCode.INVALID_ARGUMENT", "400") and "delta" in message
     status, message = got["results"][3]["error"]
     assert status in ("StatusCode.NOT_FOUND", "404") and "huber" in message
+
+
+@pytest.mark.parametrize("client", ["tritonclient.grpc.shm", "tritonclient.http.shm"])
+def test_tritonclient_shared_memory_helpers_work_unchanged(served, client):
+    """tritonclient.utils.shared_memory's regions, registered with
+    register_system_shared_memory and named by set_shared_memory on inputs
+    and outputs, as Triton's own examples do: Keras's answers come back in
+    the client's regions."""
+    addresses, tokens = served
+    rng = np.random.default_rng(1)
+    y_true, y_pred = (rng.normal(size=(6, 3)).astype(np.float32) for _ in range(2))
+    calls = [{"model": "huber", "inputs": {"y_true": ["FP32", [6, 3], y_true.ravel().tolist()],
+                                           "y_pred": ["FP32", [6, 3], y_pred.ravel().tolist()]},
+              "parameters": {"delta": 2, "reduction": "none", "gradient": True},
+              "outputs": ["loss", "gradient"], "output_bytes": 256}]
+    got = call(client, addresses["http" if ".http" in client else "grpc"], calls, tokens["alice"])
+    assert "system_shared_memory" in got["extensions"]
+    registered, after = got["status"]
+    assert registered == ["in_0_y_pred", "in_0_y_true", "out_0_gradient", "out_0_loss"]
+    assert after == []  # unregister_system_shared_memory() took every one back
+    outputs = got["results"][0]["outputs"]
+    value, gradient = value_and_gradient(keras.losses.Huber(delta=2.0, reduction="none"), y_true, y_pred)
+    np.testing.assert_allclose(array(outputs["loss"]), value, rtol=1e-6)
+    np.testing.assert_allclose(array(outputs["gradient"]), gradient, rtol=1e-5, atol=1e-7)
 
 
 def test_tritonclient_needs_the_evaluate_scope(served):

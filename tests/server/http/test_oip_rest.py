@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 import urllib.error
 import urllib.request
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from tests.oip_requests import infer_request, outputs
 
 from lossd_server.grpc.oip import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -27,7 +29,7 @@ from lossd_server.grpc.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 def rest(serve_with_tokens):
     """(base URL, gRPC address, tokens) of a server with tokens and the REST port on."""
     address, tokens, _ = serve_with_tokens({"alice": ("evaluate",), "trainer": ("train",)}, http_port=0,
-                                           max_message_bytes=1 << 20)
+                                           max_message_bytes=1 << 20, metrics_port=0)
     srv = serve_with_tokens.server(address)
     assert srv.http_port
     return f"http://127.0.0.1:{srv.http_port}", address, tokens
@@ -181,3 +183,110 @@ def test_body_bound_and_methods(rest):
     assert status == 405
     status, _, _ = call(f"{base}/v1/whatever", tokens["alice"])
     assert status == 404
+
+
+def _http_requests(metrics_port: int) -> dict:
+    """``{(method, route, status): requests}`` from the real ``/metrics``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=60) as response:
+        text = response.read().decode()
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "http_server_request_duration_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    labels = sample.labels
+                    counts[labels["http_request_method"], labels["http_route"],
+                           labels["http_response_status_code"]] = sample.value
+    return counts
+
+
+def test_requests_are_counted_by_route_template_and_logged(rest, serve_with_tokens, configure_logs):
+    """A REST request moves the HTTP metrics under its route template (never
+    its raw path) and writes one access log line with its request id, as a
+    gRPC call does; a refused one writes a WARNING line with the reason's message."""
+    base, address, tokens = rest
+    srv = serve_with_tokens.server(address)
+    stream = configure_logs("json")
+    before = _http_requests(srv.metrics_port)
+    y = [0.5, 1.5, 2.5]
+    body = json.dumps({"inputs": [{"name": "y_true", "datatype": "FP32", "shape": [3], "data": y},
+                                  {"name": "y_pred", "datatype": "FP32", "shape": [3], "data": y[::-1]}]}).encode()
+    status, _, _ = call(f"{base}/v2/models/mse/infer", tokens["alice"], body, {"X-Request-Id": "rest-1"})
+    assert status == 200
+    assert call(f"{base}/v2/models/hubber/versions/1", tokens["alice"], headers={"X-Request-Id": "rest-2"})[0] == 404
+    wanted = {("POST", "/v2/models/{name}/infer", "200"): 1, ("GET", "/v2/models/{name}/versions/{version}", "404"): 1}
+    deadline = time.monotonic() + 30  # /metrics serves a rendering up to a second old
+    while True:
+        after = _http_requests(srv.metrics_port)
+        moved = {key: value - before.get(key, 0) for key, value in after.items() if value != before.get(key, 0)}
+        if moved == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert moved == wanted, moved
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    access = {r["request_id"]: r for r in records if r["logger"] == "lossd_server.access"}
+    assert access["rest-1"]["level"] == "DEBUG" and access["rest-1"]["message"].startswith(
+        "POST /v2/models/mse/infer 200 ")
+    assert access["rest-2"]["level"] == "WARNING" and access["rest-2"]["message"].startswith(
+        "GET /v2/models/hubber/versions/1 404 ") and "huber" in access["rest-2"]["message"]
+    assert [r["request_id"] for r in records if r["logger"] == "lossd_server.access"].count("rest-1") == 1
+
+
+def test_route_templates_are_bounded():
+    from lossd_server.http.oip_rest import OTHER_ROUTE, route_of
+
+    assert route_of("/v2/models/mse/infer") == "/v2/models/{name}/infer"
+    assert route_of("/v2/models/x/versions/7/ready") == "/v2/models/{name}/versions/{version}/ready"
+    assert route_of("/v2/health/ready") == "/v2/health/ready"
+    assert route_of("/v2/models/a/b/c") == route_of("/anything") == OTHER_ROUTE
+
+
+def test_system_shared_memory_over_rest(rest):
+    """Triton's extension over REST: a registration, an inference whose
+    inputs and loss live in regions (the same bits as inline), the caller's
+    status, refusals with their reasons, and the end of the registrations."""
+    from tests.shm_regions import region
+
+    base, _, tokens = rest
+    token = tokens["alice"]
+    y_true = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+    y_pred = y_true[::-1].copy()
+    inline = {"inputs": [{"name": n, "datatype": "FP32", "shape": [4, 3], "data": a.ravel().tolist()}
+                         for n, a in (("y_true", y_true), ("y_pred", y_pred))], "parameters": {"reduction": "none"}}
+    status, _, body = call(f"{base}/v2/models/mse/infer", token, json.dumps(inline).encode())
+    assert status == 200, body
+    want = np.asarray(json.loads(body)["outputs"][0]["data"], np.float32)
+    with region(96) as inputs, region(64) as results:
+        inputs.buf[:48], inputs.buf[48:96] = y_true.tobytes(), y_pred.tobytes()
+        for name, memory in (("in", inputs), ("out", results)):
+            status, _, body = call(f"{base}/v2/systemsharedmemory/region/{name}/register", token, json.dumps(
+                {"key": f"/{memory.name}", "offset": 0, "byte_size": memory.size}).encode())
+            assert status == 200, body
+        status, _, body = call(f"{base}/v2/systemsharedmemory/status", token)
+        assert sorted(r["name"] for r in json.loads(body)) == ["in", "out"]
+        shm = {"inputs": [{"name": n, "datatype": "FP32", "shape": [4, 3], "parameters": {
+            "shared_memory_region": "in", "shared_memory_offset": at, "shared_memory_byte_size": 48}}
+            for n, at in (("y_true", 0), ("y_pred", 48))], "parameters": {"reduction": "none"},
+            "outputs": [{"name": "loss", "parameters": {"shared_memory_region": "out",
+                                                        "shared_memory_byte_size": 64}}]}
+        status, _, body = call(f"{base}/v2/models/mse/infer", token, json.dumps(shm).encode())
+        assert status == 200, body
+        loss = json.loads(body)["outputs"][0]
+        assert "data" not in loss and loss["parameters"]["shared_memory_byte_size"] == 16
+        assert bytes(results.buf[:16]) == want.tobytes()
+        # A range past the registration, and an object that is not there.
+        shm["inputs"][1]["parameters"]["shared_memory_offset"] = 64
+        status, _, body = call(f"{base}/v2/models/mse/infer", token, json.dumps(shm).encode())
+        assert status == 400 and json.loads(body)["reason"] == "SHM_OUT_OF_RANGE", body
+        status, _, body = call(f"{base}/v2/systemsharedmemory/region/x/register", token,
+                               json.dumps({"key": "/oip_rest_not_there", "offset": 0, "byte_size": 8}).encode())
+        assert status == 404 and json.loads(body)["reason"] == "SHM_REGION_NOT_FOUND", body
+        status, _, body = call(f"{base}/v2/systemsharedmemory/region/x/register", token, b'{"key": 7}')
+        assert status == 400 and json.loads(body)["reason"] == "SHM_BAD_PARAMETERS", body
+        status, _, _ = call(f"{base}/v2/systemsharedmemory/region/in/unregister", token, b"")
+        assert status == 200
+        status, _, body = call(f"{base}/v2/systemsharedmemory/region/in/status", token)
+        assert status == 404 and json.loads(body)["reason"] == "SHM_REGION_NOT_FOUND", body
+        status, _, _ = call(f"{base}/v2/systemsharedmemory/unregister", token, b"")
+        status, _, body = call(f"{base}/v2/systemsharedmemory/status", token)
+        assert status == 200 and json.loads(body) == []

@@ -196,6 +196,50 @@ def test_rpc_method_is_made_once_per_method(metrics):
     assert rpc_of(metrics, "Evaluate") is not rpc_of(metrics, "ListLosses")
 
 
+def test_http_route_metrics_bound_the_method_label(metrics):
+    route = metrics.http_route("POST", "/v2/models/{name}/infer")
+    route.started()
+    assert value(metrics, "http_server_active_requests", http_request_method="POST",
+                 http_route="/v2/models/{name}/infer") == 1
+    route.finished(200, 0.002)
+    route.started()
+    route.finished(429, 0.0005)
+    labels = dict(http_request_method="POST", http_route="/v2/models/{name}/infer")
+    assert value(metrics, "http_server_request_duration_seconds_count", http_response_status_code="200",
+                 **labels) == 1
+    assert value(metrics, "http_server_request_duration_seconds_count", http_response_status_code="429",
+                 **labels) == 1
+    assert value(metrics, "http_server_active_requests", **labels) == 0
+    # Methods a client makes up share one label value, and one object.
+    assert metrics.http_route("BREW", "_OTHER") is metrics.http_route("FOO", "_OTHER")
+    metrics.http_route("BREW", "_OTHER").started()
+    assert value(metrics, "http_server_active_requests", http_request_method="_OTHER", http_route="_OTHER") == 1
+
+
+def test_exemplars_only_once_asked_for(metrics):
+    """Without ``exemplars_from`` a latency child is the histogram's own (no
+    per-call cost); with it, each observation keeps the exemplar given, served
+    in the OpenMetrics format only."""
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    plain = metrics.grpc_server_handling_seconds.labels("unary", SERVICE, "Plain")
+    assert metrics.latency(plain) is plain
+    current = {"trace_id": "ab" * 16, "span_id": "cd" * 8}
+    metrics.exemplars_from(lambda: current)
+    rpc_of(metrics, "Traced").finished("OK", 0.0003)
+    metrics.observe_evaluation("huber", "ok", 0.0003, 8, 64)
+    route = metrics.http_route("GET", "/v2")
+    current = None  # outside any span: observed without an exemplar
+    route.finished(200, 0.0003)
+    text = openmetrics(metrics.registry).decode()
+    traced = [line for line in text.splitlines() if "ab" * 16 in line]
+    assert any(line.startswith("grpc_server_handling_seconds_bucket{") and 'grpc_method="Traced"' in line
+               and 'le="0.0005"' in line for line in traced), traced
+    assert any(line.startswith("lossd_loss_evaluation_duration_seconds_bucket{") for line in traced), traced
+    assert not any(line.startswith("http_server") for line in traced)
+    assert "ab" * 16 not in generate_latest(metrics.registry).decode()
+
+
 def test_cache_and_compilations(metrics):
     metrics.observe_cache_lookup(hit=False)
     metrics.observe_compilation("huber")
@@ -305,7 +349,10 @@ def test_failing_handler_is_counted_and_timed(metrics, handler, outcome):
 
 def test_every_metric_has_a_known_prefix(metrics):
     for family in metrics.registry.collect():
-        assert family.name.startswith(("lossd_", "grpc_server_", "process_", "python_")), family.name
+        # grpc_server_ and http_server_: the names go-grpc-prometheus and
+        # OpenTelemetry's HTTP conventions give them, so dashboards work unchanged.
+        assert family.name.startswith(("lossd_", "grpc_server_", "http_server_", "process_", "python_")), \
+            family.name
 
 
 def test_process_metrics_can_be_left_out(registry):
@@ -338,7 +385,7 @@ def test_promtool_accepts_the_exposition(metrics):
 
 def test_help_texts_are_sentences(metrics):
     for family in metrics.registry.collect():
-        if family.name.startswith(("lossd_", "grpc_server_")):
+        if family.name.startswith(("lossd_", "grpc_server_", "http_server_")):
             assert family.documentation[:1].isupper(), family.name
             assert family.documentation.endswith("."), family.name
 

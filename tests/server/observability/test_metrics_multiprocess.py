@@ -16,10 +16,12 @@ from lossd_server.observability.metrics import Metrics, SupervisorMetrics
 # What each gauge does with several processes' values (metrics.py's docstring).
 GAUGE_MODES = {
     "lossd_grpc_in_flight_requests": "livesum",
+    "http_server_active_requests": "livesum",
     "lossd_loss_cache_entries": "livesum",
     "lossd_training_examples_per_second": "livesum",
     "lossd_shared_memory_regions": "livesum",
     "lossd_shared_memory_mapped_bytes": "livesum",
+    "lossd_heavy_lane_queued": "livesum",
     "lossd_training_jobs": "livemostrecent",
     "lossd_training_loss": "livemostrecent",
     "lossd_state_quarantined_items": "livemax",

@@ -6,11 +6,15 @@ standard ``OTEL_*`` variables. The test calls lossd inside a span of its own
 (the client propagates it as ``traceparent``) and asserts the span tree the
 receiver got: lossd.v1 Evaluate with its steps (admission, decode,
 compilation, the TensorFlow call, encoding), a batched Evaluate, an OIP
-ModelInfer over gRPC and over REST, and a failed call with its status.
+ModelInfer over gRPC and over REST, a failed call with its status, and a
+training job's own trace (its queue wait, epochs and checkpoint writes, the
+latter from the job's process), linked from CreateJob's span; and the
+latency histograms' exemplars, scraped in the OpenMetrics format.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +27,8 @@ import pytest
 from opentelemetry import context as otel_context
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
-from tests.servers import lossd_servers
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from tests.servers import PATIENCE, lossd_servers
 from tests.oip_requests import infer_request
 
 import lossd
@@ -46,14 +51,15 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                     self.spans.extend((service, span) for span in scope.spans)
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    def wait_for(self, name: str, trace_id: bytes = None, timeout: float = 60.0):
-        """The spans named ``name`` (of trace ``trace_id``), once there is one."""
+    def wait_for(self, name: str, trace_id: bytes = None, timeout: float = 60.0, count: int = 1):
+        """The spans named ``name`` (of trace ``trace_id``), once there are
+        ``count`` (the batch processor may export them in separate batches)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
                 found = [span for _, span in self.spans
                          if span.name == name and trace_id in (None, span.trace_id)]
-            if found:
+            if len(found) >= count:
                 return found
             time.sleep(0.05)
         with self.lock:
@@ -111,7 +117,7 @@ def test_spans_join_the_callers_trace(receiver, traced):
     trace_id = caller.get_span_context().trace_id.to_bytes(16, "big")
     caller_id = caller.get_span_context().span_id.to_bytes(8, "big")
 
-    spans = receiver.wait_for("lossd.v1.LossService/Evaluate")
+    spans = receiver.wait_for("lossd.v1.LossService/Evaluate", trace_id, count=2)
     ours = [s for s in spans if s.trace_id == trace_id]
     assert len(ours) == 2, [s.name for s in spans]
     for span in ours:
@@ -141,7 +147,7 @@ def test_oip_grpc_and_rest_calls_have_spans(receiver, traced):
             assert response.status == 200
     trace_id = caller.get_span_context().trace_id.to_bytes(16, "big")
     infer = [s for s in receiver.wait_for("inference.GRPCInferenceService/ModelInfer") if s.trace_id == trace_id]
-    rest = [s for s in receiver.wait_for("GET /v2/models/mse") if s.trace_id == trace_id]
+    rest = [s for s in receiver.wait_for("GET /v2/models/{name}") if s.trace_id == trace_id]
     assert len(infer) == 1 and len(rest) == 1
     status = {a.key: a.value.int_value for a in rest[0].attributes}["http.response.status_code"]
     assert status == 200
@@ -210,3 +216,96 @@ def test_a_batched_evaluate_has_a_batch_span(receiver, traced):
     assert all(b.parent_span_id in evaluates for b in batches)
     leaders = [{a.key: a.value.bool_value for a in b.attributes}.get("leader") for b in batches]
     assert True in leaders
+
+
+def test_a_job_has_a_trace_of_its_own_linked_from_create_job(receiver, traced):
+    """A short job's spans: the root ``lossd.job`` (creation to end) with
+    the queue wait (recorded by the server), each epoch with its checkpoint
+    write inside and the model's save (exported by the job's own process,
+    configured by the same OTEL_* variables) under it; CreateJob's span,
+    in the caller's trace, links to that root."""
+    receiver, _ = receiver
+    tracer = TracerProvider().get_tracer("test")
+    with lossd.Client(f"127.0.0.1:{traced.port}", timeout=PATIENCE) as client:
+        with tracer.start_as_current_span("caller") as caller:
+            job = client.create_job("cnn", "digits", epochs=2, steps_per_epoch=2, batch_size=16)
+        job = client.wait(job, progress=False, timeout=PATIENCE)
+    assert job.state == "succeeded", job
+    caller_trace = caller.get_span_context().trace_id.to_bytes(16, "big")
+    (create,) = receiver.wait_for("lossd.v1.TrainingService/CreateJob", caller_trace)
+    assert create.parent_span_id == caller.get_span_context().span_id.to_bytes(8, "big")
+    (link,) = create.links
+    assert link.trace_id != caller_trace  # a trace of its own: CreateJob lasts ms, the job minutes
+    (root,) = receiver.wait_for("lossd.job", link.trace_id)
+    assert root.span_id == link.span_id and not root.parent_span_id
+    attributes = {a.key: a.value.string_value for a in root.attributes}
+    assert attributes == {"lossd.job.id": job.name.removeprefix("jobs/"), "lossd.job.state": "succeeded"}
+    (queued,) = receiver.wait_for("lossd.job.queued", link.trace_id)
+    (saved,) = receiver.wait_for("lossd.save_model", link.trace_id)
+    epochs = receiver.wait_for("lossd.epoch", link.trace_id, count=2)
+    checkpoints = receiver.wait_for("lossd.checkpoint", link.trace_id, count=2)
+    assert sorted({a.key: a.value.int_value for a in e.attributes}["lossd.epoch"] for e in epochs) == [1, 2]
+    for span in (queued, saved, *epochs):
+        assert span.parent_span_id == root.span_id, span.name
+        assert root.start_time_unix_nano <= span.start_time_unix_nano
+        assert span.end_time_unix_nano <= root.end_time_unix_nano
+    assert queued.start_time_unix_nano == root.start_time_unix_nano  # the job's creation
+    assert queued.end_time_unix_nano <= min(e.start_time_unix_nano for e in epochs)
+    by_epoch = {e.span_id: e for e in epochs}
+    assert len(checkpoints) == 2 and all(c.parent_span_id in by_epoch for c in checkpoints)
+    for checkpoint in checkpoints:
+        epoch = by_epoch[checkpoint.parent_span_id]
+        assert epoch.start_time_unix_nano <= checkpoint.start_time_unix_nano
+        assert checkpoint.end_time_unix_nano <= epoch.end_time_unix_nano
+    services = {service for service, span in receiver.spans if span.trace_id == link.trace_id}
+    assert services == {"lossd-under-test"}
+
+
+def _scrape(port: int, accept: str) -> tuple[str, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.headers["Content-Type"], response.read().decode()
+
+
+def test_latency_histograms_carry_the_trace_as_exemplar(traced):
+    """After a traced Evaluate and a traced REST inference, an OpenMetrics
+    scrape of the real /metrics shows their trace id as the exemplar of the
+    RPC, HTTP and evaluation latency histograms; the classic text format,
+    which has no exemplars, does not."""
+    from opentelemetry.propagate import inject
+
+    tracer = TracerProvider().get_tracer("test")
+    y = np.random.default_rng(4).normal(size=(3, 2)).astype(np.float32)
+    body = json.dumps({"inputs": [{"name": "y_true", "datatype": "FP32", "shape": [3, 2], "data": y.ravel().tolist()},
+                                  {"name": "y_pred", "datatype": "FP32", "shape": [3, 2], "data": y.ravel().tolist()}]})
+    with tracer.start_as_current_span("caller") as caller:
+        with lossd.Client(f"127.0.0.1:{traced.port}") as client:
+            client.evaluate("mean_absolute_error", y, y * 2)
+        headers = {"Content-Type": "application/json"}
+        inject(headers)
+        request = urllib.request.Request(f"http://127.0.0.1:{traced.http_port}/v2/models/mean_squared_error/infer",
+                                         data=body.encode(), headers=headers)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200
+    trace_id = format(caller.get_span_context().trace_id, "032x")
+    wanted = {"grpc_server_handling_seconds": {"grpc_method": "Evaluate"},
+              "lossd_loss_evaluation_duration_seconds": {"loss": "mean_absolute_error"},
+              "http_server_request_duration_seconds": {"http_route": "/v2/models/{name}/infer"}}
+    deadline = time.monotonic() + 30  # /metrics may serve a rendering up to 1 s old
+    while True:
+        content_type, text = _scrape(traced.metrics_port, "application/openmetrics-text; version=1.0.0")
+        assert content_type.startswith("application/openmetrics-text"), content_type
+        found = set()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = wanted.get(family.name)
+                if labels and sample.exemplar is not None and sample.exemplar.labels.get("trace_id") == trace_id \
+                        and labels.items() <= sample.labels.items():
+                    assert len(sample.exemplar.labels["span_id"]) == 16
+                    found.add(family.name)
+        if found == set(wanted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert found == set(wanted)
+    content_type, text = _scrape(traced.metrics_port, "text/plain")
+    assert content_type.startswith("text/plain") and trace_id not in text

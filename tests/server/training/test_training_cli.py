@@ -55,6 +55,6 @@ def test_training_client_imports_without_tensorflow():
     code = ("import sys\n"
             "for name in ('tensorflow', 'keras', 'PIL', 'matplotlib'):\n"
             "    sys.modules[name] = None  # any import of them fails\n"
-            "import lossd, lossd._training, lossd._cli_training\n"
+            "import lossd, lossd._training, lossd._images, lossd._progress, lossd._cli_training\n"
             "assert hasattr(lossd.Client, 'create_job') and hasattr(lossd.Client, 'generate')\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

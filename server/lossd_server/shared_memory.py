@@ -36,6 +36,16 @@ Safety:
   with its gRPC stream (the client closed it, or died and its connection
   dropped), and then every region of it is closed and unlinked.
 
+Named registrations (the Open Inference Protocol's system shared-memory
+extension, as ``tritonclient.utils.shared_memory`` uses it) share these
+bounds, the reads and writes and the per-caller binding, with three
+differences the protocol asks for: the client names the region's object
+(its ``key``; any strict-charset name outside lossd's own ``lossd_``
+prefix) and the name requests use; a registration lasts until the caller
+unregisters it, not as long as a stream; and the server never unlinks the
+object, which the client created and destroys. A key one caller registered
+cannot be registered by another.
+
 Linux only (``/dev/shm``); elsewhere registration fails and clients fall
 back to gRPC. This module imports neither gRPC nor TensorFlow.
 """
@@ -65,6 +75,10 @@ SHM_DIRECTORY = "/dev/shm"
 MAX_NAME = 200
 NAME_PATTERN = re.compile(rf"{wire.SHM_PREFIX}[A-Za-z0-9_-]{{1,{MAX_NAME - len(wire.SHM_PREFIX)}}}")
 """What every region name fully matches (``fullmatch``: a trailing newline is no match)."""
+REGISTRATION_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+"""What the name of a named registration (the one requests use) fully matches."""
+KEY_PATTERN = re.compile(rf"/?([A-Za-z0-9_-]{{1,{MAX_NAME}}})")
+"""A named registration's key: a POSIX shared-memory object name, one optional leading slash."""
 PREFIX_BYTES = 16  # what RegisterRegion reads back from the region's start
 _SESSION_PREFIX_HEX = 16  # random hex digits in a session's name prefix
 
@@ -76,6 +90,8 @@ class Region:
     session: str
     size: int
     fd: int  # open while registered; read and written through duplicates (``SharedMemoryRegions.duplicate``)
+    base: int = 0  # where the registered range starts in the object (a named registration's offset)
+    label: str = ""  # a named registration's name, which requests use; "" for a session's region
 
 
 @dataclasses.dataclass(eq=False)
@@ -101,6 +117,7 @@ class SharedMemoryRegions:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._regions: dict[str, Region] = {}
+        self._named: dict[tuple[str, str], Region] = {}  # (caller, name) -> a named registration
         self._reserved: dict[str, list[int]] = {}  # caller -> [regions, bytes], registered or being registered
         self._total = 0
 
@@ -183,24 +200,28 @@ class SharedMemoryRegions:
             if name in self._regions:
                 raise AlreadyExists(f"The shared-memory region {name[:64]!r} is registered already.",
                                     reason="SHM_REGION_EXISTS")
-            held = self._reserved.setdefault(caller, [0, 0])
-            if held[0] + 1 > self.max_regions:
-                raise ResourceExhausted(
-                    f"Too many shared-memory regions. Expected at most {self.max_regions} per caller "
-                    f"(LOSSD_SHM_MAX_REGIONS). Received: one more beside {held[0]}.", reason="SHM_TOO_MANY_REGIONS")
-            if held[1] + byte_size > self.max_bytes:
-                raise ResourceExhausted(
-                    f"Too many shared-memory bytes. Expected at most {self.max_bytes:,} per caller "
-                    f"(LOSSD_SHM_MAX_BYTES). Received: {byte_size:,} more beside {held[1]:,}.",
-                    reason="SHM_TOO_MANY_BYTES")
-            if self._total + byte_size > self.max_total_bytes:
-                raise ResourceExhausted(
-                    f"The server maps too many shared-memory bytes. Expected at most {self.max_total_bytes:,} "
-                    f"in all (LOSSD_SHM_MAX_TOTAL_BYTES). Received: {byte_size:,} more beside {self._total:,}.",
-                    reason="SHM_TOO_MANY_BYTES")
-            held[0] += 1
-            held[1] += byte_size
-            self._total += byte_size
+            self._reserve_locked(caller, byte_size)
+
+    def _reserve_locked(self, caller: str, byte_size: int) -> None:
+        """Counts one more region of ``byte_size`` against the bounds, or refuses it."""
+        held = self._reserved.setdefault(caller, [0, 0])
+        if held[0] + 1 > self.max_regions:
+            raise ResourceExhausted(
+                f"Too many shared-memory regions. Expected at most {self.max_regions} per caller "
+                f"(LOSSD_SHM_MAX_REGIONS). Received: one more beside {held[0]}.", reason="SHM_TOO_MANY_REGIONS")
+        if held[1] + byte_size > self.max_bytes:
+            raise ResourceExhausted(
+                f"Too many shared-memory bytes. Expected at most {self.max_bytes:,} per caller "
+                f"(LOSSD_SHM_MAX_BYTES). Received: {byte_size:,} more beside {held[1]:,}.",
+                reason="SHM_TOO_MANY_BYTES")
+        if self._total + byte_size > self.max_total_bytes:
+            raise ResourceExhausted(
+                f"The server maps too many shared-memory bytes. Expected at most {self.max_total_bytes:,} "
+                f"in all (LOSSD_SHM_MAX_TOTAL_BYTES). Received: {byte_size:,} more beside {self._total:,}.",
+                reason="SHM_TOO_MANY_BYTES")
+        held[0] += 1
+        held[1] += byte_size
+        self._total += byte_size
 
     def _release(self, caller: str, byte_size: int) -> None:
         with self._lock:
@@ -243,12 +264,17 @@ class SharedMemoryRegions:
 
     def _remove(self, region: Region) -> None:
         with self._lock:
-            if self._regions.get(region.name) is not region:
-                return
-            del self._regions[region.name]
-            self._sessions.get(region.session, Session("", "", "")).regions.pop(region.name, None)
+            if region.label:
+                if self._named.get((region.caller, region.label)) is not region:
+                    return
+                del self._named[(region.caller, region.label)]
+            else:
+                if self._regions.get(region.name) is not region:
+                    return
+                del self._regions[region.name]
+                self._sessions.get(region.session, Session("", "", "")).regions.pop(region.name, None)
             self._release_locked(region.caller, region.size)
-        self._close(region, unlink=True)
+        self._close(region, unlink=not region.label)  # a named registration's object is its client's
         self._gauges()
 
     def _close(self, region: Region, *, unlink: bool) -> None:
@@ -260,22 +286,101 @@ class SharedMemoryRegions:
         os.close(region.fd)  # reads and writes in progress hold duplicates of their own
 
     def close(self) -> None:
-        """Ends every session (the server stops)."""
+        """Ends every session and named registration (the server stops)."""
         with self._lock:
             sessions = list(self._sessions.values())
+            named = list(self._named.values())
         for session in sessions:
             self.close_session(session)
+        for region in named:
+            self._remove(region)
+
+    # -- named registrations (the Open Inference Protocol's extension) ---------
+
+    def register_named(self, caller: str, name: str, key: str, offset: int, byte_size: int) -> None:
+        """Registers ``byte_size`` bytes from ``offset`` of the object ``key``
+        under ``name`` for ``caller``, after checking the object holds them."""
+        if not REGISTRATION_NAME_PATTERN.fullmatch(name):
+            raise InvalidArgument(f"Invalid shared-memory region name {name[:64]!r}. Expected 1 to 128 letters, "
+                                  "digits, '_', '.' or '-'.", reason="SHM_BAD_NAME")
+        match = KEY_PATTERN.fullmatch(key)
+        if match is None or match.group(1).startswith(wire.SHM_PREFIX):
+            raise InvalidArgument(
+                f"Invalid shared-memory key {key[:64]!r}. Expected a POSIX shared-memory name: an optional '/' "
+                f"then letters, digits, '_' or '-', at most {MAX_NAME} characters, not starting with "
+                f"{wire.SHM_PREFIX!r} (lossd's own sessions' names).", reason="SHM_BAD_NAME")
+        if offset < 0 or byte_size <= 0:
+            raise InvalidArgument(f"A region is byte_size > 0 bytes from offset >= 0. Received: offset={offset}, "
+                                  f"byte_size={byte_size}.", reason="SHM_BAD_SIZE")
+        target = match.group(1)
+        with self._lock:
+            self._check_named_locked(caller, name, target)
+            self._reserve_locked(caller, byte_size)
+        try:
+            region, _ = self._open(caller, "", target, offset + byte_size)
+        except BaseException:
+            self._release(caller, byte_size)
+            raise
+        region.size, region.base, region.label = byte_size, offset, name
+        with self._lock:
+            try:
+                self._check_named_locked(caller, name, target)  # another registration won the race
+            except BaseException:
+                self._release_locked(caller, byte_size)
+                self._close(region, unlink=False)
+                raise
+            self._named[(caller, name)] = region
+        self._gauges()
+
+    def _check_named_locked(self, caller: str, name: str, target: str) -> None:
+        if (caller, name) in self._named:
+            raise AlreadyExists(f"The shared-memory region {name!r} is registered already. Expected a new name, "
+                                "or unregister it first.", reason="SHM_REGION_EXISTS")
+        if any(r.name == target and r.caller != caller for r in self._named.values()):
+            raise PermissionDenied(f"The shared-memory object {target!r} is registered by another caller. "
+                                   "Expected an object of your own.", reason="SHM_REGION_DENIED")
+
+    def unregister_named(self, caller: str, name: str) -> None:
+        """Unregisters ``caller``'s registration ``name``, or all of them for
+        "" (the object stays: its client destroys it)."""
+        with self._lock:
+            if name:
+                regions = [self._named.get((caller, name))]
+                if regions[0] is None:
+                    raise self._not_found(name, named=True)
+            else:
+                regions = [r for (owner, _), r in self._named.items() if owner == caller]
+        for region in regions:
+            self._remove(region)
+
+    def named(self, caller: str, name: str = "") -> list[Region]:
+        """``caller``'s named registrations (just ``name``'s, or all for "")."""
+        with self._lock:
+            if name:
+                region = self._named.get((caller, name))
+                if region is None:
+                    raise self._not_found(name, named=True)
+                return [region]
+            return [r for (owner, _), r in sorted(self._named.items()) if owner == caller]
 
     # -- use -------------------------------------------------------------------
 
-    def access(self, caller: str) -> "RegionAccess":
-        return RegionAccess(self, caller)
+    def access(self, caller: str, *, named: bool = False) -> "RegionAccess":
+        """``caller``'s way into its regions: those of its sessions, or
+        (``named``) its named registrations."""
+        return RegionAccess(self, caller, named=named)
 
-    def _not_found(self, name: str) -> NotFound:
+    def _not_found(self, name: str, *, named: bool = False) -> NotFound:
+        how = "with SystemSharedMemoryRegister" if named else "with RegisterRegion in an open session"
         return NotFound(f"No shared-memory region {name[:64]!r} registered by this caller. Expected a region "
-                        "registered with RegisterRegion in an open session.", reason="SHM_REGION_NOT_FOUND")
+                        f"registered {how}.", reason="SHM_REGION_NOT_FOUND")
 
-    def _resolve(self, caller: str, name: str) -> Region:
+    def _resolve(self, caller: str, name: str, *, named: bool = False) -> Region:
+        if named:
+            region = self._named.get((caller, name))
+            if region is None:
+                raise self._not_found(name, named=True)
+            return region
         region = self._regions.get(name)
         if region is None or region.caller != caller:
             raise self._not_found(name)
@@ -288,7 +393,8 @@ class SharedMemoryRegions:
         """A descriptor of its own for one read or write of ``region`` (the
         caller closes it), taken while the region is still registered."""
         with self._lock:
-            if self._regions.get(region.name) is not region:
+            table, key = (self._named, (region.caller, region.label)) if region.label else (self._regions, region.name)
+            if table.get(key) is not region:
                 raise NotFound(f"The shared-memory region {region.name[:64]!r} was unregistered during the call.",
                                reason="SHM_REGION_NOT_FOUND")
             return os.dup(region.fd)
@@ -296,7 +402,7 @@ class SharedMemoryRegions:
     def stats(self) -> tuple[int, int]:
         """(regions, bytes) registered now."""
         with self._lock:
-            return len(self._regions), self._total
+            return len(self._regions) + len(self._named), self._total
 
     def _gauges(self) -> None:
         if self.metrics is not None:
@@ -417,13 +523,14 @@ class RegionAccess:
     checks ranges through, and the reads and writes of those ranges,
     counting the bytes served."""
 
-    def __init__(self, regions: SharedMemoryRegions, caller: str):
+    def __init__(self, regions: SharedMemoryRegions, caller: str, *, named: bool = False):
         self._regions = regions
         self._caller = caller
+        self._named = named
 
     def __call__(self, name: str) -> Extent:
-        region = self._regions._resolve(self._caller, name)
-        return Extent(region, 0, region.size)
+        region = self._regions._resolve(self._caller, name, named=self._named)
+        return Extent(region, region.base, region.size)
 
     def read(self, tensor: tensor_pb2.Tensor, *, field: str, max_elements: Optional[int],
              content=None) -> np.ndarray:

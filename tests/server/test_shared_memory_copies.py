@@ -23,7 +23,7 @@ from tests.shm_regions import region  # noqa: E402
 from lossd.v1 import tensor_pb2  # noqa: E402
 from lossd_server.errors import InvalidArgument  # noqa: E402
 from lossd_server.evaluation import backend  # noqa: E402
-from lossd_server.evaluation.shared_memory import TENSOR_ALIGNMENT, SharedMemoryRegions  # noqa: E402
+from lossd_server.shared_memory import TENSOR_ALIGNMENT, SharedMemoryRegions  # noqa: E402
 
 if not pathlib.Path("/dev/shm").is_dir():  # pragma: no cover - Linux only
     pytest.skip("POSIX shared memory under /dev/shm is Linux only", allow_module_level=True)

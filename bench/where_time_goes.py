@@ -187,8 +187,19 @@ def step_table(rows: int, repeats: int) -> None:
         from lossd_server.evaluation import batching
         from lossd_server.evaluation.buckets import MIN_ROWS, bucket
 
+        template = batching.row_item(plan, tensors, None, "sum_over_batch_size", False, buckets.max_elements)
+        reused = {}  # a tree with reused bucket buffers (batching.RowsBuffers) pads as Buckets.run does
+
         def call_inputs(given):
-            item = batching.row_item(plan, given, None, "sum_over_batch_size", False, buckets.max_elements)
+            # The request's item as Buckets.evaluate builds it (from its kind's template), padded.
+            item = template.like(given, None, rows, template.values_shape)
+            if hasattr(batching, "RowsBuffers"):
+                into = reused.get("buffers")
+                if into is None:
+                    fresh = batching.rows_arrays([item], bucket(rows, MIN_ROWS), 2)
+                    into = reused["buffers"] = batching.RowsBuffers({n: np.array(a) for n, a in fresh.items()})
+                batching.rows_arrays([item], bucket(rows, MIN_ROWS), 2, into=into)
+                return into.ordered
             padded = batching.rows_arrays([item], bucket(rows, MIN_ROWS), 2)
             return [padded[n] for n in sorted(padded)]
         compiled = next(c for k, c in evaluator._cache.items() if k[0] == "rows" and k[4])
@@ -217,6 +228,17 @@ def step_table(rows: int, repeats: int) -> None:
     # The request's own tensors: views of the message's bytes, as the handler decodes them.
     decoded = {"y_true": wire.to_numpy(message.y_true, field="y_true"),
                "y_pred": wire.to_numpy(message.y_pred, field="y_pred")}
+    if hasattr(wire, "int_shape"):  # a tree whose servicer reads each shape once, for both checks
+        def decode_two():
+            return (wire.to_numpy(message.y_true, field="y_true", shape=wire.int_shape(message.y_true.shape)),
+                    wire.to_numpy(message.y_pred, field="y_pred", shape=wire.int_shape(message.y_pred.shape)))
+    else:
+        def decode_two():
+            return (wire.to_numpy(message.y_true, field="y_true"), wire.to_numpy(message.y_pred, field="y_pred"))
+    # What the NaN/Inf flag reads: a bucket's request, its loss and inputs
+    # (batching.split_results); the graph path, every output and input.
+    flagged = [total, None, decoded["y_true"], decoded["y_pred"], None] if bucketed else \
+        [total, *terms, grad, *outputs.values(), *arrays]
     decoded_arrays = call_inputs(decoded)
     steps = [
         ("the compiled TensorFlow call" + (" (XLA bucket)" if bucketed else ""), lambda: compiled(decoded_arrays)),
@@ -225,13 +247,12 @@ def step_table(rows: int, repeats: int) -> None:
         ("interceptor wrapper around a no-op handler", lambda: bare.unary_unary(b"", context)),
         ("plan cache lookup", lambda: plans.get(message.loss, ("y_true", "y_pred"))),
         ("admission enter + exit", admit),
-        ("decode two tensors", lambda: (wire.to_numpy(message.y_true, field="y_true"),
-                                        wire.to_numpy(message.y_pred, field="y_pred"))),
+        ("decode two tensors (shapes read once)", decode_two),
         ("evaluator.check", lambda: evaluator.check(plan, tensors, None, "sum_over_batch_size")),
         ("evaluate_checked (program lookup, call, NaN flags)",
          lambda: evaluator.evaluate_checked(plan, decoded, reduction="sum_over_batch_size")),
-        *([("bucket padding (rows_arrays)", lambda: call_inputs(decoded))] if bucketed else []),
-        ("NaN/Inf flags", lambda: any_non_finite([total, *terms, grad, *outputs.values(), *arrays])),
+        *([("bucket padding (item + rows_arrays)", lambda: call_inputs(decoded))] if bucketed else []),
+        ("NaN/Inf flags", lambda: any_non_finite(flagged)),
         ("metering", metering),
         ("encode the answer", lambda: loss_servicer.Answer(
             loss_servicer.loss_service_pb2.EvaluateResponse(non_finite=False), {"loss": total}).serialized()),

@@ -187,12 +187,40 @@ binary ops stop at 8); those refusals come back from evaluation as
 INVALID_ARGUMENT, reason EVALUATION_FAILED."""
 
 
+_PROTOBUF_SHAPE = type(tensor_pb2.Tensor().shape)
+
+
+class _IntShape(tuple):
+    """A shape whose dimensions are known to be Python ints (``int_shape``)."""
+
+    __slots__ = ()
+
+
+def int_shape(shape) -> tuple:
+    """A tensor's shape as a tuple of Python ints, read once: a protobuf
+    shape costs about as much to read again as to check, and a request's
+    shape is checked where it is declared and again where it is decoded.
+    ``check_shape`` counts such a tuple without converting each dimension
+    again. A shape of more than ``MAX_RANK`` dimensions is returned as it
+    is, unread, for ``check_shape`` to refuse; so is any shape that is not
+    a protobuf message's."""
+    if type(shape) is not _PROTOBUF_SHAPE or len(shape) > MAX_RANK:
+        return shape
+    return _IntShape(shape)
+
+
 def check_shape(shape, *, field: str, max_elements: Optional[int] = None) -> int:
     """Checks the rank is at most ``MAX_RANK``, dimensions are non-negative
     and the count within the limit; returns the count."""
     if len(shape) > MAX_RANK:
         raise WireError(f"{field}: too many dimensions. Expected a rank of at most {MAX_RANK}. "
                         f"Received: rank {len(shape)}.", reason="BAD_TENSOR")
+    # A shape of Python ints (``int_shape``) is counted as it is: other
+    # shapes may hold numpy integers, whose product could overflow.
+    if type(shape) is _IntShape and (not shape or min(shape) >= 0):
+        count = math.prod(shape)
+        if max_elements is None or count <= max_elements:
+            return count
     dims = [int(d) for d in shape]
     if any(d < 0 for d in dims):
         raise WireError(f"{field}: negative dimension. Expected sizes >= 0. Received: shape={dims}.")
@@ -205,11 +233,14 @@ def check_shape(shape, *, field: str, max_elements: Optional[int] = None) -> int
 
 
 def to_numpy(tensor: tensor_pb2.Tensor, *, field: str = "tensor", max_elements: Optional[int] = None,
-             allow_empty: bool = False, regions: Optional["Regions"] = None, content=None) -> np.ndarray:
+             allow_empty: bool = False, regions: Optional["Regions"] = None, content=None,
+             shape=None) -> np.ndarray:
     """Decodes a Tensor message into a read-only numpy array without copying.
 
     ``content`` is the tensor's bytes where ``parse_lifted`` took them out of
     the message (a view of the received bytes); None reads ``tensor.content``.
+    ``shape`` is ``int_shape(tensor.shape)`` where the caller read it
+    already; None reads it here.
 
     A tensor whose bytes lie in shared memory (``shared_memory`` set) is
     read in place from the range ``regions`` resolves, after
@@ -220,14 +251,16 @@ def to_numpy(tensor: tensor_pb2.Tensor, *, field: str = "tensor", max_elements: 
             length that does not match the shape, an empty tensor, or a
             shared-memory range that is out of bounds or not available.
     """
+    if shape is None:
+        shape = int_shape(tensor.shape)
     if not tensor.HasField("shared_memory"):
-        return from_bytes(tensor.content if content is None else content, tensor.dtype, tensor.shape, field=field,
+        return from_bytes(tensor.content if content is None else content, tensor.dtype, shape, field=field,
                           max_elements=max_elements, allow_empty=allow_empty)
     ref = tensor.shared_memory
     if tensor.content:
         raise WireError(f"{field}: both content and shared_memory are set. Expected one of them. Received: "
                         f"{len(tensor.content):,} bytes of content and a range of region {ref.region[:64]!r}.")
-    array = from_bytes(region_range(ref, regions, field=field), tensor.dtype, tensor.shape, field=field,
+    array = from_bytes(region_range(ref, regions, field=field), tensor.dtype, shape, field=field,
                        max_elements=max_elements, allow_empty=allow_empty)
     array.flags.writeable = False  # a view of the region: read-only, as the bytes path is
     return array
@@ -249,6 +282,8 @@ def from_bytes(content: bytes, dtype: int, shape, *, field: str = "tensor", max_
             f"{field}: content length does not match the shape. Expected {expected:,} bytes "
             f"(shape {list(shape)} x {dt.itemsize} bytes of {dt.name}). "
             f"Received: {len(content):,} bytes.")
+    if count:  # one call where frombuffer then reshape take two: the same view, as writable as the bytes
+        return np.ndarray(tuple(shape), dt, content)
     return np.frombuffer(content, dtype=dt, count=count).reshape(tuple(shape))
 
 

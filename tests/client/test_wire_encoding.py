@@ -106,3 +106,52 @@ def test_a_tensor_field_sent_twice_is_refused():
     twice = one + wire.serialize_with_tensors(loss_service_pb2.EvaluateRequest(), {"y_pred": np.ones(3)})
     with pytest.raises(wire.WireError, match="y_pred appears twice"):
         wire.parse_lifted(twice, loss_service_pb2.EvaluateRequest, ("y_true", "y_pred"), "tensors", min_bytes=0)
+
+
+def _shape_answer(shape, max_elements):
+    """What ``wire.check_shape`` must answer, from its documented rules over
+    each dimension as a Python int: the count, or the refusal's reason."""
+    if len(shape) > wire.MAX_RANK:
+        return "BAD_TENSOR"
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        return "BAD_TENSOR"
+    count = 1
+    for d in dims:
+        count *= d
+    return "TENSOR_TOO_LARGE" if max_elements is not None and count > max_elements else count
+
+
+_DIMS = st.integers(-3, 2**62) | st.integers(0, 9) | st.integers(-(2**63), 2**63 - 1)
+
+
+@settings(max_examples=500, deadline=None)
+@given(dims=st.lists(_DIMS, max_size=wire.MAX_RANK + 2),
+       form=st.sampled_from(["list", "tuple", "protobuf", "int_shape", "numpy int64", "mixed"]),
+       max_elements=st.none() | st.integers(0, 2**40))
+def test_check_shape_counts_and_refuses_by_its_rules(dims, form, max_elements):
+    """The fast path for a shape ``int_shape`` read (Python ints) and the
+    general path (numpy integers, whose product would overflow) give one
+    answer: the count, or a WireError with the rule's reason, however the
+    shape is held; and the array ``from_bytes`` decodes has that shape."""
+    if form == "protobuf":
+        shape = wire.tensor_pb2.Tensor(shape=dims).shape
+    elif form == "int_shape":
+        shape = wire.int_shape(wire.tensor_pb2.Tensor(shape=dims).shape)
+    elif form == "tuple":
+        shape = tuple(dims)
+    elif form == "numpy int64":
+        shape = [np.int64(d) for d in dims]
+    elif form == "mixed":
+        shape = [np.int64(d) if i % 2 else d for i, d in enumerate(dims)]
+    else:
+        shape = list(dims)
+    want = _shape_answer(dims, max_elements)
+    try:
+        got = wire.check_shape(shape, field="t", max_elements=max_elements)
+    except wire.WireError as exc:
+        got = exc.reason
+    assert got == want and type(got) is type(want)
+    if type(want) is int and 0 < want <= 64:
+        array = wire.from_bytes(bytes(want), wire.DataType.DATA_TYPE_UINT8, shape, field="t")
+        assert array.shape == tuple(int(d) for d in dims)

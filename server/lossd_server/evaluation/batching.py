@@ -288,8 +288,33 @@ class Batcher:
         return True
 
 
-def rows_arrays(items: list[_Item], size: Optional[int] = None, requests: Optional[int] = None
-                ) -> dict[str, np.ndarray]:
+class RowsBuffers:
+    """The input arrays of one padded rows call (``rows_arrays(..., into=)``),
+    kept to be written again in place by the next call of the same bucket:
+    a small request then allocates nothing (``np.full``, ``np.repeat`` and
+    the padded copies of y_true and y_pred cost more than the writes).
+
+    ``arrays`` by name, ``ordered`` the same in sorted name order (what the
+    compiled program takes), and what the last fill left in them (its rows
+    and requests), so that a fill writes only what differs: the rows past
+    its own that the last one filled, and its own requests' divisors.
+    One call at a time writes it: ``Buckets`` takes it from a free list
+    for the duration of its call."""
+
+    __slots__ = ("arrays", "ordered", "rows", "requests", "nbytes", "kept", "_params")
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.ordered = [arrays[n] for n in sorted(arrays)]
+        self.rows = 0  # rows the last fill wrote (every row past them is padding as it should be)
+        self.requests = 0  # requests the last fill wrote divisors for
+        self.nbytes = sum(a.nbytes for a in arrays.values())
+        self.kept = -1  # the owner's bookkeeping (``Buckets``): which generation counted these bytes
+        self._params = {name: arrays[name].reshape(-1) for name in arrays if name.startswith(ROW_PARAMETER_PREFIX)}
+
+
+def rows_arrays(items: list[_Item], size: Optional[int] = None, requests: Optional[int] = None,
+                into: Optional[RowsBuffers] = None) -> dict[str, np.ndarray]:
     """The inputs of a rows program (``plan.build_rows_program``) for requests
     of one family: their rows concatenated, each row's request, parameters
     and weights, and each request's divisor (``reductions.divisor``).
@@ -298,22 +323,25 @@ def rows_arrays(items: list[_Item], size: Optional[int] = None, requests: Option
     XLA bucket, ``buckets``): padding rows are zeros with the last row's
     parameters and belong to the first padding request; padding requests
     divide by 0, so they count for nothing (``build_rows_program`` with
-    ``padded``)."""
+    ``padded``).
+
+    ``into``: the buffers of an earlier call with the same family key,
+    ``size``, ``requests`` and weighting, written in place (and returned)
+    instead of new arrays; what they then hold equals what a call without
+    them returns (tests/server/evaluation/test_buckets_buffers.py)."""
     first = items[0]
     dtype = dtype_name(first.tensors["y_pred"].dtype)
     lone = len(items) == 1  # a lone request (an XLA bucket's usual call) skips the repeats below
     rows = first.rows if lone else np.array([i.rows for i in items], dtype=np.int64)
     total = int(rows) if lone else int(rows.sum())
     size = size or total
+    if into is not None:
+        return _refill(into, items, rows, total, dtype)
     segments = np.full(size, len(items), np.int32)
     segments[:total] = 0 if lone else np.repeat(np.arange(len(items), dtype=np.int32), rows)
     arrays = {"y_true": _stack([i.tensors["y_true"] for i in items], size),
               "y_pred": _stack([i.tensors["y_pred"] for i in items], size), ROW_SEGMENTS: segments}
-    # The rank the loss sees y_pred with (Keras aligns a trailing 1): one
-    # value per row broadcasts against it.
-    true_shape, pred_shape = first.tensors["y_true"].shape, first.tensors["y_pred"].shape
-    rank = len(align_ranks(true_shape, pred_shape)[1]) if first.plan.terms[0].entry.shapes == SHAPES_SAME \
-        else len(pred_shape)
+    rank = _param_rank(first)
     for name in first.row_params:
         if lone:  # its value on every row, padding included
             per_row = np.full(size, first.plan.terms[0].params[name], dtype)
@@ -325,6 +353,25 @@ def rows_arrays(items: list[_Item], size: Optional[int] = None, requests: Option
         arrays[ROW_PARAMETER_PREFIX + name] = per_row.reshape((-1,) + (1,) * (rank - 1))
     divisor_rows = np.zeros(requests or len(items), np.float64)
     divisor_fixed = np.zeros(requests or len(items), np.float64)
+    _divisors(items, dtype, divisor_rows, divisor_fixed)
+    arrays[ROW_DIVISOR_ROWS], arrays[ROW_DIVISOR_FIXED] = divisor_rows, divisor_fixed
+    if any(i.weights is not None for i in items):
+        rest = next(i.values_shape[1:] for i in items if i.weights is not None)
+        arrays["sample_weight"] = _stack(
+            [i.weights if i.weights is not None else np.ones((i.rows, *rest), dtype) for i in items], size)
+    return arrays
+
+
+def _param_rank(first: _Item) -> int:
+    """The rank the loss sees y_pred with (Keras aligns a trailing 1): one
+    value per row broadcasts against it."""
+    true_shape, pred_shape = first.tensors["y_true"].shape, first.tensors["y_pred"].shape
+    return len(align_ranks(true_shape, pred_shape)[1]) if first.plan.terms[0].entry.shapes == SHAPES_SAME \
+        else len(pred_shape)
+
+
+def _divisors(items: list[_Item], dtype: str, divisor_rows: np.ndarray, divisor_fixed: np.ndarray) -> None:
+    """Each request's divisor, written into its place (padding requests' are left as they are: 0)."""
     for r, item in enumerate(items):
         # Keras divides by the sum of the weights as given (not broadcast).
         weight_sum = (None if item.sample_weight is None
@@ -332,11 +379,55 @@ def rows_arrays(items: list[_Item], size: Optional[int] = None, requests: Option
         divisor = reductions.divisor(item.reduction, weight_sum)
         divisor_rows[r] = divisor.per_value * item.rows  # times the values per row, in the program
         divisor_fixed[r] = divisor.fixed
-    arrays[ROW_DIVISOR_ROWS], arrays[ROW_DIVISOR_FIXED] = divisor_rows, divisor_fixed
-    if any(i.weights is not None for i in items):
-        rest = next(i.values_shape[1:] for i in items if i.weights is not None)
-        arrays["sample_weight"] = _stack(
-            [i.weights if i.weights is not None else np.ones((i.rows, *rest), dtype) for i in items], size)
+
+
+def _refill(into: RowsBuffers, items: list[_Item], rows, total: int, dtype: str) -> dict[str, np.ndarray]:
+    """``rows_arrays`` written into ``into``: every value as a new call
+    would give it, writing only what the last fill left different."""
+    arrays = into.arrays
+    count = len(items)
+    lone = count == 1
+    stale = into.rows  # rows past ``total`` up to here hold the last fill's data
+    weighted = "sample_weight" in arrays
+    if lone:
+        tensors = items[0].tensors
+        arrays["y_true"][:total] = tensors["y_true"]
+        arrays["y_pred"][:total] = tensors["y_pred"]
+        if weighted:
+            arrays["sample_weight"][:total] = items[0].weights
+    else:
+        np.concatenate([i.tensors["y_true"] for i in items], out=arrays["y_true"][:total])
+        np.concatenate([i.tensors["y_pred"] for i in items], out=arrays["y_pred"][:total])
+        if weighted:
+            rest = arrays["sample_weight"].shape[1:]
+            np.concatenate([i.weights if i.weights is not None else np.ones((i.rows, *rest), dtype)
+                            for i in items], out=arrays["sample_weight"][:total])
+    segments = arrays[ROW_SEGMENTS]
+    if stale > total:  # the last fill's rows past this one's become padding again
+        arrays["y_true"][total:stale] = 0
+        arrays["y_pred"][total:stale] = 0
+        if weighted:
+            arrays["sample_weight"][total:stale] = 0
+    # Segments: this fill's rows by request, then its first padding request.
+    if lone:
+        segments[:total] = 0
+    else:
+        segments[:total] = np.repeat(np.arange(count, dtype=np.int32), rows)
+    segments[total:] = count
+    for name, flat in into._params.items():
+        name = name[len(ROW_PARAMETER_PREFIX):]
+        if lone:
+            flat[:] = items[0].plan.terms[0].params[name]
+        else:
+            values = np.array([i.plan.terms[0].params[name] for i in items], dtype=dtype)
+            flat[:total] = np.repeat(values, rows)
+            flat[total:] = values[-1]
+    divisor_rows, divisor_fixed = arrays[ROW_DIVISOR_ROWS], arrays[ROW_DIVISOR_FIXED]
+    if into.requests > count:  # the last fill's requests past this one's divide by 0 again
+        divisor_rows[count:into.requests] = 0
+        divisor_fixed[count:into.requests] = 0
+    _divisors(items, dtype, divisor_rows, divisor_fixed)
+    into.rows, into.requests = total, count
     return arrays
 
 
@@ -359,7 +450,7 @@ def split_results(items: list[_Item], reduced: np.ndarray, values: np.ndarray, g
     start = 0
     for r, item in enumerate(items):
         stop = start + item.rows
-        loss = values[start:stop] if item.reduction == REDUCTION_NONE else np.asarray(reduced[r])
+        loss = values[start:stop] if item.reduction == REDUCTION_NONE else reduced[r, ...]  # a 0-d view
         g = grad[start:stop] if item.gradient else None
         inputs = [item.tensors["y_true"], item.tensors["y_pred"], item.sample_weight]
         item.result = Result(loss, g, [], any_non_finite([loss, g, *inputs]))

@@ -41,7 +41,7 @@ import numpy as np
 
 from lossd.wire import dtype_name
 from lossd_server.evaluation import backend
-from lossd_server.evaluation.batching import row_item, rows_arrays, split_results
+from lossd_server.evaluation.batching import RowsBuffers, row_item, rows_arrays, split_results
 from lossd_server.evaluation.evaluator import Evaluator, Result
 from lossd_server.losses import reductions
 from lossd_server.losses.plan import Plan
@@ -55,6 +55,11 @@ MIN_ROWS = 8
 # on the current path (and, under ``xla=auto``, on XLA for the losses it
 # speeds up at 1e6 elements and more: ``Evaluator._use_xla``).
 MAX_ELEMENTS = 1 << 16
+# Most sets of input buffers kept per bucket for reuse (``Buckets.run``):
+# one per call of that bucket running at once, up to this many.
+FREE_BUFFERS = 4
+# Most bytes those buffers may hold together, over every bucket.
+FREE_BUFFER_BYTES = 32 << 20
 _UNKNOWN = object()
 
 
@@ -85,20 +90,18 @@ class Buckets:
         # item to copy; and each bucket's input specs. Both are asked per
         # request and computed once.
         self._kinds: dict[tuple, object] = {}
-        self._specs: dict[tuple, list[backend.InputSpec]] = {}
+        self._specs: dict[tuple, tuple[backend.InputSpec, ...]] = {}
+        # Each bucket's input buffers not in use now, written in place by
+        # its next call (``batching.RowsBuffers``).
+        self._free: dict[tuple, list[RowsBuffers]] = {}
+        self._kept_bytes = 0  # bytes of the buffers counted as kept (in ``_free`` or in use)
+        self._generation = 0  # bumped when ``_free`` starts over
 
     def evaluate(self, plan: Plan, tensors: Mapping[str, np.ndarray], sample_weight: Optional[np.ndarray],
                  reduction: str, gradient: bool) -> Optional[Result]:
         """One checked request (``Evaluator.check``) through its bucket's
         executable; None where it does not qualify or its executable is not
         ready (then it is being compiled, unless XLA failed on it before)."""
-        if self.evaluator.xla == "auto" and not all(t.entry.name in self.evaluator.xla_losses for t in plan.terms):
-            # A lone request pays the bucket's padding and Python: measured
-            # slower than the graph for MSE (bench/xla.py --small, 1.17x CPU),
-            # faster for Huber and the crossentropies. ``auto`` buckets a lone
-            # request only for the losses measured faster (app.XLA_LOSSES);
-            # micro-batches (``run``) gain for every loss and are bucketed all.
-            return None
         kind = _kind(plan, tensors, sample_weight, reduction, gradient)
         if kind is None:
             return None
@@ -108,9 +111,18 @@ class Buckets:
             return None
         template = self._kinds.get(kind, _UNKNOWN)
         if template is _UNKNOWN:
-            # row_item's answer depends on the kind alone once the sizes
-            # above are checked: asked once per kind.
-            item = row_item(plan, tensors, sample_weight, reduction, gradient, self.max_elements)
+            # Both answers below depend on the kind alone (its plan) once the
+            # sizes above are checked: asked once per kind.
+            evaluator = self.evaluator
+            if evaluator.xla == "auto" and not all(t.entry.name in evaluator.xla_losses for t in plan.terms):
+                # A lone request pays the bucket's padding and Python: measured
+                # slower than the graph for MSE (bench/xla.py --small, 1.17x CPU),
+                # faster for Huber and the crossentropies. ``auto`` buckets a lone
+                # request only for the losses measured faster (app.XLA_LOSSES);
+                # micro-batches (``run``) gain for every loss and are bucketed all.
+                item = None
+            else:
+                item = row_item(plan, tensors, sample_weight, reduction, gradient, self.max_elements)
             self._remember(self._kinds, kind, item)
         elif template is None:
             return None
@@ -131,35 +143,74 @@ class Buckets:
         changed, where the bucket does not serve them (too large, not
         compiled yet, or refused at run time: the caller's path then gives
         each request its own answer or error)."""
-        rows = sum(i.rows for i in items)
-        size = bucket(rows, MIN_ROWS)
         first = items[0]
+        lone = len(items) == 1
+        rows = first.rows if lone else sum(i.rows for i in items)
+        size = bucket(rows, MIN_ROWS)
         y_pred = first.tensors["y_pred"]
         if size * (y_pred.size // first.rows) > self.max_elements:
             return False
         requests = bucket(len(items) + 1)
-        weighted = any(i.weights is not None for i in items)
+        weighted = first.weights is not None if lone else any(i.weights is not None for i in items)
         spec_key = (first.key, size, requests, weighted)
-        specs = self._specs.get(spec_key)
-        arrays = rows_arrays(items, size, requests)
-        names = sorted(arrays)
-        if specs is None:
-            specs = [backend.InputSpec(n, dtype_name(arrays[n].dtype), arrays[n].shape) for n in names]
-            self._remember(self._specs, spec_key, specs)
-        compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs, first.key[2],
-                                               first.gradient, padded=True)
-        if compiled is None:
-            return False
+        free = self._free.get(spec_key)
         try:
-            _, (reduced, values), grad, _ = compiled([arrays[n] for n in names])
-        except (*backend.INPUT_ERRORS, *backend.MEMORY_ERRORS) as exc:  # the current path answers it as its own
-            log.debug("bucketed call of %d requests refused (%s); taking the current path", len(items), exc)
-            return False
+            buffers = free.pop()  # atomic: no two calls write one buffer
+        except (AttributeError, IndexError):  # no list yet, or every buffer of the bucket in use
+            buffers = None
+        if buffers is None:
+            arrays = rows_arrays(items, size, requests)
+            buffers = RowsBuffers({n: np.array(a) for n, a in arrays.items()})  # owned copies, written again later
+            buffers.rows, buffers.requests = rows, len(items)
+        else:
+            rows_arrays(items, size, requests, into=buffers)
+        try:
+            specs = self._specs.get(spec_key)
+            if specs is None:
+                arrays = buffers.arrays
+                specs = tuple(backend.InputSpec(n, dtype_name(arrays[n].dtype), arrays[n].shape)
+                              for n in sorted(arrays))
+                self._remember(self._specs, spec_key, specs)
+            compiled = self.evaluator.rows_program(first.plan, first.key[0], first.row_params, specs,
+                                                   first.key[2], first.gradient, padded=True)
+            if compiled is None:
+                return False
+            try:
+                # The call has returned its outputs before the buffers are
+                # given back: XLA's outputs never alias its inputs.
+                _, (reduced, values), grad, _ = compiled(buffers.ordered)
+            except (*backend.INPUT_ERRORS, *backend.MEMORY_ERRORS) as exc:  # the current path answers it
+                log.debug("bucketed call of %d requests refused (%s); taking the current path", len(items), exc)
+                return False
+        finally:
+            self._give_back(spec_key, free, buffers)
         split_results(items, reduced, values, grad)
         with self._lock:
             self.calls += 1
             self.requests += len(items)
         return True
+
+    def _give_back(self, spec_key: tuple, free: Optional[list], buffers: RowsBuffers) -> None:
+        """Keeps a bucket's buffers for its next call: at most ``FREE_BUFFERS``
+        sets per bucket (as many as calls of it ran at once), and at most
+        ``FREE_BUFFER_BYTES`` in all; a flood of new buckets starts over."""
+        if free is None:
+            free = []
+            with self._lock:
+                if len(self._free) >= 4 * self.evaluator.cache_size:
+                    self._free.clear()
+                    self._kept_bytes = 0
+                    self._generation += 1
+                free = self._free.setdefault(spec_key, free)
+        if len(free) >= FREE_BUFFERS:
+            return
+        if buffers.kept != self._generation:  # not counted since the last start-over
+            with self._lock:
+                if self._kept_bytes + buffers.nbytes > FREE_BUFFER_BYTES:
+                    return
+                self._kept_bytes += buffers.nbytes
+                buffers.kept = self._generation
+        free.append(buffers)
 
     def _remember(self, table: dict, key: tuple, value) -> None:
         # Bounded like the program cache: a flood of new kinds starts over.

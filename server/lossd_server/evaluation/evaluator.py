@@ -420,7 +420,6 @@ class Evaluator:
         """
         specs = tuple(specs)
         key = ("rows", family, tuple(row_params), gradient, padded, specs)
-        has_sw = any(s.name == "sample_weight" for s in specs)
         with self._lock:
             compiled = self._cache.get(key)
             if compiled is not None:
@@ -428,6 +427,7 @@ class Evaluator:
             elif padded and _program(key) in self._xla_failed:
                 return None
             elif key not in self._pending and len(self._pending) < self.max_pending_compiles:
+                has_sw = any(s.name == "sample_weight" for s in specs)
                 pool = self._xla_pool if padded else self._compile_pool
                 self._pending[key] = pool.submit(
                     self._compile, key, plan, specs,

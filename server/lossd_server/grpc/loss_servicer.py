@@ -157,6 +157,7 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
 
         def incoming(tensor, field: str, check_output: bool = False) -> Incoming:
             content = contents.get(field)
+            shape = wire.int_shape(tensor.shape)  # read once: declared sizes and the decode both check it
             if regions is not None:
                 def decode():
                     array = regions.read(tensor, field=field, max_elements=max_elements, content=content)
@@ -166,13 +167,15 @@ class LossServicer(loss_service_pb2_grpc.LossServiceServicer):
                     return array
             elif check_output:
                 def decode():
-                    array = wire.to_numpy(tensor, field=field, max_elements=max_elements, content=content)
+                    array = wire.to_numpy(tensor, field=field, max_elements=max_elements, content=content,
+                                          shape=shape)
                     wire.region_range(gradient_output, None, field="gradient_output")  # refuses: no shared memory
                     return array
             else:
                 def decode():
-                    return wire.to_numpy(tensor, field=field, max_elements=max_elements, content=content)
-            return Incoming(tensor.dtype, tensor.shape, decode)
+                    return wire.to_numpy(tensor, field=field, max_elements=max_elements, content=content,
+                                         shape=shape)
+            return Incoming(tensor.dtype, shape, decode)
 
         tensors = {}
         if message.HasField("y_true"):

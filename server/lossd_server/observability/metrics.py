@@ -205,6 +205,19 @@ def grpc_type(client_streaming: bool, server_streaming: bool) -> str:
     return _GRPC_TYPES[(bool(client_streaming), bool(server_streaming))]
 
 
+def _adder(child) -> Callable[[float], None]:
+    """What adds to a resolved Counter or Gauge child (``labels(...)`` done
+    once), for the per-request path: its value's own ``inc``.
+    prometheus_client's ``inc`` checks on every call that the child is
+    observable and the amount not negative (three more Python calls, about
+    0.2 µs, up to ten times a request); a resolved child is observable and
+    our amounts are counts. The samples scraped are the same (the same value
+    object, in multiprocess mode too); where prometheus_client keeps no
+    ``_value``, ``inc`` itself."""
+    value = getattr(child, "_value", None)
+    return child.inc if value is None else value.inc
+
+
 class RpcMethodMetrics:
     """The RPC metrics of one method, its label children resolved once.
 
@@ -217,37 +230,37 @@ class RpcMethodMetrics:
         # than the updates themselves, so every child is looked up here.
         self._labels = (kind, service, method)
         self._handled_total = metrics.grpc_server_handled_total
-        self._started = metrics.grpc_server_started_total.labels(*self._labels)
-        self._in_flight = metrics.lossd_grpc_in_flight_requests.labels(service, method)
-        self._received = metrics.grpc_server_msg_received_total.labels(*self._labels)
-        self._sent = metrics.grpc_server_msg_sent_total.labels(*self._labels)
+        self._started = _adder(metrics.grpc_server_started_total.labels(*self._labels))
+        self._in_flight = _adder(metrics.lossd_grpc_in_flight_requests.labels(service, method))
+        self._received = _adder(metrics.grpc_server_msg_received_total.labels(*self._labels))
+        self._sent = _adder(metrics.grpc_server_msg_sent_total.labels(*self._labels))
         self._handling = metrics.latency(metrics.grpc_server_handling_seconds.labels(*self._labels))
-        self._handled = {"OK": self._handled_total.labels(*self._labels, "OK")}
+        self._handled = {"OK": _adder(self._handled_total.labels(*self._labels, "OK"))}
 
     def started(self) -> None:
         """Counts a call as started and in flight."""
-        self._started.inc()
-        self._in_flight.inc()
+        self._started(1)
+        self._in_flight(1)
 
     def received(self) -> None:
         """Counts one request message."""
-        self._received.inc()
+        self._received(1)
 
     def sent(self) -> None:
         """Counts one response message."""
-        self._sent.inc()
+        self._sent(1)
 
     def finished(self, code: str, seconds: float) -> None:
         """Records the end of a started call: its status code name (``"OK"``,
         ``"INVALID_ARGUMENT"``, ...) and how long it took."""
-        self._in_flight.dec()
+        self._in_flight(-1)
         handled = self._handled.get(code)
         if handled is None:
             if code not in GRPC_CODES:
                 logger.warning("Unexpected gRPC code %r counted as UNKNOWN", code)
                 code = "UNKNOWN"
-            handled = self._handled.setdefault(code, self._handled_total.labels(*self._labels, code))
-        handled.inc()
+            handled = self._handled.setdefault(code, _adder(self._handled_total.labels(*self._labels, code)))
+        handled(1)
         self._handling.observe(seconds)
 
 
@@ -584,8 +597,8 @@ class Metrics:
             ("version", "tensorflow_version", "keras_version"), registry=r, multiprocess_mode="livemax")
 
         self._preinitialise()
-        self._cache_hits = self.lossd_loss_cache_lookups_total.labels("hit")
-        self._cache_misses = self.lossd_loss_cache_lookups_total.labels("miss")
+        self._cache_hits = _adder(self.lossd_loss_cache_lookups_total.labels("hit"))
+        self._cache_misses = _adder(self.lossd_loss_cache_lookups_total.labels("miss"))
         self.set_build_info(version, tensorflow_version, keras_version)
 
     def _preinitialise(self) -> None:
@@ -664,17 +677,17 @@ class Metrics:
         children = self._evaluation_children.get((loss_name, outcome))
         if children is None:
             loss = self.loss_label(loss_name)
-            children = (self.lossd_loss_evaluations_total.labels(loss, outcome),
+            children = (_adder(self.lossd_loss_evaluations_total.labels(loss, outcome)),
                         self.latency(self.lossd_loss_evaluation_duration_seconds.labels(loss)),
-                        self.lossd_loss_evaluated_elements_total.labels(loss),
-                        self.lossd_loss_evaluated_bytes_total.labels(loss))
+                        _adder(self.lossd_loss_evaluated_elements_total.labels(loss)),
+                        _adder(self.lossd_loss_evaluated_bytes_total.labels(loss)))
             if len(self._evaluation_children) < 4096:  # unknown names are many; "other" needs no cache
                 self._evaluation_children[(loss_name, outcome)] = children
         count, duration, elements_total, bytes_total = children
-        count.inc()
+        count(1)
         duration.observe(seconds)
-        elements_total.inc(elements)
-        bytes_total.inc(nbytes)
+        elements_total(elements)
+        bytes_total(nbytes)
 
     @contextlib.contextmanager
     def time_evaluation(self, loss_name: str) -> Iterator[EvaluationRecord]:
@@ -704,7 +717,7 @@ class Metrics:
 
     def observe_cache_lookup(self, hit: bool) -> None:
         """Counts one lookup in the compiled-loss cache."""
-        (self._cache_hits if hit else self._cache_misses).inc()
+        (self._cache_hits if hit else self._cache_misses)(1)
 
     def set_cache_entries(self, entries: int) -> None:
         """Sets how many compiled losses the cache holds now."""
@@ -722,9 +735,9 @@ class Metrics:
         if children is None:
             label = caller or ANONYMOUS_CALLER
             children = self._caller_children.setdefault(caller, (
-                self.lossd_caller_requests_total.labels(label),
-                self.lossd_caller_elements_total.labels(label),
-                self.lossd_caller_upload_bytes_total.labels(label)))
+                _adder(self.lossd_caller_requests_total.labels(label)),
+                _adder(self.lossd_caller_elements_total.labels(label)),
+                _adder(self.lossd_caller_upload_bytes_total.labels(label))))
         return children
 
     def known_callers(self, callers: Iterable[str]) -> None:
@@ -746,11 +759,11 @@ class Metrics:
         """
         count, element_total, upload_total = self._caller(caller)
         if requests:
-            count.inc(requests)
+            count(requests)
         if elements:
-            element_total.inc(elements)
+            element_total(elements)
         if upload_bytes:
-            upload_total.inc(upload_bytes)
+            upload_total(upload_bytes)
 
     def fair_share_wait(self, caller: str, slots: str, seconds: float) -> None:
         """Records a request of ``caller`` (a token's name, or "") that waited

@@ -1,6 +1,6 @@
 """The layers hold: TensorFlow is imported by the evaluation backend, the
-training job process (worker, and its multi-worker loop) and the inference
-module only; the core imports no gRPC.
+training job process (worker, its multi-worker loop and the steps both share
+in ``loop``) and the inference module only; the core imports no gRPC.
 
 Every module of lossd_server is imported in a fresh interpreter whose import
 statements are watched (``builtins.__import__``), so an import of
@@ -53,7 +53,7 @@ WATCH = textwrap.dedent('''
     print(json.dumps({"modules": modules, "imports": seen}))
 ''')
 
-TENSORFLOW_OWNERS = {"lossd_server.evaluation.backend", "lossd_server.training.worker",
+TENSORFLOW_OWNERS = {"lossd_server.evaluation.backend", "lossd_server.training.worker", "lossd_server.training.loop",
                      "lossd_server.training.multiworker", "lossd_server.training.inference"}
 
 

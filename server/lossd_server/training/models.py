@@ -535,12 +535,12 @@ def _register_vae():
             return {m.name: m.result() for m in self.metrics}
 
         def train_step(self, data):
-            # Taking gradients is backend-specific; the job worker owns the
+            # Taking gradients is backend-specific; the training loop owns the
             # TensorFlow side of training (a GradientTape, as in the Keras example).
-            from lossd_server.training import worker
+            from lossd_server.training import loop
 
             images = data[0] if isinstance(data, (tuple, list)) else data
-            return self._update(*worker.gradient_step(self, lambda: self.compute_losses(images, training=True)))
+            return self._update(*loop.gradient_step(self, lambda: self.compute_losses(images, training=True)))
 
         def test_step(self, data):
             images = data[0] if isinstance(data, (tuple, list)) else data
@@ -728,10 +728,10 @@ def _register_diffusion():
             return {"loss": self.loss_tracker.result()}
 
         def train_step(self, data):
-            from lossd_server.training import worker
+            from lossd_server.training import loop
 
             images, classes = data[0], data[1]
-            return self._update(worker.gradient_step(self, lambda: self.compute_losses(images, classes, True))[0])
+            return self._update(loop.gradient_step(self, lambda: self.compute_losses(images, classes, True))[0])
 
         def test_step(self, data):
             return self._update(self.compute_losses(data[0], data[1], training=False))

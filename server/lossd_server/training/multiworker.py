@@ -4,7 +4,7 @@ A job with ``workers: N`` runs as N processes of ``worker.run_job`` on this
 replica, each told its place by the ``TF_CONFIG`` lossd writes for it
 (``tf_config``): a cluster of N workers on free loopback ports, and its own
 index. Every worker builds the same model (same seed) and reads the same
-deterministic batches (``worker.training_batches``); worker ``i`` takes rows
+deterministic batches (``loop.training_batches``); worker ``i`` takes rows
 ``i, i+N, i+2N ...`` of each batch of ``batch_size``, so the global batch is
 the job's batch size whatever N is. The gradients are summed over the workers
 by the Keras optimizer's all-reduce, so every worker applies the same update.
@@ -98,7 +98,7 @@ def weights_digest(model) -> str:
 
 
 def _record_digest(job_dir: pathlib.Path, index: int, epoch: int, digest: str) -> None:
-    from lossd_server.training.worker import _write_json_atomic
+    from lossd_server.training.loop import _write_json_atomic
 
     folder = job_dir / REPLICAS_DIR
     folder.mkdir(exist_ok=True)
@@ -121,10 +121,9 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
 
     from lossd_server.training import models
     from lossd_server.training.losses import PlanLoss, plan_stored
-    from lossd_server.training.worker import (HISTORY_FILE, LOGS_DIR, MODEL_FILE, NonFiniteLoss, WorkerLost,
-                                              _make_scalar_logger, _replace_from_temp, _Reporter, _training_data,
-                                              _write_json_atomic, configure_devices, resume,
-                                              training_batches)
+    from lossd_server.training.loop import (HISTORY_FILE, LOGS_DIR, MODEL_FILE, NonFiniteLoss, WorkerLost,
+                                            _make_scalar_logger, _replace_from_temp, _Reporter, _training_data,
+                                            _write_json_atomic, configure_devices, resume, training_batches)
 
     configure_devices(config)  # before the strategy: it takes the devices as they are then
     index, n_workers = int(config["worker_index"]), len(config["cluster"])

@@ -157,12 +157,13 @@ def _training_data(config: dict, plan) -> tuple:
     job's seed and split; the same in every worker of a multi-worker job."""
     import numpy as np
 
-    from lossd_server.training import datasets, models
+    from lossd_server.training import datasets
+    from lossd_server.training.kinds import CLASSIFIER
     from lossd_server.training.losses import ONE_HOT, label_format
 
     spec, runtime = config["spec"], config["runtime"]
     x, y, _ = datasets.load(runtime["dataset_source"], runtime["dataset_path"], config["max_upload_bytes"])
-    if config["model_kind"] == models.CLASSIFIER and label_format(plan) == ONE_HOT:
+    if config["model_kind"] == CLASSIFIER and label_format(plan) == ONE_HOT:
         # Expression and plugin losses compare y_pred with targets of its own shape.
         y = np.eye(len(runtime["class_names"]), dtype="float32")[y]
     # A seeded shuffle before the split: Keras's validation_split takes the

@@ -15,9 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses.registry import as_int
-
-CLASSIFIER = "classifier"
-GENERATOR = "generator"
+from lossd_server.training.kinds import CLASSIFIER, GENERATOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,7 +499,7 @@ def _register_vae():
             planned as any job's loss is (``losses.reconstruction_loss``)."""
             super().compile(optimizer=optimizer, **kwargs)
             if reconstruction_loss is None:
-                from lossd_server.training.losses import reconstruction_loss as default  # it imports this module
+                from lossd_server.training.losses import reconstruction_loss as default  # imports Keras
 
                 reconstruction_loss = default(None)
             self.reconstruction_loss_fn = reconstruction_loss

@@ -148,6 +148,7 @@ def _train(config: dict, job_dir: pathlib.Path, send, trace=tracing_module.OFF_J
     import keras
 
     from lossd_server.training import models
+    from lossd_server.training.kinds import GENERATOR
     from lossd_server.training.losses import PlanLoss, plan_stored, reconstruction_loss
 
     gpus = configure_devices(config)
@@ -172,7 +173,7 @@ def _train(config: dict, job_dir: pathlib.Path, send, trace=tracing_module.OFF_J
     if model_spec["preset"] == "diffusion":
         # The noise-prediction loss, reduced as the plan says (sum_over_batch_size by default).
         model.compile(optimizer=optimizer, noise_loss=PlanLoss(plan))
-    elif config["model_kind"] == models.GENERATOR:
+    elif config["model_kind"] == GENERATOR:
         model.compile(optimizer=optimizer, reconstruction_loss=reconstruction_loss(plan))
     else:
         loss = PlanLoss(plan)

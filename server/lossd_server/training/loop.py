@@ -92,7 +92,7 @@ def remove_temp_files(job_dir: pathlib.Path) -> int:
     return removed
 
 
-def _replace_from_temp(target: pathlib.Path, tmp: pathlib.Path, write) -> None:
+def replace_from_temp(target: pathlib.Path, tmp: pathlib.Path, write) -> None:
     """``write(tmp)``, then renames ``tmp`` to ``target``; a failure removes ``tmp``."""
     try:
         write(tmp)
@@ -102,8 +102,9 @@ def _replace_from_temp(target: pathlib.Path, tmp: pathlib.Path, write) -> None:
         raise
 
 
-def _write_json_atomic(path: pathlib.Path, data: Any) -> None:
-    _replace_from_temp(path, path.with_name(path.name + ".tmp"), lambda tmp: tmp.write_text(json.dumps(data)))
+def write_json_atomic(path: pathlib.Path, data: Any) -> None:
+    """Writes ``data`` as JSON to ``path`` through ``path.tmp`` (``replace_from_temp``)."""
+    replace_from_temp(path, path.with_name(path.name + ".tmp"), lambda tmp: tmp.write_text(json.dumps(data)))
 
 
 def configure_devices(config: dict) -> list:
@@ -151,7 +152,7 @@ def resume(model, job_dir: pathlib.Path, sample, loss_state: dict, send, epochs:
     return initial_epoch, checkpoint["history"]
 
 
-def _training_data(config: dict, plan) -> tuple:
+def training_data(config: dict, plan) -> tuple:
     """``(x_train, y_train, x_val, y_val, steps, examples_per_epoch)`` of a
     job: its dataset, labels in the format its loss takes, shuffled with the
     job's seed and split; the same in every worker of a multi-worker job."""
@@ -228,7 +229,7 @@ def _finite(value) -> bool:
     return value is not None and math.isfinite(float(value))
 
 
-def _make_scalar_logger(logs_dir: pathlib.Path):
+def scalar_logger(logs_dir: pathlib.Path):
     """Writes each epoch's metrics as TensorBoard scalars under ``logs/train``
     and ``logs/validation`` (the layout of Keras's TensorBoard callback).
 
@@ -360,8 +361,8 @@ def _make_reporter_class():
             # previous checkpoint or the new one, never a torn file.
             ckpt_dir = self.job_dir / CHECKPOINT_DIR
             name = f"epoch-{epoch}.weights.h5"
-            _replace_from_temp(ckpt_dir / name, ckpt_dir / f"tmp-{name}", self.model.save_weights)
-            _write_json_atomic(self.job_dir / CHECKPOINT_META,
+            replace_from_temp(ckpt_dir / name, ckpt_dir / f"tmp-{name}", self.model.save_weights)
+            write_json_atomic(self.job_dir / CHECKPOINT_META,
                                {"epoch": epoch, "weights": name, "history": self.history,
                                 "loss_state": self._loss_state(),
                                 "seed_states": {v.path: v.numpy().tolist() for v in seed_states(self.model)}})
@@ -372,5 +373,16 @@ def _make_reporter_class():
     return Reporter
 
 
-def _Reporter(*args, **kwargs):  # noqa: N802 - keras.callbacks.Callback exists only once TF has started
+def progress_reporter(*args, **kwargs):
+    """The Keras callback that reports a job's progress through ``send``
+    every ``progress_every`` batches, stops it with ``NonFiniteLoss`` when
+    the loss is NaN or Inf, and at every epoch's end checkpoints into
+    ``job_dir`` (appending the epoch's metrics to ``history``), then reports
+    the epoch. Arguments: ``(send, job_dir, history, *, epochs, steps,
+    batch_size, examples_per_epoch, n_train, progress_every, loss=None,
+    trace=OFF_JOB)``; ``loss`` is a stateful ``PlanLoss``, whose state it
+    keeps out of validation, checkpoints and reports; ``trace`` the job's
+    trace, given a span per epoch with the checkpoint's inside. The
+    multi-worker loop calls its hooks itself. A function, because the class
+    is defined only once Keras has started (``_make_reporter_class``)."""
     return _make_reporter_class()(*args, **kwargs)

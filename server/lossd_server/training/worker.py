@@ -17,9 +17,8 @@ import time
 
 from lossd_server.observability import tracing as tracing_module
 from lossd_server.training.loop import (HISTORY_FILE, LOGS_DIR, MODEL_FILE, PID_FILE, NonFiniteLoss, WorkerLost,
-                                        _make_scalar_logger, _replace_from_temp, _Reporter, _training_data,
-                                        _write_json_atomic, configure_devices, remove_temp_files, resume,
-                                        training_batches)
+                                        configure_devices, progress_reporter, remove_temp_files, replace_from_temp,
+                                        resume, scalar_logger, training_batches, training_data, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,7 @@ def _train(config: dict, job_dir: pathlib.Path, send, trace=tracing_module.OFF_J
     keras.utils.set_random_seed(seed)
 
     plan = plan_stored(spec.get("loss"))  # the same program evaluation runs
-    x_train, y_train, x_val, y_val, steps, examples_per_epoch = _training_data(config, plan)
+    x_train, y_train, x_val, y_val, steps, examples_per_epoch = training_data(config, plan)
     n_val = len(x_val)
     batch_size, epochs = spec["batch_size"], spec["epochs"]
 
@@ -187,10 +186,10 @@ def _train(config: dict, job_dir: pathlib.Path, send, trace=tracing_module.OFF_J
                          f"validation), {steps} batches of {batch_size} per epoch, on "
                          f"{'GPU' if gpus else 'CPU'}.")
 
-    reporter = _Reporter(send, job_dir, history, epochs=epochs, steps=steps, batch_size=batch_size,
+    reporter = progress_reporter(send, job_dir, history, epochs=epochs, steps=steps, batch_size=batch_size,
                          examples_per_epoch=examples_per_epoch, n_train=len(x_train),
                          progress_every=config["progress_every"], loss=loss, trace=trace)
-    callbacks = [reporter, _make_scalar_logger(job_dir / LOGS_DIR)]
+    callbacks = [reporter, scalar_logger(job_dir / LOGS_DIR)]
     if initial_epoch < epochs:
         train = training_batches(x_train, y_train, seed=seed, batch_size=batch_size, steps=steps,
                                  epochs=range(initial_epoch, epochs))
@@ -201,7 +200,7 @@ def _train(config: dict, job_dir: pathlib.Path, send, trace=tracing_module.OFF_J
             reporter.end_epoch_span()  # an epoch that raised (a non-finite loss) still shows, cut short
 
     with trace.span("lossd.save_model"):
-        _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE),
+        replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE),
                            lambda tmp: models.save_model(model, tmp))
-    _write_json_atomic(job_dir / HISTORY_FILE, history)
+    write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")

@@ -325,7 +325,7 @@ def test_disk_full_refuses_registrations_and_jobs_with_resource_exhausted(tmp_pa
 
 
 def test_a_failed_write_removes_its_temporary_file_and_reports_disk_full(tmp_path):
-    from lossd_server.training import worker
+    from lossd_server.training import loop, worker
 
     target = tmp_path / "checkpoint.json"
     target.write_text('{"epoch": 1}')
@@ -335,7 +335,7 @@ def test_a_failed_write_removes_its_temporary_file_and_reports_disk_full(tmp_pat
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
     with pytest.raises(OSError) as exc:
-        worker._replace_from_temp(target, tmp_path / "tmp-checkpoint.json", full_disk)
+        loop.replace_from_temp(target, tmp_path / "tmp-checkpoint.json", full_disk)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.json"] and target.read_text() == '{"epoch": 1}'
     report = worker.failure_report(RuntimeError("Unable to save weights"))
     assert report["reason"] == "TRAINING_ERROR"

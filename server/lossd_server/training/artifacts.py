@@ -1,7 +1,7 @@
 """Job folders and the artifacts clients download from them.
 
 Each job has a folder ``<artifacts root>/jobs/<id>/`` (``artifacts_root``) that its process writes (see
-``worker`` for the files). Three of them can be downloaded, in chunks: the
+``loop`` for the files). Three of them can be downloaded, in chunks: the
 trained model (``model.keras``), the training history (``history.json``; for
 a running job, the history of its last checkpoint) and the TensorBoard logs,
 packed into a ``.tar.gz`` on request.
@@ -16,7 +16,7 @@ import tarfile
 from typing import Iterator
 
 from lossd_server.errors import FailedPrecondition, InvalidArgument
-from lossd_server.training import worker
+from lossd_server.training import loop
 from lossd_server.state.store import JobRecord
 
 ARTIFACTS = ("model", "history", "tensorboard")
@@ -43,7 +43,7 @@ class Artifacts:
 
     def model_path(self, job_id: str) -> pathlib.Path:
         """Where a job's trained model is, once it succeeded."""
-        return self.job_dir(job_id) / worker.MODEL_FILE
+        return self.job_dir(job_id) / loop.MODEL_FILE
 
     def download(self, job: JobRecord, artifact: str) -> Download:
         """``(filename, size, chunks)`` of a job's artifact.
@@ -56,15 +56,15 @@ class Artifacts:
         if artifact == "model":
             return _file(job, self.model_path(job.id), f"{job.id}.keras")
         if artifact == "history":
-            path = job_dir / worker.HISTORY_FILE
+            path = job_dir / loop.HISTORY_FILE
             if not path.exists():
-                checkpoint = worker.read_checkpoint(job_dir)
+                checkpoint = loop.read_checkpoint(job_dir)
                 if checkpoint is not None:  # a running job's history so far
                     data = json.dumps(checkpoint["history"]).encode()
                     return f"{job.id}-history.json", len(data), iter([data])
             return _file(job, path, f"{job.id}-history.json")
         if artifact == "tensorboard":
-            logs = job_dir / worker.LOGS_DIR
+            logs = job_dir / loop.LOGS_DIR
             if not logs.is_dir():
                 raise _not_ready(job, artifact)
             buffer = io.BytesIO()

@@ -19,6 +19,7 @@ import numpy as np
 from lossd_server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from lossd_server.training import guidance, models
 from lossd_server.training.artifacts import Artifacts
+from lossd_server.training.kinds import CLASSIFIER, GENERATOR
 from lossd_server.state.store import SUCCEEDED, JobRecord
 
 MAX_PREDICT = 65_536   # images per Predict
@@ -104,7 +105,7 @@ class Inference:
             FailedPrecondition: the job has not succeeded, or trained a generator.
             InvalidArgument: images of another shape or dtype, or holding NaN/Inf.
         """
-        _check_trained(job, models.CLASSIFIER)
+        _check_trained(job, CLASSIFIER)
         x = _images(images, tuple(job.runtime["image_shape"]), "Predict", MAX_PREDICT)
         model = self._model(job)
         out = np.concatenate([np.asarray(model(x[i:i + PREDICT_BATCH], training=False))
@@ -165,7 +166,7 @@ class Inference:
         if not 1 <= count <= MAX_GENERATE:
             raise InvalidArgument(f"Invalid count. Expected 1 to {MAX_GENERATE}. Received: {count}.",
                                   reason="BAD_COUNT")
-        _check_trained(job, models.GENERATOR)
+        _check_trained(job, GENERATOR)
         preset = job.spec["model"]["preset"]
         if preset != "diffusion":
             if options.diffusion_fields():
@@ -246,7 +247,7 @@ class Inference:
         labels, classifier = classes, None
         if options.classifier is not None:
             cjob = options.classifier
-            _check_trained(cjob, models.CLASSIFIER)
+            _check_trained(cjob, CLASSIFIER)
             if tuple(cjob.runtime["image_shape"]) != shape:
                 raise InvalidArgument(
                     f"Classifier `jobs/{cjob.id}` was trained on images of shape {list(cjob.runtime['image_shape'])}."
@@ -295,7 +296,7 @@ def _check_trained(job: JobRecord, kind: str) -> None:
     if job.model_kind != kind:
         raise FailedPrecondition(
             f"Job `jobs/{job.id}` trained a {job.model_kind} ({job.spec['model']['preset']}). Expected a "
-            f"{kind}: use {'Generate' if kind == models.CLASSIFIER else 'Predict'} instead.",
+            f"{kind}: use {'Generate' if kind == CLASSIFIER else 'Predict'} instead.",
             reason="WRONG_MODEL_KIND", metadata={"model_kind": job.model_kind})
 
 

@@ -28,6 +28,7 @@ from lossd_server.losses.plan import Planner
 from lossd_server.losses.registry import ROWS
 from lossd_server.training import cost, models
 from lossd_server.training.catalog import DatasetCatalog
+from lossd_server.training.kinds import CLASSIFIER, GENERATOR
 from lossd_server.training.losses import SPARSE, from_logits, label_format, plan_training_loss
 from lossd_server.state.store import CANCELLING, QUEUED, RUNNING, JobRecord, Store
 
@@ -74,7 +75,7 @@ def check_record(job: JobRecord) -> None:
                                  f"{getattr(kind, '__name__', 'a number')}")
     if not isinstance(job.spec["model"].get("preset"), str) or not isinstance(job.spec["model"].get("params"), dict):
         raise ValueError("spec.model lacks preset or params")
-    if job.model_kind not in (models.CLASSIFIER, models.GENERATOR):
+    if job.model_kind not in (CLASSIFIER, GENERATOR):
         raise ValueError(f"unknown model kind {job.model_kind!r}")
 
 
@@ -200,7 +201,7 @@ def _workers(spec: Mapping[str, Any], settings, preset, loss, batch_size: int, m
     workers = _whole(spec, "workers", 1, 1, limit)
     if workers == 1:
         return 1
-    if preset.kind != models.CLASSIFIER:
+    if preset.kind != CLASSIFIER:
         raise InvalidArgument(
             f"Invalid workers. Expected 1 for the `{preset.name}` preset: multi-worker training covers classifiers "
             f"(cnn, mlp). Received: workers={workers}.", reason="BAD_JOB_SPEC", metadata={"field": "workers"})

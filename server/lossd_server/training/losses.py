@@ -35,7 +35,7 @@ from lossd.wire import DEFAULT_REDUCTION, REDUCTION_NONE
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses.plan import Plan, Planner, Term, build_program
 from lossd_server.losses.registry import SHAPES_ANY, SHAPES_SAME, SHAPES_SPARSE
-from lossd_server.training.models import CLASSIFIER
+from lossd_server.training.kinds import CLASSIFIER
 
 DEFAULT_CLASSIFIER_LOSS = "sparse_categorical_crossentropy"
 DIFFUSION = "diffusion"

@@ -15,9 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from lossd_server.errors import InvalidArgument
 from lossd_server.losses.registry import as_int
-
-CLASSIFIER = "classifier"
-GENERATOR = "generator"
+from lossd_server.training.kinds import CLASSIFIER, GENERATOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,7 +499,7 @@ def _register_vae():
             planned as any job's loss is (``losses.reconstruction_loss``)."""
             super().compile(optimizer=optimizer, **kwargs)
             if reconstruction_loss is None:
-                from lossd_server.training.losses import reconstruction_loss as default  # it imports this module
+                from lossd_server.training.losses import reconstruction_loss as default  # imports Keras
 
                 reconstruction_loss = default(None)
             self.reconstruction_loss_fn = reconstruction_loss
@@ -535,12 +533,12 @@ def _register_vae():
             return {m.name: m.result() for m in self.metrics}
 
         def train_step(self, data):
-            # Taking gradients is backend-specific; the job worker owns the
+            # Taking gradients is backend-specific; the training loop owns the
             # TensorFlow side of training (a GradientTape, as in the Keras example).
-            from lossd_server.training import worker
+            from lossd_server.training import loop
 
             images = data[0] if isinstance(data, (tuple, list)) else data
-            return self._update(*worker.gradient_step(self, lambda: self.compute_losses(images, training=True)))
+            return self._update(*loop.gradient_step(self, lambda: self.compute_losses(images, training=True)))
 
         def test_step(self, data):
             images = data[0] if isinstance(data, (tuple, list)) else data
@@ -728,10 +726,10 @@ def _register_diffusion():
             return {"loss": self.loss_tracker.result()}
 
         def train_step(self, data):
-            from lossd_server.training import worker
+            from lossd_server.training import loop
 
             images, classes = data[0], data[1]
-            return self._update(worker.gradient_step(self, lambda: self.compute_losses(images, classes, True))[0])
+            return self._update(loop.gradient_step(self, lambda: self.compute_losses(images, classes, True))[0])
 
         def test_step(self, data):
             return self._update(self.compute_losses(data[0], data[1], training=False))

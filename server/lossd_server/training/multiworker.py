@@ -4,7 +4,7 @@ A job with ``workers: N`` runs as N processes of ``worker.run_job`` on this
 replica, each told its place by the ``TF_CONFIG`` lossd writes for it
 (``tf_config``): a cluster of N workers on free loopback ports, and its own
 index. Every worker builds the same model (same seed) and reads the same
-deterministic batches (``worker.training_batches``); worker ``i`` takes rows
+deterministic batches (``loop.training_batches``); worker ``i`` takes rows
 ``i, i+N, i+2N ...`` of each batch of ``batch_size``, so the global batch is
 the job's batch size whatever N is. The gradients are summed over the workers
 by the Keras optimizer's all-reduce, so every worker applies the same update.
@@ -98,7 +98,7 @@ def weights_digest(model) -> str:
 
 
 def _record_digest(job_dir: pathlib.Path, index: int, epoch: int, digest: str) -> None:
-    from lossd_server.training.worker import _write_json_atomic
+    from lossd_server.training.loop import write_json_atomic
 
     folder = job_dir / REPLICAS_DIR
     folder.mkdir(exist_ok=True)
@@ -108,7 +108,7 @@ def _record_digest(job_dir: pathlib.Path, index: int, epoch: int, digest: str) -
     except (OSError, ValueError):
         record = {"epochs": {}}
     record["epochs"][str(epoch)] = digest
-    _write_json_atomic(path, record)
+    write_json_atomic(path, record)
 
 
 def train(config: dict, job_dir: pathlib.Path, send) -> None:
@@ -121,10 +121,9 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
 
     from lossd_server.training import models
     from lossd_server.training.losses import PlanLoss, plan_stored
-    from lossd_server.training.worker import (HISTORY_FILE, LOGS_DIR, MODEL_FILE, NonFiniteLoss, WorkerLost,
-                                              _make_scalar_logger, _replace_from_temp, _Reporter, _training_data,
-                                              _write_json_atomic, configure_devices, resume,
-                                              training_batches)
+    from lossd_server.training.loop import (HISTORY_FILE, LOGS_DIR, MODEL_FILE, NonFiniteLoss, WorkerLost,
+                                            configure_devices, progress_reporter, replace_from_temp, resume,
+                                            scalar_logger, training_batches, training_data, write_json_atomic)
 
     configure_devices(config)  # before the strategy: it takes the devices as they are then
     index, n_workers = int(config["worker_index"]), len(config["cluster"])
@@ -143,7 +142,7 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
     seed = int(spec["seed"])
     keras.utils.set_random_seed(seed)
     plan = plan_stored(spec.get("loss"))
-    x_train, y_train, x_val, y_val, steps, examples_per_epoch = _training_data(config, plan)
+    x_train, y_train, x_val, y_val, steps, examples_per_epoch = training_data(config, plan)
     batch_size, epochs = spec["batch_size"], spec["epochs"]
     model_spec = spec["model"]
     with strategy.scope():
@@ -213,11 +212,11 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
             loss_sum, correct = loss_sum + float(s), correct + float(c)
         return {"val_loss": loss_sum / len(x_val), "val_accuracy": correct / len(x_val)}
 
-    reporter = _Reporter(send, job_dir, history, epochs=epochs, steps=steps, batch_size=batch_size,
+    reporter = progress_reporter(send, job_dir, history, epochs=epochs, steps=steps, batch_size=batch_size,
                          examples_per_epoch=examples_per_epoch, n_train=len(x_train),
                          progress_every=config["progress_every"], loss=None)
     reporter.set_model(model)
-    scalars = _make_scalar_logger(job_dir / LOGS_DIR) if chief else None
+    scalars = scalar_logger(job_dir / LOGS_DIR) if chief else None
     timeout = float(config["collective_timeout"])
 
     def run_step() -> tuple[float, float, float]:
@@ -247,9 +246,9 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
         scalars.on_train_end()
     _barrier(strategy)  # every worker has recorded its last digest before the chief reports success
     if chief:
-        _replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE),
+        replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE),
                            lambda tmp: models.save_model(model, tmp))
-        _write_json_atomic(job_dir / HISTORY_FILE, history)
+        write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")
 
 

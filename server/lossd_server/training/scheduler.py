@@ -44,7 +44,7 @@ from lossd_server.callers import Caller
 from lossd_server.errors import FailedPrecondition, ResourceExhausted, Unavailable, redact_paths
 from lossd_server.observability import tracing
 from lossd_server.observability.logs import audited
-from lossd_server.training import jobs, multiworker, worker
+from lossd_server.training import jobs, loop, multiworker, worker
 from lossd_server.training.artifacts import Artifacts
 from lossd_server.state.store import (CANCELLED, CANCELLING, FAILED, QUEUED, RUNNING, SUCCEEDED, Event, JobRecord,
                                       Store)
@@ -170,7 +170,7 @@ class Scheduler:
             self.store.update_job(job.id, state=CANCELLED, end_time=time.time(),
                                   event=("state", {"state": CANCELLED}))
         for job in self.store.jobs_in_states([RUNNING]):
-            epoch = (worker.read_checkpoint(self.artifacts.job_dir(job.id)) or {}).get("epoch", 0)
+            epoch = (loop.read_checkpoint(self.artifacts.job_dir(job.id)) or {}).get("epoch", 0)
             self.store.append_event(job.id, "message", {
                 "text": f"The server restarted; the job will resume from the checkpoint of epoch {epoch}."
                 if epoch else "The server restarted; the job will start again (no checkpoint yet)."})
@@ -179,7 +179,7 @@ class Scheduler:
         if self.artifacts.jobs_dir.is_dir():
             for job_dir in self.artifacts.jobs_dir.iterdir():
                 if job_dir.is_dir():
-                    worker.remove_temp_files(job_dir)
+                    loop.remove_temp_files(job_dir)
 
     def stop(self) -> None:
         """Stops scheduling and the job processes. Running jobs keep their state,
@@ -388,8 +388,8 @@ class Scheduler:
             raise ResourceExhausted(f"cannot create the folder of job {job.id}: {exc.strerror}",
                                     reason="DISK_FULL") from exc
         if taken_over:  # its replica died: what its process was writing is garbage
-            worker.remove_temp_files(job_dir)
-            epoch = (worker.read_checkpoint(job_dir) or {}).get("epoch", 0)
+            loop.remove_temp_files(job_dir)
+            epoch = (loop.read_checkpoint(job_dir) or {}).get("epoch", 0)
             self.store.append_event(job.id, "message", {
                 "text": f"The replica running the job stopped renewing its lease; replica {self.replica} resumes "
                         + (f"it from the checkpoint of epoch {epoch}." if epoch else "it from the start (no "
@@ -587,7 +587,7 @@ class Scheduler:
         self._gpu_of.pop(job.id, None)
         self._next_claim = 0.0
         retry = job.retries + 1
-        epoch = (worker.read_checkpoint(self.artifacts.job_dir(job.id)) or {}).get("epoch", 0)
+        epoch = (loop.read_checkpoint(self.artifacts.job_dir(job.id)) or {}).get("epoch", 0)
         text = (f"The training process {how}; retry {retry} of {limit}, "
                 + (f"from the checkpoint of epoch {epoch}." if epoch else "from the start (no checkpoint yet)."))
         log.warning("job %s: %s", job.id, text)

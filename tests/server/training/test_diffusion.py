@@ -184,7 +184,7 @@ def test_a_diffusion_job_resumes_from_its_checkpoint(tmp_path):
     """The job process's own code (worker._train), run twice on one job folder:
     the second run, asked for one more epoch, resumes from the first one's
     checkpoint (the denoiser's weights and the optimizer's state)."""
-    from lossd_server.training import models, worker
+    from lossd_server.training import loop, models, worker
 
     params = models.resolve_model_params("diffusion", {"filters": [8, 16], "embed_dim": 16}, (8, 8, 1))
     spec = {"model": {"preset": "diffusion", "params": params}, "dataset": "digits", "loss": {"name": "mse"},
@@ -200,16 +200,16 @@ def test_a_diffusion_job_resumes_from_its_checkpoint(tmp_path):
         reports.append((kind, payload))
 
     worker._train(config, tmp_path, send)
-    first = models.load_model(tmp_path / worker.MODEL_FILE)
-    assert worker.read_checkpoint(tmp_path)["epoch"] == 1
+    first = models.load_model(tmp_path / loop.MODEL_FILE)
+    assert loop.read_checkpoint(tmp_path)["epoch"] == 1
     reports.clear()
     worker._train({**config, "spec": {**spec, "epochs": 2}}, tmp_path, send)
     messages = [p["text"] for kind, p in reports if kind == "message"]
     assert any(m.startswith("Resuming from the checkpoint of epoch 1") for m in messages), messages
     assert [p["epoch"] for kind, p in reports if kind == "epoch"] == [2]
-    history = json.loads((tmp_path / worker.HISTORY_FILE).read_text())
+    history = json.loads((tmp_path / loop.HISTORY_FILE).read_text())
     assert len(history["loss"]) == 2
-    second = models.load_model(tmp_path / worker.MODEL_FILE)
+    second = models.load_model(tmp_path / loop.MODEL_FILE)
     assert isinstance(second, models.diffusion_class()) and second.timesteps == params["timesteps"]
     assert any(not np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights()))
 

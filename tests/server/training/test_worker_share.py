@@ -22,7 +22,7 @@ from lossd.wire import REDUCTIONS
 from lossd_server.training import multiworker
 from lossd_server.training.losses import PlanLoss, from_logits, job_planner, label_format, plan_training_loss
 from lossd_server.training.losses import SPARSE
-from lossd_server.training.models import CLASSIFIER
+from lossd_server.training.kinds import CLASSIFIER
 
 CLASSES = 3
 FEATURES = 4

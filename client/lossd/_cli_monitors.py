@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Callable
 
-from lossd._monitors import window_label as duration_text
+from lossd import wire
 from lossd.cli import UsageError, client_flags, client_from as _client, parse_pairs as _pairs
 
 _DURATION = re.compile(r"^(\d+)([smhd]?)$")
@@ -57,7 +57,7 @@ def report_table(monitor) -> str:
     header = ("WINDOW", "SEGMENT", "PAIRS", "MEAN", "P50", "P90", "P99", "LABELLED", "DELAY", "DRIFT_P")
     rows = [header]
     for w in monitor.windows_report:
-        rows.append((duration_text(w.window), w.segment or "(all)", str(w.count), _number(w.mean_loss),
+        rows.append((wire.window_label(w.window), w.segment or "(all)", str(w.count), _number(w.mean_loss),
                      _number(w.p50_loss), _number(w.p90_loss), _number(w.p99_loss),
                      "-" if math.isnan(w.labelled_fraction) else f"{w.labelled_fraction:.1%}",
                      "-" if math.isnan(w.median_label_delay) else f"{w.median_label_delay:.1f}s",
@@ -90,7 +90,7 @@ def cmd_monitors_list(args) -> int:
         return 0
     for m in monitors:
         loss = m.loss.get("name") or m.loss.get("expression") or "composite"
-        print(f"{m.name}  {loss}  windows={','.join(duration_text(w) for w in m.windows)}"
+        print(f"{m.name}  {loss}  windows={','.join(wire.window_label(w) for w in m.windows)}"
               + (f"  segments={','.join(m.segment_keys)}" if m.segment_keys else "")
               + (f"  owner={m.owner}" if m.owner else ""))
     return 0
@@ -113,7 +113,7 @@ def cmd_monitors_capture(args) -> int:
     window = parse_duration(args.window, "--window") if args.window else None
     with _client(args) as client:
         monitor = client.capture_reference(args.monitor, window)
-    print(f"{monitor.name}: reference captured from the {duration_text(monitor.reference_window)} window")
+    print(f"{monitor.name}: reference captured from the {wire.window_label(monitor.reference_window)} window")
     return 0
 
 
@@ -149,7 +149,7 @@ def cmd_monitors_plot(args) -> int:
                          "Received: none.")
     now = max(when for when, *_ in monitor.history)
     times = sorted({when for when, *_ in monitor.history})
-    series = {f"{duration_text(w)} mean loss": [mean for when, window, _, mean in monitor.history if window == w]
+    series = {f"{wire.window_label(w)} mean loss": [mean for when, window, _, mean in monitor.history if window == w]
               for w in monitor.windows}
     span = max(monitor.windows)
     unit, size = ("seconds", 1) if span < 180 else ("minutes", 60) if span < 3 * 3600 else ("hours", 3600)

@@ -39,16 +39,6 @@ def _duration(value: Seconds, field: str) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=int(seconds))
 
 
-def window_label(seconds: float) -> str:
-    """A window as Prometheus writes durations (``5m``, ``1h``, ``90s``): the
-    server's ``window`` label values and the command line's tables alike."""
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 def _time(ts) -> Optional[datetime.datetime]:
     if ts is None or (ts.seconds == 0 and ts.nanos == 0):
         return None

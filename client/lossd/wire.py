@@ -801,3 +801,16 @@ def spec_from_dict(loss: LossLike, params: Optional[Mapping[str, Any]] = None) -
             t.reduction = reduction_enum(term["reduction"], field=f"terms[{i}].reduction")
         t.inputs.extend(term.get("inputs") or ())
     return spec
+
+
+# ---------------------------------------------------------------------------
+# Monitor windows
+
+def window_label(seconds: float) -> str:
+    """A window as Prometheus writes durations (``5m``, ``1h``, ``90s``): the
+    server's ``window`` label values and the command line's tables alike."""
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

@@ -223,3 +223,13 @@ def test_training_modules_import_no_private_name_of_another_module():
                     and node.attr.startswith("_") and not node.attr.startswith("__"):
                 wrong.append(f"{module}: {node.value.id}.{node.attr}")
     assert not wrong, f"private names used across modules: {sorted(set(wrong))}"
+
+
+def test_the_server_imports_no_private_module_of_the_client():
+    """Issue 24, item 3: ``lossd``'s underscored modules are the client's own;
+    what the server shares with it lives in public ones (``lossd.wire``,
+    ``lossd.addresses``)."""
+    wrong = [f"{module}: {imported}" + (f".{name}" if name else "")
+             for module, imported, name in _imported_names("lossd_server")
+             if imported.startswith("lossd._") or (imported == "lossd" and (name or "").startswith("_"))]
+    assert not wrong, f"the server imports private client modules: {sorted(set(wrong))}"

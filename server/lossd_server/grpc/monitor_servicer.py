@@ -12,7 +12,7 @@ from lossd_server.errors import InvalidArgument
 from lossd_server.grpc import parsing
 from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.status import handle_errors, to_status
-from lossd_server.grpc.training_servicer import _timestamp  # one seconds -> Timestamp for both resources
+from lossd_server.grpc.timestamps import timestamp
 from lossd_server.monitors.service import MonitorService, Report
 from lossd_server.monitors.state import MonitorRecord, Written
 
@@ -37,8 +37,8 @@ def monitor_to_proto(record: MonitorRecord, report: Report | None = None) -> pb.
     message = pb.Monitor(
         name=f"monitors/{record.name}", display_name=record.display_name, loss=wire.spec_from_dict(record.loss),
         windows=[_duration(w) for w in record.windows], segment_keys=record.segment_keys,
-        retention=_duration(record.retention), owner=record.owner, create_time=_timestamp(record.create_time),
-        reference_time=_timestamp(record.reference_time),
+        retention=_duration(record.retention), owner=record.owner, create_time=timestamp(record.create_time),
+        reference_time=timestamp(record.reference_time),
         reference_window=_duration(record.reference_window) if record.reference_window else None,
         max_loss=record.max_loss)
     if report is not None:
@@ -47,7 +47,7 @@ def monitor_to_proto(record: MonitorRecord, report: Report | None = None) -> pb.
 
 
 def report_to_proto(report: Report) -> pb.MonitorReport:
-    message = pb.MonitorReport(time=_timestamp(report.time), pending_predictions=report.pending_predictions,
+    message = pb.MonitorReport(time=timestamp(report.time), pending_predictions=report.pending_predictions,
                                pending_labels=report.pending_labels,
                                expired_predictions=report.expired_predictions,
                                expired_labels=report.expired_labels)
@@ -61,7 +61,7 @@ def report_to_proto(report: Report) -> pb.MonitorReport:
             entry.drift.p_value = s.drift.p_value
             entry.drift.reference_count = s.drift.reference_count
     for when, window, count, mean in report.history:
-        message.history.add(time=_timestamp(when), window=_duration(window), count=count, mean_loss=mean)
+        message.history.add(time=timestamp(when), window=_duration(window), count=count, mean_loss=mean)
     return message
 
 

@@ -8,13 +8,14 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
-from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
+from google.protobuf import any_pb2, empty_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from lossd import wire
 from lossd.v1 import training_service_pb2 as pb
 from lossd.v1 import training_service_pb2_grpc as pb_grpc
 from lossd_server.errors import DOMAIN, DeadlineExceeded, InvalidArgument, NotFound
+from lossd_server.grpc.timestamps import timestamp
 from lossd_server.grpc import parsing
 from lossd_server.grpc.auth import Callers
 from lossd_server.grpc.status import handle_errors
@@ -34,14 +35,6 @@ _STATE_NAMES = {v: k for k, v in _STATES.items()}
 _FORMATS = {pb.DatasetHeader.FORMAT_NPZ: "npz", pb.DatasetHeader.FORMAT_ZIP: "zip",
             pb.DatasetHeader.FORMAT_TAR: "tar"}
 _ARTIFACTS = {pb.ARTIFACT_MODEL: "model", pb.ARTIFACT_HISTORY: "history", pb.ARTIFACT_TENSORBOARD: "tensorboard"}
-
-
-def _timestamp(seconds) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
 
 
 def error_status(error: dict | None) -> status_pb2.Status | None:
@@ -130,8 +123,8 @@ def job_to_proto(job: JobRecord) -> pb.Job:
     p = job.progress
     message = pb.Job(
         name=job_name(job.id), display_name=job.display_name, spec=spec_to_proto(job.spec),
-        state=_STATES[job.state], create_time=_timestamp(job.create_time), start_time=_timestamp(job.start_time),
-        end_time=_timestamp(job.end_time), error=error_status(job.error), request_id=job.request_id or "",
+        state=_STATES[job.state], create_time=timestamp(job.create_time), start_time=timestamp(job.start_time),
+        end_time=timestamp(job.end_time), error=error_status(job.error), request_id=job.request_id or "",
         model_kind=job.model_kind, owner=job.owner,
         progress=pb.JobProgress(epochs_completed=p.get("epochs_completed", 0), epochs=p.get("epochs", 0),
                                 step=p.get("step", 0), steps_per_epoch=p.get("steps_per_epoch", 0),
@@ -148,7 +141,7 @@ def _loss_state(payload: dict) -> dict:
 
 
 def event_to_proto(event: Event) -> pb.JobEvent:
-    message = pb.JobEvent(sequence=event.seq, time=_timestamp(event.time))
+    message = pb.JobEvent(sequence=event.seq, time=timestamp(event.time))
     d = event.payload
     if event.kind == "state":
         message.state_changed.CopyFrom(pb.JobEvent.StateChanged(state=_STATES[d["state"]],
@@ -183,7 +176,7 @@ def _readable_event(event: Event):
 
 def dataset_to_proto(info) -> pb.Dataset:
     return pb.Dataset(name=info.name, source=info.source, examples=info.examples, image_shape=info.image_shape,
-                      class_names=info.class_names, create_time=_timestamp(info.create_time) if info.create_time
+                      class_names=info.class_names, create_time=timestamp(info.create_time) if info.create_time
                       else None, size_bytes=info.size_bytes, owner=info.owner)
 
 

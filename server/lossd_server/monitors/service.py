@@ -37,7 +37,6 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from lossd import wire
-from lossd._monitors import window_label  # the gauges' window label, as the CLI shows it
 from lossd_server.callers import ANONYMOUS, Caller
 from lossd_server.errors import InvalidArgument, LossdError, NotFound, ResourceExhausted, Unavailable
 from lossd_server.evaluation.service import EvaluationRequest, EvaluationService, Incoming
@@ -429,7 +428,7 @@ class MonitorService:
             names.append(record.name)
             if self.metrics is not None:
                 self.metrics.set_monitor_report(record.name, [
-                    (window_label(s.window), s.segment, _gauge_values(s)) for s in report.windows],
+                    (wire.window_label(s.window), s.segment, _gauge_values(s)) for s in report.windows],
                     pending=(report.pending_predictions, report.pending_labels),
                     expired=(report.expired_predictions, report.expired_labels), max_loss=record.max_loss)
         for gone in self._reported - set(names):

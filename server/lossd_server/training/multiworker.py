@@ -38,6 +38,8 @@ import json
 import pathlib
 import socket
 
+from lossd_server.observability import tracing as tracing_module
+
 REPLICAS_DIR = "replicas"
 PORT_TAKEN = "WORKER_PORT_TAKEN"  # the reason of a worker's PortTaken failure
 
@@ -111,10 +113,11 @@ def _record_digest(job_dir: pathlib.Path, index: int, epoch: int, digest: str) -
     write_json_atomic(path, record)
 
 
-def train(config: dict, job_dir: pathlib.Path, send) -> None:
+def train(config: dict, job_dir: pathlib.Path, send, trace=tracing_module.OFF_JOB) -> None:
     """Trains one worker's part of a multi-worker job (``config["cluster"]``,
     ``config["worker_index"]``, ``config["collective_timeout"]``; the rest as
-    ``worker.run_job``). ``TF_CONFIG`` must be set before TensorFlow starts."""
+    ``worker.run_job``; ``trace``: the job's, a span per epoch, given to the
+    chief). ``TF_CONFIG`` must be set before TensorFlow starts."""
     import numpy as np
     import tensorflow as tf
     import keras
@@ -214,7 +217,7 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
 
     reporter = progress_reporter(send, job_dir, history, epochs=epochs, steps=steps, batch_size=batch_size,
                          examples_per_epoch=examples_per_epoch, n_train=len(x_train),
-                         progress_every=config["progress_every"], loss=None)
+                         progress_every=config["progress_every"], loss=None, trace=trace)
     reporter.set_model(model)
     scalars = scalar_logger(job_dir / LOGS_DIR) if chief else None
     timeout = float(config["collective_timeout"])
@@ -226,28 +229,32 @@ def train(config: dict, job_dir: pathlib.Path, send) -> None:
         except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError) as exc:
             raise WorkerLost(timeout, type(exc).__name__) from None  # TF's message is a page of graph nodes
 
-    for epoch in range(initial_epoch, epochs):
-        reporter.on_epoch_begin(epoch)
-        total = right = seen = 0.0
-        for step in range(steps):
-            value, correct, rows = run_step()  # the same on every worker: the guard stops them all at one step
-            total, right, seen = total + value * rows, right + correct, seen + rows
-            if not np.isfinite(value):
-                raise NonFiniteLoss(step=epoch * steps + step + 1, epoch=epoch + 1, value=value)
-            # Keras's running mean over the epoch, weighted by each batch's
-            # rows (a short last batch counts less), as model.fit reports it.
-            reporter.on_train_batch_end(step, {"loss": total / seen})
-        _record_digest(job_dir, index, epoch + 1, weights_digest(model))
-        if chief:
-            logs = {"loss": total / seen, "accuracy": right / examples_per_epoch, **validate()}
-            reporter.on_epoch_end(epoch, logs)  # checkpoints, then reports the epoch
-            scalars.on_epoch_end(epoch, logs)
+    try:
+        for epoch in range(initial_epoch, epochs):
+            reporter.on_epoch_begin(epoch)
+            total = right = seen = 0.0
+            for step in range(steps):
+                value, correct, rows = run_step()  # the same on every worker: the guard stops them all at one step
+                total, right, seen = total + value * rows, right + correct, seen + rows
+                if not np.isfinite(value):
+                    raise NonFiniteLoss(step=epoch * steps + step + 1, epoch=epoch + 1, value=value)
+                # Keras's running mean over the epoch, weighted by each batch's
+                # rows (a short last batch counts less), as model.fit reports it.
+                reporter.on_train_batch_end(step, {"loss": total / seen})
+            _record_digest(job_dir, index, epoch + 1, weights_digest(model))
+            if chief:
+                logs = {"loss": total / seen, "accuracy": right / examples_per_epoch, **validate()}
+                reporter.on_epoch_end(epoch, logs)  # checkpoints, then reports the epoch
+                scalars.on_epoch_end(epoch, logs)
+    finally:
+        reporter.end_epoch_span()  # an epoch that raised (a lost worker) still shows, cut short
     if scalars is not None:
         scalars.on_train_end()
     _barrier(strategy)  # every worker has recorded its last digest before the chief reports success
     if chief:
-        replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE),
-                           lambda tmp: models.save_model(model, tmp))
+        with trace.span("lossd.save_model"):
+            replace_from_temp(job_dir / MODEL_FILE, job_dir / ("tmp-" + MODEL_FILE),
+                              lambda tmp: models.save_model(model, tmp))
         write_json_atomic(job_dir / HISTORY_FILE, history)
     send("done", state="succeeded")
 

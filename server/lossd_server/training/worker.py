@@ -118,9 +118,9 @@ def run_job(config: dict, queue) -> None:
         queue.put({"kind": kind, **payload, **tag})
 
     # The job's trace, exported as the server's OTEL_* variables (this
-    # process's environment is the server's) say; a multi-worker job's
-    # workers record none.
-    traceparent = config["runtime"].get("traceparent") if index is None else None
+    # process's environment is the server's) say; of a multi-worker job, the
+    # chief (worker 0) records it, as it alone checkpoints and reports epochs.
+    traceparent = config["runtime"].get("traceparent") if not index else None
     tracing = tracing_module.Tracing.from_environment() if traceparent else tracing_module.OFF
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def run_job(config: dict, queue) -> None:
         if index is None:
             _train(config, job_dir, send, tracing.job(traceparent))
         else:
-            multiworker.train(config, job_dir, send)
+            multiworker.train(config, job_dir, send, tracing.job(traceparent))
     except Exception as exc:  # noqa: BLE001 - the job fails, the server lives on
         report = failure_report(exc)
         if report["reason"] == "TRAINING_ERROR":

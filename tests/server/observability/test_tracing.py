@@ -88,7 +88,7 @@ def traced(receiver, tmp_path_factory):
                         "OTEL_BSP_SCHEDULE_DELAY": "50"}.items():
         patch.setenv(name, value)
     try:
-        with lossd_servers(tmp_path_factory, http_port=0, batch_max_delay_us=3000) as start:
+        with lossd_servers(tmp_path_factory, http_port=0, batch_max_delay_us=3000, max_concurrent_jobs=2) as start:
             srv = start()
             assert srv.tracing.enabled
             yield srv
@@ -259,6 +259,35 @@ def test_a_job_has_a_trace_of_its_own_linked_from_create_job(receiver, traced):
         assert checkpoint.end_time_unix_nano <= epoch.end_time_unix_nano
     services = {service for service, span in receiver.spans if span.trace_id == link.trace_id}
     assert services == {"lossd-under-test"}
+
+
+def test_a_two_worker_jobs_chief_records_its_epochs(receiver, traced):
+    """A job trained by two worker processes: its chief (which alone
+    checkpoints and reports) exports each epoch and the model's save under
+    the job's root, as a single process does; the other worker records none."""
+    receiver, _ = receiver
+    with lossd.Client(f"127.0.0.1:{traced.port}", timeout=PATIENCE) as client:
+        job = client.create_job("mlp", "digits", workers=2, epochs=2, steps_per_epoch=2, batch_size=16,
+                                model_params={"hidden_units": [16]})
+        job = client.wait(job, progress=False, timeout=PATIENCE)
+    assert job.state == "succeeded", job
+    job_id = job.name.removeprefix("jobs/")
+
+    def roots():  # the job's root ends, so is exported, once the server learns the job ended
+        with receiver.lock:
+            return [s for _, s in receiver.spans if s.name == "lossd.job" and not s.parent_span_id
+                    and {a.key: a.value.string_value for a in s.attributes}.get("lossd.job.id") == job_id]
+
+    deadline = time.monotonic() + 60
+    while not roots() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (root,) = roots()
+    epochs = receiver.wait_for("lossd.epoch", root.trace_id, count=2)
+    (saved,) = receiver.wait_for("lossd.save_model", root.trace_id)
+    assert sorted({a.key: a.value.int_value for a in e.attributes}["lossd.epoch"] for e in epochs) == [1, 2]
+    assert all(span.parent_span_id == root.span_id for span in (*epochs, saved))
+    time.sleep(0.5)  # a second worker's epochs, had it recorded any, would have arrived with the chief's
+    assert len([s for _, s in receiver.spans if s.name == "lossd.epoch" and s.trace_id == root.trace_id]) == 2
 
 
 def _scrape(port: int, accept: str) -> tuple[str, str]:

@@ -171,6 +171,51 @@ def client(address):
         yield c
 
 
+# The files that take longest, most first (from the slowest tests of the
+# 2-worker CI runs; docs/testing.md). `make test` runs files on two
+# workers (--dist loadfile), and the run ends when the last file on either
+# ends: started first, these files finish while the hundreds of short files
+# fill in around them, and neither worker idles at the end. xdist's own order
+# (files with the most tests first) left the 100-second fault-injection file,
+# one test, among the last. A file not named here keeps xdist's order after them.
+SLOWEST_FILES = (
+    "tests/server/training/test_multiworker.py",
+    "tests/server/training/test_replicas.py",
+    "tests/robustness/test_state_fault_injection.py",
+    "tests/server/training/test_matrix_training.py",
+    "tests/test_bench_peers.py",
+    "tests/client/test_evaluate_many_stream.py",
+    "tests/robustness/test_state_faults.py",
+    "tests/server/evaluation/test_admission.py",
+    "tests/deploy/test_prometheus_live.py",
+    "tests/server/training/test_restart.py",
+    "tests/server/training/test_job_slots.py",
+    "tests/server/training/test_generate_stream.py",
+    "tests/server/test_lifecycle.py",
+    "tests/server/test_processes.py",
+    "tests/robustness/test_shared_memory_faults.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the collection order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Orders the files: SLOWEST_FILES first, in their order, then the others
+    with the most tests first (what xdist's --loadscope-reorder did); a file's
+    tests keep their order and stay together."""
+    counts: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        counts[path] = counts.get(path, 0) + 1
+    first = {path: rank for rank, path in enumerate(SLOWEST_FILES)}
+    order = {path: (first.get(path, len(first)), -count, index)
+             for index, (path, count) in enumerate(counts.items())}
+    items.sort(key=lambda item: order[item.nodeid.split("::", 1)[0]])
+
+
 # CI (.ci/run) sets LOSSD_FAIL_ON_SKIP=1: there every tool and extra is
 # installed, so a skipped test is a check that silently did not run, and the
 # run fails. Locally a skip stays a skip (listed by -ra).

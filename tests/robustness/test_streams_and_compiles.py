@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.grpc_errors import reason_of
 from tests.held_streams import IdleChunked, open_idle_streams
+from tests.servers import lossd_servers
 import lossd
 from lossd import wire
 from lossd.v1 import loss_pb2, loss_service_pb2, loss_service_pb2_grpc, tensor_pb2
@@ -270,24 +271,32 @@ def test_a_slow_compilation_holds_up_neither_compiled_programs_nor_another_new_o
     assert new_seconds < max(2.0, 4 * (compiled_alone + new_alone)), (new_seconds, compiled_alone, new_alone)
 
 
-def test_pending_compilations_are_bounded(start_server):
-    address = start_server(compile_workers=1, max_pending_compiles=1)
-    with grpc.insecure_channel(address) as channel:
-        stub = loss_service_pb2_grpc.LossServiceStub(channel)
-        client = lossd.Client(address)
-        with futures.ThreadPoolExecutor(1) as pool:
-            slow = pool.submit(client.evaluate, big_composite(3, terms=5), Y, Y + 1, gradient=True)
-            time.sleep(0.5)  # the composite is compiling (seconds, with its gradient)
-            with pytest.raises(grpc.RpcError) as err:
-                stub.Evaluate(loss_service_pb2.EvaluateRequest(
-                    loss=loss_pb2.LossSpec(expression="mean(abs(y_true - y_pred)) * 7"),
-                    y_true=wire.from_numpy(Y), y_pred=wire.from_numpy(Y + 1)), timeout=30)
-            assert not slow.done()
-            slow.result()
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
-        assert reason_of(err.value) == "COMPILE_BUSY"
-        assert "max_pending_compiles" in err.value.details()
-        client.close()
+def test_pending_compilations_are_bounded(tmp_path_factory):
+    with lossd_servers(tmp_path_factory) as start:
+        srv = start(compile_workers=1, max_pending_compiles=1)
+        address = f"127.0.0.1:{srv.port}"
+        with grpc.insecure_channel(address) as channel:
+            stub = loss_service_pb2_grpc.LossServiceStub(channel)
+            client = lossd.Client(address)
+            traced = srv.evaluator.compilations
+            with futures.ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(client.evaluate, big_composite(3, terms=5), Y, Y + 1, gradient=True)
+                # The composite's trace has started (seconds, with its
+                # gradient): counted when it starts, however late its request
+                # reaches a loaded server.
+                while srv.evaluator.compilations == traced:
+                    assert not slow.done(), slow.exception()
+                    time.sleep(0.005)
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Evaluate(loss_service_pb2.EvaluateRequest(
+                        loss=loss_pb2.LossSpec(expression="mean(abs(y_true - y_pred)) * 7"),
+                        y_true=wire.from_numpy(Y), y_pred=wire.from_numpy(Y + 1)), timeout=30)
+                assert not slow.done()
+                slow.result()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+            assert reason_of(err.value) == "COMPILE_BUSY"
+            assert "max_pending_compiles" in err.value.details()
+            client.close()
 
 
 def test_requests_piling_up_on_one_compilation_leave_threads_for_health(start_server):

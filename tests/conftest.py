@@ -171,29 +171,38 @@ def client(address):
         yield c
 
 
-# The files that take longest, most first (from the slowest tests of the
-# 2-worker CI runs; docs/testing.md). `make test` runs files on two
+# The files that take longest, most first: every file of 60 s or more in a
+# 2-worker run at load 9-16 (41 min in all), with the seconds of its tests'
+# setup, call and teardown (docs/testing.md). `make test` runs files on two
 # workers (--dist loadfile), and the run ends when the last file on either
 # ends: started first, these files finish while the hundreds of short files
-# fill in around them, and neither worker idles at the end. xdist's own order
-# (files with the most tests first) left the 100-second fault-injection file,
-# one test, among the last. A file not named here keeps xdist's order after them.
+# fill in around them, and neither worker idles at the end (in that run the
+# two ended 20 s apart). xdist's own order (files with the most tests first)
+# left the 100-second fault-injection file, one test, among the last. A file
+# not named here keeps xdist's order after them.
 SLOWEST_FILES = (
-    "tests/server/training/test_multiworker.py",
-    "tests/server/training/test_replicas.py",
-    "tests/robustness/test_state_fault_injection.py",
-    "tests/server/training/test_matrix_training.py",
-    "tests/test_bench_peers.py",
-    "tests/client/test_evaluate_many_stream.py",
-    "tests/robustness/test_state_faults.py",
-    "tests/server/evaluation/test_admission.py",
-    "tests/deploy/test_prometheus_live.py",
-    "tests/server/training/test_restart.py",
-    "tests/server/training/test_job_slots.py",
-    "tests/server/training/test_generate_stream.py",
-    "tests/server/test_lifecycle.py",
-    "tests/server/test_processes.py",
-    "tests/robustness/test_shared_memory_faults.py",
+    "tests/server/training/test_multiworker.py",  # 756 s
+    "tests/server/training/test_replicas.py",  # 470 s
+    "tests/server/training/test_jobs.py",  # 396 s
+    "tests/server/training/test_diffusion.py",  # 203 s
+    "tests/server/losses/test_numerics.py",  # 192 s
+    "tests/robustness/test_state_fault_injection.py",  # 171 s
+    "tests/server/training/test_matrix_training.py",  # 165 s
+    "tests/server/evaluation/test_buckets.py",  # 127 s
+    "tests/server/test_lifecycle.py",  # 124 s
+    "tests/robustness/test_streams_and_compiles.py",  # 123 s
+    "tests/robustness/test_state_faults.py",  # 109 s
+    "tests/deploy/test_k8s.py",  # 88 s
+    "tests/server/test_processes.py",  # 81 s
+    "tests/server/training/test_restart.py",  # 75 s
+    "tests/server/evaluation/test_batching.py",  # 73 s
+    "tests/test_bench_peers.py",  # 72 s
+    "tests/server/training/test_generate_stream.py",  # 71 s
+    "tests/deploy/test_prometheus_live.py",  # 69 s
+    "tests/server/training/test_custom_training.py",  # 65 s
+    "tests/server/grpc/test_tokens.py",  # 65 s
+    "tests/robustness/test_store_faults.py",  # 64 s
+    "tests/server/losses/test_custom_losses.py",  # 61 s
 )
 
 

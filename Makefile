@@ -53,8 +53,10 @@ test-tools:
 # Install what is needed and run the whole test suite, in parallel
 # (pytest-xdist; docs/testing.md). More workers than cores pay: most tests
 # wait on subprocesses and sockets. --dist loadfile keeps each file on one
-# worker, so a module's servers start once. --durations=25 lists the slowest
-# tests at the end, so a CI log shows where the time went.
+# worker, so a module's servers start once; tests/conftest.py hands out the
+# slowest files first (SLOWEST_FILES), so neither worker runs one alone at
+# the end. --durations=25 lists the slowest tests at the end, so a CI log
+# shows where the time went (and whether SLOWEST_FILES needs a new name).
 TEST_WORKERS ?= 2
 test: test-tools test-clients $(STAMP)
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25

@@ -171,6 +171,60 @@ def client(address):
         yield c
 
 
+# The files that take longest, most first: every file of 60 s or more in a
+# 2-worker run at load 9-16 (41 min in all), with the seconds of its tests'
+# setup, call and teardown (docs/testing.md). `make test` runs files on two
+# workers (--dist loadfile), and the run ends when the last file on either
+# ends: started first, these files finish while the hundreds of short files
+# fill in around them, and neither worker idles at the end (in that run the
+# two ended 20 s apart). xdist's own order (files with the most tests first)
+# left the 100-second fault-injection file, one test, among the last. A file
+# not named here keeps xdist's order after them.
+SLOWEST_FILES = (
+    "tests/server/training/test_multiworker.py",  # 756 s
+    "tests/server/training/test_replicas.py",  # 470 s
+    "tests/server/training/test_jobs.py",  # 396 s
+    "tests/server/training/test_diffusion.py",  # 203 s
+    "tests/server/losses/test_numerics.py",  # 192 s
+    "tests/robustness/test_state_fault_injection.py",  # 171 s
+    "tests/server/training/test_matrix_training.py",  # 165 s
+    "tests/server/evaluation/test_buckets.py",  # 127 s
+    "tests/server/test_lifecycle.py",  # 124 s
+    "tests/robustness/test_streams_and_compiles.py",  # 123 s
+    "tests/robustness/test_state_faults.py",  # 109 s
+    "tests/deploy/test_k8s.py",  # 88 s
+    "tests/server/test_processes.py",  # 81 s
+    "tests/server/training/test_restart.py",  # 75 s
+    "tests/server/evaluation/test_batching.py",  # 73 s
+    "tests/test_bench_peers.py",  # 72 s
+    "tests/server/training/test_generate_stream.py",  # 71 s
+    "tests/deploy/test_prometheus_live.py",  # 69 s
+    "tests/server/training/test_custom_training.py",  # 65 s
+    "tests/server/grpc/test_tokens.py",  # 65 s
+    "tests/robustness/test_store_faults.py",  # 64 s
+    "tests/server/losses/test_custom_losses.py",  # 61 s
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the collection order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Orders the files: SLOWEST_FILES first, in their order, then the others
+    with the most tests first (what xdist's --loadscope-reorder did); a file's
+    tests keep their order and stay together."""
+    counts: dict[str, int] = {}
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        counts[path] = counts.get(path, 0) + 1
+    first = {path: rank for rank, path in enumerate(SLOWEST_FILES)}
+    order = {path: (first.get(path, len(first)), -count, index)
+             for index, (path, count) in enumerate(counts.items())}
+    items.sort(key=lambda item: order[item.nodeid.split("::", 1)[0]])
+
+
 # CI (.ci/run) sets LOSSD_FAIL_ON_SKIP=1: there every tool and extra is
 # installed, so a skipped test is a check that silently did not run, and the
 # run fails. Locally a skip stays a skip (listed by -ra).

@@ -1,11 +1,12 @@
 """Issue 11, items 12 and 13, as fault injection: ``kill -9`` the server or a
-job's process at seeded random points of running jobs (10 kills), then
-corrupt each persisted file; after every step each finished job and each
-registered loss is intact, and what was corrupted is in the quarantine.
+job's process at points of running jobs that cover every phase of a job
+(6 kills), then corrupt each persisted file; after every step each finished
+job and each registered loss is intact, and what was corrupted is in the
+quarantine.
 
 The server is the real ``lossd serve`` command in its own process group;
-every kill lands on a job that is training or starting. Bounded to about two
-minutes on two cores: the jobs are tiny (3 epochs of 5 batches of 8x8
+every kill lands on a job that is training or starting. Bounded to about a
+minute on two cores: the jobs are tiny (3 epochs of 5 batches of 8x8
 digits) and the kills do not wait for jobs to end.
 """
 
@@ -33,8 +34,17 @@ from tests.servers import PATIENCE, alive, free_port
 pytestmark = pytest.mark.slow
 
 SEED = 11
-KILLS = 10
 EPOCHS = 3
+# Where each kill lands: the target, and how many more of the running job's
+# progress (one a batch) and epoch events it waits for. A fresh run of a job
+# has 18: epoch k's batches are events 6k-5 to 6k-1 and its end, where the
+# checkpoint is written, event 6k. Each target is killed while the job's
+# process starts (0) and at an epoch's end (6, 12); the server mid-epoch (3),
+# the worker on the last batch before the job's end (17; for a resumed job,
+# whose run is shorter, after its end). Ten seeded random points (the test's
+# first form) drew these phases again and again, at twice the time.
+KILL_POINTS = (("worker", 0), ("server", 3), ("worker", 6), ("server", 0), ("worker", 17), ("server", 12))
+KILLS = len(KILL_POINTS)
 SQUARED = "mean(square(y_true - y_pred), axis=-1)"
 
 
@@ -54,7 +64,7 @@ class _Server:
         self.proc = subprocess.Popen(command, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
                                      env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, start_new_session=True)
         self.address = f"127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + PATIENCE  # against a hang: TensorFlow's import, beside the other worker
         with lossd.Client(self.address, timeout=2) as client:
             while True:
                 try:
@@ -149,7 +159,7 @@ def test_kills_at_random_points_then_corrupt_files_lose_nothing_else(tmp_path):
         with server.client() as client:
             jobs = [client.create_job("mlp", "digits", epochs=EPOCHS, steps_per_epoch=5, batch_size=16).id
                     for _ in range(3)]
-        for run in range(KILLS):
+        for run, (target, events) in enumerate(KILL_POINTS):
             with server.client() as client:
                 name = f"loss_{run}"
                 client.register_loss(name, SQUARED)
@@ -158,11 +168,7 @@ def test_kills_at_random_points_then_corrupt_files_lose_nothing_else(tmp_path):
                     jobs.append(client.create_job("mlp", "digits", epochs=EPOCHS, steps_per_epoch=5,
                                                   batch_size=16).id)
             job_id, pid = _running_worker(server, killed)
-            # A random point of the job: while its process starts (0), or after
-            # that many more of its progress and epoch events (mid-epoch, at a
-            # checkpoint, or just before the end).
-            _after_training_events(server, job_id, rng.randint(0, 2 * EPOCHS * 5))
-            target = rng.choice(["server", "worker"])
+            _after_training_events(server, job_id, events)
             targets.append(target)
             killed.add(pid)
             if target == "worker":
@@ -172,7 +178,8 @@ def test_kills_at_random_points_then_corrupt_files_lose_nothing_else(tmp_path):
                     pass  # it finished first: the kill fell after the job
             else:
                 server.kill()
-                deadline = time.monotonic() + 5
+                # PR_SET_PDEATHSIG ends it at once; the ceiling only spares a loaded machine's reaping.
+                deadline = time.monotonic() + 30
                 while alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
                 assert not alive(pid), "the job process outlived the killed server"

@@ -107,14 +107,21 @@ def test_an_unused_shared_memory_session_ends_at_the_idle_limit_and_one_in_use_l
             stub.UnregisterRegion(shm_pb.UnregisterRegionRequest(session_id=session, name="lossd_x"),
                                   metadata=metadata, timeout=10)
         assert reason_of(gone.value) == "SHM_SESSION_NOT_FOUND"
-    # Evaluations through the session's regions keep it alive past the idle limit.
+    # Evaluations through the session's regions keep it alive past the idle
+    # limit: three limits' worth of use, 0.3 s apart. On a server of its own
+    # with a 3 s limit, so a call slowed by the other xdist worker's load (one
+    # took over 0.7 s, and the 1 s limit above ended the session in use)
+    # still comes within the limit; a session that uses do not keep alive
+    # still ends after the first 3 s.
+    keep_alive = 3.0
+    address, tokens, _ = serve_with_tokens({"alice": ("evaluate",)}, stream_idle_seconds=keep_alive)
     rng = np.random.default_rng(0)
     y_true, y_pred = rng.random((256, 100), dtype=np.float32), rng.random((256, 100), dtype=np.float32)
     with lossd.Client(address, token=tokens["alice"], timeout=30, shared_memory=True) as alice:
         alice.evaluate("mse", y_true, y_pred)
         assert alice.shared_memory_active
         first = alice._shared_memory._session  # noqa: SLF001 - the session object is what must live on
-        end = time.monotonic() + 3
+        end = time.monotonic() + 3 * keep_alive
         while time.monotonic() < end:
             alice.evaluate("mse", y_true, y_pred)
             time.sleep(0.3)

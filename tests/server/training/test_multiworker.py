@@ -132,8 +132,10 @@ def _initial_weights(srv, job):
     return model.get_weights()
 
 
-def _pids(job_dir, after: float = 0.0, timeout: float = 120.0) -> list[int]:
-    """The pids both workers wrote, once written after ``after`` (a time.time())."""
+def _pids(job_dir, after: float = 0.0, timeout: float = PATIENCE) -> list[int]:
+    """The pids both workers wrote, once written after ``after`` (a time.time()).
+    The wait is a deadline against a hang (PATIENCE), not a bound: each
+    worker process imports TensorFlow, slow beside the other xdist worker."""
     names = [job_dir / "worker.pid", job_dir / "worker-1.pid"]
     deadline = time.monotonic() + timeout
     while not all(n.exists() and n.stat().st_mtime > after for n in names):
@@ -170,8 +172,9 @@ FINAL = ("failed", "succeeded", "cancelled")
 
 
 def _progress(client, job, after: int = 0):
-    """Returns the sequence of the first progress event after ``after``."""
-    for event in client.watch(job, after_sequence=after, timeout=120):
+    """Returns the sequence of the first progress event after ``after`` (a
+    deadline against a hang: the workers start first, importing TensorFlow)."""
+    for event in client.watch(job, after_sequence=after, timeout=PATIENCE):
         if event.kind == "progress":
             return event.sequence
     raise AssertionError("no progress event")
@@ -215,7 +218,7 @@ def test_a_resumed_job_finishes_its_epochs(mw_server, mw_client):
     job = mw_client.create_job("mlp", "digits", workers=2, model_params=MLP, epochs=40, steps_per_epoch=10,
                                batch_size=32)
     job_dir = mw_server.settings.data_dir / "jobs" / job.id
-    for event in mw_client.watch(job, timeout=120):
+    for event in mw_client.watch(job, timeout=PATIENCE):  # a deadline against a hang, as in _progress
         if event.kind == "epoch":
             break
     os.kill(_pids(job_dir)[1], signal.SIGKILL)
@@ -334,9 +337,9 @@ def test_a_worker_whose_peer_died_fails_within_the_collective_timeout(tmp_path, 
         processes.append(ctx.Process(target=worker.run_job, args=(config, q), daemon=True))
         processes[-1].start()
     try:
-        report = q.get(timeout=120)
+        report = q.get(timeout=PATIENCE)  # the spawned workers import TensorFlow first
         while report["kind"] != "progress":
-            report = q.get(timeout=120)
+            report = q.get(timeout=PATIENCE)
         processes[1].kill()
         killed = time.monotonic()
         while True:

@@ -87,16 +87,17 @@ def test_tensors_in_regions_answer_bit_for_bit_as_in_the_message(stub, shm_serve
     inline = outputs(stub.ModelInfer(infer_request("huber", {"y_true": y_true, "y_pred": y_pred}, params),
                                      metadata=as_(tokens, "alice")))
     start = offset * 8  # any byte offset; the server aligns its own copy
-    with region(start + 2 * y_true.nbytes) as inputs, region(4096) as results:
+    with region(start + 2 * y_true.nbytes) as inputs, region(64 + 2 * y_true.nbytes) as results:
         inputs.buf[start:start + y_true.nbytes] = y_true.tobytes()
         inputs.buf[start + y_true.nbytes:start + 2 * y_true.nbytes] = y_pred.tobytes()
         register(stub, tokens, "alice", "inputs", inputs)
-        register(stub, tokens, "alice", "results", results, offset=64, size=4000)
+        register(stub, tokens, "alice", "results", results, offset=64, size=2 * y_true.nbytes)
         try:
             request = with_regions(infer_request("huber", {"y_true": y_true, "y_pred": y_pred}, params),
                                    {"y_true": ("inputs", start, y_true.nbytes),
                                     "y_pred": ("inputs", start + y_true.nbytes, y_pred.nbytes)},
-                                   {"loss": ("results", 0, 2000), "gradient": ("results", 2000, 2000)})
+                                   {"loss": ("results", 0, y_true.nbytes),  # room for any reduction
+                                    "gradient": ("results", y_true.nbytes, y_true.nbytes)})
             response = stub.ModelInfer(request, metadata=as_(tokens, "alice"))
             got = {}
             for out in response.outputs:
